@@ -1,0 +1,1515 @@
+"""pman: a process manager for shell jobs, in one standard-library module.
+
+pman launches shell commands (or argv lists) as jobs and tracks them: their
+status, exit code, output, kill and timeout, all of it surviving a restart of
+the manager.  It is a library first::
+
+    import pman
+    job = pman.JobManager().run("cal 7 1970", jid="123")
+    pman.JobManager().wait("123")["returncode"]          # -> 0
+
+and an HTTP server second (``python pman.py --http --port 5010``), speaking
+both dialects of the original pman's ``/api/v1`` API.
+
+Vendoring
+---------
+Copy this one file into your project.  It needs Python 3.9+ on Linux and
+nothing outside the standard library.
+
+State
+-----
+Everything lives in one state directory (``$PMAN_STATE_DIR``, else
+``$XDG_STATE_HOME/pman``, else ``~/.local/state/pman``; mode 0700):
+
+``lock``
+    flock()ed by the one process that owns the directory; holds its pid.
+``state.jsonl``
+    the snapshot: a header line, then one JSON line per job, written
+    atomically (temporary file, fsync, ``os.replace``).
+``journal-<generation>.jsonl``
+    the append-only journal of changes since the snapshot.  A submission is
+    fsynced before ``run()`` returns; concurrent submitters share fsyncs.
+``logs/<jid>.out``, ``logs/<jid>.err``
+    each job's stdout and stderr (mode 0600).
+``logs/<jid>.rc``
+    written by the job's wrapper shell when the job ends, so an exit code is
+    never lost while the manager is down; removed once the journal holds it.
+
+Threading model
+---------------
+A `JobManager` owns one reaper thread (``pman-reaper``) whatever the number
+of jobs: it waits on a pidfd per running job with `selectors`, collects exit
+statuses with ``waitpid(pid)`` (never ``waitpid(-1)``, which would steal the
+statuses of the host application's own children), fires timeouts and kill
+escalations, and starts queued jobs.  All job state is guarded by one lock.
+`JobManager` objects opened on the same directory in one process share one
+manager.  When the program exits, running jobs keep running and the next
+manager re-adopts them, unless the manager was closed with ``kill=True``.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "JobManager", "PmanError", "JobNotFound", "JobConflict", "InvalidArgument",
+    "StateLocked", "StateCorrupt", "Timeout", "STATUSES", "make_server", "main",
+]
+# Not exported: the persistence (_Store), process (_spawn...) and HTTP handler
+# internals, which may change between versions.
+
+import atexit
+import collections
+import errno
+import fcntl
+import heapq
+import json
+import logging
+import os
+import re
+import select
+import selectors
+import shlex
+import shutil
+import signal
+import subprocess
+import threading
+from datetime import datetime, timezone
+from time import monotonic as _time
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+NOTSTARTED = "notstarted"
+STARTED = "started"
+SUCCESS = "finishedSuccessfully"
+ERROR = "finishedWithError"
+UNDEFINED = "undefined"
+STATUSES = (NOTSTARTED, STARTED, SUCCESS, ERROR, UNDEFINED)
+ACTIVE = (NOTSTARTED, STARTED)
+
+JID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RESERVED_JIDS = frozenset({"cmd", "jobs", "hello", "openapi.json"})
+# The fields pfcon sends with every job: recorded, never enforced.
+PFCON_FIELDS = ("number_of_workers", "cpu_limit", "memory_limit", "gpu_limit",
+                "image", "type", "input_dir", "output_dir", "args_path_flags")
+
+DEFAULT_GRACE = 5.0
+STATE_FORMAT = 1
+SNAPSHOT = "state.jsonl"
+COMPACT_EVERY = 20000       # journal lines between compactions
+FLUSH_DELAY = 0.2           # how soon the reaper makes job endings durable
+LOG_CHECK_EVERY = 0.5       # how often running jobs' logs are measured
+POLL_INTERVAL = 0.01        # the reaper's poll period where pidfds are missing
+_MISSING = object()
+TAIL_LINES, TAIL_BYTES = 1000, 65536
+
+# The wrapper that runs every job.  The command is a positional parameter,
+# never part of the script text.  `trap : TERM` is a handler, not an ignore,
+# so the subshell resets it and the job does not inherit SIG_IGN, while the
+# wrapper itself survives a group SIGTERM long enough to record the exit
+# status.  A subshell costs one fork less than a nested `sh -c`.
+_WRAP_SHELL = 'trap : TERM; (eval "$2"); r=$?; echo $r >"$1"; exit $r'
+_WRAP_ARGV = 'trap : TERM; f=$1; shift; ("$@"); r=$?; echo $r >"$f"; exit $r'
+
+
+def _now():
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _parse_time(stamp):
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+# ---------------------------------------------------------------------------
+# Exceptions
+# ---------------------------------------------------------------------------
+
+class PmanError(Exception):
+    """Root of every error pman raises.  ``str(e)`` says what is wrong."""
+
+
+class InvalidArgument(PmanError, ValueError):
+    """A bad argument: an invalid jid, signal, command, env, cwd or option."""
+
+
+class JobNotFound(PmanError, KeyError):
+    """No job has this jid.  Attribute: ``jid``."""
+
+    def __init__(self, jid):
+        super().__init__("no job with jid %r" % (jid,))
+        self.jid = jid
+
+    __str__ = PmanError.__str__
+
+
+class JobConflict(PmanError):
+    """The jid is queued or running (or must be finished for this call).
+    Attribute: ``jid``."""
+
+    def __init__(self, jid, message):
+        super().__init__(message)
+        self.jid = jid
+
+
+class Timeout(PmanError, TimeoutError):
+    """`JobManager.wait` ran out of time.  Attribute: ``jobs``, the jobs'
+    records as they were when the wait gave up."""
+
+    def __init__(self, message, jobs):
+        super().__init__(message)
+        self.jobs = jobs
+
+
+class StateLocked(PmanError):
+    """Another process owns the state directory.  Attributes: ``path``,
+    ``pid`` (the holder's, or None if unknown)."""
+
+    def __init__(self, path, pid):
+        super().__init__("state directory %s is in use by another pman "
+                         "manager (pid %s)" % (path, pid or "unknown"))
+        self.path, self.pid = path, pid
+
+
+class StateCorrupt(PmanError):
+    """The state files are damaged and the manager was opened with
+    ``strict=True``.  Attribute: ``path``."""
+
+    def __init__(self, path, message):
+        super().__init__("%s: %s" % (path, message))
+        self.path = path
+
+
+# ---------------------------------------------------------------------------
+# Validation helpers
+# ---------------------------------------------------------------------------
+
+def check_jid(jid):
+    """Return *jid* if it is a valid job id, else raise InvalidArgument."""
+    if not isinstance(jid, str) or not JID_RE.fullmatch(jid):
+        raise InvalidArgument(
+            "invalid jid %r: it must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+            % (jid if isinstance(jid, str) else type(jid).__name__,))
+    if jid in RESERVED_JIDS:
+        raise InvalidArgument("invalid jid %r: it is a reserved route name" % jid)
+    return jid
+
+
+def parse_signal(sig):
+    """Turn 15, "15", "TERM" or "SIGTERM" into a signal number."""
+    if isinstance(sig, bool):
+        raise InvalidArgument("invalid signal %r" % (sig,))
+    if isinstance(sig, str):
+        name = sig.strip().upper()
+        if name.isdigit():
+            sig = int(name)
+        else:
+            if not name.startswith("SIG"):
+                name = "SIG" + name
+            member = getattr(signal.Signals, name, None) if name.isidentifier() else None
+            if member is None:
+                raise InvalidArgument("unknown signal %r" % (sig,))
+            return int(member)
+    if isinstance(sig, int) and 0 < sig < signal.NSIG:
+        return int(sig)
+    raise InvalidArgument("invalid signal %r" % (sig,))
+
+
+def signal_name(sig):
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return "signal %d" % sig
+
+
+def _check_number(name, value, allow_none=True):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+        raise InvalidArgument("%s must be a non-negative number, not %r" % (name, value))
+    return value
+
+
+def _check_env(env):
+    if env is None:
+        return None
+    if isinstance(env, (list, tuple)):
+        pairs = {}
+        for item in env:
+            if not isinstance(item, str) or "=" not in item:
+                raise InvalidArgument("env entries must be 'KEY=value' strings, not %r" % (item,))
+            key, _, value = item.partition("=")
+            pairs[key] = value
+        env = pairs
+    if not isinstance(env, dict):
+        raise InvalidArgument("env must be a dict or a list of 'KEY=value' strings")
+    for key, value in env.items():
+        if (not isinstance(key, str) or not key or "=" in key or "\0" in key
+                or not isinstance(value, str) or "\0" in value):
+            raise InvalidArgument("invalid env entry %r=%r: keys and values are "
+                                  "strings, keys non-empty without '='" % (key, value))
+    return dict(env)
+
+
+# ---------------------------------------------------------------------------
+# The job model
+# ---------------------------------------------------------------------------
+
+# Persisted fields, in the order they are written.  jid, status and seq come
+# first so that a loader can index a line without parsing it (_LINE_RE).
+_FIELDS = ("jid", "status", "seq", "message", "returncode", "pid", "cmd", "argv",
+           "auid", "meta", "env", "cwd", "timeout", "extras", "submitted",
+           "started", "ended", "ident", "kill_signal", "kill_reason")
+_LINE_RE = re.compile(r'\{"jid": "([A-Za-z0-9._-]+)", "status": "(\w+)", "seq": (\d+),')
+
+
+class _Job:
+    """A job that is queued or running.  A finished job is kept only as its
+    JSON line (a str): compact, and already serialized for the journal.
+    All access MUST hold the manager's lock."""
+
+    __slots__ = _FIELDS + ("popen", "pidfd", "deadline", "escalate_at", "adopted")
+
+    def __init__(self, **fields):
+        for name in _FIELDS:
+            setattr(self, name, fields.get(name))
+        self.popen = self.pidfd = self.deadline = self.escalate_at = None
+        self.adopted = False
+
+    def line(self):
+        return json.dumps({name: getattr(self, name) for name in _FIELDS})
+
+
+def _record(entry):
+    """A fresh record dict (a deep copy) of a stored job: a _Job or a
+    finished job's line."""
+    return json.loads(entry if isinstance(entry, str) else entry.line())
+
+
+def _entry_status(entry):
+    if isinstance(entry, str):
+        return _LINE_RE.match(entry).group(2)
+    return entry.status
+
+
+# ---------------------------------------------------------------------------
+# Persistence
+# ---------------------------------------------------------------------------
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path, chunks):
+    """Write *chunks* to *path* so that a crash leaves the old or the new
+    file, never a mix, and never a temporary file that a loader would read."""
+    tmp = "%s.tmp-%d" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as f:
+            f.writelines(chunks)
+            f.flush()
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+class _Store:
+    """Snapshot + append-only journal.  The whole persistence interface:
+
+    - ``load()`` -> (ordered {jid: line}, next_seq, damaged): replays the
+      snapshot and journals; moves damaged files aside;
+    - ``append(line)`` -> ticket: queue one line (caller holds the manager
+      lock, so the journal order is the order of the changes);
+    - ``sync(ticket)``: return once that line is on disk (group commit);
+    - ``rotate()`` / ``write_snapshot(lines, gen)``: compaction;
+    - ``close()``.
+
+    Lines are JSON objects: a job record (see _FIELDS) or ``{"forget":
+    [jid, ...]}``.  A torn last journal line (a crash mid-write) is dropped;
+    any other bad line is reported and its file kept aside.
+    """
+
+    def __init__(self, path, strict=False):
+        self.path = path
+        self.strict = strict
+        self._lock = threading.Lock()           # guards all below
+        self._cond = threading.Condition(self._lock)
+        self._pending = []                      # lines not yet written
+        self._appended = 0                      # ticket of the last append
+        self._synced = 0                        # tickets <= this are on disk
+        self._flushing = False                  # a thread is writing
+        self._fd = None
+        self.generation = 0
+        self.journal_lines = 0
+
+    # -- loading ----------------------------------------------------------
+
+    def _journal_path(self, gen):
+        return os.path.join(self.path, "journal-%d.jsonl" % gen)
+
+    def _journals(self):
+        found = []
+        for name in os.listdir(self.path):
+            m = re.fullmatch(r"journal-(\d+)\.jsonl", name)
+            if m:
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def _set_aside(self, path, why):
+        if self.strict:
+            raise StateCorrupt(path, why + " (opened with strict=True: nothing was changed)")
+        aside = "%s.corrupt-%s" % (path, datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ"))
+        os.rename(path, aside)
+        log.warning("%s: %s; the file was kept as %s and the good records were loaded",
+                    path, why, aside)
+        return aside
+
+    def load(self):
+        """Return (jobs, next_seq, replayed): replayed is True when journals
+        or damaged files were read, so a fresh snapshot should be written."""
+        jobs = {}
+        next_seq = 1
+        damaged = False
+        snap = os.path.join(self.path, SNAPSHOT)
+        snap_gen = 0
+        for name in os.listdir(self.path):    # leftovers of an interrupted write
+            if ".tmp-" in name:
+                os.unlink(os.path.join(self.path, name))
+        if os.path.exists(snap):
+            with open(snap, "rb") as f:
+                data = f.read()
+            lines, bad = self._split(data)
+            header = None
+            if lines:
+                try:
+                    header = json.loads(lines[0])
+                except ValueError:
+                    pass
+            if not isinstance(header, dict) or header.get("pman_state") != STATE_FORMAT:
+                bad.append(1)
+                header = {}
+                body = lines
+            else:
+                body = lines[1:]
+                snap_gen = int(header.get("generation", 0))
+                next_seq = int(header.get("next_seq", 1))
+            for line in body:
+                m = _LINE_RE.match(line)
+                if m and line.endswith("}"):
+                    jobs[m.group(1)] = line
+                    next_seq = max(next_seq, int(m.group(3)) + 1)
+                else:
+                    bad.append(line[:40])
+            if bad or not data.endswith(b"\n"):
+                self._set_aside(snap, "damaged snapshot (%d bad lines%s)" % (
+                    len(bad), ", truncated" if not data.endswith(b"\n") else ""))
+                damaged = True
+        for gen in self._journals():
+            path = self._journal_path(gen)
+            if gen < snap_gen:                  # already inside the snapshot
+                os.unlink(path)
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+            lines, bad = self._split(data)
+            if data and not data.endswith(b"\n"):
+                lines.pop()                     # torn tail: never acknowledged
+                damaged = True
+            for line in lines:
+                m = _LINE_RE.match(line)
+                if m and line.endswith("}"):
+                    jid, seq = m.group(1), int(m.group(3))
+                    old = jobs.get(jid)
+                    if old is not None and _LINE_RE.match(old).group(3) != m.group(3):
+                        del jobs[jid]           # re-run: moves to the end
+                    jobs[jid] = line
+                    next_seq = max(next_seq, seq + 1)
+                    continue
+                try:
+                    forget = json.loads(line)["forget"]
+                    for jid in forget:
+                        jobs.pop(jid, None)
+                except (ValueError, KeyError, TypeError):
+                    bad.append(line[:40])
+            if bad:
+                self._set_aside(path, "damaged journal (%d bad lines)" % len(bad))
+            damaged = damaged or bool(bad) or bool(lines)
+            snap_gen = max(snap_gen, gen)
+        self.generation = snap_gen
+        return jobs, next_seq, damaged
+
+    @staticmethod
+    def _split(data):
+        """Split bytes into str lines; undecodable lines count as bad."""
+        lines, bad = [], []
+        for raw in data.split(b"\n"):
+            if not raw:
+                continue
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                bad.append(raw[:40])
+        return lines, bad
+
+    # -- writing ----------------------------------------------------------
+
+    def open_journal(self, gen):
+        fd = os.open(self._journal_path(gen),
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        old, self._fd = self._fd, fd
+        self.generation = gen
+        self.journal_lines = 0
+        if old is not None:
+            os.close(old)
+
+    def append(self, line):
+        with self._lock:
+            self._pending.append(line + "\n")
+            self._appended += 1
+            self.journal_lines += 1
+            return self._appended
+
+    def sync(self, ticket=None):
+        """Return once the line *ticket* (default: every line so far) is on
+        disk.  One caller writes and fsyncs for everybody waiting."""
+        with self._lock:
+            if ticket is None:
+                ticket = self._appended
+            while self._synced < ticket:
+                if self._flushing:
+                    self._cond.wait()
+                    continue
+                self._write_pending()
+
+    def _write_pending(self):
+        """Caller holds self._lock; it is released during the write."""
+        self._flushing = True
+        batch, self._pending = self._pending, []
+        upto, fd = self._appended, self._fd
+        self._lock.release()
+        try:
+            if batch:
+                data = "".join(batch).encode("utf-8")
+                while data:
+                    data = data[os.write(fd, data):]
+                os.fdatasync(fd)
+        except BaseException:
+            self._lock.acquire()
+            self._pending[:0] = batch
+            self._flushing = False
+            self._cond.notify_all()
+            raise
+        self._lock.acquire()
+        self._synced = max(self._synced, upto)
+        self._flushing = False
+        self._cond.notify_all()
+
+    def rotate(self):
+        """Make everything appended so far durable in the current journal,
+        then start a new one; return its generation.  The caller holds the
+        manager lock, so the lines it snapshots next are exactly the state
+        the old journals describe."""
+        with self._lock:
+            while self._flushing or self._synced < self._appended:
+                if self._flushing:
+                    self._cond.wait()
+                else:
+                    self._write_pending()
+            self.open_journal(self.generation + 1)
+            return self.generation
+
+    def write_snapshot(self, lines, gen, next_seq):
+        header = json.dumps({"pman_state": STATE_FORMAT, "generation": gen,
+                             "next_seq": next_seq, "written": _now(),
+                             "pman_version": __version__})
+        _write_atomic(os.path.join(self.path, SNAPSHOT),
+                      [header, "\n"] + [line + "\n" for line in lines])
+        for old in self._journals():
+            if old < gen:
+                os.unlink(self._journal_path(old))
+
+    def close(self):
+        self.sync()
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+# ---------------------------------------------------------------------------
+# Process handling: spawn, identity, reap, kill
+# ---------------------------------------------------------------------------
+
+def _boot_id():
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+_BOOT_ID = _boot_id()
+
+
+def _proc_stat(pid):
+    """(start time in clock ticks, state letter) of *pid*, or None.  Fields
+    are read after the last ')' because the command name may contain any
+    character."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()
+    return int(fields[19]), fields[0].decode()
+
+
+def _identity(pid):
+    stat = _proc_stat(pid)
+    return None if stat is None else [stat[0], _BOOT_ID]
+
+
+def _is_alive(job):
+    """True if the process recorded for *job* still runs (zombies are gone)."""
+    stat = _proc_stat(job.pid) if job.pid else None
+    return (stat is not None and stat[1] != "Z"
+            and job.ident == [stat[0], _BOOT_ID])
+
+
+def _pidfd(pid):
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+_HAVE_PIDFD = hasattr(os, "pidfd_open") and _pidfd(os.getpid()) is not None
+
+
+def _open_log(path):
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+
+
+def _describe_exit(code):
+    """Message for an exit code of the job's own making."""
+    if code == 0:
+        return SUCCESS, 0, "exited with code 0"
+    if code > 128 and code - 128 < signal.NSIG:
+        return ERROR, code, ("exited with code %d, which is also what a shell "
+                             "reports for %s" % (code, signal_name(code - 128)))
+    return ERROR, code, "exited with code %d" % code
+
+
+def _read_rc(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------
+# JobManager
+# ---------------------------------------------------------------------------
+
+def default_state_dir():
+    """``$PMAN_STATE_DIR``, else ``$XDG_STATE_HOME/pman``, else
+    ``~/.local/state/pman``."""
+    if os.environ.get("PMAN_STATE_DIR"):
+        return os.environ["PMAN_STATE_DIR"]
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "pman")
+
+
+_registry = {}                      # realpath -> open JobManager
+_registry_lock = threading.Lock()   # guards _registry and JobManager._refs
+
+
+class JobManager:
+    """Runs and tracks jobs whose state lives in *state_dir*.
+
+    Options (keyword-only):
+
+    - ``max_running``: run at most this many jobs at once; others wait as
+      ``notstarted`` and start in submission order (default: unlimited);
+    - ``grace``: seconds between a kill's signal and the SIGKILL (5);
+    - ``log_limit``: a job whose stdout or stderr grows past this many bytes
+      is killed, with a message saying so (default: no limit);
+    - ``keep_finished``: forget the oldest finished jobs, and their logs,
+      past this many (default: keep all);
+    - ``env``: variables merged over ``os.environ`` for every job;
+    - ``on_end``: ``callback(job)`` called with the record of each job that
+      ends, outside any lock, from the reaper thread;
+    - ``durable``: True (default) makes ``run()`` return only once the job
+      is on disk; False lets the reaper fsync within ``FLUSH_DELAY``;
+    - ``strict``: refuse to start on a damaged state file instead of moving
+      it aside.
+
+    Opening the same directory twice in one process returns the same
+    manager (the options must agree).  Another process holding the
+    directory raises `StateLocked`.
+    """
+
+    def __new__(cls, state_dir=None, **options):
+        path = os.path.realpath(os.path.abspath(os.path.expanduser(
+            state_dir if state_dir is not None else default_state_dir())))
+        with _registry_lock:
+            self = _registry.get(path)
+        if self is None:
+            self = super().__new__(cls)
+            self._path = path
+            self._refs = 0
+            self._options = None
+        return self
+
+    def __init__(self, state_dir=None, *, max_running=None, grace=DEFAULT_GRACE,
+                 log_limit=None, keep_finished=None, env=None, on_end=None,
+                 durable=True, strict=False):
+        options = dict(max_running=max_running, grace=grace, log_limit=log_limit,
+                       keep_finished=keep_finished, env=env, on_end=on_end,
+                       durable=durable, strict=strict)
+        with _registry_lock:
+            if self._options is not None:
+                if options != self._options:
+                    raise PmanError("state directory %s is already open in this "
+                                    "process with other options" % self._path)
+                self._refs += 1
+                return
+            if max_running is not None and (isinstance(max_running, bool) or not
+                                            isinstance(max_running, int) or max_running < 1):
+                raise InvalidArgument("max_running must be a positive integer or None")
+            _check_number("grace", grace, allow_none=False)
+            _check_number("log_limit", log_limit)
+            _check_number("keep_finished", keep_finished)
+            self.max_running = max_running
+            self.grace = float(grace)
+            self.log_limit = log_limit
+            self.keep_finished = keep_finished
+            self.env = _check_env(env)
+            self.on_end = on_end
+            self.durable = durable
+            self.state_dir = self._path
+            self.log_dir = os.path.join(self._path, "logs")
+            self._open(strict)
+            self._options = options
+            self._refs = 1
+            _registry[self._path] = self
+
+    # -- opening and closing ----------------------------------------------
+
+    def _open(self, strict):
+        os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
+        os.chmod(self._path, 0o700)
+        self._lock_fd = self._take_lock()
+        try:
+            self._store = _Store(self._path, strict=strict)
+            lines, self._next_seq, replayed = self._store.load()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._lock = threading.Lock()       # guards all job state below
+        self._changed = threading.Condition(self._lock)   # a job ended
+        self._jobs = lines                  # jid -> _Job | line; submission order
+        self._queue = collections.deque()   # queued _Jobs, submission order
+        self._running = {}                  # jid -> started _Job
+        self._timers = []                   # heap of (when, n, kind, jid)
+        self._timer_n = 0
+        self._ended = []                    # records for on_end, reaper only
+        self._unlink_after_sync = []        # rc files whose endings are durable
+        self._flush_due = None
+        self._closing = False
+        self._compact_lock = threading.Lock()   # one compaction at a time
+        self._selector = selectors.DefaultSelector() if _HAVE_PIDFD else None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._selector:
+            self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._finished = 0
+        # Replay: finished jobs stay lines; the active ones become _Jobs.
+        for jid, line in lines.items():
+            status = _LINE_RE.match(line).group(2)
+            if status in ACTIVE:
+                fields = json.loads(line)
+                self._jobs[jid] = _Job(**fields)
+            else:
+                self._finished += 1
+        self._store.open_journal(self._store.generation + 1 if replayed else
+                                 self._store.generation)
+        with self._lock:
+            self._recover()
+        if replayed:        # fold the replayed journals into a fresh snapshot
+            self._compact_now()
+        self._reaper = threading.Thread(target=self._reap_loop, name="pman-reaper",
+                                        daemon=True)
+        self._reaper.start()
+
+    def _take_lock(self):
+        path = os.path.join(self._path, "lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            try:
+                holder = int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+            except ValueError:
+                holder = None
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise StateLocked(self._path, holder) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+        return fd
+
+    def close(self, *, kill=False):
+        """Release this handle.  When the last handle of the directory is
+        closed (or always with ``kill=True``): with ``kill=True``, cancel
+        queued jobs and kill running ones (signal, grace, SIGKILL) and wait
+        for them; flush state, stop the reaper and release the directory.
+        Without kill, running jobs keep running and the next manager
+        re-adopts them; queued jobs stay queued."""
+        with _registry_lock:
+            if self._options is None:
+                return
+            self._refs -= 1
+            if self._refs > 0 and not kill:
+                return
+            self._options = None
+            _registry.pop(self._path, None)
+        if kill:
+            with self._lock:
+                for job in list(self._queue):
+                    self._cancel(job, "cancelled: the manager was closed")
+                active = list(self._running)
+            for jid in active:
+                try:
+                    self.kill(jid)
+                except PmanError:
+                    pass
+            try:
+                self.wait(active, timeout=self.grace + 5)
+            except Timeout:
+                log.warning("jobs still running after the kill at close: %s", active)
+        with self._lock:
+            self._closing = True
+        self._wake()
+        self._reaper.join()
+        self._flush()
+        for jid, line in self._unlink_after_sync:
+            if self._jobs.get(jid) is line:
+                self._unlink(jid, (".rc",))
+        self._compact_now()
+        self._store.close()
+        for job in self._running.values():
+            if job.pidfd is not None:
+                os.close(job.pidfd)
+            if job.popen is not None:      # still our child: subprocess reaps it later
+                job.popen = None
+        if self._selector:
+            self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        os.close(self._lock_fd)
+
+    shutdown = close
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return "<JobManager %s>" % self._path
+
+    # -- public API ---------------------------------------------------------
+
+    def run(self, cmd, *, jid=None, auid="", meta=None, env=None, cwd=None,
+            timeout=None, extras=None):
+        """Start a job and return its record (a dict snapshot).
+
+        *cmd* is a shell command string, or a list of strings run as argv
+        without a shell.  *jid* defaults to a generated id.  *env* (a dict,
+        or a list of "KEY=value") is merged over the manager's environment;
+        *cwd* must exist; *timeout* (s) counts from the start; *meta* is
+        any JSON object stored with the job; *extras* holds recorded-only
+        fields (pfcon's resource limits).
+
+        The job is spawned before this returns unless ``max_running`` jobs
+        are running, in which case it is queued.  A spawn failure is not an
+        exception: the job ends ``finishedWithError`` with the error in its
+        message.  Raises InvalidArgument, or JobConflict if *jid* is queued
+        or running.
+        """
+        if isinstance(cmd, str):
+            if not cmd.strip():
+                raise InvalidArgument("cmd must be a non-empty string")
+            argv, display = None, cmd
+        elif isinstance(cmd, (list, tuple)) and cmd and all(isinstance(a, str) for a in cmd):
+            argv, display = list(cmd), shlex.join(cmd)
+        else:
+            raise InvalidArgument("cmd must be a shell string or a non-empty list of strings")
+        if "\0" in display:
+            raise InvalidArgument("cmd must not contain NUL bytes")
+        if auid is None:
+            auid = ""
+        if not isinstance(auid, str):
+            raise InvalidArgument("auid must be a string")
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict):
+            raise InvalidArgument("meta must be a JSON object (dict)")
+        if extras is not None and not isinstance(extras, dict):
+            raise InvalidArgument("extras must be a dict")
+        env = _check_env(env)
+        if cwd is not None and not isinstance(cwd, str):
+            raise InvalidArgument("cwd must be a string")
+        _check_number("timeout", timeout)
+        try:
+            json.dumps([meta, extras])
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument("meta is not JSON-serializable: %s" % e) from None
+        with self._lock:
+            self._check_open()
+            if jid is None:
+                jid = "job-%d-%d" % (self._next_seq, os.getpid())
+                while jid in self._jobs:
+                    self._next_seq += 1
+                    jid = "job-%d-%d" % (self._next_seq, os.getpid())
+            check_jid(jid)
+            old = self._jobs.get(jid)
+            if old is not None and _entry_status(old) in ACTIVE:
+                raise JobConflict(jid, "job %s is %s: kill it or wait for it before "
+                                  "running the jid again" % (jid, _entry_status(old)))
+            if old is not None:
+                del self._jobs[jid]         # re-run: replaces, moves to the end
+                self._finished -= 1
+                self._unlink(jid, (".rc",))
+            job = _Job(jid=jid, status=NOTSTARTED, seq=self._next_seq,
+                       message="queued: waiting for a free slot", cmd=display,
+                       argv=argv, auid=auid, meta=meta, env=env, cwd=cwd,
+                       timeout=timeout, extras=extras or {}, submitted=_now())
+            self._next_seq += 1
+            self._jobs[jid] = job
+            if self.max_running is None or len(self._running) < self.max_running:
+                self._spawn(job)
+            else:
+                self._queue.append(job)
+                self._persist(job)
+            snapshot = self._public(_record(job))
+            ticket = self._ticket
+        if self.durable:
+            self._store.sync(ticket)
+        self._maybe_compact()
+        return snapshot
+
+    def get(self, jid, *, with_logs=False):
+        """The record of job *jid* (JobNotFound if none).  With
+        ``with_logs=True`` it also holds ``logs``: the tail of stdout then
+        stderr (at most 1,000 lines and 64 KiB)."""
+        with self._lock:
+            entry = self._jobs.get(jid) if isinstance(jid, str) else None
+            if entry is None:
+                raise JobNotFound(jid)
+            record = self._public(_record(entry))
+        if with_logs:
+            record["logs"] = self._tail(jid)
+        return record
+
+    def jobs(self, *, status=None, auid=None, meta=None, limit=None, after=None):
+        """Records of jobs in submission order, filtered by *status* (one
+        string or several), *auid* and *meta* (every key must be equal).
+        *after* is a jid: list only jobs submitted after it.  *limit* caps
+        the count."""
+        if isinstance(status, str):
+            status = (status,)
+        if status is not None:
+            for s in status:
+                if s not in STATUSES:
+                    raise InvalidArgument("unknown status %r: one of %s" % (s, ", ".join(STATUSES)))
+        if meta is not None and not isinstance(meta, dict):
+            raise InvalidArgument("meta filter must be a dict")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise InvalidArgument("limit must be a non-negative integer")
+        out = []
+        with self._lock:    # finished jobs are immutable lines: copy the rest
+            entries = [(jid, e if isinstance(e, str) else e.line())
+                       for jid, e in self._jobs.items()]
+        started = after is None
+        for jid, entry in entries:
+            if not started:
+                started = jid == after
+                continue
+            if limit is not None and len(out) >= limit:
+                break
+            if status is not None and _LINE_RE.match(entry).group(2) not in status:
+                continue
+            record = json.loads(entry)
+            if auid is not None and record["auid"] != auid:
+                continue
+            if meta and any(record["meta"].get(k, _MISSING) != v for k, v in meta.items()):
+                continue
+            out.append(self._public(record))
+        if not started:
+            raise JobNotFound(after)
+        return out
+
+    def wait(self, jids, timeout=None):
+        """Wait until job *jids* (one jid, or a list) has ended; return its
+        record (a list of records for a list).  Raises Timeout after
+        *timeout* seconds, with the current records in ``.jobs``."""
+        single = isinstance(jids, str)
+        wanted = [jids] if single else list(jids)
+        _check_number("timeout", timeout)
+        deadline = None if timeout is None else _time() + timeout
+        with self._lock:
+            while True:
+                entries = []
+                for jid in wanted:
+                    entry = self._jobs.get(jid)
+                    if entry is None:
+                        raise JobNotFound(jid)
+                    entries.append(entry)
+                pending = [e for e in entries if not isinstance(e, str)]
+                if not pending:
+                    break
+                left = None if deadline is None else deadline - _time()
+                if left is not None and left <= 0:
+                    records = [self._public(_record(e)) for e in entries]
+                    raise Timeout("jobs still running after %s s: %s" % (
+                        timeout, ", ".join(j.jid for j in pending)),
+                        records[0] if single else records)
+                self._changed.wait(left)
+            records = [self._public(_record(e)) for e in entries]
+        return records[0] if single else records
+
+    def read_log(self, jid, stream="stdout", *, offset=0, limit=None):
+        """Read a job's output: ``{"jid", "stream", "offset", "next_offset",
+        "eof", "data"}`` with *data* the bytes from *offset* (at most
+        *limit*).  ``eof`` is True once the job has ended and no more bytes
+        follow, so a follower loops until it."""
+        if stream not in ("stdout", "stderr"):
+            raise InvalidArgument("stream must be 'stdout' or 'stderr', not %r" % (stream,))
+        for name, value in (("offset", offset), ("limit", limit)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise InvalidArgument("%s must be a non-negative integer" % name)
+        with self._lock:
+            entry = self._jobs.get(jid) if isinstance(jid, str) else None
+            if entry is None:
+                raise JobNotFound(jid)
+            ended = isinstance(entry, str)
+        data = b""
+        try:
+            with open(self._log_path(jid, stream), "rb") as f:
+                f.seek(offset)
+                data = f.read() if limit is None else f.read(limit)
+                more = bool(f.read(1))
+        except FileNotFoundError:
+            more = False
+        return {"jid": jid, "stream": stream, "offset": offset,
+                "next_offset": offset + len(data), "eof": ended and not more,
+                "data": data}
+
+    def kill(self, jid, signal=signal.SIGTERM, *, grace=None):
+        """Send *signal* (a number or a name) to the job's process group and
+        return its record.  If the job is still running *grace* seconds
+        later (default: the manager's), the reaper sends SIGKILL.  A queued
+        job is cancelled; a finished job is left alone."""
+        sig = parse_signal(signal)
+        grace = self.grace if grace is None else _check_number("grace", grace, False)
+        with self._lock:
+            job = self._active(jid)
+            if job is not None and job.status == NOTSTARTED:
+                self._cancel(job, "cancelled before it started (killed on request)")
+            elif job is not None:
+                self._signal(job, sig, "on request", grace)
+            record = self._public(_record(self._jobs[jid]))
+            ticket = self._ticket
+        self._store.sync(ticket)
+        return record
+
+    def remove(self, jid, *, kill=False):
+        """Forget job *jid* and delete its logs.  A queued or running job
+        raises JobConflict unless ``kill=True``, which kills it first and
+        waits for it (up to the grace period plus 5 s)."""
+        with self._lock:
+            job = self._active(jid)
+        if job is not None:
+            if not kill:
+                raise JobConflict(jid, "job %s is %s: pass kill=True to kill it first"
+                                  % (jid, job.status))
+            self.kill(jid)
+            self.wait(jid, timeout=self.grace + 5)
+        self._forget([jid])
+
+    def forget(self, *, keep=0):
+        """Forget finished jobs and their logs, oldest first, keeping the
+        *keep* most recent.  Queued and running jobs are never forgotten.
+        Returns the number forgotten."""
+        _check_number("keep", keep, False)
+        with self._lock:
+            doomed = self._oldest_finished(self._finished - keep)
+        self._forget(doomed)
+        return len(doomed)
+
+    def flush(self):
+        """Make every change so far durable, and compact the journal."""
+        self._flush()
+        self._compact_now()
+
+    def counts(self):
+        """``{status: number of jobs}`` for all five statuses."""
+        counts = dict.fromkeys(STATUSES, 0)
+        with self._lock:
+            for entry in self._jobs.values():
+                counts[_entry_status(entry)] += 1
+        return counts
+
+    # -- internals: records and files ---------------------------------------
+    # Methods named _x_locked or documented "caller holds self._lock" MUST be
+    # called with self._lock held.
+
+    def _check_open(self):
+        if self._closing or self._options is None:
+            raise PmanError("the manager for %s is closed" % self._path)
+
+    def _active(self, jid):
+        """The _Job for *jid* if queued or running, None if finished.
+        Caller holds self._lock."""
+        entry = self._jobs.get(jid) if isinstance(jid, str) else None
+        if entry is None:
+            raise JobNotFound(jid)
+        return None if isinstance(entry, str) else entry
+
+    def _log_path(self, jid, stream):
+        return os.path.join(self.log_dir, jid + (".out" if stream == "stdout" else ".err"))
+
+    def _public(self, record):
+        """The caller's view of a record: env values hidden, paths added."""
+        record["env"] = sorted(record["env"] or ())
+        record["stdout"] = self._log_path(record["jid"], "stdout")
+        record["stderr"] = self._log_path(record["jid"], "stderr")
+        record["timestamp"] = record["ended"] or record["started"] or record["submitted"]
+        for key in ("ident", "kill_signal", "kill_reason"):
+            del record[key]
+        return record
+
+    def _tail(self, jid):
+        parts = []
+        for stream in ("stdout", "stderr"):
+            try:
+                with open(self._log_path(jid, stream), "rb") as f:
+                    size = f.seek(0, os.SEEK_END)
+                    f.seek(max(0, size - TAIL_BYTES))
+                    parts.append(f.read())
+            except OSError:
+                pass
+        text = b"".join(parts)[-TAIL_BYTES:].decode("utf-8", "replace")
+        return "\n".join(text.split("\n")[-TAIL_LINES:])
+
+    def _unlink(self, jid, suffixes=(".out", ".err", ".rc")):
+        for suffix in suffixes:
+            try:
+                os.unlink(os.path.join(self.log_dir, jid + suffix))
+            except FileNotFoundError:
+                pass
+
+    @property
+    def _ticket(self):
+        return self._store._appended
+
+    def _persist(self, job):
+        """Journal the job's current state.  Caller holds self._lock."""
+        self._store.append(job.line())
+
+    def _forget(self, jids):
+        with self._lock:
+            gone = []
+            for jid in jids:
+                entry = self._jobs.get(jid)
+                if isinstance(entry, str):
+                    del self._jobs[jid]
+                    self._finished -= 1
+                    gone.append(jid)
+                elif entry is None:
+                    raise JobNotFound(jid)
+            if not gone:
+                return
+            self._store.append(json.dumps({"forget": gone}))
+            ticket = self._ticket
+        self._store.sync(ticket)
+        for jid in gone:
+            self._unlink(jid)
+
+    def _oldest_finished(self, count):
+        """Caller holds self._lock."""
+        doomed = []
+        if count > 0:
+            for jid, entry in self._jobs.items():
+                if isinstance(entry, str):
+                    doomed.append(jid)
+                    if len(doomed) >= count:
+                        break
+        return doomed
+
+    # -- internals: process lifecycle -----------------------------------------
+
+    def _spawn(self, job):
+        """Start *job* now.  Caller holds self._lock."""
+        job.started = _now()
+        stdout = stderr = None
+        rc_path = os.path.join(self.log_dir, job.jid + ".rc")
+        try:
+            if job.cwd is not None and not os.path.isdir(job.cwd):
+                raise FileNotFoundError(errno.ENOENT, "no such directory (cwd)", job.cwd)
+            env = None
+            if self.env or job.env:
+                env = dict(os.environ)
+                env.update(self.env or ())
+                env.update(job.env or ())
+            if job.argv is not None:
+                exe = job.argv[0]
+                path = (env or os.environ).get("PATH", os.defpath)
+                if "/" in exe:
+                    found = os.path.join(job.cwd or "", exe)
+                    found = found if os.access(found, os.X_OK) and not os.path.isdir(found) else None
+                else:
+                    found = shutil.which(exe, path=path)
+                if found is None:
+                    raise FileNotFoundError(errno.ENOENT, "no such executable", exe)
+                args = ["/bin/sh", "-c", _WRAP_ARGV, "pman-job", rc_path] + job.argv
+            else:
+                args = ["/bin/sh", "-c", _WRAP_SHELL, "pman-job", rc_path, job.cmd]
+            stdout = _open_log(self._log_path(job.jid, "stdout"))
+            stderr = _open_log(self._log_path(job.jid, "stderr"))
+            popen = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stdout,
+                                     stderr=stderr, cwd=job.cwd, env=env,
+                                     start_new_session=True)
+        except Exception as e:     # EMFILE, EAGAIN, ENOSPC, ENOENT...: this job only
+            self._finish(job, ERROR, None, "spawn failed: %s" % e, started=False)
+            return
+        finally:
+            for fd in (stdout, stderr):
+                if fd is not None:
+                    os.close(fd)
+        job.popen = popen
+        job.pid = popen.pid
+        job.ident = _identity(popen.pid)
+        job.status = STARTED
+        job.message = "running (pid %d)" % popen.pid
+        self._running[job.jid] = job
+        self._watch(job)
+        self._persist(job)
+
+    def _watch(self, job):
+        """Register a started job with the reaper.  Caller holds self._lock."""
+        if self._selector is not None:
+            job.pidfd = _pidfd(job.pid)
+            if job.pidfd is not None:
+                self._selector.register(job.pidfd, selectors.EVENT_READ, job)
+        if job.timeout is not None:
+            elapsed = max(0.0, _time_since(job.started))
+            self._timer(job.timeout - elapsed, "timeout", job.jid)
+        if self.log_limit is not None:
+            self._timer(LOG_CHECK_EVERY, "logcheck", job.jid)
+        if job.kill_signal and job.kill_signal != signal.SIGKILL:
+            job.escalate_at = _time() + self.grace    # a kill sent before a restart
+            self._timer(self.grace, "escalate", job.jid)
+
+    def _timer(self, delay, kind, jid):
+        self._timer_n += 1
+        heapq.heappush(self._timers, (_time() + delay, self._timer_n, kind, jid))
+        self._wake()
+
+    def _wake(self):
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def _signal(self, job, sig, reason, grace):
+        """Signal the job's process group, having journaled why first, so a
+        restarted manager still reports -sig.  Caller holds self._lock."""
+        if not job.kill_signal:
+            job.kill_reason = reason
+        job.kill_signal = sig
+        self._persist(job)
+        self._store.sync()     # the reason is on disk before the signal is sent
+        if job.popen is None and not _is_alive(job):
+            return             # re-adopted and gone: never signal a stranger
+        try:
+            os.killpg(job.pid, sig)
+        except ProcessLookupError:
+            pass
+        if sig != signal.SIGKILL:
+            job.escalate_at = _time() + grace
+            self._timer(grace, "escalate", job.jid)
+
+    def _cancel(self, job, message):
+        """Caller holds self._lock."""
+        try:
+            self._queue.remove(job)
+        except ValueError:
+            pass
+        self._finish(job, ERROR, None, message, started=False)
+
+    def _finish(self, job, status, returncode, message, started=True):
+        """Record the end of *job*.  Caller holds self._lock."""
+        job.status, job.returncode, job.message = status, returncode, message
+        job.ended = _now()
+        if not started:
+            job.started = None
+        if job.pidfd is not None:
+            if self._selector is not None:
+                self._selector.unregister(job.pidfd)
+            os.close(job.pidfd)
+            job.pidfd = None
+        job.popen = None
+        self._running.pop(job.jid, None)
+        line = job.line()
+        self._jobs[job.jid] = line
+        self._finished += 1
+        self._store.append(line)
+        self._ended.append(job.jid)
+        if job.pid:
+            self._unlink_after_sync.append((job.jid, line))
+        if self._flush_due is None:
+            self._flush_due = _time() + FLUSH_DELAY
+            self._wake()
+        self._changed.notify_all()
+
+    def _outcome(self, job, code):
+        """Finish *job* given the exit code its wrapper reported (None: no
+        code survives).  Caller holds self._lock."""
+        if job.kill_signal:
+            sig = job.kill_signal
+            if job.kill_reason == "on request":
+                why = "killed by %s on request" % signal_name(sig)
+            else:
+                why = "%s (%s)" % (job.kill_reason, signal_name(sig))
+            self._finish(job, ERROR, -sig, why)
+        elif code is None:
+            self._finish(job, UNDEFINED, None, "the job ended while no manager was "
+                         "watching and left no exit code")
+        elif code < 0:       # the wrapper itself died of a signal pman did not send
+            sig = -code
+            status, code, message = _describe_exit(128 + sig)
+            self._finish(job, status, code, "killed by %s (not sent by pman); %s"
+                         % (signal_name(sig), message))
+        else:
+            self._finish(job, *_describe_exit(code))
+
+    def _collect(self, job):
+        """The job's process has exited (or may have).  Caller holds
+        self._lock."""
+        rc_path = os.path.join(self.log_dir, job.jid + ".rc")
+        if job.popen is not None:
+            code = job.popen.poll()
+            if code is None:
+                return
+        else:
+            if _is_alive(job):
+                return
+            code = _read_rc(rc_path)
+            try:    # our own child from an earlier manager in this process
+                pid, status = os.waitpid(job.pid, os.WNOHANG)
+                if pid and code is None:
+                    code = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                pass
+        self._outcome(job, code)
+
+    def _collect_safely(self, job):
+        """_collect, but a failure settles that one job instead of leaving a
+        readable pidfd to spin the reaper.  Caller holds self._lock."""
+        try:
+            self._collect(job)
+        except Exception as e:
+            log.exception("collecting job %s failed", job.jid)
+            self._finish(job, UNDEFINED, None, "pman could not collect the exit "
+                         "status: %s" % e)
+
+    def _recover(self):
+        """Re-adopt or settle the jobs a previous manager left active.
+        Caller holds self._lock."""
+        for job in [e for e in self._jobs.values() if not isinstance(e, str)]:
+            if job.status == NOTSTARTED:
+                self._queue.append(job)
+            elif _is_alive(job):
+                job.adopted = True
+                self._running[job.jid] = job
+                self._watch(job)
+                if not _is_alive(job):     # it ended while we set up the watch
+                    self._collect(job)
+                log.info("re-adopted job %s (pid %d)", job.jid, job.pid)
+            else:
+                self._outcome(job, _read_rc(os.path.join(self.log_dir, job.jid + ".rc")))
+        self._start_queued()
+
+    def _start_queued(self):
+        """Caller holds self._lock."""
+        while self._queue and (self.max_running is None
+                               or len(self._running) < self.max_running):
+            self._spawn(self._queue.popleft())
+
+    # -- the reaper thread ------------------------------------------------------
+
+    def _reap_loop(self):
+        while True:
+            with self._lock:
+                delay = self._timers[0][0] - _time() if self._timers else None
+                if self._flush_due is not None:
+                    flush = self._flush_due - _time()
+                    delay = flush if delay is None else min(delay, flush)
+                if self._closing:
+                    return
+            if self._selector is not None:
+                events = self._selector.select(None if delay is None else max(0.0, delay))
+            else:      # no pidfds: poll every running job, 10 ms apart
+                wait = POLL_INTERVAL if delay is None else min(POLL_INTERVAL, max(0.0, delay))
+                if select.select([self._wake_r], [], [], wait)[0]:
+                    _drain(self._wake_r)
+                events = []
+            try:
+                self._reap_once(events)
+            except Exception:     # the reaper must outlive any one job's trouble
+                log.exception("pman reaper error (it keeps running)")
+
+    def _reap_once(self, events):
+        callbacks = []
+        with self._lock:
+            for key, _ in events:
+                if key.data is None:
+                    _drain(self._wake_r)
+                elif key.data.pidfd is not None:
+                    self._collect_safely(key.data)
+            if self._selector is None:
+                for job in list(self._running.values()):
+                    self._collect_safely(job)
+            now = _time()
+            while self._timers and self._timers[0][0] <= now:
+                _, _, kind, jid = heapq.heappop(self._timers)
+                job = self._running.get(jid)
+                if job is not None:
+                    self._fire(job, kind)
+            self._start_queued()
+            if self.keep_finished is not None and self._finished > self.keep_finished:
+                doomed = self._oldest_finished(self._finished - self.keep_finished)
+            else:
+                doomed = []
+            flush = self._flush_due is not None and self._flush_due <= now
+            if flush:
+                self._flush_due = None
+                unlink, self._unlink_after_sync = self._unlink_after_sync, []
+            if self.on_end is not None:
+                callbacks = [self._public(_record(self._jobs[jid]))
+                             for jid in self._ended if jid in self._jobs]
+            self._ended = []
+        if doomed:
+            self._forget(doomed)
+        if flush:
+            self._store.sync()
+            with self._lock:    # only if the jid was not run again meanwhile
+                for jid, line in unlink:
+                    if self._jobs.get(jid) is line:
+                        self._unlink(jid, (".rc",))
+            self._maybe_compact()
+        for record in callbacks:
+            try:
+                self.on_end(record)
+            except Exception:
+                log.exception("on_end callback failed for job %s", record["jid"])
+
+    def _fire(self, job, kind):
+        """Caller holds self._lock."""
+        if kind == "timeout":
+            self._signal(job, signal.SIGTERM, "timed out after %g s" % job.timeout, self.grace)
+        elif kind == "escalate":
+            if job.escalate_at is not None and _time() >= job.escalate_at - 0.001:
+                job.escalate_at = None
+                self._signal(job, signal.SIGKILL, job.kill_reason, 0)
+        elif kind == "logcheck":
+            for stream in ("stdout", "stderr"):
+                try:
+                    size = os.stat(self._log_path(job.jid, stream)).st_size
+                except OSError:
+                    continue
+                if size > self.log_limit and not job.kill_signal:
+                    self._signal(job, signal.SIGTERM, "%s exceeded the log limit of %d bytes"
+                                 % (stream, self.log_limit), self.grace)
+            self._timer(LOG_CHECK_EVERY, "logcheck", job.jid)
+
+    # -- compaction -------------------------------------------------------------
+
+    def _flush(self):
+        self._store.sync()
+
+    def _maybe_compact(self):
+        if (self._store.journal_lines >= COMPACT_EVERY
+                and self._compact_lock.acquire(blocking=False)):
+            threading.Thread(target=self._compact_now, args=(False,),
+                             name="pman-compact", daemon=True).start()
+
+    def _compact_now(self, lock=True):
+        """Write a snapshot of every job and start a fresh journal.  Appends
+        go on meanwhile: they land in the new journal.  With lock=False the
+        caller already holds self._compact_lock."""
+        if lock:
+            self._compact_lock.acquire()
+        try:
+            with self._lock:
+                gen = self._store.rotate()
+                lines = [e if isinstance(e, str) else e.line() for e in self._jobs.values()]
+                next_seq = self._next_seq
+            self._store.write_snapshot(lines, gen, next_seq)
+        finally:
+            self._compact_lock.release()
+
+
+def _time_since(stamp):
+    return datetime.now(timezone.utc).timestamp() - _parse_time(stamp) if stamp else 0.0
+
+
+def _drain(fd):
+    try:
+        while os.read(fd, 65536):
+            pass
+    except BlockingIOError:
+        pass
+
+
+@atexit.register
+def _close_all():
+    """At exit, flush every open manager; running jobs keep running."""
+    with _registry_lock:
+        managers = list(_registry.values())
+    for manager in managers:
+        try:
+            with _registry_lock:
+                manager._refs = 1
+            manager.close()
+        except Exception:
+            log.exception("closing %r at exit", manager)
+
+
+def make_server(*args, **kwargs):
+    raise NotImplementedError
+
+
+def main(argv=None):
+    raise NotImplementedError
+
+
+if __name__ == "__main__":
+    main()
