@@ -61,17 +61,26 @@ import collections
 import errno
 import fcntl
 import heapq
+import hmac
+import http
+import http.server
+import ipaddress
+import itertools
 import json
 import logging
 import os
+import platform
 import re
 import select
 import selectors
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import threading
+import urllib.parse
 from datetime import datetime, timezone
 from time import monotonic as _time
 
@@ -924,7 +933,7 @@ class JobManager:
                 raise JobNotFound(jid)
             record = self._public(_record(entry))
         if with_logs:
-            record["logs"] = self._tail(jid)
+            record["logs"] = self.tail(jid)
         return record
 
     def jobs(self, *, status=None, auid=None, meta=None, limit=None, after=None):
@@ -1068,6 +1077,73 @@ class JobManager:
         self._flush()
         self._compact_now()
 
+    def jids(self):
+        """Every jid, in submission order."""
+        with self._lock:
+            return list(self._jobs)
+
+    def nth(self, index):
+        """The record of the job at 0-based *index* in submission order."""
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise InvalidArgument("index must be a non-negative integer")
+        with self._lock:
+            if index >= len(self._jobs):
+                raise JobNotFound("_%d" % index)
+            entry = next(itertools.islice(self._jobs.values(), index, None))
+            return self._public(_record(entry))
+
+    def find(self, key, value):
+        """Records of the jobs whose field *key*, or meta key *key*, equals
+        *value* (compared as strings too, for clients that send "3" for 3)."""
+        if not isinstance(key, str) or not key:
+            raise InvalidArgument("key must be a non-empty string")
+        if key == "jid":
+            with self._lock:
+                entry = self._jobs.get(value) if isinstance(value, str) else None
+                return [] if entry is None else [self._public(_record(entry))]
+        hits = []
+        for record in self.jobs():
+            for source in (record, record["meta"]):
+                if key in source and (source[key] == value or
+                                      str(source[key]) == str(value)):
+                    hits.append(record)
+                    break
+        return hits
+
+    def tail(self, jid, stream=None):
+        """The end of a job's output as text (at most 1,000 lines and 64
+        KiB): *stream* "stdout" or "stderr", or None for both, in order."""
+        if stream not in (None, "stdout", "stderr"):
+            raise InvalidArgument("stream must be 'stdout', 'stderr' or None")
+        self.get(jid)
+        parts = []
+        for name in ((stream,) if stream else ("stdout", "stderr")):
+            try:
+                with open(self._log_path(jid, name), "rb") as f:
+                    size = f.seek(0, os.SEEK_END)
+                    f.seek(max(0, size - TAIL_BYTES))
+                    parts.append(f.read())
+            except OSError:
+                pass
+        text = b"".join(parts)[-TAIL_BYTES:].decode("utf-8", "replace")
+        return "\n".join(text.split("\n")[-TAIL_LINES:])
+
+    def reload(self):
+        """Flush, then re-read finished jobs from the state directory and
+        settle any running job whose process is gone.  Running and queued
+        jobs are untouched.  Returns `counts()`."""
+        self.flush()
+        with self._lock:
+            store = _Store(self._path, strict=True)
+            store.generation = self._store.generation
+            disk, _, _ = store.load()
+            for jid, line in disk.items():
+                if isinstance(self._jobs.get(jid), str):
+                    self._jobs[jid] = line
+            for job in list(self._running.values()):
+                self._collect_safely(job)
+        return self.counts()
+
     def counts(self):
         """``{status: number of jobs}`` for all five statuses."""
         counts = dict.fromkeys(STATUSES, 0)
@@ -1104,19 +1180,6 @@ class JobManager:
         for key in ("ident", "kill_signal", "kill_reason"):
             del record[key]
         return record
-
-    def _tail(self, jid):
-        parts = []
-        for stream in ("stdout", "stderr"):
-            try:
-                with open(self._log_path(jid, stream), "rb") as f:
-                    size = f.seek(0, os.SEEK_END)
-                    f.seek(max(0, size - TAIL_BYTES))
-                    parts.append(f.read())
-            except OSError:
-                pass
-        text = b"".join(parts)[-TAIL_BYTES:].decode("utf-8", "replace")
-        return "\n".join(text.split("\n")[-TAIL_LINES:])
 
     def _unlink(self, jid, suffixes=(".out", ".err", ".rc")):
         for suffix in suffixes:
@@ -1503,13 +1566,819 @@ def _close_all():
             log.exception("closing %r at exit", manager)
 
 
-def make_server(*args, **kwargs):
-    raise NotImplementedError
+# ---------------------------------------------------------------------------
+# HTTP layer
+# ---------------------------------------------------------------------------
+# Thin by design: every route parses and validates the request, calls one
+# JobManager method and serializes the result.  Job logic lives above.
+
+MAX_BODY = 1 << 20          # bytes in a request body
+MAX_WAIT = 60.0             # cap of a long poll, in seconds
+REQUEST_TIMEOUT = 10.0      # socket timeout of a connection
+DEFAULT_LISTENERS = 64
+PAGE_SIZE, MAX_PAGE = 100, 1000
+
+
+class HTTPError(PmanError):
+    """A request the HTTP layer refuses.  Attribute: ``status``."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+# Library errors -> HTTP status codes, in one place.
+_HTTP_STATUS = ((HTTPError, None), (JobNotFound, 404), (JobConflict, 409),
+                (InvalidArgument, 400), (Timeout, 408), (StateCorrupt, 503),
+                (PmanError, 400))
+
+
+def _status_for(exc):
+    for cls, status in _HTTP_STATUS:
+        if isinstance(exc, cls):
+            return exc.status if status is None else status
+    return 500
+
+
+def _is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _job_object(record):
+    """The resource dialect's job object: pfcon's recorded fields at the
+    top level, and the limits pman does not enforce named as such."""
+    extras = record.pop("extras") or {}
+    record.update(extras)
+    record["not_enforced"] = sorted(k for k in ("cpu_limit", "memory_limit", "gpu_limit",
+                                                "number_of_workers") if k in extras)
+    return record
+
+
+def _tree_info(record, manager):
+    """INFO, the original runner's fields, computed from the record."""
+    jid = record["jid"]
+    started = record["started"] is not None
+    done = record["status"] not in ACTIVE
+    return {"cmd": record["cmd"], "jid": jid, "auid": record["auid"],
+            "pid": record["pid"], "started": started, "startTrigger": started,
+            "done": done, "doneTrigger": done, "returncode": record["returncode"],
+            "startstamp": record["started"] or "", "endstamp": record["ended"] or "",
+            "status": record["status"], "message": record["message"],
+            "stdout": manager.tail(jid, "stdout"), "stderr": manager.tail(jid, "stderr")}
+
+
+def job_tree(record, manager):
+    """The original pman's view of one job, projected from its record on
+    demand (never stored): see API.md, "The job tree"."""
+    info = _tree_info(record, manager)
+    start = {"0": info} if record["status"] != NOTSTARTED else {}
+    end = {"0": info} if record["status"] not in ACTIVE else {}
+    return {"jid": record["jid"], "cmd": record["cmd"], "auid": record["auid"],
+            "d_meta": json.dumps(record["meta"]), "jobCount": 1,
+            "startInfo": start, "endInfo": end,
+            "start": {"0": {"startInfo": start}} if start else {},
+            "end": {"0": {"endInfo": end}} if end else {}}
+
+
+def _walk(tree, parts, path):
+    node = tree
+    for part in parts:
+        if not isinstance(node, dict) or part not in node:
+            raise HTTPError(404, "no such path: %s" % path)
+        node = node[part]
+    return node
+
+
+def _wrap(parts, value):
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def _get_str(obj, key, default=None, required=False):
+    value = obj.get(key, default)
+    if value is None and required:
+        raise InvalidArgument("%r is required" % key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidArgument("%r must be a string" % key)
+    return value
+
+
+class _CommandDialect:
+    """``POST /api/v1/cmd``: the original pman's actions.  Each handler
+    takes (meta, payload) and returns (ok, d_ret) or (ok, d_ret, extra
+    envelope fields); `dispatch` looks them up in a fixed table."""
+
+    def __init__(self, server):
+        self.server = server
+        self.handlers = {name: getattr(self, name) for name in self.ACTIONS}
+
+    @staticmethod
+    def _hits(manager, meta):
+        key = _get_str(meta, "key", "jid")
+        value = meta.get("value", meta.get("jid"))
+        if value is None:
+            raise InvalidArgument("'value' (or 'jid') is required")
+        return manager.find(key, value)
+
+    @staticmethod
+    def _no_hit(with_status=False):
+        d_ret = {"-1": {"noJobFound": {"endInfo": {"allJobsDone": None}}}}
+        if with_status:
+            d_ret["l_status"] = []
+        return False, d_ret
+
+    def run(self, meta, payload):
+        manager = self.server.manager
+        exec_ = payload.get("exec") if isinstance(payload.get("exec"), dict) else {}
+        cmd = meta.get("cmd", exec_.get("cmd"))
+        if not isinstance(cmd, str):
+            raise InvalidArgument("run needs meta.cmd (or exec.cmd), a string")
+        stored = {k: v for k, v in meta.items() if k not in ("cmd", "jid", "auid", "threaded")}
+        record = manager.run(cmd, jid=meta.get("jid"), auid=_get_str(meta, "auid", ""),
+                             meta=stored)
+        return True, _job_object(record), {"jobRootDir": record["jid"]}
+
+    def status(self, meta, payload, with_status=True):
+        manager = self.server.manager
+        hits = self._hits(manager, meta)
+        if not hits:
+            return self._no_hit(with_status)
+        d_ret = {}
+        for i, rec in enumerate(hits):
+            if rec["status"] == NOTSTARTED:
+                trigger = []
+            else:
+                trigger = [rec["started"] is not None]
+            ended = rec["status"] not in ACTIVE
+            d_ret["%d.start" % i] = {"jobRoot": rec["jid"], "startTrigger": trigger}
+            d_ret["%d.end" % i] = {"jobRoot": rec["jid"],
+                                   "returncode": [rec["returncode"]] if ended else []}
+        if with_status:
+            d_ret["l_status"] = [rec["status"] for rec in hits]
+        return True, d_ret
+
+    def done(self, meta, payload):
+        manager = self.server.manager
+        return self.status(meta, payload, with_status=False)
+
+    def info(self, meta, payload):
+        manager = self.server.manager
+        hits = self._hits(manager, meta)
+        if not hits:
+            return self._no_hit()
+        d_ret = {}
+        for i, rec in enumerate(hits):
+            tree = job_tree(rec, manager)
+            d_ret["%d.0" % i] = {rec["jid"]: {"startInfo": tree["startInfo"]}}
+            d_ret["%d.1" % i] = {rec["jid"]: {"endInfo": tree["endInfo"]}}
+        return True, d_ret
+
+    def search(self, meta, payload):
+        manager = self.server.manager
+        hits = self._hits(manager, meta)
+        if not hits:
+            return self._no_hit()
+        path = _get_str(meta, "path")
+        if path is None and any(k in meta for k in ("job", "when", "field")):
+            job = str(meta.get("job", "0"))
+            when = _get_str(meta, "when", "end")
+            if when not in ("start", "end"):
+                raise InvalidArgument("'when' must be 'start' or 'end'")
+            parts = [when, job, when + "Info", job]
+            field = _get_str(meta, "field")
+            if field:
+                parts.append(field)
+        else:
+            parts = [p for p in (path or "").split("/") if p]
+        d_ret = {}
+        for i, rec in enumerate(hits):
+            tree = job_tree(rec, manager)
+            try:
+                d_ret[str(i)] = {rec["jid"]: _walk(tree, parts, "/".join(parts))}
+            except HTTPError:
+                continue
+        if not d_ret:
+            return self._no_hit()
+        return True, d_ret
+
+    def get(self, meta, payload):
+        manager = self.server.manager
+        path = _get_str(meta, "path", required=True)
+        parts = [p for p in path.split("/") if p]
+        if not parts:
+            raise InvalidArgument("'path' must name a job, e.g. /<jid>/endInfo")
+        record = _record_by_name(manager, parts[0])
+        value = _walk(job_tree(record, manager), parts[1:], path)
+        return True, _wrap([record["jid"]] + parts[1:], value)
+
+    def hello(self, meta, payload):
+        manager = self.server.manager
+        ask = meta.get("askAbout", "timestamp")
+        asks = ask if isinstance(ask, list) else [ask]
+        d_ret = {}
+        for item in asks:
+            if item == "timestamp":
+                d_ret["timestamp"] = {"now": datetime.now().strftime("%Y%m%d%H%M%S.%f")}
+            elif item == "sysinfo":
+                d_ret["sysinfo"] = {
+                    "system": platform.system(), "machine": platform.machine(),
+                    "platform": platform.platform(), "version": platform.version(),
+                    "release": platform.release(), "cpucount": os.cpu_count(),
+                    "loadavg": list(os.getloadavg()), "hostname": socket.gethostname(),
+                    "python": platform.python_version(), "pman": __version__}
+            elif item == "echoBack":
+                text = meta.get("echoBack", "")
+                if not isinstance(text, str):
+                    raise InvalidArgument("'echoBack' must be a string")
+                d_ret["echoBack"] = {"msg": text}
+            else:
+                raise InvalidArgument("askAbout must be timestamp, sysinfo or echoBack, not %r"
+                                      % (item,))
+        return True, d_ret
+
+    def kill(self, meta, payload):
+        manager = self.server.manager
+        jid = meta.get("jid", meta.get("value"))
+        record = manager.kill(jid, meta.get("signal", "SIGTERM"),
+                              grace=_number_or_none(meta.get("grace"), "grace"))
+        return True, _job_object(record)
+
+    def delete(self, meta, payload):
+        manager = self.server.manager
+        jid = meta.get("value", meta.get("jid"))
+        manager.remove(jid, kill=True)
+        return True, {"action": "Delete Job", "job_id": jid,
+                      "status": "Job deleted successfully"}
+
+    def DBctl(self, meta, payload):
+        manager = self.server.manager
+        do = meta.get("do")
+        if do == "save":
+            manager.flush()
+            return True, {"saved": manager.counts()}
+        if do == "load":
+            return True, {"loaded": manager.reload()}
+        if do == "clear":
+            return True, {"cleared": manager.forget()}
+        raise InvalidArgument("DBctl needs do: save, load or clear, not %r" % (do,))
+
+    def quit(self, meta, payload):
+        manager = self.server.manager
+        manager.flush()
+        self.server.stop_soon()
+        return True, {}
+
+    ACTIONS = ("run", "status", "done", "info", "search", "get", "hello", "kill",
+               "delete", "DBctl", "quit")
+
+    def dispatch(self, body):
+        payload = body.get("payload", body)
+        if not isinstance(payload, dict):
+            raise InvalidArgument("'payload' must be a JSON object")
+        action = payload.get("action")
+        meta = payload.get("meta", {})
+        if not isinstance(meta, dict):
+            raise InvalidArgument("'meta' must be a JSON object")
+        if action not in self.ACTIONS:
+            raise InvalidArgument("unknown action %r: one of %s" % (action, ", ".join(self.ACTIONS)))
+        result = self.handlers[action](meta, payload)
+        ok, d_ret = result[0], result[1]
+        envelope = {"status": ok, "action": action, "meta": meta, "path": "/api/v1/cmd",
+                    "RESTverb": "POST", "d_ret": d_ret}
+        if len(result) > 2:
+            envelope.update(result[2])
+        return envelope
+
+
+def _number_or_none(value, name):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise InvalidArgument("%s must be a number, not %r" % (name, value)) from None
+    return _check_number(name, value)
+
+
+def _record_by_name(manager, name):
+    """A job by jid, or by ``_N`` (0-based submission index)."""
+    if name.startswith("_") and name[1:].isdigit():
+        return manager.nth(int(name[1:]))
+    return manager.get(check_jid(name))
+
+
+_RESOURCE_FIELDS = {"jid", "cmd", "entrypoint", "args", "auid", "env", "cwd", "timeout",
+                    "meta"} | set(PFCON_FIELDS)
+
+
+class _Routes:
+    """The route table: (method, regex, OpenAPI path, handler name, summary).
+    Handlers take (request, match, query, body) and return (status, obj)."""
+
+    TABLE = [
+        ("GET", r"/api/v1", "/api/v1/", "root", "List every jid (command dialect)"),
+        ("POST", r"/api/v1", "/api/v1/", "create", "Run a job (resource dialect); 201"),
+        ("GET", r"/api/v1/jobs", "/api/v1/jobs", "list_jobs",
+         "Paged job list: ?status=&auid=&meta.KEY=&limit=&after="),
+        ("GET", r"/api/v1/openapi\.json", "/api/v1/openapi.json", "openapi",
+         "This OpenAPI document"),
+        ("POST", r"/api/v1/cmd", "/api/v1/cmd/", "command",
+         "The original command dialect: payload.action"),
+        ("GET", r"/api/v1/(?P<jid>[^/]+)/logs", "/api/v1/{jid}/logs", "logs",
+         "Read a log stream: ?stream=stdout|stderr&offset=N&limit=M"),
+        ("POST", r"/api/v1/(?P<jid>[^/]+)/kill", "/api/v1/{jid}/kill", "kill",
+         "Signal a job, SIGKILL after grace; 202"),
+        ("GET", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", "get_job",
+         "A job object; ?wait=S long-polls until it ends"),
+        ("DELETE", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", "delete_job",
+         "Kill if running, forget, remove logs; 204"),
+        ("GET", r"/api/v1/(?P<jid>[^/]+)/(?P<tree>.+)", "/api/v1/{jid}/{path}", "walk",
+         "A value of the job tree (jid or _N), wrapped in its path"),
+    ]
+    COMPILED = [(m, re.compile(rx + "/?"), p, h, s) for m, rx, p, h, s in TABLE]
+
+    @classmethod
+    def openapi(cls):
+        paths = {}
+        for method, _, path, handler, summary in cls.TABLE:
+            op = {"summary": summary, "operationId": handler,
+                  "responses": {"default": {"description": "JSON object; errors are "
+                                            "{\"status\": false, \"message\": ...}"}}}
+            params = re.findall(r"\{(\w+)\}", path)
+            if params:
+                op["parameters"] = [{"name": p, "in": "path", "required": True,
+                                     "schema": {"type": "string"}} for p in params]
+            if method == "POST":
+                op["requestBody"] = {"required": True, "content": {
+                    "application/json": {"schema": {"type": "object"}}}}
+            paths.setdefault(path, {})[method.lower()] = op
+        return {"openapi": "3.0.3",
+                "info": {"title": "pman", "version": __version__,
+                         "description": "Process manager API: command and resource dialects"},
+                "paths": paths}
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """One connection.  Persistent (HTTP/1.1), TCP_NODELAY, each reply sent
+    in one write so a keep-alive client never waits on a delayed ACK."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "pman/" + __version__
+    def setup(self):
+        self.timeout = self.server.request_timeout
+        super().setup()
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self._listener = False
+
+    # -- replies -------------------------------------------------------------
+
+    def _reply(self, status, obj=None):
+        body = b"" if obj is None else json.dumps(obj).encode("utf-8")
+        reason = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else ""
+        head = ["HTTP/1.1 %d %s" % (status, reason),
+                "Server: " + self.server_version,
+                "Date: " + self.date_time_string()]
+        if status != 204:
+            head += ["Content-Type: application/json", "Content-Length: %d" % len(body)]
+        if self.close_connection:
+            head.append("Connection: close")
+        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        self.log_request(status, len(body))
+
+    def send_error(self, code, message=None, explain=None):
+        # http.server calls this for malformed requests: always the client's
+        # fault, so never a 5xx, and always JSON.
+        code = {501: 405, 505: 400}.get(code, code)
+        if code >= 500:
+            code = 400
+        self.close_connection = True
+        self._reply(code, {"status": False, "message": message or
+                           http.HTTPStatus(code).phrase})
+
+    def log_message(self, format, *args):
+        log.info("%s %s", self.address_string(), format % args)
+
+    # -- dispatch ------------------------------------------------------------
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def do_PATCH(self):
+        self._dispatch("PATCH")
+
+    def do_HEAD(self):
+        self.close_connection = True
+        self._dispatch("HEAD")
+
+    def do_OPTIONS(self):
+        self._dispatch("OPTIONS")
+
+    def _dispatch(self, method):
+        try:
+            status, obj = self._route(method)
+        except Exception as e:
+            status = _status_for(e)
+            if status == 500:
+                log.exception("internal error on %s %s", method, self.path.split("?")[0])
+                message = "internal error: %s" % type(e).__name__
+            else:
+                message = str(e)
+            obj = {"status": False, "message": message}
+            if getattr(e, "envelope", None):
+                obj = dict(e.envelope, **obj)
+        finally:
+            if self._listener:
+                self._listener = False
+                self.server.listeners.release()
+        try:
+            self._reply(status, obj)
+        except OSError:
+            self.close_connection = True
+
+    def release_listener(self):
+        """A long poll holds no listener while it waits."""
+        if self._listener:
+            self._listener = False
+            self.server.listeners.release()
+
+    def _check_access(self):
+        server = self.server
+        if server.loopback:
+            host = self.headers.get("Host")
+            if host is not None:
+                name = host.strip().lower()
+                name = name[1:name.find("]")] if name.startswith("[") else name.rsplit(":", 1)[0] \
+                    if name.count(":") == 1 else name
+                if name not in server.allowed_hosts:
+                    raise HTTPError(403, "forbidden Host header %r: this server answers "
+                                    "only to its loopback names" % host)
+        if server.token is not None:
+            given = self.headers.get("Authorization", "")
+            scheme, _, token = given.partition(" ")
+            ok = scheme.lower() == "bearer" and hmac.compare_digest(
+                token.strip().encode("latin-1", "replace"), server.token)
+            if not ok:
+                raise HTTPError(401, "missing or wrong bearer token")
+
+    def _read_body(self, method):
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise HTTPError(411, "chunked or encoded bodies are not supported: "
+                            "send Content-Length")
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1:
+            self.close_connection = True
+            raise HTTPError(400, "more than one Content-Length header")
+        if not lengths:
+            if method == "POST":
+                self.close_connection = True
+                raise HTTPError(411, "a POST needs a Content-Length header")
+            return None
+        text = lengths[0].strip()
+        if not text.isdigit() or not text.isascii():
+            self.close_connection = True
+            raise HTTPError(400, "invalid Content-Length %r" % lengths[0])
+        length = int(text)
+        if length > MAX_BODY:
+            self.close_connection = True
+            raise HTTPError(413, "body of %d bytes is over the limit of %d" % (length, MAX_BODY))
+        data = self.rfile.read(length) if length else b""
+        if len(data) < length:
+            self.close_connection = True
+            raise HTTPError(400, "body shorter than its Content-Length")
+        if method != "POST":
+            return None
+        try:
+            body = json.loads(data.decode("utf-8"))
+        except (ValueError, RecursionError) as e:
+            raise HTTPError(400, "invalid JSON body: %s" % (
+                "nested too deeply" if isinstance(e, RecursionError) else e)) from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, "the body must be a JSON object")
+        return body
+
+    def _route(self, method):
+        if not self.server.listeners.acquire(blocking=False):
+            raise HTTPError(503, "too many requests in progress: try again")
+        self._listener = True
+        self._check_access()
+        body = self._read_body(method)
+        parts = urllib.parse.urlsplit(self.path)
+        path = parts.path
+        try:
+            query = urllib.parse.parse_qs(parts.query, keep_blank_values=True,
+                                          strict_parsing=bool(parts.query), errors="strict")
+        except (ValueError, UnicodeDecodeError):
+            raise HTTPError(400, "malformed query string") from None
+        for key, values in query.items():
+            if len(values) > 1:
+                raise HTTPError(400, "query parameter %r given more than once" % key)
+        query = {k: v[0] for k, v in query.items()}
+        allowed = []
+        for route_method, regex, _, handler, _ in _Routes.COMPILED:
+            match = regex.fullmatch(path)
+            if match is None:
+                continue
+            if route_method != method:
+                allowed.append(route_method)
+                continue
+            groups = {}
+            for key, value in match.groupdict().items():
+                try:
+                    groups[key] = urllib.parse.unquote(value, errors="strict")
+                except UnicodeDecodeError:
+                    raise HTTPError(400, "invalid percent-encoding in path") from None
+            return getattr(self, "route_" + handler)(groups, query, body)
+        if allowed:
+            raise HTTPError(405, "%s is not allowed here; use %s" % (method, ", ".join(allowed)))
+        raise HTTPError(404, "no such route: %s" % path[:200])
+
+    @staticmethod
+    def _only(query, *names):
+        extra = set(query) - set(names)
+        if extra:
+            raise HTTPError(400, "unknown query parameter(s): %s" % ", ".join(sorted(extra)))
+
+    @property
+    def manager(self):
+        return self.server.manager
+
+    # -- routes --------------------------------------------------------------
+
+    def route_root(self, groups, query, body):
+        self._only(query)
+        return 200, {"status": True, "path": "/api/v1",
+                     "GET": {jid: {} for jid in self.manager.jids()},
+                     "server_version": __version__,
+                     "container_env": self.server.container_env}
+
+    def route_create(self, groups, query, body):
+        self._only(query)
+        unknown = set(body) - _RESOURCE_FIELDS
+        if unknown:
+            raise InvalidArgument("unknown field(s): %s" % ", ".join(sorted(unknown)))
+        cmd = body.get("cmd")
+        if cmd is not None and "entrypoint" in body:
+            raise InvalidArgument("give either 'cmd' or 'entrypoint' + 'args', not both")
+        if cmd is None:
+            entry, args = body.get("entrypoint"), body.get("args", [])
+            for name, value in (("entrypoint", entry), ("args", args)):
+                if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+                    raise InvalidArgument("%r must be a list of strings (or give 'cmd')" % name)
+            cmd = entry + args
+        elif not isinstance(cmd, str):
+            raise InvalidArgument("'cmd' must be a string")
+        extras = {k: body[k] for k in PFCON_FIELDS if k in body}
+        record = self.manager.run(
+            cmd, jid=body.get("jid"), auid=_get_str(body, "auid", ""), meta=body.get("meta"),
+            env=body.get("env"), cwd=body.get("cwd"),
+            timeout=_number_or_none(body.get("timeout"), "timeout"), extras=extras)
+        return 201, _job_object(record)
+
+    def route_list_jobs(self, groups, query, body):
+        meta = {k[5:]: v for k, v in query.items() if k.startswith("meta.")}
+        self._only({k: v for k, v in query.items() if not k.startswith("meta.")},
+                   "status", "auid", "limit", "after")
+        limit = query.get("limit", str(PAGE_SIZE))
+        if not limit.isdigit() or not 0 < int(limit) <= MAX_PAGE:
+            raise HTTPError(400, "limit must be an integer from 1 to %d" % MAX_PAGE)
+        limit = int(limit)
+        status = query["status"].split(",") if query.get("status") else None
+        after = query.get("after") or None
+        if after is not None:
+            check_jid(after)
+        found = self.manager.jobs(status=status, auid=query.get("auid"), meta=meta or None,
+                                  limit=limit + 1, after=after)
+        more = len(found) > limit
+        found = found[:limit]
+        return 200, {"jobs": [_job_object(r) for r in found],
+                     "next": found[-1]["jid"] if more else None}
+
+    def route_openapi(self, groups, query, body):
+        self._only(query)
+        return 200, _Routes.openapi()
+
+    def route_command(self, groups, query, body):
+        self._only(query)
+        try:
+            return 200, self.server.commands.dispatch(body)
+        except PmanError as e:
+            payload = body.get("payload", body) if isinstance(body.get("payload", body), dict) else {}
+            e.envelope = {"action": payload.get("action"), "path": "/api/v1/cmd",
+                          "RESTverb": "POST"}
+            raise
+
+    def route_logs(self, groups, query, body):
+        self._only(query, "stream", "offset", "limit")
+        ints = {}
+        for name in ("offset", "limit"):
+            if name in query:
+                if not query[name].isdigit():
+                    raise HTTPError(400, "%s must be a non-negative integer" % name)
+                ints[name] = int(query[name])
+        chunk = self.manager.read_log(check_jid(groups["jid"]), query.get("stream", "stdout"),
+                                      offset=ints.get("offset", 0), limit=ints.get("limit"))
+        chunk["data"] = chunk["data"].decode("utf-8", "replace")
+        return 200, chunk
+
+    def route_kill(self, groups, query, body):
+        self._only(query)
+        unknown = set(body) - {"signal", "grace"}
+        if unknown:
+            raise InvalidArgument("unknown field(s): %s" % ", ".join(sorted(unknown)))
+        record = self.manager.kill(check_jid(groups["jid"]), body.get("signal", "SIGTERM"),
+                                   grace=_number_or_none(body.get("grace"), "grace"))
+        return 202, _job_object(record)
+
+    def route_get_job(self, groups, query, body):
+        self._only(query, "wait")
+        name = groups["jid"]
+        if name.startswith("_"):
+            return self.route_walk({"jid": name, "tree": ""}, query, body)
+        jid = check_jid(name)
+        if "wait" in query:
+            try:
+                wait = min(float(query["wait"]), MAX_WAIT)
+            except ValueError:
+                raise HTTPError(400, "wait must be a number of seconds") from None
+            if not wait >= 0:
+                raise HTTPError(400, "wait must be a number of seconds")
+            self.release_listener()
+            try:
+                self.manager.wait(jid, timeout=wait)
+            except Timeout:
+                pass
+        return 200, _job_object(self.manager.get(jid, with_logs=True))
+
+    def route_delete_job(self, groups, query, body):
+        self._only(query)
+        self.manager.remove(check_jid(groups["jid"]), kill=True)
+        return 204, None
+
+    def route_walk(self, groups, query, body):
+        self._only(query)
+        record = _record_by_name(self.manager, groups["jid"])
+        parts = [p for p in groups["tree"].split("/") if p]
+        value = _walk(job_tree(record, self.manager), parts, "/".join(parts))
+        path = "/api/v1/" + "/".join([groups["jid"]] + parts)
+        return 200, {"status": True, "path": path,
+                     "GET": _wrap([record["jid"]] + parts, value)}
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    """A thread per connection (idle ones bounded by a socket timeout);
+    `listeners` caps the requests processed at once."""
+
+    daemon_threads = True
+    request_queue_size = 1024   # socketserver's 5 drops SYNs under a burst
+    allow_reuse_address = True
+
+    def stop_soon(self):
+        threading.Thread(target=self.shutdown, name="pman-http-stop", daemon=True).start()
+
+
+def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
+                listeners=DEFAULT_LISTENERS, insecure_no_token=False,
+                request_timeout=REQUEST_TIMEOUT):
+    """An HTTP server for *manager*, bound but not yet serving: call its
+    ``serve_forever()`` (in a thread if you like) and ``shutdown()``.
+
+    A non-loopback *host* needs a *token* (clients send ``Authorization:
+    Bearer <token>``) unless ``insecure_no_token=True``.  While bound to
+    loopback, requests naming a foreign Host are refused (403)."""
+    if token is not None:
+        if not isinstance(token, str) or not token or not token.isascii():
+            raise InvalidArgument("the token must be a non-empty ASCII string")
+    loopback = _is_loopback(host)
+    if not loopback and token is None and not insecure_no_token:
+        raise PmanError("refusing to serve on non-loopback address %s without a token: "
+                        "give --token/--token-file (or PMAN_TOKEN), or --insecure-no-token "
+                        "to serve anyway" % host)
+    if isinstance(listeners, bool) or not isinstance(listeners, int) or listeners < 1:
+        raise InvalidArgument("listeners must be a positive integer")
+    server_cls = _Server
+    if ":" in host:
+        server_cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+    server = server_cls((host.strip("[]"), port), _Handler)
+    server.manager = manager
+    server.token = None if token is None else token.encode("ascii")
+    server.loopback = loopback
+    server.allowed_hosts = {"localhost", "127.0.0.1", "::1", host.strip("[]").lower()}
+    server.listeners = threading.BoundedSemaphore(listeners)
+    server.request_timeout = request_timeout
+    server.container_env = "local"
+    server.commands = _CommandDialect(server)
+    return server
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def _parser():
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="pman", description="Serve a pman job manager over HTTP (both the original "
+        "command dialect and the resource dialect under /api/v1).")
+    p.add_argument("--http", action="store_true",
+                   help="serve HTTP (the default; accepted for old start scripts)")
+    p.add_argument("--ip", "--host", dest="host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5010, help="port (default 5010; 0 picks one)")
+    p.add_argument("--state-dir", "--DBpath", dest="state_dir", default=None,
+                   help="state directory (default $PMAN_STATE_DIR, $XDG_STATE_HOME/pman "
+                   "or ~/.local/state/pman)")
+    p.add_argument("--max-running", type=int, default=None,
+                   help="run at most N jobs at once; queue the rest")
+    p.add_argument("--grace", type=float, default=DEFAULT_GRACE,
+                   help="seconds from a kill's signal to SIGKILL (default 5)")
+    p.add_argument("--log-limit", type=int, default=None,
+                   help="kill a job whose stdout or stderr passes N bytes")
+    p.add_argument("--keep-finished", type=int, default=None,
+                   help="forget the oldest finished jobs past N")
+    p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' "
+                   "(or set PMAN_TOKEN; prefer --token-file: argv is visible to other users)")
+    p.add_argument("--token-file", default=None, help="read the token from this file")
+    p.add_argument("--insecure-no-token", action="store_true",
+                   help="allow a non-loopback address without a token")
+    p.add_argument("--listeners", type=int, default=DEFAULT_LISTENERS,
+                   help="requests processed at once; past it, 503 (default 64)")
+    p.add_argument("--kill-on-exit", action="store_true",
+                   help="kill running jobs when the server stops (default: they keep "
+                   "running and the next start re-adopts them)")
+    p.add_argument("--raw", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--rawmode", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log more (-v: requests, -vv: debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="log only errors")
+    p.add_argument("--log-file", default=None, help="log to this file instead of stderr")
+    p.add_argument("--version", action="version", version="pman " + __version__)
+    return p
 
 
 def main(argv=None):
-    raise NotImplementedError
+    """``pman [--http] [--port 5010] ...``: serve until SIGTERM/SIGINT or
+    the ``quit`` action; state is flushed on the way out."""
+    args = _parser().parse_args(argv)
+    level = logging.ERROR if args.quiet else (
+        logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose + 1, 2)]
+    logging.basicConfig(level=level, filename=args.log_file,
+                        format="%(asctime)s pman %(levelname)s %(message)s")
+    token = args.token or os.environ.get("PMAN_TOKEN") or None
+    try:
+        if args.token_file:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        manager = JobManager(args.state_dir, max_running=args.max_running, grace=args.grace,
+                             log_limit=args.log_limit, keep_finished=args.keep_finished)
+    except (PmanError, OSError) as e:
+        print("pman: %s" % e, file=sys.stderr)
+        return 2
+    try:
+        server = make_server(manager, args.host, args.port, token=token,
+                             listeners=args.listeners,
+                             insecure_no_token=args.insecure_no_token)
+    except (PmanError, OSError) as e:
+        manager.close()
+        print("pman: %s" % e, file=sys.stderr)
+        return 2
+
+    def stop(signum, frame):
+        log.warning("pman: %s received, stopping", signal_name(signum))
+        server.stop_soon()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    host, port = server.server_address[:2]
+    log.warning("pman %s serving http://%s:%d/api/v1/ (state: %s)",
+                __version__, host if ":" not in host else "[%s]" % host, port, manager.state_dir)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        manager.close(kill=args.kill_on_exit)
+    log.warning("pman stopped; state flushed to %s", manager.state_dir)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
