@@ -111,6 +111,7 @@ COMPACT_EVERY = 20000       # journal lines between compactions
 FLUSH_DELAY = 0.2           # how soon the reaper makes job endings durable
 LOG_CHECK_EVERY = 0.5       # how often running jobs' logs are measured
 POLL_INTERVAL = 0.01        # the reaper's poll period where pidfds are missing
+RESEND_WINDOW, RESEND_DELAY = 0.5, 0.05   # see JobManager._signal
 _MISSING = object()
 TAIL_LINES, TAIL_BYTES = 1000, 65536
 
@@ -278,12 +279,12 @@ class _Job:
     JSON line (a str): compact, and already serialized for the journal.
     All access MUST hold the manager's lock."""
 
-    __slots__ = _FIELDS + ("popen", "pidfd", "deadline", "escalate_at", "adopted")
+    __slots__ = _FIELDS + ("popen", "pidfd", "spawned_at", "escalate_at", "adopted")
 
     def __init__(self, **fields):
         for name in _FIELDS:
             setattr(self, name, fields.get(name))
-        self.popen = self.pidfd = self.deadline = self.escalate_at = None
+        self.popen = self.pidfd = self.spawned_at = self.escalate_at = None
         self.adopted = False
 
     def line(self):
@@ -431,10 +432,10 @@ class _Store:
                 continue
             with open(path, "rb") as f:
                 data = f.read()
-            lines, bad = self._split(data)
             if data and not data.endswith(b"\n"):
-                lines.pop()                     # torn tail: never acknowledged
+                data = data[:data.rfind(b"\n") + 1]   # torn tail: never acknowledged
                 damaged = True
+            lines, bad = self._split(data)
             for line in lines:
                 m = _LINE_RE.match(line)
                 if m and line.endswith("}"):
@@ -745,6 +746,7 @@ class JobManager:
         if self._selector:
             self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._finished = 0
+        self._end_order = collections.deque()   # (jid, line) in order of ending
         # Replay: finished jobs stay lines; the active ones become _Jobs.
         for jid, line in lines.items():
             status = _LINE_RE.match(line).group(2)
@@ -753,6 +755,7 @@ class JobManager:
                 self._jobs[jid] = _Job(**fields)
             else:
                 self._finished += 1
+                self._end_order.append((jid, line))
         self._store.open_journal(self._store.generation + 1 if replayed else
                                  self._store.generation)
         with self._lock:
@@ -904,7 +907,8 @@ class JobManager:
             if old is not None:
                 del self._jobs[jid]         # re-run: replaces, moves to the end
                 self._finished -= 1
-                self._unlink(jid, (".rc",))
+                self._unlink(jid)           # no output of the old run may show
+
             job = _Job(jid=jid, status=NOTSTARTED, seq=self._next_seq,
                        message="queued: waiting for a free slot", cmd=display,
                        argv=argv, auid=auid, meta=meta, env=env, cwd=cwd,
@@ -1068,9 +1072,8 @@ class JobManager:
         Returns the number forgotten."""
         _check_number("keep", keep, False)
         with self._lock:
-            doomed = self._oldest_finished(self._finished - keep)
-        self._forget(doomed)
-        return len(doomed)
+            count = self._finished - keep
+        return self._forget(oldest=count) if count > 0 else 0
 
     def flush(self):
         """Make every change so far durable, and compact the journal."""
@@ -1133,13 +1136,18 @@ class JobManager:
         settle any running job whose process is gone.  Running and queued
         jobs are untouched.  Returns `counts()`."""
         self.flush()
-        with self._lock:
-            store = _Store(self._path, strict=True)
-            store.generation = self._store.generation
-            disk, _, _ = store.load()
+        with self._compact_lock, self._lock:
+            disk, _, _ = _Store(self._path, strict=True).load()
+            replaced = {}
             for jid, line in disk.items():
-                if isinstance(self._jobs.get(jid), str):
+                old = self._jobs.get(jid)
+                if isinstance(old, str) and old != line:
                     self._jobs[jid] = line
+                    replaced[jid] = old
+            if replaced:
+                self._end_order = collections.deque(
+                    (jid, self._jobs[jid] if replaced.get(jid) is line else line)
+                    for jid, line in self._end_order)
             for job in list(self._running.values()):
                 self._collect_safely(job)
         return self.counts()
@@ -1196,8 +1204,11 @@ class JobManager:
         """Journal the job's current state.  Caller holds self._lock."""
         self._store.append(job.line())
 
-    def _forget(self, jids):
+    def _forget(self, jids=(), *, oldest=0):
+        """Forget finished *jids*, or the *oldest* finished jobs."""
         with self._lock:
+            if oldest > 0:
+                jids = self._oldest_finished(oldest)
             gone = []
             for jid in jids:
                 entry = self._jobs.get(jid)
@@ -1208,22 +1219,24 @@ class JobManager:
                 elif entry is None:
                     raise JobNotFound(jid)
             if not gone:
-                return
+                return 0
             self._store.append(json.dumps({"forget": gone}))
             ticket = self._ticket
         self._store.sync(ticket)
         for jid in gone:
             self._unlink(jid)
+        return len(gone)
 
     def _oldest_finished(self, count):
-        """Caller holds self._lock."""
+        """The *count* jobs that finished first (by end, not submission, so
+        a job that just ended is never the next forgotten).  Caller holds
+        self._lock."""
         doomed = []
-        if count > 0:
-            for jid, entry in self._jobs.items():
-                if isinstance(entry, str):
-                    doomed.append(jid)
-                    if len(doomed) >= count:
-                        break
+        order = self._end_order
+        while order and len(doomed) < count:
+            jid, line = order.popleft()
+            if self._jobs.get(jid) is line:     # else re-run or forgotten since
+                doomed.append(jid)
         return doomed
 
     # -- internals: process lifecycle -----------------------------------------
@@ -1267,6 +1280,7 @@ class JobManager:
                 if fd is not None:
                     os.close(fd)
         job.popen = popen
+        job.spawned_at = _time()
         job.pid = popen.pid
         job.ident = _identity(popen.pid)
         job.status = STARTED
@@ -1318,6 +1332,11 @@ class JobManager:
         if sig != signal.SIGKILL:
             job.escalate_at = _time() + grace
             self._timer(grace, "escalate", job.jid)
+            if job.spawned_at is not None and _time() - job.spawned_at < RESEND_WINDOW:
+                # The wrapper's subshell inherits its TERM handler for an
+                # instant after the fork; a signal landing then is caught
+                # and lost.  Once that instant is over, say it again.
+                self._timer(RESEND_DELAY, "resend", job.jid)
 
     def _cancel(self, job, message):
         """Caller holds self._lock."""
@@ -1343,6 +1362,10 @@ class JobManager:
         line = job.line()
         self._jobs[job.jid] = line
         self._finished += 1
+        self._end_order.append((job.jid, line))
+        if len(self._end_order) > 2 * self._finished + 1000:    # drop stale pairs
+            self._end_order = collections.deque(
+                p for p in self._end_order if self._jobs.get(p[0]) is p[1])
         self._store.append(line)
         self._ended.append(job.jid)
         if job.pid:
@@ -1467,10 +1490,9 @@ class JobManager:
                 if job is not None:
                     self._fire(job, kind)
             self._start_queued()
-            if self.keep_finished is not None and self._finished > self.keep_finished:
-                doomed = self._oldest_finished(self._finished - self.keep_finished)
-            else:
-                doomed = []
+            doomed = 0
+            if self.keep_finished is not None:
+                doomed = self._finished - self.keep_finished
             flush = self._flush_due is not None and self._flush_due <= now
             if flush:
                 self._flush_due = None
@@ -1479,8 +1501,8 @@ class JobManager:
                 callbacks = [self._public(_record(self._jobs[jid]))
                              for jid in self._ended if jid in self._jobs]
             self._ended = []
-        if doomed:
-            self._forget(doomed)
+        if doomed > 0:
+            self._forget(oldest=doomed)
         if flush:
             self._store.sync()
             with self._lock:    # only if the jid was not run again meanwhile
@@ -1498,6 +1520,12 @@ class JobManager:
         """Caller holds self._lock."""
         if kind == "timeout":
             self._signal(job, signal.SIGTERM, "timed out after %g s" % job.timeout, self.grace)
+        elif kind == "resend":
+            if job.kill_signal and job.kill_signal != signal.SIGKILL and job.popen is not None:
+                try:
+                    os.killpg(job.pid, job.kill_signal)
+                except ProcessLookupError:
+                    pass
         elif kind == "escalate":
             if job.escalate_at is not None and _time() >= job.escalate_at - 0.001:
                 job.escalate_at = None
@@ -1802,16 +1830,23 @@ class _CommandDialect:
                                       % (item,))
         return True, d_ret
 
+    @staticmethod
+    def _jid(meta):
+        jid = meta.get("jid", meta.get("value"))
+        if not isinstance(jid, str):
+            raise InvalidArgument("'jid' (or 'value') is required, a string")
+        return check_jid(jid)
+
     def kill(self, meta, payload):
         manager = self.server.manager
-        jid = meta.get("jid", meta.get("value"))
+        jid = self._jid(meta)
         record = manager.kill(jid, meta.get("signal", "SIGTERM"),
                               grace=_number_or_none(meta.get("grace"), "grace"))
         return True, _job_object(record)
 
     def delete(self, meta, payload):
         manager = self.server.manager
-        jid = meta.get("value", meta.get("jid"))
+        jid = self._jid(meta)
         manager.remove(jid, kill=True)
         return True, {"action": "Delete Job", "job_id": jid,
                       "status": "Job deleted successfully"}
@@ -1993,9 +2028,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._dispatch("OPTIONS")
 
     def _dispatch(self, method):
+        self._body_done = False
         try:
             status, obj = self._route(method)
         except Exception as e:
+            if not self._body_done and (self.headers.get("Transfer-Encoding") or
+                                        self.headers.get("Content-Length", "0") != "0"):
+                self.close_connection = True    # an unread body would garble the next request
             status = _status_for(e)
             if status == 500:
                 log.exception("internal error on %s %s", method, self.path.split("?")[0])
@@ -2026,8 +2065,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             host = self.headers.get("Host")
             if host is not None:
                 name = host.strip().lower()
-                name = name[1:name.find("]")] if name.startswith("[") else name.rsplit(":", 1)[0] \
-                    if name.count(":") == 1 else name
+                if name.startswith("["):            # [::1]:5010
+                    name = name[1:name.find("]")]
+                elif name.count(":") == 1:          # localhost:5010
+                    name = name.split(":")[0]
                 if name not in server.allowed_hosts:
                     raise HTTPError(403, "forbidden Host header %r: this server answers "
                                     "only to its loopback names" % host)
@@ -2052,6 +2093,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if method == "POST":
                 self.close_connection = True
                 raise HTTPError(411, "a POST needs a Content-Length header")
+            self._body_done = True
             return None
         text = lengths[0].strip()
         if not text.isdigit() or not text.isascii():
@@ -2062,6 +2104,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise HTTPError(413, "body of %d bytes is over the limit of %d" % (length, MAX_BODY))
         data = self.rfile.read(length) if length else b""
+        self._body_done = True
         if len(data) < length:
             self.close_connection = True
             raise HTTPError(400, "body shorter than its Content-Length")
@@ -2183,8 +2226,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return 200, self.server.commands.dispatch(body)
         except PmanError as e:
             payload = body.get("payload", body) if isinstance(body.get("payload", body), dict) else {}
-            e.envelope = {"action": payload.get("action"), "path": "/api/v1/cmd",
-                          "RESTverb": "POST"}
+            e.envelope = {"action": payload.get("action"), "meta": payload.get("meta"),
+                          "path": "/api/v1/cmd", "RESTverb": "POST"}
             raise
 
     def route_logs(self, groups, query, body):
