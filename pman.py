@@ -51,7 +51,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "JobManager", "PmanError", "JobNotFound", "JobConflict", "InvalidArgument",
-    "StateLocked", "StateCorrupt", "Timeout", "STATUSES", "make_server", "main",
+    "StateLocked", "StateCorrupt", "Timeout", "BackendUnavailable", "SubmitRejected",
+    "LocalBackend", "SlurmBackend", "STATUSES", "make_server", "main",
 ]
 # Not exported: the persistence (_Store), process (_spawn...) and HTTP handler
 # internals, which may change between versions.
@@ -61,6 +62,7 @@ import collections
 import errno
 import fcntl
 import heapq
+import math
 import hmac
 import http
 import http.server
@@ -270,7 +272,7 @@ def _check_env(env):
 # first so that a loader can index a line without parsing it (_LINE_RE).
 _FIELDS = ("jid", "status", "seq", "message", "returncode", "pid", "cmd", "argv",
            "auid", "meta", "env", "cwd", "timeout", "extras", "submitted",
-           "started", "ended", "ident", "kill_signal", "kill_reason")
+           "started", "ended", "ident", "kill_signal", "kill_reason", "backend_id")
 _LINE_RE = re.compile(r'\{"jid": "([A-Za-z0-9._-]+)", "status": "(\w+)", "seq": (\d+),')
 
 
@@ -629,6 +631,418 @@ def _read_rc(path):
         return None
 
 
+def _wrapped_argv(job, rc_path):
+    """The wrapper shell's argv for *job*: the command travels as data."""
+    if job.argv is not None:
+        return ["/bin/sh", "-c", _WRAP_ARGV, "pman-job", rc_path] + job.argv
+    return ["/bin/sh", "-c", _WRAP_SHELL, "pman-job", rc_path, job.cmd]
+
+
+_Exit = collections.namedtuple("_Exit", "code status message")
+_Exit.__new__.__defaults__ = (None, None)   # status, message: derived from code
+
+
+class BackendUnavailable(PmanError):
+    """The backend cannot take jobs now (no ``sbatch``, the controller does
+    not answer...).  The HTTP layer answers 503."""
+
+
+class SubmitRejected(PmanError):
+    """The backend refused this job; the message is the backend's own."""
+
+
+class _Waker:
+    """A self-pipe to interrupt a backend's wait."""
+
+    def __init__(self):
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def wake(self):
+        try:
+            os.write(self.w, b"x")
+        except BlockingIOError:
+            pass
+
+    def sleep(self, timeout):
+        """Sleep up to *timeout* s (None: forever) or until woken."""
+        if select.select([self.r], [], [], timeout)[0]:
+            _drain(self.r)
+
+    def close(self):
+        os.close(self.r)
+        os.close(self.w)
+
+
+class LocalBackend:
+    """Jobs as process groups on this machine (the default backend).
+
+    The backend seam, which `SlurmBackend` implements too.  All methods but
+    `wait` and `close` are called with the manager's lock held:
+
+    - ``open(log_dir, log_path)``: bind to a manager's state;
+    - ``start(job, env)``: launch *job* (``env``: the merged environment, or
+      None for the manager's own); set ``pid``/``backend_id`` and ``message``
+      and return the new status (STARTED, or NOTSTARTED while the backend
+      queues it).  Raise OSError (or SubmitRejected, BackendUnavailable) if
+      it cannot start;
+    - ``watch(job)`` / ``unwatch(job)``: begin / end tracking a job;
+    - ``wait(timeout)``: block until a watched job may have changed, or
+      ``wake()``; return the jobs to ``check``;
+    - ``check(job)``: None if nothing changed, "started" when a queued job
+      starts, "changed" for another change worth saving, or an ``_Exit``
+      once the job has ended;
+    - ``signal(job, sig)``: deliver *sig*; False if the job is already gone;
+    - ``recover(job)``: after a restart: True (still running: watch it) or
+      an ``_Exit``;
+    - ``wake()``, ``close()``.
+    """
+
+    name = "local"
+    resend_window = RESEND_WINDOW   # see JobManager._signal
+
+    def __init__(self):
+        self.log_dir = None
+
+    def open(self, log_dir, log_path):
+        self.log_dir, self.log_path = log_dir, log_path
+        self._waker = _Waker()
+        self._watched = {}          # jid -> job; the reaper polls these without pidfds
+        self._selector = selectors.DefaultSelector() if _HAVE_PIDFD else None
+        if self._selector is not None:
+            self._selector.register(self._waker.r, selectors.EVENT_READ, None)
+
+    def _rc_path(self, job):
+        return os.path.join(self.log_dir, job.jid + ".rc")
+
+    def start(self, job, env):
+        if job.cwd is not None and not os.path.isdir(job.cwd):
+            raise FileNotFoundError(errno.ENOENT, "no such directory (cwd)", job.cwd)
+        if job.argv is not None:
+            exe = job.argv[0]
+            if "/" in exe:
+                found = os.path.join(job.cwd or "", exe)
+                found = found if os.access(found, os.X_OK) and not os.path.isdir(found) else None
+            else:
+                found = shutil.which(exe, path=(env or os.environ).get("PATH", os.defpath))
+            if found is None:
+                raise FileNotFoundError(errno.ENOENT, "no such executable", exe)
+        stdout = stderr = None
+        try:
+            stdout = _open_log(self.log_path(job.jid, "stdout"))
+            stderr = _open_log(self.log_path(job.jid, "stderr"))
+            popen = subprocess.Popen(_wrapped_argv(job, self._rc_path(job)),
+                                     stdin=subprocess.DEVNULL, stdout=stdout,
+                                     stderr=stderr, cwd=job.cwd, env=env,
+                                     start_new_session=True)
+        finally:
+            for fd in (stdout, stderr):
+                if fd is not None:
+                    os.close(fd)
+        job.popen = popen
+        job.spawned_at = _time()
+        job.pid = popen.pid
+        job.ident = _identity(popen.pid)
+        job.message = "running (pid %d)" % popen.pid
+        return STARTED
+
+    def watch(self, job):
+        self._watched[job.jid] = job
+        if self._selector is not None:
+            job.pidfd = _pidfd(job.pid)
+            if job.pidfd is not None:
+                self._selector.register(job.pidfd, selectors.EVENT_READ, job)
+
+    def unwatch(self, job):
+        self._watched.pop(job.jid, None)
+        if job.pidfd is not None:
+            if self._selector is not None:
+                self._selector.unregister(job.pidfd)
+            os.close(job.pidfd)
+            job.pidfd = None
+        job.popen = None
+
+    def wait(self, timeout):
+        if self._selector is None:      # no pidfds: poll every job, 10 ms apart
+            self._waker.sleep(POLL_INTERVAL if timeout is None else min(POLL_INTERVAL, timeout))
+            return list(self._watched.values())
+        jobs = []
+        for key, _ in self._selector.select(timeout):
+            if key.data is None:
+                _drain(self._waker.r)
+            else:
+                jobs.append(key.data)
+        return jobs
+
+    def check(self, job):
+        if job.popen is not None:
+            code = job.popen.poll()
+            return None if code is None else _Exit(code)
+        if _is_alive(job):
+            return None
+        code = _read_rc(self._rc_path(job))
+        try:    # our own child, from an earlier manager in this process
+            pid, status = os.waitpid(job.pid, os.WNOHANG)
+            if pid and code is None:
+                code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            pass
+        return _Exit(code)
+
+    def signal(self, job, sig):
+        if job.popen is None and not _is_alive(job):
+            return False        # re-adopted and gone: never signal a stranger
+        try:
+            os.killpg(job.pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def recover(self, job):
+        if job.pid and _is_alive(job):
+            return True
+        return _Exit(_read_rc(self._rc_path(job)))
+
+    def wake(self):
+        self._waker.wake()
+
+    def close(self):
+        for job in list(self._watched.values()):
+            if job.pidfd is not None:
+                os.close(job.pidfd)
+                job.pidfd = None
+            job.popen = None        # still our child: subprocess reaps it later
+        if self._selector is not None:
+            self._selector.close()
+        self._waker.close()
+
+
+# SLURM job states -> pman statuses (the rest of the terminal states: error).
+_SLURM_PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD",
+                  "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED", "STOPPED"}
+_SLURM_RUNNING = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING"}
+_SLURM_ERROR = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
+                "BOOT_FAIL", "DEADLINE", "PREEMPTED", "REVOKED", "SPECIAL_EXIT"}
+
+
+class SlurmBackend:
+    """Jobs as SLURM batch jobs, driven through ``sbatch``, ``squeue``,
+    ``sacct`` and ``scancel``.  The submit host needs SLURM's client
+    commands; the state directory (logs) must be on a file system the
+    compute nodes share.  One ``squeue`` call polls every active job; the
+    poll interval adapts (``MIN_POLL`` after a change, up to ``MAX_POLL``
+    when idle).  Timeouts are enforced by pman; ``--time`` is a backstop."""
+
+    name = "slurm"
+    resend_window = 0.0
+    MIN_POLL, MAX_POLL = 0.2, 5.0
+    COMMAND_TIMEOUT = 30.0
+
+    def __init__(self, partition=None, sbatch_args=()):
+        if isinstance(sbatch_args, str):
+            sbatch_args = shlex.split(sbatch_args)
+        self.partition = partition
+        self.sbatch_args = list(sbatch_args)
+        self.log_dir = None
+        self.calls = collections.Counter()   # scheduler commands run, by name
+
+    def open(self, log_dir, log_path):
+        self.log_dir, self.log_path = log_dir, log_path
+        self._waker = _Waker()
+        self._watched = {}              # jid -> job
+        self._states = {}               # backend_id -> (state, reason, code, signal)
+        self._interval = self.MIN_POLL
+        for tool in ("sbatch", "squeue", "scancel"):
+            if shutil.which(tool) is None:
+                raise BackendUnavailable("the slurm backend needs %r on PATH, and it is "
+                                         "missing: install SLURM's client commands" % tool)
+
+    def _run(self, argv, check=True):
+        self.calls[argv[0]] += 1
+        try:
+            out = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                 text=True, timeout=self.COMMAND_TIMEOUT)
+        except FileNotFoundError:
+            raise BackendUnavailable("%s is not installed" % argv[0]) from None
+        except subprocess.TimeoutExpired:
+            raise BackendUnavailable("%s did not answer within %g s: is slurmctld up?"
+                                     % (argv[0], self.COMMAND_TIMEOUT)) from None
+        if check and out.returncode != 0:
+            message = (out.stderr or out.stdout).strip() or "exit status %d" % out.returncode
+            if any(s in message for s in ("Unable to contact", "Socket timed out",
+                                          "Connection refused", "Zero Bytes")):
+                raise BackendUnavailable("%s: %s" % (argv[0], message))
+            raise SubmitRejected("%s: %s" % (argv[0], message))
+        return out
+
+    def start(self, job, env):
+        if job.cwd is not None and not os.path.isdir(job.cwd):
+            raise FileNotFoundError(errno.ENOENT, "no such directory (cwd)", job.cwd)
+        argv = ["sbatch", "--parsable", "-J", job.jid,
+                "-o", self.log_path(job.jid, "stdout"), "-e", self.log_path(job.jid, "stderr")]
+        if job.cwd is not None:
+            argv += ["--chdir", job.cwd]
+        if self.partition:
+            argv += ["--partition", self.partition]
+        extras = job.extras or {}
+        cpu, mem = extras.get("cpu_limit"), extras.get("memory_limit")
+        if isinstance(cpu, (int, float)) and not isinstance(cpu, bool) and cpu > 0:
+            argv.append("--cpus-per-task=%d" % math.ceil(cpu / 1000))
+        if isinstance(mem, (int, float)) and not isinstance(mem, bool) and mem > 0:
+            argv.append("--mem=%dM" % math.ceil(mem))
+        if job.timeout is not None:     # a backstop: pman kills at the timeout itself
+            argv.append("--time=%d" % (math.ceil(job.timeout / 60) + 1))
+        if env:
+            # --export splits on commas: values travel in a NUL-separated file.
+            path = os.path.join(self.log_dir, job.jid + ".env")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("".join("%s=%s\0" % kv for kv in env.items()))
+            argv.append("--export-file=" + path)
+        argv += self.sbatch_args
+        argv += ["--wrap", job.cmd if job.argv is None else shlex.join(job.argv)]
+        out = self._run(argv)
+        job_id = out.stdout.strip().split(";")[0]
+        if not job_id.isdigit():
+            raise SubmitRejected("sbatch printed no job id: %r" % out.stdout[:200])
+        job.backend_id = job_id
+        job.message = "submitted to SLURM as job %s" % job_id
+        self._interval = self.MIN_POLL
+        return NOTSTARTED
+
+    def watch(self, job):
+        self._watched[job.jid] = job
+        self._interval = self.MIN_POLL
+        self.wake()
+
+    def unwatch(self, job):
+        self._watched.pop(job.jid, None)
+        self._states.pop(job.backend_id, None)
+        try:
+            os.unlink(os.path.join(self.log_dir, job.jid + ".env"))
+        except FileNotFoundError:
+            pass
+
+    def poll(self, ids):
+        """{id: (state, reason, code, signal)} for *ids*, in one squeue call
+        (and one sacct call for jobs squeue has forgotten)."""
+        found = {}
+        if not ids:
+            return found
+        out = self._run(["squeue", "-t", "all", "-h", "-j", ",".join(ids),
+                         "-O", "JobID:|,State:|,Reason:|,exit_code:"], check=False)
+        if out.returncode != 0 and "Invalid job id" not in out.stderr:
+            raise BackendUnavailable("squeue: %s" % out.stderr.strip())
+        for line in out.stdout.splitlines():
+            fields = [f.strip() for f in line.split("|")]
+            if len(fields) >= 4 and fields[0] in ids:
+                status = int(fields[3]) if fields[3].isdigit() else None
+                code = sig = None
+                if status is not None:
+                    code, sig = (status >> 8) & 0xff, status & 0x7f
+                found[fields[0]] = (fields[1], fields[2], code, sig)
+        missing = [i for i in ids if i not in found]
+        if missing and shutil.which("sacct"):
+            out = self._run(["sacct", "-c", "-n", "-P", "-j", ",".join(missing),
+                             "-o", "JobID,State,ExitCode"], check=False)
+            for line in out.stdout.splitlines():
+                fields = line.split("|")
+                if len(fields) >= 3 and fields[0] in missing:
+                    state = fields[1].split()[0] if fields[1] else "UNKNOWN"
+                    code, _, sig = fields[2].partition(":")
+                    found[fields[0]] = (state, "", int(code or 0), int(sig or 0))
+        return found
+
+    def wait(self, timeout):
+        self._waker.sleep(self._interval if timeout is None else min(self._interval, timeout))
+        jobs = list(self._watched.values())
+        ids = [j.backend_id for j in jobs if j.backend_id]
+        try:
+            states = self.poll(ids)
+        except BackendUnavailable as e:
+            log.warning("polling SLURM failed (will retry): %s", e)
+            self._interval = self.MAX_POLL
+            return []
+        changed = [j for j in jobs if states.get(j.backend_id) != self._states.get(j.backend_id)]
+        self._states.update(states)
+        self._interval = (self.MIN_POLL if changed
+                          else min(self.MAX_POLL, self._interval * 1.5))
+        return changed
+
+    def check(self, job):
+        got = self._states.get(job.backend_id)
+        if got is None:
+            return None
+        state, reason, code, sig = got
+        base = state.split()[0].rstrip("+")
+        if base in _SLURM_PENDING:
+            message = "pending in SLURM as job %s (%s)" % (
+                job.backend_id, reason if reason and reason != "None" else base)
+            changed = job.message != message
+            job.message = message
+            return "changed" if changed else None
+        if base in _SLURM_RUNNING:
+            if job.status == STARTED:
+                return None
+            job.status, job.started = STARTED, _now()
+            job.message = "running in SLURM as job %s" % job.backend_id
+            return "started"
+        what = "SLURM job %s %s%s" % (job.backend_id, base,
+                                      " (%s)" % reason if reason and reason != "None" else "")
+        if base == "COMPLETED" and code == 0 and not sig:
+            return _Exit(0, SUCCESS, "%s: exited with code 0" % what)
+        if base in _SLURM_ERROR or base == "COMPLETED":
+            if sig:
+                return _Exit(-sig, ERROR, "%s: ended by %s" % (what, signal_name(sig)))
+            if base == "CANCELLED" or (base != "FAILED" and code == 0):
+                return _Exit(None, ERROR, "%s: no exit code is known" % what)
+            return _Exit(code, ERROR, "%s: exited with code %d" % (what, code))
+        return _Exit(None, UNDEFINED, "%s: unknown SLURM state" % what)
+
+    def signal(self, job, sig):
+        if not job.backend_id:
+            return False
+        if sig == signal.SIGKILL:
+            self._run(["scancel", job.backend_id])
+        else:   # without --full the batch shell itself is not signalled
+            self._run(["scancel", "--full", "--signal=%s" % signal_name(sig)[3:],
+                       job.backend_id])
+        self._interval = self.MIN_POLL      # confirm the outcome from SLURM, soon
+        self.wake()
+        return True
+
+    def recover(self, job):
+        if not job.backend_id:
+            # A crash between sbatch and saving its id: find the job by name,
+            # submitted no earlier than the record says.
+            out = self._run(["squeue", "-t", "all", "-h", "--name", job.jid,
+                             "-O", "JobID:|,SubmitTime:"], check=False)
+            since = (datetime.fromisoformat(job.submitted).astimezone()
+                     .strftime("%Y-%m-%dT%H:%M:%S") if job.submitted else "")
+            ids = [f.split("|")[0].strip() for f in out.stdout.splitlines()
+                   if f.split("|")[-1].strip() >= since]
+            if not ids:
+                return False            # never submitted: queue it again
+            job.backend_id = max(ids, key=int)
+        return True
+
+    def wake(self):
+        self._waker.wake()
+
+    def close(self):
+        self._waker.close()
+
+
+def _make_backend(backend):
+    if backend is None or backend == "local":
+        return LocalBackend()
+    if backend == "slurm":
+        return SlurmBackend()
+    if isinstance(backend, (LocalBackend, SlurmBackend)):
+        return backend
+    raise InvalidArgument("backend must be 'local', 'slurm' or a backend object, not %r"
+                          % (backend,))
+
+
 # ---------------------------------------------------------------------------
 # JobManager
 # ---------------------------------------------------------------------------
@@ -686,10 +1100,10 @@ class JobManager:
 
     def __init__(self, state_dir=None, *, max_running=None, grace=DEFAULT_GRACE,
                  log_limit=None, keep_finished=None, env=None, on_end=None,
-                 durable=True, strict=False):
+                 durable=True, strict=False, backend="local"):
         options = dict(max_running=max_running, grace=grace, log_limit=log_limit,
                        keep_finished=keep_finished, env=env, on_end=on_end,
-                       durable=durable, strict=strict)
+                       durable=durable, strict=strict, backend=backend)
         with _registry_lock:
             if self._options is not None:
                 if options != self._options:
@@ -710,6 +1124,7 @@ class JobManager:
             self.env = _check_env(env)
             self.on_end = on_end
             self.durable = durable
+            self.backend = _make_backend(backend)
             self.state_dir = self._path
             self.log_dir = os.path.join(self._path, "logs")
             self._open(strict)
@@ -741,10 +1156,12 @@ class JobManager:
         self._flush_due = None
         self._closing = False
         self._compact_lock = threading.Lock()   # one compaction at a time
-        self._selector = selectors.DefaultSelector() if _HAVE_PIDFD else None
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self._selector:
-            self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        try:
+            self.backend.open(self.log_dir, self._log_path)
+        except BaseException:
+            self._store.close()
+            os.close(self._lock_fd)
+            raise
         self._finished = 0
         self._end_order = collections.deque()   # (jid, line) in order of ending
         # Replay: finished jobs stay lines; the active ones become _Jobs.
@@ -823,15 +1240,7 @@ class JobManager:
                 self._unlink(jid, (".rc",))
         self._compact_now()
         self._store.close()
-        for job in self._running.values():
-            if job.pidfd is not None:
-                os.close(job.pidfd)
-            if job.popen is not None:      # still our child: subprocess reaps it later
-                job.popen = None
-        if self._selector:
-            self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self.backend.close()
         os.close(self._lock_fd)
 
     shutdown = close
@@ -916,7 +1325,14 @@ class JobManager:
             self._next_seq += 1
             self._jobs[jid] = job
             if self.max_running is None or len(self._running) < self.max_running:
-                self._spawn(job)
+                try:
+                    self._spawn(job, raise_backend_errors=True)
+                except PmanError:
+                    del self._jobs[jid]     # refused: nothing was run or recorded
+                    if old is not None:
+                        self._jobs[jid] = old
+                        self._finished += 1
+                    raise
             else:
                 self._queue.append(job)
                 self._persist(job)
@@ -1043,7 +1459,7 @@ class JobManager:
         grace = self.grace if grace is None else _check_number("grace", grace, False)
         with self._lock:
             job = self._active(jid)
-            if job is not None and job.status == NOTSTARTED:
+            if job is not None and jid not in self._running:
                 self._cancel(job, "cancelled before it started (killed on request)")
             elif job is not None:
                 self._signal(job, sig, "on request", grace)
@@ -1241,68 +1657,50 @@ class JobManager:
 
     # -- internals: process lifecycle -----------------------------------------
 
-    def _spawn(self, job):
-        """Start *job* now.  Caller holds self._lock."""
+    def _spawn(self, job, raise_backend_errors=False):
+        """Hand *job* to the backend now.  A job that cannot start ends
+        finishedWithError, except that a backend's own refusal is raised
+        to a caller of run() (*raise_backend_errors*).  Caller holds
+        self._lock."""
         job.started = _now()
-        stdout = stderr = None
-        rc_path = os.path.join(self.log_dir, job.jid + ".rc")
+        env = None
+        if self.env or job.env:
+            env = dict(os.environ)
+            env.update(self.env or ())
+            env.update(job.env or ())
         try:
-            if job.cwd is not None and not os.path.isdir(job.cwd):
-                raise FileNotFoundError(errno.ENOENT, "no such directory (cwd)", job.cwd)
-            env = None
-            if self.env or job.env:
-                env = dict(os.environ)
-                env.update(self.env or ())
-                env.update(job.env or ())
-            if job.argv is not None:
-                exe = job.argv[0]
-                path = (env or os.environ).get("PATH", os.defpath)
-                if "/" in exe:
-                    found = os.path.join(job.cwd or "", exe)
-                    found = found if os.access(found, os.X_OK) and not os.path.isdir(found) else None
-                else:
-                    found = shutil.which(exe, path=path)
-                if found is None:
-                    raise FileNotFoundError(errno.ENOENT, "no such executable", exe)
-                args = ["/bin/sh", "-c", _WRAP_ARGV, "pman-job", rc_path] + job.argv
-            else:
-                args = ["/bin/sh", "-c", _WRAP_SHELL, "pman-job", rc_path, job.cmd]
-            stdout = _open_log(self._log_path(job.jid, "stdout"))
-            stderr = _open_log(self._log_path(job.jid, "stderr"))
-            popen = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stdout,
-                                     stderr=stderr, cwd=job.cwd, env=env,
-                                     start_new_session=True)
+            job.status = self.backend.start(job, env)
+        except (BackendUnavailable, SubmitRejected) as e:
+            if raise_backend_errors:
+                raise
+            self._finish(job, ERROR, None, "submit failed: %s" % e, started=False)
+            return
         except Exception as e:     # EMFILE, EAGAIN, ENOSPC, ENOENT...: this job only
             self._finish(job, ERROR, None, "spawn failed: %s" % e, started=False)
             return
-        finally:
-            for fd in (stdout, stderr):
-                if fd is not None:
-                    os.close(fd)
-        job.popen = popen
-        job.spawned_at = _time()
-        job.pid = popen.pid
-        job.ident = _identity(popen.pid)
-        job.status = STARTED
-        job.message = "running (pid %d)" % popen.pid
+        if job.status != STARTED:
+            job.started = None
         self._running[job.jid] = job
+        self.backend.watch(job)
         self._watch(job)
         self._persist(job)
 
     def _watch(self, job):
-        """Register a started job with the reaper.  Caller holds self._lock."""
-        if self._selector is not None:
-            job.pidfd = _pidfd(job.pid)
-            if job.pidfd is not None:
-                self._selector.register(job.pidfd, selectors.EVENT_READ, job)
-        if job.timeout is not None:
-            elapsed = max(0.0, _time_since(job.started))
-            self._timer(job.timeout - elapsed, "timeout", job.jid)
+        """Set the timers of a job the backend now holds.  Caller holds
+        self._lock."""
+        self._timeout_timer(job)
         if self.log_limit is not None:
             self._timer(LOG_CHECK_EVERY, "logcheck", job.jid)
         if job.kill_signal and job.kill_signal != signal.SIGKILL:
             job.escalate_at = _time() + self.grace    # a kill sent before a restart
             self._timer(self.grace, "escalate", job.jid)
+
+    def _timeout_timer(self, job):
+        """A timeout counts from the job's start (SLURM: leaving the queue).
+        Caller holds self._lock."""
+        if job.timeout is not None and job.started is not None:
+            elapsed = max(0.0, _time_since(job.started))
+            self._timer(job.timeout - elapsed, "timeout", job.jid)
 
     def _timer(self, delay, kind, jid):
         self._timer_n += 1
@@ -1310,10 +1708,7 @@ class JobManager:
         self._wake()
 
     def _wake(self):
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
+        self.backend.wake()
 
     def _signal(self, job, sig, reason, grace):
         """Signal the job's process group, having journaled why first, so a
@@ -1323,16 +1718,13 @@ class JobManager:
         job.kill_signal = sig
         self._persist(job)
         self._store.sync()     # the reason is on disk before the signal is sent
-        if job.popen is None and not _is_alive(job):
-            return             # re-adopted and gone: never signal a stranger
-        try:
-            os.killpg(job.pid, sig)
-        except ProcessLookupError:
-            pass
+        if not self.backend.signal(job, sig):
+            return
         if sig != signal.SIGKILL:
             job.escalate_at = _time() + grace
             self._timer(grace, "escalate", job.jid)
-            if job.spawned_at is not None and _time() - job.spawned_at < RESEND_WINDOW:
+            if (job.spawned_at is not None
+                    and _time() - job.spawned_at < self.backend.resend_window):
                 # The wrapper's subshell inherits its TERM handler for an
                 # instant after the fork; a signal landing then is caught
                 # and lost.  Once that instant is over, say it again.
@@ -1352,13 +1744,8 @@ class JobManager:
         job.ended = _now()
         if not started:
             job.started = None
-        if job.pidfd is not None:
-            if self._selector is not None:
-                self._selector.unregister(job.pidfd)
-            os.close(job.pidfd)
-            job.pidfd = None
-        job.popen = None
-        self._running.pop(job.jid, None)
+        if self._running.pop(job.jid, None) is not None:
+            self.backend.unwatch(job)
         line = job.line()
         self._jobs[job.jid] = line
         self._finished += 1
@@ -1370,14 +1757,17 @@ class JobManager:
         self._ended.append(job.jid)
         if job.pid:
             self._unlink_after_sync.append((job.jid, line))
+        job.popen = None
         if self._flush_due is None:
             self._flush_due = _time() + FLUSH_DELAY
             self._wake()
         self._changed.notify_all()
 
-    def _outcome(self, job, code):
-        """Finish *job* given the exit code its wrapper reported (None: no
-        code survives).  Caller holds self._lock."""
+    def _outcome(self, job, end):
+        """Finish *job* given how the backend says it ended (an _Exit: the
+        code its wrapper reported, None if none survives).  Caller holds
+        self._lock."""
+        code = end.code
         if job.kill_signal:
             sig = job.kill_signal
             if job.kill_reason == "on request":
@@ -1385,6 +1775,8 @@ class JobManager:
             else:
                 why = "%s (%s)" % (job.kill_reason, signal_name(sig))
             self._finish(job, ERROR, -sig, why)
+        elif end.status is not None:
+            self._finish(job, end.status, code, end.message)
         elif code is None:
             self._finish(job, UNDEFINED, None, "the job ended while no manager was "
                          "watching and left no exit code")
@@ -1397,24 +1789,18 @@ class JobManager:
             self._finish(job, *_describe_exit(code))
 
     def _collect(self, job):
-        """The job's process has exited (or may have).  Caller holds
+        """The backend says *job* may have changed.  Caller holds
         self._lock."""
-        rc_path = os.path.join(self.log_dir, job.jid + ".rc")
-        if job.popen is not None:
-            code = job.popen.poll()
-            if code is None:
-                return
-        else:
-            if _is_alive(job):
-                return
-            code = _read_rc(rc_path)
-            try:    # our own child from an earlier manager in this process
-                pid, status = os.waitpid(job.pid, os.WNOHANG)
-                if pid and code is None:
-                    code = os.waitstatus_to_exitcode(status)
-            except ChildProcessError:
-                pass
-        self._outcome(job, code)
+        if self._running.get(job.jid) is not job:
+            return
+        end = self.backend.check(job)
+        if end == "started":        # e.g. a SLURM job left the queue and runs
+            self._timeout_timer(job)
+            self._persist(job)
+        elif end == "changed":
+            self._persist(job)
+        elif end is not None:
+            self._outcome(job, end)
 
     def _collect_safely(self, job):
         """_collect, but a failure settles that one job instead of leaving a
@@ -1430,17 +1816,26 @@ class JobManager:
         """Re-adopt or settle the jobs a previous manager left active.
         Caller holds self._lock."""
         for job in [e for e in self._jobs.values() if not isinstance(e, str)]:
-            if job.status == NOTSTARTED:
+            if job.status == NOTSTARTED and job.backend_id is None:
                 self._queue.append(job)
-            elif _is_alive(job):
+                continue
+            try:
+                state = self.backend.recover(job)
+            except PmanError as e:
+                log.warning("cannot recover job %s now (%s): it stays as it was", job.jid, e)
+                state = True
+            if state is False:          # never reached the backend
+                job.backend_id = None
+                self._queue.append(job)
+            elif state is True:
                 job.adopted = True
                 self._running[job.jid] = job
+                self.backend.watch(job)
                 self._watch(job)
-                if not _is_alive(job):     # it ended while we set up the watch
-                    self._collect(job)
-                log.info("re-adopted job %s (pid %d)", job.jid, job.pid)
+                self._collect(job)      # it may have ended while we set up the watch
+                log.info("re-adopted job %s (%s)", job.jid, job.pid or job.backend_id)
             else:
-                self._outcome(job, _read_rc(os.path.join(self.log_dir, job.jid + ".rc")))
+                self._outcome(job, state)
         self._start_queued()
 
     def _start_queued(self):
@@ -1460,29 +1855,17 @@ class JobManager:
                     delay = flush if delay is None else min(delay, flush)
                 if self._closing:
                     return
-            if self._selector is not None:
-                events = self._selector.select(None if delay is None else max(0.0, delay))
-            else:      # no pidfds: poll every running job, 10 ms apart
-                wait = POLL_INTERVAL if delay is None else min(POLL_INTERVAL, max(0.0, delay))
-                if select.select([self._wake_r], [], [], wait)[0]:
-                    _drain(self._wake_r)
-                events = []
             try:
-                self._reap_once(events)
+                jobs = self.backend.wait(None if delay is None else max(0.0, delay))
+                self._reap_once(jobs)
             except Exception:     # the reaper must outlive any one job's trouble
                 log.exception("pman reaper error (it keeps running)")
 
-    def _reap_once(self, events):
+    def _reap_once(self, jobs):
         callbacks = []
         with self._lock:
-            for key, _ in events:
-                if key.data is None:
-                    _drain(self._wake_r)
-                elif key.data.pidfd is not None:
-                    self._collect_safely(key.data)
-            if self._selector is None:
-                for job in list(self._running.values()):
-                    self._collect_safely(job)
+            for job in jobs:
+                self._collect_safely(job)
             now = _time()
             while self._timers and self._timers[0][0] <= now:
                 _, _, kind, jid = heapq.heappop(self._timers)
@@ -1521,11 +1904,8 @@ class JobManager:
         if kind == "timeout":
             self._signal(job, signal.SIGTERM, "timed out after %g s" % job.timeout, self.grace)
         elif kind == "resend":
-            if job.kill_signal and job.kill_signal != signal.SIGKILL and job.popen is not None:
-                try:
-                    os.killpg(job.pid, job.kill_signal)
-                except ProcessLookupError:
-                    pass
+            if job.kill_signal and job.kill_signal != signal.SIGKILL:
+                self.backend.signal(job, job.kill_signal)
         elif kind == "escalate":
             if job.escalate_at is not None and _time() >= job.escalate_at - 0.001:
                 job.escalate_at = None
@@ -1618,6 +1998,7 @@ class HTTPError(PmanError):
 # Library errors -> HTTP status codes, in one place.
 _HTTP_STATUS = ((HTTPError, None), (JobNotFound, 404), (JobConflict, 409),
                 (InvalidArgument, 400), (Timeout, 408), (StateCorrupt, 503),
+                (BackendUnavailable, 503), (SubmitRejected, 400),
                 (PmanError, 400))
 
 
@@ -1752,7 +2133,6 @@ class _CommandDialect:
         return True, d_ret
 
     def done(self, meta, payload):
-        manager = self.server.manager
         return self.status(meta, payload, with_status=False)
 
     def info(self, meta, payload):
@@ -1806,7 +2186,6 @@ class _CommandDialect:
         return True, _wrap([record["jid"]] + parts[1:], value)
 
     def hello(self, meta, payload):
-        manager = self.server.manager
         ask = meta.get("askAbout", "timestamp")
         asks = ask if isinstance(ask, list) else [ask]
         d_ret = {}
@@ -2328,7 +2707,7 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
     server.allowed_hosts = {"localhost", "127.0.0.1", "::1", host.strip("[]").lower()}
     server.listeners = threading.BoundedSemaphore(listeners)
     server.request_timeout = request_timeout
-    server.container_env = "local"
+    server.container_env = manager.backend.name
     server.commands = _CommandDialect(server)
     return server
 
@@ -2358,6 +2737,13 @@ def _parser():
                    help="kill a job whose stdout or stderr passes N bytes")
     p.add_argument("--keep-finished", type=int, default=None,
                    help="forget the oldest finished jobs past N")
+    p.add_argument("--backend", choices=("local", "slurm"), default="local",
+                   help="where jobs run: this machine (default) or a SLURM cluster")
+    p.add_argument("--slurm-partition", default=None,
+                   help="with --backend slurm: the partition to submit to")
+    p.add_argument("--sbatch-args", default="",
+                   help="with --backend slurm: extra sbatch arguments, one shell-quoted "
+                   "string, e.g. \"--qos=long --account=lab\"")
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' "
                    "(or set PMAN_TOKEN; prefer --token-file: argv is visible to other users)")
     p.add_argument("--token-file", default=None, help="read the token from this file")
@@ -2391,8 +2777,11 @@ def main(argv=None):
         if args.token_file:
             with open(args.token_file, encoding="utf-8") as f:
                 token = f.read().strip()
+        backend = (SlurmBackend(args.slurm_partition, args.sbatch_args)
+                   if args.backend == "slurm" else "local")
         manager = JobManager(args.state_dir, max_running=args.max_running, grace=args.grace,
-                             log_limit=args.log_limit, keep_finished=args.keep_finished)
+                             log_limit=args.log_limit, keep_finished=args.keep_finished,
+                             backend=backend)
     except (PmanError, OSError) as e:
         print("pman: %s" % e, file=sys.stderr)
         return 2
