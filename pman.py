@@ -114,6 +114,9 @@ FLUSH_DELAY = 0.2           # how soon the reaper makes job endings durable
 LOG_CHECK_EVERY = 0.5       # how often running jobs' logs are measured
 POLL_INTERVAL = 0.01        # the reaper's poll period where pidfds are missing
 RESEND_WINDOW, RESEND_DELAY = 0.5, 0.05   # see JobManager._signal
+LOCK_RETRY = 2.0            # seconds to wait for a dead holder's lock to clear
+MAX_SECONDS = 1e8           # the largest timeout, grace or wait accepted (3 years)
+MAX_SLEEP = 3600.0          # the reaper wakes at least this often
 _MISSING = object()
 TAIL_LINES, TAIL_BYTES = 1000, 65536
 
@@ -122,8 +125,8 @@ TAIL_LINES, TAIL_BYTES = 1000, 65536
 # so the subshell resets it and the job does not inherit SIG_IGN, while the
 # wrapper itself survives a group SIGTERM long enough to record the exit
 # status.  A subshell costs one fork less than a nested `sh -c`.
-_WRAP_SHELL = 'trap : TERM; (eval "$2"); r=$?; echo $r >"$1"; exit $r'
-_WRAP_ARGV = 'trap : TERM; f=$1; shift; ("$@"); r=$?; echo $r >"$f"; exit $r'
+_WRAP_SHELL = 'trap : TERM; (eval "$2"); r=$?; umask 077; echo $r >"$1"; exit $r'
+_WRAP_ARGV = 'trap : TERM; f=$1; shift; ("$@"); r=$?; umask 077; echo $r >"$f"; exit $r'
 
 
 def _now():
@@ -238,8 +241,10 @@ def signal_name(sig):
 def _check_number(name, value, allow_none=True):
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
-        raise InvalidArgument("%s must be a non-negative number, not %r" % (name, value))
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not 0 <= value <= MAX_SECONDS):
+        raise InvalidArgument("%s must be a number from 0 to %g, not %r"
+                              % (name, MAX_SECONDS, value))
     return value
 
 
@@ -379,8 +384,6 @@ class _Store:
         return sorted(found)
 
     def _set_aside(self, path, why):
-        if self.strict:
-            raise StateCorrupt(path, why + " (opened with strict=True: nothing was changed)")
         aside = "%s.corrupt-%s" % (path, datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ"))
         os.rename(path, aside)
         log.warning("%s: %s; the file was kept as %s and the good records were loaded",
@@ -389,19 +392,19 @@ class _Store:
 
     def load(self):
         """Return (jobs, next_seq, replayed): replayed is True when journals
-        or damaged files were read, so a fresh snapshot should be written."""
+        or damaged files were read, so a fresh snapshot should be written.
+        Nothing is deleted or moved unless the whole load succeeds."""
         jobs = {}
-        next_seq = 1
-        damaged = False
+        self._next_seq = 1
+        replayed = False
+        cleanup = [os.path.join(self.path, name) for name in os.listdir(self.path)
+                   if ".tmp-" in name]          # leftovers of an interrupted write
+        aside = []
         snap = os.path.join(self.path, SNAPSHOT)
         snap_gen = 0
-        for name in os.listdir(self.path):    # leftovers of an interrupted write
-            if ".tmp-" in name:
-                os.unlink(os.path.join(self.path, name))
         if os.path.exists(snap):
             with open(snap, "rb") as f:
-                data = f.read()
-            lines, bad = self._split(data)
+                lines, bad, torn = self._read_lines(f.read())
             header = None
             if lines:
                 try:
@@ -409,61 +412,70 @@ class _Store:
                 except ValueError:
                     pass
             if not isinstance(header, dict) or header.get("pman_state") != STATE_FORMAT:
-                bad.append(1)
-                header = {}
-                body = lines
+                bad.append("header")
             else:
-                body = lines[1:]
+                lines = lines[1:]
                 snap_gen = int(header.get("generation", 0))
-                next_seq = int(header.get("next_seq", 1))
-            for line in body:
-                m = _LINE_RE.match(line)
-                if m and line.endswith("}"):
-                    jobs[m.group(1)] = line
-                    next_seq = max(next_seq, int(m.group(3)) + 1)
-                else:
-                    bad.append(line[:40])
-            if bad or not data.endswith(b"\n"):
-                self._set_aside(snap, "damaged snapshot (%d bad lines%s)" % (
-                    len(bad), ", truncated" if not data.endswith(b"\n") else ""))
-                damaged = True
+                self._next_seq = int(header.get("next_seq", 1))
+            self._apply(lines, jobs, bad)
+            if bad or torn:     # written atomically: any damage came from outside
+                aside.append((snap, "damaged snapshot (%d bad lines%s)" % (
+                    len(bad), ", truncated" if torn else "")))
+                replayed = True
         for gen in self._journals():
             path = self._journal_path(gen)
             if gen < snap_gen:                  # already inside the snapshot
-                os.unlink(path)
+                cleanup.append(path)
                 continue
             with open(path, "rb") as f:
-                data = f.read()
-            if data and not data.endswith(b"\n"):
-                data = data[:data.rfind(b"\n") + 1]   # torn tail: never acknowledged
-                damaged = True
-            lines, bad = self._split(data)
-            for line in lines:
-                m = _LINE_RE.match(line)
-                if m and line.endswith("}"):
-                    jid, seq = m.group(1), int(m.group(3))
-                    old = jobs.get(jid)
-                    if old is not None and _LINE_RE.match(old).group(3) != m.group(3):
-                        del jobs[jid]           # re-run: moves to the end
-                    jobs[jid] = line
-                    next_seq = max(next_seq, seq + 1)
-                    continue
-                try:
-                    forget = json.loads(line)["forget"]
-                    for jid in forget:
-                        jobs.pop(jid, None)
-                except (ValueError, KeyError, TypeError):
-                    bad.append(line[:40])
+                lines, bad, torn = self._read_lines(f.read())
+            # A torn last line is a crash mid-write: never acknowledged, dropped.
+            self._apply(lines, jobs, bad)
             if bad:
-                self._set_aside(path, "damaged journal (%d bad lines)" % len(bad))
-            damaged = damaged or bool(bad) or bool(lines)
+                aside.append((path, "damaged journal (%d bad lines)" % len(bad)))
+            replayed = replayed or bool(lines) or torn or bool(bad)
             snap_gen = max(snap_gen, gen)
+        if aside and self.strict:
+            raise StateCorrupt(aside[0][0], aside[0][1] + " (opened with strict=True: "
+                               "nothing was changed)")
+        for path, why in aside:
+            self._set_aside(path, why)
+        for path in cleanup:
+            os.unlink(path)
         self.generation = snap_gen
-        return jobs, next_seq, damaged
+        return jobs, self._next_seq, replayed
+
+    def _apply(self, lines, jobs, bad):
+        """Replay record lines into *jobs* (ordered); collect bad lines."""
+        for line in lines:
+            m = _LINE_RE.match(line)
+            if m and line.endswith("}"):
+                jid, status = m.group(1), m.group(2)
+                if status in ACTIVE:    # parsed at startup anyway: check it now
+                    try:
+                        json.loads(line)
+                    except ValueError:
+                        bad.append(line[:40])
+                        continue
+                old = jobs.get(jid)
+                if old is not None and _LINE_RE.match(old).group(3) != m.group(3):
+                    del jobs[jid]           # a re-run moves to the end
+                jobs[jid] = line
+                self._next_seq = max(self._next_seq, int(m.group(3)) + 1)
+                continue
+            try:
+                for jid in json.loads(line)["forget"]:
+                    jobs.pop(jid, None)
+            except (ValueError, KeyError, TypeError):
+                bad.append(line[:40])
 
     @staticmethod
-    def _split(data):
-        """Split bytes into str lines; undecodable lines count as bad."""
+    def _read_lines(data):
+        """(str lines, bad lines, torn): a last line without its newline is
+        torn; undecodable lines are bad."""
+        torn = bool(data) and not data.endswith(b"\n")
+        if torn:
+            data = data[:data.rfind(b"\n") + 1]
         lines, bad = [], []
         for raw in data.split(b"\n"):
             if not raw:
@@ -472,7 +484,7 @@ class _Store:
                 lines.append(raw.decode("utf-8"))
             except UnicodeDecodeError:
                 bad.append(raw[:40])
-        return lines, bad
+        return lines, bad, torn
 
     # -- writing ----------------------------------------------------------
 
@@ -597,6 +609,16 @@ def _is_alive(job):
     stat = _proc_stat(job.pid) if job.pid else None
     return (stat is not None and stat[1] != "Z"
             and job.ident == [stat[0], _BOOT_ID])
+
+
+def _pid_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _pidfd(pid):
@@ -846,15 +868,15 @@ class SlurmBackend:
         self.calls = collections.Counter()   # scheduler commands run, by name
 
     def open(self, log_dir, log_path):
+        for tool in ("sbatch", "squeue", "scancel"):
+            if shutil.which(tool) is None:
+                raise BackendUnavailable("the slurm backend needs %r on PATH, and it is "
+                                         "missing: install SLURM's client commands" % tool)
         self.log_dir, self.log_path = log_dir, log_path
         self._waker = _Waker()
         self._watched = {}              # jid -> job
         self._states = {}               # backend_id -> (state, reason, code, signal)
         self._interval = self.MIN_POLL
-        for tool in ("sbatch", "squeue", "scancel"):
-            if shutil.which(tool) is None:
-                raise BackendUnavailable("the slurm backend needs %r on PATH, and it is "
-                                         "missing: install SLURM's client commands" % tool)
 
     def _run(self, argv, check=True):
         self.calls[argv[0]] += 1
@@ -1115,8 +1137,10 @@ class JobManager:
                                             isinstance(max_running, int) or max_running < 1):
                 raise InvalidArgument("max_running must be a positive integer or None")
             _check_number("grace", grace, allow_none=False)
-            _check_number("log_limit", log_limit)
-            _check_number("keep_finished", keep_finished)
+            for name, value in (("log_limit", log_limit), ("keep_finished", keep_finished)):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                          or value < 0):
+                    raise InvalidArgument("%s must be a non-negative integer or None" % name)
             self.max_running = max_running
             self.grace = float(grace)
             self.log_limit = log_limit
@@ -1138,12 +1162,22 @@ class JobManager:
         os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
         os.chmod(self._path, 0o700)
         self._lock_fd = self._take_lock()
+        self._store = self._reaper = None
+        self._backend_open = False
         try:
-            self._store = _Store(self._path, strict=strict)
-            lines, self._next_seq, replayed = self._store.load()
-        except BaseException:
-            os.close(self._lock_fd)
+            self._open_locked(strict)
+        except BaseException:       # leave nothing held: the lock, files, threads
+            if self._reaper is None:
+                if self._store is not None:
+                    self._store.close()
+                if self._backend_open:
+                    self.backend.close()
+                os.close(self._lock_fd)
             raise
+
+    def _open_locked(self, strict):
+        self._store = _Store(self._path, strict=strict)
+        lines, self._next_seq, replayed = self._store.load()
         self._lock = threading.Lock()       # guards all job state below
         self._changed = threading.Condition(self._lock)   # a job ended
         self._jobs = lines                  # jid -> _Job | line; submission order
@@ -1156,12 +1190,8 @@ class JobManager:
         self._flush_due = None
         self._closing = False
         self._compact_lock = threading.Lock()   # one compaction at a time
-        try:
-            self.backend.open(self.log_dir, self._log_path)
-        except BaseException:
-            self._store.close()
-            os.close(self._lock_fd)
-            raise
+        self.backend.open(self.log_dir, self._log_path)
+        self._backend_open = True
         self._finished = 0
         self._end_order = collections.deque()   # (jid, line) in order of ending
         # Replay: finished jobs stay lines; the active ones become _Jobs.
@@ -1177,6 +1207,7 @@ class JobManager:
                                  self._store.generation)
         with self._lock:
             self._recover()
+        self._store.sync()
         if replayed:        # fold the replayed journals into a fresh snapshot
             self._compact_now()
         self._reaper = threading.Thread(target=self._reap_loop, name="pman-reaper",
@@ -1186,17 +1217,25 @@ class JobManager:
     def _take_lock(self):
         path = os.path.join(self._path, "lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+        deadline = _time() + LOCK_RETRY
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
             try:
                 holder = int(os.pread(fd, 32, 0).decode().strip() or 0) or None
             except ValueError:
                 holder = None
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise StateLocked(self._path, holder) from None
-            raise
+            # A dead holder's job may be between fork and exec, still holding
+            # a copy of the lock fd for a moment: wait that moment out.
+            if holder is None or _pid_exists(holder) or _time() > deadline:
+                os.close(fd)
+                raise StateLocked(self._path, holder)
+            threading.Event().wait(0.02)
         os.ftruncate(fd, 0)
         os.pwrite(fd, b"%d\n" % os.getpid(), 0)
         return fd
@@ -1839,10 +1878,15 @@ class JobManager:
         self._start_queued()
 
     def _start_queued(self):
-        """Caller holds self._lock."""
+        """Start queued jobs while slots are free; return how many started.
+        The caller must sync the journal afterwards (outside the lock), so
+        a crash cannot run them twice.  Caller holds self._lock."""
+        started = 0
         while self._queue and (self.max_running is None
                                or len(self._running) < self.max_running):
             self._spawn(self._queue.popleft())
+            started += 1
+        return started
 
     # -- the reaper thread ------------------------------------------------------
 
@@ -1856,7 +1900,8 @@ class JobManager:
                 if self._closing:
                     return
             try:
-                jobs = self.backend.wait(None if delay is None else max(0.0, delay))
+                jobs = self.backend.wait(MAX_SLEEP if delay is None
+                                         else min(MAX_SLEEP, max(0.0, delay)))
                 self._reap_once(jobs)
             except Exception:     # the reaper must outlive any one job's trouble
                 log.exception("pman reaper error (it keeps running)")
@@ -1872,7 +1917,7 @@ class JobManager:
                 job = self._running.get(jid)
                 if job is not None:
                     self._fire(job, kind)
-            self._start_queued()
+            started = self._start_queued()
             doomed = 0
             if self.keep_finished is not None:
                 doomed = self._finished - self.keep_finished
@@ -1884,6 +1929,8 @@ class JobManager:
                 callbacks = [self._public(_record(self._jobs[jid]))
                              for jid in self._ended if jid in self._jobs]
             self._ended = []
+        if started:
+            self._store.sync()
         if doomed > 0:
             self._forget(oldest=doomed)
         if flush:
@@ -2283,7 +2330,7 @@ def _number_or_none(value, name):
 
 def _record_by_name(manager, name):
     """A job by jid, or by ``_N`` (0-based submission index)."""
-    if name.startswith("_") and name[1:].isdigit():
+    if re.fullmatch(r"_[0-9]{1,18}", name):
         return manager.nth(int(name[1:]))
     return manager.get(check_jid(name))
 
@@ -2444,10 +2491,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             host = self.headers.get("Host")
             if host is not None:
                 name = host.strip().lower()
+                port = ""
                 if name.startswith("["):            # [::1]:5010
-                    name = name[1:name.find("]")]
+                    name, _, port = name[1:].partition("]")
+                    port = port[1:]
                 elif name.count(":") == 1:          # localhost:5010
-                    name = name.split(":")[0]
+                    name, port = name.split(":")
+                if port and not port.isdigit():
+                    name = host
                 if name not in server.allowed_hosts:
                     raise HTTPError(403, "forbidden Host header %r: this server answers "
                                     "only to its loopback names" % host)
@@ -2482,7 +2533,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if length > MAX_BODY:
             self.close_connection = True
             raise HTTPError(413, "body of %d bytes is over the limit of %d" % (length, MAX_BODY))
-        data = self.rfile.read(length) if length else b""
+        try:
+            data = self.rfile.read(length) if length else b""
+        except OSError:         # the socket timeout: a client that stopped sending
+            self.close_connection = True
+            raise HTTPError(408, "timed out reading the request body") from None
         self._body_done = True
         if len(data) < length:
             self.close_connection = True
@@ -2499,12 +2554,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return body
 
     def _route(self, method):
+        self._check_access()
+        body = self._read_body(method)
+        # Counted once the request is in: a slow client holds no listener.
         if not self.server.listeners.acquire(blocking=False):
             raise HTTPError(503, "too many requests in progress: try again")
         self._listener = True
-        self._check_access()
-        body = self._read_body(method)
-        parts = urllib.parse.urlsplit(self.path)
+        if not self.path.startswith("/"):
+            raise HTTPError(400, "the request target must be a path")
+        try:
+            parts = urllib.parse.urlsplit(self.path)
+        except ValueError:
+            raise HTTPError(400, "malformed request target") from None
         path = parts.path
         try:
             query = urllib.parse.parse_qs(parts.query, keep_blank_values=True,
@@ -2581,7 +2642,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._only({k: v for k, v in query.items() if not k.startswith("meta.")},
                    "status", "auid", "limit", "after")
         limit = query.get("limit", str(PAGE_SIZE))
-        if not limit.isdigit() or not 0 < int(limit) <= MAX_PAGE:
+        if not re.fullmatch(r"[0-9]{1,6}", limit) or not 0 < int(limit) <= MAX_PAGE:
             raise HTTPError(400, "limit must be an integer from 1 to %d" % MAX_PAGE)
         limit = int(limit)
         status = query["status"].split(",") if query.get("status") else None
@@ -2614,7 +2675,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         ints = {}
         for name in ("offset", "limit"):
             if name in query:
-                if not query[name].isdigit():
+                if not re.fullmatch(r"[0-9]{1,18}", query[name]):
                     raise HTTPError(400, "%s must be a non-negative integer" % name)
                 ints[name] = int(query[name])
         chunk = self.manager.read_log(check_jid(groups["jid"]), query.get("stream", "stdout"),

@@ -3,10 +3,16 @@ socket.  No mocks of subprocess, os or the network; every wait is bounded by
 a deadline.  Run: python3 -m pytest -q test_pman.py
 """
 import fcntl
+import gc
 import http.client
 import json
+import logging
 import os
 import platform
+import random
+import re
+import select
+import shlex
 import shutil
 import signal
 import socket
@@ -1832,3 +1838,2766 @@ def test_cmd_rerun_cancelled_before_start_shows_no_stale_output(cmd_factory):
     assert info["cmd"] == "echo NEW" and info["pid"] is None
     assert "OLD-OUTPUT" not in info["stdout"], info
     assert "OLD-ERR" not in info["stderr"], info
+
+
+# ===========================================================================
+# crash
+# ===========================================================================
+_CRASH_PMAN_DIR = os.path.dirname(os.path.abspath(pman.__file__))
+_CRASH_SNAPSHOT = "state.jsonl"
+_CRASH_CORRUPT_RE = re.compile(r"\.corrupt-\d{8}T\d{6}\.\d{6}Z$")
+_CRASH_SUCCESS, _CRASH_ERROR = "finishedSuccessfully", "finishedWithError"
+
+# The v1 record: these keys, in this order (jid, status and seq first).
+_CRASH_V1_FIELDS = ("jid", "status", "seq", "message", "returncode", "pid", "cmd", "argv",
+                    "auid", "meta", "env", "cwd", "timeout", "extras", "submitted",
+                    "started", "ended", "ident", "kill_signal", "kill_reason")
+
+
+def _crash_fixtures_dir():
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+    for base in (here,):
+        if os.path.isdir(os.path.join(base, "state-v1")):
+            return base
+    return here
+
+
+# ---------------------------------------------------------------------------
+# /proc helpers
+# ---------------------------------------------------------------------------
+
+def _crash_stat(pid):
+    """{state, ppid, pgrp, session, start} of *pid* from /proc, or None."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()
+    return {"state": fields[0].decode(), "ppid": int(fields[1]), "pgrp": int(fields[2]),
+            "session": int(fields[3]), "start": int(fields[19])}
+
+
+def _crash_pids():
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _crash_group_members(pgid):
+    """Live (non-zombie) processes of process group *pgid*."""
+    out = []
+    for pid in _crash_pids():
+        st = _crash_stat(pid)
+        if st is not None and st["pgrp"] == pgid and st["state"] not in ("Z", "X"):
+            out.append(pid)
+    return out
+
+
+def _crash_alive(pid):
+    st = _crash_stat(pid)
+    return st is not None and st["state"] not in ("Z", "X")
+
+
+def _crash_lock_holders(state_dir):
+    """The processes with a descriptor on the lock file."""
+    lock = os.path.join(os.path.realpath(state_dir), "lock")
+    out = []
+    for pid in _crash_pids():
+        try:
+            fds = os.listdir("/proc/%d/fd" % pid)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == lock:
+                    with open("/proc/%d/cmdline" % pid, "rb") as f:
+                        cmdline = f.read().replace(b"\0", b" ")[:60].decode("utf-8", "replace")
+                    st = _crash_stat(pid) or {}
+                    out.append({"pid": pid, "ppid": st.get("ppid"), "pgrp": st.get("pgrp"),
+                                "session": st.get("session"), "cmdline": cmdline})
+            except OSError:
+                pass
+    return out
+
+
+def _crash_poll(cond, timeout, what):
+    """Poll *cond* until it returns a true value or *timeout* s pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %s s waiting for %s" % (timeout, what))
+        time.sleep(0.005)
+
+
+def _crash_records_on_disk(state_dir):
+    """Every job record found in the state files (tolerant: for teardown)."""
+    out = []
+    try:
+        names = os.listdir(state_dir)
+    except OSError:
+        return out
+    for name in names:
+        if not (name.startswith(_CRASH_SNAPSHOT) or name.startswith("journal-")):
+            continue
+        try:
+            with open(os.path.join(state_dir, name), "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        for raw in data.split(b"\n"):
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "jid" in rec:
+                out.append(rec)
+    return out
+
+
+def _crash_kill_job_groups(state_dir):
+    """SIGKILL every job process group that belongs to *state_dir*: the
+    recorded pids whose start time still matches, and every wrapper shell
+    whose command line names the directory (also finds jobs no record knows,
+    e.g. a job started twice)."""
+    state_dir = os.path.realpath(state_dir)
+    pgids = set()
+    for rec in _crash_records_on_disk(state_dir):
+        pid, ident = rec.get("pid"), rec.get("ident")
+        if isinstance(pid, int) and pid > 0 and isinstance(ident, list) and ident:
+            st = _crash_stat(pid)
+            if st is not None and st["start"] == ident[0] and st["pgrp"] == pid:
+                pgids.add(pid)
+    needle = state_dir.encode()
+    for pid in _crash_pids():
+        st = _crash_stat(pid)
+        if st is None or st["pgrp"] != pid or st["session"] != pid:
+            continue        # job wrappers lead their own session and group
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if b"pman-job" in cmdline and needle in cmdline:
+            pgids.add(pid)
+    for pgid in pgids:
+        if pgid in (os.getpgrp(), os.getpid(), 0, 1):
+            continue
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+# ---------------------------------------------------------------------------
+# Managers in child processes
+# ---------------------------------------------------------------------------
+
+# A manager that executes a plan and reports on stdout, one JSON line per
+# event, flushed: "open", then per step an "ack" (printed only after run()
+# returned) or "killed", then "done"; then it holds the directory until the
+# test SIGKILLs it (or closes its stdin).
+_CRASH_CHILD = r'''
+import json, os, sys, time
+plan = json.loads(sys.argv[1])
+sys.path.insert(0, plan["pman_dir"])
+import pman
+if plan.get("compact_every"):
+    pman.COMPACT_EVERY = plan["compact_every"]
+
+def say(**event):
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+t0 = time.monotonic()
+try:
+    m = pman.JobManager(plan["state"], **plan.get("options", {}))
+except pman.StateLocked as e:
+    say(event="locked", path=e.path, pid=e.pid, message=str(e),
+        elapsed=time.monotonic() - t0)
+    sys.exit(3)
+say(event="open", pid=os.getpid())
+for step in plan.get("steps", ()):
+    if step[0] == "run":
+        rec = m.run(step[2], jid=step[1], **(step[3] if len(step) > 3 else {}))
+        say(event="ack", jid=rec["jid"], pid=rec["pid"], status=rec["status"])
+    elif step[0] == "kill":
+        rec = m.kill(step[1])
+        say(event="killed", jid=rec["jid"], status=rec["status"])
+say(event="done")
+sys.stdin.read()
+'''
+
+
+class _CrashChild:
+    """A child process that reports JSON lines on stdout: a manager running
+    _CRASH_CHILD, or the _CRASH_ZYGOTE."""
+
+    def __init__(self, argv, stderr_path):
+        self.stderr_path = stderr_path
+        with open(stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=err)
+        self.pid = self.proc.pid
+        self.started = time.monotonic()
+        self.events = []
+        self._buf = b""
+        self._eof = False
+
+    def _read_some(self, timeout):
+        if self._eof:
+            return
+        ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, timeout))
+        if not ready:
+            return
+        chunk = os.read(self.proc.stdout.fileno(), 65536)
+        if not chunk:
+            self._eof = True
+            return
+        self._buf += chunk
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            self.events.append(json.loads(line))
+
+    def send(self, obj):
+        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def read_until(self, when):
+        """Read events until the monotonic time *when*."""
+        while time.monotonic() < when and not self._eof:
+            self._read_some(when - time.monotonic())
+
+    def stderr(self):
+        try:
+            with open(self.stderr_path, "rb") as f:
+                return f.read().decode("utf-8", "replace")[-3000:]
+        except OSError:
+            return ""
+
+    def wait_event(self, name, timeout=15):
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events:
+                if event["event"] == name:
+                    return event
+            left = deadline - time.monotonic()
+            if left <= 0 or self._eof:
+                raise AssertionError("child manager %d: no %r event within %s s; events %r; "
+                                     "stderr:\n%s" % (self.pid, name, timeout, self.events,
+                                                      self.stderr()))
+            self._read_some(left)
+
+    def acks(self):
+        return [e for e in self.events if e["event"] == "ack"]
+
+    def run_until(self, acks, seconds):
+        """Read events until *acks* acknowledgements arrived, "done", the
+        child died, or *seconds* since its start passed (the kill point)."""
+        kill_at = self.started + seconds
+        while (len(self.acks()) < acks and not self._eof
+               and not any(e["event"] == "done" for e in self.events)):
+            left = kill_at - time.monotonic()
+            if left <= 0:
+                break
+            self._read_some(left)
+
+    def sigkill(self, drain=True):
+        """SIGKILL the manager, reap it, and (drain) read what it printed
+        before it died, up to EOF."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=15)
+        if not drain:
+            return self.events
+        deadline = time.monotonic() + 10
+        while not self._eof and time.monotonic() < deadline:
+            self._read_some(deadline - time.monotonic())
+        return self.events
+
+    def cleanup(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+class _CrashEnv:
+    """Creates child managers, managers in this process and unrelated
+    processes, and cleans all of them (and every job group) up."""
+
+    def __init__(self, tmp_path):
+        self.tmp = str(tmp_path)
+        self.children = []
+        self.managers = []
+        self.strangers = []
+        self.dirs = set()
+        self.lock_retries = 0
+        self.pids = []
+
+    def path(self, name="state"):
+        path = os.path.realpath(os.path.join(self.tmp, name))
+        self.dirs.add(path)
+        return path
+
+    def child(self, state, steps=(), options=None, compact_every=None):
+        self.dirs.add(os.path.realpath(state))
+        plan = {"pman_dir": _CRASH_PMAN_DIR, "state": state, "steps": list(steps),
+                "options": options or {}, "compact_every": compact_every}
+        return self.process([sys.executable, "-c", _CRASH_CHILD, json.dumps(plan)])
+
+    def process(self, argv):
+        child = _CrashChild(argv, os.path.join(self.tmp, "child-%d.stderr" % len(self.children)))
+        self.children.append(child)
+        return child
+
+    def manager(self, state, *, tolerate_dead_holder=False, **options):
+        """A manager in this process.  With tolerate_dead_holder, a lock
+        still held for a moment after its holder died is waited out (see
+        test_crash_lock_free_at_once_after_sigkill_mid_spawn, which does
+        not tolerate it)."""
+        self.dirs.add(os.path.realpath(state))
+        options.setdefault("grace", 1)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                manager = pman.JobManager(state, **options)
+                break
+            except pman.StateLocked as e:
+                holders = _crash_lock_holders(state)
+                if (tolerate_dead_holder and e.pid and not _crash_alive(e.pid)
+                        and time.monotonic() < deadline):
+                    self.lock_retries += 1
+                    time.sleep(0.01)
+                    continue
+                why = ""
+                if e.pid and not _crash_alive(e.pid):
+                    why = ("; the holder is dead, so the lock was still held through a copy "
+                           "of its descriptor, by a job it had forked but that had not "
+                           "exec'd yet")
+                raise AssertionError(
+                    "%s; processes holding the lock file now: %r (this test process is "
+                    "%d)%s" % (e, holders, os.getpid(), why)) from e
+        self.managers.append(manager)
+        return manager
+
+    def stranger(self, argv):
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        self.strangers.append(proc)
+        return proc
+
+    def track_pid(self, pid):
+        """A process that is not our child: SIGKILLed in teardown if still
+        the same process."""
+        st = _crash_stat(pid)
+        if st is not None:
+            self.pids.append((pid, st["start"]))
+
+    def cleanup(self):
+        for pid, start in self.pids:
+            st = _crash_stat(pid)
+            if st is not None and st["start"] == start:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for child in self.children:
+            child.cleanup()
+        for manager in self.managers:
+            try:
+                manager.close(kill=True)
+            except Exception:
+                pass
+        for proc in self.strangers:
+            if proc.poll() is None:
+                proc.kill()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        for path in self.dirs:
+            _crash_kill_job_groups(path)
+
+
+@pytest.fixture
+def crash_env(tmp_path):
+    env = _CrashEnv(tmp_path)
+    try:
+        yield env
+    finally:
+        env.cleanup()
+
+
+# ---------------------------------------------------------------------------
+# State files
+# ---------------------------------------------------------------------------
+
+def _crash_line(jid, seq, code=0, **fields):
+    """One job line of the v1 format: a finished job by default."""
+    rec = dict.fromkeys(_CRASH_V1_FIELDS)
+    rec.update(jid=jid, seq=seq, status=_CRASH_SUCCESS if code == 0 else _CRASH_ERROR,
+               message="exited with code %d" % code, returncode=code, cmd="exit %d" % code,
+               auid="", meta={}, extras={}, submitted="2024-05-06T07:08:09.000001+00:00",
+               started="2024-05-06T07:08:09.000002+00:00",
+               ended="2024-05-06T07:08:10.000003+00:00")
+    rec.update(fields)
+    return json.dumps(rec)
+
+
+def _crash_queued_line(jid, seq, cmd="exit 0"):
+    return _crash_line(jid, seq, status="notstarted", returncode=None, cmd=cmd,
+                       message="queued: waiting for a free slot", started=None, ended=None)
+
+
+def _crash_header(generation=0, next_seq=1):
+    return json.dumps({"pman_state": 1, "generation": generation, "next_seq": next_seq,
+                       "written": "2024-05-06T07:08:11.000000+00:00",
+                       "pman_version": "0.1.0"})
+
+
+def _crash_write(path, data):
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode())
+
+
+def _crash_read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _crash_names(state_dir, part):
+    return sorted(n for n in os.listdir(state_dir) if part in n)
+
+
+def _crash_check_files(state_dir, ctx):
+    """The raw state files parse: the snapshot completely (it is written
+    atomically), the journals up to a possibly torn last line."""
+    snap = os.path.join(state_dir, _CRASH_SNAPSHOT)
+    if os.path.exists(snap):
+        data = _crash_read(snap)
+        assert data.endswith(b"\n"), "%s: snapshot not newline-terminated" % ctx
+        lines = data.decode("utf-8").split("\n")[:-1]
+        header = json.loads(lines[0])
+        assert header.get("pman_state") == 1, "%s: bad snapshot header %r" % (ctx, lines[0])
+        for line in lines[1:]:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                raise AssertionError("%s: unparsable snapshot line %r" % (ctx, line)) from None
+            assert isinstance(rec, dict) and "jid" in rec, "%s: %r" % (ctx, line)
+    for name in os.listdir(state_dir):
+        if re.fullmatch(r"journal-\d+\.jsonl", name):
+            complete = _crash_read(os.path.join(state_dir, name)).split(b"\n")[:-1]
+            for raw in complete:
+                if not raw:
+                    continue
+                try:
+                    json.loads(raw)
+                except ValueError:
+                    raise AssertionError("%s: %s: unparsable journal line %r"
+                                         % (ctx, name, raw)) from None
+
+
+def _crash_replay(state_dir):
+    """A reference reader of the v1 format: {jid: record} in job order."""
+    jobs, gen = {}, 0
+    snap = os.path.join(state_dir, _CRASH_SNAPSHOT)
+    if os.path.exists(snap):
+        lines = _crash_read(snap).decode("utf-8").split("\n")[:-1]
+        gen = json.loads(lines[0])["generation"]
+        for line in lines[1:]:
+            rec = json.loads(line)
+            jobs[rec["jid"]] = rec
+    gens = sorted(int(m.group(1)) for m in
+                  (re.fullmatch(r"journal-(\d+)\.jsonl", n) for n in os.listdir(state_dir)) if m)
+    for g in gens:
+        if g < gen:
+            continue
+        for raw in _crash_read(os.path.join(state_dir, "journal-%d.jsonl" % g)).split(b"\n")[:-1]:
+            if not raw:
+                continue
+            rec = json.loads(raw)
+            if "forget" in rec:
+                for jid in rec["forget"]:
+                    jobs.pop(jid, None)
+                continue
+            old = jobs.get(rec["jid"])
+            if old is not None and old["seq"] != rec["seq"]:
+                del jobs[rec["jid"]]
+            jobs[rec["jid"]] = rec
+    return jobs
+
+
+def _crash_code_problem(rec, code):
+    """None if *rec* is still active or ended with exactly *code*."""
+    if rec["status"] in ("notstarted", "started"):
+        return None
+    want = _CRASH_SUCCESS if code == 0 else _CRASH_ERROR
+    if rec["status"] != want or rec["returncode"] != code:
+        return "%s: %s returncode=%r (%r), expected returncode %d" % (
+            rec["jid"], rec["status"], rec["returncode"], rec["message"], code)
+    return None
+
+
+def _crash_seed():
+    env = os.environ.get("PMAN_FAULT_SEED")
+    return int(env) if env else int.from_bytes(os.urandom(4), "big")
+
+
+def _crash_ts(stamp):
+    return datetime.fromisoformat(stamp)
+
+
+# ---------------------------------------------------------------------------
+# 1. Fault injection
+# ---------------------------------------------------------------------------
+
+def test_crash_fault_injection_random_sigkill(crash_env):
+    seed = _crash_seed()
+    print("PMAN_FAULT_SEED=%d" % seed)
+    rng = random.Random(seed)
+    state = crash_env.path("state")
+    codes = (0, 1, 2, 3, 42, 0, 127, 255)
+    templates = ("exit %d", "sleep 0.2; exit %d", "echo out; echo err >&2; exit %d")
+    expected, acked = {}, set()
+    history = []
+    for rnd in range(6):
+        n = 24
+        max_running = 2 if rnd % 2 == 0 else None
+        steps = []
+        for i in range(n):
+            jid = "r%d-%d" % (rnd, i)
+            expected[jid] = code = rng.choice(codes)
+            steps.append(["run", jid, rng.choice(templates) % code])
+        compact_every = rng.choice((3, 10, 20000))
+        during_open = rng.random() < 0.25     # else: once open, mid-burst
+        kill_after_acks = rng.randint(0, n)
+        kill_at = rng.uniform(0.0, 0.4)
+        ctx = ("PMAN_FAULT_SEED=%d round %d (max_running=%s, COMPACT_EVERY=%d, kill %s "
+               "after %d acks or %.3f s)" % (
+                   seed, rnd, max_running, compact_every,
+                   "from the start" if during_open else "once open", kill_after_acks, kill_at))
+        child = crash_env.child(state, steps, options={"max_running": max_running, "grace": 1},
+                                compact_every=compact_every)
+        if not during_open:
+            child.wait_event("open")
+            child.started = time.monotonic()
+        child.run_until(kill_after_acks, kill_at)
+        child.sigkill()
+        history.append(ctx + ": %d acks" % len(child.acks()))
+        acked |= {e["jid"] for e in child.acks()}
+        ctx += " [%d acks this round, %d in all]" % (len(child.acks()), len(acked))
+        if os.path.isdir(state):
+            _crash_check_files(state, ctx)
+
+        manager = crash_env.manager(state, max_running=max_running, tolerate_dead_holder=True)
+        names = os.listdir(state)
+        assert not [x for x in names if ".tmp-" in x], "%s: temporary files left: %r" % (ctx, names)
+        assert not [x for x in names if ".corrupt" in x], (
+            "%s: a crash was taken for corruption: %r" % (ctx, names))
+        records = manager.jobs()
+        jids = [r["jid"] for r in records]
+        assert len(jids) == len(set(jids)), "%s: duplicate jobs %r" % (ctx, jids)
+        missing = sorted(acked - set(jids))
+        assert not missing, "%s: acknowledged jobs lost: %r" % (ctx, missing)
+        problems = [p for p in (_crash_code_problem(r, expected[r["jid"]]) for r in records) if p]
+        assert not problems, "%s: wrong outcomes: %r" % (ctx, problems)
+        manager.close()
+
+    ctx = "PMAN_FAULT_SEED=%d final" % seed
+    print("\n".join(history))
+    if crash_env.lock_retries:
+        print("%s: the lock outlived its SIGKILLed holder (%d polls)"
+              % (ctx, crash_env.lock_retries))
+    manager = crash_env.manager(state)
+    jids = [r["jid"] for r in manager.jobs()]
+    assert acked <= set(jids), "%s: lost %r" % (ctx, sorted(acked - set(jids)))
+    try:
+        done = manager.wait(jids, timeout=30)
+    except pman.Timeout as e:
+        raise AssertionError("%s: jobs never ended: %r" % (
+            ctx, [r for r in e.jobs if r["status"] in ("notstarted", "started")]))
+    problems = [p for p in (_crash_code_problem(r, expected[r["jid"]]) for r in done) if p]
+    assert not problems, "%s: wrong outcomes: %r\nrounds:\n%s" % (ctx, problems, "\n".join(history))
+    final = {r["jid"]: (r["status"], r["returncode"]) for r in done}
+    manager.close()
+    manager = crash_env.manager(state)
+    again = {r["jid"]: (r["status"], r["returncode"]) for r in manager.jobs()}
+    assert again == final, "%s: records changed across a clean restart" % ctx
+    manager.close()
+
+
+# ---------------------------------------------------------------------------
+# 2-4. Re-adopt, finished while down, vanished while down
+# ---------------------------------------------------------------------------
+
+def test_crash_readopt_exit_code_and_kill(crash_env):
+    state = crash_env.path()
+    child = crash_env.child(state, [["run", "r42", "sleep 2; exit 42"],
+                                    ["run", "r100", "sleep 100"]])
+    child.wait_event("done")
+    pids = {e["jid"]: e["pid"] for e in child.acks()}
+    child.sigkill()
+    assert _crash_alive(pids["r42"]) and _crash_alive(pids["r100"])
+
+    manager = crash_env.manager(state)
+    for jid in ("r42", "r100"):
+        rec = manager.get(jid)
+        assert rec["status"] == "started", rec
+        assert rec["pid"] == pids[jid], rec
+
+    rec = manager.kill("r100")
+    assert rec["status"] == "started"
+    done = manager.wait("r100", timeout=10)
+    assert (done["status"], done["returncode"]) == (_CRASH_ERROR, -15), done
+    _crash_poll(lambda: not _crash_group_members(pids["r100"]), 10,
+                "the re-adopted, killed job's group to be gone")
+
+    done = manager.wait("r42", timeout=15)
+    assert (done["status"], done["returncode"]) == (_CRASH_ERROR, 42), done
+    assert "42" in done["message"]
+    manager.close()
+    manager = crash_env.manager(state)
+    assert manager.get("r42")["returncode"] == 42
+    assert manager.get("r100")["returncode"] == -15
+
+
+def test_crash_finished_while_down(crash_env):
+    state = crash_env.path()
+    child = crash_env.child(state, [["run", "three", "sleep 0.5; exit 3"],
+                                    ["run", "zero", "sleep 0.5; exit 0"],
+                                    ["run", "k", "sleep 100"],
+                                    ["kill", "k"]], options={"grace": 30})
+    child.wait_event("done")
+    pids = {e["jid"]: e["pid"] for e in child.acks()}
+    child.sigkill()
+    assert _crash_alive(pids["three"]) and _crash_alive(pids["zero"]), \
+        "the jobs ended before their manager was killed: the test ran too slowly"
+    # The jobs end while no manager runs.
+    for jid, pid in pids.items():
+        _crash_poll(lambda: not _crash_group_members(pid), 10, "job %s to end" % jid)
+    for jid in ("three", "zero"):
+        assert os.path.exists(os.path.join(state, "logs", jid + ".rc"))
+
+    manager = crash_env.manager(state)
+    three, zero, k = manager.get("three"), manager.get("zero"), manager.get("k")
+    assert (three["status"], three["returncode"]) == (_CRASH_ERROR, 3), three
+    assert (zero["status"], zero["returncode"]) == (_CRASH_SUCCESS, 0), zero
+    assert (k["status"], k["returncode"]) == (_CRASH_ERROR, -15), k
+    # Once the journal holds the ending, the rc file goes.
+    _crash_poll(lambda: not os.path.exists(os.path.join(state, "logs", "three.rc")), 5,
+                "logs/three.rc to be removed")
+    manager.close()
+    manager = crash_env.manager(state)
+    assert manager.get("three")["returncode"] == 3
+    assert manager.get("zero")["returncode"] == 0
+    assert manager.get("k")["returncode"] == -15
+
+
+def test_crash_vanished_while_down_is_undefined(crash_env):
+    state = crash_env.path()
+    child = crash_env.child(state, [["run", "v", "sleep 100"]])
+    pid = child.wait_event("ack")["pid"]
+    child.sigkill()
+    os.killpg(pid, signal.SIGKILL)
+    _crash_poll(lambda: not _crash_group_members(pid), 10, "the job's group to die")
+
+    manager = crash_env.manager(state)
+    rec = manager.get("v")
+    assert rec["status"] == "undefined", rec
+    assert rec["returncode"] is None, rec
+    assert rec["message"] and "exit code" in rec["message"], rec
+    manager.close()
+    manager = crash_env.manager(state)
+    rec = manager.get("v")
+    assert (rec["status"], rec["returncode"]) == ("undefined", None), rec
+
+
+# ---------------------------------------------------------------------------
+# 5. Identity: a recorded pid now used by another process
+# ---------------------------------------------------------------------------
+
+def test_crash_recorded_pid_of_stranger_never_signalled(crash_env):
+    state = crash_env.path()
+    manager = crash_env.manager(state)
+    victims = ("victim", "victim-killed", "victim-boot", "victim-noident")
+    for jid in victims:
+        manager.run("exit 0", jid=jid)
+    manager.wait(list(victims), timeout=10)
+    manager.close()
+
+    stranger = crash_env.stranger(["sleep", "30"])
+    _crash_poll(lambda: _crash_stat(stranger.pid) is not None
+                and _crash_stat(stranger.pid)["pgrp"] == stranger.pid, 5, "the stranger")
+    start = _crash_stat(stranger.pid)["start"]
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    snap = os.path.join(state, _CRASH_SNAPSHOT)
+    lines = _crash_read(snap).decode().split("\n")[:-1]
+    out = [lines[0]]
+    for line in lines[1:]:
+        rec = json.loads(line)
+        rec.update(status="started", returncode=None, ended=None, pid=stranger.pid,
+                   message="running (pid %d)" % stranger.pid,
+                   ident=[start + 100000, boot])          # a wrong start time
+        if rec["jid"] == "victim-killed":                 # killed before the restart
+            rec.update(kill_signal=15, kill_reason="on request")
+        if rec["jid"] == "victim-boot":                   # right start, another boot
+            rec.update(ident=[start, "00000000-0000-0000-0000-000000000000"])
+        if rec["jid"] == "victim-noident":                # no identity recorded
+            rec.update(ident=None)
+        out.append(json.dumps(rec))
+    _crash_write(snap, "\n".join(out) + "\n")
+    for name in os.listdir(os.path.join(state, "logs")):
+        if name.endswith(".rc"):
+            os.unlink(os.path.join(state, "logs", name))
+
+    manager = crash_env.manager(state)
+    assert _crash_alive(stranger.pid), "the stranger was signalled at recovery"
+    for jid in ("victim", "victim-boot", "victim-noident"):
+        rec = manager.get(jid)
+        assert (rec["status"], rec["returncode"]) == ("undefined", None), rec
+    rec = manager.get("victim-killed")
+    assert (rec["status"], rec["returncode"]) == (_CRASH_ERROR, -15), rec
+    for jid in victims:
+        rec = manager.kill(jid, "KILL")
+        assert rec["status"] not in ("notstarted", "started"), rec
+    assert stranger.poll() is None and _crash_alive(stranger.pid), \
+        "kill() signalled a process that is not the job"
+    manager.close(kill=True)
+    assert stranger.poll() is None and _crash_alive(stranger.pid), \
+        "close(kill=True) signalled a process that is not the job"
+
+
+# ---------------------------------------------------------------------------
+# 6. The single-owner lock
+# ---------------------------------------------------------------------------
+
+def test_crash_single_owner_lock(crash_env):
+    state = crash_env.path()
+    holder = crash_env.child(state, [["run", "long", "sleep 30"]])
+    job_pid = holder.wait_event("ack")["pid"]
+    holder.wait_event("done")
+
+    t0 = time.monotonic()
+    with pytest.raises(pman.StateLocked) as info:
+        pman.JobManager(state)
+    assert time.monotonic() - t0 < 1.0, "StateLocked was not raised at once"
+    assert info.value.path == state and info.value.pid == holder.pid, vars(info.value)
+    assert state in str(info.value) and str(holder.pid) in str(info.value)
+
+    second = crash_env.child(state)
+    event = second.wait_event("locked")
+    assert event["path"] == state and event["pid"] == holder.pid, event
+    assert event["elapsed"] < 1.0, event
+    assert second.proc.wait(timeout=15) == 3
+
+    # The job holds no descriptor of the lock (nor of the journal).
+    lock = os.path.join(state, "lock")
+    members = _crash_group_members(job_pid)
+    assert job_pid in members
+    for pid in members:
+        fd_dir = "/proc/%d/fd" % pid
+        for fd in os.listdir(fd_dir):
+            try:
+                target = os.readlink(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            assert target != lock, "job process %d inherited the lock (fd %s)" % (pid, fd)
+            assert "journal-" not in target and _CRASH_SNAPSHOT not in target, (pid, fd, target)
+
+    holder.sigkill()
+    assert _crash_alive(job_pid), "the job died with its manager"
+    manager = crash_env.manager(state)          # at once: no retry
+    assert _crash_read(lock).decode().strip() == str(os.getpid())
+    assert manager.get("long")["status"] == "started"
+    manager.kill("long")
+    assert manager.wait("long", timeout=10)["returncode"] == -15
+
+
+# A process that has imported pman and forks one manager per request, so
+# that many managers can be SIGKILLed mid-burst without paying an interpreter
+# start each.  Request: a JSON line {"state", "n"}; reply: {"pid"} of the
+# forked manager, which prints {"open"} and then submits n jobs quickly.
+_CRASH_ZYGOTE = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import pman
+for line in sys.stdin:
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            m = pman.JobManager(req["state"], durable=False)
+            os.write(1, b'{"event": "open"}\n')
+            for i in range(req["n"]):
+                m.run("exit 0", jid="j%d" % i)
+        finally:
+            os._exit(0)
+    sys.stdout.write(json.dumps({"event": "forked", "pid": pid}) + "\n")
+    sys.stdout.flush()
+    os.waitpid(pid, 0)
+"""
+
+
+def test_crash_lock_free_at_once_after_sigkill_mid_spawn(crash_env):
+    # A manager SIGKILLed while it spawns jobs: the next manager must open at
+    # once.  A job that was forked but has not reached exec yet still holds
+    # a copy of the manager's lock descriptor (O_CLOEXEC drops it only at
+    # exec), so the flock can outlive its holder by the length of that
+    # window.  The kill points are random, so this detects the race with
+    # high probability, never falsely.
+    seed = _crash_seed()
+    print("PMAN_FAULT_SEED=%d" % seed)
+    rng = random.Random(seed)
+    zygote = crash_env.process([sys.executable, "-c", _CRASH_ZYGOTE, _CRASH_PMAN_DIR])
+    budget = time.monotonic() + 8
+    cycles = 0
+    while cycles < 40 and time.monotonic() < budget:
+        state = crash_env.path("state-%d" % cycles)
+        zygote.events = []
+        zygote.send({"state": state, "n": 2000})
+        pid = zygote.wait_event("forked")["pid"]
+        crash_env.track_pid(pid)
+        zygote.wait_event("open")
+        zygote.read_until(time.monotonic() + rng.uniform(0.005, 0.1))   # the kill point
+        os.kill(pid, signal.SIGKILL)
+        # Gone from /proc: reaped by the zygote, so all its threads exited and
+        # its descriptors are closed (a zombie leader may still have threads).
+        deadline = time.monotonic() + 10
+        while os.path.exists("/proc/%d" % pid):   # polled tightly: the window is short
+            assert time.monotonic() < deadline, "manager %d was never reaped" % pid
+        try:
+            manager = crash_env.manager(state)
+        except AssertionError as e:
+            raise AssertionError("PMAN_FAULT_SEED=%d cycle %d: a new manager could not open "
+                                 "right after the holder was SIGKILLed: %s" % (seed, cycles, e))
+        manager.close(kill=True)
+        _crash_kill_job_groups(state)
+        cycles += 1
+    print("%d managers SIGKILLed mid-burst" % cycles)
+    assert cycles >= 10
+
+
+# ---------------------------------------------------------------------------
+# 7. Damaged state files
+# ---------------------------------------------------------------------------
+
+def _crash_snapshot_case(case, state):
+    """Write a damaged snapshot (and maybe a journal); return (the damaged
+    file's bytes, {jid: (status, returncode, cmd)} of the good records)."""
+    a, b = _crash_line("a", 1, 0), _crash_line("b", 2, 3)
+    good = {"a": (_CRASH_SUCCESS, 0, "exit 0"), "b": (_CRASH_ERROR, 3, "exit 3")}
+    head = _crash_header(0, 4) + "\n" + a + "\n" + b + "\n"
+    rng = random.Random(case)
+    if case.startswith("truncated"):
+        if case == "truncated-queued-after-brace":
+            c = _crash_queued_line("c", 3, cmd="echo should-not-run")
+        else:
+            c = _crash_line("c", 3, 7, meta={}, cmd="echo a-longer-command; exit 7")
+        if case == "truncated-mid-line":
+            cut = c.index("a-longer") + 4
+        else:                   # right after a nested object: the cut ends in "}"
+            cut = c.index('"meta": {}') + len('"meta": {}')
+        data = (head + c[:cut]).encode()
+    elif case == "garbage-line":
+        junk = bytes(x for x in rng.randbytes(300) if x != 10) + b"\xff\xfe"
+        data = (_crash_header(0, 4) + "\n" + a + "\n").encode() + junk + ("\n" + b + "\n").encode()
+    elif case == "garbage-file":
+        data = rng.randbytes(4096)
+        _crash_write(os.path.join(state, "journal-0.jsonl"), _crash_line("d", 5, 9) + "\n")
+        good = {"d": (_CRASH_ERROR, 9, "exit 9")}
+    else:
+        raise ValueError(case)
+    _crash_write(os.path.join(state, _CRASH_SNAPSHOT), data)
+    return data, good
+
+
+@pytest.mark.parametrize("case", ["truncated-mid-line", "truncated-after-brace",
+                                  "truncated-queued-after-brace", "garbage-line",
+                                  "garbage-file"])
+def test_crash_corrupt_snapshot(crash_env, caplog, case):
+    caplog.set_level(logging.WARNING, logger="pman")
+    state = crash_env.path()
+    data, good = _crash_snapshot_case(case, state)
+    snap = os.path.join(state, _CRASH_SNAPSHOT)
+
+    with pytest.raises(pman.StateCorrupt) as info:
+        pman.JobManager(state, strict=True)
+    assert info.value.path == snap, str(info.value)
+    assert _crash_read(snap) == data, "strict=True changed the snapshot"
+    assert not _crash_names(state, ".corrupt")
+
+    manager = crash_env.manager(state)
+    aside = _crash_names(state, _CRASH_SNAPSHOT + ".corrupt-")
+    assert len(aside) == 1 and _CRASH_CORRUPT_RE.search(aside[0]), os.listdir(state)
+    assert _crash_read(os.path.join(state, aside[0])) == data, "the set-aside bytes differ"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(snap in w and aside[0] in w for w in warnings), warnings
+    records = manager.jobs()
+    got = {r["jid"]: (r["status"], r["returncode"], r["cmd"]) for r in records}
+    assert got == good
+    manager.close()
+
+    manager = crash_env.manager(state)
+    got = {r["jid"]: (r["status"], r["returncode"], r["cmd"]) for r in manager.jobs()}
+    assert got == good
+    assert len(_crash_names(state, ".corrupt")) == 1
+    assert not os.path.exists(os.path.join(state, "logs", "c.out")), "a damaged record ran"
+
+
+_CRASH_TAILS = {
+    "partial-record": b'{"jid": "c", "status": "finishedWithError", "seq": 3, "mess',
+    "record-without-newline": _crash_line("c", 3, 7).encode(),
+    "zero-filled": b"\0" * 512,
+    "non-utf8": b'{"jid": "c", "st\xff\xfe\x80',
+}
+
+
+@pytest.mark.parametrize("only_tail", [False, True], ids=["after-records", "only-tail"])
+@pytest.mark.parametrize("tail", sorted(_CRASH_TAILS))
+def test_crash_journal_torn_tail_is_not_corruption(crash_env, caplog, tail, only_tail):
+    caplog.set_level(logging.WARNING, logger="pman")
+    state = crash_env.path()
+    _crash_write(os.path.join(state, _CRASH_SNAPSHOT),
+                 _crash_header(0, 2) + "\n" + _crash_line("z", 1, 4) + "\n")
+    body = b"" if only_tail else (_crash_line("a", 2, 0) + "\n" + _crash_line("b", 3, 3)
+                                  + "\n").encode()
+    journal = os.path.join(state, "journal-0.jsonl")
+    _crash_write(journal, body + _CRASH_TAILS[tail])
+
+    manager = crash_env.manager(state)
+    got = {r["jid"]: (r["status"], r["returncode"]) for r in manager.jobs()}
+    want = {"z": (_CRASH_ERROR, 4)}
+    if not only_tail:
+        want.update(a=(_CRASH_SUCCESS, 0), b=(_CRASH_ERROR, 3))
+    assert {k: v for k, v in got.items() if k != "c"} == want
+    assert not _crash_names(state, ".corrupt"), os.listdir(state)
+    manager.close()
+    manager = crash_env.manager(state)
+    got2 = {r["jid"]: (r["status"], r["returncode"]) for r in manager.jobs()}
+    assert got2 == got
+
+
+_CRASH_BAD_LINES = {
+    "not-json": b"this is not json at all",
+    "non-utf8": b"\xff\xfe{\x80\x81}",
+    "json-not-a-record": b'{"what": 1}',
+}
+
+
+@pytest.mark.parametrize("bad", sorted(_CRASH_BAD_LINES))
+def test_crash_journal_bad_middle_line(crash_env, caplog, bad):
+    caplog.set_level(logging.WARNING, logger="pman")
+    state = crash_env.path()
+    snap_data = (_crash_header(0, 3) + "\n" + _crash_line("z", 1, 4) + "\n"
+                 + _crash_line("y", 2, 5) + "\n").encode()
+    snap = os.path.join(state, _CRASH_SNAPSHOT)
+    _crash_write(snap, snap_data)
+    journal = os.path.join(state, "journal-0.jsonl")
+    data = (_crash_line("a", 3, 0) + "\n").encode() + _CRASH_BAD_LINES[bad] + b"\n" + (
+        _crash_line("b", 4, 3) + "\n" + json.dumps({"forget": ["z"]}) + "\n").encode()
+    _crash_write(journal, data)
+
+    with pytest.raises(pman.StateCorrupt) as info:
+        pman.JobManager(state, strict=True)
+    assert info.value.path == journal, str(info.value)
+    assert _crash_read(journal) == data and _crash_read(snap) == snap_data
+    assert not _crash_names(state, ".corrupt")
+
+    manager = crash_env.manager(state)
+    aside = _crash_names(state, "journal-0.jsonl.corrupt-")
+    assert len(aside) == 1 and _CRASH_CORRUPT_RE.search(aside[0]), os.listdir(state)
+    assert _crash_read(os.path.join(state, aside[0])) == data
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(journal in w and aside[0] in w for w in warnings), warnings
+    got = {r["jid"]: (r["status"], r["returncode"]) for r in manager.jobs()}
+    assert got == {"y": (_CRASH_ERROR, 5), "a": (_CRASH_SUCCESS, 0), "b": (_CRASH_ERROR, 3)}
+    manager.close()
+    manager = crash_env.manager(state)
+    assert {r["jid"] for r in manager.jobs()} == {"y", "a", "b"}
+    assert len(_crash_names(state, ".corrupt")) == 1
+
+
+# ---------------------------------------------------------------------------
+# 8. Queued jobs across a restart
+# ---------------------------------------------------------------------------
+
+def test_crash_queued_jobs_survive_restart_in_order(crash_env):
+    state = crash_env.path()
+    steps = [["run", "long", "sleep 1.5; exit 7"], ["run", "q1", "exit 11"],
+             ["run", "q2", "sleep 0.1; exit 12"], ["run", "q3", "exit 13"]]
+    child = crash_env.child(state, steps, options={"max_running": 1})
+    child.wait_event("done")
+    status = {e["jid"]: e["status"] for e in child.acks()}
+    assert status == {"long": "started", "q1": "notstarted", "q2": "notstarted",
+                      "q3": "notstarted"}
+    child.sigkill()
+
+    manager = crash_env.manager(state, max_running=1)
+    now = {r["jid"]: r["status"] for r in manager.jobs()}
+    assert now == status, "re-adopted jobs must count toward max_running"
+    assert manager.counts()["started"] == 1
+    done = manager.wait(["long", "q1", "q2", "q3"], timeout=15)
+    assert [r["returncode"] for r in done] == [7, 11, 12, 13], done
+    for before, after in zip(done, done[1:]):
+        assert _crash_ts(after["started"]) >= _crash_ts(before["ended"]), (before, after)
+
+
+def test_crash_job_started_from_queue_is_not_run_twice(crash_env):
+    # A queued job that the reaper starts must be re-adopted after a crash,
+    # not started a second time beside its untracked first instance.
+    state = crash_env.path()
+    marker = os.path.join(crash_env.tmp, "runs")
+    steps = [["run", "first", "sleep 0.3"],
+             ["run", "q", "echo $$ >> %s; exec sleep 30" % marker]]
+    child = crash_env.child(state, steps, options={"max_running": 1})
+    child.wait_event("done")
+    assert child.acks()[1]["status"] == "notstarted"
+    _crash_poll(lambda: os.path.exists(marker) and _crash_read(marker).endswith(b"\n"), 10,
+                "the queued job to start")
+    # The kill point: 0.1 s into the job's life.  That leaves a manager time
+    # to make the start durable, but is within pman's FLUSH_DELAY (0.2 s).
+    child.read_until(time.monotonic() + 0.1)
+    child.sigkill()
+    first_pid = int(_crash_read(marker).split()[0])
+    assert _crash_alive(first_pid)
+
+    manager = crash_env.manager(state, max_running=1)
+    rec = manager.get("q")
+    runs = _crash_read(marker).split()
+    assert rec["status"] == "started" and rec["pid"] == first_pid, (
+        "the running job (pid %d) was not re-adopted: record %r, instances started %r"
+        % (first_pid, rec, runs))
+    manager.kill("q")
+    assert manager.wait("q", timeout=10)["returncode"] == -15
+    _crash_poll(lambda: not _crash_group_members(first_pid), 10, "the job to be gone")
+
+
+# ---------------------------------------------------------------------------
+# 9. The frozen v1 state format
+# ---------------------------------------------------------------------------
+
+# Generated once by a real pman 0.1.0 manager (max_running=2): the snapshot
+# holds jobs ok..vanished (vanished: its group SIGKILLed while no manager ran);
+# journal-3 holds late, a re-run of "again", gone, and {"forget"} lines for
+# gone and dropme.  Logs kept: ok.out, err.err, argv.out, killed.err,
+# timedout.err.
+_CRASH_V1_EXPECTED = [
+    {'jid': 'ok', 'status': 'finishedSuccessfully', 'seq': 1, 'message': 'exited with code 0',
+     'returncode': 0, 'pid': 15483, 'cmd': 'echo hello; exit 0', 'argv': None, 'auid': 'alice',
+     'meta': {'project': 'x', 'n': 1}, 'env': [], 'cwd': None, 'timeout': None, 'extras': {},
+     'submitted': '2026-11-28T06:30:59.805041+00:00',
+     'started': '2026-11-28T06:30:59.805115+00:00',
+     'ended': '2026-11-28T06:30:59.808746+00:00',
+     'timestamp': '2026-11-28T06:30:59.808746+00:00'},
+    {'jid': 'err', 'status': 'finishedWithError', 'seq': 2, 'message': 'exited with code 3',
+     'returncode': 3, 'pid': 15487, 'cmd': 'echo oops >&2; exit 3', 'argv': None, 'auid': '',
+     'meta': {}, 'env': [], 'cwd': None, 'timeout': None, 'extras': {},
+     'submitted': '2026-11-28T06:30:59.810262+00:00',
+     'started': '2026-11-28T06:30:59.810343+00:00',
+     'ended': '2026-11-28T06:30:59.813727+00:00',
+     'timestamp': '2026-11-28T06:30:59.813727+00:00'},
+    {'jid': 'argv', 'status': 'finishedSuccessfully', 'seq': 3,
+     'message': 'exited with code 0', 'returncode': 0, 'pid': 15492, 'cmd': "/bin/echo 'a b'",
+     'argv': ['/bin/echo', 'a b'], 'auid': '', 'meta': {}, 'env': [], 'cwd': None,
+     'timeout': None, 'extras': {}, 'submitted': '2026-11-28T06:30:59.814053+00:00',
+     'started': '2026-11-28T06:30:59.814097+00:00',
+     'ended': '2026-11-28T06:30:59.824737+00:00',
+     'timestamp': '2026-11-28T06:30:59.824737+00:00'},
+    {'jid': 'envjob', 'status': 'finishedSuccessfully', 'seq': 4,
+     'message': 'exited with code 0', 'returncode': 0, 'pid': 15507, 'cmd': 'exit 0',
+     'argv': None, 'auid': '', 'meta': {}, 'env': ['FOO'], 'cwd': '/', 'timeout': None,
+     'extras': {'cpu_limit': '1000m', 'number_of_workers': 1},
+     'submitted': '2026-11-28T06:30:59.826029+00:00',
+     'started': '2026-11-28T06:30:59.826065+00:00',
+     'ended': '2026-11-28T06:30:59.828754+00:00',
+     'timestamp': '2026-11-28T06:30:59.828754+00:00'},
+    {'jid': 'nospawn', 'status': 'finishedWithError', 'seq': 5,
+     'message': "spawn failed: [Errno 2] no such directory (cwd): '/nonexistent-pman-dir'",
+     'returncode': None, 'pid': None, 'cmd': 'exit 0', 'argv': None, 'auid': '', 'meta': {},
+     'env': [], 'cwd': '/nonexistent-pman-dir', 'timeout': None, 'extras': {},
+     'submitted': '2026-11-28T06:30:59.829240+00:00', 'started': None,
+     'ended': '2026-11-28T06:30:59.829498+00:00',
+     'timestamp': '2026-11-28T06:30:59.829498+00:00'},
+    {'jid': 'selfkill', 'status': 'finishedWithError', 'seq': 6,
+     'message': 'killed by SIGKILL (not sent by pman); exited with code 137, which is also '
+                'what a shell reports for SIGKILL',
+     'returncode': 137, 'pid': 15511, 'cmd': 'kill -KILL $$', 'argv': None, 'auid': '',
+     'meta': {}, 'env': [], 'cwd': None, 'timeout': None, 'extras': {},
+     'submitted': '2026-11-28T06:30:59.831178+00:00',
+     'started': '2026-11-28T06:30:59.831210+00:00',
+     'ended': '2026-11-28T06:30:59.834807+00:00',
+     'timestamp': '2026-11-28T06:30:59.834807+00:00'},
+    {'jid': 'exit130', 'status': 'finishedWithError', 'seq': 7,
+     'message': 'exited with code 130, which is also what a shell reports for SIGINT',
+     'returncode': 130, 'pid': 15518, 'cmd': 'exit 130', 'argv': None, 'auid': '', 'meta': {},
+     'env': [], 'cwd': None, 'timeout': None, 'extras': {},
+     'submitted': '2026-11-28T06:30:59.835071+00:00',
+     'started': '2026-11-28T06:30:59.835099+00:00',
+     'ended': '2026-11-28T06:30:59.839409+00:00',
+     'timestamp': '2026-11-28T06:30:59.839409+00:00'},
+    {'jid': 'killed', 'status': 'finishedWithError', 'seq': 10,
+     'message': 'killed by SIGTERM on request', 'returncode': -15, 'pid': 15530,
+     'cmd': 'sleep 30', 'argv': None, 'auid': '', 'meta': {}, 'env': [], 'cwd': None,
+     'timeout': None, 'extras': {}, 'submitted': '2026-11-28T06:30:59.845790+00:00',
+     'started': '2026-11-28T06:30:59.845844+00:00',
+     'ended': '2026-11-28T06:30:59.859285+00:00',
+     'timestamp': '2026-11-28T06:30:59.859285+00:00'},
+    {'jid': 'timedout', 'status': 'finishedWithError', 'seq': 11,
+     'message': 'timed out after 0.2 s (SIGTERM)', 'returncode': -15, 'pid': 15534,
+     'cmd': 'sleep 30', 'argv': None, 'auid': '', 'meta': {}, 'env': [], 'cwd': None,
+     'timeout': 0.2, 'extras': {}, 'submitted': '2026-11-28T06:30:59.848597+00:00',
+     'started': '2026-11-28T06:30:59.848646+00:00',
+     'ended': '2026-11-28T06:31:00.054966+00:00',
+     'timestamp': '2026-11-28T06:31:00.054966+00:00'},
+    {'jid': 'cancelled', 'status': 'finishedWithError', 'seq': 12,
+     'message': 'cancelled before it started (killed on request)', 'returncode': None,
+     'pid': None, 'cmd': 'sleep 30', 'argv': None, 'auid': '', 'meta': {}, 'env': [],
+     'cwd': None, 'timeout': None, 'extras': {},
+     'submitted': '2026-11-28T06:30:59.851494+00:00', 'started': None,
+     'ended': '2026-11-28T06:30:59.853457+00:00',
+     'timestamp': '2026-11-28T06:30:59.853457+00:00'},
+    {'jid': 'vanished', 'status': 'undefined', 'seq': 13,
+     'message': 'the job ended while no manager was watching and left no exit code',
+     'returncode': None, 'pid': 15792, 'cmd': 'sleep 30', 'argv': None, 'auid': '', 'meta': {},
+     'env': [], 'cwd': None, 'timeout': None, 'extras': {},
+     'submitted': '2026-11-28T06:31:00.062846+00:00',
+     'started': '2026-11-28T06:31:00.062915+00:00',
+     'ended': '2026-11-28T06:31:00.848615+00:00',
+     'timestamp': '2026-11-28T06:31:00.848615+00:00'},
+    {'jid': 'late', 'status': 'finishedWithError', 'seq': 14, 'message': 'exited with code 7',
+     'returncode': 7, 'pid': 16054, 'cmd': 'exit 7', 'argv': None, 'auid': '',
+     'meta': {'phase': 2}, 'env': [], 'cwd': None, 'timeout': None, 'extras': {},
+     'submitted': '2026-11-28T06:31:00.861880+00:00',
+     'started': '2026-11-28T06:31:00.861939+00:00',
+     'ended': '2026-11-28T06:31:00.864461+00:00',
+     'timestamp': '2026-11-28T06:31:00.864461+00:00'},
+    {'jid': 'again', 'status': 'finishedSuccessfully', 'seq': 15,
+     'message': 'exited with code 0', 'returncode': 0, 'pid': 16059, 'cmd': 'exit 0',
+     'argv': None, 'auid': '', 'meta': {}, 'env': [], 'cwd': None, 'timeout': None,
+     'extras': {}, 'submitted': '2026-11-28T06:31:00.869205+00:00',
+     'started': '2026-11-28T06:31:00.869266+00:00',
+     'ended': '2026-11-28T06:31:00.874506+00:00',
+     'timestamp': '2026-11-28T06:31:00.874506+00:00'},
+]
+
+
+def test_crash_fixture_state_v1_loads(crash_env, caplog):
+    caplog.set_level(logging.WARNING, logger="pman")
+    source = os.path.join(_crash_fixtures_dir(), "state-v1")
+    assert os.path.exists(os.path.join(source, _CRASH_SNAPSHOT)), source
+    state = crash_env.path()
+    shutil.copytree(source, state)
+    log_dir = os.path.join(state, "logs")
+
+    def check(manager, when):
+        records = manager.jobs()
+        assert [r["jid"] for r in records] == [e["jid"] for e in _CRASH_V1_EXPECTED], when
+        for rec, want in zip(records, _CRASH_V1_EXPECTED):
+            got = {k: rec.get(k, "<missing>") for k in want}
+            assert got == want, "%s: job %s" % (when, want["jid"])
+            assert rec["stdout"] == os.path.join(log_dir, want["jid"] + ".out")
+            assert rec["stderr"] == os.path.join(log_dir, want["jid"] + ".err")
+            assert manager.get(want["jid"])["status"] == want["status"]
+        for jid in ("gone", "dropme"):
+            with pytest.raises(pman.JobNotFound):
+                manager.get(jid)
+        assert manager.counts() == {"notstarted": 0, "started": 0, "finishedSuccessfully": 4,
+                                    "finishedWithError": 8, "undefined": 1}, when
+        assert manager.read_log("ok")["data"] == b"hello\n"
+        assert manager.read_log("err", "stderr")["data"] == b"oops\n"
+        assert manager.read_log("argv")["data"] == b"a b\n"
+
+    manager = crash_env.manager(state)
+    check(manager, "from the fixture")
+    assert not _crash_names(state, ".corrupt"), os.listdir(state)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    manager.close()
+    manager = crash_env.manager(state)
+    check(manager, "after a restart")
+    new = manager.run("exit 0", jid="new")
+    assert new["seq"] > 16, "a sequence number was reused: %r" % new
+    assert manager.wait("new", timeout=10)["returncode"] == 0
+
+
+# ---------------------------------------------------------------------------
+# 10. Compaction during concurrent submissions
+# ---------------------------------------------------------------------------
+
+def test_crash_compaction_during_concurrent_submissions(crash_env, monkeypatch):
+    monkeypatch.setattr(pman, "COMPACT_EVERY", 50)
+    state = crash_env.path()
+    manager = crash_env.manager(state)
+    expected = {"t%d-%d" % (t, i): (t * 100 + i) % 7 for t in range(4) for i in range(100)}
+    errors = []
+
+    def submit(t):
+        try:
+            for i in range(100):
+                jid = "t%d-%d" % (t, i)
+                manager.run("exit %d" % expected[jid], jid=jid)
+        except BaseException as e:      # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=submit, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "submitters hung"
+    assert not errors, errors
+    done = manager.wait(list(expected), timeout=30)
+    problems = [p for p in (_crash_code_problem(r, expected[r["jid"]]) for r in done) if p]
+    assert not problems, problems
+
+    def view(records):
+        return {r["jid"]: (r["status"], r["returncode"], r["seq"]) for r in records}
+
+    records = manager.jobs()
+    assert sorted(r["jid"] for r in records) == sorted(expected)
+    live = view(records)
+    seqs = [s for _, _, s in live.values()]
+    assert len(set(seqs)) == len(seqs), "sequence numbers reused"
+
+    def files_agree():      # endings reach the disk within FLUSH_DELAY
+        try:
+            return view(_crash_replay(state).values()) == live
+        except (OSError, ValueError, KeyError, IndexError):
+            return False    # a compaction replaced a file under us: read again
+    _crash_poll(files_agree, 10, "the journal and snapshot to match the manager")
+    manager.close()
+
+    names = os.listdir(state)
+    assert not [n for n in names if ".tmp-" in n or ".corrupt" in n], names
+    header = json.loads(_crash_read(os.path.join(state, _CRASH_SNAPSHOT)).split(b"\n")[0])
+    assert header["generation"] >= 5, "compaction never ran: %r" % header
+    journals = [n for n in names if re.fullmatch(r"journal-\d+\.jsonl", n)]
+    assert all(int(n[8:-6]) >= header["generation"] for n in journals), (header, journals)
+    snap_jids = [json.loads(x)["jid"] for x in
+                 _crash_read(os.path.join(state, _CRASH_SNAPSHOT)).split(b"\n")[1:] if x]
+    assert sorted(snap_jids) == sorted(expected), "snapshot holds a job twice or misses one"
+    assert view(_crash_replay(state).values()) == live
+
+    manager = crash_env.manager(state)
+    again = manager.jobs()
+    assert [r["jid"] for r in again] == [r["jid"] for r in records]
+    assert view(again) == live
+
+
+# ===========================================================================
+# http
+# ===========================================================================
+_HTTP_PMAN = os.path.join(HERE, "pman.py")
+_HTTP_DEADLINE = 15.0
+_HTTP_PFCON_FIELDS = ("number_of_workers", "cpu_limit", "memory_limit", "gpu_limit",
+                      "image", "type", "input_dir", "output_dir", "args_path_flags")
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+class _HttpReply:
+    """One reply read by http.client."""
+
+    def __init__(self, status, headers, body, version):
+        self.status, self.headers, self.body, self.version = status, headers, body, version
+
+    def header(self, name, default=None):
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return default
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+
+class _HttpRaw:
+    """One reply read from a raw socket."""
+
+    def __init__(self, status_line, headers, body):
+        self.status_line, self.headers, self.body = status_line, headers, body
+
+    @property
+    def code(self):
+        m = re.match(r"HTTP/\S+ (\d{3})", self.status_line)
+        return int(m.group(1)) if m else None
+
+    def header(self, name, default=None):
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return default
+
+    def __repr__(self):
+        return "<reply %r %r %r>" % (self.status_line, self.headers, self.body[:300])
+
+
+class _HttpSrv:
+    """A served JobManager: the server, its manager and port."""
+
+    def __init__(self, manager, srv, state_dir):
+        self.manager, self.srv, self.state_dir = manager, srv, state_dir
+        self.port = srv.server_address[1]
+        self.log_dir = os.path.join(manager.state_dir, "logs")
+        self.stopped = False
+
+    def conn(self, timeout=_HTTP_DEADLINE):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method, path, body=None, headers=None, conn=None, timeout=_HTTP_DEADLINE):
+        own = conn is None
+        c = self.conn(timeout) if own else conn
+        hdrs = dict(headers or {})
+        data = None
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
+            hdrs.setdefault("Content-Type", "application/json")
+        try:
+            c.request(method, path, body=data, headers=hdrs)
+            r = c.getresponse()
+            raw = r.read()
+            return _HttpReply(r.status, r.getheaders(), raw, r.version)
+        finally:
+            if own:
+                c.close()
+
+    def raw(self, data, **kw):
+        return _http_raw(self.port, data, **kw)
+
+    def stop(self):
+        """The teardown of the brief (idempotent)."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.srv.shutdown()
+        self.srv.server_close()
+        self.manager.close(kill=True)
+
+
+def _http_json(reply):
+    """Assert *reply* (http.client) is a JSON object with a correct
+    Content-Length, on HTTP/1.1; return the object."""
+    assert reply.version == 11, reply.version
+    assert (reply.header("Content-Type") or "").startswith("application/json"), reply.headers
+    length = reply.header("Content-Length")
+    assert length is not None and int(length) == len(reply.body), (length, len(reply.body))
+    obj = json.loads(reply.body.decode("utf-8"))
+    assert isinstance(obj, dict), obj
+    return obj
+
+
+def _http_error(reply, *codes):
+    """Assert *reply* is an error in *codes* with the contract's shape and no
+    traceback text; return the message."""
+    assert reply.status in codes, (reply.status, reply.body[:500])
+    obj = _http_json(reply)
+    assert obj.get("status") is False, obj
+    assert isinstance(obj.get("message"), str) and obj["message"], obj
+    assert b"Traceback" not in reply.body and b'File "' not in reply.body, reply.body
+    return obj["message"]
+
+
+def _http_read_reply(sock, timeout=_HTTP_DEADLINE, buf=b""):
+    """Read one reply from *sock*: (reply or None if the connection closed
+    before any byte, leftover bytes)."""
+    deadline = time.monotonic() + timeout
+
+    def more():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError("no complete reply within %s s (got %r)" % (timeout, buf[:300]))
+        sock.settimeout(left)
+        try:
+            return sock.recv(65536)
+        except ConnectionResetError:
+            return b""
+        except socket.timeout:
+            raise AssertionError("no complete reply within %s s (got %r)"
+                                 % (timeout, buf[:300])) from None
+
+    while b"\r\n\r\n" not in buf:
+        chunk = more()
+        if not chunk:
+            if not buf:
+                return None, b""
+            raise AssertionError("connection closed inside a reply head: %r" % buf[:300])
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = []
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers.append((key.strip(), value.strip()))
+    lengths = [v for k, v in headers if k.lower() == "content-length"]
+    n = int(lengths[0]) if lengths else 0
+    while len(rest) < n:
+        buf = rest
+        chunk = more()
+        if not chunk:
+            raise AssertionError("connection closed inside a reply body")
+        rest += chunk
+    return _HttpRaw(lines[0], headers, rest[:n]), rest[n:]
+
+
+def _http_raw(port, data, *, timeout=_HTTP_DEADLINE, shut=True, all_replies=False):
+    """Send raw bytes on a fresh connection (half-closing it after unless
+    shut=False) and read one reply (None: closed without a reply), or with
+    all_replies=True every reply until the server closes."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        try:
+            s.sendall(data)
+            if shut:
+                s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass        # the server may refuse early and close: read what it said
+        if not all_replies:
+            return _http_read_reply(s, timeout)[0]
+        replies, left = [], b""
+        while True:
+            reply, left = _http_read_reply(s, timeout, left)
+            if reply is None:
+                return replies
+            replies.append(reply)
+    finally:
+        s.close()
+
+
+def _http_check_raw(reply):
+    """Assert a raw reply has a valid HTTP/1.1 status line, and unless it is
+    a 204, a JSON object body with a correct Content-Length; return (code,
+    object or None)."""
+    assert reply is not None, "the server closed the connection without a reply"
+    m = re.fullmatch(r"HTTP/1\.1 (\d{3}) [^\r\n]*", reply.status_line)
+    assert m, reply.status_line
+    code = int(m.group(1))
+    if code == 204:
+        assert reply.body == b""
+        return code, None
+    assert (reply.header("Content-Type") or "").startswith("application/json"), reply
+    length = reply.header("Content-Length")
+    assert length is not None and length.isdigit() and int(length) == len(reply.body), reply
+    obj = json.loads(reply.body.decode("utf-8"))
+    assert isinstance(obj, dict), reply
+    assert b"Traceback" not in reply.body, reply
+    return code, obj
+
+
+def _http_post_job(srv, payload, expect=201):
+    r = srv.request("POST", "/api/v1/", payload)
+    assert r.status == expect, (r.status, r.body[:500])
+    return _http_json(r)
+
+
+def _http_wait_job(srv, jid, timeout=10):
+    """Long-poll the job until it ends (bounded); return the job object."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        r = srv.request("GET", "/api/v1/%s/?wait=%.3f" % (jid, max(0.0, left)))
+        assert r.status == 200, (r.status, r.body[:500])
+        job = _http_json(r)
+        if job["status"] not in ("notstarted", "started"):
+            return job
+        if left <= 0:
+            raise AssertionError("job %s still %s after %s s" % (jid, job["status"], timeout))
+
+
+def _http_poll(fn, timeout=10, what="condition"):
+    """Call fn() until it returns something truthy, within a deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("%s not reached within %s s" % (what, timeout))
+        time.sleep(0.02)      # polling period, bounded by the deadline
+
+
+def _http_pid_alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _http_listing(path):
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+@pytest.fixture
+def http_factory(tmp_path):
+    """make(**make_server options) -> _HttpSrv, served in a thread; each
+    server gets its own state dir under tmp_path; all torn down after."""
+    made = []
+
+    def make(state_name="state", host="127.0.0.1", **options):
+        state = tmp_path / state_name
+        manager = pman.JobManager(str(state), grace=2)
+        try:
+            srv = pman.make_server(manager, host, 0, **options)
+        except BaseException:
+            manager.close(kill=True)
+            raise
+        # a short poll_interval: shutdown() at teardown returns within 50 ms
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                         name="http-test-server", daemon=True).start()
+        served = _HttpSrv(manager, srv, str(state))
+        made.append(served)
+        return served
+
+    yield make
+    for served in made:
+        served.stop()
+    # Run finalizers now, not while pytest formats a report: on CPython
+    # 3.11 < 3.11.8 a traceback formatted inside ast.parse (gh-106905) can
+    # turn into "SystemError: AST constructor recursion depth mismatch".
+    gc.collect()
+
+
+@pytest.fixture
+def http_srv(http_factory):
+    return http_factory()
+
+
+# ---------------------------------------------------------------------------
+# 1. pfcon-style flow
+# ---------------------------------------------------------------------------
+
+def test_http_pfcon_flow(http_srv):
+    secret = "hunter2-secret-value"
+    payload = {
+        "jid": "pf-1", "entrypoint": ["sh", "-c"],
+        "args": ["echo out-${#PFV}-$OTHER; echo err-line >&2"],
+        "auid": "chris", "number_of_workers": 1, "cpu_limit": 1000, "memory_limit": 200,
+        "gpu_limit": 0, "image": "fnndsc/pl-simplefsapp", "type": "fs",
+        "env": ["PFV=" + secret, "OTHER=plain"], "input_dir": "/share/incoming",
+        "output_dir": "/share/outgoing", "args_path_flags": ["--dir"],
+    }
+    r = http_srv.request("POST", "/api/v1/", payload)
+    assert r.status == 201, r.body
+    job = _http_json(r)
+    assert job["jid"] == "pf-1"
+    assert job["auid"] == "chris"
+    assert job["status"] in ("notstarted", "started", "finishedSuccessfully")
+    for key in _HTTP_PFCON_FIELDS:
+        assert job[key] == payload[key], key
+    # recorded, and the unenforceable limits are named as such (README.rst: not_enforced)
+    assert set(job["not_enforced"]) == {"cpu_limit", "memory_limit", "gpu_limit",
+                                        "number_of_workers"}
+    # argv, not a shell string; input/output dirs are not appended
+    assert job["cmd"] == shlex.join(payload["entrypoint"] + payload["args"])
+    assert "/share/incoming" not in job["cmd"]
+    assert sorted(job["env"]) == ["OTHER", "PFV"]
+    assert secret.encode() not in r.body
+
+    job = _http_wait_job(http_srv, "pf-1")
+    assert job["status"] == "finishedSuccessfully", job
+    assert job["returncode"] == 0
+    for key in ("jid", "cmd", "status", "message", "timestamp", "logs", "returncode",
+                "pid", "auid", "meta", "image"):
+        assert key in job, key
+    assert isinstance(job["pid"], int)
+    stamp = datetime.fromisoformat(job["timestamp"])
+    assert stamp.utcoffset() is not None
+    assert "out-%d-plain" % len(secret) in job["logs"]
+    assert "err-line" in job["logs"]
+    assert job["logs"].index("out-") < job["logs"].index("err-line")
+    for key in _HTTP_PFCON_FIELDS:
+        assert job[key] == payload[key], key
+
+    # GET without the trailing slash, same object; env values never echoed
+    r = http_srv.request("GET", "/api/v1/pf-1")
+    assert r.status == 200
+    assert _http_json(r)["jid"] == "pf-1"
+    assert secret.encode() not in r.body
+    assert any(name.startswith("pf-1.") for name in _http_listing(http_srv.log_dir))
+
+    r = http_srv.request("DELETE", "/api/v1/pf-1/")
+    assert r.status == 204
+    assert r.body == b""
+    assert not any(name.startswith("pf-1.") for name in _http_listing(http_srv.log_dir))
+
+    r = http_srv.request("GET", "/api/v1/pf-1/")
+    _http_error(r, 404)
+    r = http_srv.request("DELETE", "/api/v1/pf-1")
+    _http_error(r, 404)
+
+
+def test_http_create_conflict_and_rerun(http_srv):
+    _http_post_job(http_srv, {"jid": "cf", "cmd": "sleep 30"})
+    r = http_srv.request("POST", "/api/v1/", {"jid": "cf", "cmd": "true"})
+    _http_error(r, 409)
+    r = http_srv.request("POST", "/api/v1/cf/kill", {"grace": 1})
+    assert r.status == 202
+    _http_wait_job(http_srv, "cf")
+    job = _http_post_job(http_srv, {"jid": "cf", "cmd": "echo again"})
+    assert job["cmd"] == "echo again"
+    assert _http_wait_job(http_srv, "cf")["status"] == "finishedSuccessfully"
+
+
+# ---------------------------------------------------------------------------
+# 2. reply framing: HTTP/1.1, JSON, Content-Length, optional trailing slash
+# ---------------------------------------------------------------------------
+
+def test_http_replies_are_json_http11_and_slashes_optional(http_srv):
+    body = json.dumps({"jid": "fr", "cmd": "sleep 30"}).encode()
+    reply = http_srv.raw(b"POST /api/v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+                         b"\r\n" % len(body) + body)
+    code, obj = _http_check_raw(reply)
+    assert code == 201 and obj["jid"] == "fr"
+    hello = json.dumps({"payload": {"action": "hello", "meta": {"askAbout": "timestamp"}}})
+    cases = [
+        ("GET", "/api/v1/", None, 200), ("GET", "/api/v1", None, 200),
+        ("GET", "/api/v1/jobs", None, 200), ("GET", "/api/v1/jobs/", None, 200),
+        ("GET", "/api/v1/openapi.json", None, 200), ("GET", "/api/v1/openapi.json/", None, 200),
+        ("GET", "/api/v1/fr", None, 200), ("GET", "/api/v1/fr/", None, 200),
+        ("GET", "/api/v1/fr/logs", None, 200), ("GET", "/api/v1/fr/logs/", None, 200),
+        ("GET", "/api/v1/fr/startInfo", None, 200), ("GET", "/api/v1/fr/startInfo/", None, 200),
+        ("POST", "/api/v1/cmd", hello, 200), ("POST", "/api/v1/cmd/", hello, 200),
+        ("GET", "/api/v1/no-such-job/", None, 404), ("GET", "/nowhere", None, 404),
+        ("PUT", "/api/v1/", "{}", 405), ("POST", "/api/v1/", "[]", 400),
+        ("POST", "/api/v1/cmd/", '{"action": "nope"}', 400),
+        ("POST", "/api/v1/fr/kill", '{"grace": 1}', 202),
+    ]
+    for method, path, text, expect in cases:
+        data = ("%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\n" % (method, path)).encode()
+        if text is not None:
+            data += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(text)
+        data += b"\r\n" + (text or "").encode()
+        code, obj = _http_check_raw(http_srv.raw(data))
+        assert code == expect, (method, path, code, obj)
+        if code >= 400:
+            assert obj["status"] is False and obj["message"], obj
+    _http_wait_job(http_srv, "fr")
+    code, obj = _http_check_raw(http_srv.raw(
+        b"DELETE /api/v1/fr HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+    assert code == 204
+
+
+# ---------------------------------------------------------------------------
+# 3. extra routes
+# ---------------------------------------------------------------------------
+
+def test_http_logs_offsets_and_eof(http_srv, tmp_path):
+    flag = tmp_path / "flag"
+    cmd = ("printf hello; printf oops >&2; while [ ! -e %s ]; do sleep 0.02; done; printf world"
+           % shlex.quote(str(flag)))
+    _http_post_job(http_srv, {"jid": "lg", "cmd": cmd})
+
+    def chunk(query):
+        r = http_srv.request("GET", "/api/v1/lg/logs?" + query)
+        assert r.status == 200, r.body
+        return _http_json(r)
+
+    first = _http_poll(lambda: (lambda c: c if c["data"] == "hello" else None)(
+        chunk("stream=stdout")), what="stdout 'hello'")
+    assert first["jid"] == "lg" and first["stream"] == "stdout"
+    assert first["offset"] == 0 and first["next_offset"] == 5 and first["eof"] is False
+    c = chunk("stream=stdout&offset=1&limit=3")
+    assert (c["data"], c["offset"], c["next_offset"], c["eof"]) == ("ell", 1, 4, False)
+    c = chunk("offset=5")
+    assert (c["data"], c["next_offset"], c["eof"]) == ("", 5, False)   # running: not eof
+    _http_poll(lambda: chunk("stream=stderr")["data"] == "oops", what="stderr 'oops'")
+    assert chunk("stream=stderr")["eof"] is False
+
+    flag.touch()
+    assert _http_wait_job(http_srv, "lg")["status"] == "finishedSuccessfully"
+    c = chunk("offset=5")
+    assert (c["data"], c["offset"], c["next_offset"], c["eof"]) == ("world", 5, 10, True)
+    c = chunk("offset=0&limit=5")
+    assert (c["data"], c["next_offset"], c["eof"]) == ("hello", 5, False)  # more follows
+    c = chunk("offset=10")
+    assert (c["data"], c["next_offset"], c["eof"]) == ("", 10, True)
+    c = chunk("offset=100")
+    assert (c["data"], c["eof"]) == ("", True)
+    c = chunk("stream=stderr&offset=0")
+    assert (c["data"], c["next_offset"], c["eof"]) == ("oops", 4, True)
+
+    for query in ("stream=bogus", "offset=-1", "offset=abc", "limit=x", "nope=1",
+                  "offset=1&offset=2"):
+        _http_error(http_srv.request("GET", "/api/v1/lg/logs?" + query), 400)
+    _http_error(http_srv.request("GET", "/api/v1/nosuch/logs"), 404)
+
+    # bytes that are not UTF-8 are replaced, not an error
+    _http_post_job(http_srv, {"jid": "bin", "cmd": r"printf 'a\377b'"})
+    _http_wait_job(http_srv, "bin")
+    r = http_srv.request("GET", "/api/v1/bin/logs")
+    assert _http_json(r)["data"] == "a\ufffdb"
+
+
+def test_http_long_poll_returns_when_job_ends(http_srv):
+    _http_post_job(http_srv, {"jid": "lp", "cmd": "sleep 0.5"})
+    t0 = time.monotonic()
+    r = http_srv.request("GET", "/api/v1/lp/?wait=20")
+    elapsed = time.monotonic() - t0
+    job = _http_json(r)
+    assert r.status == 200 and job["status"] == "finishedSuccessfully", job
+    assert elapsed < 10, elapsed
+
+
+def test_http_long_poll_times_out_with_the_job_object(http_srv):
+    _http_post_job(http_srv, {"jid": "lp2", "cmd": "sleep 30"})
+    t0 = time.monotonic()
+    r = http_srv.request("GET", "/api/v1/lp2?wait=1")
+    elapsed = time.monotonic() - t0
+    job = _http_json(r)
+    assert r.status == 200 and job["status"] == "started" and job["jid"] == "lp2"
+    assert 0.9 <= elapsed < 5, elapsed
+    for bad in ("abc", "-1", "nan", ""):
+        _http_error(http_srv.request("GET", "/api/v1/lp2/?wait=" + bad), 400)
+    _http_error(http_srv.request("GET", "/api/v1/nosuch/?wait=5"), 404)
+
+
+def test_http_long_poll_does_not_hold_a_listener(http_factory):
+    srv = http_factory(listeners=1)
+    _http_post_job(srv, {"jid": "held", "cmd": "sleep 30"})
+    result = {}
+
+    def poll():
+        t0 = time.monotonic()
+        result["reply"] = srv.request("GET", "/api/v1/held/?wait=1.5")
+        result["elapsed"] = time.monotonic() - t0
+
+    t = threading.Thread(target=poll, daemon=True)
+    started = time.monotonic()
+    t.start()
+    during = []
+    c = srv.conn()
+    try:
+        while t.is_alive() and time.monotonic() - started < 20:
+            sent = time.monotonic()
+            r = srv.request("GET", "/api/v1/", conn=c)
+            if t.is_alive() and sent - started > 0.3:
+                during.append(r.status)
+    finally:
+        c.close()
+    t.join(20)
+    assert not t.is_alive()
+    assert result["reply"].status == 200 and 1.3 < result["elapsed"] < 10, result
+    assert during, "no request overlapped the long poll"
+    assert set(during) == {200}, during
+
+
+def test_http_slow_body_does_not_hold_a_listener(http_factory):
+    """API.md: slow or idle connections are bounded by socket timeouts, not by
+    the listener cap, so a client that sent its headers and half its body
+    must not make a concurrent request get 503."""
+    srv = http_factory(listeners=1, request_timeout=3)
+    slow = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    try:
+        slow.sendall(b"POST /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n"
+                     b"\r\n{\"jid\": ")
+        # poll (bounded) until a GET has certainly been processed after the
+        # slow request's headers: three GETs in a row, all must be 200
+        statuses = [srv.request("GET", "/api/v1/").status for _ in range(3)]
+        assert statuses == [200, 200, 200], statuses
+    finally:
+        slow.close()
+
+
+def test_http_kill_route(http_srv):
+    _http_post_job(http_srv, {"jid": "k1", "cmd": "sleep 30"})
+    r = http_srv.request("POST", "/api/v1/k1/kill", {"signal": "SIGTERM", "grace": 1})
+    assert r.status == 202, r.body
+    assert _http_json(r)["jid"] == "k1"
+    job = _http_wait_job(http_srv, "k1")
+    assert job["status"] == "finishedWithError"
+    assert job["returncode"] == -15
+    assert "SIGTERM" in job["message"]
+    # a finished job is left alone
+    r = http_srv.request("POST", "/api/v1/k1/kill/", {"signal": "SIGKILL"})
+    assert r.status == 202 and _http_json(r)["returncode"] == -15
+    _http_error(http_srv.request("POST", "/api/v1/nosuch/kill", {}), 404)
+    _http_post_job(http_srv, {"jid": "k2", "cmd": "sleep 30"})
+    for body in ({"signal": "SIGFOO"}, {"signal": 0}, {"grace": "x"}, {"grace": -1},
+                 {"other": 1}, {"signal": ["TERM"]}):
+        _http_error(http_srv.request("POST", "/api/v1/k2/kill", body), 400)
+    assert _http_json(http_srv.request("GET", "/api/v1/k2/"))["status"] == "started"
+
+
+def test_http_kill_escalates_after_grace(http_srv):
+    _http_post_job(http_srv, {"jid": "stubborn", "cmd": "trap '' TERM; sleep 30"})
+    _http_poll(lambda: _http_json(http_srv.request("GET", "/api/v1/stubborn"))["pid"],
+               what="pid")
+    t0 = time.monotonic()
+    r = http_srv.request("POST", "/api/v1/stubborn/kill", {"signal": "TERM", "grace": 0.5})
+    assert r.status == 202
+    job = _http_wait_job(http_srv, "stubborn")
+    assert time.monotonic() - t0 >= 0.4
+    assert job["status"] == "finishedWithError" and job["returncode"] == -9, job
+
+
+def test_http_jobs_paging_and_filters(http_srv):
+    for i in range(5):
+        _http_post_job(http_srv, {"jid": "p%d" % i, "cmd": "true",
+                                  "auid": "alice" if i % 2 == 0 else "bob",
+                                  "meta": {"k": "v1" if i < 3 else "v2", "n": str(i)}})
+    for i in range(5):
+        assert _http_wait_job(http_srv, "p%d" % i)["status"] == "finishedSuccessfully"
+
+    def page(query):
+        r = http_srv.request("GET", "/api/v1/jobs?" + query)
+        assert r.status == 200, r.body
+        obj = _http_json(r)
+        return [j["jid"] for j in obj["jobs"]], obj["next"]
+
+    assert page("limit=2") == (["p0", "p1"], "p1")
+    assert page("limit=2&after=p1") == (["p2", "p3"], "p3")
+    assert page("limit=2&after=p3") == (["p4"], None)
+    seen, cursor = [], None
+    for _ in range(10):
+        jids, cursor = page("limit=2" + ("&after=" + cursor if cursor else ""))
+        seen += jids
+        if cursor is None:
+            break
+    assert seen == ["p0", "p1", "p2", "p3", "p4"]
+    assert page("") == (["p0", "p1", "p2", "p3", "p4"], None)
+    assert page("auid=alice") == (["p0", "p2", "p4"], None)
+    assert page("auid=alice&limit=1") == (["p0"], "p0")
+    assert page("auid=alice&limit=1&after=p0") == (["p2"], "p2")
+    assert page("meta.k=v1") == (["p0", "p1", "p2"], None)
+    assert page("meta.k=v1&auid=bob") == (["p1"], None)
+    assert page("meta.k=v2&meta.n=4") == (["p4"], None)
+    assert page("meta.k=nope") == ([], None)
+    assert page("status=finishedSuccessfully")[0] == ["p0", "p1", "p2", "p3", "p4"]
+    assert page("status=started") == ([], None)
+
+    _http_post_job(http_srv, {"jid": "p5", "cmd": "sleep 30"})
+    assert page("status=started") == (["p5"], None)
+    assert page("status=started,notstarted") == (["p5"], None)
+    job = http_srv.request("GET", "/api/v1/jobs?status=started").json["jobs"][0]
+    assert job["jid"] == "p5" and job["status"] == "started" and "cmd" in job
+
+    for query in ("status=bogus", "limit=0", "limit=abc", "limit=-1", "limit=100000",
+                  "bogus=1", "after=..%2Fx"):
+        _http_error(http_srv.request("GET", "/api/v1/jobs?" + query), 400)
+    _http_error(http_srv.request("GET", "/api/v1/jobs?after=nosuch"), 404)
+
+
+def test_http_openapi_matches_the_routes(http_srv):
+    r = http_srv.request("GET", "/api/v1/openapi.json")
+    doc = _http_json(r)
+    assert r.status == 200
+    assert str(doc["openapi"]).startswith("3.")
+    assert doc["info"]["version"] == pman.__version__
+    documented = {(method.upper(), path) for path, ops in doc["paths"].items()
+                  for method in ops}
+    served = {(method, path) for method, _, path, _, _ in pman._Routes.TABLE}
+    assert documented == served
+    by_handler = {op["operationId"]: (method.upper(), path)
+                  for path, ops in doc["paths"].items() for method, op in ops.items()}
+    assert set(by_handler) == {handler for _, _, _, handler, _ in pman._Routes.TABLE}
+
+    for method, path in sorted(documented):
+        templated = "{" in path
+        concrete = path.replace("{jid}", "no-such-job").replace("{path}", "endInfo")
+        # the documented path is matched by the route the document names
+        matched = [h for m, rx, _, h, _ in pman._Routes.COMPILED
+                   if m == method and rx.fullmatch(concrete)]
+        op = doc["paths"][path][method.lower()]
+        assert op["operationId"] in matched, (method, path, matched)
+        for variant in {concrete, concrete.rstrip("/"), concrete.rstrip("/") + "/"}:
+            r = http_srv.request(method, variant, {} if method == "POST" else None)
+            obj = _http_json(r) if r.status != 204 else {}
+            message = obj.get("message") or ""
+            assert not (r.status == 404 and message.startswith("no such route")), (
+                method, variant, obj)
+            if not templated:
+                assert r.status != 405, (method, variant, obj)
+
+
+# ---------------------------------------------------------------------------
+# 4a. hardening: socket timeouts, idle clients, backlog
+# ---------------------------------------------------------------------------
+
+def _http_wait_closed(sock, timeout):
+    """Read until the server closes *sock*; return (bytes read, seconds)."""
+    t0 = time.monotonic()
+    data = b""
+    sock.settimeout(timeout)
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except ConnectionResetError:
+        pass
+    except socket.timeout:
+        raise AssertionError("the server kept an idle connection open past %s s" % timeout)
+    return data, time.monotonic() - t0
+
+
+def test_http_idle_and_partial_clients_are_dropped(http_factory):
+    srv = http_factory(request_timeout=1)
+    partials = [b"GET /api/v1/ HT",
+                b"GET /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ",
+                b"GET /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+                b""]
+    socks = []
+    try:
+        for partial in partials:
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            socks.append(s)
+            if partial:
+                s.sendall(partial)
+        # an idle keep-alive connection after a complete request is dropped too
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        socks.append(s)
+        s.sendall(b"GET /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        reply, left = _http_read_reply(s, 5)
+        assert reply.code == 200 and left == b""
+        t0 = time.monotonic()
+        for partial, s in zip(partials + [b"(after a reply)"], socks):
+            data, _ = _http_wait_closed(s, max(0.1, t0 + 6 - time.monotonic()))
+            if data:       # a 408 is fine; a 5xx is not
+                reply, _ = _http_read_reply(_HttpBytes(data), 1)
+                assert 400 <= reply.code < 500, (partial, data)
+        assert time.monotonic() - t0 < 5
+    finally:
+        for s in socks:
+            s.close()
+
+
+class _HttpBytes:
+    """A socket-like reader over bytes already received."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def settimeout(self, t):
+        pass
+
+    def recv(self, n):
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+
+def test_http_partial_body_then_silence_is_not_a_500(http_factory):
+    srv = http_factory(request_timeout=1)
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    try:
+        s.sendall(b"POST /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: 50\r\n\r\n{\"jid\": ")
+        data, elapsed = _http_wait_closed(s, 6)
+    finally:
+        s.close()
+    assert elapsed < 5
+    if data:
+        reply, _ = _http_read_reply(_HttpBytes(data), 1)
+        code, obj = _http_check_raw(reply)
+        assert 400 <= code < 500, (code, obj)
+    assert srv.manager.jids() == []
+
+
+def test_http_fifty_idle_clients_do_not_delay_a_request(http_factory):
+    srv = http_factory(request_timeout=1)
+    idle = []
+    try:
+        for i in range(50):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            s.sendall(b"GET /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Partial-%d: " % i)
+            idle.append(s)
+        t0 = time.monotonic()
+        r = srv.request("GET", "/api/v1/", timeout=5)
+        elapsed = time.monotonic() - t0
+        assert r.status == 200
+        assert elapsed < 1.0, elapsed
+        # and every one of them is dropped, within a bound
+        deadline = time.monotonic() + 8
+        for s in idle:
+            data, _ = _http_wait_closed(s, max(0.1, deadline - time.monotonic()))
+            assert data == b"" or b" 408 " in data.split(b"\r\n", 1)[0], data[:200]
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_http_fifty_simultaneous_connects_are_accepted(http_srv):
+    assert http_srv.srv.request_queue_size >= 128
+    n = 50
+    barrier = threading.Barrier(n)
+    results = [None] * n
+
+    def client(i):
+        barrier.wait(10)
+        t0 = time.monotonic()
+        s = socket.create_connection(("127.0.0.1", http_srv.port), timeout=10)
+        connect = time.monotonic() - t0
+        try:
+            s.sendall(b"GET /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            reply, _ = _http_read_reply(s, 10)
+            results[i] = (connect, reply.code, time.monotonic() - t0)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert all(r is not None for r in results), results
+    assert {code for _, code, _ in results} == {200}
+    assert max(c for c, _, _ in results) < 0.9, results     # no SYN retransmit (1 s)
+    assert max(total for _, _, total in results) < 5, results
+
+
+# ---------------------------------------------------------------------------
+# 4b. bodies
+# ---------------------------------------------------------------------------
+
+def test_http_body_lengths(http_srv):
+    def post(headers, body=b"", path="/api/v1/"):
+        data = b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        data += b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body
+        return _http_check_raw(http_srv.raw(data))
+
+    code, obj = post([])
+    assert code == 411 and obj["status"] is False
+    code, _ = post([b"Content-Type: application/json"], b'{"jid": "x", "cmd": "true"}')
+    assert code == 411
+    code, _ = post([b"Content-Length: %d" % (pman.MAX_BODY + 1)], b"{")
+    assert code == 413
+    code, _ = post([b"Content-Length: %d" % (10 * pman.MAX_BODY)])
+    assert code == 413
+    for value in (b"-1", b"abc", b"1e3", b"0x10", b"+5", b"5, 5", b"", b"\xb2", b"1 2"):
+        code, obj = post([b"Content-Length: " + value], b"{}")
+        assert code == 400, (value, code, obj)
+    for dup in ([b"Content-Length: 2", b"Content-Length: 2"],
+                [b"Content-Length: 2", b"Content-Length: 3"]):
+        code, _ = post(dup, b"{}x")
+        assert code == 400, dup
+    chunked = b'1b\r\n{"jid": "te", "cmd": "true"}\r\n0\r\n\r\n'
+    code, _ = post([b"Transfer-Encoding: chunked"], chunked)
+    assert 400 <= code < 500
+    code, _ = post([b"Transfer-Encoding: chunked", b"Content-Length: %d" % len(chunked)],
+                   chunked)
+    assert 400 <= code < 500
+    code, _ = post([b"Content-Length: 30"], b'{"jid": "short"')      # then EOF
+    assert code == 400
+    # exactly MAX_BODY bytes is accepted
+    body = b'{"jid": "big", "cmd": "true"}'
+    body += b" " * (pman.MAX_BODY - len(body))
+    code, obj = post([b"Content-Length: %d" % len(body)], body)
+    assert code == 201, obj
+    # a GET's body is read and ignored
+    reply = http_srv.raw(b"GET /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
+                         b"\r\nhello")
+    assert _http_check_raw(reply)[0] == 200
+    assert [j for j in http_srv.manager.jids() if j != "big"] == []
+
+
+def test_http_refused_body_never_becomes_a_request(http_factory):
+    """A request refused before its body is read (403, 401) must not leave
+    the body in the stream to be parsed as the next request (a Host-check
+    bypass: a DNS-rebinding page could smuggle a loopback request)."""
+    srv = http_factory()
+    inner_body = json.dumps({"jid": "smuggled", "cmd": "true"}).encode()
+    inner = (b"POST /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+             % len(inner_body) + inner_body)
+    outer = (b"POST /api/v1/ HTTP/1.1\r\nHost: evil.example\r\nContent-Length: %d\r\n\r\n"
+             % len(inner) + inner)
+    replies = srv.raw(outer, all_replies=True)
+    assert replies and _http_check_raw(replies[0])[0] == 403
+    assert all(_http_check_raw(r)[0] >= 400 for r in replies), replies
+    assert "smuggled" not in srv.manager.jids()
+
+    tsrv = http_factory(state_name="state-token", token="s3cret")
+    c = tsrv.conn()
+    try:
+        r = tsrv.request("POST", "/api/v1/", {"jid": "nope", "cmd": "true"}, conn=c)
+        _http_error(r, 401)
+        r = tsrv.request("GET", "/api/v1/", headers={"Authorization": "Bearer s3cret"}, conn=c)
+        assert r.status == 200, r.body
+    finally:
+        c.close()
+    assert tsrv.manager.jids() == []
+
+
+# ---------------------------------------------------------------------------
+# 4c. JSON
+# ---------------------------------------------------------------------------
+
+def test_http_bad_json_is_400(http_srv):
+    bodies = [b"{not json", b"[" * 100000, b'{"a":' * 50000, b"[]", b"42", b'"str"', b"null",
+              b"", b"\xff\xfe{}", b'{"jid": "x", "cmd": "true"} trailing',
+              json.dumps({"jid": "x", "cmd": 5}).encode(),
+              json.dumps({"jid": "x", "cmd": "true", "env": "A=1"}).encode(),
+              json.dumps({"jid": "x", "cmd": "true", "env": {"A": 1}}).encode(),
+              json.dumps({"jid": "x", "cmd": "true", "env": ["NOEQUALS"]}).encode(),
+              json.dumps({"jid": "x", "cmd": "true", "timeout": "x"}).encode(),
+              json.dumps({"jid": "x", "cmd": "true", "timeout": -1}).encode(),
+              json.dumps({"jid": "x", "cmd": "true", "meta": []}).encode(),
+              json.dumps({"jid": "x", "cmd": "true", "auid": 7}).encode(),
+              json.dumps({"jid": "x", "cmd": "true", "cwd": 7}).encode(),
+              json.dumps({"jid": "x", "cmd": "true", "bogus": 1}).encode(),
+              json.dumps({"jid": "x", "cmd": "true", "entrypoint": ["true"]}).encode(),
+              json.dumps({"jid": "x", "entrypoint": "true"}).encode(),
+              json.dumps({"jid": "x", "entrypoint": ["true", 5]}).encode(),
+              json.dumps({"jid": "x", "entrypoint": []}).encode(),
+              json.dumps({"jid": "x", "cmd": "   "}).encode(),
+              json.dumps({"jid": "x", "cmd": "echo \u0000"}).encode(),
+              json.dumps({"jid": 5, "cmd": "true"}).encode(),
+              json.dumps({"jid": "", "cmd": "true"}).encode()]
+    for body in bodies:
+        r = http_srv.request("POST", "/api/v1/", body)
+        _http_error(r, 400)
+    commands = [b"[]", b"{bad", b"[" * 100000,
+                json.dumps({"payload": []}).encode(),
+                json.dumps({"payload": {"action": "hello", "meta": []}}).encode(),
+                json.dumps({"payload": {"action": "nope"}}).encode(),
+                json.dumps({"payload": {"action": ["run"]}}).encode(),
+                json.dumps({"payload": {"action": "run", "meta": {"cmd": 5}}}).encode(),
+                json.dumps({"payload": {"action": "hello",
+                                        "meta": {"askAbout": "nope"}}}).encode(),
+                json.dumps({"action": "DBctl", "meta": {"do": "nope"}}).encode()]
+    for body in commands:
+        r = http_srv.request("POST", "/api/v1/cmd/", body)
+        _http_error(r, 400)
+    assert http_srv.manager.jids() == []
+
+
+# ---------------------------------------------------------------------------
+# 4d. job ids
+# ---------------------------------------------------------------------------
+
+def test_http_hostile_jids(http_srv, tmp_path):
+    outside_before = _http_listing(tmp_path)
+    logs_before = _http_listing(http_srv.log_dir)
+    names = ["..%2F..%2Fetc", "..%2F..%2Fevil", "a%0Ab", "a%0A", "%2E%2E", "..", ".hidden",
+             "-x", "a" * 200, "a%00b", "a%2Fb", "%C3%A9", "hello", "cmd%2F", "a%20b"]
+    for name in names:
+        for method, path, body in (("GET", "/api/v1/%s/" % name, None),
+                                   ("DELETE", "/api/v1/%s/" % name, None),
+                                   ("GET", "/api/v1/%s/logs" % name, None),
+                                   ("POST", "/api/v1/%s/kill" % name, {})):
+            r = http_srv.request(method, path, body)
+            _http_error(r, 400, 404)
+    for jid in ["../../evil", "../evil", "/tmp/evil", "a\nb", "a" * 129, "", " a", "a b",
+                "cmd", "jobs", "hello", "openapi.json", ".x", "_0", "é"]:
+        r = http_srv.request("POST", "/api/v1/", {"jid": jid, "cmd": "echo hi"})
+        _http_error(r, 400)
+        r = http_srv.request("POST", "/api/v1/cmd", {"payload": {
+            "action": "run", "meta": {"jid": jid, "cmd": "echo hi"}}})
+        _http_error(r, 400)
+    job = _http_post_job(http_srv, {"jid": "a" * 128, "cmd": "true"})     # the longest valid
+    assert job["jid"] == "a" * 128
+    _http_wait_job(http_srv, "a" * 128)
+    assert http_srv.manager.jids() == ["a" * 128]
+    assert _http_listing(tmp_path) == outside_before
+    new = set(_http_listing(http_srv.log_dir)) - set(logs_before)
+    assert all(name.startswith("a" * 128 + ".") for name in new), new
+    assert not os.path.exists("/tmp/evil.out")
+
+
+# ---------------------------------------------------------------------------
+# 4e. token
+# ---------------------------------------------------------------------------
+
+def test_http_token(http_factory, caplog):
+    caplog.set_level(logging.DEBUG)
+    srv = http_factory(token="s3cret")
+    good = {"Authorization": "Bearer s3cret"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"},
+                    {"Authorization": "Bearer s3cretX"}, {"Authorization": "Bearer"},
+                    {"Authorization": "s3cret"}, {"Authorization": "Bearer  "}):
+        r = srv.request("GET", "/api/v1/", headers=headers)
+        message = _http_error(r, 401)
+        assert "s3cret" not in message
+    for raw_header in (b"Authorization: Bearer s3cr\xc3\xa9t", b"Authorization: Bearer \xff\xfe",
+                       b"Authorization: \x80\x81 s3cret", b"Authorization: Bearer s3cret\xff",
+                       b"Authorization: Bearer \xe2\x80\x8bs3cret"):
+        reply = srv.raw(b"GET /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\n" + raw_header
+                        + b"\r\n\r\n")
+        code, obj = _http_check_raw(reply)
+        assert code == 401, (raw_header, code, obj)
+    r = srv.request("GET", "/api/v1/", headers=good)
+    assert r.status == 200
+    r = srv.request("POST", "/api/v1/", {"jid": "tok", "cmd": "echo ok"}, headers=good)
+    assert r.status == 201
+    r = srv.request("GET", "/api/v1/tok/?wait=10", headers=good)
+    assert r.status == 200 and _http_json(r)["status"] == "finishedSuccessfully"
+    _http_error(srv.request("GET", "/api/v1/tok/"), 401)
+    _http_error(srv.request("POST", "/api/v1/", {"jid": "x", "cmd": "true"}), 401)
+    assert srv.manager.jids() == ["tok"]
+    assert "/api/v1/" in caplog.text          # requests were logged...
+    assert "s3cret" not in caplog.text        # ...never the token
+    for bad in ("", "s3cr\u00e9t"):
+        with pytest.raises(pman.PmanError):
+            pman.make_server(srv.manager, "127.0.0.1", 0, token=bad)
+
+
+# ---------------------------------------------------------------------------
+# 4f. binding
+# ---------------------------------------------------------------------------
+
+def test_http_non_loopback_needs_a_token(tmp_path):
+    manager = pman.JobManager(str(tmp_path / "state"))
+    try:
+        with pytest.raises(pman.PmanError, match="--insecure-no-token"):
+            pman.make_server(manager, "0.0.0.0", 0)
+        srv = pman.make_server(manager, "0.0.0.0", 0, insecure_no_token=True)
+        try:
+            assert srv.server_address[1] != 0
+        finally:
+            srv.server_close()
+        srv = pman.make_server(manager, "0.0.0.0", 0, token="t0ken")
+        srv.server_close()
+    finally:
+        manager.close(kill=True)
+
+
+# ---------------------------------------------------------------------------
+# 4g. Host header and CORS
+# ---------------------------------------------------------------------------
+
+def test_http_host_header_and_no_cors(http_srv):
+    port = http_srv.port
+
+    def get(host, method=b"GET", extra=b""):
+        data = b"%s /api/v1/ HTTP/1.1\r\n" % method
+        if host is not None:
+            data += b"Host: " + host.encode() + b"\r\n"
+        data += extra + b"Origin: http://evil.example\r\n\r\n"
+        reply = http_srv.raw(data)
+        code, _ = _http_check_raw(reply)
+        assert not any(k.lower().startswith("access-control-") for k, _ in reply.headers), reply
+        return code
+
+    for host in ("evil.example", "evil.example:%d" % port, "localhost.evil.example",
+                 "127.0.0.1.nip.io:%d" % port,
+                 "10.0.0.1:%d" % port, "[::2]:%d" % port, "evil.example:80:%d" % port):
+        assert get(host) == 403, host
+    for host in ("localhost:%d" % port, "127.0.0.1:%d" % port, "localhost", "127.0.0.1",
+                 "LOCALHOST:%d" % port, "[::1]:%d" % port):
+        assert get(host) == 200, host
+    code = get("127.0.0.1:%d" % port, b"OPTIONS",
+               b"Access-Control-Request-Method: POST\r\n")
+    assert 400 <= code < 500
+    r = http_srv.request("POST", "/api/v1/", {"jid": "cors", "cmd": "true"},
+                         headers={"Origin": "http://evil.example"})
+    assert r.status == 201
+    assert not any(k.lower().startswith("access-control-") for k, _ in r.headers)
+
+
+# ---------------------------------------------------------------------------
+# 4h. no shell interpretation of jid, cwd, env
+# ---------------------------------------------------------------------------
+
+def test_http_no_shell_injection(http_srv, tmp_path):
+    target = tmp_path / "pwned-marker"
+    evil = "$(touch %s)" % target
+    evil_bt = "`touch %s`" % target
+    for jid in (evil, evil_bt, "x;touch " + str(target)):
+        _http_error(http_srv.request("POST", "/api/v1/", {"jid": jid, "cmd": "true"}), 400)
+    r = http_srv.request("POST", "/api/v1/", {"jid": "cwd1", "cmd": "true", "cwd": evil})
+    assert r.status == 201
+    job = _http_wait_job(http_srv, "cwd1")
+    assert job["status"] == "finishedWithError" and "spawn failed" in job["message"], job
+    job = _http_post_job(http_srv, {"jid": "env1", "cmd": 'printf %s "$V"',
+                                    "env": {"V": evil}, "auid": evil,
+                                    "meta": {"m": evil_bt}})
+    assert evil not in json.dumps(job["env"])
+    job = _http_wait_job(http_srv, "env1")
+    assert job["status"] == "finishedSuccessfully"
+    r = http_srv.request("GET", "/api/v1/env1/logs")
+    assert _http_json(r)["data"] == evil
+    _http_post_job(http_srv, {"jid": "argv1", "entrypoint": ["printf", "%s|"],
+                              "args": [evil, evil_bt], "env": ["W=" + evil_bt]})
+    assert _http_wait_job(http_srv, "argv1")["status"] == "finishedSuccessfully"
+    assert _http_json(http_srv.request("GET", "/api/v1/argv1/logs"))["data"] == \
+        evil + "|" + evil_bt + "|"
+    r = http_srv.request("POST", "/api/v1/cmd", {"payload": {
+        "action": "status", "meta": {"key": "auid", "value": evil}}})
+    assert r.status == 200
+    assert not target.exists()
+
+
+# ---------------------------------------------------------------------------
+# 4i. never a 500
+# ---------------------------------------------------------------------------
+
+def test_http_odd_numbers_and_targets_are_not_500(http_srv):
+    """Inputs found by reading the HTTP layer: digits that str.isdigit()
+    accepts but int() does not, integers too long for int() or seek(), and
+    an absolute-form target urlsplit() rejects."""
+    _http_post_job(http_srv, {"jid": "n1", "cmd": "echo hi"})
+    _http_wait_job(http_srv, "n1")
+    requests_ = [
+        b"GET /api/v1/_%C2%B2/ HTTP/1.1\r\n\r\n",
+        b"GET /api/v1/_%C2%B2/endInfo HTTP/1.1\r\n\r\n",
+        b"GET /api/v1/_" + b"9" * 5000 + b"/ HTTP/1.1\r\n\r\n",
+        b"GET /api/v1/_" + b"9" * 30 + b"/ HTTP/1.1\r\n\r\n",
+        b"GET /api/v1/jobs?limit=%C2%B2 HTTP/1.1\r\n\r\n",
+        b"GET /api/v1/jobs?limit=" + b"9" * 5000 + b" HTTP/1.1\r\n\r\n",
+        b"GET /api/v1/n1/logs?offset=%C2%B2 HTTP/1.1\r\n\r\n",
+        b"GET /api/v1/n1/logs?limit=%C2%B2 HTTP/1.1\r\n\r\n",
+        b"GET /api/v1/n1/logs?offset=" + b"1" * 30 + b" HTTP/1.1\r\n\r\n",
+        b"GET /api/v1/n1/logs?offset=9223372036854775807 HTTP/1.1\r\n\r\n",
+        b"GET /api/v1/n1/logs?limit=" + b"1" * 30 + b" HTTP/1.1\r\n\r\n",
+        b"GET /api/v1/n1/?wait=" + b"9" * 400 + b" HTTP/1.1\r\n\r\n",
+        b"GET http://[abc/api/v1/ HTTP/1.1\r\n\r\n",
+        b"GET http://[::1/api/v1/ HTTP/1.1\r\n\r\n",
+    ]
+    for body in ({"payload": {"action": "get", "meta": {"path": "/_\u00b2"}}},
+                 {"payload": {"action": "get", "meta": {"path": "/_" + "9" * 5000}}},
+                 {"payload": {"action": "search", "meta": {"key": "jid", "value": "n1",
+                                                           "job": "\u00b2"}}}):
+        data = json.dumps(body).encode()
+        requests_.append(b"POST /api/v1/cmd HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+                         % len(data) + data)
+    for data in requests_:
+        code, obj = _http_check_raw(http_srv.raw(data))
+        assert code < 500, (data[:120], code, obj)
+
+
+def test_http_huge_timeout_does_not_stop_the_reaper(http_srv):
+    """A timeout of 25.5 days (or 1e300 s) is a valid non-negative number:
+    accepted or refused with a 400, it must not stop other jobs from ending."""
+    try:
+        for i, timeout in enumerate((2.2e6, 1e300)):
+            r = http_srv.request("POST", "/api/v1/", {"jid": "long%d" % i, "cmd": "sleep 30",
+                                                      "timeout": timeout})
+            assert r.status in (201, 400), r.body
+        _http_post_job(http_srv, {"jid": "quick", "cmd": "true"})
+        job = _http_wait_job(http_srv, "quick", timeout=3)
+        assert job["status"] == "finishedSuccessfully"
+    finally:
+        _http_stop_before_report(http_srv)
+
+
+def test_http_huge_grace_does_not_stop_the_reaper(http_srv):
+    try:
+        _http_post_job(http_srv, {"jid": "g1", "cmd": "sleep 0.6; echo ready; sleep 30"})
+        # a job well past its first instants (pman re-sends a very early kill)
+        _http_poll(lambda: "ready" in http_srv.request("GET", "/api/v1/g1/logs").json["data"],
+                   what="job g1 ready")
+        r = http_srv.request("POST", "/api/v1/g1/kill", {"signal": "SIGTERM", "grace": 1e300})
+        assert r.status in (202, 400), r.body
+        if r.status == 202:
+            assert _http_wait_job(http_srv, "g1", timeout=3)["returncode"] == -15
+        _http_post_job(http_srv, {"jid": "quick", "cmd": "true"})
+        job = _http_wait_job(http_srv, "quick", timeout=3)
+        assert job["status"] == "finishedSuccessfully"
+    finally:
+        _http_stop_before_report(http_srv)
+
+
+def _http_stop_before_report(served):
+    """Stop the server and manager inside the test, before pytest formats a
+    failure: a reaper thread that loops logging tracebacks while pytest
+    parses source races on CPython 3.11 < 3.11.8's shared AST state
+    (gh-106905) and aborts the whole session with an INTERNALERROR."""
+    served.stop()
+
+
+_HTTP_FUZZ_KEYS = ["jid", "cmd", "entrypoint", "args", "auid", "env", "cwd", "timeout",
+                   "meta", "image", "type", "cpu_limit", "payload", "action", "key",
+                   "value", "path", "job", "when", "field", "askAbout", "echoBack", "do",
+                   "signal", "grace", "exec", "threaded", "x", "", "\u00e9", "a" * 300]
+_HTTP_FUZZ_STRINGS = ["", "x", "true", "\u00e9", "\u00b2", "\u0000", "\ud800", "..", "../..",
+                      "/etc/passwd", "_0", "_\u00b2", "_" + "9" * 40, "SIGTERM", "TERM",
+                      "timestamp", "sysinfo", "echoBack", "start", "end", "save", "jid",
+                      "auid", "A=1", "=", "1e999", "-1", "NaN", "a" * 1000, "%00", "\n",
+                      "/api/v1", "{}", "[]"]
+
+
+def _http_rand_json(rng, depth=0):
+    r = rng.random()
+    if depth >= 3 or r < 0.55:
+        return rng.choice([None, True, False, 0, 1, -1, 2.5, -0.0, 1e308, -1e308, 10 ** 30,
+                           rng.randint(-10 ** 6, 10 ** 6), rng.random(),
+                           rng.choice(_HTTP_FUZZ_STRINGS),
+                           "".join(chr(rng.randint(1, 0x2FF)) for _ in range(rng.randint(0, 8)))])
+    if r < 0.75:
+        return [_http_rand_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {rng.choice(_HTTP_FUZZ_KEYS): _http_rand_json(rng, depth + 1)
+            for _ in range(rng.randint(0, 5))}
+
+
+def _http_bad_jid(rng):
+    """A value that is certainly not a valid jid."""
+    return rng.choice([5, [], {}, True, "", "../x", "a/b", "a b", "a\nb", "cmd", "jobs",
+                       "-lead", "x" * 129, "\u00e9", "$(x)",
+                       "".join(rng.choice("/ $`;|&\n\\\"'") for _ in range(3))])
+
+
+def _http_fuzz_case(rng):
+    """(request bytes, allowed codes, is a request line).  All requests are
+    malformed (4xx) except the command-dialect look-ups, which may
+    legitimately answer 200 with "status": false."""
+    four = set(range(400, 500))
+    kind = rng.choices(["path", "headers", "length", "create", "command", "garbage"],
+                       [3, 2, 2, 3, 3, 1])[0]
+    if kind == "path":
+        version = b"HTTP/1.1" if rng.random() < 0.8 else rng.choice(
+            [b"HTTP/1.0", b"HTTP/9.9", b"HTTP/1.x", b"HTTP/", b"http/1.1", b"HTTP/1.1 extra"])
+        shape = rng.randrange(6)
+        if shape == 0:      # a jid segment with a byte no jid may hold
+            method = rng.choice([b"GET", b"POST", b"DELETE", b"PUT", b"PATCH", b"OPTIONS",
+                                 b"HEAD", b"FOO", b"get", b"G\x01T", b"TRACE", b"CONNECT"])
+            bad = rng.choice([b"%", b"%zz", b"~", b"!", b"*", b"%00", b"%2F..", b"%C2%B2",
+                              b"%ED%A0%80", b"%FF", b"\x7f", b"\x80", b"\xff", b"\x85",
+                              b"\xa0", b"?x", b"?a=1&a=2", b"?wait=", b"\x00", b"\x0b", b"[",
+                              b"]"])
+            junk = bytes(rng.choice([c for c in range(1, 256) if c not in (10, 13, 32)])
+                         for _ in range(rng.randint(0, 6)))
+            prefix = rng.choice([b"/api/v1/", b"/api/v1/_", b"/", b"", b"//", b"/api/v1/x/",
+                                 b"/api/v1/jobs", b"/api/v1/openapi.json/"])
+            suffix = rng.choice([b"", b"/", b"/logs", b"/kill", b"/endInfo", b"/a/b/c"])
+            target = prefix + junk + bad + suffix if rng.random() < 0.7 else prefix + bad + junk
+            return method + b" " + target + b" " + version + b"\r\n\r\n", four, True
+        method = rng.choice([b"GET"] * 4 + [b"DELETE", b"HEAD"])
+        number = rng.choice([b"%C2%B2", b"\xc2\xb2", b"9" * 5000, b"1" * 30, b"-1", b"",
+                             b"1.5", b"%D9%A1", b"0x1", b"1e3", b"+1", b"%201", b"%00", b"NaN",
+                             b"%EF%BC%91", b"1_0"])
+        if shape == 1:      # paging parameters (no job named after exists)
+            query = rng.choice([b"limit=" + number, b"limit=0", b"after=" + number,
+                                b"status=" + number, b"limit=5&after=no-such-job",
+                                b"limit=" + number + b"&status=started"])
+            target = b"/api/v1/jobs?" + query
+        elif shape == 2:    # log offsets of a job that does not exist
+            target = (b"/api/v1/no-such-job/logs?" + rng.choice([b"offset", b"limit"]) + b"="
+                      + number + rng.choice([b"", b"&stream=stdout", b"&stream=x"]))
+        elif shape == 3:    # _N names, no job exists
+            target = b"/api/v1/_" + number + rng.choice([b"", b"/", b"/endInfo", b"/0"])
+        elif shape == 4:    # long polls of a job that does not exist
+            target = b"/api/v1/no-such-job/?wait=" + number
+        else:               # absolute-form targets that are not URLs
+            target = (rng.choice([b"http://[", b"http://[::1", b"http://]", b"https://[v1."])
+                      + bytes(rng.randint(33, 126) for _ in range(rng.randint(0, 6)))
+                      + b"/api/v1/")
+        return method + b" " + target + b" " + version + b"\r\n\r\n", four, True
+    if kind == "headers":
+        lines = []
+        for _ in range(rng.randint(1, 6)):
+            lines.append(rng.choice([
+                b"X-" + bytes(rng.randint(33, 126) for _ in range(5)) + b": " +
+                bytes(rng.randint(0, 255) for _ in range(rng.randint(0, 20))).replace(
+                    b"\r", b"").replace(b"\n", b""),
+                b"NoColonHere", b" continuation", b"\tfolded", b": empty-name",
+                b"Host: " + rng.choice([b"evil", b"", b"[", b"[::1", b"localhost:x:y", b"\xff"]),
+                b"Content-Length: " + rng.choice([b"-5", b"x", b"99999999999999999999", b"3"]),
+                b"Transfer-Encoding: " + rng.choice([b"chunked", b"gzip", b"x"]),
+                b"Connection: " + rng.choice([b"keep-alive", b"close", b"upgrade", b"\xff"]),
+                b"Authorization: " + bytes(rng.randint(0, 255) for _ in range(8)).replace(
+                    b"\r", b"").replace(b"\n", b""),
+                b"X-Long: " + b"a" * rng.choice([10, 70000])]))
+        if rng.random() < 0.1:
+            lines += [b"X-Many-%d: 1" % i for i in range(105)]
+        data = b"GET /api/v1/no-such-fuzz-job/ HTTP/1.1\r\n" + b"\r\n".join(lines) + b"\r\n\r\n"
+        return data, four, True
+    if kind == "length":
+        path = rng.choice([b"/api/v1/", b"/api/v1/cmd", b"/api/v1/no-such-fuzz-job/kill"])
+        value = rng.choice([b"-1", b"abc", b"1" * 30, b"%d" % (pman.MAX_BODY + 1), b"5, 5",
+                            b"0x5", b" ", b"", b"\xb2", b"%d" % rng.randint(0, 64), b"0",
+                            b"1e2", b"+3"])
+        body = bytes(rng.randint(0, 255) for _ in range(rng.randint(0, 80)))
+        headers = b"Content-Length: " + value + b"\r\n"
+        if rng.random() < 0.2:
+            headers += b"Content-Length: " + value + b"\r\n"
+        data = b"POST " + path + b" HTTP/1.1\r\n" + headers + b"\r\n" + body
+        return data, four, True
+    if kind == "create":
+        if rng.random() < 0.3:
+            value = _http_rand_json(rng)
+            if isinstance(value, dict):
+                value["jid"] = _http_bad_jid(rng)
+        else:
+            value = {rng.choice(_HTTP_FUZZ_KEYS[:12]): _http_rand_json(rng)
+                     for _ in range(rng.randint(0, 6))}
+            value.setdefault("cmd", "true")
+            value["jid"] = _http_bad_jid(rng)        # certainly refused: never runs
+        text = json.dumps(value)
+        if rng.random() < 0.1:
+            text = text.replace("1e+308", "Infinity").replace("0", "NaN", 1)
+        data = text.encode("utf-8", "surrogatepass")
+        return (b"POST /api/v1/ HTTP/1.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(data) + data), four, True
+    if kind == "command":
+        action = rng.choice(["run", "status", "done", "info", "search", "get", "hello", "kill",
+                             "delete", "DBctl", "nope", None, 5, ["run"], {"a": 1}, ""])
+        meta = _http_rand_json(rng) if rng.random() < 0.2 else {
+            rng.choice(_HTTP_FUZZ_KEYS): _http_rand_json(rng) for _ in range(rng.randint(0, 5))}
+        if action == "run" and isinstance(meta, dict):
+            meta["jid"] = _http_bad_jid(rng)         # certainly refused: never runs
+        if action == "DBctl" and isinstance(meta, dict) and meta.get("do") == "clear":
+            meta["do"] = "save"
+        payload = {"action": action, "meta": meta}
+        if rng.random() < 0.3:
+            payload["exec"] = _http_rand_json(rng)
+        body = {"payload": payload} if rng.random() < 0.7 else payload
+        data = json.dumps(body).encode("utf-8", "surrogatepass")
+        allowed = set(four)
+        if action in ("status", "done", "info", "search", "hello", "DBctl"):
+            allowed.add(200)   # look-ups of nothing legitimately answer 200, "status": false
+        return (b"POST /api/v1/cmd/ HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(data)
+                + data), allowed, True
+    # garbage: not even an HTTP request line
+    data = bytes(rng.randint(0, 255) for _ in range(rng.randint(0, 200)))
+    if rng.random() < 0.5:
+        data += b"\r\n\r\n"
+    return data, four, False
+
+
+def test_http_fuzz_never_500(http_srv):
+    seed = int(os.environ.get("PMAN_FUZZ_SEED", "20261128"))
+    print("http fuzz seed: %d (set PMAN_FUZZ_SEED to replay)" % seed)
+    rng = random.Random(seed)
+    failures = []
+    t0 = time.monotonic()
+    for i in range(400):
+        data, allowed, is_request_line = _http_fuzz_case(rng)
+        try:
+            replies = _http_raw(http_srv.port, data, timeout=5, all_replies=True)
+        except AssertionError as e:
+            failures.append((i, data[:200], "read: %s" % e))
+            continue
+        replies = [r for r in replies if not (r.code and 100 <= r.code < 200)]
+        if not replies:
+            # A closed connection without a reply is acceptable only for
+            # bytes that are not even an HTTP request line.
+            if is_request_line:
+                failures.append((i, data[:200], "closed without a reply"))
+            continue
+        for n, reply in enumerate(replies):
+            try:
+                code, obj = _http_check_raw(reply)
+            except AssertionError as e:
+                failures.append((i, data[:200], "bad reply: %s %r" % (e, reply)))
+                continue
+            # only the first reply answers our request; later ones answer
+            # leftover bytes (a body longer than its Content-Length...)
+            ok = code in allowed if n == 0 else 400 <= code < 500
+            if not ok:
+                failures.append((i, data[:200], "status %d: %r" % (code, obj)))
+    assert time.monotonic() - t0 < 40
+    r = http_srv.request("GET", "/api/v1/")
+    assert r.status == 200
+    assert http_srv.manager.jids() == []
+    assert not failures, "seed %d: %d failures, first ones:\n%s" % (
+        seed, len(failures), "\n".join(repr(f) for f in failures[:15]))
+
+
+# ---------------------------------------------------------------------------
+# 5. keep-alive
+# ---------------------------------------------------------------------------
+
+def test_http_keep_alive_is_fast_and_reused(http_srv):
+    # "Each reply in one write" cannot be observed from a client; the time
+    # bound catches its symptom: a head and a body sent in two writes wait
+    # for a delayed ACK (~40 ms), so 200 requests would take ~8 s.
+    _http_post_job(http_srv, {"jid": "ka", "cmd": "true"})
+    _http_wait_job(http_srv, "ka")
+    c = http_srv.conn()
+    try:
+        r = http_srv.request("GET", "/api/v1/", conn=c)
+        assert r.status == 200
+        sock = c.sock
+        assert sock is not None
+        t0 = time.monotonic()
+        for i in range(200):
+            path = ("/api/v1/", "/api/v1/ka/", "/api/v1/jobs?limit=1")[i % 3]
+            r = http_srv.request("GET", path, conn=c)
+            assert r.status == 200
+            assert (r.header("Connection") or "").lower() != "close"
+            assert c.sock is sock
+        elapsed = time.monotonic() - t0
+        # also POSTs (the delayed-ACK bug bites write-write-read patterns)
+        for i in range(20):
+            r = http_srv.request("POST", "/api/v1/cmd", {"payload": {"action": "hello"}},
+                                 conn=c)
+            assert r.status == 200 and c.sock is sock
+        elapsed_post = time.monotonic() - t0 - elapsed
+    finally:
+        c.close()
+    assert elapsed < 2.0, elapsed
+    assert elapsed_post < 1.0, elapsed_post
+
+
+# ---------------------------------------------------------------------------
+# 6. the command line
+# ---------------------------------------------------------------------------
+
+def _http_free_port():
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def _http_curl(*args, timeout=30):
+    r = subprocess.run(["curl", "-s", "-S", "--max-time", "20", "-w", "\n%{http_code}"]
+                       + list(args), capture_output=True, text=True, timeout=timeout)
+    body, _, code = r.stdout.rpartition("\n")
+    assert r.returncode == 0, (args, r.returncode, r.stderr)
+    return int(code), body
+
+
+def _http_clean_env():
+    env = dict(os.environ)
+    env.pop("PMAN_TOKEN", None)
+    return env
+
+
+@pytest.fixture
+def http_cli(tmp_path):
+    """start(state_dir, *args) -> (Popen, port): a `pman.py --http` server,
+    ready (accepting) or failed; every process and job group cleaned up."""
+    if shutil.which("curl") is None:
+        if os.environ.get("CI"):
+            pytest.fail("curl is required on CI")
+        pytest.skip("curl is not installed")
+    procs, job_pids = [], []
+
+    def start(state, *args):
+        for attempt in range(5):
+            port = _http_free_port()
+            err_path = tmp_path / ("cli-%d.log" % len(procs))
+            with open(err_path, "w") as err:
+                p = subprocess.Popen([sys.executable, _HTTP_PMAN, "--http", "--port", str(port),
+                                      "--state-dir", str(state)] + list(args),
+                                     stdout=err, stderr=err, env=_http_clean_env(),
+                                     stdin=subprocess.DEVNULL)
+            procs.append(p)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and p.poll() is None:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    return p, port
+                except OSError:
+                    time.sleep(0.02)      # polling period, bounded by the deadline
+            if p.poll() is None:
+                raise AssertionError("pman did not accept connections within 15 s")
+            text = err_path.read_text()
+            if "in use" in text:
+                continue                # port collision: try another
+            raise AssertionError("pman exited with %s: %s" % (p.returncode, text))
+        raise AssertionError("no free port after 5 attempts")
+
+    start.job_pids = job_pids
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+    for pid in job_pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    gc.collect()
+
+
+def _http_stop(p, timeout=15):
+    p.send_signal(signal.SIGTERM)
+    try:
+        return p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("pman did not exit within %s s of SIGTERM" % timeout) from None
+
+
+def test_http_cli_curl_flow_restart_and_kill_on_exit(http_cli, tmp_path):
+    state = tmp_path / "cli-state"
+    p, port = http_cli(state, "--raw", "1", "--rawmode")
+    base = "http://127.0.0.1:%d/api/v1/" % port
+    js = ["-H", "Content-Type: application/json"]
+
+    code, body = _http_curl("-X", "POST", *js, "-d", '{"jid":"c1","cmd":"echo hi"}', base)
+    assert code == 201, body
+    assert json.loads(body)["jid"] == "c1"
+    code, body = _http_curl(base + "c1/?wait=10")
+    job = json.loads(body)
+    assert code == 200 and job["status"] == "finishedSuccessfully", job
+    assert "hi" in job["logs"]
+    code, body = _http_curl("-X", "POST", *js, "-d", '{"jid":"s1","cmd":"sleep 30"}', base)
+    assert code == 201, body
+    pid = json.loads(body)["pid"]
+    assert isinstance(pid, int)
+    http_cli.job_pids.append(pid)
+    code, body = _http_curl(base)
+    assert code == 200 and list(json.loads(body)["GET"]) == ["c1", "s1"]
+    code, body = _http_curl("-X", "POST", *js, "-d", json.dumps(
+        {"payload": {"action": "status", "meta": {"key": "jid", "value": "c1"}}}), base + "cmd/")
+    assert code == 200 and json.loads(body)["d_ret"]["l_status"] == ["finishedSuccessfully"]
+    code, body = _http_curl(base + "c1/endInfo")
+    assert code == 200 and json.loads(body)["GET"]["c1"]["endInfo"]["0"]["returncode"] == 0
+    code, body = _http_curl("-X", "DELETE", base + "c1/")
+    assert code == 204 and body == ""
+    code, body = _http_curl(base + "c1")
+    assert code == 404 and json.loads(body)["status"] is False
+    code, body = _http_curl("-X", "POST", *js, "-d", '{"jid":', base)
+    assert code == 400 and json.loads(body)["status"] is False
+
+    assert _http_stop(p) == 0
+    assert _http_pid_alive(pid), "SIGTERM on the server killed the running job"
+
+    p, port = http_cli(state)
+    code, body = _http_curl("http://127.0.0.1:%d/api/v1/s1/" % port)
+    job = json.loads(body)
+    assert code == 200 and job["status"] == "started" and job["pid"] == pid, job
+    assert _http_stop(p) == 0
+    assert _http_pid_alive(pid)
+
+    p, port = http_cli(state, "--kill-on-exit")
+    code, body = _http_curl("http://127.0.0.1:%d/api/v1/s1" % port)
+    assert code == 200 and json.loads(body)["status"] == "started"
+    assert _http_stop(p, timeout=20) == 0
+    _http_poll(lambda: not _http_pid_alive(pid), timeout=10, what="job killed on exit")
+
+    p, port = http_cli(state)
+    code, body = _http_curl("http://127.0.0.1:%d/api/v1/s1" % port)
+    job = json.loads(body)
+    assert job["status"] == "finishedWithError" and job["returncode"] == -15, job
+    assert _http_stop(p) == 0
+
+
+def test_http_cli_version_and_refusals(tmp_path):
+    r = subprocess.run([sys.executable, _HTTP_PMAN, "--version"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0
+    assert pman.__version__ in r.stdout + r.stderr
+    r = subprocess.run([sys.executable, _HTTP_PMAN, "--http", "--ip", "0.0.0.0", "--port", "0",
+                        "--state-dir", str(tmp_path / "st")], capture_output=True, text=True,
+                       timeout=30, env=_http_clean_env(), stdin=subprocess.DEVNULL)
+    assert r.returncode != 0
+    assert "--insecure-no-token" in r.stderr
+    r = subprocess.run([sys.executable, _HTTP_PMAN, "--bogus-flag"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode != 0
+
+
+def test_http_cli_token_file(http_cli, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("t0k-en.123\n")
+    p, port = http_cli(tmp_path / "tok-state", "--token-file", str(token_file))
+    base = "http://127.0.0.1:%d/api/v1/" % port
+    code, body = _http_curl(base)
+    assert code == 401 and json.loads(body)["status"] is False
+    code, body = _http_curl("-H", "Authorization: Bearer wrong", base)
+    assert code == 401
+    code, body = _http_curl("-H", "Authorization: Bearer t0k-en.123", base)
+    assert code == 200 and json.loads(body)["status"] is True
+    assert _http_stop(p) == 0
+    log_text = "".join(f.read_text() for f in tmp_path.glob("cli-*.log"))
+    assert "t0k-en.123" not in log_text
