@@ -2680,7 +2680,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 ints[name] = int(query[name])
         chunk = self.manager.read_log(check_jid(groups["jid"]), query.get("stream", "stdout"),
                                       offset=ints.get("offset", 0), limit=ints.get("limit"))
-        chunk["data"] = chunk["data"].decode("utf-8", "replace")
+        chunk["data"] = str(chunk["data"], "utf-8", "replace")
         return 200, chunk
 
     def route_kill(self, groups, query, body):
