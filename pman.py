@@ -875,8 +875,9 @@ class SlurmBackend:
         self.log_dir, self.log_path = log_dir, log_path
         self._waker = _Waker()
         self._watched = {}              # jid -> job
-        self._states = {}               # backend_id -> (state, reason, code, signal)
+        self._states = {}   # backend_id -> (state, reason, code, signal, start)
         self._interval = self.MIN_POLL
+        self._last_poll = 0.0
 
     def _run(self, argv, check=True):
         self.calls[argv[0]] += 1
@@ -951,31 +952,47 @@ class SlurmBackend:
         if not ids:
             return found
         out = self._run(["squeue", "-t", "all", "-h", "-j", ",".join(ids),
-                         "-O", "JobID:|,State:|,Reason:|,exit_code:"], check=False)
+                         "-O", "JobID:|,State:|,Reason:|,exit_code:|,StartTime:"], check=False)
         if out.returncode != 0 and "Invalid job id" not in out.stderr:
             raise BackendUnavailable("squeue: %s" % out.stderr.strip())
         for line in out.stdout.splitlines():
             fields = [f.strip() for f in line.split("|")]
-            if len(fields) >= 4 and fields[0] in ids:
+            if len(fields) >= 5 and fields[0] in ids:
                 status = int(fields[3]) if fields[3].isdigit() else None
                 code = sig = None
                 if status is not None:
                     code, sig = (status >> 8) & 0xff, status & 0x7f
-                found[fields[0]] = (fields[1], fields[2], code, sig)
+                found[fields[0]] = (fields[1], fields[2], code, sig, fields[4])
         missing = [i for i in ids if i not in found]
         if missing and shutil.which("sacct"):
             out = self._run(["sacct", "-c", "-n", "-P", "-j", ",".join(missing),
-                             "-o", "JobID,State,ExitCode"], check=False)
+                             "-o", "JobID,State,ExitCode,Start"], check=False)
             for line in out.stdout.splitlines():
                 fields = line.split("|")
-                if len(fields) >= 3 and fields[0] in missing:
+                if len(fields) >= 4 and fields[0] in missing:
                     state = fields[1].split()[0] if fields[1] else "UNKNOWN"
                     code, _, sig = fields[2].partition(":")
-                    found[fields[0]] = (state, "", int(code or 0), int(sig or 0))
+                    found[fields[0]] = (state, "", int(code or 0), int(sig or 0), fields[3])
         return found
 
+    @staticmethod
+    def _started(job, stamp):
+        """SLURM's local start "2026-11-28T06:34:26" as pman's UTC ISO 8601,
+        never before the submission (SLURM's clock has whole seconds)."""
+        try:
+            start = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S").astimezone(timezone.utc)
+        except ValueError:      # N/A, Unknown
+            return _now()
+        if job.submitted:
+            start = max(start, datetime.fromisoformat(job.submitted))
+        return start.isoformat()
+
     def wait(self, timeout):
-        self._waker.sleep(self._interval if timeout is None else min(self._interval, timeout))
+        due = self._last_poll + self._interval - _time()
+        self._waker.sleep(max(0.0, due if timeout is None else min(due, timeout)))
+        if _time() < self._last_poll + self.MIN_POLL:
+            return []           # woken early: never poll faster than MIN_POLL
+        self._last_poll = _time()
         jobs = list(self._watched.values())
         ids = [j.backend_id for j in jobs if j.backend_id]
         try:
@@ -994,7 +1011,7 @@ class SlurmBackend:
         got = self._states.get(job.backend_id)
         if got is None:
             return None
-        state, reason, code, sig = got
+        state, reason, code, sig, start = got
         base = state.split()[0].rstrip("+")
         if base in _SLURM_PENDING:
             message = "pending in SLURM as job %s (%s)" % (
@@ -1005,9 +1022,11 @@ class SlurmBackend:
         if base in _SLURM_RUNNING:
             if job.status == STARTED:
                 return None
-            job.status, job.started = STARTED, _now()
+            job.status, job.started = STARTED, self._started(job, start)
             job.message = "running in SLURM as job %s" % job.backend_id
             return "started"
+        if job.started is None:     # it ran between two polls
+            job.started = self._started(job, start)
         what = "SLURM job %s %s%s" % (job.backend_id, base,
                                       " (%s)" % reason if reason and reason != "None" else "")
         if base == "COMPLETED" and code == 0 and not sig:
@@ -1023,7 +1042,9 @@ class SlurmBackend:
     def signal(self, job, sig):
         if not job.backend_id:
             return False
-        if sig == signal.SIGKILL:
+        if sig == signal.SIGKILL or job.status != STARTED:
+            # A pending job cannot take a signal (scancel retries for a
+            # minute): it never ran, so cancel it outright.
             self._run(["scancel", job.backend_id])
         else:   # without --full the batch shell itself is not signalled
             self._run(["scancel", "--full", "--signal=%s" % signal_name(sig)[3:],
@@ -1813,6 +1834,8 @@ class JobManager:
                 why = "killed by %s on request" % signal_name(sig)
             else:
                 why = "%s (%s)" % (job.kill_reason, signal_name(sig))
+            if end.message:     # what the backend saw, e.g. SLURM's final state
+                why += "; " + end.message
             self._finish(job, ERROR, -sig, why)
         elif end.status is not None:
             self._finish(job, end.status, code, end.message)
@@ -2804,7 +2827,8 @@ def _parser():
                    help="with --backend slurm: the partition to submit to")
     p.add_argument("--sbatch-args", default="",
                    help="with --backend slurm: extra sbatch arguments, one shell-quoted "
-                   "string, e.g. \"--qos=long --account=lab\"")
+                   "string, e.g. \"--qos=long --account=lab\" (a single option needs "
+                   "the = form: --sbatch-args=--qos=long)")
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' "
                    "(or set PMAN_TOKEN; prefer --token-file: argv is visible to other users)")
     p.add_argument("--token-file", default=None, help="read the token from this file")

@@ -21,7 +21,9 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta
+import types
+import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -4601,3 +4603,638 @@ def test_http_cli_token_file(http_cli, tmp_path):
     assert _http_stop(p) == 0
     log_text = "".join(f.read_text() for f in tmp_path.glob("cli-*.log"))
     assert "t0k-en.123" not in log_text
+
+
+# ===========================================================================
+# slurm
+# ===========================================================================
+_SLURM_DEADLINE = 60.0          # s: the bound on any one wait below
+_SLURM_PMAN = os.path.join(HERE, "pman.py")
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+def _slurm_until(pred, timeout=_SLURM_DEADLINE, what="condition", interval=0.05):
+    """Poll *pred* until it returns something truthy, or fail after *timeout* s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError("timed out after %s s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def _slurm_cmd(*argv, check=True):
+    out = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
+                         text=True, timeout=30)
+    if check:
+        assert out.returncode == 0, (argv, out.returncode, out.stderr)
+    return out
+
+
+def _slurm_ids_named(name):
+    """Every SLURM job id (pending, running or finished) named *name*."""
+    out = _slurm_cmd("squeue", "-t", "all", "-h", "--name", name, "-o", "%i")
+    return sorted(out.stdout.split(), key=int)
+
+
+def _slurm_job(job_id):
+    """SLURM's own view of one job: scontrol's Key=Value fields."""
+    out = _slurm_cmd("scontrol", "show", "job", "-o", job_id)
+    return dict(f.split("=", 1) for f in out.stdout.split() if "=" in f)
+
+
+def _slurm_state(job_id):
+    out = _slurm_cmd("squeue", "-t", "all", "-h", "-j", job_id, "-o", "%T")
+    return out.stdout.strip()
+
+
+_SLURM_ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY",
+                "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def _slurm_wait_started(manager, jid, timeout=_SLURM_DEADLINE):
+    return _slurm_until(lambda: manager.get(jid)["status"] == "started" and manager.get(jid),
+                        timeout, "job %s to leave the SLURM queue and run" % jid)
+
+
+def _slurm_request(port, method, path, body=None, timeout=_SLURM_DEADLINE + 10):
+    """(status, parsed JSON or None, raw bytes) of one request."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        headers = {}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=headers)
+        reply = conn.getresponse()
+        raw = reply.read()
+        if raw:
+            assert reply.getheader("Content-Type", "").startswith("application/json"), raw[:200]
+            assert int(reply.getheader("Content-Length")) == len(raw)
+        return reply.status, (json.loads(raw) if raw else None), raw
+    finally:
+        conn.close()
+
+
+def _slurm_http_wait(port, jid, timeout=_SLURM_DEADLINE):
+    """Long-poll GET ?wait= until the job has ended (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = max(0.0, deadline - time.monotonic())
+        status, job, raw = _slurm_request(port, "GET", "/api/v1/%s/?wait=%.2f" % (jid, min(left, 30)))
+        assert status == 200, raw[:500]
+        if job["status"] not in ("notstarted", "started"):
+            return job
+        if left <= 0:
+            raise AssertionError("job %s still %s after %s s" % (jid, job["status"], timeout))
+
+
+def _slurm_state_line(**fields):
+    """One job line of pman's state file, fields in pman's persisted order."""
+    record = {"jid": None, "status": None, "seq": None, "message": "", "returncode": None,
+              "pid": None, "cmd": None, "argv": None, "auid": "", "meta": {}, "env": None,
+              "cwd": None, "timeout": None, "extras": {}, "submitted": None,
+              "started": None, "ended": None, "ident": None, "kill_signal": None,
+              "kill_reason": None, "backend_id": None}
+    unknown = set(fields) - set(record)
+    assert not unknown, unknown
+    record.update(fields)
+    return json.dumps(record)
+
+
+# ---------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def slurm_cluster():
+    """The skip rule, in one place: no sbatch and no CI -> skip (saying why);
+    under CI a missing or unresponsive cluster is a failure."""
+    if shutil.which("sbatch") is None and not os.environ.get("CI"):
+        pytest.skip("SLURM is not installed here (no sbatch on PATH) and CI is not set: "
+                    "run .ci/slurm-up.sh to run the SLURM backend's tests")
+    assert shutil.which("sbatch"), ("CI is set but sbatch is not on PATH: the SLURM "
+                                    "backend's tests need .ci/slurm-up.sh to have worked")
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %a"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.fail("sinfo does not answer (%s): is slurmctld up? run .ci/slurm-up.sh" % e)
+    assert out.returncode == 0 and " up" in out.stdout, (
+        "sinfo does not answer or no partition is up: %r %r" % (out.stdout, out.stderr))
+
+
+@pytest.fixture
+def slurm_ctx(slurm_cluster, tmp_path):
+    """Per test: a unique jid prefix (SLURM remembers job names for a day),
+    a factory of managers on tmp_path state, and a server factory.  At
+    teardown: servers stopped, every SLURM job this test created that may
+    still run is cancelled (records' backend_ids, ids tracked by hand, and
+    any job named with this test's prefix), managers closed with kill=True."""
+    prefix = "pt%s" % uuid.uuid4().hex[:10]
+    managers, servers, ids = [], [], set()
+    counter = iter(range(1, 1000000))
+
+    def jid(name="j"):
+        return "%s-%s-%d" % (prefix, name, next(counter))
+
+    def open_manager(state_dir=None, backend=None, **options):
+        m = pman.JobManager(str(state_dir if state_dir is not None else tmp_path / "state"),
+                            backend=backend if backend is not None else pman.SlurmBackend(),
+                            **options)
+        managers.append(m)
+        return m
+
+    def serve(manager):
+        server = pman.make_server(manager, "127.0.0.1", 0)
+        thread = threading.Thread(target=server.serve_forever, name="slurm-test-http",
+                                  daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return server.server_address[1]
+
+    ctx = types.SimpleNamespace(prefix=prefix, jid=jid, open=open_manager, serve=serve,
+                                track=ids.add, tmp=tmp_path)
+    yield ctx
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    for m in managers:
+        try:
+            ids.update(r["backend_id"] for r in m.jobs() if r.get("backend_id"))
+        except pman.PmanError:
+            pass            # closed by the test
+    active = _slurm_cmd("squeue", "-h", "-o", "%i %j", check=False).stdout.split("\n")
+    ids.update(line.split()[0] for line in active
+               if len(line.split()) == 2 and line.split()[1].startswith(prefix))
+    ids = sorted(i for i in ids if i and i.isdigit())
+    if ids:
+        _slurm_cmd("scancel", *ids, check=False)
+    for m in reversed(managers):
+        m.close(kill=True)
+
+
+# ---------------------------------------------------------------------------
+# exit codes, kill, timeout
+# ---------------------------------------------------------------------------
+
+def test_slurm_exit_codes(slurm_ctx):
+    m = slurm_ctx.open()
+    ok, bad = slurm_ctx.jid("ok"), slurm_ctx.jid("bad")
+    first = m.run("exit 0", jid=ok)
+    m.run("exit 3", jid=bad)
+    assert first["status"] == "notstarted" and first["returncode"] is None
+    assert first["backend_id"].isdigit()
+    assert "submitted to SLURM as job %s" % first["backend_id"] in first["message"]
+    a, b = m.wait([ok, bad], timeout=_SLURM_DEADLINE)
+    assert (a["status"], a["returncode"]) == ("finishedSuccessfully", 0), a
+    assert "COMPLETED" in a["message"] and a["backend_id"] in a["message"], a["message"]
+    assert "exited with code 0" in a["message"]
+    assert (b["status"], b["returncode"]) == ("finishedWithError", 3), b
+    assert "FAILED" in b["message"] and "exited with code 3" in b["message"], b["message"]
+    assert b["backend_id"] in b["message"] and b["backend_id"] != a["backend_id"]
+    # SLURM agrees: these are its own outcomes, not pman's guesses.
+    assert _slurm_job(a["backend_id"])["JobState"] == "COMPLETED"
+    assert _slurm_job(b["backend_id"])["ExitCode"] == "3:0"
+    assert m.backend.calls["sbatch"] == 2
+
+
+def test_slurm_finished_job_records_its_start(slurm_ctx):
+    """A job that ran and exited has a start time (the command dialect's
+    startTrigger is false only for a job that never started), even when it
+    went from PENDING to FAILED between two polls."""
+    m = slurm_ctx.open()
+    jid = slurm_ctx.jid()
+    m.run("exit 3", jid=jid)
+    rec = m.wait(jid, timeout=_SLURM_DEADLINE)
+    assert rec["returncode"] == 3
+    assert rec["started"] is not None, rec
+    assert rec["submitted"] <= rec["started"] <= rec["ended"], rec
+
+
+def test_slurm_kill_running_job(slurm_ctx):
+    m = slurm_ctx.open()
+    jid = slurm_ctx.jid("kill")
+    m.run("sleep 100", jid=jid)
+    running = _slurm_wait_started(m, jid)
+    job_id = running["backend_id"]
+    assert "running in SLURM as job %s" % job_id in running["message"]
+    assert _slurm_state(job_id) == "RUNNING"
+    m.kill(jid)
+    rec = m.wait(jid, timeout=_SLURM_DEADLINE)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", -15), rec
+    assert "killed by SIGTERM on request" in rec["message"], rec["message"]
+    # Ended only once SLURM said so, and the message carries SLURM's word.
+    assert _slurm_state(job_id) in _SLURM_ENDED
+    assert "SLURM" in rec["message"] and job_id in rec["message"], rec["message"]
+    assert rec["backend_id"] == job_id
+    assert _slurm_ids_named(jid) == [job_id]
+
+
+def test_slurm_timeout(slurm_ctx):
+    m = slurm_ctx.open()
+    jid = slurm_ctx.jid("timeout")
+    m.run("sleep 100", jid=jid, timeout=1)
+    rec = m.wait(jid, timeout=_SLURM_DEADLINE)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", -15), rec
+    assert "timed out" in rec["message"], rec["message"]
+    assert rec["started"] is not None
+    # The timeout counts from the start; the job ran about 1 s, not 100.
+    ran = (datetime.fromisoformat(rec["ended"]) - datetime.fromisoformat(rec["started"]))
+    assert timedelta(seconds=0.9) <= ran < timedelta(seconds=30), ran
+    assert _slurm_state(rec["backend_id"]) in _SLURM_ENDED
+
+
+# ---------------------------------------------------------------------------
+# logs, env, cwd
+# ---------------------------------------------------------------------------
+
+def test_slurm_logs_env_and_cwd(slurm_ctx):
+    m = slurm_ctx.open()
+    workdir = slurm_ctx.tmp / "work dir, with comma"
+    workdir.mkdir()
+    env_job, cwd_job, argv_job = slurm_ctx.jid("env"), slurm_ctx.jid("cwd"), slurm_ctx.jid("argv")
+    m.run('echo "A=$A"; echo "B=$B"; echo "to-stderr" >&2; exit 2', jid=env_job,
+          env={"A": "x,y", "B": "k=v,w z"})
+    m.run("pwd", jid=cwd_job, cwd=str(workdir))
+    m.run(["printf", "%s|", "a b", "c'd", "$HOME"], jid=argv_job)
+    recs = m.wait([env_job, cwd_job, argv_job], timeout=_SLURM_DEADLINE)
+    assert [r["returncode"] for r in recs] == [2, 0, 0], recs
+
+    out = m.read_log(env_job, "stdout")
+    assert out["data"] == b"A=x,y\nB=k=v,w z\n", out
+    assert out["eof"] is True
+    err = m.read_log(env_job, "stderr")
+    assert err["data"] == b"to-stderr\n", err
+    assert m.tail(env_job) == "A=x,y\nB=k=v,w z\nto-stderr\n"
+    assert m.tail(env_job, "stderr") == "to-stderr\n"
+    assert recs[0]["env"] == ["A", "B"]         # keys only, never the values
+    assert "x,y" not in json.dumps(m.get(env_job))
+    # The file that carried the environment to sbatch is gone once the job is.
+    leftovers = [n for n in os.listdir(os.path.join(m.state_dir, "logs")) if n.endswith(".env")]
+    assert leftovers == []
+
+    assert m.read_log(cwd_job)["data"].decode() == str(workdir) + "\n"
+    assert m.read_log(argv_job)["data"] == b"a b|c'd|$HOME|"
+
+
+def test_slurm_missing_cwd_is_a_spawn_failure(slurm_ctx):
+    m = slurm_ctx.open()
+    jid = slurm_ctx.jid()
+    rec = m.run("pwd", jid=jid, cwd=str(slurm_ctx.tmp / "nope"))
+    assert rec["status"] == "finishedWithError" and rec["returncode"] is None
+    assert "spawn failed" in rec["message"] and "nope" in rec["message"]
+    assert m.backend.calls["sbatch"] == 0 and _slurm_ids_named(jid) == []
+
+
+# ---------------------------------------------------------------------------
+# many jobs, polling
+# ---------------------------------------------------------------------------
+
+def test_slurm_fifty_jobs_at_once(slurm_ctx):
+    m = slurm_ctx.open()
+    jids = [slurm_ctx.jid("n") for _ in range(50)]
+    for i, jid in enumerate(jids):
+        m.run("exit %d" % (i % 5), jid=jid)
+    recs = m.wait(jids, timeout=90)
+    for i, rec in enumerate(recs):
+        code = i % 5
+        assert rec["returncode"] == code, rec
+        assert rec["status"] == ("finishedSuccessfully" if code == 0 else "finishedWithError"), rec
+        assert ("COMPLETED" if code == 0 else "FAILED") in rec["message"], rec["message"]
+        assert "exited with code %d" % code in rec["message"]
+    assert len({r["backend_id"] for r in recs}) == 50
+    assert m.backend.calls["sbatch"] == 50
+    assert m.counts()["finishedSuccessfully"] == 10 and m.counts()["finishedWithError"] == 40
+
+
+def _slurm_counting_backend(**options):
+    """A real SlurmBackend that also counts its polls and the job states each
+    poll asks SLURM for (instrumentation only: every call still reaches
+    SLURM)."""
+    class Counting(pman.SlurmBackend):
+        polls = observed = 0
+
+        def poll(self, ids):
+            self.polls += 1
+            self.observed += len(ids)
+            return super().poll(ids)
+    return Counting(**options)
+
+
+def test_slurm_one_squeue_per_poll(slurm_ctx):
+    """Every poll asks SLURM about all active jobs in one squeue call."""
+    backend = _slurm_counting_backend()
+    m = slurm_ctx.open(backend=backend)
+    jids = [slurm_ctx.jid("p") for _ in range(20)]
+    for jid in jids:
+        m.run("sleep 1", jid=jid)
+    recs = m.wait(jids, timeout=_SLURM_DEADLINE)
+    assert all(r["returncode"] == 0 for r in recs), recs
+    calls = backend.calls["squeue"]
+    assert backend.polls >= 2
+    assert calls <= backend.polls, (calls, backend.polls)     # at most one squeue a poll
+    # ... for many jobs at once: far fewer calls than job-state observations.
+    assert backend.observed >= 4 * calls, (backend.observed, calls)
+    assert backend.calls["sbatch"] == 20 and backend.calls["scancel"] == 0
+
+    # One poll, by itself: one squeue call answers for all twenty jobs.
+    probe = pman.SlurmBackend()
+    states = probe.poll([r["backend_id"] for r in recs])
+    assert probe.calls["squeue"] == 1 and probe.calls["sacct"] == 0
+    assert set(states) == {r["backend_id"] for r in recs}
+    assert all(s[0] == "COMPLETED" and s[2] == 0 and not s[3] for s in states.values()), states
+
+
+def test_slurm_polls_no_faster_than_min_poll(slurm_ctx):
+    """A burst of submissions does not turn into a burst of squeue calls:
+    polls stay at least MIN_POLL apart (the docstring's adaptive interval),
+    so a big submission does not hammer slurmctld.  Then a job cancelled
+    outside pman ends finishedWithError with SLURM's state named."""
+    m = slurm_ctx.open(backend=pman.SlurmBackend(sbatch_args=["--hold"]))
+    jids = [slurm_ctx.jid("burst") for _ in range(20)]
+    t0 = time.monotonic()
+    ids = []
+    for jid in jids:
+        ids.append(m.run("true", jid=jid)["backend_id"])
+        slurm_ctx.track(ids[-1])
+    elapsed = time.monotonic() - t0
+    calls = m.backend.calls["squeue"]
+    assert calls <= elapsed / pman.SlurmBackend.MIN_POLL + 2, (
+        "%d squeue calls while submitting 20 jobs in %.2f s" % (calls, elapsed))
+
+    _slurm_cmd("scancel", *ids)
+    recs = m.wait(jids, timeout=_SLURM_DEADLINE)
+    for rec in recs:
+        assert rec["status"] == "finishedWithError", rec
+        assert "CANCELLED" in rec["message"] and rec["backend_id"] in rec["message"], rec
+        assert rec["returncode"] is None, rec
+
+
+# ---------------------------------------------------------------------------
+# PENDING
+# ---------------------------------------------------------------------------
+
+def test_slurm_pending_job_stays_notstarted(slurm_ctx):
+    m = slurm_ctx.open(backend=pman.SlurmBackend(sbatch_args=["--hold"]))
+    jid = slurm_ctx.jid("held")
+    rec = m.run("echo released", jid=jid)
+    job_id = rec["backend_id"]
+    slurm_ctx.track(job_id)
+    pending = _slurm_until(lambda: "pending" in m.get(jid)["message"] and m.get(jid),
+                           what="the held job to be seen pending")
+    assert pending["status"] == "notstarted" and pending["returncode"] is None
+    assert pending["started"] is None
+    assert "pending in SLURM as job %s" % job_id in pending["message"], pending["message"]
+    assert "JobHeldUser" in pending["message"], pending["message"]
+    with pytest.raises(pman.Timeout):           # held: it does not end by itself
+        m.wait(jid, timeout=1)
+    assert m.get(jid)["status"] == "notstarted"
+    assert _slurm_state(job_id) == "PENDING"
+    _slurm_cmd("scontrol", "release", job_id)
+    done = m.wait(jid, timeout=_SLURM_DEADLINE)
+    assert (done["status"], done["returncode"]) == ("finishedSuccessfully", 0), done
+    assert m.tail(jid) == "released\n"
+    assert _slurm_ids_named(jid) == [job_id]
+
+
+def test_slurm_kill_pending_job(slurm_ctx):
+    """A job still queued in SLURM can be killed: it is cancelled there and
+    ends finishedWithError (never started)."""
+    backend = pman.SlurmBackend(sbatch_args=["--hold"])
+    # Bound a scheduler command that hangs (scancel retries for minutes on a
+    # pending job when asked to signal it) to keep this test short.
+    backend.COMMAND_TIMEOUT = 5.0
+    m = slurm_ctx.open(backend=backend)
+    jid = slurm_ctx.jid("held")
+    job_id = m.run("echo never", jid=jid)["backend_id"]
+    slurm_ctx.track(job_id)
+    _slurm_until(lambda: "pending" in m.get(jid)["message"], what="the job to be pending")
+    m.kill(jid)
+    rec = m.wait(jid, timeout=_SLURM_DEADLINE)
+    assert rec["status"] == "finishedWithError", rec
+    assert "on request" in rec["message"], rec["message"]
+    assert _slurm_state(job_id) == "CANCELLED"
+    assert m.tail(jid) == ""
+
+
+# ---------------------------------------------------------------------------
+# restart
+# ---------------------------------------------------------------------------
+
+def test_slurm_restart_after_sigkill_readopts_without_resubmitting(slurm_ctx):
+    """The first manager is `python pman.py --backend slurm ...` in a child
+    process, SIGKILLed while its SLURM jobs run.  One job ends while no
+    manager runs, one after the restart: both get their exact code, and
+    nothing is submitted again."""
+    state = slurm_ctx.tmp / "state"
+    errlog = slurm_ctx.tmp / "child.err"
+    flag_early, flag_late = slurm_ctx.tmp / "early.flag", slurm_ctx.tmp / "late.flag"
+    comment = "pman-test-" + slurm_ctx.prefix
+    with open(errlog, "wb") as err:
+        child = subprocess.Popen(
+            [sys.executable, _SLURM_PMAN, "--backend", "slurm", "--slurm-partition", "debug",
+             # one shell-quoted string, as --help shows ("--qos=long --account=lab")
+             "--sbatch-args", "--comment=%s --no-requeue" % comment,
+             "--port", "0", "--state-dir", str(state)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            cwd=str(slurm_ctx.tmp))
+    try:
+        def port():
+            text = errlog.read_text()
+            assert child.poll() is None, "pman exited early: %s" % text
+            marker = "serving http://127.0.0.1:"
+            return text.split(marker, 1)[1].split("/", 1)[0] if marker in text else None
+        port = int(_slurm_until(port, 30, "the child pman to serve"))
+        early, late = slurm_ctx.jid("early"), slurm_ctx.jid("late")
+        for jid, flag, code in ((early, flag_early, 5), (late, flag_late, 7)):
+            status, job, raw = _slurm_request(port, "POST", "/api/v1/", {
+                "jid": jid, "cmd": "while [ ! -e '%s' ]; do sleep 0.05; done; echo bye; exit %d"
+                % (flag, code)})
+            assert status == 201, raw
+            slurm_ctx.track(job["backend_id"])
+
+        def both_started():
+            jobs = [_slurm_request(port, "GET", "/api/v1/%s/" % j)[1] for j in (early, late)]
+            return all(j["status"] == "started" for j in jobs) and jobs
+        before = {j["jid"]: j["backend_id"] for j in _slurm_until(both_started,
+                                                                 what="both jobs to run")}
+        for job_id in before.values():
+            info = _slurm_job(job_id)
+            assert info["Partition"] == "debug" and info["Comment"] == comment, info
+            assert info["Requeue"] == "0", info
+    finally:
+        child.kill()                            # SIGKILL: no chance to tidy up
+        child.wait(30)
+    assert child.returncode == -signal.SIGKILL
+
+    # The early job ends while no manager runs.
+    flag_early.touch()
+    _slurm_until(lambda: _slurm_state(before[early]) in _SLURM_ENDED, what="the early job to end")
+    assert _slurm_state(before[late]) == "RUNNING"
+
+    m = slurm_ctx.open(state, backend=pman.SlurmBackend(partition="debug"))
+    rec = m.wait(early, timeout=_SLURM_DEADLINE)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", 5), rec
+    assert "exited with code 5" in rec["message"], rec["message"]
+    assert rec["backend_id"] == before[early]
+    assert m.tail(early) == "bye\n"
+    live = m.get(late)
+    assert live["status"] == "started" and live["backend_id"] == before[late], live
+    flag_late.touch()
+    rec = m.wait(late, timeout=_SLURM_DEADLINE)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", 7), rec
+    assert rec["backend_id"] == before[late]
+    assert m.backend.calls["sbatch"] == 0
+    for jid in (early, late):
+        assert _slurm_ids_named(jid) == [before[jid]]
+
+
+def test_slurm_restart_after_close_readopts(slurm_ctx):
+    flag = slurm_ctx.tmp / "go.flag"
+    m = slurm_ctx.open()
+    jid = slurm_ctx.jid("close")
+    m.run("while [ ! -e '%s' ]; do sleep 0.05; done; exit 4" % flag, jid=jid)
+    job_id = _slurm_wait_started(m, jid)["backend_id"]
+    m.close()                                   # not kill: the job keeps running
+    assert _slurm_state(job_id) == "RUNNING"
+    m2 = slurm_ctx.open()
+    rec = m2.get(jid)
+    assert rec["status"] == "started" and rec["backend_id"] == job_id, rec
+    flag.touch()
+    rec = m2.wait(jid, timeout=_SLURM_DEADLINE)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", 4), rec
+    assert m2.backend.calls["sbatch"] == 0
+    assert _slurm_ids_named(jid) == [job_id]
+
+
+def test_slurm_recovers_inflight_submission_by_job_name(slurm_ctx):
+    """A record left `notstarted` with backend_id "" (sbatch was in flight
+    when the manager died) is matched to the SLURM job of that name
+    submitted since; a same-named job from before the record is not
+    adopted: that record is submitted anew."""
+    state = slurm_ctx.tmp / "state"
+    logs = state / "logs"
+    logs.mkdir(parents=True)
+    adopted, fresh = slurm_ctx.jid("adopt"), slurm_ctx.jid("fresh")
+
+    def sbatch(name, command):
+        job_id = _slurm_cmd("sbatch", "--parsable", "-J", name,
+                            "-o", str(logs / (name + ".out")), "-e", str(logs / (name + ".err")),
+                            "--wrap", command).stdout.strip().split(";")[0]
+        slurm_ctx.track(job_id)
+        return job_id
+
+    # An older SLURM job named like the second record: from before its submission.
+    stale = sbatch(fresh, "exit 9")
+    second = int(time.time()) + 1               # SLURM's SubmitTime has 1 s resolution
+    _slurm_until(lambda: time.time() >= second + 0.05, 3, "the next second", 0.01)
+    submitted = datetime.now(timezone.utc).isoformat()
+    ours = sbatch(adopted, "echo adopted; exit 6")
+    lines = [_slurm_state_line(jid=adopted, status="notstarted", seq=1, cmd="exit 1",
+                               message="queued: waiting for a free slot",
+                               submitted=submitted, backend_id=""),
+             _slurm_state_line(jid=fresh, status="notstarted", seq=2, cmd="echo new; exit 4",
+                               message="queued: waiting for a free slot",
+                               submitted=submitted, backend_id="")]
+    header = json.dumps({"pman_state": 1, "generation": 0, "next_seq": 3,
+                         "written": submitted, "pman_version": pman.__version__})
+    (state / "state.jsonl").write_text(header + "\n" + "".join(l + "\n" for l in lines))
+
+    m = slurm_ctx.open(state)
+    assert m.get(adopted)["backend_id"] == ours
+    a, f = m.wait([adopted, fresh], timeout=_SLURM_DEADLINE)
+    assert (a["status"], a["returncode"]) == ("finishedWithError", 6), a
+    assert a["backend_id"] == ours and m.tail(adopted) == "adopted\n"
+    assert _slurm_ids_named(adopted) == [ours]
+    assert (f["status"], f["returncode"]) == ("finishedWithError", 4), f
+    assert f["backend_id"] not in ("", None, stale) and m.tail(fresh) == "new\n"
+    assert _slurm_ids_named(fresh) == sorted([stale, f["backend_id"]], key=int)
+    assert m.backend.calls["sbatch"] == 1
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------
+
+def test_slurm_http_pfcon_flow(slurm_ctx):
+    m = slurm_ctx.open()
+    port = slurm_ctx.serve(m)
+    jid = slurm_ctx.jid("pfcon")
+    status, job, raw = _slurm_request(port, "POST", "/api/v1/", {
+        "jid": jid, "entrypoint": ["echo"], "args": ["hello", "from slurm"],
+        "cpu_limit": 1000, "memory_limit": 100, "number_of_workers": 1, "gpu_limit": 0,
+        "image": "fnndsc/pl-simpledsapp", "type": "ds"})
+    assert status == 201, raw
+    assert job["jid"] == jid and job["status"] in ("notstarted", "started")
+    assert job["cpu_limit"] == 1000 and job["memory_limit"] == 100
+    job_id = job["backend_id"]
+    info = _slurm_job(job_id)               # the limits reached SLURM
+    assert info["MinMemoryNode"] == "100M" and info["MinCPUsNode"] == "1", info
+    done = _slurm_http_wait(port, jid)
+    assert done["status"] == "finishedSuccessfully" and done["returncode"] == 0, done
+    assert "hello from slurm" in done["logs"]
+    status, root, raw = _slurm_request(port, "GET", "/api/v1/")
+    assert status == 200 and root["container_env"] == "slurm" and jid in root["GET"], raw
+    status, body, raw = _slurm_request(port, "DELETE", "/api/v1/%s/" % jid)
+    assert status == 204 and raw == b""
+    status, body, raw = _slurm_request(port, "GET", "/api/v1/%s/" % jid)
+    assert status == 404 and body["status"] is False, raw
+    assert _slurm_ids_named(jid) == [job_id]
+
+
+# ---------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------
+
+def test_slurm_rejected_submission(slurm_ctx):
+    state = slurm_ctx.tmp / "state"
+    m = slurm_ctx.open(state, backend=pman.SlurmBackend(partition="nosuchpartition"))
+    jid = slurm_ctx.jid("rej")
+    with pytest.raises(pman.SubmitRejected) as caught:
+        m.run("true", jid=jid)
+    assert "nosuchpartition" in str(caught.value) and "partition" in str(caught.value).lower()
+    assert jid not in m.jids()
+    with pytest.raises(pman.JobNotFound):
+        m.get(jid)
+
+    port = slurm_ctx.serve(m)
+    status, body, raw = _slurm_request(port, "POST", "/api/v1/", {"jid": jid, "cmd": "true"})
+    assert status == 400 and body["status"] is False, raw
+    assert "nosuchpartition" in body["message"], body
+    status, body, raw = _slurm_request(port, "GET", "/api/v1/%s/" % jid)
+    assert status == 404, raw
+    assert _slurm_ids_named(jid) == []
+    m.close()
+    again = slurm_ctx.open(state)           # not in the state on disk either
+    assert again.jids() == []
+
+
+def test_slurm_missing_sbatch_is_backend_unavailable(slurm_ctx, monkeypatch):
+    state = slurm_ctx.tmp / "state"
+    empty = slurm_ctx.tmp / "empty-bin"
+    empty.mkdir()
+    with monkeypatch.context() as patch:
+        patch.setenv("PATH", str(empty))
+        with pytest.raises(pman.BackendUnavailable) as caught:
+            pman.JobManager(str(state), backend=pman.SlurmBackend())
+        assert "sbatch" in str(caught.value)
+        with pytest.raises(pman.BackendUnavailable):
+            pman.JobManager(str(state), backend="slurm")
+        # The command line says so and exits 2 (a child: main() configures logging).
+        out = subprocess.run([sys.executable, _SLURM_PMAN, "--backend", "slurm", "--port", "0",
+                              "--state-dir", str(state)], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and "sbatch" in out.stderr, (out.returncode, out.stderr)
+    # Nothing held on to the directory: with SLURM back on PATH it opens.
+    m = slurm_ctx.open(state)
+    jid = slurm_ctx.jid()
+    m.run("exit 0", jid=jid)
+    assert m.wait(jid, timeout=_SLURM_DEADLINE)["returncode"] == 0
