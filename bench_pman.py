@@ -10,6 +10,7 @@ Usage::
     python3 bench_pman.py --profile        # cProfile of main + reaper threads
     python3 bench_pman.py --dir /var/tmp   # where the state directories go
     python3 bench_pman.py --scale-logs     # scale: also 2 empty logs per job
+    python3 bench_pman.py --backend slurm --section slurm   # the SLURM backend
 
 The output is a table ``figure | measured | target | ok/MISS``; figures
 without a target are information.  ``--json`` prints a dict of sections ->
@@ -18,7 +19,7 @@ without a target are information.  ``--json`` prints a dict of sections ->
 (CI runs ``--quick`` only to check that the benchmark still runs); a section
 that crashes does (exit status 1).
 
-Sections (see SECTIONS at the bottom to add one, e.g. "http"):
+Sections (see SECTIONS at the bottom to add one):
 
 spawn        2,000 ``true`` jobs through JobManager vs raw Popen bursts
              (--quick: 100)
@@ -28,27 +29,44 @@ scale        100,000 finished jobs in state (--quick: 5,000), written as a
              snapshot rather than run: startup, RSS, run(), get()
 concurrency  1,000 concurrent ``sleep 2`` jobs (--quick: 200 x sleep 0.5):
              codes, threads, fds, wall time
+http         pman's HTTP server vs a bare http.server answering the same
+             bytes, each in its own process: keep-alive GET of one job
+             (3,000 per round, best of 5; --quick: 300, best of 3), POST
+             of ``true`` jobs from 1 client and from 4 client processes
+             (1,000; --quick: 200), 4 concurrent GET clients
+slurm        only with ``--backend slurm`` (else skipped with a note): the
+             SLURM backend vs sbatch itself: submit rate (200 jobs;
+             --quick: 20), submit -> done latency, squeue/sacct calls per
+             minute with 200 active jobs (20 s; --quick: 20 jobs, 5 s)
 
 Wall-clock figures depend on everything else the machine does: the table
 prints the load average before and after; compare runs only on a quiet
 machine, and prefer the ratios (each measured against a baseline
 interleaved with it in the same process).
 
-Every section gets a fresh ``tempfile.mkdtemp`` directory (under ``--dir``
-if given: the file system matters, since pman fsyncs), closes its managers
-with ``kill=True`` and removes the directory.
+Every section gets a fresh ``tempfile.mkdtemp`` directory under ``--dir``
+(default: the parent of pman's default state directory, e.g.
+``~/.local/state``: the file system matters, since pman creates files and
+fsyncs, and /tmp can be much slower at creating files than the rest of the
+same disk), closes its managers with ``kill=True``, stops the processes it
+started and removes the directory.
 """
 
 import argparse
 import collections
 import cProfile
+import http.client
 import io
 import json
 import os
 import platform
 import pstats
+import re
+import select
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -137,14 +155,17 @@ class Bench:
     directories and managers that are cleaned up after the section, and
     ``figure()`` to report a result."""
 
-    def __init__(self, quick, base_dir, scale_logs=False):
+    def __init__(self, quick, base_dir, scale_logs=False, backend="local", profile=False):
         self.quick = quick
         self.scale_logs = scale_logs
         self.base_dir = base_dir
+        self.backend = backend          # --backend: "slurm" enables the slurm section
+        self.profile = profile          # --profile: sections may profile their servers
         self.results = collections.OrderedDict()
         self.section = None
         self._dirs = []
         self._managers = []
+        self._procs = []
 
     # -- reporting --------------------------------------------------------
 
@@ -171,6 +192,10 @@ class Bench:
         progress("%-44s %s %s%s" % (name, _fmt(value), unit,
                                     "" if ok is None else ("  ok" if ok else "  MISS")))
 
+    def skip(self, reason):
+        """Record that this section did not run, and why (one line)."""
+        self.figure("skipped", reason)
+
     # -- resources ----------------------------------------------------------
 
     def state_dir(self, name="state"):
@@ -186,7 +211,19 @@ class Bench:
         self._managers.append(m)
         return m
 
+    def popen(self, argv, **kwargs):
+        """A subprocess in its own session (process group), stopped after
+        the section by `stop_process` if the section did not stop it."""
+        p = subprocess.Popen(argv, start_new_session=True, **kwargs)
+        self._procs.append(p)
+        return p
+
     def cleanup(self):
+        for p in self._procs:
+            try:
+                stop_process(p)
+            except Exception:
+                traceback.print_exc()
         for m in self._managers:
             try:
                 m.close(kill=True)      # a no-op if the section closed it
@@ -194,7 +231,32 @@ class Bench:
                 traceback.print_exc()
         for path in self._dirs:
             shutil.rmtree(path, ignore_errors=True)
-        self._managers, self._dirs = [], []
+        self._managers, self._dirs, self._procs = [], [], []
+
+
+def stop_process(p, timeout=30.0):
+    """SIGTERM *p* and wait for it; past *timeout*, SIGKILL its whole process
+    group (it was started in its own session).  Closes its pipes."""
+    if p.poll() is None:
+        try:
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            progress("pid %d ignored SIGTERM for %g s: SIGKILL to its group" % (p.pid, timeout))
+        except OSError:
+            pass
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        p.wait()
+    for f in (p.stdin, p.stdout, p.stderr):
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
 
 
 def _fmt(value):
@@ -678,21 +740,723 @@ def sec_concurrency(b):
 
 
 # ---------------------------------------------------------------------------
+# Section: http
+# ---------------------------------------------------------------------------
+# Each server runs in its own process, the clients in this one (or in client
+# processes): the figures are what a client sees over loopback TCP.
+
+_HTTP_PMAN_SERVER = r"""
+import cProfile, os, signal, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import pman
+state, prof_out = sys.argv[2], sys.argv[3]
+profiles, live = [], [0]
+live_lock = threading.Lock()
+
+def profiled(orig):
+    def wrapper(*args, **kwargs):
+        p = cProfile.Profile()
+        with live_lock:
+            live[0] += 1
+        p.enable()
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            p.disable()
+            with live_lock:
+                profiles.append(p)
+                live[0] -= 1
+    return wrapper
+
+if prof_out:    # every connection's thread and the reaper, each its own cProfile
+    pman._Handler.handle = profiled(pman._Handler.handle)
+    if hasattr(pman.JobManager, "_reap_loop"):
+        pman.JobManager._reap_loop = profiled(pman.JobManager._reap_loop)
+manager = pman.JobManager(state)
+server = pman.make_server(manager, "127.0.0.1", 0)
+signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(
+    target=server.shutdown, daemon=True).start())
+sys.stdout.write("%d\n" % server.server_address[1])
+sys.stdout.flush()
+try:
+    server.serve_forever()
+finally:
+    server.server_close()
+    manager.close(kill=True)
+    if prof_out:
+        deadline = time.monotonic() + 3
+        while live[0] and time.monotonic() < deadline:   # connections closing
+            time.sleep(0.01)
+        with live_lock:
+            done = list(profiles)
+        if done:
+            import pstats
+            stats = pstats.Stats(done[0])
+            for p in done[1:]:
+                stats.add(p)
+            stats.dump_stats(prof_out)
+"""
+
+_HTTP_BARE_SERVER = r"""
+import http.server, signal, socket, sys, threading
+with open(sys.argv[2], "rb") as f:     # argv[1]: the benchmark's directory, unused
+    REPLY = f.read()
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_GET(self):
+        self.wfile.write(REPLY)         # status line, headers and body: one write
+
+    def log_message(self, format, *args):
+        pass
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+    allow_reuse_address = True
+
+server = Server(("127.0.0.1", 0), Handler)
+signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(
+    target=server.shutdown, daemon=True).start())
+sys.stdout.write("%d\n" % server.server_address[1])
+sys.stdout.flush()
+try:
+    server.serve_forever()
+finally:
+    server.server_close()
+"""
+
+_HTTP_CLIENT = ("import sys; sys.path.insert(0, sys.argv[1]); import bench_pman; "
+                "bench_pman._http_client_main(sys.argv[2:])")
+
+
+def _proc_cpu(pid):
+    """User + system CPU seconds of process *pid* so far (its own threads,
+    not its children), from /proc; nan if unreadable."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def _start_server(b, script, args, log_path, timeout=30.0):
+    """Start ``python3 -c script HERE args...``; return (Popen, port) once
+    it has printed its port.  Its stderr goes to *log_path*."""
+    with open(log_path, "wb") as log:
+        p = b.popen([sys.executable, "-c", script, HERE] + list(args), stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=log)
+    ready, _, _ = select.select([p.stdout], [], [], timeout)
+    line = p.stdout.readline() if ready else b""
+    if not line.strip().isdigit():
+        stop_process(p, 5)
+        with open(log_path, "rb") as f:
+            tail = f.read()[-2000:].decode("utf-8", "replace")
+        raise RuntimeError("server did not start (exit %s): %s" % (p.returncode, tail.strip()))
+    return p, int(line)
+
+
+def _http_connect(port):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.connect()
+    return conn
+
+
+def _http_requests(port, method, path, body, n, expect, conn=None, latencies=None):
+    """*n* requests on one keep-alive connection (reconnecting after an
+    error).  Returns {ok, errors, samples, t0, t1 (time.monotonic), cpu}.
+    With a *latencies* list, appends each request's seconds to it."""
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    ok = errors = 0
+    samples = []
+    c0 = time.process_time()
+    t0 = time.monotonic()
+    for _ in range(n):
+        s = perf() if latencies is not None else 0.0
+        try:
+            if conn is None:
+                conn = _http_connect(port)
+            conn.request(method, path, body=body, headers=headers)
+            r = conn.getresponse()
+            data = r.read()
+            if r.status == expect:
+                ok += 1
+            else:
+                errors += 1
+                if len(samples) < 3:
+                    samples.append("%d %s" % (r.status, data[:200].decode("utf-8", "replace")))
+            if r.will_close:
+                conn.close()
+                conn = None
+        except (OSError, http.client.HTTPException) as e:
+            errors += 1
+            if len(samples) < 3:
+                samples.append("%s: %s" % (type(e).__name__, e))
+            if conn is not None:
+                conn.close()
+            conn = None
+        if latencies is not None:
+            latencies.append(perf() - s)
+    t1 = time.monotonic()
+    cpu = time.process_time() - c0
+    if conn is not None:
+        conn.close()
+    return {"ok": ok, "errors": errors, "samples": samples, "t0": t0, "t1": t1, "cpu": cpu}
+
+
+def _http_client_main(argv):
+    """A client process: connect, say "ready", wait for a line on stdin,
+    run the requests, print the result as JSON."""
+    port, method, path, n, expect = int(argv[0]), argv[1], argv[2], int(argv[3]), int(argv[4])
+    body = argv[5].encode("utf-8") if len(argv) > 5 else None
+    conn = _http_connect(port)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    sys.stdin.readline()
+    res = _http_requests(port, method, path, body, n, expect, conn)
+    sys.stdout.write(json.dumps(res) + "\n")
+    sys.stdout.flush()
+
+
+def _http_clients(b, k, port, method, path, n, expect, body=None):
+    """*k* client processes sending *n* requests in all, started together
+    once all are connected.  Returns (ok, errors, seconds from the first
+    client's start to the last one's end, samples)."""
+    args = [sys.executable, "-c", _HTTP_CLIENT, HERE, str(port), method, path]
+    procs = []
+    for i in range(k):
+        share = n // k + (i < n % k)
+        procs.append(b.popen(args + [str(share), str(expect)] + ([body] if body else []),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+    try:
+        for p in procs:
+            ready, _, _ = select.select([p.stdout], [], [], 30)
+            if not ready or p.stdout.readline().strip() != b"ready":
+                raise RuntimeError("an HTTP client process did not start")
+        for p in procs:
+            p.stdin.write(b"go\n")
+            p.stdin.flush()
+        results = []
+        for p in procs:
+            out, _ = p.communicate(timeout=600)
+            if p.returncode != 0:
+                raise RuntimeError("an HTTP client process failed (exit %d)" % p.returncode)
+            results.append(json.loads(out.decode().strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            stop_process(p, 5)
+    ok = sum(r["ok"] for r in results)
+    errors = sum(r["errors"] for r in results)
+    span = max(r["t1"] for r in results) - min(r["t0"] for r in results)
+    samples = [s for r in results for s in r["samples"]][:3]
+    return ok, errors, span, samples
+
+
+def _raw_get(port, path):
+    """The exact bytes of one GET reply (status line, headers, body), with
+    the headers http.client sends."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAccept-Encoding: identity"
+                      "\r\n\r\n" % (path, port)).encode("ascii"))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("connection closed in the headers: %r" % data[:200])
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+        if length is None:
+            raise RuntimeError("no Content-Length in %r" % head[:300])
+        length = int(length.group(1))
+        while len(rest) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("connection closed in the body")
+            rest += chunk
+        if len(rest) != length:
+            raise RuntimeError("more bytes than Content-Length")
+        return head + b"\r\n\r\n" + rest
+    finally:
+        sock.close()
+
+
+def _http_json(conn, method, path, body=None):
+    conn.request(method, path, body=None if body is None else json.dumps(body).encode(),
+                 headers={"Content-Type": "application/json"} if body is not None else {})
+    r = conn.getresponse()
+    return r.status, json.loads(r.read() or b"null")
+
+
+def _http_settle(port, timeout=120.0):
+    """Wait until the server has no queued or running job; return the
+    number of jobs that ended other than successfully."""
+    conn = _http_connect(port)
+    try:
+        deadline = perf() + timeout
+        while True:
+            status, obj = _http_json(conn, "GET",
+                                     "/api/v1/jobs?status=notstarted,started&limit=1")
+            if status != 200:
+                raise RuntimeError("job listing answered %d: %s" % (status, obj))
+            if not obj["jobs"]:
+                break
+            if perf() > deadline:
+                raise RuntimeError("jobs still active after %g s" % timeout)
+            time.sleep(0.02)
+        bad, after = 0, ""
+        while True:
+            status, obj = _http_json(conn, "GET", "/api/v1/jobs?status=finishedWithError,"
+                                     "undefined&limit=1000" + after)
+            bad += len(obj["jobs"])
+            if not obj.get("next"):
+                return bad
+            after = "&after=" + obj["next"]
+    finally:
+        conn.close()
+
+
+def _print_server_profile(path, title, limit=30):
+    if not os.path.exists(path):
+        sys.stderr.write("\n(no profile of %s: it wrote none)\n" % title)
+        return
+    for key in ("tottime", "cumulative"):
+        buf = io.StringIO()
+        pstats.Stats(path, stream=buf).sort_stats(key).print_stats(limit)
+        sys.stderr.write("\n==== cProfile %s (by %s) ====\n%s" % (title, key, buf.getvalue()))
+
+
+def sec_http(b):
+    gets = 300 if b.quick else 3000
+    posts = 200 if b.quick else 1000
+    rounds = 3 if b.quick else 5
+    post_rounds = 1 if b.quick else 2
+    clients = 4
+    top = b.state_dir("http")
+    prof = os.path.join(top, "pman-server.prof") if b.profile else ""
+    pman_proc, pport = _start_server(b, _HTTP_PMAN_SERVER, [os.path.join(top, "state"), prof],
+                                     os.path.join(top, "pman-server.log"))
+
+    # One finished job, and pman's exact reply for it, for the bare server.
+    jid = "bench-get"
+    path = "/api/v1/%s/" % jid
+    conn = _http_connect(pport)
+    status, obj = _http_json(conn, "POST", "/api/v1/", {"cmd": "true", "jid": jid})
+    if status != 201:
+        raise RuntimeError("POST answered %d: %s" % (status, obj))
+    status, obj = _http_json(conn, "GET", path + "?wait=30")
+    if status != 200 or obj.get("status") != pman.SUCCESS:
+        raise RuntimeError("the job did not succeed: %d %s" % (status, obj))
+    conn.close()
+    reply = _raw_get(pport, path)
+    if not reply.startswith(b"HTTP/1.1 200 "):
+        raise RuntimeError("unexpected reply: %r" % reply[:200])
+    reply_file = os.path.join(top, "reply.bin")
+    with open(reply_file, "wb") as f:
+        f.write(reply)
+    bare_proc, bport = _start_server(b, _HTTP_BARE_SERVER, [reply_file],
+                                     os.path.join(top, "bare-server.log"))
+    if _raw_get(bport, path) != reply:
+        raise RuntimeError("the bare server's reply differs from pman's")
+    servers = {"pman": (pport, pman_proc.pid), "bare": (bport, bare_proc.pid)}
+    errors = collections.Counter()
+    samples = []
+
+    def loop(port, method, path, body, n, expect, lat=None):
+        res = _http_requests(port, method, path, body, n, expect, latencies=lat)
+        errors[method] += res["errors"]
+        samples.extend(res["samples"][:max(0, 3 - len(samples))])
+        return res
+
+    # -- keep-alive GET of one job: pman vs bare, interleaved, best of N ------
+    for name, (port, _) in servers.items():         # warm up both
+        loop(port, "GET", path, None, min(200, gets), 200)
+    best = collections.defaultdict(lambda: float("inf"))
+    cpu = {}
+    lat = {"pman": [], "bare": []}
+    for r in range(rounds):
+        order = ("pman", "bare") if r % 2 == 0 else ("bare", "pman")
+        for name in order:
+            port, pid = servers[name]
+            s0 = _proc_cpu(pid)
+            res = loop(port, "GET", path, None, gets, 200, lat[name] if r == 0 else None)
+            dt = res["t1"] - res["t0"]
+            if dt < best[name]:
+                best[name] = dt
+                cpu[name] = ((_proc_cpu(pid) - s0) / gets, res["cpu"] / gets)
+        progress("GET round %d/%d: pman %.0f/s, bare %.0f/s" % (
+            r + 1, rounds, gets / best["pman"], gets / best["bare"]))
+    rate = {k: gets / v for k, v in best.items()}
+    b.figure("GET rate, pman", rate["pman"], "req/s",
+             note="keep-alive GET %s of a finished job, one http.client connection in the "
+                  "benchmark process, %d requests per round, best of %d interleaved rounds"
+                  % (path, gets, rounds))
+    b.figure("GET rate, bare http.server", rate["bare"], "req/s",
+             note="ThreadingHTTPServer + BaseHTTPRequestHandler (HTTP/1.1, TCP_NODELAY) "
+                  "answering pman's captured %d-byte reply in one write" % len(reply))
+    b.figure("GET ratio pman/bare", rate["pman"] / rate["bare"], "x", (">=", 0.9),
+             note="issue 7 wants >= 0.9; issue 5 said >= 0.8")
+    b.figure("GET time per request, pman minus bare",
+             (best["pman"] - best["bare"]) / gets * 1e6, "us")
+    b.figure("GET p50 latency, pman", percentile(lat["pman"], 50) * 1e6, "us",
+             note="first round")
+    b.figure("GET p99 latency, pman", percentile(lat["pman"], 99) * 1e6, "us")
+    b.figure("GET p50 latency, bare", percentile(lat["bare"], 50) * 1e6, "us")
+    b.figure("server CPU per GET, pman", cpu["pman"][0] * 1e6, "us",
+             note="utime+stime of the server process over the best round (10 ms ticks)")
+    b.figure("server CPU per GET, bare", cpu["bare"][0] * 1e6, "us")
+    b.figure("client CPU per GET (http.client)", cpu["pman"][1] * 1e6, "us",
+             note="this process, pman's best round: the share both servers pay alike")
+
+    # -- POST {"cmd": "true"}: one client vs 4 client processes -----------------
+    body = json.dumps({"cmd": "true"})
+    _http_settle(pport)
+    best = collections.defaultdict(lambda: float("inf"))
+    post_lat = []
+    post_cpu = float("nan")
+    failed_jobs = 0
+    conc_errors = 0
+    for r in range(post_rounds):
+        s0 = _proc_cpu(pman_proc.pid)
+        res = loop(pport, "POST", "/api/v1/", body.encode(), posts, 201,
+                   post_lat if r == 0 else None)
+        dt = res["t1"] - res["t0"]
+        if dt < best["single"]:
+            best["single"] = dt
+            post_cpu = (_proc_cpu(pman_proc.pid) - s0) / posts
+        failed_jobs += _http_settle(pport)
+        ok, errs, span, smp = _http_clients(b, clients, pport, "POST", "/api/v1/", posts, 201,
+                                            body)
+        conc_errors += errs
+        samples.extend(smp[:max(0, 3 - len(samples))])
+        best["multi"] = min(best["multi"], span)
+        failed_jobs += _http_settle(pport)
+        progress("POST round %d/%d: 1 client %.0f jobs/s, %d clients %.0f jobs/s" % (
+            r + 1, post_rounds, posts / dt, clients, posts / span))
+    single = posts / best["single"]
+    b.figure("POST rate, 1 client", single, "jobs/s", (">=", 400),
+             note="keep-alive POST /api/v1/ {\"cmd\": \"true\"}, %d jobs, best of %d; "
+                  "returns once the job is spawned and durable" % (posts, post_rounds))
+    b.figure("POST p50 latency, 1 client", percentile(post_lat, 50) * 1e3, "ms")
+    b.figure("POST p99 latency, 1 client", percentile(post_lat, 99) * 1e3, "ms")
+    b.figure("server CPU per POST", post_cpu * 1e6, "us",
+             note="the server process's own threads (not the jobs), best round")
+    b.figure("POST rate, %d client processes" % clients, posts / best["multi"], "jobs/s",
+             (">=", single), note="%d jobs in all, split over %d client processes (not "
+                                  "threads: no shared GIL on the client side), first "
+                                  "client's start to last one's end; target: the "
+                                  "1-client figure" % (posts, clients))
+    b.figure("POST errors, %d client processes" % clients, conc_errors, "errors", ("<=", 0),
+             note="non-201 replies and connection errors, all rounds")
+    b.figure("POSTed jobs that did not succeed", failed_jobs, "jobs", ("<=", 0))
+
+    # -- 4 concurrent GET clients, for information ------------------------------
+    conc = {}
+    for name in ("pman", "bare"):
+        ok, errs, span, smp = _http_clients(b, clients, servers[name][0], "GET", path, gets, 200)
+        errors["GET"] += errs
+        samples.extend(smp[:max(0, 3 - len(samples))])
+        conc[name] = ok / span
+    b.figure("GET rate, %d client processes, pman" % clients, conc["pman"], "req/s",
+             note="%d GETs in all" % gets)
+    b.figure("GET rate, %d client processes, bare" % clients, conc["bare"], "req/s")
+    b.figure("GET ratio pman/bare, %d clients" % clients, conc["pman"] / conc["bare"], "x")
+    b.figure("errors in the other runs", errors["GET"] + errors["POST"], "errors", ("<=", 0),
+             note="; ".join(samples) if samples else "")
+
+    # -- stop: SIGTERM -> shutdown, close(kill=True) in the server process -------
+    for p in (bare_proc, pman_proc):
+        stop_process(p)
+    if pman_proc.returncode != 0:
+        raise RuntimeError("the pman server exited with status %s" % pman_proc.returncode)
+    if prof:
+        _print_server_profile(prof, "http: pman server process (connection threads + reaper)")
+
+
+# ---------------------------------------------------------------------------
+# Section: slurm
+# ---------------------------------------------------------------------------
+
+_SLURM_ACTIVE_STATES = (getattr(pman, "_SLURM_PENDING", set()) |
+                        getattr(pman, "_SLURM_RUNNING", set()) |
+                        {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED"})
+_SQUEUE_FORMAT = "JobID:|,State:|,Reason:|,exit_code:|,StartTime:"    # as SlurmBackend.poll
+
+
+def _slurm(argv, timeout=60, cwd=None):
+    out = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout,
+                         cwd=cwd)
+    if out.returncode != 0:
+        raise RuntimeError("%s failed (exit %d): %s" % (
+            " ".join(argv[:3]), out.returncode, (out.stderr or out.stdout).strip()[:300]))
+    return out.stdout
+
+
+def _raw_sbatch(cwd):
+    """One ``sbatch --parsable --wrap true`` (its slurm-N.out lands in
+    *cwd*); returns the job id."""
+    return _slurm(["sbatch", "--parsable", "--wrap", "true"], cwd=cwd).strip().split(";")[0]
+
+
+def _scontrol_state(job_id):
+    out = _slurm(["scontrol", "show", "job", "-o", job_id])
+    m = re.search(r"\bJobState=(\S+)", out)
+    return m.group(1).rstrip("+") if m else None
+
+
+def _slurm_active(ids):
+    """The ids among *ids* that SLURM still has pending or running."""
+    if not ids:
+        return []
+    out = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    return [line.strip() for line in out.stdout.splitlines() if line.strip() in ids]
+
+
+def _slurm_wait_gone(ids, timeout, poll=0.1):
+    deadline = perf() + timeout
+    while _slurm_active(ids):
+        if perf() > deadline:
+            raise RuntimeError("SLURM jobs still active after %g s" % timeout)
+        time.sleep(poll)
+
+
+def _snapshot(counter):
+    """A copy of a Counter that another thread updates."""
+    while True:
+        try:
+            return collections.Counter(dict(counter))
+        except RuntimeError:        # changed size during the copy
+            pass
+
+
+def _slurmctld_pid():
+    try:
+        with open("/run/slurmctld.pid") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def sec_slurm(b):
+    if b.backend != "slurm":
+        b.skip("needs --backend slurm")
+        return
+    if shutil.which("sbatch") is None:
+        b.skip("sbatch is not on PATH")
+        return
+    try:
+        _slurm(["sinfo", "-h", "-o", "%P %a %T"], timeout=15)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError("sinfo fails (%s): is the cluster up?  .ci/slurm-up.sh brings "
+                           "up a single-node one" % e) from None
+    n = 20 if b.quick else 200              # submit-rate jobs
+    seq = 5 if b.quick else 20              # sequential latency samples, each side
+    n_active = 20 if b.quick else 200       # active jobs while counting polls
+    window = 5.0 if b.quick else 20.0       # seconds of polling counted
+    raw_poll = 0.05                         # our own scontrol polling period
+    top = b.state_dir("slurm")
+    raw_dir = os.path.join(top, "raw")
+    os.mkdir(raw_dir)
+    ended = {}
+
+    def on_end(record):                     # the reaper thread
+        ended[record["jid"]] = perf()
+
+    m = b.manager(os.path.join(top, "state"), backend="slurm", on_end=on_end)
+    calls = getattr(m.backend, "calls", None)
+    if calls is None:
+        raise RuntimeError("pman's SlurmBackend has no .calls counter")
+    ids = []                                # every SLURM job id we submit, for the backstop
+    try:
+        # Warm up both paths (first calls pay for page cache, munge...).
+        ids.append(_raw_sbatch(raw_dir))
+        rec = m.run("true", jid="warm")
+        ids.append(rec.get("backend_id") or "")
+        m.wait("warm", timeout=120)
+        _slurm_wait_gone([i for i in ids if i], 120)
+
+        # -- submit rate: N raw sbatch calls vs N run() calls ------------------
+        raw_ids, raw_call = [], []
+        t0 = perf()
+        for _ in range(n):
+            s = perf()
+            raw_ids.append(_raw_sbatch(raw_dir))
+            raw_call.append(perf() - s)
+        raw_submit = perf() - t0
+        ids.extend(raw_ids)
+        _slurm_wait_gone(raw_ids, 120 + n, poll=0.1)
+        raw_all = perf() - t0
+        progress("raw sbatch: %.1f calls/s, all done after %.1f s" % (n / raw_submit, raw_all))
+
+        jids, submitted, run_call = [], {}, []
+        t0 = perf()
+        for i in range(n):
+            jid = "burst-%d" % i
+            s = submitted[jid] = perf()
+            rec = m.run("true", jid=jid)
+            run_call.append(perf() - s)
+            ids.append(rec.get("backend_id") or "")
+            jids.append(jid)
+        pman_submit = perf() - t0
+        records = m.wait(jids, timeout=120 + n)
+        pman_all = perf() - t0
+        _wait_for(lambda: all(j in ended for j in jids), 30, "on_end callbacks")
+        bad = [r["jid"] for r in records if r["status"] != pman.SUCCESS]
+        if bad:
+            raise RuntimeError("SLURM jobs that did not succeed: %s (%s)" % (
+                bad[:5], records[jids.index(bad[0])]["message"]))
+        burst_lat = [ended[j] - submitted[j] for j in jids]
+        progress("pman run(): %.1f jobs/s, all done after %.1f s" % (n / pman_submit, pman_all))
+        b.figure("jobs per burst", n, "jobs", note="`true` jobs, single-node cluster")
+        b.figure("raw sbatch rate", n / raw_submit, "calls/s",
+                 note="`sbatch --parsable --wrap true`, one after another")
+        b.figure("raw sbatch call p50", percentile(raw_call, 50) * 1e3, "ms")
+        b.figure("pman run() rate (slurm)", n / pman_submit, "jobs/s",
+                 note="JobManager(dir, backend='slurm').run('true'), durable")
+        b.figure("pman run() p50 (slurm)", percentile(run_call, 50) * 1e3, "ms")
+        b.figure("pman run() p99 (slurm)", percentile(run_call, 99) * 1e3, "ms")
+        b.figure("pman/raw submit rate ratio", raw_submit / pman_submit, "x")
+        b.figure("pman overhead per submit", (pman_submit - raw_submit) / n * 1e3, "ms",
+                 note="run() minus a raw sbatch call (pman adds -J/-o/-e and a durable "
+                      "journal write)")
+        b.figure("raw burst: first sbatch to all done", raw_all, "s",
+                 note="squeue polled every 0.1 s by the benchmark")
+        b.figure("pman burst: first run() to all done", pman_all, "s",
+                 note="wait() returns: pman's own adaptive squeue polling")
+        b.figure("pman burst: run() -> on_end p50", percentile(burst_lat, 50), "s",
+                 note="includes queueing behind the burst (%s CPUs' worth of slots)"
+                      % "the node's")
+        b.figure("pman burst: run() -> on_end p99", percentile(burst_lat, 99), "s")
+
+        # -- submit -> done, one job at a time, interleaved ---------------------
+        lat = {"raw": [], "pman": []}
+        for i in range(seq):
+            t0 = perf()
+            job_id = _raw_sbatch(raw_dir)
+            ids.append(job_id)
+            deadline = perf() + 120
+            while True:
+                state = _scontrol_state(job_id)
+                if state is not None and state not in _SLURM_ACTIVE_STATES:
+                    break
+                if perf() > deadline:
+                    raise RuntimeError("raw job %s still %s after 120 s" % (job_id, state))
+                time.sleep(raw_poll)
+            lat["raw"].append(perf() - t0)
+            if state != "COMPLETED":
+                raise RuntimeError("raw job %s ended %s" % (job_id, state))
+            t0 = perf()
+            rec = m.run("true", jid="seq-%d" % i)
+            ids.append(rec.get("backend_id") or "")
+            rec = m.wait("seq-%d" % i, timeout=120)
+            lat["pman"].append(perf() - t0)
+            if rec["status"] != pman.SUCCESS:
+                raise RuntimeError("seq-%d: %s" % (i, rec["message"]))
+        progress("submit -> done p50: raw %.2f s, pman %.2f s" % (
+            percentile(lat["raw"], 50), percentile(lat["pman"], 50)))
+        b.figure("raw submit -> done p50", percentile(lat["raw"], 50), "s",
+                 note="%d sequential jobs: sbatch, then `scontrol show job -o ID` every "
+                      "%g ms until a final state" % (seq, raw_poll * 1e3))
+        b.figure("raw submit -> done p99", percentile(lat["raw"], 99), "s")
+        b.figure("pman submit -> done p50", percentile(lat["pman"], 50), "s",
+                 note="%d sequential jobs, interleaved with the raw ones: run() to "
+                      "wait() returning (MIN_POLL %g s)" % (
+                          seq, getattr(pman.SlurmBackend, "MIN_POLL", float("nan"))))
+        b.figure("pman submit -> done p99", percentile(lat["pman"], 99), "s")
+        b.figure("pman - raw submit -> done p50",
+                 percentile(lat["pman"], 50) - percentile(lat["raw"], 50), "s")
+
+        # -- polling cost with N active jobs --------------------------------------
+        active_ids, active_jids = [], []
+        t0 = perf()
+        for i in range(n_active):
+            rec = m.run("sleep 30", jid="active-%d" % i)
+            active_ids.append(rec.get("backend_id") or "")
+            active_jids.append(rec["jid"])
+        ids.extend(active_ids)
+        submit_active = perf() - t0
+        ctld = _slurmctld_pid()
+        c0 = _snapshot(calls)
+        cpu0, ch0 = time.process_time(), os.times()
+        ctld0 = _proc_cpu(ctld) if ctld else float("nan")
+        t0 = perf()
+        time.sleep(window)
+        elapsed = perf() - t0
+        c1 = _snapshot(calls)
+        cpu1, ch1 = time.process_time(), os.times()
+        ctld1 = _proc_cpu(ctld) if ctld else float("nan")
+        counts = m.counts()
+        per_min = 60.0 / elapsed
+        # One poll of all of them, timed (the same squeue call pman makes).
+        poll_t = []
+        for _ in range(3):
+            s = perf()
+            _slurm(["squeue", "-t", "all", "-h", "-j", ",".join(active_ids),
+                    "-O", _SQUEUE_FORMAT])
+            poll_t.append(perf() - s)
+        t0 = perf()
+        m.close(kill=True)
+        close_time = perf() - t0
+        left = _slurm_active(active_ids)
+
+        b.figure("active jobs while counting", n_active, "jobs",
+                 note="`sleep 30`; %d running, %d pending at the end of the %g s window" % (
+                     counts.get(pman.STARTED, 0), counts.get(pman.NOTSTARTED, 0), elapsed))
+        b.figure("run() rate, sleep jobs", n_active / submit_active, "jobs/s")
+        b.figure("squeue calls per minute", (c1["squeue"] - c0["squeue"]) * per_min, "/min",
+                 note="manager.backend.calls over %g s right after the submissions "
+                      "(adaptive interval: MIN_POLL %g s after a change, up to MAX_POLL %g s)"
+                      % (elapsed, getattr(pman.SlurmBackend, "MIN_POLL", float("nan")),
+                         getattr(pman.SlurmBackend, "MAX_POLL", float("nan"))))
+        b.figure("sacct calls per minute", (c1["sacct"] - c0["sacct"]) * per_min, "/min")
+        b.figure("all scheduler calls per minute",
+                 sum((c1 - c0).values()) * per_min, "/min",
+                 note=", ".join("%s %d" % kv for kv in sorted((c1 - c0).items())) or "none")
+        b.figure("one squeue poll of %d jobs" % n_active, sorted(poll_t)[1] * 1e3, "ms",
+                 note="median of 3, the same squeue call as SlurmBackend.poll")
+        b.figure("pman CPU while polling", ((cpu1 - cpu0) + (ch1[2] - ch0[2]) +
+                                            (ch1[3] - ch0[3])) * per_min, "s/min",
+                 note="this process (reaper) plus its squeue/sacct children")
+        b.figure("slurmctld CPU while polling", (ctld1 - ctld0) * per_min, "s/min",
+                 note="utime+stime of slurmctld, everything it did in the window")
+        b.figure("close(kill=True) with %d active" % n_active, close_time, "s",
+                 note="scancel of each job, then wait for SLURM to confirm")
+        b.figure("SLURM jobs left active after close", len(left), "jobs", ("<=", 0))
+    finally:
+        live = _slurm_active([i for i in ids if i])
+        if live:
+            progress("scancel of %d leftover SLURM jobs" % len(live))
+            subprocess.run(["scancel"] + live, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+
+
+# ---------------------------------------------------------------------------
 # Section registry
 # ---------------------------------------------------------------------------
 # name -> (function(bench), one-line description), run in this order.
-# >>> To add a section (e.g. "http", once pman.make_server exists): write
-# >>> `def sec_http(b): ...` that uses b.state_dir(), b.manager() and
-# >>> b.figure(name, value, unit, target=(">=" | "<=", bound), note=...),
-# >>> honour b.quick (the whole --quick run must stay under 30 s), and add
-# >>> it here.  It then appears in --section choices and the default run.
+# >>> To add a section: write `def sec_x(b): ...` that uses b.state_dir(),
+# >>> b.manager(), b.popen() and b.figure(name, value, unit,
+# >>> target=(">=" | "<=", bound), note=...) (or b.skip(reason)), honour
+# >>> b.quick (the whole --quick run must stay under 30 s), and add it
+# >>> here.  It then appears in --section choices and the default run.
 
 SECTIONS = collections.OrderedDict([
     ("spawn", (sec_spawn, "2,000 `true` jobs: pman vs raw Popen")),
     ("latency", (sec_latency, "submit -> started, exit -> status visible")),
     ("scale", (sec_scale, "100,000 finished jobs in state")),
     ("concurrency", (sec_concurrency, "1,000 concurrent sleep jobs")),
-    # ("http", (sec_http, "HTTP API round trips")),    # <<< reserved, see above
+    ("http", (sec_http, "HTTP API round trips: pman vs a bare http.server")),
+    ("slurm", (sec_slurm, "SLURM backend vs sbatch (only with --backend slurm)")),
 ])
 
 
@@ -700,20 +1464,31 @@ SECTIONS = collections.OrderedDict([
 # Main
 # ---------------------------------------------------------------------------
 
-def machine_info(base_dir):
-    tmp = base_dir or tempfile.gettempdir()
-    return collections.OrderedDict([
+def default_base_dir():
+    """The parent of pman's default state directory (~/.local/state, or
+    $XDG_STATE_HOME, or the parent of $PMAN_STATE_DIR)."""
+    return os.path.dirname(os.path.abspath(os.path.expanduser(pman.default_state_dir())))
+
+
+def machine_info(base_dir, backend="local"):
+    info = collections.OrderedDict([
         ("cpu count", os.cpu_count()),
         ("usable cpus", len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
          else os.cpu_count()),
         ("python", "%s %s" % (platform.python_implementation(), platform.python_version())),
         ("platform", platform.platform()),
         ("pidfds in use (pman._HAVE_PIDFD)", bool(getattr(pman, "_HAVE_PIDFD", False))),
-        ("temp dir", "%s (%s)" % (tmp, fs_type(tmp))),
+        ("state dirs under (--dir)", "%s (%s)" % (base_dir, fs_type(base_dir))),
         ("RLIMIT_NOFILE soft", _nofile()),
         ("load average (1, 5, 15 min)", " ".join("%.2f" % x for x in os.getloadavg())),
         ("pman version", pman.__version__),
     ])
+    if backend == "slurm":
+        try:
+            info["slurm"] = _slurm(["sinfo", "--version"], timeout=15).strip()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+            info["slurm"] = "unavailable: %s" % e
+    return info
 
 
 def _nofile():
@@ -796,19 +1571,32 @@ def main(argv=None):
     parser.add_argument("--section", action="append", choices=list(SECTIONS),
                         help="run only this section (repeatable)")
     parser.add_argument("--dir", default=None,
-                        help="parent of the temporary state directories (default: %s)"
-                        % tempfile.gettempdir())
+                        help="parent of the temporary state directories (default: %s, "
+                        "the parent of pman's default state directory, created if "
+                        "missing: the benchmark measures where pman keeps its state. Not "
+                        "/tmp: on some machines creating a file there costs ~0.9 ms "
+                        "against ~25 us elsewhere on the same disk, which distorts every "
+                        "spawn figure)" % default_base_dir())
+    parser.add_argument("--backend", choices=("local", "slurm"), default="local",
+                        help="slurm: also run the slurm section (needs sbatch and a "
+                        "cluster); every other section uses the local backend")
     parser.add_argument("--scale-logs", action="store_true",
                         help="scale: also create 2 empty log files per synthetic job "
                         "(slow on some disks: 200,000 file creations)")
     parser.add_argument("--profile", action="store_true",
-                        help="cProfile the main and reaper threads per section (stderr)")
+                        help="cProfile the main and reaper threads per section, and "
+                        "the pman server process in the http section (stderr; "
+                        "profiling slows what it measures)")
     args = parser.parse_args(argv)
     selected = args.section or list(SECTIONS)
     selected = [s for s in SECTIONS if s in selected]
+    if args.dir is None:
+        args.dir = default_base_dir()
+        os.makedirs(args.dir, mode=0o700, exist_ok=True)
 
-    info = machine_info(args.dir)
-    bench = Bench(args.quick, args.dir, args.scale_logs)
+    info = machine_info(args.dir, args.backend)
+    bench = Bench(args.quick, args.dir, args.scale_logs, backend=args.backend,
+                  profile=args.profile)
     bench.results["machine"] = collections.OrderedDict(
         (k, {"value": v, "unit": "", "target": None, "ok": None}) for k, v in info.items())
     if not args.json:

@@ -31,9 +31,10 @@ Everything lives in one state directory (``$PMAN_STATE_DIR``, else
     fsynced before ``run()`` returns; concurrent submitters share fsyncs.
 ``logs/<jid>.out``, ``logs/<jid>.err``
     each job's stdout and stderr (mode 0600).
-``logs/<jid>.rc``
-    written by the job's wrapper shell when the job ends, so an exit code is
-    never lost while the manager is down; removed once the journal holds it.
+``exits``
+    one line ``<seq> <code>`` appended by each job's wrapper shell when the
+    job ends, so an exit code is never lost while the manager is down;
+    emptied when no job runs.
 
 Threading model
 ---------------
@@ -115,6 +116,7 @@ LOG_CHECK_EVERY = 0.5       # how often running jobs' logs are measured
 POLL_INTERVAL = 0.01        # the reaper's poll period where pidfds are missing
 RESEND_WINDOW, RESEND_DELAY = 0.5, 0.05   # see JobManager._signal
 LOCK_RETRY = 2.0            # seconds to wait for a dead holder's lock to clear
+EXIT_LOG_MAX = 1 << 20      # empty the exit log past this size when no job runs
 MAX_SECONDS = 1e8           # the largest timeout, grace or wait accepted (3 years)
 MAX_SLEEP = 3600.0          # the reaper wakes at least this often
 _MISSING = object()
@@ -125,8 +127,8 @@ TAIL_LINES, TAIL_BYTES = 1000, 65536
 # so the subshell resets it and the job does not inherit SIG_IGN, while the
 # wrapper itself survives a group SIGTERM long enough to record the exit
 # status.  A subshell costs one fork less than a nested `sh -c`.
-_WRAP_SHELL = 'trap : TERM; (eval "$2"); r=$?; umask 077; echo $r >"$1"; exit $r'
-_WRAP_ARGV = 'trap : TERM; f=$1; shift; ("$@"); r=$?; umask 077; echo $r >"$f"; exit $r'
+_WRAP_SHELL = 'trap : TERM; (eval "$3"); r=$?; echo "$1 $r" >>"$2"; exit $r'
+_WRAP_ARGV = 'trap : TERM; t=$1; f=$2; shift 2; ("$@"); r=$?; echo "$t $r" >>"$f"; exit $r'
 
 
 def _now():
@@ -605,10 +607,22 @@ def _identity(pid):
 
 
 def _is_alive(job):
-    """True if the process recorded for *job* still runs (zombies are gone)."""
+    """True if the process recorded for *job* still runs (zombies are gone)
+    and is the same process: same start time and boot.  A job whose
+    identity was not recorded (the manager died right after the spawn) is
+    recognized by its wrapper's command line instead."""
     stat = _proc_stat(job.pid) if job.pid else None
-    return (stat is not None and stat[1] != "Z"
-            and job.ident == [stat[0], _BOOT_ID])
+    if stat is None or stat[1] == "Z":
+        return False
+    if job.ident is not None:
+        return job.ident == [stat[0], _BOOT_ID]
+    try:
+        with open("/proc/%d/cmdline" % job.pid, "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return argv[3:5] == [b"pman-job", str(job.seq).encode()] and argv[2] in (
+        _WRAP_SHELL.encode(), _WRAP_ARGV.encode())
 
 
 def _pid_exists(pid):
@@ -645,19 +659,46 @@ def _describe_exit(code):
     return ERROR, code, "exited with code %d" % code
 
 
-def _read_rc(path):
-    try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
+class _ExitLog:
+    """The file ``exits`` in the state directory: one line ``<seq> <code>``
+    appended by each job's wrapper when the job ends, so that no exit code
+    is lost while no manager watches.  One O_APPEND write per job (atomic
+    for a line this short) instead of a file per job.  It is emptied when
+    no job can still write to it."""
+
+    def __init__(self, path):
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        self._codes = {}        # seq -> code, read so far
+        self._offset = 0
+
+    def code(self, seq):
+        """The code job *seq* wrote, or None."""
+        if seq not in self._codes:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+            end = data.rfind(b"\n") + 1       # a line being written waits
+            self._offset += end
+            for line in data[:end].split(b"\n"):
+                parts = line.split()
+                if len(parts) == 2 and parts[0].isdigit() and parts[1].lstrip(b"-").isdigit():
+                    self._codes[int(parts[0])] = int(parts[1])
+        return self._codes.get(seq)
+
+    def clear(self):
+        """Empty the file.  Only when no wrapper is alive to append."""
+        with open(self.path, "wb"):
+            pass
+        self._codes, self._offset = {}, 0
 
 
-def _wrapped_argv(job, rc_path):
+def _wrapped_argv(job, exits_path):
     """The wrapper shell's argv for *job*: the command travels as data."""
-    if job.argv is not None:
-        return ["/bin/sh", "-c", _WRAP_ARGV, "pman-job", rc_path] + job.argv
-    return ["/bin/sh", "-c", _WRAP_SHELL, "pman-job", rc_path, job.cmd]
+    head = ["/bin/sh", "-c", _WRAP_ARGV if job.argv is not None else _WRAP_SHELL,
+            "pman-job", str(job.seq), exits_path]
+    return head + job.argv if job.argv is not None else head + [job.cmd]
 
 
 _Exit = collections.namedtuple("_Exit", "code status message")
@@ -716,6 +757,9 @@ class LocalBackend:
     - ``signal(job, sig)``: deliver *sig*; False if the job is already gone;
     - ``recover(job)``: after a restart: True (still running: watch it) or
       an ``_Exit``;
+    - ``settle(job)``: called without the lock after a start; may return
+      an identity to record (local: the process's start time);
+    - ``idle()``: no job is running (local: empty the exit log);
     - ``wake()``, ``close()``.
     """
 
@@ -727,14 +771,13 @@ class LocalBackend:
 
     def open(self, log_dir, log_path):
         self.log_dir, self.log_path = log_dir, log_path
+        self._exits = _ExitLog(os.path.join(os.path.dirname(log_dir), "exits"))
         self._waker = _Waker()
         self._watched = {}          # jid -> job; the reaper polls these without pidfds
         self._selector = selectors.DefaultSelector() if _HAVE_PIDFD else None
         if self._selector is not None:
             self._selector.register(self._waker.r, selectors.EVENT_READ, None)
 
-    def _rc_path(self, job):
-        return os.path.join(self.log_dir, job.jid + ".rc")
 
     def start(self, job, env):
         if job.cwd is not None and not os.path.isdir(job.cwd):
@@ -752,7 +795,7 @@ class LocalBackend:
         try:
             stdout = _open_log(self.log_path(job.jid, "stdout"))
             stderr = _open_log(self.log_path(job.jid, "stderr"))
-            popen = subprocess.Popen(_wrapped_argv(job, self._rc_path(job)),
+            popen = subprocess.Popen(_wrapped_argv(job, self._exits.path),
                                      stdin=subprocess.DEVNULL, stdout=stdout,
                                      stderr=stderr, cwd=job.cwd, env=env,
                                      start_new_session=True)
@@ -763,9 +806,21 @@ class LocalBackend:
         job.popen = popen
         job.spawned_at = _time()
         job.pid = popen.pid
-        job.ident = _identity(popen.pid)
+        job.ident = None        # read by settle(), once the child is past exec
         job.message = "running (pid %d)" % popen.pid
         return STARTED
+
+    def settle(self, job):
+        """Called without the lock soon after start(): read the identity
+        that a restarted manager will check.  Reading /proc/<pid>/stat while
+        the child is still exec'ing blocks, so it is not done in start()."""
+        return _identity(job.pid) if job.popen is not None else None
+
+    def idle(self):
+        """No job is running: empty the exit log (every code in it is in
+        the journal by now)."""
+        if os.path.getsize(self._exits.path) > EXIT_LOG_MAX:
+            self._exits.clear()
 
     def watch(self, job):
         self._watched[job.jid] = job
@@ -801,7 +856,7 @@ class LocalBackend:
             return None if code is None else _Exit(code)
         if _is_alive(job):
             return None
-        code = _read_rc(self._rc_path(job))
+        code = self._exits.code(job.seq)
         try:    # our own child, from an earlier manager in this process
             pid, status = os.waitpid(job.pid, os.WNOHANG)
             if pid and code is None:
@@ -822,7 +877,7 @@ class LocalBackend:
     def recover(self, job):
         if job.pid and _is_alive(job):
             return True
-        return _Exit(_read_rc(self._rc_path(job)))
+        return _Exit(self._exits.code(job.seq))
 
     def wake(self):
         self._waker.wake()
@@ -931,6 +986,12 @@ class SlurmBackend:
         job.message = "submitted to SLURM as job %s" % job_id
         self._interval = self.MIN_POLL
         return NOTSTARTED
+
+    def settle(self, job):
+        return None
+
+    def idle(self):
+        pass
 
     def watch(self, job):
         self._watched[job.jid] = job
@@ -1207,7 +1268,6 @@ class JobManager:
         self._timers = []                   # heap of (when, n, kind, jid)
         self._timer_n = 0
         self._ended = []                    # records for on_end, reaper only
-        self._unlink_after_sync = []        # rc files whose endings are durable
         self._flush_due = None
         self._closing = False
         self._compact_lock = threading.Lock()   # one compaction at a time
@@ -1295,9 +1355,6 @@ class JobManager:
         self._wake()
         self._reaper.join()
         self._flush()
-        for jid, line in self._unlink_after_sync:
-            if self._jobs.get(jid) is line:
-                self._unlink(jid, (".rc",))
         self._compact_now()
         self._store.close()
         self.backend.close()
@@ -1400,6 +1457,7 @@ class JobManager:
             ticket = self._ticket
         if self.durable:
             self._store.sync(ticket)
+        self._settle([job])
         self._maybe_compact()
         return snapshot
 
@@ -1665,7 +1723,7 @@ class JobManager:
             del record[key]
         return record
 
-    def _unlink(self, jid, suffixes=(".out", ".err", ".rc")):
+    def _unlink(self, jid, suffixes=(".out", ".err")):
         for suffix in suffixes:
             try:
                 os.unlink(os.path.join(self.log_dir, jid + suffix))
@@ -1815,8 +1873,6 @@ class JobManager:
                 p for p in self._end_order if self._jobs.get(p[0]) is p[1])
         self._store.append(line)
         self._ended.append(job.jid)
-        if job.pid:
-            self._unlink_after_sync.append((job.jid, line))
         job.popen = None
         if self._flush_due is None:
             self._flush_due = _time() + FLUSH_DELAY
@@ -1864,6 +1920,21 @@ class JobManager:
         elif end is not None:
             self._outcome(job, end)
 
+    def _settle(self, jobs):
+        """Let the backend record what it could not while the lock was held
+        (the identity of a new process).  Journaled without waiting: until
+        it is on disk, _is_alive recognizes the job by its command line."""
+        for job in jobs:
+            ident = self.backend.settle(job)
+            if ident is not None:
+                with self._lock:
+                    if self._running.get(job.jid) is job and job.ident is None:
+                        job.ident = ident
+                        self._persist(job)      # durable at the next flush
+                        if self._flush_due is None:
+                            self._flush_due = _time() + FLUSH_DELAY
+                            self._wake()
+
     def _collect_safely(self, job):
         """_collect, but a failure settles that one job instead of leaving a
         readable pidfd to spin the reaper.  Caller holds self._lock."""
@@ -1904,11 +1975,12 @@ class JobManager:
         """Start queued jobs while slots are free; return how many started.
         The caller must sync the journal afterwards (outside the lock), so
         a crash cannot run them twice.  Caller holds self._lock."""
-        started = 0
+        started = []
         while self._queue and (self.max_running is None
                                or len(self._running) < self.max_running):
-            self._spawn(self._queue.popleft())
-            started += 1
+            job = self._queue.popleft()
+            self._spawn(job)
+            started.append(job)
         return started
 
     # -- the reaper thread ------------------------------------------------------
@@ -1947,21 +2019,22 @@ class JobManager:
             flush = self._flush_due is not None and self._flush_due <= now
             if flush:
                 self._flush_due = None
-                unlink, self._unlink_after_sync = self._unlink_after_sync, []
+                idle = not self._running
             if self.on_end is not None:
                 callbacks = [self._public(_record(self._jobs[jid]))
                              for jid in self._ended if jid in self._jobs]
             self._ended = []
         if started:
             self._store.sync()
+            self._settle(started)
         if doomed > 0:
             self._forget(oldest=doomed)
         if flush:
             self._store.sync()
-            with self._lock:    # only if the jid was not run again meanwhile
-                for jid, line in unlink:
-                    if self._jobs.get(jid) is line:
-                        self._unlink(jid, (".rc",))
+            if idle:
+                with self._lock:
+                    if not self._running:
+                        self.backend.idle()
             self._maybe_compact()
         for record in callbacks:
             try:
