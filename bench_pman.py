@@ -278,6 +278,17 @@ def _fmt(value):
 # Section: spawn
 # ---------------------------------------------------------------------------
 
+def _wrapper_argv(seq, cmd, rc_dir):
+    """pman's wrapper-shell argv for the shell command *cmd*, built by pman
+    itself (``_wrapped_argv``) so that the raw baselines follow its
+    wrapper: the exit code goes to one shared exit log ``rc_dir/exits``
+    where pman has one (``_ExitLog``), else to a file per job."""
+    job = pman._Job(jid="raw-%d" % seq, seq=seq, cmd=cmd, argv=None)
+    if hasattr(pman, "_ExitLog"):
+        return pman._wrapped_argv(job, os.path.join(rc_dir, "exits"))
+    return pman._wrapped_argv(job, os.path.join(rc_dir, "%d.rc" % seq))
+
+
 def _raw_burst(n, logs, wrapper):
     """Spawn *n* jobs with raw Popen, as pman would open their logs, then
     wait for all; return the elapsed seconds.  wrapper=False: the plain
@@ -291,8 +302,7 @@ def _raw_burst(n, logs, wrapper):
         err = os.open(os.path.join(logs, "%d.err" % i), LOG_FLAGS, 0o600)
         try:
             if wrapper:
-                args = ["/bin/sh", "-c", pman._WRAP_SHELL, "pman-job",
-                        os.path.join(logs, "%d.rc" % i), "true"]
+                args = _wrapper_argv(i, "true", logs)
                 procs.append(subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out,
                                               stderr=err, start_new_session=True))
             else:
@@ -413,8 +423,7 @@ def _raw_exit_latency(n, step, lead, marks, tag):
             mark = os.path.join(marks, "%s-%d" % (tag, i))
             cmd = "sleep %.4f; date +%%s.%%N >%s" % (
                 max(0.0, t0 + i * step - time.time()), shlex.quote(mark))
-            p = subprocess.Popen(["/bin/sh", "-c", pman._WRAP_SHELL, "pman-job",
-                                  mark + ".rc", cmd], stdin=subprocess.DEVNULL,
+            p = subprocess.Popen(_wrapper_argv(i, cmd, marks), stdin=subprocess.DEVNULL,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
             procs.append((p, mark))

@@ -397,6 +397,7 @@ class _Store:
         or damaged files were read, so a fresh snapshot should be written.
         Nothing is deleted or moved unless the whole load succeeds."""
         jobs = {}
+        self.active = set()         # jids whose last record is queued or running
         self._next_seq = 1
         replayed = False
         cleanup = [os.path.join(self.path, name) for name in os.listdir(self.path)
@@ -405,21 +406,24 @@ class _Store:
         snap = os.path.join(self.path, SNAPSHOT)
         snap_gen = 0
         if os.path.exists(snap):
-            with open(snap, "rb") as f:
-                lines, bad, torn = self._read_lines(f.read())
-            header = None
-            if lines:
+            bad, torn = [], [False]
+            with open(snap, "rb") as f:     # streamed: 100k lines, one copy
+                lines = self._lines(f, bad, torn)
+                first = next(lines, None)
+                header = None
                 try:
-                    header = json.loads(lines[0])
+                    header = json.loads(first) if first is not None else None
                 except ValueError:
                     pass
-            if not isinstance(header, dict) or header.get("pman_state") != STATE_FORMAT:
-                bad.append("header")
-            else:
-                lines = lines[1:]
-                snap_gen = int(header.get("generation", 0))
-                self._next_seq = int(header.get("next_seq", 1))
-            self._apply(lines, jobs, bad)
+                if not isinstance(header, dict) or header.get("pman_state") != STATE_FORMAT:
+                    bad.append("header")
+                    if first is not None:
+                        lines = itertools.chain([first], lines)
+                else:
+                    snap_gen = int(header.get("generation", 0))
+                    self._next_seq = int(header.get("next_seq", 1))
+                self._apply(lines, jobs, bad)
+            torn = torn[0]
             if bad or torn:     # written atomically: any damage came from outside
                 aside.append((snap, "damaged snapshot (%d bad lines%s)" % (
                     len(bad), ", truncated" if torn else "")))
@@ -429,13 +433,13 @@ class _Store:
             if gen < snap_gen:                  # already inside the snapshot
                 cleanup.append(path)
                 continue
+            bad, torn = [], [False]
             with open(path, "rb") as f:
-                lines, bad, torn = self._read_lines(f.read())
-            # A torn last line is a crash mid-write: never acknowledged, dropped.
-            self._apply(lines, jobs, bad)
+                # A torn last line is a crash mid-write: never acknowledged, dropped.
+                count = self._apply(self._lines(f, bad, torn), jobs, bad)
             if bad:
                 aside.append((path, "damaged journal (%d bad lines)" % len(bad)))
-            replayed = replayed or bool(lines) or torn or bool(bad)
+            replayed = replayed or bool(count) or torn[0] or bool(bad)
             snap_gen = max(snap_gen, gen)
         if aside and self.strict:
             raise StateCorrupt(aside[0][0], aside[0][1] + " (opened with strict=True: "
@@ -448,8 +452,13 @@ class _Store:
         return jobs, self._next_seq, replayed
 
     def _apply(self, lines, jobs, bad):
-        """Replay record lines into *jobs* (ordered); collect bad lines."""
+        """Replay record lines into *jobs* (ordered); collect bad lines;
+        note the jids whose last line is active in self.active.  Returns the
+        number of lines."""
+        count = 0
+        active = self.active
         for line in lines:
+            count += 1
             m = _LINE_RE.match(line)
             if m and line.endswith("}"):
                 jid, status = m.group(1), m.group(2)
@@ -463,30 +472,36 @@ class _Store:
                 if old is not None and _LINE_RE.match(old).group(3) != m.group(3):
                     del jobs[jid]           # a re-run moves to the end
                 jobs[jid] = line
-                self._next_seq = max(self._next_seq, int(m.group(3)) + 1)
+                if status in ACTIVE:
+                    active.add(jid)
+                else:
+                    active.discard(jid)
+                seq = int(m.group(3))
+                if seq >= self._next_seq:
+                    self._next_seq = seq + 1
                 continue
             try:
                 for jid in json.loads(line)["forget"]:
                     jobs.pop(jid, None)
+                    active.discard(jid)
             except (ValueError, KeyError, TypeError):
                 bad.append(line[:40])
+        return count
 
     @staticmethod
-    def _read_lines(data):
-        """(str lines, bad lines, torn): a last line without its newline is
-        torn; undecodable lines are bad."""
-        torn = bool(data) and not data.endswith(b"\n")
-        if torn:
-            data = data[:data.rfind(b"\n") + 1]
-        lines, bad = [], []
-        for raw in data.split(b"\n"):
-            if not raw:
-                continue
-            try:
-                lines.append(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                bad.append(raw[:40])
-        return lines, bad, torn
+    def _lines(f, bad, torn):
+        """Yield the str lines of binary file *f*.  Undecodable lines go to
+        *bad*; a last line without its newline is torn (``torn[0]``) and
+        dropped."""
+        for raw in f:
+            if raw[-1:] != b"\n":
+                torn[0] = True
+                return
+            if len(raw) > 1:
+                try:
+                    yield raw[:-1].decode("utf-8")
+                except UnicodeDecodeError:
+                    bad.append(raw[:40])
 
     # -- writing ----------------------------------------------------------
 
@@ -559,8 +574,8 @@ class _Store:
         header = json.dumps({"pman_state": STATE_FORMAT, "generation": gen,
                              "next_seq": next_seq, "written": _now(),
                              "pman_version": __version__})
-        _write_atomic(os.path.join(self.path, SNAPSHOT),
-                      [header, "\n"] + [line + "\n" for line in lines])
+        _write_atomic(os.path.join(self.path, SNAPSHOT), itertools.chain(
+            (header, "\n"), itertools.chain.from_iterable((line, "\n") for line in lines)))
         for old in self._journals():
             if old < gen:
                 os.unlink(self._journal_path(old))
@@ -1276,14 +1291,12 @@ class JobManager:
         self._finished = 0
         self._end_order = collections.deque()   # (jid, line) in order of ending
         # Replay: finished jobs stay lines; the active ones become _Jobs.
-        for jid, line in lines.items():
-            status = _LINE_RE.match(line).group(2)
-            if status in ACTIVE:
-                fields = json.loads(line)
-                self._jobs[jid] = _Job(**fields)
-            else:
-                self._finished += 1
-                self._end_order.append((jid, line))
+        active = self._store.active
+        self._end_order.extend((jid, line) for jid, line in lines.items()
+                               if jid not in active)
+        self._finished = len(self._end_order)
+        for jid in active:
+            self._jobs[jid] = _Job(**json.loads(lines[jid]))
         self._store.open_journal(self._store.generation + 1 if replayed else
                                  self._store.generation)
         with self._lock:
