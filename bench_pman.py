@@ -47,9 +47,10 @@ interleaved with it in the same process).
 Every section gets a fresh ``tempfile.mkdtemp`` directory under ``--dir``
 (default: the parent of pman's default state directory, e.g.
 ``~/.local/state``: the file system matters, since pman creates files and
-fsyncs, and /tmp can be much slower at creating files than the rest of the
-same disk), closes its managers with ``kill=True``, stops the processes it
-started and removes the directory.
+fsyncs, and the cost of creating a file can differ between directories of
+one disk, e.g. /tmp, and over time; the machine info measures it in --dir),
+closes its managers with ``kill=True``, stops the processes it started
+(SIGTERM, then SIGKILL to their process group) and removes the directory.
 """
 
 import argparse
@@ -764,7 +765,8 @@ live_lock = threading.Lock()
 
 def profiled(orig):
     def wrapper(*args, **kwargs):
-        p = cProfile.Profile()
+        # CPU time of the thread: waits for the GIL, locks and I/O do not count.
+        p = cProfile.Profile(time.thread_time)
         with live_lock:
             live[0] += 1
         p.enable()
@@ -859,7 +861,8 @@ def _start_server(b, script, args, log_path, timeout=30.0):
     """Start ``python3 -c script HERE args...``; return (Popen, port) once
     it has printed its port.  Its stderr goes to *log_path*."""
     with open(log_path, "wb") as log:
-        p = b.popen([sys.executable, "-c", script, HERE] + list(args), stdin=subprocess.DEVNULL,
+        p = b.popen([sys.executable, "-B", "-c", script, HERE] + list(args),
+                    stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=log)
     ready, _, _ = select.select([p.stdout], [], [], timeout)
     line = p.stdout.readline() if ready else b""
@@ -937,7 +940,7 @@ def _http_clients(b, k, port, method, path, n, expect, body=None):
     """*k* client processes sending *n* requests in all, started together
     once all are connected.  Returns (ok, errors, seconds from the first
     client's start to the last one's end, samples)."""
-    args = [sys.executable, "-c", _HTTP_CLIENT, HERE, str(port), method, path]
+    args = [sys.executable, "-B", "-c", _HTTP_CLIENT, HERE, str(port), method, path]
     procs = []
     for i in range(k):
         share = n // k + (i < n % k)
@@ -1121,8 +1124,10 @@ def sec_http(b):
     b.figure("server CPU per GET, pman", cpu["pman"][0] * 1e6, "us",
              note="utime+stime of the server process over the best round (10 ms ticks)")
     b.figure("server CPU per GET, bare", cpu["bare"][0] * 1e6, "us")
-    b.figure("client CPU per GET (http.client)", cpu["pman"][1] * 1e6, "us",
-             note="this process, pman's best round: the share both servers pay alike")
+    b.figure("client CPU per GET, pman round", cpu["pman"][1] * 1e6, "us",
+             note="http.client in this process, best round: the share both servers "
+                  "should pay alike")
+    b.figure("client CPU per GET, bare round", cpu["bare"][1] * 1e6, "us")
 
     # -- POST {"cmd": "true"}: one client vs 4 client processes -----------------
     body = json.dumps({"cmd": "true"})
@@ -1186,7 +1191,8 @@ def sec_http(b):
     if pman_proc.returncode != 0:
         raise RuntimeError("the pman server exited with status %s" % pman_proc.returncode)
     if prof:
-        _print_server_profile(prof, "http: pman server process (connection threads + reaper)")
+        _print_server_profile(prof, "http: pman server process, CPU time per thread "
+                              "(connection threads + reaper; GETs and POSTs)")
 
 
 # ---------------------------------------------------------------------------
@@ -1343,8 +1349,8 @@ def sec_slurm(b):
         b.figure("pman burst: first run() to all done", pman_all, "s",
                  note="wait() returns: pman's own adaptive squeue polling")
         b.figure("pman burst: run() -> on_end p50", percentile(burst_lat, 50), "s",
-                 note="includes queueing behind the burst (%s CPUs' worth of slots)"
-                      % "the node's")
+                 note="on_end seen by pman; includes queueing in SLURM behind the rest "
+                      "of the burst")
         b.figure("pman burst: run() -> on_end p99", percentile(burst_lat, 99), "s")
 
         # -- submit -> done, one job at a time, interleaved ---------------------
@@ -1399,8 +1405,11 @@ def sec_slurm(b):
         cpu0, ch0 = time.process_time(), os.times()
         ctld0 = _proc_cpu(ctld) if ctld else float("nan")
         t0 = perf()
-        time.sleep(window)
-        elapsed = perf() - t0
+        time.sleep(window / 2)
+        c_half, t_half = _snapshot(calls), perf()
+        time.sleep(max(0.0, t0 + window - perf()))
+        t_end = perf()
+        elapsed, half = t_end - t0, t_end - t_half
         c1 = _snapshot(calls)
         cpu1, ch1 = time.process_time(), os.times()
         ctld1 = _proc_cpu(ctld) if ctld else float("nan")
@@ -1419,25 +1428,31 @@ def sec_slurm(b):
         left = _slurm_active(active_ids)
 
         b.figure("active jobs while counting", n_active, "jobs",
-                 note="`sleep 30`; %d running, %d pending at the end of the %g s window" % (
+                 note="`sleep 30`; %d running, %d pending at the end of the %.1f s window" % (
                      counts.get(pman.STARTED, 0), counts.get(pman.NOTSTARTED, 0), elapsed))
         b.figure("run() rate, sleep jobs", n_active / submit_active, "jobs/s")
         b.figure("squeue calls per minute", (c1["squeue"] - c0["squeue"]) * per_min, "/min",
-                 note="manager.backend.calls over %g s right after the submissions "
+                 note="manager.backend.calls over %.1f s right after the submissions "
                       "(adaptive interval: MIN_POLL %g s after a change, up to MAX_POLL %g s)"
                       % (elapsed, getattr(pman.SlurmBackend, "MIN_POLL", float("nan")),
                          getattr(pman.SlurmBackend, "MAX_POLL", float("nan"))))
+        b.figure("squeue calls per minute, 2nd half",
+                 (c1["squeue"] - c_half["squeue"]) * 60.0 / half, "/min",
+                 note="the last %.1f s of the window: closer to the idle interval" % half)
         b.figure("sacct calls per minute", (c1["sacct"] - c0["sacct"]) * per_min, "/min")
         b.figure("all scheduler calls per minute",
                  sum((c1 - c0).values()) * per_min, "/min",
                  note=", ".join("%s %d" % kv for kv in sorted((c1 - c0).items())) or "none")
         b.figure("one squeue poll of %d jobs" % n_active, sorted(poll_t)[1] * 1e3, "ms",
                  note="median of 3, the same squeue call as SlurmBackend.poll")
-        b.figure("pman CPU while polling", ((cpu1 - cpu0) + (ch1[2] - ch0[2]) +
-                                            (ch1[3] - ch0[3])) * per_min, "s/min",
-                 note="this process (reaper) plus its squeue/sacct children")
+        b.figure("pman CPU while polling", (cpu1 - cpu0) * per_min, "s/min",
+                 note="this process: the reaper's polling (the main thread sleeps)")
+        b.figure("squeue/sacct CPU while polling",
+                 ((ch1[2] - ch0[2]) + (ch1[3] - ch0[3])) * per_min, "s/min",
+                 note="the commands pman ran, user + system")
         b.figure("slurmctld CPU while polling", (ctld1 - ctld0) * per_min, "s/min",
-                 note="utime+stime of slurmctld, everything it did in the window")
+                 note="utime+stime of slurmctld in the window: everything it did, "
+                      "scheduling included")
         b.figure("close(kill=True) with %d active" % n_active, close_time, "s",
                  note="scancel of each job, then wait for SLURM to confirm")
         b.figure("SLURM jobs left active after close", len(left), "jobs", ("<=", 0))
@@ -1479,6 +1494,19 @@ def default_base_dir():
     return os.path.dirname(os.path.abspath(os.path.expanduser(pman.default_state_dir())))
 
 
+def create_cost(base_dir, n=50):
+    """Microseconds (wall, thread CPU) per file creation in a fresh
+    directory under *base_dir*, as pman creates its log files."""
+    path = tempfile.mkdtemp(prefix="pman-bench-create-", dir=base_dir)
+    try:
+        t0, c0 = perf(), time.thread_time()
+        for i in range(n):
+            os.close(os.open(os.path.join(path, "%d.out" % i), LOG_FLAGS, 0o600))
+        return (perf() - t0) / n * 1e6, (time.thread_time() - c0) / n * 1e6
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def machine_info(base_dir, backend="local"):
     info = collections.OrderedDict([
         ("cpu count", os.cpu_count()),
@@ -1488,6 +1516,7 @@ def machine_info(base_dir, backend="local"):
         ("platform", platform.platform()),
         ("pidfds in use (pman._HAVE_PIDFD)", bool(getattr(pman, "_HAVE_PIDFD", False))),
         ("state dirs under (--dir)", "%s (%s)" % (base_dir, fs_type(base_dir))),
+        ("file creation there", "%.0f us wall, %.0f us CPU per file" % create_cost(base_dir)),
         ("RLIMIT_NOFILE soft", _nofile()),
         ("load average (1, 5, 15 min)", " ".join("%.2f" % x for x in os.getloadavg())),
         ("pman version", pman.__version__),
@@ -1582,10 +1611,12 @@ def main(argv=None):
     parser.add_argument("--dir", default=None,
                         help="parent of the temporary state directories (default: %s, "
                         "the parent of pman's default state directory, created if "
-                        "missing: the benchmark measures where pman keeps its state. Not "
-                        "/tmp: on some machines creating a file there costs ~0.9 ms "
-                        "against ~25 us elsewhere on the same disk, which distorts every "
-                        "spawn figure)" % default_base_dir())
+                        "missing: the benchmark measures where pman keeps its state "
+                        "by default. Not /tmp: the cost of creating a file can differ "
+                        "by directory on one disk (on the VM this was written on, "
+                        "~0.9 ms in /tmp against ~25 us elsewhere), which distorts every "
+                        "spawn figure; the machine info shows the cost in --dir)"
+                        % default_base_dir())
     parser.add_argument("--backend", choices=("local", "slurm"), default="local",
                         help="slurm: also run the slurm section (needs sbatch and a "
                         "cluster); every other section uses the local backend")
@@ -1594,8 +1625,8 @@ def main(argv=None):
                         "(slow on some disks: 200,000 file creations)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the main and reaper threads per section, and "
-                        "the pman server process in the http section (stderr; "
-                        "profiling slows what it measures)")
+                        "the pman server process in the http section (by thread CPU "
+                        "time; stderr; profiling slows what it measures)")
     args = parser.parse_args(argv)
     selected = args.section or list(SECTIONS)
     selected = [s for s in SECTIONS if s in selected]

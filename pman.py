@@ -1077,7 +1077,10 @@ class SlurmBackend:
             log.warning("polling SLURM failed (will retry): %s", e)
             self._interval = self.MAX_POLL
             return []
-        changed = [j for j in jobs if states.get(j.backend_id) != self._states.get(j.backend_id)]
+        # A change of state, reason or code; not of a pending job's estimated
+        # start time, which the backfill scheduler rewrites all the time.
+        changed = [j for j in jobs if (states.get(j.backend_id) or ())[:4]
+                   != (self._states.get(j.backend_id) or ())[:4]]
         self._states.update(states)
         self._interval = (self.MIN_POLL if changed
                           else min(self.MAX_POLL, self._interval * 1.5))
@@ -1665,7 +1668,9 @@ class JobManager:
         KiB): *stream* "stdout" or "stderr", or None for both, in order."""
         if stream not in (None, "stdout", "stderr"):
             raise InvalidArgument("stream must be 'stdout', 'stderr' or None")
-        self.get(jid)
+        with self._lock:
+            if not isinstance(jid, str) or jid not in self._jobs:
+                raise JobNotFound(jid)
         parts = []
         for name in ((stream,) if stream else ("stdout", "stderr")):
             try:
