@@ -60,6 +60,7 @@ __all__ = [
 
 import atexit
 import collections
+import email.utils
 import errno
 import fcntl
 import heapq
@@ -86,6 +87,7 @@ import threading
 import urllib.parse
 from datetime import datetime, timezone
 from time import monotonic as _time
+from time import time as _wall
 
 log = logging.getLogger(__name__)
 
@@ -1630,6 +1632,19 @@ class JobManager:
         self._flush()
         self._compact_now()
 
+    def etag(self, jid):
+        """A string that changes whenever the record of *jid* changes, or
+        None while the job is queued or running (its record changes on its
+        own).  JobNotFound if there is no such job."""
+        with self._lock:
+            entry = self._jobs.get(jid) if isinstance(jid, str) else None
+            if entry is None:
+                raise JobNotFound(jid)
+            if not isinstance(entry, str):
+                return None
+            m = _LINE_RE.match(entry)
+            return "%s-%s-%d" % (m.group(3), m.group(2), len(entry))
+
     def jids(self):
         """Every jid, in submission order."""
         with self._lock:
@@ -2146,6 +2161,16 @@ MAX_WAIT = 60.0             # cap of a long poll, in seconds
 REQUEST_TIMEOUT = 10.0      # socket timeout of a connection
 DEFAULT_LISTENERS = 64
 PAGE_SIZE, MAX_PAGE = 100, 1000
+BODY_TTL, BODY_CACHE_SIZE = 1.0, 4096   # finished jobs' encoded objects
+
+
+class _Encoded:
+    """A reply body already encoded as JSON bytes."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data):
+        self.data = data
 
 
 class HTTPError(PmanError):
@@ -2168,6 +2193,17 @@ def _status_for(exc):
         if isinstance(exc, cls):
             return exc.status if status is None else status
     return 500
+
+
+_date_cache = [0, ""]
+
+
+def _http_date():
+    """The Date header's value, formatted once a second."""
+    now = int(_wall())
+    if _date_cache[0] != now:
+        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return _date_cache[1]
 
 
 def _is_loopback(host):
@@ -2518,11 +2554,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     # -- replies -------------------------------------------------------------
 
     def _reply(self, status, obj=None):
-        body = b"" if obj is None else json.dumps(obj).encode("utf-8")
+        if isinstance(obj, _Encoded):
+            body = obj.data
+        else:
+            body = b"" if obj is None else json.dumps(obj).encode("utf-8")
         reason = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else ""
         head = ["HTTP/1.1 %d %s" % (status, reason),
                 "Server: " + self.server_version,
-                "Date: " + self.date_time_string()]
+                "Date: " + _http_date()]
         if status != 204:
             head += ["Content-Type: application/json", "Content-Length: %d" % len(body)]
         if self.close_connection:
@@ -2539,6 +2578,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self._reply(code, {"status": False, "message": message or
                            http.HTTPStatus(code).phrase})
+
+    def log_request(self, code="-", size="-"):
+        if log.isEnabledFor(logging.INFO):      # the hot path formats nothing
+            super().log_request(code, size)
 
     def log_message(self, format, *args):
         log.info("%s %s", self.address_string(), format % args)
@@ -2683,7 +2726,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = parts.path
         try:
             query = urllib.parse.parse_qs(parts.query, keep_blank_values=True,
-                                          strict_parsing=bool(parts.query), errors="strict")
+                                          strict_parsing=True, errors="strict") \
+                if parts.query else {}
         except (ValueError, UnicodeDecodeError):
             raise HTTPError(400, "malformed query string") from None
         for key, values in query.items():
@@ -2824,7 +2868,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.manager.wait(jid, timeout=wait)
             except Timeout:
                 pass
-        return 200, _job_object(self.manager.get(jid, with_logs=True))
+        # A finished job's object only changes if its logs do: serve it from
+        # the cache for BODY_TTL seconds (a job's stray background process
+        # may still write).  Queued and running jobs are never cached.
+        cache = self.server.body_cache
+        tag = self.manager.etag(jid)
+        hit = cache.get(jid)
+        now = _time()
+        if tag is not None and hit is not None and hit[0] == tag and hit[1] > now:
+            return 200, hit[2]
+        body = _Encoded(json.dumps(_job_object(self.manager.get(jid, with_logs=True)))
+                        .encode("utf-8"))
+        if tag is not None:
+            if len(cache) >= BODY_CACHE_SIZE:
+                cache.clear()
+            cache[jid] = (tag, now + BODY_TTL, body)
+        return 200, body
 
     def route_delete_job(self, groups, query, body):
         self._only(query)
@@ -2884,6 +2943,7 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
     server.request_timeout = request_timeout
     server.container_env = manager.backend.name
     server.commands = _CommandDialect(server)
+    server.body_cache = {}          # jid -> (etag, expiry, _Encoded)
     return server
 
 
