@@ -2,7 +2,8 @@
 
 pman launches shell commands (or argv lists) as jobs and tracks them: their
 status, exit code, output, kill and timeout, all of it surviving a restart of
-the manager.  It is a library first::
+the manager.  Jobs run as process groups on this machine, or as batch jobs on
+a SLURM cluster (``backend="slurm"``).  It is a library first::
 
     import pman
     job = pman.JobManager().run("cal 7 1970", jid="123")
@@ -659,7 +660,15 @@ def _pidfd(pid):
         return None
 
 
-_HAVE_PIDFD = hasattr(os, "pidfd_open") and _pidfd(os.getpid()) is not None
+def _probe_pidfd():
+    fd = _pidfd(os.getpid())
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+_HAVE_PIDFD = _probe_pidfd()   # Linux 5.3+; else the reaper polls
 
 
 def _open_log(path):
