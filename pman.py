@@ -3014,7 +3014,7 @@ def main(argv=None):
     the ``quit`` action; state is flushed on the way out."""
     args = _parser().parse_args(argv)
     level = logging.ERROR if args.quiet else (
-        logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose + 1, 2)]
+        logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, filename=args.log_file,
                         format="%(asctime)s pman %(levelname)s %(message)s")
     token = args.token or os.environ.get("PMAN_TOKEN") or None
