@@ -1482,6 +1482,9 @@ class JobManager:
                 self._persist(job)
             snapshot = self._public(_record(job))
             ticket = self._ticket
+            if not self.durable and self._flush_due is None:
+                self._flush_due = _time() + FLUSH_DELAY     # the reaper syncs soon
+                self._wake()
         if self.durable:
             self._store.sync(ticket)
         self._settle([job])

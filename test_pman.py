@@ -2486,9 +2486,11 @@ def test_crash_finished_while_down(crash_env):
     for jid, pid in pids.items():
         _crash_poll(lambda: not _crash_group_members(pid), 10, "job %s to end" % jid)
     # Their wrappers left the codes in the exit log, keyed by submission seq.
+    # (k's wrapper may have died of the TERM before it set its trap, leaving
+    # no line: the journaled kill still makes k -15 below.)
     with open(os.path.join(state, "exits")) as f:
         codes = sorted(line.split()[1] for line in f if line.strip())
-    assert codes == ["0", "143", "3"], codes
+    assert codes in (["0", "143", "3"], ["0", "3"]), codes
 
     manager = crash_env.manager(state)
     three, zero, k = manager.get("three"), manager.get("zero"), manager.get("k")
