@@ -782,7 +782,8 @@ class LocalBackend:
       once the job has ended;
     - ``signal(job, sig)``: deliver *sig*; False if the job is already gone;
     - ``recover(job)``: after a restart: True (still running: watch it) or
-      an ``_Exit``;
+      an ``_Exit``; ``recover_queued(job)`` the same for a job journaled as
+      queued, or False: it never started, queue it;
     - ``settle(job)``: called without the lock after a start; may return
       an identity to record (local: the process's start time);
     - ``idle()``: no job is running (local: empty the exit log);
@@ -798,6 +799,7 @@ class LocalBackend:
     def open(self, log_dir, log_path):
         self.log_dir, self.log_path = log_dir, log_path
         self._exits = _ExitLog(os.path.join(os.path.dirname(log_dir), "exits"))
+        self._orphans = None            # seq -> pid of wrappers found at startup
         self._waker = _Waker()
         self._watched = {}          # jid -> job; the reaper polls these without pidfds
         self._selector = selectors.DefaultSelector() if _HAVE_PIDFD else None
@@ -904,6 +906,38 @@ class LocalBackend:
         if job.pid and _is_alive(job):
             return True
         return _Exit(self._exits.code(job.seq))
+
+    def recover_queued(self, job):
+        """A job journaled as queued may have been started by a manager
+        that died before the start reached the disk: find its wrapper
+        (``pman-job <seq>`` on our exit log) or its exit code, so that it
+        never runs twice."""
+        if self._orphans is None:       # one scan of /proc per startup
+            self._orphans = {}
+            exits = self._exits.path.encode()
+            for name in os.listdir("/proc"):
+                if name.isdigit():
+                    try:
+                        with open("/proc/%s/cmdline" % name, "rb") as f:
+                            argv = f.read().split(b"\0")
+                    except OSError:
+                        continue
+                    if (len(argv) > 5 and argv[3] == b"pman-job" and argv[5] == exits
+                            and argv[4].isdigit() and argv[1] == b"-c"):
+                        self._orphans[int(argv[4])] = int(name)
+        pid = self._orphans.get(job.seq)
+        if pid is not None:
+            job.pid, job.ident = pid, _identity(pid)
+            if _is_alive(job):
+                job.status, job.started = STARTED, job.submitted
+                job.message = "running (pid %d), found after a restart" % pid
+                return True
+        code = self._exits.code(job.seq)
+        if code is not None:
+            job.started = job.submitted
+            return _Exit(code)
+        job.pid = job.ident = None
+        return False
 
     def wake(self):
         self._waker.wake()
@@ -1142,6 +1176,9 @@ class SlurmBackend:
         self._interval = self.MIN_POLL      # confirm the outcome from SLURM, soon
         self.wake()
         return True
+
+    def recover_queued(self, job):
+        return False        # queued in pman: never reached SLURM
 
     def recover(self, job):
         if not job.backend_id:
@@ -1994,11 +2031,11 @@ class JobManager:
         """Re-adopt or settle the jobs a previous manager left active.
         Caller holds self._lock."""
         for job in [e for e in self._jobs.values() if not isinstance(e, str)]:
-            if job.status == NOTSTARTED and job.backend_id is None:
-                self._queue.append(job)
-                continue
             try:
-                state = self.backend.recover(job)
+                if job.status == NOTSTARTED and job.backend_id is None:
+                    state = self.backend.recover_queued(job)
+                else:
+                    state = self.backend.recover(job)
             except PmanError as e:
                 log.warning("cannot recover job %s now (%s): it stays as it was", job.jid, e)
                 state = True

@@ -2882,6 +2882,53 @@ def test_crash_job_started_from_queue_is_not_run_twice(crash_env):
     _crash_poll(lambda: not _crash_group_members(first_pid), 10, "the job to be gone")
 
 
+def test_crash_queued_job_found_running_or_finished_is_not_rerun(tmp_path):
+    # Deterministic form of the window above: the journal says "queued" but a
+    # manager had started the job (its wrapper runs, or has already written
+    # its code) before dying.  The next manager must adopt it or take its
+    # code: never start it a second time.
+    import types
+    state = str(tmp_path / "state")
+    marker = str(tmp_path / "runs")
+    m = pman.JobManager(state, max_running=1)
+    m.run("exec sleep 30", jid="hold")
+    q1 = m.run("echo x >> %s; exec sleep 30" % marker, jid="q1")
+    q2 = m.run("echo y >> %s; exit 7" % marker, jid="q2")
+    assert q1["status"] == q2["status"] == "notstarted"
+    hold_pid = m.get("hold")["pid"]
+    m.close()                                   # hold keeps running, q1 and q2 stay queued
+    exits = os.path.join(state, "exits")
+    spawned = []
+    try:
+        for rec in (q1, q2):                    # what the dead manager had started
+            fake = types.SimpleNamespace(seq=rec["seq"], argv=None, cmd=rec["cmd"])
+            spawned.append(subprocess.Popen(pman._wrapped_argv(fake, exits),
+                                            stdin=subprocess.DEVNULL, start_new_session=True))
+        spawned[1].wait(timeout=10)             # q2 ends before the restart
+        _crash_poll(lambda: os.path.exists(marker) and len(_crash_read(marker).split()) == 2,
+                    10, "both wrappers to run")
+        os.killpg(hold_pid, signal.SIGKILL)     # a slot frees: q1 would start again
+        _crash_poll(lambda: not _crash_group_members(hold_pid), 10, "hold to be gone")
+        m = pman.JobManager(state, max_running=1)
+        try:
+            rec1 = m.get("q1")
+            assert rec1["status"] == "started" and rec1["pid"] == spawned[0].pid, rec1
+            rec2 = m.wait("q2", timeout=10)
+            assert (rec2["status"], rec2["returncode"]) == ("finishedWithError", 7), rec2
+            m.kill("q1")
+            assert m.wait("q1", timeout=10)["returncode"] == -15
+            assert sorted(_crash_read(marker).split()) == [b"x", b"y"], "a job ran twice"
+        finally:
+            m.close(kill=True)
+    finally:
+        for p in spawned:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=10)
+
+
 # ---------------------------------------------------------------------------
 # 9. The frozen v1 state format
 # ---------------------------------------------------------------------------
