@@ -1974,7 +1974,11 @@ class JobManager:
                 why = "%s (%s)" % (job.kill_reason, signal_name(sig))
             if end.message:     # what the backend saw, e.g. SLURM's final state
                 why += "; " + end.message
-            self._finish(job, ERROR, -sig, why)
+            if job.status == NOTSTARTED:    # still in the backend's queue: cancelled
+                self._finish(job, ERROR, None, "cancelled before it started (%s)" % why,
+                             started=False)
+            else:
+                self._finish(job, ERROR, -sig, why)
         elif end.status is not None:
             self._finish(job, end.status, code, end.message)
         elif code is None:

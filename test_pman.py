@@ -5064,6 +5064,9 @@ def test_slurm_kill_pending_job(slurm_ctx):
     rec = m.wait(jid, timeout=_SLURM_DEADLINE)
     assert rec["status"] == "finishedWithError", rec
     assert "on request" in rec["message"], rec["message"]
+    # Like a job cancelled in pman's own queue: no code, and it never started.
+    assert rec["returncode"] is None and rec["started"] is None, rec
+    assert "cancelled before it started" in rec["message"], rec["message"]
     assert _slurm_state(job_id) == "CANCELLED"
     assert m.tail(jid) == ""
 
