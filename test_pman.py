@@ -37,6 +37,19 @@ os.environ["PYTHONPATH"] = HERE + (os.pathsep + os.environ["PYTHONPATH"]
 import pman  # noqa: E402
 
 
+def _until(pred, timeout=10.0, what="condition", interval=0.01):
+    """Poll *pred* until it returns something truthy (returned), or fail
+    after *timeout* s: the one bounded wait of these tests."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError("timed out after %s s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
 # ===========================================================================
 # core
 # ===========================================================================
@@ -46,18 +59,6 @@ import pman  # noqa: E402
 
 _CORE_STATUSES = {"notstarted", "started", "finishedSuccessfully",
                   "finishedWithError", "undefined"}
-
-
-def _core_until(pred, timeout=10.0, what="condition", interval=0.01):
-    """Poll *pred* until it returns a truthy value or *timeout* s pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError("timed out after %s s waiting for %s" % (timeout, what))
-        time.sleep(interval)
 
 
 def _core_proc_stat(pid):
@@ -96,7 +97,7 @@ def _core_alive(pid):
 def _core_wait_running(pid, timeout=10):
     """Wait until the job whose wrapper is *pid* runs its own command (a live
     process in its group that is not one of the wrapper shells)."""
-    return _core_until(lambda: [p for p in _core_live(pid) if p[2] != "sh"], timeout,
+    return _until(lambda: [p for p in _core_live(pid) if p[2] != "sh"], timeout,
                        "the job's command to run")
 
 
@@ -310,13 +311,13 @@ def test_core_kill_term_trapping_group_with_grace(core_mgr):
     pgid = job["pid"]
     # the wrapper leads its own process group
     assert _core_proc_stat(pgid)[2] == pgid
-    _core_until(lambda: len([p for p in _core_live(pgid) if p[2] == "sleep"]) >= 2,
+    _until(lambda: len([p for p in _core_live(pgid) if p[2] == "sleep"]) >= 2,
                 10, "both sleeps of the job to run")
     assert os.getpgid(0) != pgid
     t0 = time.monotonic()
     core_mgr.kill("stubborn", grace=1)
     # TERM is ignored, so the group is still there before the grace ends
-    gone = _core_until(lambda: not _core_live(pgid) or None, 2.0,
+    gone = _until(lambda: not _core_live(pgid) or None, 2.0,
                        "the job's process group to be gone within grace + 1 s",
                        interval=0.02)
     elapsed = time.monotonic() - t0
@@ -341,7 +342,7 @@ def test_core_kill_plain_job_sigterm(core_mgr):
     assert rec["status"] == "finishedWithError"
     assert rec["returncode"] == -15
     assert rec["message"] == "killed by SIGTERM on request"
-    _core_until(lambda: not _core_live(job["pid"]) or None, 5, "group gone")
+    _until(lambda: not _core_live(job["pid"]) or None, 5, "group gone")
     # signal by name and number
     _core_wait_running(core_mgr.run("sleep 30", jid="k2")["pid"])
     core_mgr.kill("k2", "INT")
@@ -413,7 +414,7 @@ def test_core_timeout(core_mgr):
 
 def test_core_signal_not_sent_by_pman(core_mgr):
     job = core_mgr.run("sleep 30", jid="ext-kill")
-    _core_until(lambda: any(p[2] == "sleep" for p in _core_live(job["pid"])), 10, "sleep")
+    _until(lambda: any(p[2] == "sleep" for p in _core_live(job["pid"])), 10, "sleep")
     os.killpg(job["pid"], signal.SIGKILL)
     rec = core_mgr.wait("ext-kill", timeout=10)
     assert rec["returncode"] == 128 + 9
@@ -421,7 +422,7 @@ def test_core_signal_not_sent_by_pman(core_mgr):
     assert "SIGKILL" in rec["message"] and "137" in rec["message"]
     assert "shell" in rec["message"]
     job = core_mgr.run("sleep 30", jid="ext-term")
-    _core_until(lambda: any(p[2] == "sleep" for p in _core_live(job["pid"])), 10, "sleep")
+    _until(lambda: any(p[2] == "sleep" for p in _core_live(job["pid"])), 10, "sleep")
     os.killpg(job["pid"], signal.SIGTERM)
     rec = core_mgr.wait("ext-term", timeout=10)
     assert rec["returncode"] == 128 + 15
@@ -563,7 +564,7 @@ def test_core_read_log_offset_and_eof(core_mgr, tmp_path):
     gate = tmp_path / "gate"
     core_mgr.run("printf abc; while [ ! -e '%s' ]; do sleep 0.02; done; printf def" % gate,
                  jid="log")
-    first = _core_until(lambda: (lambda r: r if r["data"] == b"abc" else None)(
+    first = _until(lambda: (lambda r: r if r["data"] == b"abc" else None)(
         core_mgr.read_log("log")), 10, "first output")
     assert first["offset"] == 0 and first["next_offset"] == 3
     assert first["eof"] is False
@@ -673,7 +674,7 @@ def test_core_threads_and_fds_bounded(core_make, tmp_path):
     assert all(r["returncode"] == 0 for r in recs)
     assert sum(m.counts().values()) == 1000
     m.flush()
-    _core_until(lambda: len(os.listdir("/proc/self/fd")) <= base_fds + 2, 5,
+    _until(lambda: len(os.listdir("/proc/self/fd")) <= base_fds + 2, 5,
                 "fd count back to baseline (was %d)" % base_fds)
 
 
@@ -706,10 +707,10 @@ def test_core_on_end_once_per_job_outside_lock(core_make, tmp_path):
     m.kill("killed")
     everything = jids + ["killed", "nocwd"]
     m.wait(everything, timeout=10)
-    _core_until(lambda: len(calls) >= len(everything), 10, "on_end calls")
+    _until(lambda: len(calls) >= len(everything), 10, "on_end calls")
     m.run("true", jid="sentinel")
     m.wait("sentinel", timeout=10)
-    _core_until(lambda: any(c[0]["jid"] == "sentinel" for c in calls), 10, "sentinel on_end")
+    _until(lambda: any(c[0]["jid"] == "sentinel" for c in calls), 10, "sentinel on_end")
     seen = [c[0]["jid"] for c in calls]
     for jid in everything + ["sentinel"]:
         assert seen.count(jid) == 1, (jid, seen)
@@ -791,7 +792,7 @@ def test_core_wait_list_and_timeout(core_mgr):
 def test_core_remove(core_mgr):
     m = core_mgr
     job = m.run("echo x; sleep 30", jid="r")
-    _core_until(lambda: m.read_log("r")["data"] == b"x\n", 10, "output")
+    _until(lambda: m.read_log("r")["data"] == b"x\n", 10, "output")
     with pytest.raises(pman.JobConflict):
         m.remove("r")
     assert m.get("r")["status"] == "started"
@@ -800,7 +801,7 @@ def test_core_remove(core_mgr):
     with pytest.raises(pman.JobNotFound):
         m.get("r")
     assert not os.path.exists(job["stdout"]) and not os.path.exists(job["stderr"])
-    _core_until(lambda: not _core_live(job["pid"]) or None, 5, "killed job gone")
+    _until(lambda: not _core_live(job["pid"]) or None, 5, "killed job gone")
     assert "r" not in [j["jid"] for j in m.jobs()]
     # a finished job is removed without kill
     done = m.run("echo y", jid="f")
@@ -837,7 +838,7 @@ def test_core_close_and_reopen_sees_outcomes(core_make, tmp_path):
         m.run("true", jid="after-close")
     # late1 ends while no manager watches it
     g1.touch()
-    _core_until(lambda: not _core_alive(late1["pid"]), 10, "late1 to end")
+    _until(lambda: not _core_alive(late1["pid"]), 10, "late1 to end")
     m2 = core_make(state)
     assert m2 is not m
     assert [j["jid"] for j in m2.jobs()] == ["ok", "bad", "killed", "spawnfail", "late1", "late2"]
@@ -905,20 +906,20 @@ def test_core_keep_finished_retention(core_make):
         rec = m.run("echo %d; echo e%d >&2" % (i, i), jid="k%d" % i)
         paths["k%d" % i] = (rec["stdout"], rec["stderr"])
         m.wait("k%d" % i, timeout=10)
-    _core_until(lambda: [j["jid"] for j in m.jobs()] == ["runner", "k3", "k4"], 10,
+    _until(lambda: [j["jid"] for j in m.jobs()] == ["runner", "k3", "k4"], 10,
                 "retention to forget the oldest finished jobs")
     assert m.get("runner")["status"] == "started"
     for i in range(3):
         with pytest.raises(pman.JobNotFound):
             m.get("k%d" % i)
-    _core_until(lambda: not any(os.path.exists(p) for i in range(3)
+    _until(lambda: not any(os.path.exists(p) for i in range(3)
                                 for p in paths["k%d" % i]), 10, "old logs removed")
     for jid in ("k3", "k4"):
         assert all(os.path.exists(p) for p in paths[jid])
     assert m.read_log("k4")["data"] == b"4\n"
     # once the runner ends, only 2 finished jobs remain
     m.kill("runner")
-    _core_until(lambda: (lambda js: len(js) == 2 and all(
+    _until(lambda: (lambda js: len(js) == 2 and all(
         j["status"] == "finishedWithError" or j["status"] == "finishedSuccessfully"
         for j in js))(m.jobs()), 10, "retention after the runner ended")
 
@@ -980,12 +981,12 @@ def test_core_fallback_reaper_without_pidfd(core_make, monkeypatch, tmp_path):
     rec = m.wait("pkill", timeout=10)
     assert rec["returncode"] == -15 and rec["message"] == "killed by SIGTERM on request"
     job = m.run("trap '' TERM; sleep 100 & sleep 100; wait", jid="pstubborn")
-    _core_until(lambda: len([p for p in _core_live(job["pid"]) if p[2] == "sleep"]) >= 2,
+    _until(lambda: len([p for p in _core_live(job["pid"]) if p[2] == "sleep"]) >= 2,
                 10, "sleeps")
     m.kill("pstubborn")                       # manager grace: 1 s
     rec = m.wait("pstubborn", timeout=5)
     assert rec["returncode"] == -9
-    _core_until(lambda: not _core_live(job["pid"]) or None, 2, "stubborn group gone")
+    _until(lambda: not _core_live(job["pid"]) or None, 2, "stubborn group gone")
     m.run("sleep 30", jid="ptimeout", timeout=0.2)
     rec = m.wait("ptimeout", timeout=10)
     assert rec["returncode"] == -15 and "timed out" in rec["message"]
@@ -1918,18 +1919,6 @@ def _crash_lock_holders(state_dir):
     return out
 
 
-def _crash_poll(cond, timeout, what):
-    """Poll *cond* until it returns a true value or *timeout* s pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %s s waiting for %s" % (timeout, what))
-        time.sleep(0.005)
-
-
 def _crash_records_on_disk(state_dir):
     """Every job record found in the state files (tolerant: for teardown)."""
     out = []
@@ -2459,7 +2448,7 @@ def test_crash_readopt_exit_code_and_kill(crash_env):
     assert rec["status"] == "started"
     done = manager.wait("r100", timeout=10)
     assert (done["status"], done["returncode"]) == (_CRASH_ERROR, -15), done
-    _crash_poll(lambda: not _crash_group_members(pids["r100"]), 10,
+    _until(lambda: not _crash_group_members(pids["r100"]), 10,
                 "the re-adopted, killed job's group to be gone")
 
     done = manager.wait("r42", timeout=15)
@@ -2484,7 +2473,7 @@ def test_crash_finished_while_down(crash_env):
         "the jobs ended before their manager was killed: the test ran too slowly"
     # The jobs end while no manager runs.
     for jid, pid in pids.items():
-        _crash_poll(lambda: not _crash_group_members(pid), 10, "job %s to end" % jid)
+        _until(lambda: not _crash_group_members(pid), 10, "job %s to end" % jid)
     # Their wrappers left the codes in the exit log, keyed by submission seq.
     # (k's wrapper may have died of the TERM before it set its trap, leaving
     # no line: the journaled kill still makes k -15 below.)
@@ -2510,7 +2499,7 @@ def test_crash_vanished_while_down_is_undefined(crash_env):
     pid = child.wait_event("ack")["pid"]
     child.sigkill()
     os.killpg(pid, signal.SIGKILL)
-    _crash_poll(lambda: not _crash_group_members(pid), 10, "the job's group to die")
+    _until(lambda: not _crash_group_members(pid), 10, "the job's group to die")
 
     manager = crash_env.manager(state)
     rec = manager.get("v")
@@ -2537,7 +2526,7 @@ def test_crash_recorded_pid_of_stranger_never_signalled(crash_env):
     manager.close()
 
     stranger = crash_env.stranger(["sleep", "30"])
-    _crash_poll(lambda: _crash_stat(stranger.pid) is not None
+    _until(lambda: _crash_stat(stranger.pid) is not None
                 and _crash_stat(stranger.pid)["pgrp"] == stranger.pid, 5, "the stranger")
     start = _crash_stat(stranger.pid)["start"]
     with open("/proc/sys/kernel/random/boot_id") as f:
@@ -2862,7 +2851,7 @@ def test_crash_job_started_from_queue_is_not_run_twice(crash_env):
     child = crash_env.child(state, steps, options={"max_running": 1})
     child.wait_event("done")
     assert child.acks()[1]["status"] == "notstarted"
-    _crash_poll(lambda: os.path.exists(marker) and _crash_read(marker).endswith(b"\n"), 10,
+    _until(lambda: os.path.exists(marker) and _crash_read(marker).endswith(b"\n"), 10,
                 "the queued job to start")
     # The kill point: 0.1 s into the job's life.  That leaves a manager time
     # to make the start durable, but is within pman's FLUSH_DELAY (0.2 s).
@@ -2879,7 +2868,7 @@ def test_crash_job_started_from_queue_is_not_run_twice(crash_env):
         % (first_pid, rec, runs))
     manager.kill("q")
     assert manager.wait("q", timeout=10)["returncode"] == -15
-    _crash_poll(lambda: not _crash_group_members(first_pid), 10, "the job to be gone")
+    _until(lambda: not _crash_group_members(first_pid), 10, "the job to be gone")
 
 
 def test_crash_queued_job_found_running_or_finished_is_not_rerun(tmp_path):
@@ -2905,10 +2894,10 @@ def test_crash_queued_job_found_running_or_finished_is_not_rerun(tmp_path):
             spawned.append(subprocess.Popen(pman._wrapped_argv(fake, exits),
                                             stdin=subprocess.DEVNULL, start_new_session=True))
         spawned[1].wait(timeout=10)             # q2 ends before the restart
-        _crash_poll(lambda: os.path.exists(marker) and len(_crash_read(marker).split()) == 2,
+        _until(lambda: os.path.exists(marker) and len(_crash_read(marker).split()) == 2,
                     10, "both wrappers to run")
         os.killpg(hold_pid, signal.SIGKILL)     # a slot frees: q1 would start again
-        _crash_poll(lambda: not _crash_group_members(hold_pid), 10, "hold to be gone")
+        _until(lambda: not _crash_group_members(hold_pid), 10, "hold to be gone")
         m = pman.JobManager(state, max_running=1)
         try:
             rec1 = m.get("q1")
@@ -3120,7 +3109,7 @@ def test_crash_compaction_during_concurrent_submissions(crash_env, monkeypatch):
             return view(_crash_replay(state).values()) == live
         except (OSError, ValueError, KeyError, IndexError):
             return False    # a compaction replaced a file under us: read again
-    _crash_poll(files_agree, 10, "the journal and snapshot to match the manager")
+    _until(files_agree, 10, "the journal and snapshot to match the manager")
     manager.close()
 
     names = os.listdir(state)
@@ -3362,18 +3351,6 @@ def _http_wait_job(srv, jid, timeout=10):
             raise AssertionError("job %s still %s after %s s" % (jid, job["status"], timeout))
 
 
-def _http_poll(fn, timeout=10, what="condition"):
-    """Call fn() until it returns something truthy, within a deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("%s not reached within %s s" % (what, timeout))
-        time.sleep(0.02)      # polling period, bounded by the deadline
-
-
 def _http_pid_alive(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:
@@ -3552,7 +3529,7 @@ def test_http_logs_offsets_and_eof(http_srv, tmp_path):
         assert r.status == 200, r.body
         return _http_json(r)
 
-    first = _http_poll(lambda: (lambda c: c if c["data"] == "hello" else None)(
+    first = _until(lambda: (lambda c: c if c["data"] == "hello" else None)(
         chunk("stream=stdout")), what="stdout 'hello'")
     assert first["jid"] == "lg" and first["stream"] == "stdout"
     assert first["offset"] == 0 and first["next_offset"] == 5 and first["eof"] is False
@@ -3560,7 +3537,7 @@ def test_http_logs_offsets_and_eof(http_srv, tmp_path):
     assert (c["data"], c["offset"], c["next_offset"], c["eof"]) == ("ell", 1, 4, False)
     c = chunk("offset=5")
     assert (c["data"], c["next_offset"], c["eof"]) == ("", 5, False)   # running: not eof
-    _http_poll(lambda: chunk("stream=stderr")["data"] == "oops", what="stderr 'oops'")
+    _until(lambda: chunk("stream=stderr")["data"] == "oops", what="stderr 'oops'")
     assert chunk("stream=stderr")["eof"] is False
 
     flag.touch()
@@ -3680,7 +3657,7 @@ def test_http_kill_route(http_srv):
 
 def test_http_kill_escalates_after_grace(http_srv):
     _http_post_job(http_srv, {"jid": "stubborn", "cmd": "trap '' TERM; sleep 30"})
-    _http_poll(lambda: _http_json(http_srv.request("GET", "/api/v1/stubborn"))["pid"],
+    _until(lambda: _http_json(http_srv.request("GET", "/api/v1/stubborn"))["pid"],
                what="pid")
     t0 = time.monotonic()
     r = http_srv.request("POST", "/api/v1/stubborn/kill", {"signal": "TERM", "grace": 0.5})
@@ -4233,7 +4210,7 @@ def test_http_huge_grace_does_not_stop_the_reaper(http_srv):
     try:
         _http_post_job(http_srv, {"jid": "g1", "cmd": "sleep 0.6; echo ready; sleep 30"})
         # a job well past its first instants (pman re-sends a very early kill)
-        _http_poll(lambda: "ready" in http_srv.request("GET", "/api/v1/g1/logs").json["data"],
+        _until(lambda: "ready" in http_srv.request("GET", "/api/v1/g1/logs").json["data"],
                    what="job g1 ready")
         r = http_srv.request("POST", "/api/v1/g1/kill", {"signal": "SIGTERM", "grace": 1e300})
         assert r.status in (202, 400), r.body
@@ -4608,7 +4585,7 @@ def test_http_cli_curl_flow_restart_and_kill_on_exit(http_cli, tmp_path):
     code, body = _http_curl("http://127.0.0.1:%d/api/v1/s1" % port)
     assert code == 200 and json.loads(body)["status"] == "started"
     assert _http_stop(p, timeout=20) == 0
-    _http_poll(lambda: not _http_pid_alive(pid), timeout=10, what="job killed on exit")
+    _until(lambda: not _http_pid_alive(pid), timeout=10, what="job killed on exit")
 
     p, port = http_cli(state)
     code, body = _http_curl("http://127.0.0.1:%d/api/v1/s1" % port)
@@ -4660,15 +4637,7 @@ _SLURM_PMAN = os.path.join(HERE, "pman.py")
 # ---------------------------------------------------------------------------
 
 def _slurm_until(pred, timeout=_SLURM_DEADLINE, what="condition", interval=0.05):
-    """Poll *pred* until it returns something truthy, or fail after *timeout* s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError("timed out after %s s waiting for %s" % (timeout, what))
-        time.sleep(interval)
+    return _until(pred, timeout, what, interval)
 
 
 def _slurm_cmd(*argv, check=True):
