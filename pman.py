@@ -118,6 +118,7 @@ FLUSH_DELAY = 0.2           # how soon the reaper makes job endings durable
 LOG_CHECK_EVERY = 0.5       # how often running jobs' logs are measured
 POLL_INTERVAL = 0.01        # the reaper's poll period where pidfds are missing
 RESEND_WINDOW, RESEND_DELAY = 0.5, 0.05   # see JobManager._signal
+TIMER_RETRY = 1.0           # a timer whose action failed fires again this much later
 LOCK_RETRY = 2.0            # seconds to wait for a dead holder's lock to clear
 EXIT_LOG_MAX = 1 << 20      # empty the exit log past this size when no job runs
 MAX_SECONDS = 1e8           # the largest timeout, grace or wait accepted (3 years)
@@ -542,13 +543,20 @@ class _Store:
         batch, self._pending = self._pending, []
         upto, fd = self._appended, self._fd
         self._lock.release()
+        start = None
         try:
             if batch:
                 data = "".join(batch).encode("utf-8")
+                start = os.lseek(fd, 0, os.SEEK_END)
                 while data:
                     data = data[os.write(fd, data):]
                 os.fdatasync(fd)
         except BaseException:
+            if start is not None:       # e.g. ENOSPC mid-batch: undo the part written
+                try:
+                    os.ftruncate(fd, start)
+                except OSError:
+                    pass
             self._lock.acquire()
             self._pending[:0] = batch
             self._flushing = False
@@ -624,7 +632,7 @@ def _identity(pid):
     return None if stat is None else [stat[0], _BOOT_ID]
 
 
-def _is_alive(job):
+def _is_alive(job, exits_path):
     """True if the process recorded for *job* still runs (zombies are gone)
     and is the same process: same start time and boot.  A job whose
     identity was not recorded (the manager died right after the spawn) is
@@ -639,8 +647,8 @@ def _is_alive(job):
             argv = f.read().split(b"\0")
     except OSError:
         return False
-    return argv[3:5] == [b"pman-job", str(job.seq).encode()] and argv[2] in (
-        _WRAP_SHELL.encode(), _WRAP_ARGV.encode())
+    return (argv[3:6] == [b"pman-job", str(job.seq).encode(), exits_path.encode()]
+            and argv[2] in (_WRAP_SHELL.encode(), _WRAP_ARGV.encode()))
 
 
 def _pid_exists(pid):
@@ -792,6 +800,7 @@ class LocalBackend:
 
     name = "local"
     resend_window = RESEND_WINDOW   # see JobManager._signal
+    journal_before_start = False    # a local spawn leaves traces recovery can find
 
     def __init__(self):
         self.log_dir = None
@@ -882,7 +891,7 @@ class LocalBackend:
         if job.popen is not None:
             code = job.popen.poll()
             return None if code is None else _Exit(code)
-        if _is_alive(job):
+        if _is_alive(job, self._exits.path):
             return None
         code = self._exits.code(job.seq)
         try:    # our own child, from an earlier manager in this process
@@ -894,7 +903,7 @@ class LocalBackend:
         return _Exit(code)
 
     def signal(self, job, sig):
-        if job.popen is None and not _is_alive(job):
+        if job.popen is None and not _is_alive(job, self._exits.path):
             return False        # re-adopted and gone: never signal a stranger
         try:
             os.killpg(job.pid, sig)
@@ -903,7 +912,7 @@ class LocalBackend:
         return True
 
     def recover(self, job):
-        if job.pid and _is_alive(job):
+        if job.pid and _is_alive(job, self._exits.path):
             return True
         return _Exit(self._exits.code(job.seq))
 
@@ -928,7 +937,7 @@ class LocalBackend:
         pid = self._orphans.get(job.seq)
         if pid is not None:
             job.pid, job.ident = pid, _identity(pid)
-            if _is_alive(job):
+            if _is_alive(job, self._exits.path):
                 job.status, job.started = STARTED, job.submitted
                 job.message = "running (pid %d), found after a restart" % pid
                 return True
@@ -971,6 +980,7 @@ class SlurmBackend:
 
     name = "slurm"
     resend_window = 0.0
+    journal_before_start = True     # see JobManager._spawn
     MIN_POLL, MAX_POLL = 0.2, 5.0
     COMMAND_TIMEOUT = 30.0
 
@@ -1158,7 +1168,7 @@ class SlurmBackend:
         if base in _SLURM_ERROR or base == "COMPLETED":
             if sig:
                 return _Exit(-sig, ERROR, "%s: ended by %s" % (what, signal_name(sig)))
-            if base == "CANCELLED" or (base != "FAILED" and code == 0):
+            if base == "CANCELLED" or code is None or (base != "FAILED" and code == 0):
                 return _Exit(None, ERROR, "%s: no exit code is known" % what)
             return _Exit(code, ERROR, "%s: exited with code %d" % (what, code))
         return _Exit(None, UNDEFINED, "%s: unknown SLURM state" % what)
@@ -1392,6 +1402,7 @@ class JobManager:
         for them; flush state, stop the reaper and release the directory.
         Without kill, running jobs keep running and the next manager
         re-adopts them; queued jobs stay queued."""
+        self._not_from_reaper("close()")
         with _registry_lock:
             if self._options is None:
                 return
@@ -1480,8 +1491,9 @@ class JobManager:
         _check_number("timeout", timeout)
         try:
             json.dumps([meta, extras])
-        except (TypeError, ValueError) as e:
-            raise InvalidArgument("meta is not JSON-serializable: %s" % e) from None
+        except (TypeError, ValueError, RecursionError) as e:
+            raise InvalidArgument("meta is not JSON-serializable: %s" % (
+                "nested too deeply" if isinstance(e, RecursionError) else e)) from None
         with self._lock:
             self._check_open()
             if jid is None:
@@ -1503,6 +1515,12 @@ class JobManager:
                        message="queued: waiting for a free slot", cmd=display,
                        argv=argv, auid=auid, meta=meta, env=env, cwd=cwd,
                        timeout=timeout, extras=extras or {}, submitted=_now())
+            try:
+                job.line()
+            except (RecursionError, ValueError, TypeError) as e:
+                raise InvalidArgument("meta or extras cannot be stored: %s"
+                                      % ("nested too deeply" if isinstance(e, RecursionError)
+                                         else e)) from None
             self._next_seq += 1
             self._jobs[jid] = job
             if self.max_running is None or len(self._running) < self.max_running:
@@ -1510,9 +1528,13 @@ class JobManager:
                     self._spawn(job, raise_backend_errors=True)
                 except PmanError:
                     del self._jobs[jid]     # refused: nothing was run or recorded
+                    if job.backend_id == "":        # undo the journaled intent
+                        self._store.append(json.dumps({"forget": [jid]}))
                     if old is not None:
                         self._jobs[jid] = old
                         self._finished += 1
+                        if job.backend_id == "":
+                            self._store.append(old)
                     raise
             else:
                 self._queue.append(job)
@@ -1583,6 +1605,7 @@ class JobManager:
         """Wait until job *jids* (one jid, or a list) has ended; return its
         record (a list of records for a list).  Raises Timeout after
         *timeout* seconds, with the current records in ``.jobs``."""
+        self._not_from_reaper("wait()")
         single = isinstance(jids, str)
         wanted = [jids] if single else list(jids)
         _check_number("timeout", timeout)
@@ -1626,8 +1649,9 @@ class JobManager:
         data = b""
         try:
             with open(self._log_path(jid, stream), "rb") as f:
-                f.seek(offset)
-                data = f.read() if limit is None else f.read(limit)
+                left = max(0, os.fstat(f.fileno()).st_size - offset)
+                f.seek(min(offset, offset + left))
+                data = f.read(left if limit is None else min(limit, left))
                 more = bool(f.read(1))
         except FileNotFoundError:
             more = False
@@ -1753,11 +1777,14 @@ class JobManager:
         jobs are untouched.  Returns `counts()`."""
         self.flush()
         with self._compact_lock, self._lock:
+            self._store.sync()      # endings since flush(): disk must not be older
             disk, _, _ = _Store(self._path, strict=True).load()
             replaced = {}
             for jid, line in disk.items():
                 old = self._jobs.get(jid)
-                if isinstance(old, str) and old != line:
+                m, n = _LINE_RE.match(line), _LINE_RE.match(old) if isinstance(old, str) else None
+                if (n is not None and old != line and m.group(2) not in ACTIVE
+                        and m.group(3) == n.group(3)):
                     self._jobs[jid] = line
                     replaced[jid] = old
             if replaced:
@@ -1779,6 +1806,11 @@ class JobManager:
     # -- internals: records and files ---------------------------------------
     # Methods named _x_locked or documented "caller holds self._lock" MUST be
     # called with self._lock held.
+
+    def _not_from_reaper(self, what):
+        if threading.current_thread() is self._reaper:
+            raise PmanError("%s cannot be called from on_end: the callback runs on the "
+                            "reaper thread, which it would block" % what)
 
     def _check_open(self):
         if self._closing or self._options is None:
@@ -1839,8 +1871,10 @@ class JobManager:
             self._store.append(json.dumps({"forget": gone}))
             ticket = self._ticket
         self._store.sync(ticket)
-        for jid in gone:
-            self._unlink(jid)
+        with self._lock:            # a jid run again meanwhile keeps its new logs
+            for jid in gone:
+                if jid not in self._jobs:
+                    self._unlink(jid)
         return len(gone)
 
     def _oldest_finished(self, count):
@@ -1868,6 +1902,13 @@ class JobManager:
             env = dict(os.environ)
             env.update(self.env or ())
             env.update(job.env or ())
+        if self.backend.journal_before_start:
+            # Submitting to a remote scheduler: journal the intent first, so
+            # that a crash before the id is saved is looked up by name at
+            # recovery, never submitted twice.
+            job.backend_id = ""
+            self._persist(job)
+            self._store.sync()
         try:
             job.status = self.backend.start(job, env)
         except (BackendUnavailable, SubmitRejected) as e:
@@ -1890,21 +1931,23 @@ class JobManager:
         self._lock."""
         self._timeout_timer(job)
         if self.log_limit is not None:
-            self._timer(LOG_CHECK_EVERY, "logcheck", job.jid)
+            self._timer(LOG_CHECK_EVERY, "logcheck", job)
         if job.kill_signal and job.kill_signal != signal.SIGKILL:
             job.escalate_at = _time() + self.grace    # a kill sent before a restart
-            self._timer(self.grace, "escalate", job.jid)
+            self._timer(self.grace, "escalate", job)
 
     def _timeout_timer(self, job):
         """A timeout counts from the job's start (SLURM: leaving the queue).
         Caller holds self._lock."""
         if job.timeout is not None and job.started is not None:
             elapsed = max(0.0, _time_since(job.started))
-            self._timer(job.timeout - elapsed, "timeout", job.jid)
+            self._timer(job.timeout - elapsed, "timeout", job)
 
-    def _timer(self, delay, kind, jid):
+    def _timer(self, delay, kind, job):
+        """Arm a timer for this run of *job* (a re-run of its jid has
+        another seq, so timers of an earlier run never touch it)."""
         self._timer_n += 1
-        heapq.heappush(self._timers, (_time() + delay, self._timer_n, kind, jid))
+        heapq.heappush(self._timers, (_time() + delay, self._timer_n, kind, job.jid, job.seq))
         self._wake()
 
     def _wake(self):
@@ -1912,7 +1955,11 @@ class JobManager:
 
     def _signal(self, job, sig, reason, grace):
         """Signal the job's process group, having journaled why first, so a
-        restarted manager still reports -sig.  Caller holds self._lock."""
+        restarted manager still reports -sig.  A job that has already exited
+        is collected instead, with its real code.  Caller holds self._lock."""
+        self._collect(job)
+        if self._running.get(job.jid) is not job:
+            return
         if not job.kill_signal:
             job.kill_reason = reason
         job.kill_signal = sig
@@ -1922,13 +1969,13 @@ class JobManager:
             return
         if sig != signal.SIGKILL:
             job.escalate_at = _time() + grace
-            self._timer(grace, "escalate", job.jid)
+            self._timer(grace, "escalate", job)
             if (job.spawned_at is not None
                     and _time() - job.spawned_at < self.backend.resend_window):
                 # The wrapper's subshell inherits its TERM handler for an
                 # instant after the fork; a signal landing then is caught
                 # and lost.  Once that instant is over, say it again.
-                self._timer(RESEND_DELAY, "resend", job.jid)
+                self._timer(RESEND_DELAY, "resend", job)
 
     def _cancel(self, job, message):
         """Caller holds self._lock."""
@@ -2094,10 +2141,15 @@ class JobManager:
                 self._collect_safely(job)
             now = _time()
             while self._timers and self._timers[0][0] <= now:
-                _, _, kind, jid = heapq.heappop(self._timers)
+                _, _, kind, jid, seq = heapq.heappop(self._timers)
                 job = self._running.get(jid)
-                if job is not None:
-                    self._fire(job, kind)
+                if job is not None and job.seq == seq:
+                    try:
+                        self._fire(job, kind)
+                    except Exception:   # e.g. scancel or the disk failed: try again
+                        log.exception("%s timer of job %s failed; retrying in %g s",
+                                      kind, jid, TIMER_RETRY)
+                        self._timer(TIMER_RETRY, kind, job)
             started = self._start_queued()
             doomed = 0
             if self.keep_finished is not None:
@@ -2137,8 +2189,8 @@ class JobManager:
                 self.backend.signal(job, job.kill_signal)
         elif kind == "escalate":
             if job.escalate_at is not None and _time() >= job.escalate_at - 0.001:
-                job.escalate_at = None
                 self._signal(job, signal.SIGKILL, job.kill_reason, 0)
+                job.escalate_at = None      # only once the SIGKILL went out
         elif kind == "logcheck":
             for stream in ("stdout", "stderr"):
                 try:
@@ -2148,7 +2200,7 @@ class JobManager:
                 if size > self.log_limit and not job.kill_signal:
                     self._signal(job, signal.SIGTERM, "%s exceeded the log limit of %d bytes"
                                  % (stream, self.log_limit), self.grace)
-            self._timer(LOG_CHECK_EVERY, "logcheck", job.jid)
+            self._timer(LOG_CHECK_EVERY, "logcheck", job)
 
     # -- compaction -------------------------------------------------------------
 

@@ -137,6 +137,91 @@ def core_mgr(core_make):
 # the one-line call, default state dir, modes, record shape
 # ---------------------------------------------------------------------------
 
+def test_core_timer_of_an_earlier_run_spares_the_rerun(tmp_path):
+    m = pman.JobManager(str(tmp_path / "state"))
+    try:
+        m.run("exit 0", jid="x", timeout=1.0)
+        assert m.wait("x", timeout=10)["returncode"] == 0
+        m.run("exec sleep 30", jid="x", timeout=100)    # the old 1 s timer must not fire
+        with pytest.raises(pman.Timeout):
+            m.wait("x", timeout=1.6)
+        assert m.get("x")["status"] == "started"
+    finally:
+        m.close(kill=True)
+
+
+def test_core_kill_of_an_exited_uncollected_job_keeps_its_code(tmp_path):
+    # The reaper is held in an on_end callback, so B exits but stays
+    # uncollected (a zombie); kill(B) must report B's real code, not -15.
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def on_end(record):
+        if record["jid"] == "a":
+            entered.set()
+            gate.wait(10)
+
+    m = pman.JobManager(str(tmp_path / "state"), on_end=on_end)
+    try:
+        m.run("exit 0", jid="a")
+        assert entered.wait(10)
+        pid = m.run("exit 0", jid="b")["pid"]
+        _until(lambda: _core_proc_state(pid) in (None, "Z"), 10, "b to exit")
+        rec = m.kill("b")
+        assert (rec["status"], rec["returncode"]) == ("finishedSuccessfully", 0), rec
+    finally:
+        gate.set()
+        m.close(kill=True)
+
+
+def _core_proc_state(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 2:].split()[0].decode()
+
+
+def test_core_on_end_cannot_block_the_reaper(tmp_path):
+    errors = []
+
+    def on_end(record):
+        try:
+            m.wait(record["jid"], timeout=5)
+        except pman.PmanError as e:
+            errors.append(str(e))
+
+    m = pman.JobManager(str(tmp_path / "state"), on_end=on_end)
+    try:
+        m.run("exit 0", jid="a")
+        _until(lambda: errors, 10, "the callback to run")
+        assert "on_end" in errors[0]
+        m.run("exit 4", jid="b")                # the reaper still works
+        assert m.wait("b", timeout=10)["returncode"] == 4
+    finally:
+        m.close(kill=True)
+
+
+def test_core_huge_log_limit_and_deep_meta_are_clean_errors(tmp_path):
+    m = pman.JobManager(str(tmp_path / "state"))
+    try:
+        m.run("echo hi", jid="a")
+        m.wait("a", timeout=10)
+        chunk = m.read_log("a", limit=10 ** 15)     # no allocation of the limit
+        assert chunk["data"] == b"hi\n" and chunk["eof"]
+        deep = {}
+        node = deep
+        for _ in range(5000):
+            node["k"] = {}
+            node = node["k"]
+        with pytest.raises(pman.InvalidArgument, match="nested too deeply"):
+            m.run("echo never", jid="deep", meta=deep)
+        assert "deep" not in m.jids()
+    finally:
+        m.close(kill=True)
+
+
 def test_core_one_line_call_twice(tmp_path, monkeypatch):
     state = tmp_path / "pman-env-state"
     monkeypatch.setenv("PMAN_STATE_DIR", str(state))
