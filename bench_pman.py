@@ -68,6 +68,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -349,8 +350,10 @@ def sec_spawn(b):
     n = 100 if b.quick else 2000
     rounds = 2 if b.quick else 3
     best = collections.defaultdict(lambda: float("inf"))
+    ratios = []         # pman/raw of each round: its two bursts ran back to back
     for r in range(rounds):
         # Interleaved so that drift in machine load hits every variant alike.
+        this_round = {}
         for variant in ("raw", "wrapper", "pman", "pman-nondurable"):
             if variant in ("raw", "wrapper"):
                 logs = b.state_dir("spawn-raw")
@@ -363,7 +366,9 @@ def sec_spawn(b):
                 best[variant + "-submit"] = min(best[variant + "-submit"], sub)
             best[variant] = min(best[variant], dt)
             best[variant + "-cpu"] = min(best[variant + "-cpu"], cpu)
+            this_round[variant] = dt
             progress("round %d/%d %-16s %6.0f jobs/s" % (r + 1, rounds, variant, n / dt))
+        ratios.append(this_round["raw"] / this_round["pman"])
     rate = {k: n / v for k, v in best.items() if not k.endswith("-cpu")}
     b.figure("jobs per burst", n, "jobs", note="best of %d interleaved rounds each" % rounds)
     b.figure("raw Popen(shell=True) rate", rate["raw"], "jobs/s",
@@ -372,8 +377,11 @@ def sec_spawn(b):
              note="pman's exact Popen call (wrapper shell, stdin=DEVNULL), no manager")
     b.figure("pman rate (durable)", rate["pman"], "jobs/s",
              note="first run() until wait() sees all reaped")
-    b.figure("pman/raw ratio (durable)", rate["pman"] / rate["raw"], "x", (">=", 0.6),
-             note="issue 7 wants >= 0.6; issue 2 said >= 0.5")
+    b.figure("pman/raw ratio (durable)", statistics.median(ratios), "x", (">=", 0.6),
+             note="median over rounds of each round's ratio (robust to one lucky burst); "
+             "issue 7 wants >= 0.6; issue 2 said >= 0.5")
+    b.figure("pman/raw ratio of the best rounds", rate["pman"] / rate["raw"], "x",
+             note="best pman burst / best raw burst, from different rounds")
     b.figure("pman run() loop rate (durable)", n / best["pman-submit"], "jobs/s",
              note="the run() calls only, reaping overlaps")
     b.figure("pman rate (durable=False)", rate["pman-nondurable"], "jobs/s")
