@@ -292,13 +292,12 @@ class _Job:
     JSON line (a str): compact, and already serialized for the journal.
     All access MUST hold the manager's lock."""
 
-    __slots__ = _FIELDS + ("popen", "pidfd", "spawned_at", "escalate_at", "adopted")
+    __slots__ = _FIELDS + ("popen", "pidfd", "spawned_at", "escalate_at")
 
     def __init__(self, **fields):
         for name in _FIELDS:
             setattr(self, name, fields.get(name))
         self.popen = self.pidfd = self.spawned_at = self.escalate_at = None
-        self.adopted = False
 
     def line(self):
         return json.dumps({name: getattr(self, name) for name in _FIELDS})
@@ -2094,7 +2093,6 @@ class JobManager:
                 job.backend_id = None
                 self._queue.append(job)
             elif state is True:
-                job.adopted = True
                 self._running[job.jid] = job
                 self.backend.watch(job)
                 self._watch(job)
