@@ -53,7 +53,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "JobManager", "PmanError", "JobNotFound", "JobConflict", "InvalidArgument",
-    "StateLocked", "StateCorrupt", "Timeout", "BackendUnavailable", "SubmitRejected",
+    "StateLocked", "StateCorrupt", "StorageError", "Timeout", "BackendUnavailable", "SubmitRejected",
     "LocalBackend", "SlurmBackend", "STATUSES", "make_server", "main",
 ]
 # Not exported: the persistence (_Store), process (_spawn...) and HTTP handler
@@ -126,13 +126,25 @@ MAX_SLEEP = 3600.0          # the reaper wakes at least this often
 _MISSING = object()
 TAIL_LINES, TAIL_BYTES = 1000, 65536
 
-# The wrapper that runs every job.  The command is a positional parameter,
-# never part of the script text.  `trap : TERM` is a handler, not an ignore,
-# so the subshell resets it and the job does not inherit SIG_IGN, while the
-# wrapper itself survives a group SIGTERM long enough to record the exit
-# status.  A subshell costs one fork less than a nested `sh -c`.
-_WRAP_SHELL = 'trap : TERM; (eval "$3"); r=$?; echo "$1 $r" >>"$2"; exit $r'
-_WRAP_ARGV = 'trap : TERM; t=$1; f=$2; shift 2; ("$@"); r=$?; echo "$t $r" >>"$f"; exit $r'
+# The wrapper that runs every job, as ``sh -c WRAPPER sh pman-job SEQ EXITS
+# CWD CMD...``.  The command is a positional parameter, never part of the
+# script text, and runs with no positional parameters of the wrapper's (as
+# under ``sh -c CMD``).  `trap : TERM` is a handler, not an ignore, so the
+# subshell resets it and the job does not inherit SIG_IGN, while the wrapper
+# itself survives a group SIGTERM long enough to record the exit status.  A
+# subshell costs one fork less than a nested `sh -c`.  Every other signal
+# disposition is reset to the default by the spawn itself (_SIGDEF).
+_WRAP_HEAD = 'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
+_WRAP_TAIL = '; r=$?; fi; echo "$t $r" >>"$f"; exit $r'
+_WRAP_SHELL = _WRAP_HEAD + 'else (unset t f d r; eval "shift; $1")' + _WRAP_TAIL
+_WRAP_ARGV = _WRAP_HEAD + 'else (unset t f d r; "$@")' + _WRAP_TAIL
+# The wrappers of pman 0.1.0 (``sh -c WRAPPER pman-job SEQ EXITS CMD...``),
+# whose jobs a new version re-adopts after an upgrade.
+_WRAPPERS = frozenset(w.encode() for w in (
+    _WRAP_SHELL, _WRAP_ARGV,
+    'trap : TERM; (eval "$3"); r=$?; echo "$1 $r" >>"$2"; exit $r',
+    'trap : TERM; t=$1; f=$2; shift 2; ("$@"); r=$?; echo "$t $r" >>"$f"; exit $r'))
+_SIGDEF = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 
 def _now():
@@ -200,6 +212,20 @@ class StateCorrupt(PmanError):
     def __init__(self, path, message):
         super().__init__("%s: %s" % (path, message))
         self.path = path
+
+
+class StorageError(PmanError, OSError):
+    """The state directory could not record a change (ENOSPC, EIO...), so
+    the change was not made: no job was started, no signal was sent.  The
+    HTTP layer answers 507.  Attributes: ``path``, ``errno``."""
+
+    def __init__(self, path, error):
+        super().__init__(error.errno, "cannot write the state directory %s: %s"
+                         % (path, error.strerror or error))
+        self.path = path
+
+    def __str__(self):
+        return self.strerror
 
 
 # ---------------------------------------------------------------------------
@@ -292,12 +318,21 @@ class _Job:
     JSON line (a str): compact, and already serialized for the journal.
     All access MUST hold the manager's lock."""
 
-    __slots__ = _FIELDS + ("popen", "pidfd", "spawned_at", "escalate_at")
+    # child: our unreaped child (LocalBackend); starting: handed to the
+    # backend, whose start() has not returned yet; timers: entries of the
+    # manager's timer heap armed for this run.
+    __slots__ = _FIELDS + ("child", "pidfd", "spawned_at", "escalate_at", "starting",
+                           "timers", "kill_sent")
 
     def __init__(self, **fields):
         for name in _FIELDS:
             setattr(self, name, fields.get(name))
-        self.popen = self.pidfd = self.spawned_at = self.escalate_at = None
+        self.pidfd = self.spawned_at = self.escalate_at = None
+        self.child = self.starting = False
+        # kill_sent: a signal of the journaled kill went out (a restarted
+        # manager sends it again), so the end is the kill's, not the job's.
+        self.kill_sent = bool(self.kill_signal)
+        self.timers = 0
 
     def line(self):
         return json.dumps({name: getattr(self, name) for name in _FIELDS})
@@ -351,8 +386,9 @@ class _Store:
 
     - ``load()`` -> (ordered {jid: line}, next_seq, damaged): replays the
       snapshot and journals; moves damaged files aside;
-    - ``append(line)`` -> ticket: queue one line (caller holds the manager
-      lock, so the journal order is the order of the changes);
+    - ``append(line, must=False)`` -> ticket: write one line now (the
+      caller holds the manager lock, so the journal order is the order of
+      the changes);
     - ``sync(ticket)``: return once that line is on disk (group commit);
     - ``rotate()`` / ``write_snapshot(lines, gen)``: compaction;
     - ``close()``.
@@ -367,11 +403,13 @@ class _Store:
         self.strict = strict
         self._lock = threading.Lock()           # guards all below
         self._cond = threading.Condition(self._lock)
-        self._pending = []                      # lines not yet written
+        self._pending = []                      # lines a failed write left behind
         self._appended = 0                      # ticket of the last append
         self._synced = 0                        # tickets <= this are on disk
-        self._flushing = False                  # a thread is writing
+        self._flushing = False                  # a thread is in fdatasync
         self._fd = None
+        self._size = 0                          # of the journal, for undoing a write
+        self._unsynced_fds = []                 # older journals with unsynced lines
         self.generation = 0
         self.journal_lines = 0
 
@@ -509,24 +547,75 @@ class _Store:
     # -- writing ----------------------------------------------------------
 
     def open_journal(self, gen):
+        """Append to journal *gen* from now on.  The old journal's fd stays
+        open until its last lines are synced.  Caller holds self._lock or
+        is the only user."""
         fd = os.open(self._journal_path(gen),
                      os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         old, self._fd = self._fd, fd
+        self._size = os.fstat(fd).st_size
         self.generation = gen
         self.journal_lines = 0
         if old is not None:
-            os.close(old)
+            if self._flushing or self._synced < self._appended:
+                self._unsynced_fds.append(old)      # closed by the next sync
+            else:
+                os.close(old)
 
-    def append(self, line):
+    def append(self, line, *, must=False):
+        """Write one line to the journal now and return its ticket for
+        `sync`.  The write(2) survives a kill -9 of this process; only
+        `sync` makes it survive a crash of the machine.
+
+        With ``must=True`` (write-ahead: the change must not happen unless
+        it is recorded) a failed write raises StorageError and records
+        nothing.  Otherwise the line is kept in order and written again by
+        the next `sync`, which raises until the disk takes it."""
+        data = (line + "\n").encode("utf-8")
         with self._lock:
-            self._pending.append(line + "\n")
+            try:
+                if self._pending:           # earlier lines first: keep the order
+                    self._write_pending()
+                self._write(data)
+            except OSError as e:
+                if must:
+                    raise StorageError(self.path, e) from None
+                if not self._pending:
+                    log.warning("cannot write the journal in %s (%s): the change is "
+                                "kept in memory and written again at the next sync",
+                                self.path, e.strerror or e)
+                self._pending.append(data)
             self._appended += 1
             self.journal_lines += 1
             return self._appended
 
+    def _write(self, data):
+        """Append *data* whole or not at all (a failed write is cut off, so
+        no torn line is left before the next one).  Caller holds
+        self._lock."""
+        start = self._size
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise
+        self._size = os.fstat(self._fd).st_size
+
+    def _write_pending(self):
+        """Write the lines an earlier failure left behind.  Caller holds
+        self._lock."""
+        while self._pending:
+            self._write(self._pending[0])
+            del self._pending[0]
+
     def sync(self, ticket=None):
         """Return once the line *ticket* (default: every line so far) is on
-        disk.  One caller writes and fsyncs for everybody waiting."""
+        disk: one fdatasync, outside the lock, serves every caller waiting
+        (group commit).  Raises StorageError if the disk refuses."""
         with self._lock:
             if ticket is None:
                 ticket = self._appended
@@ -534,49 +623,32 @@ class _Store:
                 if self._flushing:
                     self._cond.wait()
                     continue
-                self._write_pending()
-
-    def _write_pending(self):
-        """Caller holds self._lock; it is released during the write."""
-        self._flushing = True
-        batch, self._pending = self._pending, []
-        upto, fd = self._appended, self._fd
-        self._lock.release()
-        start = None
-        try:
-            if batch:
-                data = "".join(batch).encode("utf-8")
-                start = os.lseek(fd, 0, os.SEEK_END)
-                while data:
-                    data = data[os.write(fd, data):]
-                os.fdatasync(fd)
-        except BaseException:
-            if start is not None:       # e.g. ENOSPC mid-batch: undo the part written
+                self._flushing = True
                 try:
-                    os.ftruncate(fd, start)
-                except OSError:
-                    pass
-            self._lock.acquire()
-            self._pending[:0] = batch
-            self._flushing = False
-            self._cond.notify_all()
-            raise
-        self._lock.acquire()
-        self._synced = max(self._synced, upto)
-        self._flushing = False
-        self._cond.notify_all()
+                    self._write_pending()
+                    upto, fds = self._appended, self._unsynced_fds + [self._fd]
+                    self._lock.release()
+                    try:
+                        for fd in fds:
+                            os.fdatasync(fd)
+                    finally:
+                        self._lock.acquire()
+                    for fd in fds[:-1]:     # journals before a rotation: done
+                        self._unsynced_fds.remove(fd)
+                        os.close(fd)
+                except OSError as e:
+                    raise StorageError(self.path, e) from None
+                finally:
+                    self._flushing = False
+                    self._cond.notify_all()
+                self._synced = max(self._synced, upto)
 
     def rotate(self):
-        """Make everything appended so far durable in the current journal,
-        then start a new one; return its generation.  The caller holds the
+        """Start a new journal and return its generation; the next `sync`
+        makes the old one's last lines durable too.  The caller holds the
         manager lock, so the lines it snapshots next are exactly the state
-        the old journals describe."""
+        the old journals describe.  No I/O waits here."""
         with self._lock:
-            while self._flushing or self._synced < self._appended:
-                if self._flushing:
-                    self._cond.wait()
-                else:
-                    self._write_pending()
             self.open_journal(self.generation + 1)
             return self.generation
 
@@ -614,16 +686,16 @@ _BOOT_ID = _boot_id()
 
 
 def _proc_stat(pid):
-    """(start time in clock ticks, state letter) of *pid*, or None.  Fields
-    are read after the last ')' because the command name may contain any
-    character."""
+    """(start time in clock ticks, state letter, process group) of *pid*,
+    or None.  Fields are read after the last ')' because the command name
+    may contain any character."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as f:
             data = f.read()
     except OSError:
         return None
     fields = data[data.rfind(b")") + 2:].split()
-    return int(fields[19]), fields[0].decode()
+    return int(fields[19]), fields[0].decode(), int(fields[2])
 
 
 def _identity(pid):
@@ -631,23 +703,38 @@ def _identity(pid):
     return None if stat is None else [stat[0], _BOOT_ID]
 
 
+def _cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def _wrapper_seq(argv, exits_path):
+    """The seq of the job whose wrapper has command line *argv* (a list of
+    bytes) and writes to *exits_path*, or None if it is no such wrapper.
+    The wrapper's subshell has the same command line: tell them apart by
+    the process group (the wrapper leads it)."""
+    if len(argv) > 6 and argv[1] == b"-c" and argv[2] in _WRAPPERS:
+        i = 4 if argv[3] == b"sh" else 3
+        if (argv[i] == b"pman-job" and argv[i + 1].isdigit()
+                and argv[i + 2] == exits_path.encode()):
+            return int(argv[i + 1])
+    return None
+
+
 def _is_alive(job, exits_path):
     """True if the process recorded for *job* still runs (zombies are gone)
     and is the same process: same start time and boot.  A job whose
-    identity was not recorded (the manager died right after the spawn) is
-    recognized by its wrapper's command line instead."""
+    identity was not recorded is recognized by its wrapper's command line
+    instead."""
     stat = _proc_stat(job.pid) if job.pid else None
     if stat is None or stat[1] == "Z":
         return False
     if job.ident is not None:
         return job.ident == [stat[0], _BOOT_ID]
-    try:
-        with open("/proc/%d/cmdline" % job.pid, "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    return (argv[3:6] == [b"pman-job", str(job.seq).encode(), exits_path.encode()]
-            and argv[2] in (_WRAP_SHELL.encode(), _WRAP_ARGV.encode()))
+    return _wrapper_seq(_cmdline(job.pid), exits_path) == job.seq
 
 
 def _pid_exists(pid):
@@ -679,7 +766,11 @@ _HAVE_PIDFD = _probe_pidfd()   # Linux 5.3+; else the reaper polls
 
 
 def _open_log(path):
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    if fd < 3:      # our own 0-2 are closed: keep clear of the child's
+        fd, old = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3), fd
+        os.close(old)
+    return fd
 
 
 def _describe_exit(code):
@@ -720,6 +811,11 @@ class _ExitLog:
                     self._codes[int(parts[0])] = int(parts[1])
         return self._codes.get(seq)
 
+    def max_seq(self):
+        """The highest seq in the file (0 if none)."""
+        self.code(0)
+        return max(self._codes, default=0)
+
     def clear(self):
         """Empty the file.  Only when no wrapper is alive to append."""
         with open(self.path, "wb"):
@@ -730,12 +826,19 @@ class _ExitLog:
 def _wrapped_argv(job, exits_path):
     """The wrapper shell's argv for *job*: the command travels as data."""
     head = ["/bin/sh", "-c", _WRAP_ARGV if job.argv is not None else _WRAP_SHELL,
-            "pman-job", str(job.seq), exits_path]
+            "sh", "pman-job", str(job.seq), exits_path,
+            os.path.abspath(job.cwd) if job.cwd else ""]
     return head + job.argv if job.argv is not None else head + [job.cmd]
 
 
 _Exit = collections.namedtuple("_Exit", "code status message")
 _Exit.__new__.__defaults__ = (None, None)   # status, message: derived from code
+
+# A signal the manager decided to send (JobManager._signal -> _deliver):
+# *ticket* is its journal line, *previous* the job's (kill_signal,
+# kill_reason) before it, *kind* the timer that sent it (None: a request),
+# *grace* None when no escalation follows.
+_Kill = collections.namedtuple("_Kill", "job sig grace ticket previous kind")
 
 
 class BackendUnavailable(PmanError):
@@ -772,15 +875,21 @@ class _Waker:
 class LocalBackend:
     """Jobs as process groups on this machine (the default backend).
 
-    The backend seam, which `SlurmBackend` implements too.  All methods but
-    `wait` and `close` are called with the manager's lock held:
+    The backend seam, which `SlurmBackend` implements too.  ``start`` and
+    ``signal`` are called WITHOUT the manager's lock (they may be slow:
+    ``sbatch``, ``scancel``); ``wait`` and ``close`` too; every other
+    method with the lock held:
 
     - ``open(log_dir, log_path)``: bind to a manager's state;
+    - ``seq_floor()``: the lowest seq a new job may take (local: above
+      every seq in the exit log, so that an exit record is never read for
+      the wrong job);
     - ``start(job, env)``: launch *job* (``env``: the merged environment, or
-      None for the manager's own); set ``pid``/``backend_id`` and ``message``
-      and return the new status (STARTED, or NOTSTARTED while the backend
-      queues it).  Raise OSError (or SubmitRejected, BackendUnavailable) if
-      it cannot start;
+      None for the manager's own); set ``pid``/``ident``/``backend_id`` and
+      ``message``, and return the new status (STARTED, or NOTSTARTED while
+      the backend queues it).  Raise OSError (or SubmitRejected,
+      BackendUnavailable) if it cannot start.  The manager has journaled
+      the job before it calls this;
     - ``watch(job)`` / ``unwatch(job)``: begin / end tracking a job;
     - ``wait(timeout)``: block until a watched job may have changed, or
       ``wake()``; return the jobs to ``check``;
@@ -788,18 +897,16 @@ class LocalBackend:
       starts, "changed" for another change worth saving, or an ``_Exit``
       once the job has ended;
     - ``signal(job, sig)``: deliver *sig*; False if the job is already gone;
-    - ``recover(job)``: after a restart: True (still running: watch it) or
-      an ``_Exit``; ``recover_queued(job)`` the same for a job journaled as
-      queued, or False: it never started, queue it;
-    - ``settle(job)``: called without the lock after a start; may return
-      an identity to record (local: the process's start time);
+    - ``recover(job)``: after a restart: True (still running: watch it),
+      an ``_Exit``, or False for a job handed to the backend
+      (``backend_id == ""``) that never started: queue it again;
+      ``recover_queued(job)`` the same for a job journaled as queued;
     - ``idle()``: no job is running (local: empty the exit log);
     - ``wake()``, ``close()``.
     """
 
     name = "local"
     resend_window = RESEND_WINDOW   # see JobManager._signal
-    journal_before_start = False    # a local spawn leaves traces recovery can find
 
     def __init__(self):
         self.log_dir = None
@@ -809,19 +916,25 @@ class LocalBackend:
         self._exits = _ExitLog(os.path.join(os.path.dirname(log_dir), "exits"))
         self._orphans = None            # seq -> pid of wrappers found at startup
         self._waker = _Waker()
-        self._watched = {}          # jid -> job; the reaper polls these without pidfds
+        self._watched = {}          # jid -> job; polled if it has no pidfd
+        # Guards job.child: a pid is signalled only while it is our unreaped
+        # child (so it cannot have been reused), and reaped under it too.
+        self._reap_lock = threading.Lock()
         self._selector = selectors.DefaultSelector() if _HAVE_PIDFD else None
         if self._selector is not None:
             self._selector.register(self._waker.r, selectors.EVENT_READ, None)
 
+    def seq_floor(self):
+        return self._exits.max_seq() + 1
 
     def start(self, job, env):
-        if job.cwd is not None and not os.path.isdir(job.cwd):
-            raise FileNotFoundError(errno.ENOENT, "no such directory (cwd)", job.cwd)
+        cwd = job.cwd
+        if cwd is not None and not os.path.isdir(cwd):
+            raise FileNotFoundError(errno.ENOENT, "no such directory (cwd)", cwd)
         if job.argv is not None:
             exe = job.argv[0]
             if "/" in exe:
-                found = os.path.join(job.cwd or "", exe)
+                found = os.path.join(cwd or "", exe)
                 found = found if os.access(found, os.X_OK) and not os.path.isdir(found) else None
             else:
                 found = shutil.which(exe, path=(env or os.environ).get("PATH", os.defpath))
@@ -831,26 +944,27 @@ class LocalBackend:
         try:
             stdout = _open_log(self.log_path(job.jid, "stdout"))
             stderr = _open_log(self.log_path(job.jid, "stderr"))
-            popen = subprocess.Popen(_wrapped_argv(job, self._exits.path),
-                                     stdin=subprocess.DEVNULL, stdout=stdout,
-                                     stderr=stderr, cwd=job.cwd, env=env,
-                                     start_new_session=True)
+            # posix_spawn, not Popen: it resets every signal disposition in
+            # the child (a manager started with SIGINT ignored must not pass
+            # that on) without a preexec_fn, and returns once the child has
+            # exec'd, so its identity can be read at once.
+            pid = os.posix_spawn(
+                "/bin/sh", _wrapped_argv(job, self._exits.path),
+                os.environ if env is None else env,
+                file_actions=[(os.POSIX_SPAWN_DUP2, stdout, 1),
+                              (os.POSIX_SPAWN_DUP2, stderr, 2),
+                              (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
+                setsid=True, setsigdef=_SIGDEF, setsigmask=())
         finally:
             for fd in (stdout, stderr):
                 if fd is not None:
                     os.close(fd)
-        job.popen = popen
+        job.child = True
         job.spawned_at = _time()
-        job.pid = popen.pid
-        job.ident = None        # read by settle(), once the child is past exec
-        job.message = "running (pid %d)" % popen.pid
+        job.pid = pid
+        job.ident = _identity(pid)
+        job.message = "running (pid %d)" % pid
         return STARTED
-
-    def settle(self, job):
-        """Called without the lock soon after start(): read the identity
-        that a restarted manager will check.  Reading /proc/<pid>/stat while
-        the child is still exec'ing blocks, so it is not done in start()."""
-        return _identity(job.pid) if job.popen is not None else None
 
     def idle(self):
         """No job is running: empty the exit log (every code in it is in
@@ -861,9 +975,11 @@ class LocalBackend:
     def watch(self, job):
         self._watched[job.jid] = job
         if self._selector is not None:
-            job.pidfd = _pidfd(job.pid)
+            job.pidfd = _pidfd(job.pid)     # None (EMFILE...): polled instead
             if job.pidfd is not None:
                 self._selector.register(job.pidfd, selectors.EVENT_READ, job)
+                return
+        self._waker.wake()      # start polling it
 
     def unwatch(self, job):
         self._watched.pop(job.jid, None)
@@ -872,24 +988,33 @@ class LocalBackend:
                 self._selector.unregister(job.pidfd)
             os.close(job.pidfd)
             job.pidfd = None
-        job.popen = None
 
     def wait(self, timeout):
-        if self._selector is None:      # no pidfds: poll every job, 10 ms apart
-            self._waker.sleep(POLL_INTERVAL if timeout is None else min(POLL_INTERVAL, timeout))
-            return list(self._watched.values())
-        jobs = []
+        polled = [j for j in list(self._watched.values()) if j.pidfd is None]
+        if polled:      # no pidfd for these: poll them, 10 ms apart
+            timeout = POLL_INTERVAL if timeout is None else min(POLL_INTERVAL, timeout)
+        if self._selector is None:
+            self._waker.sleep(timeout)
+            return polled
         for key, _ in self._selector.select(timeout):
             if key.data is None:
                 _drain(self._waker.r)
             else:
-                jobs.append(key.data)
-        return jobs
+                polled.append(key.data)
+        return polled
 
     def check(self, job):
-        if job.popen is not None:
-            code = job.popen.poll()
-            return None if code is None else _Exit(code)
+        if job.child:
+            with self._reap_lock:
+                try:
+                    pid, status = os.waitpid(job.pid, os.WNOHANG)
+                except ChildProcessError:   # reaped by someone else's waitpid(-1)
+                    job.child = False
+                    return _Exit(self._exits.code(job.seq))
+                if pid == 0:
+                    return None
+                job.child = False
+            return _Exit(os.waitstatus_to_exitcode(status))
         if _is_alive(job, self._exits.path):
             return None
         code = self._exits.code(job.seq)
@@ -902,48 +1027,51 @@ class LocalBackend:
         return _Exit(code)
 
     def signal(self, job, sig):
-        if job.popen is None and not _is_alive(job, self._exits.path):
-            return False        # re-adopted and gone: never signal a stranger
-        try:
-            os.killpg(job.pid, sig)
-        except ProcessLookupError:
-            return False
-        return True
+        with self._reap_lock:
+            if not job.child and not _is_alive(job, self._exits.path):
+                return False        # gone, or re-adopted and gone: never a stranger
+            try:
+                os.killpg(job.pid, sig)
+            except ProcessLookupError:
+                return False
+            return True
 
     def recover(self, job):
-        if job.pid and _is_alive(job, self._exits.path):
+        if job.pid is None:         # handed over, then the manager died
+            return self._find(job)
+        if _is_alive(job, self._exits.path):
             return True
         return _Exit(self._exits.code(job.seq))
 
     def recover_queued(self, job):
-        """A job journaled as queued may have been started by a manager
-        that died before the start reached the disk: find its wrapper
-        (``pman-job <seq>`` on our exit log) or its exit code, so that it
-        never runs twice."""
+        return self._find(job)
+
+    def _find(self, job):
+        """A job whose spawn was never confirmed on disk: find its wrapper
+        (``pman-job <seq>`` on our exit log, leading its process group) or
+        its exit code, so that it never runs twice; False if it never
+        ran."""
         if self._orphans is None:       # one scan of /proc per startup
             self._orphans = {}
-            exits = self._exits.path.encode()
             for name in os.listdir("/proc"):
                 if name.isdigit():
-                    try:
-                        with open("/proc/%s/cmdline" % name, "rb") as f:
-                            argv = f.read().split(b"\0")
-                    except OSError:
-                        continue
-                    if (len(argv) > 5 and argv[3] == b"pman-job" and argv[5] == exits
-                            and argv[4].isdigit() and argv[1] == b"-c"):
-                        self._orphans[int(argv[4])] = int(name)
+                    seq = _wrapper_seq(_cmdline(int(name)), self._exits.path)
+                    stat = _proc_stat(int(name)) if seq is not None else None
+                    if stat is not None and stat[2] == int(name):   # the leader
+                        self._orphans[seq] = int(name)
         pid = self._orphans.get(job.seq)
         if pid is not None:
             job.pid, job.ident = pid, _identity(pid)
             if _is_alive(job, self._exits.path):
-                job.status, job.started = STARTED, job.submitted
+                job.status, job.started = STARTED, job.started or job.submitted
                 job.message = "running (pid %d), found after a restart" % pid
                 return True
         code = self._exits.code(job.seq)
         if code is not None:
-            job.started = job.submitted
+            job.started = job.started or job.submitted
             return _Exit(code)
+        if job.ident is not None and job.ident[1] != _BOOT_ID:
+            return _Exit(None)      # handed over before a reboot: it may have run
         job.pid = job.ident = None
         return False
 
@@ -955,7 +1083,6 @@ class LocalBackend:
             if job.pidfd is not None:
                 os.close(job.pidfd)
                 job.pidfd = None
-            job.popen = None        # still our child: subprocess reaps it later
         if self._selector is not None:
             self._selector.close()
         self._waker.close()
@@ -979,7 +1106,6 @@ class SlurmBackend:
 
     name = "slurm"
     resend_window = 0.0
-    journal_before_start = True     # see JobManager._spawn
     MIN_POLL, MAX_POLL = 0.2, 5.0
     COMMAND_TIMEOUT = 30.0
 
@@ -1056,8 +1182,8 @@ class SlurmBackend:
         self._interval = self.MIN_POLL
         return NOTSTARTED
 
-    def settle(self, job):
-        return None
+    def seq_floor(self):
+        return 1
 
     def idle(self):
         pass
@@ -1340,8 +1466,9 @@ class JobManager:
         self._jobs = lines                  # jid -> _Job | line; submission order
         self._queue = collections.deque()   # queued _Jobs, submission order
         self._running = {}                  # jid -> started _Job
-        self._timers = []                   # heap of (when, n, kind, jid)
+        self._timers = []                   # heap of (when, n, kind, jid, seq)
         self._timer_n = 0
+        self._dead_timers = 0               # entries of jobs that have ended
         self._ended = []                    # records for on_end, reaper only
         self._flush_due = None
         self._closing = False
@@ -1359,9 +1486,17 @@ class JobManager:
             self._jobs[jid] = _Job(**json.loads(lines[jid]))
         self._store.open_journal(self._store.generation + 1 if replayed else
                                  self._store.generation)
+        # An exit record's key is never reused, even if the journal lost
+        # the record of a job that ran (damage set aside, a lost fsync).
+        self._next_seq = max(self._next_seq, self.backend.seq_floor())
         with self._lock:
-            self._recover()
+            kills = self._recover()
+            starting = self._start_queued()
         self._store.sync()
+        if kills:
+            self._deliver(kills)
+        if starting:
+            self._launch_queued(starting)
         if replayed:        # fold the replayed journals into a fresh snapshot
             self._compact_now()
         self._reaper = threading.Thread(target=self._reap_loop, name="pman-reaper",
@@ -1505,47 +1640,62 @@ class JobManager:
             if old is not None and _entry_status(old) in ACTIVE:
                 raise JobConflict(jid, "job %s is %s: kill it or wait for it before "
                                   "running the jid again" % (jid, _entry_status(old)))
-            if old is not None:
-                del self._jobs[jid]         # re-run: replaces, moves to the end
-                self._finished -= 1
-                self._unlink(jid)           # no output of the old run may show
-
             job = _Job(jid=jid, status=NOTSTARTED, seq=self._next_seq,
                        message="queued: waiting for a free slot", cmd=display,
                        argv=argv, auid=auid, meta=meta, env=env, cwd=cwd,
                        timeout=timeout, extras=extras or {}, submitted=_now())
+            start = self.max_running is None or len(self._running) < self.max_running
+            if start:
+                self._hand_over(job)
             try:
-                job.line()
+                line = job.line()
             except (RecursionError, ValueError, TypeError) as e:
+                self._running.pop(jid, None)
                 raise InvalidArgument("meta or extras cannot be stored: %s"
                                       % ("nested too deeply" if isinstance(e, RecursionError)
                                          else e)) from None
+            try:        # write-ahead: no job runs unless its record is written
+                ticket = self._store.append(line, must=True)
+            except StorageError:
+                self._running.pop(jid, None)
+                raise
             self._next_seq += 1
+            if old is not None:
+                del self._jobs[jid]         # re-run: replaces, moves to the end
+                self._finished -= 1
+                # No output of the old run may show; kept aside until the
+                # backend takes the new one, in case it refuses it.
+                self._move_logs(jid, "", "~" if start else None)
             self._jobs[jid] = job
-            if self.max_running is None or len(self._running) < self.max_running:
-                try:
-                    self._spawn(job, raise_backend_errors=True)
-                except PmanError:
-                    del self._jobs[jid]     # refused: nothing was run or recorded
-                    if job.backend_id == "":        # undo the journaled intent
-                        self._store.append(json.dumps({"forget": [jid]}))
-                    if old is not None:
-                        self._jobs[jid] = old
-                        self._finished += 1
-                        if job.backend_id == "":
-                            self._store.append(old)
-                    raise
-            else:
+            if not start:
                 self._queue.append(job)
-                self._persist(job)
-            snapshot = self._public(_record(job))
-            ticket = self._ticket
+                snapshot = self._public(_record(job))
             if not self.durable and self._flush_due is None:
                 self._flush_due = _time() + FLUSH_DELAY     # the reaper syncs soon
                 self._wake()
-        if self.durable:
-            self._store.sync(ticket)
-        self._settle([job])
+        try:
+            if self.durable:
+                self._store.sync(ticket)
+            if start:
+                snapshot = self._launch([job], submitter=True)[0]
+        except (StorageError, BackendUnavailable, SubmitRejected):
+            with self._lock:        # nothing ran: the job was never accepted
+                self._running.pop(jid, None)
+                self._queue_remove(job)
+                if self._jobs.get(jid) is job:
+                    del self._jobs[jid]
+                    if old is not None:
+                        self._jobs[jid] = old
+                        self._finished += 1
+                        self._store.append(old)
+                    else:
+                        self._store.append(json.dumps({"forget": [jid]}))
+                if old is not None:
+                    self._move_logs(jid, "~", "")
+            raise
+        with self._lock:
+            if old is not None and start:
+                self._move_logs(jid, "~", None)
         self._maybe_compact()
         return snapshot
 
@@ -1667,13 +1817,25 @@ class JobManager:
         grace = self.grace if grace is None else _check_number("grace", grace, False)
         with self._lock:
             job = self._active(jid)
+            kill = None
             if job is not None and jid not in self._running:
-                self._cancel(job, "cancelled before it started (killed on request)")
+                self._cancel(job, "cancelled before it started (killed on request)",
+                             must=True)
             elif job is not None:
-                self._signal(job, sig, "on request", grace)
+                kill = self._signal(job, sig, "on request", grace)
             record = self._public(_record(self._jobs[jid]))
             ticket = self._ticket
-        self._store.sync(ticket)
+        if kill is None:
+            self._store.sync(ticket)
+            return record
+        try:
+            self._deliver([kill])
+        except StorageError:
+            with self._lock:    # never signalled: say so on disk, as far as it goes
+                if self._running.get(jid) is job and not job.kill_sent:
+                    job.kill_signal, job.kill_reason = kill.previous
+                    self._persist(job)
+            raise
         return record
 
     def remove(self, jid, *, kill=False):
@@ -1843,6 +2005,26 @@ class JobManager:
             except FileNotFoundError:
                 pass
 
+    def _move_logs(self, jid, mark, new_mark):
+        """Rename the logs of *jid* marked *mark* ("" or "~": kept aside
+        while a re-run is submitted; no jid contains "~") to *new_mark*, or
+        delete them (None)."""
+        if new_mark is None:
+            self._unlink(jid, (".out" + mark, ".err" + mark))
+            return
+        for suffix in (".out", ".err"):
+            try:
+                os.replace(os.path.join(self.log_dir, jid + suffix + mark),
+                           os.path.join(self.log_dir, jid + suffix + new_mark))
+            except FileNotFoundError:
+                pass
+
+    def _queue_remove(self, job):
+        try:
+            self._queue.remove(job)
+        except ValueError:
+            pass
+
     @property
     def _ticket(self):
         return self._store._appended
@@ -1890,40 +2072,70 @@ class JobManager:
 
     # -- internals: process lifecycle -----------------------------------------
 
-    def _spawn(self, job, raise_backend_errors=False):
-        """Hand *job* to the backend now.  A job that cannot start ends
-        finishedWithError, except that a backend's own refusal is raised
-        to a caller of run() (*raise_backend_errors*).  Caller holds
-        self._lock."""
-        job.started = _now()
-        env = None
-        if self.env or job.env:
-            env = dict(os.environ)
-            env.update(self.env or ())
-            env.update(job.env or ())
-        if self.backend.journal_before_start:
-            # Submitting to a remote scheduler: journal the intent first, so
-            # that a crash before the id is saved is looked up by name at
-            # recovery, never submitted twice.
-            job.backend_id = ""
-            self._persist(job)
-            self._store.sync()
-        try:
-            job.status = self.backend.start(job, env)
-        except (BackendUnavailable, SubmitRejected) as e:
-            if raise_backend_errors:
-                raise
-            self._finish(job, ERROR, None, "submit failed: %s" % e, started=False)
-            return
-        except Exception as e:     # EMFILE, EAGAIN, ENOSPC, ENOENT...: this job only
-            self._finish(job, ERROR, None, "spawn failed: %s" % e, started=False)
-            return
-        if job.status != STARTED:
-            job.started = None
+    def _hand_over(self, job):
+        """Reserve a running slot for queued *job* and mark it handed to the
+        backend (``backend_id == ""``), to be journaled before `_launch`
+        starts it: a crash after that leaves a record that recovery
+        resolves (the backend's process or exit code is looked up, never
+        started twice).  The boot is recorded so that a job handed over
+        before a reboot is never taken for one that never ran.  Caller
+        holds self._lock."""
+        job.backend_id = ""
+        job.ident = [None, _BOOT_ID]
+        job.starting = True
+        job.message = "starting"
         self._running[job.jid] = job
-        self.backend.watch(job)
-        self._watch(job)
-        self._persist(job)
+
+    def _env_for(self, job):
+        if not (self.env or job.env):
+            return None
+        env = dict(os.environ)
+        env.update(self.env or ())
+        env.update(job.env or ())
+        return env
+
+    def _launch(self, jobs, submitter=False):
+        """Start handed-over *jobs* (see _hand_over) whose records are
+        journaled (and synced, if durable).  The backend's ``start`` runs
+        without self._lock: a slow ``sbatch`` holds up no other call.  A job
+        that cannot start ends finishedWithError, except that a backend's
+        refusal is raised to the *submitter* of run(), who undoes it.
+        Returns the records of the jobs as they started."""
+        kills, records = [], []
+        for job in jobs:
+            started = _now()
+            try:
+                status, error = self.backend.start(job, self._env_for(job)), None
+            except Exception as e:  # EMFILE, EAGAIN, ENOSPC, ENOENT...: this job only
+                status, error = None, e
+            with self._lock:
+                job.starting = False
+                refused = isinstance(error, (BackendUnavailable, SubmitRejected))
+                if error is None:
+                    job.status = status
+                    job.started = started if status == STARTED else None
+                    self.backend.watch(job)
+                    self._watch(job)
+                    self._persist(job)
+                    if job.kill_signal:     # killed while it was being started
+                        try:
+                            kill = self._signal(job, job.kill_signal, job.kill_reason,
+                                                self.grace)
+                        except StorageError as e:   # the escalation timer retries
+                            log.warning("job %s: %s", job.jid, e)
+                            kill = None
+                        if kill is not None:
+                            kills.append(kill)
+                elif refused and submitter:
+                    raise error
+                else:
+                    self._finish(job, ERROR, None, "%s failed: %s" % (
+                        "submit" if refused else "spawn", error), started=False)
+                if submitter:
+                    records.append(self._public(_record(self._jobs[job.jid])))
+        if kills:
+            self._deliver_safely(kills)
+        return records
 
     def _watch(self, job):
         """Set the timers of a job the backend now holds.  Caller holds
@@ -1944,64 +2156,150 @@ class JobManager:
 
     def _timer(self, delay, kind, job):
         """Arm a timer for this run of *job* (a re-run of its jid has
-        another seq, so timers of an earlier run never touch it)."""
+        another seq, so timers of an earlier run never touch it).  Caller
+        holds self._lock."""
         self._timer_n += 1
         heapq.heappush(self._timers, (_time() + delay, self._timer_n, kind, job.jid, job.seq))
+        job.timers += 1
         self._wake()
+
+    def _drop_timers(self, job):
+        """*job* has ended: its timers are dead.  The heap is rebuilt
+        without them once they are a quarter of it (and at least 64), so
+        dead timers never pile up.  Caller holds self._lock."""
+        self._dead_timers += job.timers
+        job.timers = 0
+        if self._dead_timers >= 64 and 4 * self._dead_timers >= len(self._timers):
+            running = self._running
+            self._timers = [t for t in self._timers if t[3] in running
+                            and running[t[3]].seq == t[4]]
+            heapq.heapify(self._timers)
+            self._dead_timers = 0
+
+    def _due_timers(self):
+        """Fire the timers that are due; return the _Kills to deliver.
+        Caller holds self._lock."""
+        kills = []
+        now = _time()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, kind, jid, seq = heapq.heappop(self._timers)
+            job = self._running.get(jid)
+            if job is None or job.seq != seq:
+                self._dead_timers = max(0, self._dead_timers - 1)
+                continue
+            job.timers -= 1
+            try:
+                kill = self._fire(job, kind)
+            except Exception:   # e.g. the disk failed: try again
+                log.exception("%s timer of job %s failed; retrying in %g s",
+                              kind, jid, TIMER_RETRY)
+                self._timer(TIMER_RETRY, kind, job)
+                continue
+            if kill is not None:
+                kills.append(kill)
+        return kills
 
     def _wake(self):
         self.backend.wake()
 
-    def _signal(self, job, sig, reason, grace):
-        """Signal the job's process group, having journaled why first, so a
-        restarted manager still reports -sig.  A job that has already exited
-        is collected instead, with its real code.  Caller holds self._lock."""
+    def _signal(self, job, sig, reason, grace, kind=None):
+        """Decide to send *sig* to *job*: journal it and why first (write(2)
+        under the lock), so that a restarted manager still reports -sig,
+        and return the _Kill that `_deliver` sends once the lock is
+        released and the line is on disk.  None if there is nothing to
+        send: the job has already exited (it is collected instead, with its
+        real code), or it is still being started (`_launch` sends it).
+        Raises StorageError, having changed nothing, if the journal cannot
+        be written.  Caller holds self._lock."""
         self._collect(job)
         if self._running.get(job.jid) is not job:
-            return
+            return None
+        previous = job.kill_signal, job.kill_reason
         if not job.kill_signal:
             job.kill_reason = reason
         job.kill_signal = sig
-        self._persist(job)
-        self._store.sync()     # the reason is on disk before the signal is sent
-        if not self.backend.signal(job, sig):
-            return
-        if sig != signal.SIGKILL:
-            job.escalate_at = _time() + grace
-            self._timer(grace, "escalate", job)
-            if (job.spawned_at is not None
-                    and _time() - job.spawned_at < self.backend.resend_window):
-                # The wrapper's subshell inherits its TERM handler for an
-                # instant after the fork; a signal landing then is caught
-                # and lost.  Once that instant is over, say it again.
-                self._timer(RESEND_DELAY, "resend", job)
-
-    def _cancel(self, job, message):
-        """Caller holds self._lock."""
         try:
-            self._queue.remove(job)
-        except ValueError:
-            pass
-        self._finish(job, ERROR, None, message, started=False)
+            ticket = self._store.append(job.line(), must=True)
+        except StorageError:
+            job.kill_signal, job.kill_reason = previous
+            raise
+        if job.starting:
+            return None
+        return _Kill(job, sig, grace, ticket, previous, kind)
 
-    def _finish(self, job, status, returncode, message, started=True):
-        """Record the end of *job*.  Caller holds self._lock."""
+    def _deliver(self, kills):
+        """Send the signals of *kills* once the journal holds them, and arm
+        what follows each: SIGKILL after the grace, and a re-send.  Called
+        without self._lock (``scancel`` is slow); a local job is signalled
+        only while it is our unreaped child or proves to be the same process
+        (LocalBackend.signal).  Raises StorageError, having sent nothing, if
+        the journal cannot be synced."""
+        self._store.sync(max(k.ticket for k in kills))
+        for kill in kills:
+            job, sig = kill.job, kill.sig
+            sent_before = job.kill_sent
+            job.kill_sent = True    # before the signal: the reaper may collect at once
+            if not self.backend.signal(job, sig):
+                job.kill_sent = sent_before     # gone by itself: its own code stands
+                continue
+            if sig == signal.SIGKILL:
+                job.escalate_at = None      # only once the SIGKILL went out
+            if sig == signal.SIGKILL or kill.grace is None:
+                continue
+            with self._lock:
+                if self._running.get(job.jid) is not job:
+                    continue
+                job.escalate_at = _time() + kill.grace
+                self._timer(kill.grace, "escalate", job)
+                if (job.spawned_at is not None
+                        and _time() - job.spawned_at < self.backend.resend_window):
+                    # The wrapper's subshell inherits its TERM handler for an
+                    # instant after the fork; a signal landing then is caught
+                    # and lost.  Once that instant is over, say it again.
+                    self._timer(RESEND_DELAY, "resend", job)
+
+    def _deliver_safely(self, kills):
+        """_deliver for the reaper: a timer whose signal could not be
+        journaled fires again after TIMER_RETRY."""
+        try:
+            self._deliver(kills)
+        except StorageError as e:
+            log.warning("%s; signals not sent, retrying in %g s", e, TIMER_RETRY)
+            with self._lock:
+                for kill in kills:
+                    if kill.kind is not None and self._running.get(kill.job.jid) is kill.job:
+                        self._timer(TIMER_RETRY, kill.kind, kill.job)
+
+    def _cancel(self, job, message, must=False):
+        """Caller holds self._lock."""
+        self._finish(job, ERROR, None, message, started=False, must=must)
+        self._queue_remove(job)
+
+    def _finish(self, job, status, returncode, message, started=True, must=False):
+        """Record the end of *job*.  With *must*, a journal that cannot take
+        the line raises StorageError and nothing changes.  Caller holds
+        self._lock."""
+        saved = job.status, job.returncode, job.message, job.ended, job.started
         job.status, job.returncode, job.message = status, returncode, message
         job.ended = _now()
         if not started:
             job.started = None
+        line = job.line()
+        try:
+            self._store.append(line, must=must)
+        except StorageError:
+            job.status, job.returncode, job.message, job.ended, job.started = saved
+            raise
         if self._running.pop(job.jid, None) is not None:
             self.backend.unwatch(job)
-        line = job.line()
         self._jobs[job.jid] = line
         self._finished += 1
         self._end_order.append((job.jid, line))
         if len(self._end_order) > 2 * self._finished + 1000:    # drop stale pairs
             self._end_order = collections.deque(
                 p for p in self._end_order if self._jobs.get(p[0]) is p[1])
-        self._store.append(line)
+        self._drop_timers(job)
         self._ended.append(job.jid)
-        job.popen = None
         if self._flush_due is None:
             self._flush_due = _time() + FLUSH_DELAY
             self._wake()
@@ -2012,7 +2310,7 @@ class JobManager:
         code its wrapper reported, None if none survives).  Caller holds
         self._lock."""
         code = end.code
-        if job.kill_signal:
+        if job.kill_signal and job.kill_sent:
             sig = job.kill_signal
             if job.kill_reason == "on request":
                 why = "killed by %s on request" % signal_name(sig)
@@ -2041,7 +2339,7 @@ class JobManager:
     def _collect(self, job):
         """The backend says *job* may have changed.  Caller holds
         self._lock."""
-        if self._running.get(job.jid) is not job:
+        if self._running.get(job.jid) is not job or job.starting:
             return
         end = self.backend.check(job)
         if end == "started":        # e.g. a SLURM job left the queue and runs
@@ -2051,21 +2349,6 @@ class JobManager:
             self._persist(job)
         elif end is not None:
             self._outcome(job, end)
-
-    def _settle(self, jobs):
-        """Let the backend record what it could not while the lock was held
-        (the identity of a new process).  Journaled without waiting: until
-        it is on disk, _is_alive recognizes the job by its command line."""
-        for job in jobs:
-            ident = self.backend.settle(job)
-            if ident is not None:
-                with self._lock:
-                    if self._running.get(job.jid) is job and job.ident is None:
-                        job.ident = ident
-                        self._persist(job)      # durable at the next flush
-                        if self._flush_due is None:
-                            self._flush_due = _time() + FLUSH_DELAY
-                            self._wake()
 
     def _collect_safely(self, job):
         """_collect, but a failure settles that one job instead of leaving a
@@ -2078,8 +2361,11 @@ class JobManager:
                          "status: %s" % e)
 
     def _recover(self):
-        """Re-adopt or settle the jobs a previous manager left active.
-        Caller holds self._lock."""
+        """Re-adopt or settle the jobs a previous manager left active;
+        return the _Kills to send again (a kill journaled before the crash
+        may never have gone out, or may have been lost in the wrapper's
+        fork window).  Caller holds self._lock."""
+        kills = []
         for job in [e for e in self._jobs.values() if not isinstance(e, str)]:
             try:
                 if job.status == NOTSTARTED and job.backend_id is None:
@@ -2090,29 +2376,71 @@ class JobManager:
                 log.warning("cannot recover job %s now (%s): it stays as it was", job.jid, e)
                 state = True
             if state is False:          # never reached the backend
-                job.backend_id = None
+                job.backend_id = job.ident = None
+                job.status, job.started = NOTSTARTED, None
+                job.message = "queued: waiting for a free slot"
                 self._queue.append(job)
             elif state is True:
                 self._running[job.jid] = job
                 self.backend.watch(job)
                 self._watch(job)
                 self._collect(job)      # it may have ended while we set up the watch
+                if job.kill_signal and self._running.get(job.jid) is job:
+                    kills.append(_Kill(job, job.kill_signal, None, 0, None, None))
                 log.info("re-adopted job %s (%s)", job.jid, job.pid or job.backend_id)
             else:
                 self._outcome(job, state)
-        self._start_queued()
+        return kills
 
     def _start_queued(self):
-        """Start queued jobs while slots are free; return how many started.
-        The caller must sync the journal afterwards (outside the lock), so
-        a crash cannot run them twice.  Caller holds self._lock."""
-        started = []
+        """Hand queued jobs to the backend while slots are free, journaling
+        each (write-ahead); return them for `_launch_queued`, which starts
+        them once the lock is released.  Caller holds self._lock."""
+        jobs = []
         while self._queue and (self.max_running is None
                                or len(self._running) < self.max_running):
-            job = self._queue.popleft()
-            self._spawn(job)
-            started.append(job)
-        return started
+            job = self._queue[0]
+            self._hand_over(job)
+            try:
+                self._store.append(job.line(), must=True)
+            except StorageError as e:
+                log.warning("%s; queued jobs wait", e)
+                self._running.pop(job.jid)
+                job.starting, job.backend_id, job.ident = False, None, None
+                job.message = "queued: waiting for a free slot"
+                self._retry_soon()
+                break
+            self._queue.popleft()
+            jobs.append(job)
+        return jobs
+
+    def _launch_queued(self, jobs):
+        """Without self._lock: make the handed-over *jobs* durable (if the
+        manager is), then start them.  A journal that cannot be synced puts
+        them back at the head of the queue, untouched."""
+        if self.durable:
+            try:
+                self._store.sync()
+            except StorageError as e:
+                log.warning("%s; queued jobs wait", e)
+                with self._lock:
+                    for job in reversed(jobs):
+                        self._running.pop(job.jid, None)
+                        job.starting, job.backend_id, job.ident = False, None, None
+                        job.message = "queued: waiting for a free slot"
+                        self._queue.appendleft(job)
+                        self._persist(job)
+                    self._retry_soon()
+                return
+        self._launch(jobs)
+
+    def _retry_soon(self):
+        """Have the reaper come back after TIMER_RETRY.  Caller holds
+        self._lock."""
+        due = _time() + TIMER_RETRY
+        if self._flush_due is None or self._flush_due > due:
+            self._flush_due = due
+        self._wake()
 
     # -- the reaper thread ------------------------------------------------------
 
@@ -2133,26 +2461,20 @@ class JobManager:
                 log.exception("pman reaper error (it keeps running)")
 
     def _reap_once(self, jobs):
+        """One turn of the reaper.  Under the lock: collect the jobs the
+        backend woke it for, fire due timers, hand queued jobs over.  Then
+        without it: send signals, start jobs, forget old jobs, make endings
+        durable, call on_end."""
         callbacks = []
         with self._lock:
             for job in jobs:
                 self._collect_safely(job)
-            now = _time()
-            while self._timers and self._timers[0][0] <= now:
-                _, _, kind, jid, seq = heapq.heappop(self._timers)
-                job = self._running.get(jid)
-                if job is not None and job.seq == seq:
-                    try:
-                        self._fire(job, kind)
-                    except Exception:   # e.g. scancel or the disk failed: try again
-                        log.exception("%s timer of job %s failed; retrying in %g s",
-                                      kind, jid, TIMER_RETRY)
-                        self._timer(TIMER_RETRY, kind, job)
-            started = self._start_queued()
+            kills = self._due_timers()
+            starting = self._start_queued()
             doomed = 0
             if self.keep_finished is not None:
                 doomed = self._finished - self.keep_finished
-            flush = self._flush_due is not None and self._flush_due <= now
+            flush = self._flush_due is not None and self._flush_due <= _time()
             if flush:
                 self._flush_due = None
                 idle = not self._running
@@ -2160,13 +2482,20 @@ class JobManager:
                 callbacks = [self._public(_record(self._jobs[jid]))
                              for jid in self._ended if jid in self._jobs]
             self._ended = []
-        if started:
-            self._store.sync()
-            self._settle(started)
+        if kills:
+            self._deliver_safely(kills)
+        if starting:
+            self._launch_queued(starting)
         if doomed > 0:
             self._forget(oldest=doomed)
         if flush:
-            self._store.sync()
+            try:
+                self._store.sync()
+            except StorageError as e:
+                log.warning("%s; retrying in %g s", e, TIMER_RETRY)
+                with self._lock:
+                    self._retry_soon()
+                idle = False
             if idle:
                 with self._lock:
                     if not self._running:
@@ -2179,26 +2508,29 @@ class JobManager:
                 log.exception("on_end callback failed for job %s", record["jid"])
 
     def _fire(self, job, kind):
-        """Caller holds self._lock."""
+        """Act on a due timer; return a _Kill to deliver, or None.  Caller
+        holds self._lock."""
         if kind == "timeout":
-            self._signal(job, signal.SIGTERM, "timed out after %g s" % job.timeout, self.grace)
-        elif kind == "resend":
+            return self._signal(job, signal.SIGTERM, "timed out after %g s" % job.timeout,
+                                self.grace, kind)
+        if kind == "resend":
             if job.kill_signal and job.kill_signal != signal.SIGKILL:
-                self.backend.signal(job, job.kill_signal)
+                return _Kill(job, job.kill_signal, None, 0, None, None)
         elif kind == "escalate":
             if job.escalate_at is not None and _time() >= job.escalate_at - 0.001:
-                self._signal(job, signal.SIGKILL, job.kill_reason, 0)
-                job.escalate_at = None      # only once the SIGKILL went out
+                return self._signal(job, signal.SIGKILL, job.kill_reason, None, kind)
         elif kind == "logcheck":
+            self._timer(LOG_CHECK_EVERY, "logcheck", job)
             for stream in ("stdout", "stderr"):
                 try:
                     size = os.stat(self._log_path(job.jid, stream)).st_size
                 except OSError:
                     continue
                 if size > self.log_limit and not job.kill_signal:
-                    self._signal(job, signal.SIGTERM, "%s exceeded the log limit of %d bytes"
-                                 % (stream, self.log_limit), self.grace)
-            self._timer(LOG_CHECK_EVERY, "logcheck", job)
+                    return self._signal(job, signal.SIGTERM, "%s exceeded the log limit "
+                                        "of %d bytes" % (stream, self.log_limit),
+                                        self.grace, kind)
+        return None
 
     # -- compaction -------------------------------------------------------------
 

@@ -2975,7 +2975,7 @@ def test_crash_queued_job_found_running_or_finished_is_not_rerun(tmp_path):
     spawned = []
     try:
         for rec in (q1, q2):                    # what the dead manager had started
-            fake = types.SimpleNamespace(seq=rec["seq"], argv=None, cmd=rec["cmd"])
+            fake = types.SimpleNamespace(seq=rec["seq"], argv=None, cmd=rec["cmd"], cwd=None)
             spawned.append(subprocess.Popen(pman._wrapped_argv(fake, exits),
                                             stdin=subprocess.DEVNULL, start_new_session=True))
         spawned[1].wait(timeout=10)             # q2 ends before the restart
