@@ -2042,15 +2042,20 @@ class JobManager:
             for jid in jids:
                 entry = self._jobs.get(jid)
                 if isinstance(entry, str):
-                    del self._jobs[jid]
-                    self._finished -= 1
                     gone.append(jid)
                 elif entry is None:
                     raise JobNotFound(jid)
             if not gone:
                 return 0
-            self._store.append(json.dumps({"forget": gone}))
-            ticket = self._ticket
+            try:
+                ticket = self._store.append(json.dumps({"forget": gone}), must=True)
+            except StorageError:
+                if oldest > 0:      # they are still the oldest
+                    self._end_order.extendleft((j, self._jobs[j]) for j in reversed(gone))
+                raise
+            for jid in gone:
+                del self._jobs[jid]
+            self._finished -= len(gone)
         self._store.sync(ticket)
         with self._lock:            # a jid run again meanwhile keeps its new logs
             for jid in gone:
@@ -2619,7 +2624,7 @@ class HTTPError(PmanError):
 # Library errors -> HTTP status codes, in one place.
 _HTTP_STATUS = ((HTTPError, None), (JobNotFound, 404), (JobConflict, 409),
                 (InvalidArgument, 400), (Timeout, 408), (StateCorrupt, 503),
-                (BackendUnavailable, 503), (SubmitRejected, 400),
+                (BackendUnavailable, 503), (SubmitRejected, 400), (StorageError, 507),
                 (PmanError, 400))
 
 
@@ -2964,6 +2969,10 @@ class _Routes:
             if method == "POST":
                 op["requestBody"] = {"required": True, "content": {
                     "application/json": {"schema": {"type": "object"}}}}
+            if method in ("POST", "DELETE"):
+                op["responses"]["507"] = {"description": "Insufficient Storage: the state "
+                                          "directory could not record the change (ENOSPC, "
+                                          "EIO); nothing was run, signalled or forgotten"}
             paths.setdefault(path, {})[method.lower()] = op
         return {"openapi": "3.0.3",
                 "info": {"title": "pman", "version": __version__,
