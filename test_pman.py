@@ -1187,7 +1187,8 @@ def _cmd_check_info(info, *, jid, cmd, auid, pid, returncode, done=True):
     assert info["cmd"] == cmd
     assert info["auid"] == auid
     assert info["pid"] == pid and isinstance(pid, int)
-    assert info["started"] is True and info["startTrigger"] is True
+    # as in the original, `started` is false again once the job is done
+    assert info["started"] is (not done) and info["startTrigger"] is True
     assert info["done"] is done and info["doneTrigger"] is done
     assert info["returncode"] == returncode
     _cmd_iso(info["startstamp"])
@@ -1359,17 +1360,17 @@ def test_cmd_pfurl_flow_run_status_search_info_done(cmd_server):
                      "0.end": {"jobRoot": jid, "returncode": [3]},
                      "l_status": ["finishedWithError"]}
 
-    # search for the stderr of job 0's end
+    # search for the stderr of job 0's end: the hit is wrapped in its path
     smeta = {"key": "jid", "value": jid, "job": "0", "when": "end", "field": "stderr"}
     env = cmd_server.ok("search", smeta)
-    assert env["d_ret"] == {"0": {jid: "err\n"}}
+    assert env["d_ret"] == {"0": {jid: {"end": {"0": {"endInfo": {"0": {"stderr": "err\n"}}}}}}}
     # when=start, field pid
     env = cmd_server.ok("search", {"key": "jid", "value": jid, "job": "0", "when": "start",
                                    "field": "pid"})
-    assert env["d_ret"] == {"0": {jid: pid}}
+    assert env["d_ret"] == {"0": {jid: {"start": {"0": {"startInfo": {"0": {"pid": pid}}}}}}}
     # with a path
     env = cmd_server.ok("search", {"key": "jid", "value": jid, "path": "/endInfo/0/returncode"})
-    assert env["d_ret"] == {"0": {jid: 3}}
+    assert env["d_ret"] == {"0": {jid: {"endInfo": {"0": {"returncode": 3}}}}}
 
     # info
     env = cmd_server.ok("info", {"key": "jid", "value": jid})
@@ -1611,11 +1612,13 @@ def test_cmd_status_several_hits(cmd_server):
 
     env = cmd_server.ok("search", {"key": "project", "value": "p1",
                                    "path": "/endInfo/0/returncode"})
-    assert env["d_ret"] == {"0": {"p1-a": 0}, "1": {"p1-b": 1}, "2": {"p1-c": 2}}
+    assert env["d_ret"] == {str(i): {jid: {"endInfo": {"0": {"returncode": i}}}}
+                            for i, jid in enumerate(jids)}
 
     status, reply = cmd_server.get("/api/v1/p1-b/d_meta")
     assert status == 200
-    assert json.loads(reply["GET"]["p1-b"]["d_meta"]) == {"project": "p1"}
+    assert json.loads(reply["GET"]["p1-b"]["d_meta"]) == {"jid": "p1-b", "cmd": "exit 1",
+                                                          "project": "p1"}
 
 
 # ---------------------------------------------------------------------------
@@ -1663,7 +1666,8 @@ def test_cmd_get_walks_deep_paths(cmd_server):
     assert reply["GET"] == {jid: {"start": {"0": {"startInfo": {"0": {"pid": pid}}}}}}
     status, reply = cmd_server.get("/api/v1/%s/d_meta" % jid)
     d_meta = reply["GET"][jid]["d_meta"]
-    assert isinstance(d_meta, str) and json.loads(d_meta) == {"project": "pw", "n": 3}
+    assert isinstance(d_meta, str) and json.loads(d_meta) == {
+        "jid": jid, "cmd": "echo w; exit 2", "auid": "u", "project": "pw", "n": 3}
     status, reply = cmd_server.get("/api/v1/%s/jobCount" % jid)
     assert reply["GET"] == {jid: {"jobCount": 1}}
     for field, value in (("jid", jid), ("cmd", "echo w; exit 2"), ("auid", "u")):
@@ -1796,7 +1800,8 @@ def test_cmd_bad_requests_are_json_400_on_a_kept_connection(cmd_server):
             ({"payload": {"action": "run", "meta": {"jid": "nocmd"}}}, "run"),
             ({"payload": {"action": "run", "meta": {"jid": "x1", "cmd": 5}}}, "run"),
             ({"payload": {"action": "run", "meta": {"cmd": "true", "auid": 7}}}, "run"),
-            ({"payload": {"action": "run", "meta": {"cmd": "true", "jid": 7}}}, "run"),
+            ({"payload": {"action": "run", "meta": {"cmd": "true", "jid": 7.0}}}, "run"),
+            ({"payload": {"action": "run", "meta": {"cmd": "true", "jid": False}}}, "run"),
             ({"payload": {"action": "run", "meta": {"cmd": "true", "jid": "a/b"}}}, "run"),
             ({"payload": {"action": "search", "meta": {"key": "jid", "value": "bad-target",
                                                          "when": "middle"}}}, "search"),
@@ -1842,8 +1847,8 @@ def test_cmd_bad_requests_are_json_400_on_a_kept_connection(cmd_server):
 
 def test_cmd_kill_and_delete_without_a_jid_are_400(cmd_server):
     cmd_server.ok("run", {"jid": "kd-target", "cmd": "sleep 30"})
-    for action, meta in (("kill", {}), ("kill", {"jid": 5}), ("kill", {"jid": ["kd-target"]}),
-                         ("delete", {}), ("delete", {"value": 5}),
+    for action, meta in (("kill", {}), ("kill", {"jid": 5.0}), ("kill", {"jid": ["kd-target"]}),
+                         ("delete", {}), ("delete", {"value": True}),
                          ("delete", {"jid": {"x": 1}})):
         status, obj = cmd_server.cmd(action, meta)
         _cmd_check_error(status, obj, 400, action=action)
@@ -1890,7 +1895,7 @@ def test_cmd_rerun_same_jid_tree_is_fresh(cmd_server):
     assert status == 200
     tree = reply["GET"][jid]
     assert tree["cmd"] == "echo two; exit 5"
-    assert json.loads(tree["d_meta"]) == {"round": 2}
+    assert json.loads(tree["d_meta"]) == {"jid": jid, "cmd": "echo two; exit 5", "round": 2}
     assert tree["jobCount"] == 1
     for info in (tree["startInfo"]["0"], tree["endInfo"]["0"]):
         _cmd_check_info(info, jid=jid, cmd="echo two; exit 5", auid="", pid=pid2,
@@ -4055,14 +4060,15 @@ def test_http_bad_json_is_400(http_srv):
               json.dumps({"jid": "x", "cmd": "true", "meta": []}).encode(),
               json.dumps({"jid": "x", "cmd": "true", "auid": 7}).encode(),
               json.dumps({"jid": "x", "cmd": "true", "cwd": 7}).encode(),
-              json.dumps({"jid": "x", "cmd": "true", "bogus": 1}).encode(),
               json.dumps({"jid": "x", "cmd": "true", "entrypoint": ["true"]}).encode(),
               json.dumps({"jid": "x", "entrypoint": "true"}).encode(),
               json.dumps({"jid": "x", "entrypoint": ["true", 5]}).encode(),
               json.dumps({"jid": "x", "entrypoint": []}).encode(),
               json.dumps({"jid": "x", "cmd": "   "}).encode(),
               json.dumps({"jid": "x", "cmd": "echo \u0000"}).encode(),
-              json.dumps({"jid": 5, "cmd": "true"}).encode(),
+              json.dumps({"jid": 5.0, "cmd": "true"}).encode(),
+              json.dumps({"jid": True, "cmd": "true"}).encode(),
+              json.dumps({"jid": -5, "cmd": "true"}).encode(),
               json.dumps({"jid": "", "cmd": "true"}).encode()]
     for body in bodies:
         r = http_srv.request("POST", "/api/v1/", body)
@@ -4342,7 +4348,7 @@ def _http_rand_json(rng, depth=0):
 
 def _http_bad_jid(rng):
     """A value that is certainly not a valid jid."""
-    return rng.choice([5, [], {}, True, "", "../x", "a/b", "a b", "a\nb", "cmd", "jobs",
+    return rng.choice([5.0, -1, [], {}, True, "", "../x", "a/b", "a b", "a\nb", "cmd", "jobs",
                        "-lead", "x" * 129, "\u00e9", "$(x)",
                        "".join(rng.choice("/ $`;|&\n\\\"'") for _ in range(3))])
 
