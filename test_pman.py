@@ -1409,6 +1409,22 @@ def test_cmd_hello_sysinfo_echoback_timestamp(cmd_server):
     assert isinstance(info["loadavg"], list) and len(info["loadavg"]) == 3
     assert all(isinstance(x, (int, float)) for x in info["loadavg"])
     assert info["hostname"] == socket.gethostname()
+    # the original's memory, cpu_percent and uname too
+    assert info["uname"] == list(os.uname()) and len(info["uname"]) == 5
+    total, available = info["memory"]
+    assert total == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert isinstance(available, int) and 0 < available <= total
+    assert isinstance(info["cpu_percent"], (int, float)) and 0 <= info["cpu_percent"] <= 100
+    assert info["cpu_percent_source"].startswith("/proc/stat over "), info
+    # it measures: with one CPU kept busy, at least most of that CPU's share shows
+    cmd_server.ok("run", {"jid": "spin", "cmd": "while :; do :; done"})
+    try:
+        _until(lambda: _core_proc_stat(cmd_server.manager.get("spin")["pid"]) is not None,
+               what="the busy job")
+        busy = cmd_server.ok("hello", {"askAbout": "sysinfo"})["d_ret"]["sysinfo"]
+        assert busy["cpu_percent"] >= 60.0 / os.cpu_count(), busy
+    finally:
+        cmd_server.ok("kill", {"jid": "spin", "signal": "SIGKILL"})
 
     env = cmd_server.ok("hello", {"askAbout": "echoBack", "echoBack": "hello pman é"})
     assert env["d_ret"] == {"echoBack": {"msg": "hello pman é"}}
@@ -1928,6 +1944,173 @@ def test_cmd_rerun_cancelled_before_start_shows_no_stale_output(cmd_factory):
     assert info["cmd"] == "echo NEW" and info["pid"] is None
     assert "OLD-OUTPUT" not in info["stdout"], info
     assert "OLD-ERR" not in info["stderr"], info
+
+
+# ---------------------------------------------------------------------------
+# 9. the shapes an original client can tell apart (issue 18)
+# ---------------------------------------------------------------------------
+
+def test_cmd_search_hit_is_the_subtree_wrapped_in_its_full_path(cmd_server):
+    env = cmd_server.ok("run", {"jid": "fail-3", "cmd": "echo bad >&2; exit 3"})
+    pid = env["d_ret"]["pid"]
+    _cmd_wait_finished(cmd_server, "fail-3")
+    cases = [
+        ({"job": "0", "when": "end", "field": "returncode"},
+         "end/0/endInfo/0/returncode",
+         {"end": {"0": {"endInfo": {"0": {"returncode": 3}}}}}),
+        ({"job": 0, "when": "end", "field": "stderr"},
+         "end/0/endInfo/0/stderr",
+         {"end": {"0": {"endInfo": {"0": {"stderr": "bad\n"}}}}}),
+        ({"job": "0", "when": "start", "field": "pid"},
+         "start/0/startInfo/0/pid",
+         {"start": {"0": {"startInfo": {"0": {"pid": pid}}}}}),
+        ({"path": "/endInfo/0/returncode"}, "endInfo/0/returncode",
+         {"endInfo": {"0": {"returncode": 3}}}),
+        ({"path": "/endInfo"}, "endInfo", None),
+        ({"job": "0"}, "end/0/endInfo/0", None),
+    ]
+    for extra, path, wrapped in cases:
+        meta = dict({"key": "jid", "value": "fail-3"}, **extra)
+        env = cmd_server.ok("search", meta)
+        status, walk = cmd_server.get("/api/v1/fail-3/" + path)
+        assert status == 200, walk
+        # exactly what the GET walk of the same path answers, under "0"
+        assert env["d_ret"] == {"0": walk["GET"]}, (extra, env["d_ret"])
+        if wrapped is not None:
+            assert env["d_ret"] == {"0": {"fail-3": wrapped}}, extra
+    env = cmd_server.ok("search", {"key": "jid", "value": "fail-3", "path": "/endInfo"})
+    info = env["d_ret"]["0"]["fail-3"]["endInfo"]["0"]
+    assert info["returncode"] == 3 and info["stderr"] == "bad\n"
+    # a job filter that is not a string or an integer is a clear 400
+    status, obj = cmd_server.cmd("search", {"key": "jid", "value": "fail-3", "job": [0]})
+    _cmd_check_error(status, obj, 400, action="search")
+    assert "[0]" in obj["message"]
+
+
+def test_cmd_integer_jid_is_taken_as_its_decimal_string(cmd_server):
+    env = cmd_server.ok("run", {"cmd": "echo n", "jid": 42})
+    assert env["d_ret"]["jid"] == "42" and env["jobRootDir"] == "42"
+    assert cmd_server.manager.jids() == ["42"]
+    d_ret = _cmd_wait_finished(cmd_server, 42)
+    assert d_ret["0.end"] == {"jobRoot": "42", "returncode": [0]}
+    env = cmd_server.ok("info", {"key": "jid", "value": 42})
+    assert list(env["d_ret"]["0.1"]) == ["42"]
+    env = cmd_server.ok("search", {"key": "jid", "value": 42, "path": "/jid"})
+    assert env["d_ret"] == {"0": {"42": {"jid": "42"}}}
+    cmd_server.ok("run", {"cmd": "sleep 30", "jid": 7})
+    env = cmd_server.ok("kill", {"jid": 7, "grace": 1})
+    assert env["d_ret"]["jid"] == "7"
+    _cmd_wait_finished(cmd_server, "7")
+    env = cmd_server.ok("delete", {"value": 7})
+    assert env["d_ret"]["job_id"] == "7"
+    assert cmd_server.manager.jids() == ["42"]
+    # a bool or a float is no jid, and the message quotes the value sent
+    for bad, shown in ((True, "True"), (4.0, "4.0"), (-3, "'-3'"), ("a/b", "'a/b'")):
+        status, obj = cmd_server.cmd("run", {"cmd": "true", "jid": bad})
+        _cmd_check_error(status, obj, 400, action="run")
+        assert "invalid jid " + shown in obj["message"], obj["message"]
+    assert cmd_server.manager.jids() == ["42"]
+
+
+def test_cmd_d_meta_is_the_whole_meta_sent(cmd_server, tmp_path):
+    meta = {"cmd": "true", "jid": "dm-1", "auid": "chris", "threaded": True,
+            "container": {"image": "x", "n": [1, 2]}}
+    env = cmd_server.ok("run", meta)
+    # the job's meta still holds only the other keys; the record shows no d_meta
+    assert env["d_ret"]["meta"] == {"container": {"image": "x", "n": [1, 2]}}
+    assert "sent_meta" not in json.dumps(env["d_ret"])
+    for path in ("/api/v1/dm-1/d_meta", "/api/v1/_-1/d_meta"):
+        status, reply = cmd_server.get(path)
+        assert status == 200, reply
+        d_meta = reply["GET"]["dm-1"]["d_meta"]
+        assert isinstance(d_meta, str) and json.loads(d_meta) == meta
+    # exec.cmd: the meta sent has no cmd, and d_meta says so
+    cmd_server.ok("run", {"jid": "dm-2", "auid": "a"}, exec={"cmd": "true"})
+    status, reply = cmd_server.get("/api/v1/dm-2/d_meta")
+    assert json.loads(reply["GET"]["dm-2"]["d_meta"]) == {"jid": "dm-2", "auid": "a"}
+    # a resource-dialect job: its meta
+    status, created = cmd_server.request("POST", "/api/v1/", {"jid": "dm-3", "cmd": "true",
+                                                              "meta": {"p": 1}})
+    assert status == 201 and "sent_meta" not in created
+    status, reply = cmd_server.get("/api/v1/dm-3/d_meta")
+    assert json.loads(reply["GET"]["dm-3"]["d_meta"]) == {"p": 1}
+    status, reply = cmd_server.get("/api/v1/jobs")
+    assert all("sent_meta" not in job for job in reply["jobs"])
+
+
+def test_cmd_d_meta_of_a_record_written_before_shows_what_it_stored(cmd_factory, tmp_path):
+    shutil.copytree(os.path.join(HERE, "fixtures", "state-v1"), str(tmp_path / "old"))
+    server = cmd_factory("old")
+    status, reply = server.get("/api/v1/ok/d_meta")
+    assert status == 200, reply
+    assert json.loads(reply["GET"]["ok"]["d_meta"]) == {"project": "x", "n": 1}
+
+
+def test_cmd_info_started_is_false_once_done(cmd_server, tmp_path):
+    gate = tmp_path / "gate"
+    env = cmd_server.ok("run", {"jid": "st", "cmd": "while [ ! -e %s ]; do sleep 0.02; done"
+                                % shlex.quote(str(gate))})
+    pid = env["d_ret"]["pid"]
+    env = cmd_server.ok("info", {"key": "jid", "value": "st"})
+    assert env["d_ret"]["0.1"]["st"]["endInfo"] == {}
+    running = env["d_ret"]["0.0"]["st"]["startInfo"]["0"]
+    _cmd_check_info(running, jid="st", cmd=running["cmd"], auid="", pid=pid,
+                    returncode=None, done=False)
+    assert running["started"] is True
+    gate.touch()
+    _cmd_wait_finished(cmd_server, "st")
+    env = cmd_server.ok("info", {"key": "jid", "value": "st"})
+    for info in (env["d_ret"]["0.0"]["st"]["startInfo"]["0"],
+                 env["d_ret"]["0.1"]["st"]["endInfo"]["0"]):
+        assert info["started"] is False and info["startTrigger"] is True, info
+        assert info["done"] is True and info["returncode"] == 0
+    status, reply = cmd_server.get("/api/v1/st/end/0/endInfo/0/started")
+    assert reply["GET"] == {"st": {"end": {"0": {"endInfo": {"0": {"started": False}}}}}}
+
+
+def test_cmd_negative_index_counts_from_the_end(cmd_server):
+    for jid in ("first", "second", "third"):
+        cmd_server.ok("run", {"jid": jid, "cmd": "true"})
+    for name, jid in (("_-1", "third"), ("_-2", "second"), ("_-3", "first"),
+                      ("_-01", "third"), ("_2", "third")):
+        status, reply = cmd_server.get("/api/v1/%s/jid" % name)
+        assert status == 200, (name, reply)
+        assert reply == {"status": True, "path": "/api/v1/%s/jid" % name,
+                         "GET": {jid: {"jid": jid}}}
+    status, reply = cmd_server.get("/api/v1/_-1")
+    assert status == 200 and list(reply["GET"]) == ["third"]
+    assert reply["GET"]["third"]["jid"] == "third"
+    env = cmd_server.ok("get", {"path": "/_-2/cmd"})
+    assert env["d_ret"] == {"second": {"cmd": "true"}}
+    for name in ("_-4", "_-999999"):
+        status, reply = cmd_server.get("/api/v1/%s/jid" % name)
+        assert status == 404 and reply["status"] is False, (name, reply)
+    assert cmd_server.manager.nth(-1)["jid"] == "third"
+    with pytest.raises(pman.JobNotFound):
+        cmd_server.manager.nth(-4)
+
+
+def test_cmd_bad_values_are_quoted_bounded_and_env_values_never(cmd_server):
+    long_jid = "x" * 5000 + "!"
+    status, obj = cmd_server.cmd("run", {"cmd": "true", "jid": long_jid})
+    _cmd_check_error(status, obj, 400, action="run")
+    assert "'xxxxxxxx" in obj["message"] and len(obj["message"]) < 200, obj["message"]
+    status, obj = cmd_server.cmd("hello", {"askAbout": "w" * 5000})
+    _cmd_check_error(status, obj, 400, action="hello")
+    assert "'www" in obj["message"] and len(obj["message"]) < 200
+    for meta in ({"jid": "k", "signal": "SIGNOPE"}, {"jid": "k", "grace": "soon"}):
+        status, obj = cmd_server.cmd("kill", meta)
+        assert status == 400 and repr(list(meta.values())[1]) in obj["message"], obj
+    status, reply = cmd_server.request("POST", "/api/v1/", {"jid": "j", "cmd": 5})
+    assert status == 400 and "not 5" in reply["message"], reply
+    secret = "s3cr3t-value"
+    for env in ({"A": secret + "\u0000"}, ["NOEQUALS" + secret], {"K": [secret]},
+                [secret + "=" + secret, 7]):
+        status, reply = cmd_server.request("POST", "/api/v1/",
+                                           {"jid": "e", "cmd": "true", "env": env})
+        assert status == 400, reply
+        assert secret not in reply["message"], reply["message"]
+    assert cmd_server.manager.jids() == []
 
 
 # ===========================================================================
@@ -3563,6 +3746,82 @@ def test_http_create_conflict_and_rerun(http_srv):
     job = _http_post_job(http_srv, {"jid": "cf", "cmd": "echo again"})
     assert job["cmd"] == "echo again"
     assert _http_wait_job(http_srv, "cf")["status"] == "finishedSuccessfully"
+
+
+def test_http_create_reply_has_logs(http_srv):
+    job = _http_post_job(http_srv, {"jid": "lg", "cmd": "sleep 30"})
+    assert job["logs"] == ""
+    done = _http_post_job(http_srv, {"jid": "lg2", "cmd": "echo printed"})
+    assert done["logs"] in ("", "printed\n")     # as far as the job had got
+    assert _http_wait_job(http_srv, "lg2")["logs"] == "printed\n"
+    # a re-run's 201 shows its own output, never the old run's
+    again = _http_post_job(http_srv, {"jid": "lg2", "cmd": "sleep 30"})
+    assert again["logs"] == ""
+    r = http_srv.request("POST", "/api/v1/lg/kill", {"grace": 1})
+    assert r.status == 202 and "logs" in _http_json(r)
+
+
+def test_http_unknown_submission_fields_are_ignored_named_and_logged_once(http_srv, caplog):
+    caplog.set_level(logging.WARNING, logger="pman")
+    body = {"jid": "uf-1", "cmd": "true", "meta": {"m": 1}, "cpu_limit": 1000,
+            "new_pfcon_field": {"a": 1}, "zeta": "z"}
+    job = _http_post_job(http_srv, body)
+    assert job["ignored_fields"] == ["new_pfcon_field", "zeta"]
+    assert job["cpu_limit"] == 1000 and job["meta"] == {"m": 1}
+    stored = http_srv.manager.get("uf-1")
+    assert "new_pfcon_field" not in json.dumps(stored) and '"zeta"' not in json.dumps(stored)
+    got = _http_wait_job(http_srv, "uf-1")
+    assert "new_pfcon_field" not in got and "zeta" not in got and "ignored_fields" not in got
+
+    def warned(name):
+        return [r for r in caplog.records if r.levelno == logging.WARNING
+                and "unknown field '%s'" % name in r.getMessage()]
+    assert len(warned("new_pfcon_field")) == 1 and len(warned("zeta")) == 1
+    job = _http_post_job(http_srv, dict(body, jid="uf-2"))
+    assert job["ignored_fields"] == ["new_pfcon_field", "zeta"]
+    assert len(warned("new_pfcon_field")) == 1 and len(warned("zeta")) == 1   # once per name
+    # a job without unknown fields says nothing of them
+    assert "ignored_fields" not in _http_post_job(http_srv, {"jid": "uf-3", "cmd": "true"})
+
+    # at most 100 names are remembered; past that, one warning says so
+    many = {"f%03d" % i: i for i in range(150)}
+    job = _http_post_job(http_srv, dict(many, jid="uf-4", cmd="true"))
+    assert job["ignored_fields"] == sorted(many)
+    names = [r.getMessage() for r in caplog.records if "unknown field '" in r.getMessage()]
+    assert len(names) == 100, len(names)
+    full = [r for r in caplog.records if "no more are logged" in r.getMessage()]
+    assert len(full) == 1
+    _http_post_job(http_srv, {"jid": "uf-5", "cmd": "true", "another": 1, "f149": 1})
+    assert len([r for r in caplog.records if "unknown field '" in r.getMessage()]) == 100
+    assert len([r for r in caplog.records if "no more are logged" in r.getMessage()]) == 1
+    # a field name of any length is logged cut short
+    long_name = "L" * 10000
+    http_srv.srv.warned_fields.clear()
+    _http_post_job(http_srv, {"jid": "uf-6", "cmd": "true", long_name: 1})
+    assert max(len(r.getMessage()) for r in caplog.records) < 300
+
+    # other bodies stay strict
+    _http_post_job(http_srv, {"jid": "uf-7", "cmd": "sleep 30"})
+    r = http_srv.request("POST", "/api/v1/uf-7/kill", {"grace": 1, "bogus": 1})
+    assert "bogus" in _http_error(r, 400)
+    assert http_srv.manager.get("uf-7")["status"] == "started"
+    r = http_srv.request("POST", "/api/v1/cmd/", {"action": "frobnicate", "meta": {}})
+    _http_error(r, 400)
+
+
+def test_http_jid_with_a_leading_slash_and_integer_jids(http_srv):
+    job = _http_post_job(http_srv, {"jid": "/pfcon-4", "cmd": "echo p"})
+    assert job["jid"] == "pfcon-4"
+    assert _http_wait_job(http_srv, "pfcon-4")["logs"] == "p\n"
+    job = _http_post_job(http_srv, {"jid": 43, "cmd": "true"})
+    assert job["jid"] == "43"
+    assert _http_wait_job(http_srv, "43")["jid"] == "43"
+    assert http_srv.manager.jids() == ["pfcon-4", "43"]
+    for jid, shown in (("//x", "'/x'"), ("/", "''"), (4.5, "4.5"), (False, "False"),
+                       ([1], "[1]")):
+        r = http_srv.request("POST", "/api/v1/", {"jid": jid, "cmd": "true"})
+        assert "invalid jid " + shown in _http_error(r, 400)
+    assert http_srv.manager.jids() == ["pfcon-4", "43"]
 
 
 # ---------------------------------------------------------------------------
