@@ -2709,7 +2709,9 @@ class _Routes:
 
     TABLE = [
         ("GET", r"/api/v1", "/api/v1/", "root", "List every jid (command dialect)"),
-        ("POST", r"/api/v1", "/api/v1/", "create", "Run a job (resource dialect); 201"),
+        ("POST", r"/api/v1", "/api/v1/", "create",
+         "Run a job (resource dialect); 201 with the job object, logs included; "
+         "unknown fields are ignored and named in ignored_fields"),
         ("GET", r"/api/v1/jobs", "/api/v1/jobs", "list_jobs",
          "Paged job list: ?status=&auid=&meta.KEY=&limit=&after="),
         ("GET", r"/api/v1/openapi\.json", "/api/v1/openapi.json", "openapi",
@@ -2725,9 +2727,38 @@ class _Routes:
         ("DELETE", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", "delete_job",
          "Kill if running, forget, remove logs; 204"),
         ("GET", r"/api/v1/(?P<jid>[^/]+)/(?P<tree>.+)", "/api/v1/{jid}/{path}", "walk",
-         "A value of the job tree (jid or _N), wrapped in its path"),
+         "A value of the job tree (jid, or _N: _0 the first job, _-1 the last), "
+         "wrapped in its path"),
     ]
     COMPILED = [(m, re.compile(rx + "/?"), p, h, s) for m, rx, p, h, s in TABLE]
+
+    _JID = {"oneOf": [{"type": "string", "pattern": "^/?%s$" % JID_RE.pattern},
+                      {"type": "integer", "description": "taken as its decimal string"}]}
+    BODIES = {      # request bodies by handler, for the OpenAPI document
+        "create": {
+            "type": "object", "additionalProperties": True,
+            "description": "Unknown fields are ignored (as pman 3.x does) and named in "
+                           "the reply's ignored_fields.  A jid with a leading / is taken "
+                           "without it.  Give cmd, or entrypoint + args.",
+            "properties": dict(
+                {"jid": _JID, "cmd": {"type": "string"},
+                 "entrypoint": {"type": "array", "items": {"type": "string"}},
+                 "args": {"type": "array", "items": {"type": "string"}},
+                 "auid": {"type": "string"}, "cwd": {"type": "string"},
+                 "env": {"oneOf": [{"type": "array", "items": {"type": "string"}},
+                                   {"type": "object",
+                                    "additionalProperties": {"type": "string"}}]},
+                 "timeout": {"type": "number", "minimum": 0}, "meta": {"type": "object"}},
+                **{name: {"description": "recorded, not enforced"} for name in PFCON_FIELDS})},
+        "kill": {"type": "object", "additionalProperties": False, "properties": {
+            "signal": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+            "grace": {"type": "number", "minimum": 0}}},
+        "command": {"type": "object", "description": "{\"payload\": {\"action\", "
+                    "\"meta\"}} or the payload alone", "properties": {
+                        "payload": {"type": "object"},
+                        "action": {"type": "string", "enum": list(_CommandDialect.ACTIONS)},
+                        "meta": {"type": "object"}}},
+    }
 
     @classmethod
     def openapi(cls):
@@ -2742,7 +2773,8 @@ class _Routes:
                                      "schema": {"type": "string"}} for p in params]
             if method == "POST":
                 op["requestBody"] = {"required": True, "content": {
-                    "application/json": {"schema": {"type": "object"}}}}
+                    "application/json": {"schema": cls.BODIES.get(handler,
+                                                                  {"type": "object"})}}}
             paths.setdefault(path, {})[method.lower()] = op
         return {"openapi": "3.0.3",
                 "info": {"title": "pman", "version": __version__,

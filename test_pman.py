@@ -4076,6 +4076,18 @@ def test_http_openapi_matches_the_routes(http_srv):
     by_handler = {op["operationId"]: (method.upper(), path)
                   for path, ops in doc["paths"].items() for method, op in ops.items()}
     assert set(by_handler) == {handler for _, _, _, handler, _ in pman._Routes.TABLE}
+    # a job submission documents every field the route knows, and that others
+    # are ignored; a kill body is strict
+    create = doc["paths"]["/api/v1/"]["post"]
+    schema = create["requestBody"]["content"]["application/json"]["schema"]
+    assert set(schema["properties"]) == pman._RESOURCE_FIELDS
+    assert schema["additionalProperties"] is True and "ignored_fields" in schema["description"]
+    assert {"type": "integer", "description": "taken as its decimal string"} in \
+        schema["properties"]["jid"]["oneOf"]
+    kill = doc["paths"]["/api/v1/{jid}/kill"]["post"]
+    assert kill["requestBody"]["content"]["application/json"]["schema"][
+        "additionalProperties"] is False
+    assert "_-1" in doc["paths"]["/api/v1/{jid}/{path}"]["get"]["summary"]
 
     for method, path in sorted(documented):
         templated = "{" in path
@@ -4973,6 +4985,173 @@ def test_http_cli_token_file(http_cli, tmp_path):
     assert _http_stop(p) == 0
     log_text = "".join(f.read_text() for f in tmp_path.glob("cli-*.log"))
     assert "t0k-en.123" not in log_text
+
+
+# ---------------------------------------------------------------------------
+# 7. the original's module entry point: pman.pman(...).start()
+# ---------------------------------------------------------------------------
+
+def _compat_request(port, method, path, body=None):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=_HTTP_DEADLINE)
+    try:
+        c.request(method, path, body=None if body is None else json.dumps(body),
+                  headers={"Content-Type": "application/json"} if body is not None else {})
+        r = c.getresponse()
+        return r.status, json.loads(r.read() or b"{}")
+    finally:
+        c.close()
+
+
+def _compat_lock_free(state):
+    """True if nothing holds the state directory's lock."""
+    fd = os.open(os.path.join(str(state), "lock"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _compat_readme_snippet():
+    """The README's pman.pman block, as its lines."""
+    with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("    import pman\n\n    options = {")
+    block = text[start:text.index("\n\n", text.index("server.start()", start))]
+    return [line[4:] for line in block.splitlines()]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_compat_readme_snippet_serves_until_a_signal(tmp_path, sig):
+    lines = _compat_readme_snippet()
+    seed = "options = {'debugFile': '/tmp/debug.file'}"
+    assert seed in lines and "server = pman.pman(options)          # or pman.pman(**options)" \
+        in lines and lines[-1].startswith("server.start()"), lines
+    debug, state = tmp_path / "debug.file", tmp_path / "state"
+    # the snippet as README.rst has it, with this test's paths and a free port
+    script = "\n".join(lines).replace(seed, "options = {'debugFile': %r, 'DBpath': %r, "
+                                      "'port': 0}" % (str(debug), str(state)))
+    script += "\nprint('start returned', flush=True)\n"
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=_http_clean_env(), cwd=str(tmp_path))
+    try:
+        # the debug file says where it serves
+        text = _until(lambda: debug.exists() and re.search(
+            r"serving http://127\.0\.0\.1:(\d+)/api/v1/", debug.read_text()),
+            timeout=15, what="the serving line in the debug file")
+        port = int(text.group(1))
+        status, job = _compat_request(port, "POST", "/api/v1/", {"jid": "c-1", "cmd": "exit 6"})
+        assert status == 201, job
+        status, job = _compat_request(port, "GET", "/api/v1/c-1/?wait=10")
+        assert status == 200 and job["returncode"] == 6, job
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=15)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+    assert p.returncode == 0, err
+    assert out == b"start returned\n", (out, err)
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
+    log_text = debug.read_text()
+    assert signal.Signals(sig).name + " received, stopping" in log_text
+    assert "POST /api/v1/ HTTP/1.1" in log_text          # requests are in the debug file
+    assert "state flushed" in log_text
+    with pman.JobManager(str(state)) as jobs:             # the state was flushed and released
+        assert jobs.get("c-1")["returncode"] == 6
+
+
+def test_compat_keywords_in_a_thread_stop_from_another(tmp_path):
+    state = tmp_path / "state"
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    handlers = list(logging.getLogger("pman").handlers)
+    server = pman.pman(IP="127.0.0.1", port="0", DBpath=str(state), listeners="4", raw=1,
+                       http=True, protocol="tcp")
+    assert isinstance(server, pman.CompatServer)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.start, name="compat-start", daemon=True)
+    thread.start()
+    try:
+        status, env = _compat_request(port, "POST", "/api/v1/cmd/", {
+            "payload": {"action": "run", "meta": {"cmd": "sleep 30", "jid": "kept"}}})
+        assert status == 200 and env["status"] is True, env
+        pid = env["d_ret"]["pid"]
+        # not the main thread: no signal handler was touched
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+        assert server.server.listeners._initial_value == 4
+        server.stop()
+        assert not thread.is_alive()
+        server.stop()                                # again: nothing to do
+        with pytest.raises(pman.PmanError):
+            server.start()
+        assert _compat_lock_free(state)
+        assert logging.getLogger("pman").handlers == handlers
+        # running jobs keep running, as after main()
+        assert _http_pid_alive(pid)
+        with pman.JobManager(str(state)) as jobs:
+            assert jobs.get("kept")["status"] == "started"
+            jobs.kill("kept", "SIGKILL")
+            assert jobs.wait("kept", timeout=10)["returncode"] == -9
+    finally:
+        server.stop()
+        thread.join(10)
+
+
+def test_compat_quit_ends_start_and_stop_before_start_releases(tmp_path):
+    server = pman.pman({"DBpath": str(tmp_path / "q"), "port": 0})
+    thread = threading.Thread(target=server.start, name="compat-start", daemon=True)
+    thread.start()
+    status, env = _compat_request(server.server_address[1], "POST", "/api/v1/cmd/",
+                                  {"payload": {"action": "quit", "meta": {"saveDB": True}}})
+    assert status == 200 and env["status"] is True
+    thread.join(15)
+    assert not thread.is_alive()
+    assert _compat_lock_free(tmp_path / "q")
+    server.stop()                                    # after a quit: returns at once
+
+    never = pman.pman({"port": 0}, DBpath=str(tmp_path / "n"))
+    assert not _compat_lock_free(tmp_path / "n")
+    never.stop()
+    assert _compat_lock_free(tmp_path / "n")
+    with pytest.raises(pman.PmanError):
+        never.start()
+
+
+def test_compat_bad_options_are_clear_errors_that_leave_nothing_open(tmp_path):
+    state = tmp_path / "s"
+    handlers = list(logging.getLogger("pman").handlers)
+    cases = [
+        (({"debugFile": "x", "Ip": "127.0.0.1"},), {}, "'Ip'"),
+        ((), {"DBpath": str(state), "verbose": 1}, "'verbose'"),
+        ((), {"protocol": "udp"}, "'udp'"),
+        ((), {"port": "x"}, "'x'"),
+        ((), {"port": 70000}, "70000"),
+        ((), {"listeners": True}, "True"),
+        ((), {"IP": 127}, "127"),
+        ((), {"DBpath": 5}, "5"),
+        ((["debugFile"],), {}, "['debugFile']"),
+        (({"port": 0},), {"port": 1}, "port"),
+    ]
+    for args, kwargs, shown in cases:
+        with pytest.raises(pman.InvalidArgument) as info:
+            pman.pman(*args, **kwargs)
+        assert shown in str(info.value), (args, kwargs, str(info.value))
+    with pytest.raises(pman.PmanError) as info:
+        pman.pman(DBpath=str(state), port=0, debugFile=str(tmp_path / "no" / "debug.file"))
+    assert "debugFile" in str(info.value)
+    assert logging.getLogger("pman").handlers == handlers
+    assert not state.exists() or _compat_lock_free(state)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        with pytest.raises(OSError):
+            pman.pman(DBpath=str(state), port=busy.getsockname()[1])
+    finally:
+        busy.close()
+    assert _compat_lock_free(state)                 # the manager was closed again
 
 
 # ===========================================================================
