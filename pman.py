@@ -2399,7 +2399,7 @@ def _walk(tree, parts, path):
     node = tree
     for part in parts:
         if not isinstance(node, dict) or part not in node:
-            raise HTTPError(404, "no such path: %s" % path)
+            raise HTTPError(404, "no such path: %s" % _shown(path))
         node = node[part]
     return node
 
@@ -3103,7 +3103,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._only(query)
         unknown = set(body) - {"signal", "grace"}
         if unknown:
-            raise InvalidArgument("unknown field(s): %s" % ", ".join(sorted(unknown)))
+            raise InvalidArgument("unknown field(s) in a kill: %s" % _shown(sorted(unknown)))
         record = self.manager.kill(check_jid(groups["jid"]), body.get("signal", "SIGTERM"),
                                    grace=_number_or_none(body.get("grace"), "grace"))
         return 202, _job_object(_with_logs(self.manager, record))

@@ -2012,7 +2012,8 @@ def test_cmd_integer_jid_is_taken_as_its_decimal_string(cmd_server):
     assert cmd_server.manager.jids() == ["42"]
 
 
-def test_cmd_d_meta_is_the_whole_meta_sent(cmd_server, tmp_path):
+def test_cmd_d_meta_is_the_whole_meta_sent(cmd_factory, tmp_path):
+    cmd_server = cmd_factory()
     meta = {"cmd": "true", "jid": "dm-1", "auid": "chris", "threaded": True,
             "container": {"image": "x", "n": [1, 2]}}
     env = cmd_server.ok("run", meta)
@@ -2036,12 +2037,10 @@ def test_cmd_d_meta_is_the_whole_meta_sent(cmd_server, tmp_path):
     assert json.loads(reply["GET"]["dm-3"]["d_meta"]) == {"p": 1}
     status, reply = cmd_server.get("/api/v1/jobs")
     assert all("sent_meta" not in job for job in reply["jobs"])
-
-
-def test_cmd_d_meta_of_a_record_written_before_shows_what_it_stored(cmd_factory, tmp_path):
+    # a record written before pman kept the meta sent shows the meta it stored
     shutil.copytree(os.path.join(HERE, "fixtures", "state-v1"), str(tmp_path / "old"))
-    server = cmd_factory("old")
-    status, reply = server.get("/api/v1/ok/d_meta")
+    old = cmd_factory("old")
+    status, reply = old.get("/api/v1/ok/d_meta")
     assert status == 200, reply
     assert json.loads(reply["GET"]["ok"]["d_meta"]) == {"project": "x", "n": 1}
 
@@ -2111,6 +2110,10 @@ def test_cmd_bad_values_are_quoted_bounded_and_env_values_never(cmd_server):
         assert status == 400, reply
         assert secret not in reply["message"], reply["message"]
     assert cmd_server.manager.jids() == []
+    # a tree path from the body is quoted cut short too
+    cmd_server.ok("run", {"jid": "here", "cmd": "true"})
+    status, obj = cmd_server.cmd("get", {"path": "/here/" + "p" * 5000})
+    assert status == 404 and "'/here/ppp" in obj["message"] and len(obj["message"]) < 200, obj
 
 
 # ===========================================================================
