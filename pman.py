@@ -55,6 +55,7 @@ __all__ = [
     "JobManager", "PmanError", "JobNotFound", "JobConflict", "InvalidArgument",
     "StateLocked", "StateCorrupt", "StorageError", "Timeout", "BackendUnavailable", "SubmitRejected",
     "LocalBackend", "SlurmBackend", "STATUSES", "make_server", "main",
+    "pman", "CompatServer",
 ]
 # Not exported: the persistence (_Store), process (_spawn...) and HTTP handler
 # internals, which may change between versions.
@@ -88,6 +89,7 @@ import threading
 import urllib.parse
 from datetime import datetime, timezone
 from time import monotonic as _time
+from time import sleep as _sleep
 from time import time as _wall
 
 log = logging.getLogger(__name__)
@@ -232,12 +234,22 @@ class StorageError(PmanError, OSError):
 # Validation helpers
 # ---------------------------------------------------------------------------
 
+SHOWN_CHARS = 64            # how much of a bad value an error message quotes
+
+
+def _shown(value):
+    """A bad value as an error message quotes it: its repr, cut to about
+    SHOWN_CHARS characters (a client may send a megabyte)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+
+
 def check_jid(jid):
     """Return *jid* if it is a valid job id, else raise InvalidArgument."""
     if not isinstance(jid, str) or not JID_RE.fullmatch(jid):
         raise InvalidArgument(
-            "invalid jid %r: it must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-            % (jid if isinstance(jid, str) else type(jid).__name__,))
+            "invalid jid %s: it must be a string matching [A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+            % _shown(jid))
     if jid in RESERVED_JIDS:
         raise InvalidArgument("invalid jid %r: it is a reserved route name" % jid)
     return jid
@@ -246,7 +258,7 @@ def check_jid(jid):
 def parse_signal(sig):
     """Turn 15, "15", "TERM" or "SIGTERM" into a signal number."""
     if isinstance(sig, bool):
-        raise InvalidArgument("invalid signal %r" % (sig,))
+        raise InvalidArgument("invalid signal %s" % _shown(sig))
     if isinstance(sig, str):
         name = sig.strip().upper()
         if name.isdigit():
@@ -256,11 +268,11 @@ def parse_signal(sig):
                 name = "SIG" + name
             member = getattr(signal.Signals, name, None) if name.isidentifier() else None
             if member is None:
-                raise InvalidArgument("unknown signal %r" % (sig,))
+                raise InvalidArgument("unknown signal %s" % _shown(sig))
             return int(member)
     if isinstance(sig, int) and 0 < sig < signal.NSIG:
         return int(sig)
-    raise InvalidArgument("invalid signal %r" % (sig,))
+    raise InvalidArgument("invalid signal %s" % _shown(sig))
 
 
 def signal_name(sig):
@@ -275,29 +287,36 @@ def _check_number(name, value, allow_none=True):
         return None
     if (isinstance(value, bool) or not isinstance(value, (int, float))
             or not 0 <= value <= MAX_SECONDS):
-        raise InvalidArgument("%s must be a number from 0 to %g, not %r"
-                              % (name, MAX_SECONDS, value))
+        raise InvalidArgument("%s must be a number from 0 to %g, not %s"
+                              % (name, MAX_SECONDS, _shown(value)))
     return value
 
 
 def _check_env(env):
     if env is None:
         return None
+    # Env values may be secrets: no message quotes one (nor an entry that
+    # holds one); a key is quoted, as job objects list the keys anyway.
     if isinstance(env, (list, tuple)):
         pairs = {}
-        for item in env:
+        for i, item in enumerate(env):
             if not isinstance(item, str) or "=" not in item:
-                raise InvalidArgument("env entries must be 'KEY=value' strings, not %r" % (item,))
+                raise InvalidArgument("env entry %d must be a 'KEY=value' string, not %s"
+                                      % (i, "one without '='" if isinstance(item, str)
+                                         else "a " + type(item).__name__))
             key, _, value = item.partition("=")
             pairs[key] = value
         env = pairs
     if not isinstance(env, dict):
-        raise InvalidArgument("env must be a dict or a list of 'KEY=value' strings")
+        raise InvalidArgument("env must be a dict or a list of 'KEY=value' strings, not a %s"
+                              % type(env).__name__)
     for key, value in env.items():
-        if (not isinstance(key, str) or not key or "=" in key or "\0" in key
-                or not isinstance(value, str) or "\0" in value):
-            raise InvalidArgument("invalid env entry %r=%r: keys and values are "
-                                  "strings, keys non-empty without '='" % (key, value))
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise InvalidArgument("invalid env key %s: keys are non-empty strings without "
+                                  "'=' or NUL" % _shown(key))
+        if not isinstance(value, str) or "\0" in value:
+            raise InvalidArgument("invalid value of env %s: values are strings without NUL"
+                                  % _shown(key))
     return dict(env)
 
 
@@ -1722,7 +1741,8 @@ class JobManager:
         if status is not None:
             for s in status:
                 if s not in STATUSES:
-                    raise InvalidArgument("unknown status %r: one of %s" % (s, ", ".join(STATUSES)))
+                    raise InvalidArgument("unknown status %s: one of %s"
+                                          % (_shown(s), ", ".join(STATUSES)))
         if meta is not None and not isinstance(meta, dict):
             raise InvalidArgument("meta filter must be a dict")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
@@ -1786,7 +1806,7 @@ class JobManager:
         *limit*).  ``eof`` is True once the job has ended and no more bytes
         follow, so a follower loops until it."""
         if stream not in ("stdout", "stderr"):
-            raise InvalidArgument("stream must be 'stdout' or 'stderr', not %r" % (stream,))
+            raise InvalidArgument("stream must be 'stdout' or 'stderr', not %s" % _shown(stream))
         for name, value in (("offset", offset), ("limit", limit)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise InvalidArgument("%s must be a non-negative integer" % name)
@@ -1885,13 +1905,15 @@ class JobManager:
             return list(self._jobs)
 
     def nth(self, index):
-        """The record of the job at 0-based *index* in submission order."""
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise InvalidArgument("index must be a non-negative integer")
+        """The record of the job at 0-based *index* in submission order; a
+        negative *index* counts from the end, as in a list (-1: the last)."""
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise InvalidArgument("index must be an integer, not %s" % _shown(index))
         with self._lock:
-            if index >= len(self._jobs):
+            position = index + len(self._jobs) if index < 0 else index
+            if not 0 <= position < len(self._jobs):
                 raise JobNotFound("_%d" % index)
-            entry = next(itertools.islice(self._jobs.values(), index, None))
+            entry = next(itertools.islice(self._jobs.values(), position, None))
             return self._public(_record(entry))
 
     def find(self, key, value):
@@ -2602,6 +2624,9 @@ REQUEST_TIMEOUT = 10.0      # socket timeout of a connection
 DEFAULT_LISTENERS = 64
 PAGE_SIZE, MAX_PAGE = 100, 1000
 BODY_TTL, BODY_CACHE_SIZE = 1.0, 4096   # finished jobs' encoded objects
+SENT_META = "sent_meta"     # the extras key of the meta a command-dialect run sent
+MAX_WARNED_FIELDS = 100     # unknown field names remembered (each logged once)
+CPU_SAMPLE = 0.1            # seconds between the two /proc/stat reads of hello sysinfo
 
 
 class _Encoded:
@@ -2659,19 +2684,32 @@ def _job_object(record):
     """The resource dialect's job object: pfcon's recorded fields at the
     top level, and the limits pman does not enforce named as such."""
     extras = record.pop("extras") or {}
+    extras.pop(SENT_META, None)
     record.update(extras)
     record["not_enforced"] = sorted(k for k in ("cpu_limit", "memory_limit", "gpu_limit",
                                                 "number_of_workers") if k in extras)
     return record
 
 
+def _with_logs(manager, record):
+    """*record* with ``logs``, the tail of its output, as every job object
+    has it ("" before the job prints, or once it is gone)."""
+    try:
+        record["logs"] = manager.tail(record["jid"])
+    except JobNotFound:         # deleted by another request meanwhile
+        record["logs"] = ""
+    return record
+
+
 def _tree_info(record, manager):
-    """INFO, the original runner's fields, computed from the record."""
+    """INFO, the original runner's fields, computed from the record.  As in
+    the original, ``started`` is true only while the job runs, while
+    ``startTrigger`` stays true once it has started."""
     jid = record["jid"]
     started = record["started"] is not None
     done = record["status"] not in ACTIVE
     return {"cmd": record["cmd"], "jid": jid, "auid": record["auid"],
-            "pid": record["pid"], "started": started, "startTrigger": started,
+            "pid": record["pid"], "started": started and not done, "startTrigger": started,
             "done": done, "doneTrigger": done, "returncode": record["returncode"],
             "startstamp": record["started"] or "", "endstamp": record["ended"] or "",
             "status": record["status"], "message": record["message"],
@@ -2684,8 +2722,11 @@ def job_tree(record, manager):
     info = _tree_info(record, manager)
     start = {"0": info} if record["status"] != NOTSTARTED else {}
     end = {"0": info} if record["status"] not in ACTIVE else {}
+    # d_meta: the whole meta a command-dialect run sent; for other jobs (and
+    # those run before pman kept it) the meta that was stored.
+    sent = (record["extras"] or {}).get(SENT_META, record["meta"])
     return {"jid": record["jid"], "cmd": record["cmd"], "auid": record["auid"],
-            "d_meta": json.dumps(record["meta"]), "jobCount": 1,
+            "d_meta": json.dumps(sent), "jobCount": 1,
             "startInfo": start, "endInfo": end,
             "start": {"0": {"startInfo": start}} if start else {},
             "end": {"0": {"endInfo": end}} if end else {}}
@@ -2695,7 +2736,7 @@ def _walk(tree, parts, path):
     node = tree
     for part in parts:
         if not isinstance(node, dict) or part not in node:
-            raise HTTPError(404, "no such path: %s" % path)
+            raise HTTPError(404, "no such path: %s" % _shown(path))
         node = node[part]
     return node
 
@@ -2711,8 +2752,64 @@ def _get_str(obj, key, default=None, required=False):
     if value is None and required:
         raise InvalidArgument("%r is required" % key)
     if value is not None and not isinstance(value, str):
-        raise InvalidArgument("%r must be a string" % key)
+        raise InvalidArgument("%r must be a string, not %s" % (key, _shown(value)))
     return value
+
+
+def _jid_arg(value):
+    """A jid as a client sent it: an integer (not a bool) is taken as its
+    decimal string, as the original pman did; anything else is checked
+    later, as it is."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def _memory():
+    """``[total, available]`` in bytes, from /proc/meminfo: the first two
+    fields of the original's ``psutil.virtual_memory()`` list (None if
+    unreadable)."""
+    sizes = {}
+    try:
+        with open("/proc/meminfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                words = rest.split()
+                if name in ("MemTotal", "MemAvailable") and words and words[0].isdigit():
+                    sizes[name] = int(words[0]) * (1024 if words[1:] == ["kB"] else 1)
+    except OSError:
+        return None
+    if "MemTotal" not in sizes:
+        return None
+    return [sizes["MemTotal"], sizes.get("MemAvailable", sizes["MemTotal"])]
+
+
+def _cpu_times():
+    """(busy, total) jiffies of all CPUs from /proc/stat's "cpu" line."""
+    with open("/proc/stat", encoding="ascii", errors="replace") as f:
+        words = f.readline().split()
+    if words[:1] != ["cpu"]:
+        raise ValueError("no cpu line in /proc/stat")
+    # user nice system idle iowait irq softirq steal (guest is within user)
+    ticks = [int(w) for w in words[1:9]]
+    return sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0), sum(ticks)
+
+
+def _cpu_percent():
+    """(percent of all CPUs busy, where the figure comes from): /proc/stat
+    sampled over CPU_SAMPLE seconds, else the 1-minute load average per
+    CPU (capped at 100)."""
+    try:
+        busy0, total0 = _cpu_times()
+        _sleep(CPU_SAMPLE)
+        busy1, total1 = _cpu_times()
+        if total1 > total0:
+            return (round(100.0 * (busy1 - busy0) / (total1 - total0), 1),
+                    "/proc/stat over %g s" % CPU_SAMPLE)
+    except (OSError, ValueError):
+        pass
+    return (round(min(100.0, 100.0 * os.getloadavg()[0] / (os.cpu_count() or 1)), 1),
+            "1-minute load average per CPU")
 
 
 class _CommandDialect:
@@ -2730,7 +2827,7 @@ class _CommandDialect:
         value = meta.get("value", meta.get("jid"))
         if value is None:
             raise InvalidArgument("'value' (or 'jid') is required")
-        return manager.find(key, value)
+        return manager.find(key, _jid_arg(value) if key == "jid" else value)
 
     @staticmethod
     def _no_hit(with_status=False):
@@ -2746,9 +2843,10 @@ class _CommandDialect:
         if not isinstance(cmd, str):
             raise InvalidArgument("run needs meta.cmd (or exec.cmd), a string")
         stored = {k: v for k, v in meta.items() if k not in ("cmd", "jid", "auid", "threaded")}
-        record = manager.run(cmd, jid=meta.get("jid"), auid=_get_str(meta, "auid", ""),
-                             meta=stored)
-        return True, _job_object(record), {"jobRootDir": record["jid"]}
+        record = manager.run(cmd, jid=_jid_arg(meta.get("jid")),
+                             auid=_get_str(meta, "auid", ""), meta=stored,
+                             extras={SENT_META: meta})
+        return True, _job_object(_with_logs(manager, record)), {"jobRootDir": record["jid"]}
 
     def status(self, meta, payload, with_status=True):
         manager = self.server.manager
@@ -2791,23 +2889,31 @@ class _CommandDialect:
             return self._no_hit()
         path = _get_str(meta, "path")
         if path is None and any(k in meta for k in ("job", "when", "field")):
-            job = str(meta.get("job", "0"))
+            job = meta.get("job", "0")
+            if isinstance(job, bool) or not isinstance(job, (str, int)):
+                raise InvalidArgument("'job' must be a string or an integer, not %s"
+                                      % _shown(job))
+            job = str(job)
             when = _get_str(meta, "when", "end")
             if when not in ("start", "end"):
-                raise InvalidArgument("'when' must be 'start' or 'end'")
+                raise InvalidArgument("'when' must be 'start' or 'end', not %s" % _shown(when))
             parts = [when, job, when + "Info", job]
             field = _get_str(meta, "field")
             if field:
                 parts.append(field)
         else:
             parts = [p for p in (path or "").split("/") if p]
+        # Each hit is the subtree at its full path, wrapped in that path
+        # under the jid, as a GET walk wraps it: clients read the field's
+        # name from the nesting.
         d_ret = {}
         for i, rec in enumerate(hits):
             tree = job_tree(rec, manager)
             try:
-                d_ret[str(i)] = {rec["jid"]: _walk(tree, parts, "/".join(parts))}
+                value = _walk(tree, parts, "/".join(parts))
             except HTTPError:
                 continue
+            d_ret[str(i)] = {rec["jid"]: _wrap(parts, value)}
         if not d_ret:
             return self._no_hit()
         return True, d_ret
@@ -2830,11 +2936,14 @@ class _CommandDialect:
             if item == "timestamp":
                 d_ret["timestamp"] = {"now": datetime.now().strftime("%Y%m%d%H%M%S.%f")}
             elif item == "sysinfo":
+                cpu_percent, source = _cpu_percent()
                 d_ret["sysinfo"] = {
                     "system": platform.system(), "machine": platform.machine(),
                     "platform": platform.platform(), "version": platform.version(),
-                    "release": platform.release(), "cpucount": os.cpu_count(),
-                    "loadavg": list(os.getloadavg()), "hostname": socket.gethostname(),
+                    "release": platform.release(), "uname": list(os.uname()),
+                    "cpucount": os.cpu_count(), "loadavg": list(os.getloadavg()),
+                    "cpu_percent": cpu_percent, "cpu_percent_source": source,
+                    "memory": _memory(), "hostname": socket.gethostname(),
                     "python": platform.python_version(), "pman": __version__}
             elif item == "echoBack":
                 text = meta.get("echoBack", "")
@@ -2842,15 +2951,15 @@ class _CommandDialect:
                     raise InvalidArgument("'echoBack' must be a string")
                 d_ret["echoBack"] = {"msg": text}
             else:
-                raise InvalidArgument("askAbout must be timestamp, sysinfo or echoBack, not %r"
-                                      % (item,))
+                raise InvalidArgument("askAbout must be timestamp, sysinfo or echoBack, not %s"
+                                      % _shown(item))
         return True, d_ret
 
     @staticmethod
     def _jid(meta):
-        jid = meta.get("jid", meta.get("value"))
-        if not isinstance(jid, str):
-            raise InvalidArgument("'jid' (or 'value') is required, a string")
+        jid = _jid_arg(meta.get("jid", meta.get("value")))
+        if jid is None:
+            raise InvalidArgument("'jid' (or 'value') is required")
         return check_jid(jid)
 
     def kill(self, meta, payload):
@@ -2858,7 +2967,7 @@ class _CommandDialect:
         jid = self._jid(meta)
         record = manager.kill(jid, meta.get("signal", "SIGTERM"),
                               grace=_number_or_none(meta.get("grace"), "grace"))
-        return True, _job_object(record)
+        return True, _job_object(_with_logs(manager, record))
 
     def delete(self, meta, payload):
         manager = self.server.manager
@@ -2877,7 +2986,7 @@ class _CommandDialect:
             return True, {"loaded": manager.reload()}
         if do == "clear":
             return True, {"cleared": manager.forget()}
-        raise InvalidArgument("DBctl needs do: save, load or clear, not %r" % (do,))
+        raise InvalidArgument("DBctl needs do: save, load or clear, not %s" % _shown(do))
 
     def quit(self, meta, payload):
         manager = self.server.manager
@@ -2897,7 +3006,8 @@ class _CommandDialect:
         if not isinstance(meta, dict):
             raise InvalidArgument("'meta' must be a JSON object")
         if action not in self.ACTIONS:
-            raise InvalidArgument("unknown action %r: one of %s" % (action, ", ".join(self.ACTIONS)))
+            raise InvalidArgument("unknown action %s: one of %s"
+                                  % (_shown(action), ", ".join(self.ACTIONS)))
         result = self.handlers[action](meta, payload)
         ok, d_ret = result[0], result[1]
         envelope = {"status": ok, "action": action, "meta": meta, "path": "/api/v1/cmd",
@@ -2914,13 +3024,14 @@ def _number_or_none(value, name):
         try:
             value = float(value)
         except ValueError:
-            raise InvalidArgument("%s must be a number, not %r" % (name, value)) from None
+            raise InvalidArgument("%s must be a number, not %s" % (name, _shown(value))) from None
     return _check_number(name, value)
 
 
 def _record_by_name(manager, name):
-    """A job by jid, or by ``_N`` (0-based submission index)."""
-    if re.fullmatch(r"_[0-9]{1,18}", name):
+    """A job by jid, or by ``_N`` (0-based submission index; ``_-1`` is
+    the last job)."""
+    if re.fullmatch(r"_-?[0-9]{1,18}", name):
         return manager.nth(int(name[1:]))
     return manager.get(check_jid(name))
 
@@ -2935,7 +3046,9 @@ class _Routes:
 
     TABLE = [
         ("GET", r"/api/v1", "/api/v1/", "root", "List every jid (command dialect)"),
-        ("POST", r"/api/v1", "/api/v1/", "create", "Run a job (resource dialect); 201"),
+        ("POST", r"/api/v1", "/api/v1/", "create",
+         "Run a job (resource dialect); 201 with the job object, logs included; "
+         "unknown fields are ignored and named in ignored_fields"),
         ("GET", r"/api/v1/jobs", "/api/v1/jobs", "list_jobs",
          "Paged job list: ?status=&auid=&meta.KEY=&limit=&after="),
         ("GET", r"/api/v1/openapi\.json", "/api/v1/openapi.json", "openapi",
@@ -2951,9 +3064,38 @@ class _Routes:
         ("DELETE", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", "delete_job",
          "Kill if running, forget, remove logs; 204"),
         ("GET", r"/api/v1/(?P<jid>[^/]+)/(?P<tree>.+)", "/api/v1/{jid}/{path}", "walk",
-         "A value of the job tree (jid or _N), wrapped in its path"),
+         "A value of the job tree (jid, or _N: _0 the first job, _-1 the last), "
+         "wrapped in its path"),
     ]
     COMPILED = [(m, re.compile(rx + "/?"), p, h, s) for m, rx, p, h, s in TABLE]
+
+    _JID = {"oneOf": [{"type": "string", "pattern": "^/?%s$" % JID_RE.pattern},
+                      {"type": "integer", "description": "taken as its decimal string"}]}
+    BODIES = {      # request bodies by handler, for the OpenAPI document
+        "create": {
+            "type": "object", "additionalProperties": True,
+            "description": "Unknown fields are ignored (as pman 3.x does) and named in "
+                           "the reply's ignored_fields.  A jid with a leading / is taken "
+                           "without it.  Give cmd, or entrypoint + args.",
+            "properties": dict(
+                {"jid": _JID, "cmd": {"type": "string"},
+                 "entrypoint": {"type": "array", "items": {"type": "string"}},
+                 "args": {"type": "array", "items": {"type": "string"}},
+                 "auid": {"type": "string"}, "cwd": {"type": "string"},
+                 "env": {"oneOf": [{"type": "array", "items": {"type": "string"}},
+                                   {"type": "object",
+                                    "additionalProperties": {"type": "string"}}]},
+                 "timeout": {"type": "number", "minimum": 0}, "meta": {"type": "object"}},
+                **{name: {"description": "recorded, not enforced"} for name in PFCON_FIELDS})},
+        "kill": {"type": "object", "additionalProperties": False, "properties": {
+            "signal": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+            "grace": {"type": "number", "minimum": 0}}},
+        "command": {"type": "object", "description": "{\"payload\": {\"action\", "
+                    "\"meta\"}} or the payload alone", "properties": {
+                        "payload": {"type": "object"},
+                        "action": {"type": "string", "enum": list(_CommandDialect.ACTIONS)},
+                        "meta": {"type": "object"}}},
+    }
 
     @classmethod
     def openapi(cls):
@@ -2968,7 +3110,8 @@ class _Routes:
                                      "schema": {"type": "string"}} for p in params]
             if method == "POST":
                 op["requestBody"] = {"required": True, "content": {
-                    "application/json": {"schema": {"type": "object"}}}}
+                    "application/json": {"schema": cls.BODIES.get(handler,
+                                                                  {"type": "object"})}}}
             if method in ("POST", "DELETE"):
                 op["responses"]["507"] = {"description": "Insufficient Storage: the state "
                                           "directory could not record the change (ENOSPC, "
@@ -3218,9 +3361,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def route_create(self, groups, query, body):
         self._only(query)
-        unknown = set(body) - _RESOURCE_FIELDS
-        if unknown:
-            raise InvalidArgument("unknown field(s): %s" % ", ".join(sorted(unknown)))
+        # pman 3.x ignores fields it does not know, so a pfcon that sends a
+        # new one keeps working: leave them out, but say so.
+        ignored = sorted(set(body) - _RESOURCE_FIELDS)
+        if ignored:
+            self.server.note_ignored(ignored)
         cmd = body.get("cmd")
         if cmd is not None and "entrypoint" in body:
             raise InvalidArgument("give either 'cmd' or 'entrypoint' + 'args', not both")
@@ -3228,16 +3373,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             entry, args = body.get("entrypoint"), body.get("args", [])
             for name, value in (("entrypoint", entry), ("args", args)):
                 if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
-                    raise InvalidArgument("%r must be a list of strings (or give 'cmd')" % name)
+                    raise InvalidArgument("%r must be a list of strings (or give 'cmd'), not %s"
+                                          % (name, _shown(value)))
             cmd = entry + args
         elif not isinstance(cmd, str):
-            raise InvalidArgument("'cmd' must be a string")
+            raise InvalidArgument("'cmd' must be a string, not %s" % _shown(cmd))
+        meta = body.get("meta")
+        if meta is not None and not isinstance(meta, dict):
+            raise InvalidArgument("'meta' must be a JSON object, not %s" % _shown(meta))
+        jid = _jid_arg(body.get("jid"))
+        if isinstance(jid, str) and jid.startswith("/"):
+            jid = jid[1:]           # pfcon's "/pfcon-4": pman 3.x strips the slash
         extras = {k: body[k] for k in PFCON_FIELDS if k in body}
         record = self.manager.run(
-            cmd, jid=body.get("jid"), auid=_get_str(body, "auid", ""), meta=body.get("meta"),
-            env=body.get("env"), cwd=body.get("cwd"),
+            cmd, jid=jid, auid=_get_str(body, "auid", ""), meta=meta,
+            env=body.get("env"), cwd=_get_str(body, "cwd"),
             timeout=_number_or_none(body.get("timeout"), "timeout"), extras=extras)
-        return 201, _job_object(record)
+        job = _job_object(_with_logs(self.manager, record))
+        if ignored:
+            job["ignored_fields"] = ignored
+        return 201, job
 
     def route_list_jobs(self, groups, query, body):
         meta = {k[5:]: v for k, v in query.items() if k.startswith("meta.")}
@@ -3289,10 +3444,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._only(query)
         unknown = set(body) - {"signal", "grace"}
         if unknown:
-            raise InvalidArgument("unknown field(s): %s" % ", ".join(sorted(unknown)))
+            raise InvalidArgument("unknown field(s) in a kill: %s" % _shown(sorted(unknown)))
         record = self.manager.kill(check_jid(groups["jid"]), body.get("signal", "SIGTERM"),
                                    grace=_number_or_none(body.get("grace"), "grace"))
-        return 202, _job_object(record)
+        return 202, _job_object(_with_logs(self.manager, record))
 
     def route_get_job(self, groups, query, body):
         self._only(query, "wait")
@@ -3355,6 +3510,24 @@ class _Server(http.server.ThreadingHTTPServer):
     def stop_soon(self):
         threading.Thread(target=self.shutdown, name="pman-http-stop", daemon=True).start()
 
+    def note_ignored(self, names):
+        """Log each unknown field name of a job submission once, at warning
+        level.  At most MAX_WARNED_FIELDS names are remembered (a client
+        can invent any number); past that, one warning says so."""
+        with self.warned_lock:
+            new = [n for n in names if n not in self.warned_fields]
+            room = max(0, MAX_WARNED_FIELDS - len(self.warned_fields))
+            fresh = new[:room]
+            self.warned_fields.update(fresh)
+            full = len(new) > room and not self.warned_full
+            self.warned_full = self.warned_full or full
+        for name in fresh:
+            log.warning("job submission with unknown field %s: ignored (as pman 3.x does)",
+                        _shown(name))
+        if full:
+            log.warning("more than %d different unknown fields seen: no more are logged",
+                        MAX_WARNED_FIELDS)
+
 
 def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
                 listeners=DEFAULT_LISTENERS, insecure_no_token=False,
@@ -3388,6 +3561,9 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
     server.container_env = manager.backend.name
     server.commands = _CommandDialect(server)
     server.body_cache = {}          # jid -> (etag, expiry, _Encoded)
+    server.warned_lock = threading.Lock()   # guards warned_fields and warned_full
+    server.warned_fields = set()    # unknown field names already logged
+    server.warned_full = False
     return server
 
 
@@ -3490,6 +3666,182 @@ def main(argv=None):
         manager.close(kill=args.kill_on_exit)
     log.warning("pman stopped; state flushed to %s", manager.state_dir)
     return 0
+
+
+# ---------------------------------------------------------------------------
+# The original pman's module entry point
+# ---------------------------------------------------------------------------
+
+# The option names of the original's ``pman.pman(...)`` that mean something
+# here.  raw, http and protocol configured its ZeroMQ front end: accepted,
+# and meaningless (pman serves HTTP over TCP, nothing else).
+_ORIGINAL_OPTIONS = ("IP", "port", "DBpath", "debugFile", "listeners", "raw", "http",
+                     "protocol")
+
+
+class CompatServer:
+    """What `pman` returns: a `JobManager` served over HTTP, bound when it
+    is made, serving once `start` is called.  Attributes: ``manager``,
+    ``server`` (from `make_server`), ``server_address`` ((host, port))."""
+
+    def __init__(self, host="127.0.0.1", port=5010, *, state_dir=None,
+                 listeners=DEFAULT_LISTENERS, log_file=None):
+        self._lock = threading.Lock()       # guards _state
+        self._state = "new"                 # -> "serving" -> "closed"
+        self._closed = threading.Event()
+        self._serving_thread = None
+        self._handler = self._level = None
+        if log_file is not None:
+            # An entry point, like main(): it may configure pman's logging.
+            try:
+                self._handler = logging.FileHandler(log_file, encoding="utf-8")
+            except OSError as e:
+                raise PmanError("cannot open debugFile %s: %s" % (log_file, e.strerror)) from None
+            self._handler.setFormatter(logging.Formatter(
+                "%(asctime)s pman %(levelname)s %(message)s"))
+            log.addHandler(self._handler)
+            self._level = log.level
+            if not log.isEnabledFor(logging.INFO):
+                log.setLevel(logging.INFO)  # requests too, as the original's debug file
+        try:
+            self.manager = JobManager(state_dir)
+            try:
+                self.server = make_server(self.manager, host, port, listeners=listeners)
+            except BaseException:
+                self.manager.close()
+                raise
+        except BaseException:
+            self._unlog()
+            raise
+
+    @property
+    def server_address(self):
+        return self.server.server_address
+
+    def start(self):
+        """Serve until SIGTERM or SIGINT (handled only when `start` runs in
+        the main thread, and restored after), the ``quit`` action, or
+        `stop`; then flush the state, close the manager and return.
+        Running jobs keep running, as with ``main()``."""
+        with self._lock:
+            if self._state != "new":
+                raise PmanError("this pman server was already started or stopped")
+            self._state = "serving"
+            self._serving_thread = threading.current_thread()
+        previous = {}
+        try:
+            if threading.current_thread() is threading.main_thread():
+                def stop(signum, frame):
+                    log.warning("pman: %s received, stopping", signal_name(signum))
+                    self.server.stop_soon()
+
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    previous[sig] = signal.signal(sig, stop)
+            host, port = self.server_address[:2]
+            log.warning("pman %s serving http://%s:%d/api/v1/ (state: %s)", __version__,
+                        host if ":" not in host else "[%s]" % host, port,
+                        self.manager.state_dir)
+            self.server.serve_forever()
+        finally:
+            for sig, handler in previous.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+            self._close()
+
+    def stop(self):
+        """End `start` from another thread and return once the state is
+        flushed and the manager closed; a server never started is just
+        closed.  Safe to call more than once."""
+        with self._lock:
+            state = self._state
+            if state == "new":
+                self._state = "closed"
+        if state == "new":
+            self._close()
+            return
+        if state == "serving":
+            if threading.current_thread() is self._serving_thread:
+                self.server.stop_soon()     # shutdown() would wait for itself
+                return
+            self.server.shutdown()
+        self._closed.wait()
+
+    def _close(self):
+        try:
+            self.server.server_close()
+            self.manager.close()
+            log.warning("pman stopped; state flushed to %s", self.manager.state_dir)
+        finally:
+            self._unlog()
+            with self._lock:
+                self._state = "closed"
+            self._closed.set()
+
+    def _unlog(self):
+        if self._handler is not None:
+            log.removeHandler(self._handler)
+            self._handler.close()
+            log.setLevel(self._level)
+            self._handler = None
+
+    def __repr__(self):
+        return "<pman.CompatServer %s:%s %s>" % (self.server_address[:2] + (self._state,))
+
+
+def _whole_number(name, value, top):
+    """An option the original took as an int or as its decimal string."""
+    if isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+        raise InvalidArgument("%s must be a whole number from 0 to %d, not %s"
+                              % (name, top, _shown(value)))
+    return value
+
+
+def pman(options=None, **kwargs):
+    """The original pman's module entry point: ``pman.pman(IP=..., port=...)``
+    or ``pman.pman({"debugFile": ...})`` (both forms; a name given in both
+    is an error), then ``.start()`` to serve.  Returns a `CompatServer`.
+
+    The original's names: ``IP`` (the address to bind, default 127.0.0.1),
+    ``port`` (default 5010; 0 picks one), ``DBpath`` (the state directory,
+    default as for `JobManager`), ``debugFile`` (a file that pman's log,
+    requests included, is appended to), ``listeners`` (requests processed at
+    once); ``raw``, ``http`` and ``protocol`` ("tcp", the only one) are
+    accepted and mean nothing here.  Any other name raises InvalidArgument.
+    """
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise InvalidArgument("options must be a dict of the original pman's option names, "
+                              "not %s" % _shown(options))
+    twice = sorted(set(options) & set(kwargs))
+    if twice:
+        raise InvalidArgument("option(s) given both in the dict and as keywords: %s"
+                              % ", ".join(twice))
+    given = dict(options, **kwargs)
+    unknown = [name for name in given if name not in _ORIGINAL_OPTIONS]
+    if unknown:
+        raise InvalidArgument("unknown pman option(s) %s: the names accepted are %s"
+                              % (", ".join(_shown(n) for n in unknown),
+                                 ", ".join(_ORIGINAL_OPTIONS)))
+    protocol = given.get("protocol", "tcp")
+    if protocol != "tcp":
+        raise InvalidArgument("protocol %s is not served: pman speaks HTTP over 'tcp' only"
+                              % _shown(protocol))
+    host = given.get("IP", "127.0.0.1")
+    if not isinstance(host, str) or not host:
+        raise InvalidArgument("IP must be an address string, not %s" % _shown(host))
+    paths = {}
+    for name in ("DBpath", "debugFile"):
+        value = given.get(name)
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise InvalidArgument("%s must be a path, not %s" % (name, _shown(value)))
+        paths[name] = value
+    port = _whole_number("port", given.get("port", 5010), 65535)
+    listeners = _whole_number("listeners", given.get("listeners", DEFAULT_LISTENERS), 1 << 16)
+    return CompatServer(host, port, state_dir=paths["DBpath"], log_file=paths["debugFile"],
+                        listeners=listeners)
 
 
 if __name__ == "__main__":

@@ -1187,7 +1187,8 @@ def _cmd_check_info(info, *, jid, cmd, auid, pid, returncode, done=True):
     assert info["cmd"] == cmd
     assert info["auid"] == auid
     assert info["pid"] == pid and isinstance(pid, int)
-    assert info["started"] is True and info["startTrigger"] is True
+    # as in the original, `started` is false again once the job is done
+    assert info["started"] is (not done) and info["startTrigger"] is True
     assert info["done"] is done and info["doneTrigger"] is done
     assert info["returncode"] == returncode
     _cmd_iso(info["startstamp"])
@@ -1359,17 +1360,17 @@ def test_cmd_pfurl_flow_run_status_search_info_done(cmd_server):
                      "0.end": {"jobRoot": jid, "returncode": [3]},
                      "l_status": ["finishedWithError"]}
 
-    # search for the stderr of job 0's end
+    # search for the stderr of job 0's end: the hit is wrapped in its path
     smeta = {"key": "jid", "value": jid, "job": "0", "when": "end", "field": "stderr"}
     env = cmd_server.ok("search", smeta)
-    assert env["d_ret"] == {"0": {jid: "err\n"}}
+    assert env["d_ret"] == {"0": {jid: {"end": {"0": {"endInfo": {"0": {"stderr": "err\n"}}}}}}}
     # when=start, field pid
     env = cmd_server.ok("search", {"key": "jid", "value": jid, "job": "0", "when": "start",
                                    "field": "pid"})
-    assert env["d_ret"] == {"0": {jid: pid}}
+    assert env["d_ret"] == {"0": {jid: {"start": {"0": {"startInfo": {"0": {"pid": pid}}}}}}}
     # with a path
     env = cmd_server.ok("search", {"key": "jid", "value": jid, "path": "/endInfo/0/returncode"})
-    assert env["d_ret"] == {"0": {jid: 3}}
+    assert env["d_ret"] == {"0": {jid: {"endInfo": {"0": {"returncode": 3}}}}}
 
     # info
     env = cmd_server.ok("info", {"key": "jid", "value": jid})
@@ -1408,6 +1409,22 @@ def test_cmd_hello_sysinfo_echoback_timestamp(cmd_server):
     assert isinstance(info["loadavg"], list) and len(info["loadavg"]) == 3
     assert all(isinstance(x, (int, float)) for x in info["loadavg"])
     assert info["hostname"] == socket.gethostname()
+    # the original's memory, cpu_percent and uname too
+    assert info["uname"] == list(os.uname()) and len(info["uname"]) == 5
+    total, available = info["memory"]
+    assert total == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert isinstance(available, int) and 0 < available <= total
+    assert isinstance(info["cpu_percent"], (int, float)) and 0 <= info["cpu_percent"] <= 100
+    assert info["cpu_percent_source"].startswith("/proc/stat over "), info
+    # it measures: with one CPU kept busy, at least most of that CPU's share shows
+    cmd_server.ok("run", {"jid": "spin", "cmd": "while :; do :; done"})
+    try:
+        _until(lambda: _core_proc_stat(cmd_server.manager.get("spin")["pid"]) is not None,
+               what="the busy job")
+        busy = cmd_server.ok("hello", {"askAbout": "sysinfo"})["d_ret"]["sysinfo"]
+        assert busy["cpu_percent"] >= 60.0 / os.cpu_count(), busy
+    finally:
+        cmd_server.ok("kill", {"jid": "spin", "signal": "SIGKILL"})
 
     env = cmd_server.ok("hello", {"askAbout": "echoBack", "echoBack": "hello pman é"})
     assert env["d_ret"] == {"echoBack": {"msg": "hello pman é"}}
@@ -1611,11 +1628,13 @@ def test_cmd_status_several_hits(cmd_server):
 
     env = cmd_server.ok("search", {"key": "project", "value": "p1",
                                    "path": "/endInfo/0/returncode"})
-    assert env["d_ret"] == {"0": {"p1-a": 0}, "1": {"p1-b": 1}, "2": {"p1-c": 2}}
+    assert env["d_ret"] == {str(i): {jid: {"endInfo": {"0": {"returncode": i}}}}
+                            for i, jid in enumerate(jids)}
 
     status, reply = cmd_server.get("/api/v1/p1-b/d_meta")
     assert status == 200
-    assert json.loads(reply["GET"]["p1-b"]["d_meta"]) == {"project": "p1"}
+    assert json.loads(reply["GET"]["p1-b"]["d_meta"]) == {"jid": "p1-b", "cmd": "exit 1",
+                                                          "project": "p1"}
 
 
 # ---------------------------------------------------------------------------
@@ -1663,7 +1682,8 @@ def test_cmd_get_walks_deep_paths(cmd_server):
     assert reply["GET"] == {jid: {"start": {"0": {"startInfo": {"0": {"pid": pid}}}}}}
     status, reply = cmd_server.get("/api/v1/%s/d_meta" % jid)
     d_meta = reply["GET"][jid]["d_meta"]
-    assert isinstance(d_meta, str) and json.loads(d_meta) == {"project": "pw", "n": 3}
+    assert isinstance(d_meta, str) and json.loads(d_meta) == {
+        "jid": jid, "cmd": "echo w; exit 2", "auid": "u", "project": "pw", "n": 3}
     status, reply = cmd_server.get("/api/v1/%s/jobCount" % jid)
     assert reply["GET"] == {jid: {"jobCount": 1}}
     for field, value in (("jid", jid), ("cmd", "echo w; exit 2"), ("auid", "u")):
@@ -1796,7 +1816,8 @@ def test_cmd_bad_requests_are_json_400_on_a_kept_connection(cmd_server):
             ({"payload": {"action": "run", "meta": {"jid": "nocmd"}}}, "run"),
             ({"payload": {"action": "run", "meta": {"jid": "x1", "cmd": 5}}}, "run"),
             ({"payload": {"action": "run", "meta": {"cmd": "true", "auid": 7}}}, "run"),
-            ({"payload": {"action": "run", "meta": {"cmd": "true", "jid": 7}}}, "run"),
+            ({"payload": {"action": "run", "meta": {"cmd": "true", "jid": 7.0}}}, "run"),
+            ({"payload": {"action": "run", "meta": {"cmd": "true", "jid": False}}}, "run"),
             ({"payload": {"action": "run", "meta": {"cmd": "true", "jid": "a/b"}}}, "run"),
             ({"payload": {"action": "search", "meta": {"key": "jid", "value": "bad-target",
                                                          "when": "middle"}}}, "search"),
@@ -1842,8 +1863,8 @@ def test_cmd_bad_requests_are_json_400_on_a_kept_connection(cmd_server):
 
 def test_cmd_kill_and_delete_without_a_jid_are_400(cmd_server):
     cmd_server.ok("run", {"jid": "kd-target", "cmd": "sleep 30"})
-    for action, meta in (("kill", {}), ("kill", {"jid": 5}), ("kill", {"jid": ["kd-target"]}),
-                         ("delete", {}), ("delete", {"value": 5}),
+    for action, meta in (("kill", {}), ("kill", {"jid": 5.0}), ("kill", {"jid": ["kd-target"]}),
+                         ("delete", {}), ("delete", {"value": True}),
                          ("delete", {"jid": {"x": 1}})):
         status, obj = cmd_server.cmd(action, meta)
         _cmd_check_error(status, obj, 400, action=action)
@@ -1890,7 +1911,7 @@ def test_cmd_rerun_same_jid_tree_is_fresh(cmd_server):
     assert status == 200
     tree = reply["GET"][jid]
     assert tree["cmd"] == "echo two; exit 5"
-    assert json.loads(tree["d_meta"]) == {"round": 2}
+    assert json.loads(tree["d_meta"]) == {"jid": jid, "cmd": "echo two; exit 5", "round": 2}
     assert tree["jobCount"] == 1
     for info in (tree["startInfo"]["0"], tree["endInfo"]["0"]):
         _cmd_check_info(info, jid=jid, cmd="echo two; exit 5", auid="", pid=pid2,
@@ -1923,6 +1944,176 @@ def test_cmd_rerun_cancelled_before_start_shows_no_stale_output(cmd_factory):
     assert info["cmd"] == "echo NEW" and info["pid"] is None
     assert "OLD-OUTPUT" not in info["stdout"], info
     assert "OLD-ERR" not in info["stderr"], info
+
+
+# ---------------------------------------------------------------------------
+# 9. the shapes an original client can tell apart (issue 18)
+# ---------------------------------------------------------------------------
+
+def test_cmd_search_hit_is_the_subtree_wrapped_in_its_full_path(cmd_server):
+    env = cmd_server.ok("run", {"jid": "fail-3", "cmd": "echo bad >&2; exit 3"})
+    pid = env["d_ret"]["pid"]
+    _cmd_wait_finished(cmd_server, "fail-3")
+    cases = [
+        ({"job": "0", "when": "end", "field": "returncode"},
+         "end/0/endInfo/0/returncode",
+         {"end": {"0": {"endInfo": {"0": {"returncode": 3}}}}}),
+        ({"job": 0, "when": "end", "field": "stderr"},
+         "end/0/endInfo/0/stderr",
+         {"end": {"0": {"endInfo": {"0": {"stderr": "bad\n"}}}}}),
+        ({"job": "0", "when": "start", "field": "pid"},
+         "start/0/startInfo/0/pid",
+         {"start": {"0": {"startInfo": {"0": {"pid": pid}}}}}),
+        ({"path": "/endInfo/0/returncode"}, "endInfo/0/returncode",
+         {"endInfo": {"0": {"returncode": 3}}}),
+        ({"path": "/endInfo"}, "endInfo", None),
+        ({"job": "0"}, "end/0/endInfo/0", None),
+    ]
+    for extra, path, wrapped in cases:
+        meta = dict({"key": "jid", "value": "fail-3"}, **extra)
+        env = cmd_server.ok("search", meta)
+        status, walk = cmd_server.get("/api/v1/fail-3/" + path)
+        assert status == 200, walk
+        # exactly what the GET walk of the same path answers, under "0"
+        assert env["d_ret"] == {"0": walk["GET"]}, (extra, env["d_ret"])
+        if wrapped is not None:
+            assert env["d_ret"] == {"0": {"fail-3": wrapped}}, extra
+    env = cmd_server.ok("search", {"key": "jid", "value": "fail-3", "path": "/endInfo"})
+    info = env["d_ret"]["0"]["fail-3"]["endInfo"]["0"]
+    assert info["returncode"] == 3 and info["stderr"] == "bad\n"
+    # a job filter that is not a string or an integer is a clear 400
+    status, obj = cmd_server.cmd("search", {"key": "jid", "value": "fail-3", "job": [0]})
+    _cmd_check_error(status, obj, 400, action="search")
+    assert "[0]" in obj["message"]
+
+
+def test_cmd_integer_jid_is_taken_as_its_decimal_string(cmd_server):
+    env = cmd_server.ok("run", {"cmd": "echo n", "jid": 42})
+    assert env["d_ret"]["jid"] == "42" and env["jobRootDir"] == "42"
+    assert cmd_server.manager.jids() == ["42"]
+    d_ret = _cmd_wait_finished(cmd_server, 42)
+    assert d_ret["0.end"] == {"jobRoot": "42", "returncode": [0]}
+    env = cmd_server.ok("info", {"key": "jid", "value": 42})
+    assert list(env["d_ret"]["0.1"]) == ["42"]
+    env = cmd_server.ok("search", {"key": "jid", "value": 42, "path": "/jid"})
+    assert env["d_ret"] == {"0": {"42": {"jid": "42"}}}
+    cmd_server.ok("run", {"cmd": "sleep 30", "jid": 7})
+    env = cmd_server.ok("kill", {"jid": 7, "grace": 1})
+    assert env["d_ret"]["jid"] == "7"
+    _cmd_wait_finished(cmd_server, "7")
+    env = cmd_server.ok("delete", {"value": 7})
+    assert env["d_ret"]["job_id"] == "7"
+    assert cmd_server.manager.jids() == ["42"]
+    # a bool or a float is no jid, and the message quotes the value sent
+    for bad, shown in ((True, "True"), (4.0, "4.0"), (-3, "'-3'"), ("a/b", "'a/b'")):
+        status, obj = cmd_server.cmd("run", {"cmd": "true", "jid": bad})
+        _cmd_check_error(status, obj, 400, action="run")
+        assert "invalid jid " + shown in obj["message"], obj["message"]
+    assert cmd_server.manager.jids() == ["42"]
+
+
+def test_cmd_d_meta_is_the_whole_meta_sent(cmd_factory, tmp_path):
+    cmd_server = cmd_factory()
+    meta = {"cmd": "true", "jid": "dm-1", "auid": "chris", "threaded": True,
+            "container": {"image": "x", "n": [1, 2]}}
+    env = cmd_server.ok("run", meta)
+    # the job's meta still holds only the other keys; the record shows no d_meta
+    assert env["d_ret"]["meta"] == {"container": {"image": "x", "n": [1, 2]}}
+    assert "sent_meta" not in json.dumps(env["d_ret"])
+    for path in ("/api/v1/dm-1/d_meta", "/api/v1/_-1/d_meta"):
+        status, reply = cmd_server.get(path)
+        assert status == 200, reply
+        d_meta = reply["GET"]["dm-1"]["d_meta"]
+        assert isinstance(d_meta, str) and json.loads(d_meta) == meta
+    # exec.cmd: the meta sent has no cmd, and d_meta says so
+    cmd_server.ok("run", {"jid": "dm-2", "auid": "a"}, exec={"cmd": "true"})
+    status, reply = cmd_server.get("/api/v1/dm-2/d_meta")
+    assert json.loads(reply["GET"]["dm-2"]["d_meta"]) == {"jid": "dm-2", "auid": "a"}
+    # a resource-dialect job: its meta
+    status, created = cmd_server.request("POST", "/api/v1/", {"jid": "dm-3", "cmd": "true",
+                                                              "meta": {"p": 1}})
+    assert status == 201 and "sent_meta" not in created
+    status, reply = cmd_server.get("/api/v1/dm-3/d_meta")
+    assert json.loads(reply["GET"]["dm-3"]["d_meta"]) == {"p": 1}
+    status, reply = cmd_server.get("/api/v1/jobs")
+    assert all("sent_meta" not in job for job in reply["jobs"])
+    # a record written before pman kept the meta sent shows the meta it stored
+    shutil.copytree(os.path.join(HERE, "fixtures", "state-v1"), str(tmp_path / "old"))
+    old = cmd_factory("old")
+    status, reply = old.get("/api/v1/ok/d_meta")
+    assert status == 200, reply
+    assert json.loads(reply["GET"]["ok"]["d_meta"]) == {"project": "x", "n": 1}
+
+
+def test_cmd_info_started_is_false_once_done(cmd_server, tmp_path):
+    gate = tmp_path / "gate"
+    env = cmd_server.ok("run", {"jid": "st", "cmd": "while [ ! -e %s ]; do sleep 0.02; done"
+                                % shlex.quote(str(gate))})
+    pid = env["d_ret"]["pid"]
+    env = cmd_server.ok("info", {"key": "jid", "value": "st"})
+    assert env["d_ret"]["0.1"]["st"]["endInfo"] == {}
+    running = env["d_ret"]["0.0"]["st"]["startInfo"]["0"]
+    _cmd_check_info(running, jid="st", cmd=running["cmd"], auid="", pid=pid,
+                    returncode=None, done=False)
+    assert running["started"] is True
+    gate.touch()
+    _cmd_wait_finished(cmd_server, "st")
+    env = cmd_server.ok("info", {"key": "jid", "value": "st"})
+    for info in (env["d_ret"]["0.0"]["st"]["startInfo"]["0"],
+                 env["d_ret"]["0.1"]["st"]["endInfo"]["0"]):
+        assert info["started"] is False and info["startTrigger"] is True, info
+        assert info["done"] is True and info["returncode"] == 0
+    status, reply = cmd_server.get("/api/v1/st/end/0/endInfo/0/started")
+    assert reply["GET"] == {"st": {"end": {"0": {"endInfo": {"0": {"started": False}}}}}}
+
+
+def test_cmd_negative_index_counts_from_the_end(cmd_server):
+    for jid in ("first", "second", "third"):
+        cmd_server.ok("run", {"jid": jid, "cmd": "true"})
+    for name, jid in (("_-1", "third"), ("_-2", "second"), ("_-3", "first"),
+                      ("_-01", "third"), ("_2", "third")):
+        status, reply = cmd_server.get("/api/v1/%s/jid" % name)
+        assert status == 200, (name, reply)
+        assert reply == {"status": True, "path": "/api/v1/%s/jid" % name,
+                         "GET": {jid: {"jid": jid}}}
+    status, reply = cmd_server.get("/api/v1/_-1")
+    assert status == 200 and list(reply["GET"]) == ["third"]
+    assert reply["GET"]["third"]["jid"] == "third"
+    env = cmd_server.ok("get", {"path": "/_-2/cmd"})
+    assert env["d_ret"] == {"second": {"cmd": "true"}}
+    for name in ("_-4", "_-999999"):
+        status, reply = cmd_server.get("/api/v1/%s/jid" % name)
+        assert status == 404 and reply["status"] is False, (name, reply)
+    assert cmd_server.manager.nth(-1)["jid"] == "third"
+    with pytest.raises(pman.JobNotFound):
+        cmd_server.manager.nth(-4)
+
+
+def test_cmd_bad_values_are_quoted_bounded_and_env_values_never(cmd_server):
+    long_jid = "x" * 5000 + "!"
+    status, obj = cmd_server.cmd("run", {"cmd": "true", "jid": long_jid})
+    _cmd_check_error(status, obj, 400, action="run")
+    assert "'xxxxxxxx" in obj["message"] and len(obj["message"]) < 200, obj["message"]
+    status, obj = cmd_server.cmd("hello", {"askAbout": "w" * 5000})
+    _cmd_check_error(status, obj, 400, action="hello")
+    assert "'www" in obj["message"] and len(obj["message"]) < 200
+    for meta in ({"jid": "k", "signal": "SIGNOPE"}, {"jid": "k", "grace": "soon"}):
+        status, obj = cmd_server.cmd("kill", meta)
+        assert status == 400 and repr(list(meta.values())[1]) in obj["message"], obj
+    status, reply = cmd_server.request("POST", "/api/v1/", {"jid": "j", "cmd": 5})
+    assert status == 400 and "not 5" in reply["message"], reply
+    secret = "s3cr3t-value"
+    for env in ({"A": secret + "\u0000"}, ["NOEQUALS" + secret], {"K": [secret]},
+                [secret + "=" + secret, 7]):
+        status, reply = cmd_server.request("POST", "/api/v1/",
+                                           {"jid": "e", "cmd": "true", "env": env})
+        assert status == 400, reply
+        assert secret not in reply["message"], reply["message"]
+    assert cmd_server.manager.jids() == []
+    # a tree path from the body is quoted cut short too
+    cmd_server.ok("run", {"jid": "here", "cmd": "true"})
+    status, obj = cmd_server.cmd("get", {"path": "/here/" + "p" * 5000})
+    assert status == 404 and "'/here/ppp" in obj["message"] and len(obj["message"]) < 200, obj
 
 
 # ===========================================================================
@@ -3918,6 +4109,82 @@ def test_http_create_conflict_and_rerun(http_srv):
     assert _http_wait_job(http_srv, "cf")["status"] == "finishedSuccessfully"
 
 
+def test_http_create_reply_has_logs(http_srv):
+    job = _http_post_job(http_srv, {"jid": "lg", "cmd": "sleep 30"})
+    assert job["logs"] == ""
+    done = _http_post_job(http_srv, {"jid": "lg2", "cmd": "echo printed"})
+    assert done["logs"] in ("", "printed\n")     # as far as the job had got
+    assert _http_wait_job(http_srv, "lg2")["logs"] == "printed\n"
+    # a re-run's 201 shows its own output, never the old run's
+    again = _http_post_job(http_srv, {"jid": "lg2", "cmd": "sleep 30"})
+    assert again["logs"] == ""
+    r = http_srv.request("POST", "/api/v1/lg/kill", {"grace": 1})
+    assert r.status == 202 and "logs" in _http_json(r)
+
+
+def test_http_unknown_submission_fields_are_ignored_named_and_logged_once(http_srv, caplog):
+    caplog.set_level(logging.WARNING, logger="pman")
+    body = {"jid": "uf-1", "cmd": "true", "meta": {"m": 1}, "cpu_limit": 1000,
+            "new_pfcon_field": {"a": 1}, "zeta": "z"}
+    job = _http_post_job(http_srv, body)
+    assert job["ignored_fields"] == ["new_pfcon_field", "zeta"]
+    assert job["cpu_limit"] == 1000 and job["meta"] == {"m": 1}
+    stored = http_srv.manager.get("uf-1")
+    assert "new_pfcon_field" not in json.dumps(stored) and '"zeta"' not in json.dumps(stored)
+    got = _http_wait_job(http_srv, "uf-1")
+    assert "new_pfcon_field" not in got and "zeta" not in got and "ignored_fields" not in got
+
+    def warned(name):
+        return [r for r in caplog.records if r.levelno == logging.WARNING
+                and "unknown field '%s'" % name in r.getMessage()]
+    assert len(warned("new_pfcon_field")) == 1 and len(warned("zeta")) == 1
+    job = _http_post_job(http_srv, dict(body, jid="uf-2"))
+    assert job["ignored_fields"] == ["new_pfcon_field", "zeta"]
+    assert len(warned("new_pfcon_field")) == 1 and len(warned("zeta")) == 1   # once per name
+    # a job without unknown fields says nothing of them
+    assert "ignored_fields" not in _http_post_job(http_srv, {"jid": "uf-3", "cmd": "true"})
+
+    # at most 100 names are remembered; past that, one warning says so
+    many = {"f%03d" % i: i for i in range(150)}
+    job = _http_post_job(http_srv, dict(many, jid="uf-4", cmd="true"))
+    assert job["ignored_fields"] == sorted(many)
+    names = [r.getMessage() for r in caplog.records if "unknown field '" in r.getMessage()]
+    assert len(names) == 100, len(names)
+    full = [r for r in caplog.records if "no more are logged" in r.getMessage()]
+    assert len(full) == 1
+    _http_post_job(http_srv, {"jid": "uf-5", "cmd": "true", "another": 1, "f149": 1})
+    assert len([r for r in caplog.records if "unknown field '" in r.getMessage()]) == 100
+    assert len([r for r in caplog.records if "no more are logged" in r.getMessage()]) == 1
+    # a field name of any length is logged cut short
+    long_name = "L" * 10000
+    http_srv.srv.warned_fields.clear()
+    _http_post_job(http_srv, {"jid": "uf-6", "cmd": "true", long_name: 1})
+    assert max(len(r.getMessage()) for r in caplog.records) < 300
+
+    # other bodies stay strict
+    _http_post_job(http_srv, {"jid": "uf-7", "cmd": "sleep 30"})
+    r = http_srv.request("POST", "/api/v1/uf-7/kill", {"grace": 1, "bogus": 1})
+    assert "bogus" in _http_error(r, 400)
+    assert http_srv.manager.get("uf-7")["status"] == "started"
+    r = http_srv.request("POST", "/api/v1/cmd/", {"action": "frobnicate", "meta": {}})
+    _http_error(r, 400)
+
+
+def test_http_jid_with_a_leading_slash_and_integer_jids(http_srv):
+    job = _http_post_job(http_srv, {"jid": "/pfcon-4", "cmd": "echo p"})
+    assert job["jid"] == "pfcon-4"
+    assert _http_wait_job(http_srv, "pfcon-4")["logs"] == "p\n"
+    job = _http_post_job(http_srv, {"jid": 43, "cmd": "true"})
+    assert job["jid"] == "43"
+    assert _http_wait_job(http_srv, "43")["jid"] == "43"
+    assert http_srv.manager.jids() == ["pfcon-4", "43"]
+    for jid, shown in (("//x", "'/x'"), ("/", "''"), (4.5, "4.5"), (False, "False"),
+                       ([1], "[1]")):
+        r = http_srv.request("POST", "/api/v1/", {"jid": jid, "cmd": "true"})
+        assert "invalid jid " + shown in _http_error(r, 400)
+    assert http_srv.manager.jids() == ["pfcon-4", "43"]
+
+
 # ---------------------------------------------------------------------------
 # 2. reply framing: HTTP/1.1, JSON, Content-Length, optional trailing slash
 # ---------------------------------------------------------------------------
@@ -4170,6 +4437,18 @@ def test_http_openapi_matches_the_routes(http_srv):
     by_handler = {op["operationId"]: (method.upper(), path)
                   for path, ops in doc["paths"].items() for method, op in ops.items()}
     assert set(by_handler) == {handler for _, _, _, handler, _ in pman._Routes.TABLE}
+    # a job submission documents every field the route knows, and that others
+    # are ignored; a kill body is strict
+    create = doc["paths"]["/api/v1/"]["post"]
+    schema = create["requestBody"]["content"]["application/json"]["schema"]
+    assert set(schema["properties"]) == pman._RESOURCE_FIELDS
+    assert schema["additionalProperties"] is True and "ignored_fields" in schema["description"]
+    assert {"type": "integer", "description": "taken as its decimal string"} in \
+        schema["properties"]["jid"]["oneOf"]
+    kill = doc["paths"]["/api/v1/{jid}/kill"]["post"]
+    assert kill["requestBody"]["content"]["application/json"]["schema"][
+        "additionalProperties"] is False
+    assert "_-1" in doc["paths"]["/api/v1/{jid}/{path}"]["get"]["summary"]
 
     for method, path in sorted(documented):
         templated = "{" in path
@@ -4413,14 +4692,15 @@ def test_http_bad_json_is_400(http_srv):
               json.dumps({"jid": "x", "cmd": "true", "meta": []}).encode(),
               json.dumps({"jid": "x", "cmd": "true", "auid": 7}).encode(),
               json.dumps({"jid": "x", "cmd": "true", "cwd": 7}).encode(),
-              json.dumps({"jid": "x", "cmd": "true", "bogus": 1}).encode(),
               json.dumps({"jid": "x", "cmd": "true", "entrypoint": ["true"]}).encode(),
               json.dumps({"jid": "x", "entrypoint": "true"}).encode(),
               json.dumps({"jid": "x", "entrypoint": ["true", 5]}).encode(),
               json.dumps({"jid": "x", "entrypoint": []}).encode(),
               json.dumps({"jid": "x", "cmd": "   "}).encode(),
               json.dumps({"jid": "x", "cmd": "echo \u0000"}).encode(),
-              json.dumps({"jid": 5, "cmd": "true"}).encode(),
+              json.dumps({"jid": 5.0, "cmd": "true"}).encode(),
+              json.dumps({"jid": True, "cmd": "true"}).encode(),
+              json.dumps({"jid": -5, "cmd": "true"}).encode(),
               json.dumps({"jid": "", "cmd": "true"}).encode()]
     for body in bodies:
         r = http_srv.request("POST", "/api/v1/", body)
@@ -4700,7 +4980,7 @@ def _http_rand_json(rng, depth=0):
 
 def _http_bad_jid(rng):
     """A value that is certainly not a valid jid."""
-    return rng.choice([5, [], {}, True, "", "../x", "a/b", "a b", "a\nb", "cmd", "jobs",
+    return rng.choice([5.0, -1, [], {}, True, "", "../x", "a/b", "a b", "a\nb", "cmd", "jobs",
                        "-lead", "x" * 129, "\u00e9", "$(x)",
                        "".join(rng.choice("/ $`;|&\n\\\"'") for _ in range(3))])
 
@@ -5066,6 +5346,173 @@ def test_http_cli_token_file(http_cli, tmp_path):
     assert _http_stop(p) == 0
     log_text = "".join(f.read_text() for f in tmp_path.glob("cli-*.log"))
     assert "t0k-en.123" not in log_text
+
+
+# ---------------------------------------------------------------------------
+# 7. the original's module entry point: pman.pman(...).start()
+# ---------------------------------------------------------------------------
+
+def _compat_request(port, method, path, body=None):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=_HTTP_DEADLINE)
+    try:
+        c.request(method, path, body=None if body is None else json.dumps(body),
+                  headers={"Content-Type": "application/json"} if body is not None else {})
+        r = c.getresponse()
+        return r.status, json.loads(r.read() or b"{}")
+    finally:
+        c.close()
+
+
+def _compat_lock_free(state):
+    """True if nothing holds the state directory's lock."""
+    fd = os.open(os.path.join(str(state), "lock"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _compat_readme_snippet():
+    """The README's pman.pman block, as its lines."""
+    with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("    import pman\n\n    options = {")
+    block = text[start:text.index("\n\n", text.index("server.start()", start))]
+    return [line[4:] for line in block.splitlines()]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_compat_readme_snippet_serves_until_a_signal(tmp_path, sig):
+    lines = _compat_readme_snippet()
+    seed = "options = {'debugFile': '/tmp/debug.file'}"
+    assert seed in lines and "server = pman.pman(options)          # or pman.pman(**options)" \
+        in lines and lines[-1].startswith("server.start()"), lines
+    debug, state = tmp_path / "debug.file", tmp_path / "state"
+    # the snippet as README.rst has it, with this test's paths and a free port
+    script = "\n".join(lines).replace(seed, "options = {'debugFile': %r, 'DBpath': %r, "
+                                      "'port': 0}" % (str(debug), str(state)))
+    script += "\nprint('start returned', flush=True)\n"
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=_http_clean_env(), cwd=str(tmp_path))
+    try:
+        # the debug file says where it serves
+        text = _until(lambda: debug.exists() and re.search(
+            r"serving http://127\.0\.0\.1:(\d+)/api/v1/", debug.read_text()),
+            timeout=15, what="the serving line in the debug file")
+        port = int(text.group(1))
+        status, job = _compat_request(port, "POST", "/api/v1/", {"jid": "c-1", "cmd": "exit 6"})
+        assert status == 201, job
+        status, job = _compat_request(port, "GET", "/api/v1/c-1/?wait=10")
+        assert status == 200 and job["returncode"] == 6, job
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=15)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+    assert p.returncode == 0, err
+    assert out == b"start returned\n", (out, err)
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
+    log_text = debug.read_text()
+    assert signal.Signals(sig).name + " received, stopping" in log_text
+    assert "POST /api/v1/ HTTP/1.1" in log_text          # requests are in the debug file
+    assert "state flushed" in log_text
+    with pman.JobManager(str(state)) as jobs:             # the state was flushed and released
+        assert jobs.get("c-1")["returncode"] == 6
+
+
+def test_compat_keywords_in_a_thread_stop_from_another(tmp_path):
+    state = tmp_path / "state"
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    handlers = list(logging.getLogger("pman").handlers)
+    server = pman.pman(IP="127.0.0.1", port="0", DBpath=str(state), listeners="4", raw=1,
+                       http=True, protocol="tcp")
+    assert isinstance(server, pman.CompatServer)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.start, name="compat-start", daemon=True)
+    thread.start()
+    try:
+        status, env = _compat_request(port, "POST", "/api/v1/cmd/", {
+            "payload": {"action": "run", "meta": {"cmd": "sleep 30", "jid": "kept"}}})
+        assert status == 200 and env["status"] is True, env
+        pid = env["d_ret"]["pid"]
+        # not the main thread: no signal handler was touched
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+        assert server.server.listeners._initial_value == 4
+        server.stop()
+        assert not thread.is_alive()
+        server.stop()                                # again: nothing to do
+        with pytest.raises(pman.PmanError):
+            server.start()
+        assert _compat_lock_free(state)
+        assert logging.getLogger("pman").handlers == handlers
+        # running jobs keep running, as after main()
+        assert _http_pid_alive(pid)
+        with pman.JobManager(str(state)) as jobs:
+            assert jobs.get("kept")["status"] == "started"
+            jobs.kill("kept", "SIGKILL")
+            assert jobs.wait("kept", timeout=10)["returncode"] == -9
+    finally:
+        server.stop()
+        thread.join(10)
+
+
+def test_compat_quit_ends_start_and_stop_before_start_releases(tmp_path):
+    server = pman.pman({"DBpath": str(tmp_path / "q"), "port": 0})
+    thread = threading.Thread(target=server.start, name="compat-start", daemon=True)
+    thread.start()
+    status, env = _compat_request(server.server_address[1], "POST", "/api/v1/cmd/",
+                                  {"payload": {"action": "quit", "meta": {"saveDB": True}}})
+    assert status == 200 and env["status"] is True
+    thread.join(15)
+    assert not thread.is_alive()
+    assert _compat_lock_free(tmp_path / "q")
+    server.stop()                                    # after a quit: returns at once
+
+    never = pman.pman({"port": 0}, DBpath=str(tmp_path / "n"))
+    assert not _compat_lock_free(tmp_path / "n")
+    never.stop()
+    assert _compat_lock_free(tmp_path / "n")
+    with pytest.raises(pman.PmanError):
+        never.start()
+
+
+def test_compat_bad_options_are_clear_errors_that_leave_nothing_open(tmp_path):
+    state = tmp_path / "s"
+    handlers = list(logging.getLogger("pman").handlers)
+    cases = [
+        (({"debugFile": "x", "Ip": "127.0.0.1"},), {}, "'Ip'"),
+        ((), {"DBpath": str(state), "verbose": 1}, "'verbose'"),
+        ((), {"protocol": "udp"}, "'udp'"),
+        ((), {"port": "x"}, "'x'"),
+        ((), {"port": 70000}, "70000"),
+        ((), {"listeners": True}, "True"),
+        ((), {"IP": 127}, "127"),
+        ((), {"DBpath": 5}, "5"),
+        ((["debugFile"],), {}, "['debugFile']"),
+        (({"port": 0},), {"port": 1}, "port"),
+    ]
+    for args, kwargs, shown in cases:
+        with pytest.raises(pman.InvalidArgument) as info:
+            pman.pman(*args, **kwargs)
+        assert shown in str(info.value), (args, kwargs, str(info.value))
+    with pytest.raises(pman.PmanError) as info:
+        pman.pman(DBpath=str(state), port=0, debugFile=str(tmp_path / "no" / "debug.file"))
+    assert "debugFile" in str(info.value)
+    assert logging.getLogger("pman").handlers == handlers
+    assert not state.exists() or _compat_lock_free(state)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        with pytest.raises(OSError):
+            pman.pman(DBpath=str(state), port=busy.getsockname()[1])
+    finally:
+        busy.close()
+    assert _compat_lock_free(state)                 # the manager was closed again
 
 
 # ===========================================================================
