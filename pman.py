@@ -1731,11 +1731,13 @@ class JobManager:
             record["logs"] = self.tail(jid)
         return record
 
-    def jobs(self, *, status=None, auid=None, meta=None, limit=None, after=None):
-        """Records of jobs in submission order, filtered by *status* (one
-        string or several), *auid* and *meta* (every key must be equal).
-        *after* is a jid: list only jobs submitted after it.  *limit* caps
-        the count."""
+    def jobs(self, *, status=None, auid=None, meta=None, limit=None, after=None,
+             newest=False):
+        """Records of jobs in submission order (``newest=True``: newest
+        first), filtered by *status* (one string or several), *auid* and
+        *meta* (every key must be equal).  *after* is a jid: list only the
+        jobs that come after it in that order (a page's last jid gives the
+        next page).  *limit* caps the count."""
         if isinstance(status, str):
             status = (status,)
         if status is not None:
@@ -1749,8 +1751,8 @@ class JobManager:
             raise InvalidArgument("limit must be a non-negative integer")
         out = []
         with self._lock:    # finished jobs are immutable lines: copy the rest
-            entries = [(jid, e if isinstance(e, str) else e.line())
-                       for jid, e in self._jobs.items()]
+            items = reversed(self._jobs.items()) if newest else self._jobs.items()
+            entries = [(jid, e if isinstance(e, str) else e.line()) for jid, e in items]
         started = after is None
         for jid, entry in entries:
             if not started:
@@ -3050,7 +3052,7 @@ class _Routes:
          "Run a job (resource dialect); 201 with the job object, logs included; "
          "unknown fields are ignored and named in ignored_fields"),
         ("GET", r"/api/v1/jobs", "/api/v1/jobs", "list_jobs",
-         "Paged job list: ?status=&auid=&meta.KEY=&limit=&after="),
+         "Paged job list: ?status=&auid=&meta.KEY=&limit=&after=&order=oldest|newest"),
         ("GET", r"/api/v1/openapi\.json", "/api/v1/openapi.json", "openapi",
          "This OpenAPI document"),
         ("POST", r"/api/v1/cmd", "/api/v1/cmd/", "command",
@@ -3397,7 +3399,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def route_list_jobs(self, groups, query, body):
         meta = {k[5:]: v for k, v in query.items() if k.startswith("meta.")}
         self._only({k: v for k, v in query.items() if not k.startswith("meta.")},
-                   "status", "auid", "limit", "after")
+                   "status", "auid", "limit", "after", "order")
+        order = query.get("order", "oldest")
+        if order not in ("oldest", "newest"):
+            raise HTTPError(400, "order must be 'oldest' (submission order) or 'newest'")
         limit = query.get("limit", str(PAGE_SIZE))
         if not re.fullmatch(r"[0-9]{1,6}", limit) or not 0 < int(limit) <= MAX_PAGE:
             raise HTTPError(400, "limit must be an integer from 1 to %d" % MAX_PAGE)
@@ -3407,7 +3412,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if after is not None:
             check_jid(after)
         found = self.manager.jobs(status=status, auid=query.get("auid"), meta=meta or None,
-                                  limit=limit + 1, after=after)
+                                  limit=limit + 1, after=after, newest=order == "newest")
         more = len(found) > limit
         found = found[:limit]
         return 200, {"jobs": [_job_object(r) for r in found],

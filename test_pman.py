@@ -4411,6 +4411,13 @@ def test_http_jobs_paging_and_filters(http_srv):
     assert page("meta.k=nope") == ([], None)
     assert page("status=finishedSuccessfully")[0] == ["p0", "p1", "p2", "p3", "p4"]
     assert page("status=started") == ([], None)
+    assert page("order=newest&limit=2") == (["p4", "p3"], "p3")
+    assert page("order=newest&limit=2&after=p3") == (["p2", "p1"], "p1")
+    assert page("order=newest&auid=alice&after=p4") == (["p2", "p0"], None)
+    assert page("order=oldest&limit=1") == (["p0"], "p0")
+    r = http_srv.request("GET", "/api/v1/jobs?order=random")
+    assert r.status == 400 and "order" in _http_json(r)["message"]
+    assert [r["jid"] for r in http_srv.manager.jobs(newest=True, limit=3)] == ["p4", "p3", "p2"]
 
     _http_post_job(http_srv, {"jid": "p5", "cmd": "sleep 30"})
     assert page("status=started") == (["p5"], None)
