@@ -1482,12 +1482,79 @@ def sec_slurm(b):
 # >>> b.quick (the whole --quick run must stay under 30 s), and add it
 # >>> here.  It then appears in --section choices and the default run.
 
+_FAKE_SBATCH = """#!/bin/sh
+# sbatch that takes 2 s for a job named slow* (a busy controller)
+for a in "$@"; do case "$a" in slow*) sleep 2;; esac; done
+echo $$
+"""
+
+
+def sec_slowstart(b):
+    """What other callers wait while a backend submission is slow: a fake
+    ``sbatch`` on PATH takes 2 s (as against a busy slurmctld) for each of
+    a few submissions; meanwhile get(), jobs(limit=100) with 1,000 jobs in
+    the state and a keep-alive HTTP GET of another job are timed."""
+    bindir = b.state_dir("bin")
+    for name, text in (("sbatch", _FAKE_SBATCH), ("squeue", "#!/bin/sh\nexit 0\n"),
+                       ("scancel", "#!/bin/sh\nexit 0\n"), ("sacct", "#!/bin/sh\nexit 0\n")):
+        path = os.path.join(bindir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o755)
+    old_path = os.environ["PATH"]
+    os.environ["PATH"] = bindir + os.pathsep + old_path
+    try:
+        state = b.state_dir()
+        build_state(state, 1000, logs=False)
+        m = b.manager(state, backend="slurm")
+        srv = pman.make_server(m, "127.0.0.1", 0)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
+
+        def sample(lat):
+            for name, call in (("get", lambda: m.get("job-500-4242")),
+                               ("jobs", lambda: m.jobs(limit=100)),
+                               ("http", lambda: _http_json(conn, "GET", "/api/v1/job-7-4242/"))):
+                t0 = time.perf_counter()
+                call()
+                lat[name].append((time.perf_counter() - t0) * 1000)
+
+        idle = collections.defaultdict(list)
+        for _ in range(300):
+            sample(idle)
+        busy = collections.defaultdict(list)
+        n = 1 if b.quick else 3
+        submitter = threading.Thread(target=lambda: [m.run("true", jid="slow-%d" % i)
+                                                     for i in range(n)])
+        t0 = time.monotonic()
+        submitter.start()
+        while submitter.is_alive():
+            sample(busy)
+            time.sleep(0.002)
+        elapsed = time.monotonic() - t0
+        b.figure("submissions", n, "x 2 s sbatch", note="%.1f s in all; %d samples of each "
+                 "call meanwhile" % (elapsed, len(busy["get"])))
+        for name, label in (("get", "get() of another job"),
+                            ("jobs", "jobs(limit=100), 1,000 in state"),
+                            ("http", "HTTP GET of another job (keep-alive)")):
+            b.figure("%s p99, submission in flight" % label, percentile(busy[name], 99), "ms",
+                     target=("<=", 10.0))
+            b.figure("%s p99, idle" % label, percentile(idle[name], 99), "ms")
+        conn.close()
+        srv.shutdown()
+        srv.server_close()
+        m.close()       # the fake jobs stay pending; nothing to kill
+    finally:
+        os.environ["PATH"] = old_path
+
+
 SECTIONS = collections.OrderedDict([
     ("spawn", (sec_spawn, "2,000 `true` jobs: pman vs raw Popen")),
     ("latency", (sec_latency, "submit -> started, exit -> status visible")),
     ("scale", (sec_scale, "100,000 finished jobs in state")),
     ("concurrency", (sec_concurrency, "1,000 concurrent sleep jobs")),
     ("http", (sec_http, "HTTP API round trips: pman vs a bare http.server")),
+    ("slowstart", (sec_slowstart, "other callers while a backend submission takes 2 s")),
     ("slurm", (sec_slurm, "SLURM backend vs sbatch (only with --backend slurm)")),
 ])
 

@@ -40,13 +40,37 @@ Everything lives in one state directory (``$PMAN_STATE_DIR``, else
 Threading model
 ---------------
 A `JobManager` owns one reaper thread (``pman-reaper``) whatever the number
-of jobs: it waits on a pidfd per running job with `selectors`, collects exit
-statuses with ``waitpid(pid)`` (never ``waitpid(-1)``, which would steal the
-statuses of the host application's own children), fires timeouts and kill
-escalations, and starts queued jobs.  All job state is guarded by one lock.
-`JobManager` objects opened on the same directory in one process share one
-manager.  When the program exits, running jobs keep running and the next
-manager re-adopts them, unless the manager was closed with ``kill=True``.
+of jobs: it waits on a pidfd per running job with `selectors` (polling the
+few it could not open one for), collects exit statuses with
+``waitpid(pid)`` (never ``waitpid(-1)``, which would steal the statuses of
+the host application's own children), fires timeouts and kill escalations,
+and starts queued jobs.  `JobManager` objects opened on the same directory
+in one process share one manager.  When the program exits, running jobs keep
+running and the next manager re-adopts them, unless the manager was closed
+with ``kill=True``.
+
+Locks, in the order they may be taken: the manager's ``_compact_lock`` (one
+compaction at a time), its ``_lock`` (all job state), the backend's own
+(LocalBackend: ``_reap_lock``, so that a pid is signalled only while it
+cannot have been reaped and reused), the store's ``_lock`` (its buffers).
+
+Durability policy, the same for every change (a submission, a start, a
+kill, an end, a removal):
+
+1. under the manager lock: decide, and ``write(2)`` the change to the
+   journal.  That write survives a kill -9 of the process; if it fails
+   (ENOSPC, EIO), nothing changes and the caller gets `StorageError` (only
+   a job's end, which has already happened, is kept and written later);
+2. without the lock: ``fdatasync`` (group commit: one serves every thread
+   waiting) when the change must be durable before it acts — a submission
+   with ``durable=True``, a kill;
+3. without the lock: act — the backend's ``start`` (a spawn, ``sbatch``),
+   ``signal`` (``kill``, ``scancel``) — then take the lock again to record
+   the outcome.
+
+So no job runs and no signal is sent unless its record is written, and no
+fsync, spawn, ``sbatch`` or ``scancel`` ever holds up another thread's
+`get`.  Compaction writes its snapshot without the lock too.
 """
 
 __version__ = "0.1.0"
