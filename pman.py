@@ -1985,9 +1985,14 @@ class JobManager:
         settle any running job whose process is gone.  Running and queued
         jobs are untouched.  Returns `counts()`."""
         self.flush()
-        with self._compact_lock, self._lock:
-            self._store.sync()      # endings since flush(): disk must not be older
+        with self._compact_lock:
+            # Read without the manager lock: every change is written (if not
+            # yet synced) before it is made, so the files are never older
+            # than memory; a job that changes meanwhile is active on disk or
+            # has another seq, and is left alone below.
             disk, _, _ = _Store(self._path, strict=True).load()
+            self._lock.acquire()
+        try:
             replaced = {}
             for jid, line in disk.items():
                 old = self._jobs.get(jid)
@@ -2002,6 +2007,8 @@ class JobManager:
                     for jid, line in self._end_order)
             for job in list(self._running.values()):
                 self._collect_safely(job)
+        finally:
+            self._lock.release()
         return self.counts()
 
     def counts(self):
