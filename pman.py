@@ -81,8 +81,10 @@ __all__ = [
     "LocalBackend", "SlurmBackend", "STATUSES", "make_server", "main",
     "pman", "CompatServer",
 ]
-# Not exported: the persistence (_Store), process (_spawn...) and HTTP handler
-# internals, which may change between versions.
+# Not exported: the persistence (_Store), process (_launch...) and HTTP
+# handler internals, which may change between versions; and the backend
+# protocol (_Backend, _Seen), which third-party backends may use but which
+# is provisional.
 
 import atexit
 import collections
@@ -361,17 +363,17 @@ class _Job:
     JSON line (a str): compact, and already serialized for the journal.
     All access MUST hold the manager's lock."""
 
-    # child: our unreaped child (LocalBackend); starting: handed to the
-    # backend, whose start() has not returned yet; timers: entries of the
-    # manager's timer heap armed for this run.
-    __slots__ = _FIELDS + ("child", "pidfd", "spawned_at", "escalate_at", "starting",
+    # pidfd: the backend's (LocalBackend); starting: handed to the backend,
+    # whose start() has not returned yet; timers: entries of the manager's
+    # timer heap armed for this run.
+    __slots__ = _FIELDS + ("pidfd", "spawned_at", "escalate_at", "starting",
                            "timers", "kill_sent")
 
     def __init__(self, **fields):
         for name in _FIELDS:
             setattr(self, name, fields.get(name))
         self.pidfd = self.spawned_at = self.escalate_at = None
-        self.child = self.starting = False
+        self.starting = False
         # kill_sent: a signal of the journaled kill went out (a restarted
         # manager sends it again), so the end is the kill's, not the job's.
         self.kill_sent = bool(self.kill_signal)
@@ -767,17 +769,16 @@ def _wrapper_seq(argv, exits_path):
     return None
 
 
-def _is_alive(job, exits_path):
-    """True if the process recorded for *job* still runs (zombies are gone)
-    and is the same process: same start time and boot.  A job whose
-    identity was not recorded is recognized by its wrapper's command line
-    instead."""
-    stat = _proc_stat(job.pid) if job.pid else None
+def _is_alive(pid, ident, seq, exits_path):
+    """True if process *pid* still runs (zombies are gone) and is the one
+    recorded: same start time and boot (*ident*), or, with no identity
+    recorded, the wrapper of job *seq*, recognized by its command line."""
+    stat = _proc_stat(pid) if pid else None
     if stat is None or stat[1] == "Z":
         return False
-    if job.ident is not None:
-        return job.ident == [stat[0], _BOOT_ID]
-    return _wrapper_seq(_cmdline(job.pid), exits_path) == job.seq
+    if ident is not None and ident[0] is not None:
+        return ident == [stat[0], _BOOT_ID]
+    return _wrapper_seq(_cmdline(pid), exits_path) == seq
 
 
 def _pid_exists(pid):
@@ -874,9 +875,6 @@ def _wrapped_argv(job, exits_path):
     return head + job.argv if job.argv is not None else head + [job.cmd]
 
 
-_Exit = collections.namedtuple("_Exit", "code status message")
-_Exit.__new__.__defaults__ = (None, None)   # status, message: derived from code
-
 # A signal the manager decided to send (JobManager._signal -> _deliver):
 # *ticket* is its journal line, *previous* the job's (kill_signal,
 # kill_reason) before it, *kind* the timer that sent it (None: a request),
@@ -915,54 +913,135 @@ class _Waker:
         os.close(self.w)
 
 
-class LocalBackend:
-    """Jobs as process groups on this machine (the default backend).
+# What a backend found out about a job (_Backend.start, check, recover);
+# the manager alone applies it to the job.
+QUEUED, RUNNING, ENDED, NEVER = "queued", "running", "ended", "never"
 
-    The backend seam, which `SlurmBackend` implements too.  ``start`` and
-    ``signal`` are called WITHOUT the manager's lock (they may be slow:
-    ``sbatch``, ``scancel``); ``wait`` and ``close`` too; every other
-    method with the lock held:
 
-    - ``open(log_dir, log_path)``: bind to a manager's state;
-    - ``seq_floor()``: the lowest seq a new job may take (local: above
-      every seq in the exit log, so that an exit record is never read for
-      the wrong job);
-    - ``start(job, env)``: launch *job* (``env``: the merged environment, or
-      None for the manager's own); set ``pid``/``ident``/``backend_id`` and
-      ``message``, and return the new status (STARTED, or NOTSTARTED while
-      the backend queues it).  Raise OSError (or SubmitRejected,
-      BackendUnavailable) if it cannot start.  The manager has journaled
-      the job before it calls this;
-    - ``watch(job)`` / ``unwatch(job)``: begin / end tracking a job;
-    - ``wait(timeout)``: block until a watched job may have changed, or
-      ``wake()``; return the jobs to ``check``;
-    - ``check(job)``: None if nothing changed, "started" when a queued job
-      starts, "changed" for another change worth saving, or an ``_Exit``
-      once the job has ended;
-    - ``signal(job, sig)``: deliver *sig*; False if the job is already gone;
-    - ``recover(job)``: after a restart: True (still running: watch it),
-      an ``_Exit``, or False for a job handed to the backend
-      (``backend_id == ""``) that never started: queue it again;
-      ``recover_queued(job)`` the same for a job journaled as queued;
-    - ``idle()``: no job is running (local: empty the exit log);
-    - ``wake()``, ``close()``.
-    """
+class _Seen(collections.namedtuple(
+        "_Seen", "state message code status started pid ident backend_id")):
+    """A backend's finding about one job:
+
+    - ``state``: QUEUED (waiting in the backend's own queue), RUNNING,
+      ENDED, or NEVER (it never started: the manager queues it again);
+    - ``message``: words for the record, or None to keep the record's;
+    - ``code``: ENDED: the exit code, None if none is known; a negative
+      code is a signal that pman did not send;
+    - ``status``: ENDED: the status, when the backend knows better than the
+      code (SLURM's final states); None derives it from the code;
+    - ``started``: when it started (ISO 8601 UTC), if the backend knows;
+    - ``pid``, ``ident``, ``backend_id``: the backend's handle on the job
+      (set by start, or found by recover), None to keep the record's."""
+
+    __slots__ = ()
+
+
+_Seen.__new__.__defaults__ = (None,) * 7
+
+
+class _Backend:
+    """Where jobs run: the protocol between `JobManager` and a backend
+    (`LocalBackend`, `SlurmBackend`).  Provisional: a third-party backend
+    subclasses this and implements the methods without a default.
+
+    A backend never changes a job: it reads the job's fields and returns a
+    `_Seen` that the manager applies.  ``start`` and ``signal`` are called
+    WITHOUT the manager's lock (they may be slow: ``sbatch``, ``scancel``),
+    ``wait`` and ``close`` too; every other method with it held, so they
+    must not block."""
+
+    name = "?"
+    resend_window = 0.0     # see JobManager._deliver
+
+    def open(self, state_dir, log_dir, log_path):
+        """Bind to a manager's state: *state_dir* for the backend's own
+        files, *log_dir* and ``log_path(jid, stream)`` for the jobs' logs.
+        Raise BackendUnavailable if the backend cannot work here."""
+        raise NotImplementedError
+
+    def seq_floor(self):
+        """The lowest seq a new job may take (a backend whose records are
+        keyed by seq keeps them unique across lost journal lines)."""
+        return 1
+
+    def start(self, job, env):
+        """Launch *job* (``env``: the merged environment, or None for the
+        manager's own; its cwd exists) and return ``_Seen(RUNNING or QUEUED,
+        message, pid=, ident=, backend_id=)``.  The manager has journaled the
+        job first.  Raise OSError if it cannot start, SubmitRejected if the
+        backend refuses it, BackendUnavailable if it cannot take jobs now."""
+        raise NotImplementedError
+
+    def watch(self, job):
+        """Begin tracking a started (or re-adopted) job."""
+        raise NotImplementedError
+
+    def unwatch(self, job):
+        """Stop tracking a job that has ended; release what it held."""
+        raise NotImplementedError
+
+    def wait(self, timeout):
+        """Block up to *timeout* s (None: no limit) until a watched job may
+        have changed or `wake` is called; return the jobs to `check`."""
+        raise NotImplementedError
+
+    def check(self, job):
+        """None if nothing changed; else a `_Seen`: RUNNING once a job the
+        backend queued starts, QUEUED with a new message, or ENDED."""
+        raise NotImplementedError
+
+    def signal(self, job, sig):
+        """Deliver *sig* to the job; False if it is already gone."""
+        raise NotImplementedError
+
+    def recover(self, job):
+        """After a restart, for a job the backend was given: a `_Seen`:
+        RUNNING or QUEUED (watch it), ENDED, or NEVER (a job handed over,
+        ``backend_id == ""``, that the backend never got)."""
+        raise NotImplementedError
+
+    def recover_queued(self, job):
+        """After a restart, for a job journaled as queued in pman: NEVER
+        unless the backend can tell it was started after all."""
+        return _Seen(NEVER)
+
+    def idle(self):
+        """No job is running (a moment for housekeeping)."""
+
+    def wake(self):
+        """Interrupt `wait`."""
+        raise NotImplementedError
+
+    def close(self):
+        """Release everything `open` took; jobs keep running."""
+        raise NotImplementedError
+
+
+_BACKEND_METHODS = ("open", "start", "watch", "unwatch", "wait", "check", "signal",
+                    "recover", "recover_queued", "seq_floor", "idle", "wake", "close")
+
+
+class LocalBackend(_Backend):
+    """Jobs as process groups on this machine (the default backend): each
+    runs under a wrapper shell (see _WRAP_SHELL) that appends its exit code
+    to the ``exits`` file, and is reaped through a pidfd."""
 
     name = "local"
-    resend_window = RESEND_WINDOW   # see JobManager._signal
+    resend_window = RESEND_WINDOW
 
     def __init__(self):
         self.log_dir = None
 
-    def open(self, log_dir, log_path):
+    def open(self, state_dir, log_dir, log_path):
         self.log_dir, self.log_path = log_dir, log_path
-        self._exits = _ExitLog(os.path.join(os.path.dirname(log_dir), "exits"))
+        self._exits = _ExitLog(os.path.join(state_dir, "exits"))
         self._orphans = None            # seq -> pid of wrappers found at startup
         self._waker = _Waker()
         self._watched = {}          # jid -> job; polled if it has no pidfd
-        # Guards job.child: a pid is signalled only while it is our unreaped
+        # Guards _children: a pid is signalled only while it is our unreaped
         # child (so it cannot have been reused), and reaped under it too.
         self._reap_lock = threading.Lock()
+        self._children = set()
         self._selector = selectors.DefaultSelector() if _HAVE_PIDFD else None
         if self._selector is not None:
             self._selector.register(self._waker.r, selectors.EVENT_READ, None)
@@ -971,13 +1050,10 @@ class LocalBackend:
         return self._exits.max_seq() + 1
 
     def start(self, job, env):
-        cwd = job.cwd
-        if cwd is not None and not os.path.isdir(cwd):
-            raise FileNotFoundError(errno.ENOENT, "no such directory (cwd)", cwd)
         if job.argv is not None:
             exe = job.argv[0]
             if "/" in exe:
-                found = os.path.join(cwd or "", exe)
+                found = os.path.join(job.cwd or "", exe)
                 found = found if os.access(found, os.X_OK) and not os.path.isdir(found) else None
             else:
                 found = shutil.which(exe, path=(env or os.environ).get("PATH", os.defpath))
@@ -998,16 +1074,13 @@ class LocalBackend:
                               (os.POSIX_SPAWN_DUP2, stderr, 2),
                               (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
                 setsid=True, setsigdef=_SIGDEF, setsigmask=())
+            with self._reap_lock:
+                self._children.add(pid)
         finally:
             for fd in (stdout, stderr):
                 if fd is not None:
                     os.close(fd)
-        job.child = True
-        job.spawned_at = _time()
-        job.pid = pid
-        job.ident = _identity(pid)
-        job.message = "running (pid %d)" % pid
-        return STARTED
+        return _Seen(RUNNING, "running (pid %d)" % pid, pid=pid, ident=_identity(pid))
 
     def idle(self):
         """No job is running: empty the exit log (every code in it is in
@@ -1047,18 +1120,18 @@ class LocalBackend:
         return polled
 
     def check(self, job):
-        if job.child:
-            with self._reap_lock:
+        with self._reap_lock:
+            if job.pid in self._children:
                 try:
                     pid, status = os.waitpid(job.pid, os.WNOHANG)
                 except ChildProcessError:   # reaped by someone else's waitpid(-1)
-                    job.child = False
-                    return _Exit(self._exits.code(job.seq))
+                    self._children.discard(job.pid)
+                    return _Seen(ENDED, code=self._exits.code(job.seq))
                 if pid == 0:
                     return None
-                job.child = False
-            return _Exit(os.waitstatus_to_exitcode(status))
-        if _is_alive(job, self._exits.path):
+                self._children.discard(job.pid)
+                return _Seen(ENDED, code=os.waitstatus_to_exitcode(status))
+        if _is_alive(job.pid, job.ident, job.seq, self._exits.path):
             return None
         code = self._exits.code(job.seq)
         try:    # our own child, from an earlier manager in this process
@@ -1067,11 +1140,12 @@ class LocalBackend:
                 code = os.waitstatus_to_exitcode(status)
         except ChildProcessError:
             pass
-        return _Exit(code)
+        return _Seen(ENDED, code=code)
 
     def signal(self, job, sig):
         with self._reap_lock:
-            if not job.child and not _is_alive(job, self._exits.path):
+            if (job.pid not in self._children
+                    and not _is_alive(job.pid, job.ident, job.seq, self._exits.path)):
                 return False        # gone, or re-adopted and gone: never a stranger
             try:
                 os.killpg(job.pid, sig)
@@ -1082,9 +1156,9 @@ class LocalBackend:
     def recover(self, job):
         if job.pid is None:         # handed over, then the manager died
             return self._find(job)
-        if _is_alive(job, self._exits.path):
-            return True
-        return _Exit(self._exits.code(job.seq))
+        if _is_alive(job.pid, job.ident, job.seq, self._exits.path):
+            return _Seen(RUNNING)
+        return _Seen(ENDED, code=self._exits.code(job.seq))
 
     def recover_queued(self, job):
         return self._find(job)
@@ -1092,8 +1166,7 @@ class LocalBackend:
     def _find(self, job):
         """A job whose spawn was never confirmed on disk: find its wrapper
         (``pman-job <seq>`` on our exit log, leading its process group) or
-        its exit code, so that it never runs twice; False if it never
-        ran."""
+        its exit code, so that it never runs twice; NEVER if it never ran."""
         if self._orphans is None:       # one scan of /proc per startup
             self._orphans = {}
             for name in os.listdir("/proc"):
@@ -1104,19 +1177,16 @@ class LocalBackend:
                         self._orphans[seq] = int(name)
         pid = self._orphans.get(job.seq)
         if pid is not None:
-            job.pid, job.ident = pid, _identity(pid)
-            if _is_alive(job, self._exits.path):
-                job.status, job.started = STARTED, job.started or job.submitted
-                job.message = "running (pid %d), found after a restart" % pid
-                return True
+            ident = _identity(pid)
+            if _is_alive(pid, ident, job.seq, self._exits.path):
+                return _Seen(RUNNING, "running (pid %d), found after a restart" % pid,
+                             pid=pid, ident=ident)
         code = self._exits.code(job.seq)
         if code is not None:
-            job.started = job.started or job.submitted
-            return _Exit(code)
+            return _Seen(ENDED, code=code)
         if job.ident is not None and job.ident[1] != _BOOT_ID:
-            return _Exit(None)      # handed over before a reboot: it may have run
-        job.pid = job.ident = None
-        return False
+            return _Seen(ENDED)     # handed over before a reboot: it may have run
+        return _Seen(NEVER)
 
     def wake(self):
         self._waker.wake()
@@ -1139,7 +1209,7 @@ _SLURM_ERROR = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED", "REVOKED", "SPECIAL_EXIT"}
 
 
-class SlurmBackend:
+class SlurmBackend(_Backend):
     """Jobs as SLURM batch jobs, driven through ``sbatch``, ``squeue``,
     ``sacct`` and ``scancel``.  The submit host needs SLURM's client
     commands; the state directory (logs) must be on a file system the
@@ -1160,7 +1230,7 @@ class SlurmBackend:
         self.log_dir = None
         self.calls = collections.Counter()   # scheduler commands run, by name
 
-    def open(self, log_dir, log_path):
+    def open(self, state_dir, log_dir, log_path):
         for tool in ("sbatch", "squeue", "scancel"):
             if shutil.which(tool) is None:
                 raise BackendUnavailable("the slurm backend needs %r on PATH, and it is "
@@ -1191,8 +1261,6 @@ class SlurmBackend:
         return out
 
     def start(self, job, env):
-        if job.cwd is not None and not os.path.isdir(job.cwd):
-            raise FileNotFoundError(errno.ENOENT, "no such directory (cwd)", job.cwd)
         argv = ["sbatch", "--parsable", "-J", job.jid,
                 "-o", self.log_path(job.jid, "stdout"), "-e", self.log_path(job.jid, "stderr")]
         if job.cwd is not None:
@@ -1220,16 +1288,8 @@ class SlurmBackend:
         job_id = out.stdout.strip().split(";")[0]
         if not job_id.isdigit():
             raise SubmitRejected("sbatch printed no job id: %r" % out.stdout[:200])
-        job.backend_id = job_id
-        job.message = "submitted to SLURM as job %s" % job_id
         self._interval = self.MIN_POLL
-        return NOTSTARTED
-
-    def seq_floor(self):
-        return 1
-
-    def idle(self):
-        pass
+        return _Seen(QUEUED, "submitted to SLURM as job %s" % job_id, backend_id=job_id)
 
     def watch(self, job):
         self._watched[job.jid] = job
@@ -1318,28 +1378,25 @@ class SlurmBackend:
         if base in _SLURM_PENDING:
             message = "pending in SLURM as job %s (%s)" % (
                 job.backend_id, reason if reason and reason != "None" else base)
-            changed = job.message != message
-            job.message = message
-            return "changed" if changed else None
+            return None if job.message == message else _Seen(QUEUED, message)
         if base in _SLURM_RUNNING:
             if job.status == STARTED:
                 return None
-            job.status, job.started = STARTED, self._started(job, start)
-            job.message = "running in SLURM as job %s" % job.backend_id
-            return "started"
-        if job.started is None:     # it ran between two polls
-            job.started = self._started(job, start)
+            return _Seen(RUNNING, "running in SLURM as job %s" % job.backend_id,
+                         started=self._started(job, start))
+        started = self._started(job, start)    # it may have run between two polls
         what = "SLURM job %s %s%s" % (job.backend_id, base,
                                       " (%s)" % reason if reason and reason != "None" else "")
         if base == "COMPLETED" and code == 0 and not sig:
-            return _Exit(0, SUCCESS, "%s: exited with code 0" % what)
+            return _Seen(ENDED, "%s: exited with code 0" % what, 0, SUCCESS, started)
         if base in _SLURM_ERROR or base == "COMPLETED":
             if sig:
-                return _Exit(-sig, ERROR, "%s: ended by %s" % (what, signal_name(sig)))
+                return _Seen(ENDED, "%s: ended by %s" % (what, signal_name(sig)), -sig,
+                             ERROR, started)
             if base == "CANCELLED" or code is None or (base != "FAILED" and code == 0):
-                return _Exit(None, ERROR, "%s: no exit code is known" % what)
-            return _Exit(code, ERROR, "%s: exited with code %d" % (what, code))
-        return _Exit(None, UNDEFINED, "%s: unknown SLURM state" % what)
+                return _Seen(ENDED, "%s: no exit code is known" % what, None, ERROR, started)
+            return _Seen(ENDED, "%s: exited with code %d" % (what, code), code, ERROR, started)
+        return _Seen(ENDED, "%s: unknown SLURM state" % what, None, UNDEFINED, started)
 
     def signal(self, job, sig):
         if not job.backend_id:
@@ -1355,11 +1412,9 @@ class SlurmBackend:
         self.wake()
         return True
 
-    def recover_queued(self, job):
-        return False        # queued in pman: never reached SLURM
-
     def recover(self, job):
-        if not job.backend_id:
+        backend_id = job.backend_id
+        if not backend_id:
             # A crash between sbatch and saving its id: find the job by name,
             # submitted no earlier than the record says.
             out = self._run(["squeue", "-t", "all", "-h", "--name", job.jid,
@@ -1369,9 +1424,10 @@ class SlurmBackend:
             ids = [f.split("|")[0].strip() for f in out.stdout.splitlines()
                    if f.split("|")[-1].strip() >= since]
             if not ids:
-                return False            # never submitted: queue it again
-            job.backend_id = max(ids, key=int)
-        return True
+                return _Seen(NEVER)         # never submitted: queue it again
+            backend_id = max(ids, key=int)
+        # Whether it runs yet, the next poll says.
+        return _Seen(RUNNING if job.status == STARTED else QUEUED, backend_id=backend_id)
 
     def wake(self):
         self._waker.wake()
@@ -1381,14 +1437,20 @@ class SlurmBackend:
 
 
 def _make_backend(backend):
+    """A backend object for ``JobManager(backend=...)``: a name, or any
+    object that implements the `_Backend` protocol."""
     if backend is None or backend == "local":
         return LocalBackend()
     if backend == "slurm":
         return SlurmBackend()
-    if isinstance(backend, (LocalBackend, SlurmBackend)):
-        return backend
-    raise InvalidArgument("backend must be 'local', 'slurm' or a backend object, not %r"
-                          % (backend,))
+    if isinstance(backend, str):
+        raise InvalidArgument("unknown backend %r: 'local', 'slurm' or a backend object"
+                              % backend)
+    missing = [m for m in _BACKEND_METHODS if not callable(getattr(backend, m, None))]
+    if missing:
+        raise InvalidArgument("backend %r lacks %s: a backend implements the methods "
+                              "of pman._Backend" % (backend, ", ".join(missing)))
+    return backend
 
 
 # ---------------------------------------------------------------------------
@@ -1516,7 +1578,7 @@ class JobManager:
         self._flush_due = None
         self._closing = False
         self._compact_lock = threading.Lock()   # one compaction at a time
-        self.backend.open(self.log_dir, self._log_path)
+        self.backend.open(self._path, self.log_dir, self._log_path)
         self._backend_open = True
         self._finished = 0
         self._end_order = collections.deque()   # (jid, line) in order of ending
@@ -2165,15 +2227,17 @@ class JobManager:
         for job in jobs:
             started = _now()
             try:
-                status, error = self.backend.start(job, self._env_for(job)), None
+                if job.cwd is not None and not os.path.isdir(job.cwd):
+                    raise FileNotFoundError(errno.ENOENT, "no such directory (cwd)", job.cwd)
+                seen, error = self.backend.start(job, self._env_for(job)), None
             except Exception as e:  # EMFILE, EAGAIN, ENOSPC, ENOENT...: this job only
-                status, error = None, e
+                seen, error = None, e
             with self._lock:
                 job.starting = False
                 refused = isinstance(error, (BackendUnavailable, SubmitRejected))
                 if error is None:
-                    job.status = status
-                    job.started = started if status == STARTED else None
+                    job.spawned_at = _time()
+                    self._apply(job, seen._replace(started=started))
                     self.backend.watch(job)
                     self._watch(job)
                     self._persist(job)
@@ -2365,10 +2429,31 @@ class JobManager:
             self._wake()
         self._changed.notify_all()
 
+    def _apply(self, job, seen):
+        """Apply what the backend found (a `_Seen` of a job it holds) to
+        *job*; True if the record changed.  An ENDED job is finished.
+        Caller holds self._lock."""
+        if seen.state == ENDED:
+            if job.started is None and seen.started is not None:   # ran between polls
+                job.started = seen.started
+            self._outcome(job, seen)
+            return True
+        before = (job.status, job.message, job.pid, job.backend_id)
+        for name in ("pid", "ident", "backend_id", "message"):
+            value = getattr(seen, name)
+            if value is not None:
+                setattr(job, name, value)
+        if seen.state == RUNNING and job.status != STARTED:
+            job.status = STARTED
+            job.started = seen.started or _now()
+        elif seen.state == QUEUED:
+            job.started = None
+        return (job.status, job.message, job.pid, job.backend_id) != before
+
     def _outcome(self, job, end):
-        """Finish *job* given how the backend says it ended (an _Exit: the
-        code its wrapper reported, None if none survives).  Caller holds
-        self._lock."""
+        """Finish *job* given how the backend says it ended (a `_Seen` of
+        state ENDED: the code its wrapper reported, None if none
+        survives).  Caller holds self._lock."""
         code = end.code
         if job.kill_signal and job.kill_sent:
             sig = job.kill_signal
@@ -2397,18 +2482,18 @@ class JobManager:
             self._finish(job, *_describe_exit(code))
 
     def _collect(self, job):
-        """The backend says *job* may have changed.  Caller holds
-        self._lock."""
+        """The backend says *job* may have changed: apply what it finds.
+        Caller holds self._lock."""
         if self._running.get(job.jid) is not job or job.starting:
             return
-        end = self.backend.check(job)
-        if end == "started":        # e.g. a SLURM job left the queue and runs
-            self._timeout_timer(job)
+        seen = self.backend.check(job)
+        if seen is None:
+            return
+        was_started = job.status == STARTED
+        if self._apply(job, seen) and seen.state != ENDED:
+            if job.status == STARTED and not was_started:   # e.g. left SLURM's queue
+                self._timeout_timer(job)
             self._persist(job)
-        elif end == "changed":
-            self._persist(job)
-        elif end is not None:
-            self._outcome(job, end)
 
     def _collect_safely(self, job):
         """_collect, but a failure settles that one job instead of leaving a
@@ -2429,18 +2514,20 @@ class JobManager:
         for job in [e for e in self._jobs.values() if not isinstance(e, str)]:
             try:
                 if job.status == NOTSTARTED and job.backend_id is None:
-                    state = self.backend.recover_queued(job)
+                    seen = self.backend.recover_queued(job)
                 else:
-                    state = self.backend.recover(job)
+                    seen = self.backend.recover(job)
             except PmanError as e:
                 log.warning("cannot recover job %s now (%s): it stays as it was", job.jid, e)
-                state = True
-            if state is False:          # never reached the backend
-                job.backend_id = job.ident = None
+                seen = _Seen(RUNNING if job.status == STARTED else QUEUED)
+            if seen.state == NEVER:          # never reached the backend
+                job.backend_id = job.ident = job.pid = None
                 job.status, job.started = NOTSTARTED, None
                 job.message = "queued: waiting for a free slot"
                 self._queue.append(job)
-            elif state is True:
+            elif seen.state in (RUNNING, QUEUED):
+                self._apply(job, seen._replace(started=seen.started or job.started
+                                               or job.submitted))
                 self._running[job.jid] = job
                 self.backend.watch(job)
                 self._watch(job)
@@ -2448,8 +2535,9 @@ class JobManager:
                 if job.kill_signal and self._running.get(job.jid) is job:
                     kills.append(_Kill(job, job.kill_signal, None, 0, None, None))
                 log.info("re-adopted job %s (%s)", job.jid, job.pid or job.backend_id)
-            else:
-                self._outcome(job, state)
+            else:               # it ended while no manager watched
+                self._apply(job, seen._replace(started=seen.started or job.started
+                                               or job.submitted))
         return kills
 
     def _start_queued(self):

@@ -3763,6 +3763,81 @@ def test_wal_rejected_rerun_keeps_the_old_record_and_logs(crash_env, fake_slurm)
     assert m.get("reject-me")["seq"] == old["seq"]
 
 
+# ---------------------------------------------------------------------------
+# The backend seam: a backend written against pman._Backend alone
+# ---------------------------------------------------------------------------
+
+class _PopenBackend(pman._Backend):
+    """A third-party backend for the test: plain Popen, polled."""
+
+    name = "popen"
+
+    def open(self, state_dir, log_dir, log_path):
+        self.log_path, self.procs, self.watched = log_path, {}, {}
+        self.woken = threading.Event()
+
+    def start(self, job, env):
+        with open(self.log_path(job.jid, "stdout"), "wb") as out:
+            proc = subprocess.Popen(["/bin/sh", "-c", job.cmd], stdout=out, env=env,
+                                    cwd=job.cwd, start_new_session=True)
+        self.procs[job.jid] = proc
+        return pman._Seen(pman.RUNNING, "popen %d" % proc.pid, pid=proc.pid)
+
+    def watch(self, job):
+        self.watched[job.jid] = job
+
+    def unwatch(self, job):
+        self.procs.pop(job.jid, None)
+        self.watched.pop(job.jid, None)
+
+    def wait(self, timeout):
+        self.woken.wait(0.01 if timeout is None else min(timeout, 0.01))
+        self.woken.clear()
+        return list(self.watched.values())
+
+    def check(self, job):
+        proc = self.procs.get(job.jid)
+        code = proc.poll() if proc is not None else None
+        return None if code is None else pman._Seen(pman.ENDED, code=code)
+
+    def signal(self, job, sig):
+        proc = self.procs.get(job.jid)
+        if proc is None or proc.poll() is not None:
+            return False
+        os.killpg(proc.pid, sig)
+        return True
+
+    def recover(self, job):
+        return pman._Seen(pman.ENDED)       # nothing survives this backend
+
+    def wake(self):
+        self.woken.set()
+
+    def close(self):
+        pass
+
+
+def test_seam_a_backend_written_against_the_protocol(tmp_path):
+    m = pman.JobManager(str(tmp_path / "state"), backend=_PopenBackend(), grace=1)
+    try:
+        assert m.run("echo hi; exit 3", jid="b1")["message"].startswith("popen ")
+        done = m.wait("b1", timeout=10)
+        assert (done["status"], done["returncode"]) == ("finishedWithError", 3), done
+        assert m.read_log("b1")["data"] == b"hi\n"
+        m.run("sleep 30", jid="b2", timeout=0.2)
+        done = m.wait("b2", timeout=10)
+        assert done["returncode"] == -15 and "timed out" in done["message"], done
+    finally:
+        m.close(kill=True)
+    m = pman.JobManager(str(tmp_path / "state2"), backend=_PopenBackend())
+    m.close()
+    with pytest.raises(pman.InvalidArgument) as info:
+        pman.JobManager(str(tmp_path / "state3"), backend=object())
+    assert "lacks open, start" in str(info.value)
+    with pytest.raises(pman.InvalidArgument):
+        pman.JobManager(str(tmp_path / "state4"), backend="docker")
+
+
 # ===========================================================================
 # http
 # ===========================================================================
