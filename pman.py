@@ -183,9 +183,25 @@ def _parse_time(stamp):
     return datetime.fromisoformat(stamp).timestamp()
 
 
+def _time_since(stamp):
+    return datetime.now(timezone.utc).timestamp() - _parse_time(stamp) if stamp else 0.0
+
+
+def _drain(fd):
+    try:
+        while os.read(fd, 65536):
+            pass
+    except BlockingIOError:
+        pass
+
+
 # ---------------------------------------------------------------------------
 # Exceptions
 # ---------------------------------------------------------------------------
+
+# Every exception the library raises is defined here (the HTTP layer's own
+# HTTPError, which never leaves it, is defined there); the HTTP status of
+# each is in one table, _HTTP_STATUS.
 
 class PmanError(Exception):
     """Root of every error pman raises.  ``str(e)`` says what is wrong."""
@@ -256,6 +272,15 @@ class StorageError(PmanError, OSError):
         return self.strerror
 
 
+class BackendUnavailable(PmanError):
+    """The backend cannot take jobs now (no ``sbatch``, the controller does
+    not answer...).  The HTTP layer answers 503."""
+
+
+class SubmitRejected(PmanError):
+    """The backend refused this job; the message is the backend's own."""
+
+
 # ---------------------------------------------------------------------------
 # Validation helpers
 # ---------------------------------------------------------------------------
@@ -315,6 +340,15 @@ def _check_number(name, value, allow_none=True):
             or not 0 <= value <= MAX_SECONDS):
         raise InvalidArgument("%s must be a number from 0 to %g, not %s"
                               % (name, MAX_SECONDS, _shown(value)))
+    return value
+
+
+def _check_count(name, value, allow_none=True):
+    """*value* if it is a non-negative integer (or None, if allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument("%s must be a non-negative integer, not %s" % (name, _shown(value)))
     return value
 
 
@@ -383,16 +417,36 @@ class _Job:
         return json.dumps({name: getattr(self, name) for name in _FIELDS})
 
 
+# A stored job (an "entry" of JobManager._jobs) is a _Job while queued or
+# running and, once finished, its JSON line (a str): compact for 100,000
+# jobs, and already serialized for the journal and the HTTP layer.  These
+# helpers are the only code that tells the two apart.
+
+def _is_finished(entry):
+    """True for a finished job's line, False for a queued or running _Job."""
+    return isinstance(entry, str)
+
+
+def _line_of(entry):
+    """The JSON line of *entry* (a finished job's is the entry itself)."""
+    return entry if isinstance(entry, str) else entry.line()
+
+
+def _line_status(line):
+    return _LINE_RE.match(line).group(2)
+
+
+def _line_seq(line):
+    return int(_LINE_RE.match(line).group(3))
+
+
 def _record(entry):
-    """A fresh record dict (a deep copy) of a stored job: a _Job or a
-    finished job's line."""
-    return json.loads(entry if isinstance(entry, str) else entry.line())
+    """A fresh record dict (a deep copy) of a stored job."""
+    return json.loads(_line_of(entry))
 
 
 def _entry_status(entry):
-    if isinstance(entry, str):
-        return _LINE_RE.match(entry).group(2)
-    return entry.status
+    return _line_status(entry) if _is_finished(entry) else entry.status
 
 
 # ---------------------------------------------------------------------------
@@ -880,15 +934,6 @@ def _wrapped_argv(job, exits_path):
 # kill_reason) before it, *kind* the timer that sent it (None: a request),
 # *grace* None when no escalation follows.
 _Kill = collections.namedtuple("_Kill", "job sig grace ticket previous kind")
-
-
-class BackendUnavailable(PmanError):
-    """The backend cannot take jobs now (no ``sbatch``, the controller does
-    not answer...).  The HTTP layer answers 503."""
-
-
-class SubmitRejected(PmanError):
-    """The backend refused this job; the message is the backend's own."""
 
 
 class _Waker:
@@ -1471,6 +1516,67 @@ _registry = {}                      # realpath -> open JobManager
 _registry_lock = threading.Lock()   # guards _registry and JobManager._refs
 
 
+class _Timers:
+    """The manager's timers (a timeout, a kill's escalation, a re-send, a
+    log check), in a heap of (when, n, kind, jid, seq).  Each belongs to one
+    run of a job (*seq*), so a re-run of its jid is never touched by the
+    timers of an earlier run.  The timers of a job that ends are cancelled:
+    the heap drops them once they are a quarter of it (and at least 64), so
+    dead timers never pile up.  Guarded by the manager's lock."""
+
+    def __init__(self):
+        self._heap = []
+        self._n = 0
+        self._dead = 0          # entries of jobs that have ended
+
+    def __len__(self):
+        return len(self._heap)
+
+    def push(self, delay, kind, job):
+        self._n += 1
+        heapq.heappush(self._heap, (_time() + delay, self._n, kind, job.jid, job.seq))
+        job.timers += 1
+
+    def next_due(self):
+        """When the next timer is due (monotonic), or None."""
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self, now, live):
+        """Remove the timers due by *now* and yield (kind, job) for those
+        whose job ``live(jid, seq)`` returns."""
+        while self._heap and self._heap[0][0] <= now:
+            _, _, kind, jid, seq = heapq.heappop(self._heap)
+            job = live(jid, seq)
+            if job is None:
+                self._dead = max(0, self._dead - 1)
+                continue
+            job.timers -= 1
+            yield kind, job
+
+    def cancel(self, job, live):
+        """*job* has ended: its timers are dead."""
+        self._dead += job.timers
+        job.timers = 0
+        if self._dead >= 64 and 4 * self._dead >= len(self._heap):
+            self._heap = [t for t in self._heap if live(t[3], t[4]) is not None]
+            heapq.heapify(self._heap)
+            self._dead = 0
+
+
+def _registry_release(manager, every_handle=False):
+    """Drop one handle of *manager* (every one with *every_handle*); True
+    if that was the last and the caller must shut the manager down."""
+    with _registry_lock:
+        if manager._options is None:        # already closed
+            return False
+        manager._refs = 0 if every_handle else manager._refs - 1
+        if manager._refs > 0:
+            return False
+        manager._options = None
+        _registry.pop(manager._path, None)
+        return True
+
+
 class JobManager:
     """Runs and tracks jobs whose state lives in *state_dir*.
 
@@ -1525,10 +1631,8 @@ class JobManager:
                                             isinstance(max_running, int) or max_running < 1):
                 raise InvalidArgument("max_running must be a positive integer or None")
             _check_number("grace", grace, allow_none=False)
-            for name, value in (("log_limit", log_limit), ("keep_finished", keep_finished)):
-                if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                          or value < 0):
-                    raise InvalidArgument("%s must be a non-negative integer or None" % name)
+            _check_count("log_limit", log_limit)
+            _check_count("keep_finished", keep_finished)
             self.max_running = max_running
             self.grace = float(grace)
             self.log_limit = log_limit
@@ -1571,9 +1675,7 @@ class JobManager:
         self._jobs = lines                  # jid -> _Job | line; submission order
         self._queue = collections.deque()   # queued _Jobs, submission order
         self._running = {}                  # jid -> started _Job
-        self._timers = []                   # heap of (when, n, kind, jid, seq)
-        self._timer_n = 0
-        self._dead_timers = 0               # entries of jobs that have ended
+        self._timers = _Timers()
         self._ended = []                    # records for on_end, reaper only
         self._flush_due = None
         self._closing = False
@@ -1642,14 +1744,11 @@ class JobManager:
         Without kill, running jobs keep running and the next manager
         re-adopts them; queued jobs stay queued."""
         self._not_from_reaper("close()")
-        with _registry_lock:
-            if self._options is None:
-                return
-            self._refs -= 1
-            if self._refs > 0 and not kill:
-                return
-            self._options = None
-            _registry.pop(self._path, None)
+        if _registry_release(self, every_handle=kill):
+            self._shutdown(kill)
+
+    def _shutdown(self, kill):
+        """Close the manager for good (see `close`)."""
         if kill:
             with self._lock:
                 for job in list(self._queue):
@@ -1775,9 +1874,8 @@ class JobManager:
             if not start:
                 self._queue.append(job)
                 snapshot = self._public(_record(job))
-            if not self.durable and self._flush_due is None:
-                self._flush_due = _time() + FLUSH_DELAY     # the reaper syncs soon
-                self._wake()
+            if not self.durable:
+                self._flush_soon(FLUSH_DELAY)   # the reaper syncs soon
         try:
             if self.durable:
                 self._store.sync(ticket)
@@ -1809,10 +1907,7 @@ class JobManager:
         ``with_logs=True`` it also holds ``logs``: the tail of stdout then
         stderr (at most 1,000 lines and 64 KiB)."""
         with self._lock:
-            entry = self._jobs.get(jid) if isinstance(jid, str) else None
-            if entry is None:
-                raise JobNotFound(jid)
-            record = self._public(_record(entry))
+            record = self._public(_record(self._entry(jid)))
         if with_logs:
             record["logs"] = self.tail(jid)
         return record
@@ -1833,12 +1928,11 @@ class JobManager:
                                           % (_shown(s), ", ".join(STATUSES)))
         if meta is not None and not isinstance(meta, dict):
             raise InvalidArgument("meta filter must be a dict")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-            raise InvalidArgument("limit must be a non-negative integer")
+        _check_count("limit", limit)
         out = []
         with self._lock:    # finished jobs are immutable lines: copy the rest
             items = reversed(self._jobs.items()) if newest else self._jobs.items()
-            entries = [(jid, e if isinstance(e, str) else e.line()) for jid, e in items]
+            entries = [(jid, _line_of(e)) for jid, e in items]
         started = after is None
         for jid, entry in entries:
             if not started:
@@ -1846,7 +1940,7 @@ class JobManager:
                 continue
             if limit is not None and len(out) >= limit:
                 break
-            if status is not None and _LINE_RE.match(entry).group(2) not in status:
+            if status is not None and _line_status(entry) not in status:
                 continue
             record = json.loads(entry)
             if auid is not None and record["auid"] != auid:
@@ -1875,7 +1969,7 @@ class JobManager:
                     if entry is None:
                         raise JobNotFound(jid)
                     entries.append(entry)
-                pending = [e for e in entries if not isinstance(e, str)]
+                pending = [e for e in entries if not _is_finished(e)]
                 if not pending:
                     break
                 left = None if deadline is None else deadline - _time()
@@ -1895,14 +1989,10 @@ class JobManager:
         follow, so a follower loops until it."""
         if stream not in ("stdout", "stderr"):
             raise InvalidArgument("stream must be 'stdout' or 'stderr', not %s" % _shown(stream))
-        for name, value in (("offset", offset), ("limit", limit)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise InvalidArgument("%s must be a non-negative integer" % name)
+        _check_count("offset", offset, allow_none=False)
+        _check_count("limit", limit)
         with self._lock:
-            entry = self._jobs.get(jid) if isinstance(jid, str) else None
-            if entry is None:
-                raise JobNotFound(jid)
-            ended = isinstance(entry, str)
+            ended = _is_finished(self._entry(jid))
         data = b""
         try:
             with open(self._log_path(jid, stream), "rb") as f:
@@ -1979,13 +2069,10 @@ class JobManager:
         None while the job is queued or running (its record changes on its
         own).  JobNotFound if there is no such job."""
         with self._lock:
-            entry = self._jobs.get(jid) if isinstance(jid, str) else None
-            if entry is None:
-                raise JobNotFound(jid)
-            if not isinstance(entry, str):
-                return None
-            m = _LINE_RE.match(entry)
-            return "%s-%s-%d" % (m.group(3), m.group(2), len(entry))
+            entry = self._entry(jid)
+        if not _is_finished(entry):
+            return None
+        return "%d-%s-%d" % (_line_seq(entry), _line_status(entry), len(entry))
 
     def jids(self):
         """Every jid, in submission order."""
@@ -2028,8 +2115,7 @@ class JobManager:
         if stream not in (None, "stdout", "stderr"):
             raise InvalidArgument("stream must be 'stdout', 'stderr' or None")
         with self._lock:
-            if not isinstance(jid, str) or jid not in self._jobs:
-                raise JobNotFound(jid)
+            self._entry(jid)
         parts = []
         for name in ((stream,) if stream else ("stdout", "stderr")):
             try:
@@ -2058,9 +2144,9 @@ class JobManager:
             replaced = {}
             for jid, line in disk.items():
                 old = self._jobs.get(jid)
-                m, n = _LINE_RE.match(line), _LINE_RE.match(old) if isinstance(old, str) else None
-                if (n is not None and old != line and m.group(2) not in ACTIVE
-                        and m.group(3) == n.group(3)):
+                if (old is not None and _is_finished(old) and old != line
+                        and _line_status(line) not in ACTIVE
+                        and _line_seq(line) == _line_seq(old)):
                     self._jobs[jid] = line
                     replaced[jid] = old
             if replaced:
@@ -2094,13 +2180,18 @@ class JobManager:
         if self._closing or self._options is None:
             raise PmanError("the manager for %s is closed" % self._path)
 
-    def _active(self, jid):
-        """The _Job for *jid* if queued or running, None if finished.
-        Caller holds self._lock."""
+    def _entry(self, jid):
+        """The stored job *jid*, or JobNotFound.  Caller holds self._lock."""
         entry = self._jobs.get(jid) if isinstance(jid, str) else None
         if entry is None:
             raise JobNotFound(jid)
-        return None if isinstance(entry, str) else entry
+        return entry
+
+    def _active(self, jid):
+        """The _Job for *jid* if queued or running, None if finished.
+        Caller holds self._lock."""
+        entry = self._entry(jid)
+        return None if _is_finished(entry) else entry
 
     def _log_path(self, jid, stream):
         return os.path.join(self.log_dir, jid + (".out" if stream == "stdout" else ".err"))
@@ -2157,11 +2248,8 @@ class JobManager:
                 jids = self._oldest_finished(oldest)
             gone = []
             for jid in jids:
-                entry = self._jobs.get(jid)
-                if isinstance(entry, str):
+                if _is_finished(self._entry(jid)):
                     gone.append(jid)
-                elif entry is None:
-                    raise JobNotFound(jid)
             if not gone:
                 return 0
             try:
@@ -2282,36 +2370,20 @@ class JobManager:
         """Arm a timer for this run of *job* (a re-run of its jid has
         another seq, so timers of an earlier run never touch it).  Caller
         holds self._lock."""
-        self._timer_n += 1
-        heapq.heappush(self._timers, (_time() + delay, self._timer_n, kind, job.jid, job.seq))
-        job.timers += 1
+        self._timers.push(delay, kind, job)
         self._wake()
 
-    def _drop_timers(self, job):
-        """*job* has ended: its timers are dead.  The heap is rebuilt
-        without them once they are a quarter of it (and at least 64), so
-        dead timers never pile up.  Caller holds self._lock."""
-        self._dead_timers += job.timers
-        job.timers = 0
-        if self._dead_timers >= 64 and 4 * self._dead_timers >= len(self._timers):
-            running = self._running
-            self._timers = [t for t in self._timers if t[3] in running
-                            and running[t[3]].seq == t[4]]
-            heapq.heapify(self._timers)
-            self._dead_timers = 0
+    def _live_job(self, jid, seq):
+        """The running _Job *jid* if it is still run *seq*, else None.
+        Caller holds self._lock."""
+        job = self._running.get(jid)
+        return job if job is not None and job.seq == seq else None
 
     def _due_timers(self):
         """Fire the timers that are due; return the _Kills to deliver.
         Caller holds self._lock."""
         kills = []
-        now = _time()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, kind, jid, seq = heapq.heappop(self._timers)
-            job = self._running.get(jid)
-            if job is None or job.seq != seq:
-                self._dead_timers = max(0, self._dead_timers - 1)
-                continue
-            job.timers -= 1
+        for kind, job in self._timers.pop_due(_time(), self._live_job):
             try:
                 kill = self._fire(job, kind)
             except Exception:   # e.g. the disk failed: try again
@@ -2422,11 +2494,9 @@ class JobManager:
         if len(self._end_order) > 2 * self._finished + 1000:    # drop stale pairs
             self._end_order = collections.deque(
                 p for p in self._end_order if self._jobs.get(p[0]) is p[1])
-        self._drop_timers(job)
+        self._timers.cancel(job, self._live_job)
         self._ended.append(job.jid)
-        if self._flush_due is None:
-            self._flush_due = _time() + FLUSH_DELAY
-            self._wake()
+        self._flush_soon(FLUSH_DELAY)
         self._changed.notify_all()
 
     def _apply(self, job, seen):
@@ -2511,7 +2581,7 @@ class JobManager:
         may never have gone out, or may have been lost in the wrapper's
         fork window).  Caller holds self._lock."""
         kills = []
-        for job in [e for e in self._jobs.values() if not isinstance(e, str)]:
+        for job in [e for e in self._jobs.values() if not _is_finished(e)]:
             try:
                 if job.status == NOTSTARTED and job.backend_id is None:
                     seen = self.backend.recover_queued(job)
@@ -2556,7 +2626,7 @@ class JobManager:
                 self._running.pop(job.jid)
                 job.starting, job.backend_id, job.ident = False, None, None
                 job.message = "queued: waiting for a free slot"
-                self._retry_soon()
+                self._flush_soon(TIMER_RETRY)
                 break
             self._queue.popleft()
             jobs.append(job)
@@ -2578,24 +2648,25 @@ class JobManager:
                         job.message = "queued: waiting for a free slot"
                         self._queue.appendleft(job)
                         self._persist(job)
-                    self._retry_soon()
+                    self._flush_soon(TIMER_RETRY)
                 return
         self._launch(jobs)
 
-    def _retry_soon(self):
-        """Have the reaper come back after TIMER_RETRY.  Caller holds
-        self._lock."""
-        due = _time() + TIMER_RETRY
+    def _flush_soon(self, delay):
+        """Have the reaper sync the journal (and retry what failed) within
+        *delay* s.  Caller holds self._lock."""
+        due = _time() + delay
         if self._flush_due is None or self._flush_due > due:
             self._flush_due = due
-        self._wake()
+            self._wake()
 
     # -- the reaper thread ------------------------------------------------------
 
     def _reap_loop(self):
         while True:
             with self._lock:
-                delay = self._timers[0][0] - _time() if self._timers else None
+                delay = self._timers.next_due()
+                delay = None if delay is None else delay - _time()
                 if self._flush_due is not None:
                     flush = self._flush_due - _time()
                     delay = flush if delay is None else min(delay, flush)
@@ -2642,7 +2713,7 @@ class JobManager:
             except StorageError as e:
                 log.warning("%s; retrying in %g s", e, TIMER_RETRY)
                 with self._lock:
-                    self._retry_soon()
+                    self._flush_soon(TIMER_RETRY)
                 idle = False
             if idle:
                 with self._lock:
@@ -2700,23 +2771,11 @@ class JobManager:
         try:
             with self._lock:
                 gen = self._store.rotate()
-                lines = [e if isinstance(e, str) else e.line() for e in self._jobs.values()]
+                lines = [_line_of(e) for e in self._jobs.values()]
                 next_seq = self._next_seq
             self._store.write_snapshot(lines, gen, next_seq)
         finally:
             self._compact_lock.release()
-
-
-def _time_since(stamp):
-    return datetime.now(timezone.utc).timestamp() - _parse_time(stamp) if stamp else 0.0
-
-
-def _drain(fd):
-    try:
-        while os.read(fd, 65536):
-            pass
-    except BlockingIOError:
-        pass
 
 
 @atexit.register
@@ -2726,9 +2785,8 @@ def _close_all():
         managers = list(_registry.values())
     for manager in managers:
         try:
-            with _registry_lock:
-                manager._refs = 1
-            manager.close()
+            if _registry_release(manager, every_handle=True):
+                manager._shutdown(kill=False)
         except Exception:
             log.exception("closing %r at exit", manager)
 
