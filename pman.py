@@ -483,7 +483,7 @@ def _write_atomic(path, chunks):
 class _Store:
     """Snapshot + append-only journal.  The whole persistence interface:
 
-    - ``load()`` -> (ordered {jid: line}, next_seq, damaged): replays the
+    - ``load()`` -> (ordered {jid: line}, next_seq, replayed): replays the
       snapshot and journals; moves damaged files aside;
     - ``append(line, must=False)`` -> ticket: write one line now (the
       caller holds the manager lock, so the journal order is the order of
@@ -2313,6 +2313,9 @@ class JobManager:
         Returns the records of the jobs as they started."""
         kills, records = [], []
         for job in jobs:
+            with self._lock:
+                if self._jobs.get(job.jid) is not job:
+                    continue    # withdrawn meanwhile: its submission failed
             started = _now()
             try:
                 if job.cwd is not None and not os.path.isdir(job.cwd):
@@ -2644,6 +2647,8 @@ class JobManager:
                 with self._lock:
                     for job in reversed(jobs):
                         self._running.pop(job.jid, None)
+                        if self._jobs.get(job.jid) is not job:
+                            continue    # withdrawn meanwhile
                         job.starting, job.backend_id, job.ident = False, None, None
                         job.message = "queued: waiting for a free slot"
                         self._queue.appendleft(job)
@@ -2897,7 +2902,7 @@ def _tree_info(record, manager):
 
 def job_tree(record, manager):
     """The original pman's view of one job, projected from its record on
-    demand (never stored): see API.md, "The job tree"."""
+    demand (never stored): see README.rst, "Command dialect"."""
     info = _tree_info(record, manager)
     start = {"0": info} if record["status"] != NOTSTARTED else {}
     end = {"0": info} if record["status"] not in ACTIVE else {}
@@ -3221,7 +3226,7 @@ _RESOURCE_FIELDS = {"jid", "cmd", "entrypoint", "args", "auid", "env", "cwd", "t
 
 class _Routes:
     """The route table: (method, regex, OpenAPI path, handler name, summary).
-    Handlers take (request, match, query, body) and return (status, obj)."""
+    Handlers take (groups, query, body) and return (status, obj)."""
 
     TABLE = [
         ("GET", r"/api/v1", "/api/v1/", "root", "List every jid (command dialect)"),
