@@ -4128,6 +4128,8 @@ def _cmd_ls(client, args):
         if not (args.all and page.get("next")):
             break
         query["after"] = page["next"]
+    if page.get("next") and not args.all:
+        print("(the newest %d shown: pman ls --all for every job)" % len(jobs), file=sys.stderr)
     if args.json:
         _print_json(jobs)
         return EXIT_OK
@@ -4135,8 +4137,6 @@ def _cmd_ls(client, args):
     colour = tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
     width = shutil.get_terminal_size().columns if tty or os.environ.get("COLUMNS") else None
     sys.stdout.write("\n".join(_table(jobs, colour, width)) + "\n")
-    if page.get("next") and not args.all:
-        print("(newest %d shown: pman ls --all for every job)" % len(jobs), file=sys.stderr)
     return EXIT_OK
 
 
