@@ -4162,13 +4162,14 @@ def _cmd_show(client, args):
     out = []
     shown = [k for k in _SHOW_FIELDS if k in job] + sorted(
         k for k in job if k not in _SHOW_FIELDS and k != "logs")
+    width = max(len(key) for key in shown) + 1
     for key in shown:
         value = job[key]
-        if value is None or value == [] or value == {}:
+        if value in (None, "", [], {}):
             value = "-"
         elif not isinstance(value, str):
             value = json.dumps(value)
-        out.append("%-11s %s" % (key + ":", _one_line(value)))
+        out.append("%-*s %s" % (width, key + ":", _one_line(value)))
     for name, text in tails.items():
         lines = text.split("\n")
         if lines and lines[-1] == "":
@@ -4195,7 +4196,7 @@ def _cmd_logs(client, args):
     while True:
         data, offset, eof = client.log_chunk(jid, stream, offset)
         out.write(data)
-        if eof or len(data) < RAW_CHUNK:
+        if eof or not data:
             break
     out.flush()
     return EXIT_OK

@@ -6142,11 +6142,11 @@ def test_slurm_missing_sbatch_is_backend_unavailable(slurm_ctx, monkeypatch):
         assert "sbatch" in str(caught.value)
         with pytest.raises(pman.BackendUnavailable):
             pman.JobManager(str(state), backend="slurm")
-        # The command line says so and exits 2 (a child: main() configures logging).
+        # The command line says so and exits 3 (a child: main() configures logging).
         out = subprocess.run([sys.executable, _SLURM_PMAN, "--backend", "slurm", "--port", "0",
                               "--state-dir", str(state)], stdin=subprocess.DEVNULL,
                              capture_output=True, text=True, timeout=30)
-        assert out.returncode == 2 and "sbatch" in out.stderr, (out.returncode, out.stderr)
+        assert out.returncode == 3 and "sbatch" in out.stderr, (out.returncode, out.stderr)
     # Nothing held on to the directory: with SLURM back on PATH it opens.
     m = slurm_ctx.open(state)
     jid = slurm_ctx.jid()
@@ -6841,3 +6841,47 @@ def test_http_delete_with_kill_0_refuses_an_active_job(http_srv):
     _http_post_job(http_srv, {"jid": "dk2", "cmd": "true"})
     _http_wait_job(http_srv, "dk2")
     assert http_srv.request("DELETE", "/api/v1/dk2?kill=0").status == 204
+
+
+def _cli_readme_session():
+    with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("\n", text.index("A session\nto paste")) + 1
+    block = text[text.index("::\n\n", start) + 4:]
+    lines = []
+    for line in block.splitlines():
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return "\n".join(lines).strip() + "\n"
+
+
+def test_cli_readme_session_runs_as_pasted(tmp_path):
+    if shutil.which("curl") is None:
+        if os.environ.get("CI"):
+            pytest.fail("curl is required on CI")
+        pytest.skip("curl is not installed")
+    session = _cli_readme_session()
+    assert session.startswith('alias pman="python3 $PWD/pman.py"\n'), session
+    port = _cli_free_port()
+    url = "http://127.0.0.1:%d" % port
+    state = tmp_path / "readme-state"
+    script = "shopt -s expand_aliases\n" + session.replace("127.0.0.1:5010", "127.0.0.1:%d" % port)
+    r = subprocess.run(["bash", "-c", script], cwd=HERE, capture_output=True, timeout=120,
+                       env=_cli_env(PMAN_URL=url, PMAN_STATE_DIR=str(state)))
+    out, err = r.stdout.decode(), r.stderr.decode()
+    try:
+        assert "Traceback" not in err and "nothing answers" not in err, err
+        assert "started a server at " + url in err, err
+        assert out.startswith("greet\nhello\nbye\n"), out      # jid, then the logs
+        assert re.search(r"^listing\njob-\d+-\d+\n3\nsleeper\n", out.split("bye\n", 1)[1],
+                         re.M), out
+        assert "finishedWithError" in out and "JID" in out      # ls
+        assert re.search(r"^status: +finishedSuccessfully$", out, re.M), out   # show
+        assert re.search(r"^1$", out, re.M), out                # wait's status
+        assert "sleeper finishedWithError: killed by SIGTERM on request" in err, err
+        assert '"action": "quit"' in out and '"status": true' in out, out
+        _until(lambda: _compat_lock_free(state), 20, "the started server to quit")
+    finally:
+        if (state / "lock").exists() and not _compat_lock_free(state):
+            os.kill(int((state / "lock").read_text().split()[0]), signal.SIGKILL)
