@@ -4002,7 +4002,10 @@ def _checked_jids(jids):
 
 
 def _print_json(obj):
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    # One line, by the C encoder (indent= would take the pure-Python one:
+    # 30 s for `ls --all --json` at 100,000 jobs); `| python3 -m json.tool`
+    # indents it.
+    sys.stdout.write(json.dumps(obj) + "\n")
 
 
 def _cmd_run(client, args):
