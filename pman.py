@@ -9,8 +9,10 @@ a SLURM cluster (``backend="slurm"``).  It is a library first::
     job = pman.JobManager().run("cal 7 1970", jid="123")
     pman.JobManager().wait("123")["returncode"]          # -> 0
 
-and an HTTP server second (``python pman.py --http --port 5010``), speaking
-both dialects of the original pman's ``/api/v1`` API.
+and an HTTP server second (``python pman.py serve --port 5010``), speaking
+both dialects of the original pman's ``/api/v1`` API, with a command line
+that is its client (``python pman.py run -- make``, ``ls``, ``logs -f``,
+``wait``...).
 
 Vendoring
 ---------
@@ -3123,6 +3125,26 @@ class _Routes:
                         "meta": {"type": "object"}}},
     }
 
+    QUERY = {       # query parameters by handler, for the OpenAPI document
+        "logs": [
+            {"name": "stream", "in": "query", "schema": {"enum": ["stdout", "stderr"]}},
+            {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+            {"name": "raw", "in": "query", "schema": {"enum": ["1", "0", "true", "false"]},
+             "description": "1: reply with the bytes (application/octet-stream, at most "
+                            "%d), offsets and eof in the Pman-Offset, Pman-Next-Offset "
+                            "and Pman-Eof headers" % RAW_CHUNK}],
+        "delete_job": [
+            {"name": "kill", "in": "query", "schema": {"enum": ["1", "0", "true", "false"]},
+             "description": "0: a queued or running job is a 409, not killed (default 1)"}],
+        "list_jobs": [
+            {"name": name, "in": "query", "schema": {"type": "string"}}
+            for name in ("status", "auid", "limit", "after")] + [
+            {"name": "order", "in": "query", "schema": {"enum": ["oldest", "newest"]}}],
+        "get_job": [{"name": "wait", "in": "query", "schema": {"type": "number"},
+                     "description": "long poll: at most this many seconds (capped)"}],
+    }
+
     @classmethod
     def openapi(cls):
         paths = {}
@@ -3134,6 +3156,7 @@ class _Routes:
             if params:
                 op["parameters"] = [{"name": p, "in": "path", "required": True,
                                      "schema": {"type": "string"}} for p in params]
+            op["parameters"] = op.get("parameters", []) + cls.QUERY.get(handler, [])
             if method == "POST":
                 op["requestBody"] = {"required": True, "content": {
                     "application/json": {"schema": cls.BODIES.get(handler,

@@ -4456,6 +4456,11 @@ def test_http_openapi_matches_the_routes(http_srv):
     assert kill["requestBody"]["content"]["application/json"]["schema"][
         "additionalProperties"] is False
     assert "_-1" in doc["paths"]["/api/v1/{jid}/{path}"]["get"]["summary"]
+    logs = {p["name"]: p for p in doc["paths"]["/api/v1/{jid}/logs"]["get"]["parameters"]}
+    assert set(logs) == {"jid", "stream", "offset", "limit", "raw"}
+    assert "Pman-Next-Offset" in logs["raw"]["description"]
+    delete = doc["paths"]["/api/v1/{jid}/"]["delete"]["parameters"]
+    assert [p["name"] for p in delete] == ["jid", "kill"]
 
     for method, path in sorted(documented):
         templated = "{" in path
@@ -6335,6 +6340,13 @@ def test_cli_serve_start_and_stop_lines_are_info_and_requests_need_v(cli_server,
 
     loud = cli_server("-v", state=tmp_path / "cli-state-v")
     assert _cli("ls", url=loud.url)[0] == 0
+    # A second server on a state directory in use cannot start: 3, one message.
+    second = subprocess.run([sys.executable, _CLI_PMAN, "serve", "--port", "0", "--state-dir",
+                             loud.state], capture_output=True, text=True, env=_cli_env(),
+                            timeout=_CLI_DEADLINE, stdin=subprocess.DEVNULL)
+    assert second.returncode == 3, second
+    assert "in use by another pman manager" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr
     _until(lambda: "GET /api/v1/jobs?order=newest" in loud.log(), 10, "a request line")
     loud.stop()
     assert "DEBUG" not in loud.log()
