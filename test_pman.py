@@ -6266,9 +6266,10 @@ def _cli(*args, url=None, env=None, timeout=_CLI_DEADLINE, cwd=None, input=None)
     return r.returncode, r.stdout, err
 
 
-def _cli_pty(*args, env=None, timeout=_CLI_DEADLINE):
+def _cli_pty(*args, env=None, timeout=_CLI_DEADLINE, on_output=None):
     """Run `python3 pman.py ARGS` with stdout and stderr on a pseudo-terminal:
-    (exit status, everything it wrote there)."""
+    (exit status, everything it wrote there).  *on_output* is called with
+    the text so far after each read."""
     master, slave = os.openpty()
     p = subprocess.Popen([sys.executable, _CLI_PMAN] + list(args), stdout=slave, stderr=slave,
                          stdin=subprocess.DEVNULL, env=env or _cli_env())
@@ -6287,6 +6288,8 @@ def _cli_pty(*args, env=None, timeout=_CLI_DEADLINE):
             if not chunk:
                 break
             out += chunk
+            if on_output is not None:
+                on_output(out.decode("utf-8", "replace"))
         p.wait(max(1.0, deadline - time.monotonic()))
     finally:
         if p.poll() is None:
@@ -6772,12 +6775,22 @@ def test_cli_wait_on_100_jobs_with_a_timeout(cli_server):
     assert code == 3 and "nosuch" in err
 
 
-def test_cli_wait_on_a_terminal_updates_one_progress_line(cli_server):
+def test_cli_wait_on_a_terminal_updates_one_progress_line(cli_server, tmp_path):
     server = cli_server()
+    flag = tmp_path / "flag"
     jids = ["p%d" % i for i in range(6)]
-    for i, jid in enumerate(jids):
-        server.post({"jid": jid, "cmd": "sleep %.1f; exit %d" % (0.4 * i, i == 5)})
-    code, text = _cli_pty("wait", *jids, "--url", server.url)
+    for i, jid in enumerate(jids[:-1]):
+        server.post({"jid": jid, "cmd": "sleep %.1f" % (0.3 * i)})
+    # the last one ends (with an error) once the progress line has shown
+    # the others done: the line must have been rewritten in between
+    server.post({"jid": "p5", "cmd": "while [ ! -e %s ]; do sleep 0.02; done; exit 1"
+                 % shlex.quote(str(flag))})
+
+    def release(text):
+        if "5/6 done" in text:
+            flag.touch()
+
+    code, text = _cli_pty("wait", *jids, "--url", server.url, on_output=release)
     assert code == 1, text
     updates = re.findall(r"\r(\d+)/6 done, (\d+) failed, [\d.]+ s\x1b\[K", text)
     assert len(updates) >= 3, text
