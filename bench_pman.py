@@ -1517,7 +1517,7 @@ def _timed(argv, runs, env=None, expect=0):
 
 
 def sec_cli(b):
-    runs = 5 if b.quick else 20
+    runs = 3 if b.quick else 20        # --quick: the informational extras are left out
     n = 5000 if b.quick else 100000
     py, script = sys.executable, os.path.join(HERE, "pman.py")
     env = dict(os.environ)
@@ -1536,12 +1536,14 @@ def sec_cli(b):
     run, best = _timed([py, script, "run", "--url", url, "--", "true"], runs)
     b.figure("one `python3 pman.py run -- true`", run * 1e3, "ms",
              note="median of %d (best %.0f ms): submit and print the jid" % (runs, best * 1e3))
-    cached, _ = _timed([py, "-m", "pman", "run", "--url", url, "--", "true"], runs,
-                       env=dict(env, PYTHONPATH=HERE))
-    b.figure("one `python3 -m pman run -- true`", cached * 1e3, "ms",
-             note="the module's bytecode is cached, as for an installed `pman`")
-    waited, _ = _timed([py, script, "run", "--wait", "--url", url, "--", "true"], runs)
-    b.figure("one `pman run --wait -- true`", waited * 1e3, "ms", note="submit, wait, exit 0")
+    if not b.quick:
+        cached, _ = _timed([py, "-m", "pman", "run", "--url", url, "--", "true"], runs,
+                           env=dict(env, PYTHONPATH=HERE))
+        b.figure("one `python3 -m pman run -- true`", cached * 1e3, "ms",
+                 note="the module's bytecode is cached, as for an installed `pman`")
+        waited, _ = _timed([py, script, "run", "--wait", "--url", url, "--", "true"], runs)
+        b.figure("one `pman run --wait -- true`", waited * 1e3, "ms",
+                 note="submit, wait, exit 0")
     conn = _http_connect(int(url.rsplit(":", 1)[1]))
     try:
         latencies = []
@@ -1560,11 +1562,12 @@ def sec_cli(b):
     ls, best = _timed([py, script, "ls", "--url", url], runs)
     b.figure("`pman ls` (newest 100)", ls, "s", ("<=", 1.0),
              note="median of %d (best %.3f s), table of the newest page" % (runs, best))
-    ls_json, _ = _timed([py, script, "ls", "--url", url, "--json"], runs)
-    b.figure("`pman ls --json` (newest 100)", ls_json, "s")
-    filtered, _ = _timed([py, script, "ls", "--url", url, "--status", "started"], runs)
-    b.figure("`pman ls --status started` (none match)", filtered, "s",
-             note="the server scans every job's line")
+    if not b.quick:
+        ls_json, _ = _timed([py, script, "ls", "--url", url, "--json"], runs)
+        b.figure("`pman ls --json` (newest 100)", ls_json, "s")
+        filtered, _ = _timed([py, script, "ls", "--url", url, "--status", "started"], runs)
+        b.figure("`pman ls --status started` (none match)", filtered, "s",
+                 note="the server scans every job's line")
     every, _ = _timed([py, script, "ls", "--url", url, "--all", "--json"], 1)
     b.figure("`pman ls --all --json` (every job)", every, "s", note="pages of 1,000")
     b.figure("startup + compile share of ls", version / ls, "x",
