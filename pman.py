@@ -4479,6 +4479,10 @@ def main(argv=None):
     `_serve`); ``pman run|ls|show|logs|wait|kill|rm ...`` is a client of a
     server.  Returns the exit status (README.rst, "Exit statuses")."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].split("=")[0] == "--url":
+        print("pman: --url is an option of the client commands: it goes after the command, "
+              "as in pman ls --url URL", file=sys.stderr)
+        return EXIT_USAGE
     if not argv or argv[0].startswith("-"):
         return _serve(argv)
     if argv[0] == "serve":

@@ -6383,6 +6383,7 @@ def test_cli_help_has_an_example_and_usage_errors_are_64(tmp_path):
                  ["show", "../etc"], ["kill", "bad/jid"], ["run"], ["run", "--env", "NOEQ",
                                                                    "--", "true"],
                  ["run", "--follow", "--json", "--", "true"], ["--bogus-flag"],
+                 ["--url", "http://127.0.0.1:1", "ls"],
                  ["ls", "--url", "ftp://x"]):
         code, out, err = _cli(*argv, env=_cli_env(PMAN_URL="http://127.0.0.1:1"))
         assert code == 64, (argv, code, err)
