@@ -34,6 +34,11 @@ http         pman's HTTP server vs a bare http.server answering the same
              (3,000 per round, best of 5; --quick: 300, best of 3), POST
              of ``true`` jobs from 1 client and from 4 client processes
              (1,000; --quick: 200), 4 concurrent GET clients
+cli          the command line as a user runs it (a subprocess each): one
+             ``pman run`` (python3 pman.py and python3 -m pman, against the
+             interpreter's start), ``pman run --wait``, and ``pman ls`` with
+             100,000 finished jobs in the server's state (--quick: 5,000;
+             target <= 1 s), ``ls --all``
 slurm        only with ``--backend slurm`` (else skipped with a note): the
              SLURM backend vs sbatch itself: submit rate (200 jobs;
              --quick: 20), submit -> done latency, squeue/sacct calls per
@@ -1476,6 +1481,99 @@ def sec_slurm(b):
 # Section registry
 # ---------------------------------------------------------------------------
 # name -> (function(bench), one-line description), run in this order.
+# ---------------------------------------------------------------------------
+# Section: cli
+# ---------------------------------------------------------------------------
+
+def _serve(b, state, log_path, timeout=60.0):
+    """`pman serve --port 0` on *state*; (Popen, url) once its start line
+    names the port."""
+    with open(log_path, "wb") as log:
+        p = b.popen([sys.executable, os.path.join(HERE, "pman.py"), "serve", "--port", "0",
+                     "--state-dir", state], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    deadline = perf() + timeout
+    while perf() < deadline and p.poll() is None:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            m = re.search(r"serving (http://127\.0\.0\.1:\d+)/api/v1/", f.read())
+        if m:
+            return p, m.group(1)
+        time.sleep(0.02)
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        raise RuntimeError("pman serve did not start (exit %s): %s" % (p.poll(), f.read()[-2000:]))
+
+
+def _timed(argv, runs, env=None, expect=0):
+    """Median and best seconds of *runs* runs of *argv* to its end."""
+    times = []
+    for _ in range(runs):
+        t0 = perf()
+        r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                           timeout=300)
+        times.append(perf() - t0)
+        if r.returncode != expect:
+            raise RuntimeError("%s exited %d: %s" % (" ".join(argv[1:4]), r.returncode,
+                                                    r.stderr[-500:].decode("utf-8", "replace")))
+    return statistics.median(times), min(times)
+
+
+def sec_cli(b):
+    runs = 3 if b.quick else 20        # --quick: the informational extras are left out
+    n = 5000 if b.quick else 100000
+    py, script = sys.executable, os.path.join(HERE, "pman.py")
+    env = dict(os.environ)
+    for name in ("PMAN_TOKEN", "PMAN_URL", "PMAN_START_SERVER"):
+        env.pop(name, None)
+
+    logs = b.state_dir("logs")
+    small = b.state_dir("run")
+    _, url = _serve(b, small, os.path.join(logs, "run.log"))
+    start, _ = _timed([py, "-c", "pass"], runs)
+    b.figure("python3 -c pass (interpreter start)", start * 1e3, "ms",
+             note="median of %d; the floor of any command" % runs)
+    version, _ = _timed([py, script, "--version"], runs)
+    b.figure("python3 pman.py --version", version * 1e3, "ms",
+             note="start + compiling pman.py (a script is never cached)")
+    run, best = _timed([py, script, "run", "--url", url, "--", "true"], runs)
+    b.figure("one `python3 pman.py run -- true`", run * 1e3, "ms",
+             note="median of %d (best %.0f ms): submit and print the jid" % (runs, best * 1e3))
+    if not b.quick:
+        cached, _ = _timed([py, "-m", "pman", "run", "--url", url, "--", "true"], runs,
+                           env=dict(env, PYTHONPATH=HERE))
+        b.figure("one `python3 -m pman run -- true`", cached * 1e3, "ms",
+                 note="the module's bytecode is cached, as for an installed `pman`")
+        waited, _ = _timed([py, script, "run", "--wait", "--url", url, "--", "true"], runs)
+        b.figure("one `pman run --wait -- true`", waited * 1e3, "ms",
+                 note="submit, wait, exit 0")
+    conn = _http_connect(int(url.rsplit(":", 1)[1]))
+    try:
+        latencies = []
+        _http_requests(0, "POST", "/api/v1/", json.dumps({"cmd": "true"}), runs, 201,
+                       conn=conn, latencies=latencies)
+    finally:
+        conn.close()
+    b.figure("the POST itself (keep-alive, in process)", statistics.median(latencies) * 1e3,
+             "ms", note="what `run` costs beyond starting Python")
+
+    big = b.state_dir("ls")
+    build_state(big, n, logs=False)
+    _, url = _serve(b, big, os.path.join(logs, "ls.log"))
+    b.figure("jobs in state for ls", n, "jobs")
+    _timed([py, script, "ls", "--url", url, "--limit", "1"], 1)    # warm the page cache
+    ls, best = _timed([py, script, "ls", "--url", url], runs)
+    b.figure("`pman ls` (newest 100)", ls, "s", ("<=", 1.0),
+             note="median of %d (best %.3f s), table of the newest page" % (runs, best))
+    if not b.quick:
+        ls_json, _ = _timed([py, script, "ls", "--url", url, "--json"], runs)
+        b.figure("`pman ls --json` (newest 100)", ls_json, "s")
+        filtered, _ = _timed([py, script, "ls", "--url", url, "--status", "started"], runs)
+        b.figure("`pman ls --status started` (none match)", filtered, "s",
+                 note="the server scans every job's line")
+    every, _ = _timed([py, script, "ls", "--url", url, "--all", "--json"], 1)
+    b.figure("`pman ls --all --json` (every job)", every, "s", note="pages of 1,000")
+    b.figure("startup + compile share of ls", version / ls, "x",
+             note="python3 pman.py --version / pman ls")
+
+
 # >>> To add a section: write `def sec_x(b): ...` that uses b.state_dir(),
 # >>> b.manager(), b.popen() and b.figure(name, value, unit,
 # >>> target=(">=" | "<=", bound), note=...) (or b.skip(reason)), honour
@@ -1556,6 +1654,7 @@ SECTIONS = collections.OrderedDict([
     ("http", (sec_http, "HTTP API round trips: pman vs a bare http.server")),
     ("slowstart", (sec_slowstart, "other callers while a backend submission takes 2 s")),
     ("slurm", (sec_slurm, "SLURM backend vs sbatch (only with --backend slurm)")),
+    ("cli", (sec_cli, "the command line: one `pman run`, `pman ls` with 100,000 jobs")),
 ])
 
 

@@ -9,8 +9,10 @@ a SLURM cluster (``backend="slurm"``).  It is a library first::
     job = pman.JobManager().run("cal 7 1970", jid="123")
     pman.JobManager().wait("123")["returncode"]          # -> 0
 
-and an HTTP server second (``python pman.py --http --port 5010``), speaking
-both dialects of the original pman's ``/api/v1`` API.
+and an HTTP server second (``python pman.py serve --port 5010``), speaking
+both dialects of the original pman's ``/api/v1`` API, with a command line
+that is its client (``python pman.py run -- make``, ``ls``, ``logs -f``,
+``wait``...).
 
 Vendoring
 ---------
@@ -86,6 +88,7 @@ __all__ = [
 # protocol (_Backend, _Seen), which third-party backends may use but which
 # is provisional.
 
+import argparse
 import atexit
 import collections
 import email.utils
@@ -95,6 +98,7 @@ import heapq
 import math
 import hmac
 import http
+import http.client
 import http.server
 import ipaddress
 import itertools
@@ -119,6 +123,9 @@ from time import sleep as _sleep
 from time import time as _wall
 
 log = logging.getLogger(__name__)
+# Request lines go to their own logger, so a server can show its start and
+# stop lines without one line per request (`pman -v` shows both).
+access_log = logging.getLogger("pman.access")
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -2807,6 +2814,7 @@ MAX_WAIT = 60.0             # cap of a long poll, in seconds
 REQUEST_TIMEOUT = 10.0      # socket timeout of a connection
 DEFAULT_LISTENERS = 64
 PAGE_SIZE, MAX_PAGE = 100, 1000
+RAW_CHUNK = 1 << 20         # bytes at most in one raw log reply (?raw=1)
 BODY_TTL, BODY_CACHE_SIZE = 1.0, 4096   # finished jobs' encoded objects
 SENT_META = "sent_meta"     # the extras key of the meta a command-dialect run sent
 MAX_WARNED_FIELDS = 100     # unknown field names remembered (each logged once)
@@ -2814,12 +2822,15 @@ CPU_SAMPLE = 0.1            # seconds between the two /proc/stat reads of hello 
 
 
 class _Encoded:
-    """A reply body already encoded as JSON bytes."""
+    """A reply body already encoded: JSON bytes unless *content_type* says
+    otherwise; *headers* are extra (name, value) pairs."""
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "content_type", "headers")
 
-    def __init__(self, data):
+    def __init__(self, data, content_type="application/json", headers=()):
         self.data = data
+        self.content_type = content_type
+        self.headers = headers
 
 
 class HTTPError(PmanError):
@@ -3212,6 +3223,18 @@ def _number_or_none(value, name):
     return _check_number(name, value)
 
 
+def _flag(query, name, default):
+    """A boolean query parameter: 1/true/yes or 0/false/no."""
+    value = query.get(name)
+    if value is None:
+        return default
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise HTTPError(400, "%s must be 1 or 0 (true or false), not %s" % (name, _shown(value)))
+
+
 def _record_by_name(manager, name):
     """A job by jid, or by ``_N`` (0-based submission index; ``_-1`` is
     the last job)."""
@@ -3240,13 +3263,16 @@ class _Routes:
         ("POST", r"/api/v1/cmd", "/api/v1/cmd/", "command",
          "The original command dialect: payload.action"),
         ("GET", r"/api/v1/(?P<jid>[^/]+)/logs", "/api/v1/{jid}/logs", "logs",
-         "Read a log stream: ?stream=stdout|stderr&offset=N&limit=M"),
+         "Read a log stream: ?stream=stdout|stderr&offset=N&limit=M; with &raw=1 the "
+         "bytes themselves (application/octet-stream, at most 1 MiB), their offsets and "
+         "eof in the Pman-Offset, Pman-Next-Offset and Pman-Eof headers"),
         ("POST", r"/api/v1/(?P<jid>[^/]+)/kill", "/api/v1/{jid}/kill", "kill",
          "Signal a job, SIGKILL after grace; 202"),
         ("GET", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", "get_job",
          "A job object; ?wait=S long-polls until it ends"),
         ("DELETE", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", "delete_job",
-         "Kill if running, forget, remove logs; 204"),
+         "Kill if running, forget, remove logs; 204.  ?kill=0: 409 for a queued or "
+         "running job instead of killing it"),
         ("GET", r"/api/v1/(?P<jid>[^/]+)/(?P<tree>.+)", "/api/v1/{jid}/{path}", "walk",
          "A value of the job tree (jid, or _N: _0 the first job, _-1 the last), "
          "wrapped in its path"),
@@ -3281,6 +3307,26 @@ class _Routes:
                         "meta": {"type": "object"}}},
     }
 
+    QUERY = {       # query parameters by handler, for the OpenAPI document
+        "logs": [
+            {"name": "stream", "in": "query", "schema": {"enum": ["stdout", "stderr"]}},
+            {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+            {"name": "raw", "in": "query", "schema": {"enum": ["1", "0", "true", "false"]},
+             "description": "1: reply with the bytes (application/octet-stream, at most "
+                            "%d), offsets and eof in the Pman-Offset, Pman-Next-Offset "
+                            "and Pman-Eof headers" % RAW_CHUNK}],
+        "delete_job": [
+            {"name": "kill", "in": "query", "schema": {"enum": ["1", "0", "true", "false"]},
+             "description": "0: a queued or running job is a 409, not killed (default 1)"}],
+        "list_jobs": [
+            {"name": name, "in": "query", "schema": {"type": "string"}}
+            for name in ("status", "auid", "limit", "after")] + [
+            {"name": "order", "in": "query", "schema": {"enum": ["oldest", "newest"]}}],
+        "get_job": [{"name": "wait", "in": "query", "schema": {"type": "number"},
+                     "description": "long poll: at most this many seconds (capped)"}],
+    }
+
     @classmethod
     def openapi(cls):
         paths = {}
@@ -3292,6 +3338,7 @@ class _Routes:
             if params:
                 op["parameters"] = [{"name": p, "in": "path", "required": True,
                                      "schema": {"type": "string"}} for p in params]
+            op["parameters"] = op.get("parameters", []) + cls.QUERY.get(handler, [])
             if method == "POST":
                 op["requestBody"] = {"required": True, "content": {
                     "application/json": {"schema": cls.BODIES.get(handler,
@@ -3325,16 +3372,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     # -- replies -------------------------------------------------------------
 
     def _reply(self, status, obj=None):
-        if isinstance(obj, _Encoded):
-            body = obj.data
-        else:
-            body = b"" if obj is None else json.dumps(obj).encode("utf-8")
+        if not isinstance(obj, _Encoded):
+            obj = _Encoded(b"" if obj is None else json.dumps(obj).encode("utf-8"))
+        body = obj.data
         reason = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else ""
         head = ["HTTP/1.1 %d %s" % (status, reason),
                 "Server: " + self.server_version,
                 "Date: " + _http_date()]
         if status != 204:
-            head += ["Content-Type: application/json", "Content-Length: %d" % len(body)]
+            head += ["Content-Type: " + obj.content_type, "Content-Length: %d" % len(body)]
+            head += ["%s: %s" % header for header in obj.headers]
         if self.close_connection:
             head.append("Connection: close")
         self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
@@ -3351,11 +3398,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                            http.HTTPStatus(code).phrase})
 
     def log_request(self, code="-", size="-"):
-        if log.isEnabledFor(logging.INFO):      # the hot path formats nothing
+        if access_log.isEnabledFor(logging.INFO):   # the hot path formats nothing
             super().log_request(code, size)
 
     def log_message(self, format, *args):
-        log.info("%s %s", self.address_string(), format % args)
+        access_log.info("%s %s", self.address_string(), format % args)
 
     # -- dispatch ------------------------------------------------------------
 
@@ -3615,15 +3662,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise
 
     def route_logs(self, groups, query, body):
-        self._only(query, "stream", "offset", "limit")
+        self._only(query, "stream", "offset", "limit", "raw")
         ints = {}
         for name in ("offset", "limit"):
             if name in query:
                 if not re.fullmatch(r"[0-9]{1,18}", query[name]):
                     raise HTTPError(400, "%s must be a non-negative integer" % name)
                 ints[name] = int(query[name])
+        raw = _flag(query, "raw", False)
+        limit = ints.get("limit")
+        if raw:     # the decoded form cuts characters at arbitrary offsets
+            limit = RAW_CHUNK if limit is None else min(limit, RAW_CHUNK)
         chunk = self.manager.read_log(check_jid(groups["jid"]), query.get("stream", "stdout"),
-                                      offset=ints.get("offset", 0), limit=ints.get("limit"))
+                                      offset=ints.get("offset", 0), limit=limit)
+        if raw:
+            return 200, _Encoded(chunk["data"], "application/octet-stream", (
+                ("Pman-Offset", chunk["offset"]), ("Pman-Next-Offset", chunk["next_offset"]),
+                ("Pman-Eof", "true" if chunk["eof"] else "false")))
         chunk["data"] = str(chunk["data"], "utf-8", "replace")
         return 200, chunk
 
@@ -3672,8 +3727,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return 200, body
 
     def route_delete_job(self, groups, query, body):
-        self._only(query)
-        self.manager.remove(check_jid(groups["jid"]), kill=True)
+        self._only(query, "kill")
+        self.manager.remove(check_jid(groups["jid"]), kill=_flag(query, "kill", True))
         return 204, None
 
     def route_walk(self, groups, query, body):
@@ -3757,12 +3812,58 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
+# `pman` alone, or starting with an option, is the server, as the original's
+# command line was (`pman --raw 1 --http --port 5010 --listeners 12`); `pman
+# serve` is the explicit form.  Every other subcommand is a client speaking
+# HTTP to --url, so the command line and curl see the same server.
 
-def _parser():
-    import argparse
-    p = argparse.ArgumentParser(
-        prog="pman", description="Serve a pman job manager over HTTP (both the original "
-        "command dialect and the resource dialect under /api/v1).")
+DEFAULT_URL = "http://127.0.0.1:5010"
+CLIENT_TIMEOUT = 30.0       # seconds a reply may take, beyond a long poll's wait
+CLIENT_IDLE = 5.0           # reconnect after this idle time (the server drops idle ones)
+CLIENT_WAIT = 30.0          # seconds per long poll of a waiting client
+FOLLOW_POLL = (0.02, 0.25)  # a log follower's sleep when nothing is new: first, largest
+PROGRESS_EVERY = 0.5        # seconds between updates of wait's progress line
+START_TIMEOUT = 10.0        # seconds --start-server waits for the server to answer
+
+# Exit statuses: one table, README.rst "Exit statuses".  2 is wait's
+# timeout, so a usage error is 64 (EX_USAGE), not argparse's 2.
+EXIT_OK = 0
+EXIT_FAILED = 1             # a job failed, ended undefined, or has no exit code
+EXIT_TIMEOUT = 2            # wait --timeout passed
+EXIT_SERVER = 3             # no server, an error reply, or (serve) it cannot start
+EXIT_USAGE = 64
+EXIT_INTERRUPTED = 130      # Ctrl-C, as a shell reports SIGINT
+
+_COMMANDS = ("serve", "run", "ls", "show", "logs", "wait", "kill", "rm")
+
+
+class _ClientError(PmanError):
+    """A client command that cannot go on.  Attributes: ``code``, its exit
+    status; ``http_status``, the server's reply status (None if there was
+    no reply)."""
+
+    def __init__(self, message, code=EXIT_SERVER, http_status=None):
+        super().__init__(message)
+        self.code = code
+        self.http_status = http_status
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits 64: its own 2 is wait's timeout."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, "%s: error: %s\n" % (self.prog, message))
+
+
+def _serve_parser(prog="pman"):
+    p = _Parser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a pman job manager over HTTP (both the original command "
+        "dialect and the resource dialect under /api/v1).",
+        epilog="example:\n  %s --port 5010 --max-running 4\n\n"
+        "client commands (each has --help): pman run | ls | show | logs | wait | kill | rm"
+        % prog)
     p.add_argument("--http", action="store_true",
                    help="serve HTTP (the default; accepted for old start scripts)")
     p.add_argument("--ip", "--host", dest="host", default="127.0.0.1",
@@ -3800,26 +3901,34 @@ def _parser():
     p.add_argument("--raw", default=None, help=argparse.SUPPRESS)
     p.add_argument("--rawmode", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="log more (-v: requests, -vv: debug)")
+                   help="log more: -v one line per request (logger pman.access), -vv debug")
     p.add_argument("-q", "--quiet", action="store_true", help="log only errors")
     p.add_argument("--log-file", default=None, help="log to this file instead of stderr")
     p.add_argument("--version", action="version", version="pman " + __version__)
     return p
 
 
-def main(argv=None):
-    """``pman [--http] [--port 5010] ...``: serve until SIGTERM/SIGINT or
+def _read_token(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as e:
+        raise PmanError("cannot read the token file %s: %s" % (path, e.strerror)) from None
+
+
+def _serve(argv, prog="pman"):
+    """``pman [serve] [--port 5010] ...``: serve until SIGTERM/SIGINT or
     the ``quit`` action; state is flushed on the way out."""
-    args = _parser().parse_args(argv)
+    args = _serve_parser(prog).parse_args(argv)
     level = logging.ERROR if args.quiet else (
-        logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+        logging.INFO, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, filename=args.log_file,
                         format="%(asctime)s pman %(levelname)s %(message)s")
+    access_log.setLevel(logging.DEBUG if args.verbose and not args.quiet else logging.WARNING)
     token = args.token or os.environ.get("PMAN_TOKEN") or None
     try:
         if args.token_file:
-            with open(args.token_file, encoding="utf-8") as f:
-                token = f.read().strip()
+            token = _read_token(args.token_file)
         backend = (SlurmBackend(args.slurm_partition, args.sbatch_args)
                    if args.backend == "slurm" else "local")
         manager = JobManager(args.state_dir, max_running=args.max_running, grace=args.grace,
@@ -3827,7 +3936,7 @@ def main(argv=None):
                              backend=backend)
     except (PmanError, OSError) as e:
         print("pman: %s" % e, file=sys.stderr)
-        return 2
+        return EXIT_SERVER
     try:
         server = make_server(manager, args.host, args.port, token=token,
                              listeners=args.listeners,
@@ -3835,24 +3944,736 @@ def main(argv=None):
     except (PmanError, OSError) as e:
         manager.close()
         print("pman: %s" % e, file=sys.stderr)
-        return 2
+        return EXIT_SERVER
 
     def stop(signum, frame):
-        log.warning("pman: %s received, stopping", signal_name(signum))
+        log.info("%s received, stopping", signal_name(signum))
         server.stop_soon()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     host, port = server.server_address[:2]
-    log.warning("pman %s serving http://%s:%d/api/v1/ (state: %s)",
-                __version__, host if ":" not in host else "[%s]" % host, port, manager.state_dir)
+    log.info("pman %s serving http://%s:%d/api/v1/ (state: %s)",
+             __version__, host if ":" not in host else "[%s]" % host, port, manager.state_dir)
     try:
         server.serve_forever()
     finally:
         server.server_close()
         manager.close(kill=args.kill_on_exit)
-    log.warning("pman stopped; state flushed to %s", manager.state_dir)
-    return 0
+    log.info("pman stopped; state flushed to %s", manager.state_dir)
+    return EXIT_OK
+
+
+# -- the client ---------------------------------------------------------------
+
+class _Client:
+    """One keep-alive HTTP connection to a pman server's /api/v1.  Every
+    failure is a _ClientError whose message is one line for a person."""
+
+    def __init__(self, url, token=None, start_server=False):
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise _ClientError("invalid --url %r: %s" % (url, e), EXIT_USAGE) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _ClientError("invalid --url %r: give http://HOST:PORT" % url, EXIT_USAGE)
+        self.url = url
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname
+        self.port = port or (443 if self.https else 80)
+        prefix = parts.path.rstrip("/")
+        if prefix.endswith("/api/v1"):
+            prefix = prefix[:-len("/api/v1")]
+        self.base = prefix + "/api/v1"
+        self.token = token
+        self.start_server = start_server
+        self._conn = None
+        self._last = 0.0
+
+    def close(self):
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connect(self, timeout):
+        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        conn = cls(self.host, self.port, timeout=timeout)
+        try:
+            conn.connect()
+        except OSError as e:
+            conn.close()
+            if self.start_server and _is_loopback(self.host) and not self.https:
+                self.start_server = False       # once
+                self._spawn_server()
+                return self._connect(timeout)
+            reason = e.strerror or str(e) or type(e).__name__
+            raise _ClientError(
+                "nothing answers at %s (%s): start a server with `pman serve --port %d &`"
+                " (or give run --start-server), or point --url / PMAN_URL at yours"
+                % (self.url, reason.lower(), self.port)) from None
+        try:
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        return conn
+
+    def _spawn_server(self):
+        """task-spooler's first use: start `pman serve` on this loopback
+        port in the background (its own session, cwd /, log in the state
+        directory) and wait until it answers."""
+        state = os.path.abspath(default_state_dir())
+        os.makedirs(state, mode=0o700, exist_ok=True)
+        log_path = os.path.join(state, "server.log")
+        argv = [sys.executable, os.path.abspath(__file__), "serve", "--host", self.host,
+                "--port", str(self.port), "--state-dir", state]
+        if self.token is not None:
+            env = dict(os.environ, PMAN_TOKEN=self.token)
+        else:
+            env = None
+        with open(log_path, "ab") as out:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                     cwd="/", env=env, start_new_session=True)
+        deadline = _time() + START_TIMEOUT
+        while True:
+            try:
+                socket.create_connection((self.host, self.port), timeout=1).close()
+                break
+            except OSError:
+                pass
+            code = child.poll()
+            if code is not None or _time() > deadline:
+                raise _ClientError("could not start a server on port %d (%s): see %s" % (
+                    self.port, "it exited with %d" % code if code is not None
+                    else "no answer within %g s" % START_TIMEOUT, log_path))
+            _sleep(0.02)
+        child.returncode = 0    # it lives on: no "still running" warning at exit
+        print("pman: started a server at %s (pid %d, state %s, log %s)"
+              % (self.url, child.pid, state, log_path), file=sys.stderr)
+
+    def request(self, method, path, *, query=None, body=None, expect=(200,), wait=0.0):
+        """(status, headers, body bytes) of one request to /api/v1 + *path*;
+        an unexpected status raises _ClientError with the server's message.
+        *wait* is how long the server may legitimately hold the reply."""
+        target = self.base + path
+        if query:
+            target += "?" + urllib.parse.urlencode(query)
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        if self.token is not None:
+            headers["Authorization"] = "Bearer " + self.token
+        timeout = CLIENT_TIMEOUT + wait
+        for attempt in (1, 2):
+            fresh = (self._conn is None or self._conn.sock is None
+                     or _time() - self._last > CLIENT_IDLE)
+            if fresh:
+                self.close()
+                self._conn = self._connect(timeout)
+            try:
+                self._conn.sock.settimeout(timeout)
+                self._conn.request(method, target, body=data, headers=headers)
+                reply = self._conn.getresponse()
+                payload = reply.read()
+            except socket.timeout:
+                self.close()
+                raise _ClientError("no reply from %s within %g s" % (self.url, timeout)) from None
+            except (OSError, http.client.HTTPException) as e:
+                self.close()
+                # A kept-alive connection the server closed meanwhile: once
+                # more on a new one, unless a POST may already have acted.
+                if not fresh and attempt == 1 and method != "POST":
+                    continue
+                raise _ClientError("the connection to %s failed: %s"
+                                   % (self.url, str(e) or type(e).__name__)) from None
+            break
+        self._last = _time()
+        if reply.will_close:
+            self.close()
+        if reply.status not in expect:
+            message = None
+            try:
+                message = json.loads(payload.decode("utf-8")).get("message")
+            except (ValueError, AttributeError):
+                pass
+            if not isinstance(message, str):
+                message = payload[:200].decode("utf-8", "replace").strip() or reply.reason
+            raise _ClientError("%s (HTTP %d)" % (message, reply.status),
+                               http_status=reply.status)
+        return reply.status, reply.headers, payload
+
+    def json(self, method, path, **options):
+        _, _, payload = self.request(method, path, **options)
+        try:
+            obj = json.loads(payload.decode("utf-8"))
+        except ValueError:
+            raise _ClientError("%s answered something that is not JSON: %r"
+                               % (self.url, payload[:100])) from None
+        if not isinstance(obj, (dict, list)):
+            raise _ClientError("%s answered an unexpected reply: %r" % (self.url, obj))
+        return obj
+
+    def job(self, jid, wait=None):
+        """The job object; with *wait*, long-polled for up to that long."""
+        query = None if wait is None else {"wait": "%.3f" % wait}
+        return self.json("GET", "/%s/" % jid, query=query, wait=wait or 0.0)
+
+    def log_chunk(self, jid, stream, offset):
+        """(bytes, next_offset, eof) of one raw read from *offset*."""
+        _, headers, data = self.request("GET", "/%s/logs" % jid, query={
+            "stream": stream, "offset": offset, "limit": RAW_CHUNK, "raw": 1})
+        try:
+            start, end = int(headers["Pman-Offset"]), int(headers["Pman-Next-Offset"])
+            eof = headers["Pman-Eof"] == "true"
+        except (KeyError, TypeError, ValueError):
+            raise _ClientError("%s does not serve raw logs (an older pman?)" % self.url) from None
+        if start != offset or end - start != len(data):
+            raise _ClientError("%s answered bytes %d-%d for offset %d with %d bytes"
+                               % (self.url, start, end, offset, len(data)))
+        return data, end, eof
+
+
+def _job_code(job):
+    """The exit status a shell would give for *job* (128+N for signal N),
+    or None if it has none (undefined, spawn failure, cancelled)."""
+    rc = job.get("returncode")
+    if isinstance(rc, bool) or not isinstance(rc, int):
+        return None
+    if rc < 0:
+        return 128 - rc
+    return rc if rc <= 255 else EXIT_FAILED
+
+
+def _exit_with_job(job):
+    code = _job_code(job)
+    if code is None:
+        print("pman: job %s has no exit code: %s (%s)" % (job["jid"], job["status"],
+                                                          job.get("message", "")),
+              file=sys.stderr)
+        return EXIT_FAILED
+    return code
+
+
+def _wait_job(client, jid):
+    """Long-poll until job *jid* has ended; its object."""
+    while True:
+        job = client.job(jid, wait=CLIENT_WAIT)
+        if job["status"] not in ACTIVE:
+            return job
+
+
+def _follow(client, jid, streams, offset=0):
+    """Copy the bytes of *streams* (names -> binary files) of job *jid*
+    until the job has ended and every stream is read to its end."""
+    offsets = dict.fromkeys(streams, offset)
+    pending = list(streams)
+    delay = FOLLOW_POLL[0]
+    while pending:
+        moved = False
+        for name in list(pending):
+            data, offsets[name], eof = client.log_chunk(jid, name, offsets[name])
+            if data:
+                streams[name].write(data)
+                streams[name].flush()
+                moved = True
+            if eof:
+                pending.remove(name)
+        if moved or not pending:
+            delay = FOLLOW_POLL[0]
+        else:
+            _sleep(delay)
+            delay = min(delay * 2, FOLLOW_POLL[1])
+
+
+def _key_values(pairs, what):
+    out = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise _ClientError("%s must be KEY=VALUE, not %r" % (what, pair), EXIT_USAGE)
+        out[key] = value
+    return out
+
+
+def _checked_jids(jids):
+    for jid in jids:
+        try:
+            check_jid(jid)
+        except InvalidArgument as e:
+            raise _ClientError(str(e), EXIT_USAGE) from None
+    return jids
+
+
+def _print_json(obj):
+    # One line, by the C encoder (indent= would take the pure-Python one:
+    # 30 s for `ls --all --json` at 100,000 jobs); `| python3 -m json.tool`
+    # indents it.
+    sys.stdout.write(json.dumps(obj) + "\n")
+
+
+def _cmd_run(client, args):
+    command = args.command
+    if not command:
+        raise _ClientError("give the command after --, e.g. pman run -- make test", EXIT_USAGE)
+    if args.follow and (args.json or args.wait):
+        raise _ClientError("--follow already waits; it prints the job's output, not JSON",
+                           EXIT_USAGE)
+    body = {}
+    if len(command) == 1:
+        body["cmd"] = command[0]                # one string: a shell command
+    else:
+        body["entrypoint"], body["args"] = command[:1], command[1:]
+    if args.jid is not None:
+        body["jid"] = _checked_jids([args.jid])[0]
+    if args.auid is not None:
+        body["auid"] = args.auid
+    if args.env:
+        body["env"] = args.env
+        _key_values(args.env, "--env")
+    meta = _key_values(args.meta, "--meta")
+    if meta:
+        body["meta"] = meta
+    if args.cwd is not None:
+        body["cwd"] = os.path.abspath(args.cwd)
+    elif _is_loopback(client.host):
+        try:
+            body["cwd"] = os.getcwd()   # where the user is, as with tsp and pueue
+        except OSError:
+            pass                        # removed under us: the server's
+    if args.timeout is not None:
+        body["timeout"] = args.timeout
+    job = client.json("POST", "/", body=body, expect=(201,))
+    jid = job["jid"]
+    if args.follow:
+        try:
+            _follow(client, jid, {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer})
+        except KeyboardInterrupt:
+            print("\npman: stopped following %s; it keeps running (pman kill %s)"
+                  % (jid, jid), file=sys.stderr)
+            return EXIT_INTERRUPTED
+        return _exit_with_job(client.job(jid))
+    if not args.json:
+        print(jid, flush=True)
+    if args.wait:
+        job = _wait_job(client, jid)
+    if args.json:
+        _print_json(job)
+    return _exit_with_job(job) if args.wait else EXIT_OK
+
+
+# ls: the columns, and the colour of each status on a terminal.
+_LS_HEAD = ("JID", "STATUS", "RC", "STARTED", "DURATION", "COMMAND")
+_COLOURS = {STARTED: "33", SUCCESS: "32", ERROR: "31", UNDEFINED: "35"}
+
+
+def _one_line(text):
+    """*text* with control characters shown as escapes: one table row."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+
+
+def _local_time(stamp, today):
+    if not stamp:
+        return "-"
+    when = datetime.fromtimestamp(_parse_time(stamp)).astimezone()
+    return when.strftime("%H:%M:%S" if when.date() == today else "%Y-%m-%d %H:%M")
+
+
+def _duration(job, now):
+    if not job.get("started"):
+        return "-"
+    end = _parse_time(job["ended"]) if job.get("ended") else now
+    s = max(0.0, end - _parse_time(job["started"]))
+    if s < 60:
+        return "%.1fs" % s
+    s = int(s)
+    if s < 3600:
+        return "%dm%02ds" % (s // 60, s % 60)
+    if s < 86400:
+        return "%dh%02dm" % (s // 3600, s % 3600 // 60)
+    return "%dd%02dh" % (s // 86400, s % 86400 // 3600)
+
+
+def _table(jobs, colour, width):
+    """The rows of `pman ls`, columns aligned, the command cut to *width*
+    (None: never cut)."""
+    now = _wall()
+    today = datetime.now().astimezone().date()
+    rows = [_LS_HEAD] + [(
+        job["jid"], job["status"], "-" if job["returncode"] is None else str(job["returncode"]),
+        _local_time(job.get("started"), today), _duration(job, now), _one_line(job["cmd"]))
+        for job in jobs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_LS_HEAD) - 1)]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [cell.ljust(w) if i != 2 else cell.rjust(w)
+                 for i, (cell, w) in enumerate(zip(row, widths))]
+        line = "  ".join(cells + [row[-1]])
+        if width is not None and len(line) > width:
+            line = line[:max(width - 1, sum(widths) + 2 * len(widths))] + "…"
+        if colour and n and row[1] in _COLOURS:
+            start = len("  ".join(cells[:1])) + 2
+            line = "%s\x1b[%sm%s\x1b[0m%s" % (line[:start], _COLOURS[row[1]],
+                                              line[start:start + widths[1]],
+                                              line[start + widths[1]:])
+        lines.append(line)
+    return lines
+
+
+def _cmd_ls(client, args):
+    query = {"order": "newest", "limit": MAX_PAGE if args.all else args.limit}
+    if args.status:
+        query["status"] = args.status
+    if args.auid is not None:
+        query["auid"] = args.auid
+    for key, value in _key_values(args.meta, "--meta").items():
+        query["meta." + key] = value
+    jobs = []
+    while True:
+        page = client.json("GET", "/jobs", query=query)
+        jobs.extend(page["jobs"])
+        if not (args.all and page.get("next")):
+            break
+        query["after"] = page["next"]
+    if page.get("next") and not args.all:
+        print("(the newest %d shown: pman ls --all for every job)" % len(jobs), file=sys.stderr)
+    if args.json:
+        _print_json(jobs)
+        return EXIT_OK
+    tty = sys.stdout.isatty()
+    colour = tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+    width = shutil.get_terminal_size().columns if tty or os.environ.get("COLUMNS") else None
+    sys.stdout.write("\n".join(_table(jobs, colour, width)) + "\n")
+    return EXIT_OK
+
+
+_SHOW_FIELDS = ("jid", "status", "message", "returncode", "pid", "cmd", "auid", "cwd",
+                "timeout", "env", "meta", "submitted", "started", "ended", "stdout", "stderr")
+
+
+def _cmd_show(client, args):
+    jid = _checked_jids([args.jid])[0]
+    job = client.json("GET", "/%s/" % jid)
+    tails = {"stdout": "", "stderr": ""}
+    if job["status"] != NOTSTARTED:
+        try:
+            tree = client.json("GET", "/%s/startInfo" % jid)
+            info = tree["GET"][jid]["startInfo"].get("0", {})
+            tails = {name: info.get(name, "") for name in tails}
+        except _ClientError:
+            pass                # removed meanwhile: the record above is what there was
+    if args.json:
+        job["tail"] = tails
+        _print_json(job)
+        return EXIT_OK
+    out = []
+    shown = [k for k in _SHOW_FIELDS if k in job] + sorted(
+        k for k in job if k not in _SHOW_FIELDS and k != "logs")
+    width = max(len(key) for key in shown) + 1
+    for key in shown:
+        value = job[key]
+        if value in (None, "", [], {}):
+            value = "-"
+        elif not isinstance(value, str):
+            value = json.dumps(value)
+        out.append("%-*s %s" % (width, key + ":", _one_line(value)))
+    for name, text in tails.items():
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        lines = lines[-args.lines:] if args.lines else []
+        out.append("--- %s (last %d line%s) ---" % (name, len(lines),
+                                                     "" if len(lines) == 1 else "s"))
+        out.extend(lines)
+    sys.stdout.write("\n".join(out) + "\n")
+    return EXIT_OK
+
+
+def _cmd_logs(client, args):
+    jid = _checked_jids([args.jid])[0]
+    stream = "stderr" if args.stderr else "stdout"
+    out = sys.stdout.buffer
+    if args.follow:
+        try:
+            _follow(client, jid, {stream: out}, args.offset)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        return _exit_with_job(client.job(jid))
+    offset = args.offset
+    while True:
+        data, offset, eof = client.log_chunk(jid, stream, offset)
+        out.write(data)
+        if eof or not data:
+            break
+    out.flush()
+    return EXIT_OK
+
+
+def _cmd_wait(client, args):
+    jids = _checked_jids(list(dict.fromkeys(args.jids)))
+    deadline = None if args.timeout is None else _time() + args.timeout
+    tty = sys.stderr.isatty()
+    started = _time()
+    done = {}
+    pending = list(jids)
+
+    def progress(end="\r"):
+        failed = sum(1 for j in done.values() if j["status"] != SUCCESS)
+        sys.stderr.write("\r%d/%d done, %d failed, %.1f s\x1b[K%s" % (
+            len(done), len(jids), failed, _time() - started, end))
+        sys.stderr.flush()
+
+    try:
+        while pending:
+            left = None if deadline is None else deadline - _time()
+            if left is not None and left <= 0:
+                break
+            poll = CLIENT_WAIT if left is None else min(left, CLIENT_WAIT)
+            if tty:
+                poll = min(poll, PROGRESS_EVERY)
+            job = client.job(pending[0], wait=poll)
+            if job["status"] not in ACTIVE:
+                done[pending.pop(0)] = job
+            elif tty:           # jobs that ended meanwhile, for the count
+                active, query = set(), {"status": "notstarted,started", "limit": MAX_PAGE}
+                while True:
+                    page = client.json("GET", "/jobs", query=query)
+                    active.update(j["jid"] for j in page["jobs"])
+                    if not page.get("next"):
+                        break
+                    query["after"] = page["next"]
+                for jid in [j for j in pending if j not in active]:
+                    job = client.job(jid)
+                    if job["status"] not in ACTIVE:
+                        done[jid] = job
+                        pending.remove(jid)
+            if tty:
+                progress()
+    except KeyboardInterrupt:
+        if tty:
+            progress("\n")
+        return EXIT_INTERRUPTED
+    if tty:
+        progress("\n")
+    records = [done[jid] if jid in done else client.job(jid) for jid in jids]
+    if args.json:
+        _print_json(records)
+    for job in records:
+        if job["status"] not in (SUCCESS,) + ACTIVE:
+            print("pman: %s %s: %s" % (job["jid"], job["status"], job["message"]),
+                  file=sys.stderr)
+    if pending:
+        print("pman: timed out after %g s: %d of %d jobs not finished: %s%s" % (
+            args.timeout, len(pending), len(jids), ", ".join(pending[:10]),
+            ", ..." if len(pending) > 10 else ""), file=sys.stderr)
+        return EXIT_TIMEOUT
+    return EXIT_OK if all(j["status"] == SUCCESS for j in records) else EXIT_FAILED
+
+
+def _each(jids, act):
+    """Apply *act* to every jid; an error is reported and the rest go on."""
+    code, results = EXIT_OK, []
+    for jid in _checked_jids(jids):
+        try:
+            results.append(act(jid))
+        except _ClientError as e:
+            if e.http_status is None:
+                raise           # no server at all: no point going on
+            print("pman: %s: %s" % (jid, e), file=sys.stderr)
+            code = EXIT_SERVER
+    return code, results
+
+
+def _cmd_kill(client, args):
+    body = {}
+    if args.signal is not None:
+        body["signal"] = args.signal
+    if args.grace is not None:
+        body["grace"] = args.grace
+    code, jobs = _each(args.jids, lambda jid: client.json("POST", "/%s/kill" % jid,
+                                                          body=body, expect=(202,)))
+    if args.json:
+        _print_json(jobs)
+    return code
+
+
+def _cmd_rm(client, args):
+    query = {"kill": "1" if args.kill else "0"}
+
+    def remove(jid):
+        try:
+            client.request("DELETE", "/%s/" % jid, query=query, expect=(204,))
+        except _ClientError as e:
+            if e.http_status != 409:
+                raise
+            raise _ClientError("job %s is queued or running: pman rm --kill %s kills it "
+                               "first" % (jid, jid), http_status=409) from None
+
+    return _each(args.jids, remove)[0]
+
+
+def _client_parser():
+    fmt = argparse.RawDescriptionHelpFormatter
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=None,
+                        help="the server (default $PMAN_URL, else %s)" % DEFAULT_URL)
+    common.add_argument("--token-file", default=None,
+                        help="send the bearer token read from this file (default "
+                        "$PMAN_TOKEN)")
+    p = _Parser(prog="pman", formatter_class=fmt,
+                description="Client commands of pman; `pman` alone (or `pman serve`) serves.")
+    sub = p.add_subparsers(dest="subcommand", metavar="COMMAND")
+
+    def add(name, summary, example):
+        return sub.add_parser(name, parents=[common], help=summary, description=summary,
+                              epilog="example:\n" + example, formatter_class=fmt)
+
+    s = add("run", "Submit a job and print its jid.",
+            "  pman run -- make test                      # one string: a shell command\n"
+            "  pman run --jid build-1 -- ls -l /tmp        # several: argv, no shell\n"
+            "  pman run --wait -- 'sleep 1; exit 3'; echo $?     # 3\n"
+            "  pman run --follow --env GREETING=hi -- 'echo $GREETING'")
+    s.add_argument("--jid", help="the job id (default: generated)")
+    s.add_argument("--env", action="append", metavar="K=V",
+                   help="set a variable for the job (repeatable)")
+    s.add_argument("--cwd", help="working directory (default: the current one when "
+                   "the server is on this machine, else the server's)")
+    s.add_argument("--timeout", type=float, metavar="S", help="kill the job after S seconds")
+    s.add_argument("--meta", action="append", metavar="K=V",
+                   help="a metadata string to store with the job (repeatable)")
+    s.add_argument("--auid", help="the owner's user id to record")
+    s.add_argument("--wait", action="store_true",
+                   help="wait for the job and exit with its exit code (128+N for signal N)")
+    s.add_argument("--follow", "-f", action="store_true",
+                   help="copy its stdout and stderr to ours while it runs, then exit with "
+                   "its code")
+    s.add_argument("--json", action="store_true", help="print the job object as JSON")
+    s.add_argument("--start-server", action="store_true",
+                   help="if nothing answers at a loopback --url, start `pman serve` there "
+                   "in the background first ($PMAN_START_SERVER=1 does the same)")
+    s.add_argument("command", nargs="*", help="after --: a shell string, or argv")
+
+    s = add("ls", "List jobs, newest first (one page; --all for every job).",
+            "  pman ls\n  pman ls --status started,notstarted --meta project=p1\n"
+            "  pman ls --all --json | python3 -m json.tool")
+    s.add_argument("--status", metavar="S,...", help="only jobs in these statuses "
+                   "(notstarted, started, finishedSuccessfully, finishedWithError, undefined)")
+    s.add_argument("--auid", help="only jobs of this auid")
+    s.add_argument("--meta", action="append", metavar="K=V",
+                   help="only jobs whose meta key K is V (repeatable)")
+    s.add_argument("--limit", type=int, default=PAGE_SIZE, metavar="N",
+                   help="jobs in the page (default %d, at most %d)" % (PAGE_SIZE, MAX_PAGE))
+    s.add_argument("--all", action="store_true", help="every job, page after page")
+    s.add_argument("--json", action="store_true", help="a JSON list of job objects")
+
+    s = add("show", "Show a job's whole record and the tail of both logs.",
+            "  pman show build-1\n  pman show build-1 --json")
+    s.add_argument("jid")
+    s.add_argument("-n", "--lines", type=int, default=10, metavar="N",
+                   help="lines of each log's tail (default 10; --json has the whole tail)")
+    s.add_argument("--json", action="store_true",
+                   help="the job object, plus \"tail\": {\"stdout\", \"stderr\"}")
+
+    s = add("logs", "Print the bytes of a job's stdout (or stderr), exactly.",
+            "  pman logs build-1 > build.log\n"
+            "  pman logs -f --stderr build-1          # until it ends; exits with its code")
+    s.add_argument("jid")
+    s.add_argument("-f", "--follow", action="store_true",
+                   help="follow until the job ends, then exit with its exit code")
+    s.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
+    s.add_argument("--offset", type=int, default=0, metavar="N",
+                   help="start at byte N (default 0)")
+
+    s = add("wait", "Wait until jobs end: 0 all succeeded, 1 some failed, 2 timeout.",
+            "  pman wait build-1 test-1 test-2 --timeout 600 && echo all good")
+    s.add_argument("jids", nargs="+", metavar="JID")
+    s.add_argument("--timeout", type=float, metavar="S",
+                   help="give up after S seconds (exit 2)")
+    s.add_argument("--json", action="store_true",
+                   help="print the job objects as JSON at the end")
+
+    s = add("kill", "Signal jobs; SIGKILL follows after the grace period.",
+            "  pman kill build-1\n  pman kill --signal INT --grace 30 build-1 test-1")
+    s.add_argument("jids", nargs="+", metavar="JID")
+    s.add_argument("--signal", "-s", metavar="SIG",
+                   help="a name or number (default SIGTERM)")
+    s.add_argument("--grace", type=float, metavar="S",
+                   help="seconds before SIGKILL (default: the server's)")
+    s.add_argument("--json", action="store_true", help="print the job objects as JSON")
+
+    s = add("rm", "Forget finished jobs and delete their logs.",
+            "  pman rm build-1\n  pman rm --kill stuck-1           # kill it first if it runs")
+    s.add_argument("jids", nargs="+", metavar="JID")
+    s.add_argument("--kill", action="store_true",
+                   help="kill a queued or running job first (else it is an error)")
+    return p
+
+
+_CLIENT_COMMANDS = {"run": _cmd_run, "ls": _cmd_ls, "show": _cmd_show, "logs": _cmd_logs,
+                    "wait": _cmd_wait, "kill": _cmd_kill, "rm": _cmd_rm}
+
+
+def _client_main(argv):
+    command = []
+    if argv[0] == "run" and "--" in argv:       # everything after -- is the job's
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
+    args = _client_parser().parse_args(argv)
+    if argv[0] == "run":
+        args.command = (args.command or []) + command
+    logging.basicConfig(level=logging.WARNING, format="pman: %(message)s")
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="replace")    # a command in a C locale
+        except AttributeError:
+            pass
+    client = None
+    try:
+        token = _read_token(args.token_file) if args.token_file else (
+            os.environ.get("PMAN_TOKEN") or None)
+        start = getattr(args, "start_server", False) or os.environ.get(
+            "PMAN_START_SERVER", "") in ("1", "true", "yes")
+        client = _Client(args.url or os.environ.get("PMAN_URL") or DEFAULT_URL, token,
+                         start_server=start and argv[0] == "run")
+        return _CLIENT_COMMANDS[argv[0]](client, args)
+    except _ClientError as e:
+        print("pman: %s" % e, file=sys.stderr)
+        return e.code
+    except PmanError as e:
+        print("pman: %s" % e, file=sys.stderr)
+        return EXIT_SERVER
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:         # `pman ls | head`: the reader has gone
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 128 + signal.SIGPIPE
+    finally:
+        if client is not None:
+            client.close()
+
+
+def main(argv=None):
+    """The command line: ``pman [serve] [options]`` serves (see
+    `_serve`); ``pman run|ls|show|logs|wait|kill|rm ...`` is a client of a
+    server.  Returns the exit status (README.rst, "Exit statuses")."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].split("=")[0] == "--url":
+        print("pman: --url is an option of the client commands: it goes after the command, "
+              "as in pman ls --url URL", file=sys.stderr)
+        return EXIT_USAGE
+    if not argv or argv[0].startswith("-"):
+        return _serve(argv)
+    if argv[0] == "serve":
+        return _serve(argv[1:], "pman serve")
+    if argv[0] in _CLIENT_COMMANDS:
+        return _client_main(argv)
+    print("pman: unknown command %r: one of %s (or options: pman --help)"
+          % (argv[0], ", ".join(_COMMANDS)), file=sys.stderr)
+    return EXIT_USAGE
 
 
 # ---------------------------------------------------------------------------
@@ -3919,13 +4740,13 @@ class CompatServer:
         try:
             if threading.current_thread() is threading.main_thread():
                 def stop(signum, frame):
-                    log.warning("pman: %s received, stopping", signal_name(signum))
+                    log.info("%s received, stopping", signal_name(signum))
                     self.server.stop_soon()
 
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     previous[sig] = signal.signal(sig, stop)
             host, port = self.server_address[:2]
-            log.warning("pman %s serving http://%s:%d/api/v1/ (state: %s)", __version__,
+            log.info("pman %s serving http://%s:%d/api/v1/ (state: %s)", __version__,
                         host if ":" not in host else "[%s]" % host, port,
                         self.manager.state_dir)
             self.server.serve_forever()
@@ -3957,7 +4778,7 @@ class CompatServer:
         try:
             self.server.server_close()
             self.manager.close()
-            log.warning("pman stopped; state flushed to %s", self.manager.state_dir)
+            log.info("pman stopped; state flushed to %s", self.manager.state_dir)
         finally:
             self._unlog()
             with self._lock:

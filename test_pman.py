@@ -4531,6 +4531,11 @@ def test_http_openapi_matches_the_routes(http_srv):
     assert kill["requestBody"]["content"]["application/json"]["schema"][
         "additionalProperties"] is False
     assert "_-1" in doc["paths"]["/api/v1/{jid}/{path}"]["get"]["summary"]
+    logs = {p["name"]: p for p in doc["paths"]["/api/v1/{jid}/logs"]["get"]["parameters"]}
+    assert set(logs) == {"jid", "stream", "offset", "limit", "raw"}
+    assert "Pman-Next-Offset" in logs["raw"]["description"]
+    delete = doc["paths"]["/api/v1/{jid}/"]["delete"]["parameters"]
+    assert [p["name"] for p in delete] == ["jid", "kill"]
 
     for method, path in sorted(documented):
         templated = "{" in path
@@ -6217,13 +6222,767 @@ def test_slurm_missing_sbatch_is_backend_unavailable(slurm_ctx, monkeypatch):
         assert "sbatch" in str(caught.value)
         with pytest.raises(pman.BackendUnavailable):
             pman.JobManager(str(state), backend="slurm")
-        # The command line says so and exits 2 (a child: main() configures logging).
+        # The command line says so and exits 3 (a child: main() configures logging).
         out = subprocess.run([sys.executable, _SLURM_PMAN, "--backend", "slurm", "--port", "0",
                               "--state-dir", str(state)], stdin=subprocess.DEVNULL,
                              capture_output=True, text=True, timeout=30)
-        assert out.returncode == 2 and "sbatch" in out.stderr, (out.returncode, out.stderr)
+        assert out.returncode == 3 and "sbatch" in out.stderr, (out.returncode, out.stderr)
     # Nothing held on to the directory: with SLURM back on PATH it opens.
     m = slurm_ctx.open(state)
     jid = slurm_ctx.jid()
     m.run("exit 0", jid=jid)
     assert m.wait(jid, timeout=_SLURM_DEADLINE)["returncode"] == 0
+
+
+# ===========================================================================
+# cli: the `pman` command line (issue 13), each subcommand a subprocess
+# against a real server on a real socket
+# ===========================================================================
+_CLI_PMAN = os.path.join(HERE, "pman.py")
+_CLI_DEADLINE = 30.0
+
+
+def _cli_env(**extra):
+    env = dict(os.environ)
+    for name in ("PMAN_TOKEN", "PMAN_URL", "PMAN_START_SERVER", "NO_COLOR", "COLUMNS"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+class _CliServer:
+    """`pman serve --port 0` as a subprocess; its port read from its INFO
+    start line."""
+
+    def __init__(self, tmp_path, *args, state=None):
+        self.state = str(state or tmp_path / "cli-state")
+        self.err_path = str(tmp_path / ("serve-%s.log" % uuid.uuid4().hex[:8]))
+        with open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, _CLI_PMAN, "serve", "--port", "0", "--state-dir", self.state,
+                 "--grace", "2"] + list(args), stdout=err, stderr=err, env=_cli_env(),
+                stdin=subprocess.DEVNULL)
+        line = _until(lambda: self.proc.poll() is not None or re.search(
+            r"serving http://127\.0\.0\.1:(\d+)/api/v1/", self.log()), _CLI_DEADLINE,
+            "the server's start line")
+        if self.proc.poll() is not None:
+            raise AssertionError("pman serve exited with %s: %s" % (self.proc.returncode,
+                                                                    self.log()))
+        self.port = int(line.group(1))
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.job_pids = []
+
+    def log(self):
+        with open(self.err_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def http(self, method, path, body=None, timeout=_CLI_DEADLINE):
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            c.request(method, path, body=None if body is None else json.dumps(body),
+                      headers={"Content-Type": "application/json"} if body is not None else {})
+            r = c.getresponse()
+            return r.status, r.getheaders(), r.read()
+        finally:
+            c.close()
+
+    def post(self, body):
+        status, _, data = self.http("POST", "/api/v1/", body)
+        assert status == 201, (status, data)
+        job = json.loads(data)
+        if job.get("pid"):
+            self.job_pids.append(job["pid"])
+        return job
+
+    def job(self, jid):
+        status, _, data = self.http("GET", "/api/v1/%s/" % jid)
+        assert status == 200, (status, data)
+        return json.loads(data)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(_CLI_DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        for pid in self.job_pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def cli_server(tmp_path):
+    made = []
+
+    def make(*args, **kw):
+        server = _CliServer(tmp_path, *args, **kw)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+def _cli(*args, url=None, env=None, timeout=_CLI_DEADLINE, cwd=None, input=None):
+    """Run `python3 pman.py ARGS` to the end: (exit status, stdout bytes,
+    stderr text)."""
+    argv = [sys.executable, _CLI_PMAN] + list(args)
+    if url is not None:
+        argv[3:3] = ["--url", url]      # after the subcommand
+    r = subprocess.run(argv, capture_output=True, timeout=timeout, env=env or _cli_env(),
+                       cwd=cwd, input=input)
+    err = r.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in err, err
+    return r.returncode, r.stdout, err
+
+
+def _cli_pty(*args, env=None, timeout=_CLI_DEADLINE, on_output=None):
+    """Run `python3 pman.py ARGS` with stdout and stderr on a pseudo-terminal:
+    (exit status, everything it wrote there).  *on_output* is called with
+    the text so far after each read."""
+    master, slave = os.openpty()
+    p = subprocess.Popen([sys.executable, _CLI_PMAN] + list(args), stdout=slave, stderr=slave,
+                         stdin=subprocess.DEVNULL, env=env or _cli_env())
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:         # EIO: every writer has closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+            if on_output is not None:
+                on_output(out.decode("utf-8", "replace"))
+        p.wait(max(1.0, deadline - time.monotonic()))
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+        os.close(master)
+    return p.returncode, out.decode("utf-8", "replace")
+
+
+def _cli_free_port():
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def _cli_state(path, n):
+    """A state directory holding *n* finished jobs (cli-1 .. cli-n, in that
+    submission order), written as pman persists them; no process runs."""
+    os.makedirs(os.path.join(path, "logs"), mode=0o700)
+    with open(os.path.join(path, pman.SNAPSHOT), "w", encoding="utf-8") as f:
+        f.write(json.dumps({"pman_state": pman.STATE_FORMAT, "generation": 1,
+                            "next_seq": n + 1, "written": pman._now(),
+                            "pman_version": pman.__version__}) + "\n")
+        for i in range(1, n + 1):
+            stamp = pman._now()
+            f.write(pman._Job(
+                jid="cli-%d" % i, status=pman.SUCCESS if i % 7 else pman.ERROR, seq=i,
+                message="exited with code %d" % (0 if i % 7 else 1),
+                returncode=0 if i % 7 else 1, pid=None, cmd="echo %d" % i, argv=None,
+                auid="a%d" % (i % 3), meta={"k": str(i % 5)}, env=None, cwd=None,
+                timeout=None, extras={}, submitted=stamp, started=stamp, ended=stamp,
+                ident=None, kill_signal=None, kill_reason=None).line() + "\n")
+
+
+# -- serve --------------------------------------------------------------------
+
+def test_cli_serve_start_and_stop_lines_are_info_and_requests_need_v(cli_server, tmp_path):
+    quiet = cli_server()
+    code, out, err = _cli("ls", url=quiet.url)
+    assert code == 0, err
+    quiet.stop()
+    text = quiet.log()
+    assert re.search(r"INFO pman %s serving http://127\.0\.0\.1:\d+/api/v1/"
+                     % re.escape(pman.__version__), text), text
+    assert re.search(r"INFO SIGTERM received, stopping", text), text
+    assert re.search(r"INFO pman stopped; state flushed to ", text), text
+    assert "WARNING" not in text and "/api/v1/jobs" not in text, text
+
+    loud = cli_server("-v", state=tmp_path / "cli-state-v")
+    assert _cli("ls", url=loud.url)[0] == 0
+    # A second server on a state directory in use cannot start: 3, one message.
+    second = subprocess.run([sys.executable, _CLI_PMAN, "serve", "--port", "0", "--state-dir",
+                             loud.state], capture_output=True, text=True, env=_cli_env(),
+                            timeout=_CLI_DEADLINE, stdin=subprocess.DEVNULL)
+    assert second.returncode == 3, second
+    assert "in use by another pman manager" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr
+    _until(lambda: "GET /api/v1/jobs?order=newest" in loud.log(), 10, "a request line")
+    loud.stop()
+    assert "DEBUG" not in loud.log()
+
+    # The original README's command line is still the server.
+    port = _cli_free_port()
+    state = tmp_path / "cli-state-old"
+    with open(tmp_path / "old.log", "wb") as err:
+        p = subprocess.Popen([sys.executable, _CLI_PMAN, "--raw", "1", "--http", "--port",
+                              str(port), "--listeners", "12", "--state-dir", str(state)],
+                             stdout=err, stderr=err, stdin=subprocess.DEVNULL, env=_cli_env())
+    try:
+        _until(lambda: p.poll() is not None or "serving" in (tmp_path / "old.log").read_text(),
+               _CLI_DEADLINE, "the old command line to serve")
+        assert p.poll() is None, (tmp_path / "old.log").read_text()
+        code, out, err = _cli("ls", "--json", url="http://127.0.0.1:%d" % port)
+        assert code == 0 and json.loads(out) == [], err
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(_CLI_DEADLINE) == 0
+
+
+def test_cli_help_has_an_example_and_usage_errors_are_64(tmp_path):
+    for command in ("serve", "run", "ls", "show", "logs", "wait", "kill", "rm"):
+        code, out, err = _cli(command, "--help")
+        assert code == 0, (command, err)
+        assert "example:" in out.decode() and ("pman %s" % command) in out.decode(), command
+    code, out, err = _cli("--help")
+    assert code == 0 and "pman run" in out.decode()
+    for argv in (["bogus"], ["ls", "--bogus"], ["wait"], ["wait", "j1", "--timeout", "x"],
+                 ["show", "../etc"], ["kill", "bad/jid"], ["run"], ["run", "--env", "NOEQ",
+                                                                   "--", "true"],
+                 ["run", "--follow", "--json", "--", "true"], ["--bogus-flag"],
+                 ["--url", "http://127.0.0.1:1", "ls"],
+                 ["ls", "--url", "ftp://x"]):
+        code, out, err = _cli(*argv, env=_cli_env(PMAN_URL="http://127.0.0.1:1"))
+        assert code == 64, (argv, code, err)
+        assert err.strip(), argv
+
+
+def test_cli_python_m_pman_is_the_same_command(cli_server):
+    server = cli_server()
+    server.post({"jid": "m1", "cmd": "true"})
+    r = subprocess.run([sys.executable, "-m", "pman", "ls", "--json", "--url", server.url],
+                       capture_output=True, timeout=_CLI_DEADLINE, cwd=HERE, env=_cli_env())
+    assert r.returncode == 0, r.stderr
+    assert [j["jid"] for j in json.loads(r.stdout)] == ["m1"]
+
+
+# -- no server, errors, token -------------------------------------------------
+
+def test_cli_no_server_is_one_line_and_exit_3(tmp_path):
+    url = "http://127.0.0.1:%d" % _cli_free_port()
+    for argv in (["run", "--", "true"], ["ls"], ["show", "j1"], ["logs", "j1"],
+                 ["logs", "-f", "j1"], ["wait", "j1", "--timeout", "5"], ["kill", "j1"],
+                 ["rm", "j1"], ["run", "--wait", "--", "true"]):
+        code, out, err = _cli(*argv, url=url)
+        assert code == 3, (argv, code, err)
+        assert out == b"", argv
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "nothing answers at " + url in lines[0], (argv, err)
+        assert "pman serve" in lines[0], err
+    # $PMAN_URL is the default of --url
+    code, _, err = _cli("ls", env=_cli_env(PMAN_URL=url))
+    assert code == 3 and url in err
+
+
+def test_cli_error_replies_print_the_message_and_exit_3(cli_server, tmp_path):
+    server = cli_server()
+    code, out, err = _cli("show", "nosuch", url=server.url)
+    assert code == 3 and "no job with jid 'nosuch'" in err and "HTTP 404" in err, err
+    code, out, err = _cli("logs", "nosuch", url=server.url)
+    assert code == 3 and "404" in err
+    code, out, err = _cli("ls", "--status", "bogus", url=server.url)
+    assert code == 3 and "unknown status 'bogus'" in err, err
+    code, out, err = _cli("run", "--cwd", str(tmp_path), "--timeout", "-1", "--", "true",
+                          url=server.url)
+    assert code == 3 and "timeout" in err and "HTTP 400" in err, err
+    server.post({"jid": "busy", "cmd": "sleep 30"})
+    code, out, err = _cli("run", "--jid", "busy", "--", "true", url=server.url)
+    assert code == 3 and "409" in err, err
+
+
+def test_cli_token_from_file_or_environment(cli_server, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("cli-t0ken\n")
+    server = cli_server("--token-file", str(token_file))
+    code, _, err = _cli("ls", url=server.url)
+    assert code == 3 and "401" in err and "token" in err, err
+    code, out, err = _cli("ls", "--json", "--token-file", str(token_file), url=server.url)
+    assert code == 0 and json.loads(out) == [], err
+    code, out, err = _cli("run", "--jid", "t1", "--", "true", url=server.url,
+                          env=_cli_env(PMAN_TOKEN="cli-t0ken"))
+    assert code == 0 and out == b"t1\n", err
+    assert "cli-t0ken" not in server.log()
+
+
+# -- run ----------------------------------------------------------------------
+
+def test_cli_run_prints_the_jid_and_sends_every_option(cli_server, tmp_path):
+    server = cli_server()
+    code, out, err = _cli("run", "--", "echo generated", url=server.url)
+    assert code == 0, err
+    jid = out.decode().strip()
+    pman.check_jid(jid)
+    assert server.job(jid)["cmd"] == "echo generated"
+
+    workdir = tmp_path / "work dir"
+    workdir.mkdir()
+    code, out, err = _cli("run", "--jid", "opts", "--env", "GREETING=hi there", "--env", "B=2",
+                          "--meta", "project=p1", "--meta", "k=v=w", "--auid", "alice",
+                          "--timeout", "30", "--", "echo \"$GREETING\" $B; pwd",
+                          url=server.url, cwd=str(workdir))
+    assert (code, out) == (0, b"opts\n"), err
+    code, out, err = _cli("wait", "opts", "--timeout", "20", url=server.url)
+    assert code == 0, err
+    job = server.job("opts")
+    assert job["auid"] == "alice" and job["meta"] == {"project": "p1", "k": "v=w"}
+    assert job["timeout"] == 30 and job["env"] == ["B", "GREETING"]
+    assert job["cwd"] == str(workdir)       # the client's directory by default
+    assert job["logs"] == "hi there 2\n%s\n" % workdir, job["logs"]
+
+    # Several arguments are argv: no shell sees them.
+    code, out, err = _cli("run", "--jid", "argv", "--wait", "--", "printf", "%s|", "a b",
+                          "$HOME", ";", "exit 3", url=server.url)
+    assert code == 0, err
+    _, _, data = server.http("GET", "/api/v1/argv/logs?raw=1")
+    assert data == b"a b|$HOME|;|exit 3|"
+    # --cwd is made absolute on the client's side
+    code, out, err = _cli("run", "--jid", "rel", "--wait", "--cwd", ".", "--", "pwd",
+                          url=server.url, cwd=str(workdir))
+    assert code == 0 and server.job("rel")["cwd"] == str(workdir), err
+    # --json: the job object
+    code, out, err = _cli("run", "--jid", "js", "--json", "--meta", "a=1", "--", "true",
+                          url=server.url)
+    job = json.loads(out)
+    assert code == 0 and job["jid"] == "js" and job["meta"] == {"a": "1"}, err
+
+
+def test_cli_run_wait_exits_with_the_jobs_code(cli_server, tmp_path):
+    server = cli_server()
+    cases = [("ok", ["true"], 0), ("three", ["exit 3"], 3), ("big", ["exit 255"], 255),
+             ("sig", ["kill -9 $$"], 137),                          # not sent by pman: 128+9
+             ("timed", ["--timeout", "0.5", "--", "exec sleep 30"], 143)]   # pman's -15
+    for jid, argv, expected in cases:
+        if "--" not in argv:
+            argv = ["--"] + argv
+        code, out, err = _cli("run", "--jid", jid, "--wait", *argv, url=server.url)
+        assert (code, out) == (expected, jid.encode() + b"\n"), (jid, code, err)
+    assert server.job("timed")["returncode"] == -15
+    # A job with no exit code: 1 and a message.
+    code, out, err = _cli("run", "--jid", "nocwd", "--wait", "--cwd", str(tmp_path / "gone"),
+                          "--", "true", url=server.url)
+    assert code == 1 and "has no exit code" in err and "nocwd" in err, (code, err)
+    code, out, err = _cli("run", "--jid", "missing", "--wait", "--json", "--",
+                          "/nonexistent/prog", "x", url=server.url)
+    assert code == 1 and json.loads(out)["status"] == "finishedWithError", err
+    assert json.loads(out)["returncode"] is None and "no exit code" in err
+
+
+def test_cli_run_follow_streams_both_outputs_then_exits_with_the_code(cli_server):
+    server = cli_server()
+    code, out, err = _cli("run", "--jid", "fol", "--follow", "--",
+                          "echo one; echo two >&2; sleep 0.3; printf 'three\\377'; exit 7",
+                          url=server.url)
+    assert code == 7, err
+    assert out == b"one\nthree\xff"         # the job's bytes only, not its jid
+    assert err == "two\n"
+
+
+def test_cli_start_server_on_first_use(tmp_path):
+    port = _cli_free_port()
+    state = tmp_path / "auto-state"
+    url = "http://127.0.0.1:%d" % port
+    env = _cli_env(PMAN_STATE_DIR=str(state))
+    try:
+        code, out, err = _cli("ls", url=url, env=env)
+        assert code == 3 and "--start-server" in err      # not without being asked
+        code, out, err = _cli("run", "--start-server", "--jid", "first", "--wait", "--",
+                              "echo started", url=url, env=env)
+        assert (code, out) == (0, b"first\n"), err
+        assert "started a server at " + url in err, err
+        code, out, err = _cli("logs", "first", url=url, env=env)
+        assert out == b"started\n"
+        # the next one finds it running: no second server
+        code, out, err = _cli("run", "--jid", "second", "--", "true", url=url,
+                              env=_cli_env(PMAN_STATE_DIR=str(state), PMAN_START_SERVER="1"))
+        assert code == 0 and "started a server" not in err, err
+        assert "serving" in (state / "server.log").read_text()
+    finally:
+        try:
+            pid = int((state / "lock").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pid = None
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+            _until(lambda: not os.path.exists("/proc/%d" % pid) or
+                   _core_proc_stat(pid)[0] == "Z", 20, "the started server to stop")
+
+
+# -- logs ---------------------------------------------------------------------
+
+_CLI_WRITER = r"""
+import os, random, sys, time
+rng = random.Random(int(sys.argv[1]))
+total, fd = int(sys.argv[2]), int(sys.argv[3])
+left = total
+while left:
+    n = min(left, rng.choice((1, 3, 4095, 65536, 65537, 300000, 1 << 20)))
+    data = rng.randbytes(n)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    left -= n
+    if rng.random() < 0.3:
+        time.sleep(rng.random() * 0.05)
+sys.exit(5)
+"""
+
+
+def _cli_expected_bytes(seed, total):
+    rng = random.Random(seed)
+    out, left = [], total
+    while left:
+        n = min(left, rng.choice((1, 3, 4095, 65536, 65537, 300000, 1 << 20)))
+        out.append(rng.randbytes(n))
+        left -= n
+        if rng.random() < 0.3:
+            rng.random()
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_cli_logs_follow_is_byte_exact_across_10_mb_in_bursts(cli_server, tmp_path, stream):
+    server = cli_server()
+    seed, total = 1313 + (stream == "stderr"), 10 * 1000 * 1000
+    script = tmp_path / "writer.py"
+    script.write_text(_CLI_WRITER)
+    fd = 1 if stream == "stdout" else 2
+    server.post({"jid": "big", "entrypoint": [sys.executable],
+                 "args": [str(script), str(seed), str(total), str(fd)]})
+    argv = ["logs", "-f", "big"] + (["--stderr"] if stream == "stderr" else [])
+    code, out, err = _cli(*argv, url=server.url, timeout=120)
+    expected = _cli_expected_bytes(seed, total)
+    assert len(expected) == total
+    with pytest.raises(UnicodeDecodeError):
+        expected.decode("utf-8")
+    assert code == 5, err                   # the job's own code
+    assert len(out) == total and out == expected
+    # Without -f: the same bytes, from any offset.
+    code, out, err = _cli("logs", "--offset", "123457", *argv[2:], url=server.url)
+    assert code == 0 and out == expected[123457:], err
+    other = "stdout" if stream == "stderr" else "stderr"
+    code, out, err = _cli("logs", "big", *(["--stderr"] if other == "stderr" else []),
+                          url=server.url)
+    assert code == 0 and out == b""
+
+
+def test_cli_logs_follow_a_job_killed_by_a_signal(cli_server):
+    server = cli_server()
+    server.post({"jid": "k", "cmd": "echo before; exec sleep 30"})
+    p = subprocess.Popen([sys.executable, _CLI_PMAN, "logs", "-f", "k", "--url", server.url],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_cli_env())
+    try:
+        assert p.stdout.readline() == b"before\n"
+        assert p.poll() is None             # still following
+        assert _cli("kill", "k", "--signal", "INT", url=server.url)[0] == 0
+        assert p.wait(_CLI_DEADLINE) == 128 + signal.SIGINT
+        assert p.stdout.read() == b""
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.communicate(timeout=10)
+
+
+# -- ls -----------------------------------------------------------------------
+
+def test_cli_ls_table_json_filters_and_all(cli_server, tmp_path):
+    state = tmp_path / "many"
+    n = 2500
+    _cli_state(str(state), n)
+    server = cli_server(state=state)
+    code, out, err = _cli("ls", "--json", url=server.url)
+    jobs = json.loads(out)
+    assert code == 0 and [j["jid"] for j in jobs] == ["cli-%d" % i for i in
+                                                      range(n, n - 100, -1)], err
+    assert "--all" in err                   # says that more exist
+    code, out, err = _cli("ls", "--json", "--all", url=server.url)
+    jobs = json.loads(out)
+    assert [j["jid"] for j in jobs] == ["cli-%d" % i for i in range(n, 0, -1)]
+    code, out, err = _cli("ls", "--json", "--all", "--status", "finishedWithError",
+                          "--auid", "a1", "--meta", "k=4", url=server.url)
+    want = ["cli-%d" % i for i in range(n, 0, -1) if i % 7 == 0 and i % 3 == 1 and i % 5 == 4]
+    assert [j["jid"] for j in json.loads(out)] == want and want
+    code, out, err = _cli("ls", "--json", "--limit", "3", "--status",
+                          "finishedSuccessfully,finishedWithError", url=server.url)
+    assert [j["jid"] for j in json.loads(out)] == ["cli-2500", "cli-2499", "cli-2498"]
+
+    # The table: a header, one aligned row per job, newest first.
+    server.post({"jid": "tab", "cmd": "printf 'x\\n'; exit 2  # " + "long " * 40})
+    _cli("wait", "tab", url=server.url)
+    code, out, err = _cli("ls", "--limit", "3", url=server.url)
+    lines = out.decode().splitlines()
+    assert code == 0 and len(lines) == 4, out
+    assert lines[0].split() == ["JID", "STATUS", "RC", "STARTED", "DURATION", "COMMAND"]
+    assert lines[1].split()[:3] == ["tab", "finishedWithError", "2"]
+    assert lines[2].split()[:3] == ["cli-2500", "finishedSuccessfully", "0"]
+    assert "\\n" in lines[1] and lines[1].endswith("long ")     # one line, not cut: no TTY
+    assert len({line.index(" STATUS") if i == 0 else line.index(" finished")
+                for i, line in enumerate(lines)}) == 1          # aligned
+    assert "\x1b[" not in out.decode()
+    code, out, err = _cli("ls", "--limit", "3", url=server.url, env=_cli_env(COLUMNS="60"))
+    assert all(len(line) <= 60 for line in out.decode().splitlines()), out
+    assert out.decode().splitlines()[1].endswith("…")
+
+
+def test_cli_ls_colours_only_on_a_terminal_and_never_with_no_color(cli_server):
+    server = cli_server()
+    server.post({"jid": "good", "cmd": "true"})
+    server.post({"jid": "bad", "cmd": "exit 1"})
+    assert _cli("wait", "good", "bad", url=server.url)[0] == 1
+    code, text = _cli_pty("ls", "--url", server.url)
+    assert code == 0 and "\x1b[32mfinishedSuccessfully" in text, text
+    assert "\x1b[31mfinishedWithError" in text
+    code, text = _cli_pty("ls", "--url", server.url, env=_cli_env(NO_COLOR="1"))
+    assert code == 0 and "\x1b[" not in text and "finishedWithError" in text, text
+
+
+def test_cli_ls_answers_within_a_second_with_100000_jobs(cli_server, tmp_path):
+    state = tmp_path / "huge"
+    _cli_state(str(state), 100000)
+    server = cli_server(state=state)
+    _cli("ls", "--limit", "1", url=server.url)     # warm: page cache, server import
+
+    def best(*argv):
+        times = []
+        for _ in range(3):
+            t0 = time.monotonic()
+            code, out, err = _cli(*argv)
+            times.append(time.monotonic() - t0)
+            assert code == 0, err
+        return min(times), out
+
+    took, out = best("ls", "--url", server.url)
+    assert len(out.splitlines()) == 101
+    assert out.splitlines()[1].split()[0] == b"cli-100000"
+    # The interpreter's own start (compiling pman.py) is the machine's;
+    # the bench's figure (bench_pman.py --section cli) is the whole command.
+    # What ls adds to it, the request included, must be well under 1 s.
+    start, _ = best("--version")
+    assert took - start < 0.5, (took, start)
+    assert took < 1.0 or start > 0.5, (took, start)
+    request = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        status, _, data = server.http("GET", "/api/v1/jobs?order=newest&limit=100")
+        request.append(time.monotonic() - t0)
+        assert status == 200 and len(json.loads(data)["jobs"]) == 100
+    assert min(request) < 0.25, request
+
+
+# -- show ---------------------------------------------------------------------
+
+def test_cli_show_the_record_and_both_tails(cli_server):
+    server = cli_server()
+    server.post({"jid": "sh", "cmd": "seq 1 30; echo oops >&2; exit 4", "meta": {"p": "q"}})
+    assert _cli("wait", "sh", url=server.url)[0] == 1
+    code, out, err = _cli("show", "sh", url=server.url)
+    text = out.decode()
+    assert code == 0, err
+    assert re.search(r"^status: +finishedWithError$", text, re.M), text
+    assert re.search(r"^returncode: +4$", text, re.M)
+    assert re.search(r'^meta: +\{"p": "q"\}$', text, re.M)
+    assert "--- stdout (last 10 lines) ---\n" + "\n".join(map(str, range(21, 31))) in text
+    assert "--- stderr (last 1 line) ---\noops\n" in text
+    code, out, err = _cli("show", "sh", "-n", "2", url=server.url)
+    assert "--- stdout (last 2 lines) ---\n29\n30\n" in out.decode()
+    code, out, err = _cli("show", "sh", "--json", url=server.url)
+    job = json.loads(out)
+    assert job["jid"] == "sh" and job["returncode"] == 4 and job["message"]
+    assert job["tail"] == {"stdout": "".join("%d\n" % i for i in range(1, 31)),
+                           "stderr": "oops\n"}
+
+
+# -- wait ---------------------------------------------------------------------
+
+def test_cli_wait_on_100_jobs_with_a_timeout(cli_server):
+    server = cli_server()
+    jids = ["w%d" % i for i in range(100)]
+    for i, jid in enumerate(jids):
+        server.post({"jid": jid, "cmd": "sleep 0.%d" % (i % 10)})
+    t0 = time.monotonic()
+    code, out, err = _cli("wait", *jids, "--timeout", "60", "--json", url=server.url)
+    assert code == 0, err
+    assert time.monotonic() - t0 < 30
+    records = json.loads(out)
+    assert [r["jid"] for r in records] == jids
+    assert {r["status"] for r in records} == {"finishedSuccessfully"}
+
+    # some fail: 1, and each failure named
+    fails = ["f%d" % i for i in range(100)]
+    for i, jid in enumerate(fails):
+        server.post({"jid": jid, "cmd": "exit %d" % (3 if i in (5, 50) else 0)})
+    code, out, err = _cli("wait", *fails, "--timeout", "60", url=server.url)
+    assert code == 1 and out == b"", err
+    assert sorted(re.findall(r"pman: (f\d+) finishedWithError", err)) == ["f5", "f50"], err
+
+    # one never ends: 2 once the timeout passes, the rest reported as they are
+    slow = ["t%d" % i for i in range(99)] + ["t-slow"]
+    for jid in slow[:-1]:
+        server.post({"jid": jid, "cmd": "true"})
+    server.post({"jid": "t-slow", "cmd": "sleep 60"})
+    t0 = time.monotonic()
+    code, out, err = _cli("wait", *slow, "--timeout", "1.5", "--json", url=server.url)
+    took = time.monotonic() - t0
+    assert code == 2, err
+    assert 1.5 <= took < 15, took
+    records = {r["jid"]: r for r in json.loads(out)}
+    assert records["t-slow"]["status"] == "started"
+    assert all(records[j]["status"] == "finishedSuccessfully" for j in slow[:-1])
+    assert "timed out after 1.5 s: 1 of 100 jobs not finished: t-slow" in err, err
+    # an undefined or unknown job
+    code, out, err = _cli("wait", "w1", "nosuch", url=server.url)
+    assert code == 3 and "nosuch" in err
+
+
+def test_cli_wait_on_a_terminal_updates_one_progress_line(cli_server, tmp_path):
+    server = cli_server()
+    flag = tmp_path / "flag"
+    jids = ["p%d" % i for i in range(6)]
+    for i, jid in enumerate(jids[:-1]):
+        server.post({"jid": jid, "cmd": "sleep %.1f" % (0.3 * i)})
+    # the last one ends (with an error) once the progress line has shown
+    # the others done: the line must have been rewritten in between
+    server.post({"jid": "p5", "cmd": "while [ ! -e %s ]; do sleep 0.02; done; exit 1"
+                 % shlex.quote(str(flag))})
+
+    def release(text):
+        if "5/6 done" in text:
+            flag.touch()
+
+    code, text = _cli_pty("wait", *jids, "--url", server.url, on_output=release)
+    assert code == 1, text
+    updates = re.findall(r"\r(\d+)/6 done, (\d+) failed, [\d.]+ s\x1b\[K", text)
+    assert len(updates) >= 3, text
+    counts = [int(d) for d, _ in updates]
+    assert counts == sorted(counts) and counts[-1] == 6 and counts[0] < 6, updates
+    assert updates[-1] == ("6", "1"), updates
+    assert text.count("\n") <= 3, text      # one line, rewritten in place (+ the failure)
+
+
+# -- kill, rm -----------------------------------------------------------------
+
+def test_cli_kill_and_rm(cli_server):
+    server = cli_server()
+    server.post({"jid": "k1", "cmd": "exec sleep 30"})
+    server.post({"jid": "k2", "cmd": "trap 'exit 9' TERM; while :; do sleep 0.05; done"})
+    server.post({"jid": "done", "cmd": "true"})
+    code, out, err = _cli("kill", "k1", "nosuch", "--json", url=server.url)
+    assert code == 3 and "nosuch" in err and "404" in err, err
+    assert [j["jid"] for j in json.loads(out)] == ["k1"]     # the rest went on
+    code, out, err = _cli("wait", "k1", url=server.url)
+    assert code == 1 and server.job("k1")["returncode"] == -15
+    code, out, err = _cli("kill", "--signal", "SIGKILL", "--grace", "1", "k2", url=server.url)
+    assert (code, out) == (0, b""), err
+    _cli("wait", "k2", "--timeout", "20", url=server.url)
+    assert server.job("k2")["returncode"] == -9
+    code, out, err = _cli("kill", "--signal", "NOPE", "k2", url=server.url)
+    assert code == 3 and "unknown signal" in err
+
+    server.post({"jid": "r1", "cmd": "exec sleep 30"})
+    code, out, err = _cli("rm", "r1", url=server.url)
+    assert code == 3 and "pman rm --kill r1" in err, err
+    assert server.job("r1")["status"] == "started"          # untouched
+    code, out, err = _cli("rm", "done", "k1", url=server.url)
+    assert (code, out) == (0, b""), err
+    assert server.http("GET", "/api/v1/done/")[0] == 404
+    code, out, err = _cli("rm", "--kill", "r1", "done", url=server.url)
+    assert code == 3 and "done" in err and "404" in err, err
+    assert server.http("GET", "/api/v1/r1/")[0] == 404
+
+
+# -- the HTTP routes the command line needs -----------------------------------
+
+def test_http_raw_logs_are_the_bytes_with_offsets_in_headers(http_srv):
+    data = bytes(range(256)) * 8192 + b"\xe2\x82"          # 2 MiB, a cut character
+    _http_post_job(http_srv, {"jid": "rb", "entrypoint": [sys.executable, "-c",
+                   "import sys; sys.stdout.buffer.write(bytes(range(256)) * 8192 + "
+                   "b'\\xe2\\x82')"]})
+    _http_wait_job(http_srv, "rb")
+    r = http_srv.request("GET", "/api/v1/rb/logs?raw=1")
+    assert r.status == 200 and r.header("Content-Type") == "application/octet-stream"
+    assert int(r.header("Content-Length")) == len(r.body) == pman.RAW_CHUNK  # capped
+    assert r.body == data[:pman.RAW_CHUNK]
+    assert (r.header("Pman-Offset"), r.header("Pman-Next-Offset"), r.header("Pman-Eof")) == (
+        "0", str(pman.RAW_CHUNK), "false")
+    r = http_srv.request("GET", "/api/v1/rb/logs?raw=1&offset=%d" % (len(data) - 5))
+    assert r.body == data[-5:] and r.header("Pman-Eof") == "true"
+    r = http_srv.request("GET", "/api/v1/rb/logs?raw=true&offset=3&limit=4&stream=stdout")
+    assert r.body == data[3:7] and r.header("Pman-Next-Offset") == "7"
+    r = http_srv.request("GET", "/api/v1/rb/logs?raw=0&limit=4")
+    assert _http_json(r)["data"] == "\x00\x01\x02\x03"
+    _http_error(http_srv.request("GET", "/api/v1/rb/logs?raw=maybe"), 400)
+    _http_error(http_srv.request("GET", "/api/v1/nosuch/logs?raw=1"), 404)
+
+
+def test_http_delete_with_kill_0_refuses_an_active_job(http_srv):
+    _http_post_job(http_srv, {"jid": "dk", "cmd": "exec sleep 30"})
+    msg = _http_error(http_srv.request("DELETE", "/api/v1/dk/?kill=0"), 409)
+    assert "dk" in msg
+    assert http_srv.manager.get("dk")["status"] == "started"
+    _http_error(http_srv.request("DELETE", "/api/v1/dk/?kill=perhaps"), 400)
+    r = http_srv.request("DELETE", "/api/v1/dk/?kill=1")
+    assert r.status == 204
+    _http_post_job(http_srv, {"jid": "dk2", "cmd": "true"})
+    _http_wait_job(http_srv, "dk2")
+    assert http_srv.request("DELETE", "/api/v1/dk2?kill=0").status == 204
+
+
+def _cli_readme_session():
+    with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("\n", text.index("A session\nto paste")) + 1
+    block = text[text.index("::\n\n", start) + 4:]
+    lines = []
+    for line in block.splitlines():
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return "\n".join(lines).strip() + "\n"
+
+
+def test_cli_readme_session_runs_as_pasted(tmp_path):
+    if shutil.which("curl") is None:
+        if os.environ.get("CI"):
+            pytest.fail("curl is required on CI")
+        pytest.skip("curl is not installed")
+    session = _cli_readme_session()
+    assert session.startswith('alias pman="python3 $PWD/pman.py"\n'), session
+    port = _cli_free_port()
+    url = "http://127.0.0.1:%d" % port
+    state = tmp_path / "readme-state"
+    script = "shopt -s expand_aliases\n" + session.replace("127.0.0.1:5010", "127.0.0.1:%d" % port)
+    r = subprocess.run(["bash", "-c", script], cwd=HERE, capture_output=True, timeout=120,
+                       env=_cli_env(PMAN_URL=url, PMAN_STATE_DIR=str(state)))
+    out, err = r.stdout.decode(), r.stderr.decode()
+    try:
+        assert "Traceback" not in err and "nothing answers" not in err, err
+        assert "started a server at " + url in err, err
+        assert out.startswith("greet\nhello\nbye\n"), out      # jid, then the logs
+        assert re.search(r"^listing\njob-\d+-\d+\n3\nsleeper\n", out.split("bye\n", 1)[1],
+                         re.M), out
+        assert "finishedWithError" in out and "JID" in out      # ls
+        assert re.search(r"^status: +finishedSuccessfully$", out, re.M), out   # show
+        assert re.search(r"^1$", out, re.M), out                # wait's status
+        assert "sleeper finishedWithError: killed by SIGTERM on request" in err, err
+        assert '"action": "quit"' in out and '"status": true' in out, out
+        _until(lambda: _compat_lock_free(state), 20, "the started server to quit")
+    finally:
+        if (state / "lock").exists() and not _compat_lock_free(state):
+            os.kill(int((state / "lock").read_text().split()[0]), signal.SIGKILL)
