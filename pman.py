@@ -2450,18 +2450,20 @@ class JobManager:
                 continue
             if sig == signal.SIGKILL:
                 job.escalate_at = None      # only once the SIGKILL went out
-            if sig == signal.SIGKILL or kill.grace is None:
+            if sig == signal.SIGKILL or kill.kind == "resend":
                 continue
             with self._lock:
                 if self._running.get(job.jid) is not job:
                     continue
-                job.escalate_at = _time() + kill.grace
-                self._timer(kill.grace, "escalate", job)
+                if kill.grace is not None:
+                    job.escalate_at = _time() + kill.grace
+                    self._timer(kill.grace, "escalate", job)
                 if (job.spawned_at is not None
                         and _time() - job.spawned_at < self.backend.resend_window):
                     # The wrapper's subshell inherits its TERM handler for an
                     # instant after the fork; a signal landing then is caught
-                    # and lost.  Once that instant is over, say it again.
+                    # and lost.  Say it again until that instant is surely
+                    # over (see _fire).
                     self._timer(RESEND_DELAY, "resend", job)
 
     def _deliver_safely(self, kills):
@@ -2613,6 +2615,9 @@ class JobManager:
                 self._watch(job)
                 self._collect(job)      # it may have ended while we set up the watch
                 if job.kill_signal and self._running.get(job.jid) is job:
+                    # Its process may be young enough for the wrapper's fork
+                    # window: re-send as after a fresh spawn.
+                    job.spawned_at = _time()
                     kills.append(_Kill(job, job.kill_signal, None, 0, None, None))
                 log.info("re-adopted job %s (%s)", job.jid, job.pid or job.backend_id)
             else:               # it ended while no manager watched
@@ -2746,7 +2751,10 @@ class JobManager:
                                 self.grace, kind)
         if kind == "resend":
             if job.kill_signal and job.kill_signal != signal.SIGKILL:
-                return _Kill(job, job.kill_signal, None, 0, None, None)
+                age = _time() - job.spawned_at
+                if 2 * age < self.backend.resend_window:    # again at twice the age
+                    self._timer(age, "resend", job)
+                return _Kill(job, job.kill_signal, None, 0, None, "resend")
         elif kind == "escalate":
             if job.escalate_at is not None and _time() >= job.escalate_at - 0.001:
                 return self._signal(job, signal.SIGKILL, job.kill_reason, None, kind)
