@@ -2,8 +2,10 @@
 socket.  No mocks of subprocess, os or the network; every wait is bounded by
 a deadline.  Run: python3 -m pytest -q test_pman.py
 """
+import base64
 import fcntl
 import gc
+import hashlib
 import http.client
 import json
 import logging
@@ -4465,8 +4467,13 @@ def test_http_openapi_matches_the_routes(http_srv):
                    if m == method and rx.fullmatch(concrete)]
         op = doc["paths"][path][method.lower()]
         assert op["operationId"] in matched, (method, path, matched)
-        for variant in {concrete, concrete.rstrip("/"), concrete.rstrip("/") + "/"}:
+        media = (op["responses"].get("200", {}).get("content") or {"application/json": {}})
+        for variant in {concrete, concrete.rstrip("/") or "/", concrete.rstrip("/") + "/"}:
             r = http_srv.request(method, variant, {} if method == "POST" else None)
+            if "application/json" not in media and r.status == 200:     # the page, /metrics
+                assert (r.header("Content-Type") or "").startswith(next(iter(media))), (
+                    variant, r.headers)
+                continue
             obj = _http_json(r) if r.status != 204 else {}
             message = obj.get("message") or ""
             assert not (r.status == 404 and message.startswith("no such route")), (
@@ -4744,7 +4751,7 @@ def test_http_hostile_jids(http_srv, tmp_path):
             r = http_srv.request(method, path, body)
             _http_error(r, 400, 404)
     for jid in ["../../evil", "../evil", "/tmp/evil", "a\nb", "a" * 129, "", " a", "a b",
-                "cmd", "jobs", "hello", "openapi.json", ".x", "_0", "é"]:
+                "cmd", "jobs", "hello", "openapi.json", "events", ".x", "_0", "é"]:
         r = http_srv.request("POST", "/api/v1/", {"jid": jid, "cmd": "echo hi"})
         _http_error(r, 400)
         r = http_srv.request("POST", "/api/v1/cmd", {"payload": {
@@ -6152,3 +6159,244 @@ def test_slurm_missing_sbatch_is_backend_unavailable(slurm_ctx, monkeypatch):
     jid = slurm_ctx.jid()
     m.run("exit 0", jid=jid)
     assert m.wait(jid, timeout=_SLURM_DEADLINE)["returncode"] == 0
+
+
+# ===========================================================================
+# ui: the status page, the change feed and /metrics
+# ===========================================================================
+# The page is driven by Playwright's Python package in Debian's chromium;
+# /metrics is read with prometheus_client's parser.  Both are test-only
+# dependencies that .ci/run installs; where they are missing the tests skip
+# and say why, except under CI=true on the main Python, where they fail.
+
+_UI_CHROMIUM = "/usr/bin/chromium"
+_UI_WAIT_MS = 15000             # the bound of any one wait in the browser
+
+
+def _ui_missing(what):
+    why = "%s is missing (bash .ci/run installs it)" % what
+    if os.environ.get("CI") == "true" and sys.version_info[:2] != (3, 9):
+        pytest.fail(why + ": under CI the main pass must run these tests")
+    pytest.skip(why + ("; .ci/run installs it for the main Python only"
+                       if sys.version_info[:2] == (3, 9) else ""))
+
+
+@pytest.fixture(scope="module")
+def ui_browser():
+    """One headless chromium for the module (each test opens its own
+    context: a fresh sessionStorage)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _ui_missing("Playwright's Python package")
+    if not os.access(_UI_CHROMIUM, os.X_OK):
+        _ui_missing(_UI_CHROMIUM + " (Debian's chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_UI_CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def ui_page(ui_browser):
+    """open(srv) -> a page showing *srv*'s status page; every request it
+    makes is in page.urls ("GET http://..."), every script error in
+    page.errors."""
+    contexts = []
+
+    def open_page(srv, *, wait_live=True):
+        context = ui_browser.new_context(viewport={"width": 1280, "height": 800})
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(_UI_WAIT_MS)
+        page.urls, page.errors = [], []
+        page.on("request", lambda r: page.urls.append(r.method + " " + r.url))
+        page.on("pageerror", lambda e: page.errors.append(str(e)))
+        page.response = page.goto("http://127.0.0.1:%d/" % srv.port)
+        if wait_live:
+            page.wait_for_selector("#live:text-is('live')")
+        return page
+
+    yield open_page
+    for context in contexts:
+        context.close()
+
+
+def _ui_row_status(page, jid, status):
+    """Wait until the table shows *jid* with *status*."""
+    page.wait_for_selector('tr[data-jid="%s"] td.%s' % (jid, status))
+
+
+def _ui_jids(page):
+    return page.locator("#rows tr").evaluate_all("rows => rows.map(r => r.dataset.jid)")
+
+
+def _ui_api_gets(page, part):
+    return [u for u in page.urls if part in u]
+
+
+def test_ui_page_live_table_filters_log_kill_and_delete(http_factory, ui_page, tmp_path):
+    srv = http_factory()
+    _http_post_job(srv, {"jid": "old-ok", "cmd": "true", "auid": "alice"})
+    _http_post_job(srv, {"jid": "old-bad", "cmd": "echo needle; exit 3", "auid": "bob"})
+    _http_wait_job(srv, "old-ok")
+    _http_wait_job(srv, "old-bad")
+    page = ui_page(srv)
+    assert _ui_jids(page) == ["old-bad", "old-ok"]            # newest first
+    page.wait_for_selector("#counts button.finishedWithError b:text-is('1')")
+
+    # a job appears, runs and finishes without a reload
+    go = tmp_path / "go"
+    _http_post_job(srv, {"jid": "live-1", "auid": "carol",
+                         "cmd": "echo line-1; while [ ! -e %s ]; do sleep 0.02; done; "
+                                "echo line-2" % shlex.quote(str(go))})
+    _ui_row_status(page, "live-1", "started")
+    assert _ui_jids(page)[0] == "live-1"
+    page.wait_for_selector("#counts button.started b:text-is('1')")
+
+    # its log, followed as it grows
+    page.click('tr[data-jid="live-1"]')
+    page.wait_for_selector("#d-jid:text-is('live-1')")
+    page.wait_for_selector("#d-log:has-text('line-1')")
+    assert "line-2" not in page.text_content("#d-log")
+    go.write_text("")
+    page.wait_for_selector("#d-log:has-text('line-2')")
+    page.wait_for_selector("#d-logstate:has-text('ended')")
+    _ui_row_status(page, "live-1", "finishedSuccessfully")
+    page.wait_for_selector("#d-record dd.finishedSuccessfully")
+
+    # filters: status, auid, text; live changes respect them
+    page.select_option("#f-status", "finishedWithError")
+    _until(lambda: _ui_jids(page) == ["old-bad"], what="status filter")
+    page.select_option("#f-status", "")
+    page.fill("#f-auid", "alice")
+    _until(lambda: _ui_jids(page) == ["old-ok"], what="auid filter")
+    _http_post_job(srv, {"jid": "bobs", "cmd": "true", "auid": "bob"})
+    _http_post_job(srv, {"jid": "alices", "cmd": "true", "auid": "alice"})
+    _ui_row_status(page, "alices", "finishedSuccessfully")
+    assert _ui_jids(page) == ["alices", "old-ok"]
+    page.fill("#f-auid", "")
+    page.fill("#f-text", "NEEDLE")
+    _until(lambda: _ui_jids(page) == ["old-bad"], what="text filter")
+    page.fill("#f-text", "")
+    _until(lambda: _ui_jids(page) == ["alices", "bobs", "live-1", "old-bad", "old-ok"],
+           what="no filter")
+
+    # kill a running job from the page: cancel first, then confirm
+    _http_post_job(srv, {"jid": "sleeper", "cmd": "sleep 60"})
+    _ui_row_status(page, "sleeper", "started")
+    page.click('tr[data-jid="sleeper"]')
+    page.wait_for_selector("#d-jid:text-is('sleeper')")
+    page.click("#d-kill")
+    page.wait_for_selector("#confirm[open]")
+    page.click("#c-cancel")
+    assert srv.manager.get("sleeper")["status"] == "started"
+    page.click("#d-kill")
+    page.click("#c-ok")
+    _ui_row_status(page, "sleeper", "finishedWithError")
+    record = srv.manager.get("sleeper")
+    assert record["returncode"] == -signal.SIGTERM, record
+    assert record["message"] == "killed by SIGTERM on request", record
+    page.wait_for_selector("#d-record dd:text-is('killed by SIGTERM on request')")
+
+    # delete, confirmed
+    page.click("#d-delete")
+    page.click("#c-ok")
+    _until(lambda: "sleeper" not in _ui_jids(page), what="the deleted row to go")
+    page.wait_for_selector("#d-record dd:text-is('this job was deleted')")
+    assert "sleeper" not in srv.manager.jids()
+
+    # One page of jobs per filter change, never one job fetched alone: the
+    # feed brought every change.
+    pages = _ui_api_gets(page, "/api/v1/jobs?")
+    assert len(pages) == 6, pages       # the first load and five filter changes
+    assert all("limit=100" in u and "order=newest" in u for u in pages), pages
+    singles = [u for u in page.urls if re.match(r"GET .*/api/v1/[^/?]+/?(\?|$)", u)
+               and "/api/v1/events" not in u and "/api/v1/jobs" not in u]
+    assert singles == [], singles
+    assert page.errors == []
+
+
+def test_ui_token_prompt_and_content_security_policy(http_factory, ui_page):
+    srv = http_factory(token="s3cret")
+    _http_error(srv.request("GET", "/api/v1/jobs"), 401)
+    page = ui_page(srv, wait_live=False)
+    # the page itself is served without a token, under a strict CSP
+    assert page.response.status == 200
+    csp = page.response.headers["content-security-policy"]
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    assert directives["default-src"] == "'none'"
+    assert directives["connect-src"] == "'self'"
+    html = page.response.text()
+    script = re.search(r"<script>(.*)</script>", html, re.S).group(1)
+    style = re.search(r"<style>(.*)</style>", html, re.S).group(1)
+    for name, text in (("script-src", script), ("style-src", style)):
+        digest = base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+        assert directives[name] == "'sha256-%s'" % digest, (name, directives)
+    assert "unsafe" not in csp and "<script src" not in html and "<link rel=\"stylesheet" not in html
+
+    # the token is asked for once, a wrong one is refused, a right one kept
+    # for the tab only
+    page.wait_for_selector("#token[open]")
+    page.fill("#t-input", "wrong")
+    page.press("#t-input", "Enter")
+    page.wait_for_selector("#t-why:text-is('That token was refused.')")
+    page.fill("#t-input", "s3cret")
+    page.click("#t-ok")
+    page.wait_for_selector("#live:text-is('live')")
+    assert page.evaluate("sessionStorage.getItem('pman-token')") == "s3cret"
+    assert page.evaluate("localStorage.length") == 0
+    assert page.context.cookies() == []
+    assert all("s3cret" not in u for u in page.urls), page.urls
+    r = srv.request("POST", "/api/v1/", {"jid": "with-token", "cmd": "true"},
+                    headers={"Authorization": "Bearer s3cret"})
+    assert r.status == 201, r.body
+    _ui_row_status(page, "with-token", "finishedSuccessfully")
+    # a reload in the same tab does not ask again
+    page.reload()
+    page.wait_for_selector("#live:text-is('live')")
+    assert not page.is_visible("#token")
+
+    # code that is not the page's own does not run
+    try:
+        page.add_script_tag(content="window.injected = 1")
+    except Exception:
+        pass        # Playwright may report the refusal itself
+    assert page.evaluate("window.injected === undefined")
+
+    # the Host check applies to the page too; /metrics needs the token
+    code, _ = _http_check_raw(srv.raw(b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n"))
+    assert code == 403
+    _http_error(srv.request("GET", "/metrics"), 401)
+    assert srv.request("GET", "/metrics", headers={"Authorization": "Bearer s3cret"}).status == 200
+    assert page.errors == []
+
+
+def test_ui_first_paint_with_10000_jobs(tmp_path, ui_page):
+    state = tmp_path / "state"
+    lines = [_crash_header(next_seq=10001)]
+    lines += [_crash_line("job-%05d" % n, n, n % 3, auid="user%d" % (n % 7))
+              for n in range(1, 10001)]
+    _crash_write(str(state / "state.jsonl"), "\n".join(lines) + "\n")
+    manager = pman.JobManager(str(state))
+    srv = pman.make_server(manager, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
+    served = _HttpSrv(manager, srv, str(state))
+    try:
+        page = ui_page(served)
+        first = page.evaluate("performance.getEntriesByName('pman-first-rows')[0].startTime")
+        assert first < 1000, "first rows painted after %.0f ms" % first
+        assert len(_ui_jids(page)) == 100
+        assert _ui_jids(page)[0] == "job-10000"
+        page.wait_for_selector("#total:text-is('10000 jobs')")
+        # a change arrives through the feed alone: no page is read again
+        manager.run("true", jid="job-new")
+        _ui_row_status(page, "job-new", "finishedSuccessfully")
+        assert len(_ui_jids(page)) == 100 and _ui_jids(page)[0] == "job-new"
+        assert len(_ui_api_gets(page, "/api/v1/jobs?")) == 1, page.urls
+        assert page.errors == []
+    finally:
+        served.stop()
