@@ -9,6 +9,7 @@ import hashlib
 import http.client
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -6400,3 +6401,236 @@ def test_ui_first_paint_with_10000_jobs(tmp_path, ui_page):
         assert page.errors == []
     finally:
         served.stop()
+
+
+def test_ui_change_feed_in_the_library(core_make, tmp_path):
+    m = core_make(max_running=1)
+    start = m.changes()
+    assert start["changes"] == [] and not start["reset"]
+    assert start["counts"] == dict.fromkeys(pman.STATUSES, 0)
+    # nothing new: a wait times out empty, at its deadline
+    t0 = time.monotonic()
+    assert m.changes(start["seq"], timeout=0.2)["changes"] == []
+    assert 0.15 < time.monotonic() - t0 < 5
+    # a change ends a wait at once (the HTTP test below makes sure its poll
+    # was waiting first)
+    go = tmp_path / "go"
+    got = {}
+
+    def waiter():
+        got["feed"] = m.changes(start["seq"], timeout=30)
+        got["at"] = time.monotonic()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    m.run("while [ ! -e %s ]; do sleep 0.02; done" % shlex.quote(str(go)), jid="a")
+    posted = time.monotonic()
+    t.join(10)
+    assert not t.is_alive()
+    assert [c["jid"] for c in got["feed"]["changes"]] == ["a"]
+    assert got["at"] - posted < 2
+    m.run("true", jid="b")                      # queued behind a
+    feed = m.changes(start["seq"])
+    assert [(c["jid"], c["job"]["status"]) for c in feed["changes"]] == [
+        ("a", "started"), ("b", "notstarted")]
+    assert feed["counts"]["started"] == 1 and feed["counts"]["notstarted"] == 1
+    # each job once, at its latest change, with its record as it is now
+    go.write_text("")
+    m.wait(["a", "b"], timeout=10)
+    after = m.changes(feed["seq"])
+    assert [(c["jid"], c["job"]["status"]) for c in after["changes"]] == [
+        ("a", "finishedSuccessfully"), ("b", "finishedSuccessfully")]
+    assert [c["seq"] for c in after["changes"]] == sorted(c["seq"] for c in after["changes"])
+    assert after["seq"] == after["changes"][-1]["seq"] > feed["seq"]
+    # paging with limit: no change lost, none twice
+    first = m.changes(start["seq"], limit=1)
+    assert [c["jid"] for c in first["changes"]] == ["a"] and first["seq"] < after["seq"]
+    rest = m.changes(first["seq"], limit=1)
+    assert [c["jid"] for c in rest["changes"]] == ["b"] and rest["seq"] == after["seq"]
+    # forgotten: job None
+    m.remove("a")
+    gone = m.changes(after["seq"])
+    assert gone["changes"] == [{"seq": gone["seq"], "jid": "a", "job": None}]
+    assert gone["counts"]["finishedSuccessfully"] == 1
+    # cursors that cannot be served: reset, and no changes
+    for since in (0, start["seq"] - 1, gone["seq"] + 1):
+        feed = m.changes(since)
+        assert feed["reset"] and feed["changes"] == [] and feed["seq"] == gone["seq"], since
+    for bad in (-1.5, "1", True):
+        with pytest.raises(pman.InvalidArgument):
+            m.changes(bad)
+    with pytest.raises(pman.InvalidArgument):
+        m.changes(None, limit=0)
+
+
+def test_ui_change_feed_restart_and_ring(core_make, tmp_path, monkeypatch):
+    m = core_make()
+    seq = m.changes()["seq"]
+    m.run("true", jid="x")
+    m.wait("x", timeout=10)
+    m.close()
+    # a cursor of an earlier run is always behind the new run's numbers; past
+    # CHANGES_KEPT changes, an old cursor is reset
+    monkeypatch.setattr(pman, "CHANGES_KEPT", 3)
+    m = core_make()
+    feed = m.changes(seq + 2)
+    assert feed["reset"] and feed["seq"] > seq + 2
+    base = m.changes()["seq"]
+    for n in range(3):
+        m.run("true", jid="r%d" % n)
+    m.wait(["r0", "r1", "r2"], timeout=10)
+    assert m.changes(base)["reset"]
+    assert not m.changes(m.changes()["seq"] - 2)["reset"]
+
+
+def test_ui_http_events_long_poll_cap_and_errors(http_factory):
+    srv = http_factory(listeners=1, event_waiters=1)
+    now = _http_json(srv.request("GET", "/api/v1/events"))
+    assert set(now) == {"seq", "changes", "reset", "counts"} and now["changes"] == []
+    result = {}
+
+    def poll():
+        t0 = time.monotonic()
+        result["reply"] = srv.request("GET", "/api/v1/events?since=%d&wait=30" % now["seq"])
+        result["elapsed"] = time.monotonic() - t0
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    _until(lambda: srv.srv.event_polls.waiting == 1, what="the poll to wait")
+    # past the cap: answered at once, never refused; no listener is held by
+    # the waiting poll (listeners=1)
+    t0 = time.monotonic()
+    busy = _http_json(srv.request("GET", "/api/v1/events?since=%d&wait=30" % now["seq"]))
+    assert time.monotonic() - t0 < 5 and busy["busy"] is True and busy["changes"] == []
+    assert srv.request("GET", "/api/v1/jobs").status == 200
+    _http_post_job(srv, {"jid": "ev", "cmd": "true", "auid": "ann", "cpu_limit": 500})
+    t.join(20)
+    assert not t.is_alive() and result["elapsed"] < 20
+    feed = _http_json(result["reply"])
+    assert [c["jid"] for c in feed["changes"]] == ["ev"]
+    job = feed["changes"][0]["job"]
+    assert job["auid"] == "ann" and job["cpu_limit"] == 500 and "logs" not in job
+    # a wait that sees nothing ends empty after its time
+    done = _http_wait_job(srv, "ev")
+    last = _http_json(srv.request("GET", "/api/v1/events?since=%d" % feed["seq"]))["seq"]
+    t0 = time.monotonic()
+    empty = _http_json(srv.request("GET", "/api/v1/events?since=%d&wait=0.3" % last))
+    assert empty["changes"] == [] and empty["seq"] == last and 0.25 < time.monotonic() - t0 < 10
+    assert done["status"] == "finishedSuccessfully"
+    stale = _http_json(srv.request("GET", "/api/v1/events?since=0"))
+    assert stale["reset"] is True and stale["seq"] == last
+    for query in ("since=-1", "since=x", "since=1.5", "wait=soon", "wait=-1", "limit=0",
+                  "limit=1001", "bogus=1", "since=1&since=2"):
+        _http_error(srv.request("GET", "/api/v1/events?" + query), 400)
+    _http_error(srv.request("POST", "/api/v1/", {"jid": "events", "cmd": "true"}), 400)
+
+
+def test_ui_http_events_need_the_token(http_factory):
+    srv = http_factory(token="t0k")
+    _http_error(srv.request("GET", "/api/v1/events"), 401)
+    r = srv.request("GET", "/api/v1/events", headers={"Authorization": "Bearer t0k"})
+    assert r.status == 200
+    r = srv.request("GET", "/", headers={})
+    assert r.status == 200 and r.header("Content-Type").startswith("text/html")
+    assert b"<script>" in r.body and b"s3cret" not in r.body
+
+
+def test_http_jobs_text_filter(http_srv):
+    for jid, cmd, auid in (("t1", "echo Needle", "ann"), ("t2", "true", "needler"),
+                           ("t3", "true", "x"), ("t4", "echo caf\u00e9", "x")):
+        _http_post_job(http_srv, {"jid": jid, "cmd": cmd, "auid": auid})
+        _http_wait_job(http_srv, jid)
+
+    def found(query):
+        return [j["jid"] for j in _http_json(http_srv.request(
+            "GET", "/api/v1/jobs?" + query))["jobs"]]
+
+    assert found("q=needle") == ["t1", "t2"]
+    assert found("q=NEEDLE&order=newest") == ["t2", "t1"]
+    assert found("q=t3") == ["t3"]
+    assert found("q=CAF%C3%89") == ["t4"]
+    assert found("q=exited%20with%20code%200&auid=x") == ["t3", "t4"]
+    assert found("q=%22") == [] and found("q=%5C") == []
+    assert http_srv.manager.jobs(text="needle", limit=1) == http_srv.manager.jobs(
+        text="Needle")[:1]
+
+
+def _ui_metrics(srv, headers=None):
+    """/metrics parsed by prometheus_client: {(sample name, labels): value}."""
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+    except ImportError:
+        _ui_missing("prometheus_client")
+    r = srv.request("GET", "/metrics", headers=headers)
+    assert r.status == 200, r.body
+    assert r.header("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
+    out = {}
+    for family in text_string_to_metric_families(r.body.decode("utf-8")):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_ui_metrics_in_the_prometheus_format(http_factory, tmp_path):
+    srv = http_factory()
+    before = _ui_metrics(srv)
+    assert before[("pman_build_info", (("backend", "local"), ("python", platform.python_version()),
+                                       ("version", pman.__version__)))] == 1
+    for status in pman.STATUSES:
+        assert before[("pman_jobs", (("status", status),))] == 0
+    assert before[("pman_jobs_started_total", ())] == 0
+    assert before[("pman_reaper_lag_seconds_count", ())] == 0
+
+    _http_post_job(srv, {"jid": "ok", "cmd": "true"})
+    _http_post_job(srv, {"jid": "bad", "cmd": "exit 4"})
+    _http_post_job(srv, {"jid": "nope", "entrypoint": [str(tmp_path / "missing")], "args": []})
+    _http_post_job(srv, {"jid": "run", "cmd": "sleep 60"})
+    for jid in ("ok", "bad", "nope"):
+        _http_wait_job(srv, jid)
+    for _ in range(3):
+        srv.request("GET", "/api/v1/ok/")
+    srv.request("GET", "/no/such/%d/path" % random.randrange(10 ** 9))
+    srv.request("GET", "/api/v1/no-such-job/")
+    srv.request("BREW", "/api/v1/")
+    after = _ui_metrics(srv)
+    counts = srv.manager.counts()
+    for status in pman.STATUSES:
+        assert after[("pman_jobs", (("status", status),))] == counts[status], status
+    assert after[("pman_jobs", (("status", "started"),))] == 1
+    assert after[("pman_jobs_started_total", ())] == 3          # ok, bad, run
+    finished = {s: after[("pman_jobs_finished_total", (("status", s),))]
+                for s in ("finishedSuccessfully", "finishedWithError", "undefined")}
+    assert finished == {"finishedSuccessfully": 1, "finishedWithError": 2, "undefined": 0}
+    assert after[("pman_spawn_failures_total", ())] == 1
+    # the reaper saw two exits (the spawn failure ended in run()); its
+    # histogram is cumulative and ends in +Inf
+    assert after[("pman_reaper_lag_seconds_count", ())] == 2
+    buckets = sorted((float(dict(k[1])["le"]), v) for k, v in after.items()
+                     if k[0] == "pman_reaper_lag_seconds_bucket")
+    assert buckets[-1] == (math.inf, 2)
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)
+    assert 0 <= after[("pman_reaper_lag_seconds_sum", ())] < 10
+
+    def requests(route, method, code):
+        return after.get(("pman_http_requests_total", (("code", str(code)), ("method", method),
+                                                        ("route", route))), 0)
+
+    assert requests("/api/v1/{jid}/", "GET", 200) >= 3
+    assert requests("/api/v1/", "POST", 201) == 4
+    assert requests("/api/v1/{jid}/", "GET", 404) == 1
+    assert requests("other", "GET", 404) == 1
+    assert requests("/api/v1/", "other", 405) == 1
+    assert requests("/metrics", "GET", 200) == 1      # the first scrape
+    routes = {dict(k[1])["route"] for k in after if k[0] == "pman_http_requests_total"}
+    assert routes <= {p for _, _, p, _, _ in pman._Routes.TABLE} | {"other"}, routes
+    # values move as jobs run
+    srv.manager.kill("run")
+    _http_wait_job(srv, "run")
+    again = _ui_metrics(srv)
+    assert again[("pman_jobs_finished_total", (("status", "finishedWithError"),))] == 3
+    assert again[("pman_jobs", (("status", "started"),))] == 0
+    assert again[("pman_reaper_lag_seconds_count", ())] == 3
+    # token rules as the API
+    tok = http_factory(state_name="tok", token="m3trics")
+    _http_error(tok.request("GET", "/metrics"), 401)
+    assert _ui_metrics(tok, {"Authorization": "Bearer m3trics"})[("pman_jobs_started_total", ())] == 0
