@@ -3335,7 +3335,7 @@ td.msg{max-width:16em;overflow:hidden;text-overflow:ellipsis}
 tbody tr{cursor:pointer}tbody tr:hover,tbody tr.sel{background:var(--sel)}
 .notstarted{color:var(--q)}.started{color:var(--run)}.finishedSuccessfully{color:var(--ok)}
 .finishedWithError{color:var(--err)}.undefined{color:var(--und)}
-#detail{width:40%;min-width:22em;flex:none;border-left:1px solid var(--line);padding:0 1em 1em;position:sticky;top:0;max-height:100vh;overflow:auto}
+#detail{width:38%;min-width:22em;flex:none;border-left:1px solid var(--line);padding:0 1em 1em;position:sticky;top:0;max-height:100vh;overflow:auto}
 #detail header{display:flex;gap:.5em;align-items:center;padding:.6em 0}
 #detail header h2{flex:1}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.15em 1em;margin:0 0 .8em}
@@ -3451,7 +3451,7 @@ function render() {
     tr.dataset.jid = j.jid;
     if (j.jid === selected) tr.className = "sel";
     cell(tr, j.jid); cell(tr, j.status, j.status); cell(tr, j.auid); cell(tr, j.cmd, "cmd");
-    cell(tr, j.returncode); cell(tr, (j.submitted || "").replace("T", " ").slice(0, 19));
+    cell(tr, j.returncode); cell(tr, (j.submitted || "").replace("T", " ").slice(5, 19));
     cell(tr, j.message, "msg");
     tr.title = j.cmd;
     body.append(tr);
@@ -3539,7 +3539,8 @@ function showRecord(j) {
     return;
   }
   for (const k of FIELDS) {
-    if (j[k] === undefined || j[k] === null || j[k] === "") continue;
+    const v = j[k];
+    if (v === undefined || v === null || v === "" || (typeof v === "object" && !Object.keys(v).length)) continue;
     const dt = document.createElement("dt"), dd = document.createElement("dd");
     dt.textContent = k;
     dd.textContent = typeof j[k] === "object" ? JSON.stringify(j[k]) : String(j[k]);
@@ -3636,7 +3637,7 @@ _PAGE_HTML = """\
 <div class="wrap">
 <main>
 <table id="jobs">
-<thead><tr><th>jid</th><th>status</th><th>auid</th><th>command</th><th>code</th><th>submitted (UTC)</th><th>message</th></tr></thead>
+<thead><tr><th>jid</th><th>status</th><th>auid</th><th>command</th><th>code</th><th>submitted</th><th>message</th></tr></thead>
 <tbody id="rows"></tbody>
 </table>
 <p id="shown" class="mut"></p>
