@@ -10,7 +10,9 @@ a SLURM cluster (``backend="slurm"``).  It is a library first::
     pman.JobManager().wait("123")["returncode"]          # -> 0
 
 and an HTTP server second (``python pman.py --http --port 5010``), speaking
-both dialects of the original pman's ``/api/v1`` API.
+both dialects of the original pman's ``/api/v1`` API, with a change feed
+(``/api/v1/events``), a live status page at ``/`` and Prometheus metrics at
+``/metrics``.
 
 Vendoring
 ---------
@@ -1599,6 +1601,7 @@ class JobManager:
                 log.warning("jobs still running after the kill at close: %s", active)
         with self._lock:
             self._closing = True
+            self._fed.notify_all()      # changes() waiters return now
         self._wake()
         self._reaper.join()
         self._flush()
@@ -2051,12 +2054,12 @@ class JobManager:
             self._not_from_reaper("changes() with a timeout")
         deadline = None if timeout is None else _time() + timeout
         with self._lock:
-            while since == self._feed_seq:
+            while since == self._feed_seq and not self._closing:
                 left = None if deadline is None else deadline - _time()
                 if left is not None and left <= 0:
                     break
                 self._fed.wait(left)
-            head = self._feed_seq
+            now = head = self._feed_seq
             since = head if since is None else since
             oldest = self._feed[0][0] if self._feed else head + 1
             reset = since > head or since < oldest - 1
@@ -2069,17 +2072,25 @@ class JobManager:
             picked = sorted(latest.items(), key=lambda item: item[1])[:limit]
             if limit is not None and len(latest) > limit:
                 head = picked[-1][1]
-            found = []
-            for jid, seq in picked:
+            # Finished jobs are immutable lines: copy the rest, parse and
+            # count outside the lock.
+            lines = []
+            for jid, _ in picked:
                 entry = self._jobs.get(jid)
-                found.append({"seq": seq, "jid": jid, "job": None if entry is None
-                              else self._public(_record(entry))})
+                lines.append(entry if entry is None or isinstance(entry, str) else entry.line())
             counted_at, counts = self._feed_counts
-            if counted_at != self._feed_seq:
-                counts = dict.fromkeys(STATUSES, 0)
-                for entry in self._jobs.values():
-                    counts[_entry_status(entry)] += 1
-                self._feed_counts = self._feed_seq, counts
+            if counted_at != now:     # a finished job's line, or an active one's status
+                entries = [e if isinstance(e, str) else e.status for e in self._jobs.values()]
+        if counted_at != now:
+            counts = dict.fromkeys(STATUSES, 0)
+            for entry in entries:
+                counts[_LINE_RE.match(entry).group(2) if entry[0] == "{" else entry] += 1
+            with self._lock:
+                if (self._feed_counts[0] or 0) < now:
+                    self._feed_counts = now, counts
+        found = [{"seq": seq, "jid": jid,
+                  "job": None if line is None else self._public(json.loads(line))}
+                 for (jid, seq), line in zip(picked, lines)]
         return {"seq": head, "changes": found, "reset": reset, "counts": dict(counts)}
 
     def stats(self):
@@ -4140,6 +4151,8 @@ def _template_of(target):
     """The route template a request target falls under, or "other": the
     metrics' labels stay a bounded set whatever clients send."""
     path = target.partition("?")[0]
+    if not path.startswith("/"):
+        return "other"
     for _, regex, template, _, _ in _Routes.COMPILED:
         if regex.fullmatch(path):
             return template
@@ -4244,7 +4257,9 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
 
     A non-loopback *host* needs a *token* (clients send ``Authorization:
     Bearer <token>``) unless ``insecure_no_token=True``.  While bound to
-    loopback, requests naming a foreign Host are refused (403)."""
+    loopback, requests naming a foreign Host are refused (403).  At most
+    *event_waiters* long polls of /api/v1/events wait at once; past that
+    one is answered at once (``"busy": true``)."""
     if token is not None:
         if not isinstance(token, str) or not token or not token.isascii():
             raise InvalidArgument("the token must be a non-empty ASCII string")

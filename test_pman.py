@@ -6463,6 +6463,12 @@ def test_ui_change_feed_in_the_library(core_make, tmp_path):
             m.changes(bad)
     with pytest.raises(pman.InvalidArgument):
         m.changes(None, limit=0)
+    # closing the manager ends a wait
+    t = threading.Thread(target=lambda: got.update(last=m.changes(gone["seq"], timeout=60)))
+    t.start()
+    m.close()
+    t.join(10)
+    assert not t.is_alive() and got["last"]["changes"] == []
 
 
 def test_ui_change_feed_restart_and_ring(core_make, tmp_path, monkeypatch):
@@ -6594,6 +6600,7 @@ def test_ui_metrics_in_the_prometheus_format(http_factory, tmp_path):
     srv.request("GET", "/no/such/%d/path" % random.randrange(10 ** 9))
     srv.request("GET", "/api/v1/no-such-job/")
     srv.request("BREW", "/api/v1/")
+    srv.raw(b"NOT A REQUEST\r\n\r\n")
     after = _ui_metrics(srv)
     counts = srv.manager.counts()
     for status in pman.STATUSES:
@@ -6622,6 +6629,7 @@ def test_ui_metrics_in_the_prometheus_format(http_factory, tmp_path):
     assert requests("/api/v1/{jid}/", "GET", 404) == 1
     assert requests("other", "GET", 404) == 1
     assert requests("/api/v1/", "other", 405) == 1
+    assert requests("other", "other", 400) == 1
     assert requests("/metrics", "GET", 200) == 1      # the first scrape
     routes = {dict(k[1])["route"] for k in after if k[0] == "pman_http_requests_total"}
     assert routes <= {p for _, _, p, _, _ in pman._Routes.TABLE} | {"other"}, routes
