@@ -3376,6 +3376,7 @@ let rows = new Map();            // jid -> job object shown
 let more = false;                // more matching jobs than shown
 let filter = {status: "", auid: "", text: ""};
 let epoch = 0;                   // bumped by a filter change: stale pages are dropped
+let inflight = null;             // changes seen while a page is read: applied to it after
 let selected = null, selectedJob = null;
 let logGen = 0;
 
@@ -3479,15 +3480,19 @@ async function loadPage() {
   if (filter.status) q.set("status", filter.status);
   if (filter.auid) q.set("auid", filter.auid);
   if (filter.text) q.set("q", filter.text);
+  const seen = inflight = new Map();
   const page = await api("GET", "/api/v1/jobs?" + q);
   if (mine !== epoch) return;
+  inflight = null;
   rows = new Map(page.jobs.map((j) => [j.jid, j]));
   more = page.next !== null;
+  for (const c of seen.values()) apply(c);
   render();
 }
 
 function apply(change) {
   const j = change.job;
+  if (inflight) inflight.set(change.jid, change);
   if (change.jid === selected) showRecord(j);
   if (!j || !matches(j)) { rows.delete(change.jid); return; }
   let oldest = Infinity;
