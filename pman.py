@@ -3327,12 +3327,14 @@ _PAGE_CSS = """\
 --sel:#1f2a3d;--run:#64b5f6;--ok:#81c784;--err:#ef9a9a;--q:#ffd54f;--und:#ce93d8}}
 *{box-sizing:border-box}
 body{margin:0;font:14px/1.4 system-ui,sans-serif;background:var(--bg);color:var(--fg)}
-header.top{display:flex;gap:1em;align-items:baseline;padding:.6em 1em;border-bottom:1px solid var(--line)}
+header.top{display:flex;gap:1em;align-items:baseline;padding:.6em 1em;
+  border-bottom:1px solid var(--line)}
 h1{font-size:1.2em;margin:0}h2{font-size:1.05em;margin:0;word-break:break-all}
 .mut{color:var(--mut)}
 #live.off{color:var(--err)}
 #counts{display:flex;flex-wrap:wrap;gap:.5em;padding:.6em 1em}
-#counts button{border:1px solid var(--line);background:none;color:inherit;border-radius:1em;padding:.2em .8em;cursor:pointer;font:inherit}
+#counts button{border:1px solid var(--line);background:none;color:inherit;border-radius:1em;
+  padding:.2em .8em;cursor:pointer;font:inherit}
 #counts button.on{background:var(--sel)}
 #counts b{margin-left:.4em}
 #filters{display:flex;flex-wrap:wrap;gap:1em;padding:0 1em .6em}
@@ -3346,13 +3348,15 @@ td.msg{max-width:16em;overflow:hidden;text-overflow:ellipsis}
 tbody tr{cursor:pointer}tbody tr:hover,tbody tr.sel{background:var(--sel)}
 .notstarted{color:var(--q)}.started{color:var(--run)}.finishedSuccessfully{color:var(--ok)}
 .finishedWithError{color:var(--err)}.undefined{color:var(--und)}
-#detail{width:38%;min-width:22em;flex:none;border-left:1px solid var(--line);padding:0 1em 1em;position:sticky;top:0;max-height:100vh;overflow:auto}
+#detail{width:38%;min-width:22em;flex:none;border-left:1px solid var(--line);padding:0 1em 1em;
+  position:sticky;top:0;max-height:100vh;overflow:auto}
 #detail header{display:flex;gap:.5em;align-items:center;padding:.6em 0}
 #detail header h2{flex:1}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.15em 1em;margin:0 0 .8em}
 dt{color:var(--mut)}dd{margin:0;word-break:break-all;white-space:pre-wrap}
 .logbar{display:flex;gap:1em;align-items:center;margin-bottom:.3em}
-pre{background:rgba(127,127,127,.1);padding:.5em;margin:0;max-height:50vh;overflow:auto;white-space:pre-wrap;word-break:break-all;font-size:12px}
+pre{background:rgba(127,127,127,.1);padding:.5em;margin:0;max-height:50vh;overflow:auto;
+  white-space:pre-wrap;word-break:break-all;font-size:12px}
 button.danger{color:var(--err)}
 #error{color:var(--err);padding:0 1em}
 dialog{border:1px solid var(--line);border-radius:.4em;background:var(--bg);color:var(--fg)}
@@ -3366,7 +3370,7 @@ _PAGE_JS = """\
 // jobs that changed and brings their objects: nothing unchanged is fetched
 // again, and a whole page of jobs is read only on a filter change or reset.
 const PAGE = 100, WAIT = 25, LOG_CHUNK = 1 << 20, LOG_KEEP = 1 << 19;
-const STATUSES = ["notstarted", "started", "finishedSuccessfully", "finishedWithError", "undefined"];
+const STATUSES = __STATUSES__;     // pman.STATUSES
 const $ = (id) => document.getElementById(id);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 let token = sessionStorage.getItem("pman-token");
@@ -3377,7 +3381,7 @@ let more = false;                // more matching jobs than shown
 let filter = {status: "", auid: "", text: ""};
 let epoch = 0;                   // bumped by a filter change: stale pages are dropped
 let inflight = null;             // changes seen while a page is read: applied to it after
-let selected = null, selectedJob = null;
+let selected = null;              // the jid shown in the detail pane
 let logGen = 0;
 
 function askToken(refused) {
@@ -3421,7 +3425,8 @@ function matches(j) {
   if (filter.auid && j.auid !== filter.auid) return false;
   if (filter.text) {
     const t = filter.text.toLowerCase();
-    if (![j.jid, j.cmd, j.auid, j.message].some((s) => (s || "").toLowerCase().includes(t))) return false;
+    const fields = [j.jid, j.cmd, j.auid, j.message];
+    if (!fields.some((s) => (s || "").toLowerCase().includes(t))) return false;
   }
   return true;
 }
@@ -3470,8 +3475,8 @@ function render() {
   }
   $("rows").replaceChildren(body);
   if (!performance.getEntriesByName("pman-first-rows").length) performance.mark("pman-first-rows");
-  $("shown").textContent = list.length ? "newest " + list.length + (more ? " matching jobs shown" : " shown")
-                                       : "no job matches";
+  $("shown").textContent = !list.length ? "no job matches"
+    : "newest " + list.length + (more ? " matching jobs shown" : " shown");
 }
 
 async function loadPage() {
@@ -3516,7 +3521,8 @@ async function follow() {
         setLive(true);
         continue;
       }
-      const f = await api("GET", "/api/v1/events?since=" + seq + "&wait=" + WAIT + "&limit=" + PAGE);
+      const f = await api("GET", "/api/v1/events?since=" + seq + "&wait=" + WAIT +
+                               "&limit=" + PAGE);
       showCounts(f.counts);
       if (f.reset) { seq = f.seq; await loadPage(); continue; }
       for (const c of f.changes) apply(c);
@@ -3532,8 +3538,11 @@ async function follow() {
 }
 
 function filtersChanged() {
-  filter = {status: $("f-status").value, auid: $("f-auid").value.trim(), text: $("f-text").value.trim()};
-  for (const b of $("counts").children) b.classList.toggle("on", filter.status === b.dataset.status);
+  filter = {status: $("f-status").value, auid: $("f-auid").value.trim(),
+            text: $("f-text").value.trim()};
+  for (const b of $("counts").children) {
+    b.classList.toggle("on", filter.status === b.dataset.status);
+  }
   loadPage().catch((e) => setLive(false, e.message));
 }
 
@@ -3544,7 +3553,6 @@ const FIELDS = ["status", "message", "returncode", "pid", "cmd", "auid", "submit
                 "ended", "timeout", "cwd", "meta", "env", "image"];
 
 function showRecord(j) {
-  selectedJob = j;
   const dl = $("d-record");
   dl.replaceChildren();
   if (!j) {
@@ -3556,7 +3564,8 @@ function showRecord(j) {
   }
   for (const k of FIELDS) {
     const v = j[k];
-    if (v === undefined || v === null || v === "" || (typeof v === "object" && !Object.keys(v).length)) continue;
+    if (v === undefined || v === null || v === "") continue;
+    if (typeof v === "object" && !Object.keys(v).length) continue;
     const dt = document.createElement("dt"), dd = document.createElement("dd");
     dt.textContent = k;
     dd.textContent = typeof j[k] === "object" ? JSON.stringify(j[k]) : String(j[k]);
@@ -3609,17 +3618,25 @@ function confirmThen(text, label, action) {
   $("c-ok").textContent = label;
   $("c-ok").onclick = async () => {
     $("confirm").close();
-    try { await action(); } catch (e) { $("error").hidden = false; $("error").textContent = e.message; }
+    try {
+      await action();
+    } catch (e) {
+      $("error").hidden = false;
+      $("error").textContent = e.message;
+    }
   };
   $("confirm").showModal();
 }
 
 $("c-cancel").onclick = () => $("confirm").close();
 $("token").oncancel = (e) => e.preventDefault();
-$("d-kill").onclick = () => confirmThen("Kill job " + selected + " (SIGTERM, then SIGKILL after the grace period)?",
-  "Kill", () => api("POST", "/api/v1/" + encodeURIComponent(selected) + "/kill", {}));
-$("d-delete").onclick = () => confirmThen("Delete job " + selected + " and its logs? A running job is killed first.",
-  "Delete", () => api("DELETE", "/api/v1/" + encodeURIComponent(selected) + "/"));
+const jobPath = () => "/api/v1/" + encodeURIComponent(selected) + "/";
+$("d-kill").onclick = () => confirmThen(
+  "Kill job " + selected + " (SIGTERM, then SIGKILL after the grace period)?",
+  "Kill", () => api("POST", jobPath() + "kill", {}));
+$("d-delete").onclick = () => confirmThen(
+  "Delete job " + selected + " and its logs? A running job is killed first.",
+  "Delete", () => api("DELETE", jobPath()));
 $("d-close").onclick = () => { selected = null; logGen++; $("detail").hidden = true; render(); };
 $("d-stream").onchange = followLog;
 $("rows").onclick = (e) => { const tr = e.target.closest("tr"); if (tr) select(tr.dataset.jid); };
@@ -3642,32 +3659,54 @@ _PAGE_HTML = """\
 <style>%(css)s</style>
 </head>
 <body>
-<header class="top"><h1>pman</h1><span class="mut">%(version)s</span><span id="total" class="mut"></span><span id="live">connecting</span></header>
+<header class="top">
+  <h1>pman</h1><span class="mut">%(version)s</span><span id="total" class="mut"></span>
+  <span id="live">connecting</span>
+</header>
 <section id="counts" aria-label="jobs per status"></section>
 <form id="filters" role="search">
-<label>Status <select id="f-status"><option value="">any</option></select></label>
-<label>auid <input id="f-auid" autocomplete="off" size="12"></label>
-<label>Text <input id="f-text" type="search" placeholder="jid, command, message" size="24"></label>
+  <label>Status <select id="f-status"><option value="">any</option></select></label>
+  <label>auid <input id="f-auid" autocomplete="off" size="12"></label>
+  <label>Text <input id="f-text" type="search" placeholder="jid, command, message" size="24">
+  </label>
 </form>
 <p id="error" role="alert" hidden></p>
 <div class="wrap">
 <main>
 <table id="jobs">
-<thead><tr><th>jid</th><th>status</th><th>auid</th><th>command</th><th>code</th><th>submitted</th><th>message</th></tr></thead>
-<tbody id="rows"></tbody>
+  <thead><tr><th>jid</th><th>status</th><th>auid</th><th>command</th><th>code</th>
+    <th>submitted</th><th>message</th></tr></thead>
+  <tbody id="rows"></tbody>
 </table>
 <p id="shown" class="mut"></p>
 </main>
 <aside id="detail" hidden>
-<header><h2 id="d-jid"></h2><button type="button" id="d-kill" class="danger">Kill</button><button type="button" id="d-delete" class="danger">Delete</button><button type="button" id="d-close">Close</button></header>
-<dl id="d-record"></dl>
-<div class="logbar"><select id="d-stream" aria-label="log stream"><option>stdout</option><option>stderr</option></select><span id="d-logstate" class="mut"></span></div>
-<pre id="d-log"></pre>
+  <header>
+    <h2 id="d-jid"></h2>
+    <button type="button" id="d-kill" class="danger">Kill</button>
+    <button type="button" id="d-delete" class="danger">Delete</button>
+    <button type="button" id="d-close">Close</button>
+  </header>
+  <dl id="d-record"></dl>
+  <div class="logbar">
+    <select id="d-stream" aria-label="log stream"><option>stdout</option><option>stderr</option>
+    </select><span id="d-logstate" class="mut"></span>
+  </div>
+  <pre id="d-log"></pre>
 </aside>
 </div>
-<dialog id="confirm"><p id="c-text"></p><div class="row"><button type="button" id="c-cancel">Cancel</button><button type="button" id="c-ok" class="danger">OK</button></div></dialog>
-<dialog id="token"><form id="t-form"><p>This server needs its token.</p><p id="t-why" class="mut"></p>
-<input id="t-input" type="password" autocomplete="off" aria-label="token" size="30"><div class="row"><button id="t-ok">Use token</button></div></form></dialog>
+<dialog id="confirm">
+  <p id="c-text"></p>
+  <div class="row"><button type="button" id="c-cancel">Cancel</button>
+    <button type="button" id="c-ok" class="danger">OK</button></div>
+</dialog>
+<dialog id="token">
+  <form id="t-form">
+    <p>This server needs its token.</p><p id="t-why" class="mut"></p>
+    <input id="t-input" type="password" autocomplete="off" aria-label="token" size="30">
+    <div class="row"><button id="t-ok">Use token</button></div>
+  </form>
+</dialog>
 <script>%(js)s</script>
 </body>
 </html>
@@ -3678,10 +3717,11 @@ def _page():
     def digest(text):
         return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8"))
                                                 .digest()).decode("ascii")
+    js = _PAGE_JS.replace("__STATUSES__", json.dumps(STATUSES))
     csp = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
            "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-           % (digest(_PAGE_JS), digest(_PAGE_CSS)))
-    html = _PAGE_HTML % {"css": _PAGE_CSS, "js": _PAGE_JS, "version": "pman " + __version__}
+           % (digest(js), digest(_PAGE_CSS)))
+    html = _PAGE_HTML % {"css": _PAGE_CSS, "js": js, "version": "pman " + __version__}
     return _Encoded(html.encode("utf-8"), "text/html; charset=utf-8",
                     ("Content-Security-Policy: " + csp, "X-Content-Type-Options: nosniff",
                      "Referrer-Policy: no-referrer", "Cache-Control: no-cache"))
