@@ -2180,20 +2180,22 @@ class JobManager:
         self._store.append(job.line())
         self._note_change(job.jid, job.status)
 
-    def _note_change(self, jid, status, *, ended=False):
+    def _note_change(self, jid, status, *, ended=None):
         """Give this change of *jid*'s record (now *status*; None: forgotten)
         the next number of the change feed, wake the feed's waiters, and
-        count it for the metrics (*ended*: `_finish` recorded an ending).
-        Caller holds self._lock."""
+        count it for the metrics (*ended*: the _Job whose ending `_finish`
+        recorded).  Caller holds self._lock."""
         self._feed_seq += 1
         self._feed.append((self._feed_seq, jid))
         if status == STARTED and jid not in self._tallied:
             self._tallied.add(jid)
             self._tally["started"] += 1
         elif status not in ACTIVE:
-            self._tallied.discard(jid)
-            if ended:
+            if ended is not None:
+                if ended.started is not None and jid not in self._tallied:
+                    self._tally["started"] += 1     # it ran between two SLURM polls
                 self._tally[status] += 1
+            self._tallied.discard(jid)
         self._fed.notify_all()
 
     def _forget(self, jids=(), *, oldest=0):
@@ -2463,7 +2465,7 @@ class JobManager:
         if self._running.pop(job.jid, None) is not None:
             self.backend.unwatch(job)
         self._jobs[job.jid] = line
-        self._note_change(job.jid, status, ended=True)
+        self._note_change(job.jid, status, ended=job)
         self._finished += 1
         self._end_order.append((job.jid, line))
         if len(self._end_order) > 2 * self._finished + 1000:    # drop stale pairs
