@@ -10,9 +10,10 @@ a SLURM cluster (``backend="slurm"``).  It is a library first::
     pman.JobManager().wait("123")["returncode"]          # -> 0
 
 and an HTTP server second (``python pman.py serve --port 5010``), speaking
-both dialects of the original pman's ``/api/v1`` API, with a command line
-that is its client (``python pman.py run -- make``, ``ls``, ``logs -f``,
-``wait``...).
+both dialects of the original pman's ``/api/v1`` API, with a change feed
+(``/api/v1/events``), a live status page at ``/``, Prometheus metrics at
+``/metrics``, and a command line that is its client (``python pman.py run
+-- make``, ``ls``, ``logs -f``, ``wait``...).
 
 Vendoring
 ---------
@@ -90,10 +91,13 @@ __all__ = [
 
 import argparse
 import atexit
+import base64
+import bisect
 import collections
 import email.utils
 import errno
 import fcntl
+import hashlib
 import heapq
 import math
 import hmac
@@ -140,7 +144,7 @@ STATUSES = (NOTSTARTED, STARTED, SUCCESS, ERROR, UNDEFINED)
 ACTIVE = (NOTSTARTED, STARTED)
 
 JID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-RESERVED_JIDS = frozenset({"cmd", "jobs", "hello", "openapi.json"})
+RESERVED_JIDS = frozenset({"cmd", "jobs", "hello", "openapi.json", "events"})
 # The fields pfcon sends with every job: recorded, never enforced.
 PFCON_FIELDS = ("number_of_workers", "cpu_limit", "memory_limit", "gpu_limit",
                 "image", "type", "input_dir", "output_dir", "args_path_flags")
@@ -158,6 +162,8 @@ LOCK_RETRY = 2.0            # seconds to wait for a dead holder's lock to clear
 EXIT_LOG_MAX = 1 << 20      # empty the exit log past this size when no job runs
 MAX_SECONDS = 1e8           # the largest timeout, grace or wait accepted (3 years)
 MAX_SLEEP = 3600.0          # the reaper wakes at least this often
+CHANGES_KEPT = 4096         # changes the feed remembers; an older cursor gets reset
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _MISSING = object()
 TAIL_LINES, TAIL_BYTES = 1000, 65536
 
@@ -1679,6 +1685,18 @@ class JobManager:
         lines, self._next_seq, replayed = self._store.load()
         self._lock = threading.Lock()       # guards all job state below
         self._changed = threading.Condition(self._lock)   # a job ended
+        self._fed = threading.Condition(self._lock)       # the change feed moved
+        # The change feed (see changes()): the latest (seq, jid) pairs.  Each
+        # opening numbers from the clock's microseconds, so a cursor handed
+        # out by an earlier run is always behind this one's and gets reset.
+        self._feed = collections.deque(maxlen=CHANGES_KEPT)
+        self._feed_seq = int(_wall() * 1e6)
+        self._feed_counts = (None, None)    # (seq, counts()) for changes()
+        # Counters of the metrics, since this opening: "started", "spawn
+        # failed", statuses of endings, and the reaper's lag histogram.
+        self._tally = collections.Counter()
+        self._tallied = set()               # active jids counted as started
+        self._lag = [0] * (len(LAG_BUCKETS) + 1) + [0.0]   # bucket counts, +Inf, sum
         self._jobs = lines                  # jid -> _Job | line; submission order
         self._queue = collections.deque()   # queued _Jobs, submission order
         self._running = {}                  # jid -> started _Job
@@ -1706,6 +1724,8 @@ class JobManager:
         with self._lock:
             kills = self._recover()
             starting = self._start_queued()
+            self._tally.clear()         # recovery is not news: count from here
+            self._tallied = {jid for jid, job in self._running.items() if job.status == STARTED}
         self._store.sync()
         if kills:
             self._deliver(kills)
@@ -1772,6 +1792,7 @@ class JobManager:
                 log.warning("jobs still running after the kill at close: %s", active)
         with self._lock:
             self._closing = True
+            self._fed.notify_all()      # changes() waiters return now
         self._wake()
         self._reaper.join()
         self._flush()
@@ -1878,6 +1899,7 @@ class JobManager:
                 # backend takes the new one, in case it refuses it.
                 self._move_logs(jid, "", "~" if start else None)
             self._jobs[jid] = job
+            self._note_change(jid, NOTSTARTED)
             if not start:
                 self._queue.append(job)
                 snapshot = self._public(_record(job))
@@ -1900,6 +1922,7 @@ class JobManager:
                         self._store.append(old)
                     else:
                         self._store.append(json.dumps({"forget": [jid]}))
+                    self._note_change(jid, None if old is None else _entry_status(old))
                 if old is not None:
                     self._move_logs(jid, "~", "")
             raise
@@ -1920,10 +1943,11 @@ class JobManager:
         return record
 
     def jobs(self, *, status=None, auid=None, meta=None, limit=None, after=None,
-             newest=False):
+             newest=False, text=None):
         """Records of jobs in submission order (``newest=True``: newest
-        first), filtered by *status* (one string or several), *auid* and
-        *meta* (every key must be equal).  *after* is a jid: list only the
+        first), filtered by *status* (one string or several), *auid*,
+        *meta* (every key must be equal) and *text* (found, ignoring case,
+        in the jid, cmd, auid or message).  *after* is a jid: list only the
         jobs that come after it in that order (a page's last jid gives the
         next page).  *limit* caps the count."""
         if isinstance(status, str):
@@ -1935,6 +1959,13 @@ class JobManager:
                                           % (_shown(s), ", ".join(STATUSES)))
         if meta is not None and not isinstance(meta, dict):
             raise InvalidArgument("meta filter must be a dict")
+        if text is not None and not isinstance(text, str):
+            raise InvalidArgument("text filter must be a string")
+        needle = text.lower() if text else None
+        # A JSON line holds plain ASCII text as it is: skip the lines that
+        # cannot match before parsing them.
+        quick = needle is not None and needle.isascii() and needle.isprintable() \
+            and '"' not in needle and "\\" not in needle
         _check_count("limit", limit)
         out = []
         with self._lock:    # finished jobs are immutable lines: copy the rest
@@ -1949,8 +1980,13 @@ class JobManager:
                 break
             if status is not None and _line_status(entry) not in status:
                 continue
+            if quick and needle not in entry.lower():
+                continue
             record = json.loads(entry)
             if auid is not None and record["auid"] != auid:
+                continue
+            if needle is not None and not any(needle in (record[k] or "").lower()
+                                              for k in ("jid", "cmd", "auid", "message")):
                 continue
             if meta and any(record["meta"].get(k, _MISSING) != v for k, v in meta.items()):
                 continue
@@ -2156,6 +2192,7 @@ class JobManager:
                         and _line_seq(line) == _line_seq(old)):
                     self._jobs[jid] = line
                     replaced[jid] = old
+                    self._note_change(jid, m.group(2))
             if replaced:
                 self._end_order = collections.deque(
                     (jid, self._jobs[jid] if replaced.get(jid) is line else line)
@@ -2173,6 +2210,90 @@ class JobManager:
             for entry in self._jobs.values():
                 counts[_entry_status(entry)] += 1
         return counts
+
+    def changes(self, since=None, *, limit=None, timeout=0):
+        """The change feed.  Every change of a job's record (submitted,
+        started, ended, forgotten, reloaded) gets the next sequence number;
+        the latest CHANGES_KEPT are kept.  Returns ``{"seq", "changes",
+        "reset", "counts"}``: ``changes`` lists each job changed after
+        *since* once, at its latest change, oldest first: ``{"seq", "jid",
+        "job"}`` with ``job`` the record as it is now (None once
+        forgotten); at most *limit* of them, and then ``seq`` is the last
+        one's, else the latest number.  Pass ``seq`` as *since* to go on.
+        ``reset`` is True when changes after *since* are no longer all
+        known (an older cursor, one of an earlier run, or 0): re-read what
+        you show, then go on from ``seq``; ``changes`` is then empty.
+        *since* None: start from now (no changes).  ``counts`` is
+        `counts()` as of ``seq``'s moment or later.
+
+        With *timeout* (s; None: no limit), wait until there is a change
+        after *since* or the time is up."""
+        if since is not None and (isinstance(since, bool) or not isinstance(since, int)):
+            raise InvalidArgument("since must be an integer sequence number, not %s"
+                                  % _shown(since))
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1):
+            raise InvalidArgument("limit must be a positive integer")
+        _check_number("timeout", timeout)
+        if timeout != 0:
+            self._not_from_reaper("changes() with a timeout")
+        deadline = None if timeout is None else _time() + timeout
+        with self._lock:
+            while since == self._feed_seq and not self._closing:
+                left = None if deadline is None else deadline - _time()
+                if left is not None and left <= 0:
+                    break
+                self._fed.wait(left)
+            now = head = self._feed_seq
+            since = head if since is None else since
+            oldest = self._feed[0][0] if self._feed else head + 1
+            reset = since > head or since < oldest - 1
+            latest = {}             # jid -> its latest seq after since
+            if not reset:
+                for seq, jid in reversed(self._feed):
+                    if seq <= since:
+                        break
+                    latest.setdefault(jid, seq)
+            picked = sorted(latest.items(), key=lambda item: item[1])[:limit]
+            if limit is not None and len(latest) > limit:
+                head = picked[-1][1]
+            # Finished jobs are immutable lines: copy the rest, parse and
+            # count outside the lock.
+            lines = []
+            for jid, _ in picked:
+                entry = self._jobs.get(jid)
+                lines.append(entry if entry is None or isinstance(entry, str) else entry.line())
+            counted_at, counts = self._feed_counts
+            if counted_at != now:     # a finished job's line, or an active one's status
+                entries = [e if isinstance(e, str) else e.status for e in self._jobs.values()]
+        if counted_at != now:
+            counts = dict.fromkeys(STATUSES, 0)
+            for entry in entries:
+                counts[_LINE_RE.match(entry).group(2) if entry[0] == "{" else entry] += 1
+            with self._lock:
+                if (self._feed_counts[0] or 0) < now:
+                    self._feed_counts = now, counts
+        found = [{"seq": seq, "jid": jid,
+                  "job": None if line is None else self._public(json.loads(line))}
+                 for (jid, seq), line in zip(picked, lines)]
+        return {"seq": head, "changes": found, "reset": reset, "counts": dict(counts)}
+
+    def stats(self):
+        """Counters since this manager opened, for monitoring: ``started``,
+        ``spawn_failed``, ``ended`` (``{status: n}``), and ``reaper_lag``
+        (``{"buckets": [(upper bound s, n), ...], "sum": s, "count": n}``,
+        cumulative, the last bound ``inf``: the time from the reaper's
+        wake-up for a job's exit to its record)."""
+        with self._lock:
+            tally, lag = dict(self._tally), list(self._lag)
+        buckets, total = [], 0
+        for bound, n in zip(LAG_BUCKETS + (math.inf,), lag):
+            total += n
+            buckets.append((bound, total))
+        return {"started": tally.get("started", 0),
+                "spawn_failed": tally.get("spawn failed", 0),
+                "ended": {s: tally.get(s, 0) for s in STATUSES if s not in ACTIVE},
+                "reaper_lag": {"buckets": buckets, "sum": lag[-1], "count": total}}
 
     # -- internals: records and files ---------------------------------------
     # Methods named _x_locked or documented "caller holds self._lock" MUST be
@@ -2247,6 +2368,25 @@ class JobManager:
     def _persist(self, job):
         """Journal the job's current state.  Caller holds self._lock."""
         self._store.append(job.line())
+        self._note_change(job.jid, job.status)
+
+    def _note_change(self, jid, status, *, ended=None):
+        """Give this change of *jid*'s record (now *status*; None: forgotten)
+        the next number of the change feed, wake the feed's waiters, and
+        count it for the metrics (*ended*: the _Job whose ending `_finish`
+        recorded).  Caller holds self._lock."""
+        self._feed_seq += 1
+        self._feed.append((self._feed_seq, jid))
+        if status == STARTED and jid not in self._tallied:
+            self._tallied.add(jid)
+            self._tally["started"] += 1
+        elif status not in ACTIVE:
+            if ended is not None:
+                if ended.started is not None and jid not in self._tallied:
+                    self._tally["started"] += 1     # it ran between two SLURM polls
+                self._tally[status] += 1
+            self._tallied.discard(jid)
+        self._fed.notify_all()
 
     def _forget(self, jids=(), *, oldest=0):
         """Forget finished *jids*, or the *oldest* finished jobs."""
@@ -2267,6 +2407,7 @@ class JobManager:
                 raise
             for jid in gone:
                 del self._jobs[jid]
+                self._note_change(jid, None)
             self._finished -= len(gone)
         self._store.sync(ticket)
         with self._lock:            # a jid run again meanwhile keeps its new logs
@@ -2351,6 +2492,7 @@ class JobManager:
                 elif refused and submitter:
                     raise error
                 else:
+                    self._tally["spawn failed"] += 1
                     self._finish(job, ERROR, None, "%s failed: %s" % (
                         "submit" if refused else "spawn", error), started=False)
                 if submitter:
@@ -2501,6 +2643,7 @@ class JobManager:
         if self._running.pop(job.jid, None) is not None:
             self.backend.unwatch(job)
         self._jobs[job.jid] = line
+        self._note_change(job.jid, status, ended=job)
         self._finished += 1
         self._end_order.append((job.jid, line))
         if len(self._end_order) > 2 * self._finished + 1000:    # drop stale pairs
@@ -2702,9 +2845,12 @@ class JobManager:
         without it: send signals, start jobs, forget old jobs, make endings
         durable, call on_end."""
         callbacks = []
+        woke = _time()
         with self._lock:
             for job in jobs:
                 self._collect_safely(job)
+                if self._running.get(job.jid) is not job:
+                    self._observe_lag(_time() - woke)
             kills = self._due_timers()
             starting = self._start_queued()
             doomed = 0
@@ -2742,6 +2888,14 @@ class JobManager:
                 self.on_end(record)
             except Exception:
                 log.exception("on_end callback failed for job %s", record["jid"])
+
+    def _observe_lag(self, seconds):
+        """Count one ending in the reaper's lag histogram: the time from its
+        wake-up for the job's exit to the job's record.  Caller holds
+        self._lock."""
+        lag = self._lag
+        lag[bisect.bisect_left(LAG_BUCKETS, seconds)] += 1
+        lag[-1] += seconds
 
     def _fire(self, job, kind):
         """Act on a due timer; return a _Kill to deliver, or None.  Caller
@@ -2827,6 +2981,9 @@ BODY_TTL, BODY_CACHE_SIZE = 1.0, 4096   # finished jobs' encoded objects
 SENT_META = "sent_meta"     # the extras key of the meta a command-dialect run sent
 MAX_WARNED_FIELDS = 100     # unknown field names remembered (each logged once)
 CPU_SAMPLE = 0.1            # seconds between the two /proc/stat reads of hello sysinfo
+EVENT_WAITERS = 256         # long polls of /api/v1/events waiting at once; past it,
+                            # a poll is answered at once ("busy": true)
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _Encoded:
@@ -3265,7 +3422,11 @@ class _Routes:
          "Run a job (resource dialect); 201 with the job object, logs included; "
          "unknown fields are ignored and named in ignored_fields"),
         ("GET", r"/api/v1/jobs", "/api/v1/jobs", "list_jobs",
-         "Paged job list: ?status=&auid=&meta.KEY=&limit=&after=&order=oldest|newest"),
+         "Paged job list: ?status=&auid=&q=&meta.KEY=&limit=&after=&order=oldest|newest"),
+        ("GET", r"/api/v1/events", "/api/v1/events", "events",
+         "The change feed: ?since=N&wait=S&limit=M long-polls for the jobs changed "
+         "after sequence number N (each once, its object as it is now, null once "
+         "forgotten, no logs); no since: the current seq and counts"),
         ("GET", r"/api/v1/openapi\.json", "/api/v1/openapi.json", "openapi",
          "This OpenAPI document"),
         ("POST", r"/api/v1/cmd", "/api/v1/cmd/", "command",
@@ -3284,6 +3445,11 @@ class _Routes:
         ("GET", r"/api/v1/(?P<jid>[^/]+)/(?P<tree>.+)", "/api/v1/{jid}/{path}", "walk",
          "A value of the job tree (jid, or _N: _0 the first job, _-1 the last), "
          "wrapped in its path"),
+        ("GET", r"", "/", "page", "The live status page (HTML; served without a token, "
+         "holds no data: its API calls need the token)"),
+        ("GET", r"/ui", "/ui", "ui", "The live status page, as at /"),
+        ("GET", r"/metrics", "/metrics", "metrics",
+         "Prometheus metrics (text format 0.0.4); token rules as the API"),
     ]
     COMPILED = [(m, re.compile(rx + "/?"), p, h, s) for m, rx, p, h, s in TABLE]
 
@@ -3315,24 +3481,31 @@ class _Routes:
                         "meta": {"type": "object"}}},
     }
 
-    QUERY = {       # query parameters by handler, for the OpenAPI document
+    MEDIA = {"page": "text/html", "ui": "text/html", "metrics": METRICS_TYPE}
+    PARAMETERS = {      # query parameters by handler, where the summary is not enough
         "logs": [
-            {"name": "stream", "in": "query", "schema": {"enum": ["stdout", "stderr"]}},
-            {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-            {"name": "raw", "in": "query", "schema": {"enum": ["1", "0", "true", "false"]},
-             "description": "1: reply with the bytes (application/octet-stream, at most "
-                            "%d), offsets and eof in the Pman-Offset, Pman-Next-Offset "
-                            "and Pman-Eof headers" % RAW_CHUNK}],
+            ("stream", ["stdout", "stderr"], "the stream (default stdout)"),
+            ("offset", "integer", "the first byte to read (default 0)"),
+            ("limit", "integer", "at most this many bytes"),
+            ("raw", ["1", "0", "true", "false"],
+             "1: reply with the bytes (application/octet-stream, at most %d), the offsets "
+             "and eof in the Pman-Offset, Pman-Next-Offset and Pman-Eof headers" % RAW_CHUNK)],
         "delete_job": [
-            {"name": "kill", "in": "query", "schema": {"enum": ["1", "0", "true", "false"]},
-             "description": "0: a queued or running job is a 409, not killed (default 1)"}],
+            ("kill", ["1", "0", "true", "false"],
+             "0: a queued or running job is a 409, not killed (default 1)")],
+        "get_job": [("wait", "number", "long poll: at most this many seconds (capped)")],
+        "events": [
+            ("since", "integer", "a seq of an earlier reply; absent: start from now"),
+            ("wait", "number", "seconds to wait for a change (at most %g)" % MAX_WAIT),
+            ("limit", "integer", "at most this many jobs (1-%d, default %d); "
+             "seq is then the last one's" % (MAX_PAGE, PAGE_SIZE))],
         "list_jobs": [
-            {"name": name, "in": "query", "schema": {"type": "string"}}
-            for name in ("status", "auid", "limit", "after")] + [
-            {"name": "order", "in": "query", "schema": {"enum": ["oldest", "newest"]}}],
-        "get_job": [{"name": "wait", "in": "query", "schema": {"type": "number"},
-                     "description": "long poll: at most this many seconds (capped)"}],
+            ("status", "string", "one status, or several separated by commas"),
+            ("auid", "string", "this auid only"),
+            ("q", "string", "text found, ignoring case, in the jid, cmd, auid or message"),
+            ("limit", "integer", "page size, 1-%d (default %d)" % (MAX_PAGE, PAGE_SIZE)),
+            ("after", "string", "the next of an earlier page"),
+            ("order", "string", "oldest (submission order, the default) or newest")],
     }
 
     @classmethod
@@ -3342,11 +3515,16 @@ class _Routes:
             op = {"summary": summary, "operationId": handler,
                   "responses": {"default": {"description": "JSON object; errors are "
                                             "{\"status\": false, \"message\": ...}"}}}
-            params = re.findall(r"\{(\w+)\}", path)
+            media = cls.MEDIA.get(handler)
+            if media:
+                op["responses"]["200"] = {"description": summary, "content": {media: {}}}
+            params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                      for p in re.findall(r"\{(\w+)\}", path)]
+            params += [{"name": n, "in": "query", "required": False,
+                        "schema": {"enum": t} if isinstance(t, list) else {"type": t},
+                        "description": d} for n, t, d in cls.PARAMETERS.get(handler, ())]
             if params:
-                op["parameters"] = [{"name": p, "in": "path", "required": True,
-                                     "schema": {"type": "string"}} for p in params]
-            op["parameters"] = op.get("parameters", []) + cls.QUERY.get(handler, [])
+                op["parameters"] = params
             if method == "POST":
                 op["requestBody"] = {"required": True, "content": {
                     "application/json": {"schema": cls.BODIES.get(handler,
@@ -3360,6 +3538,423 @@ class _Routes:
                 "info": {"title": "pman", "version": __version__,
                          "description": "Process manager API: command and resource dialects"},
                 "paths": paths}
+
+
+# -- the status page ---------------------------------------------------------
+# One static page at / (and /ui).  It holds no data, so it is served without
+# a token; every API call it makes carries one.  Its code is inline, and the
+# Content-Security-Policy allows exactly that code (by hash) and connections
+# to this origin alone.
+
+_PAGE_CSS = """\
+:root{color-scheme:light dark;--bg:#fff;--fg:#1d2430;--mut:#667085;--line:#d9dee7;--sel:#e8f0fe;
+--run:#1565c0;--ok:#2e7d32;--err:#c62828;--q:#8d6e00;--und:#6a1b9a}
+@media (prefers-color-scheme:dark){:root{--bg:#15181e;--fg:#e4e7ec;--mut:#98a2b3;--line:#2c323c;
+--sel:#1f2a3d;--run:#64b5f6;--ok:#81c784;--err:#ef9a9a;--q:#ffd54f;--und:#ce93d8}}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.4 system-ui,sans-serif;background:var(--bg);color:var(--fg)}
+header.top{display:flex;gap:1em;align-items:baseline;padding:.6em 1em;
+  border-bottom:1px solid var(--line)}
+h1{font-size:1.2em;margin:0}h2{font-size:1.05em;margin:0;word-break:break-all}
+.mut{color:var(--mut)}
+#live.off{color:var(--err)}
+#counts{display:flex;flex-wrap:wrap;gap:.5em;padding:.6em 1em}
+#counts button{border:1px solid var(--line);background:none;color:inherit;border-radius:1em;
+  padding:.2em .8em;cursor:pointer;font:inherit}
+#counts button.on{background:var(--sel)}
+#counts b{margin-left:.4em}
+#filters{display:flex;flex-wrap:wrap;gap:1em;padding:0 1em .6em}
+input,select,button{font:inherit}
+.wrap{display:flex;align-items:flex-start}
+main{flex:1;min-width:0;overflow-x:auto;padding:0 1em 1em}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:.25em .5em;border-bottom:1px solid var(--line);white-space:nowrap}
+td.cmd{max-width:20em;overflow:hidden;text-overflow:ellipsis}
+td.msg{max-width:16em;overflow:hidden;text-overflow:ellipsis}
+tbody tr{cursor:pointer}tbody tr:hover,tbody tr.sel{background:var(--sel)}
+.notstarted{color:var(--q)}.started{color:var(--run)}.finishedSuccessfully{color:var(--ok)}
+.finishedWithError{color:var(--err)}.undefined{color:var(--und)}
+#detail{width:38%;min-width:22em;flex:none;border-left:1px solid var(--line);padding:0 1em 1em;
+  position:sticky;top:0;max-height:100vh;overflow:auto}
+#detail header{display:flex;gap:.5em;align-items:center;padding:.6em 0}
+#detail header h2{flex:1}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:.15em 1em;margin:0 0 .8em}
+dt{color:var(--mut)}dd{margin:0;word-break:break-all;white-space:pre-wrap}
+.logbar{display:flex;gap:1em;align-items:center;margin-bottom:.3em}
+pre{background:rgba(127,127,127,.1);padding:.5em;margin:0;max-height:50vh;overflow:auto;
+  white-space:pre-wrap;word-break:break-all;font-size:12px}
+button.danger{color:var(--err)}
+#error{color:var(--err);padding:0 1em}
+dialog{border:1px solid var(--line);border-radius:.4em;background:var(--bg);color:var(--fg)}
+dialog .row{display:flex;gap:.5em;justify-content:flex-end;margin-top:.8em}
+"""
+
+_PAGE_JS = """\
+"use strict";
+// pman's status page.  Every API call carries the token, kept for this tab
+// only (sessionStorage); the table follows /api/v1/events, which names the
+// jobs that changed and brings their objects: nothing unchanged is fetched
+// again, and a whole page of jobs is read only on a filter change or reset.
+const PAGE = 100, WAIT = 25, LOG_CHUNK = 1 << 20, LOG_KEEP = 1 << 19;
+const STATUSES = __STATUSES__;     // pman.STATUSES
+const $ = (id) => document.getElementById(id);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+let token = sessionStorage.getItem("pman-token");
+let tokenWait = null;
+let seq = null;                  // the feed's cursor
+let rows = new Map();            // jid -> job object shown
+let more = false;                // more matching jobs than shown
+let filter = {status: "", auid: "", text: ""};
+let epoch = 0;                   // bumped by a filter change: stale pages are dropped
+let inflight = null;             // changes seen while a page is read: applied to it after
+let selected = null;              // the jid shown in the detail pane
+let logGen = 0;
+
+function askToken(refused) {
+  if (!tokenWait) {
+    tokenWait = new Promise((resolve) => {
+      $("t-why").textContent = refused ? "That token was refused." : "";
+      $("t-input").value = "";
+      $("token").showModal();
+      $("t-form").onsubmit = (e) => {
+        e.preventDefault();
+        const v = $("t-input").value.trim();
+        if (!v) return;
+        token = v;
+        sessionStorage.setItem("pman-token", v);
+        $("token").close();
+        tokenWait = null;
+        resolve();
+      };
+    });
+  }
+  return tokenWait;
+}
+
+async function api(method, path, body) {
+  for (;;) {
+    const headers = {};
+    if (token) headers.Authorization = "Bearer " + token;
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const r = await fetch(path, {method, headers, cache: "no-store", credentials: "omit",
+                                 body: body === undefined ? undefined : JSON.stringify(body)});
+    if (r.status === 401) { await askToken(!!token); continue; }
+    if (r.status === 204) return null;
+    const obj = await r.json();
+    if (!r.ok) throw new Error(obj.message || r.statusText);
+    return obj;
+  }
+}
+
+function matches(j) {
+  if (filter.status && j.status !== filter.status) return false;
+  if (filter.auid && j.auid !== filter.auid) return false;
+  if (filter.text) {
+    const t = filter.text.toLowerCase();
+    const fields = [j.jid, j.cmd, j.auid, j.message];
+    if (!fields.some((s) => (s || "").toLowerCase().includes(t))) return false;
+  }
+  return true;
+}
+
+function showCounts(counts) {
+  const box = $("counts");
+  if (!box.childElementCount) {
+    for (const s of STATUSES) {
+      const b = document.createElement("button");
+      b.type = "button"; b.dataset.status = s; b.className = s;
+      b.append(s, document.createElement("b"));
+      b.onclick = () => { $("f-status").value = filter.status === s ? "" : s; filtersChanged(); };
+      box.append(b);
+    }
+  }
+  for (const b of box.children) {
+    b.lastChild.textContent = counts[b.dataset.status];
+    b.classList.toggle("on", filter.status === b.dataset.status);
+  }
+  $("total").textContent = Object.values(counts).reduce((a, b) => a + b, 0) + " jobs";
+}
+
+function cell(tr, text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text == null ? "" : String(text);
+  if (cls) td.className = cls;
+  tr.append(td);
+}
+
+function render() {
+  const list = [...rows.values()].sort((a, b) => b.seq - a.seq);
+  if (list.length > PAGE) {
+    for (const j of list.splice(PAGE)) rows.delete(j.jid);
+    more = true;
+  }
+  const body = document.createDocumentFragment();
+  for (const j of list) {
+    const tr = document.createElement("tr");
+    tr.dataset.jid = j.jid;
+    if (j.jid === selected) tr.className = "sel";
+    cell(tr, j.jid); cell(tr, j.status, j.status); cell(tr, j.auid); cell(tr, j.cmd, "cmd");
+    cell(tr, j.returncode); cell(tr, (j.submitted || "").replace("T", " ").slice(5, 19));
+    cell(tr, j.message, "msg");
+    tr.title = j.cmd;
+    body.append(tr);
+  }
+  $("rows").replaceChildren(body);
+  if (!performance.getEntriesByName("pman-first-rows").length) performance.mark("pman-first-rows");
+  $("shown").textContent = !list.length ? "no job matches"
+    : "newest " + list.length + (more ? " matching jobs shown" : " shown");
+}
+
+async function loadPage() {
+  const mine = ++epoch;
+  const q = new URLSearchParams({order: "newest", limit: String(PAGE)});
+  if (filter.status) q.set("status", filter.status);
+  if (filter.auid) q.set("auid", filter.auid);
+  if (filter.text) q.set("q", filter.text);
+  const seen = inflight = new Map();
+  const page = await api("GET", "/api/v1/jobs?" + q);
+  if (mine !== epoch) return;
+  inflight = null;
+  rows = new Map(page.jobs.map((j) => [j.jid, j]));
+  more = page.next !== null;
+  for (const c of seen.values()) apply(c);
+  render();
+}
+
+function apply(change) {
+  const j = change.job;
+  if (inflight) inflight.set(change.jid, change);
+  if (change.jid === selected) showRecord(j);
+  if (!j || !matches(j)) { rows.delete(change.jid); return; }
+  let oldest = Infinity;
+  for (const r of rows.values()) oldest = Math.min(oldest, r.seq);
+  if (rows.has(j.jid) || !more || j.seq > oldest) rows.set(j.jid, j);
+}
+
+function setLive(ok, why) {
+  $("live").textContent = ok ? "live" : "reconnecting: " + why;
+  $("live").className = ok ? "" : "off";
+}
+
+async function follow() {
+  for (;;) {
+    try {
+      if (seq === null) {
+        const f = await api("GET", "/api/v1/events");
+        seq = f.seq;
+        showCounts(f.counts);
+        await loadPage();
+        setLive(true);
+        continue;
+      }
+      const f = await api("GET", "/api/v1/events?since=" + seq + "&wait=" + WAIT +
+                               "&limit=" + PAGE);
+      showCounts(f.counts);
+      if (f.reset) { seq = f.seq; await loadPage(); continue; }
+      for (const c of f.changes) apply(c);
+      seq = f.seq;
+      if (f.changes.length) render();
+      setLive(true);
+      if (f.busy) await sleep(2000 + Math.random() * 2000);
+    } catch (e) {
+      setLive(false, e.message);
+      await sleep(2000);
+    }
+  }
+}
+
+function filtersChanged() {
+  filter = {status: $("f-status").value, auid: $("f-auid").value.trim(),
+            text: $("f-text").value.trim()};
+  for (const b of $("counts").children) {
+    b.classList.toggle("on", filter.status === b.dataset.status);
+  }
+  loadPage().catch((e) => setLive(false, e.message));
+}
+
+let typing = null;
+function typed() { clearTimeout(typing); typing = setTimeout(filtersChanged, 250); }
+
+const FIELDS = ["status", "message", "returncode", "pid", "cmd", "auid", "submitted", "started",
+                "ended", "timeout", "cwd", "meta", "env", "image"];
+
+function showRecord(j) {
+  const dl = $("d-record");
+  dl.replaceChildren();
+  if (!j) {
+    const dd = document.createElement("dd");
+    dd.textContent = "this job was deleted";
+    dl.append(dd);
+    $("d-kill").disabled = $("d-delete").disabled = true;
+    return;
+  }
+  for (const k of FIELDS) {
+    const v = j[k];
+    if (v === undefined || v === null || v === "") continue;
+    if (typeof v === "object" && !Object.keys(v).length) continue;
+    const dt = document.createElement("dt"), dd = document.createElement("dd");
+    dt.textContent = k;
+    dd.textContent = typeof j[k] === "object" ? JSON.stringify(j[k]) : String(j[k]);
+    if (k === "status") dd.className = j[k];
+    dl.append(dt, dd);
+  }
+  $("d-kill").disabled = !(j.status === "notstarted" || j.status === "started");
+  $("d-delete").disabled = false;
+}
+
+function select(jid) {
+  selected = jid;
+  $("detail").hidden = false;
+  $("d-jid").textContent = jid;
+  for (const tr of $("rows").children) tr.classList.toggle("sel", tr.dataset.jid === jid);
+  showRecord(rows.get(jid));
+  followLog();
+}
+
+async function followLog() {
+  const mine = ++logGen, jid = selected, stream = $("d-stream").value, pre = $("d-log");
+  let offset = 0, text = "";
+  pre.textContent = "";
+  $("d-logstate").textContent = "reading";
+  while (mine === logGen) {
+    let r;
+    try {
+      r = await api("GET", "/api/v1/" + encodeURIComponent(jid) + "/logs?stream=" + stream +
+                    "&offset=" + offset + "&limit=" + LOG_CHUNK);
+    } catch (e) {
+      if (mine === logGen) $("d-logstate").textContent = e.message;
+      return;
+    }
+    if (mine !== logGen) return;
+    if (r.data) {
+      const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+      text = (text + r.data).slice(-LOG_KEEP);
+      pre.textContent = text;
+      if (atEnd) pre.scrollTop = pre.scrollHeight;
+    }
+    offset = r.next_offset;
+    if (r.eof) { $("d-logstate").textContent = "ended (" + offset + " bytes)"; return; }
+    $("d-logstate").textContent = "following (" + offset + " bytes)";
+    if (r.next_offset - r.offset < LOG_CHUNK) await sleep(500);
+  }
+}
+
+function confirmThen(text, label, action) {
+  $("c-text").textContent = text;
+  $("c-ok").textContent = label;
+  $("c-ok").onclick = async () => {
+    $("confirm").close();
+    try {
+      await action();
+    } catch (e) {
+      $("error").hidden = false;
+      $("error").textContent = e.message;
+    }
+  };
+  $("confirm").showModal();
+}
+
+$("c-cancel").onclick = () => $("confirm").close();
+$("token").oncancel = (e) => e.preventDefault();
+const jobPath = () => "/api/v1/" + encodeURIComponent(selected) + "/";
+$("d-kill").onclick = () => confirmThen(
+  "Kill job " + selected + " (SIGTERM, then SIGKILL after the grace period)?",
+  "Kill", () => api("POST", jobPath() + "kill", {}));
+$("d-delete").onclick = () => confirmThen(
+  "Delete job " + selected + " and its logs? A running job is killed first.",
+  "Delete", () => api("DELETE", jobPath()));
+$("d-close").onclick = () => { selected = null; logGen++; $("detail").hidden = true; render(); };
+$("d-stream").onchange = followLog;
+$("rows").onclick = (e) => { const tr = e.target.closest("tr"); if (tr) select(tr.dataset.jid); };
+$("f-status").onchange = filtersChanged;
+$("f-auid").oninput = typed;
+$("f-text").oninput = typed;
+$("filters").onsubmit = (e) => e.preventDefault();
+for (const s of STATUSES) $("f-status").append(new Option(s, s));
+follow();
+"""
+
+_PAGE_HTML = """\
+<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>pman</title>
+<link rel="icon" href="data:,">
+<style>%(css)s</style>
+</head>
+<body>
+<header class="top">
+  <h1>pman</h1><span class="mut">%(version)s</span><span id="total" class="mut"></span>
+  <span id="live">connecting</span>
+</header>
+<section id="counts" aria-label="jobs per status"></section>
+<form id="filters" role="search">
+  <label>Status <select id="f-status"><option value="">any</option></select></label>
+  <label>auid <input id="f-auid" autocomplete="off" size="12"></label>
+  <label>Text <input id="f-text" type="search" placeholder="jid, command, message" size="24">
+  </label>
+</form>
+<p id="error" role="alert" hidden></p>
+<div class="wrap">
+<main>
+<table id="jobs">
+  <thead><tr><th>jid</th><th>status</th><th>auid</th><th>command</th><th>code</th>
+    <th>submitted</th><th>message</th></tr></thead>
+  <tbody id="rows"></tbody>
+</table>
+<p id="shown" class="mut"></p>
+</main>
+<aside id="detail" hidden>
+  <header>
+    <h2 id="d-jid"></h2>
+    <button type="button" id="d-kill" class="danger">Kill</button>
+    <button type="button" id="d-delete" class="danger">Delete</button>
+    <button type="button" id="d-close">Close</button>
+  </header>
+  <dl id="d-record"></dl>
+  <div class="logbar">
+    <select id="d-stream" aria-label="log stream"><option>stdout</option><option>stderr</option>
+    </select><span id="d-logstate" class="mut"></span>
+  </div>
+  <pre id="d-log"></pre>
+</aside>
+</div>
+<dialog id="confirm">
+  <p id="c-text"></p>
+  <div class="row"><button type="button" id="c-cancel">Cancel</button>
+    <button type="button" id="c-ok" class="danger">OK</button></div>
+</dialog>
+<dialog id="token">
+  <form id="t-form">
+    <p>This server needs its token.</p><p id="t-why" class="mut"></p>
+    <input id="t-input" type="password" autocomplete="off" aria-label="token" size="30">
+    <div class="row"><button id="t-ok">Use token</button></div>
+  </form>
+</dialog>
+<script>%(js)s</script>
+</body>
+</html>
+"""
+
+
+def _page():
+    def digest(text):
+        return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8"))
+                                                .digest()).decode("ascii")
+    js = _PAGE_JS.replace("__STATUSES__", json.dumps(STATUSES))
+    csp = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+           "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+           % (digest(js), digest(_PAGE_CSS)))
+    html = _PAGE_HTML % {"css": _PAGE_CSS, "js": js, "version": "pman " + __version__}
+    return _Encoded(html.encode("utf-8"), "text/html; charset=utf-8",
+                    (("Content-Security-Policy", csp), ("X-Content-Type-Options", "nosniff"),
+                     ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-cache")))
+
+
+_PAGE = _page()
+_PAGE_PATHS = frozenset({"/", "/ui", "/ui/"})
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -3390,6 +3985,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if status != 204:
             head += ["Content-Type: " + obj.content_type, "Content-Length: %d" % len(body)]
             head += ["%s: %s" % header for header in obj.headers]
+        self.server.count_request(getattr(self, "command", None), getattr(self, "_template", None)
+                                  or _template_of(getattr(self, "path", "")), status)
         if self.close_connection:
             head.append("Connection: close")
         self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
@@ -3438,6 +4035,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self, method):
         self._body_done = False
+        self._template = None           # the route's, for the metrics
         try:
             status, obj = self._route(method)
         except Exception as e:
@@ -3468,7 +4066,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._listener = False
             self.server.listeners.release()
 
-    def _check_access(self):
+    def _check_access(self, token=True):
+        """The Host check, then (unless *token* is False: the page, which
+        holds no data) the bearer token."""
         server = self.server
         if server.loopback:
             host = self.headers.get("Host")
@@ -3485,7 +4085,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if name not in server.allowed_hosts:
                     raise HTTPError(403, "forbidden Host header %r: this server answers "
                                     "only to its loopback names" % host)
-        if server.token is not None:
+        if server.token is not None and token:
             given = self.headers.get("Authorization", "")
             scheme, _, token = given.partition(" ")
             ok = scheme.lower() == "bearer" and hmac.compare_digest(
@@ -3537,7 +4137,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return body
 
     def _route(self, method):
-        self._check_access()
+        self._check_access(token=self.path.partition("?")[0] not in _PAGE_PATHS)
         body = self._read_body(method)
         # Counted once the request is in: a slow client holds no listener.
         if not self.server.listeners.acquire(blocking=False):
@@ -3561,10 +4161,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise HTTPError(400, "query parameter %r given more than once" % key)
         query = {k: v[0] for k, v in query.items()}
         allowed = []
-        for route_method, regex, _, handler, _ in _Routes.COMPILED:
+        for route_method, regex, template, handler, _ in _Routes.COMPILED:
             match = regex.fullmatch(path)
             if match is None:
                 continue
+            self._template = self._template or template
             if route_method != method:
                 allowed.append(route_method)
                 continue
@@ -3636,7 +4237,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def route_list_jobs(self, groups, query, body):
         meta = {k[5:]: v for k, v in query.items() if k.startswith("meta.")}
         self._only({k: v for k, v in query.items() if not k.startswith("meta.")},
-                   "status", "auid", "limit", "after", "order")
+                   "status", "auid", "q", "limit", "after", "order")
         order = query.get("order", "oldest")
         if order not in ("oldest", "newest"):
             raise HTTPError(400, "order must be 'oldest' (submission order) or 'newest'")
@@ -3649,11 +4250,47 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if after is not None:
             check_jid(after)
         found = self.manager.jobs(status=status, auid=query.get("auid"), meta=meta or None,
-                                  limit=limit + 1, after=after, newest=order == "newest")
+                                  limit=limit + 1, after=after, newest=order == "newest",
+                                  text=query.get("q") or None)
         more = len(found) > limit
         found = found[:limit]
         return 200, {"jobs": [_job_object(r) for r in found],
                      "next": found[-1]["jid"] if more else None}
+
+    def route_events(self, groups, query, body):
+        self._only(query, "since", "wait", "limit")
+        since = query.get("since")
+        if since is not None:
+            if not re.fullmatch(r"[0-9]{1,18}", since):
+                raise HTTPError(400, "since must be a sequence number (a non-negative integer)")
+            since = int(since)
+        limit = query.get("limit", str(PAGE_SIZE))
+        if not re.fullmatch(r"[0-9]{1,6}", limit) or not 0 < int(limit) <= MAX_PAGE:
+            raise HTTPError(400, "limit must be an integer from 1 to %d" % MAX_PAGE)
+        wait = 0.0
+        if "wait" in query:
+            try:
+                wait = min(float(query["wait"]), MAX_WAIT)
+            except ValueError:
+                raise HTTPError(400, "wait must be a number of seconds") from None
+            if not wait >= 0:
+                raise HTTPError(400, "wait must be a number of seconds")
+        if wait > 0:
+            self.release_listener()
+        feed = self.server.event_polls.answer(since, wait, int(limit))
+        for change in feed["changes"]:
+            if change["job"] is not None:
+                change["job"] = _job_object(change["job"])
+        return 200, feed
+
+    def route_page(self, groups, query, body):
+        return 200, _PAGE
+
+    route_ui = route_page
+
+    def route_metrics(self, groups, query, body):
+        self._only(query)
+        return 200, _Encoded(self.server.metrics_text().encode("utf-8"), METRICS_TYPE)
 
     def route_openapi(self, groups, query, body):
         self._only(query)
@@ -3749,6 +4386,66 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                      "GET": _wrap([record["jid"]] + parts, value)}
 
 
+class _EventPolls:
+    """The long polls of ``GET /api/v1/events``: the one place where a
+    request waits for the change feed.  At most *cap* wait at once; a poll
+    past the cap is answered at once with what there is and ``"busy":
+    true`` (poll again after a pause), never refused.  A waiting poll holds
+    no listener.  The wait itself is `JobManager.changes` with a timeout,
+    on the connection's thread: a server that parks connections (one
+    selector for all) calls ``answer(since, 0, limit)`` when the manager's
+    feed moves or the poll's time is up, and counts parked polls against
+    the same cap."""
+
+    def __init__(self, manager, cap):
+        self.manager = manager
+        self.slots = threading.BoundedSemaphore(cap)
+        self.cap = cap
+        self.lock = threading.Lock()    # guards waiting
+        self.waiting = 0
+
+    def answer(self, since, wait, limit):
+        feed = self.manager.changes(since, limit=limit)
+        if since is None or feed["changes"] or feed["reset"] or wait <= 0:
+            return feed
+        if not self.slots.acquire(blocking=False):
+            feed["busy"] = True
+            return feed
+        with self.lock:
+            self.waiting += 1
+        try:
+            return self.manager.changes(since, limit=limit, timeout=wait)
+        finally:
+            with self.lock:
+                self.waiting -= 1
+            self.slots.release()
+
+
+_METHODS = frozenset({"GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"})
+
+
+def _template_of(target):
+    """The route template a request target falls under, or "other": the
+    metrics' labels stay a bounded set whatever clients send."""
+    path = target.partition("?")[0]
+    if not path.startswith("/"):
+        return "other"
+    for _, regex, template, _, _ in _Routes.COMPILED:
+        if regex.fullmatch(path):
+            return template
+    return "other"
+
+
+def _label(value):
+    return '"%s"' % str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _sample(lines, name, value, **labels):
+    lines.append("%s%s %s" % (name, "{%s}" % ",".join(
+        "%s=%s" % (k, _label(v)) for k, v in labels.items()) if labels else "",
+        repr(float(value)) if isinstance(value, float) else value))
+
+
 class _Server(http.server.ThreadingHTTPServer):
     """A thread per connection (idle ones bounded by a socket timeout);
     `listeners` caps the requests processed at once."""
@@ -3759,6 +4456,56 @@ class _Server(http.server.ThreadingHTTPServer):
 
     def stop_soon(self):
         threading.Thread(target=self.shutdown, name="pman-http-stop", daemon=True).start()
+
+    def count_request(self, method, template, status):
+        key = (template, method if method in _METHODS else "other", status)
+        with self.metrics_lock:
+            self.requests[key] += 1
+
+    def metrics_text(self):
+        """/metrics in the Prometheus text format (0.0.4)."""
+        manager = self.manager
+        counts = manager.counts()
+        stats = manager.stats()
+        with self.metrics_lock:
+            requests = sorted(self.requests.items())
+        out = []
+        metrics = (
+            ("pman_build_info", "gauge", "pman's version (the value is 1)",
+             [({"version": __version__, "python": platform.python_version(),
+                "backend": manager.backend.name}, 1)]),
+            ("pman_jobs", "gauge", "Jobs in the state, by status",
+             [({"status": s}, n) for s, n in counts.items()]),
+            ("pman_jobs_started_total", "counter", "Jobs started since the manager opened",
+             [({}, stats["started"])]),
+            ("pman_jobs_finished_total", "counter",
+             "Jobs ended since the manager opened, by outcome",
+             [({"status": s}, n) for s, n in stats["ended"].items()]),
+            ("pman_spawn_failures_total", "counter",
+             "Jobs that could not be spawned (or submitted) since the manager opened",
+             [({}, stats["spawn_failed"])]),
+            ("pman_http_requests_total", "counter",
+             "HTTP requests answered, by route template (other: no route), method and code",
+             [({"route": r, "method": m, "code": c}, n) for (r, m, c), n in requests]),
+            ("pman_event_polls_waiting", "gauge",
+             "Long polls of /api/v1/events waiting now (at most pman_event_polls_cap)",
+             [({}, self.event_polls.waiting)]),
+            ("pman_event_polls_cap", "gauge", "The cap of waiting event polls",
+             [({}, self.event_polls.cap)]),
+        )
+        for name, kind, text, samples in metrics:
+            out += ["# HELP %s %s." % (name, text), "# TYPE %s %s" % (name, kind)]
+            for labels, value in samples:
+                _sample(out, name, value, **labels)
+        lag = stats["reaper_lag"]
+        name = "pman_reaper_lag_seconds"
+        out += ["# HELP %s From the reaper's wake-up for a job's exit to the job's record." % name,
+                "# TYPE %s histogram" % name]
+        for bound, n in lag["buckets"]:
+            _sample(out, name + "_bucket", n, le="+Inf" if bound == math.inf else repr(bound))
+        _sample(out, name + "_sum", float(lag["sum"]))
+        _sample(out, name + "_count", lag["count"])
+        return "\n".join(out) + "\n"
 
     def note_ignored(self, names):
         """Log each unknown field name of a job submission once, at warning
@@ -3781,13 +4528,15 @@ class _Server(http.server.ThreadingHTTPServer):
 
 def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
                 listeners=DEFAULT_LISTENERS, insecure_no_token=False,
-                request_timeout=REQUEST_TIMEOUT):
+                request_timeout=REQUEST_TIMEOUT, event_waiters=EVENT_WAITERS):
     """An HTTP server for *manager*, bound but not yet serving: call its
     ``serve_forever()`` (in a thread if you like) and ``shutdown()``.
 
     A non-loopback *host* needs a *token* (clients send ``Authorization:
     Bearer <token>``) unless ``insecure_no_token=True``.  While bound to
-    loopback, requests naming a foreign Host are refused (403)."""
+    loopback, requests naming a foreign Host are refused (403).  At most
+    *event_waiters* long polls of /api/v1/events wait at once; past that
+    one is answered at once (``"busy": true``)."""
     if token is not None:
         if not isinstance(token, str) or not token or not token.isascii():
             raise InvalidArgument("the token must be a non-empty ASCII string")
@@ -3796,8 +4545,9 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
         raise PmanError("refusing to serve on non-loopback address %s without a token: "
                         "give --token/--token-file (or PMAN_TOKEN), or --insecure-no-token "
                         "to serve anyway" % host)
-    if isinstance(listeners, bool) or not isinstance(listeners, int) or listeners < 1:
-        raise InvalidArgument("listeners must be a positive integer")
+    for name, value in (("listeners", listeners), ("event_waiters", event_waiters)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgument("%s must be a positive integer" % name)
     server_cls = _Server
     if ":" in host:
         server_cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
@@ -3814,6 +4564,9 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
     server.warned_lock = threading.Lock()   # guards warned_fields and warned_full
     server.warned_fields = set()    # unknown field names already logged
     server.warned_full = False
+    server.event_polls = _EventPolls(manager, event_waiters)
+    server.metrics_lock = threading.Lock()  # guards requests
+    server.requests = collections.Counter()     # (template, method, code) -> n
     return server
 
 

@@ -2,11 +2,14 @@
 socket.  No mocks of subprocess, os or the network; every wait is bounded by
 a deadline.  Run: python3 -m pytest -q test_pman.py
 """
+import base64
 import fcntl
 import gc
+import hashlib
 import http.client
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -4545,8 +4548,13 @@ def test_http_openapi_matches_the_routes(http_srv):
                    if m == method and rx.fullmatch(concrete)]
         op = doc["paths"][path][method.lower()]
         assert op["operationId"] in matched, (method, path, matched)
-        for variant in {concrete, concrete.rstrip("/"), concrete.rstrip("/") + "/"}:
+        media = (op["responses"].get("200", {}).get("content") or {"application/json": {}})
+        for variant in {concrete, concrete.rstrip("/") or "/", concrete.rstrip("/") + "/"}:
             r = http_srv.request(method, variant, {} if method == "POST" else None)
+            if "application/json" not in media and r.status == 200:     # the page, /metrics
+                assert (r.header("Content-Type") or "").startswith(next(iter(media))), (
+                    variant, r.headers)
+                continue
             obj = _http_json(r) if r.status != 204 else {}
             message = obj.get("message") or ""
             assert not (r.status == 404 and message.startswith("no such route")), (
@@ -4824,7 +4832,7 @@ def test_http_hostile_jids(http_srv, tmp_path):
             r = http_srv.request(method, path, body)
             _http_error(r, 400, 404)
     for jid in ["../../evil", "../evil", "/tmp/evil", "a\nb", "a" * 129, "", " a", "a b",
-                "cmd", "jobs", "hello", "openapi.json", ".x", "_0", "é"]:
+                "cmd", "jobs", "hello", "openapi.json", "events", ".x", "_0", "é"]:
         r = http_srv.request("POST", "/api/v1/", {"jid": jid, "cmd": "echo hi"})
         _http_error(r, 400)
         r = http_srv.request("POST", "/api/v1/cmd", {"payload": {
@@ -6986,3 +6994,487 @@ def test_cli_readme_session_runs_as_pasted(tmp_path):
     finally:
         if (state / "lock").exists() and not _compat_lock_free(state):
             os.kill(int((state / "lock").read_text().split()[0]), signal.SIGKILL)
+
+
+# ===========================================================================
+# ui: the status page, the change feed and /metrics
+# ===========================================================================
+# The page is driven by Playwright's Python package in Debian's chromium;
+# /metrics is read with prometheus_client's parser.  Both are test-only
+# dependencies that .ci/run installs; where they are missing the tests skip
+# and say why, except under CI=true on the main Python, where they fail.
+
+_UI_CHROMIUM = "/usr/bin/chromium"
+_UI_WAIT_MS = 15000             # the bound of any one wait in the browser
+
+
+def _ui_missing(what):
+    if sys.version_info[:2] == (3, 9):
+        pytest.skip("%s is not installed for Python 3.9: .ci/run installs the test-only "
+                    "tools of the page and /metrics for the main pass only" % what)
+    why = "%s is missing (bash .ci/run installs it)" % what
+    if os.environ.get("CI") in ("true", "1"):
+        pytest.fail(why + ": under CI=true the main pass must run these tests")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def ui_browser():
+    """One headless chromium for the module (each test opens its own
+    context: a fresh sessionStorage)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _ui_missing("Playwright's Python package")
+    if not os.access(_UI_CHROMIUM, os.X_OK):
+        _ui_missing(_UI_CHROMIUM + " (Debian's chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_UI_CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def ui_page(ui_browser):
+    """open(srv) -> a page showing *srv*'s status page; every request it
+    makes is in page.urls ("GET http://..."), every script error in
+    page.errors."""
+    contexts = []
+
+    def open_page(srv, *, wait_live=True):
+        context = ui_browser.new_context(viewport={"width": 1280, "height": 800})
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(_UI_WAIT_MS)
+        page.urls, page.errors = [], []
+        page.on("request", lambda r: page.urls.append(r.method + " " + r.url))
+        page.on("pageerror", lambda e: page.errors.append(str(e)))
+        page.response = page.goto("http://127.0.0.1:%d/" % srv.port)
+        if wait_live:
+            page.wait_for_selector("#live:text-is('live')")
+        return page
+
+    yield open_page
+    for context in contexts:
+        context.close()
+
+
+def _ui_row_status(page, jid, status):
+    """Wait until the table shows *jid* with *status*."""
+    page.wait_for_selector('tr[data-jid="%s"] td.%s' % (jid, status))
+
+
+def _ui_jids(page):
+    return page.locator("#rows tr").evaluate_all("rows => rows.map(r => r.dataset.jid)")
+
+
+def _ui_api_gets(page, part):
+    return [u for u in page.urls if part in u]
+
+
+def test_ui_page_live_table_filters_log_kill_and_delete(http_factory, ui_page, tmp_path):
+    srv = http_factory()
+    _http_post_job(srv, {"jid": "old-ok", "cmd": "true", "auid": "alice"})
+    _http_post_job(srv, {"jid": "old-bad", "cmd": "echo needle; exit 3", "auid": "bob"})
+    _http_wait_job(srv, "old-ok")
+    _http_wait_job(srv, "old-bad")
+    page = ui_page(srv)
+    assert _ui_jids(page) == ["old-bad", "old-ok"]            # newest first
+    page.wait_for_selector("#counts button.finishedWithError b:text-is('1')")
+
+    # a job appears, runs and finishes without a reload
+    go = tmp_path / "go"
+    _http_post_job(srv, {"jid": "live-1", "auid": "carol",
+                         "cmd": "echo line-1; while [ ! -e %s ]; do sleep 0.02; done; "
+                                "echo line-2" % shlex.quote(str(go))})
+    _ui_row_status(page, "live-1", "started")
+    assert _ui_jids(page)[0] == "live-1"
+    page.wait_for_selector("#counts button.started b:text-is('1')")
+
+    # its log, followed as it grows
+    page.click('tr[data-jid="live-1"]')
+    page.wait_for_selector("#d-jid:text-is('live-1')")
+    page.wait_for_selector("#d-log:has-text('line-1')")
+    assert "line-2" not in page.text_content("#d-log")
+    go.write_text("")
+    page.wait_for_selector("#d-log:has-text('line-2')")
+    page.wait_for_selector("#d-logstate:has-text('ended')")
+    _ui_row_status(page, "live-1", "finishedSuccessfully")
+    page.wait_for_selector("#d-record dd.finishedSuccessfully")
+
+    # filters: status, auid, text; live changes respect them
+    page.select_option("#f-status", "finishedWithError")
+    _until(lambda: _ui_jids(page) == ["old-bad"], what="status filter")
+    page.select_option("#f-status", "")
+    page.fill("#f-auid", "alice")
+    _until(lambda: _ui_jids(page) == ["old-ok"], what="auid filter")
+    _http_post_job(srv, {"jid": "bobs", "cmd": "true", "auid": "bob"})
+    _http_post_job(srv, {"jid": "alices", "cmd": "true", "auid": "alice"})
+    _ui_row_status(page, "alices", "finishedSuccessfully")
+    assert _ui_jids(page) == ["alices", "old-ok"]
+    page.fill("#f-auid", "")
+    page.fill("#f-text", "NEEDLE")
+    _until(lambda: _ui_jids(page) == ["old-bad"], what="text filter")
+    page.fill("#f-text", "")
+    _until(lambda: _ui_jids(page) == ["alices", "bobs", "live-1", "old-bad", "old-ok"],
+           what="no filter")
+
+    # kill a running job from the page: cancel first, then confirm
+    _http_post_job(srv, {"jid": "sleeper", "cmd": "sleep 60"})
+    _ui_row_status(page, "sleeper", "started")
+    page.click('tr[data-jid="sleeper"]')
+    page.wait_for_selector("#d-jid:text-is('sleeper')")
+    page.click("#d-kill")
+    page.wait_for_selector("#confirm[open]")
+    page.click("#c-cancel")
+    assert srv.manager.get("sleeper")["status"] == "started"
+    page.click("#d-kill")
+    page.click("#c-ok")
+    _ui_row_status(page, "sleeper", "finishedWithError")
+    record = srv.manager.get("sleeper")
+    assert record["returncode"] == -signal.SIGTERM, record
+    assert record["message"] == "killed by SIGTERM on request", record
+    page.wait_for_selector("#d-record dd:text-is('killed by SIGTERM on request')")
+
+    # delete, confirmed
+    page.click("#d-delete")
+    page.click("#c-ok")
+    _until(lambda: "sleeper" not in _ui_jids(page), what="the deleted row to go")
+    page.wait_for_selector("#d-record dd:text-is('this job was deleted')")
+    assert "sleeper" not in srv.manager.jids()
+
+    # One page of jobs per filter change, never one job fetched alone: the
+    # feed brought every change.
+    pages = _ui_api_gets(page, "/api/v1/jobs?")
+    assert len(pages) == 6, pages       # the first load and five filter changes
+    assert all("limit=100" in u and "order=newest" in u for u in pages), pages
+    singles = [u for u in page.urls if re.match(r"GET .*/api/v1/[^/?]+/?(\?|$)", u)
+               and "/api/v1/events" not in u and "/api/v1/jobs" not in u]
+    assert singles == [], singles
+    assert page.errors == []
+
+
+def test_ui_token_prompt_and_content_security_policy(http_factory, ui_page):
+    srv = http_factory(token="s3cret")
+    _http_error(srv.request("GET", "/api/v1/jobs"), 401)
+    page = ui_page(srv, wait_live=False)
+    # the page itself is served without a token, under a strict CSP
+    assert page.response.status == 200
+    csp = page.response.headers["content-security-policy"]
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    assert directives["default-src"] == "'none'"
+    assert directives["connect-src"] == "'self'"
+    html = page.response.text()
+    script = re.search(r"<script>(.*)</script>", html, re.S).group(1)
+    style = re.search(r"<style>(.*)</style>", html, re.S).group(1)
+    for name, text in (("script-src", script), ("style-src", style)):
+        digest = base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+        assert directives[name] == "'sha256-%s'" % digest, (name, directives)
+    assert "unsafe" not in csp and "<script src" not in html and "<link rel=\"stylesheet" not in html
+
+    # the token is asked for once, a wrong one is refused, a right one kept
+    # for the tab only
+    page.wait_for_selector("#token[open]")
+    page.fill("#t-input", "wrong")
+    page.press("#t-input", "Enter")
+    page.wait_for_selector("#t-why:text-is('That token was refused.')")
+    page.fill("#t-input", "s3cret")
+    page.click("#t-ok")
+    page.wait_for_selector("#live:text-is('live')")
+    assert page.evaluate("sessionStorage.getItem('pman-token')") == "s3cret"
+    assert page.evaluate("localStorage.length") == 0
+    assert page.context.cookies() == []
+    assert all("s3cret" not in u for u in page.urls), page.urls
+    r = srv.request("POST", "/api/v1/", {"jid": "with-token", "cmd": "true"},
+                    headers={"Authorization": "Bearer s3cret"})
+    assert r.status == 201, r.body
+    _ui_row_status(page, "with-token", "finishedSuccessfully")
+    # a reload in the same tab does not ask again
+    page.reload()
+    page.wait_for_selector("#live:text-is('live')")
+    assert not page.is_visible("#token")
+
+    # code that is not the page's own does not run
+    try:
+        page.add_script_tag(content="window.injected = 1")
+    except Exception:
+        pass        # Playwright may report the refusal itself
+    assert page.evaluate("window.injected === undefined")
+
+    # the Host check applies to the page too; /metrics needs the token
+    code, _ = _http_check_raw(srv.raw(b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n"))
+    assert code == 403
+    _http_error(srv.request("GET", "/metrics"), 401)
+    assert srv.request("GET", "/metrics", headers={"Authorization": "Bearer s3cret"}).status == 200
+    assert page.errors == []
+
+
+def test_ui_first_paint_with_10000_jobs(tmp_path, ui_page):
+    state = tmp_path / "state"
+    lines = [_crash_header(next_seq=10001)]
+    lines += [_crash_line("job-%05d" % n, n, n % 3, auid="user%d" % (n % 7))
+              for n in range(1, 10001)]
+    _crash_write(str(state / "state.jsonl"), "\n".join(lines) + "\n")
+    manager = pman.JobManager(str(state))
+    srv = pman.make_server(manager, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
+    served = _HttpSrv(manager, srv, str(state))
+    try:
+        page = ui_page(served)
+        first = page.evaluate("performance.getEntriesByName('pman-first-rows')[0].startTime")
+        assert first < 1000, "first rows painted after %.0f ms" % first
+        assert len(_ui_jids(page)) == 100
+        assert _ui_jids(page)[0] == "job-10000"
+        page.wait_for_selector("#total:text-is('10000 jobs')")
+        # a change arrives through the feed alone: no page is read again
+        manager.run("true", jid="job-new")
+        _ui_row_status(page, "job-new", "finishedSuccessfully")
+        assert len(_ui_jids(page)) == 100 and _ui_jids(page)[0] == "job-new"
+        assert len(_ui_api_gets(page, "/api/v1/jobs?")) == 1, page.urls
+        assert page.errors == []
+    finally:
+        served.stop()
+
+
+def test_ui_change_feed_in_the_library(core_make, tmp_path):
+    m = core_make(max_running=1)
+    start = m.changes()
+    assert start["changes"] == [] and not start["reset"]
+    assert start["counts"] == dict.fromkeys(pman.STATUSES, 0)
+    # nothing new: a wait times out empty, at its deadline
+    t0 = time.monotonic()
+    assert m.changes(start["seq"], timeout=0.2)["changes"] == []
+    assert 0.15 < time.monotonic() - t0 < 5
+    # a change ends a wait at once (the HTTP test below makes sure its poll
+    # was waiting first)
+    go = tmp_path / "go"
+    got = {}
+
+    def waiter():
+        got["feed"] = m.changes(start["seq"], timeout=30)
+        got["at"] = time.monotonic()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    m.run("while [ ! -e %s ]; do sleep 0.02; done" % shlex.quote(str(go)), jid="a")
+    posted = time.monotonic()
+    t.join(10)
+    assert not t.is_alive()
+    assert [c["jid"] for c in got["feed"]["changes"]] == ["a"]
+    assert got["at"] - posted < 2
+    m.run("true", jid="b")                      # queued behind a
+    feed = m.changes(start["seq"])
+    assert [(c["jid"], c["job"]["status"]) for c in feed["changes"]] == [
+        ("a", "started"), ("b", "notstarted")]
+    assert feed["counts"]["started"] == 1 and feed["counts"]["notstarted"] == 1
+    # each job once, at its latest change, with its record as it is now
+    go.write_text("")
+    m.wait(["a", "b"], timeout=10)
+    after = m.changes(feed["seq"])
+    assert [(c["jid"], c["job"]["status"]) for c in after["changes"]] == [
+        ("a", "finishedSuccessfully"), ("b", "finishedSuccessfully")]
+    assert [c["seq"] for c in after["changes"]] == sorted(c["seq"] for c in after["changes"])
+    assert after["seq"] == after["changes"][-1]["seq"] > feed["seq"]
+    # paging with limit: no change lost, none twice
+    first = m.changes(start["seq"], limit=1)
+    assert [c["jid"] for c in first["changes"]] == ["a"] and first["seq"] < after["seq"]
+    rest = m.changes(first["seq"], limit=1)
+    assert [c["jid"] for c in rest["changes"]] == ["b"] and rest["seq"] == after["seq"]
+    # forgotten: job None
+    m.remove("a")
+    gone = m.changes(after["seq"])
+    assert gone["changes"] == [{"seq": gone["seq"], "jid": "a", "job": None}]
+    assert gone["counts"]["finishedSuccessfully"] == 1
+    # cursors that cannot be served: reset, and no changes
+    for since in (0, start["seq"] - 1, gone["seq"] + 1):
+        feed = m.changes(since)
+        assert feed["reset"] and feed["changes"] == [] and feed["seq"] == gone["seq"], since
+    for bad in (-1.5, "1", True):
+        with pytest.raises(pman.InvalidArgument):
+            m.changes(bad)
+    with pytest.raises(pman.InvalidArgument):
+        m.changes(None, limit=0)
+    # closing the manager ends a wait
+    t = threading.Thread(target=lambda: got.update(last=m.changes(gone["seq"], timeout=60)))
+    t.start()
+    m.close()
+    t.join(10)
+    assert not t.is_alive() and got["last"]["changes"] == []
+
+
+def test_ui_change_feed_restart_and_ring(core_make, tmp_path, monkeypatch):
+    m = core_make()
+    seq = m.changes()["seq"]
+    m.run("true", jid="x")
+    m.wait("x", timeout=10)
+    m.close()
+    # a cursor of an earlier run is always behind the new run's numbers; past
+    # CHANGES_KEPT changes, an old cursor is reset
+    monkeypatch.setattr(pman, "CHANGES_KEPT", 3)
+    m = core_make()
+    feed = m.changes(seq + 2)
+    assert feed["reset"] and feed["seq"] > seq + 2
+    base = m.changes()["seq"]
+    for n in range(3):
+        m.run("true", jid="r%d" % n)
+    m.wait(["r0", "r1", "r2"], timeout=10)
+    assert m.changes(base)["reset"]
+    assert not m.changes(m.changes()["seq"] - 2)["reset"]
+
+
+def test_ui_http_events_long_poll_cap_and_errors(http_factory):
+    srv = http_factory(listeners=1, event_waiters=1)
+    now = _http_json(srv.request("GET", "/api/v1/events"))
+    assert set(now) == {"seq", "changes", "reset", "counts"} and now["changes"] == []
+    result = {}
+
+    def poll():
+        t0 = time.monotonic()
+        result["reply"] = srv.request("GET", "/api/v1/events?since=%d&wait=30" % now["seq"])
+        result["elapsed"] = time.monotonic() - t0
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    _until(lambda: srv.srv.event_polls.waiting == 1, what="the poll to wait")
+    # past the cap: answered at once, never refused; no listener is held by
+    # the waiting poll (listeners=1)
+    t0 = time.monotonic()
+    busy = _http_json(srv.request("GET", "/api/v1/events?since=%d&wait=30" % now["seq"]))
+    assert time.monotonic() - t0 < 5 and busy["busy"] is True and busy["changes"] == []
+    assert srv.request("GET", "/api/v1/jobs").status == 200
+    _http_post_job(srv, {"jid": "ev", "cmd": "true", "auid": "ann", "cpu_limit": 500})
+    t.join(20)
+    assert not t.is_alive() and result["elapsed"] < 20
+    feed = _http_json(result["reply"])
+    assert [c["jid"] for c in feed["changes"]] == ["ev"]
+    job = feed["changes"][0]["job"]
+    assert job["auid"] == "ann" and job["cpu_limit"] == 500 and "logs" not in job
+    # a wait that sees nothing ends empty after its time
+    done = _http_wait_job(srv, "ev")
+    last = _http_json(srv.request("GET", "/api/v1/events?since=%d" % feed["seq"]))["seq"]
+    t0 = time.monotonic()
+    empty = _http_json(srv.request("GET", "/api/v1/events?since=%d&wait=0.3" % last))
+    assert empty["changes"] == [] and empty["seq"] == last and 0.25 < time.monotonic() - t0 < 10
+    assert done["status"] == "finishedSuccessfully"
+    stale = _http_json(srv.request("GET", "/api/v1/events?since=0"))
+    assert stale["reset"] is True and stale["seq"] == last
+    for query in ("since=-1", "since=x", "since=1.5", "wait=soon", "wait=-1", "limit=0",
+                  "limit=1001", "bogus=1", "since=1&since=2"):
+        _http_error(srv.request("GET", "/api/v1/events?" + query), 400)
+    _http_error(srv.request("POST", "/api/v1/", {"jid": "events", "cmd": "true"}), 400)
+
+
+def test_ui_http_events_need_the_token(http_factory):
+    srv = http_factory(token="t0k")
+    _http_error(srv.request("GET", "/api/v1/events"), 401)
+    r = srv.request("GET", "/api/v1/events", headers={"Authorization": "Bearer t0k"})
+    assert r.status == 200
+    r = srv.request("GET", "/", headers={})
+    assert r.status == 200 and r.header("Content-Type").startswith("text/html")
+    assert b"<script>" in r.body and b"s3cret" not in r.body
+
+
+def test_http_jobs_text_filter(http_srv):
+    for jid, cmd, auid in (("t1", "echo Needle", "ann"), ("t2", "true", "needler"),
+                           ("t3", "true", "x"), ("t4", "echo caf\u00e9", "x")):
+        _http_post_job(http_srv, {"jid": jid, "cmd": cmd, "auid": auid})
+        _http_wait_job(http_srv, jid)
+
+    def found(query):
+        return [j["jid"] for j in _http_json(http_srv.request(
+            "GET", "/api/v1/jobs?" + query))["jobs"]]
+
+    assert found("q=needle") == ["t1", "t2"]
+    assert found("q=NEEDLE&order=newest") == ["t2", "t1"]
+    assert found("q=t3") == ["t3"]
+    assert found("q=CAF%C3%89") == ["t4"]
+    assert found("q=exited%20with%20code%200&auid=x") == ["t3", "t4"]
+    assert found("q=%22") == [] and found("q=%5C") == []
+    assert http_srv.manager.jobs(text="needle", limit=1) == http_srv.manager.jobs(
+        text="Needle")[:1]
+
+
+def _ui_metrics(srv, headers=None):
+    """/metrics parsed by prometheus_client: {(sample name, labels): value}."""
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+    except ImportError:
+        _ui_missing("prometheus_client")
+    r = srv.request("GET", "/metrics", headers=headers)
+    assert r.status == 200, r.body
+    assert r.header("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
+    out = {}
+    for family in text_string_to_metric_families(r.body.decode("utf-8")):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_ui_metrics_in_the_prometheus_format(http_factory, tmp_path):
+    srv = http_factory()
+    before = _ui_metrics(srv)
+    assert before[("pman_build_info", (("backend", "local"), ("python", platform.python_version()),
+                                       ("version", pman.__version__)))] == 1
+    for status in pman.STATUSES:
+        assert before[("pman_jobs", (("status", status),))] == 0
+    assert before[("pman_jobs_started_total", ())] == 0
+    assert before[("pman_reaper_lag_seconds_count", ())] == 0
+
+    _http_post_job(srv, {"jid": "ok", "cmd": "true"})
+    _http_post_job(srv, {"jid": "bad", "cmd": "exit 4"})
+    _http_post_job(srv, {"jid": "nope", "entrypoint": [str(tmp_path / "missing")], "args": []})
+    _http_post_job(srv, {"jid": "run", "cmd": "sleep 60"})
+    for jid in ("ok", "bad", "nope"):
+        _http_wait_job(srv, jid)
+    for _ in range(3):
+        srv.request("GET", "/api/v1/ok/")
+    srv.request("GET", "/no/such/%d/path" % random.randrange(10 ** 9))
+    srv.request("GET", "/api/v1/no-such-job/")
+    srv.request("BREW", "/api/v1/")
+    srv.raw(b"NOT A REQUEST\r\n\r\n")
+    after = _ui_metrics(srv)
+    counts = srv.manager.counts()
+    for status in pman.STATUSES:
+        assert after[("pman_jobs", (("status", status),))] == counts[status], status
+    assert after[("pman_jobs", (("status", "started"),))] == 1
+    assert after[("pman_jobs_started_total", ())] == 3          # ok, bad, run
+    finished = {s: after[("pman_jobs_finished_total", (("status", s),))]
+                for s in ("finishedSuccessfully", "finishedWithError", "undefined")}
+    assert finished == {"finishedSuccessfully": 1, "finishedWithError": 2, "undefined": 0}
+    assert after[("pman_spawn_failures_total", ())] == 1
+    # the reaper saw two exits (the spawn failure ended in run()); its
+    # histogram is cumulative and ends in +Inf
+    assert after[("pman_reaper_lag_seconds_count", ())] == 2
+    buckets = sorted((float(dict(k[1])["le"]), v) for k, v in after.items()
+                     if k[0] == "pman_reaper_lag_seconds_bucket")
+    assert buckets[-1] == (math.inf, 2)
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)
+    assert 0 <= after[("pman_reaper_lag_seconds_sum", ())] < 10
+
+    def requests(route, method, code):
+        return after.get(("pman_http_requests_total", (("code", str(code)), ("method", method),
+                                                        ("route", route))), 0)
+
+    assert requests("/api/v1/{jid}/", "GET", 200) >= 3
+    assert requests("/api/v1/", "POST", 201) == 4
+    assert requests("/api/v1/{jid}/", "GET", 404) == 1
+    assert requests("other", "GET", 404) == 1
+    assert requests("/api/v1/", "other", 405) == 1
+    assert requests("other", "other", 400) == 1
+    assert requests("/metrics", "GET", 200) == 1      # the first scrape
+    routes = {dict(k[1])["route"] for k in after if k[0] == "pman_http_requests_total"}
+    assert routes <= {p for _, _, p, _, _ in pman._Routes.TABLE} | {"other"}, routes
+    # values move as jobs run
+    srv.manager.kill("run")
+    _http_wait_job(srv, "run")
+    again = _ui_metrics(srv)
+    assert again[("pman_jobs_finished_total", (("status", "finishedWithError"),))] == 3
+    assert again[("pman_jobs", (("status", "started"),))] == 0
+    assert again[("pman_reaper_lag_seconds_count", ())] == 3
+    # token rules as the API
+    tok = http_factory(state_name="tok", token="m3trics")
+    _http_error(tok.request("GET", "/metrics"), 401)
+    assert _ui_metrics(tok, {"Authorization": "Bearer m3trics"})[("pman_jobs_started_total", ())] == 0
