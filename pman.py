@@ -2,8 +2,10 @@
 
 pman launches shell commands (or argv lists) as jobs and tracks them: their
 status, exit code, output, kill and timeout, all of it surviving a restart of
-the manager.  Jobs run as process groups on this machine, or as batch jobs on
-a SLURM cluster (``backend="slurm"``).  It is a library first::
+the manager.  Jobs run as process groups on this machine, as batch jobs on
+a SLURM cluster (``backend="slurm"``), or as containers of an image, the
+way pman 3.x runs ChRIS plugins (``backend="podman"``).  It is a library
+first::
 
     import pman
     job = pman.JobManager().run("cal 7 1970", jid="123")
@@ -52,7 +54,8 @@ with ``kill=True``.
 Locks, in the order they may be taken: the manager's ``_compact_lock`` (one
 compaction at a time), its ``_lock`` (all job state), the backend's own
 (LocalBackend: ``_reap_lock``, so that a pid is signalled only while it
-cannot have been reaped and reused), the store's ``_lock`` (its buffers).
+cannot have been reaped and reused; PodmanBackend: ``_doomed_lock``, the
+containers to remove), the store's ``_lock`` (its buffers).
 
 Durability policy, the same for every change (a submission, a start, a
 kill, an end, a removal):
@@ -133,7 +136,8 @@ ACTIVE = (NOTSTARTED, STARTED)
 
 JID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 RESERVED_JIDS = frozenset({"cmd", "jobs", "hello", "openapi.json"})
-# The fields pfcon sends with every job: recorded, never enforced.
+# The fields pfcon sends with every job: recorded; only the podman backend
+# acts on them (it runs the image, enforces the limits).
 PFCON_FIELDS = ("number_of_workers", "cpu_limit", "memory_limit", "gpu_limit",
                 "image", "type", "input_dir", "output_dir", "args_path_flags")
 
@@ -1435,6 +1439,10 @@ class PodmanBackend:
     IMAGE_TTL = 10.0            # seconds an image found locally is taken as present
     INCOMING, OUTGOING = "/share/incoming", "/share/outgoing"
     MIN_MEMORY = 6              # MiB: podman refuses less
+    # podman run options pman relies on: never from podman_args.
+    _OWN_OPTIONS = frozenset({"--rm", "--name", "--log-driver", "--pull", "-d", "--detach",
+                              "--replace", "-t", "--tty", "-i", "--interactive", "-a",
+                              "--attach", "--restart"})
     _FORMAT = ('{"name": {{json .Name}}, "id": {{json .ID}}, "state": {{json .State}}, '
                '"labels": {{json .Config.Labels}}}')
 
@@ -1448,6 +1456,12 @@ class PodmanBackend:
                                     or runtime.startswith("-")):
             raise InvalidArgument("runtime must be the name or path of an OCI runtime, not %s"
                                   % _shown(runtime))
+        for arg in podman_args:
+            if not isinstance(arg, str):
+                raise InvalidArgument("podman_args must be strings, not %s" % _shown(arg))
+            if arg.split("=", 1)[0] in self._OWN_OPTIONS:
+                raise InvalidArgument("podman_args cannot hold %s: pman sets it (the name, "
+                                      "logs, pulls and removal are its own)" % _shown(arg))
         if storebase is not None:
             if not isinstance(storebase, str) or not os.path.isdir(storebase):
                 raise InvalidArgument("storebase must be an existing directory, not %s"
@@ -1649,10 +1663,11 @@ class PodmanBackend:
     # -- the seam ---------------------------------------------------------------
 
     def start(self, job, env):
+        extras = job.extras or {}
         image, command, options, outdir = self._spec(
-            job.cmd if job.argv is None else job.argv, job.env, job.extras or {})
-        if job.extras.get("input_dir") is not None:
-            indir = self._dir(job.extras, "input_dir")
+            job.cmd if job.argv is None else job.argv, job.env, extras)
+        if extras.get("input_dir") is not None:
+            indir = self._dir(extras, "input_dir")
             if not os.path.isdir(indir):
                 raise FileNotFoundError(errno.ENOENT, "no such directory (input_dir)", indir)
         if outdir is not None:
@@ -3477,9 +3492,12 @@ class _CommandDialect:
         if not isinstance(cmd, str):
             raise InvalidArgument("run needs meta.cmd (or exec.cmd), a string")
         stored = {k: v for k, v in meta.items() if k not in ("cmd", "jid", "auid", "threaded")}
+        # pfcon's fields in meta count as in the resource dialect (an image
+        # runs on the podman backend); they stay in meta as well.
+        extras = {k: meta[k] for k in PFCON_FIELDS if k in meta}
+        extras[SENT_META] = meta
         record = manager.run(cmd, jid=_jid_arg(meta.get("jid")),
-                             auid=_get_str(meta, "auid", ""), meta=stored,
-                             extras={SENT_META: meta})
+                             auid=_get_str(meta, "auid", ""), meta=stored, extras=extras)
         return True, _job_object(_with_logs(manager, record), manager.backend.enforced), {
             "jobRootDir": record["jid"]}
 
@@ -3721,7 +3739,8 @@ class _Routes:
                                    {"type": "object",
                                     "additionalProperties": {"type": "string"}}]},
                  "timeout": {"type": "number", "minimum": 0}, "meta": {"type": "object"}},
-                **{name: {"description": "recorded, not enforced"} for name in PFCON_FIELDS})},
+                **{name: {"description": "recorded; enforced (and image run) only by the "
+                                         "podman backend"} for name in PFCON_FIELDS})},
         "kill": {"type": "object", "additionalProperties": False, "properties": {
             "signal": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
             "grace": {"type": "number", "minimum": 0}}},

@@ -6324,6 +6324,28 @@ def test_podman_plugin_job_reads_incoming_and_writes_outgoing(podman_ctx):
     assert status == 204 and raw == b""
 
 
+def test_podman_command_dialect_runs_meta_image(podman_ctx):
+    """The original command dialect on this backend: pfcon's fields in
+    meta (image...) run the command in a container; status and info read
+    as for any job."""
+    m = podman_ctx.open()
+    port = podman_ctx.serve(m)
+    status, reply, raw = _podman_request(port, "POST", "/api/v1/cmd/", {"payload": {
+        "action": "run", "meta": {"cmd": "echo from-a-container; exit 2", "jid": "old-1",
+                                  "auid": "rudolphpienaar", "image": _PODMAN_IMAGE}}})
+    assert status == 200 and reply["status"] is True, raw
+    assert reply["d_ret"]["backend_id"].endswith("-old-1"), reply
+    assert m.wait("old-1", timeout=_PODMAN_DEADLINE)["returncode"] == 2
+    status, reply, raw = _podman_request(port, "POST", "/api/v1/cmd/", {"payload": {
+        "action": "status", "meta": {"key": "jid", "value": "old-1"}}})
+    assert reply["d_ret"]["l_status"] == ["finishedWithError"], reply
+    assert reply["d_ret"]["0.end"]["returncode"] == [2], reply
+    assert m.tail("old-1") == "from-a-container\n"
+    status, reply, raw = _podman_request(port, "POST", "/api/v1/cmd/", {"payload": {
+        "action": "run", "meta": {"cmd": "true", "jid": "old-2"}}})
+    assert status == 400 and "'image' is required" in reply["message"], raw
+
+
 def test_podman_refuses_what_it_cannot_run(podman_ctx):
     """400 with the field named (no image, an image not stored locally,
     several workers, a GPU, a directory escaping the storebase), 503 when
@@ -6353,6 +6375,12 @@ def test_podman_refuses_what_it_cannot_run(podman_ctx):
         m.run("true", jid="bad")
     assert m.jids() == [] and _podman_names(m.backend.tag) == []
     assert not (podman_ctx.store / "out").exists()
+
+    for bad in ("--rm", "--name=x", "--log-driver json-file", "--pull=always"):
+        with pytest.raises(pman.InvalidArgument, match="pman sets it"):
+            podman_ctx.backend(podman_args=bad)
+    with pytest.raises(pman.InvalidArgument, match="storebase"):
+        podman_ctx.backend(storebase=str(podman_ctx.tmp / "no-such-dir"))
 
     lost = podman_ctx.open(podman_ctx.tmp / "state2",
                            backend=podman_ctx.backend(podman="pman-test-no-podman"))
