@@ -1635,10 +1635,10 @@ class PodmanBackend:
         if kind is not None:
             command.append(self.OUTGOING)
         for key, value in (env or {}).items():
-            if "\n" in key or "\n" in value or key != key.strip():
+            if "\n" in key or "\n" in value or key != key.strip() or key.startswith("#"):
                 raise InvalidArgument("env %s: on the podman backend keys and values cannot "
-                                      "hold a newline, nor keys spaces at either end"
-                                      % _shown(key))
+                                      "hold a newline, nor keys start with '#' or have "
+                                      "spaces at either end" % _shown(key))
         return image, command, options, outdir
 
     def admit(self, cmd, env, extras):
