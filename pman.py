@@ -1487,8 +1487,9 @@ class PodmanBackend:
         self._waker = _Waker()
         self._watched = {}              # jid -> job
         self._states = {}   # container name -> its inspected state (a dict) or _GONE
-        # Guards _doomed: names to remove, queued under the manager's lock
-        # (unwatch) and removed by the reaper's wait, which holds no lock.
+        # Guards _doomed: ids of containers to remove, queued under the
+        # manager's lock (unwatch) and removed by the reaper's wait, which
+        # holds no lock.
         self._doomed_lock = threading.Lock()
         self._doomed = []
         self._images = {}               # image -> when it was last seen present
@@ -1499,9 +1500,10 @@ class PodmanBackend:
 
     # -- the podman command line ----------------------------------------------
 
-    def _run(self, args, check=True, timeout=None, **streams):
-        """Run ``podman <args>``; raise BackendUnavailable if podman is
-        missing or hangs, and (with *check*) SubmitRejected on failure."""
+    def _run(self, args, **streams):
+        """Run ``podman <args>`` and return the CompletedProcess (text;
+        stdout and stderr captured unless *streams* say otherwise); raise
+        BackendUnavailable if podman is missing or hangs."""
         argv = [self.podman, "--log-level=error"]
         if self.runtime:
             argv += ["--runtime", self.runtime]
@@ -1510,16 +1512,14 @@ class PodmanBackend:
         options.update(streams)
         try:
             out = subprocess.run(argv + args, stdin=subprocess.DEVNULL, text=True,
-                                 timeout=timeout or self.COMMAND_TIMEOUT,
+                                 timeout=self.COMMAND_TIMEOUT,
                                  start_new_session=True, **options)
         except FileNotFoundError:
             raise BackendUnavailable("podman is not installed (no %r on PATH)"
                                      % self.podman) from None
         except subprocess.TimeoutExpired:
             raise BackendUnavailable("podman %s did not answer within %g s"
-                                     % (args[0], timeout or self.COMMAND_TIMEOUT)) from None
-        if check and out.returncode != 0:
-            raise SubmitRejected("podman %s: %s" % (args[0], _podman_error(out.stderr, out)))
+                                     % (args[0], self.COMMAND_TIMEOUT)) from None
         return out
 
     def _name(self, job):
@@ -1532,8 +1532,7 @@ class PodmanBackend:
         found = {}
         if not names:
             return found
-        out = self._run(["container", "inspect", "--format", self._FORMAT] + list(names),
-                        check=False)
+        out = self._run(["container", "inspect", "--format", self._FORMAT] + list(names))
         for line in out.stdout.splitlines():
             try:
                 item = json.loads(line)
@@ -1652,7 +1651,7 @@ class PodmanBackend:
                                   % _shown(indir))
         if _time() - self._images.get(image, -self.IMAGE_TTL) < self.IMAGE_TTL:
             return
-        out = self._run(["image", "exists", image], check=False)
+        out = self._run(["image", "exists", image])
         if out.returncode == 1:
             raise InvalidArgument("image %s is not in podman's local storage, and pman "
                                   "never pulls (podman pull it first)" % _shown(image))
@@ -1717,9 +1716,9 @@ class PodmanBackend:
             # past a hole.
             fds = [_open_log(p, os.O_APPEND) for p in paths]
             try:
-                out = self._run(args, check=False, stdout=fds[0], stderr=fds[1])
+                out = self._run(args, stdout=fds[0], stderr=fds[1])
             except BackendUnavailable:      # it hung: make sure nothing runs unrecorded
-                self._run(["rm", "-f", "-i", name], check=False)
+                self._run(["rm", "-f", "-i", name])
                 raise
         finally:
             for fd in fds:
@@ -1749,7 +1748,7 @@ class PodmanBackend:
             return None
         if labels.get("pman.seq") == str(job.seq):
             return "adopt"
-        self._run(["rm", "-f", "-i", name], check=False)
+        self._run(["rm", "-f", "-i", name])
         return "retry"
 
     def _refuse(self, name, out):
@@ -1760,7 +1759,7 @@ class PodmanBackend:
         refused (no such image, a bad mount), SubmitRejected (400)."""
         message = _podman_error(out.stderr, out)
         if "already in use" not in out.stderr:
-            self._run(["rm", "-f", "-i", name], check=False)  # created, never started
+            self._run(["rm", "-f", "-i", name])  # created, never started
         if "rlimit" in message or "cgroup" in message:
             raise BackendUnavailable("podman cannot start containers here: %s (see "
                                      "--podman-runtime and --podman-args)" % message)
@@ -1808,7 +1807,7 @@ class PodmanBackend:
         if not ids:
             return
         try:
-            out = self._run(["rm", "-f", "-i"] + ids, check=False)
+            out = self._run(["rm", "-f", "-i"] + ids)
         except BackendUnavailable as e:
             log.warning("cannot remove %d containers now (will retry): %s", len(ids), e)
             with self._doomed_lock:
@@ -1823,7 +1822,7 @@ class PodmanBackend:
         per job."""
         if self._found is None:
             out = self._run(["ps", "-a", "--filter", "label=pman.state=" + self.tag,
-                             "--format", "{{.Names}}"], check=False)
+                             "--format", "{{.Names}}"])
             if out.returncode != 0:
                 raise BackendUnavailable("podman ps: %s" % _podman_error(out.stderr, out))
             self._found = self._inspect(out.stdout.split())
@@ -1910,7 +1909,7 @@ class PodmanBackend:
     def signal(self, job, sig):
         if not job.backend_id:
             return False
-        out = self._run(["kill", "--signal", str(int(sig)), job.backend_id], check=False)
+        out = self._run(["kill", "--signal", str(int(sig)), job.backend_id])
         if out.returncode != 0:
             if ("no such container" in out.stderr
                     or "can only kill running containers" in out.stderr):
@@ -1951,7 +1950,7 @@ class PodmanBackend:
         if state["Status"] not in _PODMAN_RUNNING | _PODMAN_ENDED:
             # Created but never started: remove it (not -f: should it start
             # meanwhile, the removal fails and the poll sees it run).
-            if self._run(["rm", name], check=False).returncode == 0:
+            if self._run(["rm", name]).returncode == 0:
                 return False
             job.backend_id = name
             return True
@@ -2038,7 +2037,9 @@ class JobManager:
     - ``durable``: True (default) makes ``run()`` return only once the job
       is on disk; False lets the reaper fsync within ``FLUSH_DELAY``;
     - ``strict``: refuse to start on a damaged state file instead of moving
-      it aside.
+      it aside;
+    - ``backend``: where jobs run: ``"local"`` (the default), ``"slurm"``,
+      ``"podman"``, or a `LocalBackend`, `SlurmBackend` or `PodmanBackend`.
 
     Opening the same directory twice in one process returns the same
     manager (the options must agree).  Another process holding the
