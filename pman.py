@@ -4264,7 +4264,8 @@ def _parser():
                    "e.g. runc")
     p.add_argument("--podman-args", default="",
                    help="with --backend podman: extra 'podman run' options, one shell-quoted "
-                   "string, e.g. \"--ulimit nofile=1024:1024 --network=none\"")
+                   "string, e.g. \"--ulimit nofile=1024:1024 --network=none\" (a single "
+                   "option needs the = form: --podman-args=--network=none)")
     p.add_argument("--storebase", default=None,
                    help="with --backend podman: the directory input_dir and output_dir are "
                    "relative to (mounted at /share/incoming, read-only, and /share/outgoing)")
