@@ -38,6 +38,8 @@ Everything lives in one state directory (``$PMAN_STATE_DIR``, else
     one line ``<seq> <code>`` appended by each job's wrapper shell when the
     job ends, so an exit code is never lost while the manager is down;
     emptied when no job runs.
+``podman/``
+    the podman backend's working directory (see `PodmanBackend`).
 
 Threading model
 ---------------
@@ -1484,6 +1486,11 @@ class PodmanBackend:
         self.log_dir, self.log_path = log_dir, log_path
         state_dir = os.path.realpath(os.path.dirname(log_dir))
         self.tag = hashlib.sha256(state_dir.encode()).hexdigest()[:10]
+        # podman's working directory, inherited by conmon, which drops an
+        # empty file "oom" there when a container runs out of memory: not
+        # the application's directory.
+        self._cwd = os.path.join(state_dir, "podman")
+        os.makedirs(self._cwd, mode=0o700, exist_ok=True)
         self._waker = _Waker()
         self._watched = {}              # jid -> job
         self._states = {}   # container name -> its inspected state (a dict) or _GONE
@@ -1512,7 +1519,7 @@ class PodmanBackend:
         options.update(streams)
         try:
             out = subprocess.run(argv + args, stdin=subprocess.DEVNULL, text=True,
-                                 timeout=self.COMMAND_TIMEOUT,
+                                 timeout=self.COMMAND_TIMEOUT, cwd=self._cwd,
                                  start_new_session=True, **options)
         except FileNotFoundError:
             raise BackendUnavailable("podman is not installed (no %r on PATH)"

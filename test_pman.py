@@ -6432,10 +6432,14 @@ def test_podman_logs_readable_while_the_container_runs(podman_ctx):
     assert rest["data"] == b"second\n" and rest["eof"] is True
 
 
-def test_podman_memory_limit_kills_an_allocating_job(podman_ctx):
+def test_podman_memory_limit_kills_an_allocating_job(podman_ctx, monkeypatch):
     """--memory is a hard limit (a reservation, as pman 3.x sets, stops
     nothing here); podman's OOMKilled reads false, so the message says
-    "likely", from the SIGKILL and the limit."""
+    "likely", from the SIGKILL and the limit.  conmon's "oom" marker file
+    lands in the state directory, not in the application's directory."""
+    here = podman_ctx.tmp / "app-cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
     m = podman_ctx.open()
     m.run("x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived", jid="hog",
           extras={"image": _PODMAN_IMAGE, "memory_limit": 32})
@@ -6444,6 +6448,7 @@ def test_podman_memory_limit_kills_an_allocating_job(podman_ctx):
     assert rec["message"].startswith(
         "killed by SIGKILL, likely out of memory (limit 32 MiB)"), rec["message"]
     assert m.tail("hog", "stdout") == ""
+    assert os.listdir(str(here)) == []
 
 
 def test_podman_kill_with_grace(podman_ctx):
