@@ -11,6 +11,7 @@ Usage::
     python3 bench_pman.py --dir /var/tmp   # where the state directories go
     python3 bench_pman.py --scale-logs     # scale: also 2 empty logs per job
     python3 bench_pman.py --backend slurm --section slurm   # the SLURM backend
+    python3 bench_pman.py --backend podman --section podman # the podman backend
 
 The output is a table ``figure | measured | target | ok/MISS``; figures
 without a target are information.  ``--json`` prints a dict of sections ->
@@ -43,6 +44,13 @@ slurm        only with ``--backend slurm`` (else skipped with a note): the
              SLURM backend vs sbatch itself: submit rate (200 jobs;
              --quick: 20), submit -> done latency, squeue/sacct calls per
              minute with 200 active jobs (20 s; --quick: 20 jobs, 5 s)
+podman       only with ``--backend podman`` (else skipped with a note): one
+             container's submit -> done through pman vs a raw ``podman run``
+             (and ``podman run --rm``) of the same image and command,
+             interleaved (10 each; --quick: 3).  PMAN_BENCH_IMAGE (localhost/busybox:test, as
+             .ci/run builds it), PMAN_BENCH_PODMAN_RUNTIME (runc) and
+             PMAN_BENCH_PODMAN_ARGS (the --ulimit values this machine kind
+             needs, and --network=none) set what both sides run.
 
 Wall-clock figures depend on everything else the machine does: the table
 prints the load average before and after; compare runs only on a quiet
@@ -1478,6 +1486,89 @@ def sec_slurm(b):
 
 
 # ---------------------------------------------------------------------------
+# Section: podman
+# ---------------------------------------------------------------------------
+
+_BENCH_IMAGE = os.environ.get("PMAN_BENCH_IMAGE", "localhost/busybox:test")
+_BENCH_RUNTIME = os.environ.get("PMAN_BENCH_PODMAN_RUNTIME", "runc")
+_BENCH_PODMAN_ARGS = os.environ.get(
+    "PMAN_BENCH_PODMAN_ARGS", "--ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --network=none")
+
+
+def sec_podman(b):
+    """One container at a time, submit -> done: pman (run() until on_end,
+    which includes pman's poll and the journal) against ``podman run``
+    (which returns when the container has exited), and ``podman run --rm``
+    (which removes it first), interleaved."""
+    if b.backend != "podman":
+        b.skip("needs --backend podman")
+        return
+    if shutil.which("podman") is None:
+        b.skip("podman is not on PATH")
+        return
+    podman = ["podman", "--log-level=error", "--runtime", _BENCH_RUNTIME]
+    command = shlex.split(_BENCH_PODMAN_ARGS) + [_BENCH_IMAGE, "sh", "-c", "exit 0"]
+    samples = 3 if b.quick else 10
+    ended, done = {}, threading.Event()
+
+    def on_end(record):                     # the reaper thread
+        ended[record["jid"]] = perf()
+        done.set()
+
+    def raw_run(options):
+        s = perf()
+        out = subprocess.run(podman + ["run"] + options + command, stdin=subprocess.DEVNULL,
+                             capture_output=True, timeout=120)
+        took = perf() - s
+        if out.returncode != 0:
+            raise RuntimeError("raw podman run failed: %s" % out.stderr[-500:])
+        return took
+
+    backend = pman.PodmanBackend(_BENCH_RUNTIME, _BENCH_PODMAN_ARGS)
+    m = b.manager(b.state_dir("podman"), backend=backend, on_end=on_end)
+    raw, raw_rm, total, call = [], [], [], []
+    for i in range(samples + 1):            # the first of each: a warm-up
+        name = "pman-bench-raw-%d-%d" % (os.getpid(), i)
+        kept = raw_run(["--name", name])
+        subprocess.run(podman + ["rm", "-f", name], capture_output=True, timeout=120)
+        removed = raw_run(["--rm"])
+        jid = "c%d" % i
+        done.clear()
+        s = perf()
+        m.run(["sh", "-c", "exit 0"], jid=jid, extras={"image": _BENCH_IMAGE})
+        returned = perf() - s
+        if not done.wait(120):
+            raise RuntimeError("container job %s did not end within 120 s" % jid)
+        record = m.get(jid)
+        if record["status"] != pman.SUCCESS:
+            raise RuntimeError("container job %s: %s" % (jid, record["message"]))
+        if i:
+            raw.append(kept)
+            raw_rm.append(removed)
+            total.append(ended[jid] - s)
+            call.append(returned)
+    b.figure("containers, each way", samples, "", note="`sh -c 'exit 0'` in %s, "
+             "one at a time, interleaved" % _BENCH_IMAGE)
+    b.figure("raw podman run, p50", percentile(raw, 50), "s",
+             note="start to exit of the client, which waits for the container (removed "
+                  "afterwards, untimed)")
+    b.figure("raw podman run --rm, p50", percentile(raw_rm, 50), "s",
+             note="the same, the container removed before it returns")
+    b.figure("pman submit -> done, p50", percentile(total, 50), "s",
+             note="run() until on_end: podman run -d, pman's inspect poll, the record "
+                  "(the removal follows, untimed)")
+    b.figure("pman run() return, p50", percentile(call, 50), "s",
+             note="run() returns once the container runs (podman run -d)")
+    b.figure("pman/raw submit -> done", percentile(total, 50) / percentile(raw, 50), "x",
+             target=("<=", 1.5), note="against raw podman run without --rm")
+    m.close()
+    left = subprocess.run(["podman", "ps", "-a", "-q", "--filter",
+                           "label=pman.state=" + backend.tag], capture_output=True, text=True,
+                          timeout=60).stdout.split()
+    b.figure("containers left after close", len(left), "", target=("<=", 0))
+
+
+# ---------------------------------------------------------------------------
 # Section registry
 # ---------------------------------------------------------------------------
 # name -> (function(bench), one-line description), run in this order.
@@ -1655,6 +1746,7 @@ SECTIONS = collections.OrderedDict([
     ("slowstart", (sec_slowstart, "other callers while a backend submission takes 2 s")),
     ("slurm", (sec_slurm, "SLURM backend vs sbatch (only with --backend slurm)")),
     ("cli", (sec_cli, "the command line: one `pman run`, `pman ls` with 100,000 jobs")),
+    ("podman", (sec_podman, "podman backend vs podman run (only with --backend podman)")),
 ])
 
 
@@ -1700,6 +1792,12 @@ def machine_info(base_dir, backend="local"):
             info["slurm"] = _slurm(["sinfo", "--version"], timeout=15).strip()
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
             info["slurm"] = "unavailable: %s" % e
+    if backend == "podman":
+        try:
+            info["podman"] = subprocess.run(["podman", "--version"], capture_output=True,
+                                            text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired) as e:
+            info["podman"] = "unavailable: %s" % e
     return info
 
 
@@ -1791,9 +1889,10 @@ def main(argv=None):
                         "~0.9 ms in /tmp against ~25 us elsewhere), which distorts every "
                         "spawn figure; the machine info shows the cost in --dir)"
                         % default_base_dir())
-    parser.add_argument("--backend", choices=("local", "slurm"), default="local",
+    parser.add_argument("--backend", choices=("local", "slurm", "podman"), default="local",
                         help="slurm: also run the slurm section (needs sbatch and a "
-                        "cluster); every other section uses the local backend")
+                        "cluster); podman: the podman section (needs podman and the "
+                        "image); every other section uses the local backend")
     parser.add_argument("--scale-logs", action="store_true",
                         help="scale: also create 2 empty log files per synthetic job "
                         "(slow on some disks: 200,000 file creations)")

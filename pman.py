@@ -2,8 +2,10 @@
 
 pman launches shell commands (or argv lists) as jobs and tracks them: their
 status, exit code, output, kill and timeout, all of it surviving a restart of
-the manager.  Jobs run as process groups on this machine, or as batch jobs on
-a SLURM cluster (``backend="slurm"``).  It is a library first::
+the manager.  Jobs run as process groups on this machine, as batch jobs on
+a SLURM cluster (``backend="slurm"``), or as containers of an image, the
+way pman 3.x runs ChRIS plugins (``backend="podman"``).  It is a library
+first::
 
     import pman
     job = pman.JobManager().run("cal 7 1970", jid="123")
@@ -39,6 +41,8 @@ Everything lives in one state directory (``$PMAN_STATE_DIR``, else
     one line ``<seq> <code>`` appended by each job's wrapper shell when the
     job ends, so an exit code is never lost while the manager is down;
     emptied when no job runs.
+``podman/``
+    the podman backend's working directory (see `PodmanBackend`).
 
 Threading model
 ---------------
@@ -55,7 +59,8 @@ with ``kill=True``.
 Locks, in the order they may be taken: the manager's ``_compact_lock`` (one
 compaction at a time), its ``_lock`` (all job state), the backend's own
 (LocalBackend: ``_reap_lock``, so that a pid is signalled only while it
-cannot have been reaped and reused), the store's ``_lock`` (its buffers).
+cannot have been reaped and reused; PodmanBackend: ``_doomed_lock``, the
+containers to remove), the store's ``_lock`` (its buffers).
 
 Durability policy, the same for every change (a submission, a start, a
 kill, an end, a removal):
@@ -81,7 +86,7 @@ __version__ = "0.1.0"
 __all__ = [
     "JobManager", "PmanError", "JobNotFound", "JobConflict", "InvalidArgument",
     "StateLocked", "StateCorrupt", "StorageError", "Timeout", "BackendUnavailable", "SubmitRejected",
-    "LocalBackend", "SlurmBackend", "STATUSES", "make_server", "main",
+    "LocalBackend", "SlurmBackend", "PodmanBackend", "STATUSES", "make_server", "main",
     "pman", "CompatServer",
 ]
 # Not exported: the persistence (_Store), process (_launch...) and HTTP
@@ -145,7 +150,8 @@ ACTIVE = (NOTSTARTED, STARTED)
 
 JID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 RESERVED_JIDS = frozenset({"cmd", "jobs", "hello", "openapi.json", "events"})
-# The fields pfcon sends with every job: recorded, never enforced.
+# The fields pfcon sends with every job: recorded; only the podman backend
+# acts on them (it runs the image, enforces the limits).
 PFCON_FIELDS = ("number_of_workers", "cpu_limit", "memory_limit", "gpu_limit",
                 "image", "type", "input_dir", "output_dir", "args_path_flags")
 
@@ -876,8 +882,8 @@ def _probe_pidfd():
 _HAVE_PIDFD = _probe_pidfd()   # Linux 5.3+; else the reaper polls
 
 
-def _open_log(path):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+def _open_log(path, flags=0):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | flags, 0o600)
     if fd < 3:      # our own 0-2 are closed: keep clear of the child's
         fd, old = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3), fd
         os.close(old)
@@ -1010,6 +1016,7 @@ class _Backend:
 
     name = "?"
     resend_window = 0.0     # see JobManager._deliver
+    enforced = ()           # the pfcon limits it enforces (job objects list the rest)
 
     def open(self, state_dir, log_dir, log_path):
         """Bind to a manager's state: *state_dir* for the backend's own
@@ -1021,6 +1028,11 @@ class _Backend:
         """The lowest seq a new job may take (a backend whose records are
         keyed by seq keeps them unique across lost journal lines)."""
         return 1
+
+    def admit(self, cmd, env, extras):
+        """Called by ``run()`` WITHOUT the lock, before anything is
+        journaled: raise InvalidArgument (400) for a job this backend can
+        never run, BackendUnavailable (503) if it can take none now."""
 
     def start(self, job, env):
         """Launch *job* (``env``: the merged environment, or None for the
@@ -1075,7 +1087,7 @@ class _Backend:
         raise NotImplementedError
 
 
-_BACKEND_METHODS = ("open", "start", "watch", "unwatch", "wait", "check", "signal",
+_BACKEND_METHODS = ("open", "admit", "start", "watch", "unwatch", "wait", "check", "signal",
                     "recover", "recover_queued", "seq_floor", "idle", "wake", "close")
 
 
@@ -1277,6 +1289,7 @@ class SlurmBackend(_Backend):
 
     name = "slurm"
     resend_window = 0.0
+    enforced = ()
     MIN_POLL, MAX_POLL = 0.2, 5.0
     COMMAND_TIMEOUT = 30.0
 
@@ -1494,6 +1507,591 @@ class SlurmBackend(_Backend):
         self._waker.close()
 
 
+# Container states -> what the poll makes of them (the rest: not yet, or gone soon).
+_PODMAN_RUNNING = {"running", "paused", "stopping"}
+_PODMAN_ENDED = {"exited", "stopped"}
+# A container image reference: never an option (podman would read "-x" as one).
+_IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,511}")
+_GONE = ("gone",)           # a poll's word for "podman has no such container"
+
+
+class PodmanBackend(_Backend):
+    """Jobs as containers, driven through the ``podman`` command line, with
+    pman 3.x's conventions for ChRIS plugins (see README.rst, "Running
+    containers").  A job names its ``image`` in *extras*; its command (an
+    argv, or a shell string run with ``/bin/sh -c``) is the container's.
+
+    - Name: ``pman-<tag>-<jid>``, *tag* a hash of the state directory, so
+      two managers never collide; labels ``pman.state``, ``pman.jid`` and
+      ``pman.seq`` tell this run of the jid from any other.
+    - ``start`` is ``podman run -d --pull=never --log-driver=passthrough``:
+      the container writes straight into the job's log files, so stdout
+      and stderr stay apart, are readable while it runs and go on being
+      written while no manager runs.  It returns once the container runs.
+    - One ``podman container inspect`` polls every watched container; the
+      interval adapts (``MIN_POLL`` after a change, up to ``MAX_POLL``).
+      The exit code is the container's own, as podman records it.
+    - Kill is ``podman kill --signal``; the manager escalates to SIGKILL.
+    - A container is removed (``podman rm``) once its outcome is recorded.
+
+    ``runtime`` is podman's ``--runtime`` (default: podman's own);
+    ``podman_args`` extra ``podman run`` options (a list, or one
+    shell-quoted string); ``storebase`` the directory that ``input_dir``
+    and ``output_dir`` are relative to."""
+
+    name = "podman"
+    resend_window = 0.0
+    enforced = ("cpu_limit", "memory_limit", "gpu_limit", "number_of_workers")
+    MIN_POLL, MAX_POLL = 0.1, 1.0
+    COMMAND_TIMEOUT = 60.0
+    IMAGE_TTL = 10.0            # seconds an image found locally is taken as present
+    INCOMING, OUTGOING = "/share/incoming", "/share/outgoing"
+    MIN_MEMORY = 6              # MiB: podman refuses less
+    # podman run options pman relies on: never from podman_args.
+    _OWN_OPTIONS = frozenset({"--rm", "--name", "--log-driver", "--pull", "-d", "--detach",
+                              "--replace", "-t", "--tty", "-i", "--interactive", "-a",
+                              "--attach", "--restart"})
+    _FORMAT = ('{"name": {{json .Name}}, "id": {{json .ID}}, "state": {{json .State}}, '
+               '"labels": {{json .Config.Labels}}}')
+
+    def __init__(self, runtime=None, podman_args=(), storebase=None, *, podman="podman"):
+        if isinstance(podman_args, str):
+            try:
+                podman_args = shlex.split(podman_args)
+            except ValueError as e:
+                raise InvalidArgument("podman_args %s: %s" % (_shown(podman_args), e)) from None
+        if runtime is not None and (not isinstance(runtime, str) or not runtime
+                                    or runtime.startswith("-")):
+            raise InvalidArgument("runtime must be the name or path of an OCI runtime, not %s"
+                                  % _shown(runtime))
+        for arg in podman_args:
+            if not isinstance(arg, str):
+                raise InvalidArgument("podman_args must be strings, not %s" % _shown(arg))
+            if arg.split("=", 1)[0] in self._OWN_OPTIONS:
+                raise InvalidArgument("podman_args cannot hold %s: pman sets it (the name, "
+                                      "logs, pulls and removal are its own)" % _shown(arg))
+        if storebase is not None:
+            if not isinstance(storebase, str) or not os.path.isdir(storebase):
+                raise InvalidArgument("storebase must be an existing directory, not %s"
+                                      % _shown(storebase))
+            storebase = os.path.realpath(storebase)
+            if "," in storebase or "\n" in storebase:
+                raise InvalidArgument("storebase %s: podman's --mount cannot take a path "
+                                      "with ',' or a newline" % _shown(storebase))
+        self.runtime = runtime
+        self.podman_args = list(podman_args)
+        self.storebase = storebase
+        self.podman = podman
+        self.log_dir = None
+        self.calls = collections.Counter()   # podman subcommands run, by name
+
+    def open(self, state_dir, log_dir, log_path):
+        if shutil.which(self.podman) is None:
+            log.warning("the podman backend needs %r on PATH, and it is missing: every "
+                        "submission is refused (503) until it is installed", self.podman)
+        self.log_dir, self.log_path = log_dir, log_path
+        state_dir = os.path.realpath(state_dir)
+        self.tag = hashlib.sha256(state_dir.encode()).hexdigest()[:10]
+        # podman's working directory, inherited by conmon, which drops an
+        # empty file "oom" there when a container runs out of memory: not
+        # the application's directory.
+        self._cwd = os.path.join(state_dir, "podman")
+        os.makedirs(self._cwd, mode=0o700, exist_ok=True)
+        self._waker = _Waker()
+        self._watched = {}              # jid -> job
+        self._states = {}   # container name -> its inspected state (a dict) or _GONE
+        # Guards _doomed: ids of containers to remove, queued under the
+        # manager's lock (unwatch) and removed by the reaper's wait, which
+        # holds no lock.
+        self._doomed_lock = threading.Lock()
+        self._doomed = []
+        self._images = {}               # image -> when it was last seen present
+        self._found = None      # at startup: name -> inspected container (see _scan)
+        self._claimed = set()           # names of _found that recovery adopted
+        self._interval = self.MIN_POLL
+        self._last_poll = 0.0
+
+    # -- the podman command line ----------------------------------------------
+
+    def _run(self, args, **streams):
+        """Run ``podman <args>`` and return the CompletedProcess (text;
+        stdout and stderr captured unless *streams* say otherwise); raise
+        BackendUnavailable if podman is missing or hangs."""
+        argv = [self.podman, "--log-level=error"]
+        if self.runtime:
+            argv += ["--runtime", self.runtime]
+        self.calls[args[0]] += 1
+        options = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        options.update(streams)
+        try:
+            out = subprocess.run(argv + args, stdin=subprocess.DEVNULL, text=True,
+                                 timeout=self.COMMAND_TIMEOUT, cwd=self._cwd,
+                                 start_new_session=True, **options)
+        except FileNotFoundError:
+            raise BackendUnavailable("podman is not installed (no %r on PATH)"
+                                     % self.podman) from None
+        except subprocess.TimeoutExpired:
+            raise BackendUnavailable("podman %s did not answer within %g s"
+                                     % (args[0], self.COMMAND_TIMEOUT)) from None
+        return out
+
+    def _name(self, job):
+        return "pman-%s-%s" % (self.tag, job.jid)
+
+    def _inspect(self, names):
+        """{name: state dict, or _GONE if podman says there is no such
+        container} for *names*, in one call.  A name podman says nothing
+        about is left out; BackendUnavailable if it said nothing at all."""
+        found = {}
+        if not names:
+            return found
+        out = self._run(["container", "inspect", "--format", self._FORMAT] + list(names))
+        for line in out.stdout.splitlines():
+            try:
+                item = json.loads(line)
+                found[item["name"]] = dict(item["state"], labels=item["labels"] or {},
+                                           id=item["id"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        if out.returncode != 0:
+            missing = set(re.findall(r"no such container (\S+)", out.stderr))
+            found.update((n, _GONE) for n in names if n not in found and n in missing)
+            if not found:
+                raise BackendUnavailable("podman container inspect: %s"
+                                         % _podman_error(out.stderr, out))
+        return found
+
+    # -- what a job asks for ----------------------------------------------------
+
+    def _dir(self, extras, field):
+        """The host directory that *field* (``input_dir``/``output_dir``)
+        names under the storebase; refused if it escapes it."""
+        value = extras.get(field)
+        if not isinstance(value, str) or not value.strip("/"):
+            raise InvalidArgument("%r must name a directory under the storebase, not %s"
+                                  % (field, _shown(value)))
+        if self.storebase is None:
+            raise InvalidArgument("%r needs a storebase, and this server has none: start "
+                                  "it with --storebase DIR" % field)
+        path = os.path.realpath(os.path.join(self.storebase, value.strip("/")))
+        if not path.startswith(self.storebase + os.sep):
+            raise InvalidArgument("%r %s escapes the storebase" % (field, _shown(value)))
+        if "," in path or "\n" in path:
+            raise InvalidArgument("%r %s: podman's --mount cannot take a path with ',' "
+                                  "or a newline" % (field, _shown(value)))
+        return path
+
+    def _spec(self, cmd, env, extras):
+        """(image, command, run options, output dir) of a job, checked:
+        InvalidArgument names what is wrong.  The command follows pman
+        3.x: the value after each flag of ``args_path_flags`` becomes
+        /share/incoming; a plugin (``type``) gets /share/incoming (``ds``)
+        and /share/outgoing appended."""
+        image = extras.get("image")
+        if image is None:
+            raise InvalidArgument("'image' is required on the podman backend: each job "
+                                  "runs in a container of that image")
+        if not isinstance(image, str) or not _IMAGE_RE.fullmatch(image):
+            raise InvalidArgument("invalid image %s" % _shown(image))
+        workers, gpus = extras.get("number_of_workers"), extras.get("gpu_limit")
+        if workers is not None and (isinstance(workers, bool) or workers != 1):
+            raise InvalidArgument("number_of_workers must be 1 on the podman backend (one "
+                                  "container per job), not %s" % _shown(workers))
+        if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, (int, float))
+                                 or gpus < 0):
+            raise InvalidArgument("gpu_limit must be a number, not %s" % _shown(gpus))
+        if gpus:
+            raise InvalidArgument("gpu_limit %s: the podman backend gives containers no "
+                                  "GPUs; send 0" % _shown(gpus))
+        options = []
+        for field, low in (("cpu_limit", 0), ("memory_limit", self.MIN_MEMORY)):
+            value = extras.get(field)
+            if value is None or value == 0:
+                continue
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not low <= value < 1 << 40):
+                raise InvalidArgument("%s must be a positive number%s, not %s" % (
+                    field, " of MiB, at least %d" % low if low else " of millicores",
+                    _shown(value)))
+            if field == "cpu_limit":
+                options.append("--cpus=%g" % (value / 1000))
+            else:       # a hard limit, swap included (a reservation stops nothing)
+                size = int(value * 1048576)
+                options += ["--memory=%db" % size, "--memory-swap=%db" % size]
+        kind, flags = extras.get("type"), extras.get("args_path_flags") or []
+        if kind not in (None, "fs", "ds", "ts"):
+            raise InvalidArgument("type must be 'fs', 'ds' or 'ts', not %s" % _shown(kind))
+        if (not isinstance(flags, (list, tuple))
+                or not all(isinstance(f, str) for f in flags)):
+            raise InvalidArgument("args_path_flags must be a list of strings, not %s"
+                                  % _shown(flags))
+        if isinstance(cmd, str):
+            command = ["/bin/sh", "-c", cmd]
+        else:       # argv: the word after each path flag (past argv[0]) is replaced
+            command = list(cmd)
+            for i in range(1, len(command) - 1):
+                if command[i] in flags:
+                    command[i + 1] = self.INCOMING
+        outdir = None
+        for field, target, needed in (("input_dir", self.INCOMING, kind in ("ds", "ts")),
+                                      ("output_dir", self.OUTGOING, kind is not None)):
+            if extras.get(field) is None and not needed:
+                continue
+            path = self._dir(extras, field)
+            options.append("--mount=type=bind,source=%s,target=%s%s" % (
+                path, target, ",ro=true" if target == self.INCOMING else ""))
+            if target == self.OUTGOING:
+                outdir = path
+        if kind == "ds":
+            command.append(self.INCOMING)
+        if kind is not None:
+            command.append(self.OUTGOING)
+        for key, value in (env or {}).items():
+            if "\n" in key or "\n" in value or key != key.strip() or key.startswith("#"):
+                raise InvalidArgument("env %s: on the podman backend keys and values cannot "
+                                      "hold a newline, nor keys start with '#' or have "
+                                      "spaces at either end" % _shown(key))
+        return image, command, options, outdir
+
+    def admit(self, cmd, env, extras):
+        if shutil.which(self.podman) is None:
+            raise BackendUnavailable("podman is not installed (no %r on PATH): the podman "
+                                     "backend cannot run containers" % self.podman)
+        image, _, _, _ = self._spec(cmd, env, extras)
+        indir = extras.get("input_dir")
+        if indir is not None and not os.path.isdir(self._dir(extras, "input_dir")):
+            raise InvalidArgument("input_dir %s is not a directory under the storebase"
+                                  % _shown(indir))
+        if _time() - self._images.get(image, -self.IMAGE_TTL) < self.IMAGE_TTL:
+            return
+        out = self._run(["image", "exists", image])
+        if out.returncode == 1:
+            raise InvalidArgument("image %s is not in podman's local storage, and pman "
+                                  "never pulls (podman pull it first)" % _shown(image))
+        if out.returncode != 0:
+            raise BackendUnavailable("podman image exists: %s" % _podman_error(out.stderr, out))
+        self._images[image] = _time()
+
+    # -- the seam ---------------------------------------------------------------
+
+    def start(self, job, env):
+        extras = job.extras or {}
+        image, command, options, outdir = self._spec(
+            job.cmd if job.argv is None else job.argv, job.env, extras)
+        if extras.get("input_dir") is not None:
+            indir = self._dir(extras, "input_dir")
+            if not os.path.isdir(indir):
+                raise FileNotFoundError(errno.ENOENT, "no such directory (input_dir)", indir)
+        if outdir is not None:
+            os.makedirs(outdir, exist_ok=True)
+        name = self._name(job)
+        args = ["run", "-d", "--name", name, "--pull=never", "--log-driver=passthrough",
+                "--label", "pman.state=" + self.tag, "--label", "pman.jid=" + job.jid,
+                "--label", "pman.seq=%d" % job.seq] + options
+        if job.cwd is not None:
+            args.append("--workdir=" + job.cwd)
+        env_file = None
+        if job.env:     # values travel in a file (0600), never on a command line
+            env_file = os.path.join(self.log_dir, job.jid + ".env")
+            fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("".join("%s=%s\n" % kv for kv in job.env.items()))
+            args.append("--env-file=" + env_file)
+        args += self.podman_args + [image] + command
+        try:
+            for attempt in (1, 2):
+                out = self._podman_run(job, name, args)
+                if out is None:
+                    break
+                verdict = self._clear_name(job, name, out) if attempt == 1 else None
+                if verdict == "adopt":
+                    break
+                if verdict != "retry":
+                    self._refuse(name, out)
+        finally:
+            if env_file is not None:
+                os.unlink(env_file)
+        self._interval = self.MIN_POLL
+        return _Seen(RUNNING, "running in container %s (image %s)" % (name, image),
+                     backend_id=name)
+
+    def _podman_run(self, job, name, args):
+        """``podman run -d`` with the container's stdout and stderr on the
+        job's log files (passthrough: podman itself prints nothing there
+        but its errors).  None once the container runs, else the result
+        with podman's error message in ``.stderr``."""
+        paths = [self.log_path(job.jid, s) for s in ("stdout", "stderr")]
+        fds = []
+        try:
+            # O_APPEND: should a container write to a file opened again
+            # (and truncated) by a later start, it writes at the end, not
+            # past a hole.
+            fds = [_open_log(p, os.O_APPEND) for p in paths]
+            try:
+                out = self._run(args, stdout=fds[0], stderr=fds[1])
+            except BackendUnavailable:      # it hung: make sure nothing runs unrecorded
+                self._run(["rm", "-f", "-i", name])
+                raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if out.returncode == 0:
+            return None
+        with open(paths[1], encoding="utf-8", errors="replace") as f:
+            out.stderr = f.read()[-4000:]
+        if "already in use" not in out.stderr:    # else they may be another run's
+            for path in paths:
+                os.unlink(path)
+        return out
+
+    def _clear_name(self, job, name, out):
+        """If podman refused the name: "retry" when a container of an
+        earlier run of this jid held it (removed now: its outcome is
+        recorded, or the jid could not run again), "adopt" when it is this
+        very run's (made by the podman run of a manager that died), None
+        for anything else."""
+        if "already in use" not in out.stderr:
+            return None
+        found = self._inspect([name]).get(name)
+        if found is None or found is _GONE:
+            return "retry"
+        labels = found["labels"]
+        if labels.get("pman.state") != self.tag:
+            return None
+        if labels.get("pman.seq") == str(job.seq):
+            return "adopt"
+        self._run(["rm", "-f", "-i", name])
+        return "retry"
+
+    def _refuse(self, name, out):
+        """Turn podman run's failure into the manager's words: a container
+        that could not start (no such executable...) is an OSError (the
+        job ends "spawn failed"); a setting of this machine that stops
+        every container, BackendUnavailable (503); anything else podman
+        refused (no such image, a bad mount), SubmitRejected (400)."""
+        message = _podman_error(out.stderr, out)
+        if "already in use" not in out.stderr:
+            self._run(["rm", "-f", "-i", name])  # created, never started
+        if "rlimit" in message or "cgroup" in message:
+            raise BackendUnavailable("podman cannot start containers here: %s (see "
+                                     "--podman-runtime and --podman-args)" % message)
+        if out.returncode in (126, 127):
+            raise OSError(errno.ENOENT if out.returncode == 127 else errno.EACCES,
+                          "podman run: " + message)
+        raise SubmitRejected("podman run: " + message)
+
+    def seq_floor(self):
+        try:
+            found = self._scan()
+        except BackendUnavailable as e:
+            log.warning("cannot list this manager's containers now: %s", e)
+            return 1
+        seqs = [int(c["labels"].get("pman.seq", "0")) for c in found.values()
+                if c is not _GONE and c["labels"].get("pman.seq", "").isdigit()]
+        return max(seqs, default=0) + 1
+
+    def watch(self, job):
+        self._watched[job.jid] = job
+        self._interval = self.MIN_POLL
+        self.wake()
+
+    def unwatch(self, job):
+        self._watched.pop(job.jid, None)
+        if job.backend_id:
+            state = self._states.pop(job.backend_id, None)
+            if state is not None and state is not _GONE:
+                self._doom(state)
+
+    def _doom(self, state):
+        """Have the reaper remove the container whose *state* was
+        inspected: its outcome is recorded.  By id, never by name: a re-run
+        of the jid may have taken the name by the time it is removed."""
+        with self._doomed_lock:
+            self._doomed.append(state["id"])
+        self.wake()
+
+    def _remove_doomed(self):
+        with self._doomed_lock:
+            ids, self._doomed = self._doomed, []
+        if not ids:
+            return
+        try:
+            out = self._run(["rm", "-f", "-i"] + ids)
+        except BackendUnavailable as e:
+            log.warning("cannot remove %d containers now (will retry): %s", len(ids), e)
+            with self._doomed_lock:
+                self._doomed.extend(ids)
+            return
+        if out.returncode != 0:
+            log.warning("podman rm: %s", _podman_error(out.stderr, out))
+
+    def _scan(self):
+        """Every container of this manager (label pman.state), inspected
+        once at startup: what recovery reads, instead of one podman call
+        per job."""
+        if self._found is None:
+            out = self._run(["ps", "-a", "--filter", "label=pman.state=" + self.tag,
+                             "--format", "{{.Names}}"])
+            if out.returncode != 0:
+                raise BackendUnavailable("podman ps: %s" % _podman_error(out.stderr, out))
+            self._found = self._inspect(out.stdout.split())
+        return self._found
+
+    def wait(self, timeout):
+        self._remove_doomed()
+        self._settle_unclaimed()
+        due = self._last_poll + self._interval - _time()
+        self._waker.sleep(max(0.0, due if timeout is None else min(due, timeout)))
+        if _time() < self._last_poll + self.MIN_POLL:
+            return []           # woken early: never poll faster than MIN_POLL
+        self._last_poll = _time()
+        jobs = list(self._watched.values())
+        names = [j.backend_id for j in jobs if j.backend_id]
+        try:
+            states = self._inspect(names)
+        except BackendUnavailable as e:
+            log.warning("polling podman failed (will retry): %s", e)
+            self._interval = self.MAX_POLL
+            return []
+
+        def key(state):
+            return state if state is None or state is _GONE else (
+                state["Status"], state["ExitCode"])
+        changed = [j for j in jobs if j.backend_id in states and
+                   key(states[j.backend_id]) != key(self._states.get(j.backend_id))]
+        self._states.update(states)
+        self._interval = (self.MIN_POLL if changed
+                          else min(self.MAX_POLL, self._interval * 1.5))
+        return changed
+
+    def _settle_unclaimed(self):
+        """Once recovery is over: remove the ended containers of this
+        manager that no job claimed (their outcome was recorded before a
+        crash kept them from being removed); name any still running."""
+        if self._found is None:
+            return
+        found, self._found = self._found, {}
+        for name, state in found.items():
+            if state is _GONE or name in self._claimed:
+                continue
+            if state["Status"] in _PODMAN_RUNNING:
+                log.warning("container %s runs, and no job of this manager claims it: "
+                            "left alone", name)
+            else:
+                self._doom(state)
+
+    def check(self, job):
+        state = self._states.get(job.backend_id)
+        if state is None:
+            return None
+        if state is _GONE:
+            return _Seen(ENDED, "container %s is gone (removed outside pman?): its exit "
+                         "code is unknown" % job.backend_id, None, UNDEFINED)
+        status = state["Status"]
+        if status in _PODMAN_RUNNING:
+            if job.status == STARTED:
+                return None
+            return _Seen(RUNNING, "running in container %s" % job.backend_id)
+        if status in _PODMAN_ENDED:
+            return self._ended(job, state)
+        if status == "dead":
+            return _Seen(ENDED, "container %s is dead: %s" % (
+                job.backend_id, state.get("Error") or "podman gives no reason"), None, ERROR)
+        return None     # created, removing...: the next poll tells
+
+    def _ended(self, job, state, started=None):
+        """The _Seen of an ended container: its own exit code, worded."""
+        code, limit = state["ExitCode"], (job.extras or {}).get("memory_limit")
+        if job.kill_signal and job.kill_sent:   # pman's kill: -N, and what it did
+            return _Seen(ENDED, "the container exited %d" % code, code, ERROR, started)
+        if code == 0:
+            return _Seen(ENDED, "exited with code 0", 0, SUCCESS, started)
+        if state.get("OOMKilled") or (code == 128 + signal.SIGKILL and limit):
+            return _Seen(ENDED, "killed by SIGKILL, %s (limit %g MiB); the container "
+                         "exited %d" % ("out of memory" if state.get("OOMKilled")
+                                        else "likely out of memory", limit or 0, code),
+                         code, ERROR, started)
+        status, code, message = _describe_exit(code)
+        return _Seen(ENDED, message, code, status, started)
+
+    def signal(self, job, sig):
+        if not job.backend_id:
+            return False
+        out = self._run(["kill", "--signal", str(int(sig)), job.backend_id])
+        if out.returncode != 0:
+            if ("no such container" in out.stderr
+                    or "can only kill running containers" in out.stderr):
+                return False
+            raise BackendUnavailable("podman kill: %s" % _podman_error(out.stderr, out))
+        self._interval = self.MIN_POLL      # confirm the outcome from podman, soon
+        self.wake()
+        return True
+
+    def recover_queued(self, job):
+        # Journaled as queued, so never handed over: unless a write was lost
+        # (power loss), there is no container.  Look anyway: it costs nothing.
+        return self._find(job)
+
+    def recover(self, job):
+        if not job.backend_id:      # handed over: was the container made?
+            return self._find(job)
+        state = self._scan().get(job.backend_id)
+        if state is None or state is _GONE:
+            return _Seen(ENDED, "container %s is gone (removed while no manager ran?): its "
+                         "exit code is unknown" % job.backend_id, None, UNDEFINED)
+        self._claimed.add(job.backend_id)
+        return self._settle(job, job.backend_id, state)
+
+    def _find(self, job):
+        """A job whose start was never confirmed on disk: its container,
+        made by this run (label pman.seq) before the manager died, is
+        adopted or settled, so that it never runs twice; NEVER if there is
+        none and the job may be started."""
+        name = self._name(job)
+        state = self._scan().get(name)
+        if (state is None or state is _GONE
+                or state["labels"].get("pman.seq") != str(job.seq)):
+            if job.ident is not None and job.ident[1] != _BOOT_ID:
+                return _Seen(ENDED)     # handed over before a reboot: it may have run
+            return _Seen(NEVER)
+        self._claimed.add(name)
+        if state["Status"] not in _PODMAN_RUNNING | _PODMAN_ENDED:
+            # Created but never started: remove it (not -f: should it start
+            # meanwhile, the removal fails and the poll sees it run).
+            if self._run(["rm", name]).returncode == 0:
+                return _Seen(NEVER)
+            return _Seen(QUEUED, backend_id=name)
+        return self._settle(job, name, state)
+
+    def _settle(self, job, name, state):
+        """What recovery found of container *name*: it runs (re-adopted),
+        or it ended."""
+        if state["Status"] in _PODMAN_RUNNING:
+            return _Seen(RUNNING, None if job.status == STARTED else
+                         "running in container %s, found after a restart" % name,
+                         backend_id=name)
+        self._doom(state)
+        if state["Status"] in _PODMAN_ENDED:
+            return self._ended(job, state)._replace(backend_id=name)
+        return _Seen(ENDED, "container %s is %s" % (name, state["Status"]), None, UNDEFINED,
+                     backend_id=name)
+
+    def wake(self):
+        self._waker.wake()
+
+    def close(self):
+        self._remove_doomed()
+        self._waker.close()
+
+
+def _podman_error(stderr, out):
+    """podman's own message: its last "Error: ..." line, else the last line."""
+    lines = [l.strip() for l in (stderr or "").splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith(("Error:", "error"))]
+    text = (errors or lines or ["exit status %d" % out.returncode])[-1]
+    return text[len("Error: "):] if text.startswith("Error: ") else text
+
+
 def _make_backend(backend):
     """A backend object for ``JobManager(backend=...)``: a name, or any
     object that implements the `_Backend` protocol."""
@@ -1501,9 +2099,11 @@ def _make_backend(backend):
         return LocalBackend()
     if backend == "slurm":
         return SlurmBackend()
+    if backend == "podman":
+        return PodmanBackend()
     if isinstance(backend, str):
-        raise InvalidArgument("unknown backend %r: 'local', 'slurm' or a backend object"
-                              % backend)
+        raise InvalidArgument("unknown backend %r: 'local', 'slurm', 'podman' or a backend "
+                              "object" % backend)
     missing = [m for m in _BACKEND_METHODS if not callable(getattr(backend, m, None))]
     if missing:
         raise InvalidArgument("backend %r lacks %s: a backend implements the methods "
@@ -1608,7 +2208,9 @@ class JobManager:
     - ``durable``: True (default) makes ``run()`` return only once the job
       is on disk; False lets the reaper fsync within ``FLUSH_DELAY``;
     - ``strict``: refuse to start on a damaged state file instead of moving
-      it aside.
+      it aside;
+    - ``backend``: where jobs run: ``"local"`` (the default), ``"slurm"``,
+      ``"podman"``, or a `LocalBackend`, `SlurmBackend` or `PodmanBackend`.
 
     Opening the same directory twice in one process returns the same
     manager (the options must agree).  Another process holding the
@@ -1860,6 +2462,9 @@ class JobManager:
         except (TypeError, ValueError, RecursionError) as e:
             raise InvalidArgument("meta is not JSON-serializable: %s" % (
                 "nested too deeply" if isinstance(e, RecursionError) else e)) from None
+        # Before anything is journaled, so that a job the backend can never
+        # run (a container without an image...) is refused, queued or not.
+        self.backend.admit(display if argv is None else argv, env, extras or {})
         with self._lock:
             self._check_open()
             if jid is None:
@@ -2658,16 +3263,18 @@ class JobManager:
         """Apply what the backend found (a `_Seen` of a job it holds) to
         *job*; True if the record changed.  An ENDED job is finished.
         Caller holds self._lock."""
+        before = (job.status, job.message, job.pid, job.backend_id)
+        for name in ("pid", "ident", "backend_id"):
+            value = getattr(seen, name)
+            if value is not None:
+                setattr(job, name, value)
         if seen.state == ENDED:
             if job.started is None and seen.started is not None:   # ran between polls
                 job.started = seen.started
             self._outcome(job, seen)
             return True
-        before = (job.status, job.message, job.pid, job.backend_id)
-        for name in ("pid", "ident", "backend_id", "message"):
-            value = getattr(seen, name)
-            if value is not None:
-                setattr(job, name, value)
+        if seen.message is not None:
+            job.message = seen.message
         if seen.state == RUNNING and job.status != STARTED:
             job.status = STARTED
             job.started = seen.started or _now()
@@ -3040,14 +3647,16 @@ def _is_loopback(host):
         return False
 
 
-def _job_object(record):
+def _job_object(record, enforced=()):
     """The resource dialect's job object: pfcon's recorded fields at the
-    top level, and the limits pman does not enforce named as such."""
+    top level, and the limits pman does not enforce (on this backend:
+    *enforced* are those it does) named as such."""
     extras = record.pop("extras") or {}
     extras.pop(SENT_META, None)
     record.update(extras)
     record["not_enforced"] = sorted(k for k in ("cpu_limit", "memory_limit", "gpu_limit",
-                                                "number_of_workers") if k in extras)
+                                                "number_of_workers")
+                                    if k in extras and k not in enforced)
     return record
 
 
@@ -3203,10 +3812,14 @@ class _CommandDialect:
         if not isinstance(cmd, str):
             raise InvalidArgument("run needs meta.cmd (or exec.cmd), a string")
         stored = {k: v for k, v in meta.items() if k not in ("cmd", "jid", "auid", "threaded")}
+        # pfcon's fields in meta count as in the resource dialect (an image
+        # runs on the podman backend); they stay in meta as well.
+        extras = {k: meta[k] for k in PFCON_FIELDS if k in meta}
+        extras[SENT_META] = meta
         record = manager.run(cmd, jid=_jid_arg(meta.get("jid")),
-                             auid=_get_str(meta, "auid", ""), meta=stored,
-                             extras={SENT_META: meta})
-        return True, _job_object(_with_logs(manager, record)), {"jobRootDir": record["jid"]}
+                             auid=_get_str(meta, "auid", ""), meta=stored, extras=extras)
+        return True, _job_object(_with_logs(manager, record), manager.backend.enforced), {
+            "jobRootDir": record["jid"]}
 
     def status(self, meta, payload, with_status=True):
         manager = self.server.manager
@@ -3327,7 +3940,7 @@ class _CommandDialect:
         jid = self._jid(meta)
         record = manager.kill(jid, meta.get("signal", "SIGTERM"),
                               grace=_number_or_none(meta.get("grace"), "grace"))
-        return True, _job_object(_with_logs(manager, record))
+        return True, _job_object(_with_logs(manager, record), manager.backend.enforced)
 
     def delete(self, meta, payload):
         manager = self.server.manager
@@ -3470,7 +4083,8 @@ class _Routes:
                                    {"type": "object",
                                     "additionalProperties": {"type": "string"}}]},
                  "timeout": {"type": "number", "minimum": 0}, "meta": {"type": "object"}},
-                **{name: {"description": "recorded, not enforced"} for name in PFCON_FIELDS})},
+                **{name: {"description": "recorded; enforced (and image run) only by the "
+                                         "podman backend"} for name in PFCON_FIELDS})},
         "kill": {"type": "object", "additionalProperties": False, "properties": {
             "signal": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
             "grace": {"type": "number", "minimum": 0}}},
@@ -4229,7 +4843,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             cmd, jid=jid, auid=_get_str(body, "auid", ""), meta=meta,
             env=body.get("env"), cwd=_get_str(body, "cwd"),
             timeout=_number_or_none(body.get("timeout"), "timeout"), extras=extras)
-        job = _job_object(_with_logs(self.manager, record))
+        job = _job_object(_with_logs(self.manager, record), self.manager.backend.enforced)
         if ignored:
             job["ignored_fields"] = ignored
         return 201, job
@@ -4254,7 +4868,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                   text=query.get("q") or None)
         more = len(found) > limit
         found = found[:limit]
-        return 200, {"jobs": [_job_object(r) for r in found],
+        return 200, {"jobs": [_job_object(r, self.manager.backend.enforced) for r in found],
                      "next": found[-1]["jid"] if more else None}
 
     def route_events(self, groups, query, body):
@@ -4334,7 +4948,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise InvalidArgument("unknown field(s) in a kill: %s" % _shown(sorted(unknown)))
         record = self.manager.kill(check_jid(groups["jid"]), body.get("signal", "SIGTERM"),
                                    grace=_number_or_none(body.get("grace"), "grace"))
-        return 202, _job_object(_with_logs(self.manager, record))
+        return 202, _job_object(_with_logs(self.manager, record), self.manager.backend.enforced)
 
     def route_get_job(self, groups, query, body):
         self._only(query, "wait")
@@ -4363,8 +4977,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         now = _time()
         if tag is not None and hit is not None and hit[0] == tag and hit[1] > now:
             return 200, hit[2]
-        body = _Encoded(json.dumps(_job_object(self.manager.get(jid, with_logs=True)))
-                        .encode("utf-8"))
+        body = _Encoded(json.dumps(_job_object(self.manager.get(jid, with_logs=True),
+                                               self.manager.backend.enforced)).encode("utf-8"))
         if tag is not None:
             if len(cache) >= BODY_CACHE_SIZE:
                 cache.clear()
@@ -4641,14 +5255,25 @@ def _serve_parser(prog="pman"):
                    help="kill a job whose stdout or stderr passes N bytes")
     p.add_argument("--keep-finished", type=int, default=None,
                    help="forget the oldest finished jobs past N")
-    p.add_argument("--backend", choices=("local", "slurm"), default="local",
-                   help="where jobs run: this machine (default) or a SLURM cluster")
+    p.add_argument("--backend", choices=("local", "slurm", "podman"), default="local",
+                   help="where jobs run: this machine (default), a SLURM cluster, or "
+                   "containers of this machine's podman")
     p.add_argument("--slurm-partition", default=None,
                    help="with --backend slurm: the partition to submit to")
     p.add_argument("--sbatch-args", default="",
                    help="with --backend slurm: extra sbatch arguments, one shell-quoted "
                    "string, e.g. \"--qos=long --account=lab\" (a single option needs "
                    "the = form: --sbatch-args=--qos=long)")
+    p.add_argument("--podman-runtime", default=None,
+                   help="with --backend podman: podman's --runtime (default: podman's own), "
+                   "e.g. runc")
+    p.add_argument("--podman-args", default="",
+                   help="with --backend podman: extra 'podman run' options, one shell-quoted "
+                   "string, e.g. \"--ulimit nofile=1024:1024 --network=none\" (a single "
+                   "option needs the = form: --podman-args=--network=none)")
+    p.add_argument("--storebase", default=None,
+                   help="with --backend podman: the directory input_dir and output_dir are "
+                   "relative to (mounted at /share/incoming, read-only, and /share/outgoing)")
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' "
                    "(or set PMAN_TOKEN; prefer --token-file: argv is visible to other users)")
     p.add_argument("--token-file", default=None, help="read the token from this file")
@@ -4690,8 +5315,11 @@ def _serve(argv, prog="pman"):
     try:
         if args.token_file:
             token = _read_token(args.token_file)
-        backend = (SlurmBackend(args.slurm_partition, args.sbatch_args)
-                   if args.backend == "slurm" else "local")
+        backend = "local"
+        if args.backend == "slurm":
+            backend = SlurmBackend(args.slurm_partition, args.sbatch_args)
+        elif args.backend == "podman":
+            backend = PodmanBackend(args.podman_runtime, args.podman_args, args.storebase)
         manager = JobManager(args.state_dir, max_running=args.max_running, grace=args.grace,
                              log_limit=args.log_limit, keep_finished=args.keep_finished,
                              backend=backend)

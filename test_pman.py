@@ -3836,7 +3836,7 @@ def test_seam_a_backend_written_against_the_protocol(tmp_path):
     m.close()
     with pytest.raises(pman.InvalidArgument) as info:
         pman.JobManager(str(tmp_path / "state3"), backend=object())
-    assert "lacks open, start" in str(info.value)
+    assert "lacks open, admit, start" in str(info.value)
     with pytest.raises(pman.InvalidArgument):
         pman.JobManager(str(tmp_path / "state4"), backend="docker")
 
@@ -7478,3 +7478,467 @@ def test_ui_metrics_in_the_prometheus_format(http_factory, tmp_path):
     tok = http_factory(state_name="tok", token="m3trics")
     _http_error(tok.request("GET", "/metrics"), 401)
     assert _ui_metrics(tok, {"Authorization": "Bearer m3trics"})[("pman_jobs_started_total", ())] == 0
+
+
+# ===========================================================================
+# podman
+# ===========================================================================
+# Real podman, real containers of a local image (.ci/run builds it from a
+# static busybox, as ../shared/CONTAINERS.md shows).  The runtime and the
+# extra `podman run` options this machine kind needs are the defaults below
+# (environment variables override them).
+_PODMAN_DEADLINE = 60.0
+_PODMAN_IMAGE = os.environ.get("PMAN_TEST_IMAGE", "localhost/busybox:test")
+_PODMAN_RUNTIME = os.environ.get("PMAN_TEST_PODMAN_RUNTIME", "runc")
+_PODMAN_ARGS = os.environ.get(
+    "PMAN_TEST_PODMAN_ARGS",
+    "--ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --network=none")
+_PODMAN_PMAN = os.path.join(HERE, "pman.py")
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+def _podman(*argv, check=True):
+    out = subprocess.run(["podman", "--runtime", _PODMAN_RUNTIME] + list(argv),
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    if check:
+        assert out.returncode == 0, (argv, out.returncode, out.stderr)
+    return out
+
+
+def _podman_names(tag, *filters):
+    """Names of the containers of the manager whose tag is *tag*."""
+    args = ["ps", "-a", "--filter", "label=pman.state=" + tag]
+    for f in filters:
+        args += ["--filter", f]
+    return sorted(_podman(*(args + ["--format", "{{.Names}}"])).stdout.split())
+
+
+def _podman_state(name):
+    """(status, exit code) of container *name*, as podman inspect says, or
+    None if there is no such container."""
+    out = _podman("container", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}",
+                  name, check=False)
+    if out.returncode != 0:
+        return None
+    status, code = out.stdout.split()
+    return status, int(code)
+
+
+def _podman_request(port, method, path, body=None):
+    return _slurm_request(port, method, path, body, timeout=_PODMAN_DEADLINE + 10)
+
+
+# ---------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def podman_ready():
+    """The skip rule, in one place: where podman cannot run a container of
+    the test image, skip saying why; under CI, fail instead."""
+    def unusable(reason):
+        if os.environ.get("CI"):
+            pytest.fail("CI is set and " + reason)
+        pytest.skip(reason + " (.ci/run installs podman and builds the image)")
+    if shutil.which("podman") is None:
+        unusable("podman is not installed (no podman on PATH)")
+    if _podman("image", "exists", _PODMAN_IMAGE, check=False).returncode != 0:
+        unusable("the test image %s is missing" % _PODMAN_IMAGE)
+    trial = _podman("run", "--rm", *shlex.split(_PODMAN_ARGS), _PODMAN_IMAGE,
+                    "sh", "-c", "exit 7", check=False)
+    if trial.returncode != 7:
+        unusable("podman cannot run a container here: %s" % trial.stderr.strip()[-300:])
+
+
+@pytest.fixture
+def podman_ctx(podman_ready, tmp_path):
+    """Per test: a storebase, a factory of managers on the podman backend
+    (tmp_path/state by default) and a server factory.  At teardown: servers
+    stopped, managers closed with kill=True, and then no container of any
+    of them may be left (they are removed, and the test fails, if one is)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    managers, servers, tags = [], [], set()
+
+    def backend(**options):
+        options.setdefault("runtime", _PODMAN_RUNTIME)
+        options.setdefault("podman_args", _PODMAN_ARGS)
+        options.setdefault("storebase", str(store))
+        return pman.PodmanBackend(**options)
+
+    def open_manager(state_dir=None, **options):
+        options.setdefault("backend", backend())
+        m = pman.JobManager(str(state_dir if state_dir is not None else tmp_path / "state"),
+                            **options)
+        managers.append(m)
+        tags.add(m.backend.tag)
+        return m
+
+    def serve(manager):
+        server = pman.make_server(manager, "127.0.0.1", 0)
+        thread = threading.Thread(target=server.serve_forever, name="podman-test-http",
+                                  daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return server.server_address[1]
+
+    yield types.SimpleNamespace(open=open_manager, serve=serve, backend=backend,
+                                store=store, tmp=tmp_path, tags=tags)
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    for m in reversed(managers):
+        m.close(kill=True)
+    left = {tag: _podman_names(tag) for tag in tags}
+    for names in left.values():
+        if names:
+            _podman("rm", "-f", *names, check=False)
+    assert not any(left.values()), "containers left behind: %s" % left
+
+
+# ---------------------------------------------------------------------------
+# ChRIS plugins over HTTP
+# ---------------------------------------------------------------------------
+
+def test_podman_plugin_job_reads_incoming_and_writes_outgoing(podman_ctx):
+    """A pfcon-style submission: the command is entrypoint + args (the value
+    after a path flag replaced) + /share/incoming + /share/outgoing; the
+    input is mounted read-only, the output read-write, both under the
+    storebase; the limits reach the container's cgroup; stdout and stderr
+    stay apart; the container is gone once the job is deleted."""
+    (podman_ctx.store / "key-1" / "incoming").mkdir(parents=True)
+    (podman_ctx.store / "key-1" / "incoming" / "data.txt").write_text("twelve bytes")
+    m = podman_ctx.open()
+    port = podman_ctx.serve(m)
+    script = ('echo "argv: $*"; echo "greeting: $GREETING"; '
+              'cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us /sys/fs/cgroup/cpu/cpu.cfs_period_us '
+              '/sys/fs/cgroup/memory/memory.limit_in_bytes; '
+              'wc -c < "$2/data.txt"; cp "$2/data.txt" "$6/copy.txt"; '
+              'if touch "$5/mine" 2>/dev/null; then echo writable; else echo read-only; fi; '
+              'echo to-stderr >&2')
+    status, job, raw = _podman_request(port, "POST", "/api/v1/", {
+        "jid": "/chris-jid-1", "entrypoint": ["sh", "-c", script, "plugin"],
+        "args": ["--dir", "/wherever/pfcon/said", "--msg", "hi there"],
+        "args_path_flags": ["--dir"], "type": "ds", "auid": "chris",
+        "input_dir": "/key-1/incoming", "output_dir": "key-1/outgoing",
+        "env": ["GREETING=hi"], "cpu_limit": 500, "memory_limit": 64,
+        "number_of_workers": 1, "gpu_limit": 0, "image": _PODMAN_IMAGE})
+    assert status == 201, raw
+    assert job["jid"] == "chris-jid-1" and job["image"] == _PODMAN_IMAGE
+    assert job["not_enforced"] == [], job       # the runtime enforces them here
+    name = job["backend_id"]
+    assert name.startswith("pman-%s-" % m.backend.tag) and name.endswith("chris-jid-1")
+    done = _slurm_http_wait(port, "chris-jid-1", _PODMAN_DEADLINE)
+    assert (done["status"], done["returncode"]) == ("finishedSuccessfully", 0), done
+    status, out, raw = _podman_request(port, "GET", "/api/v1/chris-jid-1/logs?stream=stdout")
+    assert out["data"] == ("argv: --dir /share/incoming --msg hi there /share/incoming "
+                           "/share/outgoing\ngreeting: hi\n50000\n100000\n%d\n12\nread-only\n"
+                           % (64 << 20)), out
+    status, err, raw = _podman_request(port, "GET", "/api/v1/chris-jid-1/logs?stream=stderr")
+    assert err["data"] == "to-stderr\n" and err["eof"] is True, err
+    assert (podman_ctx.store / "key-1" / "outgoing" / "copy.txt").read_text() == "twelve bytes"
+    assert not (podman_ctx.store / "key-1" / "incoming" / "mine").exists()
+    status, root, raw = _podman_request(port, "GET", "/api/v1/")
+    assert root["container_env"] == "podman", root
+    # The outcome is recorded: the container is removed (soon, by the reaper).
+    _until(lambda: _podman_state(name) is None, _PODMAN_DEADLINE, "the container's removal")
+    status, body, raw = _podman_request(port, "DELETE", "/api/v1/chris-jid-1/")
+    assert status == 204 and raw == b""
+
+
+def test_podman_command_dialect_runs_meta_image(podman_ctx):
+    """The original command dialect on this backend: pfcon's fields in
+    meta (image...) run the command in a container; status and info read
+    as for any job."""
+    m = podman_ctx.open()
+    port = podman_ctx.serve(m)
+    status, reply, raw = _podman_request(port, "POST", "/api/v1/cmd/", {"payload": {
+        "action": "run", "meta": {"cmd": "echo from-a-container; exit 2", "jid": "old-1",
+                                  "auid": "rudolphpienaar", "image": _PODMAN_IMAGE}}})
+    assert status == 200 and reply["status"] is True, raw
+    assert reply["d_ret"]["backend_id"].endswith("-old-1"), reply
+    assert m.wait("old-1", timeout=_PODMAN_DEADLINE)["returncode"] == 2
+    status, reply, raw = _podman_request(port, "POST", "/api/v1/cmd/", {"payload": {
+        "action": "status", "meta": {"key": "jid", "value": "old-1"}}})
+    assert reply["d_ret"]["l_status"] == ["finishedWithError"], reply
+    assert reply["d_ret"]["0.end"]["returncode"] == [2], reply
+    assert m.tail("old-1") == "from-a-container\n"
+    status, reply, raw = _podman_request(port, "POST", "/api/v1/cmd/", {"payload": {
+        "action": "run", "meta": {"cmd": "true", "jid": "old-2"}}})
+    assert status == 400 and "'image' is required" in reply["message"], raw
+
+
+def test_podman_refuses_what_it_cannot_run(podman_ctx):
+    """400 with the field named (no image, an image not stored locally,
+    several workers, a GPU, a directory escaping the storebase), 503 when
+    podman is missing; nothing is recorded, no container made."""
+    (podman_ctx.store / "in").mkdir()
+    m = podman_ctx.open()
+    port = podman_ctx.serve(m)
+    base = {"entrypoint": ["true"], "args": [], "image": _PODMAN_IMAGE}
+    cases = [({"image": None}, "'image' is required"),
+             ({"image": "localhost/pman-no-such-image:1"}, "localhost/pman-no-such-image:1"),
+             ({"image": "--privileged"}, "invalid image"),
+             ({"number_of_workers": 2}, "number_of_workers"),
+             ({"gpu_limit": 1}, "gpu_limit"),
+             ({"input_dir": "../outside", "type": "ds", "output_dir": "out"}, "escapes"),
+             ({"input_dir": "in/../../x", "output_dir": "out", "type": "ds"}, "escapes"),
+             ({"type": "ds", "output_dir": "out"}, "input_dir"),
+             ({"input_dir": "nothere", "output_dir": "out", "type": "ds"}, "nothere"),
+             ({"memory_limit": 1}, "memory_limit")]
+    for change, words in cases:
+        body = dict(base, jid="bad", **change)
+        if body["image"] is None:
+            del body["image"]
+        status, reply, raw = _podman_request(port, "POST", "/api/v1/", body)
+        assert status == 400 and reply["status"] is False, (change, raw)
+        assert words in reply["message"], (change, reply["message"])
+    with pytest.raises(pman.InvalidArgument, match="image"):
+        m.run("true", jid="bad")
+    assert m.jids() == [] and _podman_names(m.backend.tag) == []
+    assert not (podman_ctx.store / "out").exists()
+
+    for bad in ("--rm", "--name=x", "--log-driver json-file", "--pull=always"):
+        with pytest.raises(pman.InvalidArgument, match="pman sets it"):
+            podman_ctx.backend(podman_args=bad)
+    with pytest.raises(pman.InvalidArgument, match="storebase"):
+        podman_ctx.backend(storebase=str(podman_ctx.tmp / "no-such-dir"))
+
+    lost = podman_ctx.open(podman_ctx.tmp / "state2",
+                           backend=podman_ctx.backend(podman="pman-test-no-podman"))
+    port = podman_ctx.serve(lost)
+    status, reply, raw = _podman_request(port, "POST", "/api/v1/", dict(base, jid="x"))
+    assert status == 503 and "podman is not installed" in reply["message"], raw
+    assert lost.jids() == []
+
+
+# ---------------------------------------------------------------------------
+# outcomes
+# ---------------------------------------------------------------------------
+
+def test_podman_exit_codes_and_messages(podman_ctx):
+    m = podman_ctx.open()
+    m.run("echo ok", jid="ok", extras={"image": _PODMAN_IMAGE})
+    m.run("echo three; exit 3", jid="three", extras={"image": _PODMAN_IMAGE})
+    m.run(["no-such-program", "x"], jid="noexe", extras={"image": _PODMAN_IMAGE})
+    ok, three, noexe = m.wait(["ok", "three", "noexe"], timeout=_PODMAN_DEADLINE)
+    assert (ok["status"], ok["returncode"], ok["message"]) == (
+        "finishedSuccessfully", 0, "exited with code 0"), ok
+    assert (three["status"], three["returncode"]) == ("finishedWithError", 3), three
+    assert three["message"] == "exited with code 3" and m.tail("three") == "three\n"
+    # As a local job whose program does not exist: it never started.
+    assert (noexe["status"], noexe["returncode"]) == ("finishedWithError", None), noexe
+    assert "spawn failed" in noexe["message"] and "no-such-program" in noexe["message"]
+    assert noexe["started"] is None
+    # A finished jid runs again: the first run's container is gone.
+    _until(lambda: _podman_names(m.backend.tag) == [], _PODMAN_DEADLINE, "the removals")
+    m.run("exit 4", jid="three", extras={"image": _PODMAN_IMAGE})
+    assert m.wait("three", timeout=_PODMAN_DEADLINE)["returncode"] == 4
+    assert m.backend.calls["run"] == 4
+
+
+def test_podman_logs_readable_while_the_container_runs(podman_ctx):
+    (podman_ctx.store / "in").mkdir()
+    m = podman_ctx.open()
+    m.run("echo first; echo first-err >&2; while [ ! -e /share/incoming/go ]; do sleep 0.05; "
+          "done; echo second", jid="follow", extras={"image": _PODMAN_IMAGE, "input_dir": "in"})
+    chunk = _until(lambda: (lambda c: c["data"] and c)(m.read_log("follow")),
+                   _PODMAN_DEADLINE, "the first line")
+    assert chunk == {"jid": "follow", "stream": "stdout", "offset": 0, "next_offset": 6,
+                     "eof": False, "data": b"first\n"}
+    assert m.read_log("follow", "stderr")["data"] == b"first-err\n"
+    assert m.get("follow")["status"] == "started"
+    (podman_ctx.store / "in" / "go").touch()
+    assert m.wait("follow", timeout=_PODMAN_DEADLINE)["returncode"] == 0
+    rest = m.read_log("follow", offset=6)
+    assert rest["data"] == b"second\n" and rest["eof"] is True
+
+
+def test_podman_memory_limit_kills_an_allocating_job(podman_ctx, monkeypatch):
+    """--memory is a hard limit (a reservation, as pman 3.x sets, stops
+    nothing here); podman's OOMKilled reads false, so the message says
+    "likely", from the SIGKILL and the limit.  conmon's "oom" marker file
+    lands in the state directory, not in the application's directory."""
+    here = podman_ctx.tmp / "app-cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    m = podman_ctx.open()
+    m.run("x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived", jid="hog",
+          extras={"image": _PODMAN_IMAGE, "memory_limit": 32})
+    rec = m.wait("hog", timeout=_PODMAN_DEADLINE)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", 137), rec
+    assert rec["message"].startswith(
+        "killed by SIGKILL, likely out of memory (limit 32 MiB)"), rec["message"]
+    assert m.tail("hog", "stdout") == ""
+    assert os.listdir(str(here)) == []
+
+
+def test_podman_kill_with_grace(podman_ctx):
+    """A container that traps TERM ends at once with its own code in the
+    message, -15 in returncode; one whose process 1 ignores TERM (no
+    handler: the kernel shields PID 1) ends by the SIGKILL after the
+    grace."""
+    m = podman_ctx.open()
+    m.run("trap 'exit 9' TERM; echo ready; while :; do sleep 0.05; done", jid="trap",
+          extras={"image": _PODMAN_IMAGE})
+    m.run(["sleep", "300"], jid="deaf", extras={"image": _PODMAN_IMAGE})
+    _until(lambda: m.tail("trap") == "ready\n", _PODMAN_DEADLINE, "the trap to be set")
+    t0 = time.monotonic()
+    m.kill("trap")
+    m.kill("deaf", grace=1)
+    trap = m.wait("trap", timeout=_PODMAN_DEADLINE)
+    assert (trap["status"], trap["returncode"]) == ("finishedWithError", -15), trap
+    assert trap["message"] == "killed by SIGTERM on request; the container exited 9", trap
+    deaf = m.wait("deaf", timeout=_PODMAN_DEADLINE)
+    assert time.monotonic() - t0 >= 1.0
+    assert (deaf["status"], deaf["returncode"]) == ("finishedWithError", -9), deaf
+    assert deaf["message"] == "killed by SIGKILL on request; the container exited 137", deaf
+
+
+def test_podman_timeout(podman_ctx):
+    m = podman_ctx.open()
+    m.run("trap 'exit 9' TERM; while :; do sleep 0.05; done", jid="slow", timeout=1,
+          extras={"image": _PODMAN_IMAGE})
+    rec = m.wait("slow", timeout=_PODMAN_DEADLINE)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", -15), rec
+    assert rec["message"] == "timed out after 1 s (SIGTERM); the container exited 9", rec
+    ran = datetime.fromisoformat(rec["ended"]) - datetime.fromisoformat(rec["started"])
+    assert timedelta(seconds=0.9) <= ran < timedelta(seconds=30), ran
+
+
+# ---------------------------------------------------------------------------
+# many at once
+# ---------------------------------------------------------------------------
+
+def test_podman_twenty_containers_with_max_running_four(podman_ctx):
+    m = podman_ctx.open(max_running=4)
+    jids = ["n%02d" % i for i in range(20)]
+    for i, jid in enumerate(jids):
+        m.run("sleep 0.2; exit %d" % (i % 5), jid=jid, extras={"image": _PODMAN_IMAGE})
+    seen, done = [], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            seen.append(len(_podman_names(m.backend.tag, "status=running")))
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        recs = m.wait(jids, timeout=120)
+    finally:
+        done.set()
+        sampler.join(30)
+    assert [r["returncode"] for r in recs] == [i % 5 for i in range(20)], recs
+    assert m.counts()["finishedSuccessfully"] == 4
+    assert seen and max(seen) <= 4, seen
+    assert m.backend.calls["run"] == 20
+    _until(lambda: _podman_names(m.backend.tag) == [], _PODMAN_DEADLINE, "the removals")
+
+
+# ---------------------------------------------------------------------------
+# restart
+# ---------------------------------------------------------------------------
+
+def test_podman_restart_after_sigkill_readopts_by_name(podman_ctx):
+    """`python pman.py --backend podman ...` in a child, SIGKILLed while
+    two containers run.  One ends while no manager runs, one after the
+    restart: both get the container's own exit code, their output is
+    whole, and nothing runs twice."""
+    state = podman_ctx.tmp / "state"
+    (podman_ctx.store / "flags").mkdir()
+    errlog = podman_ctx.tmp / "child.err"
+    with open(errlog, "wb") as err:
+        child = subprocess.Popen(
+            [sys.executable, _PODMAN_PMAN, "--backend", "podman", "--podman-runtime",
+             _PODMAN_RUNTIME, "--podman-args", _PODMAN_ARGS,
+             "--storebase", str(podman_ctx.store), "--port", "0", "--state-dir", str(state)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        def port():
+            text = errlog.read_text()
+            assert child.poll() is None, "pman exited early: %s" % text
+            marker = "serving http://127.0.0.1:"
+            return text.split(marker, 1)[1].split("/", 1)[0] if marker in text else None
+        port = int(_until(port, 30, "the child pman to serve"))
+        names = {}
+        for jid, code in (("early", 5), ("late", 7)):
+            status, job, raw = _podman_request(port, "POST", "/api/v1/", {
+                "jid": jid, "image": _PODMAN_IMAGE, "input_dir": "flags",
+                "cmd": "echo up; while [ ! -e /share/incoming/%s ]; do sleep 0.05; done; "
+                       "echo bye; exit %d" % (jid, code)})
+            assert status == 201 and job["status"] == "started", raw
+            names[jid] = job["backend_id"]
+    finally:
+        child.kill()                            # SIGKILL: no chance to tidy up
+        child.wait(30)
+    tag = names["early"].split("-")[1]
+    podman_ctx.tags.add(tag)
+    (podman_ctx.store / "flags" / "early").touch()
+    _until(lambda: _podman_state(names["early"]) == ("exited", 5), _PODMAN_DEADLINE,
+           "the early container to end while no manager runs")
+    assert _podman_state(names["late"]) == ("running", 0)
+
+    m = podman_ctx.open(state)
+    assert m.backend.tag == tag
+    early = m.wait("early", timeout=_PODMAN_DEADLINE)
+    assert (early["status"], early["returncode"]) == ("finishedWithError", 5), early
+    assert early["message"] == "exited with code 5" and m.tail("early") == "up\nbye\n"
+    late = m.get("late")
+    assert late["status"] == "started" and late["backend_id"] == names["late"], late
+    (podman_ctx.store / "flags" / "late").touch()
+    late = m.wait("late", timeout=_PODMAN_DEADLINE)
+    assert (late["status"], late["returncode"]) == ("finishedWithError", 7), late
+    assert m.tail("late") == "up\nbye\n"
+    assert m.backend.calls["run"] == 0
+    _until(lambda: _podman_names(tag) == [], _PODMAN_DEADLINE, "the removals")
+
+
+def test_podman_recovers_an_inflight_start_by_name(podman_ctx):
+    """Records left handed over (backend_id "": podman run was in flight
+    when the manager died): the container of that very run (label
+    pman.seq) is adopted, never started again; a record with no container
+    is started; a same-named container of an earlier run of the jid is
+    not taken for it."""
+    state = podman_ctx.tmp / "state"
+    first = podman_ctx.open(state)
+    tag = first.backend.tag
+    first.close()
+    logs = state / "logs"
+
+    def container(jid, seq, command):
+        with open(logs / (jid + ".out"), "wb") as out, open(logs / (jid + ".err"), "wb") as err:
+            subprocess.run(["podman", "--runtime", _PODMAN_RUNTIME, "run", "-d",
+                            "--name", "pman-%s-%s" % (tag, jid), "--log-driver=passthrough",
+                            "--label", "pman.state=" + tag, "--label", "pman.jid=" + jid,
+                            "--label", "pman.seq=%d" % seq] + shlex.split(_PODMAN_ARGS)
+                           + [_PODMAN_IMAGE, "sh", "-c", command],
+                           stdout=out, stderr=err, check=True, timeout=60)
+
+    container("adopted", 2, "echo adopted; exit 6")     # this very run (seq 2)
+    container("stale", 1, "echo stale; exit 9")         # an earlier run of "stale"
+    submitted = datetime.now(timezone.utc).isoformat()
+    lines = [_slurm_state_line(jid=jid, status="notstarted", seq=seq, cmd=cmd,
+                               message="starting", submitted=submitted, backend_id="",
+                               extras={"image": _PODMAN_IMAGE})
+             for jid, seq, cmd in (("adopted", 2, "exit 1"), ("fresh", 3, "echo fresh; exit 4"),
+                                   ("stale", 4, "echo new; exit 3"))]
+    header = json.dumps({"pman_state": 1, "generation": 0, "next_seq": 5,
+                         "written": submitted, "pman_version": pman.__version__})
+    (state / "state.jsonl").write_text(header + "\n" + "".join(l + "\n" for l in lines))
+    for name in os.listdir(state):
+        if name.startswith("journal-"):
+            os.unlink(state / name)
+
+    m = podman_ctx.open(state)
+    a, f, s = m.wait(["adopted", "fresh", "stale"], timeout=_PODMAN_DEADLINE)
+    assert (a["returncode"], m.tail("adopted")) == (6, "adopted\n"), a
+    assert a["backend_id"] == "pman-%s-adopted" % tag
+    assert (f["returncode"], m.tail("fresh")) == (4, "fresh\n"), f
+    assert (s["returncode"], m.tail("stale")) == (3, "new\n"), s
+    # adopted: none; fresh: one; stale: two, the first refused because the
+    # earlier run's container held the name (removed, then the name reused).
+    assert m.backend.calls["run"] == 3
+    _until(lambda: _podman_names(tag) == [], _PODMAN_DEADLINE, "the removals")
