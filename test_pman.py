@@ -624,6 +624,18 @@ def test_core_env_merge(core_make, monkeypatch):
         m.get("badenv")
 
 
+def test_core_jobs_see_the_environment_as_it_is_when_they_start(core_make, monkeypatch):
+    """Without env= a job gets the manager's os.environ as it is at spawn
+    time, changes made after the manager opened included."""
+    monkeypatch.setenv("CORE_GONE", "before")
+    m = core_make()
+    monkeypatch.setenv("CORE_LATE", "late value")
+    monkeypatch.delenv("CORE_GONE")
+    m.run('printf "%s|%s" "$CORE_LATE" "${CORE_GONE-unset}"', jid="late")
+    assert m.wait("late", timeout=10)["returncode"] == 0
+    assert m.read_log("late")["data"] == b"late value|unset"
+
+
 def test_core_cwd_and_separate_logs(core_mgr, tmp_path):
     sub = tmp_path / "work dir"
     sub.mkdir()
