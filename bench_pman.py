@@ -1295,14 +1295,33 @@ def sec_http(b):
     _http_settle(pport)
     best = collections.defaultdict(lambda: float("inf"))
     post_lat = []
-    post_cpu = float("nan")
+    post_cpu = batch_cpu = float("nan")
     failed_jobs = 0
     conc_errors = 0
+    # The library in this process, a durable manager of its own, interleaved
+    # with the server's rounds: what the HTTP layer adds per submission.
+    lib = b.manager(b.state_dir("http-lib"))
+    batch_n = 100 if b.quick else 1000
+    batch_body = json.dumps({"jobs": [{"cmd": "true"}] * batch_n}).encode()
+    ratios = collections.defaultdict(list)
+    batch_errors = 0
+
+    def lib_round(submit):
+        t0 = perf()
+        jids = submit()
+        dt = perf() - t0
+        failed = sum(r["status"] != pman.SUCCESS for r in lib.wait(jids, timeout=120))
+        return dt, failed
+
     for r in range(post_rounds):
+        lib_dt, failed = lib_round(lambda: [lib.run("true")["jid"] for _ in range(posts)])
+        failed_jobs += failed
+        best["lib-run"] = min(best["lib-run"], lib_dt)
         s0 = _proc_cpu(pman_proc.pid)
         res = loop(pport, "POST", "/api/v1/", body.encode(), posts, 201,
                    post_lat if r == 0 else None)
         dt = res["t1"] - res["t0"]
+        ratios["post"].append(lib_dt / dt)
         if dt < best["single"]:
             best["single"] = dt
             post_cpu = (_proc_cpu(pman_proc.pid) - s0) / posts
@@ -1313,12 +1332,43 @@ def sec_http(b):
         samples.extend(smp[:max(0, 3 - len(samples))])
         best["multi"] = min(best["multi"], span)
         failed_jobs += _http_settle(pport)
-        progress("POST round %d/%d: 1 client %.0f jobs/s, %d clients %.0f jobs/s" % (
-            r + 1, post_rounds, posts / dt, clients, posts / span))
+        lib_batch, failed = lib_round(lambda: [rec["jid"] for rec in lib.run_many(
+            [{"cmd": "true"}] * batch_n)])
+        failed_jobs += failed
+        best["lib-batch"] = min(best["lib-batch"], lib_batch)
+        s0 = _proc_cpu(pman_proc.pid)
+        res = loop(pport, "POST", "/api/v1/jobs", batch_body, 1, 201)
+        batch_errors += res["errors"]
+        batch_dt = res["t1"] - res["t0"]
+        ratios["batch"].append(lib_batch / batch_dt)
+        if batch_dt < best["batch"]:
+            best["batch"] = batch_dt
+            batch_cpu = (_proc_cpu(pman_proc.pid) - s0) / batch_n
+        failed_jobs += _http_settle(pport)
+        progress("POST round %d/%d: 1 client %.0f jobs/s (library run() %.0f), %d clients "
+                 "%.0f jobs/s, batch %.0f jobs/s (library run_many %.0f)" % (
+                     r + 1, post_rounds, posts / dt, posts / lib_dt, clients, posts / span,
+                     batch_n / batch_dt, batch_n / lib_batch))
     single = posts / best["single"]
     b.figure("POST rate, 1 client", single, "jobs/s", (">=", 400),
              note="keep-alive POST /api/v1/ {\"cmd\": \"true\"}, %d jobs, best of %d; "
                   "returns once the job is spawned and durable" % (posts, post_rounds))
+    b.figure("library run() loop rate (durable)", posts / best["lib-run"], "jobs/s",
+             note="baseline: the same %d jobs by JobManager.run() in the benchmark process, "
+                  "interleaved with the POST rounds" % posts)
+    b.figure("POST 1 client / library run() ratio", statistics.median(ratios["post"]), "x",
+             (">=", 0.8), note="median over rounds of each round's ratio; issue 16 wants >= 0.8")
+    b.figure("batch POST rate", batch_n / best["batch"], "jobs/s",
+             note="one POST /api/v1/jobs of %d {\"cmd\": \"true\"} jobs (%d bytes), request "
+                  "to 201; best of %d" % (batch_n, len(batch_body), post_rounds))
+    b.figure("library run_many() rate", batch_n / best["lib-batch"], "jobs/s",
+             note="baseline: run_many() of the same %d jobs in the benchmark process, "
+                  "the call only" % batch_n)
+    b.figure("batch POST / library run_many ratio", statistics.median(ratios["batch"]), "x",
+             (">=", 0.8), note="median over rounds of each round's ratio; issue 16 wants >= 0.8")
+    b.figure("server CPU per job of a batch POST", batch_cpu * 1e6, "us",
+             note="the server process's own threads, best round")
+    b.figure("batch POST errors", batch_errors, "errors", ("<=", 0))
     b.figure("POST p50 latency, 1 client", percentile(post_lat, 50) * 1e3, "ms")
     b.figure("POST p99 latency, 1 client", percentile(post_lat, 99) * 1e3, "ms")
     b.figure("server CPU per POST", post_cpu * 1e6, "us",

@@ -2799,6 +2799,7 @@ def _status_for(exc):
 
 
 _date_cache = [0, ""]
+_REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 
 
 def _http_date():
@@ -3209,6 +3210,10 @@ class _Routes:
          "wrapped in its path"),
     ]
     COMPILED = [(m, re.compile(rx + "/?"), p, h, s) for m, rx, p, h, s in TABLE]
+    # method -> [(regex, handler name)], in table order: a request tries only
+    # its method's routes (the others only to say which methods a 405 allows)
+    BY_METHOD = {m: [(rx, h) for m2, rx, _, h, _ in routes if m2 == m]
+                 for routes in (COMPILED,) for m in {r[0] for r in routes}}
 
     _JID = {"oneOf": [{"type": "string", "pattern": "^/?%s$" % JID_RE.pattern},
                       {"type": "integer", "description": "taken as its decimal string"}]}
@@ -3294,8 +3299,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body = obj.data
         else:
             body = b"" if obj is None else json.dumps(obj).encode("utf-8")
-        reason = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else ""
-        head = ["HTTP/1.1 %d %s" % (status, reason),
+        head = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "")),
                 "Server: " + self.server_version,
                 "Date: " + _http_date()]
         if status != 204:
@@ -3470,13 +3474,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if len(values) > 1:
                 raise HTTPError(400, "query parameter %r given more than once" % key)
         query = {k: v[0] for k, v in query.items()}
-        allowed = []
-        for route_method, regex, _, handler, _ in _Routes.COMPILED:
+        for regex, handler in _Routes.BY_METHOD.get(method, ()):
             match = regex.fullmatch(path)
             if match is None:
-                continue
-            if route_method != method:
-                allowed.append(route_method)
                 continue
             groups = {}
             for key, value in match.groupdict().items():
@@ -3485,6 +3485,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 except UnicodeDecodeError:
                     raise HTTPError(400, "invalid percent-encoding in path") from None
             return getattr(self, "route_" + handler)(groups, query, body)
+        allowed = [m for m, regex, _, _, _ in _Routes.COMPILED if regex.fullmatch(path)]
         if allowed:
             raise HTTPError(405, "%s is not allowed here; use %s" % (method, ", ".join(allowed)))
         raise HTTPError(404, "no such route: %s" % path[:200])
