@@ -21,19 +21,25 @@ that crashes does (exit status 1).
 
 Sections (see SECTIONS at the bottom to add one):
 
-spawn        2,000 ``true`` jobs through JobManager vs raw Popen bursts
-             (--quick: 100)
+spawn        2,000 ``true`` jobs through JobManager (run() durable and
+             not, run_many() in batches of 1,000) vs raw Popen bursts and
+             the durable limit (raw Popen + one fdatasync'ed journal line
+             per job), interleaved (--quick: 100, batches of 100)
 latency      submit -> started and exit -> status visible, p50/p99, with
              100 running jobs (--quick: 30), plus a no-pman pidfd baseline
 scale        100,000 finished jobs in state (--quick: 5,000), written as a
              snapshot rather than run: startup, RSS, run(), get()
 concurrency  1,000 concurrent ``sleep 2`` jobs (--quick: 200 x sleep 0.5):
-             codes, threads, fds, wall time
+             codes, threads, fds, wall time by run(); by one run_many()
+             against a raw Popen burst of the same jobs; 10,000 jobs in
+             batches of 1,000 (--quick: 1,000 in 200s): threads, fds, codes
 http         pman's HTTP server vs a bare http.server answering the same
              bytes, each in its own process: keep-alive GET of one job
              (3,000 per round, best of 5; --quick: 300, best of 3), POST
              of ``true`` jobs from 1 client and from 4 client processes
-             (1,000; --quick: 200), 4 concurrent GET clients
+             (1,000; --quick: 200) against the library's run() loop, a
+             batch POST of 1,000 jobs (--quick: 100) against the library's
+             run_many(), 4 concurrent GET clients
 slurm        only with ``--backend slurm`` (else skipped with a note): the
              SLURM backend vs sbatch itself: submit rate (200 jobs;
              --quick: 20), submit -> done latency, squeue/sacct calls per
@@ -1686,10 +1692,10 @@ def sec_slurm(b):
 # >>> here.  It then appears in --section choices and the default run.
 
 SECTIONS = collections.OrderedDict([
-    ("spawn", (sec_spawn, "2,000 `true` jobs: pman vs raw Popen")),
+    ("spawn", (sec_spawn, "2,000 `true` jobs: pman vs raw Popen and the durable limit")),
     ("latency", (sec_latency, "submit -> started, exit -> status visible")),
     ("scale", (sec_scale, "100,000 finished jobs in state")),
-    ("concurrency", (sec_concurrency, "1,000 concurrent sleep jobs")),
+    ("concurrency", (sec_concurrency, "1,000 concurrent sleep jobs; batches")),
     ("http", (sec_http, "HTTP API round trips: pman vs a bare http.server")),
     ("slurm", (sec_slurm, "SLURM backend vs sbatch (only with --backend slurm)")),
 ])
