@@ -762,12 +762,17 @@ def _proc_stat(pid):
     """(start time in clock ticks, state letter, process group) of *pid*,
     or None.  Fields are read after the last ')' because the command name
     may contain any character."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            data = f.read()
+    try:        # read once per spawn: os.read, without io's buffered file
+        fd = os.open("/proc/%d/stat" % pid, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return None
     fields = data[data.rfind(b")") + 2:].split()
+    if len(fields) < 20:        # the process is gone (ESRCH reads as empty)
+        return None
     return int(fields[19]), fields[0].decode(), int(fields[2])
 
 
