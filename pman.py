@@ -172,6 +172,12 @@ class InvalidArgument(PmanError, ValueError):
 
     index = None
 
+    def _in_batch(self, index):
+        """This error as raised for the spec at *index* of a batch."""
+        error = InvalidArgument("batch index %d: %s" % (index, self))
+        error.index = index
+        return error
+
 
 class JobNotFound(PmanError, KeyError):
     """No job has this jid.  Attribute: ``jid``."""
@@ -1723,9 +1729,7 @@ class JobManager:
                     raise InvalidArgument("'cmd' is missing")
                 checked.append(_check_spec(**spec))
             except InvalidArgument as e:
-                error = InvalidArgument("batch index %d: %s" % (index, e))
-                error.index = index
-                raise error from None
+                raise e._in_batch(index) from None
         return self._submit(checked, batch=True) if checked else []
 
     def _submit(self, specs, batch=False):
@@ -1749,11 +1753,9 @@ class JobManager:
                     try:
                         lines.append(job.line())
                     except (RecursionError, ValueError, TypeError) as e:
-                        error = InvalidArgument("%smeta or extras cannot be stored: %s" % (
-                            "batch index %d: " % index if batch else "",
+                        error = InvalidArgument("meta or extras cannot be stored: %s" % (
                             "nested too deeply" if isinstance(e, RecursionError) else e))
-                        error.index = index if batch else None
-                        raise error from None
+                        raise (error._in_batch(index) if batch else error) from None
                 # write-ahead: no job runs unless its record is written
                 ticket = self._store.append(
                     lines[0] if len(lines) == 1 else '{"batch": [%s]}' % ", ".join(lines),
@@ -3576,9 +3578,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             try:
                 spec, unknown = self._submission(job)
             except InvalidArgument as e:
-                error = InvalidArgument("batch index %d: %s" % (index, e))
-                error.index = index
-                raise error from None
+                raise e._in_batch(index) from None
             specs.append(spec)
             ignored.append(unknown)
         records = self.manager.run_many(specs)
