@@ -22,19 +22,25 @@ that crashes does (exit status 1).
 
 Sections (see SECTIONS at the bottom to add one):
 
-spawn        2,000 ``true`` jobs through JobManager vs raw Popen bursts
-             (--quick: 100)
+spawn        2,000 ``true`` jobs through JobManager (run() durable and
+             not, run_many() in batches of 1,000) vs raw Popen bursts and
+             the durable limit (raw Popen + one fdatasync'ed journal line
+             per job), interleaved (--quick: 100, batches of 100)
 latency      submit -> started and exit -> status visible, p50/p99, with
              100 running jobs (--quick: 30), plus a no-pman pidfd baseline
 scale        100,000 finished jobs in state (--quick: 5,000), written as a
              snapshot rather than run: startup, RSS, run(), get()
 concurrency  1,000 concurrent ``sleep 2`` jobs (--quick: 200 x sleep 0.5):
-             codes, threads, fds, wall time
+             codes, threads, fds, wall time by run(); by one run_many()
+             against a raw Popen burst of the same jobs; 10,000 jobs in
+             batches of 1,000 (--quick: 1,000 in 200s): threads, fds, codes
 http         pman's HTTP server vs a bare http.server answering the same
              bytes, each in its own process: keep-alive GET of one job
              (3,000 per round, best of 5; --quick: 300, best of 3), POST
              of ``true`` jobs from 1 client and from 4 client processes
-             (1,000; --quick: 200), 4 concurrent GET clients
+             (1,000; --quick: 200) against the library's run() loop, a
+             batch POST of 1,000 jobs (--quick: 100) against the library's
+             run_many(), 4 concurrent GET clients
 cli          the command line as a user runs it (a subprocess each): one
              ``pman run`` (python3 pman.py and python3 -m pman, against the
              interpreter's start), ``pman run --wait``, and ``pman ls`` with
@@ -304,30 +310,44 @@ def _wrapper_argv(seq, cmd, rc_dir):
     return pman._wrapped_argv(job, os.path.join(rc_dir, "%d.rc" % seq))
 
 
-def _raw_burst(n, logs, wrapper):
+def _raw_burst(n, logs, wrapper, journal=False):
     """Spawn *n* jobs with raw Popen, as pman would open their logs, then
-    wait for all; return the elapsed seconds.  wrapper=False: the plain
-    ``Popen("true", shell=True)`` baseline; True: pman's exact Popen call
-    (its wrapper shell, stdin=DEVNULL) without the manager around it."""
+    wait for all; return (elapsed seconds, CPU seconds of this process).
+    wrapper=False: the plain ``Popen("true", shell=True)`` baseline; True:
+    pman's exact Popen call (its wrapper shell, stdin=DEVNULL) without the
+    manager around it.  journal=True: the durable limit, what any durable
+    submission must pay: also one small line appended to a file and
+    fdatasync'ed before each spawn, one job after the other."""
     procs = []
+    jfd = None
+    if journal:
+        jfd = os.open(os.path.join(logs, "journal"),
+                      os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     c0 = time.process_time()
     t0 = perf()
-    for i in range(n):
-        out = os.open(os.path.join(logs, "%d.out" % i), LOG_FLAGS, 0o600)
-        err = os.open(os.path.join(logs, "%d.err" % i), LOG_FLAGS, 0o600)
-        try:
-            if wrapper:
-                args = _wrapper_argv(i, "true", logs)
-                procs.append(subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out,
-                                              stderr=err, start_new_session=True))
-            else:
-                procs.append(subprocess.Popen("true", shell=True, stdout=out, stderr=err,
-                                              start_new_session=True))
-        finally:
-            os.close(out)
-            os.close(err)
-    for p in procs:
-        p.wait()
+    try:
+        for i in range(n):
+            out = os.open(os.path.join(logs, "%d.out" % i), LOG_FLAGS, 0o600)
+            err = os.open(os.path.join(logs, "%d.err" % i), LOG_FLAGS, 0o600)
+            try:
+                if jfd is not None:
+                    os.write(jfd, b'{"jid": "raw-%d", "status": "notstarted"}\n' % i)
+                    os.fdatasync(jfd)
+                if wrapper:
+                    args = _wrapper_argv(i, "true", logs)
+                    procs.append(subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out,
+                                                  stderr=err, start_new_session=True))
+                else:
+                    procs.append(subprocess.Popen("true", shell=True, stdout=out, stderr=err,
+                                                  start_new_session=True))
+            finally:
+                os.close(out)
+                os.close(err)
+        for p in procs:
+            p.wait()
+    finally:
+        if jfd is not None:
+            os.close(jfd)
     elapsed = perf() - t0
     cpu = time.process_time() - c0
     bad = sum(p.returncode != 0 for p in procs)
@@ -336,16 +356,22 @@ def _raw_burst(n, logs, wrapper):
     return elapsed, cpu
 
 
-def _pman_burst(b, n, durable):
+def _pman_burst(b, n, durable, batch=None):
     """(seconds from the first run() to all reaped, seconds of the run()
     loop, CPU seconds of this process, all threads) for *n* ``true`` jobs
-    on a fresh manager."""
+    on a fresh manager.  With *batch*, run_many() of that many jobs at a
+    time instead of a run() per job."""
     path = b.state_dir("spawn-pman")
     m = b.manager(path, durable=durable)
     try:
         c0 = time.process_time()
         t0 = perf()
-        jids = [m.run("true")["jid"] for _ in range(n)]
+        if batch:
+            jids = []
+            for start in range(0, n, batch):
+                jids += [r["jid"] for r in m.run_many([{"cmd": "true"}] * min(batch, n - start))]
+        else:
+            jids = [m.run("true")["jid"] for _ in range(n)]
         t_sub = perf()
         records = m.wait(jids, timeout=60 + n * 0.1)
         elapsed = perf() - t0
@@ -359,40 +385,55 @@ def _pman_burst(b, n, durable):
     return elapsed, t_sub - t0, cpu
 
 
+_SPAWN_VARIANTS = ("raw", "durable-limit", "wrapper", "pman", "pman-nondurable", "pman-batch")
+
+
 def sec_spawn(b):
     n = 100 if b.quick else 2000
+    batch = 100 if b.quick else 1000
     rounds = 2 if b.quick else 3
     best = collections.defaultdict(lambda: float("inf"))
-    ratios = []         # pman/raw of each round: its two bursts ran back to back
+    ratios = collections.defaultdict(list)  # of each round: its bursts ran back to back
     for r in range(rounds):
         # Interleaved so that drift in machine load hits every variant alike.
         this_round = {}
-        for variant in ("raw", "wrapper", "pman", "pman-nondurable"):
-            if variant in ("raw", "wrapper"):
+        for variant in _SPAWN_VARIANTS:
+            if variant in ("raw", "wrapper", "durable-limit"):
                 logs = b.state_dir("spawn-raw")
                 try:
-                    dt, cpu = _raw_burst(n, logs, wrapper=variant == "wrapper")
+                    dt, cpu = _raw_burst(n, logs, wrapper=variant == "wrapper",
+                                         journal=variant == "durable-limit")
                 finally:
                     shutil.rmtree(logs, ignore_errors=True)
             else:
-                dt, sub, cpu = _pman_burst(b, n, durable=variant == "pman")
+                dt, sub, cpu = _pman_burst(b, n, durable=variant != "pman-nondurable",
+                                           batch=batch if variant == "pman-batch" else None)
                 best[variant + "-submit"] = min(best[variant + "-submit"], sub)
             best[variant] = min(best[variant], dt)
             best[variant + "-cpu"] = min(best[variant + "-cpu"], cpu)
             this_round[variant] = dt
             progress("round %d/%d %-16s %6.0f jobs/s" % (r + 1, rounds, variant, n / dt))
-        ratios.append(this_round["raw"] / this_round["pman"])
+        for variant, base in (("pman", "raw"), ("pman", "durable-limit"),
+                              ("pman-nondurable", "raw"), ("pman-batch", "raw")):
+            ratios[variant, base].append(this_round[base] / this_round[variant])
     rate = {k: n / v for k, v in best.items() if not k.endswith("-cpu")}
+    ratio = {k: statistics.median(v) for k, v in ratios.items()}
+    median_note = "median over rounds of each round's ratio (robust to one lucky burst)"
     b.figure("jobs per burst", n, "jobs", note="best of %d interleaved rounds each" % rounds)
     b.figure("raw Popen(shell=True) rate", rate["raw"], "jobs/s",
              note="baseline: Popen('true', shell=True), 2 log files, new session")
+    b.figure("durable limit rate", rate["durable-limit"], "jobs/s",
+             note="baseline: raw Popen + 2 log files + one small line appended to a file "
+                  "and fdatasync'ed per job, sequentially: what a durable submission "
+                  "must pay at least")
     b.figure("raw Popen of pman's wrapper rate", rate["wrapper"], "jobs/s",
              note="pman's exact Popen call (wrapper shell, stdin=DEVNULL), no manager")
     b.figure("pman rate (durable)", rate["pman"], "jobs/s",
              note="first run() until wait() sees all reaped")
-    b.figure("pman/raw ratio (durable)", statistics.median(ratios), "x", (">=", 0.6),
-             note="median over rounds of each round's ratio (robust to one lucky burst); "
-             "issue 7 wants >= 0.6; issue 2 said >= 0.5")
+    b.figure("pman/durable limit ratio (durable)", ratio["pman", "durable-limit"], "x",
+             (">=", 0.9), note=median_note + "; issue 16 wants >= 0.9")
+    b.figure("pman/raw ratio (durable)", ratio["pman", "raw"], "x", (">=", 0.6),
+             note=median_note + "; issue 7 wants >= 0.6; issue 2 said >= 0.5")
     b.figure("pman/raw ratio of the best rounds", rate["pman"] / rate["raw"], "x",
              note="best pman burst / best raw burst, from different rounds")
     b.figure("pman run() loop rate (durable)", n / best["pman-submit"], "jobs/s",
@@ -400,21 +441,37 @@ def sec_spawn(b):
     b.figure("pman rate (durable=False)", rate["pman-nondurable"], "jobs/s")
     b.figure("pman run() loop rate (durable=False)", n / best["pman-nondurable-submit"],
              "jobs/s")
-    b.figure("pman/raw ratio (durable=False)", rate["pman-nondurable"] / rate["raw"], "x")
+    b.figure("pman/raw ratio (durable=False)", ratio["pman-nondurable", "raw"], "x",
+             (">=", 0.95), note=median_note + "; issue 16 wants >= 0.95")
+    b.figure("pman rate (run_many, durable)", rate["pman-batch"], "jobs/s",
+             note="run_many() of %d `true` jobs at a time, first call until all reaped" % batch)
+    b.figure("pman run_many/raw ratio (durable)", ratio["pman-batch", "raw"], "x",
+             (">=", 0.85), note=median_note + "; issue 16 wants >= 0.85")
+    b.figure("pman run_many() calls rate (durable)", n / best["pman-batch-submit"], "jobs/s",
+             note="the run_many() calls only, reaping overlaps")
     b.figure("wrapper cost per job", (best["wrapper"] - best["raw"]) / n * 1e6, "us",
              note="raw wrapper Popen minus raw baseline")
+    b.figure("durable limit: cost of the fdatasync per job",
+             (best["durable-limit"] - best["raw"]) / n * 1e6, "us",
+             note="durable limit minus raw baseline")
     b.figure("manager overhead per job (durable)", (best["pman"] - best["wrapper"]) / n * 1e6,
              "us", note="pman minus raw wrapper Popen")
     b.figure("manager overhead per job (durable=False)",
              (best["pman-nondurable"] - best["wrapper"]) / n * 1e6, "us")
     # CPU time of this process (all its threads, not the children) is far
     # less sensitive than wall time to other load on the machine.
-    for variant, label in (("raw", "raw Popen(shell=True)"), ("wrapper", "raw wrapper Popen"),
-                           ("pman", "pman (durable)"), ("pman-nondurable", "pman (durable=False)")):
+    for variant, label in (("raw", "raw Popen(shell=True)"),
+                           ("durable-limit", "durable limit"),
+                           ("wrapper", "raw wrapper Popen"),
+                           ("pman", "pman (durable)"), ("pman-nondurable", "pman (durable=False)"),
+                           ("pman-batch", "pman run_many (durable)")):
         b.figure("parent CPU per job, %s" % label, best[variant + "-cpu"] / n * 1e6, "us",
                  note="time.process_time() of this process (all threads, not the children), best round"
                  if variant == "raw" else "")
-    b.figure("parent CPU ratio pman/raw (durable)", best["pman-cpu"] / best["raw-cpu"], "x")
+    b.figure("parent CPU ratio pman/raw (durable)", best["pman-cpu"] / best["raw-cpu"], "x",
+             ("<=", 2.0), note="issue 16 wants <= 2")
+    b.figure("parent CPU ratio run_many/raw (durable)",
+             best["pman-batch-cpu"] / best["raw-cpu"], "x")
 
 
 # ---------------------------------------------------------------------------
@@ -724,8 +781,69 @@ def sec_scale(b):
 # Section: concurrency
 # ---------------------------------------------------------------------------
 
+def _raw_sleep_burst(b, n, sleep):
+    """Raw Popen of *n* ``sleep S; exit i % 5`` jobs with their 2 log
+    files, then wait for all: seconds from the first spawn to the last
+    reaped."""
+    logs = b.state_dir("concurrency-raw")
+    procs = []
+    try:
+        t0 = perf()
+        for i in range(n):
+            out = os.open(os.path.join(logs, "%d.out" % i), LOG_FLAGS, 0o600)
+            err = os.open(os.path.join(logs, "%d.err" % i), LOG_FLAGS, 0o600)
+            try:
+                procs.append(subprocess.Popen("sleep %s; exit %d" % (sleep, i % 5), shell=True,
+                                              stdout=out, stderr=err, start_new_session=True))
+            finally:
+                os.close(out)
+                os.close(err)
+        for p in procs:
+            p.wait()
+        wall = perf() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                stop_process(p, 5)
+        shutil.rmtree(logs, ignore_errors=True)
+    bad = sum(p.returncode != i % 5 for i, p in enumerate(procs))
+    if bad:
+        raise RuntimeError("%d raw jobs exited with the wrong code" % bad)
+    return wall
+
+
+def _pman_sleep_batch(b, n, sleep):
+    """One run_many() of the same jobs on a fresh manager: (seconds from
+    the call to all reaped, seconds of the call, jobs with the right
+    code)."""
+    path = b.state_dir("concurrency-batch")
+    m = b.manager(path)
+    try:
+        t0 = perf()
+        recs = m.run_many([{"cmd": "sleep %s; exit %d" % (sleep, i % 5), "jid": "c-%d" % i}
+                           for i in range(n)])
+        t_sub = perf() - t0
+        records = m.wait([r["jid"] for r in recs], timeout=sleep + 120 + n * 0.1)
+        wall = perf() - t0
+    finally:
+        m.close(kill=True)
+        shutil.rmtree(path, ignore_errors=True)
+    return wall, t_sub, _right_codes(records)
+
+
+def _right_codes(records, mod=5):
+    correct = 0
+    for i, r in enumerate(records):
+        code = i % mod
+        if r["returncode"] == code and r["status"] == (pman.SUCCESS if code == 0 else pman.ERROR):
+            correct += 1
+    return correct
+
+
 def sec_concurrency(b):
     n, sleep = (200, 0.5) if b.quick else (1000, 2)
+    rounds = 1 if b.quick else 2
+    # -- run() per job: threads and fds while 1,000 jobs run ------------------
     path = b.state_dir("concurrency")
     fd0 = fd_count()
     threads0 = threading.active_count()
@@ -750,13 +868,8 @@ def sec_concurrency(b):
     wall = perf() - t0
     m.close(kill=True)
     fd1 = fd_count()
-    correct = 0
-    for i, r in enumerate(records):
-        code = i % 5
-        if r["returncode"] == code and r["status"] == (pman.SUCCESS if code == 0 else pman.ERROR):
-            correct += 1
     b.figure("jobs", n, "jobs", note="`sleep %s; exit $((i %% 5))`" % sleep)
-    b.figure("reaped with the right code", correct, "jobs", (">=", n))
+    b.figure("reaped with the right code", _right_codes(records), "jobs", (">=", n))
     b.figure("threads while running (max)", max_threads, "threads", ("<=", 8),
              note="threading.active_count(), main thread included; %d before" % threads0)
     b.figure("fds after close minus before", fd1 - fd0, "fds", ("<=", 0))
@@ -768,6 +881,53 @@ def sec_concurrency(b):
              "quick: %d x sleep %s" % (n, sleep))
     b.figure("reaped after the last sleep ended", wall - t_sub - sleep, "s",
              note="approximate: the last job was spawned at the end of the run() loop")
+
+    # -- one run_many() of the same jobs vs raw Popen, interleaved ---------------
+    ratios, best = [], collections.defaultdict(lambda: float("inf"))
+    correct = n
+    for r in range(rounds):
+        raw = _raw_sleep_burst(b, n, sleep)
+        batch, call, right = _pman_sleep_batch(b, n, sleep)
+        correct = min(correct, right)
+        ratios.append(batch / raw)
+        best["raw"], best["batch"] = min(best["raw"], raw), min(best["batch"], batch)
+        best["call"] = min(best["call"], call)
+        progress("round %d/%d: raw burst %.2f s, run_many %.2f s" % (r + 1, rounds, raw, batch))
+    b.figure("raw Popen burst to all reaped", best["raw"], "s",
+             note="baseline: the same %d jobs by raw Popen(shell=True) + 2 log files, "
+                  "then wait for all; best of %d" % (n, rounds))
+    b.figure("run_many() call to all reaped", best["batch"], "s", note="best of %d" % rounds)
+    b.figure("run_many() call itself", best["call"], "s")
+    b.figure("run_many/raw time ratio", statistics.median(ratios), "x", ("<=", 1.15),
+             note="median over rounds of each round's ratio; issue 16 wants <= 1.15")
+    b.figure("run_many jobs reaped with the right code (worst round)", correct, "jobs",
+             (">=", n))
+
+    # -- many batches: nothing grows ------------------------------------------
+    total, size = (1000, 200) if b.quick else (10000, 1000)
+    path = b.state_dir("concurrency-many")
+    fd0, threads0 = fd_count(), threading.active_count()
+    m = b.manager(path)
+    max_threads, t0 = threading.active_count(), perf()
+    jids = []
+    for start in range(0, total, size):
+        jids += [r["jid"] for r in m.run_many(
+            [{"cmd": "exit %d" % (i % 5), "jid": "m-%d" % i} for i in range(start, start + size)])]
+        max_threads = max(max_threads, threading.active_count())
+    records = m.wait(jids, timeout=120 + total * 0.05)
+    wall = perf() - t0
+    max_threads = max(max_threads, threading.active_count())
+    m.close(kill=True)
+    fd1 = fd_count()
+    b.figure("many batches: jobs", total, "jobs",
+             note="`exit i %% 5` in run_many() batches of %d" % size)
+    b.figure("many batches: right codes", _right_codes(records), "jobs", (">=", total))
+    b.figure("many batches: threads (max)", max_threads, "threads", ("<=", threads0 + 2),
+             note="sampled after each batch; %d before the manager, which adds its reaper "
+                  "and, while it compacts the journal, a compaction thread" % threads0)
+    b.figure("many batches: fds after close minus before", fd1 - fd0, "fds", ("<=", 0))
+    b.figure("many batches: first call to all reaped", wall, "s",
+             note="%.0f jobs/s" % (total / wall))
 
 
 # ---------------------------------------------------------------------------
@@ -1155,14 +1315,33 @@ def sec_http(b):
     _http_settle(pport)
     best = collections.defaultdict(lambda: float("inf"))
     post_lat = []
-    post_cpu = float("nan")
+    post_cpu = batch_cpu = float("nan")
     failed_jobs = 0
     conc_errors = 0
+    # The library in this process, a durable manager of its own, interleaved
+    # with the server's rounds: what the HTTP layer adds per submission.
+    lib = b.manager(b.state_dir("http-lib"))
+    batch_n = 100 if b.quick else 1000
+    batch_body = json.dumps({"jobs": [{"cmd": "true"}] * batch_n}).encode()
+    ratios = collections.defaultdict(list)
+    batch_errors = 0
+
+    def lib_round(submit):
+        t0 = perf()
+        jids = submit()
+        dt = perf() - t0
+        failed = sum(r["status"] != pman.SUCCESS for r in lib.wait(jids, timeout=120))
+        return dt, failed
+
     for r in range(post_rounds):
+        lib_dt, failed = lib_round(lambda: [lib.run("true")["jid"] for _ in range(posts)])
+        failed_jobs += failed
+        best["lib-run"] = min(best["lib-run"], lib_dt)
         s0 = _proc_cpu(pman_proc.pid)
         res = loop(pport, "POST", "/api/v1/", body.encode(), posts, 201,
                    post_lat if r == 0 else None)
         dt = res["t1"] - res["t0"]
+        ratios["post"].append(lib_dt / dt)
         if dt < best["single"]:
             best["single"] = dt
             post_cpu = (_proc_cpu(pman_proc.pid) - s0) / posts
@@ -1173,12 +1352,43 @@ def sec_http(b):
         samples.extend(smp[:max(0, 3 - len(samples))])
         best["multi"] = min(best["multi"], span)
         failed_jobs += _http_settle(pport)
-        progress("POST round %d/%d: 1 client %.0f jobs/s, %d clients %.0f jobs/s" % (
-            r + 1, post_rounds, posts / dt, clients, posts / span))
+        lib_batch, failed = lib_round(lambda: [rec["jid"] for rec in lib.run_many(
+            [{"cmd": "true"}] * batch_n)])
+        failed_jobs += failed
+        best["lib-batch"] = min(best["lib-batch"], lib_batch)
+        s0 = _proc_cpu(pman_proc.pid)
+        res = loop(pport, "POST", "/api/v1/jobs", batch_body, 1, 201)
+        batch_errors += res["errors"]
+        batch_dt = res["t1"] - res["t0"]
+        ratios["batch"].append(lib_batch / batch_dt)
+        if batch_dt < best["batch"]:
+            best["batch"] = batch_dt
+            batch_cpu = (_proc_cpu(pman_proc.pid) - s0) / batch_n
+        failed_jobs += _http_settle(pport)
+        progress("POST round %d/%d: 1 client %.0f jobs/s (library run() %.0f), %d clients "
+                 "%.0f jobs/s, batch %.0f jobs/s (library run_many %.0f)" % (
+                     r + 1, post_rounds, posts / dt, posts / lib_dt, clients, posts / span,
+                     batch_n / batch_dt, batch_n / lib_batch))
     single = posts / best["single"]
     b.figure("POST rate, 1 client", single, "jobs/s", (">=", 400),
              note="keep-alive POST /api/v1/ {\"cmd\": \"true\"}, %d jobs, best of %d; "
                   "returns once the job is spawned and durable" % (posts, post_rounds))
+    b.figure("library run() loop rate (durable)", posts / best["lib-run"], "jobs/s",
+             note="baseline: the same %d jobs by JobManager.run() in the benchmark process, "
+                  "interleaved with the POST rounds" % posts)
+    b.figure("POST 1 client / library run() ratio", statistics.median(ratios["post"]), "x",
+             (">=", 0.8), note="median over rounds of each round's ratio; issue 16 wants >= 0.8")
+    b.figure("batch POST rate", batch_n / best["batch"], "jobs/s",
+             note="one POST /api/v1/jobs of %d {\"cmd\": \"true\"} jobs (%d bytes), request "
+                  "to 201; best of %d" % (batch_n, len(batch_body), post_rounds))
+    b.figure("library run_many() rate", batch_n / best["lib-batch"], "jobs/s",
+             note="baseline: run_many() of the same %d jobs in the benchmark process, "
+                  "the call only" % batch_n)
+    b.figure("batch POST / library run_many ratio", statistics.median(ratios["batch"]), "x",
+             (">=", 0.8), note="median over rounds of each round's ratio; issue 16 wants >= 0.8")
+    b.figure("server CPU per job of a batch POST", batch_cpu * 1e6, "us",
+             note="the server process's own threads, best round")
+    b.figure("batch POST errors", batch_errors, "errors", ("<=", 0))
     b.figure("POST p50 latency, 1 client", percentile(post_lat, 50) * 1e3, "ms")
     b.figure("POST p99 latency, 1 client", percentile(post_lat, 99) * 1e3, "ms")
     b.figure("server CPU per POST", post_cpu * 1e6, "us",
@@ -1738,10 +1948,10 @@ def sec_slowstart(b):
 
 
 SECTIONS = collections.OrderedDict([
-    ("spawn", (sec_spawn, "2,000 `true` jobs: pman vs raw Popen")),
+    ("spawn", (sec_spawn, "2,000 `true` jobs: pman vs raw Popen and the durable limit")),
     ("latency", (sec_latency, "submit -> started, exit -> status visible")),
     ("scale", (sec_scale, "100,000 finished jobs in state")),
-    ("concurrency", (sec_concurrency, "1,000 concurrent sleep jobs")),
+    ("concurrency", (sec_concurrency, "1,000 concurrent sleep jobs; batches")),
     ("http", (sec_http, "HTTP API round trips: pman vs a bare http.server")),
     ("slowstart", (sec_slowstart, "other callers while a backend submission takes 2 s")),
     ("slurm", (sec_slurm, "SLURM backend vs sbatch (only with --backend slurm)")),

@@ -627,6 +627,18 @@ def test_core_env_merge(core_make, monkeypatch):
         m.get("badenv")
 
 
+def test_core_jobs_see_the_environment_as_it_is_when_they_start(core_make, monkeypatch):
+    """Without env= a job gets the manager's os.environ as it is at spawn
+    time, changes made after the manager opened included."""
+    monkeypatch.setenv("CORE_GONE", "before")
+    m = core_make()
+    monkeypatch.setenv("CORE_LATE", "late value")
+    monkeypatch.delenv("CORE_GONE")
+    m.run('printf "%s|%s" "$CORE_LATE" "${CORE_GONE-unset}"', jid="late")
+    assert m.wait("late", timeout=10)["returncode"] == 0
+    assert m.read_log("late")["data"] == b"late value|unset"
+
+
 def test_core_cwd_and_separate_logs(core_mgr, tmp_path):
     sub = tmp_path / "work dir"
     sub.mkdir()
@@ -1046,6 +1058,134 @@ def test_core_durable_false_persists_after_close(core_make, tmp_path):
     m2 = core_make(state)
     assert [m2.get(r["jid"]) for r in recs] == recs
     assert [r["returncode"] for r in recs] == [0, 9, -15]
+
+
+# ---------------------------------------------------------------------------
+# batches: run_many()
+# ---------------------------------------------------------------------------
+
+def _core_journal_bytes(state):
+    return b"".join(open(os.path.join(str(state), n), "rb").read()
+                    for n in sorted(os.listdir(str(state))) if n.startswith("journal-"))
+
+
+def test_core_batch_runs_in_order_queues_past_max_running_exact_codes(core_make):
+    m = core_make(max_running=2)
+    specs = [{"cmd": "sleep 0.3; exit %d" % i, "jid": "b%d" % i} for i in range(6)]
+    specs[3] = {"cmd": ["sh", "-c", "exit 3"], "jid": "b3", "meta": {"k": 3}, "auid": "u",
+                "env": ["X=1"], "timeout": 30, "extras": {"image": "i"}}
+    recs = m.run_many(specs)
+    assert [r["jid"] for r in recs] == ["b%d" % i for i in range(6)]
+    assert [r["status"] for r in recs] == ["started"] * 2 + ["notstarted"] * 4
+    assert recs[3]["meta"] == {"k": 3} and recs[3]["env"] == ["X"] and recs[3]["auid"] == "u"
+    assert len({r["seq"] for r in recs}) == 6
+    done = m.wait([r["jid"] for r in recs], timeout=20)
+    assert [r["returncode"] for r in done] == [0, 1, 2, 3, 4, 5]
+    # the queue started them in submission order
+    starts = [_core_stamp(r["started"]) for r in done]
+    assert starts == sorted(starts)
+    assert [r["jid"] for r in m.jobs()] == ["b%d" % i for i in range(6)]
+    # a generated jid and a re-run of a finished jid follow run()'s rules
+    again = m.run_many([{"cmd": "exit 7"}, {"cmd": "exit 8", "jid": "b0"}])
+    assert again[0]["jid"].startswith("job-") and again[1]["jid"] == "b0"
+    assert [r["returncode"] for r in m.wait([r["jid"] for r in again], timeout=10)] == [7, 8]
+    assert [r["jid"] for r in m.jobs()][-2:] == [again[0]["jid"], "b0"]
+    assert m.run_many([]) == []
+
+
+_CORE_BAD_SPECS = [
+    ({"cmd": ""}, "cmd must be a non-empty string"),
+    ({"cmd": 5}, "cmd must be a shell string"),
+    ({"cmd": "true", "jid": "bad jid"}, "invalid jid"),
+    ({"cmd": "true", "jid": "jobs"}, "reserved"),
+    ({"cmd": "true", "env": {"K": 1}}, "invalid value of env"),
+    ({"cmd": "true", "timeout": -1}, "timeout must be a number"),
+    ({"cmd": "true", "meta": []}, "meta must be a JSON object"),
+    ({"cmd": "true", "meta": {"x": object()}}, "not JSON-serializable"),
+    ({"cmd": "true", "cwd": 3}, "cwd must be a string"),
+]
+
+
+@pytest.mark.parametrize("spec,message", _CORE_BAD_SPECS + [
+    ({"cmd": "true", "jod": "x"}, "unknown key(s) ['jod']"),
+    ({"jid": "x"}, "'cmd' is missing"),
+    ("true", "a spec must be a dict"),
+], ids=lambda v: str(v)[:30] if isinstance(v, str) else None)
+def test_core_batch_with_a_bad_spec_runs_nothing(core_make, tmp_path, spec, message):
+    state = tmp_path / "state"
+    m = core_make(state)
+    m.run("exit 0", jid="before")
+    m.wait("before", timeout=10)
+    journal = _core_journal_bytes(state)
+    marker = tmp_path / "ran"
+    specs = [{"cmd": "touch %s-a" % marker}, {"cmd": "touch %s-b" % marker, "jid": "ok"},
+             spec, {"cmd": "touch %s-c" % marker}]
+    with pytest.raises(pman.InvalidArgument) as info:
+        m.run_many(specs)
+    assert info.value.index == 2, str(info.value)
+    assert str(info.value).startswith("batch index 2: ") and message in str(info.value)
+    assert [r["jid"] for r in m.jobs()] == ["before"]
+    assert _core_journal_bytes(state) == journal, "a refused batch was journaled"
+    assert not list(tmp_path.glob("ran*"))
+    # run() applies the very same rules (one set of them), minus the index
+    if isinstance(spec, dict) and "cmd" in spec and "jod" not in spec:
+        with pytest.raises(pman.InvalidArgument) as single:
+            m.run(**spec)
+        assert single.value.index is None
+        assert str(info.value) == "batch index 2: " + str(single.value)
+
+
+def test_core_batch_conflicts_name_the_jid_and_run_nothing(core_make, tmp_path):
+    m = core_make()
+    m.run("sleep 30", jid="busy")
+    marker = tmp_path / "ran"
+    with pytest.raises(pman.JobConflict) as info:
+        m.run_many([{"cmd": "touch %s" % marker, "jid": "d"}, {"cmd": "true"},
+                    {"cmd": "true", "jid": "d"}])
+    assert info.value.jid == "d" and "given twice" in str(info.value)
+    assert "batch index 2" in str(info.value) and "index 0" in str(info.value)
+    with pytest.raises(pman.JobConflict) as info:
+        m.run_many([{"cmd": "touch %s" % marker, "jid": "e"}, {"cmd": "true", "jid": "busy"}])
+    assert info.value.jid == "busy" and "started" in str(info.value)
+    assert [r["jid"] for r in m.jobs()] == ["busy"]
+    with pytest.raises(pman.InvalidArgument):
+        m.run_many({"cmd": "true"})         # a dict is not a list of specs
+    assert not marker.exists()
+
+
+def test_core_batch_is_one_journal_line_written_before_its_processes(core_make, tmp_path):
+    state = tmp_path / "state"
+    m = core_make(state, max_running=3)
+    recs = m.run_many([{"cmd": "exit %d" % i, "jid": "w%d" % i} for i in range(5)])
+    m.wait([r["jid"] for r in recs], timeout=10)
+    lines = [json.loads(x) for x in _core_journal_bytes(state).splitlines()]
+    batches = [x for x in lines if "batch" in x]
+    assert len(batches) == 1
+    first = batches[0]["batch"]
+    assert [r["jid"] for r in first] == ["w%d" % i for i in range(5)]
+    # handed to the backend (backend_id "") or queued (None), no process yet
+    assert [r["status"] for r in first] == ["notstarted"] * 5
+    assert [r["backend_id"] for r in first] == ["", "", "", None, None]
+    assert all(r["pid"] is None for r in first)
+    assert lines.index(batches[0]) < min(i for i, x in enumerate(lines) if x.get("pid"))
+    m.close()
+    m = core_make(state)
+    assert [(r["jid"], r["returncode"]) for r in m.jobs()] == [("w%d" % i, i) for i in range(5)]
+
+
+def test_core_batches_leave_no_thread_or_fd_behind(core_make):
+    m = core_make()
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    jids = []
+    for b in range(3):
+        recs = m.run_many([{"cmd": "exit %d" % (i % 7), "jid": "n%d-%d" % (b, i)}
+                           for i in range(200)])
+        jids += [r["jid"] for r in recs]
+        assert threading.active_count() <= threads
+    done = m.wait(jids, timeout=60)
+    assert [r["returncode"] for r in done] == [i % 7 for i in range(200)] * 3
+    assert threading.active_count() <= threads
+    _until(lambda: len(os.listdir("/proc/self/fd")) <= fds, 10, "fds to be closed")
 
 
 # ---------------------------------------------------------------------------
@@ -2218,7 +2358,9 @@ def _crash_records_on_disk(state_dir):
                 rec = json.loads(raw)
             except ValueError:
                 continue
-            if isinstance(rec, dict) and "jid" in rec:
+            if isinstance(rec, dict) and isinstance(rec.get("batch"), list):
+                out.extend(r for r in rec["batch"] if isinstance(r, dict))
+            elif isinstance(rec, dict) and "jid" in rec:
                 out.append(rec)
     return out
 
@@ -2263,7 +2405,8 @@ def _crash_kill_job_groups(state_dir):
 
 # A manager that executes a plan and reports on stdout, one JSON line per
 # event, flushed: "open", then per step an "ack" (printed only after run()
-# returned) or "killed", then "done"; then it holds the directory until the
+# returned; for a run_many step, "batch" before the call and an "ack" per
+# job after it) or "killed", then "done"; then it holds the directory until the
 # test SIGKILLs it (or closes its stdin).
 _CRASH_CHILD = r'''
 import json, os, sys, time
@@ -2289,6 +2432,11 @@ for step in plan.get("steps", ()):
     if step[0] == "run":
         rec = m.run(step[2], jid=step[1], **(step[3] if len(step) > 3 else {}))
         say(event="ack", jid=rec["jid"], pid=rec["pid"], status=rec["status"])
+    elif step[0] == "run_many":     # ["run_many", [[jid, cmd], ...]]
+        say(event="batch", jids=[jid for jid, _ in step[1]])
+        recs = m.run_many([{"jid": jid, "cmd": cmd} for jid, cmd in step[1]])
+        for rec in recs:
+            say(event="ack", jid=rec["jid"], pid=rec["pid"], status=rec["status"])
     elif step[0] == "kill":
         rec = m.kill(step[1])
         say(event="killed", jid=rec["jid"], status=rec["status"])
@@ -2593,15 +2741,16 @@ def _crash_replay(state_dir):
         for raw in _crash_read(os.path.join(state_dir, "journal-%d.jsonl" % g)).split(b"\n")[:-1]:
             if not raw:
                 continue
-            rec = json.loads(raw)
-            if "forget" in rec:
-                for jid in rec["forget"]:
+            change = json.loads(raw)
+            if "forget" in change:
+                for jid in change["forget"]:
                     jobs.pop(jid, None)
                 continue
-            old = jobs.get(rec["jid"])
-            if old is not None and old["seq"] != rec["seq"]:
-                del jobs[rec["jid"]]
-            jobs[rec["jid"]] = rec
+            for rec in change["batch"] if "batch" in change else [change]:
+                old = jobs.get(rec["jid"])
+                if old is not None and old["seq"] != rec["seq"]:
+                    del jobs[rec["jid"]]
+                jobs[rec["jid"]] = rec
     return jobs
 
 
@@ -2642,19 +2791,33 @@ def test_crash_fault_injection_fixed_seed(crash_env, fixed_seed):
 
 def test_crash_fault_injection_random_sigkill(crash_env):
     """A fresh seed each run (printed; PMAN_FAULT_SEED replays one), six
-    rounds (PMAN_FAULT_ROUNDS=N runs N: a long soak)."""
-    _crash_fault_injection(crash_env, _crash_seed())
+    rounds (PMAN_FAULT_ROUNDS=N runs N: a long soak); submissions grouped
+    into run_many() batches in odd rounds."""
+    _crash_fault_injection(crash_env, _crash_seed(), batches=True)
 
 
-def _crash_fault_injection(crash_env, seed):
+def _crash_batched(steps, rng):
+    """*steps* (run steps) grouped into run_many steps of 1 to 8 jobs."""
+    out = []
+    while steps:
+        size = rng.randint(1, 8)
+        out.append(["run_many", [[s[1], s[2]] for s in steps[:size]]])
+        steps = steps[size:]
+    return out
+
+
+def _crash_fault_injection(crash_env, seed, batches=False):
     print("PMAN_FAULT_SEED=%d" % seed)
     rng = random.Random(seed)
+    batch_rng = random.Random(seed + 1)     # rng's draws stay those of older versions
     rounds = int(os.environ.get("PMAN_FAULT_ROUNDS") or 6)
     state = crash_env.path("state")
     codes = (0, 1, 2, 3, 42, 0, 127, 255)
     templates = ("exit %d", "sleep 0.2; exit %d", "echo out; echo err >&2; exit %d")
     expected, acked = {}, set()
     history = []
+    planned = []            # every jid submitted so far
+    groups = []             # the jids of each run_many step so far
     for rnd in range(rounds):
         n = 24
         max_running = 2 if rnd % 2 == 0 else None
@@ -2663,6 +2826,10 @@ def _crash_fault_injection(crash_env, seed):
             jid = "r%d-%d" % (rnd, i)
             expected[jid] = code = rng.choice(codes)
             steps.append(["run", jid, rng.choice(templates) % code])
+        planned += [s[1] for s in steps]
+        if batches and rnd % 2 == 1:
+            steps = _crash_batched(steps, batch_rng)
+            groups += [[jid for jid, _ in s[1]] for s in steps]
         compact_every = rng.choice((3, 10, 20000))
         during_open = rng.random() < 0.25     # else: once open, mid-burst
         kill_after_acks = rng.randint(0, n)
@@ -2696,6 +2863,13 @@ def _crash_fault_injection(crash_env, seed):
         assert not missing, "%s: acknowledged jobs lost: %r" % (ctx, missing)
         problems = [p for p in (_crash_code_problem(r, expected[r["jid"]]) for r in records) if p]
         assert not problems, "%s: wrong outcomes: %r" % (ctx, problems)
+        # Write-ahead: a job with no record never ran (it would have logs).
+        ran = [j for j in planned if j not in jids and
+               os.path.exists(os.path.join(state, "logs", j + ".out"))]
+        assert not ran, "%s: jobs ran without a record: %r" % (ctx, ran)
+        torn = [g for g in groups if 0 < len(set(g) & set(jids)) < len(g)]
+        assert not torn, "%s: batches recorded in part: %r of %r" % (
+            ctx, [sorted(set(g) & set(jids)) for g in torn], torn)
         manager.close()
 
     ctx = "PMAN_FAULT_SEED=%d final" % seed
@@ -3075,6 +3249,84 @@ def test_crash_journal_torn_tail_is_not_corruption(crash_env, caplog, tail, only
     manager = crash_env.manager(state)
     got2 = {r["jid"]: (r["status"], r["returncode"]) for r in manager.jobs()}
     assert got2 == got
+
+
+# -- batches (run_many) are recorded whole or not at all ---------------------
+
+def _crash_batch_line(jids, first_seq, marker_dir):
+    recs = [json.loads(_crash_line(jid, first_seq + i, status="notstarted", returncode=None,
+                                   cmd="touch %s/%s; exit %d" % (marker_dir, jid, i),
+                                   message="starting", started=None, ended=None,
+                                   backend_id="" if i < 2 else None))
+            for i, jid in enumerate(jids)]
+    return ('{"batch": [%s]}' % ", ".join(json.dumps(r) for r in recs)).encode()
+
+
+@pytest.mark.parametrize("cut", ["mid-record", "before-the-end", "no-newline", "whole"])
+def test_crash_torn_batch_is_discarded_whole_and_none_of_it_runs(crash_env, tmp_path, cut):
+    """A batch is journaled as one line: a crash mid-write leaves a torn
+    last line, which loading drops, with every job of the batch."""
+    state = crash_env.path()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    _crash_write(os.path.join(state, _CRASH_SNAPSHOT),
+                 _crash_header(0, 2) + "\n" + _crash_line("z", 1, 4) + "\n")
+    jids = ["t0", "t1", "t2", "t3"]
+    batch = _crash_batch_line(jids, 3, marks)
+    data = {"mid-record": batch[:len(batch) // 2], "before-the-end": batch[:-2],
+            "no-newline": batch, "whole": batch + b"\n"}[cut]
+    _crash_write(os.path.join(state, "journal-0.jsonl"),
+                 (_crash_line("a", 2, 0) + "\n").encode() + data)
+    manager = crash_env.manager(state)
+    got = [r["jid"] for r in manager.jobs()]
+    assert not _crash_names(state, ".corrupt"), os.listdir(state)
+    if cut != "whole":
+        assert got == ["z", "a"], got
+        # recovery starts what it resumes before the constructor returns:
+        # a started job would have its logs by now
+        assert not [n for n in os.listdir(os.path.join(state, "logs")) if n[:2] in jids]
+        manager.close()
+        assert [r["jid"] for r in crash_env.manager(state).jobs()] == ["z", "a"]
+        assert not list(marks.iterdir()), "a job of a torn batch ran"
+        return
+    # the same line, whole: every job of it is resumed, none twice
+    assert got == ["z", "a"] + jids
+    done = manager.wait(jids, timeout=15)
+    assert [r["returncode"] for r in done] == [0, 1, 2, 3]
+    assert sorted(os.listdir(str(marks))) == jids
+
+
+def test_crash_sigkill_during_a_batch_leaves_all_of_it_or_none(crash_env, tmp_path):
+    """SIGKILL the manager at points around a 400-job run_many(): afterwards
+    the batch is recorded whole (every job ends with its exact code, none
+    runs twice) or not at all (and none of it ran); an acknowledged batch
+    is always whole."""
+    n = 400
+    for rnd, delay in enumerate((0.0, 0.005, 0.02, 0.06, 0.15)):
+        state = crash_env.path("state-%d" % rnd)
+        jids = ["k%d-%d" % (rnd, i) for i in range(n)]
+        child = crash_env.child(state, [["run_many", [[j, "exit %d" % (i % 5)]
+                                                      for i, j in enumerate(jids)]]])
+        child.wait_event("batch", timeout=30)
+        child.read_until(time.monotonic() + delay)
+        child.sigkill()
+        acked = {e["jid"] for e in child.acks()}
+        ctx = "round %d (kill %.3f s after the call, %d acks)" % (rnd, delay, len(acked))
+        manager = crash_env.manager(state, tolerate_dead_holder=True)
+        recorded = [r["jid"] for r in manager.jobs()]
+        print("%s: %d jobs recorded" % (ctx, len(recorded)))
+        assert recorded in ([], jids), "%s: %d of %d jobs recorded" % (ctx, len(recorded), n)
+        assert acked <= set(recorded), ctx
+        if recorded:
+            done = manager.wait(jids, timeout=60)
+            wrong = [(r["jid"], r["status"], r["returncode"]) for i, r in enumerate(done)
+                     if r["returncode"] != i % 5]
+            assert not wrong, "%s: %r" % (ctx, wrong[:5])
+        else:
+            logs = os.path.join(state, "logs")
+            assert not (os.path.isdir(logs) and os.listdir(logs)), (
+                "%s: jobs of an unrecorded batch ran" % ctx)
+        manager.close()
 
 
 _CRASH_BAD_LINES = {
@@ -3647,6 +3899,10 @@ def test_wal_full_disk_refuses_the_job_and_the_kill(small_fs, tmp_path):
         assert isinstance(info.value, pman.PmanError) and info.value.errno == 28
         with pytest.raises(pman.JobNotFound):
             m.get("refused")
+        with pytest.raises(pman.StorageError):      # a batch: none of it
+            m.run_many([{"cmd": "touch %s" % marker, "jid": "refused-%d" % i, "meta": big}
+                        for i in range(3)])
+        assert [r["jid"] for r in m.jobs()] == ["running"]
         # A kill that cannot be journaled sends nothing and records nothing.
         with pytest.raises(pman.StorageError):
             m.kill("running")
@@ -3664,6 +3920,9 @@ def test_wal_full_disk_refuses_the_job_and_the_kill(small_fs, tmp_path):
                                                            + marker, "meta": big})
             assert status == 507, obj
             assert state in obj["message"] and "No space left" in obj["message"], obj
+            status, obj = srv.request("POST", "/api/v1/jobs", {"jobs": [
+                {"jid": "hb%d" % i, "cmd": "touch " + marker, "meta": big} for i in range(3)]})
+            assert status == 507 and "No space left" in obj["message"], obj
             status, obj = srv.request("POST", "/api/v1/running/kill", {})
             assert status == 507, obj
         finally:
@@ -4198,6 +4457,58 @@ def test_http_create_reply_has_logs(http_srv):
     assert again["logs"] == ""
     r = http_srv.request("POST", "/api/v1/lg/kill", {"grace": 1})
     assert r.status == 202 and "logs" in _http_json(r)
+
+
+def test_http_batch_route_runs_all_or_nothing(http_srv, tmp_path):
+    marker = tmp_path / "ran"
+    jobs = [{"jid": "hb0", "cmd": "echo zero; exit 0"},
+            {"jid": "/hb1", "entrypoint": ["sh", "-c"], "args": ["exit 1"], "cpu_limit": 2,
+             "new_field": 1},
+            {"jid": 42, "cmd": "exit 2", "meta": {"m": 1}, "env": {"K": "secret"}}]
+    r = http_srv.request("POST", "/api/v1/jobs", {"jobs": jobs})
+    assert r.status == 201, r.body[:500]
+    got = _http_json(r)["jobs"]
+    assert [j["jid"] for j in got] == ["hb0", "hb1", "42"]
+    assert all("logs" in j and j["status"] in ("started", "finishedSuccessfully",
+                                               "finishedWithError") for j in got)
+    assert got[1]["ignored_fields"] == ["new_field"] and got[1]["cpu_limit"] == 2
+    assert "ignored_fields" not in got[0] and got[2]["env"] == ["K"]
+    assert b"secret" not in r.body
+    assert [_http_wait_job(http_srv, j["jid"])["returncode"] for j in got] == [0, 1, 2]
+    # all or nothing: a bad job, a jid given twice or a running one runs none
+    _http_post_job(http_srv, {"jid": "busy", "cmd": "sleep 30"})
+    before = [r["jid"] for r in http_srv.manager.jobs()]
+    touch = {"jid": "t", "cmd": "touch %s" % marker}
+    for bad, code, words in (
+            ([touch, {"jid": "x", "cmd": 5}], 400, "batch index 1: 'cmd' must be a string"),
+            ([touch, {"jid": "x", "cmd": "true", "timeout": -1}], 400, "batch index 1: "),
+            ([touch, {"jid": "x", "cmd": "true", "env": {"K": 3}}], 400, "batch index 1: "),
+            ([touch, "not an object"], 400, "batch index 1: a job must be a JSON object"),
+            ([touch, {"jid": "t", "cmd": "true"}], 409, "given twice"),
+            ([touch, {"jid": "busy", "cmd": "true"}], 409, "busy is started")):
+        message = _http_error(http_srv.request("POST", "/api/v1/jobs", {"jobs": bad}), code)
+        assert words in message, (bad, message)
+    for body in ({"jobs": []}, {"jobs": {"cmd": "true"}}, {}, {"jobs": [touch], "x": 1},
+                 {"jobs": [touch] * (pman.MAX_BATCH + 1)}):
+        _http_error(http_srv.request("POST", "/api/v1/jobs", body), 400)
+    assert [r["jid"] for r in http_srv.manager.jobs()] == before
+    assert not marker.exists()
+
+
+def test_http_batch_of_a_thousand_fits_the_body_limit(http_srv):
+    """1,000 jobs with a pfcon-sized body each (about 200 bytes) fit in the
+    1 MiB limit; the reply lists them in order."""
+    jobs = [{"jid": "k%04d" % i, "cmd": "exit %d" % (i % 3), "auid": "chris",
+             "number_of_workers": 1, "cpu_limit": 1000, "memory_limit": 200,
+             "gpu_limit": 0, "image": "fnndsc/pl-simpledsapp", "type": "ds"}
+            for i in range(1000)]
+    data = json.dumps({"jobs": jobs}).encode()
+    assert len(data) < pman.MAX_BODY
+    r = http_srv.request("POST", "/api/v1/jobs", data)
+    assert r.status == 201, r.body[:300]
+    assert [j["jid"] for j in _http_json(r)["jobs"]] == [j["jid"] for j in jobs]
+    done = http_srv.manager.wait([j["jid"] for j in jobs], timeout=120)
+    assert [d["returncode"] for d in done] == [i % 3 for i in range(1000)]
 
 
 def test_http_unknown_submission_fields_are_ignored_named_and_logged_once(http_srv, caplog):
