@@ -548,7 +548,7 @@ def sec_latency(b):
 # Section: scale
 # ---------------------------------------------------------------------------
 
-def build_state(path, n, logs=True):
+def build_state(path, n, logs=True, version=None):
     """Write a state directory holding *n* finished jobs the way pman
     persists them: a snapshot header, then one ``_Job(...).line()`` per job.
     No process is run.  With *logs*, each job gets its (empty) .out/.err."""
@@ -558,10 +558,15 @@ def build_state(path, n, logs=True):
     extras = {"number_of_workers": "1", "cpu_limit": "1000", "memory_limit": "200",
               "gpu_limit": "0", "image": "fnndsc/pl-simpledsapp", "type": "fs"}
     snap = os.path.join(path, getattr(pman, "SNAPSHOT", "state.jsonl"))
+    if version is None:
+        version = getattr(pman, "STATE_FORMAT", 1)
+    frame = getattr(pman, "_frame", None) if version >= 2 else None
+    frame = frame or (lambda line: line)        # format 2: a checksum per line
     with open(snap, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"pman_state": getattr(pman, "STATE_FORMAT", 1), "generation": 1,
-                            "next_seq": n + 1, "written": iso(time.time()),
-                            "pman_version": pman.__version__}) + "\n")
+        f.write(frame(json.dumps({"pman_state": version,
+                                  "generation": 1, "next_seq": n + 1,
+                                  "written": iso(time.time()),
+                                  "pman_version": pman.__version__})) + "\n")
         for i in range(1, n + 1):
             t = base + 2.0 * i
             jid = "job-%d-4242" % i
@@ -574,7 +579,7 @@ def build_state(path, n, logs=True):
                 cwd=None, timeout=None, extras=extras, submitted=iso(t),
                 started=iso(t + 0.004), ended=iso(t + 1.5),
                 ident=[int(t * 100) % 10 ** 9, boot], kill_signal=None, kill_reason=None)
-            f.write(job.line() + "\n")
+            f.write(frame(job.line()) + "\n")
             if logs:
                 for ext in (".out", ".err"):
                     os.close(os.open(os.path.join(path, "logs", jid + ext), LOG_FLAGS, 0o600))
@@ -652,6 +657,14 @@ def sec_scale(b):
              note="median of %d fresh subprocess(es), warm page cache; issue 4 said <= 3 s"
              % len(probes))
     b.figure("startup on an empty state", empty_probe["startup"], "s")
+    if getattr(pman, "STATE_FORMAT", 1) >= 2:
+        # A format-1 snapshot has no checksums: every line is parsed and
+        # checked, once; the manager then writes the current format.
+        old = b.state_dir("format1")
+        build_state(old, n, logs=False, version=1)
+        b.figure("startup on a format-1 snapshot", _probe(old)["startup"], "s",
+                 note="one fresh subprocess; each line parsed and checked (no checksums), "
+                      "then the snapshot is rewritten in format %d" % pman.STATE_FORMAT)
     b.figure("RSS growth from loading", growth, "MB", ("<=", 150.0),
              note="VmRSS after JobManager() minus before, fresh subprocess")
     b.figure("VmHWM of that subprocess", sorted(p["hwm"] for p in probes)[mid], "MB",

@@ -22,7 +22,9 @@ import sys
 import threading
 import time
 import types
+import urllib.parse
 import uuid
+import zlib
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -2361,7 +2363,8 @@ def _crash_check_files(state_dir, ctx):
         assert data.endswith(b"\n"), "%s: snapshot not newline-terminated" % ctx
         lines = data.decode("utf-8").split("\n")[:-1]
         header = json.loads(lines[0])
-        assert header.get("pman_state") == 1, "%s: bad snapshot header %r" % (ctx, lines[0])
+        assert header.get("pman_state") == pman.STATE_FORMAT, (
+            "%s: bad snapshot header %r" % (ctx, lines[0]))
         for line in lines[1:]:
             try:
                 rec = json.loads(line)
@@ -2621,6 +2624,7 @@ def test_crash_recorded_pid_of_stranger_never_signalled(crash_env):
     out = [lines[0]]
     for line in lines[1:]:
         rec = json.loads(line)
+        rec.pop("crc", None)        # an edited line loses its checksum: checked whole
         rec.update(status="started", returncode=None, ended=None, pid=stranger.pid,
                    message="running (pid %d)" % stranger.pid,
                    ident=[start + 100000, boot])          # a wrong start time
@@ -2899,6 +2903,168 @@ def test_crash_journal_bad_middle_line(crash_env, caplog, bad):
     manager = crash_env.manager(state)
     assert {r["jid"] for r in manager.jobs()} == {"y", "a", "b"}
     assert len(_crash_names(state, ".corrupt")) == 1
+
+
+def _crash_frame(line):
+    """*line* as format 2 writes it in the snapshot: its CRC-32 as a last member."""
+    return '%s, "crc": "%08x"}' % (line[:-1], zlib.crc32(line.encode("utf-8")))
+
+
+def _crash_v2_header(generation=0, next_seq=1):
+    return _crash_frame(json.dumps({"pman_state": 2, "generation": generation,
+                                    "next_seq": next_seq, "pman_version": "0.1.0",
+                                    "written": "2024-05-06T07:08:11.000000+00:00"}))
+
+
+def _crash_damage(line, how, framed):
+    """*line* damaged as a disk, a copy or an editor would damage it.  A
+    framed line's edits that keep a valid checksum are re-framed."""
+    if how == "flipped-byte":       # inside a string: still valid JSON
+        i = line.index("exited with code") + 2
+        return line[:i] + chr(ord(line[i]) ^ 0x01) + line[i + 1:]
+    if how == "dropped-quote":
+        i = line.index('"cmd"')
+        return line[:i] + line[i + 1:]
+    if how == "bad-checksum":
+        return line[:-3] + ("0" if line[-3] != "0" else "1") + line[-2:]
+    plain = json.loads(line)
+    plain.pop("crc", None)
+    if how == "unknown-status":
+        plain["status"] = "finishedSomehow"
+    elif how == "wrong-type":
+        plain["returncode"] = "0"
+    elif how == "nan-in-meta":
+        plain["meta"] = {"x": float("nan")}
+    elif how == "deep-meta":
+        deep = {}
+        for _ in range(pman.MAX_DEPTH + 5):
+            deep = {"k": deep}
+        plain["meta"] = deep
+    else:
+        raise ValueError(how)
+    text = json.dumps(plain)
+    return _crash_frame(text) if framed else text
+
+
+_CRASH_LINE_DAMAGE = [
+    ("snapshot-v2", "flipped-byte"), ("snapshot-v2", "dropped-quote"),
+    ("snapshot-v2", "bad-checksum"), ("snapshot-v2", "unknown-status"),
+    ("snapshot-v1", "dropped-quote"), ("snapshot-v1", "unknown-status"),
+    ("snapshot-v1", "wrong-type"), ("snapshot-v1", "nan-in-meta"),
+    ("snapshot-v1", "deep-meta"),
+    ("journal", "dropped-quote"), ("journal", "unknown-status"), ("journal", "wrong-type"),
+    ("journal", "nan-in-meta"), ("journal", "deep-meta"),
+]
+
+
+@pytest.mark.parametrize("where,how", _CRASH_LINE_DAMAGE,
+                         ids=["%s-%s" % c for c in _CRASH_LINE_DAMAGE])
+def test_crash_damage_anywhere_in_a_line_is_set_aside(crash_env, caplog, where, how):
+    caplog.set_level(logging.WARNING, logger="pman")
+    state = crash_env.path()
+    lines = [_crash_line(jid, seq, code, auid="alice", meta={"n": seq})
+             for jid, seq, code in (("a", 1, 0), ("b", 2, 0), ("c", 3, 5))]
+    framed = where == "snapshot-v2"
+    if framed:
+        lines = [_crash_frame(line) for line in lines]
+    lines[1] = _crash_damage(lines[1], how, framed)
+    if where == "journal":
+        target = os.path.join(state, "journal-0.jsonl")
+        _crash_write(os.path.join(state, _CRASH_SNAPSHOT), _crash_header(0, 1) + "\n")
+    else:
+        target = os.path.join(state, _CRASH_SNAPSHOT)
+        lines.insert(0, _crash_v2_header(0, 4) if framed else _crash_header(0, 4))
+    data = "".join(line + "\n" for line in lines).encode()
+    _crash_write(target, data)
+
+    with pytest.raises(pman.StateCorrupt) as info:
+        pman.JobManager(state, strict=True)
+    assert info.value.path == target and _crash_read(target) == data
+
+    manager = crash_env.manager(state)
+    aside = _crash_names(state, os.path.basename(target) + ".corrupt-")
+    assert len(aside) == 1, os.listdir(state)
+    assert _crash_read(os.path.join(state, aside[0])) == data
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(target in w and "1 bad line" in w for w in warnings), warnings
+
+    def check(manager, more=()):
+        records = manager.jobs()
+        assert [(r["jid"], r["returncode"]) for r in records] == [("a", 0), ("c", 5)] + [
+            (jid, 0) for jid in more]
+        assert [r["jid"] for r in manager.jobs(auid="alice")] == ["a", "c"]
+        assert [r["jid"] for r in manager.find("auid", "alice")] == ["a", "c"]
+        assert manager.get("c")["meta"] == {"n": 3}
+        with pytest.raises(pman.JobNotFound):
+            manager.get("b")
+        assert manager.counts()["finishedSuccessfully"] == 1 + len(more)
+        assert sum(manager.counts().values()) == 2 + len(more)
+
+    check(manager)
+    assert manager.run("exit 0", jid="new")["seq"] >= 4
+    assert manager.wait("new", timeout=10)["returncode"] == 0
+    manager.close()
+    snap = _crash_read(os.path.join(state, _CRASH_SNAPSHOT)).decode()
+    assert '"b"' not in snap, "the damaged line was copied into the new snapshot"
+    manager = crash_env.manager(state)
+    check(manager, ["new"])
+    assert len(_crash_names(state, ".corrupt")) == 1
+
+
+_CRASH_BAD_HEADERS = {
+    "next_seq-string": {"next_seq": "7"}, "next_seq-huge": {"next_seq": 10 ** 30},
+    "next_seq-negative": {"next_seq": -5}, "next_seq-bool": {"next_seq": True},
+    "next_seq-float": {"next_seq": 7.5}, "generation-string": {"generation": "3"},
+    "generation-null": {"generation": None}, "version-unknown": {"pman_state": 99},
+    "not-an-object": None,
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CRASH_BAD_HEADERS))
+def test_crash_bad_snapshot_header_is_set_aside(crash_env, caplog, case):
+    caplog.set_level(logging.WARNING, logger="pman")
+    state = crash_env.path()
+    header = json.loads(_crash_header(2, 4))
+    if _CRASH_BAD_HEADERS[case] is None:
+        head = "[1, 2, 3]"
+    else:
+        header.update(_CRASH_BAD_HEADERS[case])
+        head = json.dumps(header)
+    data = (head + "\n" + _crash_line("a", 1, 0) + "\n" + _crash_line("b", 3, 2) + "\n").encode()
+    snap = os.path.join(state, _CRASH_SNAPSHOT)
+    _crash_write(snap, data)
+    # Without a generation it can trust, the loader replays every journal.
+    _crash_write(os.path.join(state, "journal-2.jsonl"), _crash_line("d", 4, 9) + "\n")
+
+    manager = crash_env.manager(state)
+    assert len(_crash_names(state, _CRASH_SNAPSHOT + ".corrupt-")) == 1
+    assert [(r["jid"], r["returncode"]) for r in manager.jobs()] == [
+        ("a", 0), ("b", 2), ("d", 9)]
+    new = manager.run("exit 0", jid="new")
+    assert new["seq"] > 4, "a sequence number was reused: %r" % new
+    assert manager.wait("new", timeout=10)["returncode"] == 0
+    manager.close()
+    manager = crash_env.manager(state)
+    assert [r["jid"] for r in manager.jobs()] == ["a", "b", "d", "new"]
+
+
+def test_crash_snapshot_is_format_2_with_checksums(crash_env):
+    """Lines pman writes load without a parse because of their checksum:
+    check the format on disk, and that a v1 fixture is rewritten in it."""
+    state = crash_env.path()
+    manager = crash_env.manager(state)
+    manager.run("exit 0", jid="x", meta={"k": "v"})
+    manager.wait("x", timeout=10)
+    manager.close()
+    lines = _crash_read(os.path.join(state, _CRASH_SNAPSHOT)).decode().split("\n")[:-1]
+    assert pman.STATE_FORMAT == 2
+    for line in lines:
+        obj = json.loads(line)          # still JSON Lines
+        crc = obj.pop("crc")
+        plain = line[:line.rindex(', "crc": ')] + "}"
+        assert json.loads(plain) == obj and crc == "%08x" % zlib.crc32(plain.encode())
+    assert json.loads(lines[0])["pman_state"] == 2
+    assert json.loads(lines[1])["jid"] == "x"
 
 
 # ---------------------------------------------------------------------------
@@ -4080,6 +4246,145 @@ def test_http_bad_json_is_400(http_srv):
         r = http_srv.request("POST", "/api/v1/cmd/", body)
         _http_error(r, 400)
     assert http_srv.manager.jids() == []
+
+
+def _http_strict_json(raw):
+    """Parse *raw* as a strict parser (JavaScript, jq, Go) would: no NaN,
+    no Infinity."""
+    def refuse(name):
+        raise AssertionError("a reply held %s: %r" % (name, raw[:300]))
+    return json.loads(raw, parse_constant=refuse)
+
+
+_HTTP_NON_JSON_NUMBERS = [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e400"]
+
+
+def test_http_non_json_numbers_are_refused_everywhere(http_srv):
+    srv = http_srv
+    _http_post_job(srv, {"jid": "ok", "cmd": "true", "meta": {"x": 1.5, "big": 10 ** 30}})
+    _http_wait_job(srv, "ok")
+    for number in _HTTP_NON_JSON_NUMBERS:
+        bodies = [
+            ("/api/v1/", b'{"jid": "n1", "cmd": "true", "meta": {"x": %s}}' % number),
+            ("/api/v1/", b'{"jid": "n1", "cmd": "true", "meta": {"a": [1, {"y": %s}]}}'
+             % number),
+            ("/api/v1/", b'{"jid": "n1", "cmd": "true", "timeout": %s}' % number),
+            ("/api/v1/", b'{"jid": "n1", "cmd": "true", "cpu_limit": %s}' % number),
+            ("/api/v1/cmd/", b'{"payload": {"action": "run", "meta": {"cmd": "true", '
+                             b'"jid": "n1", "x": %s}}}' % number),
+            ("/api/v1/cmd/", b'{"payload": {"action": "status", "meta": {"key": "auid", '
+                             b'"value": %s}}}' % number),
+            ("/api/v1/ok/kill", b'{"signal": "SIGTERM", "grace": %s}' % number),
+        ]
+        for path, body in bodies:
+            r = srv.request("POST", path, body)
+            message = _http_error(r, 400)
+            assert "JSON" in message or "number" in message, (body, message)
+        text = number.decode()
+        r = srv.request("GET", "/api/v1/ok/?wait=" + urllib.parse.quote(text))
+        _http_error(r, 400)
+    assert srv.manager.jids() == ["ok"], "a refused body created a job"
+    # The library refuses them too, before anything is created.
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(pman.InvalidArgument):
+            srv.manager.run("true", jid="lib", meta={"x": [bad]})
+        with pytest.raises(pman.InvalidArgument):
+            srv.manager.run("true", jid="lib", extras={"cpu_limit": bad})
+        with pytest.raises(pman.InvalidArgument):
+            srv.manager.run("true", jid="lib", timeout=bad)
+    assert srv.manager.jids() == ["ok"]
+    # Every reply stays strict JSON.
+    for path in ("/api/v1/", "/api/v1/ok/", "/api/v1/jobs", "/api/v1/ok/endInfo"):
+        r = srv.request("GET", path)
+        assert r.status == 200, (path, r.body[:300])
+        _http_strict_json(r.body)
+    assert _http_strict_json(srv.request("GET", "/api/v1/ok/").body)["meta"] == {
+        "x": 1.5, "big": 10 ** 30}
+
+
+def _http_nested(depth, leaf="x"):
+    """A JSON object nested *depth* levels (the outermost counts)."""
+    value = leaf
+    for _ in range(depth):
+        value = {"k": value}
+    return value
+
+
+def test_http_deep_meta_at_the_limit_is_served_and_past_it_is_refused(http_srv):
+    srv = http_srv
+    limit = pman.MAX_DEPTH
+    assert limit == 64, "README says a job's meta may nest 64 levels"
+    at_limit = _http_nested(limit)
+    _http_post_job(srv, {"jid": "deep-r", "cmd": "true", "auid": "deep", "meta": at_limit})
+    r = srv.request("POST", "/api/v1/cmd/", {"payload": {"action": "run", "meta": dict(
+        at_limit, cmd="true", jid="deep-c", auid="deep")}})
+    assert r.status == 200, r.body[:300]
+    for jid in ("deep-r", "deep-c"):
+        _http_wait_job(srv, jid)
+    # Searchable, listable, serializable: every route that includes it.
+    for action, key in (("status", "auid"), ("status", "k"), ("info", "auid"),
+                        ("search", "auid"), ("done", "jid")):
+        value = "deep-r" if key == "jid" else "deep"
+        if key == "k":
+            value = json.dumps(at_limit["k"])
+        r = srv.request("POST", "/api/v1/cmd/", {"payload": {
+            "action": action, "meta": {"key": key, "value": value}}})
+        assert r.status == 200, (action, key, r.body[:300])
+    r = srv.request("POST", "/api/v1/cmd/", {"payload": {
+        "action": "status", "meta": {"key": "auid", "value": "deep"}}})
+    assert r.json["d_ret"]["l_status"] == ["finishedSuccessfully"] * 2
+    for path in ("/api/v1/", "/api/v1/jobs", "/api/v1/jobs?meta.k=x", "/api/v1/deep-r/",
+                 "/api/v1/deep-c/", "/api/v1/deep-r/d_meta", "/api/v1/_0/endInfo"):
+        r = srv.request("GET", path)
+        assert r.status == 200, (path, r.body[:300])
+    assert srv.request("GET", "/api/v1/deep-r/").json["meta"] == at_limit
+    assert srv.manager.find("auid", "deep")[0]["meta"] == at_limit
+    # One level deeper: 400 in both dialects, the library too, nothing created.
+    before = srv.manager.jids()
+    over = _http_nested(limit + 1)
+    r = srv.request("POST", "/api/v1/", {"jid": "over-r", "cmd": "true", "meta": over})
+    assert "nested too deeply" in _http_error(r, 400)
+    r = srv.request("POST", "/api/v1/", {"jid": "over-x", "cmd": "true",
+                                         "input_dir": _http_nested(limit + 1)})
+    _http_error(r, 400)
+    r = srv.request("POST", "/api/v1/cmd/", {"payload": {"action": "run", "meta": dict(
+        over, cmd="true", jid="over-c")}})
+    assert "nested too deeply" in _http_error(r, 400)
+    for depth in (limit + 10, 900, 5000):
+        r = srv.request("POST", "/api/v1/cmd/", {"payload": {"action": "status", "meta": {
+            "key": "auid", "value": _http_nested(depth)}}} if depth < 900 else
+            b'{"payload": {"action": "status", "meta": {"key": "auid", "value": '
+            + b"[" * depth + b"]" * depth + b"}}}")
+        _http_error(r, 400)
+    with pytest.raises(pman.InvalidArgument, match="nested too deeply"):
+        srv.manager.run("true", jid="over-l", meta=over)
+    with pytest.raises(pman.InvalidArgument, match="nested too deeply"):
+        srv.manager.run("true", jid="over-l", meta={"a": [[[[_http_nested(limit)]]]]})
+    assert srv.manager.jids() == before
+    assert not [n for n in _http_listing(srv.log_dir) if n.startswith("over-")]
+
+
+def test_http_huge_log_offsets_are_200_at_eof_or_400(http_srv, caplog):
+    caplog.set_level(logging.ERROR, logger="pman")
+    srv = http_srv
+    _http_post_job(srv, {"jid": "lg", "cmd": "echo hello"})
+    _http_wait_job(srv, "lg")
+    for offset in (6, 7, 2 ** 31, 2 ** 44, 2 ** 59, 10 ** 18 - 1):
+        for stream in ("stdout", "stderr"):
+            r = srv.request("GET", "/api/v1/lg/logs?stream=%s&offset=%d&limit=%d"
+                            % (stream, offset, 10 ** 17))
+            obj = _http_json(r)
+            assert r.status == 200, obj
+            assert obj == {"jid": "lg", "stream": stream, "offset": offset,
+                           "next_offset": offset, "eof": True, "data": ""}, obj
+    for query in ("offset=%d" % 10 ** 18, "offset=1" + "0" * 40, "limit=1" + "0" * 40,
+                  "offset=1e3", "offset=%20"):
+        _http_error(srv.request("GET", "/api/v1/lg/logs?" + query), 400)
+    # The library takes any non-negative int.
+    chunk = srv.manager.read_log("lg", offset=2 ** 70, limit=2 ** 70)
+    assert chunk["data"] == b"" and chunk["eof"] and chunk["next_offset"] == 2 ** 70
+    assert srv.manager.read_log("lg", offset=2, limit=2 ** 70)["data"] == b"llo\n"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 # ---------------------------------------------------------------------------
