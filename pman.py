@@ -286,11 +286,10 @@ def _finite_float(text):
     return value
 
 
-def _loads(text):
-    """json.loads for anything from outside: NaN, Infinity and numbers that
-    overflow a float (1e400) are refused (ValueError), as strict parsers
-    (JavaScript, jq, Go) would refuse them in pman's replies."""
-    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+# json.loads for anything from outside: NaN, Infinity and numbers that
+# overflow a float (1e400) are refused (ValueError), as strict parsers
+# (JavaScript, jq, Go) would refuse them in pman's replies.
+_loads = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float).decode
 
 
 def _check_env(env):
@@ -345,32 +344,30 @@ class _Job:
 
 
 _NONE = type(None)
-# What a loader accepts in each persisted field (bool is refused where an
-# int is meant: see _record_problem).
+# What a loader accepts in each persisted field: exact types, so that a bool
+# never passes for an int.
 _FIELD_TYPES = {
-    "jid": str, "status": str, "seq": int, "message": str, "returncode": (int, _NONE),
-    "pid": (int, _NONE), "cmd": str, "argv": (list, _NONE), "auid": str, "meta": dict,
-    "env": (dict, _NONE), "cwd": (str, _NONE), "timeout": (int, float, _NONE),
-    "extras": (dict, _NONE), "submitted": (str, _NONE), "started": (str, _NONE),
-    "ended": (str, _NONE), "ident": (list, _NONE), "kill_signal": (int, _NONE),
-    "kill_reason": (str, _NONE), "backend_id": (str, _NONE)}
-_OPTIONAL = ("backend_id",)     # added after format 1 was first written
+    "jid": {str}, "status": {str}, "seq": {int}, "message": {str},
+    "returncode": {int, _NONE}, "pid": {int, _NONE}, "cmd": {str}, "argv": {list, _NONE},
+    "auid": {str}, "meta": {dict}, "env": {dict, _NONE}, "cwd": {str, _NONE},
+    "timeout": {int, float, _NONE}, "extras": {dict, _NONE}, "submitted": {str, _NONE},
+    "started": {str, _NONE}, "ended": {str, _NONE}, "ident": {list, _NONE},
+    "kill_signal": {int, _NONE}, "kill_reason": {str, _NONE}, "backend_id": {str, _NONE}}
+_REQUIRED = frozenset(_FIELD_TYPES) - {"backend_id"}    # added after format 1 was out
 
 
 def _record_problem(rec):
     """Why the parsed state line *rec* is not a job record that pman could
     have written, or None.  Every field's type is checked, so that a record
     that loads can always be listed, searched and served."""
-    if not isinstance(rec, dict):
+    if type(rec) is not dict:
         return "not a JSON object"
-    unknown = set(rec) - set(_FIELD_TYPES)
-    if unknown:
-        return "unknown field(s) %s" % ", ".join(sorted(unknown))
-    for name in _FIELD_TYPES:
-        if name not in rec and name not in _OPTIONAL:
-            return "no %r" % name
+    if not rec.keys() <= _FIELD_TYPES.keys():
+        return "unknown field(s) %s" % ", ".join(sorted(rec.keys() - _FIELD_TYPES.keys()))
+    if not _REQUIRED <= rec.keys():
+        return "missing field(s) %s" % ", ".join(sorted(_REQUIRED - rec.keys()))
     for name, value in rec.items():
-        if not isinstance(value, _FIELD_TYPES[name]) or isinstance(value, bool):
+        if type(value) not in _FIELD_TYPES[name]:
             return "%r is a %s" % (name, type(value).__name__)
     if not JID_RE.fullmatch(rec["jid"]):
         return "invalid jid"
@@ -378,17 +375,18 @@ def _record_problem(rec):
         return "unknown status %r" % rec["status"][:40]
     if rec["seq"] < 0:
         return "negative seq"
-    if rec.get("argv") is not None and not all(isinstance(a, str) for a in rec["argv"]):
+    if rec["argv"] is not None and not all(type(a) is str for a in rec["argv"]):
         return "argv is not a list of strings"
-    if rec.get("env") and not all(isinstance(v, str) for v in rec["env"].values()):
+    if rec["env"] and not all(type(v) is str for v in rec["env"].values()):
         return "env values are not strings"
     for name in ("submitted", "started", "ended"):
-        if rec.get(name) is not None:
+        if rec[name] is not None:
             try:
                 datetime.fromisoformat(rec[name])
             except ValueError:
                 return "%r is not an ISO 8601 time" % name
-    if not (_depth_ok(rec.get("meta"), MAX_DEPTH) and _depth_ok(rec.get("extras"), MAX_DEPTH)):
+    if ((rec["meta"] and not _depth_ok(rec["meta"], MAX_DEPTH))
+            or (rec["extras"] and not _depth_ok(rec["extras"], MAX_DEPTH))):
         return "meta nested too deeply"
     return None
 
@@ -1943,13 +1941,19 @@ class JobManager:
             except OSError:
                 pass
         text = b"".join(parts)[-TAIL_BYTES:].decode("utf-8", "replace")
-        return "\n".join(text.split("\n")[-TAIL_LINES:])
+        # The text after a final newline is not a line: keep 1,000 before it.
+        keep = TAIL_LINES + 1 if text.endswith("\n") else TAIL_LINES
+        return "\n".join(text.split("\n")[-keep:])
 
     def reload(self):
-        """Flush, then re-read finished jobs from the state directory and
-        settle any running job whose process is gone.  Running and queued
-        jobs are untouched.  Returns `counts()`."""
-        self.flush()
+        """Make every change durable, then re-read finished jobs from the
+        state directory (snapshot and journals) and settle any running job
+        whose process is gone.  A finished job whose record on disk differs
+        (same run) takes the disk's record; running and queued jobs are
+        untouched.  Returns `counts()`."""
+        # Not flush(): a compaction would overwrite the disk with memory
+        # before it is read.
+        self._flush()
         with self._compact_lock, self._lock:
             self._store.sync()      # endings since flush(): disk must not be older
             disk, _, _ = _Store(self._path, strict=True).load()
@@ -3218,6 +3222,9 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
                         "to serve anyway" % host)
     if isinstance(listeners, bool) or not isinstance(listeners, int) or listeners < 1:
         raise InvalidArgument("listeners must be a positive integer")
+    for name, value in (("request_timeout", request_timeout), ("max_wait", max_wait)):
+        if _check_number(name, value, allow_none=False) <= 0:
+            raise InvalidArgument("%s must be positive" % name)
     server_cls = _Server
     if ":" in host:
         server_cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
@@ -3275,6 +3282,9 @@ def _parser():
                    help="allow a non-loopback address without a token")
     p.add_argument("--listeners", type=int, default=DEFAULT_LISTENERS,
                    help="requests processed at once; past it, 503 (default 64)")
+    p.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT, metavar="S",
+                   help="seconds a client has to send a whole request, and the longest "
+                   "a kept-alive connection may sit idle (default %g)" % REQUEST_TIMEOUT)
     p.add_argument("--kill-on-exit", action="store_true",
                    help="kill running jobs when the server stops (default: they keep "
                    "running and the next start re-adopts them)")
@@ -3312,7 +3322,8 @@ def main(argv=None):
     try:
         server = make_server(manager, args.host, args.port, token=token,
                              listeners=args.listeners,
-                             insecure_no_token=args.insecure_no_token)
+                             insecure_no_token=args.insecure_no_token,
+                             request_timeout=args.request_timeout)
     except (PmanError, OSError) as e:
         manager.close()
         print("pman: %s" % e, file=sys.stderr)

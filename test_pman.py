@@ -39,6 +39,21 @@ os.environ["PYTHONPATH"] = HERE + (os.pathsep + os.environ["PYTHONPATH"]
 import pman  # noqa: E402
 
 
+def _ci():
+    """True on CI: CI=true or CI=1 (not any non-empty value: CI=false is not CI)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def _have(tool):
+    """True if *tool* is on PATH; on CI its absence fails the test instead of
+    letting it drop the checks that need the tool."""
+    if shutil.which(tool) is not None:
+        return True
+    if _ci():
+        pytest.fail("%s is required on CI (.ci/run installs it)" % tool)
+    return False
+
+
 def _until(pred, timeout=10.0, what="condition", interval=0.01):
     """Poll *pred* until it returns something truthy (returned), or fail
     after *timeout* s: the one bounded wait of these tests."""
@@ -227,7 +242,7 @@ def test_core_huge_log_limit_and_deep_meta_are_clean_errors(tmp_path):
 def test_core_one_line_call_twice(tmp_path, monkeypatch):
     state = tmp_path / "pman-env-state"
     monkeypatch.setenv("PMAN_STATE_DIR", str(state))
-    have_cal = shutil.which("cal") is not None
+    have_cal = _have("cal")
     first = pman.JobManager().run("cal 7 1970", jid="123")
     m = pman.JobManager()
     try:
@@ -1051,6 +1066,25 @@ def test_core_durable_false_persists_after_close(core_make, tmp_path):
 # fallback reaper (no pidfd)
 # ---------------------------------------------------------------------------
 
+def test_core_queued_job_timeout_counts_from_its_start(core_make):
+    """A queued job's timeout starts when it starts, not when it was
+    submitted: B waits 2.5 s for its slot, then runs 0.2 s of its 2 s."""
+    m = core_make(max_running=1)
+    m.run("sleep 2.5", jid="first")
+    queued = m.run("sleep 0.2; echo ran", jid="second", timeout=2)
+    assert queued["status"] == "notstarted"
+    second = m.wait("second", timeout=20)
+    assert (second["status"], second["returncode"]) == ("finishedSuccessfully", 0), second
+    assert m.read_log("second")["data"] == b"ran\n"
+    # and a timeout still fires, counted from the start
+    m.run("sleep 1.5", jid="third")
+    m.run("sleep 30", jid="fourth", timeout=0.5)
+    fourth = m.wait("fourth", timeout=20)
+    assert fourth["returncode"] == -15 and "timed out after 0.5 s" in fourth["message"]
+    ran = _core_stamp(fourth["ended"]) - _core_stamp(fourth["started"])
+    assert 0.4 < ran.total_seconds() < 5, fourth
+
+
 def test_core_fallback_reaper_without_pidfd(core_make, monkeypatch, tmp_path):
     monkeypatch.setattr(pman, "_HAVE_PIDFD", False)
     m = core_make(grace=1)
@@ -1290,7 +1324,7 @@ def test_cmd_readme_request_verbatim_and_index_walks(cmd_server):
     assert isinstance(first["pid"], int)
 
     d_ret = _cmd_wait_finished(cmd_server, "123-456-1")
-    has_cal = shutil.which("cal") is not None
+    has_cal = _have("cal")
     rc1 = d_ret["0.end"]["returncode"][0]
     if has_cal:
         assert rc1 == 0
@@ -1503,6 +1537,33 @@ def test_cmd_dbctl_save_load_clear(cmd_factory):
     assert env["status"] is False
     assert _cmd_status(server, "jid", "db-run")["l_status"] == ["started"]
     assert _cmd_status(server, "jid", "db-queued")["l_status"] == ["notstarted"]
+
+
+def test_cmd_dbctl_load_rereads_the_state(cmd_factory):
+    """DBctl load reads the state directory again: a finished job's record
+    changed on disk (here: a corrected line appended to the journal, as an
+    operator's repair would) is what the server answers afterwards."""
+    server = cmd_factory("reloadstate")
+    server.ok("run", {"cmd": "exit 4", "jid": "fixme"})
+    _cmd_wait_finished(server, "fixme")
+    server.ok("DBctl", {"do": "save"})
+    state = server.state_dir
+    journal = max((n for n in os.listdir(state) if re.fullmatch(r"journal-\d+\.jsonl", n)),
+                  key=lambda n: int(n[8:-6]))
+    with open(os.path.join(state, pman.SNAPSHOT)) as f:
+        rec = [json.loads(line) for line in f][1]
+    rec.pop("crc", None)
+    assert rec["jid"] == "fixme" and rec["returncode"] == 4
+    rec["message"] = "exited with code 4 (checked by an operator)"
+    with open(os.path.join(state, journal), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    status, reply = server.get("/api/v1/fixme/endInfo/0/message")
+    assert reply["GET"]["fixme"]["endInfo"]["0"]["message"] == "exited with code 4"
+    env = server.ok("DBctl", {"do": "load"})
+    assert env["d_ret"]["loaded"]["finishedWithError"] == 1
+    status, reply = server.get("/api/v1/fixme/endInfo/0/message")
+    assert reply["GET"]["fixme"]["endInfo"]["0"]["message"] == rec["message"]
+    assert server.manager.get("fixme")["message"] == rec["message"]
 
 
 def test_cmd_quit_saves_and_stops_serving(cmd_factory, tmp_path):
@@ -1752,17 +1813,18 @@ def test_cmd_reads_never_modify_state(cmd_server):
     before_jobs = cmd_server.manager.jobs()
     before_jids = cmd_server.manager.jids()
 
-    gets = ["/api/v1/", "/api/v1/r-done/endInfo", "/api/v1/r-run/startInfo/0/pid",
-            "/api/v1/_0", "/api/v1/_1/end", "/api/v1/_9/endInfo", "/api/v1/r-done/nope",
-            "/api/v1/ghost/endInfo", "/api/v1/r-done/end/0/endInfo/0/stdout",
-            "/api/v1/r-done/d_meta"]
-    for path in gets:
+    gets = {"/api/v1/": 200, "/api/v1/r-done/endInfo": 200,
+            "/api/v1/r-run/startInfo/0/pid": 200, "/api/v1/_0": 200, "/api/v1/_1/end": 200,
+            "/api/v1/_9/endInfo": 404, "/api/v1/r-done/nope": 404,
+            "/api/v1/ghost/endInfo": 404, "/api/v1/r-done/end/0/endInfo/0/stdout": 200,
+            "/api/v1/r-done/d_meta": 200}
+    for path, want in gets.items():
         status, _ = cmd_server.get(path)
-        assert status in (200, 404), path
-    for meta in ({"path": "/r-done/endInfo"}, {"path": "/_1/startInfo"},
-                 {"path": "/ghost/endInfo"}, {"path": "/r-done/zzz"}):
-        status, _ = cmd_server.cmd("get", meta)
-        assert status in (200, 404)
+        assert status == want, (path, status)
+    for path, want in (("/r-done/endInfo", 200), ("/_1/startInfo", 200),
+                       ("/ghost/endInfo", 404), ("/r-done/zzz", 404)):
+        status, _ = cmd_server.cmd("get", {"path": path})
+        assert status == want, (path, status)
     for action, meta in (("search", {"key": "project", "value": "ro"}),
                          ("search", {"key": "jid", "value": "r-done", "job": "0",
                                      "when": "end", "field": "stdout"}),
@@ -2100,6 +2162,20 @@ for step in plan.get("steps", ()):
     elif step[0] == "kill":
         rec = m.kill(step[1])
         say(event="killed", jid=rec["jid"], status=rec["status"])
+    elif step[0] == "await":        # until the job's stdout holds this text
+        deadline = time.monotonic() + 10
+        while step[2].encode() not in m.read_log(step[1])["data"]:
+            assert time.monotonic() < deadline, "job %s never printed %r" % tuple(step[1:])
+            time.sleep(0.01)
+    elif step[0] == "wait-on-disk":     # until the jid is in a journal, no flush()
+        deadline = time.monotonic() + 10
+        while not any(('"%s"' % step[1]) in open(os.path.join(plan["state"], n)).read()
+                      for n in os.listdir(plan["state"]) if n.startswith("journal-")):
+            assert time.monotonic() < deadline, "job %s never reached the journal" % step[1]
+            time.sleep(0.01)
+        say(event="on-disk", jid=step[1], after=time.monotonic() - t_run)
+    if step[0] == "run":
+        t_run = time.monotonic()
 say(event="done")
 sys.stdin.read()
 '''
@@ -2552,7 +2628,8 @@ def test_crash_finished_while_down(crash_env):
     state = crash_env.path()
     child = crash_env.child(state, [["run", "three", "sleep 0.5; exit 3"],
                                     ["run", "zero", "sleep 0.5; exit 0"],
-                                    ["run", "k", "sleep 100"],
+                                    ["run", "k", "echo up; sleep 100"],
+                                    ["await", "k", "up"],
                                     ["kill", "k"]], options={"grace": 30})
     child.wait_event("done")
     pids = {e["jid"]: e["pid"] for e in child.acks()}
@@ -2562,12 +2639,12 @@ def test_crash_finished_while_down(crash_env):
     # The jobs end while no manager runs.
     for jid, pid in pids.items():
         _until(lambda: not _crash_group_members(pid), 10, "job %s to end" % jid)
-    # Their wrappers left the codes in the exit log, keyed by submission seq.
-    # (k's wrapper may have died of the TERM before it set its trap, leaving
-    # no line: the journaled kill still makes k -15 below.)
+    # Their wrappers left the codes in the exit log, keyed by submission seq
+    # (k was killed once its command ran, so its wrapper had set its trap and
+    # wrote what a shell reports for SIGTERM).
     with open(os.path.join(state, "exits")) as f:
         codes = sorted(line.split()[1] for line in f if line.strip())
-    assert codes in (["0", "143", "3"], ["0", "3"]), codes
+    assert codes == ["0", "143", "3"], codes
 
     manager = crash_env.manager(state)
     three, zero, k = manager.get("three"), manager.get("zero"), manager.get("k")
@@ -2797,6 +2874,24 @@ def _crash_snapshot_case(case, state):
         raise ValueError(case)
     _crash_write(os.path.join(state, _CRASH_SNAPSHOT), data)
     return data, good
+
+
+def test_crash_durable_false_flushes_without_flush(crash_env):
+    """durable=False: run() returns before the job is on disk, and the
+    reaper writes it within FLUSH_DELAY without any call to flush(): a
+    manager SIGKILLed once the line is there loses nothing."""
+    state = crash_env.path()
+    child = crash_env.child(state, [["run", "lazy", "sleep 30"], ["wait-on-disk", "lazy"]],
+                            options={"durable": False})
+    event = child.wait_event("on-disk")
+    assert event["after"] < 5, event
+    pid = child.acks()[0]["pid"]
+    child.sigkill()
+    manager = crash_env.manager(state)
+    job = manager.get("lazy")
+    assert (job["status"], job["pid"]) == ("started", pid), job
+    manager.kill("lazy")
+    assert manager.wait("lazy", timeout=10)["returncode"] == -15
 
 
 @pytest.mark.parametrize("case", ["truncated-mid-line", "truncated-after-brace",
@@ -3869,6 +3964,63 @@ def test_http_long_poll_does_not_hold_a_listener(http_factory):
     assert set(during) == {200}, during
 
 
+def test_http_wait_is_capped_by_the_server(http_factory):
+    """?wait longer than the server's cap returns at the cap, with the job
+    object (the cap is a server knob so that this needs no 60 s wait)."""
+    srv = http_factory(max_wait=0.5)
+    _http_post_job(srv, {"jid": "capped", "cmd": "sleep 30"})
+    for wait in ("30", "1e9", "60"):
+        t0 = time.monotonic()
+        r = srv.request("GET", "/api/v1/capped/?wait=" + wait)
+        elapsed = time.monotonic() - t0
+        assert r.status == 200 and r.json["status"] == "started", r.body[:300]
+        assert 0.4 < elapsed < 5, (wait, elapsed)
+
+
+def test_http_listeners_past_the_cap_answer_503(http_factory):
+    """With --listeners 1, a request in progress (a DELETE waiting for a job
+    that ignores SIGTERM to be SIGKILLed after grace=2 s) makes every other
+    request a 503 until it is done."""
+    srv = http_factory(listeners=1)
+    _http_post_job(srv, {"jid": "stubborn", "cmd": "trap '' TERM; echo ready; sleep 30"})
+    _until(lambda: "ready" in srv.request("GET", "/api/v1/stubborn/logs").json["data"],
+           what="the job to ignore SIGTERM")
+    done = {}
+
+    def delete():
+        done["reply"] = srv.request("DELETE", "/api/v1/stubborn/")
+
+    t = threading.Thread(target=delete, daemon=True)
+    t.start()
+    try:
+        busy = _until(lambda: (lambda r: r if r.status == 503 else None)(
+            srv.request("GET", "/api/v1/")), 10, "a 503 while the DELETE holds the listener")
+        message = _http_error(busy, 503)
+        assert "too many requests" in message
+        assert t.is_alive(), "the DELETE ended before a 503 was seen"
+    finally:
+        t.join(20)
+    assert done["reply"].status == 204
+    assert srv.request("GET", "/api/v1/").status == 200
+
+
+def test_http_logs_tail_is_bounded(http_srv):
+    """The job object's logs (and the tree's stdout): the tail of the
+    output, 1,000 lines and 64 KiB at most, as README says."""
+    assert (pman.TAIL_LINES, pman.TAIL_BYTES) == (1000, 65536)
+    _http_post_job(http_srv, {"jid": "lines", "cmd": "seq 1 1500"})
+    _http_post_job(http_srv, {"jid": "bytes", "cmd": "head -c 100000 /dev/zero | tr '\\0' x; "
+                              "printf '\\nEND'"})
+    for jid in ("lines", "bytes"):
+        _http_wait_job(http_srv, jid)
+    logs = http_srv.request("GET", "/api/v1/lines/").json["logs"]
+    assert logs.split("\n") == [str(i) for i in range(501, 1501)] + [""], logs[:100]
+    tree = http_srv.request("GET", "/api/v1/lines/endInfo/0/stdout").json
+    assert tree["GET"]["lines"]["endInfo"]["0"]["stdout"] == logs
+    logs = http_srv.request("GET", "/api/v1/bytes/").json["logs"]
+    assert len(logs) == 65536 and logs.endswith("x\nEND") and set(logs[:-4]) == {"x"}
+
+
 def test_http_slow_body_does_not_hold_a_listener(http_factory):
     """API.md: slow or idle connections are bounded by socket timeouts, not by
     the listener cap, so a client that sent its headers and half its body
@@ -4159,11 +4311,11 @@ def test_http_body_lengths(http_srv):
         code, _ = post(dup, b"{}x")
         assert code == 400, dup
     chunked = b'1b\r\n{"jid": "te", "cmd": "true"}\r\n0\r\n\r\n'
-    code, _ = post([b"Transfer-Encoding: chunked"], chunked)
-    assert 400 <= code < 500
-    code, _ = post([b"Transfer-Encoding: chunked", b"Content-Length: %d" % len(chunked)],
-                   chunked)
-    assert 400 <= code < 500
+    code, obj = post([b"Transfer-Encoding: chunked"], chunked)
+    assert code == 411 and "Content-Length" in obj["message"], (code, obj)
+    code, obj = post([b"Transfer-Encoding: chunked", b"Content-Length: %d" % len(chunked)],
+                     chunked)
+    assert code == 411 and "Content-Length" in obj["message"], (code, obj)
     code, _ = post([b"Content-Length: 30"], b'{"jid": "short"')      # then EOF
     assert code == 400
     # exactly MAX_BODY bytes is accepted
@@ -4257,6 +4409,30 @@ def _http_strict_json(raw):
 
 
 _HTTP_NON_JSON_NUMBERS = [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e400"]
+
+
+def test_http_limits_are_the_documented_ones(http_factory):
+    """The defaults README promises, read from a default server and the
+    command line, so a changed default fails here even though the other
+    tests pass short knobs."""
+    with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as f:
+        readme = " ".join(f.read().split())
+    assert pman.MAX_BODY == 1048576 and "at most 1 MiB" in readme
+    assert pman.REQUEST_TIMEOUT == 10 and "idle for 10 s" in readme
+    assert pman.MAX_WAIT == 60 and "(at most 60 s)" in readme
+    assert pman.DEFAULT_LISTENERS == 64 and "(default 64)" in readme
+    assert "1,000 lines, 64 KiB" in readme
+    srv = http_factory()
+    assert srv.srv.request_timeout == 10
+    assert srv.srv.max_wait == 60
+    assert srv.srv.listeners._initial_value == 64
+    args = pman._parser().parse_args([])
+    assert (args.request_timeout, args.listeners) == (10, 64)
+    # The body limit itself: 1 MiB + 1 byte is refused without being read.
+    reply = srv.raw(b"POST /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1048577\r\n"
+                    b"\r\n{")
+    code, obj = _http_check_raw(reply)
+    assert code == 413 and "1048576" in obj["message"], (code, obj)
 
 
 def test_http_non_json_numbers_are_refused_everywhere(http_srv):
@@ -4430,7 +4606,10 @@ def test_http_token(http_factory, caplog):
     good = {"Authorization": "Bearer s3cret"}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"},
                     {"Authorization": "Bearer s3cretX"}, {"Authorization": "Bearer"},
-                    {"Authorization": "s3cret"}, {"Authorization": "Bearer  "}):
+                    {"Authorization": "s3cret"}, {"Authorization": "Bearer  "},
+                    # any prefix of the token is as wrong as any other token
+                    {"Authorization": "Bearer s"}, {"Authorization": "Bearer s3cre"},
+                    {"Authorization": "bearer S3CRET"}, {"Authorization": "Bearer 3cret"}):
         r = srv.request("GET", "/api/v1/", headers=headers)
         message = _http_error(r, 401)
         assert "s3cret" not in message
@@ -4463,16 +4642,46 @@ def test_http_token(http_factory, caplog):
 
 def test_http_non_loopback_needs_a_token(tmp_path):
     manager = pman.JobManager(str(tmp_path / "state"))
+
+    def serve(**options):
+        srv = pman.make_server(manager, "0.0.0.0", 0, **options)
+        thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                                  daemon=True)
+        thread.start()
+        return srv, thread
+
+    def get(port, headers):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=_HTTP_DEADLINE)
+        try:
+            c.request("GET", "/api/v1/", headers=headers)
+            r = c.getresponse()
+            return r.status, json.loads(r.read())
+        finally:
+            c.close()
+
     try:
         with pytest.raises(pman.PmanError, match="--insecure-no-token"):
             pman.make_server(manager, "0.0.0.0", 0)
-        srv = pman.make_server(manager, "0.0.0.0", 0, insecure_no_token=True)
-        try:
-            assert srv.server_address[1] != 0
-        finally:
-            srv.server_close()
-        srv = pman.make_server(manager, "0.0.0.0", 0, token="t0ken")
-        srv.server_close()
+        with pytest.raises(pman.PmanError, match="--insecure-no-token"):
+            pman.make_server(manager, "0.0.0.0", 0, token=None, insecure_no_token=False)
+        for options, headers, want in (
+                ({"insecure_no_token": True}, {}, 200),
+                # not loopback: a request may name the machine's public name
+                ({"insecure_no_token": True}, {"Host": "pman.example.org"}, 200),
+                ({"token": "t0ken"}, {}, 401),
+                ({"token": "t0ken"}, {"Authorization": "Bearer t0k"}, 401),
+                ({"token": "t0ken"}, {"Authorization": "Bearer t0ken",
+                                      "Host": "pman.example.org"}, 200)):
+            srv, thread = serve(**options)
+            try:
+                assert srv.server_address[0] == "0.0.0.0" and srv.server_address[1] != 0
+                status, obj = get(srv.server_address[1], headers)
+                assert status == want, (options, headers, status, obj)
+                assert obj["status"] is (want == 200), obj
+            finally:
+                srv.shutdown()
+                srv.server_close()
+                thread.join(10)
     finally:
         manager.close(kill=True)
 
@@ -4585,10 +4794,17 @@ def test_http_huge_timeout_does_not_stop_the_reaper(http_srv):
     """A timeout of 25.5 days (or 1e300 s) is a valid non-negative number:
     accepted or refused with a 400, it must not stop other jobs from ending."""
     try:
-        for i, timeout in enumerate((2.2e6, 1e300)):
+        # up to pman.MAX_SECONDS (1e8 s, about 3 years) is accepted; past it, 400
+        for i, (timeout, want) in enumerate(((2.2e6, 201), (1e8, 201), (1e300, 400),
+                                             (1e8 + 1, 400))):
             r = http_srv.request("POST", "/api/v1/", {"jid": "long%d" % i, "cmd": "sleep 30",
                                                       "timeout": timeout})
-            assert r.status in (201, 400), r.body
+            assert r.status == want, (timeout, r.body)
+            if want == 201:
+                assert r.json["timeout"] == timeout and r.json["status"] == "started"
+            else:
+                assert "timeout" in r.json["message"]
+        assert http_srv.manager.jids() == ["long0", "long1"]
         _http_post_job(http_srv, {"jid": "quick", "cmd": "true"})
         job = _http_wait_job(http_srv, "quick", timeout=3)
         assert job["status"] == "finishedSuccessfully"
@@ -4603,9 +4819,11 @@ def test_http_huge_grace_does_not_stop_the_reaper(http_srv):
         _until(lambda: "ready" in http_srv.request("GET", "/api/v1/g1/logs").json["data"],
                    what="job g1 ready")
         r = http_srv.request("POST", "/api/v1/g1/kill", {"signal": "SIGTERM", "grace": 1e300})
-        assert r.status in (202, 400), r.body
-        if r.status == 202:
-            assert _http_wait_job(http_srv, "g1", timeout=3)["returncode"] == -15
+        assert r.status == 400 and "grace" in r.json["message"], r.body
+        assert http_srv.request("GET", "/api/v1/g1/").json["status"] == "started"
+        r = http_srv.request("POST", "/api/v1/g1/kill", {"signal": "SIGTERM", "grace": 1e8})
+        assert r.status == 202, r.body
+        assert _http_wait_job(http_srv, "g1", timeout=3)["returncode"] == -15
         _http_post_job(http_srv, {"jid": "quick", "cmd": "true"})
         job = _http_wait_job(http_srv, "quick", timeout=3)
         assert job["status"] == "finishedSuccessfully"
@@ -4877,7 +5095,7 @@ def http_cli(tmp_path):
     """start(state_dir, *args) -> (Popen, port): a `pman.py --http` server,
     ready (accepting) or failed; every process and job group cleaned up."""
     if shutil.which("curl") is None:
-        if os.environ.get("CI"):
+        if _ci():
             pytest.fail("curl is required on CI")
         pytest.skip("curl is not installed")
     procs, job_pids = [], []
@@ -4996,7 +5214,9 @@ def test_http_cli_version_and_refusals(tmp_path):
     assert "--insecure-no-token" in r.stderr
     r = subprocess.run([sys.executable, _HTTP_PMAN, "--bogus-flag"], capture_output=True,
                        text=True, timeout=30)
-    assert r.returncode != 0
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "unrecognized arguments: --bogus-flag" in r.stderr, r.stderr
+    assert r.stderr.startswith("usage: pman "), r.stderr
 
 
 def test_http_cli_token_file(http_cli, tmp_path):
@@ -5118,7 +5338,7 @@ def _slurm_state_line(**fields):
 def slurm_cluster():
     """The skip rule, in one place: no sbatch and no CI -> skip (saying why);
     under CI a missing or unresponsive cluster is a failure."""
-    if shutil.which("sbatch") is None and not os.environ.get("CI"):
+    if shutil.which("sbatch") is None and not _ci():
         pytest.skip("SLURM is not installed here (no sbatch on PATH) and CI is not set: "
                     "run .ci/slurm-up.sh to run the SLURM backend's tests")
     assert shutil.which("sbatch"), ("CI is set but sbatch is not on PATH: the SLURM "
