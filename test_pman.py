@@ -5474,6 +5474,80 @@ def test_slurm_timeout(slurm_ctx):
     assert _slurm_state(rec["backend_id"]) in _SLURM_ENDED
 
 
+def test_slurm_limits_reach_sbatch(slurm_ctx):
+    """pfcon's cpu_limit (millicores) becomes --cpus-per-task, rounded up
+    (1500 -> 2, not SLURM's default 1); a timeout becomes a --time backstop
+    one minute past it (90 s -> 3 min), as README says."""
+    m = slurm_ctx.open()
+    jid = slurm_ctx.jid("limits")
+    rec = m.run("sleep 100", jid=jid, timeout=90, extras={"cpu_limit": 1500})
+    fields = _slurm_job(rec["backend_id"])
+    assert (fields["CPUs/Task"], fields["NumCPUs"]) == ("2", "2"), fields
+    assert fields["TimeLimit"] == "00:03:00", fields
+    plain = slurm_ctx.jid("plain")
+    rec = m.run("sleep 100", jid=plain)
+    fields = _slurm_job(rec["backend_id"])
+    assert fields["CPUs/Task"] == "1" and fields["TimeLimit"] != "00:03:00", fields
+    for j in (jid, plain):
+        m.kill(j)
+    m.wait([jid, plain], timeout=_SLURM_DEADLINE)
+
+
+def test_slurm_job_ended_by_a_signal_is_minus_the_signal(slurm_ctx):
+    """SLURM's ExitCode X:Y with a signal Y (here the batch shell sends
+    itself SIGUSR2) gives returncode -Y."""
+    m = slurm_ctx.open()
+    jid = slurm_ctx.jid("sig")
+    m.run("kill -USR2 $$; sleep 5", jid=jid)
+    rec = m.wait(jid, timeout=_SLURM_DEADLINE)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", -12), rec
+    assert "SIGUSR2" in rec["message"], rec["message"]
+
+
+def test_slurm_pending_kill_escalates_after_a_restart(slurm_ctx):
+    """A SIGTERM sent before the manager stopped, to a job that ignores it,
+    still turns into a SIGKILL after the grace period of the next manager."""
+    state = slurm_ctx.tmp / "escalate"
+    m = slurm_ctx.open(state, grace=300)
+    jid = slurm_ctx.jid("esc")
+    m.run("trap '' TERM; echo ready; sleep 300", jid=jid)
+    _slurm_wait_started(m, jid)
+    _slurm_until(lambda: b"ready" in m.read_log(jid)["data"], what="the job to ignore TERM")
+    m.kill(jid)                 # SIGTERM now, SIGKILL due in 300 s
+    m.close()                   # running jobs keep running; the kill is on disk
+    m2 = slurm_ctx.open(state, grace=1)
+    assert m2.get(jid)["status"] == "started"
+    rec = m2.wait(jid, timeout=_SLURM_DEADLINE)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", -9), rec
+    assert "SIGKILL" in rec["message"], rec["message"]
+
+
+def test_slurm_states_map_to_statuses():
+    """SlurmBackend.check's table, on the states squeue/sacct report (no
+    cluster needed): an unknown state is `undefined`, a signal -Y."""
+    backend = pman.SlurmBackend()
+    stamp = "2026-11-28T06:34:26"
+    cases = [(("COMPLETED", "None", 0, 0), ("finishedSuccessfully", 0)),
+             (("FAILED", "NonZeroExitCode", 3, 0), ("finishedWithError", 3)),
+             (("FAILED", "JobLaunchFailure", 0, 12), ("finishedWithError", -12)),
+             (("CANCELLED+", "None", 0, 9), ("finishedWithError", -9)),
+             (("TIMEOUT", "TimeLimit", 0, 15), ("finishedWithError", -15)),
+             (("SOME_NEW_STATE", "None", 0, 0), ("undefined", None)),
+             (("BOOT_FAILX", "None", 1, 0), ("undefined", None))]
+    for (state, reason, code, sig), want in cases:
+        job = pman._Job(jid="s", status="started", seq=1, backend_id="77",
+                        submitted="2026-11-28T06:34:25+00:00",
+                        started="2026-11-28T06:34:26+00:00")
+        backend._states = {"77": (state, reason, code, sig, stamp)}
+        end = backend.check(job)
+        assert (end.status, end.code) == want, (state, end)
+        if want[0] == "undefined":
+            assert "unknown SLURM state" in end.message, end
+    job = pman._Job(jid="s", status="notstarted", seq=1, backend_id="77")
+    backend._states = {"77": ("PENDING", "Priority", None, None, "N/A")}
+    assert backend.check(job) == "changed" and "Priority" in job.message
+
+
 # ---------------------------------------------------------------------------
 # logs, env, cwd
 # ---------------------------------------------------------------------------
