@@ -831,7 +831,10 @@ def profiled(orig):
     return wrapper
 
 if prof_out:    # every connection's thread and the reaper, each its own cProfile
-    pman._Handler.handle = profiled(pman._Handler.handle)
+    if hasattr(pman._Server, "_serve_conn"):     # handler threads since issue 12
+        pman._Server._serve_conn = profiled(pman._Server._serve_conn)
+    else:
+        pman._Handler.handle = profiled(pman._Handler.handle)
     if hasattr(pman.JobManager, "_reap_loop"):
         pman.JobManager._reap_loop = profiled(pman.JobManager._reap_loop)
 manager = pman.JobManager(state)
@@ -1525,12 +1528,117 @@ def sec_slurm(b):
 # >>> b.quick (the whole --quick run must stay under 30 s), and add it
 # >>> here.  It then appears in --section choices and the default run.
 
+def _proc_status(pid, field):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
+def sec_slowclients(b):
+    """Slow clients (one byte a second, never finishing their request head)
+    connected to pman's server, in its own process: the server's threads and
+    memory, and a keep-alive GET's latency meanwhile; then a fresh client's
+    first request."""
+    n = 300 if b.quick else 1500
+    window = 4.0 if b.quick else 6.0        # under pman's 10 s request deadline
+    top = b.state_dir("slow")
+    proc, port = _start_server(b, _HTTP_PMAN_SERVER, [os.path.join(top, "state"), ""],
+                               os.path.join(top, "pman-server.log"))
+    soft, hard = __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)
+    if soft < n + 100:
+        __import__("resource").setrlimit(__import__("resource").RLIMIT_NOFILE, (hard, hard))
+    conn = _http_connect(port)
+    jid = "slow-get"
+    path = "/api/v1/%s/" % jid
+    status, obj = _http_json(conn, "POST", "/api/v1/", {"cmd": "true", "jid": jid})
+    status, obj = _http_json(conn, "GET", path + "?wait=30")
+    if status != 200:
+        raise RuntimeError("GET answered %d" % status)
+    quiet = []
+    _http_requests(port, "GET", path, None, 500, 200, conn=None, latencies=quiet)
+    threads_idle = _proc_status(proc.pid, "Threads")
+    rss_idle = _proc_status(proc.pid, "VmRSS") / 1024.0
+
+    head = b"GET /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
+    socks = []
+    t0 = perf()
+    for _ in range(n):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(head)
+        sock.setblocking(False)
+        socks.append(sock)
+    connect_all = perf() - t0
+    busy, threads_max, rss_max, dropped = [], 0, 0.0, 0
+    next_tick = perf() + 1.0
+    next_sample = perf()
+    end = perf() + window
+    conn = _http_connect(port)
+    try:
+        while perf() < end:
+            now = perf()
+            if now >= next_tick:
+                next_tick += 1.0
+                for sock in socks:
+                    try:
+                        sock.send(b"a")
+                    except OSError:
+                        dropped += 1
+            if now >= next_sample:
+                next_sample = now + 0.25
+                threads_max = max(threads_max, _proc_status(proc.pid, "Threads"))
+                rss_max = max(rss_max, _proc_status(proc.pid, "VmRSS") / 1024.0)
+            res = _http_requests(port, "GET", path, None, 20, 200, conn=conn, latencies=busy)
+            conn = _http_connect(port)
+            if res["errors"]:
+                raise RuntimeError("GET failed with slow clients connected: %s" % res["samples"])
+        fresh = []
+        for _ in range(20):
+            s0 = perf()
+            c = _http_connect(port)
+            c.request("GET", path)
+            r = c.getresponse()
+            r.read()
+            c.close()
+            fresh.append(perf() - s0)
+            if r.status != 200:
+                raise RuntimeError("a fresh client got %d" % r.status)
+    finally:
+        conn.close()
+        for sock in socks:
+            sock.close()
+    b.figure("slow clients connected", n, "conns",
+             note="each sent a partial request head, then 1 byte a second for %g s; "
+                  "connected in %.2f s" % (window, connect_all))
+    b.figure("server threads, idle", threads_idle, "threads")
+    b.figure("server threads with the slow clients (max)", threads_max, "threads",
+             ("<=", threads_idle + 8),
+             note="/proc/<pid>/status Threads, sampled every 0.25 s; issue 12: "
+                  "1,500 slow clients gave 1,503 threads")
+    b.figure("server RSS with the slow clients (max)", rss_max, "MB",
+             note="%.1f MB idle" % rss_idle)
+    b.figure("keep-alive GET p50, no slow clients", percentile(quiet, 50) * 1e3, "ms")
+    b.figure("keep-alive GET p50 with slow clients", percentile(busy, 50) * 1e3, "ms",
+             note="%d GETs, 20 per connection, interleaved with the trickle" % len(busy))
+    b.figure("keep-alive GET p99 with slow clients", percentile(busy, 99) * 1e3, "ms",
+             ("<=", 1000.0))
+    b.figure("fresh connection + GET, max with slow clients", max(fresh) * 1e3, "ms",
+             ("<=", 1000.0), note="20 clients, one after the other")
+    b.figure("slow clients dropped during the window", dropped, "sends",
+             note="sends that failed: the server closed them early")
+
+
 SECTIONS = collections.OrderedDict([
     ("spawn", (sec_spawn, "2,000 `true` jobs: pman vs raw Popen")),
     ("latency", (sec_latency, "submit -> started, exit -> status visible")),
     ("scale", (sec_scale, "100,000 finished jobs in state")),
     ("concurrency", (sec_concurrency, "1,000 concurrent sleep jobs")),
     ("http", (sec_http, "HTTP API round trips: pman vs a bare http.server")),
+    ("slowclients", (sec_slowclients, "1,500 slow clients: server threads, GET latency")),
     ("slurm", (sec_slurm, "SLURM backend vs sbatch (only with --backend slurm)")),
 ])
 

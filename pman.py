@@ -47,6 +47,10 @@ escalations, and starts queued jobs.  All job state is guarded by one lock.
 `JobManager` objects opened on the same directory in one process share one
 manager.  When the program exits, running jobs keep running and the next
 manager re-adopts them, unless the manager was closed with ``kill=True``.
+
+The HTTP server (`make_server`) reads every connection in one thread, the
+one that calls ``serve_forever()``; a connection gets a handler thread
+(``pman-http``) only while it has a complete request in progress.
 """
 
 __version__ = "0.1.0"
@@ -69,6 +73,7 @@ import math
 import hmac
 import http
 import http.server
+import io
 import ipaddress
 import itertools
 import json
@@ -76,6 +81,7 @@ import logging
 import os
 import platform
 import re
+import resource
 import select
 import selectors
 import shlex
@@ -2439,9 +2445,15 @@ def _close_all():
 # JobManager method and serializes the result.  Job logic lives above.
 
 MAX_BODY = 1 << 20          # bytes in a request body
+MAX_HEAD = 1 << 16          # bytes of a request line and its headers
 MAX_WAIT = 60.0             # cap of a long poll, in seconds
-REQUEST_TIMEOUT = 10.0      # socket timeout of a connection
+REQUEST_TIMEOUT = 10.0      # s for a whole request (head and body) to arrive; also
+                            # the longest a kept-alive connection may sit idle
+KEEPALIVE_LINGER = 0.05     # s a handler thread waits for a connection's next request
+                            # before handing the connection back to the reader
 DEFAULT_LISTENERS = 64
+DEFAULT_LONG_POLLS = 256    # ?wait requests waiting at once; past it, 503
+FD_RESERVE = 64             # fds never used for connections (state files, a spawn's)
 PAGE_SIZE, MAX_PAGE = 100, 1000
 BODY_TTL, BODY_CACHE_SIZE = 1.0, 4096   # finished jobs' encoded objects
 
@@ -2819,19 +2831,29 @@ class _Routes:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """One connection.  Persistent (HTTP/1.1), TCP_NODELAY, each reply sent
-    in one write so a keep-alive client never waits on a delayed ACK."""
+    """The requests of one connection, given to `serve` one head at a time
+    by _Server.  Persistent (HTTP/1.1), TCP_NODELAY, each reply sent in one
+    write so a keep-alive client never waits on a delayed ACK."""
 
     protocol_version = "HTTP/1.1"
     server_version = "pman/" + __version__
-    def setup(self):
-        self.timeout = self.server.request_timeout
-        super().setup()
-        try:
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+
+    def __init__(self, conn, server):
+        # Not BaseRequestHandler.__init__, which would serve the connection
+        # to its end: `serve` takes one request head at a time (_Server).
+        self.conn = conn
+        self.request = self.connection = conn.sock
+        self.client_address = conn.addr
+        self.server = server
+        self.wfile = _Writer(conn.sock, server.request_timeout)
         self._listener = False
+
+    def serve(self, head, deadline):
+        """Answer the request whose head (request line and headers) is
+        *head*; its body, if any, must arrive by *deadline*."""
+        self.rfile = io.BytesIO(head)
+        self.deadline = deadline
+        self.handle_one_request()
 
     # -- replies -------------------------------------------------------------
 
@@ -2977,10 +2999,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise HTTPError(413, "body of %d bytes is over the limit of %d" % (length, MAX_BODY))
         try:
-            data = self.rfile.read(length) if length else b""
-        except OSError:         # the socket timeout: a client that stopped sending
+            data = self.conn.read(length, self.deadline) if length else b""
+        except OSError:         # the request's deadline passed, or the client left
             self.close_connection = True
-            raise HTTPError(408, "timed out reading the request body") from None
+            raise HTTPError(408, "the request did not arrive within %g s"
+                            % self.server.request_timeout) from None
         self._body_done = True
         if len(data) < length:
             self.close_connection = True
@@ -3155,10 +3178,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise HTTPError(400, "wait must be a number of seconds")
             wait = min(wait, self.server.max_wait)
             self.release_listener()
+            if not self.server.long_polls.acquire(blocking=False):
+                raise HTTPError(503, "too many long polls in progress: try again")
             try:
                 self.manager.wait(jid, timeout=wait)
             except Timeout:
                 pass
+            finally:
+                self.server.long_polls.release()
         # A finished job's object only changes if its logs do: serve it from
         # the cache for BODY_TTL seconds (a job's stray background process
         # may still write).  Queued and running jobs are never cached.
@@ -3191,13 +3218,328 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                      "GET": _wrap([record["jid"]] + parts, value)}
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    """A thread per connection (idle ones bounded by a socket timeout);
-    `listeners` caps the requests processed at once."""
+class _Writer:
+    """The handler's wfile: each reply is one sendall."""
 
-    daemon_threads = True
+    __slots__ = ("sock", "timeout")
+
+    def __init__(self, sock, timeout):
+        self.sock, self.timeout = sock, timeout
+
+    def write(self, data):
+        # A client that does not read its reply has request_timeout.
+        if self.sock.gettimeout() != self.timeout:
+            self.sock.settimeout(self.timeout)
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+
+class _Conn:
+    """One client connection: its socket and the bytes received but not yet
+    used.  While no request is complete it is *parked*: the reader thread
+    alone reads it, and no thread is spent on it.  Once a request head is
+    in, one handler thread owns it until it goes idle again."""
+
+    __slots__ = ("sock", "addr", "buf", "since", "idle_since", "handler")
+
+    def __init__(self, sock, addr):
+        self.sock, self.addr = sock, addr
+        self.buf = bytearray()
+        self.since = None           # when the first byte of the pending request came
+        self.idle_since = _time()
+        self.handler = None
+
+    def head_end(self):
+        """The length of a complete request head at the start of buf, or -1.
+        The head ends at its first empty line, CRLF or bare LF."""
+        buf = self.buf
+        crlf = buf.find(b"\n\r\n")
+        lf = buf.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else len(buf))
+        if lf >= 0:
+            return lf + 2
+        return crlf + 3 if crlf >= 0 else -1
+
+    def take(self, n):
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        self.since = _time() if self.buf else None
+        return data
+
+    def read(self, n, deadline):
+        """*n* bytes (fewer if the client closes), by *deadline* (monotonic);
+        raises socket.timeout past it, however slowly the bytes trickle."""
+        while len(self.buf) < n:
+            left = deadline - _time()
+            if left <= 0:
+                raise socket.timeout("request deadline passed")
+            self.sock.settimeout(left)
+            data = self.sock.recv(min(MAX_BODY, max(65536, n - len(self.buf))))
+            if not data:
+                break
+            self.buf += data
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    def next_head(self, linger):
+        """Wait up to *linger* s for the whole head of the next request:
+        its length, -1 if it is not complete by then, 0 if the client
+        closed.  A busy keep-alive client is served by the same thread."""
+        end = self.head_end()
+        if end >= 0:
+            return end
+        until = _time() + linger
+        while True:
+            left = until - _time()
+            if left <= 0 or len(self.buf) > MAX_HEAD:
+                return -1
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                return -1
+            if not data:
+                return 0
+            if self.since is None:
+                self.since = _time()
+            self.buf += data
+            end = self.head_end()
+            if end >= 0:
+                return end
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _canned(status, reason, message):
+    body = json.dumps({"status": False, "message": message}).encode("utf-8")
+    return (b"HTTP/1.1 %d %s\r\nServer: pman/%s\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (status, reason.encode(), __version__.encode(), len(body), body))
+
+
+def _fd_limit(raise_soft=False):
+    """The soft RLIMIT_NOFILE; with *raise_soft*, first raise it to the hard
+    limit (no privilege needed)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if raise_soft and soft != hard:
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.info("could not raise the fd limit from %d to %d: %s", soft, target, e)
+    return soft
+
+
+class _Server(http.server.HTTPServer):
+    """One reader thread (the one in `serve_forever`) accepts connections
+    and reads them with `selectors` until a request head is complete; only
+    then a handler thread (``pman-http``) serves it, and keeps serving that
+    connection while its requests follow each other, then hands it back.
+    So slow or idle clients cost no thread.  Bounds: a whole request must
+    arrive within ``request_timeout``, idle connections close after it, at
+    most ``max_connections`` are open (past it a new one gets 503 at once),
+    and `listeners` caps the requests processed at once."""
+
     request_queue_size = 1024   # socketserver's 5 drops SYNs under a burst
     allow_reuse_address = True
+
+    def server_activate(self):
+        super().server_activate()
+        self._parked = {}                   # fd -> _Conn; the reader thread only
+        self._returned = collections.deque()    # _Conns handed back by handler threads
+        self._waker = _Waker()
+        self._open = 0                      # connections open
+        self._open_lock = threading.Lock()  # guards _open
+        self._stop = threading.Event()      # shutdown() asks the reader to stop
+        self._stopped = threading.Event()   # the reader has stopped
+        self._stopped.set()
+
+    def serve_forever(self, poll_interval=None):
+        """Accept and read connections until `shutdown` (*poll_interval* is
+        accepted for socketserver's signature; shutdown wakes the loop)."""
+        self._stop.clear()
+        self._stopped.clear()
+        sel = selectors.DefaultSelector()
+        try:
+            self.socket.setblocking(False)
+            sel.register(self.socket, selectors.EVENT_READ, "accept")
+            sel.register(self._waker.r, selectors.EVENT_READ, "wake")
+            sweep_every = min(0.25, self.request_timeout / 4)
+            next_sweep = _time() + sweep_every
+            paused_until, backoff = None, 0.0
+            while not self._stop.is_set():
+                now = _time()
+                wait = next_sweep - now
+                if paused_until is not None:
+                    wait = min(wait, paused_until - now)
+                for key, _ in sel.select(max(0.0, wait)):
+                    if key.data == "accept":
+                        err = self._accept(sel)
+                        if err is not None:     # out of fds: stop selecting the listener
+                            sel.unregister(self.socket)
+                            if not backoff:
+                                log.warning("cannot accept connections (%s): pausing "
+                                            "accepts, retrying with a backoff", err)
+                            backoff = min(1.0, backoff * 2 or 0.05)
+                            paused_until = _time() + backoff
+                        elif backoff:
+                            log.warning("accepting connections again")
+                            backoff = 0.0
+                    elif key.data == "wake":
+                        _drain(self._waker.r)
+                        while self._returned:
+                            self._park(sel, self._returned.popleft())
+                    else:
+                        self._on_readable(sel, key.data)
+                now = _time()
+                if paused_until is not None and now >= paused_until:
+                    paused_until = None
+                    sel.register(self.socket, selectors.EVENT_READ, "accept")
+                if now >= next_sweep:
+                    next_sweep = now + sweep_every
+                    self._sweep(sel, now)
+        finally:
+            for conn in list(self._parked.values()):
+                self._drop(conn)
+            self._parked.clear()
+            sel.close()
+            self._stopped.set()
+
+    def shutdown(self):
+        """Stop `serve_forever` and wait until it has returned."""
+        self._stop.set()
+        self._waker.wake()
+        self._stopped.wait()
+
+    def server_close(self):
+        super().server_close()
+        self._waker.close()
+
+    # -- the reader thread ---------------------------------------------------
+
+    def _accept(self, sel):
+        """Accept what is pending; return an errno name if out of fds."""
+        for _ in range(64):
+            try:
+                sock, addr = self.socket.accept()
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return errno.errorcode.get(e.errno, str(e.errno))
+                continue            # ECONNABORTED and the like: that client only
+            with self._open_lock:
+                full = self._open >= self.max_connections
+                if not full:
+                    self._open += 1
+            if full:
+                try:
+                    sock.setblocking(False)
+                    sock.send(self._full_reply)
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            self._park(sel, _Conn(sock, addr))
+        return None
+
+    def _park(self, sel, conn):
+        conn.sock.settimeout(0.0)
+        conn.idle_since = _time()
+        self._parked[conn.sock.fileno()] = conn
+        sel.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def _unpark(self, sel, conn):
+        del self._parked[conn.sock.fileno()]
+        sel.unregister(conn.sock)
+
+    def _on_readable(self, sel, conn):
+        try:
+            data = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._unpark(sel, conn)
+            self._drop(conn)
+            return
+        if conn.since is None:
+            conn.since = _time()
+        conn.buf += data
+        end = conn.head_end()
+        if end < 0 and len(conn.buf) <= MAX_HEAD:
+            return
+        self._unpark(sel, conn)
+        if end < 0:
+            self._drop(conn, _canned(431, "Request Header Fields Too Large",
+                                     "the request line and headers exceed %d bytes" % MAX_HEAD))
+            return
+        threading.Thread(target=self._serve_conn, args=(conn, end), name="pman-http",
+                         daemon=True).start()
+
+    def _sweep(self, sel, now):
+        """Close parked connections whose request is overdue, or that sat
+        idle too long."""
+        limit = self.request_timeout
+        for conn in list(self._parked.values()):
+            if conn.since is not None and now - conn.since > limit:
+                self._unpark(sel, conn)
+                self._drop(conn, _canned(408, "Request Timeout", "the request did not "
+                                         "arrive within %g s" % limit))
+            elif conn.since is None and now - conn.idle_since > limit:
+                self._unpark(sel, conn)
+                self._drop(conn)
+
+    def _drop(self, conn, reply=None):
+        if reply is not None:
+            try:
+                conn.sock.settimeout(0.0)
+                conn.sock.send(reply)
+            except OSError:
+                pass
+        try:
+            conn.close()
+        except OSError:
+            pass
+        with self._open_lock:
+            self._open -= 1
+
+    # -- handler threads -------------------------------------------------------
+
+    def _serve_conn(self, conn, end):
+        """Serve requests on *conn* while they come back to back; then hand
+        it back to the reader (or close it)."""
+        try:
+            if conn.handler is None:
+                conn.handler = _Handler(conn, self)
+            handler = conn.handler
+            while end > 0:
+                since = conn.since
+                handler.serve(conn.take(end), since + self.request_timeout)
+                if handler.close_connection or self._stop.is_set():
+                    break
+                end = conn.next_head(self.linger)
+                if end < 0:                 # idle, or a slow next request
+                    self._returned.append(conn)
+                    self._waker.wake()
+                    return
+        except Exception:
+            log.debug("connection from %s failed", conn.addr, exc_info=True)
+        self._drop(conn)
 
     def stop_soon(self):
         threading.Thread(target=self.shutdown, name="pman-http-stop", daemon=True).start()
@@ -3205,13 +3547,21 @@ class _Server(http.server.ThreadingHTTPServer):
 
 def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
                 listeners=DEFAULT_LISTENERS, insecure_no_token=False,
-                request_timeout=REQUEST_TIMEOUT, max_wait=MAX_WAIT):
+                request_timeout=REQUEST_TIMEOUT, max_wait=MAX_WAIT,
+                long_polls=DEFAULT_LONG_POLLS, max_connections=None):
     """An HTTP server for *manager*, bound but not yet serving: call its
     ``serve_forever()`` (in a thread if you like) and ``shutdown()``.
 
     A non-loopback *host* needs a *token* (clients send ``Authorization:
     Bearer <token>``) unless ``insecure_no_token=True``.  While bound to
-    loopback, requests naming a foreign Host are refused (403)."""
+    loopback, requests naming a foreign Host are refused (403).
+
+    *request_timeout* (s) bounds the arrival of a whole request and the idle
+    time of a kept-alive connection; *listeners* the requests processed at
+    once; *long_polls* the ``?wait`` requests waiting at once; past either,
+    503.  *max_connections* defaults to the soft ``RLIMIT_NOFILE`` less
+    FD_RESERVE and one fd per job slot (``max_running``, or half the limit
+    when it is unlimited): past it a new connection gets 503 at once."""
     if token is not None:
         if not isinstance(token, str) or not token or not token.isascii():
             raise InvalidArgument("the token must be a non-empty ASCII string")
@@ -3225,6 +3575,13 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
     for name, value in (("request_timeout", request_timeout), ("max_wait", max_wait)):
         if _check_number(name, value, allow_none=False) <= 0:
             raise InvalidArgument("%s must be positive" % name)
+    for name, value in (("long_polls", long_polls), ("max_connections", max_connections)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise InvalidArgument("%s must be a positive integer" % name)
+    if max_connections is None:
+        fds = _fd_limit()
+        max_connections = max(16, fds - FD_RESERVE - (manager.max_running or fds // 2))
     server_cls = _Server
     if ":" in host:
         server_cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
@@ -3236,6 +3593,11 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
     server.listeners = threading.BoundedSemaphore(listeners)
     server.request_timeout = request_timeout
     server.max_wait = max_wait
+    server.linger = min(KEEPALIVE_LINGER, request_timeout)
+    server.long_polls = threading.BoundedSemaphore(long_polls)
+    server.max_connections = max_connections
+    server._full_reply = _canned(503, "Service Unavailable", "too many open connections "
+                                 "(%d): try again" % max_connections)
     server.container_env = manager.backend.name
     server.commands = _CommandDialect(server)
     server.body_cache = {}          # jid -> (etag, expiry, _Encoded)
@@ -3285,6 +3647,9 @@ def _parser():
     p.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT, metavar="S",
                    help="seconds a client has to send a whole request, and the longest "
                    "a kept-alive connection may sit idle (default %g)" % REQUEST_TIMEOUT)
+    p.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="open connections at most; past it, 503 at once (default: from "
+                   "the fd limit, which pman raises to its hard limit at start)")
     p.add_argument("--kill-on-exit", action="store_true",
                    help="kill running jobs when the server stops (default: they keep "
                    "running and the next start re-adopts them)")
@@ -3307,6 +3672,7 @@ def main(argv=None):
     logging.basicConfig(level=level, filename=args.log_file,
                         format="%(asctime)s pman %(levelname)s %(message)s")
     token = args.token or os.environ.get("PMAN_TOKEN") or None
+    _fd_limit(raise_soft=True)      # connections and jobs' pidfds: see make_server
     try:
         if args.token_file:
             with open(args.token_file, encoding="utf-8") as f:
@@ -3323,7 +3689,8 @@ def main(argv=None):
         server = make_server(manager, args.host, args.port, token=token,
                              listeners=args.listeners,
                              insecure_no_token=args.insecure_no_token,
-                             request_timeout=args.request_timeout)
+                             request_timeout=args.request_timeout,
+                             max_connections=args.max_connections)
     except (PmanError, OSError) as e:
         manager.close()
         print("pman: %s" % e, file=sys.stderr)

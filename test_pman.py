@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import random
+import resource
 import re
 import select
 import shlex
@@ -4254,6 +4255,225 @@ def test_http_fifty_idle_clients_do_not_delay_a_request(http_factory):
     finally:
         for s in idle:
             s.close()
+
+
+def test_http_trickled_request_meets_the_whole_request_deadline(http_factory):
+    """request_timeout bounds the whole request, not each recv: a client
+    sending a byte every 0.1 s (head, or body) is answered 408 and dropped
+    about request_timeout after its first byte."""
+    srv = http_factory(request_timeout=1)
+    cases = [(b"GET /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ", b"a" * 100),
+             (b"POST /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 200\r\n\r\n",
+              b" " * 100)]
+    for head, data in cases:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        try:
+            t0 = time.monotonic()
+            s.sendall(head)
+            got = b""
+            for i in range(len(data)):
+                try:
+                    s.sendall(data[i:i + 1])
+                except OSError:
+                    break
+                r, _, _ = select.select([s], [], [], 0.1)
+                if r:
+                    got, elapsed = _http_wait_closed(s, 5)
+                    break
+            else:
+                raise AssertionError("the server kept reading a trickle for %.1f s"
+                                     % (time.monotonic() - t0))
+            assert 0.8 < elapsed + (time.monotonic() - t0 - elapsed) < 3, elapsed
+            reply, _ = _http_read_reply(_HttpBytes(got), 1)
+            code, obj = _http_check_raw(reply)
+            assert code == 408 and "1 s" in obj["message"], (code, obj)
+        finally:
+            s.close()
+    assert srv.manager.jids() == []
+
+
+def _http_threads_now():
+    return threading.active_count()
+
+
+def test_http_slow_clients_hold_no_thread(http_factory):
+    """200 clients that never finish their request head cost the server no
+    thread (one reader holds them all), and a normal request meanwhile is
+    served at once, on a new connection and on a kept-alive one."""
+    srv = http_factory(request_timeout=30)
+    kept = srv.conn()
+    kept.request("GET", "/api/v1/")
+    assert kept.getresponse().read()
+    before = _http_threads_now()
+    slow = []
+    try:
+        for i in range(200):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            s.sendall(b"GET /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow-%d: " % i)
+            slow.append(s)
+        for s in slow:
+            s.sendall(b"a")
+        t0 = time.monotonic()
+        r = srv.request("GET", "/api/v1/", timeout=5)
+        assert r.status == 200 and time.monotonic() - t0 < 1.0
+        t0 = time.monotonic()
+        kept.request("GET", "/api/v1/")
+        assert kept.getresponse().status == 200 and time.monotonic() - t0 < 1.0
+        assert _http_threads_now() <= before + 3, (before, _http_threads_now())
+        # ... and each is served once its head is complete
+        for s in slow[:5]:
+            s.sendall(b"\r\n\r\n")
+            reply, _ = _http_read_reply(s, 5)
+            assert reply.code == 200
+    finally:
+        kept.close()
+        for s in slow:
+            s.close()
+
+
+def test_http_connection_ceiling(http_factory):
+    """Past max_connections a new connection gets a 503 at once and is
+    closed; the default comes from the fd limit, less a reserve."""
+    srv = http_factory(max_connections=5)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    default = http_factory("other").srv.max_connections
+    assert default == max(16, soft - pman.FD_RESERVE - soft // 2), (default, soft)
+    held = []
+    try:
+        for _ in range(5):
+            held.append(socket.create_connection(("127.0.0.1", srv.port), timeout=10))
+        # the five are accepted (and parked) before the sixth
+        _until(lambda: srv.srv._open == 5, 5, "five connections accepted")
+        extra = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        t0 = time.monotonic()
+        data, _ = _http_wait_closed(extra, 5)
+        extra.close()
+        assert time.monotonic() - t0 < 1
+        reply, _ = _http_read_reply(_HttpBytes(data), 1)
+        code, obj = _http_check_raw(reply)
+        assert code == 503 and "too many open connections" in obj["message"], obj
+        held.pop().close()
+        _until(lambda: srv.srv._open == 4, 5, "a closed connection to be counted")
+        assert srv.request("GET", "/api/v1/").status == 200
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_http_long_polls_are_capped(http_factory):
+    srv = http_factory(long_polls=1)
+    _http_post_job(srv, {"jid": "lp", "cmd": "sleep 30"})
+    done = {}
+    t = threading.Thread(target=lambda: done.update(
+        r=srv.request("GET", "/api/v1/lp/?wait=3")), daemon=True)
+    t.start()
+    try:
+        # (probing with requests would race the first poll for the one slot)
+        _until(lambda: srv.srv.long_polls._value == 0, 5, "the first long poll to wait")
+        busy = srv.request("GET", "/api/v1/lp/?wait=0.01")
+        assert "long polls" in _http_error(busy, 503)
+        assert srv.request("GET", "/api/v1/lp/").status == 200     # no wait: served
+    finally:
+        t.join(10)
+    assert done["r"].status == 200
+
+
+def test_http_huge_request_head_is_431(http_srv):
+    head = b"GET /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Big: " + b"a" * 70000
+    reply = http_srv.raw(head, shut=False)
+    code, obj = _http_check_raw(reply)
+    assert code == 431, (code, obj)
+
+
+_HTTP_FD_SERVER = r"""
+import logging, resource, sys
+sys.path.insert(0, sys.argv[1])
+import pman
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[3]), resource.getrlimit(
+    resource.RLIMIT_NOFILE)[1]))
+m = pman.JobManager(sys.argv[2])
+srv = pman.make_server(m, "127.0.0.1", 0, max_connections=10000, request_timeout=30)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"""
+
+
+def test_http_out_of_fds_backs_off_without_spinning(tmp_path):
+    """With the fd limit reached, the accept loop pauses (a backoff) instead
+    of spinning, logs once, not per failure, and accepts again once fds are
+    free."""
+    p = subprocess.Popen([sys.executable, "-c", _HTTP_FD_SERVER, HERE, str(tmp_path / "st"),
+                          "64"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL)
+    socks = []
+    try:
+        port = int(p.stdout.readline())
+        for _ in range(120):        # well past 64 fds: the rest wait in the backlog
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+
+        def cpu():
+            with open("/proc/%d/stat" % p.pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        time.sleep(0.3)     # not a synchronization: the span whose CPU is measured
+        c0, t0 = cpu(), time.monotonic()
+        time.sleep(2.0)
+        used = (cpu() - c0) / (time.monotonic() - t0)
+        assert used < 0.25, "the accept loop used %.0f%% of a CPU out of fds" % (used * 100)
+        for s in socks:
+            s.close()
+        socks = []
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                c.request("GET", "/api/v1/")
+                assert c.getresponse().status == 200
+                break
+            except (OSError, http.client.HTTPException):
+                c.close()
+                assert time.monotonic() < deadline, "never served again"
+                time.sleep(0.05)
+        c.close()
+    finally:
+        for s in socks:
+            s.close()
+        p.terminate()
+        _, err = p.communicate(timeout=10)
+    text = err.decode("utf-8", "replace")
+    assert text.count("cannot accept connections") == 1, text[-2000:]
+    assert "EMFILE" in text, text[-2000:]
+
+
+def test_http_cli_raises_the_fd_limit(tmp_path):
+    """The server raises its soft RLIMIT_NOFILE to the hard limit at start
+    (README says so): started with a soft limit of 256, it runs with the
+    hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 256:
+        pytest.skip("the hard fd limit is %d here" % hard)
+    port = _http_free_port()
+
+    def low():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    p = subprocess.Popen([sys.executable, _HTTP_PMAN, "--port", str(port), "--state-dir",
+                          str(tmp_path / "st")], preexec_fn=low, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         env=_http_clean_env())
+    try:
+        def limits():
+            with open("/proc/%d/limits" % p.pid) as f:
+                for line in f:
+                    if line.startswith("Max open files"):
+                        return line.split()[3:5]
+        want = [str(hard) if hard != resource.RLIM_INFINITY else str(1 << 20), str(hard)]
+        _until(lambda: limits() == want, 10, "the raised fd limit")
+    finally:
+        p.terminate()
+        p.communicate(timeout=15)
 
 
 def test_http_fifty_simultaneous_connects_are_accepted(http_srv):
