@@ -2845,7 +2845,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.request = self.connection = conn.sock
         self.client_address = conn.addr
         self.server = server
-        self.wfile = _Writer(conn.sock, server.request_timeout)
+        self.wfile = _Writer(conn.sock)
         self._listener = False
 
     def serve(self, head, deadline):
@@ -3221,16 +3221,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class _Writer:
     """The handler's wfile: each reply is one sendall."""
 
-    __slots__ = ("sock", "timeout")
+    __slots__ = ("sock",)
 
-    def __init__(self, sock, timeout):
-        self.sock, self.timeout = sock, timeout
+    def __init__(self, sock):
+        self.sock = sock
 
     def write(self, data):
-        # A client that does not read its reply has request_timeout.
-        if self.sock.gettimeout() != self.timeout:
-            self.sock.settimeout(self.timeout)
-        self.sock.sendall(data)
+        self.sock.sendall(data)     # a client that does not read: request_timeout
         return len(data)
 
     def flush(self):
@@ -3243,7 +3240,7 @@ class _Conn:
     alone reads it, and no thread is spent on it.  Once a request head is
     in, one handler thread owns it until it goes idle again."""
 
-    __slots__ = ("sock", "addr", "buf", "since", "idle_since", "handler")
+    __slots__ = ("sock", "addr", "buf", "since", "idle_since", "handler", "poller", "timeout")
 
     def __init__(self, sock, addr):
         self.sock, self.addr = sock, addr
@@ -3251,6 +3248,8 @@ class _Conn:
         self.since = None           # when the first byte of the pending request came
         self.idle_since = _time()
         self.handler = None
+        self.poller = None          # a handler thread's wait for the next request
+        self.timeout = None         # the socket's timeout while a handler owns it
 
     def head_end(self):
         """The length of a complete request head at the start of buf, or -1.
@@ -3271,15 +3270,19 @@ class _Conn:
     def read(self, n, deadline):
         """*n* bytes (fewer if the client closes), by *deadline* (monotonic);
         raises socket.timeout past it, however slowly the bytes trickle."""
-        while len(self.buf) < n:
-            left = deadline - _time()
-            if left <= 0:
-                raise socket.timeout("request deadline passed")
-            self.sock.settimeout(left)
-            data = self.sock.recv(min(MAX_BODY, max(65536, n - len(self.buf))))
-            if not data:
-                break
-            self.buf += data
+        if len(self.buf) < n:
+            try:
+                while len(self.buf) < n:
+                    left = deadline - _time()
+                    if left <= 0:
+                        raise socket.timeout("request deadline passed")
+                    self.sock.settimeout(left)
+                    data = self.sock.recv(min(MAX_BODY, max(65536, n - len(self.buf))))
+                    if not data:
+                        break
+                    self.buf += data
+            finally:
+                self.sock.settimeout(self.timeout)
         data = bytes(self.buf[:n])
         del self.buf[:n]
         return data
@@ -3287,20 +3290,21 @@ class _Conn:
     def next_head(self, linger):
         """Wait up to *linger* s for the whole head of the next request:
         its length, -1 if it is not complete by then, 0 if the client
-        closed.  A busy keep-alive client is served by the same thread."""
-        end = self.head_end()
-        if end >= 0:
-            return end
+        closed.  A busy keep-alive client is served by the same thread.
+        The socket's timeout stays as it is (no syscall per request)."""
+        if self.buf:
+            end = self.head_end()
+            if end >= 0:
+                return end
+        if self.poller is None:
+            self.poller = select.poll()
+            self.poller.register(self.sock, select.POLLIN)
         until = _time() + linger
         while True:
             left = until - _time()
-            if left <= 0 or len(self.buf) > MAX_HEAD:
+            if left <= 0 or len(self.buf) > MAX_HEAD or not self.poller.poll(left * 1000):
                 return -1
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                return -1
+            data = self.sock.recv(65536)
             if not data:
                 return 0
             if self.since is None:
@@ -3526,6 +3530,8 @@ class _Server(http.server.HTTPServer):
         try:
             if conn.handler is None:
                 conn.handler = _Handler(conn, self)
+                conn.timeout = self.request_timeout
+            conn.sock.settimeout(conn.timeout)     # blocking, bounded, until parked again
             handler = conn.handler
             while end > 0:
                 since = conn.since
