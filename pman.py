@@ -110,6 +110,7 @@ ERROR = "finishedWithError"
 UNDEFINED = "undefined"
 STATUSES = (NOTSTARTED, STARTED, SUCCESS, ERROR, UNDEFINED)
 ACTIVE = (NOTSTARTED, STARTED)
+_STATUS_SET, _ACTIVE_SET = frozenset(STATUSES), frozenset(ACTIVE)
 
 JID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 RESERVED_JIDS = frozenset({"cmd", "jobs", "hello", "openapi.json"})
@@ -617,25 +618,27 @@ class _Store:
         Returns the number of lines."""
         count = 0
         active = self.active
+        match, statuses, actives = _LINE_RE.match, _STATUS_SET, _ACTIVE_SET
+        next_seq = self._next_seq
         for line in lines:
             count += 1
-            m = _LINE_RE.match(line)
+            m = match(line)
             if m:
-                jid, status = m.group(1), m.group(2)
-                if status not in STATUSES:      # a checksum proves no more than bytes
+                jid, status, seq = m.groups()
+                if status not in statuses:      # a checksum proves no more than bytes
                     bad.append(line[:40])
                     continue
                 old = jobs.get(jid)
-                if old is not None and _LINE_RE.match(old).group(3) != m.group(3):
+                if old is not None and match(old).group(3) != seq:
                     del jobs[jid]           # a re-run moves to the end
                 jobs[jid] = line
-                if status in ACTIVE:
+                if status in actives:
                     active.add(jid)
-                else:
+                elif active:
                     active.discard(jid)
-                seq = int(m.group(3))
-                if seq >= self._next_seq:
-                    self._next_seq = seq + 1
+                seq = int(seq)
+                if seq >= next_seq:
+                    next_seq = seq + 1
                 continue
             try:
                 for jid in json.loads(line)["forget"]:
@@ -643,6 +646,7 @@ class _Store:
                     active.discard(jid)
             except (ValueError, KeyError, TypeError):
                 bad.append(line[:40])
+        self._next_seq = next_seq
         return count
 
     @staticmethod
@@ -653,7 +657,18 @@ class _Store:
         journal's, format 1's) is parsed and checked field by field.  Bad
         lines go to *bad*; a last line without its newline is torn
         (``torn[0]``) and dropped."""
+        crc32 = zlib.crc32
         for raw in f:
+            if raw[-3:] == b'"}\n' and raw[-21:-11] == _CRC_HEAD:   # the fast path
+                body = raw[:-21] + b"}"
+                try:
+                    if crc32(body) == int(raw[-11:-3], 16):
+                        yield body.decode("utf-8")
+                        continue
+                except ValueError:      # UnicodeDecodeError included
+                    pass
+                bad.append(raw[:40])
+                continue
             if raw[-1:] != b"\n":
                 torn[0] = True
                 return
