@@ -24,9 +24,11 @@ Sections (see SECTIONS at the bottom to add one):
 spawn        2,000 ``true`` jobs through JobManager vs raw Popen bursts
              (--quick: 100)
 latency      submit -> started and exit -> status visible, p50/p99, with
-             100 running jobs (--quick: 30), plus a no-pman pidfd baseline
+             100 running jobs (--quick: 30), plus a no-pman pidfd baseline;
+             durable=False: run() -> on disk without flush()
 scale        100,000 finished jobs in state (--quick: 5,000), written as a
-             snapshot rather than run: startup, RSS, run(), get()
+             snapshot rather than run: startup (and once from a format-1
+             snapshot), RSS, run(), get()
 concurrency  1,000 concurrent ``sleep 2`` jobs (--quick: 200 x sleep 0.5):
              codes, threads, fds, wall time
 http         pman's HTTP server vs a bare http.server answering the same
@@ -34,6 +36,9 @@ http         pman's HTTP server vs a bare http.server answering the same
              (3,000 per round, best of 5; --quick: 300, best of 3), POST
              of ``true`` jobs from 1 client and from 4 client processes
              (1,000; --quick: 200), 4 concurrent GET clients
+slowclients  1,500 clients trickling a byte a second (--quick: 300) held
+             open against pman's server: its threads and RSS, keep-alive
+             GET latency meanwhile, a fresh client's first GET
 slurm        only with ``--backend slurm`` (else skipped with a note): the
              SLURM backend vs sbatch itself: submit rate (200 jobs;
              --quick: 20), submit -> done latency, squeue/sacct calls per
