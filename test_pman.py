@@ -4620,6 +4620,40 @@ def test_http_bad_json_is_400(http_srv):
     assert http_srv.manager.jids() == []
 
 
+def test_http_damaged_state_line_is_not_a_500(http_factory, tmp_path):
+    """A damaged finished-job line (an unknown status with a valid checksum,
+    a flipped byte in another) is set aside at startup: every listing and
+    search answers 200 with the good records."""
+    state = tmp_path / "state"
+    lines = [_crash_line(jid, seq, code, auid="alice")
+             for jid, seq, code in (("a", 1, 0), ("b", 2, 0), ("c", 3, 4), ("d", 4, 0))]
+    framed = [_crash_frame(line) for line in lines]
+    framed[1] = _crash_damage(framed[1], "unknown-status", True)
+    framed[3] = _crash_damage(framed[3], "flipped-byte", True)
+    _crash_write(str(state / _CRASH_SNAPSHOT), "".join(
+        line + "\n" for line in [_crash_v2_header(0, 5)] + framed))
+    srv = http_factory("state")
+    r = srv.request("GET", "/api/v1/jobs")
+    assert r.status == 200 and [j["jid"] for j in r.json["jobs"]] == ["a", "c"], r.body[:300]
+    assert srv.request("GET", "/api/v1/c/").json["returncode"] == 4
+    _http_error(srv.request("GET", "/api/v1/b/"), 404)
+    r = srv.request("POST", "/api/v1/cmd/", {"payload": {"action": "status", "meta": {
+        "key": "auid", "value": "alice"}}})
+    assert r.status == 200 and r.json["d_ret"]["l_status"] == [
+        "finishedSuccessfully", "finishedWithError"], r.body[:300]
+    assert list(srv.request("GET", "/api/v1/").json["GET"]) == ["a", "c"]
+
+
+def test_core_ci_means_true_or_1(monkeypatch):
+    """Only CI=true or CI=1 makes missing tools a failure (CI=false is not CI)."""
+    for value, want in (("true", True), ("1", True), ("TRUE", True), ("false", False),
+                        ("0", False), ("", False), ("no", False)):
+        monkeypatch.setenv("CI", value)
+        assert _ci() is want, value
+    monkeypatch.delenv("CI")
+    assert _ci() is False
+
+
 def _http_strict_json(raw):
     """Parse *raw* as a strict parser (JavaScript, jq, Go) would: no NaN,
     no Infinity."""
