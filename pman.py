@@ -674,14 +674,9 @@ class _Store:
                 return
             if len(raw) <= 1:
                 continue
-            body = _unframe(raw)
-            try:
-                if body is None:
-                    line = raw[:-1].decode("utf-8")
-                    ok = _line_problem(_loads(line), line) is None
-                else:
-                    line = body and body.decode("utf-8")
-                    ok = body is not False
+            try:                # no checksum: parse it and check every field
+                line = raw[:-1].decode("utf-8")
+                ok = _line_problem(_loads(line), line) is None
             except (ValueError, RecursionError):    # UnicodeDecodeError included
                 ok = False
             if ok:
