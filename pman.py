@@ -3272,9 +3272,16 @@ class _Conn:
         return crlf + 3 if crlf >= 0 else -1
 
     def take(self, n):
-        data = bytes(self.buf[:n])
-        del self.buf[:n]
-        self.since = _time() if self.buf else None
+        """The first *n* bytes of buf, removed from it."""
+        buf = self.buf
+        if n == len(buf):       # the usual case: nothing pipelined behind
+            data = bytes(buf)
+            buf.clear()
+            self.since = None
+        else:
+            data = bytes(buf[:n])
+            del buf[:n]
+            self.since = _time()
         return data
 
     def read(self, n, deadline):
@@ -3306,14 +3313,12 @@ class _Conn:
             end = self.head_end()
             if end >= 0:
                 return end
-        if self.poller is None:
-            self.poller = select.poll()
-            self.poller.register(self.sock, select.POLLIN)
-        until = _time() + linger
-        while True:
-            left = until - _time()
-            if left <= 0 or len(self.buf) > MAX_HEAD or not self.poller.poll(left * 1000):
-                return -1
+        poller = self.poller
+        if poller is None:
+            poller = self.poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+        wait, until = linger * 1000, None
+        while len(self.buf) <= MAX_HEAD and poller.poll(wait):
             data = self.sock.recv(65536)
             if not data:
                 return 0
@@ -3323,6 +3328,12 @@ class _Conn:
             end = self.head_end()
             if end >= 0:
                 return end
+            if until is None:           # a head in pieces: the rest within linger
+                until = _time() + linger
+            wait = (until - _time()) * 1000
+            if wait <= 0:
+                break
+        return -1
 
     def close(self):
         try:
