@@ -27,9 +27,11 @@ spawn        2,000 ``true`` jobs through JobManager (run() durable and
              the durable limit (raw Popen + one fdatasync'ed journal line
              per job), interleaved (--quick: 100, batches of 100)
 latency      submit -> started and exit -> status visible, p50/p99, with
-             100 running jobs (--quick: 30), plus a no-pman pidfd baseline
+             100 running jobs (--quick: 30), plus a no-pman pidfd baseline;
+             durable=False: run() -> on disk without flush()
 scale        100,000 finished jobs in state (--quick: 5,000), written as a
-             snapshot rather than run: startup, RSS, run(), get()
+             snapshot rather than run: startup (and once from a format-1
+             snapshot), RSS, run(), get()
 concurrency  1,000 concurrent ``sleep 2`` jobs (--quick: 200 x sleep 0.5):
              codes, threads, fds, wall time by run(); by one run_many()
              against a raw Popen burst of the same jobs; 10,000 jobs in
@@ -46,6 +48,9 @@ cli          the command line as a user runs it (a subprocess each): one
              interpreter's start), ``pman run --wait``, and ``pman ls`` with
              100,000 finished jobs in the server's state (--quick: 5,000;
              target <= 1 s), ``ls --all``
+slowclients  1,500 clients trickling a byte a second (--quick: 300) held
+             open against pman's server: its threads and RSS, keep-alive
+             GET latency meanwhile, a fresh client's first GET
 slurm        only with ``--backend slurm`` (else skipped with a note): the
              SLURM backend vs sbatch itself: submit rate (200 jobs;
              --quick: 20), submit -> done latency, squeue/sacct calls per
@@ -613,12 +618,42 @@ def sec_latency(b):
              note="max_running=1, chain of %d jobs" % chain)
     b.figure("queued: exit -> next started p99", percentile(handoff, 99) * 1e3, "ms", ("<=", 10.0))
 
+    # durable=False: run() returns before the job is on disk; the reaper
+    # writes it within FLUSH_DELAY, with no flush() call.  Queued jobs (one
+    # slot held by a sleeper) so that no job's start or end forces a write.
+    lazy_dir = os.path.join(top, "lazy")
+    lazy = b.manager(lazy_dir, durable=False, max_running=1)
+    lazy.run("sleep 60", jid="holder")
+    lazy.flush()
+    delays = []
+    for i in range(10 if b.quick else 30):
+        jid = "lazy-%d" % i
+        needle = ('"%s"' % jid).encode()
+        t0 = perf()
+        lazy.run("true", jid=jid)
+        def on_disk():
+            for name in os.listdir(lazy_dir):
+                if name.startswith("journal-"):
+                    with open(os.path.join(lazy_dir, name), "rb") as f:
+                        if needle in f.read():
+                            return True
+            return False
+        _wait_for(on_disk, 10, "job %s in the journal" % jid)
+        delays.append(perf() - t0)
+    lazy.close(kill=True)
+    flush_delay = getattr(pman, "FLUSH_DELAY", 0.2)
+    b.figure("durable=False: run() -> on disk p50", percentile(delays, 50) * 1e3, "ms",
+             note="queued jobs, no flush(): the reaper's write within FLUSH_DELAY = %g s"
+                  % flush_delay)
+    b.figure("durable=False: run() -> on disk max", max(delays) * 1e3, "ms",
+             ("<=", (flush_delay + 0.1) * 1e3))
+
 
 # ---------------------------------------------------------------------------
 # Section: scale
 # ---------------------------------------------------------------------------
 
-def build_state(path, n, logs=True):
+def build_state(path, n, logs=True, version=None):
     """Write a state directory holding *n* finished jobs the way pman
     persists them: a snapshot header, then one ``_Job(...).line()`` per job.
     No process is run.  With *logs*, each job gets its (empty) .out/.err."""
@@ -628,10 +663,15 @@ def build_state(path, n, logs=True):
     extras = {"number_of_workers": "1", "cpu_limit": "1000", "memory_limit": "200",
               "gpu_limit": "0", "image": "fnndsc/pl-simpledsapp", "type": "fs"}
     snap = os.path.join(path, getattr(pman, "SNAPSHOT", "state.jsonl"))
+    if version is None:
+        version = getattr(pman, "STATE_FORMAT", 1)
+    frame = getattr(pman, "_frame", None) if version >= 2 else None
+    frame = frame or (lambda line: line)        # format 2: a checksum per line
     with open(snap, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"pman_state": getattr(pman, "STATE_FORMAT", 1), "generation": 1,
-                            "next_seq": n + 1, "written": iso(time.time()),
-                            "pman_version": pman.__version__}) + "\n")
+        f.write(frame(json.dumps({"pman_state": version,
+                                  "generation": 1, "next_seq": n + 1,
+                                  "written": iso(time.time()),
+                                  "pman_version": pman.__version__})) + "\n")
         for i in range(1, n + 1):
             t = base + 2.0 * i
             jid = "job-%d-4242" % i
@@ -644,7 +684,7 @@ def build_state(path, n, logs=True):
                 cwd=None, timeout=None, extras=extras, submitted=iso(t),
                 started=iso(t + 0.004), ended=iso(t + 1.5),
                 ident=[int(t * 100) % 10 ** 9, boot], kill_signal=None, kill_reason=None)
-            f.write(job.line() + "\n")
+            f.write(frame(job.line()) + "\n")
             if logs:
                 for ext in (".out", ".err"):
                     os.close(os.open(os.path.join(path, "logs", jid + ext), LOG_FLAGS, 0o600))
@@ -722,6 +762,14 @@ def sec_scale(b):
              note="median of %d fresh subprocess(es), warm page cache; issue 4 said <= 3 s"
              % len(probes))
     b.figure("startup on an empty state", empty_probe["startup"], "s")
+    if getattr(pman, "STATE_FORMAT", 1) >= 2:
+        # A format-1 snapshot has no checksums: every line is parsed and
+        # checked, once; the manager then writes the current format.
+        old = b.state_dir("format1")
+        build_state(old, n, logs=False, version=1)
+        b.figure("startup on a format-1 snapshot", _probe(old)["startup"], "s",
+                 note="one fresh subprocess; each line parsed and checked (no checksums), "
+                      "then the snapshot is rewritten in format %d" % pman.STATE_FORMAT)
     b.figure("RSS growth from loading", growth, "MB", ("<=", 150.0),
              note="VmRSS after JobManager() minus before, fresh subprocess")
     b.figure("VmHWM of that subprocess", sorted(p["hwm"] for p in probes)[mid], "MB",
@@ -961,7 +1009,10 @@ def profiled(orig):
     return wrapper
 
 if prof_out:    # every connection's thread and the reaper, each its own cProfile
-    pman._Handler.handle = profiled(pman._Handler.handle)
+    if hasattr(pman._Server, "_serve_conn"):     # handler threads since issue 12
+        pman._Server._serve_conn = profiled(pman._Server._serve_conn)
+    else:
+        pman._Handler.handle = profiled(pman._Handler.handle)
     if hasattr(pman.JobManager, "_reap_loop"):
         pman.JobManager._reap_loop = profiled(pman.JobManager._reap_loop)
 manager = pman.JobManager(state)
@@ -1945,6 +1996,108 @@ def sec_slowstart(b):
         m.close()       # the fake jobs stay pending; nothing to kill
     finally:
         os.environ["PATH"] = old_path
+def _proc_status(pid, field):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
+def sec_slowclients(b):
+    """Slow clients (one byte a second, never finishing their request head)
+    connected to pman's server, in its own process: the server's threads and
+    memory, and a keep-alive GET's latency meanwhile; then a fresh client's
+    first request."""
+    n = 300 if b.quick else 1500
+    window = 4.0 if b.quick else 6.0        # under pman's 10 s request deadline
+    top = b.state_dir("slow")
+    proc, port = _start_server(b, _HTTP_PMAN_SERVER, [os.path.join(top, "state"), ""],
+                               os.path.join(top, "pman-server.log"))
+    soft, hard = __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)
+    if soft < n + 100:
+        __import__("resource").setrlimit(__import__("resource").RLIMIT_NOFILE, (hard, hard))
+    conn = _http_connect(port)
+    jid = "slow-get"
+    path = "/api/v1/%s/" % jid
+    status, obj = _http_json(conn, "POST", "/api/v1/", {"cmd": "true", "jid": jid})
+    status, obj = _http_json(conn, "GET", path + "?wait=30")
+    if status != 200:
+        raise RuntimeError("GET answered %d" % status)
+    quiet = []
+    _http_requests(port, "GET", path, None, 500, 200, conn=None, latencies=quiet)
+    threads_idle = _proc_status(proc.pid, "Threads")
+    rss_idle = _proc_status(proc.pid, "VmRSS") / 1024.0
+
+    head = b"GET /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
+    socks = []
+    t0 = perf()
+    for _ in range(n):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(head)
+        sock.setblocking(False)
+        socks.append(sock)
+    connect_all = perf() - t0
+    busy, threads_max, rss_max, dropped = [], 0, 0.0, 0
+    next_tick = perf() + 1.0
+    next_sample = perf()
+    end = perf() + window
+    conn = _http_connect(port)
+    try:
+        while perf() < end:
+            now = perf()
+            if now >= next_tick:
+                next_tick += 1.0
+                for sock in socks:
+                    try:
+                        sock.send(b"a")
+                    except OSError:
+                        dropped += 1
+            if now >= next_sample:
+                next_sample = now + 0.25
+                threads_max = max(threads_max, _proc_status(proc.pid, "Threads"))
+                rss_max = max(rss_max, _proc_status(proc.pid, "VmRSS") / 1024.0)
+            res = _http_requests(port, "GET", path, None, 20, 200, conn=conn, latencies=busy)
+            conn = _http_connect(port)
+            if res["errors"]:
+                raise RuntimeError("GET failed with slow clients connected: %s" % res["samples"])
+        fresh = []
+        for _ in range(20):
+            s0 = perf()
+            c = _http_connect(port)
+            c.request("GET", path)
+            r = c.getresponse()
+            r.read()
+            c.close()
+            fresh.append(perf() - s0)
+            if r.status != 200:
+                raise RuntimeError("a fresh client got %d" % r.status)
+    finally:
+        conn.close()
+        for sock in socks:
+            sock.close()
+    b.figure("slow clients connected", n, "conns",
+             note="each sent a partial request head, then 1 byte a second for %g s; "
+                  "connected in %.2f s" % (window, connect_all))
+    b.figure("server threads, idle", threads_idle, "threads")
+    b.figure("server threads with the slow clients (max)", threads_max, "threads",
+             ("<=", threads_idle + 8),
+             note="/proc/<pid>/status Threads, sampled every 0.25 s; issue 12: "
+                  "1,500 slow clients gave 1,503 threads")
+    b.figure("server RSS with the slow clients (max)", rss_max, "MB",
+             note="%.1f MB idle" % rss_idle)
+    b.figure("keep-alive GET p50, no slow clients", percentile(quiet, 50) * 1e3, "ms")
+    b.figure("keep-alive GET p50 with slow clients", percentile(busy, 50) * 1e3, "ms",
+             note="%d GETs, 20 per connection, interleaved with the trickle" % len(busy))
+    b.figure("keep-alive GET p99 with slow clients", percentile(busy, 99) * 1e3, "ms",
+             ("<=", 1000.0))
+    b.figure("fresh connection + GET, max with slow clients", max(fresh) * 1e3, "ms",
+             ("<=", 1000.0), note="20 clients, one after the other")
+    b.figure("slow clients dropped during the window", dropped, "sends",
+             note="sends that failed: the server closed them early")
 
 
 SECTIONS = collections.OrderedDict([
@@ -1954,6 +2107,7 @@ SECTIONS = collections.OrderedDict([
     ("concurrency", (sec_concurrency, "1,000 concurrent sleep jobs; batches")),
     ("http", (sec_http, "HTTP API round trips: pman vs a bare http.server")),
     ("slowstart", (sec_slowstart, "other callers while a backend submission takes 2 s")),
+    ("slowclients", (sec_slowclients, "1,500 slow clients: server threads, GET latency")),
     ("slurm", (sec_slurm, "SLURM backend vs sbatch (only with --backend slurm)")),
     ("cli", (sec_cli, "the command line: one `pman run`, `pman ls` with 100,000 jobs")),
     ("podman", (sec_podman, "podman backend vs podman run (only with --backend podman)")),

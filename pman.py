@@ -79,6 +79,10 @@ kill, an end, a removal):
 So no job runs and no signal is sent unless its record is written, and no
 fsync, spawn, ``sbatch`` or ``scancel`` ever holds up another thread's
 `get`.  Compaction writes its snapshot without the lock too.
+
+The HTTP server (`make_server`) reads every connection in one thread, the
+one that calls ``serve_forever()``; a connection gets a handler thread
+(``pman-http``) only while it has a complete request in progress.
 """
 
 __version__ = "0.1.0"
@@ -109,6 +113,7 @@ import hmac
 import http
 import http.client
 import http.server
+import io
 import ipaddress
 import itertools
 import json
@@ -116,6 +121,7 @@ import logging
 import os
 import platform
 import re
+import resource
 import select
 import selectors
 import shlex
@@ -126,6 +132,7 @@ import subprocess
 import sys
 import threading
 import urllib.parse
+import zlib
 from datetime import datetime, timezone
 from time import monotonic as _time
 from time import sleep as _sleep
@@ -147,6 +154,7 @@ ERROR = "finishedWithError"
 UNDEFINED = "undefined"
 STATUSES = (NOTSTARTED, STARTED, SUCCESS, ERROR, UNDEFINED)
 ACTIVE = (NOTSTARTED, STARTED)
+_STATUS_SET, _ACTIVE_SET = frozenset(STATUSES), frozenset(ACTIVE)
 
 JID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 RESERVED_JIDS = frozenset({"cmd", "jobs", "hello", "openapi.json", "events"})
@@ -156,7 +164,7 @@ PFCON_FIELDS = ("number_of_workers", "cpu_limit", "memory_limit", "gpu_limit",
                 "image", "type", "input_dir", "output_dir", "args_path_flags")
 
 DEFAULT_GRACE = 5.0
-STATE_FORMAT = 1
+STATE_FORMAT = 2           # snapshot lines carry a CRC-32; format 1 still loads
 SNAPSHOT = "state.jsonl"
 COMPACT_EVERY = 20000       # journal lines between compactions
 FLUSH_DELAY = 0.2           # how soon the reaper makes job endings durable
@@ -170,6 +178,7 @@ MAX_SECONDS = 1e8           # the largest timeout, grace or wait accepted (3 yea
 MAX_SLEEP = 3600.0          # the reaper wakes at least this often
 CHANGES_KEPT = 4096         # changes the feed remembers; an older cursor gets reset
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MAX_DEPTH = 64              # nesting levels of a job's meta (and extras) accepted
 _MISSING = object()
 TAIL_LINES, TAIL_BYTES = 1000, 65536
 
@@ -381,6 +390,42 @@ def _check_count(name, value, allow_none=True):
     return value
 
 
+def _depth_ok(value, limit):
+    """True if *value* (JSON data) nests at most *limit* lists/objects deep.
+    Iterative: a hostile value cannot exhaust the stack here."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, (dict, list, tuple)))
+    return True
+
+
+def _refuse_constant(name):
+    raise ValueError("%s is not a JSON number" % name)
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("%s is out of range for a JSON number" % text)
+    return value
+
+
+# json.loads for anything from outside: NaN, Infinity and numbers that
+# overflow a float (1e400) are refused (ValueError), as strict parsers
+# (JavaScript, jq, Go) would refuse them in pman's replies.
+_loads = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float).decode
+
+
 def _check_env(env):
     if env is None:
         return None
@@ -447,11 +492,21 @@ def _check_spec(cmd, *, jid=None, auid="", meta=None, env=None, cwd=None, timeou
     if cwd is not None and not isinstance(cwd, str):
         raise InvalidArgument("cwd must be a string")
     _check_number("timeout", timeout)
+    # Checked before anything is created: what is stored must also be
+    # listable, searchable and serializable in any thread, so the depth
+    # stays far from the recursion limit.
+    # extras may hold the whole meta a command-dialect client sent, one level
+    # down (sent_meta).
+    for name, value, depth in (("meta", meta, MAX_DEPTH), ("extras", extras, MAX_DEPTH + 1)):
+        if not _depth_ok(value, depth):
+            raise InvalidArgument("%s is nested too deeply: at most %d levels"
+                                  % (name, depth))
     try:
-        json.dumps([meta, extras])
-    except (TypeError, ValueError, RecursionError) as e:
-        raise InvalidArgument("meta is not JSON-serializable: %s" % (
-            "nested too deeply" if isinstance(e, RecursionError) else e)) from None
+        json.dumps([meta, extras], allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument("meta is not storable as JSON: %s" % (
+            "NaN and infinite numbers are not JSON" if isinstance(e, ValueError)
+            else e)) from None
     if jid is not None:
         check_jid(jid)
     return _Spec(jid, display, argv, auid, meta, env, cwd, timeout, extras or {})
@@ -487,7 +542,57 @@ class _Job:
         self.timers = 0
 
     def line(self):
-        return json.dumps({name: getattr(self, name) for name in _FIELDS})
+        # allow_nan=False: a record holding NaN or Infinity is never written
+        # (strict JSON readers, pman's own loader among them, refuse it).
+        return json.dumps({name: getattr(self, name) for name in _FIELDS}, allow_nan=False)
+
+
+_NONE = type(None)
+# What a loader accepts in each persisted field: exact types, so that a bool
+# never passes for an int.
+_FIELD_TYPES = {
+    "jid": {str}, "status": {str}, "seq": {int}, "message": {str},
+    "returncode": {int, _NONE}, "pid": {int, _NONE}, "cmd": {str}, "argv": {list, _NONE},
+    "auid": {str}, "meta": {dict}, "env": {dict, _NONE}, "cwd": {str, _NONE},
+    "timeout": {int, float, _NONE}, "extras": {dict, _NONE}, "submitted": {str, _NONE},
+    "started": {str, _NONE}, "ended": {str, _NONE}, "ident": {list, _NONE},
+    "kill_signal": {int, _NONE}, "kill_reason": {str, _NONE}, "backend_id": {str, _NONE}}
+_REQUIRED = frozenset(_FIELD_TYPES) - {"backend_id"}    # added after format 1 was out
+
+
+def _record_problem(rec):
+    """Why the parsed state line *rec* is not a job record that pman could
+    have written, or None.  Every field's type is checked, so that a record
+    that loads can always be listed, searched and served."""
+    if type(rec) is not dict:
+        return "not a JSON object"
+    if not rec.keys() <= _FIELD_TYPES.keys():
+        return "unknown field(s) %s" % ", ".join(sorted(rec.keys() - _FIELD_TYPES.keys()))
+    if not _REQUIRED <= rec.keys():
+        return "missing field(s) %s" % ", ".join(sorted(_REQUIRED - rec.keys()))
+    for name, value in rec.items():
+        if type(value) not in _FIELD_TYPES[name]:
+            return "%r is a %s" % (name, type(value).__name__)
+    if not JID_RE.fullmatch(rec["jid"]):
+        return "invalid jid"
+    if rec["status"] not in STATUSES:
+        return "unknown status %r" % rec["status"][:40]
+    if rec["seq"] < 0:
+        return "negative seq"
+    if rec["argv"] is not None and not all(type(a) is str for a in rec["argv"]):
+        return "argv is not a list of strings"
+    if rec["env"] and not all(type(v) is str for v in rec["env"].values()):
+        return "env values are not strings"
+    for name in ("submitted", "started", "ended"):
+        if rec[name] is not None:
+            try:
+                datetime.fromisoformat(rec[name])
+            except ValueError:
+                return "%r is not an ISO 8601 time" % name
+    if ((rec["meta"] and not _depth_ok(rec["meta"], MAX_DEPTH))
+            or (rec["extras"] and not _depth_ok(rec["extras"], MAX_DEPTH))):
+        return "meta nested too deeply"
+    return None
 
 
 # A stored job (an "entry" of JobManager._jobs) is a _Job while queued or
@@ -553,6 +658,83 @@ def _write_atomic(path, chunks):
     _fsync_dir(os.path.dirname(path))
 
 
+# Format 2 of the snapshot: each line (header included) is the JSON object
+# pman keeps, with the CRC-32 of its UTF-8 text as a last member, so that the
+# file stays JSON Lines and a loader can trust a line without parsing it:
+#   {"jid": "a", ..., "backend_id": null, "crc": "1c291ca3"}
+# Journal lines are plain records, parsed and checked when they are replayed.
+_CRC_HEAD = b', "crc": "'
+
+
+def _frame(line):
+    """The snapshot form of *line* (a JSON object's text)."""
+    return '%s, "crc": "%08x"}' % (line[:-1], zlib.crc32(line.encode("utf-8")))
+
+
+def _unframe(raw):
+    """For a snapshot line *raw* (bytes ending in a newline): the original
+    line's bytes if it carries a matching checksum, False if it carries one
+    that does not match, None if it carries none."""
+    if raw[-21:-11] != _CRC_HEAD or raw[-3:] != b'"}\n':
+        return None
+    body = raw[:-21] + b"}"
+    try:
+        return body if int(raw[-11:-3], 16) == zlib.crc32(body) else False
+    except ValueError:
+        return False
+
+
+def _line_problem(obj, line):
+    """Why the parsed unframed line *obj* (text *line*) cannot be replayed,
+    or None: a job record, or ``{"forget": [jid, ...]}``."""
+    if isinstance(obj, dict) and set(obj) == {"forget"}:
+        jids = obj["forget"]
+        ok = isinstance(jids, list) and all(isinstance(j, str) for j in jids)
+        return None if ok else "bad forget line"
+    if isinstance(obj, dict) and set(obj) == {"batch"}:     # run_many(): one line
+        records = obj["batch"]
+        if not isinstance(records, list) or not records:
+            return "bad batch line"
+        for record in records:
+            problem = _record_problem(record)
+            if problem is None and list(record)[:3] != ["jid", "status", "seq"]:
+                problem = "fields out of order"
+            if problem is not None:
+                return "batch: " + problem
+        return None
+    problem = _record_problem(obj)
+    if problem is None:
+        m = _LINE_RE.match(line)        # the fields read later without parsing
+        if m is None or (m.group(1), m.group(2), int(m.group(3))) != (
+                obj["jid"], obj["status"], obj["seq"]):
+            problem = "fields out of order"
+    return problem
+
+
+def _read_header(raw):
+    """(format, generation, next_seq) from a snapshot's first line, or None
+    if it is not a header this version can trust."""
+    if raw[-1:] != b"\n":
+        return None
+    body = _unframe(raw)
+    try:
+        header = _loads((raw[:-1] if body is None else body or b"").decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    version = header.get("pman_state")
+    # Format 1 is unframed; a later one is framed (a lost checksum is damage).
+    if type(version) is not int or version not in (1, STATE_FORMAT) or (
+            (version > 1) != (body is not None)):
+        return None
+    gen, next_seq = header.get("generation", 0), header.get("next_seq", 1)
+    for value in (gen, next_seq):
+        if type(value) is not int or not 0 <= value < 1 << 63:
+            return None
+    return version, gen, max(1, next_seq)
+
+
 class _Store:
     """Snapshot + append-only journal.  The whole persistence interface:
 
@@ -609,8 +791,9 @@ class _Store:
 
     def load(self):
         """Return (jobs, next_seq, replayed): replayed is True when journals
-        or damaged files were read, so a fresh snapshot should be written.
-        Nothing is deleted or moved unless the whole load succeeds."""
+        or damaged files were read, or the snapshot has an older format, so
+        a fresh snapshot should be written.  Nothing is deleted or moved
+        unless the whole load succeeds."""
         jobs = {}
         self.active = set()         # jids whose last record is queued or running
         self._next_seq = 1
@@ -623,21 +806,17 @@ class _Store:
         if os.path.exists(snap):
             bad, torn = [], [False]
             with open(snap, "rb") as f:     # streamed: 100k lines, one copy
-                lines = self._lines(f, bad, torn)
-                first = next(lines, None)
-                header = None
-                try:
-                    header = json.loads(first) if first is not None else None
-                except ValueError:
-                    pass
-                if not isinstance(header, dict) or header.get("pman_state") != STATE_FORMAT:
+                first = f.readline()
+                header = _read_header(first)
+                if header is None:
+                    # Without a trusted generation every journal is replayed.
                     bad.append("header")
-                    if first is not None:
-                        lines = itertools.chain([first], lines)
+                    lines = itertools.chain([first], f) if first else f
                 else:
-                    snap_gen = int(header.get("generation", 0))
-                    self._next_seq = int(header.get("next_seq", 1))
-                self._apply(lines, jobs, bad)
+                    version, snap_gen, self._next_seq = header
+                    replayed = version != STATE_FORMAT
+                    lines = f
+                self._apply(self._lines(lines, bad, torn), jobs, bad)
             torn = torn[0]
             if bad or torn:     # written atomically: any damage came from outside
                 aside.append((snap, "damaged snapshot (%d bad lines%s)" % (
@@ -667,33 +846,32 @@ class _Store:
         return jobs, self._next_seq, replayed
 
     def _apply(self, lines, jobs, bad):
-        """Replay record lines into *jobs* (ordered); collect bad lines;
-        note the jids whose last line is active in self.active.  Returns the
-        number of lines."""
+        """Replay checked lines (see _lines) into *jobs* (ordered); collect
+        bad lines; note the jids whose last line is active in self.active.
+        Returns the number of lines."""
         count = 0
         active = self.active
+        match, statuses, actives = _LINE_RE.match, _STATUS_SET, _ACTIVE_SET
+        next_seq = self._next_seq
         for line in lines:
             count += 1
-            m = _LINE_RE.match(line)
-            if m and line.endswith("}"):
-                jid, status = m.group(1), m.group(2)
-                if status in ACTIVE:    # parsed at startup anyway: check it now
-                    try:
-                        json.loads(line)
-                    except ValueError:
-                        bad.append(line[:40])
-                        continue
+            m = match(line)
+            if m:
+                jid, status, seq = m.groups()
+                if status not in statuses:      # a checksum proves no more than bytes
+                    bad.append(line[:40])
+                    continue
                 old = jobs.get(jid)
-                if old is not None and _LINE_RE.match(old).group(3) != m.group(3):
+                if old is not None and match(old).group(3) != seq:
                     del jobs[jid]           # a re-run moves to the end
                 jobs[jid] = line
-                if status in ACTIVE:
+                if status in actives:
                     active.add(jid)
-                else:
+                elif active:
                     active.discard(jid)
-                seq = int(m.group(3))
-                if seq >= self._next_seq:
-                    self._next_seq = seq + 1
+                seq = int(seq)
+                if seq >= next_seq:
+                    next_seq = seq + 1
                 continue
             try:
                 change = json.loads(line)
@@ -705,22 +883,43 @@ class _Store:
                     active.discard(jid)
             except (ValueError, KeyError, TypeError):
                 bad.append(line[:40])
+        self._next_seq = next_seq
         return count
 
     @staticmethod
     def _lines(f, bad, torn):
-        """Yield the str lines of binary file *f*.  Undecodable lines go to
-        *bad*; a last line without its newline is torn (``torn[0]``) and
-        dropped."""
+        """Yield the lines of binary file *f* that can be trusted, as str.
+        A format-2 snapshot line is trusted when its checksum matches (cheap:
+        100,000 lines load in well under a second); any other line (a
+        journal's, format 1's) is parsed and checked field by field.  Bad
+        lines go to *bad*; a last line without its newline is torn
+        (``torn[0]``) and dropped."""
+        crc32 = zlib.crc32
         for raw in f:
+            if raw[-3:] == b'"}\n' and raw[-21:-11] == _CRC_HEAD:   # the fast path
+                body = raw[:-21] + b"}"
+                try:
+                    if crc32(body) == int(raw[-11:-3], 16):
+                        yield body.decode("utf-8")
+                        continue
+                except ValueError:      # UnicodeDecodeError included
+                    pass
+                bad.append(raw[:40])
+                continue
             if raw[-1:] != b"\n":
                 torn[0] = True
                 return
-            if len(raw) > 1:
-                try:
-                    yield raw[:-1].decode("utf-8")
-                except UnicodeDecodeError:
-                    bad.append(raw[:40])
+            if len(raw) <= 1:
+                continue
+            try:                # no checksum: parse it and check every field
+                line = raw[:-1].decode("utf-8")
+                ok = _line_problem(_loads(line), line) is None
+            except (ValueError, RecursionError):    # UnicodeDecodeError included
+                ok = False
+            if ok:
+                yield line
+            else:
+                bad.append(raw[:40])
 
     # -- writing ----------------------------------------------------------
 
@@ -835,7 +1034,8 @@ class _Store:
                              "next_seq": next_seq, "written": _now(),
                              "pman_version": __version__})
         _write_atomic(os.path.join(self.path, SNAPSHOT), itertools.chain(
-            (header, "\n"), itertools.chain.from_iterable((line, "\n") for line in lines)))
+            (_frame(header), "\n"),
+            itertools.chain.from_iterable((_frame(line), "\n") for line in lines)))
         for old in self._journals():
             if old < gen:
                 os.unlink(self._journal_path(old))
@@ -2783,14 +2983,16 @@ class JobManager:
         with self._lock:
             ended = _is_finished(self._entry(jid))
         data = b""
+        more = False
         try:
             with open(self._log_path(jid, stream), "rb") as f:
-                left = max(0, os.fstat(f.fileno()).st_size - offset)
-                f.seek(min(offset, offset + left))
-                data = f.read(left if limit is None else min(limit, left))
-                more = bool(f.read(1))
+                left = os.fstat(f.fileno()).st_size - offset
+                if left > 0:    # never seek past the end: 2**44 is EINVAL on ext4
+                    f.seek(offset)
+                    data = f.read(left if limit is None else min(limit, left))
+                    more = bool(f.read(1))
         except FileNotFoundError:
-            more = False
+            pass
         return {"jid": jid, "stream": stream, "offset": offset,
                 "next_offset": offset + len(data), "eof": ended and not more,
                 "data": data}
@@ -2915,13 +3117,19 @@ class JobManager:
             except OSError:
                 pass
         text = b"".join(parts)[-TAIL_BYTES:].decode("utf-8", "replace")
-        return "\n".join(text.split("\n")[-TAIL_LINES:])
+        # The text after a final newline is not a line: keep 1,000 before it.
+        keep = TAIL_LINES + 1 if text.endswith("\n") else TAIL_LINES
+        return "\n".join(text.split("\n")[-keep:])
 
     def reload(self):
-        """Flush, then re-read finished jobs from the state directory and
-        settle any running job whose process is gone.  Running and queued
-        jobs are untouched.  Returns `counts()`."""
-        self.flush()
+        """Make every change durable, then re-read finished jobs from the
+        state directory (snapshot and journals) and settle any running job
+        whose process is gone.  A finished job whose record on disk differs
+        (same run) takes the disk's record; running and queued jobs are
+        untouched.  Returns `counts()`."""
+        # Not flush(): a compaction would overwrite the disk with memory
+        # before it is read.
+        self._flush()
         with self._compact_lock:
             # Read without the manager lock: every change is written (if not
             # yet synced) before it is made, so the files are never older
@@ -2938,7 +3146,7 @@ class JobManager:
                         and _line_seq(line) == _line_seq(old)):
                     self._jobs[jid] = line
                     replaced[jid] = old
-                    self._note_change(jid, m.group(2))
+                    self._note_change(jid, _line_status(line))
             if replaced:
                 self._end_order = collections.deque(
                     (jid, self._jobs[jid] if replaced.get(jid) is line else line)
@@ -3728,9 +3936,15 @@ def _close_all():
 
 MAX_BODY = 1 << 20          # bytes in a request body
 MAX_BATCH = 10000           # jobs in one POST /api/v1/jobs (bounds the reply and its time)
+MAX_HEAD = 1 << 16          # bytes of a request line and its headers
 MAX_WAIT = 60.0             # cap of a long poll, in seconds
-REQUEST_TIMEOUT = 10.0      # socket timeout of a connection
+REQUEST_TIMEOUT = 10.0      # s for a whole request (head and body) to arrive; also
+                            # the longest a kept-alive connection may sit idle
+KEEPALIVE_LINGER = 0.05     # s a handler thread waits for a connection's next request
+                            # before handing the connection back to the reader
 DEFAULT_LISTENERS = 64
+DEFAULT_LONG_POLLS = 256    # ?wait requests waiting at once; past it, 503
+FD_RESERVE = 64             # fds never used for connections (state files, a spawn's)
 PAGE_SIZE, MAX_PAGE = 100, 1000
 RAW_CHUNK = 1 << 20         # bytes at most in one raw log reply (?raw=1)
 BODY_TTL, BODY_CACHE_SIZE = 1.0, 4096   # finished jobs' encoded objects
@@ -4733,25 +4947,40 @@ _PAGE_PATHS = frozenset({"/", "/ui", "/ui/"})
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """One connection.  Persistent (HTTP/1.1), TCP_NODELAY, each reply sent
-    in one write so a keep-alive client never waits on a delayed ACK."""
+    """The requests of one connection, given to `serve` one head at a time
+    by _Server.  Persistent (HTTP/1.1), TCP_NODELAY, each reply sent in one
+    write so a keep-alive client never waits on a delayed ACK."""
 
     protocol_version = "HTTP/1.1"
     server_version = "pman/" + __version__
-    def setup(self):
-        self.timeout = self.server.request_timeout
-        super().setup()
-        try:
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+
+    def __init__(self, conn, server):
+        # Not BaseRequestHandler.__init__, which would serve the connection
+        # to its end: `serve` takes one request head at a time (_Server).
+        self.conn = conn
+        self.request = self.connection = conn.sock
+        self.client_address = conn.addr
+        self.server = server
+        self.wfile = _Writer(conn.sock)
         self._listener = False
+
+    def serve(self, head, deadline):
+        """Answer the request whose head (request line and headers) is
+        *head*; its body, if any, must arrive by *deadline*."""
+        self.rfile = io.BytesIO(head)
+        self.deadline = deadline
+        self.handle_one_request()
 
     # -- replies -------------------------------------------------------------
 
     def _reply(self, status, obj=None):
         if not isinstance(obj, _Encoded):
-            obj = _Encoded(b"" if obj is None else json.dumps(obj).encode("utf-8"))
+            try:
+                data = b"" if obj is None else json.dumps(obj, allow_nan=False).encode("utf-8")
+            except ValueError:      # NaN or Infinity: never sent (inputs refuse them)
+                log.error("a reply to %s held a non-JSON number", self.path.split("?")[0])
+                status, data = 500, b'{"status": false, "message": "internal error: ValueError"}'
+            obj = _Encoded(data)
         body = obj.data
         head = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "")),
                 "Server: " + self.server_version,
@@ -4891,10 +5120,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise HTTPError(413, "body of %d bytes is over the limit of %d" % (length, MAX_BODY))
         try:
-            data = self.rfile.read(length) if length else b""
-        except OSError:         # the socket timeout: a client that stopped sending
+            data = self.conn.read(length, self.deadline) if length else b""
+        except OSError:         # the request's deadline passed, or the client left
             self.close_connection = True
-            raise HTTPError(408, "timed out reading the request body") from None
+            raise HTTPError(408, "the request did not arrive within %g s"
+                            % self.server.request_timeout) from None
         self._body_done = True
         if len(data) < length:
             self.close_connection = True
@@ -4902,12 +5132,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if method != "POST":
             return None
         try:
-            body = json.loads(data.decode("utf-8"))
+            body = _loads(data.decode("utf-8"))
         except (ValueError, RecursionError) as e:
             raise HTTPError(400, "invalid JSON body: %s" % (
                 "nested too deeply" if isinstance(e, RecursionError) else e)) from None
         if not isinstance(body, dict):
             raise HTTPError(400, "the body must be a JSON object")
+        # The envelope around a job's meta takes a few levels more than meta.
+        if not _depth_ok(body, MAX_DEPTH + 3):
+            raise HTTPError(400, "invalid JSON body: nested too deeply (a job's meta may "
+                            "nest %d levels)" % MAX_DEPTH)
         return body
 
     def _route(self, method):
@@ -5150,16 +5384,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         jid = check_jid(name)
         if "wait" in query:
             try:
-                wait = min(float(query["wait"]), MAX_WAIT)
+                wait = float(query["wait"])
             except ValueError:
                 raise HTTPError(400, "wait must be a number of seconds") from None
-            if not wait >= 0:
+            if not 0 <= wait < math.inf:        # NaN and Infinity too
                 raise HTTPError(400, "wait must be a number of seconds")
+            wait = min(wait, self.server.max_wait)
             self.release_listener()
+            if not self.server.long_polls.acquire(blocking=False):
+                raise HTTPError(503, "too many long polls in progress: try again")
             try:
                 self.manager.wait(jid, timeout=wait)
             except Timeout:
                 pass
+            finally:
+                self.server.long_polls.release()
         # A finished job's object only changes if its logs do: serve it from
         # the cache for BODY_TTL seconds (a job's stray background process
         # may still write).  Queued and running jobs are never cached.
@@ -5170,7 +5409,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if tag is not None and hit is not None and hit[0] == tag and hit[1] > now:
             return 200, hit[2]
         body = _Encoded(json.dumps(_job_object(self.manager.get(jid, with_logs=True),
-                                               self.manager.backend.enforced)).encode("utf-8"))
+                                               self.manager.backend.enforced),
+                                   allow_nan=False).encode("utf-8"))
         if tag is not None:
             if len(cache) >= BODY_CACHE_SIZE:
                 cache.clear()
@@ -5252,13 +5492,346 @@ def _sample(lines, name, value, **labels):
         repr(float(value)) if isinstance(value, float) else value))
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    """A thread per connection (idle ones bounded by a socket timeout);
-    `listeners` caps the requests processed at once."""
+class _Writer:
+    """The handler's wfile: each reply is one sendall."""
 
-    daemon_threads = True
+    __slots__ = ("sock",)
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def write(self, data):
+        self.sock.sendall(data)     # a client that does not read: request_timeout
+        return len(data)
+
+    def flush(self):
+        pass
+
+
+class _Conn:
+    """One client connection: its socket and the bytes received but not yet
+    used.  While no request is complete it is *parked*: the reader thread
+    alone reads it, and no thread is spent on it.  Once a request head is
+    in, one handler thread owns it until it goes idle again."""
+
+    __slots__ = ("sock", "addr", "buf", "since", "idle_since", "handler", "poller", "timeout")
+
+    def __init__(self, sock, addr):
+        self.sock, self.addr = sock, addr
+        self.buf = bytearray()
+        self.since = None           # when the first byte of the pending request came
+        self.idle_since = _time()
+        self.handler = None
+        self.poller = None          # a handler thread's wait for the next request
+        self.timeout = None         # the socket's timeout while a handler owns it
+
+    def head_end(self):
+        """The length of a complete request head at the start of buf, or -1.
+        The head ends at its first empty line, CRLF or bare LF."""
+        buf = self.buf
+        crlf = buf.find(b"\n\r\n")
+        lf = buf.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else len(buf))
+        if lf >= 0:
+            return lf + 2
+        return crlf + 3 if crlf >= 0 else -1
+
+    def take(self, n):
+        """The first *n* bytes of buf, removed from it."""
+        buf = self.buf
+        if n == len(buf):       # the usual case: nothing pipelined behind
+            data = bytes(buf)
+            buf.clear()
+            self.since = None
+        else:
+            data = bytes(buf[:n])
+            del buf[:n]
+            self.since = _time()
+        return data
+
+    def read(self, n, deadline):
+        """*n* bytes (fewer if the client closes), by *deadline* (monotonic);
+        raises socket.timeout past it, however slowly the bytes trickle."""
+        if len(self.buf) < n:
+            try:
+                while len(self.buf) < n:
+                    left = deadline - _time()
+                    if left <= 0:
+                        raise socket.timeout("request deadline passed")
+                    self.sock.settimeout(left)
+                    data = self.sock.recv(min(MAX_BODY, max(65536, n - len(self.buf))))
+                    if not data:
+                        break
+                    self.buf += data
+            finally:
+                self.sock.settimeout(self.timeout)
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    def next_head(self, linger):
+        """Wait up to *linger* s for the whole head of the next request:
+        its length, -1 if it is not complete by then, 0 if the client
+        closed.  A busy keep-alive client is served by the same thread.
+        The socket's timeout stays as it is (no syscall per request)."""
+        if self.buf:
+            end = self.head_end()
+            if end >= 0:
+                return end
+        poller = self.poller
+        if poller is None:
+            poller = self.poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+        wait, until = linger * 1000, None
+        while len(self.buf) <= MAX_HEAD and poller.poll(wait):
+            data = self.sock.recv(65536)
+            if not data:
+                return 0
+            if self.since is None:
+                self.since = _time()
+            self.buf += data
+            end = self.head_end()
+            if end >= 0:
+                return end
+            if until is None:           # a head in pieces: the rest within linger
+                until = _time() + linger
+            wait = (until - _time()) * 1000
+            if wait <= 0:
+                break
+        return -1
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _canned(status, reason, message):
+    body = json.dumps({"status": False, "message": message}).encode("utf-8")
+    return (b"HTTP/1.1 %d %s\r\nServer: pman/%s\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (status, reason.encode(), __version__.encode(), len(body), body))
+
+
+def _fd_limit(raise_soft=False):
+    """The soft RLIMIT_NOFILE; with *raise_soft*, first raise it to the hard
+    limit (no privilege needed)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if raise_soft and soft != hard:
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.info("could not raise the fd limit from %d to %d: %s", soft, target, e)
+    return soft
+
+
+class _Server(http.server.HTTPServer):
+    """One reader thread (the one in `serve_forever`) accepts connections
+    and reads them with `selectors` until a request head is complete; only
+    then a handler thread (``pman-http``) serves it, and keeps serving that
+    connection while its requests follow each other, then hands it back.
+    So slow or idle clients cost no thread.  Bounds: a whole request must
+    arrive within ``request_timeout``, idle connections close after it, at
+    most ``max_connections`` are open (past it a new one gets 503 at once),
+    and `listeners` caps the requests processed at once."""
+
     request_queue_size = 1024   # socketserver's 5 drops SYNs under a burst
     allow_reuse_address = True
+
+    def server_activate(self):
+        super().server_activate()
+        self._parked = {}                   # fd -> _Conn; the reader thread only
+        self._returned = collections.deque()    # _Conns handed back by handler threads
+        self._waker = _Waker()
+        self._open = 0                      # connections open
+        self._open_lock = threading.Lock()  # guards _open
+        self._stop = threading.Event()      # shutdown() asks the reader to stop
+        self._stopped = threading.Event()   # the reader has stopped
+        self._stopped.set()
+
+    def serve_forever(self, poll_interval=None):
+        """Accept and read connections until `shutdown` (*poll_interval* is
+        accepted for socketserver's signature; shutdown wakes the loop)."""
+        self._stop.clear()
+        self._stopped.clear()
+        sel = selectors.DefaultSelector()
+        try:
+            self.socket.setblocking(False)
+            sel.register(self.socket, selectors.EVENT_READ, "accept")
+            sel.register(self._waker.r, selectors.EVENT_READ, "wake")
+            sweep_every = min(0.25, self.request_timeout / 4)
+            next_sweep = _time() + sweep_every
+            paused_until, backoff = None, 0.0
+            while not self._stop.is_set():
+                now = _time()
+                wait = next_sweep - now
+                if paused_until is not None:
+                    wait = min(wait, paused_until - now)
+                for key, _ in sel.select(max(0.0, wait)):
+                    if key.data == "accept":
+                        err = self._accept(sel)
+                        if err is not None:     # out of fds: stop selecting the listener
+                            sel.unregister(self.socket)
+                            if not backoff:
+                                log.warning("cannot accept connections (%s): pausing "
+                                            "accepts, retrying with a backoff", err)
+                            backoff = min(1.0, backoff * 2 or 0.05)
+                            paused_until = _time() + backoff
+                        elif backoff:
+                            log.warning("accepting connections again")
+                            backoff = 0.0
+                    elif key.data == "wake":
+                        _drain(self._waker.r)
+                        while self._returned:
+                            self._park(sel, self._returned.popleft())
+                    else:
+                        self._on_readable(sel, key.data)
+                now = _time()
+                if paused_until is not None and now >= paused_until:
+                    paused_until = None
+                    sel.register(self.socket, selectors.EVENT_READ, "accept")
+                if now >= next_sweep:
+                    next_sweep = now + sweep_every
+                    self._sweep(sel, now)
+        finally:
+            for conn in list(self._parked.values()):
+                self._drop(conn)
+            self._parked.clear()
+            sel.close()
+            self._stopped.set()
+
+    def shutdown(self):
+        """Stop `serve_forever` and wait until it has returned."""
+        self._stop.set()
+        self._waker.wake()
+        self._stopped.wait()
+
+    def server_close(self):
+        super().server_close()
+        if hasattr(self, "_waker"):     # not if the bind failed: never activated
+            self._waker.close()
+
+    # -- the reader thread ---------------------------------------------------
+
+    def _accept(self, sel):
+        """Accept what is pending; return an errno name if out of fds."""
+        for _ in range(64):
+            try:
+                sock, addr = self.socket.accept()
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return errno.errorcode.get(e.errno, str(e.errno))
+                continue            # ECONNABORTED and the like: that client only
+            with self._open_lock:
+                full = self._open >= self.max_connections
+                if not full:
+                    self._open += 1
+            if full:
+                try:
+                    sock.setblocking(False)
+                    sock.send(self._full_reply)
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            self._park(sel, _Conn(sock, addr))
+        return None
+
+    def _park(self, sel, conn):
+        conn.sock.settimeout(0.0)
+        conn.idle_since = _time()
+        self._parked[conn.sock.fileno()] = conn
+        sel.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def _unpark(self, sel, conn):
+        del self._parked[conn.sock.fileno()]
+        sel.unregister(conn.sock)
+
+    def _on_readable(self, sel, conn):
+        try:
+            data = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._unpark(sel, conn)
+            self._drop(conn)
+            return
+        if conn.since is None:
+            conn.since = _time()
+        conn.buf += data
+        end = conn.head_end()
+        if end < 0 and len(conn.buf) <= MAX_HEAD:
+            return
+        self._unpark(sel, conn)
+        if end < 0:
+            self._drop(conn, _canned(431, "Request Header Fields Too Large",
+                                     "the request line and headers exceed %d bytes" % MAX_HEAD))
+            return
+        threading.Thread(target=self._serve_conn, args=(conn, end), name="pman-http",
+                         daemon=True).start()
+
+    def _sweep(self, sel, now):
+        """Close parked connections whose request is overdue, or that sat
+        idle too long."""
+        limit = self.request_timeout
+        for conn in list(self._parked.values()):
+            if conn.since is not None and now - conn.since > limit:
+                self._unpark(sel, conn)
+                self._drop(conn, _canned(408, "Request Timeout", "the request did not "
+                                         "arrive within %g s" % limit))
+            elif conn.since is None and now - conn.idle_since > limit:
+                self._unpark(sel, conn)
+                self._drop(conn)
+
+    def _drop(self, conn, reply=None):
+        if reply is not None:
+            try:
+                conn.sock.settimeout(0.0)
+                conn.sock.send(reply)
+            except OSError:
+                pass
+        try:
+            conn.close()
+        except OSError:
+            pass
+        with self._open_lock:
+            self._open -= 1
+
+    # -- handler threads -------------------------------------------------------
+
+    def _serve_conn(self, conn, end):
+        """Serve requests on *conn* while they come back to back; then hand
+        it back to the reader (or close it)."""
+        try:
+            if conn.handler is None:
+                conn.handler = _Handler(conn, self)
+                conn.timeout = self.request_timeout
+            conn.sock.settimeout(conn.timeout)     # blocking, bounded, until parked again
+            handler = conn.handler
+            while end > 0:
+                since = conn.since
+                handler.serve(conn.take(end), since + self.request_timeout)
+                if handler.close_connection or self._stop.is_set():
+                    break
+                end = conn.next_head(self.linger)
+                if end < 0:                 # idle, or a slow next request
+                    self._returned.append(conn)
+                    self._waker.wake()
+                    return
+        except Exception:
+            log.debug("connection from %s failed", conn.addr, exc_info=True)
+        self._drop(conn)
 
     def stop_soon(self):
         threading.Thread(target=self.shutdown, name="pman-http-stop", daemon=True).start()
@@ -5334,15 +5907,24 @@ class _Server(http.server.ThreadingHTTPServer):
 
 def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
                 listeners=DEFAULT_LISTENERS, insecure_no_token=False,
-                request_timeout=REQUEST_TIMEOUT, event_waiters=EVENT_WAITERS):
+                request_timeout=REQUEST_TIMEOUT, max_wait=MAX_WAIT,
+                long_polls=DEFAULT_LONG_POLLS, max_connections=None,
+                event_waiters=EVENT_WAITERS):
     """An HTTP server for *manager*, bound but not yet serving: call its
     ``serve_forever()`` (in a thread if you like) and ``shutdown()``.
 
     A non-loopback *host* needs a *token* (clients send ``Authorization:
     Bearer <token>``) unless ``insecure_no_token=True``.  While bound to
-    loopback, requests naming a foreign Host are refused (403).  At most
-    *event_waiters* long polls of /api/v1/events wait at once; past that
-    one is answered at once (``"busy": true``)."""
+    loopback, requests naming a foreign Host are refused (403).
+
+    *request_timeout* (s) bounds the arrival of a whole request and the idle
+    time of a kept-alive connection; *listeners* the requests processed at
+    once; *long_polls* the ``?wait`` requests waiting at once; past either,
+    503.  *max_connections* defaults to the soft ``RLIMIT_NOFILE`` less
+    FD_RESERVE and one fd per job slot (``max_running``, or half the limit
+    when it is unlimited): past it a new connection gets 503 at once.  At
+    most *event_waiters* long polls of /api/v1/events wait at once; past
+    that one is answered at once (``"busy": true``)."""
     if token is not None:
         if not isinstance(token, str) or not token or not token.isascii():
             raise InvalidArgument("the token must be a non-empty ASCII string")
@@ -5354,6 +5936,16 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
     for name, value in (("listeners", listeners), ("event_waiters", event_waiters)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidArgument("%s must be a positive integer" % name)
+    for name, value in (("request_timeout", request_timeout), ("max_wait", max_wait)):
+        if _check_number(name, value, allow_none=False) <= 0:
+            raise InvalidArgument("%s must be positive" % name)
+    for name, value in (("long_polls", long_polls), ("max_connections", max_connections)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise InvalidArgument("%s must be a positive integer" % name)
+    if max_connections is None:
+        fds = _fd_limit()
+        max_connections = max(16, fds - FD_RESERVE - (manager.max_running or fds // 2))
     server_cls = _Server
     if ":" in host:
         server_cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
@@ -5364,6 +5956,12 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
     server.allowed_hosts = {"localhost", "127.0.0.1", "::1", host.strip("[]").lower()}
     server.listeners = threading.BoundedSemaphore(listeners)
     server.request_timeout = request_timeout
+    server.max_wait = max_wait
+    server.linger = min(KEEPALIVE_LINGER, request_timeout)
+    server.long_polls = threading.BoundedSemaphore(long_polls)
+    server.max_connections = max_connections
+    server._full_reply = _canned(503, "Service Unavailable", "too many open connections "
+                                 "(%d): try again" % max_connections)
     server.container_env = manager.backend.name
     server.commands = _CommandDialect(server)
     server.body_cache = {}          # jid -> (etag, expiry, _Encoded)
@@ -5473,6 +6071,12 @@ def _serve_parser(prog="pman"):
                    help="allow a non-loopback address without a token")
     p.add_argument("--listeners", type=int, default=DEFAULT_LISTENERS,
                    help="requests processed at once; past it, 503 (default 64)")
+    p.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT, metavar="S",
+                   help="seconds a client has to send a whole request, and the longest "
+                   "a kept-alive connection may sit idle (default %g)" % REQUEST_TIMEOUT)
+    p.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="open connections at most; past it, 503 at once (default: from "
+                   "the fd limit, which pman raises to its hard limit at start)")
     p.add_argument("--kill-on-exit", action="store_true",
                    help="kill running jobs when the server stops (default: they keep "
                    "running and the next start re-adopts them)")
@@ -5504,6 +6108,7 @@ def _serve(argv, prog="pman"):
                         format="%(asctime)s pman %(levelname)s %(message)s")
     access_log.setLevel(logging.DEBUG if args.verbose and not args.quiet else logging.WARNING)
     token = args.token or os.environ.get("PMAN_TOKEN") or None
+    _fd_limit(raise_soft=True)      # connections and jobs' pidfds: see make_server
     try:
         if args.token_file:
             token = _read_token(args.token_file)
@@ -5521,7 +6126,9 @@ def _serve(argv, prog="pman"):
     try:
         server = make_server(manager, args.host, args.port, token=token,
                              listeners=args.listeners,
-                             insecure_no_token=args.insecure_no_token)
+                             insecure_no_token=args.insecure_no_token,
+                             request_timeout=args.request_timeout,
+                             max_connections=args.max_connections)
     except (PmanError, OSError) as e:
         manager.close()
         print("pman: %s" % e, file=sys.stderr)
