@@ -2562,6 +2562,7 @@ class JobManager:
         self._lock = threading.Lock()       # guards all job state below
         self._changed = threading.Condition(self._lock)   # a job ended
         self._fed = threading.Condition(self._lock)       # the change feed moved
+        self._listeners = []    # callables run (under the lock) when it moves: must not block
         # The change feed (see changes()): the latest (seq, jid) pairs.  Each
         # opening numbers from the clock's microseconds, so a cursor handed
         # out by an earlier run is always behind this one's and gets reset.
@@ -3344,6 +3345,8 @@ class JobManager:
                 self._tally[status] += 1
             self._tallied.discard(jid)
         self._fed.notify_all()
+        for wake in self._listeners:
+            wake()
 
     def _forget(self, jids=(), *, oldest=0):
         """Forget finished *jids*, or the *oldest* finished jobs."""
@@ -4963,6 +4966,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.server = server
         self.wfile = _Writer(conn.sock)
         self._listener = False
+        self.parked = None          # a long poll waiting for its answer (_Parked)
 
     def serve(self, head, deadline):
         """Answer the request whose head (request line and headers) is
@@ -5041,6 +5045,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._template = None           # the route's, for the metrics
         try:
             status, obj = self._route(method)
+        except _Parked as parked:       # answered later, by answer_parked()
+            self.parked = parked
+            return
         except Exception as e:
             if not self._body_done and (self.headers.get("Transfer-Encoding") or
                                         self.headers.get("Content-Length", "0") != "0"):
@@ -5063,11 +5070,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
 
-    def release_listener(self):
-        """A long poll holds no listener while it waits."""
-        if self._listener:
-            self._listener = False
-            self.server.listeners.release()
+    def answer_parked(self, parked):
+        """Write the reply of the long poll this handler parked."""
+        try:
+            status, obj = parked.answer()
+        except Exception as e:
+            status = _status_for(e)
+            if status == 500:
+                log.exception("internal error answering %s", self.path.split("?")[0])
+            obj = {"status": False, "message": str(e) if status != 500 else
+                   "internal error: %s" % type(e).__name__}
+        finally:
+            parked.done()
+        try:
+            self._reply(status, obj)
+        except OSError:
+            self.close_connection = True
 
     def _check_access(self, token=True):
         """The Host check, then (unless *token* is False: the page, which
@@ -5315,9 +5333,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise HTTPError(400, "wait must be a number of seconds") from None
             if not wait >= 0:
                 raise HTTPError(400, "wait must be a number of seconds")
-        if wait > 0:
-            self.release_listener()
-        feed = self.server.event_polls.answer(since, wait, int(limit))
+        try:
+            return self._events_reply(self.server.event_polls.answer(since, wait, int(limit)))
+        except _Parked as parked:
+            answer = parked.answer
+            parked.answer = lambda: self._events_reply(answer())
+            raise
+
+    @staticmethod
+    def _events_reply(feed):
         for change in feed["changes"]:
             if change["job"] is not None:
                 change["job"] = _job_object(change["job"])
@@ -5390,15 +5414,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if not 0 <= wait < math.inf:        # NaN and Infinity too
                 raise HTTPError(400, "wait must be a number of seconds")
             wait = min(wait, self.server.max_wait)
-            self.release_listener()
-            if not self.server.long_polls.acquire(blocking=False):
-                raise HTTPError(503, "too many long polls in progress: try again")
-            try:
-                self.manager.wait(jid, timeout=wait)
-            except Timeout:
-                pass
-            finally:
-                self.server.long_polls.release()
+            if wait > 0 and self.manager.etag(jid) is None:     # still queued or running
+                if not self.server.long_polls.acquire(blocking=False):
+                    raise HTTPError(503, "too many long polls in progress: try again")
+                manager = self.manager
+
+                def ended():
+                    try:
+                        return manager.etag(jid) is not None
+                    except JobNotFound:
+                        return True
+                raise _Parked(ended, lambda: self._job_reply(jid), _time() + wait,
+                              self.server.long_polls.release)
+        return self._job_reply(jid)
+
+    def _job_reply(self, jid):
         # A finished job's object only changes if its logs do: serve it from
         # the cache for BODY_TTL seconds (a job's stray background process
         # may still write).  Queued and running jobs are never cached.
@@ -5432,16 +5462,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                      "GET": _wrap([record["jid"]] + parts, value)}
 
 
+class _Parked(Exception):
+    """Raised by a long-poll route with nothing to answer yet.  The
+    connection goes back to the server's reader thread, so a waiting client
+    holds no thread; once ``ready()`` is true (checked whenever the
+    manager's change feed moves) or *deadline* (monotonic) has passed, a
+    handler thread writes ``answer()``'s (status, obj) and ``done()``
+    releases what the poll held."""
+
+    def __init__(self, ready, answer, deadline, done):
+        super().__init__("parked")
+        self.ready, self.answer, self.deadline, self.done = ready, answer, deadline, done
+
+
 class _EventPolls:
-    """The long polls of ``GET /api/v1/events``: the one place where a
-    request waits for the change feed.  At most *cap* wait at once; a poll
-    past the cap is answered at once with what there is and ``"busy":
-    true`` (poll again after a pause), never refused.  A waiting poll holds
-    no listener.  The wait itself is `JobManager.changes` with a timeout,
-    on the connection's thread: a server that parks connections (one
-    selector for all) calls ``answer(since, 0, limit)`` when the manager's
-    feed moves or the poll's time is up, and counts parked polls against
-    the same cap."""
+    """The long polls of ``GET /api/v1/events``.  At most *cap* wait at
+    once; a poll past the cap is answered at once with what there is and
+    ``"busy": true`` (poll again after a pause), never refused.  A waiting
+    poll is parked (see _Parked): it holds no thread and no listener."""
 
     def __init__(self, manager, cap):
         self.manager = manager
@@ -5451,7 +5489,9 @@ class _EventPolls:
         self.waiting = 0
 
     def answer(self, since, wait, limit):
-        feed = self.manager.changes(since, limit=limit)
+        """The feed after *since* now, or raise _Parked to wait for it."""
+        manager = self.manager
+        feed = manager.changes(since, limit=limit)
         if since is None or feed["changes"] or feed["reset"] or wait <= 0:
             return feed
         if not self.slots.acquire(blocking=False):
@@ -5459,12 +5499,13 @@ class _EventPolls:
             return feed
         with self.lock:
             self.waiting += 1
-        try:
-            return self.manager.changes(since, limit=limit, timeout=wait)
-        finally:
+
+        def done():
             with self.lock:
                 self.waiting -= 1
             self.slots.release()
+        raise _Parked(lambda: manager._feed_seq > since or manager._closing,
+                      lambda: manager.changes(since, limit=limit), _time() + wait, done)
 
 
 _METHODS = frozenset({"GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"})
@@ -5648,6 +5689,8 @@ class _Server(http.server.HTTPServer):
         self._waker = _Waker()
         self._open = 0                      # connections open
         self._open_lock = threading.Lock()  # guards _open
+        self._polls_lock = threading.Lock()     # guards _polls
+        self._polls = []                    # (conn, _Parked): long polls, no thread each
         self._stop = threading.Event()      # shutdown() asks the reader to stop
         self._stopped = threading.Event()   # the reader has stopped
         self._stopped.set()
@@ -5665,11 +5708,15 @@ class _Server(http.server.HTTPServer):
             sweep_every = min(0.25, self.request_timeout / 4)
             next_sweep = _time() + sweep_every
             paused_until, backoff = None, 0.0
+            self.manager._listeners.append(self._waker.wake)   # long polls re-checked
+            poll_due = None
             while not self._stop.is_set():
                 now = _time()
                 wait = next_sweep - now
                 if paused_until is not None:
                     wait = min(wait, paused_until - now)
+                if poll_due is not None:
+                    wait = min(wait, poll_due - now)
                 for key, _ in sel.select(max(0.0, wait)):
                     if key.data == "accept":
                         err = self._accept(sel)
@@ -5690,6 +5737,7 @@ class _Server(http.server.HTTPServer):
                     else:
                         self._on_readable(sel, key.data)
                 now = _time()
+                poll_due = self._answer_polls(now)
                 if paused_until is not None and now >= paused_until:
                     paused_until = None
                     sel.register(self.socket, selectors.EVENT_READ, "accept")
@@ -5697,9 +5745,18 @@ class _Server(http.server.HTTPServer):
                     next_sweep = now + sweep_every
                     self._sweep(sel, now)
         finally:
+            try:
+                self.manager._listeners.remove(self._waker.wake)
+            except ValueError:
+                pass
             for conn in list(self._parked.values()):
                 self._drop(conn)
             self._parked.clear()
+            with self._polls_lock:
+                polls, self._polls = self._polls, []
+            for conn, parked in polls:
+                parked.done()
+                self._drop(conn)
             sel.close()
             self._stopped.set()
 
@@ -5810,18 +5867,29 @@ class _Server(http.server.HTTPServer):
 
     # -- handler threads -------------------------------------------------------
 
-    def _serve_conn(self, conn, end):
-        """Serve requests on *conn* while they come back to back; then hand
-        it back to the reader (or close it)."""
+    def _serve_conn(self, conn, end, parked=None):
+        """Serve requests on *conn* while they come back to back (first the
+        answer of its *parked* long poll, if any); then hand it back to the
+        reader (or close it)."""
         try:
             if conn.handler is None:
                 conn.handler = _Handler(conn, self)
                 conn.timeout = self.request_timeout
             conn.sock.settimeout(conn.timeout)     # blocking, bounded, until parked again
             handler = conn.handler
-            while end > 0:
-                since = conn.since
-                handler.serve(conn.take(end), since + self.request_timeout)
+            while True:
+                if parked is not None:
+                    handler.answer_parked(parked)
+                    parked = None
+                else:
+                    since = conn.since
+                    handler.serve(conn.take(end), since + self.request_timeout)
+                    if handler.parked is not None:  # a long poll: no thread while it waits
+                        with self._polls_lock:
+                            self._polls.append((conn, handler.parked))
+                        handler.parked = None
+                        self._waker.wake()
+                        return
                 if handler.close_connection or self._stop.is_set():
                     break
                 end = conn.next_head(self.linger)
@@ -5829,9 +5897,33 @@ class _Server(http.server.HTTPServer):
                     self._returned.append(conn)
                     self._waker.wake()
                     return
+                if end == 0:                # the client closed
+                    break
         except Exception:
             log.debug("connection from %s failed", conn.addr, exc_info=True)
         self._drop(conn)
+
+    def _answer_polls(self, now):
+        """Hand the parked long polls that are ready or due to handler
+        threads; return when the next one is due (or None).  Reader only."""
+        with self._polls_lock:
+            if not self._polls:
+                return None
+            due, waiting = [], []
+            for item in self._polls:
+                parked = item[1]
+                try:
+                    ready = parked.deadline <= now or parked.ready()
+                except Exception:
+                    log.exception("checking a long poll failed: answering it now")
+                    ready = True
+                (due if ready else waiting).append(item)
+            self._polls = waiting
+            first = min((p.deadline for _, p in waiting), default=None)
+        for conn, parked in due:
+            threading.Thread(target=self._serve_conn, args=(conn, 0, parked),
+                             name="pman-http", daemon=True).start()
+        return first
 
     def stop_soon(self):
         threading.Thread(target=self.shutdown, name="pman-http-stop", daemon=True).start()

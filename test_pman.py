@@ -9106,3 +9106,37 @@ def test_podman_recovers_an_inflight_start_by_name(podman_ctx):
     # earlier run's container held the name (removed, then the name reused).
     assert m.backend.calls["run"] == 3
     _until(lambda: _podman_names(tag) == [], _PODMAN_DEADLINE, "the removals")
+
+
+def test_ui_http_waiting_long_polls_hold_no_thread(http_factory):
+    """Long polls (events and ?wait) are parked with the reader: 60 waiting
+    clients cost the server no thread, and each is answered when its
+    change comes."""
+    srv = http_factory()
+    _http_post_job(srv, {"jid": "slow", "cmd": "sleep 30"})
+    seq = _http_json(srv.request("GET", "/api/v1/events"))["seq"]
+    before = {t.ident for t in threading.enumerate() if t.name == "pman-http"}
+    conns = []
+    for i in range(60):
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        conn.request("GET", "/api/v1/events?since=%d&wait=30" % seq if i % 2 else
+                     "/api/v1/slow/?wait=30")
+        conns.append(conn)
+    _until(lambda: srv.srv.event_polls.waiting == 30 and len(srv.srv._polls) == 60, 10,
+           "60 long polls to wait")
+    handlers = [t for t in threading.enumerate()
+                if t.name == "pman-http" and t.ident not in before]
+    assert len(handlers) <= 2, "%d handler threads for 60 waiting clients" % len(handlers)
+    t0 = time.monotonic()
+    srv.manager.kill("slow")
+    for i, conn in enumerate(conns):
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        assert resp.status == 200, body
+        if i % 2:
+            assert "slow" in [c["jid"] for c in body["changes"]], body
+        else:
+            assert body["status"] == "finishedWithError" and body["returncode"] == -15, body
+        conn.close()
+    assert time.monotonic() - t0 < 10
+    assert srv.srv.event_polls.waiting == 0 and srv.srv._polls == []
