@@ -4435,6 +4435,10 @@ class _Routes:
          "Prometheus metrics (text format 0.0.4); token rules as the API"),
     ]
     COMPILED = [(m, re.compile(rx + "/?"), p, h, s) for m, rx, p, h, s in TABLE]
+    # method -> [(regex, template, handler name)], in table order: a request
+    # tries only its method's routes (the others only to say what a 405 allows)
+    BY_METHOD = {m: [(rx, p, h) for m2, rx, p, h, _ in routes if m2 == m]
+                 for routes in (COMPILED,) for m in {r[0] for r in routes}}
 
     _JID = {"oneOf": [{"type": "string", "pattern": "^/?%s$" % JID_RE.pattern},
                       {"type": "integer", "description": "taken as its decimal string"}]}
@@ -5186,13 +5190,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if len(values) > 1:
                 raise HTTPError(400, "query parameter %r given more than once" % key)
         query = {k: v[0] for k, v in query.items()}
-        for route_method, regex, template, handler, _ in _Routes.COMPILED:
+        for regex, template, handler in _Routes.BY_METHOD.get(method, ()):
             match = regex.fullmatch(path)
             if match is None:
                 continue
-            self._template = self._template or template     # for the metrics
-            if route_method != method:
-                continue
+            self._template = template       # for the metrics
             groups = {}
             for key, value in match.groupdict().items():
                 try:
