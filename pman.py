@@ -5063,8 +5063,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             else:
                 message = str(e)
             obj = {"status": False, "message": message}
-            if getattr(e, "envelope", None):
-                obj = dict(e.envelope, **obj)
         finally:
             if self._listener:
                 self._listener = False
@@ -5366,11 +5364,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._only(query)
         try:
             return 200, self.server.commands.dispatch(body)
-        except PmanError as e:
+        except PmanError as e:      # the error in the dialect's envelope
             payload = body.get("payload", body) if isinstance(body.get("payload", body), dict) else {}
-            e.envelope = {"action": payload.get("action"), "meta": payload.get("meta"),
-                          "path": "/api/v1/cmd", "RESTverb": "POST"}
-            raise
+            return _status_for(e), {"action": payload.get("action"),
+                                    "meta": payload.get("meta"), "path": "/api/v1/cmd",
+                                    "RESTverb": "POST", "status": False, "message": str(e)}
 
     def route_logs(self, groups, query, body):
         self._only(query, "stream", "offset", "limit", "raw")
@@ -5431,23 +5429,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self._job_reply(jid)
 
     def _job_reply(self, jid):
-        # A finished job's object only changes if its logs do: serve it from
-        # the cache for BODY_TTL seconds (a job's stray background process
-        # may still write).  Queued and running jobs are never cached.
-        cache = self.server.body_cache
-        tag = self.manager.etag(jid)
-        hit = cache.get(jid)
-        now = _time()
-        if tag is not None and hit is not None and hit[0] == tag and hit[1] > now:
-            return 200, hit[2]
-        body = _Encoded(json.dumps(_job_object(self.manager.get(jid, with_logs=True),
-                                               self.manager.backend.enforced),
-                                   allow_nan=False).encode("utf-8"))
-        if tag is not None:
-            if len(cache) >= BODY_CACHE_SIZE:
-                cache.clear()
-            cache[jid] = (tag, now + BODY_TTL, body)
-        return 200, body
+        manager = self.manager
+        return 200, self.server.bodies.get(jid, lambda: _Encoded(json.dumps(
+            _job_object(manager.get(jid, with_logs=True), manager.backend.enforced),
+            allow_nan=False).encode("utf-8")))
 
     def route_delete_job(self, groups, query, body):
         self._only(query, "kill")
@@ -5462,6 +5447,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = "/api/v1/" + "/".join([groups["jid"]] + parts)
         return 200, {"status": True, "path": path,
                      "GET": _wrap([record["jid"]] + parts, value)}
+
+
+class _BodyCache:
+    """Encoded job objects of finished jobs.  A finished job's object only
+    changes if its logs do, so it is served from here for BODY_TTL seconds
+    (a job's stray background process may still write), checked against
+    the record's etag; queued and running jobs are never cached."""
+
+    def __init__(self, manager):
+        self.manager = manager
+        self._cache = {}        # jid -> (etag, expiry, _Encoded); dict ops are atomic
+
+    def get(self, jid, encode):
+        """The encoded object of *jid*: cached, or ``encode()``d now."""
+        tag = self.manager.etag(jid)
+        hit = self._cache.get(jid)
+        now = _time()
+        if tag is not None and hit is not None and hit[0] == tag and hit[1] > now:
+            return hit[2]
+        body = encode()
+        if tag is not None:
+            if len(self._cache) >= BODY_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[jid] = (tag, now + BODY_TTL, body)
+        return body
 
 
 class _Parked(Exception):
@@ -5683,6 +5693,33 @@ class _Server(http.server.HTTPServer):
 
     request_queue_size = 1024   # socketserver's 5 drops SYNs under a burst
     allow_reuse_address = True
+
+    def __init__(self, address, manager, *, token, loopback, listeners, request_timeout,
+                 max_wait, long_polls, max_connections, event_waiters):
+        """Bind *address* and serve *manager* (see make_server, which checks
+        the options)."""
+        self.manager = manager
+        self.token = None if token is None else token.encode("ascii")
+        self.loopback = loopback
+        self.allowed_hosts = {"localhost", "127.0.0.1", "::1", address[0].lower()}
+        self.listeners = threading.BoundedSemaphore(listeners)
+        self.request_timeout = request_timeout
+        self.max_wait = max_wait
+        self.linger = min(KEEPALIVE_LINGER, request_timeout)
+        self.long_polls = threading.BoundedSemaphore(long_polls)
+        self.max_connections = max_connections
+        self._full_reply = _canned(503, "Service Unavailable", "too many open connections "
+                                   "(%d): try again" % max_connections)
+        self.container_env = manager.backend.name
+        self.commands = _CommandDialect(self)
+        self.bodies = _BodyCache(manager)
+        self.warned_lock = threading.Lock()     # guards warned_fields and warned_full
+        self.warned_fields = set()              # unknown field names already logged
+        self.warned_full = False
+        self.event_polls = _EventPolls(manager, event_waiters)
+        self.metrics_lock = threading.Lock()    # guards requests
+        self.requests = collections.Counter()   # (template, method, code) -> n
+        super().__init__(address, _Handler)
 
     def server_activate(self):
         super().server_activate()
@@ -5999,6 +6036,10 @@ class _Server(http.server.HTTPServer):
                         MAX_WARNED_FIELDS)
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
                 listeners=DEFAULT_LISTENERS, insecure_no_token=False,
                 request_timeout=REQUEST_TIMEOUT, max_wait=MAX_WAIT,
@@ -6040,32 +6081,10 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
     if max_connections is None:
         fds = _fd_limit()
         max_connections = max(16, fds - FD_RESERVE - (manager.max_running or fds // 2))
-    server_cls = _Server
-    if ":" in host:
-        server_cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
-    server = server_cls((host.strip("[]"), port), _Handler)
-    server.manager = manager
-    server.token = None if token is None else token.encode("ascii")
-    server.loopback = loopback
-    server.allowed_hosts = {"localhost", "127.0.0.1", "::1", host.strip("[]").lower()}
-    server.listeners = threading.BoundedSemaphore(listeners)
-    server.request_timeout = request_timeout
-    server.max_wait = max_wait
-    server.linger = min(KEEPALIVE_LINGER, request_timeout)
-    server.long_polls = threading.BoundedSemaphore(long_polls)
-    server.max_connections = max_connections
-    server._full_reply = _canned(503, "Service Unavailable", "too many open connections "
-                                 "(%d): try again" % max_connections)
-    server.container_env = manager.backend.name
-    server.commands = _CommandDialect(server)
-    server.body_cache = {}          # jid -> (etag, expiry, _Encoded)
-    server.warned_lock = threading.Lock()   # guards warned_fields and warned_full
-    server.warned_fields = set()    # unknown field names already logged
-    server.warned_full = False
-    server.event_polls = _EventPolls(manager, event_waiters)
-    server.metrics_lock = threading.Lock()  # guards requests
-    server.requests = collections.Counter()     # (template, method, code) -> n
-    return server
+    return (_Server6 if ":" in host else _Server)(
+        (host.strip("[]"), port), manager, token=token, loopback=loopback, listeners=listeners,
+        request_timeout=request_timeout, max_wait=max_wait, long_polls=long_polls,
+        max_connections=max_connections, event_waiters=event_waiters)
 
 
 # ---------------------------------------------------------------------------
