@@ -2403,6 +2403,43 @@ _registry = {}                      # realpath -> open JobManager
 _registry_lock = threading.Lock()   # guards _registry and JobManager._refs
 
 
+class _Retention:
+    """Which finished jobs go first when jobs are forgotten
+    (``keep_finished``, ``forget(keep=)``): those that ended first, not those
+    submitted first, so a job that just ended is never the next forgotten.
+    Holds (jid, line) pairs in order of ending; a pair whose line is no
+    longer the job's record (re-run, forgotten, replaced by `reload`) is
+    stale and skipped.  Guarded by the manager's lock."""
+
+    def __init__(self, pairs):
+        self._order = collections.deque(pairs)
+        self.count = len(self._order)       # finished jobs held now
+
+    def ended(self, jid, line, jobs):
+        self.count += 1
+        self._order.append((jid, line))
+        if len(self._order) > 2 * self.count + 1000:      # drop stale pairs
+            self._order = collections.deque(p for p in self._order if jobs.get(p[0]) is p[1])
+
+    def oldest(self, n, jobs):
+        """Remove and return the jids of the *n* jobs that ended first."""
+        doomed = []
+        while self._order and len(doomed) < n:
+            jid, line = self._order.popleft()
+            if jobs.get(jid) is line:       # else re-run or forgotten since
+                doomed.append(jid)
+        return doomed
+
+    def put_back(self, pairs):
+        """Return (jid, line) *pairs* taken by `oldest` to the front."""
+        self._order.extendleft(reversed(pairs))
+
+    def relined(self, replaced, jobs):
+        """Jobs whose finished line `reload` replaced (jid -> old line)."""
+        self._order = collections.deque(
+            (jid, jobs[jid] if replaced.get(jid) is line else line) for jid, line in self._order)
+
+
 class _Timers:
     """The manager's timers (a timeout, a kill's escalation, a re-send, a
     log check), in a heap of (when, n, kind, jid, seq).  Each belongs to one
@@ -2584,13 +2621,10 @@ class JobManager:
         self._compact_lock = threading.Lock()   # one compaction at a time
         self.backend.open(self._path, self.log_dir, self._log_path)
         self._backend_open = True
-        self._finished = 0
-        self._end_order = collections.deque()   # (jid, line) in order of ending
         # Replay: finished jobs stay lines; the active ones become _Jobs.
         active = self._store.active
-        self._end_order.extend((jid, line) for jid, line in lines.items()
-                               if jid not in active)
-        self._finished = len(self._end_order)
+        self._retention = _Retention((jid, line) for jid, line in lines.items()
+                                     if jid not in active)
         for jid in active:
             self._jobs[jid] = _Job(**json.loads(lines[jid]))
         self._store.open_journal(self._store.generation + 1 if replayed else
@@ -2795,7 +2829,7 @@ class JobManager:
             for job, old in zip(jobs, olds):
                 if old is not None:
                     del self._jobs[job.jid]     # re-run: replaces, moves to the end
-                    self._finished -= 1
+                    self._retention.count -= 1
                     # No output of the old run may show; kept aside until the
                     # backend takes the new one, in case it refuses it.
                     self._move_logs(job.jid, "", "~" if job in started else None)
@@ -2869,7 +2903,7 @@ class JobManager:
                     del self._jobs[jid]
                     if old is not None:
                         self._jobs[jid] = old
-                        self._finished += 1
+                        self._retention.count += 1
                         self._store.append(old)
                     else:
                         forget.append(jid)
@@ -3048,7 +3082,7 @@ class JobManager:
         Returns the number forgotten."""
         _check_number("keep", keep, False)
         with self._lock:
-            count = self._finished - keep
+            count = self._retention.count - keep
         return self._forget(oldest=count) if count > 0 else 0
 
     def flush(self):
@@ -3149,9 +3183,7 @@ class JobManager:
                     replaced[jid] = old
                     self._note_change(jid, _line_status(line))
             if replaced:
-                self._end_order = collections.deque(
-                    (jid, self._jobs[jid] if replaced.get(jid) is line else line)
-                    for jid, line in self._end_order)
+                self._retention.relined(replaced, self._jobs)
             for job in list(self._running.values()):
                 self._collect_safely(job)
         finally:
@@ -3352,7 +3384,7 @@ class JobManager:
         """Forget finished *jids*, or the *oldest* finished jobs."""
         with self._lock:
             if oldest > 0:
-                jids = self._oldest_finished(oldest)
+                jids = self._retention.oldest(oldest, self._jobs)
             gone = []
             for jid in jids:
                 if _is_finished(self._entry(jid)):
@@ -3363,30 +3395,18 @@ class JobManager:
                 ticket = self._store.append(json.dumps({"forget": gone}), must=True)
             except StorageError:
                 if oldest > 0:      # they are still the oldest
-                    self._end_order.extendleft((j, self._jobs[j]) for j in reversed(gone))
+                    self._retention.put_back([(j, self._jobs[j]) for j in gone])
                 raise
             for jid in gone:
                 del self._jobs[jid]
                 self._note_change(jid, None)
-            self._finished -= len(gone)
+            self._retention.count -= len(gone)
         self._store.sync(ticket)
         with self._lock:            # a jid run again meanwhile keeps its new logs
             for jid in gone:
                 if jid not in self._jobs:
                     self._unlink(jid)
         return len(gone)
-
-    def _oldest_finished(self, count):
-        """The *count* jobs that finished first (by end, not submission, so
-        a job that just ended is never the next forgotten).  Caller holds
-        self._lock."""
-        doomed = []
-        order = self._end_order
-        while order and len(doomed) < count:
-            jid, line = order.popleft()
-            if self._jobs.get(jid) is line:     # else re-run or forgotten since
-                doomed.append(jid)
-        return doomed
 
     # -- internals: process lifecycle -----------------------------------------
 
@@ -3608,11 +3628,7 @@ class JobManager:
             self.backend.unwatch(job)
         self._jobs[job.jid] = line
         self._note_change(job.jid, status, ended=job)
-        self._finished += 1
-        self._end_order.append((job.jid, line))
-        if len(self._end_order) > 2 * self._finished + 1000:    # drop stale pairs
-            self._end_order = collections.deque(
-                p for p in self._end_order if self._jobs.get(p[0]) is p[1])
+        self._retention.ended(job.jid, line, self._jobs)
         self._timers.cancel(job, self._live_job)
         self._ended.append(job.jid)
         self._flush_soon(FLUSH_DELAY)
@@ -3821,7 +3837,7 @@ class JobManager:
             starting = self._start_queued()
             doomed = 0
             if self.keep_finished is not None:
-                doomed = self._finished - self.keep_finished
+                doomed = self._retention.count - self.keep_finished
             flush = self._flush_due is not None and self._flush_due <= _time()
             if flush:
                 self._flush_due = None
