@@ -29,9 +29,9 @@ spawn        2,000 ``true`` jobs through JobManager (run() durable and
 latency      submit -> started and exit -> status visible, p50/p99, with
              100 running jobs (--quick: 30), plus a no-pman pidfd baseline;
              durable=False: run() -> on disk without flush()
-scale        100,000 finished jobs in state (--quick: 5,000), written as a
-             snapshot rather than run: startup (and once from a format-1
-             snapshot), RSS, run(), get()
+scale        100,000 finished jobs in state (--quick: 5,000), written by
+             pman's own snapshot writer rather than run: startup (and
+             once from a format-1 snapshot), RSS, run(), get()
 concurrency  1,000 concurrent ``sleep 2`` jobs (--quick: 200 x sleep 0.5):
              codes, threads, fds, wall time by run(); by one run_many()
              against a raw Popen burst of the same jobs; 10,000 jobs in
