@@ -29,9 +29,9 @@ spawn        2,000 ``true`` jobs through JobManager (run() durable and
 latency      submit -> started and exit -> status visible, p50/p99, with
              100 running jobs (--quick: 30), plus a no-pman pidfd baseline;
              durable=False: run() -> on disk without flush()
-scale        100,000 finished jobs in state (--quick: 5,000), written as a
-             snapshot rather than run: startup (and once from a format-1
-             snapshot), RSS, run(), get()
+scale        100,000 finished jobs in state (--quick: 5,000), written by
+             pman's own snapshot writer rather than run: startup (and
+             once from a format-1 snapshot), RSS, run(), get()
 concurrency  1,000 concurrent ``sleep 2`` jobs (--quick: 200 x sleep 0.5):
              codes, threads, fds, wall time by run(); by one run_many()
              against a raw Popen burst of the same jobs; 10,000 jobs in
@@ -107,6 +107,107 @@ if HERE not in sys.path:
 
 import pman  # noqa: E402
 
+
+# ---------------------------------------------------------------------------
+# pman's API as this benchmark uses it
+# ---------------------------------------------------------------------------
+# The benchmark uses pman's public API: the names in ``pman.__all__`` and
+# what README.rst documents (statuses, record fields, the state directory's
+# files, the command line).  Where a figure needs more -- pman's own writer
+# of the state format, its wrapper shell's argv, a private loop to profile
+# -- it goes through `internal()`, the one way past that API: every name it
+# resolves is listed in INTERNALS with why, and a name that pman.py no
+# longer has is an error that says what to update, never a fallback that
+# turns a rename into a figure that measures something else.
+
+class BenchOutdated(RuntimeError):
+    """pman.py no longer has an internal that this benchmark uses."""
+
+
+# name -> (why the benchmark needs it, the sections or options that do:
+# main() checks those of a run before the first section starts).
+INTERNALS = {
+    "_Store": ("build_state: the synthetic history is written by pman's own "
+               "snapshot writer", ("scale", "cli", "slowstart")),
+    "_Store.write_snapshot": ("the same", ("scale", "cli", "slowstart")),
+    "_Job": ("build_state: each synthetic job's line is pman's serialization of a job; "
+             "the raw baselines build pman's wrapper argv for a job",
+             ("scale", "cli", "slowstart", "spawn", "latency")),
+    "_Job.line": ("build_state, as for _Job", ("scale", "cli", "slowstart")),
+    "_unframe": ("scale: a format-1 snapshot (which pman no longer writes) is pman's "
+                 "format-2 snapshot with each line's checksum removed by pman's own "
+                 "reader", ("scale",)),
+    "STATE_FORMAT": ("scale: whether a format-1 startup is measured at all, and the "
+                     "format the header claims", ("scale",)),
+    "_wrapped_argv": ("spawn, latency: the raw baselines launch pman's exact wrapper "
+                      "shell without the manager", ("spawn", "latency")),
+    "FLUSH_DELAY": ("latency: the bound of the durable=False run() -> on disk target",
+                    ("latency",)),
+    "SlurmBackend.MIN_POLL": ("slurm: the polling interval quoted in the notes", ("slurm",)),
+    "SlurmBackend.MAX_POLL": ("the same", ("slurm",)),
+    "default_state_dir": ("the default --dir is where pman keeps its state by default",
+                          ("main",)),
+    "_HAVE_PIDFD": ("machine info: whether pman's reaper waits on pidfds or polls",
+                    ("main",)),
+    "JobManager._reap_loop": ("--profile: each reaper thread runs under its own cProfile",
+                              ("--profile",)),
+    "_Server": ("--profile: the http section's server class, whose _serve_conn is "
+                "wrapped", ("--profile",)),
+    "_Server._serve_conn": ("--profile: the http section's server profiles each "
+                            "connection's thread", ("--profile",)),
+    # Attributes of instances (checked where used, see internal(..., of=)):
+    "JobManager.backend.calls": ("slurm: the squeue/sacct calls a SlurmBackend made, "
+                                 "counted per minute", ("slurm",)),
+}
+
+
+def internal(name, of=None):
+    """pman's internal *name* (dotted: ``"_Store.write_snapshot"``), which
+    must be listed in INTERNALS.  With *of*, the attribute path after the
+    first dot is looked up on that object (``internal("JobManager.backend.
+    calls", of=manager)``).  Raises BenchOutdated naming what is missing."""
+    if name not in INTERNALS:
+        raise BenchOutdated("bench_pman.py: internal(%r) is not listed in INTERNALS" % name)
+    parts = name.split(".")
+    obj, start = (pman, 0) if of is None else (of, 1)
+    for i in range(start, len(parts)):
+        try:
+            obj = getattr(obj, parts[i])
+        except AttributeError:
+            raise BenchOutdated(
+                "pman.py has no %s, which bench_pman.py uses (%s) for %s: update "
+                "bench_pman.py (INTERNALS and the code that uses it) to pman.py's new "
+                "layout" % (".".join(parts[:i + 1]), name, INTERNALS[name][0])) from None
+    return obj
+
+
+def check_internals(sections, profile=False):
+    """Resolve every internal that the *sections* (and --profile) use, so
+    that an outdated benchmark fails before it runs, naming all it lacks."""
+    wanted = set(sections) | {"main"} | ({"--profile"} if profile else set())
+    missing = []
+    for name, (_, users) in INTERNALS.items():
+        if wanted.intersection(users) and name.count(".") < 2:     # not an instance's
+            try:
+                internal(name)
+            except BenchOutdated as e:
+                missing.append(str(e))
+    # The statuses as README.rst names them ("Statuses and return codes").
+    if not STATUS_NAMES <= set(pman.STATUSES):
+        missing.append("pman.STATUSES is %r: it lacks %s, which README.rst documents and "
+                       "bench_pman.py compares records with" % (
+                           pman.STATUSES, sorted(STATUS_NAMES - set(pman.STATUSES))))
+    if missing:
+        raise BenchOutdated("\n".join(missing))
+
+
+NOTSTARTED, STARTED = "notstarted", "started"
+SUCCESS, ERROR = "finishedSuccessfully", "finishedWithError"
+STATUS_NAMES = {NOTSTARTED, STARTED, SUCCESS, ERROR}
+SNAPSHOT = "state.jsonl"    # README.rst: the snapshot's name in the state directory
+EXITS = "exits"             # README.rst: the exit log, "<seq> <code>" per ended job
+
+
 perf = time.perf_counter
 LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC   # as pman opens logs
 
@@ -170,6 +271,12 @@ def fs_type(path):
 
 def iso(ts):
     return datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+
+def _timestamp(stamp):
+    """Seconds since the epoch of a record's time (README.rst: "UTC ISO
+    8601 with offset")."""
+    return datetime.fromisoformat(stamp).timestamp()
 
 
 # ---------------------------------------------------------------------------
@@ -307,12 +414,10 @@ def _fmt(value):
 def _wrapper_argv(seq, cmd, rc_dir):
     """pman's wrapper-shell argv for the shell command *cmd*, built by pman
     itself (``_wrapped_argv``) so that the raw baselines follow its
-    wrapper: the exit code goes to one shared exit log ``rc_dir/exits``
-    where pman has one (``_ExitLog``), else to a file per job."""
-    job = pman._Job(jid="raw-%d" % seq, seq=seq, cmd=cmd, argv=None)
-    if hasattr(pman, "_ExitLog"):
-        return pman._wrapped_argv(job, os.path.join(rc_dir, "exits"))
-    return pman._wrapped_argv(job, os.path.join(rc_dir, "%d.rc" % seq))
+    wrapper: the exit code goes to an exit log ``rc_dir/exits``, as pman's
+    go to the state directory's."""
+    job = internal("_Job")(jid="raw-%d" % seq, seq=seq, cmd=cmd, argv=None)
+    return internal("_wrapped_argv")(job, os.path.join(rc_dir, EXITS))
 
 
 def _raw_burst(n, logs, wrapper, journal=False):
@@ -384,7 +489,7 @@ def _pman_burst(b, n, durable, batch=None):
     finally:
         m.close(kill=True)
         shutil.rmtree(path, ignore_errors=True)
-    bad = sum(r["status"] != pman.SUCCESS for r in records)
+    bad = sum(r["status"] != SUCCESS for r in records)
     if bad:
         raise RuntimeError("%d pman jobs did not finish successfully" % bad)
     return elapsed, t_sub - t0, cpu
@@ -569,7 +674,7 @@ def sec_latency(b):
         overran = time.time() - t0
         records = m.wait(jids, timeout=lead + n * step + 60)
         _wait_for(lambda: all(j in ended for j in jids), 30, "on_end callbacks")
-        bad = [r["jid"] for r in records if r["status"] != pman.SUCCESS]
+        bad = [r["jid"] for r in records if r["status"] != SUCCESS]
         if bad:
             raise RuntimeError("latency jobs failed: %s" % bad[:5])
         lat = []
@@ -612,7 +717,7 @@ def sec_latency(b):
     for i in range(1, chain):
         with open(os.path.join(marks, "q-%d" % (i - 1))) as f:
             prev_exit = float(f.read())
-        handoff.append(pman._parse_time(records[i]["started"]) - prev_exit)
+        handoff.append(_timestamp(records[i]["started"]) - prev_exit)
     q.close(kill=True)
     b.figure("queued: exit -> next started p50", percentile(handoff, 50) * 1e3, "ms",
              note="max_running=1, chain of %d jobs" % chain)
@@ -641,7 +746,7 @@ def sec_latency(b):
         _wait_for(on_disk, 10, "job %s in the journal" % jid)
         delays.append(perf() - t0)
     lazy.close(kill=True)
-    flush_delay = getattr(pman, "FLUSH_DELAY", 0.2)
+    flush_delay = internal("FLUSH_DELAY")
     b.figure("durable=False: run() -> on disk p50", percentile(delays, 50) * 1e3, "ms",
              note="queued jobs, no flush(): the reaper's write within FLUSH_DELAY = %g s"
                   % flush_delay)
@@ -653,43 +758,97 @@ def sec_latency(b):
 # Section: scale
 # ---------------------------------------------------------------------------
 
-def build_state(path, n, logs=True, version=None):
-    """Write a state directory holding *n* finished jobs the way pman
-    persists them: a snapshot header, then one ``_Job(...).line()`` per job.
-    No process is run.  With *logs*, each job gets its (empty) .out/.err."""
-    os.makedirs(os.path.join(path, "logs"), mode=0o700, exist_ok=True)
+JID = "job-%d-4242"         # the synthetic jobs' jids, by seq (1..n)
+
+
+def _boot_id():
+    """The kernel's boot id, which pman records in a job's ``ident``."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _synthetic_lines(n):
+    """The JSON lines of *n* finished jobs (seq 1..n, submitted 2 s apart,
+    ending well in the past), each pman's own serialization of a job:
+    ``_Job(...).line()``.  The first is read back: a field that pman no
+    longer persists is an error, not a silently thinner history."""
+    job_class, line = internal("_Job"), internal("_Job.line")
     base = time.time() - n * 2.0
-    boot = getattr(pman, "_BOOT_ID", "")
+    boot = _boot_id()
     extras = {"number_of_workers": "1", "cpu_limit": "1000", "memory_limit": "200",
               "gpu_limit": "0", "image": "fnndsc/pl-simpledsapp", "type": "fs"}
-    snap = os.path.join(path, getattr(pman, "SNAPSHOT", "state.jsonl"))
-    if version is None:
-        version = getattr(pman, "STATE_FORMAT", 1)
-    frame = getattr(pman, "_frame", None) if version >= 2 else None
-    frame = frame or (lambda line: line)        # format 2: a checksum per line
-    with open(snap, "w", encoding="utf-8") as f:
-        f.write(frame(json.dumps({"pman_state": version,
-                                  "generation": 1, "next_seq": n + 1,
-                                  "written": iso(time.time()),
-                                  "pman_version": pman.__version__})) + "\n")
+    for i in range(1, n + 1):
+        t = base + 2.0 * i
+        fields = dict(
+            jid=JID % i, status=SUCCESS, seq=i, message="exited with code 0",
+            returncode=0, pid=1000 + i % 4000000,
+            cmd="python3 /usr/local/bin/simpledsapp --saveinputmeta /share/%d/in "
+                "/share/%d/out" % (i, i),
+            argv=None, auid="chris", meta={"feed": "feed-%d" % (i % 500)}, env=None,
+            cwd=None, timeout=None, extras=extras, submitted=iso(t),
+            started=iso(t + 0.004), ended=iso(t + 1.5),
+            ident=[int(t * 100) % 10 ** 9, boot], kill_signal=None, kill_reason=None)
+        text = line(job_class(**fields))
+        if i == 1:
+            lost = sorted(set(fields) - set(json.loads(text)))
+            if lost:
+                raise BenchOutdated("pman's _Job(...).line() no longer writes %s: update "
+                                    "_synthetic_lines" % ", ".join(lost))
+        yield text
+
+
+def _to_format_1(path):
+    """Turn the snapshot in *path*, which pman wrote in its current format,
+    into format 1 (which pman still loads but no longer writes): each line
+    without its checksum, as pman's own reader (``_unframe``) takes it off,
+    and a header that says ``"pman_state": 1``."""
+    unframe = internal("_unframe")
+    snap = os.path.join(path, SNAPSHOT)
+    with open(snap, "rb") as src, open(snap + ".format1", "wb") as dst:
+        for number, raw in enumerate(src, 1):
+            body = unframe(raw)
+            if not body:
+                raise BenchOutdated("%s line %d: pman's _unframe does not take back a line "
+                                    "of pman's own snapshot" % (snap, number))
+            if number == 1:
+                header = json.loads(body)
+                header["pman_state"] = 1
+                body = json.dumps(header).encode("utf-8")
+            dst.write(body + b"\n")
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(snap + ".format1", snap)
+
+
+def build_state(path, n, logs=True, format1=False):
+    """A state directory holding *n* finished jobs (jids ``JID % seq``),
+    written by pman's own snapshot writer (``_Store.write_snapshot`` of
+    `_synthetic_lines`): no process is run, and no second writer of the
+    state format exists here.  With *logs*, each job gets its (empty)
+    .out/.err; with *format1*, the snapshot is turned into format 1."""
+    os.makedirs(os.path.join(path, "logs"), mode=0o700, exist_ok=True)
+    store = internal("_Store")(path)
+    internal("_Store.write_snapshot")(store, _synthetic_lines(n), 1, n + 1)
+    if format1:
+        _to_format_1(path)
+    if logs:
         for i in range(1, n + 1):
-            t = base + 2.0 * i
-            jid = "job-%d-4242" % i
-            job = pman._Job(
-                jid=jid, status=pman.SUCCESS, seq=i, message="exited with code 0",
-                returncode=0, pid=1000 + i % 4000000,
-                cmd="python3 /usr/local/bin/simpledsapp --saveinputmeta /share/%d/in "
-                    "/share/%d/out" % (i, i),
-                argv=None, auid="chris", meta={"feed": "feed-%d" % (i % 500)}, env=None,
-                cwd=None, timeout=None, extras=extras, submitted=iso(t),
-                started=iso(t + 0.004), ended=iso(t + 1.5),
-                ident=[int(t * 100) % 10 ** 9, boot], kill_signal=None, kill_reason=None)
-            f.write(frame(job.line()) + "\n")
-            if logs:
-                for ext in (".out", ".err"):
-                    os.close(os.open(os.path.join(path, "logs", jid + ext), LOG_FLAGS, 0o600))
-        f.flush()
-        os.fsync(f.fileno())
+            for ext in (".out", ".err"):
+                os.close(os.open(os.path.join(path, "logs", JID % i + ext), LOG_FLAGS, 0o600))
+
+
+def check_loaded(path, jobs, expected):
+    """Raise unless a manager on *path* loaded *expected* jobs (it counted
+    *jobs*) and set no file aside as damaged (README.rst: ``<file>.corrupt-
+    <time>``): a synthetic state that pman does not take whole measures
+    something else."""
+    aside = sorted(name for name in os.listdir(path) if ".corrupt-" in name)
+    if jobs != expected or aside:
+        raise RuntimeError("pman loaded %s of the %d synthetic jobs in %s%s" % (
+            jobs, expected, path, "; set aside: " + ", ".join(aside) if aside else ""))
 
 
 _PROBE = r"""
@@ -744,16 +903,16 @@ def sec_scale(b):
     build_state(big, n, logs=logs)
     build_state(small, 10, logs=logs)
     b.figure("finished jobs in state", n, "jobs",
-             note="synthetic history written as a snapshot with _Job(...).line() "
-                  "(no processes run); %s" % (
+             note="synthetic history written by pman's own snapshot writer "
+                  "(_Store.write_snapshot of _Job(...).line(); no processes run); %s" % (
                       "2 empty log files per job" if logs else
                       "no log files (--scale-logs creates 2 empty ones per job)"))
     b.figure("time to build the synthetic state", perf() - t, "s")
 
-    probes = [_probe(big) for _ in range(n_probes)]
-    if any(p["jobs"] != n for p in probes):
-        raise RuntimeError("the manager loaded %s jobs, expected %d" % (
-            [p["jobs"] for p in probes], n))
+    probes = []
+    for _ in range(n_probes):   # the first loads build_state's snapshot, the others close()'s
+        probes.append(_probe(big))
+        check_loaded(big, probes[-1]["jobs"], n)
     mid = len(probes) // 2
     startup = sorted(p["startup"] for p in probes)[mid]
     growth = sorted(p["rss1"] - p["rss0"] for p in probes)[mid]
@@ -762,14 +921,17 @@ def sec_scale(b):
              note="median of %d fresh subprocess(es), warm page cache; issue 4 said <= 3 s"
              % len(probes))
     b.figure("startup on an empty state", empty_probe["startup"], "s")
-    if getattr(pman, "STATE_FORMAT", 1) >= 2:
+    state_format = internal("STATE_FORMAT")
+    if state_format > 1:
         # A format-1 snapshot has no checksums: every line is parsed and
         # checked, once; the manager then writes the current format.
         old = b.state_dir("format1")
-        build_state(old, n, logs=False, version=1)
-        b.figure("startup on a format-1 snapshot", _probe(old)["startup"], "s",
+        build_state(old, n, logs=False, format1=True)
+        old_probe = _probe(old)
+        check_loaded(old, old_probe["jobs"], n)
+        b.figure("startup on a format-1 snapshot", old_probe["startup"], "s",
                  note="one fresh subprocess; each line parsed and checked (no checksums), "
-                      "then the snapshot is rewritten in format %d" % pman.STATE_FORMAT)
+                      "then the snapshot is rewritten in format %d" % state_format)
     b.figure("RSS growth from loading", growth, "MB", ("<=", 150.0),
              note="VmRSS after JobManager() minus before, fresh subprocess")
     b.figure("VmHWM of that subprocess", sorted(p["hwm"] for p in probes)[mid], "MB",
@@ -780,12 +942,13 @@ def sec_scale(b):
     b.figure("state directory size", apparent / 1e6, "MB",
              note="apparent bytes; %.1f MB allocated, %d files%s" % (
                  allocated / 1e6, files, "" if logs else ", without the jobs' log files"))
-    snap_size = os.path.getsize(os.path.join(big, getattr(pman, "SNAPSHOT", "state.jsonl")))
+    snap_size = os.path.getsize(os.path.join(big, SNAPSHOT))
     b.figure("snapshot bytes per job", snap_size / float(n), "B")
 
     m_big = b.manager(big)
     m_small = b.manager(small)
     m_empty = b.manager(empty)
+    check_loaded(small, sum(m_small.counts().values()), 10)
 
     # run() throughput, big vs empty, interleaved, best of each.
     best = collections.defaultdict(lambda: float("inf"))
@@ -802,8 +965,8 @@ def sec_scale(b):
              note="first run() to all reaped")
 
     # get() of one job, big vs 10-job state.
-    jid_big = "job-%d-4242" % (n // 2)
-    jid_small = "job-5-4242"
+    jid_big = JID % (n // 2)
+    jid_small = JID % 5
     best = collections.defaultdict(lambda: float("inf"))
     for r in range(rounds):
         for name, m, jid in (("small", m_small, jid_small), ("big", m_big, jid_big)):
@@ -883,7 +1046,7 @@ def _right_codes(records, mod=5):
     correct = 0
     for i, r in enumerate(records):
         code = i % mod
-        if r["returncode"] == code and r["status"] == (pman.SUCCESS if code == 0 else pman.ERROR):
+        if r["returncode"] == code and r["status"] == (SUCCESS if code == 0 else ERROR):
             correct += 1
     return correct
 
@@ -1009,12 +1172,9 @@ def profiled(orig):
     return wrapper
 
 if prof_out:    # every connection's thread and the reaper, each its own cProfile
-    if hasattr(pman._Server, "_serve_conn"):     # handler threads since issue 12
-        pman._Server._serve_conn = profiled(pman._Server._serve_conn)
-    else:
-        pman._Handler.handle = profiled(pman._Handler.handle)
-    if hasattr(pman.JobManager, "_reap_loop"):
-        pman.JobManager._reap_loop = profiled(pman.JobManager._reap_loop)
+    from bench_pman import internal     # fails loudly if pman.py renamed them
+    internal("_Server")._serve_conn = profiled(internal("_Server._serve_conn"))
+    pman.JobManager._reap_loop = profiled(internal("JobManager._reap_loop"))
 manager = pman.JobManager(state)
 server = pman.make_server(manager, "127.0.0.1", 0)
 signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(
@@ -1296,7 +1456,7 @@ def sec_http(b):
     if status != 201:
         raise RuntimeError("POST answered %d: %s" % (status, obj))
     status, obj = _http_json(conn, "GET", path + "?wait=30")
-    if status != 200 or obj.get("status") != pman.SUCCESS:
+    if status != 200 or obj.get("status") != SUCCESS:
         raise RuntimeError("the job did not succeed: %d %s" % (status, obj))
     conn.close()
     reply = _raw_get(pport, path)
@@ -1381,7 +1541,7 @@ def sec_http(b):
         t0 = perf()
         jids = submit()
         dt = perf() - t0
-        failed = sum(r["status"] != pman.SUCCESS for r in lib.wait(jids, timeout=120))
+        failed = sum(r["status"] != SUCCESS for r in lib.wait(jids, timeout=120))
         return dt, failed
 
     for r in range(post_rounds):
@@ -1481,9 +1641,10 @@ def sec_http(b):
 # Section: slurm
 # ---------------------------------------------------------------------------
 
-_SLURM_ACTIVE_STATES = (getattr(pman, "_SLURM_PENDING", set()) |
-                        getattr(pman, "_SLURM_RUNNING", set()) |
-                        {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED"})
+# SLURM's job states that are not final (its squeue(1) man page).
+_SLURM_ACTIVE_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                        "RESV_DEL_HOLD", "SUSPENDED", "STOPPED", "RUNNING", "COMPLETING",
+                        "SIGNALING", "STAGE_OUT", "RESIZING"}
 _SQUEUE_FORMAT = "JobID:|,State:|,Reason:|,exit_code:|,StartTime:"    # as SlurmBackend.poll
 
 
@@ -1570,9 +1731,7 @@ def sec_slurm(b):
         ended[record["jid"]] = perf()
 
     m = b.manager(os.path.join(top, "state"), backend="slurm", on_end=on_end)
-    calls = getattr(m.backend, "calls", None)
-    if calls is None:
-        raise RuntimeError("pman's SlurmBackend has no .calls counter")
+    calls = internal("JobManager.backend.calls", of=m)
     ids = []                                # every SLURM job id we submit, for the backstop
     try:
         # Warm up both paths (first calls pay for page cache, munge...).
@@ -1608,7 +1767,7 @@ def sec_slurm(b):
         records = m.wait(jids, timeout=120 + n)
         pman_all = perf() - t0
         _wait_for(lambda: all(j in ended for j in jids), 30, "on_end callbacks")
-        bad = [r["jid"] for r in records if r["status"] != pman.SUCCESS]
+        bad = [r["jid"] for r in records if r["status"] != SUCCESS]
         if bad:
             raise RuntimeError("SLURM jobs that did not succeed: %s (%s)" % (
                 bad[:5], records[jids.index(bad[0])]["message"]))
@@ -1657,7 +1816,7 @@ def sec_slurm(b):
             ids.append(rec.get("backend_id") or "")
             rec = m.wait("seq-%d" % i, timeout=120)
             lat["pman"].append(perf() - t0)
-            if rec["status"] != pman.SUCCESS:
+            if rec["status"] != SUCCESS:
                 raise RuntimeError("seq-%d: %s" % (i, rec["message"]))
         progress("submit -> done p50: raw %.2f s, pman %.2f s" % (
             percentile(lat["raw"], 50), percentile(lat["pman"], 50)))
@@ -1668,7 +1827,7 @@ def sec_slurm(b):
         b.figure("pman submit -> done p50", percentile(lat["pman"], 50), "s",
                  note="%d sequential jobs, interleaved with the raw ones: run() to "
                       "wait() returning (MIN_POLL %g s)" % (
-                          seq, getattr(pman.SlurmBackend, "MIN_POLL", float("nan"))))
+                          seq, internal("SlurmBackend.MIN_POLL")))
         b.figure("pman submit -> done p99", percentile(lat["pman"], 99), "s")
         b.figure("pman - raw submit -> done p50",
                  percentile(lat["pman"], 50) - percentile(lat["raw"], 50), "s")
@@ -1711,13 +1870,13 @@ def sec_slurm(b):
 
         b.figure("active jobs while counting", n_active, "jobs",
                  note="`sleep 30`; %d running, %d pending at the end of the %.1f s window" % (
-                     counts.get(pman.STARTED, 0), counts.get(pman.NOTSTARTED, 0), elapsed))
+                     counts.get(STARTED, 0), counts.get(NOTSTARTED, 0), elapsed))
         b.figure("run() rate, sleep jobs", n_active / submit_active, "jobs/s")
         b.figure("squeue calls per minute", (c1["squeue"] - c0["squeue"]) * per_min, "/min",
                  note="manager.backend.calls over %.1f s right after the submissions "
                       "(adaptive interval: MIN_POLL %g s after a change, up to MAX_POLL %g s)"
-                      % (elapsed, getattr(pman.SlurmBackend, "MIN_POLL", float("nan")),
-                         getattr(pman.SlurmBackend, "MAX_POLL", float("nan"))))
+                      % (elapsed, internal("SlurmBackend.MIN_POLL"),
+                         internal("SlurmBackend.MAX_POLL")))
         b.figure("squeue calls per minute, 2nd half",
                  (c1["squeue"] - c_half["squeue"]) * 60.0 / half, "/min",
                  note="the last %.1f s of the window: closer to the idle interval" % half)
@@ -1788,6 +1947,7 @@ def sec_podman(b):
     backend = pman.PodmanBackend(_BENCH_RUNTIME, _BENCH_PODMAN_ARGS)
     m = b.manager(b.state_dir("podman"), backend=backend, on_end=on_end)
     raw, raw_rm, total, call = [], [], [], []
+    containers = set()                      # README.rst: backend_id is the container's name
     for i in range(samples + 1):            # the first of each: a warm-up
         name = "pman-bench-raw-%d-%d" % (os.getpid(), i)
         kept = raw_run(["--name", name])
@@ -1801,8 +1961,12 @@ def sec_podman(b):
         if not done.wait(120):
             raise RuntimeError("container job %s did not end within 120 s" % jid)
         record = m.get(jid)
-        if record["status"] != pman.SUCCESS:
+        if record["status"] != SUCCESS:
             raise RuntimeError("container job %s: %s" % (jid, record["message"]))
+        if not record.get("backend_id"):
+            raise RuntimeError("container job %s: no backend_id (its container's name) in "
+                               "the record" % jid)
+        containers.add(record["backend_id"])
         if i:
             raw.append(kept)
             raw_rm.append(removed)
@@ -1823,9 +1987,9 @@ def sec_podman(b):
     b.figure("pman/raw submit -> done", percentile(total, 50) / percentile(raw, 50), "x",
              target=("<=", 1.5), note="against raw podman run without --rm")
     m.close()
-    left = subprocess.run(["podman", "ps", "-a", "-q", "--filter",
-                           "label=pman.state=" + backend.tag], capture_output=True, text=True,
-                          timeout=60).stdout.split()
+    left = containers.intersection(subprocess.run(
+        ["podman", "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True,
+        timeout=60).stdout.split())
     b.figure("containers left after close", len(left), "", target=("<=", 0))
 
 
@@ -1909,6 +2073,12 @@ def sec_cli(b):
     big = b.state_dir("ls")
     build_state(big, n, logs=False)
     _, url = _serve(b, big, os.path.join(logs, "ls.log"))
+    conn = _http_connect(int(url.rsplit(":", 1)[1]))
+    try:
+        status, feed = _http_json(conn, "GET", "/api/v1/events")    # its counts()
+    finally:
+        conn.close()
+    check_loaded(big, sum(feed["counts"].values()) if status == 200 else None, n)
     b.figure("jobs in state for ls", n, "jobs")
     _timed([py, script, "ls", "--url", url, "--limit", "1"], 1)    # warm the page cache
     ls, best = _timed([py, script, "ls", "--url", url], runs)
@@ -1957,14 +2127,15 @@ def sec_slowstart(b):
         state = b.state_dir()
         build_state(state, 1000, logs=False)
         m = b.manager(state, backend="slurm")
+        check_loaded(state, sum(m.counts().values()), 1000)
         srv = pman.make_server(m, "127.0.0.1", 0)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
 
         def sample(lat):
-            for name, call in (("get", lambda: m.get("job-500-4242")),
+            for name, call in (("get", lambda: m.get(JID % 500)),
                                ("jobs", lambda: m.jobs(limit=100)),
-                               ("http", lambda: _http_json(conn, "GET", "/api/v1/job-7-4242/"))):
+                               ("http", lambda: _http_json(conn, "GET", "/api/v1/%s/" % (JID % 7)))):
                 t0 = time.perf_counter()
                 call()
                 lat[name].append((time.perf_counter() - t0) * 1000)
@@ -2121,7 +2292,7 @@ SECTIONS = collections.OrderedDict([
 def default_base_dir():
     """The parent of pman's default state directory (~/.local/state, or
     $XDG_STATE_HOME, or the parent of $PMAN_STATE_DIR)."""
-    return os.path.dirname(os.path.abspath(os.path.expanduser(pman.default_state_dir())))
+    return os.path.dirname(os.path.abspath(os.path.expanduser(internal("default_state_dir")())))
 
 
 def create_cost(base_dir, n=50):
@@ -2144,7 +2315,7 @@ def machine_info(base_dir, backend="local"):
          else os.cpu_count()),
         ("python", "%s %s" % (platform.python_implementation(), platform.python_version())),
         ("platform", platform.platform()),
-        ("pidfds in use (pman._HAVE_PIDFD)", bool(getattr(pman, "_HAVE_PIDFD", False))),
+        ("pidfds in use (pman._HAVE_PIDFD)", bool(internal("_HAVE_PIDFD"))),
         ("state dirs under (--dir)", "%s (%s)" % (base_dir, fs_type(base_dir))),
         ("file creation there", "%.0f us wall, %.0f us CPU per file" % create_cost(base_dir)),
         ("RLIMIT_NOFILE soft", _nofile()),
@@ -2178,10 +2349,8 @@ class _ReaperProfiles:
 
     def __init__(self):
         self.profiles = []
-        self._orig = getattr(pman.JobManager, "_reap_loop", None)
-        if self._orig is None:      # renamed: profile the main thread only
-            return
-        orig, profiles = self._orig, self.profiles
+        self._orig = orig = internal("JobManager._reap_loop")
+        profiles = self.profiles
 
         def _reap_loop(mgr):
             p = cProfile.Profile()
@@ -2194,8 +2363,7 @@ class _ReaperProfiles:
         pman.JobManager._reap_loop = _reap_loop
 
     def restore(self):
-        if self._orig is not None:
-            pman.JobManager._reap_loop = self._orig
+        pman.JobManager._reap_loop = self._orig
 
 
 def _print_profile(title, profiles, limit=25):
@@ -2267,6 +2435,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     selected = args.section or list(SECTIONS)
     selected = [s for s in SECTIONS if s in selected]
+    check_internals(selected, args.profile)     # an outdated benchmark stops here
     if args.dir is None:
         args.dir = default_base_dir()
         os.makedirs(args.dir, mode=0o700, exist_ok=True)
