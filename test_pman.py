@@ -72,10 +72,12 @@ def _until(pred, timeout=10.0, what="condition", interval=0.01):
 
 
 # ===========================================================================
-# core
+# shared helpers and fixtures
 # ===========================================================================
+
+
 # ---------------------------------------------------------------------------
-# helpers and fixtures
+# helpers and fixtures: the library (manager factory)
 # ---------------------------------------------------------------------------
 
 _CORE_STATUSES = {"notstarted", "started", "finishedSuccessfully",
@@ -155,1111 +157,8 @@ def core_mgr(core_make):
 
 
 # ---------------------------------------------------------------------------
-# the one-line call, default state dir, modes, record shape
+# shared by the command-dialect tests
 # ---------------------------------------------------------------------------
-
-def test_core_timer_of_an_earlier_run_spares_the_rerun(tmp_path):
-    m = pman.JobManager(str(tmp_path / "state"))
-    try:
-        m.run("exit 0", jid="x", timeout=1.0)
-        assert m.wait("x", timeout=10)["returncode"] == 0
-        m.run("exec sleep 30", jid="x", timeout=100)    # the old 1 s timer must not fire
-        with pytest.raises(pman.Timeout):
-            m.wait("x", timeout=1.6)
-        assert m.get("x")["status"] == "started"
-    finally:
-        m.close(kill=True)
-
-
-def test_core_kill_of_an_exited_uncollected_job_keeps_its_code(tmp_path):
-    # The reaper is held in an on_end callback, so B exits but stays
-    # uncollected (a zombie); kill(B) must report B's real code, not -15.
-    gate = threading.Event()
-    entered = threading.Event()
-
-    def on_end(record):
-        if record["jid"] == "a":
-            entered.set()
-            gate.wait(10)
-
-    m = pman.JobManager(str(tmp_path / "state"), on_end=on_end)
-    try:
-        m.run("exit 0", jid="a")
-        assert entered.wait(10)
-        pid = m.run("exit 0", jid="b")["pid"]
-        _until(lambda: _core_proc_state(pid) in (None, "Z"), 10, "b to exit")
-        rec = m.kill("b")
-        assert (rec["status"], rec["returncode"]) == ("finishedSuccessfully", 0), rec
-    finally:
-        gate.set()
-        m.close(kill=True)
-
-
-def _core_proc_state(pid):
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rfind(b")") + 2:].split()[0].decode()
-
-
-def test_core_on_end_cannot_block_the_reaper(tmp_path):
-    errors = []
-
-    def on_end(record):
-        try:
-            m.wait(record["jid"], timeout=5)
-        except pman.PmanError as e:
-            errors.append(str(e))
-
-    m = pman.JobManager(str(tmp_path / "state"), on_end=on_end)
-    try:
-        m.run("exit 0", jid="a")
-        _until(lambda: errors, 10, "the callback to run")
-        assert "on_end" in errors[0]
-        m.run("exit 4", jid="b")                # the reaper still works
-        assert m.wait("b", timeout=10)["returncode"] == 4
-    finally:
-        m.close(kill=True)
-
-
-def test_core_huge_log_limit_and_deep_meta_are_clean_errors(tmp_path):
-    m = pman.JobManager(str(tmp_path / "state"))
-    try:
-        m.run("echo hi", jid="a")
-        m.wait("a", timeout=10)
-        chunk = m.read_log("a", limit=10 ** 15)     # no allocation of the limit
-        assert chunk["data"] == b"hi\n" and chunk["eof"]
-        deep = {}
-        node = deep
-        for _ in range(5000):
-            node["k"] = {}
-            node = node["k"]
-        with pytest.raises(pman.InvalidArgument, match="nested too deeply"):
-            m.run("echo never", jid="deep", meta=deep)
-        assert "deep" not in m.jids()
-    finally:
-        m.close(kill=True)
-
-
-def test_core_one_line_call_twice(tmp_path, monkeypatch):
-    state = tmp_path / "pman-env-state"
-    monkeypatch.setenv("PMAN_STATE_DIR", str(state))
-    have_cal = _have("cal")
-    first = pman.JobManager().run("cal 7 1970", jid="123")
-    m = pman.JobManager()
-    try:
-        assert m.state_dir == os.path.realpath(str(state))
-        assert pman.JobManager() is m            # same dir, same process: same object
-        assert first["jid"] == "123" and first["cmd"] == "cal 7 1970"
-        assert first["status"] == "started" and first["returncode"] is None
-        done1 = pman.JobManager().wait("123", timeout=10)
-        assert done1["status"] in ("finishedSuccessfully", "finishedWithError")
-        out1 = m.read_log("123")["data"]
-        err1 = m.read_log("123", "stderr")["data"]
-        if have_cal:
-            assert done1["returncode"] == 0, done1
-            assert b"July 1970" in out1
-        # second run of the finished jid replaces the record
-        second = pman.JobManager().run("cal 7 1970", jid="123")
-        assert second["status"] == "started"
-        assert second["seq"] > done1["seq"]
-        assert second["returncode"] is None and second["ended"] is None
-        done2 = m.wait("123", timeout=10)
-        assert done2["returncode"] == done1["returncode"]
-        assert [j["jid"] for j in m.jobs()] == ["123"]
-        assert sum(m.counts().values()) == 1
-        # logs were replaced, not appended to
-        assert m.read_log("123")["data"] == out1
-        assert m.read_log("123", "stderr")["data"] == err1
-        if have_cal:
-            assert m.read_log("123")["data"].count(b"July 1970") == 1
-    finally:
-        m.close(kill=True)
-
-
-def test_core_default_state_dir_resolution_and_modes(tmp_path, monkeypatch):
-    pdir = tmp_path / "explicit"
-    xdg = tmp_path / "xdg"
-    home = tmp_path / "home"
-    for d in (xdg, home):
-        d.mkdir()
-    # a pre-existing, too-open directory is tightened to 0700
-    (xdg / "pman").mkdir(mode=0o755)
-    os.chmod(xdg / "pman", 0o755)
-    old_umask = os.umask(0)       # so that only pman's own modes protect files
-    try:
-        monkeypatch.setenv("PMAN_STATE_DIR", str(pdir))
-        monkeypatch.setenv("XDG_STATE_HOME", str(xdg))
-        monkeypatch.setenv("HOME", str(home))
-        expected = [str(pdir), str(xdg / "pman"), str(home / ".local" / "state" / "pman")]
-        for step, want in enumerate(expected):
-            if step == 1:
-                monkeypatch.delenv("PMAN_STATE_DIR")
-            if step == 2:
-                monkeypatch.setenv("PMAN_STATE_DIR", "")     # empty counts as unset
-                monkeypatch.delenv("XDG_STATE_HOME")
-            m = pman.JobManager()
-            try:
-                assert m.state_dir == os.path.realpath(want)
-                assert _core_mode(want) == 0o700
-                job = m.run("echo out; echo err >&2", jid="modes")
-                m.wait(job["jid"], timeout=10)
-                assert job["stdout"] == os.path.join(os.path.realpath(want), "logs", "modes.out")
-                assert job["stderr"] == os.path.join(os.path.realpath(want), "logs", "modes.err")
-                assert _core_mode(job["stdout"]) == 0o600
-                assert _core_mode(job["stderr"]) == 0o600
-                m.flush()
-                for name in os.listdir(want):
-                    path = os.path.join(want, name)
-                    assert _core_mode(path) & 0o077 == 0, (name, oct(_core_mode(path)))
-            finally:
-                m.close(kill=True)
-    finally:
-        os.umask(old_umask)
-    assert (pdir / "logs" / "modes.out").read_bytes() == b"out\n"
-    assert (xdg / "pman" / "logs" / "modes.out").read_bytes() == b"out\n"
-    assert (home / ".local" / "state" / "pman" / "logs" / "modes.err").read_bytes() == b"err\n"
-
-
-def test_core_record_shape_json_and_timestamps(core_mgr):
-    sub = core_mgr.run("echo hello; exit 2", jid="rec", auid="alice",
-                       meta={"k": [1, 2], "s": "x"})
-    json.dumps(sub)
-    rec = core_mgr.wait("rec", timeout=10)
-    text = json.dumps(rec)
-    assert json.loads(text) == rec
-    for key in ("jid", "cmd", "auid", "meta", "status", "message", "returncode", "pid",
-                "submitted", "started", "ended", "stdout", "stderr"):
-        assert key in rec, key
-    assert rec["jid"] == "rec" and rec["cmd"] == "echo hello; exit 2"
-    assert rec["auid"] == "alice" and rec["meta"] == {"k": [1, 2], "s": "x"}
-    assert rec["status"] == "finishedWithError" and rec["returncode"] == 2
-    assert rec["message"] == "exited with code 2"
-    assert isinstance(rec["pid"], int) and rec["pid"] == sub["pid"] > 0
-    t_sub, t_start, t_end = (_core_stamp(rec[k]) for k in ("submitted", "started", "ended"))
-    assert t_sub <= t_start <= t_end
-    assert sub["ended"] is None and sub["returncode"] is None
-    with open(rec["stdout"], "rb") as f:
-        assert f.read() == b"hello\n"
-    assert os.path.exists(rec["stderr"]) and os.path.getsize(rec["stderr"]) == 0
-    assert rec["status"] in _CORE_STATUSES
-    # generated jids are valid and unique
-    a = core_mgr.run("true")
-    b = core_mgr.run("true")
-    assert a["jid"] != b["jid"]
-    pman.check_jid(a["jid"])
-    core_mgr.wait([a["jid"], b["jid"]], timeout=10)
-    # the record returned by get() is a copy: mutating it changes nothing
-    got = core_mgr.get("rec")
-    got["meta"]["k"].append(3)
-    assert core_mgr.get("rec")["meta"] == {"k": [1, 2], "s": "x"}
-
-
-# ---------------------------------------------------------------------------
-# many jobs, foreign children
-# ---------------------------------------------------------------------------
-
-def test_core_200_concurrent_exit_codes(core_mgr):
-    n = 200
-    errors = []
-
-    def submit(start):
-        try:
-            for i in range(start, n, 4):
-                core_mgr.run("sleep 0.2; exit %d" % (i % 7), jid="c%d" % i)
-        except Exception as e:       # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=submit, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not errors, errors
-    recs = core_mgr.wait(["c%d" % i for i in range(n)], timeout=40)
-    for i, rec in enumerate(recs):
-        assert rec["jid"] == "c%d" % i
-        assert rec["returncode"] == i % 7, rec
-        assert rec["status"] == ("finishedSuccessfully" if i % 7 == 0 else "finishedWithError")
-        assert rec["message"] == "exited with code %d" % (i % 7)
-    counts = core_mgr.counts()
-    assert counts["finishedSuccessfully"] == len([i for i in range(n) if i % 7 == 0])
-    assert counts["finishedWithError"] == n - counts["finishedSuccessfully"]
-    assert counts["started"] == counts["notstarted"] == counts["undefined"] == 0
-
-
-def test_core_foreign_child_status_not_stolen(core_mgr):
-    jids = ["f%d" % i for i in range(200)]
-    for i, jid in enumerate(jids):
-        core_mgr.run("sleep 0.%d" % (i % 10), jid=jid)
-    rounds = 0
-    deadline = time.monotonic() + 30
-    while core_mgr.counts()["started"] and time.monotonic() < deadline:
-        r = subprocess.run(["sh", "-c", "sleep 0.02; exit 5"])
-        assert r.returncode == 5
-        r = subprocess.run(["sh", "-c", "exit 5"])
-        assert r.returncode == 5
-        rounds += 1
-    assert rounds >= 1
-    recs = core_mgr.wait(jids, timeout=20)
-    assert all(r["returncode"] == 0 and r["status"] == "finishedSuccessfully" for r in recs)
-    assert subprocess.run(["sh", "-c", "exit 5"]).returncode == 5
-
-
-# ---------------------------------------------------------------------------
-# kill, timeout, signals
-# ---------------------------------------------------------------------------
-
-def test_core_kill_term_trapping_group_with_grace(core_mgr):
-    job = core_mgr.run("trap '' TERM; sleep 100 & sleep 100; wait", jid="stubborn")
-    pgid = job["pid"]
-    # the wrapper leads its own process group
-    assert _core_proc_stat(pgid)[2] == pgid
-    _until(lambda: len([p for p in _core_live(pgid) if p[2] == "sleep"]) >= 2,
-                10, "both sleeps of the job to run")
-    assert os.getpgid(0) != pgid
-    t0 = time.monotonic()
-    core_mgr.kill("stubborn", grace=1)
-    # TERM is ignored, so the group is still there before the grace ends
-    gone = _until(lambda: not _core_live(pgid) or None, 2.0,
-                       "the job's process group to be gone within grace + 1 s",
-                       interval=0.02)
-    elapsed = time.monotonic() - t0
-    assert gone
-    assert elapsed <= 2.0 + 0.1, elapsed
-    assert elapsed >= 0.8, "the group died before the grace period: TERM was not ignored?"
-    rec = core_mgr.wait("stubborn", timeout=5)
-    assert rec["status"] == "finishedWithError"
-    assert rec["returncode"] in (-9, -15)
-    name = "SIGKILL" if rec["returncode"] == -9 else "SIGTERM"
-    assert name in rec["message"] and "on request" in rec["message"], rec["message"]
-    assert rec["returncode"] == -9, rec     # TERM was ignored, so SIGKILL ended it
-    assert all(p[1] == "Z" for p in _core_group(pgid))
-
-
-def test_core_kill_plain_job_sigterm(core_mgr):
-    job = core_mgr.run("sleep 30", jid="k")
-    _core_wait_running(job["pid"])
-    rec = core_mgr.kill("k")
-    assert rec["jid"] == "k"
-    rec = core_mgr.wait("k", timeout=5)
-    assert rec["status"] == "finishedWithError"
-    assert rec["returncode"] == -15
-    assert rec["message"] == "killed by SIGTERM on request"
-    _until(lambda: not _core_live(job["pid"]) or None, 5, "group gone")
-    # signal by name and number
-    _core_wait_running(core_mgr.run("sleep 30", jid="k2")["pid"])
-    core_mgr.kill("k2", "INT")
-    assert core_mgr.wait("k2", timeout=5)["returncode"] == -2
-    with pytest.raises(pman.InvalidArgument):
-        core_mgr.kill("k2", "NOSUCHSIG")
-    with pytest.raises(pman.JobNotFound):
-        core_mgr.kill("nope")
-
-
-def test_core_kill_right_after_start_delivers_sigterm(core_make):
-    """A SIGTERM sent as soon as run() returns must reach the job: the job
-    ends by SIGTERM (-15), not by the SIGKILL escalation after the grace."""
-    m = core_make(grace=0.5)
-    jids = []
-    for i in range(120):
-        jid = "early%d" % i
-        m.run("sleep 30" if i % 2 else ["sleep", "30"], jid=jid)
-        m.kill(jid)
-        jids.append(jid)
-    recs = m.wait(jids, timeout=20)
-    escalated = [r["jid"] for r in recs if r["returncode"] != -15]
-    assert not escalated, ("%d of %d jobs ignored the SIGTERM sent right after "
-                           "run() and were SIGKILLed after the grace: %s"
-                           % (len(escalated), len(jids), escalated))
-    assert all(r["message"] == "killed by SIGTERM on request" for r in recs)
-
-
-def test_core_kill_finished_job_sends_nothing(core_mgr, tmp_path):
-    # the job leaves a background process in its group after it ends
-    job = core_mgr.run("sleep 60 >/dev/null 2>&1 </dev/null & echo $!", jid="done")
-    rec = core_mgr.wait("done", timeout=10)
-    assert rec["status"] == "finishedSuccessfully"
-    orphan = int(core_mgr.read_log("done")["data"].decode())
-    try:
-        assert _core_proc_stat(orphan)[2] == job["pid"]      # same process group
-        assert _core_alive(orphan)
-        before = core_mgr.get("done")
-        after = core_mgr.kill("done")
-        assert after == before
-        after = core_mgr.kill("done", signal.SIGKILL, grace=0)
-        assert after == before
-        # observation window (not synchronization): the group got no signal
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline:
-            assert _core_alive(orphan), "kill() of a finished job signalled its group"
-            time.sleep(0.02)
-        assert core_mgr.get("done") == before
-    finally:
-        try:
-            os.kill(orphan, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def test_core_timeout(core_mgr):
-    t0 = time.monotonic()
-    core_mgr.run("sleep 30", jid="slow", timeout=0.3)
-    rec = core_mgr.wait("slow", timeout=10)
-    elapsed = time.monotonic() - t0
-    assert rec["status"] == "finishedWithError"
-    assert rec["returncode"] == -15
-    assert "timed out" in rec["message"], rec["message"]
-    assert 0.25 <= elapsed < 5
-    # a job that ends in time is not affected
-    core_mgr.run("exit 0", jid="fast", timeout=10)
-    assert core_mgr.wait("fast", timeout=10)["returncode"] == 0
-
-
-def test_core_signal_not_sent_by_pman(core_mgr):
-    job = core_mgr.run("sleep 30", jid="ext-kill")
-    _until(lambda: any(p[2] == "sleep" for p in _core_live(job["pid"])), 10, "sleep")
-    os.killpg(job["pid"], signal.SIGKILL)
-    rec = core_mgr.wait("ext-kill", timeout=10)
-    assert rec["returncode"] == 128 + 9
-    assert rec["status"] == "finishedWithError"
-    assert "SIGKILL" in rec["message"] and "137" in rec["message"]
-    assert "shell" in rec["message"]
-    job = core_mgr.run("sleep 30", jid="ext-term")
-    _until(lambda: any(p[2] == "sleep" for p in _core_live(job["pid"])), 10, "sleep")
-    os.killpg(job["pid"], signal.SIGTERM)
-    rec = core_mgr.wait("ext-term", timeout=10)
-    assert rec["returncode"] == 128 + 15
-    assert "SIGTERM" in rec["message"] and "143" in rec["message"]
-
-
-# ---------------------------------------------------------------------------
-# queue
-# ---------------------------------------------------------------------------
-
-def test_core_queue_order_max_running(core_make, tmp_path):
-    m = core_make(max_running=2)
-    gate = tmp_path / "gate"
-    order = tmp_path / "order"
-    jids = ["q%d" % i for i in range(6)]
-    for i, jid in enumerate(jids):
-        rec = m.run("while [ ! -e '%s' ]; do sleep 0.02; done; echo %d >> '%s'"
-                    % (gate, i, order), jid=jid)
-        assert rec["status"] == ("started" if i < 2 else "notstarted")
-    recs = [m.get(j) for j in jids]
-    assert [r["status"] for r in recs] == ["started"] * 2 + ["notstarted"] * 4
-    assert all(r["started"] is None and r["pid"] is None for r in recs[2:])
-    assert m.counts()["notstarted"] == 4 and m.counts()["started"] == 2
-    gate.touch()
-    recs = m.wait(jids, timeout=20)
-    assert all(r["returncode"] == 0 for r in recs), recs
-    starts = [_core_stamp(r["started"]) for r in recs]
-    ends = [_core_stamp(r["ended"]) for r in recs]
-    assert starts == sorted(starts), "jobs did not start in submission order"
-    for k in range(2, 6):
-        assert starts[k] >= min(ends[:k])
-    for t in starts:        # never more than 2 running at once
-        assert sum(1 for s, e in zip(starts, ends) if s <= t < e) <= 2
-    assert sorted(order.read_text().split()) == [str(i) for i in range(6)]
-
-
-def test_core_queued_job_killed(core_make, tmp_path):
-    m = core_make(max_running=1)
-    blocker = m.run("sleep 30", jid="blocker")
-    queued = m.run("echo ran > '%s'" % (tmp_path / "ran"), jid="queued")
-    after = m.run("echo after", jid="after")
-    assert queued["status"] == "notstarted" and after["status"] == "notstarted"
-    rec = m.kill("queued")
-    assert rec["status"] == "finishedWithError"
-    assert rec["returncode"] is None
-    assert rec["started"] is None and rec["pid"] is None
-    assert rec["ended"] is not None
-    assert m.get("queued") == rec
-    _core_wait_running(blocker["pid"])
-    m.kill("blocker")
-    assert m.wait("blocker", timeout=10)["returncode"] == -15
-    assert m.wait("after", timeout=10)["returncode"] == 0
-    assert m.get("queued") == rec
-    assert not (tmp_path / "ran").exists()
-
-
-def test_core_rerun_active_jid_conflict(core_make):
-    m = core_make(max_running=1)
-    m.run("sleep 30", jid="run1")
-    m.run("sleep 30", jid="queued1")
-    for jid in ("run1", "queued1"):
-        with pytest.raises(pman.JobConflict) as ei:
-            m.run("true", jid=jid)
-        assert ei.value.jid == jid
-        assert isinstance(ei.value, pman.PmanError)
-    assert m.get("run1")["status"] == "started"
-    assert m.get("queued1")["status"] == "notstarted"
-    assert m.get("run1")["cmd"] == "sleep 30"
-    assert len(m.jobs()) == 2
-
-
-def test_core_invalid_jids(core_mgr):
-    bad = ["", "../x", "a/b", "x\n", "a" * 129, "jobs", "cmd", "hello",
-           "openapi.json", ".hidden", "-x", "a b", "é", 123, "x\0"]
-    for jid in bad:
-        with pytest.raises(pman.InvalidArgument):
-            core_mgr.run("true", jid=jid)
-        with pytest.raises(ValueError):
-            core_mgr.run("true", jid=jid)
-    assert core_mgr.jobs() == []
-    assert os.listdir(os.path.join(core_mgr.state_dir, "logs")) == []
-    assert not os.path.exists(os.path.join(os.path.dirname(core_mgr.state_dir), "x.out"))
-    ok = ["a" * 128, "A.b_c-9", "0"]
-    for jid in ok:
-        core_mgr.run("true", jid=jid)
-    core_mgr.wait(ok, timeout=10)
-    assert [j["jid"] for j in core_mgr.jobs()] == ok
-
-
-# ---------------------------------------------------------------------------
-# env, cwd, logs, argv, spawn failures
-# ---------------------------------------------------------------------------
-
-def test_core_env_merge(core_make, monkeypatch):
-    monkeypatch.setenv("CORE_OUTER", "outer")
-    m = core_make(env={"CORE_A": "mgr", "CORE_B": "mgr"})
-    cmd = 'printf "%s|%s|%s|%s" "$CORE_A" "$CORE_B" "${CORE_C-unset}" "$CORE_OUTER"'
-    m.run(cmd, jid="lst", env=["CORE_B=job", "CORE_C=x=y"])
-    m.run(cmd, jid="dct", env={"CORE_A": "job-a", "CORE_C": ""})
-    m.run(cmd, jid="none")
-    recs = m.wait(["lst", "dct", "none"], timeout=10)
-    assert all(r["returncode"] == 0 for r in recs)
-    assert m.read_log("lst")["data"] == b"mgr|job|x=y|outer"
-    assert m.read_log("dct")["data"] == b"job-a|mgr||outer"
-    assert m.read_log("none")["data"] == b"mgr|mgr|unset|outer"
-    # values are not echoed back, only the keys
-    assert recs[0]["env"] == ["CORE_B", "CORE_C"]
-    assert "x=y" not in json.dumps(recs[0])
-    with pytest.raises(pman.InvalidArgument):
-        m.run("true", jid="badenv", env=["NOEQUALS"])
-    with pytest.raises(pman.InvalidArgument):
-        m.run("true", jid="badenv", env={"": "v"})
-    with pytest.raises(pman.JobNotFound):
-        m.get("badenv")
-
-
-def test_core_jobs_see_the_environment_as_it_is_when_they_start(core_make, monkeypatch):
-    """Without env= a job gets the manager's os.environ as it is at spawn
-    time, changes made after the manager opened included."""
-    monkeypatch.setenv("CORE_GONE", "before")
-    m = core_make()
-    monkeypatch.setenv("CORE_LATE", "late value")
-    monkeypatch.delenv("CORE_GONE")
-    m.run('printf "%s|%s" "$CORE_LATE" "${CORE_GONE-unset}"', jid="late")
-    assert m.wait("late", timeout=10)["returncode"] == 0
-    assert m.read_log("late")["data"] == b"late value|unset"
-
-
-def test_core_cwd_and_separate_logs(core_mgr, tmp_path):
-    sub = tmp_path / "work dir"
-    sub.mkdir()
-    tool = sub / "tool.sh"
-    tool.write_text("#!/bin/sh\necho tool-ran\n")
-    tool.chmod(0o755)
-    core_mgr.run("pwd; echo to-err >&2; echo second", jid="cwd", cwd=str(sub))
-    core_mgr.run(["./tool.sh"], jid="rel", cwd=str(sub))
-    recs = core_mgr.wait(["cwd", "rel"], timeout=10)
-    assert [r["returncode"] for r in recs] == [0, 0], recs
-    assert core_mgr.read_log("cwd")["data"] == (os.path.realpath(sub) + "\nsecond\n").encode()
-    assert core_mgr.read_log("cwd", "stderr")["data"] == b"to-err\n"
-    assert core_mgr.read_log("rel")["data"] == b"tool-ran\n"
-    with open(recs[0]["stdout"], "rb") as f:
-        assert b"to-err" not in f.read()
-    with pytest.raises(pman.InvalidArgument):
-        core_mgr.read_log("cwd", "both")
-    with pytest.raises(pman.JobNotFound):
-        core_mgr.read_log("missing")
-
-
-def test_core_read_log_offset_and_eof(core_mgr, tmp_path):
-    gate = tmp_path / "gate"
-    core_mgr.run("printf abc; while [ ! -e '%s' ]; do sleep 0.02; done; printf def" % gate,
-                 jid="log")
-    first = _until(lambda: (lambda r: r if r["data"] == b"abc" else None)(
-        core_mgr.read_log("log")), 10, "first output")
-    assert first["offset"] == 0 and first["next_offset"] == 3
-    assert first["eof"] is False
-    part = core_mgr.read_log("log", offset=1, limit=1)
-    assert part["data"] == b"b" and part["next_offset"] == 2 and part["eof"] is False
-    tail = core_mgr.read_log("log", offset=3)
-    assert tail["data"] == b"" and tail["next_offset"] == 3 and tail["eof"] is False
-    gate.touch()
-    core_mgr.wait("log", timeout=10)
-    rest = core_mgr.read_log("log", offset=3)
-    assert rest["data"] == b"def" and rest["next_offset"] == 6 and rest["eof"] is True
-    end = core_mgr.read_log("log", offset=6)
-    assert end["data"] == b"" and end["next_offset"] == 6 and end["eof"] is True
-    # ended, but more bytes follow the limit: not eof yet
-    limited = core_mgr.read_log("log", offset=0, limit=4)
-    assert limited["data"] == b"abcd" and limited["next_offset"] == 4
-    assert limited["eof"] is False
-    assert core_mgr.read_log("log", offset=4, limit=2)["eof"] is True
-    err = core_mgr.read_log("log", "stderr")
-    assert err["data"] == b"" and err["eof"] is True
-    with pytest.raises(pman.InvalidArgument):
-        core_mgr.read_log("log", offset=-1)
-
-
-def test_core_spawn_failure(core_mgr, tmp_path):
-    bad_cwd = core_mgr.run("echo hi", jid="badcwd", cwd=str(tmp_path / "no-such-dir"))
-    missing = core_mgr.run(["core-no-such-executable-xyz", "arg"], jid="noexe")
-    notexec = tmp_path / "plain.txt"
-    notexec.write_text("not a program")
-    notexec.chmod(0o644)
-    noperm = core_mgr.run([str(notexec)], jid="noperm")
-    for rec in (bad_cwd, missing, noperm):
-        assert rec["status"] == "finishedWithError", rec
-        assert "spawn failed" in rec["message"], rec["message"]
-        assert rec["returncode"] is None
-        assert rec["pid"] is None
-        assert rec["ended"] is not None
-        assert core_mgr.get(rec["jid"]) == rec
-    assert core_mgr.wait(["badcwd", "noexe", "noperm"], timeout=1)
-    # the manager still works
-    core_mgr.run("echo fine", jid="ok")
-    assert core_mgr.wait("ok", timeout=10)["returncode"] == 0
-    assert core_mgr.read_log("ok")["data"] == b"fine\n"
-    # a spawn-failed jid can be run again
-    core_mgr.run("true", jid="badcwd")
-    assert core_mgr.wait("badcwd", timeout=10)["returncode"] == 0
-
-
-def test_core_argv_no_shell(core_mgr, tmp_path):
-    args = ["$(touch X)", "a b", "'q'", ";", "*", "`touch Y`", "$HOME", ""]
-    rec = core_mgr.run(["printf", "[%s]"] + args, jid="argv", cwd=str(tmp_path))
-    assert rec["argv"] == ["printf", "[%s]"] + args
-    done = core_mgr.wait("argv", timeout=10)
-    assert done["returncode"] == 0
-    assert core_mgr.read_log("argv")["data"] == "".join("[%s]" % a for a in args).encode()
-    core_mgr.run(["echo", "$(touch X)"], jid="echo", cwd=str(tmp_path))
-    core_mgr.wait("echo", timeout=10)
-    assert core_mgr.read_log("echo")["data"] == b"$(touch X)\n"
-    assert not (tmp_path / "X").exists() and not (tmp_path / "Y").exists()
-    # exit code of an argv job
-    core_mgr.run(["sh", "-c", "exit 6"], jid="code")
-    assert core_mgr.wait("code", timeout=10)["returncode"] == 6
-
-
-# ---------------------------------------------------------------------------
-# threads and file descriptors
-# ---------------------------------------------------------------------------
-
-def test_core_threads_and_fds_bounded(core_make, tmp_path):
-    base_threads = threading.active_count()
-    m = core_make()
-    m.run("true", jid="warm")
-    m.wait("warm", timeout=10)
-    m.flush()
-    base_fds = len(os.listdir("/proc/self/fd"))
-    gate = tmp_path / "gate"
-    gate.touch()
-    # Hold the 300 jobs running until the checks are done, however slowly
-    # they were submitted: each takes a shared flock the test holds
-    # exclusively (or, without flock(1), polls once a second for a file).
-    if shutil.which("flock"):
-        cmd = "flock -s '%s' sleep 0.1" % gate
-        held = open(gate, "rb")
-        fcntl.flock(held, fcntl.LOCK_EX)
-        release = held.close
-    else:                                   # pragma: no cover
-        gate.unlink()
-        cmd = "while [ ! -e '%s' ]; do sleep 1; done" % gate
-        release = gate.touch
-    try:
-        max_threads = threading.active_count()
-        for i in range(300):
-            m.run(cmd, jid="s%d" % i)
-            if i % 25 == 0:
-                max_threads = max(max_threads, threading.active_count())
-        assert m.counts()["started"] == 300, m.counts()
-        max_threads = max(max_threads, threading.active_count())
-        assert max_threads <= base_threads + 3, (max_threads, base_threads)
-    finally:
-        release()
-    recs = m.wait(["s%d" % i for i in range(300)], timeout=30)
-    assert all(r["returncode"] == 0 for r in recs)
-    for i in range(699):
-        m.run("true", jid="t%d" % i)
-    assert threading.active_count() <= base_threads + 3
-    recs = m.wait(["t%d" % i for i in range(699)], timeout=30)
-    assert all(r["returncode"] == 0 for r in recs)
-    assert sum(m.counts().values()) == 1000
-    m.flush()
-    _until(lambda: len(os.listdir("/proc/self/fd")) <= base_fds + 2, 5,
-                "fd count back to baseline (was %d)" % base_fds)
-
-
-# ---------------------------------------------------------------------------
-# on_end
-# ---------------------------------------------------------------------------
-
-def test_core_on_end_once_per_job_outside_lock(core_make, tmp_path):
-    calls = []
-    holder = {}
-
-    def on_end(record):
-        got = {}
-
-        def fetch():
-            got["rec"] = holder["m"].get(record["jid"])
-
-        t = threading.Thread(target=fetch)
-        t.start()
-        t.join(5)       # blocks (and reports) if the manager lock is held
-        calls.append((record, got.get("rec"), threading.current_thread() is not threading.main_thread()))
-
-    m = core_make(on_end=on_end)
-    holder["m"] = m
-    jids = ["e%d" % i for i in range(5)]
-    for i, jid in enumerate(jids):
-        m.run("exit %d" % i, jid=jid)
-    _core_wait_running(m.run("sleep 30", jid="killed")["pid"])
-    m.run("true", jid="nocwd", cwd=str(tmp_path / "missing"))
-    m.kill("killed")
-    everything = jids + ["killed", "nocwd"]
-    m.wait(everything, timeout=10)
-    _until(lambda: len(calls) >= len(everything), 10, "on_end calls")
-    m.run("true", jid="sentinel")
-    m.wait("sentinel", timeout=10)
-    _until(lambda: any(c[0]["jid"] == "sentinel" for c in calls), 10, "sentinel on_end")
-    seen = [c[0]["jid"] for c in calls]
-    for jid in everything + ["sentinel"]:
-        assert seen.count(jid) == 1, (jid, seen)
-    for record, fetched, from_reaper in calls:
-        assert fetched is not None, "on_end ran with the manager lock held"
-        assert fetched == record
-        assert from_reaper
-        assert record["status"] in ("finishedSuccessfully", "finishedWithError")
-        json.dumps(record)
-    by_jid = {c[0]["jid"]: c[0] for c in calls}
-    for i, jid in enumerate(jids):
-        assert by_jid[jid]["returncode"] == i
-    assert by_jid["killed"]["returncode"] == -15
-    assert "spawn failed" in by_jid["nocwd"]["message"]
-
-
-# ---------------------------------------------------------------------------
-# listing, waiting, removing
-# ---------------------------------------------------------------------------
-
-def test_core_jobs_filters(core_mgr):
-    m = core_mgr
-    m.run("exit 0", jid="a", auid="alice", meta={"k": 1, "t": "x"})
-    m.run("exit 1", jid="b", auid="alice", meta={"k": 2})
-    m.run("exit 0", jid="c", auid="bob", meta={"k": 1})
-    m.run("sleep 30", jid="d", auid="bob", meta={"k": 1, "t": "x"})
-    m.wait(["a", "b", "c"], timeout=10)
-
-    def ids(**kw):
-        return [j["jid"] for j in m.jobs(**kw)]
-
-    assert ids() == ["a", "b", "c", "d"]
-    assert ids(status="finishedSuccessfully") == ["a", "c"]
-    assert ids(status=("finishedWithError", "started")) == ["b", "d"]
-    assert ids(status="notstarted") == []
-    assert ids(auid="alice") == ["a", "b"]
-    assert ids(auid="nobody") == []
-    assert ids(meta={"k": 1}) == ["a", "c", "d"]
-    assert ids(meta={"k": 1, "t": "x"}) == ["a", "d"]
-    assert ids(meta={"t": "y"}) == []
-    assert ids(auid="bob", meta={"k": 1}, status="started") == ["d"]
-    assert ids(limit=2) == ["a", "b"]
-    assert ids(after="b") == ["c", "d"]
-    assert ids(after="b", limit=1) == ["c"]
-    assert ids(after="d") == []
-    with pytest.raises(pman.InvalidArgument):
-        m.jobs(status="running")
-    with pytest.raises(pman.JobNotFound):
-        m.jobs(after="zzz")
-    full = m.jobs(auid="alice")
-    assert full[0]["status"] == "finishedSuccessfully" and full[1]["returncode"] == 1
-
-
-def test_core_wait_list_and_timeout(core_mgr):
-    m = core_mgr
-    m.run("exit 1", jid="w1")
-    m.run("sleep 0.2; exit 2", jid="w2")
-    recs = m.wait(["w2", "w1"], timeout=10)
-    assert [r["jid"] for r in recs] == ["w2", "w1"]
-    assert [r["returncode"] for r in recs] == [2, 1]
-    assert m.wait([], timeout=1) == []
-    m.run("sleep 30", jid="long")
-    t0 = time.monotonic()
-    with pytest.raises(pman.Timeout) as ei:
-        m.wait(["w1", "long"], timeout=0.3)
-    elapsed = time.monotonic() - t0
-    assert 0.25 <= elapsed < 3
-    assert isinstance(ei.value, TimeoutError)
-    assert [r["jid"] for r in ei.value.jobs] == ["w1", "long"]
-    assert ei.value.jobs[1]["status"] == "started"
-    with pytest.raises(pman.Timeout) as ei:
-        m.wait("long", timeout=0.05)
-    assert ei.value.jobs["jid"] == "long" and ei.value.jobs["returncode"] is None
-    with pytest.raises(pman.JobNotFound):
-        m.wait("ghost", timeout=1)
-    assert m.get("long")["status"] == "started"
-
-
-def test_core_remove(core_mgr):
-    m = core_mgr
-    job = m.run("echo x; sleep 30", jid="r")
-    _until(lambda: m.read_log("r")["data"] == b"x\n", 10, "output")
-    with pytest.raises(pman.JobConflict):
-        m.remove("r")
-    assert m.get("r")["status"] == "started"
-    assert _core_live(job["pid"])
-    m.remove("r", kill=True)
-    with pytest.raises(pman.JobNotFound):
-        m.get("r")
-    assert not os.path.exists(job["stdout"]) and not os.path.exists(job["stderr"])
-    _until(lambda: not _core_live(job["pid"]) or None, 5, "killed job gone")
-    assert "r" not in [j["jid"] for j in m.jobs()]
-    # a finished job is removed without kill
-    done = m.run("echo y", jid="f")
-    m.wait("f", timeout=10)
-    assert os.path.exists(done["stdout"])
-    m.remove("f")
-    assert not os.path.exists(done["stdout"]) and not os.path.exists(done["stderr"])
-    with pytest.raises(pman.JobNotFound):
-        m.remove("f")
-    assert sum(m.counts().values()) == 0
-    # the jid is free again
-    m.run("exit 3", jid="r")
-    assert m.wait("r", timeout=10)["returncode"] == 3
-
-
-# ---------------------------------------------------------------------------
-# persistence and lifecycle
-# ---------------------------------------------------------------------------
-
-def test_core_close_and_reopen_sees_outcomes(core_make, tmp_path):
-    state = tmp_path / "state"
-    m = core_make(state)
-    m.run("echo ok", jid="ok")
-    m.run("exit 3", jid="bad", auid="u", meta={"m": 1})
-    _core_wait_running(m.run("sleep 30", jid="killed")["pid"])
-    m.kill("killed")
-    m.run(["core-missing-binary-xyz"], jid="spawnfail")
-    g1, g2 = tmp_path / "g1", tmp_path / "g2"
-    late1 = m.run("while [ ! -e '%s' ]; do sleep 0.02; done; exit 4" % g1, jid="late1")
-    late2 = m.run("while [ ! -e '%s' ]; do sleep 0.02; done; exit 5" % g2, jid="late2")
-    before = {r["jid"]: r for r in m.wait(["ok", "bad", "killed", "spawnfail"], timeout=10)}
-    m.close()
-    with pytest.raises(pman.PmanError):
-        m.run("true", jid="after-close")
-    # late1 ends while no manager watches it
-    g1.touch()
-    _until(lambda: not _core_alive(late1["pid"]), 10, "late1 to end")
-    m2 = core_make(state)
-    assert m2 is not m
-    assert [j["jid"] for j in m2.jobs()] == ["ok", "bad", "killed", "spawnfail", "late1", "late2"]
-    for jid, rec in before.items():
-        assert m2.get(jid) == rec, jid
-    assert m2.get("killed")["returncode"] == -15
-    r1 = m2.wait("late1", timeout=10)
-    assert r1["returncode"] == 4 and r1["status"] == "finishedWithError", r1
-    assert m2.get("late2")["status"] == "started"
-    g2.touch()
-    r2 = m2.wait("late2", timeout=10)
-    assert r2["returncode"] == 5 and r2["status"] == "finishedWithError", r2
-    assert r2["pid"] == late2["pid"]
-    assert m2.read_log("ok")["data"] == b"ok\n"
-
-
-def test_core_context_manager_and_lock(tmp_path):
-    state = str(tmp_path / "state")
-    with pman.JobManager(state) as m:
-        m.run("exit 7", jid="cm")
-        assert m.wait("cm", timeout=10)["returncode"] == 7
-    with pytest.raises(pman.PmanError):
-        m.run("true", jid="x")
-    probe = ("import sys; import pman\n"
-             "try:\n"
-             "    m = pman.JobManager(%r)\n"
-             "except pman.StateLocked as e:\n"
-             "    print('locked', e.pid)\n"
-             "else:\n"
-             "    print('open', m.get('cm')['returncode']); m.close()\n" % state)
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         timeout=30)
-    assert out.stdout.split() == ["open", "7"], out.stderr
-    m2 = pman.JobManager(state)
-    try:
-        assert m2 is not m
-        assert m2.get("cm")["returncode"] == 7
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True,
-                             text=True, timeout=30)
-        assert out.stdout.split() == ["locked", str(os.getpid())], out.stderr
-    finally:
-        m2.close(kill=True)
-
-
-def test_core_log_limit(core_make):
-    m = core_make(log_limit=10000)
-    m.run("head -c 20000 /dev/zero; sleep 30", jid="noisy-out")
-    m.run("head -c 20000 /dev/zero >&2; sleep 30", jid="noisy-err")
-    m.run("head -c 5000 /dev/zero; head -c 5000 /dev/zero >&2", jid="quiet")
-    recs = m.wait(["noisy-out", "noisy-err", "quiet"], timeout=15)
-    out, err, quiet = recs
-    for rec, stream in ((out, "stdout"), (err, "stderr")):
-        assert rec["status"] == "finishedWithError"
-        assert rec["returncode"] == -15
-        assert "10000" in rec["message"] and "limit" in rec["message"], rec["message"]
-        assert stream in rec["message"]
-    assert quiet["returncode"] == 0 and quiet["status"] == "finishedSuccessfully"
-
-
-def test_core_keep_finished_retention(core_make):
-    m = core_make(keep_finished=2)
-    m.run("sleep 30", jid="runner")
-    paths = {}
-    for i in range(5):
-        rec = m.run("echo %d; echo e%d >&2" % (i, i), jid="k%d" % i)
-        paths["k%d" % i] = (rec["stdout"], rec["stderr"])
-        m.wait("k%d" % i, timeout=10)
-    _until(lambda: [j["jid"] for j in m.jobs()] == ["runner", "k3", "k4"], 10,
-                "retention to forget the oldest finished jobs")
-    assert m.get("runner")["status"] == "started"
-    for i in range(3):
-        with pytest.raises(pman.JobNotFound):
-            m.get("k%d" % i)
-    _until(lambda: not any(os.path.exists(p) for i in range(3)
-                                for p in paths["k%d" % i]), 10, "old logs removed")
-    for jid in ("k3", "k4"):
-        assert all(os.path.exists(p) for p in paths[jid])
-    assert m.read_log("k4")["data"] == b"4\n"
-    # once the runner ends, only 2 finished jobs remain
-    m.kill("runner")
-    _until(lambda: (lambda js: len(js) == 2 and all(
-        j["status"] == "finishedWithError" or j["status"] == "finishedSuccessfully"
-        for j in js))(m.jobs()), 10, "retention after the runner ended")
-
-
-def test_core_forget_keep(core_mgr):
-    m = core_mgr
-    m.run("sleep 30", jid="active")
-    outs = {}
-    for i in range(5):
-        outs["f%d" % i] = m.run("echo %d" % i, jid="f%d" % i)["stdout"]
-        m.wait("f%d" % i, timeout=10)
-    assert m.forget(keep=2) == 3
-    assert [j["jid"] for j in m.jobs()] == ["active", "f3", "f4"]
-    for i in range(3):
-        assert not os.path.exists(outs["f%d" % i])
-    assert os.path.exists(outs["f3"])
-    assert m.forget(keep=5) == 0
-    assert m.forget() == 2
-    assert [j["jid"] for j in m.jobs()] == ["active"]
-    assert m.get("active")["status"] == "started"
-    assert not os.path.exists(outs["f4"])
-    with pytest.raises(pman.InvalidArgument):
-        m.forget(keep=-1)
-
-
-def test_core_durable_false_persists_after_close(core_make, tmp_path):
-    state = tmp_path / "state"
-    m = core_make(state, durable=False)
-    m.run("exit 0", jid="d1", meta={"x": 1})
-    m.run("exit 9", jid="d2")
-    recs = m.wait(["d1", "d2"], timeout=10)
-    _core_wait_running(m.run("sleep 30", jid="d3")["pid"])
-    m.kill("d3")
-    recs.append(m.wait("d3", timeout=10))
-    m.close()
-    m2 = core_make(state)
-    assert [m2.get(r["jid"]) for r in recs] == recs
-    assert [r["returncode"] for r in recs] == [0, 9, -15]
-
-
-# ---------------------------------------------------------------------------
-# batches: run_many()
-# ---------------------------------------------------------------------------
-
-def _core_journal_bytes(state):
-    return b"".join(open(os.path.join(str(state), n), "rb").read()
-                    for n in sorted(os.listdir(str(state))) if n.startswith("journal-"))
-
-
-def test_core_batch_runs_in_order_queues_past_max_running_exact_codes(core_make):
-    m = core_make(max_running=2)
-    specs = [{"cmd": "sleep 0.3; exit %d" % i, "jid": "b%d" % i} for i in range(6)]
-    specs[3] = {"cmd": ["sh", "-c", "exit 3"], "jid": "b3", "meta": {"k": 3}, "auid": "u",
-                "env": ["X=1"], "timeout": 30, "extras": {"image": "i"}}
-    recs = m.run_many(specs)
-    assert [r["jid"] for r in recs] == ["b%d" % i for i in range(6)]
-    assert [r["status"] for r in recs] == ["started"] * 2 + ["notstarted"] * 4
-    assert recs[3]["meta"] == {"k": 3} and recs[3]["env"] == ["X"] and recs[3]["auid"] == "u"
-    assert len({r["seq"] for r in recs}) == 6
-    done = m.wait([r["jid"] for r in recs], timeout=20)
-    assert [r["returncode"] for r in done] == [0, 1, 2, 3, 4, 5]
-    # the queue started them in submission order
-    starts = [_core_stamp(r["started"]) for r in done]
-    assert starts == sorted(starts)
-    assert [r["jid"] for r in m.jobs()] == ["b%d" % i for i in range(6)]
-    # a generated jid and a re-run of a finished jid follow run()'s rules
-    again = m.run_many([{"cmd": "exit 7"}, {"cmd": "exit 8", "jid": "b0"}])
-    assert again[0]["jid"].startswith("job-") and again[1]["jid"] == "b0"
-    assert [r["returncode"] for r in m.wait([r["jid"] for r in again], timeout=10)] == [7, 8]
-    assert [r["jid"] for r in m.jobs()][-2:] == [again[0]["jid"], "b0"]
-    assert m.run_many([]) == []
-
-
-_CORE_BAD_SPECS = [
-    ({"cmd": ""}, "cmd must be a non-empty string"),
-    ({"cmd": 5}, "cmd must be a shell string"),
-    ({"cmd": "true", "jid": "bad jid"}, "invalid jid"),
-    ({"cmd": "true", "jid": "jobs"}, "reserved"),
-    ({"cmd": "true", "env": {"K": 1}}, "invalid value of env"),
-    ({"cmd": "true", "timeout": -1}, "timeout must be a number"),
-    ({"cmd": "true", "meta": []}, "meta must be a JSON object"),
-    ({"cmd": "true", "meta": {"x": object()}}, "not storable as JSON"),
-    ({"cmd": "true", "cwd": 3}, "cwd must be a string"),
-]
-
-
-@pytest.mark.parametrize("spec,message", _CORE_BAD_SPECS + [
-    ({"cmd": "true", "jod": "x"}, "unknown key(s) ['jod']"),
-    ({"jid": "x"}, "'cmd' is missing"),
-    ("true", "a spec must be a dict"),
-], ids=lambda v: str(v)[:30] if isinstance(v, str) else None)
-def test_core_batch_with_a_bad_spec_runs_nothing(core_make, tmp_path, spec, message):
-    state = tmp_path / "state"
-    m = core_make(state)
-    m.run("exit 0", jid="before")
-    m.wait("before", timeout=10)
-    journal = _core_journal_bytes(state)
-    marker = tmp_path / "ran"
-    specs = [{"cmd": "touch %s-a" % marker}, {"cmd": "touch %s-b" % marker, "jid": "ok"},
-             spec, {"cmd": "touch %s-c" % marker}]
-    with pytest.raises(pman.InvalidArgument) as info:
-        m.run_many(specs)
-    assert info.value.index == 2, str(info.value)
-    assert str(info.value).startswith("batch index 2: ") and message in str(info.value)
-    assert [r["jid"] for r in m.jobs()] == ["before"]
-    assert _core_journal_bytes(state) == journal, "a refused batch was journaled"
-    assert not list(tmp_path.glob("ran*"))
-    # run() applies the very same rules (one set of them), minus the index
-    if isinstance(spec, dict) and "cmd" in spec and "jod" not in spec:
-        with pytest.raises(pman.InvalidArgument) as single:
-            m.run(**spec)
-        assert single.value.index is None
-        assert str(info.value) == "batch index 2: " + str(single.value)
-
-
-def test_core_batch_conflicts_name_the_jid_and_run_nothing(core_make, tmp_path):
-    m = core_make()
-    m.run("sleep 30", jid="busy")
-    marker = tmp_path / "ran"
-    with pytest.raises(pman.JobConflict) as info:
-        m.run_many([{"cmd": "touch %s" % marker, "jid": "d"}, {"cmd": "true"},
-                    {"cmd": "true", "jid": "d"}])
-    assert info.value.jid == "d" and "given twice" in str(info.value)
-    assert "batch index 2" in str(info.value) and "index 0" in str(info.value)
-    with pytest.raises(pman.JobConflict) as info:
-        m.run_many([{"cmd": "touch %s" % marker, "jid": "e"}, {"cmd": "true", "jid": "busy"}])
-    assert info.value.jid == "busy" and "started" in str(info.value)
-    assert [r["jid"] for r in m.jobs()] == ["busy"]
-    with pytest.raises(pman.InvalidArgument):
-        m.run_many({"cmd": "true"})         # a dict is not a list of specs
-    assert not marker.exists()
-
-
-def test_core_batch_is_one_journal_line_written_before_its_processes(core_make, tmp_path):
-    state = tmp_path / "state"
-    m = core_make(state, max_running=3)
-    recs = m.run_many([{"cmd": "exit %d" % i, "jid": "w%d" % i} for i in range(5)])
-    m.wait([r["jid"] for r in recs], timeout=10)
-    lines = [json.loads(x) for x in _core_journal_bytes(state).splitlines()]
-    batches = [x for x in lines if "batch" in x]
-    assert len(batches) == 1
-    first = batches[0]["batch"]
-    assert [r["jid"] for r in first] == ["w%d" % i for i in range(5)]
-    # handed to the backend (backend_id "") or queued (None), no process yet
-    assert [r["status"] for r in first] == ["notstarted"] * 5
-    assert [r["backend_id"] for r in first] == ["", "", "", None, None]
-    assert all(r["pid"] is None for r in first)
-    assert lines.index(batches[0]) < min(i for i, x in enumerate(lines) if x.get("pid"))
-    m.close()
-    m = core_make(state)
-    assert [(r["jid"], r["returncode"]) for r in m.jobs()] == [("w%d" % i, i) for i in range(5)]
-
-
-def test_core_batches_leave_no_thread_or_fd_behind(core_make):
-    m = core_make()
-    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
-    jids = []
-    for b in range(3):
-        recs = m.run_many([{"cmd": "exit %d" % (i % 7), "jid": "n%d-%d" % (b, i)}
-                           for i in range(200)])
-        jids += [r["jid"] for r in recs]
-        assert threading.active_count() <= threads
-    done = m.wait(jids, timeout=60)
-    assert [r["returncode"] for r in done] == [i % 7 for i in range(200)] * 3
-    assert threading.active_count() <= threads
-    _until(lambda: len(os.listdir("/proc/self/fd")) <= fds, 10, "fds to be closed")
-
-
-# ---------------------------------------------------------------------------
-# fallback reaper (no pidfd)
-# ---------------------------------------------------------------------------
-
-def test_core_queued_job_timeout_counts_from_its_start(core_make):
-    """A queued job's timeout starts when it starts, not when it was
-    submitted: B waits 2.5 s for its slot, then runs 0.2 s of its 2 s."""
-    m = core_make(max_running=1)
-    m.run("sleep 2.5", jid="first")
-    queued = m.run("sleep 0.2; echo ran", jid="second", timeout=2)
-    assert queued["status"] == "notstarted"
-    second = m.wait("second", timeout=20)
-    assert (second["status"], second["returncode"]) == ("finishedSuccessfully", 0), second
-    assert m.read_log("second")["data"] == b"ran\n"
-    # and a timeout still fires, counted from the start
-    m.run("sleep 1.5", jid="third")
-    m.run("sleep 30", jid="fourth", timeout=0.5)
-    fourth = m.wait("fourth", timeout=20)
-    assert fourth["returncode"] == -15 and "timed out after 0.5 s" in fourth["message"]
-    ran = _core_stamp(fourth["ended"]) - _core_stamp(fourth["started"])
-    assert 0.4 < ran.total_seconds() < 5, fourth
-
-
-def test_core_fallback_reaper_without_pidfd(core_make, monkeypatch, tmp_path):
-    monkeypatch.setattr(pman, "_HAVE_PIDFD", False)
-    m = core_make(grace=1)
-    assert getattr(m, "_selector", None) is None     # the polling reaper is in use
-    jids = ["p%d" % i for i in range(6)]
-    for i, jid in enumerate(jids):
-        m.run("sleep 0.%d; exit %d" % (i, i), jid=jid)
-    m.run(["sh", "-c", "exit 3"], jid="pargv")
-    assert subprocess.run(["sh", "-c", "sleep 0.1; exit 5"]).returncode == 5
-    recs = m.wait(jids + ["pargv"], timeout=10)
-    assert [r["returncode"] for r in recs] == [0, 1, 2, 3, 4, 5, 3]
-    assert recs[0]["status"] == "finishedSuccessfully"
-    _core_wait_running(m.run("sleep 30", jid="pkill")["pid"])
-    m.kill("pkill")
-    rec = m.wait("pkill", timeout=10)
-    assert rec["returncode"] == -15 and rec["message"] == "killed by SIGTERM on request"
-    job = m.run("trap '' TERM; sleep 100 & sleep 100; wait", jid="pstubborn")
-    _until(lambda: len([p for p in _core_live(job["pid"]) if p[2] == "sleep"]) >= 2,
-                10, "sleeps")
-    m.kill("pstubborn")                       # manager grace: 1 s
-    rec = m.wait("pstubborn", timeout=5)
-    assert rec["returncode"] == -9
-    _until(lambda: not _core_live(job["pid"]) or None, 2, "stubborn group gone")
-    m.run("sleep 30", jid="ptimeout", timeout=0.2)
-    rec = m.wait("ptimeout", timeout=10)
-    assert rec["returncode"] == -15 and "timed out" in rec["message"]
-
-
-# ===========================================================================
-# cmd
-# ===========================================================================
 _CMD_INFO_FIELDS = ("cmd", "jid", "auid", "pid", "started", "startTrigger", "done",
                     "doneTrigger", "returncode", "startstamp", "endstamp", "stdout",
                     "stderr")
@@ -1269,7 +168,7 @@ _CMD_DEADLINE = 15.0
 
 
 # ---------------------------------------------------------------------------
-# helpers
+# helpers: the command dialect
 # ---------------------------------------------------------------------------
 
 class _CmdServer:
@@ -1428,7 +327,7 @@ def _cmd_snapshot(state_dir):
 
 
 # ---------------------------------------------------------------------------
-# fixtures
+# fixtures: the command dialect
 # ---------------------------------------------------------------------------
 
 @pytest.fixture
@@ -1451,882 +350,8 @@ def cmd_server(cmd_factory):
 
 
 # ---------------------------------------------------------------------------
-# 1. the original README request
+# shared by the state and crash tests
 # ---------------------------------------------------------------------------
-
-def test_cmd_readme_request_verbatim_and_index_walks(cmd_server):
-    request = {"payload": {"exec": {"cmd": "cal 7 1970"}, "action": "run",
-                           "meta": {"jid": "123-456-1", "auid": "rudolphpienaar"}}}
-    status, env = cmd_server.request("POST", "/api/v1/cmd/", request)
-    assert status == 200, env
-    _cmd_check_envelope(env, "run", {"jid": "123-456-1", "auid": "rudolphpienaar"},
-                        extra=("jobRootDir",))
-    assert env["status"] is True
-    assert env["jobRootDir"] == "123-456-1"
-    first = env["d_ret"]
-    _cmd_check_record(first, jid="123-456-1", cmd="cal 7 1970", auid="rudolphpienaar",
-                      meta={})
-    assert isinstance(first["pid"], int)
-
-    d_ret = _cmd_wait_finished(cmd_server, "123-456-1")
-    has_cal = _have("cal")
-    rc1 = d_ret["0.end"]["returncode"][0]
-    if has_cal:
-        assert rc1 == 0
-
-    second = cmd_server.ok("run", {"cmd": "echo second; exit 4", "jid": "123-456-2",
-                                   "auid": "rudolphpienaar"})
-    pid2 = second["d_ret"]["pid"]
-    _cmd_wait_finished(cmd_server, "123-456-2")
-
-    status, reply = cmd_server.get("/api/v1/_01/endInfo")
-    assert status == 200, reply
-    assert set(reply) == {"status", "path", "GET"}
-    assert reply["status"] is True
-    assert reply["path"] == "/api/v1/_01/endInfo"
-    assert list(reply["GET"]) == ["123-456-2"]
-    assert list(reply["GET"]["123-456-2"]) == ["endInfo"]
-    assert list(reply["GET"]["123-456-2"]["endInfo"]) == ["0"]
-    info = reply["GET"]["123-456-2"]["endInfo"]["0"]
-    _cmd_check_info(info, jid="123-456-2", cmd="echo second; exit 4",
-                    auid="rudolphpienaar", pid=pid2, returncode=4)
-    assert info["stdout"] == "second\n"
-
-    status, reply = cmd_server.get("/api/v1/_0/endInfo")
-    assert status == 200, reply
-    assert reply["path"] == "/api/v1/_0/endInfo"
-    info = reply["GET"]["123-456-1"]["endInfo"]["0"]
-    _cmd_check_info(info, jid="123-456-1", cmd="cal 7 1970", auid="rudolphpienaar",
-                    pid=first["pid"], returncode=rc1)
-    if has_cal:
-        assert "July 1970" in info["stdout"]
-    else:
-        assert rc1 != 0
-
-    # the run record has the resource dialect's shape (same keys as POST /api/v1/)
-    status, created = cmd_server.request("POST", "/api/v1/", {"jid": "shape", "cmd": "true"})
-    assert status == 201
-    assert set(first) == set(created)
-    status, reply = cmd_server.get("/api/v1/_02/jid")
-    assert status == 200 and reply["GET"] == {"shape": {"jid": "shape"}}
-
-
-def test_cmd_exec_cmd_with_cal_when_available(cmd_server):
-    """`exec.cmd` and `meta.cmd`: meta wins when both are given."""
-    env = cmd_server.ok("run", {"jid": "both", "cmd": "echo from-meta"},
-                        exec={"cmd": "echo from-exec"})
-    assert env["d_ret"]["cmd"] == "echo from-meta"
-    _cmd_wait_finished(cmd_server, "both")
-    status, reply = cmd_server.get("/api/v1/both/endInfo/0/stdout")
-    assert status == 200 and reply["GET"]["both"]["endInfo"]["0"]["stdout"] == "from-meta\n"
-
-
-# ---------------------------------------------------------------------------
-# 2. the pfurl / ChRIS-backend flow
-# ---------------------------------------------------------------------------
-
-def test_cmd_pfurl_flow_run_status_search_info_done(cmd_server):
-    jid = "chris-jid-1"
-    cmd = "echo out; echo err >&2; exit 3"
-    meta = {"cmd": cmd, "jid": jid, "auid": "chris", "threaded": True, "container": "x"}
-    env = cmd_server.ok("run", meta)
-    assert env["jobRootDir"] == jid
-    # meta keys other than cmd/jid/auid/threaded are stored verbatim
-    _cmd_check_record(env["d_ret"], jid=jid, cmd=cmd, auid="chris", meta={"container": "x"})
-    pid = env["d_ret"]["pid"]
-
-    d_ret = _cmd_wait_finished(cmd_server, jid)
-    assert d_ret == {"0.start": {"jobRoot": jid, "startTrigger": [True]},
-                     "0.end": {"jobRoot": jid, "returncode": [3]},
-                     "l_status": ["finishedWithError"]}
-
-    # search for the stderr of job 0's end: the hit is wrapped in its path
-    smeta = {"key": "jid", "value": jid, "job": "0", "when": "end", "field": "stderr"}
-    env = cmd_server.ok("search", smeta)
-    assert env["d_ret"] == {"0": {jid: {"end": {"0": {"endInfo": {"0": {"stderr": "err\n"}}}}}}}
-    # when=start, field pid
-    env = cmd_server.ok("search", {"key": "jid", "value": jid, "job": "0", "when": "start",
-                                   "field": "pid"})
-    assert env["d_ret"] == {"0": {jid: {"start": {"0": {"startInfo": {"0": {"pid": pid}}}}}}}
-    # with a path
-    env = cmd_server.ok("search", {"key": "jid", "value": jid, "path": "/endInfo/0/returncode"})
-    assert env["d_ret"] == {"0": {jid: {"endInfo": {"0": {"returncode": 3}}}}}
-
-    # info
-    env = cmd_server.ok("info", {"key": "jid", "value": jid})
-    d_ret = env["d_ret"]
-    assert set(d_ret) == {"0.0", "0.1"}
-    assert list(d_ret["0.0"]) == [jid] and list(d_ret["0.0"][jid]) == ["startInfo"]
-    assert list(d_ret["0.1"]) == [jid] and list(d_ret["0.1"][jid]) == ["endInfo"]
-    start = d_ret["0.0"][jid]["startInfo"]
-    end = d_ret["0.1"][jid]["endInfo"]
-    assert list(start) == ["0"] and list(end) == ["0"]
-    _cmd_check_info(start["0"], jid=jid, cmd=cmd, auid="chris", pid=pid, returncode=3)
-    assert start["0"] == end["0"]
-    assert end["0"]["stdout"] == "out\n" and end["0"]["stderr"] == "err\n"
-    # info's values are the tree's values
-    status, reply = cmd_server.get("/api/v1/%s/endInfo" % jid)
-    assert status == 200 and reply["GET"][jid]["endInfo"] == end
-
-    # done: status without l_status
-    env = cmd_server.ok("done", {"key": "jid", "value": jid})
-    assert env["d_ret"] == {"0.start": {"jobRoot": jid, "startTrigger": [True]},
-                            "0.end": {"jobRoot": jid, "returncode": [3]}}
-
-
-def test_cmd_hello_sysinfo_echoback_timestamp(cmd_server):
-    env = cmd_server.ok("hello", {"askAbout": "sysinfo"})
-    assert list(env["d_ret"]) == ["sysinfo"]
-    info = env["d_ret"]["sysinfo"]
-    for key in ("system", "machine", "platform", "version", "cpucount", "loadavg",
-                "hostname"):
-        assert key in info, key
-    assert info["system"] == platform.system()
-    assert info["machine"] == platform.machine()
-    assert info["platform"] == platform.platform()
-    assert info["version"] == platform.version()
-    assert info["cpucount"] == os.cpu_count() and isinstance(info["cpucount"], int)
-    assert isinstance(info["loadavg"], list) and len(info["loadavg"]) == 3
-    assert all(isinstance(x, (int, float)) for x in info["loadavg"])
-    assert info["hostname"] == socket.gethostname()
-    # the original's memory, cpu_percent and uname too
-    assert info["uname"] == list(os.uname()) and len(info["uname"]) == 5
-    total, available = info["memory"]
-    assert total == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    assert isinstance(available, int) and 0 < available <= total
-    assert isinstance(info["cpu_percent"], (int, float)) and 0 <= info["cpu_percent"] <= 100
-    assert info["cpu_percent_source"].startswith("/proc/stat over "), info
-    # it measures: with one CPU kept busy, at least most of that CPU's share shows
-    cmd_server.ok("run", {"jid": "spin", "cmd": "while :; do :; done"})
-    try:
-        _until(lambda: _core_proc_stat(cmd_server.manager.get("spin")["pid"]) is not None,
-               what="the busy job")
-        busy = cmd_server.ok("hello", {"askAbout": "sysinfo"})["d_ret"]["sysinfo"]
-        assert busy["cpu_percent"] >= 60.0 / os.cpu_count(), busy
-    finally:
-        cmd_server.ok("kill", {"jid": "spin", "signal": "SIGKILL"})
-
-    env = cmd_server.ok("hello", {"askAbout": "echoBack", "echoBack": "hello pman é"})
-    assert env["d_ret"] == {"echoBack": {"msg": "hello pman é"}}
-
-    env = cmd_server.ok("hello", {"askAbout": "timestamp"})
-    assert list(env["d_ret"]) == ["timestamp"] and list(env["d_ret"]["timestamp"]) == ["now"]
-    now = datetime.strptime(env["d_ret"]["timestamp"]["now"], "%Y%m%d%H%M%S.%f")
-    assert abs((now - datetime.now()).total_seconds()) < 120
-
-
-def test_cmd_kill_running_job_ends_minus_15(cmd_server):
-    jid = "sleeper"
-    cmd_server.ok("run", {"cmd": "sleep 30", "jid": jid})
-    d_ret = _cmd_status(cmd_server, "jid", jid)
-    assert d_ret == {"0.start": {"jobRoot": jid, "startTrigger": [True]},
-                     "0.end": {"jobRoot": jid, "returncode": []},
-                     "l_status": ["started"]}
-    meta = {"jid": jid, "signal": "SIGTERM", "grace": 5}
-    env = cmd_server.ok("kill", meta)
-    _cmd_check_record(env["d_ret"], jid=jid, cmd="sleep 30", auid="", meta={})
-    assert env["d_ret"]["status"] in ("started", "finishedWithError")
-    d_ret = _cmd_wait_finished(cmd_server, jid)
-    assert d_ret["0.end"] == {"jobRoot": jid, "returncode": [-15]}
-    assert d_ret["l_status"] == ["finishedWithError"]
-    status, reply = cmd_server.get("/api/v1/%s/endInfo/0/message" % jid)
-    assert status == 200
-    assert reply["GET"][jid]["endInfo"]["0"]["message"] == "killed by SIGTERM on request"
-
-
-def test_cmd_kill_with_numeric_signal(cmd_server):
-    cmd_server.ok("run", {"cmd": "sleep 30", "jid": "k9"})
-    env = cmd_server.ok("kill", {"jid": "k9", "signal": 9})
-    assert env["d_ret"]["jid"] == "k9"
-    d_ret = _cmd_wait_finished(cmd_server, "k9")
-    assert d_ret["0.end"]["returncode"] == [-9]
-
-
-def test_cmd_delete_running_and_finished(cmd_server):
-    cmd_server.ok("run", {"cmd": "sleep 30", "jid": "del-run"})
-    cmd_server.ok("run", {"cmd": "echo x", "jid": "del-done"})
-    _cmd_wait_finished(cmd_server, "del-done")
-    log_dir = cmd_server.manager.log_dir
-    assert os.path.exists(os.path.join(log_dir, "del-done.out"))
-
-    for key, jid in (("value", "del-run"), ("jid", "del-done")):
-        env = cmd_server.ok("delete", {key: jid})
-        assert env["d_ret"] == {"action": "Delete Job", "job_id": jid,
-                                "status": "Job deleted successfully"}
-        for path in ("/api/v1/%s/jid" % jid, "/api/v1/%s/endInfo" % jid, "/api/v1/%s/" % jid):
-            status, reply = cmd_server.get(path)
-            assert status == 404 and reply["status"] is False, (path, reply)
-        status, env = cmd_server.cmd("status", {"key": "jid", "value": jid})
-        assert status == 200 and env["status"] is False
-        assert not [n for n in os.listdir(log_dir) if n.startswith(jid + ".")]
-    status, reply = cmd_server.get("/api/v1/")
-    assert reply["GET"] == {}
-    # deleting again: no such job
-    status, env = cmd_server.cmd("delete", {"value": "del-run"})
-    _cmd_check_error(status, env, 404, action="delete")
-
-
-def test_cmd_dbctl_save_load_clear(cmd_factory):
-    server = cmd_factory(max_running=1)
-    server.ok("run", {"cmd": "echo old", "jid": "db-done"})
-    _cmd_wait_finished(server, "db-done")
-    run = server.ok("run", {"cmd": "sleep 30", "jid": "db-run"})
-    pid = run["d_ret"]["pid"]
-    server.ok("run", {"cmd": "echo q", "jid": "db-queued"})
-
-    env = server.ok("DBctl", {"do": "save"})
-    snap = os.path.join(server.state_dir, pman.SNAPSHOT)
-    with open(snap) as f:
-        text = f.read()
-    for jid in ("db-done", "db-run", "db-queued"):
-        assert '"%s"' % jid in text
-
-    env = server.ok("DBctl", {"do": "load"})
-    status, reply = server.get("/api/v1/")
-    assert list(reply["GET"]) == ["db-done", "db-run", "db-queued"]
-    d_ret = _cmd_status(server, "jid", "db-run")
-    assert d_ret["l_status"] == ["started"]        # running jobs untouched by load
-    status, reply = server.get("/api/v1/db-run/startInfo/0/pid")
-    assert reply["GET"]["db-run"]["startInfo"]["0"]["pid"] == pid
-    status, reply = server.get("/api/v1/db-done/endInfo/0/stdout")
-    assert reply["GET"]["db-done"]["endInfo"]["0"]["stdout"] == "old\n"
-
-    env = server.ok("DBctl", {"do": "clear"})
-    status, reply = server.get("/api/v1/")
-    assert list(reply["GET"]) == ["db-run", "db-queued"]   # never running/queued ones
-    status, env = server.cmd("status", {"key": "jid", "value": "db-done"})
-    assert env["status"] is False
-    assert _cmd_status(server, "jid", "db-run")["l_status"] == ["started"]
-    assert _cmd_status(server, "jid", "db-queued")["l_status"] == ["notstarted"]
-
-
-def test_cmd_dbctl_load_rereads_the_state(cmd_factory):
-    """DBctl load reads the state directory again: a finished job's record
-    changed on disk (here: a corrected line appended to the journal, as an
-    operator's repair would) is what the server answers afterwards."""
-    server = cmd_factory("reloadstate")
-    server.ok("run", {"cmd": "exit 4", "jid": "fixme"})
-    _cmd_wait_finished(server, "fixme")
-    server.ok("DBctl", {"do": "save"})
-    state = server.state_dir
-    journal = max((n for n in os.listdir(state) if re.fullmatch(r"journal-\d+\.jsonl", n)),
-                  key=lambda n: int(n[8:-6]))
-    with open(os.path.join(state, pman.SNAPSHOT)) as f:
-        rec = [json.loads(line) for line in f][1]
-    rec.pop("crc", None)
-    assert rec["jid"] == "fixme" and rec["returncode"] == 4
-    rec["message"] = "exited with code 4 (checked by an operator)"
-    with open(os.path.join(state, journal), "a") as f:
-        f.write(json.dumps(rec) + "\n")
-    status, reply = server.get("/api/v1/fixme/endInfo/0/message")
-    assert reply["GET"]["fixme"]["endInfo"]["0"]["message"] == "exited with code 4"
-    env = server.ok("DBctl", {"do": "load"})
-    assert env["d_ret"]["loaded"]["finishedWithError"] == 1
-    status, reply = server.get("/api/v1/fixme/endInfo/0/message")
-    assert reply["GET"]["fixme"]["endInfo"]["0"]["message"] == rec["message"]
-    assert server.manager.get("fixme")["message"] == rec["message"]
-
-
-def test_cmd_quit_saves_and_stops_serving(cmd_factory, tmp_path):
-    server = cmd_factory("quitstate")
-    server.ok("run", {"cmd": "exit 6", "jid": "q-done"})
-    _cmd_wait_finished(server, "q-done")
-    run = server.ok("run", {"cmd": "sleep 30", "jid": "q-run"})
-    pid = run["d_ret"]["pid"]
-
-    status, env = server.cmd("quit", {"saveDB": True})
-    assert status == 200, env
-    _cmd_check_envelope(env, "quit", {"saveDB": True})
-    assert env["status"] is True and env["d_ret"] == {}
-    server.thread.join(_CMD_DEADLINE)
-    assert not server.thread.is_alive(), "serve_forever did not return after quit"
-    with open(os.path.join(server.state_dir, pman.SNAPSHOT)) as f:
-        text = f.read()
-    assert '"q-done"' in text and '"q-run"' in text
-
-    server.manager.close()          # no kill: the running job keeps running
-    os.kill(pid, 0)
-    again = pman.JobManager(server.state_dir)
-    try:
-        assert again.jids() == ["q-done", "q-run"]
-        assert again.get("q-done")["returncode"] == 6
-        assert again.get("q-run")["status"] == "started"
-        assert again.get("q-run")["pid"] == pid
-    finally:
-        again.close(kill=True)
-
-
-# ---------------------------------------------------------------------------
-# 3. triggers and return codes over a job's life
-# ---------------------------------------------------------------------------
-
-def test_cmd_status_triggers_queued_running_cancelled(cmd_factory):
-    server = cmd_factory(max_running=1)
-    server.ok("run", {"cmd": "sleep 30", "jid": "blocker"})
-    env = server.ok("run", {"cmd": "echo queued", "jid": "queued"})
-    assert env["d_ret"]["status"] == "notstarted" and env["d_ret"]["pid"] is None
-    server.ok("run", {"cmd": "echo later", "jid": "later"})
-
-    assert _cmd_status(server, "jid", "blocker") == {
-        "0.start": {"jobRoot": "blocker", "startTrigger": [True]},
-        "0.end": {"jobRoot": "blocker", "returncode": []},
-        "l_status": ["started"]}
-    assert _cmd_status(server, "jid", "queued") == {
-        "0.start": {"jobRoot": "queued", "startTrigger": []},
-        "0.end": {"jobRoot": "queued", "returncode": []},
-        "l_status": ["notstarted"]}
-    # the tree of a queued job: no start, no end
-    status, reply = server.get("/api/v1/_1")      # the whole tree: _N without a path
-    assert status == 200
-    tree = reply["GET"]["queued"]
-    assert tree["startInfo"] == {} and tree["endInfo"] == {}
-    assert tree["start"] == {} and tree["end"] == {}
-    status, reply = server.get("/api/v1/queued/startInfo/0")
-    assert status == 404 and reply["status"] is False
-
-    # kill a queued job: cancelled, it never started
-    env = server.ok("kill", {"jid": "queued"})
-    assert env["d_ret"]["status"] == "finishedWithError"
-    assert "cancelled" in env["d_ret"]["message"]
-    assert _cmd_status(server, "jid", "queued") == {
-        "0.start": {"jobRoot": "queued", "startTrigger": [False]},
-        "0.end": {"jobRoot": "queued", "returncode": [None]},
-        "l_status": ["finishedWithError"]}
-
-    # the blocker ends: the next queued job starts and finishes
-    server.ok("kill", {"jid": "blocker"})
-    assert _cmd_wait_finished(server, "blocker")["0.end"]["returncode"] == [-15]
-    assert _cmd_wait_finished(server, "later") == {
-        "0.start": {"jobRoot": "later", "startTrigger": [True]},
-        "0.end": {"jobRoot": "later", "returncode": [0]},
-        "l_status": ["finishedSuccessfully"]}
-
-
-# ---------------------------------------------------------------------------
-# 4. several hits
-# ---------------------------------------------------------------------------
-
-def test_cmd_status_several_hits(cmd_server):
-    jids = ["p1-a", "p1-b", "p1-c"]
-    for i, jid in enumerate(jids):
-        cmd_server.ok("run", {"jid": jid, "cmd": "exit %d" % i, "project": "p1"})
-    cmd_server.ok("run", {"jid": "p2-a", "cmd": "true", "project": "p2"})
-    for jid in jids + ["p2-a"]:
-        _cmd_wait_finished(cmd_server, jid)
-
-    d_ret = _cmd_status(cmd_server, "project", "p1")
-    expected = {}
-    for i, jid in enumerate(jids):
-        expected["%d.start" % i] = {"jobRoot": jid, "startTrigger": [True]}
-        expected["%d.end" % i] = {"jobRoot": jid, "returncode": [i]}
-    assert d_ret == dict(expected, l_status=["finishedSuccessfully", "finishedWithError",
-                                             "finishedWithError"])
-    assert list(d_ret) == ["0.start", "0.end", "1.start", "1.end", "2.start", "2.end",
-                           "l_status"]
-
-    env = cmd_server.ok("done", {"key": "project", "value": "p1"})
-    assert env["d_ret"] == expected
-
-    env = cmd_server.ok("info", {"key": "project", "value": "p1"})
-    assert set(env["d_ret"]) == {"0.0", "0.1", "1.0", "1.1", "2.0", "2.1"}
-    for i, jid in enumerate(jids):
-        assert env["d_ret"]["%d.1" % i][jid]["endInfo"]["0"]["returncode"] == i
-        assert env["d_ret"]["%d.0" % i][jid]["startInfo"]["0"]["jid"] == jid
-
-    env = cmd_server.ok("search", {"key": "project", "value": "p1",
-                                   "path": "/endInfo/0/returncode"})
-    assert env["d_ret"] == {str(i): {jid: {"endInfo": {"0": {"returncode": i}}}}
-                            for i, jid in enumerate(jids)}
-
-    status, reply = cmd_server.get("/api/v1/p1-b/d_meta")
-    assert status == 200
-    assert json.loads(reply["GET"]["p1-b"]["d_meta"]) == {"jid": "p1-b", "cmd": "exit 1",
-                                                          "project": "p1"}
-
-
-# ---------------------------------------------------------------------------
-# 5. no-hit replies
-# ---------------------------------------------------------------------------
-
-def test_cmd_no_hit_replies(cmd_server):
-    cmd_server.ok("run", {"jid": "present", "cmd": "true"})
-    _cmd_wait_finished(cmd_server, "present")
-    cases = [
-        ("status", {"key": "jid", "value": "nobody"}, dict(_CMD_NO_HIT, l_status=[])),
-        ("status", {"key": "project", "value": "none"}, dict(_CMD_NO_HIT, l_status=[])),
-        ("done", {"key": "jid", "value": "nobody"}, _CMD_NO_HIT),
-        ("info", {"key": "jid", "value": "nobody"}, _CMD_NO_HIT),
-        ("search", {"key": "jid", "value": "nobody"}, _CMD_NO_HIT),
-        ("search", {"key": "jid", "value": "nobody", "job": "0", "when": "end",
-                    "field": "stderr"}, _CMD_NO_HIT),
-        # a hit whose path does not exist is no hit either
-        ("search", {"key": "jid", "value": "present", "path": "/endInfo/7"}, _CMD_NO_HIT),
-    ]
-    for action, meta, d_ret in cases:
-        status, env = cmd_server.cmd(action, meta)
-        assert status == 200, (action, env)
-        assert env == {"status": False, "action": action, "meta": meta,
-                       "path": "/api/v1/cmd", "RESTverb": "POST", "d_ret": d_ret}, env
-
-
-# ---------------------------------------------------------------------------
-# 6. GET walks
-# ---------------------------------------------------------------------------
-
-def test_cmd_get_walks_deep_paths(cmd_server):
-    jid = "walk-1"
-    env = cmd_server.ok("run", {"jid": jid, "cmd": "echo w; exit 2", "auid": "u",
-                                "project": "pw", "n": 3})
-    pid = env["d_ret"]["pid"]
-    _cmd_wait_finished(cmd_server, jid)
-
-    status, reply = cmd_server.get("/api/v1/%s/end/0/endInfo/0/returncode" % jid)
-    assert status == 200
-    assert reply == {"status": True, "path": "/api/v1/%s/end/0/endInfo/0/returncode" % jid,
-                     "GET": {jid: {"end": {"0": {"endInfo": {"0": {"returncode": 2}}}}}}}
-    status, reply = cmd_server.get("/api/v1/%s/start/0/startInfo/0/pid/" % jid)
-    assert status == 200
-    assert reply["GET"] == {jid: {"start": {"0": {"startInfo": {"0": {"pid": pid}}}}}}
-    status, reply = cmd_server.get("/api/v1/%s/d_meta" % jid)
-    d_meta = reply["GET"][jid]["d_meta"]
-    assert isinstance(d_meta, str) and json.loads(d_meta) == {
-        "jid": jid, "cmd": "echo w; exit 2", "auid": "u", "project": "pw", "n": 3}
-    status, reply = cmd_server.get("/api/v1/%s/jobCount" % jid)
-    assert reply["GET"] == {jid: {"jobCount": 1}}
-    for field, value in (("jid", jid), ("cmd", "echo w; exit 2"), ("auid", "u")):
-        status, reply = cmd_server.get("/api/v1/%s/%s" % (jid, field))
-        assert status == 200 and reply["GET"] == {jid: {field: value}}
-
-    # the whole tree under _0
-    status, reply = cmd_server.get("/api/v1/_0")
-    assert status == 200 and reply["status"] is True and list(reply["GET"]) == [jid]
-    tree = reply["GET"][jid]
-    for key in ("jid", "cmd", "auid", "d_meta", "jobCount", "startInfo", "endInfo",
-                "start", "end"):
-        assert key in tree, key
-    info = tree["endInfo"]["0"]
-    _cmd_check_info(info, jid=jid, cmd="echo w; exit 2", auid="u", pid=pid, returncode=2)
-    assert tree["startInfo"]["0"] == info
-    assert tree["start"] == {"0": {"startInfo": {"0": info}}}
-    assert tree["end"] == {"0": {"endInfo": {"0": info}}}
-
-    for path in ("/api/v1/%s/nope" % jid, "/api/v1/%s/endInfo/1" % jid,
-                 "/api/v1/%s/endInfo/0/returncode/x" % jid, "/api/v1/%s/jid/x" % jid,
-                 "/api/v1/nosuchjob/endInfo", "/api/v1/nosuchjob/"):
-        status, reply = cmd_server.get(path)
-        assert status == 404, (path, reply)
-        assert reply["status"] is False and reply["message"], (path, reply)
-
-
-def test_cmd_get_root_lists_jids_in_submission_order(cmd_server):
-    for jid in ("zeta", "alpha", "mid"):
-        cmd_server.ok("run", {"jid": jid, "cmd": "true"})
-    for path in ("/api/v1/", "/api/v1"):
-        status, reply = cmd_server.get(path)
-        assert status == 200
-        assert reply == {"status": True, "path": "/api/v1",
-                         "GET": {"zeta": {}, "alpha": {}, "mid": {}},
-                         "server_version": pman.__version__, "container_env": "local"}
-        assert list(reply["GET"]) == ["zeta", "alpha", "mid"]
-
-
-def test_cmd_index_out_of_range_404(cmd_server):
-    status, reply = cmd_server.get("/api/v1/_0/endInfo")
-    assert status == 404 and reply["status"] is False
-    cmd_server.ok("run", {"jid": "only", "cmd": "true"})
-    _cmd_wait_finished(cmd_server, "only")
-    status, reply = cmd_server.get("/api/v1/_00/jid")
-    assert status == 200 and reply["GET"] == {"only": {"jid": "only"}}
-    for path in ("/api/v1/_1", "/api/v1/_1/endInfo", "/api/v1/_01/endInfo",
-                 "/api/v1/_999999/endInfo/0/pid"):
-        status, reply = cmd_server.get(path)
-        assert status == 404, (path, reply)
-        assert reply["status"] is False and reply["message"]
-
-
-def test_cmd_get_action_matches_get_walk(cmd_server):
-    cmd_server.ok("run", {"jid": "g1", "cmd": "echo g; echo e >&2"})
-    _cmd_wait_finished(cmd_server, "g1")
-    for path in ("/g1/endInfo", "/_0/endInfo/0/stderr", "/g1/start/0/startInfo/0/pid", "/_0"):
-        env = cmd_server.ok("get", {"path": path})
-        status, reply = cmd_server.get("/api/v1" + path)
-        assert status == 200
-        assert env["d_ret"] == reply["GET"], path
-    # `get` of a bare jid is its whole tree (GET /api/v1/<jid> is the resource
-    # dialect's job object, so the GET walk needs _N for that)
-    env = cmd_server.ok("get", {"path": "/g1"})
-    status, reply = cmd_server.get("/api/v1/_0")
-    assert env["d_ret"] == reply["GET"] and list(env["d_ret"]) == ["g1"]
-    env = cmd_server.ok("get", {"path": "/_0/endInfo/0/stderr"})
-    assert env["d_ret"] == {"g1": {"endInfo": {"0": {"stderr": "e\n"}}}}
-    for path in ("/g1/nope", "/nobody/endInfo", "/_5"):
-        status, env = cmd_server.cmd("get", {"path": path})
-        _cmd_check_error(status, env, 404, action="get")
-
-
-# ---------------------------------------------------------------------------
-# 7. reading only
-# ---------------------------------------------------------------------------
-
-def test_cmd_reads_never_modify_state(cmd_server):
-    cmd_server.ok("run", {"jid": "r-done", "cmd": "echo done; exit 1", "project": "ro"})
-    cmd_server.ok("run", {"jid": "r-run", "cmd": "sleep 30", "project": "ro"})
-    _cmd_wait_finished(cmd_server, "r-done")
-    _cmd_wait_quiet(cmd_server.manager)
-    before_files = _cmd_snapshot(cmd_server.state_dir)
-    before_jobs = cmd_server.manager.jobs()
-    before_jids = cmd_server.manager.jids()
-
-    gets = {"/api/v1/": 200, "/api/v1/r-done/endInfo": 200,
-            "/api/v1/r-run/startInfo/0/pid": 200, "/api/v1/_0": 200, "/api/v1/_1/end": 200,
-            "/api/v1/_9/endInfo": 404, "/api/v1/r-done/nope": 404,
-            "/api/v1/ghost/endInfo": 404, "/api/v1/r-done/end/0/endInfo/0/stdout": 200,
-            "/api/v1/r-done/d_meta": 200}
-    for path, want in gets.items():
-        status, _ = cmd_server.get(path)
-        assert status == want, (path, status)
-    for path, want in (("/r-done/endInfo", 200), ("/_1/startInfo", 200),
-                       ("/ghost/endInfo", 404), ("/r-done/zzz", 404)):
-        status, _ = cmd_server.cmd("get", {"path": path})
-        assert status == want, (path, status)
-    for action, meta in (("search", {"key": "project", "value": "ro"}),
-                         ("search", {"key": "jid", "value": "r-done", "job": "0",
-                                     "when": "end", "field": "stdout"}),
-                         ("search", {"key": "jid", "value": "ghost"}),
-                         ("search", {"key": "project", "value": "ro", "path": "/nope"}),
-                         ("status", {"key": "project", "value": "ro"}),
-                         ("done", {"key": "jid", "value": "ghost"}),
-                         ("info", {"key": "project", "value": "ro"})):
-        status, _ = cmd_server.cmd(action, meta)
-        assert status == 200, (action, meta)
-
-    assert _cmd_snapshot(cmd_server.state_dir) == before_files
-    assert cmd_server.manager.jobs() == before_jobs
-    assert cmd_server.manager.jids() == before_jids
-
-
-# ---------------------------------------------------------------------------
-# 8. bad requests, and the unwrapped payload
-# ---------------------------------------------------------------------------
-
-def test_cmd_bad_requests_are_json_400_on_a_kept_connection(cmd_server):
-    cmd_server.ok("run", {"jid": "bad-target", "cmd": "sleep 30"})
-    conn = cmd_server.connect()
-    try:
-        cases = [
-            ({"payload": {"action": "frobnicate", "meta": {}}}, "frobnicate"),
-            ({"payload": {"meta": {"key": "jid", "value": "x"}}}, None),
-            ({"payload": {"action": "status", "meta": "x"}}, "status"),
-            ({"payload": {"action": "status", "meta": [1, 2]}}, "status"),
-            ({"payload": {"action": "status", "meta": None}}, "status"),
-            ({"payload": {"action": "status"}}, "status"),
-            ({"payload": {"action": "status", "meta": {"key": 3, "value": "x"}}}, "status"),
-            ({"payload": {"action": "run", "meta": {"jid": "nocmd"}}}, "run"),
-            ({"payload": {"action": "run", "meta": {"jid": "x1", "cmd": 5}}}, "run"),
-            ({"payload": {"action": "run", "meta": {"cmd": "true", "auid": 7}}}, "run"),
-            ({"payload": {"action": "run", "meta": {"cmd": "true", "jid": 7.0}}}, "run"),
-            ({"payload": {"action": "run", "meta": {"cmd": "true", "jid": False}}}, "run"),
-            ({"payload": {"action": "run", "meta": {"cmd": "true", "jid": "a/b"}}}, "run"),
-            ({"payload": {"action": "search", "meta": {"key": "jid", "value": "bad-target",
-                                                         "when": "middle"}}}, "search"),
-            ({"payload": {"action": "search", "meta": {"key": "jid", "value": "bad-target",
-                                                         "path": 5}}}, "search"),
-            ({"payload": {"action": "get", "meta": {}}}, "get"),
-            ({"payload": {"action": "get", "meta": {"path": "/"}}}, "get"),
-            ({"payload": {"action": "hello", "meta": {"askAbout": "weather"}}}, "hello"),
-            ({"payload": {"action": "hello", "meta": {"askAbout": "echoBack",
-                                                        "echoBack": 5}}}, "hello"),
-            ({"payload": {"action": "DBctl", "meta": {"do": "drop"}}}, "DBctl"),
-            ({"payload": {"action": "kill", "meta": {"jid": "bad-target",
-                                                       "signal": "SIGNOPE"}}}, "kill"),
-            ({"payload": {"action": "kill", "meta": {"jid": "bad-target",
-                                                       "grace": "soon"}}}, "kill"),
-            ({"payload": "run"}, None),
-        ]
-        sock = None
-        for body, action in cases:
-            status, obj = cmd_server.request("POST", "/api/v1/cmd/", body, conn=conn)
-            _cmd_check_error(status, obj, 400, action=action)
-            assert "receivedByServer" not in obj
-            sock = sock or conn.sock
-            assert conn.sock is sock, "the connection was dropped after %r" % (body,)
-        for raw in ("[1, 2]", "{not json", "\"payload\""):
-            status, obj = cmd_server.request("POST", "/api/v1/cmd/", raw=raw, conn=conn)
-            _cmd_check_error(status, obj, 400)
-            assert conn.sock is sock
-        # and the same connection still serves a good request
-        status, obj = cmd_server.request("POST", "/api/v1/cmd/",
-                                         {"payload": {"action": "hello",
-                                                      "meta": {"askAbout": "echoBack",
-                                                               "echoBack": "still"}}},
-                                         conn=conn)
-        assert status == 200 and obj["d_ret"] == {"echoBack": {"msg": "still"}}
-        assert conn.sock is sock
-    finally:
-        conn.close()
-    # nothing was run by the bad requests
-    assert cmd_server.manager.jids() == ["bad-target"]
-    assert _cmd_status(cmd_server, "jid", "bad-target")["l_status"] == ["started"]
-
-
-def test_cmd_kill_and_delete_without_a_jid_are_400(cmd_server):
-    cmd_server.ok("run", {"jid": "kd-target", "cmd": "sleep 30"})
-    for action, meta in (("kill", {}), ("kill", {"jid": 5.0}), ("kill", {"jid": ["kd-target"]}),
-                         ("delete", {}), ("delete", {"value": True}),
-                         ("delete", {"jid": {"x": 1}})):
-        status, obj = cmd_server.cmd(action, meta)
-        _cmd_check_error(status, obj, 400, action=action)
-    assert _cmd_status(cmd_server, "jid", "kd-target")["l_status"] == ["started"]
-
-
-def test_cmd_unwrapped_payload_accepted(cmd_server):
-    env_status, env = cmd_server.cmd("run", {"jid": "bare", "cmd": "echo bare"}, wrap=False)
-    assert env_status == 200
-    _cmd_check_envelope(env, "run", {"jid": "bare", "cmd": "echo bare"},
-                        extra=("jobRootDir",))
-    assert env["status"] is True and env["jobRootDir"] == "bare"
-    # exec.cmd without the wrapper too
-    status, env = cmd_server.request("POST", "/api/v1/cmd", {
-        "exec": {"cmd": "echo bare2"}, "action": "run", "meta": {"jid": "bare2"}})
-    assert status == 200 and env["d_ret"]["cmd"] == "echo bare2"
-    _cmd_wait_finished(cmd_server, "bare")
-    status, env = cmd_server.cmd("status", {"key": "jid", "value": "bare"}, wrap=False)
-    assert status == 200 and env["status"] is True
-    assert env["d_ret"]["0.end"] == {"jobRoot": "bare", "returncode": [0]}
-
-
-# ---------------------------------------------------------------------------
-# 9. the tree is a projection
-# ---------------------------------------------------------------------------
-
-def test_cmd_rerun_same_jid_tree_is_fresh(cmd_server):
-    jid = "again"
-    first = cmd_server.ok("run", {"jid": jid, "cmd": "echo one; exit 3", "round": 1})
-    _cmd_wait_finished(cmd_server, jid)
-    cmd_server.ok("run", {"jid": "other", "cmd": "true"})
-    status, reply = cmd_server.get("/api/v1/%s/endInfo/0" % jid)
-    old = reply["GET"][jid]["endInfo"]["0"]
-    assert old["returncode"] == 3 and old["pid"] == first["d_ret"]["pid"]
-
-    second = cmd_server.ok("run", {"jid": jid, "cmd": "echo two; exit 5", "round": 2})
-    pid2 = second["d_ret"]["pid"]
-    assert pid2 != first["d_ret"]["pid"]
-    d_ret = _cmd_wait_finished(cmd_server, jid)
-    assert d_ret["0.end"] == {"jobRoot": jid, "returncode": [5]}
-    assert list(d_ret) == ["0.start", "0.end", "l_status"]     # one job, not two
-
-    status, reply = cmd_server.get("/api/v1/_1")   # the re-run is now the second job
-    assert status == 200
-    tree = reply["GET"][jid]
-    assert tree["cmd"] == "echo two; exit 5"
-    assert json.loads(tree["d_meta"]) == {"jid": jid, "cmd": "echo two; exit 5", "round": 2}
-    assert tree["jobCount"] == 1
-    for info in (tree["startInfo"]["0"], tree["endInfo"]["0"]):
-        _cmd_check_info(info, jid=jid, cmd="echo two; exit 5", auid="", pid=pid2,
-                        returncode=5)
-        assert info["stdout"] == "two\n"
-    # the re-run moved to the end of the submission order
-    status, reply = cmd_server.get("/api/v1/")
-    assert list(reply["GET"]) == ["other", jid]
-    status, reply = cmd_server.get("/api/v1/_1/endInfo/0/pid")
-    assert reply["GET"] == {jid: {"endInfo": {"0": {"pid": pid2}}}}
-    env = cmd_server.ok("info", {"key": "jid", "value": jid})
-    assert env["d_ret"]["0.1"][jid]["endInfo"]["0"]["returncode"] == 5
-
-
-def test_cmd_rerun_cancelled_before_start_shows_no_stale_output(cmd_factory):
-    """A finished jid re-run while all slots are busy is queued; cancelled
-    before it starts, its tree must not show the previous run's output."""
-    server = cmd_factory(max_running=1)
-    server.ok("run", {"jid": "stale", "cmd": "echo OLD-OUTPUT; echo OLD-ERR >&2"})
-    _cmd_wait_finished(server, "stale")
-    server.ok("run", {"jid": "hog", "cmd": "sleep 30"})
-    env = server.ok("run", {"jid": "stale", "cmd": "echo NEW"})
-    assert env["d_ret"]["status"] == "notstarted"
-    server.ok("kill", {"jid": "stale"})
-    d_ret = _cmd_status(server, "jid", "stale")
-    assert d_ret["0.start"] == {"jobRoot": "stale", "startTrigger": [False]}
-    status, reply = server.get("/api/v1/stale/endInfo/0")
-    assert status == 200
-    info = reply["GET"]["stale"]["endInfo"]["0"]
-    assert info["cmd"] == "echo NEW" and info["pid"] is None
-    assert "OLD-OUTPUT" not in info["stdout"], info
-    assert "OLD-ERR" not in info["stderr"], info
-
-
-# ---------------------------------------------------------------------------
-# 9. the shapes an original client can tell apart (issue 18)
-# ---------------------------------------------------------------------------
-
-def test_cmd_search_hit_is_the_subtree_wrapped_in_its_full_path(cmd_server):
-    env = cmd_server.ok("run", {"jid": "fail-3", "cmd": "echo bad >&2; exit 3"})
-    pid = env["d_ret"]["pid"]
-    _cmd_wait_finished(cmd_server, "fail-3")
-    cases = [
-        ({"job": "0", "when": "end", "field": "returncode"},
-         "end/0/endInfo/0/returncode",
-         {"end": {"0": {"endInfo": {"0": {"returncode": 3}}}}}),
-        ({"job": 0, "when": "end", "field": "stderr"},
-         "end/0/endInfo/0/stderr",
-         {"end": {"0": {"endInfo": {"0": {"stderr": "bad\n"}}}}}),
-        ({"job": "0", "when": "start", "field": "pid"},
-         "start/0/startInfo/0/pid",
-         {"start": {"0": {"startInfo": {"0": {"pid": pid}}}}}),
-        ({"path": "/endInfo/0/returncode"}, "endInfo/0/returncode",
-         {"endInfo": {"0": {"returncode": 3}}}),
-        ({"path": "/endInfo"}, "endInfo", None),
-        ({"job": "0"}, "end/0/endInfo/0", None),
-    ]
-    for extra, path, wrapped in cases:
-        meta = dict({"key": "jid", "value": "fail-3"}, **extra)
-        env = cmd_server.ok("search", meta)
-        status, walk = cmd_server.get("/api/v1/fail-3/" + path)
-        assert status == 200, walk
-        # exactly what the GET walk of the same path answers, under "0"
-        assert env["d_ret"] == {"0": walk["GET"]}, (extra, env["d_ret"])
-        if wrapped is not None:
-            assert env["d_ret"] == {"0": {"fail-3": wrapped}}, extra
-    env = cmd_server.ok("search", {"key": "jid", "value": "fail-3", "path": "/endInfo"})
-    info = env["d_ret"]["0"]["fail-3"]["endInfo"]["0"]
-    assert info["returncode"] == 3 and info["stderr"] == "bad\n"
-    # a job filter that is not a string or an integer is a clear 400
-    status, obj = cmd_server.cmd("search", {"key": "jid", "value": "fail-3", "job": [0]})
-    _cmd_check_error(status, obj, 400, action="search")
-    assert "[0]" in obj["message"]
-
-
-def test_cmd_integer_jid_is_taken_as_its_decimal_string(cmd_server):
-    env = cmd_server.ok("run", {"cmd": "echo n", "jid": 42})
-    assert env["d_ret"]["jid"] == "42" and env["jobRootDir"] == "42"
-    assert cmd_server.manager.jids() == ["42"]
-    d_ret = _cmd_wait_finished(cmd_server, 42)
-    assert d_ret["0.end"] == {"jobRoot": "42", "returncode": [0]}
-    env = cmd_server.ok("info", {"key": "jid", "value": 42})
-    assert list(env["d_ret"]["0.1"]) == ["42"]
-    env = cmd_server.ok("search", {"key": "jid", "value": 42, "path": "/jid"})
-    assert env["d_ret"] == {"0": {"42": {"jid": "42"}}}
-    cmd_server.ok("run", {"cmd": "sleep 30", "jid": 7})
-    env = cmd_server.ok("kill", {"jid": 7, "grace": 1})
-    assert env["d_ret"]["jid"] == "7"
-    _cmd_wait_finished(cmd_server, "7")
-    env = cmd_server.ok("delete", {"value": 7})
-    assert env["d_ret"]["job_id"] == "7"
-    assert cmd_server.manager.jids() == ["42"]
-    # a bool or a float is no jid, and the message quotes the value sent
-    for bad, shown in ((True, "True"), (4.0, "4.0"), (-3, "'-3'"), ("a/b", "'a/b'")):
-        status, obj = cmd_server.cmd("run", {"cmd": "true", "jid": bad})
-        _cmd_check_error(status, obj, 400, action="run")
-        assert "invalid jid " + shown in obj["message"], obj["message"]
-    assert cmd_server.manager.jids() == ["42"]
-
-
-def test_cmd_d_meta_is_the_whole_meta_sent(cmd_factory, tmp_path):
-    cmd_server = cmd_factory()
-    meta = {"cmd": "true", "jid": "dm-1", "auid": "chris", "threaded": True,
-            "container": {"image": "x", "n": [1, 2]}}
-    env = cmd_server.ok("run", meta)
-    # the job's meta still holds only the other keys; the record shows no d_meta
-    assert env["d_ret"]["meta"] == {"container": {"image": "x", "n": [1, 2]}}
-    assert "sent_meta" not in json.dumps(env["d_ret"])
-    for path in ("/api/v1/dm-1/d_meta", "/api/v1/_-1/d_meta"):
-        status, reply = cmd_server.get(path)
-        assert status == 200, reply
-        d_meta = reply["GET"]["dm-1"]["d_meta"]
-        assert isinstance(d_meta, str) and json.loads(d_meta) == meta
-    # exec.cmd: the meta sent has no cmd, and d_meta says so
-    cmd_server.ok("run", {"jid": "dm-2", "auid": "a"}, exec={"cmd": "true"})
-    status, reply = cmd_server.get("/api/v1/dm-2/d_meta")
-    assert json.loads(reply["GET"]["dm-2"]["d_meta"]) == {"jid": "dm-2", "auid": "a"}
-    # a resource-dialect job: its meta
-    status, created = cmd_server.request("POST", "/api/v1/", {"jid": "dm-3", "cmd": "true",
-                                                              "meta": {"p": 1}})
-    assert status == 201 and "sent_meta" not in created
-    status, reply = cmd_server.get("/api/v1/dm-3/d_meta")
-    assert json.loads(reply["GET"]["dm-3"]["d_meta"]) == {"p": 1}
-    status, reply = cmd_server.get("/api/v1/jobs")
-    assert all("sent_meta" not in job for job in reply["jobs"])
-    # a record written before pman kept the meta sent shows the meta it stored
-    shutil.copytree(os.path.join(HERE, "fixtures", "state-v1"), str(tmp_path / "old"))
-    old = cmd_factory("old")
-    status, reply = old.get("/api/v1/ok/d_meta")
-    assert status == 200, reply
-    assert json.loads(reply["GET"]["ok"]["d_meta"]) == {"project": "x", "n": 1}
-
-
-def test_cmd_info_started_is_false_once_done(cmd_server, tmp_path):
-    gate = tmp_path / "gate"
-    env = cmd_server.ok("run", {"jid": "st", "cmd": "while [ ! -e %s ]; do sleep 0.02; done"
-                                % shlex.quote(str(gate))})
-    pid = env["d_ret"]["pid"]
-    env = cmd_server.ok("info", {"key": "jid", "value": "st"})
-    assert env["d_ret"]["0.1"]["st"]["endInfo"] == {}
-    running = env["d_ret"]["0.0"]["st"]["startInfo"]["0"]
-    _cmd_check_info(running, jid="st", cmd=running["cmd"], auid="", pid=pid,
-                    returncode=None, done=False)
-    assert running["started"] is True
-    gate.touch()
-    _cmd_wait_finished(cmd_server, "st")
-    env = cmd_server.ok("info", {"key": "jid", "value": "st"})
-    for info in (env["d_ret"]["0.0"]["st"]["startInfo"]["0"],
-                 env["d_ret"]["0.1"]["st"]["endInfo"]["0"]):
-        assert info["started"] is False and info["startTrigger"] is True, info
-        assert info["done"] is True and info["returncode"] == 0
-    status, reply = cmd_server.get("/api/v1/st/end/0/endInfo/0/started")
-    assert reply["GET"] == {"st": {"end": {"0": {"endInfo": {"0": {"started": False}}}}}}
-
-
-def test_cmd_negative_index_counts_from_the_end(cmd_server):
-    for jid in ("first", "second", "third"):
-        cmd_server.ok("run", {"jid": jid, "cmd": "true"})
-    for name, jid in (("_-1", "third"), ("_-2", "second"), ("_-3", "first"),
-                      ("_-01", "third"), ("_2", "third")):
-        status, reply = cmd_server.get("/api/v1/%s/jid" % name)
-        assert status == 200, (name, reply)
-        assert reply == {"status": True, "path": "/api/v1/%s/jid" % name,
-                         "GET": {jid: {"jid": jid}}}
-    status, reply = cmd_server.get("/api/v1/_-1")
-    assert status == 200 and list(reply["GET"]) == ["third"]
-    assert reply["GET"]["third"]["jid"] == "third"
-    env = cmd_server.ok("get", {"path": "/_-2/cmd"})
-    assert env["d_ret"] == {"second": {"cmd": "true"}}
-    for name in ("_-4", "_-999999"):
-        status, reply = cmd_server.get("/api/v1/%s/jid" % name)
-        assert status == 404 and reply["status"] is False, (name, reply)
-    assert cmd_server.manager.nth(-1)["jid"] == "third"
-    with pytest.raises(pman.JobNotFound):
-        cmd_server.manager.nth(-4)
-
-
-def test_cmd_bad_values_are_quoted_bounded_and_env_values_never(cmd_server):
-    long_jid = "x" * 5000 + "!"
-    status, obj = cmd_server.cmd("run", {"cmd": "true", "jid": long_jid})
-    _cmd_check_error(status, obj, 400, action="run")
-    assert "'xxxxxxxx" in obj["message"] and len(obj["message"]) < 200, obj["message"]
-    status, obj = cmd_server.cmd("hello", {"askAbout": "w" * 5000})
-    _cmd_check_error(status, obj, 400, action="hello")
-    assert "'www" in obj["message"] and len(obj["message"]) < 200
-    for meta in ({"jid": "k", "signal": "SIGNOPE"}, {"jid": "k", "grace": "soon"}):
-        status, obj = cmd_server.cmd("kill", meta)
-        assert status == 400 and repr(list(meta.values())[1]) in obj["message"], obj
-    status, reply = cmd_server.request("POST", "/api/v1/", {"jid": "j", "cmd": 5})
-    assert status == 400 and "not 5" in reply["message"], reply
-    secret = "s3cr3t-value"
-    for env in ({"A": secret + "\u0000"}, ["NOEQUALS" + secret], {"K": [secret]},
-                [secret + "=" + secret, 7]):
-        status, reply = cmd_server.request("POST", "/api/v1/",
-                                           {"jid": "e", "cmd": "true", "env": env})
-        assert status == 400, reply
-        assert secret not in reply["message"], reply["message"]
-    assert cmd_server.manager.jids() == []
-    # a tree path from the body is quoted cut short too
-    cmd_server.ok("run", {"jid": "here", "cmd": "true"})
-    status, obj = cmd_server.cmd("get", {"path": "/here/" + "p" * 5000})
-    assert status == 404 and "'/here/ppp" in obj["message"] and len(obj["message"]) < 200, obj
-
-
-# ===========================================================================
-# crash
-# ===========================================================================
 _CRASH_PMAN_DIR = os.path.dirname(os.path.abspath(pman.__file__))
 _CRASH_SNAPSHOT = "state.jsonl"
 _CRASH_CORRUPT_RE = re.compile(r"\.corrupt-\d{8}T\d{6}\.\d{6}Z$")
@@ -2465,7 +490,7 @@ def _crash_kill_job_groups(state_dir):
 
 
 # ---------------------------------------------------------------------------
-# Managers in child processes
+# managers in child processes
 # ---------------------------------------------------------------------------
 
 # A manager that executes a plan and reports on stdout, one JSON line per
@@ -2732,7 +757,7 @@ def crash_env(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# State files
+# state files
 # ---------------------------------------------------------------------------
 
 def _crash_line(jid, seq, code=0, **fields):
@@ -2855,7 +880,1935 @@ def _crash_ts(stamp):
 
 
 # ---------------------------------------------------------------------------
-# 1. Fault injection
+# shared by the HTTP tests
+# ---------------------------------------------------------------------------
+_HTTP_PMAN = os.path.join(HERE, "pman.py")
+_HTTP_DEADLINE = 15.0
+_HTTP_PFCON_FIELDS = ("number_of_workers", "cpu_limit", "memory_limit", "gpu_limit",
+                      "image", "type", "input_dir", "output_dir", "args_path_flags")
+
+
+# ---------------------------------------------------------------------------
+# helpers: the HTTP server and raw sockets
+# ---------------------------------------------------------------------------
+
+class _HttpReply:
+    """One reply read by http.client."""
+
+    def __init__(self, status, headers, body, version):
+        self.status, self.headers, self.body, self.version = status, headers, body, version
+
+    def header(self, name, default=None):
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return default
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+
+class _HttpRaw:
+    """One reply read from a raw socket."""
+
+    def __init__(self, status_line, headers, body):
+        self.status_line, self.headers, self.body = status_line, headers, body
+
+    @property
+    def code(self):
+        m = re.match(r"HTTP/\S+ (\d{3})", self.status_line)
+        return int(m.group(1)) if m else None
+
+    def header(self, name, default=None):
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return default
+
+    def __repr__(self):
+        return "<reply %r %r %r>" % (self.status_line, self.headers, self.body[:300])
+
+
+class _HttpSrv:
+    """A served JobManager: the server, its manager and port."""
+
+    def __init__(self, manager, srv, state_dir):
+        self.manager, self.srv, self.state_dir = manager, srv, state_dir
+        self.port = srv.server_address[1]
+        self.log_dir = os.path.join(manager.state_dir, "logs")
+        self.stopped = False
+
+    def conn(self, timeout=_HTTP_DEADLINE):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method, path, body=None, headers=None, conn=None, timeout=_HTTP_DEADLINE):
+        own = conn is None
+        c = self.conn(timeout) if own else conn
+        hdrs = dict(headers or {})
+        data = None
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
+            hdrs.setdefault("Content-Type", "application/json")
+        try:
+            c.request(method, path, body=data, headers=hdrs)
+            r = c.getresponse()
+            raw = r.read()
+            return _HttpReply(r.status, r.getheaders(), raw, r.version)
+        finally:
+            if own:
+                c.close()
+
+    def raw(self, data, **kw):
+        return _http_raw(self.port, data, **kw)
+
+    def stop(self):
+        """The teardown of the brief (idempotent)."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.srv.shutdown()
+        self.srv.server_close()
+        self.manager.close(kill=True)
+
+
+def _http_json(reply):
+    """Assert *reply* (http.client) is a JSON object with a correct
+    Content-Length, on HTTP/1.1; return the object."""
+    assert reply.version == 11, reply.version
+    assert (reply.header("Content-Type") or "").startswith("application/json"), reply.headers
+    length = reply.header("Content-Length")
+    assert length is not None and int(length) == len(reply.body), (length, len(reply.body))
+    obj = json.loads(reply.body.decode("utf-8"))
+    assert isinstance(obj, dict), obj
+    return obj
+
+
+def _http_error(reply, *codes):
+    """Assert *reply* is an error in *codes* with the contract's shape and no
+    traceback text; return the message."""
+    assert reply.status in codes, (reply.status, reply.body[:500])
+    obj = _http_json(reply)
+    assert obj.get("status") is False, obj
+    assert isinstance(obj.get("message"), str) and obj["message"], obj
+    assert b"Traceback" not in reply.body and b'File "' not in reply.body, reply.body
+    return obj["message"]
+
+
+def _http_read_reply(sock, timeout=_HTTP_DEADLINE, buf=b""):
+    """Read one reply from *sock*: (reply or None if the connection closed
+    before any byte, leftover bytes)."""
+    deadline = time.monotonic() + timeout
+
+    def more():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError("no complete reply within %s s (got %r)" % (timeout, buf[:300]))
+        sock.settimeout(left)
+        try:
+            return sock.recv(65536)
+        except ConnectionResetError:
+            return b""
+        except socket.timeout:
+            raise AssertionError("no complete reply within %s s (got %r)"
+                                 % (timeout, buf[:300])) from None
+
+    while b"\r\n\r\n" not in buf:
+        chunk = more()
+        if not chunk:
+            if not buf:
+                return None, b""
+            raise AssertionError("connection closed inside a reply head: %r" % buf[:300])
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = []
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers.append((key.strip(), value.strip()))
+    lengths = [v for k, v in headers if k.lower() == "content-length"]
+    n = int(lengths[0]) if lengths else 0
+    while len(rest) < n:
+        buf = rest
+        chunk = more()
+        if not chunk:
+            raise AssertionError("connection closed inside a reply body")
+        rest += chunk
+    return _HttpRaw(lines[0], headers, rest[:n]), rest[n:]
+
+
+def _http_raw(port, data, *, timeout=_HTTP_DEADLINE, shut=True, all_replies=False):
+    """Send raw bytes on a fresh connection (half-closing it after unless
+    shut=False) and read one reply (None: closed without a reply), or with
+    all_replies=True every reply until the server closes."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        try:
+            s.sendall(data)
+            if shut:
+                s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass        # the server may refuse early and close: read what it said
+        if not all_replies:
+            return _http_read_reply(s, timeout)[0]
+        replies, left = [], b""
+        while True:
+            reply, left = _http_read_reply(s, timeout, left)
+            if reply is None:
+                return replies
+            replies.append(reply)
+    finally:
+        s.close()
+
+
+def _http_check_raw(reply):
+    """Assert a raw reply has a valid HTTP/1.1 status line, and unless it is
+    a 204, a JSON object body with a correct Content-Length; return (code,
+    object or None)."""
+    assert reply is not None, "the server closed the connection without a reply"
+    m = re.fullmatch(r"HTTP/1\.1 (\d{3}) [^\r\n]*", reply.status_line)
+    assert m, reply.status_line
+    code = int(m.group(1))
+    if code == 204:
+        assert reply.body == b""
+        return code, None
+    assert (reply.header("Content-Type") or "").startswith("application/json"), reply
+    length = reply.header("Content-Length")
+    assert length is not None and length.isdigit() and int(length) == len(reply.body), reply
+    obj = json.loads(reply.body.decode("utf-8"))
+    assert isinstance(obj, dict), reply
+    assert b"Traceback" not in reply.body, reply
+    return code, obj
+
+
+def _http_post_job(srv, payload, expect=201):
+    r = srv.request("POST", "/api/v1/", payload)
+    assert r.status == expect, (r.status, r.body[:500])
+    return _http_json(r)
+
+
+def _http_wait_job(srv, jid, timeout=10):
+    """Long-poll the job until it ends (bounded); return the job object."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        r = srv.request("GET", "/api/v1/%s/?wait=%.3f" % (jid, max(0.0, left)))
+        assert r.status == 200, (r.status, r.body[:500])
+        job = _http_json(r)
+        if job["status"] not in ("notstarted", "started"):
+            return job
+        if left <= 0:
+            raise AssertionError("job %s still %s after %s s" % (jid, job["status"], timeout))
+
+
+def _http_pid_alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _http_listing(path):
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+@pytest.fixture
+def http_factory(tmp_path):
+    """make(**make_server options) -> _HttpSrv, served in a thread; each
+    server gets its own state dir under tmp_path; all torn down after."""
+    made = []
+
+    def make(state_name="state", host="127.0.0.1", **options):
+        state = tmp_path / state_name
+        manager = pman.JobManager(str(state), grace=2)
+        try:
+            srv = pman.make_server(manager, host, 0, **options)
+        except BaseException:
+            manager.close(kill=True)
+            raise
+        # a short poll_interval: shutdown() at teardown returns within 50 ms
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                         name="http-test-server", daemon=True).start()
+        served = _HttpSrv(manager, srv, str(state))
+        made.append(served)
+        return served
+
+    yield make
+    for served in made:
+        served.stop()
+    # Run finalizers now, not while pytest formats a report: on CPython
+    # 3.11 < 3.11.8 a traceback formatted inside ast.parse (gh-106905) can
+    # turn into "SystemError: AST constructor recursion depth mismatch".
+    gc.collect()
+
+
+@pytest.fixture
+def http_srv(http_factory):
+    return http_factory()
+
+
+# ---------------------------------------------------------------------------
+# shared by the SLURM tests
+# ---------------------------------------------------------------------------
+_SLURM_DEADLINE = 60.0          # s: the bound on any one wait below
+_SLURM_PMAN = os.path.join(HERE, "pman.py")
+
+
+# ---------------------------------------------------------------------------
+# helpers: SLURM
+# ---------------------------------------------------------------------------
+
+def _slurm_until(pred, timeout=_SLURM_DEADLINE, what="condition", interval=0.05):
+    return _until(pred, timeout, what, interval)
+
+
+def _slurm_cmd(*argv, check=True):
+    out = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
+                         text=True, timeout=30)
+    if check:
+        assert out.returncode == 0, (argv, out.returncode, out.stderr)
+    return out
+
+
+def _slurm_ids_named(name):
+    """Every SLURM job id (pending, running or finished) named *name*."""
+    out = _slurm_cmd("squeue", "-t", "all", "-h", "--name", name, "-o", "%i")
+    return sorted(out.stdout.split(), key=int)
+
+
+def _slurm_job(job_id):
+    """SLURM's own view of one job: scontrol's Key=Value fields."""
+    out = _slurm_cmd("scontrol", "show", "job", "-o", job_id)
+    return dict(f.split("=", 1) for f in out.stdout.split() if "=" in f)
+
+
+def _slurm_state(job_id):
+    out = _slurm_cmd("squeue", "-t", "all", "-h", "-j", job_id, "-o", "%T")
+    return out.stdout.strip()
+
+
+_SLURM_ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY",
+                "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def _slurm_wait_started(manager, jid, timeout=_SLURM_DEADLINE):
+    return _slurm_until(lambda: manager.get(jid)["status"] == "started" and manager.get(jid),
+                        timeout, "job %s to leave the SLURM queue and run" % jid)
+
+
+def _slurm_request(port, method, path, body=None, timeout=_SLURM_DEADLINE + 10):
+    """(status, parsed JSON or None, raw bytes) of one request."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        headers = {}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=headers)
+        reply = conn.getresponse()
+        raw = reply.read()
+        if raw:
+            assert reply.getheader("Content-Type", "").startswith("application/json"), raw[:200]
+            assert int(reply.getheader("Content-Length")) == len(raw)
+        return reply.status, (json.loads(raw) if raw else None), raw
+    finally:
+        conn.close()
+
+
+def _slurm_http_wait(port, jid, timeout=_SLURM_DEADLINE):
+    """Long-poll GET ?wait= until the job has ended (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = max(0.0, deadline - time.monotonic())
+        status, job, raw = _slurm_request(port, "GET", "/api/v1/%s/?wait=%.2f" % (jid, min(left, 30)))
+        assert status == 200, raw[:500]
+        if job["status"] not in ("notstarted", "started"):
+            return job
+        if left <= 0:
+            raise AssertionError("job %s still %s after %s s" % (jid, job["status"], timeout))
+
+
+def _slurm_state_line(**fields):
+    """One job line of pman's state file, fields in pman's persisted order."""
+    record = {"jid": None, "status": None, "seq": None, "message": "", "returncode": None,
+              "pid": None, "cmd": None, "argv": None, "auid": "", "meta": {}, "env": None,
+              "cwd": None, "timeout": None, "extras": {}, "submitted": None,
+              "started": None, "ended": None, "ident": None, "kill_signal": None,
+              "kill_reason": None, "backend_id": None}
+    unknown = set(fields) - set(record)
+    assert not unknown, unknown
+    record.update(fields)
+    return json.dumps(record)
+
+
+# ---------------------------------------------------------------------------
+# fixtures: SLURM
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def slurm_cluster():
+    """The skip rule, in one place: no sbatch and no CI -> skip (saying why);
+    under CI a missing or unresponsive cluster is a failure."""
+    if shutil.which("sbatch") is None and not _ci():
+        pytest.skip("SLURM is not installed here (no sbatch on PATH) and CI is not set: "
+                    "run .ci/slurm-up.sh to run the SLURM backend's tests")
+    assert shutil.which("sbatch"), ("CI is set but sbatch is not on PATH: the SLURM "
+                                    "backend's tests need .ci/slurm-up.sh to have worked")
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %a"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.fail("sinfo does not answer (%s): is slurmctld up? run .ci/slurm-up.sh" % e)
+    assert out.returncode == 0 and " up" in out.stdout, (
+        "sinfo does not answer or no partition is up: %r %r" % (out.stdout, out.stderr))
+
+
+@pytest.fixture
+def slurm_ctx(slurm_cluster, tmp_path):
+    """Per test: a unique jid prefix (SLURM remembers job names for a day),
+    a factory of managers on tmp_path state, and a server factory.  At
+    teardown: servers stopped, every SLURM job this test created that may
+    still run is cancelled (records' backend_ids, ids tracked by hand, and
+    any job named with this test's prefix), managers closed with kill=True."""
+    prefix = "pt%s" % uuid.uuid4().hex[:10]
+    managers, servers, ids = [], [], set()
+    counter = iter(range(1, 1000000))
+
+    def jid(name="j"):
+        return "%s-%s-%d" % (prefix, name, next(counter))
+
+    def open_manager(state_dir=None, backend=None, **options):
+        m = pman.JobManager(str(state_dir if state_dir is not None else tmp_path / "state"),
+                            backend=backend if backend is not None else pman.SlurmBackend(),
+                            **options)
+        managers.append(m)
+        return m
+
+    def serve(manager):
+        server = pman.make_server(manager, "127.0.0.1", 0)
+        thread = threading.Thread(target=server.serve_forever, name="slurm-test-http",
+                                  daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return server.server_address[1]
+
+    ctx = types.SimpleNamespace(prefix=prefix, jid=jid, open=open_manager, serve=serve,
+                                track=ids.add, tmp=tmp_path)
+    yield ctx
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    for m in managers:
+        try:
+            ids.update(r["backend_id"] for r in m.jobs() if r.get("backend_id"))
+        except pman.PmanError:
+            pass            # closed by the test
+    active = _slurm_cmd("squeue", "-h", "-o", "%i %j", check=False).stdout.split("\n")
+    ids.update(line.split()[0] for line in active
+               if len(line.split()) == 2 and line.split()[1].startswith(prefix))
+    ids = sorted(i for i in ids if i and i.isdigit())
+    if ids:
+        _slurm_cmd("scancel", *ids, check=False)
+    for m in reversed(managers):
+        m.close(kill=True)
+
+
+# ---------------------------------------------------------------------------
+# shared by the command-line tests (`pman` subcommands run as subprocesses against a real server)
+# ---------------------------------------------------------------------------
+_CLI_PMAN = os.path.join(HERE, "pman.py")
+_CLI_DEADLINE = 30.0
+
+
+def _cli_env(**extra):
+    env = dict(os.environ)
+    for name in ("PMAN_TOKEN", "PMAN_URL", "PMAN_START_SERVER", "NO_COLOR", "COLUMNS"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+class _CliServer:
+    """`pman serve --port 0` as a subprocess; its port read from its INFO
+    start line."""
+
+    def __init__(self, tmp_path, *args, state=None):
+        self.state = str(state or tmp_path / "cli-state")
+        self.err_path = str(tmp_path / ("serve-%s.log" % uuid.uuid4().hex[:8]))
+        with open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, _CLI_PMAN, "serve", "--port", "0", "--state-dir", self.state,
+                 "--grace", "2"] + list(args), stdout=err, stderr=err, env=_cli_env(),
+                stdin=subprocess.DEVNULL)
+        line = _until(lambda: self.proc.poll() is not None or re.search(
+            r"serving http://127\.0\.0\.1:(\d+)/api/v1/", self.log()), _CLI_DEADLINE,
+            "the server's start line")
+        if self.proc.poll() is not None:
+            raise AssertionError("pman serve exited with %s: %s" % (self.proc.returncode,
+                                                                    self.log()))
+        self.port = int(line.group(1))
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.job_pids = []
+
+    def log(self):
+        with open(self.err_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def http(self, method, path, body=None, timeout=_CLI_DEADLINE):
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            c.request(method, path, body=None if body is None else json.dumps(body),
+                      headers={"Content-Type": "application/json"} if body is not None else {})
+            r = c.getresponse()
+            return r.status, r.getheaders(), r.read()
+        finally:
+            c.close()
+
+    def post(self, body):
+        status, _, data = self.http("POST", "/api/v1/", body)
+        assert status == 201, (status, data)
+        job = json.loads(data)
+        if job.get("pid"):
+            self.job_pids.append(job["pid"])
+        return job
+
+    def job(self, jid):
+        status, _, data = self.http("GET", "/api/v1/%s/" % jid)
+        assert status == 200, (status, data)
+        return json.loads(data)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(_CLI_DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        for pid in self.job_pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def cli_server(tmp_path):
+    made = []
+
+    def make(*args, **kw):
+        server = _CliServer(tmp_path, *args, **kw)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+def _cli(*args, url=None, env=None, timeout=_CLI_DEADLINE, cwd=None, input=None):
+    """Run `python3 pman.py ARGS` to the end: (exit status, stdout bytes,
+    stderr text)."""
+    argv = [sys.executable, _CLI_PMAN] + list(args)
+    if url is not None:
+        argv[3:3] = ["--url", url]      # after the subcommand
+    r = subprocess.run(argv, capture_output=True, timeout=timeout, env=env or _cli_env(),
+                       cwd=cwd, input=input)
+    err = r.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in err, err
+    return r.returncode, r.stdout, err
+
+
+def _cli_pty(*args, env=None, timeout=_CLI_DEADLINE, on_output=None):
+    """Run `python3 pman.py ARGS` with stdout and stderr on a pseudo-terminal:
+    (exit status, everything it wrote there).  *on_output* is called with
+    the text so far after each read."""
+    master, slave = os.openpty()
+    p = subprocess.Popen([sys.executable, _CLI_PMAN] + list(args), stdout=slave, stderr=slave,
+                         stdin=subprocess.DEVNULL, env=env or _cli_env())
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:         # EIO: every writer has closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+            if on_output is not None:
+                on_output(out.decode("utf-8", "replace"))
+        p.wait(max(1.0, deadline - time.monotonic()))
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+        os.close(master)
+    return p.returncode, out.decode("utf-8", "replace")
+
+
+def _cli_free_port():
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def _cli_state(path, n):
+    """A state directory holding *n* finished jobs (cli-1 .. cli-n, in that
+    submission order), written as pman persists them; no process runs."""
+    os.makedirs(os.path.join(path, "logs"), mode=0o700)
+    with open(os.path.join(path, pman.SNAPSHOT), "w", encoding="utf-8") as f:
+        f.write(json.dumps({"pman_state": pman.STATE_FORMAT, "generation": 1,
+                            "next_seq": n + 1, "written": pman._now(),
+                            "pman_version": pman.__version__}) + "\n")
+        for i in range(1, n + 1):
+            stamp = pman._now()
+            f.write(pman._Job(
+                jid="cli-%d" % i, status=pman.SUCCESS if i % 7 else pman.ERROR, seq=i,
+                message="exited with code %d" % (0 if i % 7 else 1),
+                returncode=0 if i % 7 else 1, pid=None, cmd="echo %d" % i, argv=None,
+                auid="a%d" % (i % 3), meta={"k": str(i % 5)}, env=None, cwd=None,
+                timeout=None, extras={}, submitted=stamp, started=stamp, ended=stamp,
+                ident=None, kill_signal=None, kill_reason=None).line() + "\n")
+
+
+# ---------------------------------------------------------------------------
+# shared by the podman tests
+# ---------------------------------------------------------------------------
+# Real podman, real containers of a local image (.ci/run builds it from a
+# static busybox, as ../shared/CONTAINERS.md shows).  The runtime and the
+# extra `podman run` options this machine kind needs are the defaults below
+# (environment variables override them).
+_PODMAN_DEADLINE = 60.0
+_PODMAN_IMAGE = os.environ.get("PMAN_TEST_IMAGE", "localhost/busybox:test")
+_PODMAN_RUNTIME = os.environ.get("PMAN_TEST_PODMAN_RUNTIME", "runc")
+_PODMAN_ARGS = os.environ.get(
+    "PMAN_TEST_PODMAN_ARGS",
+    "--ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --network=none")
+_PODMAN_PMAN = os.path.join(HERE, "pman.py")
+
+
+# ---------------------------------------------------------------------------
+# helpers: podman
+# ---------------------------------------------------------------------------
+
+def _podman(*argv, check=True):
+    out = subprocess.run(["podman", "--runtime", _PODMAN_RUNTIME] + list(argv),
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    if check:
+        assert out.returncode == 0, (argv, out.returncode, out.stderr)
+    return out
+
+
+def _podman_names(tag, *filters):
+    """Names of the containers of the manager whose tag is *tag*."""
+    args = ["ps", "-a", "--filter", "label=pman.state=" + tag]
+    for f in filters:
+        args += ["--filter", f]
+    return sorted(_podman(*(args + ["--format", "{{.Names}}"])).stdout.split())
+
+
+def _podman_state(name):
+    """(status, exit code) of container *name*, as podman inspect says, or
+    None if there is no such container."""
+    out = _podman("container", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}",
+                  name, check=False)
+    if out.returncode != 0:
+        return None
+    status, code = out.stdout.split()
+    return status, int(code)
+
+
+def _podman_request(port, method, path, body=None):
+    return _slurm_request(port, method, path, body, timeout=_PODMAN_DEADLINE + 10)
+
+
+# ---------------------------------------------------------------------------
+# fixtures: podman
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def podman_ready():
+    """The skip rule, in one place: where podman cannot run a container of
+    the test image, skip saying why; under CI, fail instead."""
+    def unusable(reason):
+        if os.environ.get("CI"):
+            pytest.fail("CI is set and " + reason)
+        pytest.skip(reason + " (.ci/run installs podman and builds the image)")
+    if shutil.which("podman") is None:
+        unusable("podman is not installed (no podman on PATH)")
+    if _podman("image", "exists", _PODMAN_IMAGE, check=False).returncode != 0:
+        unusable("the test image %s is missing" % _PODMAN_IMAGE)
+    trial = _podman("run", "--rm", *shlex.split(_PODMAN_ARGS), _PODMAN_IMAGE,
+                    "sh", "-c", "exit 7", check=False)
+    if trial.returncode != 7:
+        unusable("podman cannot run a container here: %s" % trial.stderr.strip()[-300:])
+
+
+@pytest.fixture
+def podman_ctx(podman_ready, tmp_path):
+    """Per test: a storebase, a factory of managers on the podman backend
+    (tmp_path/state by default) and a server factory.  At teardown: servers
+    stopped, managers closed with kill=True, and then no container of any
+    of them may be left (they are removed, and the test fails, if one is)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    managers, servers, tags = [], [], set()
+
+    def backend(**options):
+        options.setdefault("runtime", _PODMAN_RUNTIME)
+        options.setdefault("podman_args", _PODMAN_ARGS)
+        options.setdefault("storebase", str(store))
+        return pman.PodmanBackend(**options)
+
+    def open_manager(state_dir=None, **options):
+        options.setdefault("backend", backend())
+        m = pman.JobManager(str(state_dir if state_dir is not None else tmp_path / "state"),
+                            **options)
+        managers.append(m)
+        tags.add(m.backend.tag)
+        return m
+
+    def serve(manager):
+        server = pman.make_server(manager, "127.0.0.1", 0)
+        thread = threading.Thread(target=server.serve_forever, name="podman-test-http",
+                                  daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return server.server_address[1]
+
+    yield types.SimpleNamespace(open=open_manager, serve=serve, backend=backend,
+                                store=store, tmp=tmp_path, tags=tags)
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    for m in reversed(managers):
+        m.close(kill=True)
+    left = {tag: _podman_names(tag) for tag in tags}
+    for names in left.values():
+        if names:
+            _podman("rm", "-f", *names, check=False)
+    assert not any(left.values()), "containers left behind: %s" % left
+
+
+# ===========================================================================
+# 1. core and lifecycle: the one-line call, records, many jobs, threads, on_end, listing, batches, reapers, the backend seam
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# the one-line call, default state dir, modes, record shape
+# ---------------------------------------------------------------------------
+
+def test_core_timer_of_an_earlier_run_spares_the_rerun(tmp_path):
+    m = pman.JobManager(str(tmp_path / "state"))
+    try:
+        m.run("exit 0", jid="x", timeout=1.0)
+        assert m.wait("x", timeout=10)["returncode"] == 0
+        m.run("exec sleep 30", jid="x", timeout=100)    # the old 1 s timer must not fire
+        with pytest.raises(pman.Timeout):
+            m.wait("x", timeout=1.6)
+        assert m.get("x")["status"] == "started"
+    finally:
+        m.close(kill=True)
+
+
+def test_core_kill_of_an_exited_uncollected_job_keeps_its_code(tmp_path):
+    # The reaper is held in an on_end callback, so B exits but stays
+    # uncollected (a zombie); kill(B) must report B's real code, not -15.
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def on_end(record):
+        if record["jid"] == "a":
+            entered.set()
+            gate.wait(10)
+
+    m = pman.JobManager(str(tmp_path / "state"), on_end=on_end)
+    try:
+        m.run("exit 0", jid="a")
+        assert entered.wait(10)
+        pid = m.run("exit 0", jid="b")["pid"]
+        _until(lambda: _core_proc_state(pid) in (None, "Z"), 10, "b to exit")
+        rec = m.kill("b")
+        assert (rec["status"], rec["returncode"]) == ("finishedSuccessfully", 0), rec
+    finally:
+        gate.set()
+        m.close(kill=True)
+
+
+def _core_proc_state(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 2:].split()[0].decode()
+
+
+def test_core_on_end_cannot_block_the_reaper(tmp_path):
+    errors = []
+
+    def on_end(record):
+        try:
+            m.wait(record["jid"], timeout=5)
+        except pman.PmanError as e:
+            errors.append(str(e))
+
+    m = pman.JobManager(str(tmp_path / "state"), on_end=on_end)
+    try:
+        m.run("exit 0", jid="a")
+        _until(lambda: errors, 10, "the callback to run")
+        assert "on_end" in errors[0]
+        m.run("exit 4", jid="b")                # the reaper still works
+        assert m.wait("b", timeout=10)["returncode"] == 4
+    finally:
+        m.close(kill=True)
+
+
+def test_core_huge_log_limit_and_deep_meta_are_clean_errors(tmp_path):
+    m = pman.JobManager(str(tmp_path / "state"))
+    try:
+        m.run("echo hi", jid="a")
+        m.wait("a", timeout=10)
+        chunk = m.read_log("a", limit=10 ** 15)     # no allocation of the limit
+        assert chunk["data"] == b"hi\n" and chunk["eof"]
+        deep = {}
+        node = deep
+        for _ in range(5000):
+            node["k"] = {}
+            node = node["k"]
+        with pytest.raises(pman.InvalidArgument, match="nested too deeply"):
+            m.run("echo never", jid="deep", meta=deep)
+        assert "deep" not in m.jids()
+    finally:
+        m.close(kill=True)
+
+
+def test_core_one_line_call_twice(tmp_path, monkeypatch):
+    state = tmp_path / "pman-env-state"
+    monkeypatch.setenv("PMAN_STATE_DIR", str(state))
+    have_cal = _have("cal")
+    first = pman.JobManager().run("cal 7 1970", jid="123")
+    m = pman.JobManager()
+    try:
+        assert m.state_dir == os.path.realpath(str(state))
+        assert pman.JobManager() is m            # same dir, same process: same object
+        assert first["jid"] == "123" and first["cmd"] == "cal 7 1970"
+        assert first["status"] == "started" and first["returncode"] is None
+        done1 = pman.JobManager().wait("123", timeout=10)
+        assert done1["status"] in ("finishedSuccessfully", "finishedWithError")
+        out1 = m.read_log("123")["data"]
+        err1 = m.read_log("123", "stderr")["data"]
+        if have_cal:
+            assert done1["returncode"] == 0, done1
+            assert b"July 1970" in out1
+        # second run of the finished jid replaces the record
+        second = pman.JobManager().run("cal 7 1970", jid="123")
+        assert second["status"] == "started"
+        assert second["seq"] > done1["seq"]
+        assert second["returncode"] is None and second["ended"] is None
+        done2 = m.wait("123", timeout=10)
+        assert done2["returncode"] == done1["returncode"]
+        assert [j["jid"] for j in m.jobs()] == ["123"]
+        assert sum(m.counts().values()) == 1
+        # logs were replaced, not appended to
+        assert m.read_log("123")["data"] == out1
+        assert m.read_log("123", "stderr")["data"] == err1
+        if have_cal:
+            assert m.read_log("123")["data"].count(b"July 1970") == 1
+    finally:
+        m.close(kill=True)
+
+
+def test_core_default_state_dir_resolution_and_modes(tmp_path, monkeypatch):
+    pdir = tmp_path / "explicit"
+    xdg = tmp_path / "xdg"
+    home = tmp_path / "home"
+    for d in (xdg, home):
+        d.mkdir()
+    # a pre-existing, too-open directory is tightened to 0700
+    (xdg / "pman").mkdir(mode=0o755)
+    os.chmod(xdg / "pman", 0o755)
+    old_umask = os.umask(0)       # so that only pman's own modes protect files
+    try:
+        monkeypatch.setenv("PMAN_STATE_DIR", str(pdir))
+        monkeypatch.setenv("XDG_STATE_HOME", str(xdg))
+        monkeypatch.setenv("HOME", str(home))
+        expected = [str(pdir), str(xdg / "pman"), str(home / ".local" / "state" / "pman")]
+        for step, want in enumerate(expected):
+            if step == 1:
+                monkeypatch.delenv("PMAN_STATE_DIR")
+            if step == 2:
+                monkeypatch.setenv("PMAN_STATE_DIR", "")     # empty counts as unset
+                monkeypatch.delenv("XDG_STATE_HOME")
+            m = pman.JobManager()
+            try:
+                assert m.state_dir == os.path.realpath(want)
+                assert _core_mode(want) == 0o700
+                job = m.run("echo out; echo err >&2", jid="modes")
+                m.wait(job["jid"], timeout=10)
+                assert job["stdout"] == os.path.join(os.path.realpath(want), "logs", "modes.out")
+                assert job["stderr"] == os.path.join(os.path.realpath(want), "logs", "modes.err")
+                assert _core_mode(job["stdout"]) == 0o600
+                assert _core_mode(job["stderr"]) == 0o600
+                m.flush()
+                for name in os.listdir(want):
+                    path = os.path.join(want, name)
+                    assert _core_mode(path) & 0o077 == 0, (name, oct(_core_mode(path)))
+            finally:
+                m.close(kill=True)
+    finally:
+        os.umask(old_umask)
+    assert (pdir / "logs" / "modes.out").read_bytes() == b"out\n"
+    assert (xdg / "pman" / "logs" / "modes.out").read_bytes() == b"out\n"
+    assert (home / ".local" / "state" / "pman" / "logs" / "modes.err").read_bytes() == b"err\n"
+
+
+def test_core_record_shape_json_and_timestamps(core_mgr):
+    sub = core_mgr.run("echo hello; exit 2", jid="rec", auid="alice",
+                       meta={"k": [1, 2], "s": "x"})
+    json.dumps(sub)
+    rec = core_mgr.wait("rec", timeout=10)
+    text = json.dumps(rec)
+    assert json.loads(text) == rec
+    for key in ("jid", "cmd", "auid", "meta", "status", "message", "returncode", "pid",
+                "submitted", "started", "ended", "stdout", "stderr"):
+        assert key in rec, key
+    assert rec["jid"] == "rec" and rec["cmd"] == "echo hello; exit 2"
+    assert rec["auid"] == "alice" and rec["meta"] == {"k": [1, 2], "s": "x"}
+    assert rec["status"] == "finishedWithError" and rec["returncode"] == 2
+    assert rec["message"] == "exited with code 2"
+    assert isinstance(rec["pid"], int) and rec["pid"] == sub["pid"] > 0
+    t_sub, t_start, t_end = (_core_stamp(rec[k]) for k in ("submitted", "started", "ended"))
+    assert t_sub <= t_start <= t_end
+    assert sub["ended"] is None and sub["returncode"] is None
+    with open(rec["stdout"], "rb") as f:
+        assert f.read() == b"hello\n"
+    assert os.path.exists(rec["stderr"]) and os.path.getsize(rec["stderr"]) == 0
+    assert rec["status"] in _CORE_STATUSES
+    # generated jids are valid and unique
+    a = core_mgr.run("true")
+    b = core_mgr.run("true")
+    assert a["jid"] != b["jid"]
+    pman.check_jid(a["jid"])
+    core_mgr.wait([a["jid"], b["jid"]], timeout=10)
+    # the record returned by get() is a copy: mutating it changes nothing
+    got = core_mgr.get("rec")
+    got["meta"]["k"].append(3)
+    assert core_mgr.get("rec")["meta"] == {"k": [1, 2], "s": "x"}
+
+
+# ---------------------------------------------------------------------------
+# many jobs, foreign children
+# ---------------------------------------------------------------------------
+
+def test_core_200_concurrent_exit_codes(core_mgr):
+    n = 200
+    errors = []
+
+    def submit(start):
+        try:
+            for i in range(start, n, 4):
+                core_mgr.run("sleep 0.2; exit %d" % (i % 7), jid="c%d" % i)
+        except Exception as e:       # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=submit, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    recs = core_mgr.wait(["c%d" % i for i in range(n)], timeout=40)
+    for i, rec in enumerate(recs):
+        assert rec["jid"] == "c%d" % i
+        assert rec["returncode"] == i % 7, rec
+        assert rec["status"] == ("finishedSuccessfully" if i % 7 == 0 else "finishedWithError")
+        assert rec["message"] == "exited with code %d" % (i % 7)
+    counts = core_mgr.counts()
+    assert counts["finishedSuccessfully"] == len([i for i in range(n) if i % 7 == 0])
+    assert counts["finishedWithError"] == n - counts["finishedSuccessfully"]
+    assert counts["started"] == counts["notstarted"] == counts["undefined"] == 0
+
+
+def test_core_foreign_child_status_not_stolen(core_mgr):
+    jids = ["f%d" % i for i in range(200)]
+    for i, jid in enumerate(jids):
+        core_mgr.run("sleep 0.%d" % (i % 10), jid=jid)
+    rounds = 0
+    deadline = time.monotonic() + 30
+    while core_mgr.counts()["started"] and time.monotonic() < deadline:
+        r = subprocess.run(["sh", "-c", "sleep 0.02; exit 5"])
+        assert r.returncode == 5
+        r = subprocess.run(["sh", "-c", "exit 5"])
+        assert r.returncode == 5
+        rounds += 1
+    assert rounds >= 1
+    recs = core_mgr.wait(jids, timeout=20)
+    assert all(r["returncode"] == 0 and r["status"] == "finishedSuccessfully" for r in recs)
+    assert subprocess.run(["sh", "-c", "exit 5"]).returncode == 5
+
+
+# ---------------------------------------------------------------------------
+# threads and file descriptors
+# ---------------------------------------------------------------------------
+
+def test_core_threads_and_fds_bounded(core_make, tmp_path):
+    base_threads = threading.active_count()
+    m = core_make()
+    m.run("true", jid="warm")
+    m.wait("warm", timeout=10)
+    m.flush()
+    base_fds = len(os.listdir("/proc/self/fd"))
+    gate = tmp_path / "gate"
+    gate.touch()
+    # Hold the 300 jobs running until the checks are done, however slowly
+    # they were submitted: each takes a shared flock the test holds
+    # exclusively (or, without flock(1), polls once a second for a file).
+    if shutil.which("flock"):
+        cmd = "flock -s '%s' sleep 0.1" % gate
+        held = open(gate, "rb")
+        fcntl.flock(held, fcntl.LOCK_EX)
+        release = held.close
+    else:                                   # pragma: no cover
+        gate.unlink()
+        cmd = "while [ ! -e '%s' ]; do sleep 1; done" % gate
+        release = gate.touch
+    try:
+        max_threads = threading.active_count()
+        for i in range(300):
+            m.run(cmd, jid="s%d" % i)
+            if i % 25 == 0:
+                max_threads = max(max_threads, threading.active_count())
+        assert m.counts()["started"] == 300, m.counts()
+        max_threads = max(max_threads, threading.active_count())
+        assert max_threads <= base_threads + 3, (max_threads, base_threads)
+    finally:
+        release()
+    recs = m.wait(["s%d" % i for i in range(300)], timeout=30)
+    assert all(r["returncode"] == 0 for r in recs)
+    for i in range(699):
+        m.run("true", jid="t%d" % i)
+    assert threading.active_count() <= base_threads + 3
+    recs = m.wait(["t%d" % i for i in range(699)], timeout=30)
+    assert all(r["returncode"] == 0 for r in recs)
+    assert sum(m.counts().values()) == 1000
+    m.flush()
+    _until(lambda: len(os.listdir("/proc/self/fd")) <= base_fds + 2, 5,
+                "fd count back to baseline (was %d)" % base_fds)
+
+
+# ---------------------------------------------------------------------------
+# on_end
+# ---------------------------------------------------------------------------
+
+def test_core_on_end_once_per_job_outside_lock(core_make, tmp_path):
+    calls = []
+    holder = {}
+
+    def on_end(record):
+        got = {}
+
+        def fetch():
+            got["rec"] = holder["m"].get(record["jid"])
+
+        t = threading.Thread(target=fetch)
+        t.start()
+        t.join(5)       # blocks (and reports) if the manager lock is held
+        calls.append((record, got.get("rec"), threading.current_thread() is not threading.main_thread()))
+
+    m = core_make(on_end=on_end)
+    holder["m"] = m
+    jids = ["e%d" % i for i in range(5)]
+    for i, jid in enumerate(jids):
+        m.run("exit %d" % i, jid=jid)
+    _core_wait_running(m.run("sleep 30", jid="killed")["pid"])
+    m.run("true", jid="nocwd", cwd=str(tmp_path / "missing"))
+    m.kill("killed")
+    everything = jids + ["killed", "nocwd"]
+    m.wait(everything, timeout=10)
+    _until(lambda: len(calls) >= len(everything), 10, "on_end calls")
+    m.run("true", jid="sentinel")
+    m.wait("sentinel", timeout=10)
+    _until(lambda: any(c[0]["jid"] == "sentinel" for c in calls), 10, "sentinel on_end")
+    seen = [c[0]["jid"] for c in calls]
+    for jid in everything + ["sentinel"]:
+        assert seen.count(jid) == 1, (jid, seen)
+    for record, fetched, from_reaper in calls:
+        assert fetched is not None, "on_end ran with the manager lock held"
+        assert fetched == record
+        assert from_reaper
+        assert record["status"] in ("finishedSuccessfully", "finishedWithError")
+        json.dumps(record)
+    by_jid = {c[0]["jid"]: c[0] for c in calls}
+    for i, jid in enumerate(jids):
+        assert by_jid[jid]["returncode"] == i
+    assert by_jid["killed"]["returncode"] == -15
+    assert "spawn failed" in by_jid["nocwd"]["message"]
+
+
+# ---------------------------------------------------------------------------
+# listing, waiting, removing
+# ---------------------------------------------------------------------------
+
+def test_core_jobs_filters(core_mgr):
+    m = core_mgr
+    m.run("exit 0", jid="a", auid="alice", meta={"k": 1, "t": "x"})
+    m.run("exit 1", jid="b", auid="alice", meta={"k": 2})
+    m.run("exit 0", jid="c", auid="bob", meta={"k": 1})
+    m.run("sleep 30", jid="d", auid="bob", meta={"k": 1, "t": "x"})
+    m.wait(["a", "b", "c"], timeout=10)
+
+    def ids(**kw):
+        return [j["jid"] for j in m.jobs(**kw)]
+
+    assert ids() == ["a", "b", "c", "d"]
+    assert ids(status="finishedSuccessfully") == ["a", "c"]
+    assert ids(status=("finishedWithError", "started")) == ["b", "d"]
+    assert ids(status="notstarted") == []
+    assert ids(auid="alice") == ["a", "b"]
+    assert ids(auid="nobody") == []
+    assert ids(meta={"k": 1}) == ["a", "c", "d"]
+    assert ids(meta={"k": 1, "t": "x"}) == ["a", "d"]
+    assert ids(meta={"t": "y"}) == []
+    assert ids(auid="bob", meta={"k": 1}, status="started") == ["d"]
+    assert ids(limit=2) == ["a", "b"]
+    assert ids(after="b") == ["c", "d"]
+    assert ids(after="b", limit=1) == ["c"]
+    assert ids(after="d") == []
+    with pytest.raises(pman.InvalidArgument):
+        m.jobs(status="running")
+    with pytest.raises(pman.JobNotFound):
+        m.jobs(after="zzz")
+    full = m.jobs(auid="alice")
+    assert full[0]["status"] == "finishedSuccessfully" and full[1]["returncode"] == 1
+
+
+def test_core_wait_list_and_timeout(core_mgr):
+    m = core_mgr
+    m.run("exit 1", jid="w1")
+    m.run("sleep 0.2; exit 2", jid="w2")
+    recs = m.wait(["w2", "w1"], timeout=10)
+    assert [r["jid"] for r in recs] == ["w2", "w1"]
+    assert [r["returncode"] for r in recs] == [2, 1]
+    assert m.wait([], timeout=1) == []
+    m.run("sleep 30", jid="long")
+    t0 = time.monotonic()
+    with pytest.raises(pman.Timeout) as ei:
+        m.wait(["w1", "long"], timeout=0.3)
+    elapsed = time.monotonic() - t0
+    assert 0.25 <= elapsed < 3
+    assert isinstance(ei.value, TimeoutError)
+    assert [r["jid"] for r in ei.value.jobs] == ["w1", "long"]
+    assert ei.value.jobs[1]["status"] == "started"
+    with pytest.raises(pman.Timeout) as ei:
+        m.wait("long", timeout=0.05)
+    assert ei.value.jobs["jid"] == "long" and ei.value.jobs["returncode"] is None
+    with pytest.raises(pman.JobNotFound):
+        m.wait("ghost", timeout=1)
+    assert m.get("long")["status"] == "started"
+
+
+def test_core_remove(core_mgr):
+    m = core_mgr
+    job = m.run("echo x; sleep 30", jid="r")
+    _until(lambda: m.read_log("r")["data"] == b"x\n", 10, "output")
+    with pytest.raises(pman.JobConflict):
+        m.remove("r")
+    assert m.get("r")["status"] == "started"
+    assert _core_live(job["pid"])
+    m.remove("r", kill=True)
+    with pytest.raises(pman.JobNotFound):
+        m.get("r")
+    assert not os.path.exists(job["stdout"]) and not os.path.exists(job["stderr"])
+    _until(lambda: not _core_live(job["pid"]) or None, 5, "killed job gone")
+    assert "r" not in [j["jid"] for j in m.jobs()]
+    # a finished job is removed without kill
+    done = m.run("echo y", jid="f")
+    m.wait("f", timeout=10)
+    assert os.path.exists(done["stdout"])
+    m.remove("f")
+    assert not os.path.exists(done["stdout"]) and not os.path.exists(done["stderr"])
+    with pytest.raises(pman.JobNotFound):
+        m.remove("f")
+    assert sum(m.counts().values()) == 0
+    # the jid is free again
+    m.run("exit 3", jid="r")
+    assert m.wait("r", timeout=10)["returncode"] == 3
+
+
+# ---------------------------------------------------------------------------
+# batches: run_many()
+# ---------------------------------------------------------------------------
+
+def _core_journal_bytes(state):
+    return b"".join(open(os.path.join(str(state), n), "rb").read()
+                    for n in sorted(os.listdir(str(state))) if n.startswith("journal-"))
+
+
+def test_core_batch_runs_in_order_queues_past_max_running_exact_codes(core_make):
+    m = core_make(max_running=2)
+    specs = [{"cmd": "sleep 0.3; exit %d" % i, "jid": "b%d" % i} for i in range(6)]
+    specs[3] = {"cmd": ["sh", "-c", "exit 3"], "jid": "b3", "meta": {"k": 3}, "auid": "u",
+                "env": ["X=1"], "timeout": 30, "extras": {"image": "i"}}
+    recs = m.run_many(specs)
+    assert [r["jid"] for r in recs] == ["b%d" % i for i in range(6)]
+    assert [r["status"] for r in recs] == ["started"] * 2 + ["notstarted"] * 4
+    assert recs[3]["meta"] == {"k": 3} and recs[3]["env"] == ["X"] and recs[3]["auid"] == "u"
+    assert len({r["seq"] for r in recs}) == 6
+    done = m.wait([r["jid"] for r in recs], timeout=20)
+    assert [r["returncode"] for r in done] == [0, 1, 2, 3, 4, 5]
+    # the queue started them in submission order
+    starts = [_core_stamp(r["started"]) for r in done]
+    assert starts == sorted(starts)
+    assert [r["jid"] for r in m.jobs()] == ["b%d" % i for i in range(6)]
+    # a generated jid and a re-run of a finished jid follow run()'s rules
+    again = m.run_many([{"cmd": "exit 7"}, {"cmd": "exit 8", "jid": "b0"}])
+    assert again[0]["jid"].startswith("job-") and again[1]["jid"] == "b0"
+    assert [r["returncode"] for r in m.wait([r["jid"] for r in again], timeout=10)] == [7, 8]
+    assert [r["jid"] for r in m.jobs()][-2:] == [again[0]["jid"], "b0"]
+    assert m.run_many([]) == []
+
+
+_CORE_BAD_SPECS = [
+    ({"cmd": ""}, "cmd must be a non-empty string"),
+    ({"cmd": 5}, "cmd must be a shell string"),
+    ({"cmd": "true", "jid": "bad jid"}, "invalid jid"),
+    ({"cmd": "true", "jid": "jobs"}, "reserved"),
+    ({"cmd": "true", "env": {"K": 1}}, "invalid value of env"),
+    ({"cmd": "true", "timeout": -1}, "timeout must be a number"),
+    ({"cmd": "true", "meta": []}, "meta must be a JSON object"),
+    ({"cmd": "true", "meta": {"x": object()}}, "not storable as JSON"),
+    ({"cmd": "true", "cwd": 3}, "cwd must be a string"),
+]
+
+
+@pytest.mark.parametrize("spec,message", _CORE_BAD_SPECS + [
+    ({"cmd": "true", "jod": "x"}, "unknown key(s) ['jod']"),
+    ({"jid": "x"}, "'cmd' is missing"),
+    ("true", "a spec must be a dict"),
+], ids=lambda v: str(v)[:30] if isinstance(v, str) else None)
+def test_core_batch_with_a_bad_spec_runs_nothing(core_make, tmp_path, spec, message):
+    state = tmp_path / "state"
+    m = core_make(state)
+    m.run("exit 0", jid="before")
+    m.wait("before", timeout=10)
+    journal = _core_journal_bytes(state)
+    marker = tmp_path / "ran"
+    specs = [{"cmd": "touch %s-a" % marker}, {"cmd": "touch %s-b" % marker, "jid": "ok"},
+             spec, {"cmd": "touch %s-c" % marker}]
+    with pytest.raises(pman.InvalidArgument) as info:
+        m.run_many(specs)
+    assert info.value.index == 2, str(info.value)
+    assert str(info.value).startswith("batch index 2: ") and message in str(info.value)
+    assert [r["jid"] for r in m.jobs()] == ["before"]
+    assert _core_journal_bytes(state) == journal, "a refused batch was journaled"
+    assert not list(tmp_path.glob("ran*"))
+    # run() applies the very same rules (one set of them), minus the index
+    if isinstance(spec, dict) and "cmd" in spec and "jod" not in spec:
+        with pytest.raises(pman.InvalidArgument) as single:
+            m.run(**spec)
+        assert single.value.index is None
+        assert str(info.value) == "batch index 2: " + str(single.value)
+
+
+def test_core_batch_conflicts_name_the_jid_and_run_nothing(core_make, tmp_path):
+    m = core_make()
+    m.run("sleep 30", jid="busy")
+    marker = tmp_path / "ran"
+    with pytest.raises(pman.JobConflict) as info:
+        m.run_many([{"cmd": "touch %s" % marker, "jid": "d"}, {"cmd": "true"},
+                    {"cmd": "true", "jid": "d"}])
+    assert info.value.jid == "d" and "given twice" in str(info.value)
+    assert "batch index 2" in str(info.value) and "index 0" in str(info.value)
+    with pytest.raises(pman.JobConflict) as info:
+        m.run_many([{"cmd": "touch %s" % marker, "jid": "e"}, {"cmd": "true", "jid": "busy"}])
+    assert info.value.jid == "busy" and "started" in str(info.value)
+    assert [r["jid"] for r in m.jobs()] == ["busy"]
+    with pytest.raises(pman.InvalidArgument):
+        m.run_many({"cmd": "true"})         # a dict is not a list of specs
+    assert not marker.exists()
+
+
+def test_core_batch_is_one_journal_line_written_before_its_processes(core_make, tmp_path):
+    state = tmp_path / "state"
+    m = core_make(state, max_running=3)
+    recs = m.run_many([{"cmd": "exit %d" % i, "jid": "w%d" % i} for i in range(5)])
+    m.wait([r["jid"] for r in recs], timeout=10)
+    lines = [json.loads(x) for x in _core_journal_bytes(state).splitlines()]
+    batches = [x for x in lines if "batch" in x]
+    assert len(batches) == 1
+    first = batches[0]["batch"]
+    assert [r["jid"] for r in first] == ["w%d" % i for i in range(5)]
+    # handed to the backend (backend_id "") or queued (None), no process yet
+    assert [r["status"] for r in first] == ["notstarted"] * 5
+    assert [r["backend_id"] for r in first] == ["", "", "", None, None]
+    assert all(r["pid"] is None for r in first)
+    assert lines.index(batches[0]) < min(i for i, x in enumerate(lines) if x.get("pid"))
+    m.close()
+    m = core_make(state)
+    assert [(r["jid"], r["returncode"]) for r in m.jobs()] == [("w%d" % i, i) for i in range(5)]
+
+
+def test_core_batches_leave_no_thread_or_fd_behind(core_make):
+    m = core_make()
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    jids = []
+    for b in range(3):
+        recs = m.run_many([{"cmd": "exit %d" % (i % 7), "jid": "n%d-%d" % (b, i)}
+                           for i in range(200)])
+        jids += [r["jid"] for r in recs]
+        assert threading.active_count() <= threads
+    done = m.wait(jids, timeout=60)
+    assert [r["returncode"] for r in done] == [i % 7 for i in range(200)] * 3
+    assert threading.active_count() <= threads
+    _until(lambda: len(os.listdir("/proc/self/fd")) <= fds, 10, "fds to be closed")
+
+
+# ---------------------------------------------------------------------------
+# fallback reaper (no pidfd)
+# ---------------------------------------------------------------------------
+
+def test_core_queued_job_timeout_counts_from_its_start(core_make):
+    """A queued job's timeout starts when it starts, not when it was
+    submitted: B waits 2.5 s for its slot, then runs 0.2 s of its 2 s."""
+    m = core_make(max_running=1)
+    m.run("sleep 2.5", jid="first")
+    queued = m.run("sleep 0.2; echo ran", jid="second", timeout=2)
+    assert queued["status"] == "notstarted"
+    second = m.wait("second", timeout=20)
+    assert (second["status"], second["returncode"]) == ("finishedSuccessfully", 0), second
+    assert m.read_log("second")["data"] == b"ran\n"
+    # and a timeout still fires, counted from the start
+    m.run("sleep 1.5", jid="third")
+    m.run("sleep 30", jid="fourth", timeout=0.5)
+    fourth = m.wait("fourth", timeout=20)
+    assert fourth["returncode"] == -15 and "timed out after 0.5 s" in fourth["message"]
+    ran = _core_stamp(fourth["ended"]) - _core_stamp(fourth["started"])
+    assert 0.4 < ran.total_seconds() < 5, fourth
+
+
+def test_core_fallback_reaper_without_pidfd(core_make, monkeypatch, tmp_path):
+    monkeypatch.setattr(pman, "_HAVE_PIDFD", False)
+    m = core_make(grace=1)
+    assert getattr(m, "_selector", None) is None     # the polling reaper is in use
+    jids = ["p%d" % i for i in range(6)]
+    for i, jid in enumerate(jids):
+        m.run("sleep 0.%d; exit %d" % (i, i), jid=jid)
+    m.run(["sh", "-c", "exit 3"], jid="pargv")
+    assert subprocess.run(["sh", "-c", "sleep 0.1; exit 5"]).returncode == 5
+    recs = m.wait(jids + ["pargv"], timeout=10)
+    assert [r["returncode"] for r in recs] == [0, 1, 2, 3, 4, 5, 3]
+    assert recs[0]["status"] == "finishedSuccessfully"
+    _core_wait_running(m.run("sleep 30", jid="pkill")["pid"])
+    m.kill("pkill")
+    rec = m.wait("pkill", timeout=10)
+    assert rec["returncode"] == -15 and rec["message"] == "killed by SIGTERM on request"
+    job = m.run("trap '' TERM; sleep 100 & sleep 100; wait", jid="pstubborn")
+    _until(lambda: len([p for p in _core_live(job["pid"]) if p[2] == "sleep"]) >= 2,
+                10, "sleeps")
+    m.kill("pstubborn")                       # manager grace: 1 s
+    rec = m.wait("pstubborn", timeout=5)
+    assert rec["returncode"] == -9
+    _until(lambda: not _core_live(job["pid"]) or None, 2, "stubborn group gone")
+    m.run("sleep 30", jid="ptimeout", timeout=0.2)
+    rec = m.wait("ptimeout", timeout=10)
+    assert rec["returncode"] == -15 and "timed out" in rec["message"]
+
+
+# ---------------------------------------------------------------------------
+# The backend seam: a backend written against pman._Backend alone
+# ---------------------------------------------------------------------------
+
+class _PopenBackend(pman._Backend):
+    """A third-party backend for the test: plain Popen, polled."""
+
+    name = "popen"
+
+    def open(self, state_dir, log_dir, log_path):
+        self.log_path, self.procs, self.watched = log_path, {}, {}
+        self.woken = threading.Event()
+
+    def start(self, job, env):
+        with open(self.log_path(job.jid, "stdout"), "wb") as out:
+            proc = subprocess.Popen(["/bin/sh", "-c", job.cmd], stdout=out, env=env,
+                                    cwd=job.cwd, start_new_session=True)
+        self.procs[job.jid] = proc
+        return pman._Seen(pman.RUNNING, "popen %d" % proc.pid, pid=proc.pid)
+
+    def watch(self, job):
+        self.watched[job.jid] = job
+
+    def unwatch(self, job):
+        self.procs.pop(job.jid, None)
+        self.watched.pop(job.jid, None)
+
+    def wait(self, timeout):
+        self.woken.wait(0.01 if timeout is None else min(timeout, 0.01))
+        self.woken.clear()
+        return list(self.watched.values())
+
+    def check(self, job):
+        proc = self.procs.get(job.jid)
+        code = proc.poll() if proc is not None else None
+        return None if code is None else pman._Seen(pman.ENDED, code=code)
+
+    def signal(self, job, sig):
+        proc = self.procs.get(job.jid)
+        if proc is None or proc.poll() is not None:
+            return False
+        os.killpg(proc.pid, sig)
+        return True
+
+    def recover(self, job):
+        return pman._Seen(pman.ENDED)       # nothing survives this backend
+
+    def wake(self):
+        self.woken.set()
+
+    def close(self):
+        pass
+
+
+def test_seam_a_backend_written_against_the_protocol(tmp_path):
+    m = pman.JobManager(str(tmp_path / "state"), backend=_PopenBackend(), grace=1)
+    try:
+        assert m.run("echo hi; exit 3", jid="b1")["message"].startswith("popen ")
+        done = m.wait("b1", timeout=10)
+        assert (done["status"], done["returncode"]) == ("finishedWithError", 3), done
+        assert m.read_log("b1")["data"] == b"hi\n"
+        m.run("sleep 30", jid="b2", timeout=0.2)
+        done = m.wait("b2", timeout=10)
+        assert done["returncode"] == -15 and "timed out" in done["message"], done
+    finally:
+        m.close(kill=True)
+    m = pman.JobManager(str(tmp_path / "state2"), backend=_PopenBackend())
+    m.close()
+    with pytest.raises(pman.InvalidArgument) as info:
+        pman.JobManager(str(tmp_path / "state3"), backend=object())
+    assert "lacks open, admit, start" in str(info.value)
+    with pytest.raises(pman.InvalidArgument):
+        pman.JobManager(str(tmp_path / "state4"), backend="docker")
+
+
+# ===========================================================================
+# 2. queue
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# queue
+# ---------------------------------------------------------------------------
+
+def test_core_queue_order_max_running(core_make, tmp_path):
+    m = core_make(max_running=2)
+    gate = tmp_path / "gate"
+    order = tmp_path / "order"
+    jids = ["q%d" % i for i in range(6)]
+    for i, jid in enumerate(jids):
+        rec = m.run("while [ ! -e '%s' ]; do sleep 0.02; done; echo %d >> '%s'"
+                    % (gate, i, order), jid=jid)
+        assert rec["status"] == ("started" if i < 2 else "notstarted")
+    recs = [m.get(j) for j in jids]
+    assert [r["status"] for r in recs] == ["started"] * 2 + ["notstarted"] * 4
+    assert all(r["started"] is None and r["pid"] is None for r in recs[2:])
+    assert m.counts()["notstarted"] == 4 and m.counts()["started"] == 2
+    gate.touch()
+    recs = m.wait(jids, timeout=20)
+    assert all(r["returncode"] == 0 for r in recs), recs
+    starts = [_core_stamp(r["started"]) for r in recs]
+    ends = [_core_stamp(r["ended"]) for r in recs]
+    assert starts == sorted(starts), "jobs did not start in submission order"
+    for k in range(2, 6):
+        assert starts[k] >= min(ends[:k])
+    for t in starts:        # never more than 2 running at once
+        assert sum(1 for s, e in zip(starts, ends) if s <= t < e) <= 2
+    assert sorted(order.read_text().split()) == [str(i) for i in range(6)]
+
+
+def test_core_queued_job_killed(core_make, tmp_path):
+    m = core_make(max_running=1)
+    blocker = m.run("sleep 30", jid="blocker")
+    queued = m.run("echo ran > '%s'" % (tmp_path / "ran"), jid="queued")
+    after = m.run("echo after", jid="after")
+    assert queued["status"] == "notstarted" and after["status"] == "notstarted"
+    rec = m.kill("queued")
+    assert rec["status"] == "finishedWithError"
+    assert rec["returncode"] is None
+    assert rec["started"] is None and rec["pid"] is None
+    assert rec["ended"] is not None
+    assert m.get("queued") == rec
+    _core_wait_running(blocker["pid"])
+    m.kill("blocker")
+    assert m.wait("blocker", timeout=10)["returncode"] == -15
+    assert m.wait("after", timeout=10)["returncode"] == 0
+    assert m.get("queued") == rec
+    assert not (tmp_path / "ran").exists()
+
+
+def test_core_rerun_active_jid_conflict(core_make):
+    m = core_make(max_running=1)
+    m.run("sleep 30", jid="run1")
+    m.run("sleep 30", jid="queued1")
+    for jid in ("run1", "queued1"):
+        with pytest.raises(pman.JobConflict) as ei:
+            m.run("true", jid=jid)
+        assert ei.value.jid == jid
+        assert isinstance(ei.value, pman.PmanError)
+    assert m.get("run1")["status"] == "started"
+    assert m.get("queued1")["status"] == "notstarted"
+    assert m.get("run1")["cmd"] == "sleep 30"
+    assert len(m.jobs()) == 2
+
+
+def test_core_invalid_jids(core_mgr):
+    bad = ["", "../x", "a/b", "x\n", "a" * 129, "jobs", "cmd", "hello",
+           "openapi.json", ".hidden", "-x", "a b", "é", 123, "x\0"]
+    for jid in bad:
+        with pytest.raises(pman.InvalidArgument):
+            core_mgr.run("true", jid=jid)
+        with pytest.raises(ValueError):
+            core_mgr.run("true", jid=jid)
+    assert core_mgr.jobs() == []
+    assert os.listdir(os.path.join(core_mgr.state_dir, "logs")) == []
+    assert not os.path.exists(os.path.join(os.path.dirname(core_mgr.state_dir), "x.out"))
+    ok = ["a" * 128, "A.b_c-9", "0"]
+    for jid in ok:
+        core_mgr.run("true", jid=jid)
+    core_mgr.wait(ok, timeout=10)
+    assert [j["jid"] for j in core_mgr.jobs()] == ok
+
+
+# ===========================================================================
+# 3. kill, timeouts and signals
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# kill, timeout, signals
+# ---------------------------------------------------------------------------
+
+def test_core_kill_term_trapping_group_with_grace(core_mgr):
+    job = core_mgr.run("trap '' TERM; sleep 100 & sleep 100; wait", jid="stubborn")
+    pgid = job["pid"]
+    # the wrapper leads its own process group
+    assert _core_proc_stat(pgid)[2] == pgid
+    _until(lambda: len([p for p in _core_live(pgid) if p[2] == "sleep"]) >= 2,
+                10, "both sleeps of the job to run")
+    assert os.getpgid(0) != pgid
+    t0 = time.monotonic()
+    core_mgr.kill("stubborn", grace=1)
+    # TERM is ignored, so the group is still there before the grace ends
+    gone = _until(lambda: not _core_live(pgid) or None, 2.0,
+                       "the job's process group to be gone within grace + 1 s",
+                       interval=0.02)
+    elapsed = time.monotonic() - t0
+    assert gone
+    assert elapsed <= 2.0 + 0.1, elapsed
+    assert elapsed >= 0.8, "the group died before the grace period: TERM was not ignored?"
+    rec = core_mgr.wait("stubborn", timeout=5)
+    assert rec["status"] == "finishedWithError"
+    assert rec["returncode"] in (-9, -15)
+    name = "SIGKILL" if rec["returncode"] == -9 else "SIGTERM"
+    assert name in rec["message"] and "on request" in rec["message"], rec["message"]
+    assert rec["returncode"] == -9, rec     # TERM was ignored, so SIGKILL ended it
+    assert all(p[1] == "Z" for p in _core_group(pgid))
+
+
+def test_core_kill_plain_job_sigterm(core_mgr):
+    job = core_mgr.run("sleep 30", jid="k")
+    _core_wait_running(job["pid"])
+    rec = core_mgr.kill("k")
+    assert rec["jid"] == "k"
+    rec = core_mgr.wait("k", timeout=5)
+    assert rec["status"] == "finishedWithError"
+    assert rec["returncode"] == -15
+    assert rec["message"] == "killed by SIGTERM on request"
+    _until(lambda: not _core_live(job["pid"]) or None, 5, "group gone")
+    # signal by name and number
+    _core_wait_running(core_mgr.run("sleep 30", jid="k2")["pid"])
+    core_mgr.kill("k2", "INT")
+    assert core_mgr.wait("k2", timeout=5)["returncode"] == -2
+    with pytest.raises(pman.InvalidArgument):
+        core_mgr.kill("k2", "NOSUCHSIG")
+    with pytest.raises(pman.JobNotFound):
+        core_mgr.kill("nope")
+
+
+def test_core_kill_right_after_start_delivers_sigterm(core_make):
+    """A SIGTERM sent as soon as run() returns must reach the job: the job
+    ends by SIGTERM (-15), not by the SIGKILL escalation after the grace."""
+    m = core_make(grace=0.5)
+    jids = []
+    for i in range(120):
+        jid = "early%d" % i
+        m.run("sleep 30" if i % 2 else ["sleep", "30"], jid=jid)
+        m.kill(jid)
+        jids.append(jid)
+    recs = m.wait(jids, timeout=20)
+    escalated = [r["jid"] for r in recs if r["returncode"] != -15]
+    assert not escalated, ("%d of %d jobs ignored the SIGTERM sent right after "
+                           "run() and were SIGKILLed after the grace: %s"
+                           % (len(escalated), len(jids), escalated))
+    assert all(r["message"] == "killed by SIGTERM on request" for r in recs)
+
+
+def test_core_kill_finished_job_sends_nothing(core_mgr, tmp_path):
+    # the job leaves a background process in its group after it ends
+    job = core_mgr.run("sleep 60 >/dev/null 2>&1 </dev/null & echo $!", jid="done")
+    rec = core_mgr.wait("done", timeout=10)
+    assert rec["status"] == "finishedSuccessfully"
+    orphan = int(core_mgr.read_log("done")["data"].decode())
+    try:
+        assert _core_proc_stat(orphan)[2] == job["pid"]      # same process group
+        assert _core_alive(orphan)
+        before = core_mgr.get("done")
+        after = core_mgr.kill("done")
+        assert after == before
+        after = core_mgr.kill("done", signal.SIGKILL, grace=0)
+        assert after == before
+        # observation window (not synchronization): the group got no signal
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            assert _core_alive(orphan), "kill() of a finished job signalled its group"
+            time.sleep(0.02)
+        assert core_mgr.get("done") == before
+    finally:
+        try:
+            os.kill(orphan, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_core_timeout(core_mgr):
+    t0 = time.monotonic()
+    core_mgr.run("sleep 30", jid="slow", timeout=0.3)
+    rec = core_mgr.wait("slow", timeout=10)
+    elapsed = time.monotonic() - t0
+    assert rec["status"] == "finishedWithError"
+    assert rec["returncode"] == -15
+    assert "timed out" in rec["message"], rec["message"]
+    assert 0.25 <= elapsed < 5
+    # a job that ends in time is not affected
+    core_mgr.run("exit 0", jid="fast", timeout=10)
+    assert core_mgr.wait("fast", timeout=10)["returncode"] == 0
+
+
+def test_core_signal_not_sent_by_pman(core_mgr):
+    job = core_mgr.run("sleep 30", jid="ext-kill")
+    _until(lambda: any(p[2] == "sleep" for p in _core_live(job["pid"])), 10, "sleep")
+    os.killpg(job["pid"], signal.SIGKILL)
+    rec = core_mgr.wait("ext-kill", timeout=10)
+    assert rec["returncode"] == 128 + 9
+    assert rec["status"] == "finishedWithError"
+    assert "SIGKILL" in rec["message"] and "137" in rec["message"]
+    assert "shell" in rec["message"]
+    job = core_mgr.run("sleep 30", jid="ext-term")
+    _until(lambda: any(p[2] == "sleep" for p in _core_live(job["pid"])), 10, "sleep")
+    os.killpg(job["pid"], signal.SIGTERM)
+    rec = core_mgr.wait("ext-term", timeout=10)
+    assert rec["returncode"] == 128 + 15
+    assert "SIGTERM" in rec["message"] and "143" in rec["message"]
+
+
+# ===========================================================================
+# 4. logs, environment, cwd, argv and spawn failures
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# env, cwd, logs, argv, spawn failures
+# ---------------------------------------------------------------------------
+
+def test_core_env_merge(core_make, monkeypatch):
+    monkeypatch.setenv("CORE_OUTER", "outer")
+    m = core_make(env={"CORE_A": "mgr", "CORE_B": "mgr"})
+    cmd = 'printf "%s|%s|%s|%s" "$CORE_A" "$CORE_B" "${CORE_C-unset}" "$CORE_OUTER"'
+    m.run(cmd, jid="lst", env=["CORE_B=job", "CORE_C=x=y"])
+    m.run(cmd, jid="dct", env={"CORE_A": "job-a", "CORE_C": ""})
+    m.run(cmd, jid="none")
+    recs = m.wait(["lst", "dct", "none"], timeout=10)
+    assert all(r["returncode"] == 0 for r in recs)
+    assert m.read_log("lst")["data"] == b"mgr|job|x=y|outer"
+    assert m.read_log("dct")["data"] == b"job-a|mgr||outer"
+    assert m.read_log("none")["data"] == b"mgr|mgr|unset|outer"
+    # values are not echoed back, only the keys
+    assert recs[0]["env"] == ["CORE_B", "CORE_C"]
+    assert "x=y" not in json.dumps(recs[0])
+    with pytest.raises(pman.InvalidArgument):
+        m.run("true", jid="badenv", env=["NOEQUALS"])
+    with pytest.raises(pman.InvalidArgument):
+        m.run("true", jid="badenv", env={"": "v"})
+    with pytest.raises(pman.JobNotFound):
+        m.get("badenv")
+
+
+def test_core_jobs_see_the_environment_as_it_is_when_they_start(core_make, monkeypatch):
+    """Without env= a job gets the manager's os.environ as it is at spawn
+    time, changes made after the manager opened included."""
+    monkeypatch.setenv("CORE_GONE", "before")
+    m = core_make()
+    monkeypatch.setenv("CORE_LATE", "late value")
+    monkeypatch.delenv("CORE_GONE")
+    m.run('printf "%s|%s" "$CORE_LATE" "${CORE_GONE-unset}"', jid="late")
+    assert m.wait("late", timeout=10)["returncode"] == 0
+    assert m.read_log("late")["data"] == b"late value|unset"
+
+
+def test_core_cwd_and_separate_logs(core_mgr, tmp_path):
+    sub = tmp_path / "work dir"
+    sub.mkdir()
+    tool = sub / "tool.sh"
+    tool.write_text("#!/bin/sh\necho tool-ran\n")
+    tool.chmod(0o755)
+    core_mgr.run("pwd; echo to-err >&2; echo second", jid="cwd", cwd=str(sub))
+    core_mgr.run(["./tool.sh"], jid="rel", cwd=str(sub))
+    recs = core_mgr.wait(["cwd", "rel"], timeout=10)
+    assert [r["returncode"] for r in recs] == [0, 0], recs
+    assert core_mgr.read_log("cwd")["data"] == (os.path.realpath(sub) + "\nsecond\n").encode()
+    assert core_mgr.read_log("cwd", "stderr")["data"] == b"to-err\n"
+    assert core_mgr.read_log("rel")["data"] == b"tool-ran\n"
+    with open(recs[0]["stdout"], "rb") as f:
+        assert b"to-err" not in f.read()
+    with pytest.raises(pman.InvalidArgument):
+        core_mgr.read_log("cwd", "both")
+    with pytest.raises(pman.JobNotFound):
+        core_mgr.read_log("missing")
+
+
+def test_core_read_log_offset_and_eof(core_mgr, tmp_path):
+    gate = tmp_path / "gate"
+    core_mgr.run("printf abc; while [ ! -e '%s' ]; do sleep 0.02; done; printf def" % gate,
+                 jid="log")
+    first = _until(lambda: (lambda r: r if r["data"] == b"abc" else None)(
+        core_mgr.read_log("log")), 10, "first output")
+    assert first["offset"] == 0 and first["next_offset"] == 3
+    assert first["eof"] is False
+    part = core_mgr.read_log("log", offset=1, limit=1)
+    assert part["data"] == b"b" and part["next_offset"] == 2 and part["eof"] is False
+    tail = core_mgr.read_log("log", offset=3)
+    assert tail["data"] == b"" and tail["next_offset"] == 3 and tail["eof"] is False
+    gate.touch()
+    core_mgr.wait("log", timeout=10)
+    rest = core_mgr.read_log("log", offset=3)
+    assert rest["data"] == b"def" and rest["next_offset"] == 6 and rest["eof"] is True
+    end = core_mgr.read_log("log", offset=6)
+    assert end["data"] == b"" and end["next_offset"] == 6 and end["eof"] is True
+    # ended, but more bytes follow the limit: not eof yet
+    limited = core_mgr.read_log("log", offset=0, limit=4)
+    assert limited["data"] == b"abcd" and limited["next_offset"] == 4
+    assert limited["eof"] is False
+    assert core_mgr.read_log("log", offset=4, limit=2)["eof"] is True
+    err = core_mgr.read_log("log", "stderr")
+    assert err["data"] == b"" and err["eof"] is True
+    with pytest.raises(pman.InvalidArgument):
+        core_mgr.read_log("log", offset=-1)
+
+
+def test_core_spawn_failure(core_mgr, tmp_path):
+    bad_cwd = core_mgr.run("echo hi", jid="badcwd", cwd=str(tmp_path / "no-such-dir"))
+    missing = core_mgr.run(["core-no-such-executable-xyz", "arg"], jid="noexe")
+    notexec = tmp_path / "plain.txt"
+    notexec.write_text("not a program")
+    notexec.chmod(0o644)
+    noperm = core_mgr.run([str(notexec)], jid="noperm")
+    for rec in (bad_cwd, missing, noperm):
+        assert rec["status"] == "finishedWithError", rec
+        assert "spawn failed" in rec["message"], rec["message"]
+        assert rec["returncode"] is None
+        assert rec["pid"] is None
+        assert rec["ended"] is not None
+        assert core_mgr.get(rec["jid"]) == rec
+    assert core_mgr.wait(["badcwd", "noexe", "noperm"], timeout=1)
+    # the manager still works
+    core_mgr.run("echo fine", jid="ok")
+    assert core_mgr.wait("ok", timeout=10)["returncode"] == 0
+    assert core_mgr.read_log("ok")["data"] == b"fine\n"
+    # a spawn-failed jid can be run again
+    core_mgr.run("true", jid="badcwd")
+    assert core_mgr.wait("badcwd", timeout=10)["returncode"] == 0
+
+
+def test_core_argv_no_shell(core_mgr, tmp_path):
+    args = ["$(touch X)", "a b", "'q'", ";", "*", "`touch Y`", "$HOME", ""]
+    rec = core_mgr.run(["printf", "[%s]"] + args, jid="argv", cwd=str(tmp_path))
+    assert rec["argv"] == ["printf", "[%s]"] + args
+    done = core_mgr.wait("argv", timeout=10)
+    assert done["returncode"] == 0
+    assert core_mgr.read_log("argv")["data"] == "".join("[%s]" % a for a in args).encode()
+    core_mgr.run(["echo", "$(touch X)"], jid="echo", cwd=str(tmp_path))
+    core_mgr.wait("echo", timeout=10)
+    assert core_mgr.read_log("echo")["data"] == b"$(touch X)\n"
+    assert not (tmp_path / "X").exists() and not (tmp_path / "Y").exists()
+    # exit code of an argv job
+    core_mgr.run(["sh", "-c", "exit 6"], jid="code")
+    assert core_mgr.wait("code", timeout=10)["returncode"] == 6
+
+
+# ===========================================================================
+# 5. state, crashes and recovery (persistence, fault injection, damaged files, write-ahead spawn)
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# persistence and lifecycle
+# ---------------------------------------------------------------------------
+
+def test_core_close_and_reopen_sees_outcomes(core_make, tmp_path):
+    state = tmp_path / "state"
+    m = core_make(state)
+    m.run("echo ok", jid="ok")
+    m.run("exit 3", jid="bad", auid="u", meta={"m": 1})
+    _core_wait_running(m.run("sleep 30", jid="killed")["pid"])
+    m.kill("killed")
+    m.run(["core-missing-binary-xyz"], jid="spawnfail")
+    g1, g2 = tmp_path / "g1", tmp_path / "g2"
+    late1 = m.run("while [ ! -e '%s' ]; do sleep 0.02; done; exit 4" % g1, jid="late1")
+    late2 = m.run("while [ ! -e '%s' ]; do sleep 0.02; done; exit 5" % g2, jid="late2")
+    before = {r["jid"]: r for r in m.wait(["ok", "bad", "killed", "spawnfail"], timeout=10)}
+    m.close()
+    with pytest.raises(pman.PmanError):
+        m.run("true", jid="after-close")
+    # late1 ends while no manager watches it
+    g1.touch()
+    _until(lambda: not _core_alive(late1["pid"]), 10, "late1 to end")
+    m2 = core_make(state)
+    assert m2 is not m
+    assert [j["jid"] for j in m2.jobs()] == ["ok", "bad", "killed", "spawnfail", "late1", "late2"]
+    for jid, rec in before.items():
+        assert m2.get(jid) == rec, jid
+    assert m2.get("killed")["returncode"] == -15
+    r1 = m2.wait("late1", timeout=10)
+    assert r1["returncode"] == 4 and r1["status"] == "finishedWithError", r1
+    assert m2.get("late2")["status"] == "started"
+    g2.touch()
+    r2 = m2.wait("late2", timeout=10)
+    assert r2["returncode"] == 5 and r2["status"] == "finishedWithError", r2
+    assert r2["pid"] == late2["pid"]
+    assert m2.read_log("ok")["data"] == b"ok\n"
+
+
+def test_core_context_manager_and_lock(tmp_path):
+    state = str(tmp_path / "state")
+    with pman.JobManager(state) as m:
+        m.run("exit 7", jid="cm")
+        assert m.wait("cm", timeout=10)["returncode"] == 7
+    with pytest.raises(pman.PmanError):
+        m.run("true", jid="x")
+    probe = ("import sys; import pman\n"
+             "try:\n"
+             "    m = pman.JobManager(%r)\n"
+             "except pman.StateLocked as e:\n"
+             "    print('locked', e.pid)\n"
+             "else:\n"
+             "    print('open', m.get('cm')['returncode']); m.close()\n" % state)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=30)
+    assert out.stdout.split() == ["open", "7"], out.stderr
+    m2 = pman.JobManager(state)
+    try:
+        assert m2 is not m
+        assert m2.get("cm")["returncode"] == 7
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True,
+                             text=True, timeout=30)
+        assert out.stdout.split() == ["locked", str(os.getpid())], out.stderr
+    finally:
+        m2.close(kill=True)
+
+
+def test_core_log_limit(core_make):
+    m = core_make(log_limit=10000)
+    m.run("head -c 20000 /dev/zero; sleep 30", jid="noisy-out")
+    m.run("head -c 20000 /dev/zero >&2; sleep 30", jid="noisy-err")
+    m.run("head -c 5000 /dev/zero; head -c 5000 /dev/zero >&2", jid="quiet")
+    recs = m.wait(["noisy-out", "noisy-err", "quiet"], timeout=15)
+    out, err, quiet = recs
+    for rec, stream in ((out, "stdout"), (err, "stderr")):
+        assert rec["status"] == "finishedWithError"
+        assert rec["returncode"] == -15
+        assert "10000" in rec["message"] and "limit" in rec["message"], rec["message"]
+        assert stream in rec["message"]
+    assert quiet["returncode"] == 0 and quiet["status"] == "finishedSuccessfully"
+
+
+def test_core_keep_finished_retention(core_make):
+    m = core_make(keep_finished=2)
+    m.run("sleep 30", jid="runner")
+    paths = {}
+    for i in range(5):
+        rec = m.run("echo %d; echo e%d >&2" % (i, i), jid="k%d" % i)
+        paths["k%d" % i] = (rec["stdout"], rec["stderr"])
+        m.wait("k%d" % i, timeout=10)
+    _until(lambda: [j["jid"] for j in m.jobs()] == ["runner", "k3", "k4"], 10,
+                "retention to forget the oldest finished jobs")
+    assert m.get("runner")["status"] == "started"
+    for i in range(3):
+        with pytest.raises(pman.JobNotFound):
+            m.get("k%d" % i)
+    _until(lambda: not any(os.path.exists(p) for i in range(3)
+                                for p in paths["k%d" % i]), 10, "old logs removed")
+    for jid in ("k3", "k4"):
+        assert all(os.path.exists(p) for p in paths[jid])
+    assert m.read_log("k4")["data"] == b"4\n"
+    # once the runner ends, only 2 finished jobs remain
+    m.kill("runner")
+    _until(lambda: (lambda js: len(js) == 2 and all(
+        j["status"] == "finishedWithError" or j["status"] == "finishedSuccessfully"
+        for j in js))(m.jobs()), 10, "retention after the runner ended")
+
+
+def test_core_forget_keep(core_mgr):
+    m = core_mgr
+    m.run("sleep 30", jid="active")
+    outs = {}
+    for i in range(5):
+        outs["f%d" % i] = m.run("echo %d" % i, jid="f%d" % i)["stdout"]
+        m.wait("f%d" % i, timeout=10)
+    assert m.forget(keep=2) == 3
+    assert [j["jid"] for j in m.jobs()] == ["active", "f3", "f4"]
+    for i in range(3):
+        assert not os.path.exists(outs["f%d" % i])
+    assert os.path.exists(outs["f3"])
+    assert m.forget(keep=5) == 0
+    assert m.forget() == 2
+    assert [j["jid"] for j in m.jobs()] == ["active"]
+    assert m.get("active")["status"] == "started"
+    assert not os.path.exists(outs["f4"])
+    with pytest.raises(pman.InvalidArgument):
+        m.forget(keep=-1)
+
+
+def test_core_durable_false_persists_after_close(core_make, tmp_path):
+    state = tmp_path / "state"
+    m = core_make(state, durable=False)
+    m.run("exit 0", jid="d1", meta={"x": 1})
+    m.run("exit 9", jid="d2")
+    recs = m.wait(["d1", "d2"], timeout=10)
+    _core_wait_running(m.run("sleep 30", jid="d3")["pid"])
+    m.kill("d3")
+    recs.append(m.wait("d3", timeout=10))
+    m.close()
+    m2 = core_make(state)
+    assert [m2.get(r["jid"]) for r in recs] == recs
+    assert [r["returncode"] for r in recs] == [0, 9, -15]
+
+
+# ---------------------------------------------------------------------------
+# Fault injection
 # ---------------------------------------------------------------------------
 
 # Seeds that once failed: each stays a fixed case.  353286962 gave a job
@@ -2976,7 +2929,7 @@ def _crash_fault_injection(crash_env, seed, batches=False):
 
 
 # ---------------------------------------------------------------------------
-# 2-4. Re-adopt, finished while down, vanished while down
+# Re-adopt, finished while down, vanished while down
 # ---------------------------------------------------------------------------
 
 def test_crash_readopt_exit_code_and_kill(crash_env):
@@ -3066,7 +3019,7 @@ def test_crash_vanished_while_down_is_undefined(crash_env):
 
 
 # ---------------------------------------------------------------------------
-# 5. Identity: a recorded pid now used by another process
+# Identity: a recorded pid now used by another process
 # ---------------------------------------------------------------------------
 
 def test_crash_recorded_pid_of_stranger_never_signalled(crash_env):
@@ -3121,7 +3074,7 @@ def test_crash_recorded_pid_of_stranger_never_signalled(crash_env):
 
 
 # ---------------------------------------------------------------------------
-# 6. The single-owner lock
+# The single-owner lock
 # ---------------------------------------------------------------------------
 
 def test_crash_single_owner_lock(crash_env):
@@ -3231,7 +3184,7 @@ def test_crash_lock_free_at_once_after_sigkill_mid_spawn(crash_env):
 
 
 # ---------------------------------------------------------------------------
-# 7. Damaged state files
+# Damaged state files
 # ---------------------------------------------------------------------------
 
 def _crash_snapshot_case(case, state):
@@ -3629,7 +3582,7 @@ def test_crash_snapshot_is_format_2_with_checksums(crash_env):
 
 
 # ---------------------------------------------------------------------------
-# 8. Queued jobs across a restart
+# Queued jobs across a restart
 # ---------------------------------------------------------------------------
 
 def test_crash_queued_jobs_survive_restart_in_order(crash_env):
@@ -3731,7 +3684,7 @@ def test_crash_queued_job_found_running_or_finished_is_not_rerun(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# 9. The frozen v1 state format
+# The frozen v1 state format
 # ---------------------------------------------------------------------------
 
 # Generated once by a real pman 0.1.0 manager (max_running=2): the snapshot
@@ -3878,7 +3831,7 @@ def test_crash_fixture_state_v1_loads(crash_env, caplog):
 
 
 # ---------------------------------------------------------------------------
-# 10. Compaction during concurrent submissions
+# Compaction during concurrent submissions
 # ---------------------------------------------------------------------------
 
 def test_crash_compaction_during_concurrent_submissions(crash_env, monkeypatch):
@@ -3942,7 +3895,7 @@ def test_crash_compaction_during_concurrent_submissions(crash_env, monkeypatch):
 
 
 # ---------------------------------------------------------------------------
-# 11. Write-ahead spawn and exact exit codes (one test per cause)
+# Write-ahead spawn and exact exit codes (one test per cause)
 # ---------------------------------------------------------------------------
 
 def _wal_journal_text(state):
@@ -4285,353 +4238,13 @@ def test_wal_rejected_rerun_keeps_the_old_record_and_logs(crash_env, fake_slurm)
     assert m.get("reject-me")["seq"] == old["seq"]
 
 
-# ---------------------------------------------------------------------------
-# The backend seam: a backend written against pman._Backend alone
-# ---------------------------------------------------------------------------
-
-class _PopenBackend(pman._Backend):
-    """A third-party backend for the test: plain Popen, polled."""
-
-    name = "popen"
-
-    def open(self, state_dir, log_dir, log_path):
-        self.log_path, self.procs, self.watched = log_path, {}, {}
-        self.woken = threading.Event()
-
-    def start(self, job, env):
-        with open(self.log_path(job.jid, "stdout"), "wb") as out:
-            proc = subprocess.Popen(["/bin/sh", "-c", job.cmd], stdout=out, env=env,
-                                    cwd=job.cwd, start_new_session=True)
-        self.procs[job.jid] = proc
-        return pman._Seen(pman.RUNNING, "popen %d" % proc.pid, pid=proc.pid)
-
-    def watch(self, job):
-        self.watched[job.jid] = job
-
-    def unwatch(self, job):
-        self.procs.pop(job.jid, None)
-        self.watched.pop(job.jid, None)
-
-    def wait(self, timeout):
-        self.woken.wait(0.01 if timeout is None else min(timeout, 0.01))
-        self.woken.clear()
-        return list(self.watched.values())
-
-    def check(self, job):
-        proc = self.procs.get(job.jid)
-        code = proc.poll() if proc is not None else None
-        return None if code is None else pman._Seen(pman.ENDED, code=code)
-
-    def signal(self, job, sig):
-        proc = self.procs.get(job.jid)
-        if proc is None or proc.poll() is not None:
-            return False
-        os.killpg(proc.pid, sig)
-        return True
-
-    def recover(self, job):
-        return pman._Seen(pman.ENDED)       # nothing survives this backend
-
-    def wake(self):
-        self.woken.set()
-
-    def close(self):
-        pass
-
-
-def test_seam_a_backend_written_against_the_protocol(tmp_path):
-    m = pman.JobManager(str(tmp_path / "state"), backend=_PopenBackend(), grace=1)
-    try:
-        assert m.run("echo hi; exit 3", jid="b1")["message"].startswith("popen ")
-        done = m.wait("b1", timeout=10)
-        assert (done["status"], done["returncode"]) == ("finishedWithError", 3), done
-        assert m.read_log("b1")["data"] == b"hi\n"
-        m.run("sleep 30", jid="b2", timeout=0.2)
-        done = m.wait("b2", timeout=10)
-        assert done["returncode"] == -15 and "timed out" in done["message"], done
-    finally:
-        m.close(kill=True)
-    m = pman.JobManager(str(tmp_path / "state2"), backend=_PopenBackend())
-    m.close()
-    with pytest.raises(pman.InvalidArgument) as info:
-        pman.JobManager(str(tmp_path / "state3"), backend=object())
-    assert "lacks open, admit, start" in str(info.value)
-    with pytest.raises(pman.InvalidArgument):
-        pman.JobManager(str(tmp_path / "state4"), backend="docker")
-
-
 # ===========================================================================
-# http
+# 6. resource dialect (/api/v1/<jid>/...)
 # ===========================================================================
-_HTTP_PMAN = os.path.join(HERE, "pman.py")
-_HTTP_DEADLINE = 15.0
-_HTTP_PFCON_FIELDS = ("number_of_workers", "cpu_limit", "memory_limit", "gpu_limit",
-                      "image", "type", "input_dir", "output_dir", "args_path_flags")
 
 
 # ---------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------
-
-class _HttpReply:
-    """One reply read by http.client."""
-
-    def __init__(self, status, headers, body, version):
-        self.status, self.headers, self.body, self.version = status, headers, body, version
-
-    def header(self, name, default=None):
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return default
-
-    @property
-    def json(self):
-        return json.loads(self.body)
-
-
-class _HttpRaw:
-    """One reply read from a raw socket."""
-
-    def __init__(self, status_line, headers, body):
-        self.status_line, self.headers, self.body = status_line, headers, body
-
-    @property
-    def code(self):
-        m = re.match(r"HTTP/\S+ (\d{3})", self.status_line)
-        return int(m.group(1)) if m else None
-
-    def header(self, name, default=None):
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return default
-
-    def __repr__(self):
-        return "<reply %r %r %r>" % (self.status_line, self.headers, self.body[:300])
-
-
-class _HttpSrv:
-    """A served JobManager: the server, its manager and port."""
-
-    def __init__(self, manager, srv, state_dir):
-        self.manager, self.srv, self.state_dir = manager, srv, state_dir
-        self.port = srv.server_address[1]
-        self.log_dir = os.path.join(manager.state_dir, "logs")
-        self.stopped = False
-
-    def conn(self, timeout=_HTTP_DEADLINE):
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-
-    def request(self, method, path, body=None, headers=None, conn=None, timeout=_HTTP_DEADLINE):
-        own = conn is None
-        c = self.conn(timeout) if own else conn
-        hdrs = dict(headers or {})
-        data = None
-        if body is not None:
-            data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
-            hdrs.setdefault("Content-Type", "application/json")
-        try:
-            c.request(method, path, body=data, headers=hdrs)
-            r = c.getresponse()
-            raw = r.read()
-            return _HttpReply(r.status, r.getheaders(), raw, r.version)
-        finally:
-            if own:
-                c.close()
-
-    def raw(self, data, **kw):
-        return _http_raw(self.port, data, **kw)
-
-    def stop(self):
-        """The teardown of the brief (idempotent)."""
-        if self.stopped:
-            return
-        self.stopped = True
-        self.srv.shutdown()
-        self.srv.server_close()
-        self.manager.close(kill=True)
-
-
-def _http_json(reply):
-    """Assert *reply* (http.client) is a JSON object with a correct
-    Content-Length, on HTTP/1.1; return the object."""
-    assert reply.version == 11, reply.version
-    assert (reply.header("Content-Type") or "").startswith("application/json"), reply.headers
-    length = reply.header("Content-Length")
-    assert length is not None and int(length) == len(reply.body), (length, len(reply.body))
-    obj = json.loads(reply.body.decode("utf-8"))
-    assert isinstance(obj, dict), obj
-    return obj
-
-
-def _http_error(reply, *codes):
-    """Assert *reply* is an error in *codes* with the contract's shape and no
-    traceback text; return the message."""
-    assert reply.status in codes, (reply.status, reply.body[:500])
-    obj = _http_json(reply)
-    assert obj.get("status") is False, obj
-    assert isinstance(obj.get("message"), str) and obj["message"], obj
-    assert b"Traceback" not in reply.body and b'File "' not in reply.body, reply.body
-    return obj["message"]
-
-
-def _http_read_reply(sock, timeout=_HTTP_DEADLINE, buf=b""):
-    """Read one reply from *sock*: (reply or None if the connection closed
-    before any byte, leftover bytes)."""
-    deadline = time.monotonic() + timeout
-
-    def more():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError("no complete reply within %s s (got %r)" % (timeout, buf[:300]))
-        sock.settimeout(left)
-        try:
-            return sock.recv(65536)
-        except ConnectionResetError:
-            return b""
-        except socket.timeout:
-            raise AssertionError("no complete reply within %s s (got %r)"
-                                 % (timeout, buf[:300])) from None
-
-    while b"\r\n\r\n" not in buf:
-        chunk = more()
-        if not chunk:
-            if not buf:
-                return None, b""
-            raise AssertionError("connection closed inside a reply head: %r" % buf[:300])
-        buf += chunk
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = []
-    for line in lines[1:]:
-        key, _, value = line.partition(":")
-        headers.append((key.strip(), value.strip()))
-    lengths = [v for k, v in headers if k.lower() == "content-length"]
-    n = int(lengths[0]) if lengths else 0
-    while len(rest) < n:
-        buf = rest
-        chunk = more()
-        if not chunk:
-            raise AssertionError("connection closed inside a reply body")
-        rest += chunk
-    return _HttpRaw(lines[0], headers, rest[:n]), rest[n:]
-
-
-def _http_raw(port, data, *, timeout=_HTTP_DEADLINE, shut=True, all_replies=False):
-    """Send raw bytes on a fresh connection (half-closing it after unless
-    shut=False) and read one reply (None: closed without a reply), or with
-    all_replies=True every reply until the server closes."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        try:
-            s.sendall(data)
-            if shut:
-                s.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass        # the server may refuse early and close: read what it said
-        if not all_replies:
-            return _http_read_reply(s, timeout)[0]
-        replies, left = [], b""
-        while True:
-            reply, left = _http_read_reply(s, timeout, left)
-            if reply is None:
-                return replies
-            replies.append(reply)
-    finally:
-        s.close()
-
-
-def _http_check_raw(reply):
-    """Assert a raw reply has a valid HTTP/1.1 status line, and unless it is
-    a 204, a JSON object body with a correct Content-Length; return (code,
-    object or None)."""
-    assert reply is not None, "the server closed the connection without a reply"
-    m = re.fullmatch(r"HTTP/1\.1 (\d{3}) [^\r\n]*", reply.status_line)
-    assert m, reply.status_line
-    code = int(m.group(1))
-    if code == 204:
-        assert reply.body == b""
-        return code, None
-    assert (reply.header("Content-Type") or "").startswith("application/json"), reply
-    length = reply.header("Content-Length")
-    assert length is not None and length.isdigit() and int(length) == len(reply.body), reply
-    obj = json.loads(reply.body.decode("utf-8"))
-    assert isinstance(obj, dict), reply
-    assert b"Traceback" not in reply.body, reply
-    return code, obj
-
-
-def _http_post_job(srv, payload, expect=201):
-    r = srv.request("POST", "/api/v1/", payload)
-    assert r.status == expect, (r.status, r.body[:500])
-    return _http_json(r)
-
-
-def _http_wait_job(srv, jid, timeout=10):
-    """Long-poll the job until it ends (bounded); return the job object."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        r = srv.request("GET", "/api/v1/%s/?wait=%.3f" % (jid, max(0.0, left)))
-        assert r.status == 200, (r.status, r.body[:500])
-        job = _http_json(r)
-        if job["status"] not in ("notstarted", "started"):
-            return job
-        if left <= 0:
-            raise AssertionError("job %s still %s after %s s" % (jid, job["status"], timeout))
-
-
-def _http_pid_alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _http_listing(path):
-    return sorted(os.listdir(path)) if os.path.isdir(path) else []
-
-
-@pytest.fixture
-def http_factory(tmp_path):
-    """make(**make_server options) -> _HttpSrv, served in a thread; each
-    server gets its own state dir under tmp_path; all torn down after."""
-    made = []
-
-    def make(state_name="state", host="127.0.0.1", **options):
-        state = tmp_path / state_name
-        manager = pman.JobManager(str(state), grace=2)
-        try:
-            srv = pman.make_server(manager, host, 0, **options)
-        except BaseException:
-            manager.close(kill=True)
-            raise
-        # a short poll_interval: shutdown() at teardown returns within 50 ms
-        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                         name="http-test-server", daemon=True).start()
-        served = _HttpSrv(manager, srv, str(state))
-        made.append(served)
-        return served
-
-    yield make
-    for served in made:
-        served.stop()
-    # Run finalizers now, not while pytest formats a report: on CPython
-    # 3.11 < 3.11.8 a traceback formatted inside ast.parse (gh-106905) can
-    # turn into "SystemError: AST constructor recursion depth mismatch".
-    gc.collect()
-
-
-@pytest.fixture
-def http_srv(http_factory):
-    return http_factory()
-
-
-# ---------------------------------------------------------------------------
-# 1. pfcon-style flow
+# pfcon-style flow
 # ---------------------------------------------------------------------------
 
 def test_http_pfcon_flow(http_srv):
@@ -4835,7 +4448,7 @@ def test_http_jid_with_a_leading_slash_and_integer_jids(http_srv):
 
 
 # ---------------------------------------------------------------------------
-# 2. reply framing: HTTP/1.1, JSON, Content-Length, optional trailing slash
+# reply framing: HTTP/1.1, JSON, Content-Length, optional trailing slash
 # ---------------------------------------------------------------------------
 
 def test_http_replies_are_json_http11_and_slashes_optional(http_srv):
@@ -4874,7 +4487,7 @@ def test_http_replies_are_json_http11_and_slashes_optional(http_srv):
 
 
 # ---------------------------------------------------------------------------
-# 3. extra routes
+# extra routes
 # ---------------------------------------------------------------------------
 
 def test_http_logs_offsets_and_eof(http_srv, tmp_path):
@@ -5192,7 +4805,927 @@ def test_http_openapi_matches_the_routes(http_srv):
 
 
 # ---------------------------------------------------------------------------
-# 4a. hardening: socket timeouts, idle clients, backlog
+# keep-alive
+# ---------------------------------------------------------------------------
+
+def test_http_keep_alive_is_fast_and_reused(http_srv):
+    # "Each reply in one write" cannot be observed from a client; the time
+    # bound catches its symptom: a head and a body sent in two writes wait
+    # for a delayed ACK (~40 ms), so 200 requests would take ~8 s.
+    _http_post_job(http_srv, {"jid": "ka", "cmd": "true"})
+    _http_wait_job(http_srv, "ka")
+    c = http_srv.conn()
+    try:
+        r = http_srv.request("GET", "/api/v1/", conn=c)
+        assert r.status == 200
+        sock = c.sock
+        assert sock is not None
+        t0 = time.monotonic()
+        for i in range(200):
+            path = ("/api/v1/", "/api/v1/ka/", "/api/v1/jobs?limit=1")[i % 3]
+            r = http_srv.request("GET", path, conn=c)
+            assert r.status == 200
+            assert (r.header("Connection") or "").lower() != "close"
+            assert c.sock is sock
+        elapsed = time.monotonic() - t0
+        # also POSTs (the delayed-ACK bug bites write-write-read patterns)
+        for i in range(20):
+            r = http_srv.request("POST", "/api/v1/cmd", {"payload": {"action": "hello"}},
+                                 conn=c)
+            assert r.status == 200 and c.sock is sock
+        elapsed_post = time.monotonic() - t0 - elapsed
+    finally:
+        c.close()
+    assert elapsed < 2.0, elapsed
+    assert elapsed_post < 1.0, elapsed_post
+
+
+# ===========================================================================
+# 7. command dialect (POST /api/v1/cmd)
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# the original README request
+# ---------------------------------------------------------------------------
+
+def test_cmd_readme_request_verbatim_and_index_walks(cmd_server):
+    request = {"payload": {"exec": {"cmd": "cal 7 1970"}, "action": "run",
+                           "meta": {"jid": "123-456-1", "auid": "rudolphpienaar"}}}
+    status, env = cmd_server.request("POST", "/api/v1/cmd/", request)
+    assert status == 200, env
+    _cmd_check_envelope(env, "run", {"jid": "123-456-1", "auid": "rudolphpienaar"},
+                        extra=("jobRootDir",))
+    assert env["status"] is True
+    assert env["jobRootDir"] == "123-456-1"
+    first = env["d_ret"]
+    _cmd_check_record(first, jid="123-456-1", cmd="cal 7 1970", auid="rudolphpienaar",
+                      meta={})
+    assert isinstance(first["pid"], int)
+
+    d_ret = _cmd_wait_finished(cmd_server, "123-456-1")
+    has_cal = _have("cal")
+    rc1 = d_ret["0.end"]["returncode"][0]
+    if has_cal:
+        assert rc1 == 0
+
+    second = cmd_server.ok("run", {"cmd": "echo second; exit 4", "jid": "123-456-2",
+                                   "auid": "rudolphpienaar"})
+    pid2 = second["d_ret"]["pid"]
+    _cmd_wait_finished(cmd_server, "123-456-2")
+
+    status, reply = cmd_server.get("/api/v1/_01/endInfo")
+    assert status == 200, reply
+    assert set(reply) == {"status", "path", "GET"}
+    assert reply["status"] is True
+    assert reply["path"] == "/api/v1/_01/endInfo"
+    assert list(reply["GET"]) == ["123-456-2"]
+    assert list(reply["GET"]["123-456-2"]) == ["endInfo"]
+    assert list(reply["GET"]["123-456-2"]["endInfo"]) == ["0"]
+    info = reply["GET"]["123-456-2"]["endInfo"]["0"]
+    _cmd_check_info(info, jid="123-456-2", cmd="echo second; exit 4",
+                    auid="rudolphpienaar", pid=pid2, returncode=4)
+    assert info["stdout"] == "second\n"
+
+    status, reply = cmd_server.get("/api/v1/_0/endInfo")
+    assert status == 200, reply
+    assert reply["path"] == "/api/v1/_0/endInfo"
+    info = reply["GET"]["123-456-1"]["endInfo"]["0"]
+    _cmd_check_info(info, jid="123-456-1", cmd="cal 7 1970", auid="rudolphpienaar",
+                    pid=first["pid"], returncode=rc1)
+    if has_cal:
+        assert "July 1970" in info["stdout"]
+    else:
+        assert rc1 != 0
+
+    # the run record has the resource dialect's shape (same keys as POST /api/v1/)
+    status, created = cmd_server.request("POST", "/api/v1/", {"jid": "shape", "cmd": "true"})
+    assert status == 201
+    assert set(first) == set(created)
+    status, reply = cmd_server.get("/api/v1/_02/jid")
+    assert status == 200 and reply["GET"] == {"shape": {"jid": "shape"}}
+
+
+def test_cmd_exec_cmd_with_cal_when_available(cmd_server):
+    """`exec.cmd` and `meta.cmd`: meta wins when both are given."""
+    env = cmd_server.ok("run", {"jid": "both", "cmd": "echo from-meta"},
+                        exec={"cmd": "echo from-exec"})
+    assert env["d_ret"]["cmd"] == "echo from-meta"
+    _cmd_wait_finished(cmd_server, "both")
+    status, reply = cmd_server.get("/api/v1/both/endInfo/0/stdout")
+    assert status == 200 and reply["GET"]["both"]["endInfo"]["0"]["stdout"] == "from-meta\n"
+
+
+# ---------------------------------------------------------------------------
+# the pfurl / ChRIS-backend flow
+# ---------------------------------------------------------------------------
+
+def test_cmd_pfurl_flow_run_status_search_info_done(cmd_server):
+    jid = "chris-jid-1"
+    cmd = "echo out; echo err >&2; exit 3"
+    meta = {"cmd": cmd, "jid": jid, "auid": "chris", "threaded": True, "container": "x"}
+    env = cmd_server.ok("run", meta)
+    assert env["jobRootDir"] == jid
+    # meta keys other than cmd/jid/auid/threaded are stored verbatim
+    _cmd_check_record(env["d_ret"], jid=jid, cmd=cmd, auid="chris", meta={"container": "x"})
+    pid = env["d_ret"]["pid"]
+
+    d_ret = _cmd_wait_finished(cmd_server, jid)
+    assert d_ret == {"0.start": {"jobRoot": jid, "startTrigger": [True]},
+                     "0.end": {"jobRoot": jid, "returncode": [3]},
+                     "l_status": ["finishedWithError"]}
+
+    # search for the stderr of job 0's end: the hit is wrapped in its path
+    smeta = {"key": "jid", "value": jid, "job": "0", "when": "end", "field": "stderr"}
+    env = cmd_server.ok("search", smeta)
+    assert env["d_ret"] == {"0": {jid: {"end": {"0": {"endInfo": {"0": {"stderr": "err\n"}}}}}}}
+    # when=start, field pid
+    env = cmd_server.ok("search", {"key": "jid", "value": jid, "job": "0", "when": "start",
+                                   "field": "pid"})
+    assert env["d_ret"] == {"0": {jid: {"start": {"0": {"startInfo": {"0": {"pid": pid}}}}}}}
+    # with a path
+    env = cmd_server.ok("search", {"key": "jid", "value": jid, "path": "/endInfo/0/returncode"})
+    assert env["d_ret"] == {"0": {jid: {"endInfo": {"0": {"returncode": 3}}}}}
+
+    # info
+    env = cmd_server.ok("info", {"key": "jid", "value": jid})
+    d_ret = env["d_ret"]
+    assert set(d_ret) == {"0.0", "0.1"}
+    assert list(d_ret["0.0"]) == [jid] and list(d_ret["0.0"][jid]) == ["startInfo"]
+    assert list(d_ret["0.1"]) == [jid] and list(d_ret["0.1"][jid]) == ["endInfo"]
+    start = d_ret["0.0"][jid]["startInfo"]
+    end = d_ret["0.1"][jid]["endInfo"]
+    assert list(start) == ["0"] and list(end) == ["0"]
+    _cmd_check_info(start["0"], jid=jid, cmd=cmd, auid="chris", pid=pid, returncode=3)
+    assert start["0"] == end["0"]
+    assert end["0"]["stdout"] == "out\n" and end["0"]["stderr"] == "err\n"
+    # info's values are the tree's values
+    status, reply = cmd_server.get("/api/v1/%s/endInfo" % jid)
+    assert status == 200 and reply["GET"][jid]["endInfo"] == end
+
+    # done: status without l_status
+    env = cmd_server.ok("done", {"key": "jid", "value": jid})
+    assert env["d_ret"] == {"0.start": {"jobRoot": jid, "startTrigger": [True]},
+                            "0.end": {"jobRoot": jid, "returncode": [3]}}
+
+
+def test_cmd_hello_sysinfo_echoback_timestamp(cmd_server):
+    env = cmd_server.ok("hello", {"askAbout": "sysinfo"})
+    assert list(env["d_ret"]) == ["sysinfo"]
+    info = env["d_ret"]["sysinfo"]
+    for key in ("system", "machine", "platform", "version", "cpucount", "loadavg",
+                "hostname"):
+        assert key in info, key
+    assert info["system"] == platform.system()
+    assert info["machine"] == platform.machine()
+    assert info["platform"] == platform.platform()
+    assert info["version"] == platform.version()
+    assert info["cpucount"] == os.cpu_count() and isinstance(info["cpucount"], int)
+    assert isinstance(info["loadavg"], list) and len(info["loadavg"]) == 3
+    assert all(isinstance(x, (int, float)) for x in info["loadavg"])
+    assert info["hostname"] == socket.gethostname()
+    # the original's memory, cpu_percent and uname too
+    assert info["uname"] == list(os.uname()) and len(info["uname"]) == 5
+    total, available = info["memory"]
+    assert total == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert isinstance(available, int) and 0 < available <= total
+    assert isinstance(info["cpu_percent"], (int, float)) and 0 <= info["cpu_percent"] <= 100
+    assert info["cpu_percent_source"].startswith("/proc/stat over "), info
+    # it measures: with one CPU kept busy, at least most of that CPU's share shows
+    cmd_server.ok("run", {"jid": "spin", "cmd": "while :; do :; done"})
+    try:
+        _until(lambda: _core_proc_stat(cmd_server.manager.get("spin")["pid"]) is not None,
+               what="the busy job")
+        busy = cmd_server.ok("hello", {"askAbout": "sysinfo"})["d_ret"]["sysinfo"]
+        assert busy["cpu_percent"] >= 60.0 / os.cpu_count(), busy
+    finally:
+        cmd_server.ok("kill", {"jid": "spin", "signal": "SIGKILL"})
+
+    env = cmd_server.ok("hello", {"askAbout": "echoBack", "echoBack": "hello pman é"})
+    assert env["d_ret"] == {"echoBack": {"msg": "hello pman é"}}
+
+    env = cmd_server.ok("hello", {"askAbout": "timestamp"})
+    assert list(env["d_ret"]) == ["timestamp"] and list(env["d_ret"]["timestamp"]) == ["now"]
+    now = datetime.strptime(env["d_ret"]["timestamp"]["now"], "%Y%m%d%H%M%S.%f")
+    assert abs((now - datetime.now()).total_seconds()) < 120
+
+
+def test_cmd_kill_running_job_ends_minus_15(cmd_server):
+    jid = "sleeper"
+    cmd_server.ok("run", {"cmd": "sleep 30", "jid": jid})
+    d_ret = _cmd_status(cmd_server, "jid", jid)
+    assert d_ret == {"0.start": {"jobRoot": jid, "startTrigger": [True]},
+                     "0.end": {"jobRoot": jid, "returncode": []},
+                     "l_status": ["started"]}
+    meta = {"jid": jid, "signal": "SIGTERM", "grace": 5}
+    env = cmd_server.ok("kill", meta)
+    _cmd_check_record(env["d_ret"], jid=jid, cmd="sleep 30", auid="", meta={})
+    assert env["d_ret"]["status"] in ("started", "finishedWithError")
+    d_ret = _cmd_wait_finished(cmd_server, jid)
+    assert d_ret["0.end"] == {"jobRoot": jid, "returncode": [-15]}
+    assert d_ret["l_status"] == ["finishedWithError"]
+    status, reply = cmd_server.get("/api/v1/%s/endInfo/0/message" % jid)
+    assert status == 200
+    assert reply["GET"][jid]["endInfo"]["0"]["message"] == "killed by SIGTERM on request"
+
+
+def test_cmd_kill_with_numeric_signal(cmd_server):
+    cmd_server.ok("run", {"cmd": "sleep 30", "jid": "k9"})
+    env = cmd_server.ok("kill", {"jid": "k9", "signal": 9})
+    assert env["d_ret"]["jid"] == "k9"
+    d_ret = _cmd_wait_finished(cmd_server, "k9")
+    assert d_ret["0.end"]["returncode"] == [-9]
+
+
+def test_cmd_delete_running_and_finished(cmd_server):
+    cmd_server.ok("run", {"cmd": "sleep 30", "jid": "del-run"})
+    cmd_server.ok("run", {"cmd": "echo x", "jid": "del-done"})
+    _cmd_wait_finished(cmd_server, "del-done")
+    log_dir = cmd_server.manager.log_dir
+    assert os.path.exists(os.path.join(log_dir, "del-done.out"))
+
+    for key, jid in (("value", "del-run"), ("jid", "del-done")):
+        env = cmd_server.ok("delete", {key: jid})
+        assert env["d_ret"] == {"action": "Delete Job", "job_id": jid,
+                                "status": "Job deleted successfully"}
+        for path in ("/api/v1/%s/jid" % jid, "/api/v1/%s/endInfo" % jid, "/api/v1/%s/" % jid):
+            status, reply = cmd_server.get(path)
+            assert status == 404 and reply["status"] is False, (path, reply)
+        status, env = cmd_server.cmd("status", {"key": "jid", "value": jid})
+        assert status == 200 and env["status"] is False
+        assert not [n for n in os.listdir(log_dir) if n.startswith(jid + ".")]
+    status, reply = cmd_server.get("/api/v1/")
+    assert reply["GET"] == {}
+    # deleting again: no such job
+    status, env = cmd_server.cmd("delete", {"value": "del-run"})
+    _cmd_check_error(status, env, 404, action="delete")
+
+
+def test_cmd_dbctl_save_load_clear(cmd_factory):
+    server = cmd_factory(max_running=1)
+    server.ok("run", {"cmd": "echo old", "jid": "db-done"})
+    _cmd_wait_finished(server, "db-done")
+    run = server.ok("run", {"cmd": "sleep 30", "jid": "db-run"})
+    pid = run["d_ret"]["pid"]
+    server.ok("run", {"cmd": "echo q", "jid": "db-queued"})
+
+    env = server.ok("DBctl", {"do": "save"})
+    snap = os.path.join(server.state_dir, pman.SNAPSHOT)
+    with open(snap) as f:
+        text = f.read()
+    for jid in ("db-done", "db-run", "db-queued"):
+        assert '"%s"' % jid in text
+
+    env = server.ok("DBctl", {"do": "load"})
+    status, reply = server.get("/api/v1/")
+    assert list(reply["GET"]) == ["db-done", "db-run", "db-queued"]
+    d_ret = _cmd_status(server, "jid", "db-run")
+    assert d_ret["l_status"] == ["started"]        # running jobs untouched by load
+    status, reply = server.get("/api/v1/db-run/startInfo/0/pid")
+    assert reply["GET"]["db-run"]["startInfo"]["0"]["pid"] == pid
+    status, reply = server.get("/api/v1/db-done/endInfo/0/stdout")
+    assert reply["GET"]["db-done"]["endInfo"]["0"]["stdout"] == "old\n"
+
+    env = server.ok("DBctl", {"do": "clear"})
+    status, reply = server.get("/api/v1/")
+    assert list(reply["GET"]) == ["db-run", "db-queued"]   # never running/queued ones
+    status, env = server.cmd("status", {"key": "jid", "value": "db-done"})
+    assert env["status"] is False
+    assert _cmd_status(server, "jid", "db-run")["l_status"] == ["started"]
+    assert _cmd_status(server, "jid", "db-queued")["l_status"] == ["notstarted"]
+
+
+def test_cmd_dbctl_load_rereads_the_state(cmd_factory):
+    """DBctl load reads the state directory again: a finished job's record
+    changed on disk (here: a corrected line appended to the journal, as an
+    operator's repair would) is what the server answers afterwards."""
+    server = cmd_factory("reloadstate")
+    server.ok("run", {"cmd": "exit 4", "jid": "fixme"})
+    _cmd_wait_finished(server, "fixme")
+    server.ok("DBctl", {"do": "save"})
+    state = server.state_dir
+    journal = max((n for n in os.listdir(state) if re.fullmatch(r"journal-\d+\.jsonl", n)),
+                  key=lambda n: int(n[8:-6]))
+    with open(os.path.join(state, pman.SNAPSHOT)) as f:
+        rec = [json.loads(line) for line in f][1]
+    rec.pop("crc", None)
+    assert rec["jid"] == "fixme" and rec["returncode"] == 4
+    rec["message"] = "exited with code 4 (checked by an operator)"
+    with open(os.path.join(state, journal), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    status, reply = server.get("/api/v1/fixme/endInfo/0/message")
+    assert reply["GET"]["fixme"]["endInfo"]["0"]["message"] == "exited with code 4"
+    env = server.ok("DBctl", {"do": "load"})
+    assert env["d_ret"]["loaded"]["finishedWithError"] == 1
+    status, reply = server.get("/api/v1/fixme/endInfo/0/message")
+    assert reply["GET"]["fixme"]["endInfo"]["0"]["message"] == rec["message"]
+    assert server.manager.get("fixme")["message"] == rec["message"]
+
+
+def test_cmd_quit_saves_and_stops_serving(cmd_factory, tmp_path):
+    server = cmd_factory("quitstate")
+    server.ok("run", {"cmd": "exit 6", "jid": "q-done"})
+    _cmd_wait_finished(server, "q-done")
+    run = server.ok("run", {"cmd": "sleep 30", "jid": "q-run"})
+    pid = run["d_ret"]["pid"]
+
+    status, env = server.cmd("quit", {"saveDB": True})
+    assert status == 200, env
+    _cmd_check_envelope(env, "quit", {"saveDB": True})
+    assert env["status"] is True and env["d_ret"] == {}
+    server.thread.join(_CMD_DEADLINE)
+    assert not server.thread.is_alive(), "serve_forever did not return after quit"
+    with open(os.path.join(server.state_dir, pman.SNAPSHOT)) as f:
+        text = f.read()
+    assert '"q-done"' in text and '"q-run"' in text
+
+    server.manager.close()          # no kill: the running job keeps running
+    os.kill(pid, 0)
+    again = pman.JobManager(server.state_dir)
+    try:
+        assert again.jids() == ["q-done", "q-run"]
+        assert again.get("q-done")["returncode"] == 6
+        assert again.get("q-run")["status"] == "started"
+        assert again.get("q-run")["pid"] == pid
+    finally:
+        again.close(kill=True)
+
+
+# ---------------------------------------------------------------------------
+# triggers and return codes over a job's life
+# ---------------------------------------------------------------------------
+
+def test_cmd_status_triggers_queued_running_cancelled(cmd_factory):
+    server = cmd_factory(max_running=1)
+    server.ok("run", {"cmd": "sleep 30", "jid": "blocker"})
+    env = server.ok("run", {"cmd": "echo queued", "jid": "queued"})
+    assert env["d_ret"]["status"] == "notstarted" and env["d_ret"]["pid"] is None
+    server.ok("run", {"cmd": "echo later", "jid": "later"})
+
+    assert _cmd_status(server, "jid", "blocker") == {
+        "0.start": {"jobRoot": "blocker", "startTrigger": [True]},
+        "0.end": {"jobRoot": "blocker", "returncode": []},
+        "l_status": ["started"]}
+    assert _cmd_status(server, "jid", "queued") == {
+        "0.start": {"jobRoot": "queued", "startTrigger": []},
+        "0.end": {"jobRoot": "queued", "returncode": []},
+        "l_status": ["notstarted"]}
+    # the tree of a queued job: no start, no end
+    status, reply = server.get("/api/v1/_1")      # the whole tree: _N without a path
+    assert status == 200
+    tree = reply["GET"]["queued"]
+    assert tree["startInfo"] == {} and tree["endInfo"] == {}
+    assert tree["start"] == {} and tree["end"] == {}
+    status, reply = server.get("/api/v1/queued/startInfo/0")
+    assert status == 404 and reply["status"] is False
+
+    # kill a queued job: cancelled, it never started
+    env = server.ok("kill", {"jid": "queued"})
+    assert env["d_ret"]["status"] == "finishedWithError"
+    assert "cancelled" in env["d_ret"]["message"]
+    assert _cmd_status(server, "jid", "queued") == {
+        "0.start": {"jobRoot": "queued", "startTrigger": [False]},
+        "0.end": {"jobRoot": "queued", "returncode": [None]},
+        "l_status": ["finishedWithError"]}
+
+    # the blocker ends: the next queued job starts and finishes
+    server.ok("kill", {"jid": "blocker"})
+    assert _cmd_wait_finished(server, "blocker")["0.end"]["returncode"] == [-15]
+    assert _cmd_wait_finished(server, "later") == {
+        "0.start": {"jobRoot": "later", "startTrigger": [True]},
+        "0.end": {"jobRoot": "later", "returncode": [0]},
+        "l_status": ["finishedSuccessfully"]}
+
+
+# ---------------------------------------------------------------------------
+# several hits
+# ---------------------------------------------------------------------------
+
+def test_cmd_status_several_hits(cmd_server):
+    jids = ["p1-a", "p1-b", "p1-c"]
+    for i, jid in enumerate(jids):
+        cmd_server.ok("run", {"jid": jid, "cmd": "exit %d" % i, "project": "p1"})
+    cmd_server.ok("run", {"jid": "p2-a", "cmd": "true", "project": "p2"})
+    for jid in jids + ["p2-a"]:
+        _cmd_wait_finished(cmd_server, jid)
+
+    d_ret = _cmd_status(cmd_server, "project", "p1")
+    expected = {}
+    for i, jid in enumerate(jids):
+        expected["%d.start" % i] = {"jobRoot": jid, "startTrigger": [True]}
+        expected["%d.end" % i] = {"jobRoot": jid, "returncode": [i]}
+    assert d_ret == dict(expected, l_status=["finishedSuccessfully", "finishedWithError",
+                                             "finishedWithError"])
+    assert list(d_ret) == ["0.start", "0.end", "1.start", "1.end", "2.start", "2.end",
+                           "l_status"]
+
+    env = cmd_server.ok("done", {"key": "project", "value": "p1"})
+    assert env["d_ret"] == expected
+
+    env = cmd_server.ok("info", {"key": "project", "value": "p1"})
+    assert set(env["d_ret"]) == {"0.0", "0.1", "1.0", "1.1", "2.0", "2.1"}
+    for i, jid in enumerate(jids):
+        assert env["d_ret"]["%d.1" % i][jid]["endInfo"]["0"]["returncode"] == i
+        assert env["d_ret"]["%d.0" % i][jid]["startInfo"]["0"]["jid"] == jid
+
+    env = cmd_server.ok("search", {"key": "project", "value": "p1",
+                                   "path": "/endInfo/0/returncode"})
+    assert env["d_ret"] == {str(i): {jid: {"endInfo": {"0": {"returncode": i}}}}
+                            for i, jid in enumerate(jids)}
+
+    status, reply = cmd_server.get("/api/v1/p1-b/d_meta")
+    assert status == 200
+    assert json.loads(reply["GET"]["p1-b"]["d_meta"]) == {"jid": "p1-b", "cmd": "exit 1",
+                                                          "project": "p1"}
+
+
+# ---------------------------------------------------------------------------
+# no-hit replies
+# ---------------------------------------------------------------------------
+
+def test_cmd_no_hit_replies(cmd_server):
+    cmd_server.ok("run", {"jid": "present", "cmd": "true"})
+    _cmd_wait_finished(cmd_server, "present")
+    cases = [
+        ("status", {"key": "jid", "value": "nobody"}, dict(_CMD_NO_HIT, l_status=[])),
+        ("status", {"key": "project", "value": "none"}, dict(_CMD_NO_HIT, l_status=[])),
+        ("done", {"key": "jid", "value": "nobody"}, _CMD_NO_HIT),
+        ("info", {"key": "jid", "value": "nobody"}, _CMD_NO_HIT),
+        ("search", {"key": "jid", "value": "nobody"}, _CMD_NO_HIT),
+        ("search", {"key": "jid", "value": "nobody", "job": "0", "when": "end",
+                    "field": "stderr"}, _CMD_NO_HIT),
+        # a hit whose path does not exist is no hit either
+        ("search", {"key": "jid", "value": "present", "path": "/endInfo/7"}, _CMD_NO_HIT),
+    ]
+    for action, meta, d_ret in cases:
+        status, env = cmd_server.cmd(action, meta)
+        assert status == 200, (action, env)
+        assert env == {"status": False, "action": action, "meta": meta,
+                       "path": "/api/v1/cmd", "RESTverb": "POST", "d_ret": d_ret}, env
+
+
+# ---------------------------------------------------------------------------
+# GET walks
+# ---------------------------------------------------------------------------
+
+def test_cmd_get_walks_deep_paths(cmd_server):
+    jid = "walk-1"
+    env = cmd_server.ok("run", {"jid": jid, "cmd": "echo w; exit 2", "auid": "u",
+                                "project": "pw", "n": 3})
+    pid = env["d_ret"]["pid"]
+    _cmd_wait_finished(cmd_server, jid)
+
+    status, reply = cmd_server.get("/api/v1/%s/end/0/endInfo/0/returncode" % jid)
+    assert status == 200
+    assert reply == {"status": True, "path": "/api/v1/%s/end/0/endInfo/0/returncode" % jid,
+                     "GET": {jid: {"end": {"0": {"endInfo": {"0": {"returncode": 2}}}}}}}
+    status, reply = cmd_server.get("/api/v1/%s/start/0/startInfo/0/pid/" % jid)
+    assert status == 200
+    assert reply["GET"] == {jid: {"start": {"0": {"startInfo": {"0": {"pid": pid}}}}}}
+    status, reply = cmd_server.get("/api/v1/%s/d_meta" % jid)
+    d_meta = reply["GET"][jid]["d_meta"]
+    assert isinstance(d_meta, str) and json.loads(d_meta) == {
+        "jid": jid, "cmd": "echo w; exit 2", "auid": "u", "project": "pw", "n": 3}
+    status, reply = cmd_server.get("/api/v1/%s/jobCount" % jid)
+    assert reply["GET"] == {jid: {"jobCount": 1}}
+    for field, value in (("jid", jid), ("cmd", "echo w; exit 2"), ("auid", "u")):
+        status, reply = cmd_server.get("/api/v1/%s/%s" % (jid, field))
+        assert status == 200 and reply["GET"] == {jid: {field: value}}
+
+    # the whole tree under _0
+    status, reply = cmd_server.get("/api/v1/_0")
+    assert status == 200 and reply["status"] is True and list(reply["GET"]) == [jid]
+    tree = reply["GET"][jid]
+    for key in ("jid", "cmd", "auid", "d_meta", "jobCount", "startInfo", "endInfo",
+                "start", "end"):
+        assert key in tree, key
+    info = tree["endInfo"]["0"]
+    _cmd_check_info(info, jid=jid, cmd="echo w; exit 2", auid="u", pid=pid, returncode=2)
+    assert tree["startInfo"]["0"] == info
+    assert tree["start"] == {"0": {"startInfo": {"0": info}}}
+    assert tree["end"] == {"0": {"endInfo": {"0": info}}}
+
+    for path in ("/api/v1/%s/nope" % jid, "/api/v1/%s/endInfo/1" % jid,
+                 "/api/v1/%s/endInfo/0/returncode/x" % jid, "/api/v1/%s/jid/x" % jid,
+                 "/api/v1/nosuchjob/endInfo", "/api/v1/nosuchjob/"):
+        status, reply = cmd_server.get(path)
+        assert status == 404, (path, reply)
+        assert reply["status"] is False and reply["message"], (path, reply)
+
+
+def test_cmd_get_root_lists_jids_in_submission_order(cmd_server):
+    for jid in ("zeta", "alpha", "mid"):
+        cmd_server.ok("run", {"jid": jid, "cmd": "true"})
+    for path in ("/api/v1/", "/api/v1"):
+        status, reply = cmd_server.get(path)
+        assert status == 200
+        assert reply == {"status": True, "path": "/api/v1",
+                         "GET": {"zeta": {}, "alpha": {}, "mid": {}},
+                         "server_version": pman.__version__, "container_env": "local"}
+        assert list(reply["GET"]) == ["zeta", "alpha", "mid"]
+
+
+def test_cmd_index_out_of_range_404(cmd_server):
+    status, reply = cmd_server.get("/api/v1/_0/endInfo")
+    assert status == 404 and reply["status"] is False
+    cmd_server.ok("run", {"jid": "only", "cmd": "true"})
+    _cmd_wait_finished(cmd_server, "only")
+    status, reply = cmd_server.get("/api/v1/_00/jid")
+    assert status == 200 and reply["GET"] == {"only": {"jid": "only"}}
+    for path in ("/api/v1/_1", "/api/v1/_1/endInfo", "/api/v1/_01/endInfo",
+                 "/api/v1/_999999/endInfo/0/pid"):
+        status, reply = cmd_server.get(path)
+        assert status == 404, (path, reply)
+        assert reply["status"] is False and reply["message"]
+
+
+def test_cmd_get_action_matches_get_walk(cmd_server):
+    cmd_server.ok("run", {"jid": "g1", "cmd": "echo g; echo e >&2"})
+    _cmd_wait_finished(cmd_server, "g1")
+    for path in ("/g1/endInfo", "/_0/endInfo/0/stderr", "/g1/start/0/startInfo/0/pid", "/_0"):
+        env = cmd_server.ok("get", {"path": path})
+        status, reply = cmd_server.get("/api/v1" + path)
+        assert status == 200
+        assert env["d_ret"] == reply["GET"], path
+    # `get` of a bare jid is its whole tree (GET /api/v1/<jid> is the resource
+    # dialect's job object, so the GET walk needs _N for that)
+    env = cmd_server.ok("get", {"path": "/g1"})
+    status, reply = cmd_server.get("/api/v1/_0")
+    assert env["d_ret"] == reply["GET"] and list(env["d_ret"]) == ["g1"]
+    env = cmd_server.ok("get", {"path": "/_0/endInfo/0/stderr"})
+    assert env["d_ret"] == {"g1": {"endInfo": {"0": {"stderr": "e\n"}}}}
+    for path in ("/g1/nope", "/nobody/endInfo", "/_5"):
+        status, env = cmd_server.cmd("get", {"path": path})
+        _cmd_check_error(status, env, 404, action="get")
+
+
+# ---------------------------------------------------------------------------
+# reading only
+# ---------------------------------------------------------------------------
+
+def test_cmd_reads_never_modify_state(cmd_server):
+    cmd_server.ok("run", {"jid": "r-done", "cmd": "echo done; exit 1", "project": "ro"})
+    cmd_server.ok("run", {"jid": "r-run", "cmd": "sleep 30", "project": "ro"})
+    _cmd_wait_finished(cmd_server, "r-done")
+    _cmd_wait_quiet(cmd_server.manager)
+    before_files = _cmd_snapshot(cmd_server.state_dir)
+    before_jobs = cmd_server.manager.jobs()
+    before_jids = cmd_server.manager.jids()
+
+    gets = {"/api/v1/": 200, "/api/v1/r-done/endInfo": 200,
+            "/api/v1/r-run/startInfo/0/pid": 200, "/api/v1/_0": 200, "/api/v1/_1/end": 200,
+            "/api/v1/_9/endInfo": 404, "/api/v1/r-done/nope": 404,
+            "/api/v1/ghost/endInfo": 404, "/api/v1/r-done/end/0/endInfo/0/stdout": 200,
+            "/api/v1/r-done/d_meta": 200}
+    for path, want in gets.items():
+        status, _ = cmd_server.get(path)
+        assert status == want, (path, status)
+    for path, want in (("/r-done/endInfo", 200), ("/_1/startInfo", 200),
+                       ("/ghost/endInfo", 404), ("/r-done/zzz", 404)):
+        status, _ = cmd_server.cmd("get", {"path": path})
+        assert status == want, (path, status)
+    for action, meta in (("search", {"key": "project", "value": "ro"}),
+                         ("search", {"key": "jid", "value": "r-done", "job": "0",
+                                     "when": "end", "field": "stdout"}),
+                         ("search", {"key": "jid", "value": "ghost"}),
+                         ("search", {"key": "project", "value": "ro", "path": "/nope"}),
+                         ("status", {"key": "project", "value": "ro"}),
+                         ("done", {"key": "jid", "value": "ghost"}),
+                         ("info", {"key": "project", "value": "ro"})):
+        status, _ = cmd_server.cmd(action, meta)
+        assert status == 200, (action, meta)
+
+    assert _cmd_snapshot(cmd_server.state_dir) == before_files
+    assert cmd_server.manager.jobs() == before_jobs
+    assert cmd_server.manager.jids() == before_jids
+
+
+# ---------------------------------------------------------------------------
+# bad requests, and the unwrapped payload
+# ---------------------------------------------------------------------------
+
+def test_cmd_bad_requests_are_json_400_on_a_kept_connection(cmd_server):
+    cmd_server.ok("run", {"jid": "bad-target", "cmd": "sleep 30"})
+    conn = cmd_server.connect()
+    try:
+        cases = [
+            ({"payload": {"action": "frobnicate", "meta": {}}}, "frobnicate"),
+            ({"payload": {"meta": {"key": "jid", "value": "x"}}}, None),
+            ({"payload": {"action": "status", "meta": "x"}}, "status"),
+            ({"payload": {"action": "status", "meta": [1, 2]}}, "status"),
+            ({"payload": {"action": "status", "meta": None}}, "status"),
+            ({"payload": {"action": "status"}}, "status"),
+            ({"payload": {"action": "status", "meta": {"key": 3, "value": "x"}}}, "status"),
+            ({"payload": {"action": "run", "meta": {"jid": "nocmd"}}}, "run"),
+            ({"payload": {"action": "run", "meta": {"jid": "x1", "cmd": 5}}}, "run"),
+            ({"payload": {"action": "run", "meta": {"cmd": "true", "auid": 7}}}, "run"),
+            ({"payload": {"action": "run", "meta": {"cmd": "true", "jid": 7.0}}}, "run"),
+            ({"payload": {"action": "run", "meta": {"cmd": "true", "jid": False}}}, "run"),
+            ({"payload": {"action": "run", "meta": {"cmd": "true", "jid": "a/b"}}}, "run"),
+            ({"payload": {"action": "search", "meta": {"key": "jid", "value": "bad-target",
+                                                         "when": "middle"}}}, "search"),
+            ({"payload": {"action": "search", "meta": {"key": "jid", "value": "bad-target",
+                                                         "path": 5}}}, "search"),
+            ({"payload": {"action": "get", "meta": {}}}, "get"),
+            ({"payload": {"action": "get", "meta": {"path": "/"}}}, "get"),
+            ({"payload": {"action": "hello", "meta": {"askAbout": "weather"}}}, "hello"),
+            ({"payload": {"action": "hello", "meta": {"askAbout": "echoBack",
+                                                        "echoBack": 5}}}, "hello"),
+            ({"payload": {"action": "DBctl", "meta": {"do": "drop"}}}, "DBctl"),
+            ({"payload": {"action": "kill", "meta": {"jid": "bad-target",
+                                                       "signal": "SIGNOPE"}}}, "kill"),
+            ({"payload": {"action": "kill", "meta": {"jid": "bad-target",
+                                                       "grace": "soon"}}}, "kill"),
+            ({"payload": "run"}, None),
+        ]
+        sock = None
+        for body, action in cases:
+            status, obj = cmd_server.request("POST", "/api/v1/cmd/", body, conn=conn)
+            _cmd_check_error(status, obj, 400, action=action)
+            assert "receivedByServer" not in obj
+            sock = sock or conn.sock
+            assert conn.sock is sock, "the connection was dropped after %r" % (body,)
+        for raw in ("[1, 2]", "{not json", "\"payload\""):
+            status, obj = cmd_server.request("POST", "/api/v1/cmd/", raw=raw, conn=conn)
+            _cmd_check_error(status, obj, 400)
+            assert conn.sock is sock
+        # and the same connection still serves a good request
+        status, obj = cmd_server.request("POST", "/api/v1/cmd/",
+                                         {"payload": {"action": "hello",
+                                                      "meta": {"askAbout": "echoBack",
+                                                               "echoBack": "still"}}},
+                                         conn=conn)
+        assert status == 200 and obj["d_ret"] == {"echoBack": {"msg": "still"}}
+        assert conn.sock is sock
+    finally:
+        conn.close()
+    # nothing was run by the bad requests
+    assert cmd_server.manager.jids() == ["bad-target"]
+    assert _cmd_status(cmd_server, "jid", "bad-target")["l_status"] == ["started"]
+
+
+def test_cmd_kill_and_delete_without_a_jid_are_400(cmd_server):
+    cmd_server.ok("run", {"jid": "kd-target", "cmd": "sleep 30"})
+    for action, meta in (("kill", {}), ("kill", {"jid": 5.0}), ("kill", {"jid": ["kd-target"]}),
+                         ("delete", {}), ("delete", {"value": True}),
+                         ("delete", {"jid": {"x": 1}})):
+        status, obj = cmd_server.cmd(action, meta)
+        _cmd_check_error(status, obj, 400, action=action)
+    assert _cmd_status(cmd_server, "jid", "kd-target")["l_status"] == ["started"]
+
+
+def test_cmd_unwrapped_payload_accepted(cmd_server):
+    env_status, env = cmd_server.cmd("run", {"jid": "bare", "cmd": "echo bare"}, wrap=False)
+    assert env_status == 200
+    _cmd_check_envelope(env, "run", {"jid": "bare", "cmd": "echo bare"},
+                        extra=("jobRootDir",))
+    assert env["status"] is True and env["jobRootDir"] == "bare"
+    # exec.cmd without the wrapper too
+    status, env = cmd_server.request("POST", "/api/v1/cmd", {
+        "exec": {"cmd": "echo bare2"}, "action": "run", "meta": {"jid": "bare2"}})
+    assert status == 200 and env["d_ret"]["cmd"] == "echo bare2"
+    _cmd_wait_finished(cmd_server, "bare")
+    status, env = cmd_server.cmd("status", {"key": "jid", "value": "bare"}, wrap=False)
+    assert status == 200 and env["status"] is True
+    assert env["d_ret"]["0.end"] == {"jobRoot": "bare", "returncode": [0]}
+
+
+# ---------------------------------------------------------------------------
+# the tree is a projection
+# ---------------------------------------------------------------------------
+
+def test_cmd_rerun_same_jid_tree_is_fresh(cmd_server):
+    jid = "again"
+    first = cmd_server.ok("run", {"jid": jid, "cmd": "echo one; exit 3", "round": 1})
+    _cmd_wait_finished(cmd_server, jid)
+    cmd_server.ok("run", {"jid": "other", "cmd": "true"})
+    status, reply = cmd_server.get("/api/v1/%s/endInfo/0" % jid)
+    old = reply["GET"][jid]["endInfo"]["0"]
+    assert old["returncode"] == 3 and old["pid"] == first["d_ret"]["pid"]
+
+    second = cmd_server.ok("run", {"jid": jid, "cmd": "echo two; exit 5", "round": 2})
+    pid2 = second["d_ret"]["pid"]
+    assert pid2 != first["d_ret"]["pid"]
+    d_ret = _cmd_wait_finished(cmd_server, jid)
+    assert d_ret["0.end"] == {"jobRoot": jid, "returncode": [5]}
+    assert list(d_ret) == ["0.start", "0.end", "l_status"]     # one job, not two
+
+    status, reply = cmd_server.get("/api/v1/_1")   # the re-run is now the second job
+    assert status == 200
+    tree = reply["GET"][jid]
+    assert tree["cmd"] == "echo two; exit 5"
+    assert json.loads(tree["d_meta"]) == {"jid": jid, "cmd": "echo two; exit 5", "round": 2}
+    assert tree["jobCount"] == 1
+    for info in (tree["startInfo"]["0"], tree["endInfo"]["0"]):
+        _cmd_check_info(info, jid=jid, cmd="echo two; exit 5", auid="", pid=pid2,
+                        returncode=5)
+        assert info["stdout"] == "two\n"
+    # the re-run moved to the end of the submission order
+    status, reply = cmd_server.get("/api/v1/")
+    assert list(reply["GET"]) == ["other", jid]
+    status, reply = cmd_server.get("/api/v1/_1/endInfo/0/pid")
+    assert reply["GET"] == {jid: {"endInfo": {"0": {"pid": pid2}}}}
+    env = cmd_server.ok("info", {"key": "jid", "value": jid})
+    assert env["d_ret"]["0.1"][jid]["endInfo"]["0"]["returncode"] == 5
+
+
+def test_cmd_rerun_cancelled_before_start_shows_no_stale_output(cmd_factory):
+    """A finished jid re-run while all slots are busy is queued; cancelled
+    before it starts, its tree must not show the previous run's output."""
+    server = cmd_factory(max_running=1)
+    server.ok("run", {"jid": "stale", "cmd": "echo OLD-OUTPUT; echo OLD-ERR >&2"})
+    _cmd_wait_finished(server, "stale")
+    server.ok("run", {"jid": "hog", "cmd": "sleep 30"})
+    env = server.ok("run", {"jid": "stale", "cmd": "echo NEW"})
+    assert env["d_ret"]["status"] == "notstarted"
+    server.ok("kill", {"jid": "stale"})
+    d_ret = _cmd_status(server, "jid", "stale")
+    assert d_ret["0.start"] == {"jobRoot": "stale", "startTrigger": [False]}
+    status, reply = server.get("/api/v1/stale/endInfo/0")
+    assert status == 200
+    info = reply["GET"]["stale"]["endInfo"]["0"]
+    assert info["cmd"] == "echo NEW" and info["pid"] is None
+    assert "OLD-OUTPUT" not in info["stdout"], info
+    assert "OLD-ERR" not in info["stderr"], info
+
+
+# ---------------------------------------------------------------------------
+# the shapes an original client can tell apart (issue 18)
+# ---------------------------------------------------------------------------
+
+def test_cmd_search_hit_is_the_subtree_wrapped_in_its_full_path(cmd_server):
+    env = cmd_server.ok("run", {"jid": "fail-3", "cmd": "echo bad >&2; exit 3"})
+    pid = env["d_ret"]["pid"]
+    _cmd_wait_finished(cmd_server, "fail-3")
+    cases = [
+        ({"job": "0", "when": "end", "field": "returncode"},
+         "end/0/endInfo/0/returncode",
+         {"end": {"0": {"endInfo": {"0": {"returncode": 3}}}}}),
+        ({"job": 0, "when": "end", "field": "stderr"},
+         "end/0/endInfo/0/stderr",
+         {"end": {"0": {"endInfo": {"0": {"stderr": "bad\n"}}}}}),
+        ({"job": "0", "when": "start", "field": "pid"},
+         "start/0/startInfo/0/pid",
+         {"start": {"0": {"startInfo": {"0": {"pid": pid}}}}}),
+        ({"path": "/endInfo/0/returncode"}, "endInfo/0/returncode",
+         {"endInfo": {"0": {"returncode": 3}}}),
+        ({"path": "/endInfo"}, "endInfo", None),
+        ({"job": "0"}, "end/0/endInfo/0", None),
+    ]
+    for extra, path, wrapped in cases:
+        meta = dict({"key": "jid", "value": "fail-3"}, **extra)
+        env = cmd_server.ok("search", meta)
+        status, walk = cmd_server.get("/api/v1/fail-3/" + path)
+        assert status == 200, walk
+        # exactly what the GET walk of the same path answers, under "0"
+        assert env["d_ret"] == {"0": walk["GET"]}, (extra, env["d_ret"])
+        if wrapped is not None:
+            assert env["d_ret"] == {"0": {"fail-3": wrapped}}, extra
+    env = cmd_server.ok("search", {"key": "jid", "value": "fail-3", "path": "/endInfo"})
+    info = env["d_ret"]["0"]["fail-3"]["endInfo"]["0"]
+    assert info["returncode"] == 3 and info["stderr"] == "bad\n"
+    # a job filter that is not a string or an integer is a clear 400
+    status, obj = cmd_server.cmd("search", {"key": "jid", "value": "fail-3", "job": [0]})
+    _cmd_check_error(status, obj, 400, action="search")
+    assert "[0]" in obj["message"]
+
+
+def test_cmd_integer_jid_is_taken_as_its_decimal_string(cmd_server):
+    env = cmd_server.ok("run", {"cmd": "echo n", "jid": 42})
+    assert env["d_ret"]["jid"] == "42" and env["jobRootDir"] == "42"
+    assert cmd_server.manager.jids() == ["42"]
+    d_ret = _cmd_wait_finished(cmd_server, 42)
+    assert d_ret["0.end"] == {"jobRoot": "42", "returncode": [0]}
+    env = cmd_server.ok("info", {"key": "jid", "value": 42})
+    assert list(env["d_ret"]["0.1"]) == ["42"]
+    env = cmd_server.ok("search", {"key": "jid", "value": 42, "path": "/jid"})
+    assert env["d_ret"] == {"0": {"42": {"jid": "42"}}}
+    cmd_server.ok("run", {"cmd": "sleep 30", "jid": 7})
+    env = cmd_server.ok("kill", {"jid": 7, "grace": 1})
+    assert env["d_ret"]["jid"] == "7"
+    _cmd_wait_finished(cmd_server, "7")
+    env = cmd_server.ok("delete", {"value": 7})
+    assert env["d_ret"]["job_id"] == "7"
+    assert cmd_server.manager.jids() == ["42"]
+    # a bool or a float is no jid, and the message quotes the value sent
+    for bad, shown in ((True, "True"), (4.0, "4.0"), (-3, "'-3'"), ("a/b", "'a/b'")):
+        status, obj = cmd_server.cmd("run", {"cmd": "true", "jid": bad})
+        _cmd_check_error(status, obj, 400, action="run")
+        assert "invalid jid " + shown in obj["message"], obj["message"]
+    assert cmd_server.manager.jids() == ["42"]
+
+
+def test_cmd_d_meta_is_the_whole_meta_sent(cmd_factory, tmp_path):
+    cmd_server = cmd_factory()
+    meta = {"cmd": "true", "jid": "dm-1", "auid": "chris", "threaded": True,
+            "container": {"image": "x", "n": [1, 2]}}
+    env = cmd_server.ok("run", meta)
+    # the job's meta still holds only the other keys; the record shows no d_meta
+    assert env["d_ret"]["meta"] == {"container": {"image": "x", "n": [1, 2]}}
+    assert "sent_meta" not in json.dumps(env["d_ret"])
+    for path in ("/api/v1/dm-1/d_meta", "/api/v1/_-1/d_meta"):
+        status, reply = cmd_server.get(path)
+        assert status == 200, reply
+        d_meta = reply["GET"]["dm-1"]["d_meta"]
+        assert isinstance(d_meta, str) and json.loads(d_meta) == meta
+    # exec.cmd: the meta sent has no cmd, and d_meta says so
+    cmd_server.ok("run", {"jid": "dm-2", "auid": "a"}, exec={"cmd": "true"})
+    status, reply = cmd_server.get("/api/v1/dm-2/d_meta")
+    assert json.loads(reply["GET"]["dm-2"]["d_meta"]) == {"jid": "dm-2", "auid": "a"}
+    # a resource-dialect job: its meta
+    status, created = cmd_server.request("POST", "/api/v1/", {"jid": "dm-3", "cmd": "true",
+                                                              "meta": {"p": 1}})
+    assert status == 201 and "sent_meta" not in created
+    status, reply = cmd_server.get("/api/v1/dm-3/d_meta")
+    assert json.loads(reply["GET"]["dm-3"]["d_meta"]) == {"p": 1}
+    status, reply = cmd_server.get("/api/v1/jobs")
+    assert all("sent_meta" not in job for job in reply["jobs"])
+    # a record written before pman kept the meta sent shows the meta it stored
+    shutil.copytree(os.path.join(HERE, "fixtures", "state-v1"), str(tmp_path / "old"))
+    old = cmd_factory("old")
+    status, reply = old.get("/api/v1/ok/d_meta")
+    assert status == 200, reply
+    assert json.loads(reply["GET"]["ok"]["d_meta"]) == {"project": "x", "n": 1}
+
+
+def test_cmd_info_started_is_false_once_done(cmd_server, tmp_path):
+    gate = tmp_path / "gate"
+    env = cmd_server.ok("run", {"jid": "st", "cmd": "while [ ! -e %s ]; do sleep 0.02; done"
+                                % shlex.quote(str(gate))})
+    pid = env["d_ret"]["pid"]
+    env = cmd_server.ok("info", {"key": "jid", "value": "st"})
+    assert env["d_ret"]["0.1"]["st"]["endInfo"] == {}
+    running = env["d_ret"]["0.0"]["st"]["startInfo"]["0"]
+    _cmd_check_info(running, jid="st", cmd=running["cmd"], auid="", pid=pid,
+                    returncode=None, done=False)
+    assert running["started"] is True
+    gate.touch()
+    _cmd_wait_finished(cmd_server, "st")
+    env = cmd_server.ok("info", {"key": "jid", "value": "st"})
+    for info in (env["d_ret"]["0.0"]["st"]["startInfo"]["0"],
+                 env["d_ret"]["0.1"]["st"]["endInfo"]["0"]):
+        assert info["started"] is False and info["startTrigger"] is True, info
+        assert info["done"] is True and info["returncode"] == 0
+    status, reply = cmd_server.get("/api/v1/st/end/0/endInfo/0/started")
+    assert reply["GET"] == {"st": {"end": {"0": {"endInfo": {"0": {"started": False}}}}}}
+
+
+def test_cmd_negative_index_counts_from_the_end(cmd_server):
+    for jid in ("first", "second", "third"):
+        cmd_server.ok("run", {"jid": jid, "cmd": "true"})
+    for name, jid in (("_-1", "third"), ("_-2", "second"), ("_-3", "first"),
+                      ("_-01", "third"), ("_2", "third")):
+        status, reply = cmd_server.get("/api/v1/%s/jid" % name)
+        assert status == 200, (name, reply)
+        assert reply == {"status": True, "path": "/api/v1/%s/jid" % name,
+                         "GET": {jid: {"jid": jid}}}
+    status, reply = cmd_server.get("/api/v1/_-1")
+    assert status == 200 and list(reply["GET"]) == ["third"]
+    assert reply["GET"]["third"]["jid"] == "third"
+    env = cmd_server.ok("get", {"path": "/_-2/cmd"})
+    assert env["d_ret"] == {"second": {"cmd": "true"}}
+    for name in ("_-4", "_-999999"):
+        status, reply = cmd_server.get("/api/v1/%s/jid" % name)
+        assert status == 404 and reply["status"] is False, (name, reply)
+    assert cmd_server.manager.nth(-1)["jid"] == "third"
+    with pytest.raises(pman.JobNotFound):
+        cmd_server.manager.nth(-4)
+
+
+def test_cmd_bad_values_are_quoted_bounded_and_env_values_never(cmd_server):
+    long_jid = "x" * 5000 + "!"
+    status, obj = cmd_server.cmd("run", {"cmd": "true", "jid": long_jid})
+    _cmd_check_error(status, obj, 400, action="run")
+    assert "'xxxxxxxx" in obj["message"] and len(obj["message"]) < 200, obj["message"]
+    status, obj = cmd_server.cmd("hello", {"askAbout": "w" * 5000})
+    _cmd_check_error(status, obj, 400, action="hello")
+    assert "'www" in obj["message"] and len(obj["message"]) < 200
+    for meta in ({"jid": "k", "signal": "SIGNOPE"}, {"jid": "k", "grace": "soon"}):
+        status, obj = cmd_server.cmd("kill", meta)
+        assert status == 400 and repr(list(meta.values())[1]) in obj["message"], obj
+    status, reply = cmd_server.request("POST", "/api/v1/", {"jid": "j", "cmd": 5})
+    assert status == 400 and "not 5" in reply["message"], reply
+    secret = "s3cr3t-value"
+    for env in ({"A": secret + "\u0000"}, ["NOEQUALS" + secret], {"K": [secret]},
+                [secret + "=" + secret, 7]):
+        status, reply = cmd_server.request("POST", "/api/v1/",
+                                           {"jid": "e", "cmd": "true", "env": env})
+        assert status == 400, reply
+        assert secret not in reply["message"], reply["message"]
+    assert cmd_server.manager.jids() == []
+    # a tree path from the body is quoted cut short too
+    cmd_server.ok("run", {"jid": "here", "cmd": "true"})
+    status, obj = cmd_server.cmd("get", {"path": "/here/" + "p" * 5000})
+    assert status == 404 and "'/here/ppp" in obj["message"] and len(obj["message"]) < 200, obj
+
+
+# ===========================================================================
+# 8. security and hostile input (sockets, bodies, JSON, job ids, token, binding, Host, no shell, never a 500)
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# hardening: socket timeouts, idle clients, backlog
 # ---------------------------------------------------------------------------
 
 def _http_wait_closed(sock, timeout):
@@ -5548,7 +6081,7 @@ def test_http_fifty_simultaneous_connects_are_accepted(http_srv):
 
 
 # ---------------------------------------------------------------------------
-# 4b. bodies
+# bodies
 # ---------------------------------------------------------------------------
 
 def test_http_body_lengths(http_srv):
@@ -5620,7 +6153,7 @@ def test_http_refused_body_never_becomes_a_request(http_factory):
 
 
 # ---------------------------------------------------------------------------
-# 4c. JSON
+# JSON
 # ---------------------------------------------------------------------------
 
 def test_http_bad_json_is_400(http_srv):
@@ -5861,7 +6394,7 @@ def test_http_huge_log_offsets_are_200_at_eof_or_400(http_srv, caplog):
 
 
 # ---------------------------------------------------------------------------
-# 4d. job ids
+# job ids
 # ---------------------------------------------------------------------------
 
 def test_http_hostile_jids(http_srv, tmp_path):
@@ -5894,7 +6427,7 @@ def test_http_hostile_jids(http_srv, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# 4e. token
+# token
 # ---------------------------------------------------------------------------
 
 def test_http_token(http_factory, caplog):
@@ -5934,7 +6467,7 @@ def test_http_token(http_factory, caplog):
 
 
 # ---------------------------------------------------------------------------
-# 4f. binding
+# binding
 # ---------------------------------------------------------------------------
 
 def test_http_non_loopback_needs_a_token(tmp_path):
@@ -5984,7 +6517,7 @@ def test_http_non_loopback_needs_a_token(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# 4g. Host header and CORS
+# Host header and CORS
 # ---------------------------------------------------------------------------
 
 def test_http_host_header_and_no_cors(http_srv):
@@ -6017,7 +6550,7 @@ def test_http_host_header_and_no_cors(http_srv):
 
 
 # ---------------------------------------------------------------------------
-# 4h. no shell interpretation of jid, cwd, env
+# no shell interpretation of jid, cwd, env
 # ---------------------------------------------------------------------------
 
 def test_http_no_shell_injection(http_srv, tmp_path):
@@ -6050,7 +6583,7 @@ def test_http_no_shell_injection(http_srv, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# 4i. never a 500
+# never a 500
 # ---------------------------------------------------------------------------
 
 def test_http_odd_numbers_and_targets_are_not_500(http_srv):
@@ -6324,44 +6857,13 @@ def test_http_fuzz_never_500(http_srv):
         seed, len(failures), "\n".join(repr(f) for f in failures[:15]))
 
 
-# ---------------------------------------------------------------------------
-# 5. keep-alive
-# ---------------------------------------------------------------------------
-
-def test_http_keep_alive_is_fast_and_reused(http_srv):
-    # "Each reply in one write" cannot be observed from a client; the time
-    # bound catches its symptom: a head and a body sent in two writes wait
-    # for a delayed ACK (~40 ms), so 200 requests would take ~8 s.
-    _http_post_job(http_srv, {"jid": "ka", "cmd": "true"})
-    _http_wait_job(http_srv, "ka")
-    c = http_srv.conn()
-    try:
-        r = http_srv.request("GET", "/api/v1/", conn=c)
-        assert r.status == 200
-        sock = c.sock
-        assert sock is not None
-        t0 = time.monotonic()
-        for i in range(200):
-            path = ("/api/v1/", "/api/v1/ka/", "/api/v1/jobs?limit=1")[i % 3]
-            r = http_srv.request("GET", path, conn=c)
-            assert r.status == 200
-            assert (r.header("Connection") or "").lower() != "close"
-            assert c.sock is sock
-        elapsed = time.monotonic() - t0
-        # also POSTs (the delayed-ACK bug bites write-write-read patterns)
-        for i in range(20):
-            r = http_srv.request("POST", "/api/v1/cmd", {"payload": {"action": "hello"}},
-                                 conn=c)
-            assert r.status == 200 and c.sock is sock
-        elapsed_post = time.monotonic() - t0 - elapsed
-    finally:
-        c.close()
-    assert elapsed < 2.0, elapsed
-    assert elapsed_post < 1.0, elapsed_post
+# ===========================================================================
+# 9. command line (`pman serve`, `pman run`, ...)
+# ===========================================================================
 
 
 # ---------------------------------------------------------------------------
-# 6. the command line
+# the command line
 # ---------------------------------------------------------------------------
 
 def _http_free_port():
@@ -6530,1048 +7032,6 @@ def test_http_cli_token_file(http_cli, tmp_path):
     assert _http_stop(p) == 0
     log_text = "".join(f.read_text() for f in tmp_path.glob("cli-*.log"))
     assert "t0k-en.123" not in log_text
-
-
-# ---------------------------------------------------------------------------
-# 7. the original's module entry point: pman.pman(...).start()
-# ---------------------------------------------------------------------------
-
-def _compat_request(port, method, path, body=None):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=_HTTP_DEADLINE)
-    try:
-        c.request(method, path, body=None if body is None else json.dumps(body),
-                  headers={"Content-Type": "application/json"} if body is not None else {})
-        r = c.getresponse()
-        return r.status, json.loads(r.read() or b"{}")
-    finally:
-        c.close()
-
-
-def _compat_lock_free(state):
-    """True if nothing holds the state directory's lock."""
-    fd = os.open(os.path.join(str(state), "lock"), os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def _compat_readme_snippet():
-    """The README's pman.pman block, as its lines."""
-    with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as f:
-        text = f.read()
-    start = text.index("    import pman\n\n    options = {")
-    block = text[start:text.index("\n\n", text.index("server.start()", start))]
-    return [line[4:] for line in block.splitlines()]
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_compat_readme_snippet_serves_until_a_signal(tmp_path, sig):
-    lines = _compat_readme_snippet()
-    seed = "options = {'debugFile': '/tmp/debug.file'}"
-    assert seed in lines and "server = pman.pman(options)          # or pman.pman(**options)" \
-        in lines and lines[-1].startswith("server.start()"), lines
-    debug, state = tmp_path / "debug.file", tmp_path / "state"
-    # the snippet as README.rst has it, with this test's paths and a free port
-    script = "\n".join(lines).replace(seed, "options = {'debugFile': %r, 'DBpath': %r, "
-                                      "'port': 0}" % (str(debug), str(state)))
-    script += "\nprint('start returned', flush=True)\n"
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env=_http_clean_env(), cwd=str(tmp_path))
-    try:
-        # the debug file says where it serves
-        text = _until(lambda: debug.exists() and re.search(
-            r"serving http://127\.0\.0\.1:(\d+)/api/v1/", debug.read_text()),
-            timeout=15, what="the serving line in the debug file")
-        port = int(text.group(1))
-        status, job = _compat_request(port, "POST", "/api/v1/", {"jid": "c-1", "cmd": "exit 6"})
-        assert status == 201, job
-        status, job = _compat_request(port, "GET", "/api/v1/c-1/?wait=10")
-        assert status == 200 and job["returncode"] == 6, job
-        p.send_signal(sig)
-        out, err = p.communicate(timeout=15)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-    assert p.returncode == 0, err
-    assert out == b"start returned\n", (out, err)
-    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
-    log_text = debug.read_text()
-    assert signal.Signals(sig).name + " received, stopping" in log_text
-    assert "POST /api/v1/ HTTP/1.1" in log_text          # requests are in the debug file
-    assert "state flushed" in log_text
-    with pman.JobManager(str(state)) as jobs:             # the state was flushed and released
-        assert jobs.get("c-1")["returncode"] == 6
-
-
-def test_compat_keywords_in_a_thread_stop_from_another(tmp_path):
-    state = tmp_path / "state"
-    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
-    handlers = list(logging.getLogger("pman").handlers)
-    server = pman.pman(IP="127.0.0.1", port="0", DBpath=str(state), listeners="4", raw=1,
-                       http=True, protocol="tcp")
-    assert isinstance(server, pman.CompatServer)
-    port = server.server_address[1]
-    thread = threading.Thread(target=server.start, name="compat-start", daemon=True)
-    thread.start()
-    try:
-        status, env = _compat_request(port, "POST", "/api/v1/cmd/", {
-            "payload": {"action": "run", "meta": {"cmd": "sleep 30", "jid": "kept"}}})
-        assert status == 200 and env["status"] is True, env
-        pid = env["d_ret"]["pid"]
-        # not the main thread: no signal handler was touched
-        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
-        assert server.server.listeners._initial_value == 4
-        server.stop()
-        assert not thread.is_alive()
-        server.stop()                                # again: nothing to do
-        with pytest.raises(pman.PmanError):
-            server.start()
-        assert _compat_lock_free(state)
-        assert logging.getLogger("pman").handlers == handlers
-        # running jobs keep running, as after main()
-        assert _http_pid_alive(pid)
-        with pman.JobManager(str(state)) as jobs:
-            assert jobs.get("kept")["status"] == "started"
-            jobs.kill("kept", "SIGKILL")
-            assert jobs.wait("kept", timeout=10)["returncode"] == -9
-    finally:
-        server.stop()
-        thread.join(10)
-
-
-def test_compat_quit_ends_start_and_stop_before_start_releases(tmp_path):
-    server = pman.pman({"DBpath": str(tmp_path / "q"), "port": 0})
-    thread = threading.Thread(target=server.start, name="compat-start", daemon=True)
-    thread.start()
-    status, env = _compat_request(server.server_address[1], "POST", "/api/v1/cmd/",
-                                  {"payload": {"action": "quit", "meta": {"saveDB": True}}})
-    assert status == 200 and env["status"] is True
-    thread.join(15)
-    assert not thread.is_alive()
-    assert _compat_lock_free(tmp_path / "q")
-    server.stop()                                    # after a quit: returns at once
-
-    never = pman.pman({"port": 0}, DBpath=str(tmp_path / "n"))
-    assert not _compat_lock_free(tmp_path / "n")
-    never.stop()
-    assert _compat_lock_free(tmp_path / "n")
-    with pytest.raises(pman.PmanError):
-        never.start()
-
-
-def test_compat_bad_options_are_clear_errors_that_leave_nothing_open(tmp_path):
-    state = tmp_path / "s"
-    handlers = list(logging.getLogger("pman").handlers)
-    cases = [
-        (({"debugFile": "x", "Ip": "127.0.0.1"},), {}, "'Ip'"),
-        ((), {"DBpath": str(state), "verbose": 1}, "'verbose'"),
-        ((), {"protocol": "udp"}, "'udp'"),
-        ((), {"port": "x"}, "'x'"),
-        ((), {"port": 70000}, "70000"),
-        ((), {"listeners": True}, "True"),
-        ((), {"IP": 127}, "127"),
-        ((), {"DBpath": 5}, "5"),
-        ((["debugFile"],), {}, "['debugFile']"),
-        (({"port": 0},), {"port": 1}, "port"),
-    ]
-    for args, kwargs, shown in cases:
-        with pytest.raises(pman.InvalidArgument) as info:
-            pman.pman(*args, **kwargs)
-        assert shown in str(info.value), (args, kwargs, str(info.value))
-    with pytest.raises(pman.PmanError) as info:
-        pman.pman(DBpath=str(state), port=0, debugFile=str(tmp_path / "no" / "debug.file"))
-    assert "debugFile" in str(info.value)
-    assert logging.getLogger("pman").handlers == handlers
-    assert not state.exists() or _compat_lock_free(state)
-    busy = socket.socket()
-    busy.bind(("127.0.0.1", 0))
-    busy.listen(1)
-    try:
-        with pytest.raises(OSError):
-            pman.pman(DBpath=str(state), port=busy.getsockname()[1])
-    finally:
-        busy.close()
-    assert _compat_lock_free(state)                 # the manager was closed again
-
-
-# ===========================================================================
-# slurm
-# ===========================================================================
-_SLURM_DEADLINE = 60.0          # s: the bound on any one wait below
-_SLURM_PMAN = os.path.join(HERE, "pman.py")
-
-
-# ---------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------
-
-def _slurm_until(pred, timeout=_SLURM_DEADLINE, what="condition", interval=0.05):
-    return _until(pred, timeout, what, interval)
-
-
-def _slurm_cmd(*argv, check=True):
-    out = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
-                         text=True, timeout=30)
-    if check:
-        assert out.returncode == 0, (argv, out.returncode, out.stderr)
-    return out
-
-
-def _slurm_ids_named(name):
-    """Every SLURM job id (pending, running or finished) named *name*."""
-    out = _slurm_cmd("squeue", "-t", "all", "-h", "--name", name, "-o", "%i")
-    return sorted(out.stdout.split(), key=int)
-
-
-def _slurm_job(job_id):
-    """SLURM's own view of one job: scontrol's Key=Value fields."""
-    out = _slurm_cmd("scontrol", "show", "job", "-o", job_id)
-    return dict(f.split("=", 1) for f in out.stdout.split() if "=" in f)
-
-
-def _slurm_state(job_id):
-    out = _slurm_cmd("squeue", "-t", "all", "-h", "-j", job_id, "-o", "%T")
-    return out.stdout.strip()
-
-
-_SLURM_ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY",
-                "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
-
-
-def _slurm_wait_started(manager, jid, timeout=_SLURM_DEADLINE):
-    return _slurm_until(lambda: manager.get(jid)["status"] == "started" and manager.get(jid),
-                        timeout, "job %s to leave the SLURM queue and run" % jid)
-
-
-def _slurm_request(port, method, path, body=None, timeout=_SLURM_DEADLINE + 10):
-    """(status, parsed JSON or None, raw bytes) of one request."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        headers = {}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode("utf-8")
-            headers["Content-Type"] = "application/json"
-        conn.request(method, path, body=data, headers=headers)
-        reply = conn.getresponse()
-        raw = reply.read()
-        if raw:
-            assert reply.getheader("Content-Type", "").startswith("application/json"), raw[:200]
-            assert int(reply.getheader("Content-Length")) == len(raw)
-        return reply.status, (json.loads(raw) if raw else None), raw
-    finally:
-        conn.close()
-
-
-def _slurm_http_wait(port, jid, timeout=_SLURM_DEADLINE):
-    """Long-poll GET ?wait= until the job has ended (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = max(0.0, deadline - time.monotonic())
-        status, job, raw = _slurm_request(port, "GET", "/api/v1/%s/?wait=%.2f" % (jid, min(left, 30)))
-        assert status == 200, raw[:500]
-        if job["status"] not in ("notstarted", "started"):
-            return job
-        if left <= 0:
-            raise AssertionError("job %s still %s after %s s" % (jid, job["status"], timeout))
-
-
-def _slurm_state_line(**fields):
-    """One job line of pman's state file, fields in pman's persisted order."""
-    record = {"jid": None, "status": None, "seq": None, "message": "", "returncode": None,
-              "pid": None, "cmd": None, "argv": None, "auid": "", "meta": {}, "env": None,
-              "cwd": None, "timeout": None, "extras": {}, "submitted": None,
-              "started": None, "ended": None, "ident": None, "kill_signal": None,
-              "kill_reason": None, "backend_id": None}
-    unknown = set(fields) - set(record)
-    assert not unknown, unknown
-    record.update(fields)
-    return json.dumps(record)
-
-
-# ---------------------------------------------------------------------------
-# fixtures
-# ---------------------------------------------------------------------------
-
-@pytest.fixture
-def slurm_cluster():
-    """The skip rule, in one place: no sbatch and no CI -> skip (saying why);
-    under CI a missing or unresponsive cluster is a failure."""
-    if shutil.which("sbatch") is None and not _ci():
-        pytest.skip("SLURM is not installed here (no sbatch on PATH) and CI is not set: "
-                    "run .ci/slurm-up.sh to run the SLURM backend's tests")
-    assert shutil.which("sbatch"), ("CI is set but sbatch is not on PATH: the SLURM "
-                                    "backend's tests need .ci/slurm-up.sh to have worked")
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%P %a"], capture_output=True,
-                             text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.fail("sinfo does not answer (%s): is slurmctld up? run .ci/slurm-up.sh" % e)
-    assert out.returncode == 0 and " up" in out.stdout, (
-        "sinfo does not answer or no partition is up: %r %r" % (out.stdout, out.stderr))
-
-
-@pytest.fixture
-def slurm_ctx(slurm_cluster, tmp_path):
-    """Per test: a unique jid prefix (SLURM remembers job names for a day),
-    a factory of managers on tmp_path state, and a server factory.  At
-    teardown: servers stopped, every SLURM job this test created that may
-    still run is cancelled (records' backend_ids, ids tracked by hand, and
-    any job named with this test's prefix), managers closed with kill=True."""
-    prefix = "pt%s" % uuid.uuid4().hex[:10]
-    managers, servers, ids = [], [], set()
-    counter = iter(range(1, 1000000))
-
-    def jid(name="j"):
-        return "%s-%s-%d" % (prefix, name, next(counter))
-
-    def open_manager(state_dir=None, backend=None, **options):
-        m = pman.JobManager(str(state_dir if state_dir is not None else tmp_path / "state"),
-                            backend=backend if backend is not None else pman.SlurmBackend(),
-                            **options)
-        managers.append(m)
-        return m
-
-    def serve(manager):
-        server = pman.make_server(manager, "127.0.0.1", 0)
-        thread = threading.Thread(target=server.serve_forever, name="slurm-test-http",
-                                  daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return server.server_address[1]
-
-    ctx = types.SimpleNamespace(prefix=prefix, jid=jid, open=open_manager, serve=serve,
-                                track=ids.add, tmp=tmp_path)
-    yield ctx
-    for server, thread in servers:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-    for m in managers:
-        try:
-            ids.update(r["backend_id"] for r in m.jobs() if r.get("backend_id"))
-        except pman.PmanError:
-            pass            # closed by the test
-    active = _slurm_cmd("squeue", "-h", "-o", "%i %j", check=False).stdout.split("\n")
-    ids.update(line.split()[0] for line in active
-               if len(line.split()) == 2 and line.split()[1].startswith(prefix))
-    ids = sorted(i for i in ids if i and i.isdigit())
-    if ids:
-        _slurm_cmd("scancel", *ids, check=False)
-    for m in reversed(managers):
-        m.close(kill=True)
-
-
-# ---------------------------------------------------------------------------
-# exit codes, kill, timeout
-# ---------------------------------------------------------------------------
-
-def test_slurm_exit_codes(slurm_ctx):
-    m = slurm_ctx.open()
-    ok, bad = slurm_ctx.jid("ok"), slurm_ctx.jid("bad")
-    first = m.run("exit 0", jid=ok)
-    m.run("exit 3", jid=bad)
-    assert first["status"] == "notstarted" and first["returncode"] is None
-    assert first["backend_id"].isdigit()
-    assert "submitted to SLURM as job %s" % first["backend_id"] in first["message"]
-    a, b = m.wait([ok, bad], timeout=_SLURM_DEADLINE)
-    assert (a["status"], a["returncode"]) == ("finishedSuccessfully", 0), a
-    assert "COMPLETED" in a["message"] and a["backend_id"] in a["message"], a["message"]
-    assert "exited with code 0" in a["message"]
-    assert (b["status"], b["returncode"]) == ("finishedWithError", 3), b
-    assert "FAILED" in b["message"] and "exited with code 3" in b["message"], b["message"]
-    assert b["backend_id"] in b["message"] and b["backend_id"] != a["backend_id"]
-    # SLURM agrees: these are its own outcomes, not pman's guesses.
-    assert _slurm_job(a["backend_id"])["JobState"] == "COMPLETED"
-    assert _slurm_job(b["backend_id"])["ExitCode"] == "3:0"
-    assert m.backend.calls["sbatch"] == 2
-
-
-def test_slurm_finished_job_records_its_start(slurm_ctx):
-    """A job that ran and exited has a start time (the command dialect's
-    startTrigger is false only for a job that never started), even when it
-    went from PENDING to FAILED between two polls."""
-    m = slurm_ctx.open()
-    jid = slurm_ctx.jid()
-    m.run("exit 3", jid=jid)
-    rec = m.wait(jid, timeout=_SLURM_DEADLINE)
-    assert rec["returncode"] == 3
-    assert rec["started"] is not None, rec
-    assert rec["submitted"] <= rec["started"] <= rec["ended"], rec
-
-
-def test_slurm_kill_running_job(slurm_ctx):
-    m = slurm_ctx.open()
-    jid = slurm_ctx.jid("kill")
-    m.run("sleep 100", jid=jid)
-    running = _slurm_wait_started(m, jid)
-    job_id = running["backend_id"]
-    assert "running in SLURM as job %s" % job_id in running["message"]
-    assert _slurm_state(job_id) == "RUNNING"
-    m.kill(jid)
-    rec = m.wait(jid, timeout=_SLURM_DEADLINE)
-    assert (rec["status"], rec["returncode"]) == ("finishedWithError", -15), rec
-    assert "killed by SIGTERM on request" in rec["message"], rec["message"]
-    # Ended only once SLURM said so, and the message carries SLURM's word.
-    assert _slurm_state(job_id) in _SLURM_ENDED
-    assert "SLURM" in rec["message"] and job_id in rec["message"], rec["message"]
-    assert rec["backend_id"] == job_id
-    assert _slurm_ids_named(jid) == [job_id]
-
-
-def test_slurm_timeout(slurm_ctx):
-    m = slurm_ctx.open()
-    jid = slurm_ctx.jid("timeout")
-    m.run("sleep 100", jid=jid, timeout=1)
-    rec = m.wait(jid, timeout=_SLURM_DEADLINE)
-    assert (rec["status"], rec["returncode"]) == ("finishedWithError", -15), rec
-    assert "timed out" in rec["message"], rec["message"]
-    assert rec["started"] is not None
-    # The timeout counts from the start; the job ran about 1 s, not 100.
-    ran = (datetime.fromisoformat(rec["ended"]) - datetime.fromisoformat(rec["started"]))
-    assert timedelta(seconds=0.9) <= ran < timedelta(seconds=30), ran
-    assert _slurm_state(rec["backend_id"]) in _SLURM_ENDED
-
-
-def test_slurm_limits_reach_sbatch(slurm_ctx):
-    """pfcon's cpu_limit (millicores) becomes --cpus-per-task, rounded up
-    (1500 -> 2, not SLURM's default 1); a timeout becomes a --time backstop
-    one minute past it (90 s -> 3 min), as README says."""
-    m = slurm_ctx.open()
-    jid = slurm_ctx.jid("limits")
-    rec = m.run("sleep 100", jid=jid, timeout=90, extras={"cpu_limit": 1500})
-    fields = _slurm_job(rec["backend_id"])
-    assert (fields["CPUs/Task"], fields["NumCPUs"]) == ("2", "2"), fields
-    assert fields["TimeLimit"] == "00:03:00", fields
-    plain = slurm_ctx.jid("plain")
-    rec = m.run("sleep 100", jid=plain)
-    fields = _slurm_job(rec["backend_id"])
-    assert fields["CPUs/Task"] == "1" and fields["TimeLimit"] != "00:03:00", fields
-    for j in (jid, plain):
-        m.kill(j)
-    m.wait([jid, plain], timeout=_SLURM_DEADLINE)
-
-
-def test_slurm_job_ended_by_a_signal_is_minus_the_signal(slurm_ctx):
-    """SLURM's ExitCode X:Y with a signal Y (here the batch shell sends
-    itself SIGUSR2) gives returncode -Y."""
-    m = slurm_ctx.open()
-    jid = slurm_ctx.jid("sig")
-    m.run("kill -USR2 $$; sleep 5", jid=jid)
-    rec = m.wait(jid, timeout=_SLURM_DEADLINE)
-    assert (rec["status"], rec["returncode"]) == ("finishedWithError", -12), rec
-    assert "SIGUSR2" in rec["message"], rec["message"]
-
-
-def test_slurm_pending_kill_escalates_after_a_restart(slurm_ctx):
-    """A SIGTERM sent before the manager stopped, to a job that ignores it,
-    still turns into a SIGKILL after the grace period of the next manager."""
-    state = slurm_ctx.tmp / "escalate"
-    m = slurm_ctx.open(state, grace=300)
-    jid = slurm_ctx.jid("esc")
-    m.run("trap '' TERM; echo ready; sleep 300", jid=jid)
-    _slurm_wait_started(m, jid)
-    _slurm_until(lambda: b"ready" in m.read_log(jid)["data"], what="the job to ignore TERM")
-    m.kill(jid)                 # SIGTERM now, SIGKILL due in 300 s
-    m.close()                   # running jobs keep running; the kill is on disk
-    m2 = slurm_ctx.open(state, grace=1)
-    assert m2.get(jid)["status"] == "started"
-    rec = m2.wait(jid, timeout=_SLURM_DEADLINE)
-    assert (rec["status"], rec["returncode"]) == ("finishedWithError", -9), rec
-    assert "SIGKILL" in rec["message"], rec["message"]
-
-
-def test_slurm_states_map_to_statuses():
-    """SlurmBackend.check's table, on the states squeue/sacct report (no
-    cluster needed): an unknown state is `undefined`, a signal -Y."""
-    backend = pman.SlurmBackend()
-    stamp = "2026-11-28T06:34:26"
-    cases = [(("COMPLETED", "None", 0, 0), ("finishedSuccessfully", 0)),
-             (("FAILED", "NonZeroExitCode", 3, 0), ("finishedWithError", 3)),
-             (("FAILED", "JobLaunchFailure", 0, 12), ("finishedWithError", -12)),
-             (("CANCELLED+", "None", 0, 9), ("finishedWithError", -9)),
-             (("TIMEOUT", "TimeLimit", 0, 15), ("finishedWithError", -15)),
-             (("SOME_NEW_STATE", "None", 0, 0), ("undefined", None)),
-             (("BOOT_FAILX", "None", 1, 0), ("undefined", None))]
-    for (state, reason, code, sig), want in cases:
-        job = pman._Job(jid="s", status="started", seq=1, backend_id="77",
-                        submitted="2026-11-28T06:34:25+00:00",
-                        started="2026-11-28T06:34:26+00:00")
-        backend._states = {"77": (state, reason, code, sig, stamp)}
-        end = backend.check(job)
-        assert (end.status, end.code) == want, (state, end)
-        if want[0] == "undefined":
-            assert "unknown SLURM state" in end.message, end
-    job = pman._Job(jid="s", status="notstarted", seq=1, backend_id="77")
-    backend._states = {"77": ("PENDING", "Priority", None, None, "N/A")}
-    seen = backend.check(job)
-    assert seen.state == pman.QUEUED and "Priority" in seen.message, seen
-
-
-# ---------------------------------------------------------------------------
-# logs, env, cwd
-# ---------------------------------------------------------------------------
-
-def test_slurm_logs_env_and_cwd(slurm_ctx):
-    m = slurm_ctx.open()
-    workdir = slurm_ctx.tmp / "work dir, with comma"
-    workdir.mkdir()
-    env_job, cwd_job, argv_job = slurm_ctx.jid("env"), slurm_ctx.jid("cwd"), slurm_ctx.jid("argv")
-    m.run('echo "A=$A"; echo "B=$B"; echo "to-stderr" >&2; exit 2', jid=env_job,
-          env={"A": "x,y", "B": "k=v,w z"})
-    m.run("pwd", jid=cwd_job, cwd=str(workdir))
-    m.run(["printf", "%s|", "a b", "c'd", "$HOME"], jid=argv_job)
-    recs = m.wait([env_job, cwd_job, argv_job], timeout=_SLURM_DEADLINE)
-    assert [r["returncode"] for r in recs] == [2, 0, 0], recs
-
-    out = m.read_log(env_job, "stdout")
-    assert out["data"] == b"A=x,y\nB=k=v,w z\n", out
-    assert out["eof"] is True
-    err = m.read_log(env_job, "stderr")
-    assert err["data"] == b"to-stderr\n", err
-    assert m.tail(env_job) == "A=x,y\nB=k=v,w z\nto-stderr\n"
-    assert m.tail(env_job, "stderr") == "to-stderr\n"
-    assert recs[0]["env"] == ["A", "B"]         # keys only, never the values
-    assert "x,y" not in json.dumps(m.get(env_job))
-    # The file that carried the environment to sbatch is gone once the job is.
-    leftovers = [n for n in os.listdir(os.path.join(m.state_dir, "logs")) if n.endswith(".env")]
-    assert leftovers == []
-
-    assert m.read_log(cwd_job)["data"].decode() == str(workdir) + "\n"
-    assert m.read_log(argv_job)["data"] == b"a b|c'd|$HOME|"
-
-
-def test_slurm_missing_cwd_is_a_spawn_failure(slurm_ctx):
-    m = slurm_ctx.open()
-    jid = slurm_ctx.jid()
-    rec = m.run("pwd", jid=jid, cwd=str(slurm_ctx.tmp / "nope"))
-    assert rec["status"] == "finishedWithError" and rec["returncode"] is None
-    assert "spawn failed" in rec["message"] and "nope" in rec["message"]
-    assert m.backend.calls["sbatch"] == 0 and _slurm_ids_named(jid) == []
-
-
-# ---------------------------------------------------------------------------
-# many jobs, polling
-# ---------------------------------------------------------------------------
-
-def test_slurm_fifty_jobs_at_once(slurm_ctx):
-    m = slurm_ctx.open()
-    jids = [slurm_ctx.jid("n") for _ in range(50)]
-    for i, jid in enumerate(jids):
-        m.run("exit %d" % (i % 5), jid=jid)
-    recs = m.wait(jids, timeout=90)
-    for i, rec in enumerate(recs):
-        code = i % 5
-        assert rec["returncode"] == code, rec
-        assert rec["status"] == ("finishedSuccessfully" if code == 0 else "finishedWithError"), rec
-        assert ("COMPLETED" if code == 0 else "FAILED") in rec["message"], rec["message"]
-        assert "exited with code %d" % code in rec["message"]
-    assert len({r["backend_id"] for r in recs}) == 50
-    assert m.backend.calls["sbatch"] == 50
-    assert m.counts()["finishedSuccessfully"] == 10 and m.counts()["finishedWithError"] == 40
-
-
-def _slurm_counting_backend(**options):
-    """A real SlurmBackend that also counts its polls and the job states each
-    poll asks SLURM for (instrumentation only: every call still reaches
-    SLURM)."""
-    class Counting(pman.SlurmBackend):
-        polls = observed = 0
-
-        def poll(self, ids):
-            self.polls += 1
-            self.observed += len(ids)
-            return super().poll(ids)
-    return Counting(**options)
-
-
-def test_slurm_one_squeue_per_poll(slurm_ctx):
-    """Every poll asks SLURM about all active jobs in one squeue call."""
-    backend = _slurm_counting_backend()
-    m = slurm_ctx.open(backend=backend)
-    jids = [slurm_ctx.jid("p") for _ in range(20)]
-    for jid in jids:
-        m.run("sleep 1", jid=jid)
-    recs = m.wait(jids, timeout=_SLURM_DEADLINE)
-    assert all(r["returncode"] == 0 for r in recs), recs
-    calls = backend.calls["squeue"]
-    assert backend.polls >= 2
-    assert calls <= backend.polls, (calls, backend.polls)     # at most one squeue a poll
-    # ... for many jobs at once: far fewer calls than job-state observations.
-    assert backend.observed >= 4 * calls, (backend.observed, calls)
-    assert backend.calls["sbatch"] == 20 and backend.calls["scancel"] == 0
-
-    # One poll, by itself: one squeue call answers for all twenty jobs.
-    probe = pman.SlurmBackend()
-    states = probe.poll([r["backend_id"] for r in recs])
-    assert probe.calls["squeue"] == 1 and probe.calls["sacct"] == 0
-    assert set(states) == {r["backend_id"] for r in recs}
-    assert all(s[0] == "COMPLETED" and s[2] == 0 and not s[3] for s in states.values()), states
-
-
-def test_slurm_polls_no_faster_than_min_poll(slurm_ctx):
-    """A burst of submissions does not turn into a burst of squeue calls:
-    polls stay at least MIN_POLL apart (the docstring's adaptive interval),
-    so a big submission does not hammer slurmctld.  Then a job cancelled
-    outside pman ends finishedWithError with SLURM's state named."""
-    m = slurm_ctx.open(backend=pman.SlurmBackend(sbatch_args=["--hold"]))
-    jids = [slurm_ctx.jid("burst") for _ in range(20)]
-    t0 = time.monotonic()
-    ids = []
-    for jid in jids:
-        ids.append(m.run("true", jid=jid)["backend_id"])
-        slurm_ctx.track(ids[-1])
-    elapsed = time.monotonic() - t0
-    calls = m.backend.calls["squeue"]
-    assert calls <= elapsed / pman.SlurmBackend.MIN_POLL + 2, (
-        "%d squeue calls while submitting 20 jobs in %.2f s" % (calls, elapsed))
-
-    _slurm_cmd("scancel", *ids)
-    recs = m.wait(jids, timeout=_SLURM_DEADLINE)
-    for rec in recs:
-        assert rec["status"] == "finishedWithError", rec
-        assert "CANCELLED" in rec["message"] and rec["backend_id"] in rec["message"], rec
-        assert rec["returncode"] is None, rec
-
-
-# ---------------------------------------------------------------------------
-# PENDING
-# ---------------------------------------------------------------------------
-
-def test_slurm_pending_job_stays_notstarted(slurm_ctx):
-    m = slurm_ctx.open(backend=pman.SlurmBackend(sbatch_args=["--hold"]))
-    jid = slurm_ctx.jid("held")
-    rec = m.run("echo released", jid=jid)
-    job_id = rec["backend_id"]
-    slurm_ctx.track(job_id)
-    pending = _slurm_until(lambda: "pending" in m.get(jid)["message"] and m.get(jid),
-                           what="the held job to be seen pending")
-    assert pending["status"] == "notstarted" and pending["returncode"] is None
-    assert pending["started"] is None
-    assert "pending in SLURM as job %s" % job_id in pending["message"], pending["message"]
-    assert "JobHeldUser" in pending["message"], pending["message"]
-    with pytest.raises(pman.Timeout):           # held: it does not end by itself
-        m.wait(jid, timeout=1)
-    assert m.get(jid)["status"] == "notstarted"
-    assert _slurm_state(job_id) == "PENDING"
-    _slurm_cmd("scontrol", "release", job_id)
-    done = m.wait(jid, timeout=_SLURM_DEADLINE)
-    assert (done["status"], done["returncode"]) == ("finishedSuccessfully", 0), done
-    assert m.tail(jid) == "released\n"
-    assert _slurm_ids_named(jid) == [job_id]
-
-
-def test_slurm_kill_pending_job(slurm_ctx):
-    """A job still queued in SLURM can be killed: it is cancelled there and
-    ends finishedWithError (never started)."""
-    backend = pman.SlurmBackend(sbatch_args=["--hold"])
-    # Bound a scheduler command that hangs (scancel retries for minutes on a
-    # pending job when asked to signal it) to keep this test short.
-    backend.COMMAND_TIMEOUT = 5.0
-    m = slurm_ctx.open(backend=backend)
-    jid = slurm_ctx.jid("held")
-    job_id = m.run("echo never", jid=jid)["backend_id"]
-    slurm_ctx.track(job_id)
-    _slurm_until(lambda: "pending" in m.get(jid)["message"], what="the job to be pending")
-    m.kill(jid)
-    rec = m.wait(jid, timeout=_SLURM_DEADLINE)
-    assert rec["status"] == "finishedWithError", rec
-    assert "on request" in rec["message"], rec["message"]
-    # Like a job cancelled in pman's own queue: no code, and it never started.
-    assert rec["returncode"] is None and rec["started"] is None, rec
-    assert "cancelled before it started" in rec["message"], rec["message"]
-    assert _slurm_state(job_id) == "CANCELLED"
-    assert m.tail(jid) == ""
-
-
-# ---------------------------------------------------------------------------
-# restart
-# ---------------------------------------------------------------------------
-
-def test_slurm_restart_after_sigkill_readopts_without_resubmitting(slurm_ctx):
-    """The first manager is `python pman.py --backend slurm ...` in a child
-    process, SIGKILLed while its SLURM jobs run.  One job ends while no
-    manager runs, one after the restart: both get their exact code, and
-    nothing is submitted again."""
-    state = slurm_ctx.tmp / "state"
-    errlog = slurm_ctx.tmp / "child.err"
-    flag_early, flag_late = slurm_ctx.tmp / "early.flag", slurm_ctx.tmp / "late.flag"
-    comment = "pman-test-" + slurm_ctx.prefix
-    with open(errlog, "wb") as err:
-        child = subprocess.Popen(
-            [sys.executable, _SLURM_PMAN, "--backend", "slurm", "--slurm-partition", "debug",
-             # one shell-quoted string, as --help shows ("--qos=long --account=lab")
-             "--sbatch-args", "--comment=%s --no-requeue" % comment,
-             "--port", "0", "--state-dir", str(state)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-            cwd=str(slurm_ctx.tmp))
-    try:
-        def port():
-            text = errlog.read_text()
-            assert child.poll() is None, "pman exited early: %s" % text
-            marker = "serving http://127.0.0.1:"
-            return text.split(marker, 1)[1].split("/", 1)[0] if marker in text else None
-        port = int(_slurm_until(port, 30, "the child pman to serve"))
-        early, late = slurm_ctx.jid("early"), slurm_ctx.jid("late")
-        for jid, flag, code in ((early, flag_early, 5), (late, flag_late, 7)):
-            status, job, raw = _slurm_request(port, "POST", "/api/v1/", {
-                "jid": jid, "cmd": "while [ ! -e '%s' ]; do sleep 0.05; done; echo bye; exit %d"
-                % (flag, code)})
-            assert status == 201, raw
-            slurm_ctx.track(job["backend_id"])
-
-        def both_started():
-            jobs = [_slurm_request(port, "GET", "/api/v1/%s/" % j)[1] for j in (early, late)]
-            return all(j["status"] == "started" for j in jobs) and jobs
-        before = {j["jid"]: j["backend_id"] for j in _slurm_until(both_started,
-                                                                 what="both jobs to run")}
-        for job_id in before.values():
-            info = _slurm_job(job_id)
-            assert info["Partition"] == "debug" and info["Comment"] == comment, info
-            assert info["Requeue"] == "0", info
-    finally:
-        child.kill()                            # SIGKILL: no chance to tidy up
-        child.wait(30)
-    assert child.returncode == -signal.SIGKILL
-
-    # The early job ends while no manager runs.
-    flag_early.touch()
-    _slurm_until(lambda: _slurm_state(before[early]) in _SLURM_ENDED, what="the early job to end")
-    assert _slurm_state(before[late]) == "RUNNING"
-
-    m = slurm_ctx.open(state, backend=pman.SlurmBackend(partition="debug"))
-    rec = m.wait(early, timeout=_SLURM_DEADLINE)
-    assert (rec["status"], rec["returncode"]) == ("finishedWithError", 5), rec
-    assert "exited with code 5" in rec["message"], rec["message"]
-    assert rec["backend_id"] == before[early]
-    assert m.tail(early) == "bye\n"
-    live = m.get(late)
-    assert live["status"] == "started" and live["backend_id"] == before[late], live
-    flag_late.touch()
-    rec = m.wait(late, timeout=_SLURM_DEADLINE)
-    assert (rec["status"], rec["returncode"]) == ("finishedWithError", 7), rec
-    assert rec["backend_id"] == before[late]
-    assert m.backend.calls["sbatch"] == 0
-    for jid in (early, late):
-        assert _slurm_ids_named(jid) == [before[jid]]
-
-
-def test_slurm_restart_after_close_readopts(slurm_ctx):
-    flag = slurm_ctx.tmp / "go.flag"
-    m = slurm_ctx.open()
-    jid = slurm_ctx.jid("close")
-    m.run("while [ ! -e '%s' ]; do sleep 0.05; done; exit 4" % flag, jid=jid)
-    job_id = _slurm_wait_started(m, jid)["backend_id"]
-    m.close()                                   # not kill: the job keeps running
-    assert _slurm_state(job_id) == "RUNNING"
-    m2 = slurm_ctx.open()
-    rec = m2.get(jid)
-    assert rec["status"] == "started" and rec["backend_id"] == job_id, rec
-    flag.touch()
-    rec = m2.wait(jid, timeout=_SLURM_DEADLINE)
-    assert (rec["status"], rec["returncode"]) == ("finishedWithError", 4), rec
-    assert m2.backend.calls["sbatch"] == 0
-    assert _slurm_ids_named(jid) == [job_id]
-
-
-def test_slurm_recovers_inflight_submission_by_job_name(slurm_ctx):
-    """A record left `notstarted` with backend_id "" (sbatch was in flight
-    when the manager died) is matched to the SLURM job of that name
-    submitted since; a same-named job from before the record is not
-    adopted: that record is submitted anew."""
-    state = slurm_ctx.tmp / "state"
-    logs = state / "logs"
-    logs.mkdir(parents=True)
-    adopted, fresh = slurm_ctx.jid("adopt"), slurm_ctx.jid("fresh")
-
-    def sbatch(name, command, out=None):
-        job_id = _slurm_cmd("sbatch", "--parsable", "-J", name,
-                            "-o", out or str(logs / (name + ".out")),
-                            "-e", out or str(logs / (name + ".err")),
-                            "--wrap", command).stdout.strip().split(";")[0]
-        slurm_ctx.track(job_id)
-        return job_id
-
-    # An older SLURM job named like the second record: from before its submission.
-    # (Its output goes elsewhere: SLURM truncates an output file when the job starts.)
-    stale = sbatch(fresh, "exit 9", out="/dev/null")
-    second = int(time.time()) + 1               # SLURM's SubmitTime has 1 s resolution
-    _slurm_until(lambda: time.time() >= second + 0.05, 3, "the next second", 0.01)
-    submitted = datetime.now(timezone.utc).isoformat()
-    ours = sbatch(adopted, "echo adopted; exit 6")
-    lines = [_slurm_state_line(jid=adopted, status="notstarted", seq=1, cmd="exit 1",
-                               message="queued: waiting for a free slot",
-                               submitted=submitted, backend_id=""),
-             _slurm_state_line(jid=fresh, status="notstarted", seq=2, cmd="echo new; exit 4",
-                               message="queued: waiting for a free slot",
-                               submitted=submitted, backend_id="")]
-    header = json.dumps({"pman_state": 1, "generation": 0, "next_seq": 3,
-                         "written": submitted, "pman_version": pman.__version__})
-    (state / "state.jsonl").write_text(header + "\n" + "".join(l + "\n" for l in lines))
-
-    m = slurm_ctx.open(state)
-    assert m.get(adopted)["backend_id"] == ours
-    a, f = m.wait([adopted, fresh], timeout=_SLURM_DEADLINE)
-    assert (a["status"], a["returncode"]) == ("finishedWithError", 6), a
-    assert a["backend_id"] == ours and m.tail(adopted) == "adopted\n"
-    assert _slurm_ids_named(adopted) == [ours]
-    assert (f["status"], f["returncode"]) == ("finishedWithError", 4), f
-    assert f["backend_id"] not in ("", None, stale) and m.tail(fresh) == "new\n"
-    assert _slurm_ids_named(fresh) == sorted([stale, f["backend_id"]], key=int)
-    assert m.backend.calls["sbatch"] == 1
-
-
-# ---------------------------------------------------------------------------
-# HTTP
-# ---------------------------------------------------------------------------
-
-def test_slurm_http_pfcon_flow(slurm_ctx):
-    m = slurm_ctx.open()
-    port = slurm_ctx.serve(m)
-    jid = slurm_ctx.jid("pfcon")
-    status, job, raw = _slurm_request(port, "POST", "/api/v1/", {
-        "jid": jid, "entrypoint": ["echo"], "args": ["hello", "from slurm"],
-        "cpu_limit": 1000, "memory_limit": 100, "number_of_workers": 1, "gpu_limit": 0,
-        "image": "fnndsc/pl-simpledsapp", "type": "ds"})
-    assert status == 201, raw
-    assert job["jid"] == jid and job["status"] in ("notstarted", "started")
-    assert job["cpu_limit"] == 1000 and job["memory_limit"] == 100
-    job_id = job["backend_id"]
-    info = _slurm_job(job_id)               # the limits reached SLURM
-    assert info["MinMemoryNode"] == "100M" and info["MinCPUsNode"] == "1", info
-    done = _slurm_http_wait(port, jid)
-    assert done["status"] == "finishedSuccessfully" and done["returncode"] == 0, done
-    assert "hello from slurm" in done["logs"]
-    status, root, raw = _slurm_request(port, "GET", "/api/v1/")
-    assert status == 200 and root["container_env"] == "slurm" and jid in root["GET"], raw
-    status, body, raw = _slurm_request(port, "DELETE", "/api/v1/%s/" % jid)
-    assert status == 204 and raw == b""
-    status, body, raw = _slurm_request(port, "GET", "/api/v1/%s/" % jid)
-    assert status == 404 and body["status"] is False, raw
-    assert _slurm_ids_named(jid) == [job_id]
-
-
-# ---------------------------------------------------------------------------
-# errors
-# ---------------------------------------------------------------------------
-
-def test_slurm_rejected_submission(slurm_ctx):
-    state = slurm_ctx.tmp / "state"
-    m = slurm_ctx.open(state, backend=pman.SlurmBackend(partition="nosuchpartition"))
-    jid = slurm_ctx.jid("rej")
-    with pytest.raises(pman.SubmitRejected) as caught:
-        m.run("true", jid=jid)
-    assert "nosuchpartition" in str(caught.value) and "partition" in str(caught.value).lower()
-    assert jid not in m.jids()
-    with pytest.raises(pman.JobNotFound):
-        m.get(jid)
-
-    port = slurm_ctx.serve(m)
-    status, body, raw = _slurm_request(port, "POST", "/api/v1/", {"jid": jid, "cmd": "true"})
-    assert status == 400 and body["status"] is False, raw
-    assert "nosuchpartition" in body["message"], body
-    status, body, raw = _slurm_request(port, "GET", "/api/v1/%s/" % jid)
-    assert status == 404, raw
-    assert _slurm_ids_named(jid) == []
-    m.close()
-    again = slurm_ctx.open(state)           # not in the state on disk either
-    assert again.jids() == []
-
-
-def test_slurm_missing_sbatch_is_backend_unavailable(slurm_ctx, monkeypatch):
-    state = slurm_ctx.tmp / "state"
-    empty = slurm_ctx.tmp / "empty-bin"
-    empty.mkdir()
-    with monkeypatch.context() as patch:
-        patch.setenv("PATH", str(empty))
-        with pytest.raises(pman.BackendUnavailable) as caught:
-            pman.JobManager(str(state), backend=pman.SlurmBackend())
-        assert "sbatch" in str(caught.value)
-        with pytest.raises(pman.BackendUnavailable):
-            pman.JobManager(str(state), backend="slurm")
-        # The command line says so and exits 3 (a child: main() configures logging).
-        out = subprocess.run([sys.executable, _SLURM_PMAN, "--backend", "slurm", "--port", "0",
-                              "--state-dir", str(state)], stdin=subprocess.DEVNULL,
-                             capture_output=True, text=True, timeout=30)
-        assert out.returncode == 3 and "sbatch" in out.stderr, (out.returncode, out.stderr)
-    # Nothing held on to the directory: with SLURM back on PATH it opens.
-    m = slurm_ctx.open(state)
-    jid = slurm_ctx.jid()
-    m.run("exit 0", jid=jid)
-    assert m.wait(jid, timeout=_SLURM_DEADLINE)["returncode"] == 0
-
-
-# ===========================================================================
-# cli: the `pman` command line (issue 13), each subcommand a subprocess
-# against a real server on a real socket
-# ===========================================================================
-_CLI_PMAN = os.path.join(HERE, "pman.py")
-_CLI_DEADLINE = 30.0
-
-
-def _cli_env(**extra):
-    env = dict(os.environ)
-    for name in ("PMAN_TOKEN", "PMAN_URL", "PMAN_START_SERVER", "NO_COLOR", "COLUMNS"):
-        env.pop(name, None)
-    env.update(extra)
-    return env
-
-
-class _CliServer:
-    """`pman serve --port 0` as a subprocess; its port read from its INFO
-    start line."""
-
-    def __init__(self, tmp_path, *args, state=None):
-        self.state = str(state or tmp_path / "cli-state")
-        self.err_path = str(tmp_path / ("serve-%s.log" % uuid.uuid4().hex[:8]))
-        with open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, _CLI_PMAN, "serve", "--port", "0", "--state-dir", self.state,
-                 "--grace", "2"] + list(args), stdout=err, stderr=err, env=_cli_env(),
-                stdin=subprocess.DEVNULL)
-        line = _until(lambda: self.proc.poll() is not None or re.search(
-            r"serving http://127\.0\.0\.1:(\d+)/api/v1/", self.log()), _CLI_DEADLINE,
-            "the server's start line")
-        if self.proc.poll() is not None:
-            raise AssertionError("pman serve exited with %s: %s" % (self.proc.returncode,
-                                                                    self.log()))
-        self.port = int(line.group(1))
-        self.url = "http://127.0.0.1:%d" % self.port
-        self.job_pids = []
-
-    def log(self):
-        with open(self.err_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def http(self, method, path, body=None, timeout=_CLI_DEADLINE):
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            c.request(method, path, body=None if body is None else json.dumps(body),
-                      headers={"Content-Type": "application/json"} if body is not None else {})
-            r = c.getresponse()
-            return r.status, r.getheaders(), r.read()
-        finally:
-            c.close()
-
-    def post(self, body):
-        status, _, data = self.http("POST", "/api/v1/", body)
-        assert status == 201, (status, data)
-        job = json.loads(data)
-        if job.get("pid"):
-            self.job_pids.append(job["pid"])
-        return job
-
-    def job(self, jid):
-        status, _, data = self.http("GET", "/api/v1/%s/" % jid)
-        assert status == 200, (status, data)
-        return json.loads(data)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(_CLI_DEADLINE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        for pid in self.job_pids:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-
-@pytest.fixture
-def cli_server(tmp_path):
-    made = []
-
-    def make(*args, **kw):
-        server = _CliServer(tmp_path, *args, **kw)
-        made.append(server)
-        return server
-
-    yield make
-    for server in made:
-        server.stop()
-
-
-def _cli(*args, url=None, env=None, timeout=_CLI_DEADLINE, cwd=None, input=None):
-    """Run `python3 pman.py ARGS` to the end: (exit status, stdout bytes,
-    stderr text)."""
-    argv = [sys.executable, _CLI_PMAN] + list(args)
-    if url is not None:
-        argv[3:3] = ["--url", url]      # after the subcommand
-    r = subprocess.run(argv, capture_output=True, timeout=timeout, env=env or _cli_env(),
-                       cwd=cwd, input=input)
-    err = r.stderr.decode("utf-8", "replace")
-    assert "Traceback" not in err, err
-    return r.returncode, r.stdout, err
-
-
-def _cli_pty(*args, env=None, timeout=_CLI_DEADLINE, on_output=None):
-    """Run `python3 pman.py ARGS` with stdout and stderr on a pseudo-terminal:
-    (exit status, everything it wrote there).  *on_output* is called with
-    the text so far after each read."""
-    master, slave = os.openpty()
-    p = subprocess.Popen([sys.executable, _CLI_PMAN] + list(args), stdout=slave, stderr=slave,
-                         stdin=subprocess.DEVNULL, env=env or _cli_env())
-    os.close(slave)
-    out = b""
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:         # EIO: every writer has closed the terminal
-                break
-            if not chunk:
-                break
-            out += chunk
-            if on_output is not None:
-                on_output(out.decode("utf-8", "replace"))
-        p.wait(max(1.0, deadline - time.monotonic()))
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-        os.close(master)
-    return p.returncode, out.decode("utf-8", "replace")
-
-
-def _cli_free_port():
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
-
-
-def _cli_state(path, n):
-    """A state directory holding *n* finished jobs (cli-1 .. cli-n, in that
-    submission order), written as pman persists them; no process runs."""
-    os.makedirs(os.path.join(path, "logs"), mode=0o700)
-    with open(os.path.join(path, pman.SNAPSHOT), "w", encoding="utf-8") as f:
-        f.write(json.dumps({"pman_state": pman.STATE_FORMAT, "generation": 1,
-                            "next_seq": n + 1, "written": pman._now(),
-                            "pman_version": pman.__version__}) + "\n")
-        for i in range(1, n + 1):
-            stamp = pman._now()
-            f.write(pman._Job(
-                jid="cli-%d" % i, status=pman.SUCCESS if i % 7 else pman.ERROR, seq=i,
-                message="exited with code %d" % (0 if i % 7 else 1),
-                returncode=0 if i % 7 else 1, pid=None, cmd="echo %d" % i, argv=None,
-                auid="a%d" % (i % 3), meta={"k": str(i % 5)}, env=None, cwd=None,
-                timeout=None, extras={}, submitted=stamp, started=stamp, ended=stamp,
-                ident=None, kill_signal=None, kill_reason=None).line() + "\n")
 
 
 # -- serve --------------------------------------------------------------------
@@ -8161,6 +7621,11 @@ def test_cli_readme_session_runs_as_pasted(tmp_path):
 
 
 # ===========================================================================
+# 10. page, events and metrics
+# ===========================================================================
+
+
+# ===========================================================================
 # ui: the status page, the change feed and /metrics
 # ===========================================================================
 # The page is driven by Playwright's Python package in Debian's chromium;
@@ -8645,123 +8110,552 @@ def test_ui_metrics_in_the_prometheus_format(http_factory, tmp_path):
 
 
 # ===========================================================================
-# podman
+# 11. SLURM
 # ===========================================================================
-# Real podman, real containers of a local image (.ci/run builds it from a
-# static busybox, as ../shared/CONTAINERS.md shows).  The runtime and the
-# extra `podman run` options this machine kind needs are the defaults below
-# (environment variables override them).
-_PODMAN_DEADLINE = 60.0
-_PODMAN_IMAGE = os.environ.get("PMAN_TEST_IMAGE", "localhost/busybox:test")
-_PODMAN_RUNTIME = os.environ.get("PMAN_TEST_PODMAN_RUNTIME", "runc")
-_PODMAN_ARGS = os.environ.get(
-    "PMAN_TEST_PODMAN_ARGS",
-    "--ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --network=none")
-_PODMAN_PMAN = os.path.join(HERE, "pman.py")
 
 
 # ---------------------------------------------------------------------------
-# helpers
+# exit codes, kill, timeout
 # ---------------------------------------------------------------------------
 
-def _podman(*argv, check=True):
-    out = subprocess.run(["podman", "--runtime", _PODMAN_RUNTIME] + list(argv),
-                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
-    if check:
-        assert out.returncode == 0, (argv, out.returncode, out.stderr)
-    return out
+def test_slurm_exit_codes(slurm_ctx):
+    m = slurm_ctx.open()
+    ok, bad = slurm_ctx.jid("ok"), slurm_ctx.jid("bad")
+    first = m.run("exit 0", jid=ok)
+    m.run("exit 3", jid=bad)
+    assert first["status"] == "notstarted" and first["returncode"] is None
+    assert first["backend_id"].isdigit()
+    assert "submitted to SLURM as job %s" % first["backend_id"] in first["message"]
+    a, b = m.wait([ok, bad], timeout=_SLURM_DEADLINE)
+    assert (a["status"], a["returncode"]) == ("finishedSuccessfully", 0), a
+    assert "COMPLETED" in a["message"] and a["backend_id"] in a["message"], a["message"]
+    assert "exited with code 0" in a["message"]
+    assert (b["status"], b["returncode"]) == ("finishedWithError", 3), b
+    assert "FAILED" in b["message"] and "exited with code 3" in b["message"], b["message"]
+    assert b["backend_id"] in b["message"] and b["backend_id"] != a["backend_id"]
+    # SLURM agrees: these are its own outcomes, not pman's guesses.
+    assert _slurm_job(a["backend_id"])["JobState"] == "COMPLETED"
+    assert _slurm_job(b["backend_id"])["ExitCode"] == "3:0"
+    assert m.backend.calls["sbatch"] == 2
 
 
-def _podman_names(tag, *filters):
-    """Names of the containers of the manager whose tag is *tag*."""
-    args = ["ps", "-a", "--filter", "label=pman.state=" + tag]
-    for f in filters:
-        args += ["--filter", f]
-    return sorted(_podman(*(args + ["--format", "{{.Names}}"])).stdout.split())
+def test_slurm_finished_job_records_its_start(slurm_ctx):
+    """A job that ran and exited has a start time (the command dialect's
+    startTrigger is false only for a job that never started), even when it
+    went from PENDING to FAILED between two polls."""
+    m = slurm_ctx.open()
+    jid = slurm_ctx.jid()
+    m.run("exit 3", jid=jid)
+    rec = m.wait(jid, timeout=_SLURM_DEADLINE)
+    assert rec["returncode"] == 3
+    assert rec["started"] is not None, rec
+    assert rec["submitted"] <= rec["started"] <= rec["ended"], rec
 
 
-def _podman_state(name):
-    """(status, exit code) of container *name*, as podman inspect says, or
-    None if there is no such container."""
-    out = _podman("container", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}",
-                  name, check=False)
-    if out.returncode != 0:
-        return None
-    status, code = out.stdout.split()
-    return status, int(code)
+def test_slurm_kill_running_job(slurm_ctx):
+    m = slurm_ctx.open()
+    jid = slurm_ctx.jid("kill")
+    m.run("sleep 100", jid=jid)
+    running = _slurm_wait_started(m, jid)
+    job_id = running["backend_id"]
+    assert "running in SLURM as job %s" % job_id in running["message"]
+    assert _slurm_state(job_id) == "RUNNING"
+    m.kill(jid)
+    rec = m.wait(jid, timeout=_SLURM_DEADLINE)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", -15), rec
+    assert "killed by SIGTERM on request" in rec["message"], rec["message"]
+    # Ended only once SLURM said so, and the message carries SLURM's word.
+    assert _slurm_state(job_id) in _SLURM_ENDED
+    assert "SLURM" in rec["message"] and job_id in rec["message"], rec["message"]
+    assert rec["backend_id"] == job_id
+    assert _slurm_ids_named(jid) == [job_id]
 
 
-def _podman_request(port, method, path, body=None):
-    return _slurm_request(port, method, path, body, timeout=_PODMAN_DEADLINE + 10)
+def test_slurm_timeout(slurm_ctx):
+    m = slurm_ctx.open()
+    jid = slurm_ctx.jid("timeout")
+    m.run("sleep 100", jid=jid, timeout=1)
+    rec = m.wait(jid, timeout=_SLURM_DEADLINE)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", -15), rec
+    assert "timed out" in rec["message"], rec["message"]
+    assert rec["started"] is not None
+    # The timeout counts from the start; the job ran about 1 s, not 100.
+    ran = (datetime.fromisoformat(rec["ended"]) - datetime.fromisoformat(rec["started"]))
+    assert timedelta(seconds=0.9) <= ran < timedelta(seconds=30), ran
+    assert _slurm_state(rec["backend_id"]) in _SLURM_ENDED
+
+
+def test_slurm_limits_reach_sbatch(slurm_ctx):
+    """pfcon's cpu_limit (millicores) becomes --cpus-per-task, rounded up
+    (1500 -> 2, not SLURM's default 1); a timeout becomes a --time backstop
+    one minute past it (90 s -> 3 min), as README says."""
+    m = slurm_ctx.open()
+    jid = slurm_ctx.jid("limits")
+    rec = m.run("sleep 100", jid=jid, timeout=90, extras={"cpu_limit": 1500})
+    fields = _slurm_job(rec["backend_id"])
+    assert (fields["CPUs/Task"], fields["NumCPUs"]) == ("2", "2"), fields
+    assert fields["TimeLimit"] == "00:03:00", fields
+    plain = slurm_ctx.jid("plain")
+    rec = m.run("sleep 100", jid=plain)
+    fields = _slurm_job(rec["backend_id"])
+    assert fields["CPUs/Task"] == "1" and fields["TimeLimit"] != "00:03:00", fields
+    for j in (jid, plain):
+        m.kill(j)
+    m.wait([jid, plain], timeout=_SLURM_DEADLINE)
+
+
+def test_slurm_job_ended_by_a_signal_is_minus_the_signal(slurm_ctx):
+    """SLURM's ExitCode X:Y with a signal Y (here the batch shell sends
+    itself SIGUSR2) gives returncode -Y."""
+    m = slurm_ctx.open()
+    jid = slurm_ctx.jid("sig")
+    m.run("kill -USR2 $$; sleep 5", jid=jid)
+    rec = m.wait(jid, timeout=_SLURM_DEADLINE)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", -12), rec
+    assert "SIGUSR2" in rec["message"], rec["message"]
+
+
+def test_slurm_pending_kill_escalates_after_a_restart(slurm_ctx):
+    """A SIGTERM sent before the manager stopped, to a job that ignores it,
+    still turns into a SIGKILL after the grace period of the next manager."""
+    state = slurm_ctx.tmp / "escalate"
+    m = slurm_ctx.open(state, grace=300)
+    jid = slurm_ctx.jid("esc")
+    m.run("trap '' TERM; echo ready; sleep 300", jid=jid)
+    _slurm_wait_started(m, jid)
+    _slurm_until(lambda: b"ready" in m.read_log(jid)["data"], what="the job to ignore TERM")
+    m.kill(jid)                 # SIGTERM now, SIGKILL due in 300 s
+    m.close()                   # running jobs keep running; the kill is on disk
+    m2 = slurm_ctx.open(state, grace=1)
+    assert m2.get(jid)["status"] == "started"
+    rec = m2.wait(jid, timeout=_SLURM_DEADLINE)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", -9), rec
+    assert "SIGKILL" in rec["message"], rec["message"]
+
+
+def test_slurm_states_map_to_statuses():
+    """SlurmBackend.check's table, on the states squeue/sacct report (no
+    cluster needed): an unknown state is `undefined`, a signal -Y."""
+    backend = pman.SlurmBackend()
+    stamp = "2026-11-28T06:34:26"
+    cases = [(("COMPLETED", "None", 0, 0), ("finishedSuccessfully", 0)),
+             (("FAILED", "NonZeroExitCode", 3, 0), ("finishedWithError", 3)),
+             (("FAILED", "JobLaunchFailure", 0, 12), ("finishedWithError", -12)),
+             (("CANCELLED+", "None", 0, 9), ("finishedWithError", -9)),
+             (("TIMEOUT", "TimeLimit", 0, 15), ("finishedWithError", -15)),
+             (("SOME_NEW_STATE", "None", 0, 0), ("undefined", None)),
+             (("BOOT_FAILX", "None", 1, 0), ("undefined", None))]
+    for (state, reason, code, sig), want in cases:
+        job = pman._Job(jid="s", status="started", seq=1, backend_id="77",
+                        submitted="2026-11-28T06:34:25+00:00",
+                        started="2026-11-28T06:34:26+00:00")
+        backend._states = {"77": (state, reason, code, sig, stamp)}
+        end = backend.check(job)
+        assert (end.status, end.code) == want, (state, end)
+        if want[0] == "undefined":
+            assert "unknown SLURM state" in end.message, end
+    job = pman._Job(jid="s", status="notstarted", seq=1, backend_id="77")
+    backend._states = {"77": ("PENDING", "Priority", None, None, "N/A")}
+    seen = backend.check(job)
+    assert seen.state == pman.QUEUED and "Priority" in seen.message, seen
 
 
 # ---------------------------------------------------------------------------
-# fixtures
+# logs, env, cwd
 # ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def podman_ready():
-    """The skip rule, in one place: where podman cannot run a container of
-    the test image, skip saying why; under CI, fail instead."""
-    def unusable(reason):
-        if os.environ.get("CI"):
-            pytest.fail("CI is set and " + reason)
-        pytest.skip(reason + " (.ci/run installs podman and builds the image)")
-    if shutil.which("podman") is None:
-        unusable("podman is not installed (no podman on PATH)")
-    if _podman("image", "exists", _PODMAN_IMAGE, check=False).returncode != 0:
-        unusable("the test image %s is missing" % _PODMAN_IMAGE)
-    trial = _podman("run", "--rm", *shlex.split(_PODMAN_ARGS), _PODMAN_IMAGE,
-                    "sh", "-c", "exit 7", check=False)
-    if trial.returncode != 7:
-        unusable("podman cannot run a container here: %s" % trial.stderr.strip()[-300:])
+def test_slurm_logs_env_and_cwd(slurm_ctx):
+    m = slurm_ctx.open()
+    workdir = slurm_ctx.tmp / "work dir, with comma"
+    workdir.mkdir()
+    env_job, cwd_job, argv_job = slurm_ctx.jid("env"), slurm_ctx.jid("cwd"), slurm_ctx.jid("argv")
+    m.run('echo "A=$A"; echo "B=$B"; echo "to-stderr" >&2; exit 2', jid=env_job,
+          env={"A": "x,y", "B": "k=v,w z"})
+    m.run("pwd", jid=cwd_job, cwd=str(workdir))
+    m.run(["printf", "%s|", "a b", "c'd", "$HOME"], jid=argv_job)
+    recs = m.wait([env_job, cwd_job, argv_job], timeout=_SLURM_DEADLINE)
+    assert [r["returncode"] for r in recs] == [2, 0, 0], recs
+
+    out = m.read_log(env_job, "stdout")
+    assert out["data"] == b"A=x,y\nB=k=v,w z\n", out
+    assert out["eof"] is True
+    err = m.read_log(env_job, "stderr")
+    assert err["data"] == b"to-stderr\n", err
+    assert m.tail(env_job) == "A=x,y\nB=k=v,w z\nto-stderr\n"
+    assert m.tail(env_job, "stderr") == "to-stderr\n"
+    assert recs[0]["env"] == ["A", "B"]         # keys only, never the values
+    assert "x,y" not in json.dumps(m.get(env_job))
+    # The file that carried the environment to sbatch is gone once the job is.
+    leftovers = [n for n in os.listdir(os.path.join(m.state_dir, "logs")) if n.endswith(".env")]
+    assert leftovers == []
+
+    assert m.read_log(cwd_job)["data"].decode() == str(workdir) + "\n"
+    assert m.read_log(argv_job)["data"] == b"a b|c'd|$HOME|"
 
 
-@pytest.fixture
-def podman_ctx(podman_ready, tmp_path):
-    """Per test: a storebase, a factory of managers on the podman backend
-    (tmp_path/state by default) and a server factory.  At teardown: servers
-    stopped, managers closed with kill=True, and then no container of any
-    of them may be left (they are removed, and the test fails, if one is)."""
-    store = tmp_path / "store"
-    store.mkdir()
-    managers, servers, tags = [], [], set()
+def test_slurm_missing_cwd_is_a_spawn_failure(slurm_ctx):
+    m = slurm_ctx.open()
+    jid = slurm_ctx.jid()
+    rec = m.run("pwd", jid=jid, cwd=str(slurm_ctx.tmp / "nope"))
+    assert rec["status"] == "finishedWithError" and rec["returncode"] is None
+    assert "spawn failed" in rec["message"] and "nope" in rec["message"]
+    assert m.backend.calls["sbatch"] == 0 and _slurm_ids_named(jid) == []
 
-    def backend(**options):
-        options.setdefault("runtime", _PODMAN_RUNTIME)
-        options.setdefault("podman_args", _PODMAN_ARGS)
-        options.setdefault("storebase", str(store))
-        return pman.PodmanBackend(**options)
 
-    def open_manager(state_dir=None, **options):
-        options.setdefault("backend", backend())
-        m = pman.JobManager(str(state_dir if state_dir is not None else tmp_path / "state"),
-                            **options)
-        managers.append(m)
-        tags.add(m.backend.tag)
-        return m
+# ---------------------------------------------------------------------------
+# many jobs, polling
+# ---------------------------------------------------------------------------
 
-    def serve(manager):
-        server = pman.make_server(manager, "127.0.0.1", 0)
-        thread = threading.Thread(target=server.serve_forever, name="podman-test-http",
-                                  daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return server.server_address[1]
+def test_slurm_fifty_jobs_at_once(slurm_ctx):
+    m = slurm_ctx.open()
+    jids = [slurm_ctx.jid("n") for _ in range(50)]
+    for i, jid in enumerate(jids):
+        m.run("exit %d" % (i % 5), jid=jid)
+    recs = m.wait(jids, timeout=90)
+    for i, rec in enumerate(recs):
+        code = i % 5
+        assert rec["returncode"] == code, rec
+        assert rec["status"] == ("finishedSuccessfully" if code == 0 else "finishedWithError"), rec
+        assert ("COMPLETED" if code == 0 else "FAILED") in rec["message"], rec["message"]
+        assert "exited with code %d" % code in rec["message"]
+    assert len({r["backend_id"] for r in recs}) == 50
+    assert m.backend.calls["sbatch"] == 50
+    assert m.counts()["finishedSuccessfully"] == 10 and m.counts()["finishedWithError"] == 40
 
-    yield types.SimpleNamespace(open=open_manager, serve=serve, backend=backend,
-                                store=store, tmp=tmp_path, tags=tags)
-    for server, thread in servers:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-    for m in reversed(managers):
-        m.close(kill=True)
-    left = {tag: _podman_names(tag) for tag in tags}
-    for names in left.values():
-        if names:
-            _podman("rm", "-f", *names, check=False)
-    assert not any(left.values()), "containers left behind: %s" % left
+
+def _slurm_counting_backend(**options):
+    """A real SlurmBackend that also counts its polls and the job states each
+    poll asks SLURM for (instrumentation only: every call still reaches
+    SLURM)."""
+    class Counting(pman.SlurmBackend):
+        polls = observed = 0
+
+        def poll(self, ids):
+            self.polls += 1
+            self.observed += len(ids)
+            return super().poll(ids)
+    return Counting(**options)
+
+
+def test_slurm_one_squeue_per_poll(slurm_ctx):
+    """Every poll asks SLURM about all active jobs in one squeue call."""
+    backend = _slurm_counting_backend()
+    m = slurm_ctx.open(backend=backend)
+    jids = [slurm_ctx.jid("p") for _ in range(20)]
+    for jid in jids:
+        m.run("sleep 1", jid=jid)
+    recs = m.wait(jids, timeout=_SLURM_DEADLINE)
+    assert all(r["returncode"] == 0 for r in recs), recs
+    calls = backend.calls["squeue"]
+    assert backend.polls >= 2
+    assert calls <= backend.polls, (calls, backend.polls)     # at most one squeue a poll
+    # ... for many jobs at once: far fewer calls than job-state observations.
+    assert backend.observed >= 4 * calls, (backend.observed, calls)
+    assert backend.calls["sbatch"] == 20 and backend.calls["scancel"] == 0
+
+    # One poll, by itself: one squeue call answers for all twenty jobs.
+    probe = pman.SlurmBackend()
+    states = probe.poll([r["backend_id"] for r in recs])
+    assert probe.calls["squeue"] == 1 and probe.calls["sacct"] == 0
+    assert set(states) == {r["backend_id"] for r in recs}
+    assert all(s[0] == "COMPLETED" and s[2] == 0 and not s[3] for s in states.values()), states
+
+
+def test_slurm_polls_no_faster_than_min_poll(slurm_ctx):
+    """A burst of submissions does not turn into a burst of squeue calls:
+    polls stay at least MIN_POLL apart (the docstring's adaptive interval),
+    so a big submission does not hammer slurmctld.  Then a job cancelled
+    outside pman ends finishedWithError with SLURM's state named."""
+    m = slurm_ctx.open(backend=pman.SlurmBackend(sbatch_args=["--hold"]))
+    jids = [slurm_ctx.jid("burst") for _ in range(20)]
+    t0 = time.monotonic()
+    ids = []
+    for jid in jids:
+        ids.append(m.run("true", jid=jid)["backend_id"])
+        slurm_ctx.track(ids[-1])
+    elapsed = time.monotonic() - t0
+    calls = m.backend.calls["squeue"]
+    assert calls <= elapsed / pman.SlurmBackend.MIN_POLL + 2, (
+        "%d squeue calls while submitting 20 jobs in %.2f s" % (calls, elapsed))
+
+    _slurm_cmd("scancel", *ids)
+    recs = m.wait(jids, timeout=_SLURM_DEADLINE)
+    for rec in recs:
+        assert rec["status"] == "finishedWithError", rec
+        assert "CANCELLED" in rec["message"] and rec["backend_id"] in rec["message"], rec
+        assert rec["returncode"] is None, rec
+
+
+# ---------------------------------------------------------------------------
+# PENDING
+# ---------------------------------------------------------------------------
+
+def test_slurm_pending_job_stays_notstarted(slurm_ctx):
+    m = slurm_ctx.open(backend=pman.SlurmBackend(sbatch_args=["--hold"]))
+    jid = slurm_ctx.jid("held")
+    rec = m.run("echo released", jid=jid)
+    job_id = rec["backend_id"]
+    slurm_ctx.track(job_id)
+    pending = _slurm_until(lambda: "pending" in m.get(jid)["message"] and m.get(jid),
+                           what="the held job to be seen pending")
+    assert pending["status"] == "notstarted" and pending["returncode"] is None
+    assert pending["started"] is None
+    assert "pending in SLURM as job %s" % job_id in pending["message"], pending["message"]
+    assert "JobHeldUser" in pending["message"], pending["message"]
+    with pytest.raises(pman.Timeout):           # held: it does not end by itself
+        m.wait(jid, timeout=1)
+    assert m.get(jid)["status"] == "notstarted"
+    assert _slurm_state(job_id) == "PENDING"
+    _slurm_cmd("scontrol", "release", job_id)
+    done = m.wait(jid, timeout=_SLURM_DEADLINE)
+    assert (done["status"], done["returncode"]) == ("finishedSuccessfully", 0), done
+    assert m.tail(jid) == "released\n"
+    assert _slurm_ids_named(jid) == [job_id]
+
+
+def test_slurm_kill_pending_job(slurm_ctx):
+    """A job still queued in SLURM can be killed: it is cancelled there and
+    ends finishedWithError (never started)."""
+    backend = pman.SlurmBackend(sbatch_args=["--hold"])
+    # Bound a scheduler command that hangs (scancel retries for minutes on a
+    # pending job when asked to signal it) to keep this test short.
+    backend.COMMAND_TIMEOUT = 5.0
+    m = slurm_ctx.open(backend=backend)
+    jid = slurm_ctx.jid("held")
+    job_id = m.run("echo never", jid=jid)["backend_id"]
+    slurm_ctx.track(job_id)
+    _slurm_until(lambda: "pending" in m.get(jid)["message"], what="the job to be pending")
+    m.kill(jid)
+    rec = m.wait(jid, timeout=_SLURM_DEADLINE)
+    assert rec["status"] == "finishedWithError", rec
+    assert "on request" in rec["message"], rec["message"]
+    # Like a job cancelled in pman's own queue: no code, and it never started.
+    assert rec["returncode"] is None and rec["started"] is None, rec
+    assert "cancelled before it started" in rec["message"], rec["message"]
+    assert _slurm_state(job_id) == "CANCELLED"
+    assert m.tail(jid) == ""
+
+
+# ---------------------------------------------------------------------------
+# restart
+# ---------------------------------------------------------------------------
+
+def test_slurm_restart_after_sigkill_readopts_without_resubmitting(slurm_ctx):
+    """The first manager is `python pman.py --backend slurm ...` in a child
+    process, SIGKILLed while its SLURM jobs run.  One job ends while no
+    manager runs, one after the restart: both get their exact code, and
+    nothing is submitted again."""
+    state = slurm_ctx.tmp / "state"
+    errlog = slurm_ctx.tmp / "child.err"
+    flag_early, flag_late = slurm_ctx.tmp / "early.flag", slurm_ctx.tmp / "late.flag"
+    comment = "pman-test-" + slurm_ctx.prefix
+    with open(errlog, "wb") as err:
+        child = subprocess.Popen(
+            [sys.executable, _SLURM_PMAN, "--backend", "slurm", "--slurm-partition", "debug",
+             # one shell-quoted string, as --help shows ("--qos=long --account=lab")
+             "--sbatch-args", "--comment=%s --no-requeue" % comment,
+             "--port", "0", "--state-dir", str(state)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            cwd=str(slurm_ctx.tmp))
+    try:
+        def port():
+            text = errlog.read_text()
+            assert child.poll() is None, "pman exited early: %s" % text
+            marker = "serving http://127.0.0.1:"
+            return text.split(marker, 1)[1].split("/", 1)[0] if marker in text else None
+        port = int(_slurm_until(port, 30, "the child pman to serve"))
+        early, late = slurm_ctx.jid("early"), slurm_ctx.jid("late")
+        for jid, flag, code in ((early, flag_early, 5), (late, flag_late, 7)):
+            status, job, raw = _slurm_request(port, "POST", "/api/v1/", {
+                "jid": jid, "cmd": "while [ ! -e '%s' ]; do sleep 0.05; done; echo bye; exit %d"
+                % (flag, code)})
+            assert status == 201, raw
+            slurm_ctx.track(job["backend_id"])
+
+        def both_started():
+            jobs = [_slurm_request(port, "GET", "/api/v1/%s/" % j)[1] for j in (early, late)]
+            return all(j["status"] == "started" for j in jobs) and jobs
+        before = {j["jid"]: j["backend_id"] for j in _slurm_until(both_started,
+                                                                 what="both jobs to run")}
+        for job_id in before.values():
+            info = _slurm_job(job_id)
+            assert info["Partition"] == "debug" and info["Comment"] == comment, info
+            assert info["Requeue"] == "0", info
+    finally:
+        child.kill()                            # SIGKILL: no chance to tidy up
+        child.wait(30)
+    assert child.returncode == -signal.SIGKILL
+
+    # The early job ends while no manager runs.
+    flag_early.touch()
+    _slurm_until(lambda: _slurm_state(before[early]) in _SLURM_ENDED, what="the early job to end")
+    assert _slurm_state(before[late]) == "RUNNING"
+
+    m = slurm_ctx.open(state, backend=pman.SlurmBackend(partition="debug"))
+    rec = m.wait(early, timeout=_SLURM_DEADLINE)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", 5), rec
+    assert "exited with code 5" in rec["message"], rec["message"]
+    assert rec["backend_id"] == before[early]
+    assert m.tail(early) == "bye\n"
+    live = m.get(late)
+    assert live["status"] == "started" and live["backend_id"] == before[late], live
+    flag_late.touch()
+    rec = m.wait(late, timeout=_SLURM_DEADLINE)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", 7), rec
+    assert rec["backend_id"] == before[late]
+    assert m.backend.calls["sbatch"] == 0
+    for jid in (early, late):
+        assert _slurm_ids_named(jid) == [before[jid]]
+
+
+def test_slurm_restart_after_close_readopts(slurm_ctx):
+    flag = slurm_ctx.tmp / "go.flag"
+    m = slurm_ctx.open()
+    jid = slurm_ctx.jid("close")
+    m.run("while [ ! -e '%s' ]; do sleep 0.05; done; exit 4" % flag, jid=jid)
+    job_id = _slurm_wait_started(m, jid)["backend_id"]
+    m.close()                                   # not kill: the job keeps running
+    assert _slurm_state(job_id) == "RUNNING"
+    m2 = slurm_ctx.open()
+    rec = m2.get(jid)
+    assert rec["status"] == "started" and rec["backend_id"] == job_id, rec
+    flag.touch()
+    rec = m2.wait(jid, timeout=_SLURM_DEADLINE)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", 4), rec
+    assert m2.backend.calls["sbatch"] == 0
+    assert _slurm_ids_named(jid) == [job_id]
+
+
+def test_slurm_recovers_inflight_submission_by_job_name(slurm_ctx):
+    """A record left `notstarted` with backend_id "" (sbatch was in flight
+    when the manager died) is matched to the SLURM job of that name
+    submitted since; a same-named job from before the record is not
+    adopted: that record is submitted anew."""
+    state = slurm_ctx.tmp / "state"
+    logs = state / "logs"
+    logs.mkdir(parents=True)
+    adopted, fresh = slurm_ctx.jid("adopt"), slurm_ctx.jid("fresh")
+
+    def sbatch(name, command, out=None):
+        job_id = _slurm_cmd("sbatch", "--parsable", "-J", name,
+                            "-o", out or str(logs / (name + ".out")),
+                            "-e", out or str(logs / (name + ".err")),
+                            "--wrap", command).stdout.strip().split(";")[0]
+        slurm_ctx.track(job_id)
+        return job_id
+
+    # An older SLURM job named like the second record: from before its submission.
+    # (Its output goes elsewhere: SLURM truncates an output file when the job starts.)
+    stale = sbatch(fresh, "exit 9", out="/dev/null")
+    second = int(time.time()) + 1               # SLURM's SubmitTime has 1 s resolution
+    _slurm_until(lambda: time.time() >= second + 0.05, 3, "the next second", 0.01)
+    submitted = datetime.now(timezone.utc).isoformat()
+    ours = sbatch(adopted, "echo adopted; exit 6")
+    lines = [_slurm_state_line(jid=adopted, status="notstarted", seq=1, cmd="exit 1",
+                               message="queued: waiting for a free slot",
+                               submitted=submitted, backend_id=""),
+             _slurm_state_line(jid=fresh, status="notstarted", seq=2, cmd="echo new; exit 4",
+                               message="queued: waiting for a free slot",
+                               submitted=submitted, backend_id="")]
+    header = json.dumps({"pman_state": 1, "generation": 0, "next_seq": 3,
+                         "written": submitted, "pman_version": pman.__version__})
+    (state / "state.jsonl").write_text(header + "\n" + "".join(l + "\n" for l in lines))
+
+    m = slurm_ctx.open(state)
+    assert m.get(adopted)["backend_id"] == ours
+    a, f = m.wait([adopted, fresh], timeout=_SLURM_DEADLINE)
+    assert (a["status"], a["returncode"]) == ("finishedWithError", 6), a
+    assert a["backend_id"] == ours and m.tail(adopted) == "adopted\n"
+    assert _slurm_ids_named(adopted) == [ours]
+    assert (f["status"], f["returncode"]) == ("finishedWithError", 4), f
+    assert f["backend_id"] not in ("", None, stale) and m.tail(fresh) == "new\n"
+    assert _slurm_ids_named(fresh) == sorted([stale, f["backend_id"]], key=int)
+    assert m.backend.calls["sbatch"] == 1
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------
+
+def test_slurm_http_pfcon_flow(slurm_ctx):
+    m = slurm_ctx.open()
+    port = slurm_ctx.serve(m)
+    jid = slurm_ctx.jid("pfcon")
+    status, job, raw = _slurm_request(port, "POST", "/api/v1/", {
+        "jid": jid, "entrypoint": ["echo"], "args": ["hello", "from slurm"],
+        "cpu_limit": 1000, "memory_limit": 100, "number_of_workers": 1, "gpu_limit": 0,
+        "image": "fnndsc/pl-simpledsapp", "type": "ds"})
+    assert status == 201, raw
+    assert job["jid"] == jid and job["status"] in ("notstarted", "started")
+    assert job["cpu_limit"] == 1000 and job["memory_limit"] == 100
+    job_id = job["backend_id"]
+    info = _slurm_job(job_id)               # the limits reached SLURM
+    assert info["MinMemoryNode"] == "100M" and info["MinCPUsNode"] == "1", info
+    done = _slurm_http_wait(port, jid)
+    assert done["status"] == "finishedSuccessfully" and done["returncode"] == 0, done
+    assert "hello from slurm" in done["logs"]
+    status, root, raw = _slurm_request(port, "GET", "/api/v1/")
+    assert status == 200 and root["container_env"] == "slurm" and jid in root["GET"], raw
+    status, body, raw = _slurm_request(port, "DELETE", "/api/v1/%s/" % jid)
+    assert status == 204 and raw == b""
+    status, body, raw = _slurm_request(port, "GET", "/api/v1/%s/" % jid)
+    assert status == 404 and body["status"] is False, raw
+    assert _slurm_ids_named(jid) == [job_id]
+
+
+# ---------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------
+
+def test_slurm_rejected_submission(slurm_ctx):
+    state = slurm_ctx.tmp / "state"
+    m = slurm_ctx.open(state, backend=pman.SlurmBackend(partition="nosuchpartition"))
+    jid = slurm_ctx.jid("rej")
+    with pytest.raises(pman.SubmitRejected) as caught:
+        m.run("true", jid=jid)
+    assert "nosuchpartition" in str(caught.value) and "partition" in str(caught.value).lower()
+    assert jid not in m.jids()
+    with pytest.raises(pman.JobNotFound):
+        m.get(jid)
+
+    port = slurm_ctx.serve(m)
+    status, body, raw = _slurm_request(port, "POST", "/api/v1/", {"jid": jid, "cmd": "true"})
+    assert status == 400 and body["status"] is False, raw
+    assert "nosuchpartition" in body["message"], body
+    status, body, raw = _slurm_request(port, "GET", "/api/v1/%s/" % jid)
+    assert status == 404, raw
+    assert _slurm_ids_named(jid) == []
+    m.close()
+    again = slurm_ctx.open(state)           # not in the state on disk either
+    assert again.jids() == []
+
+
+def test_slurm_missing_sbatch_is_backend_unavailable(slurm_ctx, monkeypatch):
+    state = slurm_ctx.tmp / "state"
+    empty = slurm_ctx.tmp / "empty-bin"
+    empty.mkdir()
+    with monkeypatch.context() as patch:
+        patch.setenv("PATH", str(empty))
+        with pytest.raises(pman.BackendUnavailable) as caught:
+            pman.JobManager(str(state), backend=pman.SlurmBackend())
+        assert "sbatch" in str(caught.value)
+        with pytest.raises(pman.BackendUnavailable):
+            pman.JobManager(str(state), backend="slurm")
+        # The command line says so and exits 3 (a child: main() configures logging).
+        out = subprocess.run([sys.executable, _SLURM_PMAN, "--backend", "slurm", "--port", "0",
+                              "--state-dir", str(state)], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 3 and "sbatch" in out.stderr, (out.returncode, out.stderr)
+    # Nothing held on to the directory: with SLURM back on PATH it opens.
+    m = slurm_ctx.open(state)
+    jid = slurm_ctx.jid()
+    m.run("exit 0", jid=jid)
+    assert m.wait(jid, timeout=_SLURM_DEADLINE)["returncode"] == 0
+
+
+# ===========================================================================
+# 12. podman
+# ===========================================================================
 
 
 # ---------------------------------------------------------------------------
@@ -9140,3 +9034,175 @@ def test_ui_http_waiting_long_polls_hold_no_thread(http_factory):
         conn.close()
     assert time.monotonic() - t0 < 10
     assert srv.srv.event_polls.waiting == 0 and srv.srv._polls == []
+
+
+# ===========================================================================
+# 13. compatibility entry point: pman.pman(...).start()
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# the original's module entry point: pman.pman(...).start()
+# ---------------------------------------------------------------------------
+
+def _compat_request(port, method, path, body=None):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=_HTTP_DEADLINE)
+    try:
+        c.request(method, path, body=None if body is None else json.dumps(body),
+                  headers={"Content-Type": "application/json"} if body is not None else {})
+        r = c.getresponse()
+        return r.status, json.loads(r.read() or b"{}")
+    finally:
+        c.close()
+
+
+def _compat_lock_free(state):
+    """True if nothing holds the state directory's lock."""
+    fd = os.open(os.path.join(str(state), "lock"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _compat_readme_snippet():
+    """The README's pman.pman block, as its lines."""
+    with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("    import pman\n\n    options = {")
+    block = text[start:text.index("\n\n", text.index("server.start()", start))]
+    return [line[4:] for line in block.splitlines()]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_compat_readme_snippet_serves_until_a_signal(tmp_path, sig):
+    lines = _compat_readme_snippet()
+    seed = "options = {'debugFile': '/tmp/debug.file'}"
+    assert seed in lines and "server = pman.pman(options)          # or pman.pman(**options)" \
+        in lines and lines[-1].startswith("server.start()"), lines
+    debug, state = tmp_path / "debug.file", tmp_path / "state"
+    # the snippet as README.rst has it, with this test's paths and a free port
+    script = "\n".join(lines).replace(seed, "options = {'debugFile': %r, 'DBpath': %r, "
+                                      "'port': 0}" % (str(debug), str(state)))
+    script += "\nprint('start returned', flush=True)\n"
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=_http_clean_env(), cwd=str(tmp_path))
+    try:
+        # the debug file says where it serves
+        text = _until(lambda: debug.exists() and re.search(
+            r"serving http://127\.0\.0\.1:(\d+)/api/v1/", debug.read_text()),
+            timeout=15, what="the serving line in the debug file")
+        port = int(text.group(1))
+        status, job = _compat_request(port, "POST", "/api/v1/", {"jid": "c-1", "cmd": "exit 6"})
+        assert status == 201, job
+        status, job = _compat_request(port, "GET", "/api/v1/c-1/?wait=10")
+        assert status == 200 and job["returncode"] == 6, job
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=15)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+    assert p.returncode == 0, err
+    assert out == b"start returned\n", (out, err)
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
+    log_text = debug.read_text()
+    assert signal.Signals(sig).name + " received, stopping" in log_text
+    assert "POST /api/v1/ HTTP/1.1" in log_text          # requests are in the debug file
+    assert "state flushed" in log_text
+    with pman.JobManager(str(state)) as jobs:             # the state was flushed and released
+        assert jobs.get("c-1")["returncode"] == 6
+
+
+def test_compat_keywords_in_a_thread_stop_from_another(tmp_path):
+    state = tmp_path / "state"
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    handlers = list(logging.getLogger("pman").handlers)
+    server = pman.pman(IP="127.0.0.1", port="0", DBpath=str(state), listeners="4", raw=1,
+                       http=True, protocol="tcp")
+    assert isinstance(server, pman.CompatServer)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.start, name="compat-start", daemon=True)
+    thread.start()
+    try:
+        status, env = _compat_request(port, "POST", "/api/v1/cmd/", {
+            "payload": {"action": "run", "meta": {"cmd": "sleep 30", "jid": "kept"}}})
+        assert status == 200 and env["status"] is True, env
+        pid = env["d_ret"]["pid"]
+        # not the main thread: no signal handler was touched
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+        assert server.server.listeners._initial_value == 4
+        server.stop()
+        assert not thread.is_alive()
+        server.stop()                                # again: nothing to do
+        with pytest.raises(pman.PmanError):
+            server.start()
+        assert _compat_lock_free(state)
+        assert logging.getLogger("pman").handlers == handlers
+        # running jobs keep running, as after main()
+        assert _http_pid_alive(pid)
+        with pman.JobManager(str(state)) as jobs:
+            assert jobs.get("kept")["status"] == "started"
+            jobs.kill("kept", "SIGKILL")
+            assert jobs.wait("kept", timeout=10)["returncode"] == -9
+    finally:
+        server.stop()
+        thread.join(10)
+
+
+def test_compat_quit_ends_start_and_stop_before_start_releases(tmp_path):
+    server = pman.pman({"DBpath": str(tmp_path / "q"), "port": 0})
+    thread = threading.Thread(target=server.start, name="compat-start", daemon=True)
+    thread.start()
+    status, env = _compat_request(server.server_address[1], "POST", "/api/v1/cmd/",
+                                  {"payload": {"action": "quit", "meta": {"saveDB": True}}})
+    assert status == 200 and env["status"] is True
+    thread.join(15)
+    assert not thread.is_alive()
+    assert _compat_lock_free(tmp_path / "q")
+    server.stop()                                    # after a quit: returns at once
+
+    never = pman.pman({"port": 0}, DBpath=str(tmp_path / "n"))
+    assert not _compat_lock_free(tmp_path / "n")
+    never.stop()
+    assert _compat_lock_free(tmp_path / "n")
+    with pytest.raises(pman.PmanError):
+        never.start()
+
+
+def test_compat_bad_options_are_clear_errors_that_leave_nothing_open(tmp_path):
+    state = tmp_path / "s"
+    handlers = list(logging.getLogger("pman").handlers)
+    cases = [
+        (({"debugFile": "x", "Ip": "127.0.0.1"},), {}, "'Ip'"),
+        ((), {"DBpath": str(state), "verbose": 1}, "'verbose'"),
+        ((), {"protocol": "udp"}, "'udp'"),
+        ((), {"port": "x"}, "'x'"),
+        ((), {"port": 70000}, "70000"),
+        ((), {"listeners": True}, "True"),
+        ((), {"IP": 127}, "127"),
+        ((), {"DBpath": 5}, "5"),
+        ((["debugFile"],), {}, "['debugFile']"),
+        (({"port": 0},), {"port": 1}, "port"),
+    ]
+    for args, kwargs, shown in cases:
+        with pytest.raises(pman.InvalidArgument) as info:
+            pman.pman(*args, **kwargs)
+        assert shown in str(info.value), (args, kwargs, str(info.value))
+    with pytest.raises(pman.PmanError) as info:
+        pman.pman(DBpath=str(state), port=0, debugFile=str(tmp_path / "no" / "debug.file"))
+    assert "debugFile" in str(info.value)
+    assert logging.getLogger("pman").handlers == handlers
+    assert not state.exists() or _compat_lock_free(state)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        with pytest.raises(OSError):
+            pman.pman(DBpath=str(state), port=busy.getsockname()[1])
+    finally:
+        busy.close()
+    assert _compat_lock_free(state)                 # the manager was closed again
