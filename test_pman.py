@@ -71,6 +71,51 @@ def _until(pred, timeout=10.0, what="condition", interval=0.01):
         time.sleep(interval)
 
 
+# ---------------------------------------------------------------------------
+# processes: the one /proc reader, group members, "is it alive"
+# ---------------------------------------------------------------------------
+
+def _proc_stat(pid):
+    """{state, ppid, pgrp, session, start, comm, cpu_ticks} of *pid* from
+    /proc/<pid>/stat, or None if there is no such process."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    comm = data[data.find(b"(") + 1:data.rfind(b")")].decode("utf-8", "replace")
+    fields = data[data.rfind(b")") + 2:].split()
+    return {"state": fields[0].decode(), "ppid": int(fields[1]), "pgrp": int(fields[2]),
+            "session": int(fields[3]), "start": int(fields[19]), "comm": comm,
+            "cpu_ticks": int(fields[11]) + int(fields[12])}
+
+
+def _pids():
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _group(pgid, *, live=True):
+    """[(pid, stat)] of the processes of process group *pgid*: only the live
+    ones (not a zombie, not dead), or with live=False every one."""
+    out = []
+    for pid in _pids():
+        st = _proc_stat(pid)
+        if st is not None and st["pgrp"] == pgid and (not live or st["state"] not in ("Z", "X")):
+            out.append((pid, st))
+    return out
+
+
+def _group_pids(pgid):
+    """The pids of the live processes of process group *pgid*."""
+    return [pid for pid, _ in _group(pgid)]
+
+
+def _alive(pid):
+    """True if *pid* exists and is neither a zombie nor dead."""
+    st = _proc_stat(pid)
+    return st is not None and st["state"] not in ("Z", "X")
+
+
 # ===========================================================================
 # shared helpers and fixtures
 # ===========================================================================
@@ -84,43 +129,10 @@ _CORE_STATUSES = {"notstarted", "started", "finishedSuccessfully",
                   "finishedWithError", "undefined"}
 
 
-def _core_proc_stat(pid):
-    """(state, ppid, pgrp, comm) of *pid* or None."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    comm = data[data.find(b"(") + 1:data.rfind(b")")].decode("utf-8", "replace")
-    fields = data[data.rfind(b")") + 2:].split()
-    return fields[0].decode(), int(fields[1]), int(fields[2]), comm
-
-
-def _core_group(pgid):
-    """[(pid, state, comm)] of every process whose process group is *pgid*."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        st = _core_proc_stat(int(name))
-        if st is not None and st[2] == pgid:
-            out.append((int(name), st[0], st[3]))
-    return out
-
-
-def _core_live(pgid):
-    return [p for p in _core_group(pgid) if p[1] != "Z"]
-
-
-def _core_alive(pid):
-    st = _core_proc_stat(pid)
-    return st is not None and st[0] != "Z"
-
-
 def _core_wait_running(pid, timeout=10):
     """Wait until the job whose wrapper is *pid* runs its own command (a live
     process in its group that is not one of the wrapper shells)."""
-    return _until(lambda: [p for p in _core_live(pid) if p[2] != "sh"], timeout,
+    return _until(lambda: [p for p, st in _group(pid) if st["comm"] != "sh"], timeout,
                        "the job's command to run")
 
 
@@ -375,42 +387,11 @@ def _crash_fixtures_dir():
 # /proc helpers
 # ---------------------------------------------------------------------------
 
-def _crash_stat(pid):
-    """{state, ppid, pgrp, session, start} of *pid* from /proc, or None."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2:].split()
-    return {"state": fields[0].decode(), "ppid": int(fields[1]), "pgrp": int(fields[2]),
-            "session": int(fields[3]), "start": int(fields[19])}
-
-
-def _crash_pids():
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
-def _crash_group_members(pgid):
-    """Live (non-zombie) processes of process group *pgid*."""
-    out = []
-    for pid in _crash_pids():
-        st = _crash_stat(pid)
-        if st is not None and st["pgrp"] == pgid and st["state"] not in ("Z", "X"):
-            out.append(pid)
-    return out
-
-
-def _crash_alive(pid):
-    st = _crash_stat(pid)
-    return st is not None and st["state"] not in ("Z", "X")
-
-
 def _crash_lock_holders(state_dir):
     """The processes with a descriptor on the lock file."""
     lock = os.path.join(os.path.realpath(state_dir), "lock")
     out = []
-    for pid in _crash_pids():
+    for pid in _pids():
         try:
             fds = os.listdir("/proc/%d/fd" % pid)
         except OSError:
@@ -420,7 +401,7 @@ def _crash_lock_holders(state_dir):
                 if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == lock:
                     with open("/proc/%d/cmdline" % pid, "rb") as f:
                         cmdline = f.read().replace(b"\0", b" ")[:60].decode("utf-8", "replace")
-                    st = _crash_stat(pid) or {}
+                    st = _proc_stat(pid) or {}
                     out.append({"pid": pid, "ppid": st.get("ppid"), "pgrp": st.get("pgrp"),
                                 "session": st.get("session"), "cmdline": cmdline})
             except OSError:
@@ -465,12 +446,12 @@ def _crash_kill_job_groups(state_dir):
     for rec in _crash_records_on_disk(state_dir):
         pid, ident = rec.get("pid"), rec.get("ident")
         if isinstance(pid, int) and pid > 0 and isinstance(ident, list) and ident:
-            st = _crash_stat(pid)
+            st = _proc_stat(pid)
             if st is not None and st["start"] == ident[0] and st["pgrp"] == pid:
                 pgids.add(pid)
     needle = state_dir.encode()
-    for pid in _crash_pids():
-        st = _crash_stat(pid)
+    for pid in _pids():
+        st = _proc_stat(pid)
         if st is None or st["pgrp"] != pid or st["session"] != pid:
             continue        # job wrappers lead their own session and group
         try:
@@ -692,13 +673,13 @@ class _CrashEnv:
                 break
             except pman.StateLocked as e:
                 holders = _crash_lock_holders(state)
-                if (tolerate_dead_holder and e.pid and not _crash_alive(e.pid)
+                if (tolerate_dead_holder and e.pid and not _alive(e.pid)
                         and time.monotonic() < deadline):
                     self.lock_retries += 1
                     time.sleep(0.01)
                     continue
                 why = ""
-                if e.pid and not _crash_alive(e.pid):
+                if e.pid and not _alive(e.pid):
                     why = ("; the holder is dead, so the lock was still held through a copy "
                            "of its descriptor, by a job it had forked but that had not "
                            "exec'd yet")
@@ -717,13 +698,13 @@ class _CrashEnv:
     def track_pid(self, pid):
         """A process that is not our child: SIGKILLed in teardown if still
         the same process."""
-        st = _crash_stat(pid)
+        st = _proc_stat(pid)
         if st is not None:
             self.pids.append((pid, st["start"]))
 
     def cleanup(self):
         for pid, start in self.pids:
-            st = _crash_stat(pid)
+            st = _proc_stat(pid)
             if st is not None and st["start"] == start:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -1099,15 +1080,6 @@ def _http_wait_job(srv, jid, timeout=10):
             return job
         if left <= 0:
             raise AssertionError("job %s still %s after %s s" % (jid, job["status"], timeout))
-
-
-def _http_pid_alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def _http_listing(path):
@@ -1642,21 +1614,12 @@ def test_core_kill_of_an_exited_uncollected_job_keeps_its_code(tmp_path):
         m.run("exit 0", jid="a")
         assert entered.wait(10)
         pid = m.run("exit 0", jid="b")["pid"]
-        _until(lambda: _core_proc_state(pid) in (None, "Z"), 10, "b to exit")
+        _until(lambda: (_proc_stat(pid) or {}).get("state") in (None, "Z"), 10, "b to exit")
         rec = m.kill("b")
         assert (rec["status"], rec["returncode"]) == ("finishedSuccessfully", 0), rec
     finally:
         gate.set()
         m.close(kill=True)
-
-
-def _core_proc_state(pid):
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rfind(b")") + 2:].split()[0].decode()
 
 
 def test_core_on_end_cannot_block_the_reaper(tmp_path):
@@ -2030,12 +1993,12 @@ def test_core_remove(core_mgr):
     with pytest.raises(pman.JobConflict):
         m.remove("r")
     assert m.get("r")["status"] == "started"
-    assert _core_live(job["pid"])
+    assert _group(job["pid"])
     m.remove("r", kill=True)
     with pytest.raises(pman.JobNotFound):
         m.get("r")
     assert not os.path.exists(job["stdout"]) and not os.path.exists(job["stderr"])
-    _until(lambda: not _core_live(job["pid"]) or None, 5, "killed job gone")
+    _until(lambda: not _group(job["pid"]) or None, 5, "killed job gone")
     assert "r" not in [j["jid"] for j in m.jobs()]
     # a finished job is removed without kill
     done = m.run("echo y", jid="f")
@@ -2219,12 +2182,12 @@ def test_core_fallback_reaper_without_pidfd(core_make, monkeypatch, tmp_path):
     rec = m.wait("pkill", timeout=10)
     assert rec["returncode"] == -15 and rec["message"] == "killed by SIGTERM on request"
     job = m.run("trap '' TERM; sleep 100 & sleep 100; wait", jid="pstubborn")
-    _until(lambda: len([p for p in _core_live(job["pid"]) if p[2] == "sleep"]) >= 2,
+    _until(lambda: len([p for p, st in _group(job["pid"]) if st["comm"] == "sleep"]) >= 2,
                 10, "sleeps")
     m.kill("pstubborn")                       # manager grace: 1 s
     rec = m.wait("pstubborn", timeout=5)
     assert rec["returncode"] == -9
-    _until(lambda: not _core_live(job["pid"]) or None, 2, "stubborn group gone")
+    _until(lambda: not _group(job["pid"]) or None, 2, "stubborn group gone")
     m.run("sleep 30", jid="ptimeout", timeout=0.2)
     rec = m.wait("ptimeout", timeout=10)
     assert rec["returncode"] == -15 and "timed out" in rec["message"]
@@ -2406,14 +2369,14 @@ def test_core_kill_term_trapping_group_with_grace(core_mgr):
     job = core_mgr.run("trap '' TERM; sleep 100 & sleep 100; wait", jid="stubborn")
     pgid = job["pid"]
     # the wrapper leads its own process group
-    assert _core_proc_stat(pgid)[2] == pgid
-    _until(lambda: len([p for p in _core_live(pgid) if p[2] == "sleep"]) >= 2,
+    assert _proc_stat(pgid)["pgrp"] == pgid
+    _until(lambda: len([p for p, st in _group(pgid) if st["comm"] == "sleep"]) >= 2,
                 10, "both sleeps of the job to run")
     assert os.getpgid(0) != pgid
     t0 = time.monotonic()
     core_mgr.kill("stubborn", grace=1)
     # TERM is ignored, so the group is still there before the grace ends
-    gone = _until(lambda: not _core_live(pgid) or None, 2.0,
+    gone = _until(lambda: not _group(pgid) or None, 2.0,
                        "the job's process group to be gone within grace + 1 s",
                        interval=0.02)
     elapsed = time.monotonic() - t0
@@ -2426,7 +2389,7 @@ def test_core_kill_term_trapping_group_with_grace(core_mgr):
     name = "SIGKILL" if rec["returncode"] == -9 else "SIGTERM"
     assert name in rec["message"] and "on request" in rec["message"], rec["message"]
     assert rec["returncode"] == -9, rec     # TERM was ignored, so SIGKILL ended it
-    assert all(p[1] == "Z" for p in _core_group(pgid))
+    assert all(st["state"] == "Z" for _, st in _group(pgid, live=False))
 
 
 def test_core_kill_plain_job_sigterm(core_mgr):
@@ -2438,7 +2401,7 @@ def test_core_kill_plain_job_sigterm(core_mgr):
     assert rec["status"] == "finishedWithError"
     assert rec["returncode"] == -15
     assert rec["message"] == "killed by SIGTERM on request"
-    _until(lambda: not _core_live(job["pid"]) or None, 5, "group gone")
+    _until(lambda: not _group(job["pid"]) or None, 5, "group gone")
     # signal by name and number
     _core_wait_running(core_mgr.run("sleep 30", jid="k2")["pid"])
     core_mgr.kill("k2", "INT")
@@ -2474,8 +2437,8 @@ def test_core_kill_finished_job_sends_nothing(core_mgr, tmp_path):
     assert rec["status"] == "finishedSuccessfully"
     orphan = int(core_mgr.read_log("done")["data"].decode())
     try:
-        assert _core_proc_stat(orphan)[2] == job["pid"]      # same process group
-        assert _core_alive(orphan)
+        assert _proc_stat(orphan)["pgrp"] == job["pid"]      # same process group
+        assert _alive(orphan)
         before = core_mgr.get("done")
         after = core_mgr.kill("done")
         assert after == before
@@ -2484,7 +2447,7 @@ def test_core_kill_finished_job_sends_nothing(core_mgr, tmp_path):
         # observation window (not synchronization): the group got no signal
         deadline = time.monotonic() + 0.5
         while time.monotonic() < deadline:
-            assert _core_alive(orphan), "kill() of a finished job signalled its group"
+            assert _alive(orphan), "kill() of a finished job signalled its group"
             time.sleep(0.02)
         assert core_mgr.get("done") == before
     finally:
@@ -2510,7 +2473,7 @@ def test_core_timeout(core_mgr):
 
 def test_core_signal_not_sent_by_pman(core_mgr):
     job = core_mgr.run("sleep 30", jid="ext-kill")
-    _until(lambda: any(p[2] == "sleep" for p in _core_live(job["pid"])), 10, "sleep")
+    _until(lambda: any(st["comm"] == "sleep" for _, st in _group(job["pid"])), 10, "sleep")
     os.killpg(job["pid"], signal.SIGKILL)
     rec = core_mgr.wait("ext-kill", timeout=10)
     assert rec["returncode"] == 128 + 9
@@ -2518,7 +2481,7 @@ def test_core_signal_not_sent_by_pman(core_mgr):
     assert "SIGKILL" in rec["message"] and "137" in rec["message"]
     assert "shell" in rec["message"]
     job = core_mgr.run("sleep 30", jid="ext-term")
-    _until(lambda: any(p[2] == "sleep" for p in _core_live(job["pid"])), 10, "sleep")
+    _until(lambda: any(st["comm"] == "sleep" for _, st in _group(job["pid"])), 10, "sleep")
     os.killpg(job["pid"], signal.SIGTERM)
     rec = core_mgr.wait("ext-term", timeout=10)
     assert rec["returncode"] == 128 + 15
@@ -2685,7 +2648,7 @@ def test_core_close_and_reopen_sees_outcomes(core_make, tmp_path):
         m.run("true", jid="after-close")
     # late1 ends while no manager watches it
     g1.touch()
-    _until(lambda: not _core_alive(late1["pid"]), 10, "late1 to end")
+    _until(lambda: not _alive(late1["pid"]), 10, "late1 to end")
     m2 = core_make(state)
     assert m2 is not m
     assert [j["jid"] for j in m2.jobs()] == ["ok", "bad", "killed", "spawnfail", "late1", "late2"]
@@ -2939,7 +2902,7 @@ def test_crash_readopt_exit_code_and_kill(crash_env):
     child.wait_event("done")
     pids = {e["jid"]: e["pid"] for e in child.acks()}
     child.sigkill()
-    assert _crash_alive(pids["r42"]) and _crash_alive(pids["r100"])
+    assert _alive(pids["r42"]) and _alive(pids["r100"])
 
     manager = crash_env.manager(state)
     for jid in ("r42", "r100"):
@@ -2951,7 +2914,7 @@ def test_crash_readopt_exit_code_and_kill(crash_env):
     assert rec["status"] == "started"
     done = manager.wait("r100", timeout=10)
     assert (done["status"], done["returncode"]) == (_CRASH_ERROR, -15), done
-    _until(lambda: not _crash_group_members(pids["r100"]), 10,
+    _until(lambda: not _group_pids(pids["r100"]), 10,
                 "the re-adopted, killed job's group to be gone")
 
     done = manager.wait("r42", timeout=15)
@@ -2973,11 +2936,11 @@ def test_crash_finished_while_down(crash_env):
     child.wait_event("done")
     pids = {e["jid"]: e["pid"] for e in child.acks()}
     child.sigkill()
-    assert _crash_alive(pids["three"]) and _crash_alive(pids["zero"]), \
+    assert _alive(pids["three"]) and _alive(pids["zero"]), \
         "the jobs ended before their manager was killed: the test ran too slowly"
     # The jobs end while no manager runs.
     for jid, pid in pids.items():
-        _until(lambda: not _crash_group_members(pid), 10, "job %s to end" % jid)
+        _until(lambda: not _group_pids(pid), 10, "job %s to end" % jid)
     # Their wrappers left the codes in the exit log, keyed by submission seq
     # (k was killed once its command ran, so its wrapper had set its trap and
     # wrote what a shell reports for SIGTERM).
@@ -2991,7 +2954,7 @@ def test_crash_finished_while_down(crash_env):
     assert (zero["status"], zero["returncode"]) == (_CRASH_SUCCESS, 0), zero
     k = manager.wait("k", timeout=10)       # grace is 30 s: this is the re-sent TERM
     assert (k["status"], k["returncode"]) == (_CRASH_ERROR, -15), k
-    _until(lambda: not _crash_group_members(pids["k"]), 10, "job k to end")
+    _until(lambda: not _group_pids(pids["k"]), 10, "job k to end")
     manager.close()
     manager = crash_env.manager(state)
     assert manager.get("three")["returncode"] == 3
@@ -3005,7 +2968,7 @@ def test_crash_vanished_while_down_is_undefined(crash_env):
     pid = child.wait_event("ack")["pid"]
     child.sigkill()
     os.killpg(pid, signal.SIGKILL)
-    _until(lambda: not _crash_group_members(pid), 10, "the job's group to die")
+    _until(lambda: not _group_pids(pid), 10, "the job's group to die")
 
     manager = crash_env.manager(state)
     rec = manager.get("v")
@@ -3032,9 +2995,9 @@ def test_crash_recorded_pid_of_stranger_never_signalled(crash_env):
     manager.close()
 
     stranger = crash_env.stranger(["sleep", "30"])
-    _until(lambda: _crash_stat(stranger.pid) is not None
-                and _crash_stat(stranger.pid)["pgrp"] == stranger.pid, 5, "the stranger")
-    start = _crash_stat(stranger.pid)["start"]
+    _until(lambda: _proc_stat(stranger.pid) is not None
+                and _proc_stat(stranger.pid)["pgrp"] == stranger.pid, 5, "the stranger")
+    start = _proc_stat(stranger.pid)["start"]
     with open("/proc/sys/kernel/random/boot_id") as f:
         boot = f.read().strip()
     snap = os.path.join(state, _CRASH_SNAPSHOT)
@@ -3057,7 +3020,7 @@ def test_crash_recorded_pid_of_stranger_never_signalled(crash_env):
     open(os.path.join(state, "exits"), "w").close()     # no exit code survives
 
     manager = crash_env.manager(state)
-    assert _crash_alive(stranger.pid), "the stranger was signalled at recovery"
+    assert _alive(stranger.pid), "the stranger was signalled at recovery"
     for jid in ("victim", "victim-boot", "victim-noident"):
         rec = manager.get(jid)
         assert (rec["status"], rec["returncode"]) == ("undefined", None), rec
@@ -3066,10 +3029,10 @@ def test_crash_recorded_pid_of_stranger_never_signalled(crash_env):
     for jid in victims:
         rec = manager.kill(jid, "KILL")
         assert rec["status"] not in ("notstarted", "started"), rec
-    assert stranger.poll() is None and _crash_alive(stranger.pid), \
+    assert stranger.poll() is None and _alive(stranger.pid), \
         "kill() signalled a process that is not the job"
     manager.close(kill=True)
-    assert stranger.poll() is None and _crash_alive(stranger.pid), \
+    assert stranger.poll() is None and _alive(stranger.pid), \
         "close(kill=True) signalled a process that is not the job"
 
 
@@ -3098,7 +3061,7 @@ def test_crash_single_owner_lock(crash_env):
 
     # The job holds no descriptor of the lock (nor of the journal).
     lock = os.path.join(state, "lock")
-    members = _crash_group_members(job_pid)
+    members = _group_pids(job_pid)
     assert job_pid in members
     for pid in members:
         fd_dir = "/proc/%d/fd" % pid
@@ -3111,7 +3074,7 @@ def test_crash_single_owner_lock(crash_env):
             assert "journal-" not in target and _CRASH_SNAPSHOT not in target, (pid, fd, target)
 
     holder.sigkill()
-    assert _crash_alive(job_pid), "the job died with its manager"
+    assert _alive(job_pid), "the job died with its manager"
     manager = crash_env.manager(state)          # at once: no retry
     assert _crash_read(lock).decode().strip() == str(os.getpid())
     assert manager.get("long")["status"] == "started"
@@ -3623,7 +3586,7 @@ def test_crash_job_started_from_queue_is_not_run_twice(crash_env):
     child.read_until(time.monotonic() + 0.1)
     child.sigkill()
     first_pid = int(_crash_read(marker).split()[0])
-    assert _crash_alive(first_pid)
+    assert _alive(first_pid)
 
     manager = crash_env.manager(state, max_running=1)
     rec = manager.get("q")
@@ -3633,7 +3596,7 @@ def test_crash_job_started_from_queue_is_not_run_twice(crash_env):
         % (first_pid, rec, runs))
     manager.kill("q")
     assert manager.wait("q", timeout=10)["returncode"] == -15
-    _until(lambda: not _crash_group_members(first_pid), 10, "the job to be gone")
+    _until(lambda: not _group_pids(first_pid), 10, "the job to be gone")
 
 
 def test_crash_queued_job_found_running_or_finished_is_not_rerun(tmp_path):
@@ -3662,7 +3625,7 @@ def test_crash_queued_job_found_running_or_finished_is_not_rerun(tmp_path):
         _until(lambda: os.path.exists(marker) and len(_crash_read(marker).split()) == 2,
                     10, "both wrappers to run")
         os.killpg(hold_pid, signal.SIGKILL)     # a slot frees: q1 would start again
-        _until(lambda: not _crash_group_members(hold_pid), 10, "hold to be gone")
+        _until(lambda: not _group_pids(hold_pid), 10, "hold to be gone")
         m = pman.JobManager(state, max_running=1)
         try:
             rec1 = m.get("q1")
@@ -3964,9 +3927,9 @@ def test_wal_orphan_found_after_a_crash_is_the_wrapper_not_its_subshell(crash_en
     proc = subprocess.Popen(pman._wrapped_argv(fake, exits), stdin=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        _until(lambda: len(_crash_group_members(proc.pid)) >= 3, 10,
+        _until(lambda: len(_group_pids(proc.pid)) >= 3, 10,
                "wrapper, subshell and sleep")
-        members = _crash_group_members(proc.pid)
+        members = _group_pids(proc.pid)
         subshells = [p for p in members if p != proc.pid
                      and pman._wrapper_seq(pman._cmdline(p), exits) == q["seq"]]
         assert subshells and all(p > proc.pid for p in subshells), members
@@ -3976,7 +3939,7 @@ def test_wal_orphan_found_after_a_crash_is_the_wrapper_not_its_subshell(crash_en
         manager.kill("q")
         done = manager.wait("q", timeout=10)
         assert (done["status"], done["returncode"]) == (_CRASH_ERROR, -15), done
-        _until(lambda: not _crash_group_members(proc.pid), 10, "q's group to be gone")
+        _until(lambda: not _group_pids(proc.pid), 10, "q's group to be gone")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -3998,20 +3961,12 @@ def test_wal_journaled_kill_is_sent_again_after_a_restart(crash_env):
             int(m.group(1)) for m in (re.fullmatch(r"journal-(\d+)\.jsonl", n)
                                       for n in os.listdir(state)) if m)), "a") as f:
         f.write(json.dumps(line) + "\n")
-    assert _crash_alive(rec["pid"])
+    assert _alive(rec["pid"])
     t0 = time.monotonic()
     manager = crash_env.manager(state, grace=60)
     done = manager.wait("k", timeout=10)
     assert (done["status"], done["returncode"]) == (_CRASH_ERROR, -15), done
     assert time.monotonic() - t0 < 10
-
-
-def _wal_comm(pid):
-    try:
-        with open("/proc/%d/comm" % pid) as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 def test_wal_jobs_start_with_default_signal_dispositions(core_make):
@@ -4021,8 +3976,8 @@ def test_wal_jobs_start_with_default_signal_dispositions(core_make):
     try:
         m = core_make(grace=30)
         rec = m.run("exec sleep 60", jid="int")
-        pid = _until(lambda: [p for p in _crash_group_members(rec["pid"])
-                              if _wal_comm(p) == "sleep"], 10, "the sleep")[0]
+        pid = _until(lambda: [p for p in _group_pids(rec["pid"])
+                              if (_proc_stat(p) or {}).get("comm") == "sleep"], 10, "the sleep")[0]
     finally:
         signal.signal(signal.SIGINT, old)
     with open("/proc/%d/status" % pid) as f:
@@ -4062,7 +4017,7 @@ def test_wal_job_without_pidfd_is_polled_and_reaped(core_make, monkeypatch):
     rec = m.run("sleep 0.2; exit 6", jid="nofd")
     done = m.wait("nofd", timeout=10)
     assert done["returncode"] == 6, done
-    assert _crash_stat(rec["pid"]) is None, "the job is left a zombie"
+    assert _proc_stat(rec["pid"]) is None, "the job is left a zombie"
 
 
 # -- a small file system that fills up ---------------------------------------
@@ -4120,7 +4075,7 @@ def test_wal_full_disk_refuses_the_job_and_the_kill(small_fs, tmp_path):
         with pytest.raises(pman.StorageError):
             m.kill("running")
         assert m.get("running")["status"] == "started"
-        assert _crash_alive(running["pid"])
+        assert _alive(running["pid"])
         # Over HTTP: 507 with a JSON message, and the job did not run.
         srv = _CmdServer.__new__(_CmdServer)
         srv.state_dir, srv.manager = state, m
@@ -4994,7 +4949,7 @@ def test_cmd_hello_sysinfo_echoback_timestamp(cmd_server):
     # it measures: with one CPU kept busy, at least most of that CPU's share shows
     cmd_server.ok("run", {"jid": "spin", "cmd": "while :; do :; done"})
     try:
-        _until(lambda: _core_proc_stat(cmd_server.manager.get("spin")["pid"]) is not None,
+        _until(lambda: _proc_stat(cmd_server.manager.get("spin")["pid"]) is not None,
                what="the busy job")
         busy = cmd_server.ok("hello", {"askAbout": "sysinfo"})["d_ret"]["sysinfo"]
         assert busy["cpu_percent"] >= 60.0 / os.cpu_count(), busy
@@ -5988,9 +5943,7 @@ def test_http_out_of_fds_backs_off_without_spinning(tmp_path):
             socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
 
         def cpu():
-            with open("/proc/%d/stat" % p.pid) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return _proc_stat(p.pid)["cpu_ticks"] / os.sysconf("SC_CLK_TCK")
 
         time.sleep(0.3)     # not a synchronization: the span whose CPU is measured
         c0, t0 = cpu(), time.monotonic()
@@ -6979,20 +6932,20 @@ def test_http_cli_curl_flow_restart_and_kill_on_exit(http_cli, tmp_path):
     assert code == 400 and json.loads(body)["status"] is False
 
     assert _http_stop(p) == 0
-    assert _http_pid_alive(pid), "SIGTERM on the server killed the running job"
+    assert _alive(pid), "SIGTERM on the server killed the running job"
 
     p, port = http_cli(state)
     code, body = _http_curl("http://127.0.0.1:%d/api/v1/s1/" % port)
     job = json.loads(body)
     assert code == 200 and job["status"] == "started" and job["pid"] == pid, job
     assert _http_stop(p) == 0
-    assert _http_pid_alive(pid)
+    assert _alive(pid)
 
     p, port = http_cli(state, "--kill-on-exit")
     code, body = _http_curl("http://127.0.0.1:%d/api/v1/s1" % port)
     assert code == 200 and json.loads(body)["status"] == "started"
     assert _http_stop(p, timeout=20) == 0
-    _until(lambda: not _http_pid_alive(pid), timeout=10, what="job killed on exit")
+    _until(lambda: not _alive(pid), timeout=10, what="job killed on exit")
 
     p, port = http_cli(state)
     code, body = _http_curl("http://127.0.0.1:%d/api/v1/s1" % port)
@@ -7254,7 +7207,7 @@ def test_cli_start_server_on_first_use(tmp_path):
         if pid:
             os.kill(pid, signal.SIGTERM)
             _until(lambda: not os.path.exists("/proc/%d" % pid) or
-                   _core_proc_stat(pid)[0] == "Z", 20, "the started server to stop")
+                   _proc_stat(pid)["state"] == "Z", 20, "the started server to stop")
 
 
 # -- logs ---------------------------------------------------------------------
@@ -9143,7 +9096,7 @@ def test_compat_keywords_in_a_thread_stop_from_another(tmp_path):
         assert _compat_lock_free(state)
         assert logging.getLogger("pman").handlers == handlers
         # running jobs keep running, as after main()
-        assert _http_pid_alive(pid)
+        assert _alive(pid)
         with pman.JobManager(str(state)) as jobs:
             assert jobs.get("kept")["status"] == "started"
             jobs.kill("kept", "SIGKILL")
