@@ -116,6 +116,58 @@ def _alive(pid):
     return st is not None and st["state"] not in ("Z", "X")
 
 
+# ---------------------------------------------------------------------------
+# HTTP: a free port, one request, header lookup
+# ---------------------------------------------------------------------------
+
+_HTTP_DEADLINE = 15.0
+
+
+def _free_port():
+    """A loopback port that was free a moment ago (for servers that must be
+    told their port)."""
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def _http_exchange(port, method, path, body=None, *, headers=None, conn=None,
+                   timeout=_HTTP_DEADLINE):
+    """One request to 127.0.0.1:*port* (or on the open *conn*): the one HTTP
+    client of these tests.  *body*, if not None, is sent as is when it is
+    bytes or str, else as JSON; any body is sent with Content-Type
+    application/json unless *headers* say otherwise.  Returns (status,
+    [(name, value)] headers, raw body, HTTP version as 10 or 11)."""
+    own = conn is None
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout) if own else conn
+    hdrs = dict(headers or {})
+    data = None
+    if body is not None:
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body).encode("utf-8")
+        hdrs.setdefault("Content-Type", "application/json")
+    try:
+        c.request(method, path, body=data, headers=hdrs)
+        r = c.getresponse()
+        raw = r.read()
+        return r.status, r.getheaders(), raw, r.version
+    finally:
+        if own:
+            c.close()
+
+
+class _Headers:
+    """header(name) over a reply's [(name, value)] list, case-insensitive;
+    a repeated header's values joined by ", ", as http.client's getheader()
+    does (so a doubled Content-Length fails int())."""
+
+    def header(self, name, default=None):
+        values = [value for key, value in self.headers if key.lower() == name.lower()]
+        return ", ".join(values) if values else default
+
+
 # ===========================================================================
 # shared helpers and fixtures
 # ===========================================================================
@@ -200,23 +252,16 @@ class _CmdServer:
 
     def request(self, method, path, body=None, raw=None, conn=None):
         """(status, JSON object) of one request; checks the reply framing."""
-        own = conn is None
-        conn = conn or self.connect()
-        try:
-            data = raw if raw is not None else (None if body is None else json.dumps(body))
-            headers = {"Content-Type": "application/json"} if data is not None else {}
-            conn.request(method, path, body=data, headers=headers)
-            resp = conn.getresponse()
-            payload = resp.read()
-            assert resp.version == 11, "status line must be HTTP/1.1"
-            assert resp.getheader("Content-Type", "").startswith("application/json")
-            assert int(resp.getheader("Content-Length")) == len(payload)
-            obj = json.loads(payload.decode("utf-8"))
-            assert isinstance(obj, dict)
-            return resp.status, obj
-        finally:
-            if own:
-                conn.close()
+        data = raw if raw is not None else (None if body is None else json.dumps(body))
+        status, headers, payload, version = _http_exchange(self.port, method, path, data,
+                                                           conn=conn, timeout=20)
+        reply = _HttpReply(status, headers, payload, version)
+        assert version == 11, "status line must be HTTP/1.1"
+        assert (reply.header("Content-Type") or "").startswith("application/json")
+        assert int(reply.header("Content-Length")) == len(payload)
+        obj = json.loads(payload.decode("utf-8"))
+        assert isinstance(obj, dict)
+        return status, obj
 
     def cmd(self, action, meta=None, wrap=True, conn=None, **extra):
         payload = {"action": action}
@@ -864,7 +909,6 @@ def _crash_ts(stamp):
 # shared by the HTTP tests
 # ---------------------------------------------------------------------------
 _HTTP_PMAN = os.path.join(HERE, "pman.py")
-_HTTP_DEADLINE = 15.0
 _HTTP_PFCON_FIELDS = ("number_of_workers", "cpu_limit", "memory_limit", "gpu_limit",
                       "image", "type", "input_dir", "output_dir", "args_path_flags")
 
@@ -873,24 +917,18 @@ _HTTP_PFCON_FIELDS = ("number_of_workers", "cpu_limit", "memory_limit", "gpu_lim
 # helpers: the HTTP server and raw sockets
 # ---------------------------------------------------------------------------
 
-class _HttpReply:
+class _HttpReply(_Headers):
     """One reply read by http.client."""
 
     def __init__(self, status, headers, body, version):
         self.status, self.headers, self.body, self.version = status, headers, body, version
-
-    def header(self, name, default=None):
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return default
 
     @property
     def json(self):
         return json.loads(self.body)
 
 
-class _HttpRaw:
+class _HttpRaw(_Headers):
     """One reply read from a raw socket."""
 
     def __init__(self, status_line, headers, body):
@@ -900,12 +938,6 @@ class _HttpRaw:
     def code(self):
         m = re.match(r"HTTP/\S+ (\d{3})", self.status_line)
         return int(m.group(1)) if m else None
-
-    def header(self, name, default=None):
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return default
 
     def __repr__(self):
         return "<reply %r %r %r>" % (self.status_line, self.headers, self.body[:300])
@@ -924,21 +956,8 @@ class _HttpSrv:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
 
     def request(self, method, path, body=None, headers=None, conn=None, timeout=_HTTP_DEADLINE):
-        own = conn is None
-        c = self.conn(timeout) if own else conn
-        hdrs = dict(headers or {})
-        data = None
-        if body is not None:
-            data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
-            hdrs.setdefault("Content-Type", "application/json")
-        try:
-            c.request(method, path, body=data, headers=hdrs)
-            r = c.getresponse()
-            raw = r.read()
-            return _HttpReply(r.status, r.getheaders(), raw, r.version)
-        finally:
-            if own:
-                c.close()
+        return _HttpReply(*_http_exchange(self.port, method, path, body, headers=headers,
+                                          conn=conn, timeout=timeout))
 
     def raw(self, data, **kw):
         return _http_raw(self.port, data, **kw)
@@ -1172,22 +1191,12 @@ def _slurm_wait_started(manager, jid, timeout=_SLURM_DEADLINE):
 
 def _slurm_request(port, method, path, body=None, timeout=_SLURM_DEADLINE + 10):
     """(status, parsed JSON or None, raw bytes) of one request."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        headers = {}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode("utf-8")
-            headers["Content-Type"] = "application/json"
-        conn.request(method, path, body=data, headers=headers)
-        reply = conn.getresponse()
-        raw = reply.read()
-        if raw:
-            assert reply.getheader("Content-Type", "").startswith("application/json"), raw[:200]
-            assert int(reply.getheader("Content-Length")) == len(raw)
-        return reply.status, (json.loads(raw) if raw else None), raw
-    finally:
-        conn.close()
+    status, headers, raw, version = _http_exchange(port, method, path, body, timeout=timeout)
+    reply = _HttpReply(status, headers, raw, version)
+    if raw:
+        assert (reply.header("Content-Type") or "").startswith("application/json"), raw[:200]
+        assert int(reply.header("Content-Length")) == len(raw)
+    return status, (json.loads(raw) if raw else None), raw
 
 
 def _slurm_http_wait(port, jid, timeout=_SLURM_DEADLINE):
@@ -1296,7 +1305,9 @@ _CLI_PMAN = os.path.join(HERE, "pman.py")
 _CLI_DEADLINE = 30.0
 
 
-def _cli_env(**extra):
+def _clean_env(**extra):
+    """os.environ without the PMAN_* and terminal variables that change what
+    `pman` does, plus *extra*: the environment of every pman subprocess."""
     env = dict(os.environ)
     for name in ("PMAN_TOKEN", "PMAN_URL", "PMAN_START_SERVER", "NO_COLOR", "COLUMNS"):
         env.pop(name, None)
@@ -1314,7 +1325,7 @@ class _CliServer:
         with open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, _CLI_PMAN, "serve", "--port", "0", "--state-dir", self.state,
-                 "--grace", "2"] + list(args), stdout=err, stderr=err, env=_cli_env(),
+                 "--grace", "2"] + list(args), stdout=err, stderr=err, env=_clean_env(),
                 stdin=subprocess.DEVNULL)
         line = _until(lambda: self.proc.poll() is not None or re.search(
             r"serving http://127\.0\.0\.1:(\d+)/api/v1/", self.log()), _CLI_DEADLINE,
@@ -1331,14 +1342,7 @@ class _CliServer:
             return f.read()
 
     def http(self, method, path, body=None, timeout=_CLI_DEADLINE):
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            c.request(method, path, body=None if body is None else json.dumps(body),
-                      headers={"Content-Type": "application/json"} if body is not None else {})
-            r = c.getresponse()
-            return r.status, r.getheaders(), r.read()
-        finally:
-            c.close()
+        return _http_exchange(self.port, method, path, body, timeout=timeout)[:3]
 
     def post(self, body):
         status, _, data = self.http("POST", "/api/v1/", body)
@@ -1388,7 +1392,7 @@ def _cli(*args, url=None, env=None, timeout=_CLI_DEADLINE, cwd=None, input=None)
     argv = [sys.executable, _CLI_PMAN] + list(args)
     if url is not None:
         argv[3:3] = ["--url", url]      # after the subcommand
-    r = subprocess.run(argv, capture_output=True, timeout=timeout, env=env or _cli_env(),
+    r = subprocess.run(argv, capture_output=True, timeout=timeout, env=env or _clean_env(),
                        cwd=cwd, input=input)
     err = r.stderr.decode("utf-8", "replace")
     assert "Traceback" not in err, err
@@ -1401,7 +1405,7 @@ def _cli_pty(*args, env=None, timeout=_CLI_DEADLINE, on_output=None):
     the text so far after each read."""
     master, slave = os.openpty()
     p = subprocess.Popen([sys.executable, _CLI_PMAN] + list(args), stdout=slave, stderr=slave,
-                         stdin=subprocess.DEVNULL, env=env or _cli_env())
+                         stdin=subprocess.DEVNULL, env=env or _clean_env())
     os.close(slave)
     out = b""
     deadline = time.monotonic() + timeout
@@ -1426,15 +1430,6 @@ def _cli_pty(*args, env=None, timeout=_CLI_DEADLINE, on_output=None):
             p.wait(10)
         os.close(master)
     return p.returncode, out.decode("utf-8", "replace")
-
-
-def _cli_free_port():
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
 def _cli_state(path, n):
@@ -5982,7 +5977,7 @@ def test_http_cli_raises_the_fd_limit(tmp_path):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard <= 256:
         pytest.skip("the hard fd limit is %d here" % hard)
-    port = _http_free_port()
+    port = _free_port()
 
     def low():
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
@@ -5990,7 +5985,7 @@ def test_http_cli_raises_the_fd_limit(tmp_path):
     p = subprocess.Popen([sys.executable, _HTTP_PMAN, "--port", str(port), "--state-dir",
                           str(tmp_path / "st")], preexec_fn=low, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         env=_http_clean_env())
+                         env=_clean_env())
     try:
         def limits():
             with open("/proc/%d/limits" % p.pid) as f:
@@ -6819,27 +6814,12 @@ def test_http_fuzz_never_500(http_srv):
 # the command line
 # ---------------------------------------------------------------------------
 
-def _http_free_port():
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
-
-
 def _http_curl(*args, timeout=30):
     r = subprocess.run(["curl", "-s", "-S", "--max-time", "20", "-w", "\n%{http_code}"]
                        + list(args), capture_output=True, text=True, timeout=timeout)
     body, _, code = r.stdout.rpartition("\n")
     assert r.returncode == 0, (args, r.returncode, r.stderr)
     return int(code), body
-
-
-def _http_clean_env():
-    env = dict(os.environ)
-    env.pop("PMAN_TOKEN", None)
-    return env
 
 
 @pytest.fixture
@@ -6854,12 +6834,12 @@ def http_cli(tmp_path):
 
     def start(state, *args):
         for attempt in range(5):
-            port = _http_free_port()
+            port = _free_port()
             err_path = tmp_path / ("cli-%d.log" % len(procs))
             with open(err_path, "w") as err:
                 p = subprocess.Popen([sys.executable, _HTTP_PMAN, "--http", "--port", str(port),
                                       "--state-dir", str(state)] + list(args),
-                                     stdout=err, stderr=err, env=_http_clean_env(),
+                                     stdout=err, stderr=err, env=_clean_env(),
                                      stdin=subprocess.DEVNULL)
             procs.append(p)
             deadline = time.monotonic() + 15
@@ -6961,7 +6941,7 @@ def test_http_cli_version_and_refusals(tmp_path):
     assert pman.__version__ in r.stdout + r.stderr
     r = subprocess.run([sys.executable, _HTTP_PMAN, "--http", "--ip", "0.0.0.0", "--port", "0",
                         "--state-dir", str(tmp_path / "st")], capture_output=True, text=True,
-                       timeout=30, env=_http_clean_env(), stdin=subprocess.DEVNULL)
+                       timeout=30, env=_clean_env(), stdin=subprocess.DEVNULL)
     assert r.returncode != 0
     assert "--insecure-no-token" in r.stderr
     r = subprocess.run([sys.executable, _HTTP_PMAN, "--bogus-flag"], capture_output=True,
@@ -7005,7 +6985,7 @@ def test_cli_serve_start_and_stop_lines_are_info_and_requests_need_v(cli_server,
     assert _cli("ls", url=loud.url)[0] == 0
     # A second server on a state directory in use cannot start: 3, one message.
     second = subprocess.run([sys.executable, _CLI_PMAN, "serve", "--port", "0", "--state-dir",
-                             loud.state], capture_output=True, text=True, env=_cli_env(),
+                             loud.state], capture_output=True, text=True, env=_clean_env(),
                             timeout=_CLI_DEADLINE, stdin=subprocess.DEVNULL)
     assert second.returncode == 3, second
     assert "in use by another pman manager" in second.stderr, second.stderr
@@ -7015,12 +6995,12 @@ def test_cli_serve_start_and_stop_lines_are_info_and_requests_need_v(cli_server,
     assert "DEBUG" not in loud.log()
 
     # The original README's command line is still the server.
-    port = _cli_free_port()
+    port = _free_port()
     state = tmp_path / "cli-state-old"
     with open(tmp_path / "old.log", "wb") as err:
         p = subprocess.Popen([sys.executable, _CLI_PMAN, "--raw", "1", "--http", "--port",
                               str(port), "--listeners", "12", "--state-dir", str(state)],
-                             stdout=err, stderr=err, stdin=subprocess.DEVNULL, env=_cli_env())
+                             stdout=err, stderr=err, stdin=subprocess.DEVNULL, env=_clean_env())
     try:
         _until(lambda: p.poll() is not None or "serving" in (tmp_path / "old.log").read_text(),
                _CLI_DEADLINE, "the old command line to serve")
@@ -7045,7 +7025,7 @@ def test_cli_help_has_an_example_and_usage_errors_are_64(tmp_path):
                  ["run", "--follow", "--json", "--", "true"], ["--bogus-flag"],
                  ["--url", "http://127.0.0.1:1", "ls"],
                  ["ls", "--url", "ftp://x"]):
-        code, out, err = _cli(*argv, env=_cli_env(PMAN_URL="http://127.0.0.1:1"))
+        code, out, err = _cli(*argv, env=_clean_env(PMAN_URL="http://127.0.0.1:1"))
         assert code == 64, (argv, code, err)
         assert err.strip(), argv
 
@@ -7054,7 +7034,7 @@ def test_cli_python_m_pman_is_the_same_command(cli_server):
     server = cli_server()
     server.post({"jid": "m1", "cmd": "true"})
     r = subprocess.run([sys.executable, "-m", "pman", "ls", "--json", "--url", server.url],
-                       capture_output=True, timeout=_CLI_DEADLINE, cwd=HERE, env=_cli_env())
+                       capture_output=True, timeout=_CLI_DEADLINE, cwd=HERE, env=_clean_env())
     assert r.returncode == 0, r.stderr
     assert [j["jid"] for j in json.loads(r.stdout)] == ["m1"]
 
@@ -7062,7 +7042,7 @@ def test_cli_python_m_pman_is_the_same_command(cli_server):
 # -- no server, errors, token -------------------------------------------------
 
 def test_cli_no_server_is_one_line_and_exit_3(tmp_path):
-    url = "http://127.0.0.1:%d" % _cli_free_port()
+    url = "http://127.0.0.1:%d" % _free_port()
     for argv in (["run", "--", "true"], ["ls"], ["show", "j1"], ["logs", "j1"],
                  ["logs", "-f", "j1"], ["wait", "j1", "--timeout", "5"], ["kill", "j1"],
                  ["rm", "j1"], ["run", "--wait", "--", "true"]):
@@ -7073,7 +7053,7 @@ def test_cli_no_server_is_one_line_and_exit_3(tmp_path):
         assert len(lines) == 1 and "nothing answers at " + url in lines[0], (argv, err)
         assert "pman serve" in lines[0], err
     # $PMAN_URL is the default of --url
-    code, _, err = _cli("ls", env=_cli_env(PMAN_URL=url))
+    code, _, err = _cli("ls", env=_clean_env(PMAN_URL=url))
     assert code == 3 and url in err
 
 
@@ -7102,7 +7082,7 @@ def test_cli_token_from_file_or_environment(cli_server, tmp_path):
     code, out, err = _cli("ls", "--json", "--token-file", str(token_file), url=server.url)
     assert code == 0 and json.loads(out) == [], err
     code, out, err = _cli("run", "--jid", "t1", "--", "true", url=server.url,
-                          env=_cli_env(PMAN_TOKEN="cli-t0ken"))
+                          env=_clean_env(PMAN_TOKEN="cli-t0ken"))
     assert code == 0 and out == b"t1\n", err
     assert "cli-t0ken" not in server.log()
 
@@ -7181,10 +7161,10 @@ def test_cli_run_follow_streams_both_outputs_then_exits_with_the_code(cli_server
 
 
 def test_cli_start_server_on_first_use(tmp_path):
-    port = _cli_free_port()
+    port = _free_port()
     state = tmp_path / "auto-state"
     url = "http://127.0.0.1:%d" % port
-    env = _cli_env(PMAN_STATE_DIR=str(state))
+    env = _clean_env(PMAN_STATE_DIR=str(state))
     try:
         code, out, err = _cli("ls", url=url, env=env)
         assert code == 3 and "--start-server" in err      # not without being asked
@@ -7196,7 +7176,7 @@ def test_cli_start_server_on_first_use(tmp_path):
         assert out == b"started\n"
         # the next one finds it running: no second server
         code, out, err = _cli("run", "--jid", "second", "--", "true", url=url,
-                              env=_cli_env(PMAN_STATE_DIR=str(state), PMAN_START_SERVER="1"))
+                              env=_clean_env(PMAN_STATE_DIR=str(state), PMAN_START_SERVER="1"))
         assert code == 0 and "started a server" not in err, err
         assert "serving" in (state / "server.log").read_text()
     finally:
@@ -7272,7 +7252,7 @@ def test_cli_logs_follow_a_job_killed_by_a_signal(cli_server):
     server = cli_server()
     server.post({"jid": "k", "cmd": "echo before; exec sleep 30"})
     p = subprocess.Popen([sys.executable, _CLI_PMAN, "logs", "-f", "k", "--url", server.url],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_cli_env())
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_clean_env())
     try:
         assert p.stdout.readline() == b"before\n"
         assert p.poll() is None             # still following
@@ -7321,7 +7301,7 @@ def test_cli_ls_table_json_filters_and_all(cli_server, tmp_path):
     assert len({line.index(" STATUS") if i == 0 else line.index(" finished")
                 for i, line in enumerate(lines)}) == 1          # aligned
     assert "\x1b[" not in out.decode()
-    code, out, err = _cli("ls", "--limit", "3", url=server.url, env=_cli_env(COLUMNS="60"))
+    code, out, err = _cli("ls", "--limit", "3", url=server.url, env=_clean_env(COLUMNS="60"))
     assert all(len(line) <= 60 for line in out.decode().splitlines()), out
     assert out.decode().splitlines()[1].endswith("…")
 
@@ -7334,7 +7314,7 @@ def test_cli_ls_colours_only_on_a_terminal_and_never_with_no_color(cli_server):
     code, text = _cli_pty("ls", "--url", server.url)
     assert code == 0 and "\x1b[32mfinishedSuccessfully" in text, text
     assert "\x1b[31mfinishedWithError" in text
-    code, text = _cli_pty("ls", "--url", server.url, env=_cli_env(NO_COLOR="1"))
+    code, text = _cli_pty("ls", "--url", server.url, env=_clean_env(NO_COLOR="1"))
     assert code == 0 and "\x1b[" not in text and "finishedWithError" in text, text
 
 
@@ -7549,12 +7529,12 @@ def test_cli_readme_session_runs_as_pasted(tmp_path):
         pytest.skip("curl is not installed")
     session = _cli_readme_session()
     assert session.startswith('alias pman="python3 $PWD/pman.py"\n'), session
-    port = _cli_free_port()
+    port = _free_port()
     url = "http://127.0.0.1:%d" % port
     state = tmp_path / "readme-state"
     script = "shopt -s expand_aliases\n" + session.replace("127.0.0.1:5010", "127.0.0.1:%d" % port)
     r = subprocess.run(["bash", "-c", script], cwd=HERE, capture_output=True, timeout=120,
-                       env=_cli_env(PMAN_URL=url, PMAN_STATE_DIR=str(state)))
+                       env=_clean_env(PMAN_URL=url, PMAN_STATE_DIR=str(state)))
     out, err = r.stdout.decode(), r.stderr.decode()
     try:
         assert "Traceback" not in err and "nothing answers" not in err, err
@@ -8999,14 +8979,8 @@ def test_ui_http_waiting_long_polls_hold_no_thread(http_factory):
 # ---------------------------------------------------------------------------
 
 def _compat_request(port, method, path, body=None):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=_HTTP_DEADLINE)
-    try:
-        c.request(method, path, body=None if body is None else json.dumps(body),
-                  headers={"Content-Type": "application/json"} if body is not None else {})
-        r = c.getresponse()
-        return r.status, json.loads(r.read() or b"{}")
-    finally:
-        c.close()
+    status, _, raw, _ = _http_exchange(port, method, path, body)
+    return status, json.loads(raw or b"{}")
 
 
 def _compat_lock_free(state):
@@ -9042,7 +9016,7 @@ def test_compat_readme_snippet_serves_until_a_signal(tmp_path, sig):
                                       "'port': 0}" % (str(debug), str(state)))
     script += "\nprint('start returned', flush=True)\n"
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env=_http_clean_env(), cwd=str(tmp_path))
+                         stderr=subprocess.PIPE, env=_clean_env(), cwd=str(tmp_path))
     try:
         # the debug file says where it serves
         text = _until(lambda: debug.exists() and re.search(
