@@ -158,6 +158,17 @@ def _http_exchange(port, method, path, body=None, *, headers=None, conn=None,
             c.close()
 
 
+def _serve(manager, host="127.0.0.1", *, name="test-http", **options):
+    """(server, thread): pman.make_server(manager, host, 0, **options) serving
+    in a daemon thread, the one way these tests start a server.  A short
+    poll_interval: shutdown() returns within 50 ms."""
+    server = pman.make_server(manager, host, 0, **options)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              name=name, daemon=True)
+    thread.start()
+    return server, thread
+
+
 class _Headers:
     """header(name) over a reply's [(name, value)] list, case-insensitive;
     a repeated header's values joined by ", ", as http.client's getheader()
@@ -241,11 +252,8 @@ class _CmdServer:
     def __init__(self, state_dir, **options):
         self.state_dir = str(state_dir)
         self.manager = pman.JobManager(self.state_dir, **options)
-        self.srv = pman.make_server(self.manager, "127.0.0.1", 0)
+        self.srv, self.thread = _serve(self.manager)
         self.port = self.srv.server_address[1]
-        self.thread = threading.Thread(target=self.srv.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
 
     def connect(self):
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
@@ -1115,13 +1123,10 @@ def http_factory(tmp_path):
         state = tmp_path / state_name
         manager = pman.JobManager(str(state), grace=2)
         try:
-            srv = pman.make_server(manager, host, 0, **options)
+            srv, _ = _serve(manager, host, name="http-test-server", **options)
         except BaseException:
             manager.close(kill=True)
             raise
-        # a short poll_interval: shutdown() at teardown returns within 50 ms
-        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                         name="http-test-server", daemon=True).start()
         served = _HttpSrv(manager, srv, str(state))
         made.append(served)
         return served
@@ -1269,10 +1274,7 @@ def slurm_ctx(slurm_cluster, tmp_path):
         return m
 
     def serve(manager):
-        server = pman.make_server(manager, "127.0.0.1", 0)
-        thread = threading.Thread(target=server.serve_forever, name="slurm-test-http",
-                                  daemon=True)
-        thread.start()
+        server, thread = _serve(manager, name="slurm-test-http")
         servers.append((server, thread))
         return server.server_address[1]
 
@@ -1549,10 +1551,7 @@ def podman_ctx(podman_ready, tmp_path):
         return m
 
     def serve(manager):
-        server = pman.make_server(manager, "127.0.0.1", 0)
-        thread = threading.Thread(target=server.serve_forever, name="podman-test-http",
-                                  daemon=True)
-        thread.start()
+        server, thread = _serve(manager, name="podman-test-http")
         servers.append((server, thread))
         return server.server_address[1]
 
@@ -4074,10 +4073,8 @@ def test_wal_full_disk_refuses_the_job_and_the_kill(small_fs, tmp_path):
         # Over HTTP: 507 with a JSON message, and the job did not run.
         srv = _CmdServer.__new__(_CmdServer)
         srv.state_dir, srv.manager = state, m
-        srv.srv = pman.make_server(m, "127.0.0.1", 0)
+        srv.srv, srv.thread = _serve(m)
         srv.port = srv.srv.server_address[1]
-        srv.thread = threading.Thread(target=srv.srv.serve_forever, daemon=True)
-        srv.thread.start()
         try:
             status, obj = srv.request("POST", "/api/v1/", {"jid": "http", "cmd": "touch "
                                                            + marker, "meta": big})
@@ -4140,8 +4137,7 @@ def test_wal_slow_submission_does_not_hold_the_manager(crash_env, fake_slurm):
                                               for i in range(1000)]
     _crash_write(os.path.join(state, _CRASH_SNAPSHOT), "\n".join(lines) + "\n")
     m = crash_env.manager(state, backend="slurm")
-    srv = pman.make_server(m, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv, _ = _serve(m)
     conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=20)
     try:
         done = []
@@ -7780,9 +7776,7 @@ def test_ui_first_paint_with_10000_jobs(tmp_path, ui_page):
               for n in range(1, 10001)]
     _crash_write(str(state / "state.jsonl"), "\n".join(lines) + "\n")
     manager = pman.JobManager(str(state))
-    srv = pman.make_server(manager, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                     daemon=True).start()
+    srv, _ = _serve(manager)
     served = _HttpSrv(manager, srv, str(state))
     try:
         page = ui_page(served)
