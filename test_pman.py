@@ -1980,7 +1980,7 @@ def test_core_wait_list_and_timeout(core_mgr):
     assert m.get("long")["status"] == "started"
 
 
-def test_core_remove(core_mgr):
+def test_core_remove_refuses_an_active_job_unless_kill_and_deletes_its_logs(core_mgr):
     m = core_mgr
     job = m.run("echo x; sleep 30", jid="r")
     _until(lambda: m.read_log("r")["data"] == b"x\n", 10, "output")
@@ -2297,7 +2297,7 @@ def test_core_queue_order_max_running(core_make, tmp_path):
     assert sorted(order.read_text().split()) == [str(i) for i in range(6)]
 
 
-def test_core_queued_job_killed(core_make, tmp_path):
+def test_core_kill_of_a_queued_job_ends_it_without_running_it(core_make, tmp_path):
     m = core_make(max_running=1)
     blocker = m.run("sleep 30", jid="blocker")
     queued = m.run("echo ran > '%s'" % (tmp_path / "ran"), jid="queued")
@@ -2332,7 +2332,7 @@ def test_core_rerun_active_jid_conflict(core_make):
     assert len(m.jobs()) == 2
 
 
-def test_core_invalid_jids(core_mgr):
+def test_core_invalid_jids_are_refused_and_leave_nothing_behind(core_mgr):
     bad = ["", "../x", "a/b", "x\n", "a" * 129, "jobs", "cmd", "hello",
            "openapi.json", ".hidden", "-x", "a b", "é", 123, "x\0"]
     for jid in bad:
@@ -2451,7 +2451,7 @@ def test_core_kill_finished_job_sends_nothing(core_mgr, tmp_path):
             pass
 
 
-def test_core_timeout(core_mgr):
+def test_core_timeout_ends_a_job_with_sigterm_and_spares_one_in_time(core_mgr):
     t0 = time.monotonic()
     core_mgr.run("sleep 30", jid="slow", timeout=0.3)
     rec = core_mgr.wait("slow", timeout=10)
@@ -2491,7 +2491,7 @@ def test_core_signal_not_sent_by_pman(core_mgr):
 # env, cwd, logs, argv, spawn failures
 # ---------------------------------------------------------------------------
 
-def test_core_env_merge(core_make, monkeypatch):
+def test_core_env_merges_manager_job_and_outer_and_records_only_the_keys(core_make, monkeypatch):
     monkeypatch.setenv("CORE_OUTER", "outer")
     m = core_make(env={"CORE_A": "mgr", "CORE_B": "mgr"})
     cmd = 'printf "%s|%s|%s|%s" "$CORE_A" "$CORE_B" "${CORE_C-unset}" "$CORE_OUTER"'
@@ -2576,7 +2576,7 @@ def test_core_read_log_offset_and_eof(core_mgr, tmp_path):
         core_mgr.read_log("log", offset=-1)
 
 
-def test_core_spawn_failure(core_mgr, tmp_path):
+def test_core_spawn_failure_ends_the_job_with_an_error_and_frees_the_jid(core_mgr, tmp_path):
     bad_cwd = core_mgr.run("echo hi", jid="badcwd", cwd=str(tmp_path / "no-such-dir"))
     missing = core_mgr.run(["core-no-such-executable-xyz", "arg"], jid="noexe")
     notexec = tmp_path / "plain.txt"
@@ -2600,7 +2600,7 @@ def test_core_spawn_failure(core_mgr, tmp_path):
     assert core_mgr.wait("badcwd", timeout=10)["returncode"] == 0
 
 
-def test_core_argv_no_shell(core_mgr, tmp_path):
+def test_core_argv_jobs_run_without_a_shell(core_mgr, tmp_path):
     args = ["$(touch X)", "a b", "'q'", ";", "*", "`touch Y`", "$HOME", ""]
     rec = core_mgr.run(["printf", "[%s]"] + args, jid="argv", cwd=str(tmp_path))
     assert rec["argv"] == ["printf", "[%s]"] + args
@@ -2687,7 +2687,7 @@ def test_core_context_manager_and_lock(tmp_path):
         m2.close(kill=True)
 
 
-def test_core_log_limit(core_make):
+def test_core_log_limit_ends_a_noisy_job_and_spares_a_quiet_one(core_make):
     m = core_make(log_limit=10000)
     m.run("head -c 20000 /dev/zero; sleep 30", jid="noisy-out")
     m.run("head -c 20000 /dev/zero >&2; sleep 30", jid="noisy-err")
@@ -2728,7 +2728,7 @@ def test_core_keep_finished_retention(core_make):
         for j in js))(m.jobs()), 10, "retention after the runner ended")
 
 
-def test_core_forget_keep(core_mgr):
+def test_core_forget_keeps_the_newest_finished_and_every_active_job(core_mgr):
     m = core_mgr
     m.run("sleep 30", jid="active")
     outs = {}
@@ -4610,7 +4610,7 @@ def test_http_slow_body_does_not_hold_a_listener(http_factory):
         slow.close()
 
 
-def test_http_kill_route(http_srv):
+def test_http_kill_route_ends_a_job_leaves_a_finished_one_and_checks_its_body(http_srv):
     _http_post_job(http_srv, {"jid": "k1", "cmd": "sleep 30"})
     r = http_srv.request("POST", "/api/v1/k1/kill", {"signal": "SIGTERM", "grace": 1})
     assert r.status == 202, r.body
@@ -8098,7 +8098,7 @@ def test_slurm_kill_running_job(slurm_ctx):
     assert _slurm_ids_named(jid) == [job_id]
 
 
-def test_slurm_timeout(slurm_ctx):
+def test_slurm_timeout_counts_from_the_start_and_ends_with_sigterm(slurm_ctx):
     m = slurm_ctx.open()
     jid = slurm_ctx.jid("timeout")
     m.run("sleep 100", jid=jid, timeout=1)
@@ -8784,7 +8784,7 @@ def test_podman_kill_with_grace(podman_ctx):
     assert deaf["message"] == "killed by SIGKILL on request; the container exited 137", deaf
 
 
-def test_podman_timeout(podman_ctx):
+def test_podman_timeout_sends_sigterm_and_reports_the_container_exit(podman_ctx):
     m = podman_ctx.open()
     m.run("trap 'exit 9' TERM; while :; do sleep 0.05; done", jid="slow", timeout=1,
           extras={"image": _PODMAN_IMAGE})
