@@ -5753,8 +5753,7 @@ class _Server(http.server.HTTPServer):
     def serve_forever(self, poll_interval=None):
         """Accept and read connections until `shutdown` (*poll_interval* is
         accepted for socketserver's signature; shutdown wakes the loop)."""
-        self._stop.clear()
-        self._stopped.clear()
+        self._stopped.clear()       # _stop stays: a shutdown() asked for already counts
         sel = selectors.DefaultSelector()
         try:
             self.socket.setblocking(False)
@@ -5813,6 +5812,7 @@ class _Server(http.server.HTTPServer):
                 parked.done()
                 self._drop(conn)
             sel.close()
+            self._stop.clear()          # a later serve_forever() serves again
             self._stopped.set()
 
     def shutdown(self):
