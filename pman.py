@@ -1553,7 +1553,39 @@ _SLURM_ERROR = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED", "REVOKED", "SPECIAL_EXIT"}
 
 
-class SlurmBackend(_Backend):
+class _PolledBackend(_Backend):
+    """A backend that learns what its jobs do by asking one command about
+    all of them at once (``squeue``, ``podman inspect``), at an interval
+    that adapts: MIN_POLL after a change, growing to MAX_POLL while nothing
+    changes.  A subclass sets ``_waker``, ``_watched``, ``_interval`` and
+    ``_last_poll`` in ``open`` and calls these from ``wait``."""
+
+    MIN_POLL, MAX_POLL = 0.2, 5.0
+
+    def _due_jobs(self, timeout):
+        """Sleep until the next poll is due (at most *timeout*, or until
+        `wake`); the watched jobs to poll, or None if woken too early: never
+        poll faster than MIN_POLL."""
+        due = self._last_poll + self._interval - _time()
+        self._waker.sleep(max(0.0, due if timeout is None else min(due, timeout)))
+        if _time() < self._last_poll + self.MIN_POLL:
+            return None
+        self._last_poll = _time()
+        return list(self._watched.values())
+
+    def _polled(self, changed):
+        """The next interval, after a poll that found *changed* jobs."""
+        self._interval = (self.MIN_POLL if changed
+                          else min(self.MAX_POLL, self._interval * 1.5))
+        return changed
+
+    def _poll_failed(self, what, error):
+        log.warning("polling %s failed (will retry): %s", what, error)
+        self._interval = self.MAX_POLL
+        return []
+
+
+class SlurmBackend(_PolledBackend):
     """Jobs as SLURM batch jobs, driven through ``sbatch``, ``squeue``,
     ``sacct`` and ``scancel``.  The submit host needs SLURM's client
     commands; the state directory (logs) must be on a file system the
@@ -1564,7 +1596,6 @@ class SlurmBackend(_Backend):
     name = "slurm"
     resend_window = 0.0
     enforced = ()
-    MIN_POLL, MAX_POLL = 0.2, 5.0
     COMMAND_TIMEOUT = 30.0
 
     def __init__(self, partition=None, sbatch_args=()):
@@ -1692,27 +1723,20 @@ class SlurmBackend(_Backend):
         return start.isoformat()
 
     def wait(self, timeout):
-        due = self._last_poll + self._interval - _time()
-        self._waker.sleep(max(0.0, due if timeout is None else min(due, timeout)))
-        if _time() < self._last_poll + self.MIN_POLL:
-            return []           # woken early: never poll faster than MIN_POLL
-        self._last_poll = _time()
-        jobs = list(self._watched.values())
+        jobs = self._due_jobs(timeout)
+        if jobs is None:
+            return []
         ids = [j.backend_id for j in jobs if j.backend_id]
         try:
             states = self.poll(ids)
         except BackendUnavailable as e:
-            log.warning("polling SLURM failed (will retry): %s", e)
-            self._interval = self.MAX_POLL
-            return []
+            return self._poll_failed("SLURM", e)
         # A change of state, reason or code; not of a pending job's estimated
         # start time, which the backfill scheduler rewrites all the time.
         changed = [j for j in jobs if (states.get(j.backend_id) or ())[:4]
                    != (self._states.get(j.backend_id) or ())[:4]]
         self._states.update(states)
-        self._interval = (self.MIN_POLL if changed
-                          else min(self.MAX_POLL, self._interval * 1.5))
-        return changed
+        return self._polled(changed)
 
     def check(self, job):
         got = self._states.get(job.backend_id)
@@ -1789,7 +1813,7 @@ _IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,511}")
 _GONE = ("gone",)           # a poll's word for "podman has no such container"
 
 
-class PodmanBackend(_Backend):
+class PodmanBackend(_PolledBackend):
     """Jobs as containers, driven through the ``podman`` command line, with
     pman 3.x's conventions for ChRIS plugins (see README.rst, "Running
     containers").  A job names its ``image`` in *extras*; its command (an
@@ -2214,19 +2238,14 @@ class PodmanBackend(_Backend):
     def wait(self, timeout):
         self._remove_doomed()
         self._settle_unclaimed()
-        due = self._last_poll + self._interval - _time()
-        self._waker.sleep(max(0.0, due if timeout is None else min(due, timeout)))
-        if _time() < self._last_poll + self.MIN_POLL:
-            return []           # woken early: never poll faster than MIN_POLL
-        self._last_poll = _time()
-        jobs = list(self._watched.values())
+        jobs = self._due_jobs(timeout)
+        if jobs is None:
+            return []
         names = [j.backend_id for j in jobs if j.backend_id]
         try:
             states = self._inspect(names)
         except BackendUnavailable as e:
-            log.warning("polling podman failed (will retry): %s", e)
-            self._interval = self.MAX_POLL
-            return []
+            return self._poll_failed("podman", e)
 
         def key(state):
             return state if state is None or state is _GONE else (
@@ -2234,9 +2253,7 @@ class PodmanBackend(_Backend):
         changed = [j for j in jobs if j.backend_id in states and
                    key(states[j.backend_id]) != key(self._states.get(j.backend_id))]
         self._states.update(states)
-        self._interval = (self.MIN_POLL if changed
-                          else min(self.MAX_POLL, self._interval * 1.5))
-        return changed
+        return self._polled(changed)
 
     def _settle_unclaimed(self):
         """Once recovery is over: remove the ended containers of this
