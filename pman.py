@@ -3973,6 +3973,7 @@ def _close_all():
 MAX_BODY = 1 << 20          # bytes in a request body
 MAX_BATCH = 10000           # jobs in one POST /api/v1/jobs (bounds the reply and its time)
 MAX_HEAD = 1 << 16          # bytes of a request line and its headers
+MAX_HEADERS = 100           # header fields of a request (as http.client allows)
 MAX_WAIT = 60.0             # cap of a long poll, in seconds
 REQUEST_TIMEOUT = 10.0      # s for a whole request (head and body) to arrive; also
                             # the longest a kept-alive connection may sit idle
@@ -4425,150 +4426,6 @@ _RESOURCE_FIELDS = {"jid", "cmd", "entrypoint", "args", "auid", "env", "cwd", "t
                     "meta"} | set(PFCON_FIELDS)
 
 
-class _Routes:
-    """The route table: (method, regex, OpenAPI path, handler name, summary).
-    Handlers take (groups, query, body) and return (status, obj)."""
-
-    TABLE = [
-        ("GET", r"/api/v1", "/api/v1/", "root", "List every jid (command dialect)"),
-        ("POST", r"/api/v1", "/api/v1/", "create",
-         "Run a job (resource dialect); 201 with the job object, logs included; "
-         "unknown fields are ignored and named in ignored_fields"),
-        ("GET", r"/api/v1/jobs", "/api/v1/jobs", "list_jobs",
-         "Paged job list: ?status=&auid=&q=&meta.KEY=&limit=&after=&order=oldest|newest"),
-        ("POST", r"/api/v1/jobs", "/api/v1/jobs", "create_batch",
-         "Run a batch of jobs, all or none: {\"jobs\": [job bodies as for POST /api/v1/]} "
-         "-> 201 {\"jobs\": [job objects]}, in order; one fsync for the batch"),
-        ("GET", r"/api/v1/events", "/api/v1/events", "events",
-         "The change feed: ?since=N&wait=S&limit=M long-polls for the jobs changed "
-         "after sequence number N (each once, its object as it is now, null once "
-         "forgotten, no logs); no since: the current seq and counts"),
-        ("GET", r"/api/v1/openapi\.json", "/api/v1/openapi.json", "openapi",
-         "This OpenAPI document"),
-        ("POST", r"/api/v1/cmd", "/api/v1/cmd/", "command",
-         "The original command dialect: payload.action"),
-        ("GET", r"/api/v1/(?P<jid>[^/]+)/logs", "/api/v1/{jid}/logs", "logs",
-         "Read a log stream: ?stream=stdout|stderr&offset=N&limit=M; with &raw=1 the "
-         "bytes themselves (application/octet-stream, at most 1 MiB), their offsets and "
-         "eof in the Pman-Offset, Pman-Next-Offset and Pman-Eof headers"),
-        ("POST", r"/api/v1/(?P<jid>[^/]+)/kill", "/api/v1/{jid}/kill", "kill",
-         "Signal a job, SIGKILL after grace; 202"),
-        ("GET", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", "get_job",
-         "A job object; ?wait=S long-polls until it ends"),
-        ("DELETE", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", "delete_job",
-         "Kill if running, forget, remove logs; 204.  ?kill=0: 409 for a queued or "
-         "running job instead of killing it"),
-        ("GET", r"/api/v1/(?P<jid>[^/]+)/(?P<tree>.+)", "/api/v1/{jid}/{path}", "walk",
-         "A value of the job tree (jid, or _N: _0 the first job, _-1 the last), "
-         "wrapped in its path"),
-        ("GET", r"", "/", "page", "The live status page (HTML; served without a token, "
-         "holds no data: its API calls need the token)"),
-        ("GET", r"/ui", "/ui", "ui", "The live status page, as at /"),
-        ("GET", r"/metrics", "/metrics", "metrics",
-         "Prometheus metrics (text format 0.0.4); token rules as the API"),
-    ]
-    COMPILED = [(m, re.compile(rx + "/?"), p, h, s) for m, rx, p, h, s in TABLE]
-    # method -> [(regex, template, handler name)], in table order: a request
-    # tries only its method's routes (the others only to say what a 405 allows)
-    BY_METHOD = {m: [(rx, p, h) for m2, rx, p, h, _ in routes if m2 == m]
-                 for routes in (COMPILED,) for m in {r[0] for r in routes}}
-
-    _JID = {"oneOf": [{"type": "string", "pattern": "^/?%s$" % JID_RE.pattern},
-                      {"type": "integer", "description": "taken as its decimal string"}]}
-    JOB_BODY = {
-        "type": "object", "additionalProperties": True,
-        "description": "Unknown fields are ignored (as pman 3.x does) and named in "
-                       "the reply's ignored_fields.  A jid with a leading / is taken "
-                       "without it.  Give cmd, or entrypoint + args.",
-        "properties": dict(
-            {"jid": _JID, "cmd": {"type": "string"},
-             "entrypoint": {"type": "array", "items": {"type": "string"}},
-             "args": {"type": "array", "items": {"type": "string"}},
-             "auid": {"type": "string"}, "cwd": {"type": "string"},
-             "env": {"oneOf": [{"type": "array", "items": {"type": "string"}},
-                               {"type": "object",
-                                "additionalProperties": {"type": "string"}}]},
-             "timeout": {"type": "number", "minimum": 0}, "meta": {"type": "object"}},
-            **{name: {"description": "recorded; enforced (and image run) only by the "
-                                     "podman backend"} for name in PFCON_FIELDS})}
-    BODIES = {      # request bodies by handler, for the OpenAPI document
-        "create": JOB_BODY,
-        "create_batch": {
-            "type": "object", "additionalProperties": False, "required": ["jobs"],
-            "description": "All or nothing: a bad job (400, its index named) or a jid "
-                           "given twice or already active (409) runs none; the batch is "
-                           "journaled as one record with one fsync, then started in order.",
-            "properties": {"jobs": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH,
-                                    "items": JOB_BODY}}},
-        "kill": {"type": "object", "additionalProperties": False, "properties": {
-            "signal": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
-            "grace": {"type": "number", "minimum": 0}}},
-        "command": {"type": "object", "description": "{\"payload\": {\"action\", "
-                    "\"meta\"}} or the payload alone", "properties": {
-                        "payload": {"type": "object"},
-                        "action": {"type": "string", "enum": list(_CommandDialect.ACTIONS)},
-                        "meta": {"type": "object"}}},
-    }
-
-    MEDIA = {"page": "text/html", "ui": "text/html", "metrics": METRICS_TYPE}
-    PARAMETERS = {      # query parameters by handler, where the summary is not enough
-        "logs": [
-            ("stream", ["stdout", "stderr"], "the stream (default stdout)"),
-            ("offset", "integer", "the first byte to read (default 0)"),
-            ("limit", "integer", "at most this many bytes"),
-            ("raw", ["1", "0", "true", "false"],
-             "1: reply with the bytes (application/octet-stream, at most %d), the offsets "
-             "and eof in the Pman-Offset, Pman-Next-Offset and Pman-Eof headers" % RAW_CHUNK)],
-        "delete_job": [
-            ("kill", ["1", "0", "true", "false"],
-             "0: a queued or running job is a 409, not killed (default 1)")],
-        "get_job": [("wait", "number", "long poll: at most this many seconds (capped)")],
-        "events": [
-            ("since", "integer", "a seq of an earlier reply; absent: start from now"),
-            ("wait", "number", "seconds to wait for a change (at most %g)" % MAX_WAIT),
-            ("limit", "integer", "at most this many jobs (1-%d, default %d); "
-             "seq is then the last one's" % (MAX_PAGE, PAGE_SIZE))],
-        "list_jobs": [
-            ("status", "string", "one status, or several separated by commas"),
-            ("auid", "string", "this auid only"),
-            ("q", "string", "text found, ignoring case, in the jid, cmd, auid or message"),
-            ("limit", "integer", "page size, 1-%d (default %d)" % (MAX_PAGE, PAGE_SIZE)),
-            ("after", "string", "the next of an earlier page"),
-            ("order", "string", "oldest (submission order, the default) or newest")],
-    }
-
-    @classmethod
-    def openapi(cls):
-        paths = {}
-        for method, _, path, handler, summary in cls.TABLE:
-            op = {"summary": summary, "operationId": handler,
-                  "responses": {"default": {"description": "JSON object; errors are "
-                                            "{\"status\": false, \"message\": ...}"}}}
-            media = cls.MEDIA.get(handler)
-            if media:
-                op["responses"]["200"] = {"description": summary, "content": {media: {}}}
-            params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                      for p in re.findall(r"\{(\w+)\}", path)]
-            params += [{"name": n, "in": "query", "required": False,
-                        "schema": {"enum": t} if isinstance(t, list) else {"type": t},
-                        "description": d} for n, t, d in cls.PARAMETERS.get(handler, ())]
-            if params:
-                op["parameters"] = params
-            if method == "POST":
-                op["requestBody"] = {"required": True, "content": {
-                    "application/json": {"schema": cls.BODIES.get(handler,
-                                                                  {"type": "object"})}}}
-            if method in ("POST", "DELETE"):
-                op["responses"]["507"] = {"description": "Insufficient Storage: the state "
-                                          "directory could not record the change (ENOSPC, "
-                                          "EIO); nothing was run, signalled or forgotten"}
-            paths.setdefault(path, {})[method.lower()] = op
-        return {"openapi": "3.0.3",
-                "info": {"title": "pman", "version": __version__,
-                         "description": "Process manager API: command and resource dialects"},
-                "paths": paths}
-
-
 # -- the status page ---------------------------------------------------------
 # One static page at / (and /ui).  It holds no data, so it is served without
 # a token; every API call it makes carries one.  Its code is inline, and the
@@ -4986,6 +4843,63 @@ _PAGE = _page()
 _PAGE_PATHS = frozenset({"/", "/ui", "/ui/"})
 
 
+class _Headers:
+    """A request's header fields, parsed in one pass from the head the reader
+    thread already holds: http.server's email parser is most of a small
+    request's cost.  Names are case-insensitive and ``get`` gives the first
+    value, as with email.message.Message.  Stricter than that parser where
+    RFC 9112 lets a server be: a line that is not ``name: value`` (a folded
+    line, a space before the colon, no name) is a 400, and more than
+    MAX_HEADERS fields a 431."""
+
+    __slots__ = ("_fields",)
+    _LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*\r?")
+
+    def __init__(self, data):
+        fields = self._fields = {}      # lower-case name -> [(name, value)]
+        lines = data.decode("iso-8859-1").split("\n")
+        if len(lines) > MAX_HEADERS + 2:
+            raise HTTPError(431, "more than %d header fields" % MAX_HEADERS)
+        for line in lines:
+            match = self._LINE.fullmatch(line)
+            if match is None:
+                if line in ("", "\r"):     # the empty line that ends the head
+                    break
+                raise HTTPError(400, "malformed header line %r" % line[:80])
+            name = match.group(1)
+            fields.setdefault(name.lower(), []).append((name, match.group(2)))
+
+    def get(self, name, default=None):
+        values = self._fields.get(name.lower())
+        return values[0][1] if values else default
+
+    def get_all(self, name, failobj=None):
+        values = self._fields.get(name.lower())
+        return [value for _, value in values] if values else failobj
+
+    def __getitem__(self, name):
+        return self.get(name)
+
+    def __contains__(self, name):
+        return name.lower() in self._fields
+
+    def items(self):
+        return [field for values in self._fields.values() for field in values]
+
+    def keys(self):
+        return [name for name, _ in self.items()]
+
+
+def _http_version(text):
+    """(major, minor) of an "HTTP/x.y" request version, or None."""
+    name, _, number = text.partition("/")
+    major, _, minor = number.partition(".")
+    if (name != "HTTP" or not major.isdigit() or not minor.isdigit() or not major.isascii()
+            or not minor.isascii() or len(major) > 10 or len(minor) > 10):
+        return None
+    return int(major), int(minor)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     """The requests of one connection, given to `serve` one head at a time
     by _Server.  Persistent (HTTP/1.1), TCP_NODELAY, each reply sent in one
@@ -5011,6 +4925,47 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.rfile = io.BytesIO(head)
         self.deadline = deadline
         self.handle_one_request()
+
+    def parse_request(self):
+        """http.server's parse_request (same attributes, same replies to a bad
+        request line), with the headers read by _Headers."""
+        self.command = None
+        self.request_version = self.default_request_version
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if not 2 <= len(words) <= 3:
+            if words:
+                self.send_error(400, "Bad request syntax (%r)" % self.requestline)
+            return False
+        if len(words) == 3:
+            version = _http_version(words[2])
+            if version is None or version >= (2, 0):
+                self.send_error(400, "%s HTTP version (%r)" % (
+                    "unsupported" if version else "bad", words[2]))
+                return False
+            self.close_connection = version < (1, 1)
+            self.request_version = words[2]
+        elif words[0] != "GET":
+            self.send_error(400, "Bad HTTP/0.9 request type (%r)" % words[0])
+            return False
+        self.command, self.path = words[:2]
+        if self.path.startswith("//"):      # as http.server: never an absolute URI
+            self.path = "/" + self.path.lstrip("/")
+        try:
+            self.headers = _Headers(self.rfile.read())
+        except HTTPError as e:
+            self.send_error(e.status, str(e))
+            return False
+        connection = self.headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if (self.headers.get("Expect", "").lower() == "100-continue"
+                and self.request_version >= "HTTP/1.1"):
+            return self.handle_expect_100()
+        return True
 
     # -- replies -------------------------------------------------------------
 
@@ -5204,23 +5159,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not self.server.listeners.acquire(blocking=False):
             raise HTTPError(503, "too many requests in progress: try again")
         self._listener = True
-        if not self.path.startswith("/"):
-            raise HTTPError(400, "the request target must be a path")
-        try:
-            parts = urllib.parse.urlsplit(self.path)
-        except ValueError:
-            raise HTTPError(400, "malformed request target") from None
-        path = parts.path
-        try:
-            query = urllib.parse.parse_qs(parts.query, keep_blank_values=True,
-                                          strict_parsing=True, errors="strict") \
-                if parts.query else {}
-        except (ValueError, UnicodeDecodeError):
-            raise HTTPError(400, "malformed query string") from None
-        for key, values in query.items():
-            if len(values) > 1:
-                raise HTTPError(400, "query parameter %r given more than once" % key)
-        query = {k: v[0] for k, v in query.items()}
+        path, query = self._target()
         for regex, template, handler in _Routes.BY_METHOD.get(method, ()):
             match = regex.fullmatch(path)
             if match is None:
@@ -5232,11 +5171,34 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     groups[key] = urllib.parse.unquote(value, errors="strict")
                 except UnicodeDecodeError:
                     raise HTTPError(400, "invalid percent-encoding in path") from None
-            return getattr(self, "route_" + handler)(groups, query, body)
+            return handler(self, groups, query, body)
         allowed = [m for m, regex, _, _, _ in _Routes.COMPILED if regex.fullmatch(path)]
         if allowed:
             raise HTTPError(405, "%s is not allowed here; use %s" % (method, ", ".join(allowed)))
         raise HTTPError(404, "no such route: %s" % path[:200])
+
+    def _target(self):
+        """The request target's path and its query as a dict (each name at
+        most once)."""
+        target = self.path
+        if not target.startswith("/"):
+            raise HTTPError(400, "the request target must be a path")
+        if "?" not in target and "#" not in target:     # the usual case
+            return target, {}
+        try:
+            parts = urllib.parse.urlsplit(target)
+        except ValueError:
+            raise HTTPError(400, "malformed request target") from None
+        try:
+            query = urllib.parse.parse_qs(parts.query, keep_blank_values=True,
+                                          strict_parsing=True, errors="strict") \
+                if parts.query else {}
+        except (ValueError, UnicodeDecodeError):
+            raise HTTPError(400, "malformed query string") from None
+        for key, values in query.items():
+            if len(values) > 1:
+                raise HTTPError(400, "query parameter %r given more than once" % key)
+        return parts.path, {k: v[0] for k, v in query.items()}
 
     @staticmethod
     def _only(query, *names):
@@ -5383,7 +5345,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def route_page(self, groups, query, body):
         return 200, _PAGE
 
-    route_ui = route_page
+    def route_ui(self, groups, query, body):
+        return self.route_page(groups, query, body)
 
     def route_metrics(self, groups, query, body):
         self._only(query)
@@ -5480,6 +5443,156 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = "/api/v1/" + "/".join([groups["jid"]] + parts)
         return 200, {"status": True, "path": path,
                      "GET": _wrap([record["jid"]] + parts, value)}
+
+
+class _Routes:
+    """The route table: (method, regex, OpenAPI path, handler, summary), the
+    first match wins.  A handler is a _Handler method taking (groups, query,
+    body) and returning (status, obj); its name without ``route_`` is the
+    OpenAPI operationId, which keys BODIES, MEDIA and PARAMETERS."""
+
+    TABLE = [
+        ("GET", r"/api/v1", "/api/v1/", _Handler.route_root,
+         "List every jid (command dialect)"),
+        ("POST", r"/api/v1", "/api/v1/", _Handler.route_create,
+         "Run a job (resource dialect); 201 with the job object, logs included; "
+         "unknown fields are ignored and named in ignored_fields"),
+        ("GET", r"/api/v1/jobs", "/api/v1/jobs", _Handler.route_list_jobs,
+         "Paged job list: ?status=&auid=&q=&meta.KEY=&limit=&after=&order=oldest|newest"),
+        ("POST", r"/api/v1/jobs", "/api/v1/jobs", _Handler.route_create_batch,
+         "Run a batch of jobs, all or none: {\"jobs\": [job bodies as for POST /api/v1/]} "
+         "-> 201 {\"jobs\": [job objects]}, in order; one fsync for the batch"),
+        ("GET", r"/api/v1/events", "/api/v1/events", _Handler.route_events,
+         "The change feed: ?since=N&wait=S&limit=M long-polls for the jobs changed "
+         "after sequence number N (each once, its object as it is now, null once "
+         "forgotten, no logs); no since: the current seq and counts"),
+        ("GET", r"/api/v1/openapi\.json", "/api/v1/openapi.json", _Handler.route_openapi,
+         "This OpenAPI document"),
+        ("POST", r"/api/v1/cmd", "/api/v1/cmd/", _Handler.route_command,
+         "The original command dialect: payload.action"),
+        ("GET", r"/api/v1/(?P<jid>[^/]+)/logs", "/api/v1/{jid}/logs", _Handler.route_logs,
+         "Read a log stream: ?stream=stdout|stderr&offset=N&limit=M; with &raw=1 the "
+         "bytes themselves (application/octet-stream, at most 1 MiB), their offsets and "
+         "eof in the Pman-Offset, Pman-Next-Offset and Pman-Eof headers"),
+        ("POST", r"/api/v1/(?P<jid>[^/]+)/kill", "/api/v1/{jid}/kill", _Handler.route_kill,
+         "Signal a job, SIGKILL after grace; 202"),
+        ("GET", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", _Handler.route_get_job,
+         "A job object; ?wait=S long-polls until it ends"),
+        ("DELETE", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", _Handler.route_delete_job,
+         "Kill if running, forget, remove logs; 204.  ?kill=0: 409 for a queued or "
+         "running job instead of killing it"),
+        ("GET", r"/api/v1/(?P<jid>[^/]+)/(?P<tree>.+)", "/api/v1/{jid}/{path}",
+         _Handler.route_walk,
+         "A value of the job tree (jid, or _N: _0 the first job, _-1 the last), "
+         "wrapped in its path"),
+        ("GET", r"", "/", _Handler.route_page,
+         "The live status page (HTML; served without a token, "
+         "holds no data: its API calls need the token)"),
+        ("GET", r"/ui", "/ui", _Handler.route_ui, "The live status page, as at /"),
+        ("GET", r"/metrics", "/metrics", _Handler.route_metrics,
+         "Prometheus metrics (text format 0.0.4); token rules as the API"),
+    ]
+    COMPILED = [(m, re.compile(rx + "/?"), p, h, s) for m, rx, p, h, s in TABLE]
+    # method -> [(regex, template, handler)], in table order: a request
+    # tries only its method's routes (the others only to say what a 405 allows)
+    BY_METHOD = {m: [(rx, p, h) for m2, rx, p, h, _ in routes if m2 == m]
+                 for routes in (COMPILED,) for m in {r[0] for r in routes}}
+
+    _JID = {"oneOf": [{"type": "string", "pattern": "^/?%s$" % JID_RE.pattern},
+                      {"type": "integer", "description": "taken as its decimal string"}]}
+    JOB_BODY = {
+        "type": "object", "additionalProperties": True,
+        "description": "Unknown fields are ignored (as pman 3.x does) and named in "
+                       "the reply's ignored_fields.  A jid with a leading / is taken "
+                       "without it.  Give cmd, or entrypoint + args.",
+        "properties": dict(
+            {"jid": _JID, "cmd": {"type": "string"},
+             "entrypoint": {"type": "array", "items": {"type": "string"}},
+             "args": {"type": "array", "items": {"type": "string"}},
+             "auid": {"type": "string"}, "cwd": {"type": "string"},
+             "env": {"oneOf": [{"type": "array", "items": {"type": "string"}},
+                               {"type": "object",
+                                "additionalProperties": {"type": "string"}}]},
+             "timeout": {"type": "number", "minimum": 0}, "meta": {"type": "object"}},
+            **{name: {"description": "recorded; enforced (and image run) only by the "
+                                     "podman backend"} for name in PFCON_FIELDS})}
+    BODIES = {      # request bodies by handler, for the OpenAPI document
+        "create": JOB_BODY,
+        "create_batch": {
+            "type": "object", "additionalProperties": False, "required": ["jobs"],
+            "description": "All or nothing: a bad job (400, its index named) or a jid "
+                           "given twice or already active (409) runs none; the batch is "
+                           "journaled as one record with one fsync, then started in order.",
+            "properties": {"jobs": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH,
+                                    "items": JOB_BODY}}},
+        "kill": {"type": "object", "additionalProperties": False, "properties": {
+            "signal": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+            "grace": {"type": "number", "minimum": 0}}},
+        "command": {"type": "object", "description": "{\"payload\": {\"action\", "
+                    "\"meta\"}} or the payload alone", "properties": {
+                        "payload": {"type": "object"},
+                        "action": {"type": "string", "enum": list(_CommandDialect.ACTIONS)},
+                        "meta": {"type": "object"}}},
+    }
+
+    MEDIA = {"page": "text/html", "ui": "text/html", "metrics": METRICS_TYPE}
+    PARAMETERS = {      # query parameters by handler, where the summary is not enough
+        "logs": [
+            ("stream", ["stdout", "stderr"], "the stream (default stdout)"),
+            ("offset", "integer", "the first byte to read (default 0)"),
+            ("limit", "integer", "at most this many bytes"),
+            ("raw", ["1", "0", "true", "false"],
+             "1: reply with the bytes (application/octet-stream, at most %d), the offsets "
+             "and eof in the Pman-Offset, Pman-Next-Offset and Pman-Eof headers" % RAW_CHUNK)],
+        "delete_job": [
+            ("kill", ["1", "0", "true", "false"],
+             "0: a queued or running job is a 409, not killed (default 1)")],
+        "get_job": [("wait", "number", "long poll: at most this many seconds (capped)")],
+        "events": [
+            ("since", "integer", "a seq of an earlier reply; absent: start from now"),
+            ("wait", "number", "seconds to wait for a change (at most %g)" % MAX_WAIT),
+            ("limit", "integer", "at most this many jobs (1-%d, default %d); "
+             "seq is then the last one's" % (MAX_PAGE, PAGE_SIZE))],
+        "list_jobs": [
+            ("status", "string", "one status, or several separated by commas"),
+            ("auid", "string", "this auid only"),
+            ("q", "string", "text found, ignoring case, in the jid, cmd, auid or message"),
+            ("limit", "integer", "page size, 1-%d (default %d)" % (MAX_PAGE, PAGE_SIZE)),
+            ("after", "string", "the next of an earlier page"),
+            ("order", "string", "oldest (submission order, the default) or newest")],
+    }
+
+    @classmethod
+    def openapi(cls):
+        paths = {}
+        for method, _, path, route, summary in cls.TABLE:
+            handler = route.__name__[len("route_"):]
+            op = {"summary": summary, "operationId": handler,
+                  "responses": {"default": {"description": "JSON object; errors are "
+                                            "{\"status\": false, \"message\": ...}"}}}
+            media = cls.MEDIA.get(handler)
+            if media:
+                op["responses"]["200"] = {"description": summary, "content": {media: {}}}
+            params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                      for p in re.findall(r"\{(\w+)\}", path)]
+            params += [{"name": n, "in": "query", "required": False,
+                        "schema": {"enum": t} if isinstance(t, list) else {"type": t},
+                        "description": d} for n, t, d in cls.PARAMETERS.get(handler, ())]
+            if params:
+                op["parameters"] = params
+            if method == "POST":
+                op["requestBody"] = {"required": True, "content": {
+                    "application/json": {"schema": cls.BODIES.get(handler,
+                                                                  {"type": "object"})}}}
+            if method in ("POST", "DELETE"):
+                op["responses"]["507"] = {"description": "Insufficient Storage: the state "
+                                          "directory could not record the change (ENOSPC, "
+                                          "EIO); nothing was run, signalled or forgotten"}
+            paths.setdefault(path, {})[method.lower()] = op
+        return {"openapi": "3.0.3",
+                "info": {"title": "pman", "version": __version__,
+                         "description": "Process manager API: command and resource dialects"},
+                "paths": paths}
 
 
 class _BodyCache:

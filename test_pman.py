@@ -4708,7 +4708,11 @@ def test_http_openapi_matches_the_routes(http_srv):
     assert documented == served
     by_handler = {op["operationId"]: (method.upper(), path)
                   for path, ops in doc["paths"].items() for method, op in ops.items()}
-    assert set(by_handler) == {handler for _, _, _, handler, _ in pman._Routes.TABLE}
+    # the table holds the handlers themselves; each one's name gives its operationId
+    assert set(by_handler) == {handler.__name__[len("route_"):]
+                               for _, _, _, handler, _ in pman._Routes.TABLE}
+    assert all(callable(handler) and handler is getattr(pman._Handler, handler.__name__)
+               for _, _, _, handler, _ in pman._Routes.TABLE)
     # a job submission documents every field the route knows, and that others
     # are ignored; a kill body is strict
     create = doc["paths"]["/api/v1/"]["post"]
@@ -4731,7 +4735,7 @@ def test_http_openapi_matches_the_routes(http_srv):
         templated = "{" in path
         concrete = path.replace("{jid}", "no-such-job").replace("{path}", "endInfo")
         # the documented path is matched by the route the document names
-        matched = [h for m, rx, _, h, _ in pman._Routes.COMPILED
+        matched = [h.__name__[len("route_"):] for m, rx, _, h, _ in pman._Routes.COMPILED
                    if m == method and rx.fullmatch(concrete)]
         op = doc["paths"][path][method.lower()]
         assert op["operationId"] in matched, (method, path, matched)
