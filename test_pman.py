@@ -5910,6 +5910,62 @@ def test_http_huge_request_head_is_431(http_srv):
     assert code == 431, (code, obj)
 
 
+def test_http_request_heads_are_parsed_strictly_and_exactly(http_srv):
+    """pman reads a head in one pass (not http.server's email parser): names
+    are case-insensitive, bare LF ends lines, and what RFC 9112 lets a server
+    refuse is a 400 with a JSON body, never a guess."""
+    def exchange(head, body=b""):
+        return _http_check_raw(http_srv.raw(head + body, shut=False))
+
+    # accepted: any case, bare LF, 100 fields, optional whitespace around a value
+    http_srv.request("POST", "/api/v1/", {"jid": "hd1", "cmd": "true"})
+    code, obj = exchange(b"GET /api/v1/hd1/ HTTP/1.1\nhOsT:127.0.0.1\nConnection: close\n\n")
+    assert (code, obj["jid"]) == (200, "hd1"), obj
+    many = b"".join(b"X-F%d: %d\r\n" % (i, i) for i in range(99))
+    code, obj = exchange(b"GET /api/v1/hd1/ HTTP/1.1\r\nHost: 127.0.0.1\r\n" + many + b"\r\n")
+    assert code == 200, obj
+    # the first Content-Length is read whatever its name's case; a second is refused
+    body = b'{"cmd": "true", "jid": "hd2"}'
+    code, obj = exchange(b"POST /api/v1/ HTTP/1.1\r\ncontent-LENGTH: \t%d \r\n"
+                         b"Connection: close\r\n\r\n" % len(body), body)
+    assert (code, obj["jid"]) == (201, "hd2"), obj
+    code, obj = exchange(b"POST /api/v1/ HTTP/1.1\r\nContent-Length: %d\r\n"
+                         b"content-length: %d\r\n\r\n" % (len(body), len(body)), body)
+    assert code == 400 and "Content-Length" in obj["message"], obj
+    # Expect: 100-continue (curl sends it for bodies over 1 KiB): 100 first, then the reply
+    s = socket.create_connection(("127.0.0.1", http_srv.port), timeout=10)
+    try:
+        s.sendall(b"POST /api/v1/ HTTP/1.1\r\nExpect: 100-continue\r\nConnection: close\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body.replace(b"hd2", b"hd3")))
+        assert s.recv(4096).startswith(b"HTTP/1.1 100 "), "no 100 Continue"
+        s.sendall(body.replace(b"hd2", b"hd3"))
+        reply = b""
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            reply += data
+        assert reply.startswith(b"HTTP/1.1 201 "), reply[:200]
+    finally:
+        s.close()
+    # refused: a folded line, a space before the colon, no name, no colon
+    for bad in (b"X-A: 1\r\n  folded", b"X-A : 1", b": no-name", b"NoColon", b"X A: 1"):
+        code, obj = exchange(b"GET /api/v1/hd1/ HTTP/1.1\r\nHost: 127.0.0.1\r\n" + bad +
+                             b"\r\n\r\n")
+        assert code == 400 and "malformed header line" in obj["message"], (bad, obj)
+    # more than 100 fields: 431
+    code, obj = exchange(b"GET /api/v1/hd1/ HTTP/1.1\r\n" + many + b"X-A: 1\r\nX-B: 2\r\n\r\n")
+    assert code == 431 and "100 header fields" in obj["message"], obj
+    # request lines: bad and unsupported versions, HTTP/0.9 POST
+    for line, word in ((b"GET /api/v1/ HTTP/1.x", b"bad HTTP version"),
+                       (b"GET /api/v1/ HTTP/2.0", b"unsupported HTTP version"),
+                       (b"GET /api/v1/ FTP/1.1", b"bad HTTP version"),
+                       (b"POST /api/v1/", b"HTTP/0.9"), (b"GET / HTTP/1.1 extra", b"syntax")):
+        code, obj = exchange(line + b"\r\n\r\n")
+        assert code == 400 and word.decode() in obj["message"], (line, obj)
+    assert [j["jid"] for j in http_srv.manager.jobs()] == ["hd1", "hd2", "hd3"]
+
+
 _HTTP_FD_SERVER = r"""
 import logging, resource, sys
 sys.path.insert(0, sys.argv[1])
