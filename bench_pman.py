@@ -1485,16 +1485,19 @@ def sec_http(b):
     best = collections.defaultdict(lambda: float("inf"))
     cpu = {}
     lat = {"pman": [], "bare": []}
+    round_ratios = []
     for r in range(rounds):
         order = ("pman", "bare") if r % 2 == 0 else ("bare", "pman")
+        took = {}
         for name in order:
             port, pid = servers[name]
             s0 = _proc_cpu(pid)
             res = loop(port, "GET", path, None, gets, 200, lat[name] if r == 0 else None)
-            dt = res["t1"] - res["t0"]
+            dt = took[name] = res["t1"] - res["t0"]
             if dt < best[name]:
                 best[name] = dt
                 cpu[name] = ((_proc_cpu(pid) - s0) / gets, res["cpu"] / gets)
+        round_ratios.append(took["bare"] / took["pman"])
         progress("GET round %d/%d: pman %.0f/s, bare %.0f/s" % (
             r + 1, rounds, gets / best["pman"], gets / best["bare"]))
     rate = {k: gets / v for k, v in best.items()}
@@ -1505,8 +1508,11 @@ def sec_http(b):
     b.figure("GET rate, bare http.server", rate["bare"], "req/s",
              note="ThreadingHTTPServer + BaseHTTPRequestHandler (HTTP/1.1, TCP_NODELAY) "
                   "answering pman's captured %d-byte reply in one write" % len(reply))
-    b.figure("GET ratio pman/bare", rate["pman"] / rate["bare"], "x", (">=", 0.9),
-             note="issue 7 wants >= 0.9; issue 5 said >= 0.8")
+    b.figure("GET ratio pman/bare", statistics.median(round_ratios), "x", (">=", 0.9),
+             note="median over the interleaved rounds of each round's ratio; the "
+                  "performance issue wants >= 0.9 (the hostile-input issue >= 0.8)")
+    b.figure("GET ratio pman/bare, best rounds", rate["pman"] / rate["bare"], "x",
+             note="best pman round against best bare round")
     b.figure("GET time per request, pman minus bare",
              (best["pman"] - best["bare"]) / gets * 1e6, "us")
     b.figure("GET p50 latency, pman", percentile(lat["pman"], 50) * 1e6, "us",
