@@ -1234,12 +1234,17 @@ class _Waker:
 
     def __init__(self):
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._closed = False
+        self._lock = threading.Lock()   # a late wake never writes to a closed (reused) fd
 
     def wake(self):
-        try:
-            os.write(self.w, b"x")
-        except BlockingIOError:
-            pass
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self.w, b"x")
+            except BlockingIOError:
+                pass
 
     def sleep(self, timeout):
         """Sleep up to *timeout* s (None: forever) or until woken."""
@@ -1247,8 +1252,11 @@ class _Waker:
             _drain(self.r)
 
     def close(self):
-        os.close(self.r)
-        os.close(self.w)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self.r)
+                os.close(self.w)
 
 
 # What a backend found out about a job (_Backend.start, check, recover);
@@ -4843,6 +4851,22 @@ _PAGE = _page()
 _PAGE_PATHS = frozenset({"/", "/ui", "/ui/"})
 
 
+def _json_object(data):
+    """A request body as a JSON object within MAX_DEPTH, or HTTPError 400."""
+    try:
+        body = _loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise HTTPError(400, "invalid JSON body: %s" % (
+            "nested too deeply" if isinstance(e, RecursionError) else e)) from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the body must be a JSON object")
+    # The envelope around a job's meta takes a few levels more than meta.
+    if not _depth_ok(body, MAX_DEPTH + 3):
+        raise HTTPError(400, "invalid JSON body: nested too deeply (a job's meta may "
+                        "nest %d levels)" % MAX_DEPTH)
+    return body
+
+
 class _Headers:
     """A request's header fields, parsed in one pass from the head the reader
     thread already holds: http.server's email parser is most of a small
@@ -5105,6 +5129,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise HTTPError(401, "missing or wrong bearer token")
 
     def _read_body(self, method):
+        """The request's body: a JSON object for a POST, else None (a body
+        sent with another method is read and dropped)."""
+        length = self._content_length(method)
+        if length is None:
+            self._body_done = True
+            return None
+        try:
+            data = self.conn.read(length, self.deadline) if length else b""
+        except OSError:         # the request's deadline passed, or the client left
+            self.close_connection = True
+            raise HTTPError(408, "the request did not arrive within %g s"
+                            % self.server.request_timeout) from None
+        self._body_done = True
+        if len(data) < length:
+            self.close_connection = True
+            raise HTTPError(400, "body shorter than its Content-Length")
+        return _json_object(data) if method == "POST" else None
+
+    def _content_length(self, method):
+        """The body's length, or None for no body; what cannot be read
+        safely (chunked, two lengths, a bad one, over MAX_BODY) is refused
+        and closes the connection."""
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise HTTPError(411, "chunked or encoded bodies are not supported: "
@@ -5117,7 +5163,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if method == "POST":
                 self.close_connection = True
                 raise HTTPError(411, "a POST needs a Content-Length header")
-            self._body_done = True
             return None
         text = lengths[0].strip()
         if not text.isdigit() or not text.isascii():
@@ -5127,30 +5172,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if length > MAX_BODY:
             self.close_connection = True
             raise HTTPError(413, "body of %d bytes is over the limit of %d" % (length, MAX_BODY))
-        try:
-            data = self.conn.read(length, self.deadline) if length else b""
-        except OSError:         # the request's deadline passed, or the client left
-            self.close_connection = True
-            raise HTTPError(408, "the request did not arrive within %g s"
-                            % self.server.request_timeout) from None
-        self._body_done = True
-        if len(data) < length:
-            self.close_connection = True
-            raise HTTPError(400, "body shorter than its Content-Length")
-        if method != "POST":
-            return None
-        try:
-            body = _loads(data.decode("utf-8"))
-        except (ValueError, RecursionError) as e:
-            raise HTTPError(400, "invalid JSON body: %s" % (
-                "nested too deeply" if isinstance(e, RecursionError) else e)) from None
-        if not isinstance(body, dict):
-            raise HTTPError(400, "the body must be a JSON object")
-        # The envelope around a job's meta takes a few levels more than meta.
-        if not _depth_ok(body, MAX_DEPTH + 3):
-            raise HTTPError(400, "invalid JSON body: nested too deeply (a job's meta may "
-                            "nest %d levels)" % MAX_DEPTH)
-        return body
+        return length
 
     def _route(self, method):
         self._check_access(token=self.path.partition("?")[0] not in _PAGE_PATHS)
@@ -5171,7 +5193,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     groups[key] = urllib.parse.unquote(value, errors="strict")
                 except UnicodeDecodeError:
                     raise HTTPError(400, "invalid percent-encoding in path") from None
-            return handler(self, groups, query, body)
+            return handler(self.server.api, groups, query, body)
         allowed = [m for m, regex, _, _, _ in _Routes.COMPILED if regex.fullmatch(path)]
         if allowed:
             raise HTTPError(405, "%s is not allowed here; use %s" % (method, ", ".join(allowed)))
@@ -5200,17 +5222,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise HTTPError(400, "query parameter %r given more than once" % key)
         return parts.path, {k: v[0] for k, v in query.items()}
 
+
+class _Api:
+    """The API's routes, one object per server, thin over its JobManager.
+    Each ``route_*`` takes (groups, query, body): the path's named groups,
+    the query as a dict, the JSON body (None but for a POST) and returns
+    (status, obj); errors are raised (PmanError, HTTPError) and mapped to a
+    status by _status_for.  They hold no per-request state: _Handler reads
+    and answers the request, _Routes says which route serves it."""
+
+    def __init__(self, server):
+        self.server = server
+        self.manager = server.manager
+
     @staticmethod
     def _only(query, *names):
         extra = set(query) - set(names)
         if extra:
             raise HTTPError(400, "unknown query parameter(s): %s" % ", ".join(sorted(extra)))
-
-    @property
-    def manager(self):
-        return self.server.manager
-
-    # -- routes --------------------------------------------------------------
 
     def route_root(self, groups, query, body):
         self._only(query)
@@ -5447,49 +5476,49 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 class _Routes:
     """The route table: (method, regex, OpenAPI path, handler, summary), the
-    first match wins.  A handler is a _Handler method taking (groups, query,
+    first match wins.  A handler is an _Api method taking (groups, query,
     body) and returning (status, obj); its name without ``route_`` is the
     OpenAPI operationId, which keys BODIES, MEDIA and PARAMETERS."""
 
     TABLE = [
-        ("GET", r"/api/v1", "/api/v1/", _Handler.route_root,
+        ("GET", r"/api/v1", "/api/v1/", _Api.route_root,
          "List every jid (command dialect)"),
-        ("POST", r"/api/v1", "/api/v1/", _Handler.route_create,
+        ("POST", r"/api/v1", "/api/v1/", _Api.route_create,
          "Run a job (resource dialect); 201 with the job object, logs included; "
          "unknown fields are ignored and named in ignored_fields"),
-        ("GET", r"/api/v1/jobs", "/api/v1/jobs", _Handler.route_list_jobs,
+        ("GET", r"/api/v1/jobs", "/api/v1/jobs", _Api.route_list_jobs,
          "Paged job list: ?status=&auid=&q=&meta.KEY=&limit=&after=&order=oldest|newest"),
-        ("POST", r"/api/v1/jobs", "/api/v1/jobs", _Handler.route_create_batch,
+        ("POST", r"/api/v1/jobs", "/api/v1/jobs", _Api.route_create_batch,
          "Run a batch of jobs, all or none: {\"jobs\": [job bodies as for POST /api/v1/]} "
          "-> 201 {\"jobs\": [job objects]}, in order; one fsync for the batch"),
-        ("GET", r"/api/v1/events", "/api/v1/events", _Handler.route_events,
+        ("GET", r"/api/v1/events", "/api/v1/events", _Api.route_events,
          "The change feed: ?since=N&wait=S&limit=M long-polls for the jobs changed "
          "after sequence number N (each once, its object as it is now, null once "
          "forgotten, no logs); no since: the current seq and counts"),
-        ("GET", r"/api/v1/openapi\.json", "/api/v1/openapi.json", _Handler.route_openapi,
+        ("GET", r"/api/v1/openapi\.json", "/api/v1/openapi.json", _Api.route_openapi,
          "This OpenAPI document"),
-        ("POST", r"/api/v1/cmd", "/api/v1/cmd/", _Handler.route_command,
+        ("POST", r"/api/v1/cmd", "/api/v1/cmd/", _Api.route_command,
          "The original command dialect: payload.action"),
-        ("GET", r"/api/v1/(?P<jid>[^/]+)/logs", "/api/v1/{jid}/logs", _Handler.route_logs,
+        ("GET", r"/api/v1/(?P<jid>[^/]+)/logs", "/api/v1/{jid}/logs", _Api.route_logs,
          "Read a log stream: ?stream=stdout|stderr&offset=N&limit=M; with &raw=1 the "
          "bytes themselves (application/octet-stream, at most 1 MiB), their offsets and "
          "eof in the Pman-Offset, Pman-Next-Offset and Pman-Eof headers"),
-        ("POST", r"/api/v1/(?P<jid>[^/]+)/kill", "/api/v1/{jid}/kill", _Handler.route_kill,
+        ("POST", r"/api/v1/(?P<jid>[^/]+)/kill", "/api/v1/{jid}/kill", _Api.route_kill,
          "Signal a job, SIGKILL after grace; 202"),
-        ("GET", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", _Handler.route_get_job,
+        ("GET", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", _Api.route_get_job,
          "A job object; ?wait=S long-polls until it ends"),
-        ("DELETE", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", _Handler.route_delete_job,
+        ("DELETE", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", _Api.route_delete_job,
          "Kill if running, forget, remove logs; 204.  ?kill=0: 409 for a queued or "
          "running job instead of killing it"),
         ("GET", r"/api/v1/(?P<jid>[^/]+)/(?P<tree>.+)", "/api/v1/{jid}/{path}",
-         _Handler.route_walk,
+         _Api.route_walk,
          "A value of the job tree (jid, or _N: _0 the first job, _-1 the last), "
          "wrapped in its path"),
-        ("GET", r"", "/", _Handler.route_page,
+        ("GET", r"", "/", _Api.route_page,
          "The live status page (HTML; served without a token, "
          "holds no data: its API calls need the token)"),
-        ("GET", r"/ui", "/ui", _Handler.route_ui, "The live status page, as at /"),
-        ("GET", r"/metrics", "/metrics", _Handler.route_metrics,
+        ("GET", r"/ui", "/ui", _Api.route_ui, "The live status page, as at /"),
+        ("GET", r"/metrics", "/metrics", _Api.route_metrics,
          "Prometheus metrics (text format 0.0.4); token rules as the API"),
     ]
     COMPILED = [(m, re.compile(rx + "/?"), p, h, s) for m, rx, p, h, s in TABLE]
@@ -5827,6 +5856,34 @@ def _fd_limit(raise_soft=False):
     return soft
 
 
+class _AcceptPause:
+    """The reader's backoff when accept fails for want of fds (EMFILE,
+    ENFILE): stop selecting the listening socket for 50 ms, doubling to 1 s
+    while it keeps failing; one warning when it starts, one when it ends."""
+
+    def __init__(self):
+        self.until = None       # monotonic time to select the listener again
+        self.backoff = 0.0
+
+    def after(self, sel, listener, err):
+        """What accepting gave: None, or the errno name that stopped it."""
+        if err is not None:
+            sel.unregister(listener)
+            if not self.backoff:
+                log.warning("cannot accept connections (%s): pausing accepts, retrying "
+                            "with a backoff", err)
+            self.backoff = min(1.0, self.backoff * 2 or 0.05)
+            self.until = _time() + self.backoff
+        elif self.backoff:
+            log.warning("accepting connections again")
+            self.backoff = 0.0
+
+    def resume_if_due(self, sel, listener, now):
+        if self.until is not None and now >= self.until:
+            self.until = None
+            sel.register(listener, selectors.EVENT_READ, "accept")
+
+
 class _Server(http.server.HTTPServer):
     """One reader thread (the one in `serve_forever`) accepts connections
     and reads them with `selectors` until a request head is complete; only
@@ -5865,6 +5922,7 @@ class _Server(http.server.HTTPServer):
         self.event_polls = _EventPolls(manager, event_waiters)
         self.metrics_lock = threading.Lock()    # guards requests
         self.requests = collections.Counter()   # (template, method, code) -> n
+        self.api = _Api(self)
         super().__init__(address, _Handler)
 
     def server_activate(self):
@@ -5889,61 +5947,54 @@ class _Server(http.server.HTTPServer):
             self.socket.setblocking(False)
             sel.register(self.socket, selectors.EVENT_READ, "accept")
             sel.register(self._waker.r, selectors.EVENT_READ, "wake")
-            sweep_every = min(0.25, self.request_timeout / 4)
-            next_sweep = _time() + sweep_every
-            paused_until, backoff = None, 0.0
             self.manager._listeners.append(self._waker.wake)   # long polls re-checked
-            poll_due = None
-            while not self._stop.is_set():
-                now = _time()
-                wait = next_sweep - now
-                if paused_until is not None:
-                    wait = min(wait, paused_until - now)
-                if poll_due is not None:
-                    wait = min(wait, poll_due - now)
-                for key, _ in sel.select(max(0.0, wait)):
-                    if key.data == "accept":
-                        err = self._accept(sel)
-                        if err is not None:     # out of fds: stop selecting the listener
-                            sel.unregister(self.socket)
-                            if not backoff:
-                                log.warning("cannot accept connections (%s): pausing "
-                                            "accepts, retrying with a backoff", err)
-                            backoff = min(1.0, backoff * 2 or 0.05)
-                            paused_until = _time() + backoff
-                        elif backoff:
-                            log.warning("accepting connections again")
-                            backoff = 0.0
-                    elif key.data == "wake":
-                        _drain(self._waker.r)
-                        while self._returned:
-                            self._park(sel, self._returned.popleft())
-                    else:
-                        self._on_readable(sel, key.data)
-                now = _time()
-                poll_due = self._answer_polls(now)
-                if paused_until is not None and now >= paused_until:
-                    paused_until = None
-                    sel.register(self.socket, selectors.EVENT_READ, "accept")
-                if now >= next_sweep:
-                    next_sweep = now + sweep_every
-                    self._sweep(sel, now)
+            self._read_until_stopped(sel)
         finally:
-            try:
-                self.manager._listeners.remove(self._waker.wake)
-            except ValueError:
-                pass
-            for conn in list(self._parked.values()):
-                self._drop(conn)
-            self._parked.clear()
-            with self._polls_lock:
-                polls, self._polls = self._polls, []
-            for conn, parked in polls:
-                parked.done()
-                self._drop(conn)
-            sel.close()
-            self._stop.clear()          # a later serve_forever() serves again
-            self._stopped.set()
+            self._close_reader(sel)
+
+    def _read_until_stopped(self, sel):
+        """The reader's loop: accept, read parked connections, take back
+        those handler threads return, answer long polls that are due, and
+        sweep for deadlines."""
+        sweep_every = min(0.25, self.request_timeout / 4)
+        next_sweep = _time() + sweep_every
+        pause = _AcceptPause()
+        poll_due = None
+        while not self._stop.is_set():
+            wait = min(t for t in (next_sweep, pause.until, poll_due) if t is not None)
+            for key, _ in sel.select(max(0.0, wait - _time())):
+                if key.data == "accept":
+                    pause.after(sel, self.socket, self._accept(sel))
+                elif key.data == "wake":
+                    _drain(self._waker.r)
+                    while self._returned:
+                        self._park(sel, self._returned.popleft())
+                else:
+                    self._on_readable(sel, key.data)
+            now = _time()
+            poll_due = self._answer_polls(now)
+            pause.resume_if_due(sel, self.socket, now)
+            if now >= next_sweep:
+                next_sweep = now + sweep_every
+                self._sweep(sel, now)
+
+    def _close_reader(self, sel):
+        """After the reader's loop: close every connection it holds."""
+        try:
+            self.manager._listeners.remove(self._waker.wake)
+        except ValueError:
+            pass
+        for conn in list(self._parked.values()):
+            self._drop(conn)
+        self._parked.clear()
+        with self._polls_lock:
+            polls, self._polls = self._polls, []
+        for conn, parked in polls:
+            parked.done()
+            self._drop(conn)
+        sel.close()
+        self._stop.clear()          # a later serve_forever() serves again
+        self._stopped.set()
 
     def shutdown(self):
         """Stop `serve_forever` and wait until it has returned."""

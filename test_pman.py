@@ -4711,7 +4711,7 @@ def test_http_openapi_matches_the_routes(http_srv):
     # the table holds the handlers themselves; each one's name gives its operationId
     assert set(by_handler) == {handler.__name__[len("route_"):]
                                for _, _, _, handler, _ in pman._Routes.TABLE}
-    assert all(callable(handler) and handler is getattr(pman._Handler, handler.__name__)
+    assert all(callable(handler) and handler is getattr(pman._Api, handler.__name__)
                for _, _, _, handler, _ in pman._Routes.TABLE)
     # a job submission documents every field the route knows, and that others
     # are ignored; a kill body is strict
@@ -5964,6 +5964,28 @@ def test_http_request_heads_are_parsed_strictly_and_exactly(http_srv):
         code, obj = exchange(line + b"\r\n\r\n")
         assert code == 400 and word.decode() in obj["message"], (line, obj)
     assert [j["jid"] for j in http_srv.manager.jobs()] == ["hd1", "hd2", "hd3"]
+
+
+def test_http_shutdown_after_server_close_writes_to_no_fd(tmp_path):
+    """A late stop (a signal handler's stop_soon after the server closed) must
+    not write to the waker's closed fd, which another file may have reused."""
+    manager = pman.JobManager(str(tmp_path / "state"))
+    try:
+        server, thread = _serve(manager)
+        server.shutdown()
+        thread.join(10)
+        server.server_close()
+        waker_w = server._waker.w
+        fd = os.open(str(tmp_path / "reused"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            server.shutdown()               # returns at once: already stopped
+            server.server_close()           # and closing twice is harmless
+        finally:
+            os.close(fd)
+        if fd == waker_w:                   # the fd number was reused: nothing went into it
+            assert os.path.getsize(str(tmp_path / "reused")) == 0
+    finally:
+        manager.close()
 
 
 _HTTP_FD_SERVER = r"""
