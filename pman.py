@@ -3169,11 +3169,13 @@ class JobManager:
             self._entry(jid)
         parts = []
         for name in ((stream,) if stream else ("stdout", "stderr")):
-            try:
-                with open(self._log_path(jid, name), "rb") as f:
-                    size = f.seek(0, os.SEEK_END)
-                    f.seek(max(0, size - TAIL_BYTES))
-                    parts.append(f.read())
+            try:        # stat first: a log still empty (a job just started) is not opened
+                path = self._log_path(jid, name)
+                if os.stat(path).st_size:
+                    with open(path, "rb") as f:
+                        size = f.seek(0, os.SEEK_END)
+                        f.seek(max(0, size - TAIL_BYTES))
+                        parts.append(f.read())
             except OSError:
                 pass
         text = b"".join(parts)[-TAIL_BYTES:].decode("utf-8", "replace")
