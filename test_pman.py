@@ -7396,37 +7396,32 @@ def test_cli_ls_colours_only_on_a_terminal_and_never_with_no_color(cli_server):
     assert code == 0 and "\x1b[" not in text and "finishedWithError" in text, text
 
 
-def test_cli_ls_answers_within_a_second_with_100000_jobs(cli_server, tmp_path):
+def test_cli_ls_reads_one_page_of_100000_jobs(cli_server, tmp_path):
+    """ls asks the server for one page, the newest 100, whatever the number
+    of jobs: one GET of /api/v1/jobs, counted by /metrics.  How long that
+    takes over 100,000 jobs is a figure of the benchmark (--section cli),
+    not of a test."""
     state = tmp_path / "huge"
     _cli_state(str(state), 100000)
     server = cli_server(state=state)
-    _cli("ls", "--limit", "1", url=server.url)     # warm: page cache, server import
 
-    def best(*argv):
-        times = []
-        for _ in range(3):
-            t0 = time.monotonic()
-            code, out, err = _cli(*argv)
-            times.append(time.monotonic() - t0)
-            assert code == 0, err
-        return min(times), out
+    def requests():
+        status, _, data = server.http("GET", "/metrics")
+        assert status == 200, data
+        found = re.findall(r'^pman_http_requests_total\{route="([^"]*)",method="(\w+)",'
+                           r'code="(\d+)"\} (\d+)$', data.decode(), re.M)
+        return {(route, method, code): int(n) for route, method, code, n in found
+                if route != "/metrics"}
 
-    took, out = best("ls", "--url", server.url)
-    assert len(out.splitlines()) == 101
-    assert out.splitlines()[1].split()[0] == b"cli-100000"
-    # The interpreter's own start (compiling pman.py) is the machine's;
-    # the bench's figure (bench_pman.py --section cli) is the whole command.
-    # What ls adds to it, the request included, must be well under 1 s.
-    start, _ = best("--version")
-    assert took - start < 0.5, (took, start)
-    assert took < 1.0 or start > 0.5, (took, start)
-    request = []
-    for _ in range(3):
-        t0 = time.monotonic()
-        status, _, data = server.http("GET", "/api/v1/jobs?order=newest&limit=100")
-        request.append(time.monotonic() - t0)
-        assert status == 200 and len(json.loads(data)["jobs"]) == 100
-    assert min(request) < 0.25, request
+    before = requests()
+    code, out, err = _cli("ls", "--url", server.url)
+    assert code == 0, err
+    rows = out.splitlines()
+    assert len(rows) == 101, rows[:3]
+    assert rows[1].split()[0] == b"cli-100000" and rows[-1].split()[0] == b"cli-99901"
+    after = requests()
+    asked = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+    assert asked == {("/api/v1/jobs", "GET", "200"): 1}, asked
 
 
 # -- show ---------------------------------------------------------------------
