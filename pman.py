@@ -489,6 +489,29 @@ def _check_spec(cmd, *, jid=None, auid="", meta=None, env=None, cwd=None, timeou
     return _Spec(jid, display, argv, auid, meta, env, cwd, timeout, extras or {})
 
 
+def _check_specs(specs):
+    """`_check_spec` for each dict of a `JobManager.run_many` batch; the
+    InvalidArgument of a bad one names its index."""
+    if isinstance(specs, (str, bytes, dict)) or not hasattr(specs, "__iter__"):
+        raise InvalidArgument("specs must be a list of dicts, not %s" % _shown(specs))
+    checked = []
+    for index, spec in enumerate(specs):
+        try:
+            if not isinstance(spec, dict):
+                raise InvalidArgument("a spec must be a dict of run()'s keyword "
+                                      "arguments plus 'cmd', not %s" % _shown(spec))
+            unknown = sorted(set(spec) - _SPEC_KEYS, key=str)
+            if unknown:
+                raise InvalidArgument("unknown key(s) %s: a spec takes %s" % (
+                    _shown(unknown), ", ".join(sorted(_SPEC_KEYS))))
+            if "cmd" not in spec:
+                raise InvalidArgument("'cmd' is missing")
+            checked.append(_check_spec(**spec))
+        except InvalidArgument as e:
+            raise e._in_batch(index) from None
+    return checked
+
+
 def _check_cmd(cmd):
     """(argv, the command as shown) of a shell string (argv None) or an
     argv list; InvalidArgument if it is neither, or holds a NUL."""
@@ -1837,6 +1860,124 @@ _IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,511}")
 _GONE = ("gone",)           # a poll's word for "podman has no such container"
 
 
+class _ContainerSpec:
+    """What one job asks of the podman backend, read from its *extras*
+    with pman 3.x's conventions for ChRIS plugins and checked
+    (InvalidArgument names what is wrong): ``image``; ``command``, the
+    container's (a shell string runs with ``/bin/sh -c``; in an argv the
+    word after each flag of ``args_path_flags`` becomes /share/incoming; a
+    plugin of a ``type`` gets /share/incoming (``ds``) and /share/outgoing
+    appended); ``options``, the ``podman run`` options of its limits and
+    mounts; ``indir`` and ``outdir``, the host directories mounted, under
+    *storebase*.  Runs no podman and touches no file."""
+
+    INCOMING, OUTGOING = "/share/incoming", "/share/outgoing"
+    MIN_MEMORY = 6              # MiB: podman refuses less
+
+    def __init__(self, cmd, env, extras, storebase):
+        self.storebase = storebase
+        self.image = self._image(extras)
+        self.options = self._limits(extras)
+        kind, flags = extras.get("type"), extras.get("args_path_flags") or []
+        if kind not in (None, "fs", "ds", "ts"):
+            raise InvalidArgument("type must be 'fs', 'ds' or 'ts', not %s" % _shown(kind))
+        if (not isinstance(flags, (list, tuple))
+                or not all(isinstance(f, str) for f in flags)):
+            raise InvalidArgument("args_path_flags must be a list of strings, not %s"
+                                  % _shown(flags))
+        if isinstance(cmd, str):
+            self.command = ["/bin/sh", "-c", cmd]
+        else:       # argv: the word after each path flag (past argv[0]) is replaced
+            self.command = list(cmd)
+            for i in range(1, len(cmd) - 1):
+                if self.command[i] in flags:
+                    self.command[i + 1] = self.INCOMING
+        self._mount(extras, kind)
+        if kind == "ds":
+            self.command.append(self.INCOMING)
+        if kind is not None:
+            self.command.append(self.OUTGOING)
+        for key, value in (env or {}).items():
+            if "\n" in key or "\n" in value or key != key.strip() or key.startswith("#"):
+                raise InvalidArgument("env %s: on the podman backend keys and values cannot "
+                                      "hold a newline, nor keys start with '#' or have "
+                                      "spaces at either end" % _shown(key))
+
+    @staticmethod
+    def _image(extras):
+        image = extras.get("image")
+        if image is None:
+            raise InvalidArgument("'image' is required on the podman backend: each job "
+                                  "runs in a container of that image")
+        if not isinstance(image, str) or not _IMAGE_RE.fullmatch(image):
+            raise InvalidArgument("invalid image %s" % _shown(image))
+        return image
+
+    def _limits(self, extras):
+        """The run options of pfcon's resource fields (one container, no
+        GPU: the rest is refused)."""
+        workers, gpus = extras.get("number_of_workers"), extras.get("gpu_limit")
+        if workers is not None and (isinstance(workers, bool) or workers != 1):
+            raise InvalidArgument("number_of_workers must be 1 on the podman backend (one "
+                                  "container per job), not %s" % _shown(workers))
+        if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, (int, float))
+                                 or gpus < 0):
+            raise InvalidArgument("gpu_limit must be a number, not %s" % _shown(gpus))
+        if gpus:
+            raise InvalidArgument("gpu_limit %s: the podman backend gives containers no "
+                                  "GPUs; send 0" % _shown(gpus))
+        options = []
+        for field, low in (("cpu_limit", 0), ("memory_limit", self.MIN_MEMORY)):
+            value = extras.get(field)
+            if value is None or value == 0:
+                continue
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not low <= value < 1 << 40):
+                raise InvalidArgument("%s must be a positive number%s, not %s" % (
+                    field, " of MiB, at least %d" % low if low else " of millicores",
+                    _shown(value)))
+            if field == "cpu_limit":
+                options.append("--cpus=%g" % (value / 1000))
+            else:       # a hard limit, swap included (a reservation stops nothing)
+                size = int(value * 1048576)
+                options += ["--memory=%db" % size, "--memory-swap=%db" % size]
+        return options
+
+    def _mount(self, extras, kind):
+        """Mount input_dir (read-only) and output_dir, given or needed by
+        the plugin's *kind*."""
+        self.indir = self.outdir = None
+        for field, target, needed in (("input_dir", self.INCOMING, kind in ("ds", "ts")),
+                                      ("output_dir", self.OUTGOING, kind is not None)):
+            if extras.get(field) is None and not needed:
+                continue
+            path = self._dir(extras, field)
+            self.options.append("--mount=type=bind,source=%s,target=%s%s" % (
+                path, target, ",ro=true" if target == self.INCOMING else ""))
+            if target == self.OUTGOING:
+                self.outdir = path
+            else:
+                self.indir = path
+
+    def _dir(self, extras, field):
+        """The host directory that *field* (``input_dir``/``output_dir``)
+        names under the storebase; refused if it escapes it."""
+        value = extras.get(field)
+        if not isinstance(value, str) or not value.strip("/"):
+            raise InvalidArgument("%r must name a directory under the storebase, not %s"
+                                  % (field, _shown(value)))
+        if self.storebase is None:
+            raise InvalidArgument("%r needs a storebase, and this server has none: start "
+                                  "it with --storebase DIR" % field)
+        path = os.path.realpath(os.path.join(self.storebase, value.strip("/")))
+        if not path.startswith(self.storebase + os.sep):
+            raise InvalidArgument("%r %s escapes the storebase" % (field, _shown(value)))
+        if "," in path or "\n" in path:
+            raise InvalidArgument("%r %s: podman's --mount cannot take a path with ',' "
+                                  "or a newline" % (field, _shown(value)))
+        return path
+
+
 class PodmanBackend(_PolledBackend):
     """Jobs as containers, driven through the ``podman`` command line, with
     pman 3.x's conventions for ChRIS plugins (see README.rst, "Running
@@ -1867,8 +2008,8 @@ class PodmanBackend(_PolledBackend):
     MIN_POLL, MAX_POLL = 0.1, 1.0
     COMMAND_TIMEOUT = 60.0
     IMAGE_TTL = 10.0            # seconds an image found locally is taken as present
-    INCOMING, OUTGOING = "/share/incoming", "/share/outgoing"
-    MIN_MEMORY = 6              # MiB: podman refuses less
+    INCOMING, OUTGOING = _ContainerSpec.INCOMING, _ContainerSpec.OUTGOING
+    MIN_MEMORY = _ContainerSpec.MIN_MEMORY
     # podman run options pman relies on: never from podman_args.
     _OWN_OPTIONS = frozenset({"--rm", "--name", "--log-driver", "--pull", "-d", "--detach",
                               "--replace", "-t", "--tty", "-i", "--interactive", "-a",
@@ -1983,105 +2124,15 @@ class PodmanBackend(_PolledBackend):
                                          % _podman_error(out.stderr, out))
         return found
 
-    # -- what a job asks for ----------------------------------------------------
-
-    def _dir(self, extras, field):
-        """The host directory that *field* (``input_dir``/``output_dir``)
-        names under the storebase; refused if it escapes it."""
-        value = extras.get(field)
-        if not isinstance(value, str) or not value.strip("/"):
-            raise InvalidArgument("%r must name a directory under the storebase, not %s"
-                                  % (field, _shown(value)))
-        if self.storebase is None:
-            raise InvalidArgument("%r needs a storebase, and this server has none: start "
-                                  "it with --storebase DIR" % field)
-        path = os.path.realpath(os.path.join(self.storebase, value.strip("/")))
-        if not path.startswith(self.storebase + os.sep):
-            raise InvalidArgument("%r %s escapes the storebase" % (field, _shown(value)))
-        if "," in path or "\n" in path:
-            raise InvalidArgument("%r %s: podman's --mount cannot take a path with ',' "
-                                  "or a newline" % (field, _shown(value)))
-        return path
-
-    def _spec(self, cmd, env, extras):
-        """(image, command, run options, output dir) of a job, checked:
-        InvalidArgument names what is wrong.  The command follows pman
-        3.x: the value after each flag of ``args_path_flags`` becomes
-        /share/incoming; a plugin (``type``) gets /share/incoming (``ds``)
-        and /share/outgoing appended."""
-        image = extras.get("image")
-        if image is None:
-            raise InvalidArgument("'image' is required on the podman backend: each job "
-                                  "runs in a container of that image")
-        if not isinstance(image, str) or not _IMAGE_RE.fullmatch(image):
-            raise InvalidArgument("invalid image %s" % _shown(image))
-        workers, gpus = extras.get("number_of_workers"), extras.get("gpu_limit")
-        if workers is not None and (isinstance(workers, bool) or workers != 1):
-            raise InvalidArgument("number_of_workers must be 1 on the podman backend (one "
-                                  "container per job), not %s" % _shown(workers))
-        if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, (int, float))
-                                 or gpus < 0):
-            raise InvalidArgument("gpu_limit must be a number, not %s" % _shown(gpus))
-        if gpus:
-            raise InvalidArgument("gpu_limit %s: the podman backend gives containers no "
-                                  "GPUs; send 0" % _shown(gpus))
-        options = []
-        for field, low in (("cpu_limit", 0), ("memory_limit", self.MIN_MEMORY)):
-            value = extras.get(field)
-            if value is None or value == 0:
-                continue
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not low <= value < 1 << 40):
-                raise InvalidArgument("%s must be a positive number%s, not %s" % (
-                    field, " of MiB, at least %d" % low if low else " of millicores",
-                    _shown(value)))
-            if field == "cpu_limit":
-                options.append("--cpus=%g" % (value / 1000))
-            else:       # a hard limit, swap included (a reservation stops nothing)
-                size = int(value * 1048576)
-                options += ["--memory=%db" % size, "--memory-swap=%db" % size]
-        kind, flags = extras.get("type"), extras.get("args_path_flags") or []
-        if kind not in (None, "fs", "ds", "ts"):
-            raise InvalidArgument("type must be 'fs', 'ds' or 'ts', not %s" % _shown(kind))
-        if (not isinstance(flags, (list, tuple))
-                or not all(isinstance(f, str) for f in flags)):
-            raise InvalidArgument("args_path_flags must be a list of strings, not %s"
-                                  % _shown(flags))
-        if isinstance(cmd, str):
-            command = ["/bin/sh", "-c", cmd]
-        else:       # argv: the word after each path flag (past argv[0]) is replaced
-            command = list(cmd)
-            for i in range(1, len(command) - 1):
-                if command[i] in flags:
-                    command[i + 1] = self.INCOMING
-        outdir = None
-        for field, target, needed in (("input_dir", self.INCOMING, kind in ("ds", "ts")),
-                                      ("output_dir", self.OUTGOING, kind is not None)):
-            if extras.get(field) is None and not needed:
-                continue
-            path = self._dir(extras, field)
-            options.append("--mount=type=bind,source=%s,target=%s%s" % (
-                path, target, ",ro=true" if target == self.INCOMING else ""))
-            if target == self.OUTGOING:
-                outdir = path
-        if kind == "ds":
-            command.append(self.INCOMING)
-        if kind is not None:
-            command.append(self.OUTGOING)
-        for key, value in (env or {}).items():
-            if "\n" in key or "\n" in value or key != key.strip() or key.startswith("#"):
-                raise InvalidArgument("env %s: on the podman backend keys and values cannot "
-                                      "hold a newline, nor keys start with '#' or have "
-                                      "spaces at either end" % _shown(key))
-        return image, command, options, outdir
+    # -- admitting and starting a job ------------------------------------------
 
     def admit(self, cmd, env, extras):
         if shutil.which(self.podman) is None:
             raise BackendUnavailable("podman is not installed (no %r on PATH): the podman "
                                      "backend cannot run containers" % self.podman)
-        image, _, _, _ = self._spec(cmd, env, extras)
-        indir = extras.get("input_dir")
-        if indir is not None and not os.path.isdir(self._dir(extras, "input_dir")):
+        spec = _ContainerSpec(cmd, env, extras, self.storebase)
+        image, indir = spec.image, extras.get("input_dir")
+        if indir is not None and not os.path.isdir(spec.indir):
             raise InvalidArgument("input_dir %s is not a directory under the storebase"
                                   % _shown(indir))
         if _time() - self._images.get(image, -self.IMAGE_TTL) < self.IMAGE_TTL:
@@ -2098,44 +2149,55 @@ class PodmanBackend(_PolledBackend):
 
     def start(self, job, env):
         extras = job.extras or {}
-        image, command, options, outdir = self._spec(
-            job.cmd if job.argv is None else job.argv, job.env, extras)
-        if extras.get("input_dir") is not None:
-            indir = self._dir(extras, "input_dir")
-            if not os.path.isdir(indir):
-                raise FileNotFoundError(errno.ENOENT, "no such directory (input_dir)", indir)
-        if outdir is not None:
-            os.makedirs(outdir, exist_ok=True)
+        spec = _ContainerSpec(job.cmd if job.argv is None else job.argv, job.env, extras,
+                              self.storebase)
+        if extras.get("input_dir") is not None and not os.path.isdir(spec.indir):
+            raise FileNotFoundError(errno.ENOENT, "no such directory (input_dir)", spec.indir)
+        if spec.outdir is not None:
+            os.makedirs(spec.outdir, exist_ok=True)
         name = self._name(job)
         args = ["run", "-d", "--name", name, "--pull=never", "--log-driver=passthrough",
                 "--label", "pman.state=" + self.tag, "--label", "pman.jid=" + job.jid,
-                "--label", "pman.seq=%d" % job.seq] + options
+                "--label", "pman.seq=%d" % job.seq] + spec.options
         if job.cwd is not None:
             args.append("--workdir=" + job.cwd)
-        env_file = None
-        if job.env:     # values travel in a file (0600), never on a command line
-            env_file = os.path.join(self.log_dir, job.jid + ".env")
-            fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("".join("%s=%s\n" % kv for kv in job.env.items()))
+        env_file = self._env_file(job)
+        if env_file is not None:
             args.append("--env-file=" + env_file)
-        args += self.podman_args + [image] + command
+        args += self.podman_args + [spec.image] + spec.command
         try:
-            for attempt in (1, 2):
-                out = self._podman_run(job, name, args)
-                if out is None:
-                    break
-                verdict = self._clear_name(job, name, out) if attempt == 1 else None
-                if verdict == "adopt":
-                    break
-                if verdict != "retry":
-                    self._refuse(name, out)
+            self._create(job, name, args)
         finally:
             if env_file is not None:
                 os.unlink(env_file)
         self._interval = self.MIN_POLL
-        return _Seen(RUNNING, "running in container %s (image %s)" % (name, image),
+        return _Seen(RUNNING, "running in container %s (image %s)" % (name, spec.image),
                      backend_id=name)
+
+    def _env_file(self, job):
+        """The job's variables in a file (0600) for ``--env-file``, or None
+        if it sets none: values never travel on a command line."""
+        if not job.env:
+            return None
+        env_file = os.path.join(self.log_dir, job.jid + ".env")
+        fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join("%s=%s\n" % kv for kv in job.env.items()))
+        return env_file
+
+    def _create(self, job, name, args):
+        """``podman run`` *args*; once more if the name was held by a
+        container of an earlier run (see `_clear_name`).  Raises as
+        `_refuse` says."""
+        for attempt in (1, 2):
+            out = self._podman_run(job, name, args)
+            if out is None:
+                return
+            verdict = self._clear_name(job, name, out) if attempt == 1 else None
+            if verdict == "adopt":
+                return
+            if verdict != "retry":
+                self._refuse(name, out)
 
     def _podman_run(self, job, name, args):
         """``podman run -d`` with the container's stdout and stderr on the
@@ -3089,23 +3151,7 @@ class JobManager:
         batch ends ``finishedWithError`` with that message instead, since
         the jobs before it are already running.
         """
-        if isinstance(specs, (str, bytes, dict)) or not hasattr(specs, "__iter__"):
-            raise InvalidArgument("specs must be a list of dicts, not %s" % _shown(specs))
-        checked = []
-        for index, spec in enumerate(specs):
-            try:
-                if not isinstance(spec, dict):
-                    raise InvalidArgument("a spec must be a dict of run()'s keyword "
-                                          "arguments plus 'cmd', not %s" % _shown(spec))
-                unknown = sorted(set(spec) - _SPEC_KEYS, key=str)
-                if unknown:
-                    raise InvalidArgument("unknown key(s) %s: a spec takes %s" % (
-                        _shown(unknown), ", ".join(sorted(_SPEC_KEYS))))
-                if "cmd" not in spec:
-                    raise InvalidArgument("'cmd' is missing")
-                checked.append(_check_spec(**spec))
-            except InvalidArgument as e:
-                raise e._in_batch(index) from None
+        checked = _check_specs(specs)
         return self._submit(checked, batch=True) if checked else []
 
     def _submit(self, specs, batch=False):
