@@ -3797,7 +3797,7 @@ class JobManager:
                 kill = self._fire(job, kind)
             except Exception:   # e.g. the disk failed: try again
                 log.exception("%s timer of job %s failed; retrying in %g s",
-                              kind, jid, TIMER_RETRY)
+                              kind, job.jid, TIMER_RETRY)
                 self._timer(TIMER_RETRY, kind, job)
                 continue
             if kill is not None:
