@@ -6398,6 +6398,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, "%s: error: %s\n" % (self.prog, message))
 
 
+# The two parsers below are declarations, one add_argument per option and no
+# logic, kept whole on purpose: each reads top to bottom like its --help,
+# which splitting it into builders would scatter.
 def _serve_parser(prog="pman"):
     p = _Parser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -7115,7 +7118,7 @@ def _cmd_rm(client, args):
     return _each(args.jids, remove)[0]
 
 
-def _client_parser():
+def _client_parser():       # a declaration, kept whole: see _serve_parser
     fmt = argparse.RawDescriptionHelpFormatter
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=None,
