@@ -468,16 +468,7 @@ def _check_spec(cmd, *, jid=None, auid="", meta=None, env=None, cwd=None, timeou
                 extras=None):
     """The one set of rules for a submission, single or batched: return a
     _Spec, or raise InvalidArgument.  A jid of None is generated later."""
-    if isinstance(cmd, str):
-        if not cmd.strip():
-            raise InvalidArgument("cmd must be a non-empty string")
-        argv, display = None, cmd
-    elif isinstance(cmd, (list, tuple)) and cmd and all(isinstance(a, str) for a in cmd):
-        argv, display = list(cmd), shlex.join(cmd)
-    else:
-        raise InvalidArgument("cmd must be a shell string or a non-empty list of strings")
-    if "\0" in display:
-        raise InvalidArgument("cmd must not contain NUL bytes")
+    argv, display = _check_cmd(cmd)
     if auid is None:
         auid = ""
     if not isinstance(auid, str):
@@ -492,11 +483,56 @@ def _check_spec(cmd, *, jid=None, auid="", meta=None, env=None, cwd=None, timeou
     if cwd is not None and not isinstance(cwd, str):
         raise InvalidArgument("cwd must be a string")
     _check_number("timeout", timeout)
-    # Checked before anything is created: what is stored must also be
-    # listable, searchable and serializable in any thread, so the depth
-    # stays far from the recursion limit.
-    # extras may hold the whole meta a command-dialect client sent, one level
-    # down (sent_meta).
+    _check_storable(meta, extras)
+    if jid is not None:
+        check_jid(jid)
+    return _Spec(jid, display, argv, auid, meta, env, cwd, timeout, extras or {})
+
+
+def _check_specs(specs):
+    """`_check_spec` for each dict of a `JobManager.run_many` batch; the
+    InvalidArgument of a bad one names its index."""
+    if isinstance(specs, (str, bytes, dict)) or not hasattr(specs, "__iter__"):
+        raise InvalidArgument("specs must be a list of dicts, not %s" % _shown(specs))
+    checked = []
+    for index, spec in enumerate(specs):
+        try:
+            if not isinstance(spec, dict):
+                raise InvalidArgument("a spec must be a dict of run()'s keyword "
+                                      "arguments plus 'cmd', not %s" % _shown(spec))
+            unknown = sorted(set(spec) - _SPEC_KEYS, key=str)
+            if unknown:
+                raise InvalidArgument("unknown key(s) %s: a spec takes %s" % (
+                    _shown(unknown), ", ".join(sorted(_SPEC_KEYS))))
+            if "cmd" not in spec:
+                raise InvalidArgument("'cmd' is missing")
+            checked.append(_check_spec(**spec))
+        except InvalidArgument as e:
+            raise e._in_batch(index) from None
+    return checked
+
+
+def _check_cmd(cmd):
+    """(argv, the command as shown) of a shell string (argv None) or an
+    argv list; InvalidArgument if it is neither, or holds a NUL."""
+    if isinstance(cmd, str):
+        if not cmd.strip():
+            raise InvalidArgument("cmd must be a non-empty string")
+        argv, display = None, cmd
+    elif isinstance(cmd, (list, tuple)) and cmd and all(isinstance(a, str) for a in cmd):
+        argv, display = list(cmd), shlex.join(cmd)
+    else:
+        raise InvalidArgument("cmd must be a shell string or a non-empty list of strings")
+    if "\0" in display:
+        raise InvalidArgument("cmd must not contain NUL bytes")
+    return argv, display
+
+
+def _check_storable(meta, extras):
+    """Checked before anything is created: what is stored must also be
+    listable, searchable and serializable in any thread, so the depth
+    stays far from the recursion limit.  *extras* may hold the whole meta
+    a command-dialect client sent, one level down (sent_meta)."""
     for name, value, depth in (("meta", meta, MAX_DEPTH), ("extras", extras, MAX_DEPTH + 1)):
         if not _depth_ok(value, depth):
             raise InvalidArgument("%s is nested too deeply: at most %d levels"
@@ -507,9 +543,6 @@ def _check_spec(cmd, *, jid=None, auid="", meta=None, env=None, cwd=None, timeou
         raise InvalidArgument("meta is not storable as JSON: %s" % (
             "NaN and infinite numbers are not JSON" if isinstance(e, ValueError)
             else e)) from None
-    if jid is not None:
-        check_jid(jid)
-    return _Spec(jid, display, argv, auid, meta, env, cwd, timeout, extras or {})
 
 
 # Persisted fields, in the order they are written.  jid, status and seq come
@@ -797,31 +830,53 @@ class _Store:
         jobs = {}
         self.active = set()         # jids whose last record is queued or running
         self._next_seq = 1
-        replayed = False
         cleanup = [os.path.join(self.path, name) for name in os.listdir(self.path)
                    if ".tmp-" in name]          # leftovers of an interrupted write
-        aside = []
+        aside = []                              # (path, why) of damaged files
+        snap_gen, replayed = self._load_snapshot(jobs, aside)
+        snap_gen, journaled = self._load_journals(jobs, aside, cleanup, snap_gen)
+        if aside and self.strict:
+            raise StateCorrupt(aside[0][0], aside[0][1] + " (opened with strict=True: "
+                               "nothing was changed)")
+        for path, why in aside:
+            self._set_aside(path, why)
+        for path in cleanup:
+            os.unlink(path)
+        self.generation = snap_gen
+        return jobs, self._next_seq, replayed or journaled
+
+    def _load_snapshot(self, jobs, aside):
+        """Replay the snapshot, if any, into *jobs*; return (its generation,
+        whether a fresh one should be written).  A damaged snapshot goes
+        to *aside*."""
         snap = os.path.join(self.path, SNAPSHOT)
-        snap_gen = 0
-        if os.path.exists(snap):
-            bad, torn = [], [False]
-            with open(snap, "rb") as f:     # streamed: 100k lines, one copy
-                first = f.readline()
-                header = _read_header(first)
-                if header is None:
-                    # Without a trusted generation every journal is replayed.
-                    bad.append("header")
-                    lines = itertools.chain([first], f) if first else f
-                else:
-                    version, snap_gen, self._next_seq = header
-                    replayed = version != STATE_FORMAT
-                    lines = f
-                self._apply(self._lines(lines, bad, torn), jobs, bad)
-            torn = torn[0]
-            if bad or torn:     # written atomically: any damage came from outside
-                aside.append((snap, "damaged snapshot (%d bad lines%s)" % (
-                    len(bad), ", truncated" if torn else "")))
-                replayed = True
+        if not os.path.exists(snap):
+            return 0, False
+        snap_gen, replayed = 0, False
+        bad, torn = [], [False]
+        with open(snap, "rb") as f:     # streamed: 100k lines, one copy
+            first = f.readline()
+            header = _read_header(first)
+            if header is None:
+                # Without a trusted generation every journal is replayed.
+                bad.append("header")
+                lines = itertools.chain([first], f) if first else f
+            else:
+                version, snap_gen, self._next_seq = header
+                replayed = version != STATE_FORMAT
+                lines = f
+            self._apply(self._lines(lines, bad, torn), jobs, bad)
+        if bad or torn[0]:      # written atomically: any damage came from outside
+            aside.append((snap, "damaged snapshot (%d bad lines%s)" % (
+                len(bad), ", truncated" if torn[0] else "")))
+            replayed = True
+        return snap_gen, replayed
+
+    def _load_journals(self, jobs, aside, cleanup, snap_gen):
+        """Replay the journals of generation *snap_gen* and later into
+        *jobs* (older ones go to *cleanup*, damaged ones to *aside*);
+        return (the last generation, whether any held a change)."""
+        replayed = False
         for gen in self._journals():
             path = self._journal_path(gen)
             if gen < snap_gen:                  # already inside the snapshot
@@ -835,15 +890,7 @@ class _Store:
                 aside.append((path, "damaged journal (%d bad lines)" % len(bad)))
             replayed = replayed or bool(count) or torn[0] or bool(bad)
             snap_gen = max(snap_gen, gen)
-        if aside and self.strict:
-            raise StateCorrupt(aside[0][0], aside[0][1] + " (opened with strict=True: "
-                               "nothing was changed)")
-        for path, why in aside:
-            self._set_aside(path, why)
-        for path in cleanup:
-            os.unlink(path)
-        self.generation = snap_gen
-        return jobs, self._next_seq, replayed
+        return snap_gen, replayed
 
     def _apply(self, lines, jobs, bad):
         """Replay checked lines (see _lines) into *jobs* (ordered); collect
@@ -1821,6 +1868,124 @@ _IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,511}")
 _GONE = ("gone",)           # a poll's word for "podman has no such container"
 
 
+class _ContainerSpec:
+    """What one job asks of the podman backend, read from its *extras*
+    with pman 3.x's conventions for ChRIS plugins and checked
+    (InvalidArgument names what is wrong): ``image``; ``command``, the
+    container's (a shell string runs with ``/bin/sh -c``; in an argv the
+    word after each flag of ``args_path_flags`` becomes /share/incoming; a
+    plugin of a ``type`` gets /share/incoming (``ds``) and /share/outgoing
+    appended); ``options``, the ``podman run`` options of its limits and
+    mounts; ``indir`` and ``outdir``, the host directories mounted, under
+    *storebase*.  Runs no podman and touches no file."""
+
+    INCOMING, OUTGOING = "/share/incoming", "/share/outgoing"
+    MIN_MEMORY = 6              # MiB: podman refuses less
+
+    def __init__(self, cmd, env, extras, storebase):
+        self.storebase = storebase
+        self.image = self._image(extras)
+        self.options = self._limits(extras)
+        kind, flags = extras.get("type"), extras.get("args_path_flags") or []
+        if kind not in (None, "fs", "ds", "ts"):
+            raise InvalidArgument("type must be 'fs', 'ds' or 'ts', not %s" % _shown(kind))
+        if (not isinstance(flags, (list, tuple))
+                or not all(isinstance(f, str) for f in flags)):
+            raise InvalidArgument("args_path_flags must be a list of strings, not %s"
+                                  % _shown(flags))
+        if isinstance(cmd, str):
+            self.command = ["/bin/sh", "-c", cmd]
+        else:       # argv: the word after each path flag (past argv[0]) is replaced
+            self.command = list(cmd)
+            for i in range(1, len(cmd) - 1):
+                if self.command[i] in flags:
+                    self.command[i + 1] = self.INCOMING
+        self._mount(extras, kind)
+        if kind == "ds":
+            self.command.append(self.INCOMING)
+        if kind is not None:
+            self.command.append(self.OUTGOING)
+        for key, value in (env or {}).items():
+            if "\n" in key or "\n" in value or key != key.strip() or key.startswith("#"):
+                raise InvalidArgument("env %s: on the podman backend keys and values cannot "
+                                      "hold a newline, nor keys start with '#' or have "
+                                      "spaces at either end" % _shown(key))
+
+    @staticmethod
+    def _image(extras):
+        image = extras.get("image")
+        if image is None:
+            raise InvalidArgument("'image' is required on the podman backend: each job "
+                                  "runs in a container of that image")
+        if not isinstance(image, str) or not _IMAGE_RE.fullmatch(image):
+            raise InvalidArgument("invalid image %s" % _shown(image))
+        return image
+
+    def _limits(self, extras):
+        """The run options of pfcon's resource fields (one container, no
+        GPU: the rest is refused)."""
+        workers, gpus = extras.get("number_of_workers"), extras.get("gpu_limit")
+        if workers is not None and (isinstance(workers, bool) or workers != 1):
+            raise InvalidArgument("number_of_workers must be 1 on the podman backend (one "
+                                  "container per job), not %s" % _shown(workers))
+        if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, (int, float))
+                                 or gpus < 0):
+            raise InvalidArgument("gpu_limit must be a number, not %s" % _shown(gpus))
+        if gpus:
+            raise InvalidArgument("gpu_limit %s: the podman backend gives containers no "
+                                  "GPUs; send 0" % _shown(gpus))
+        options = []
+        for field, low in (("cpu_limit", 0), ("memory_limit", self.MIN_MEMORY)):
+            value = extras.get(field)
+            if value is None or value == 0:
+                continue
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not low <= value < 1 << 40):
+                raise InvalidArgument("%s must be a positive number%s, not %s" % (
+                    field, " of MiB, at least %d" % low if low else " of millicores",
+                    _shown(value)))
+            if field == "cpu_limit":
+                options.append("--cpus=%g" % (value / 1000))
+            else:       # a hard limit, swap included (a reservation stops nothing)
+                size = int(value * 1048576)
+                options += ["--memory=%db" % size, "--memory-swap=%db" % size]
+        return options
+
+    def _mount(self, extras, kind):
+        """Mount input_dir (read-only) and output_dir, given or needed by
+        the plugin's *kind*."""
+        self.indir = self.outdir = None
+        for field, target, needed in (("input_dir", self.INCOMING, kind in ("ds", "ts")),
+                                      ("output_dir", self.OUTGOING, kind is not None)):
+            if extras.get(field) is None and not needed:
+                continue
+            path = self._dir(extras, field)
+            self.options.append("--mount=type=bind,source=%s,target=%s%s" % (
+                path, target, ",ro=true" if target == self.INCOMING else ""))
+            if target == self.OUTGOING:
+                self.outdir = path
+            else:
+                self.indir = path
+
+    def _dir(self, extras, field):
+        """The host directory that *field* (``input_dir``/``output_dir``)
+        names under the storebase; refused if it escapes it."""
+        value = extras.get(field)
+        if not isinstance(value, str) or not value.strip("/"):
+            raise InvalidArgument("%r must name a directory under the storebase, not %s"
+                                  % (field, _shown(value)))
+        if self.storebase is None:
+            raise InvalidArgument("%r needs a storebase, and this server has none: start "
+                                  "it with --storebase DIR" % field)
+        path = os.path.realpath(os.path.join(self.storebase, value.strip("/")))
+        if not path.startswith(self.storebase + os.sep):
+            raise InvalidArgument("%r %s escapes the storebase" % (field, _shown(value)))
+        if "," in path or "\n" in path:
+            raise InvalidArgument("%r %s: podman's --mount cannot take a path with ',' "
+                                  "or a newline" % (field, _shown(value)))
+        return path
+
+
 class PodmanBackend(_PolledBackend):
     """Jobs as containers, driven through the ``podman`` command line, with
     pman 3.x's conventions for ChRIS plugins (see README.rst, "Running
@@ -1851,8 +2016,8 @@ class PodmanBackend(_PolledBackend):
     MIN_POLL, MAX_POLL = 0.1, 1.0
     COMMAND_TIMEOUT = 60.0
     IMAGE_TTL = 10.0            # seconds an image found locally is taken as present
-    INCOMING, OUTGOING = "/share/incoming", "/share/outgoing"
-    MIN_MEMORY = 6              # MiB: podman refuses less
+    INCOMING, OUTGOING = _ContainerSpec.INCOMING, _ContainerSpec.OUTGOING
+    MIN_MEMORY = _ContainerSpec.MIN_MEMORY
     # podman run options pman relies on: never from podman_args.
     _OWN_OPTIONS = frozenset({"--rm", "--name", "--log-driver", "--pull", "-d", "--detach",
                               "--replace", "-t", "--tty", "-i", "--interactive", "-a",
@@ -1967,105 +2132,15 @@ class PodmanBackend(_PolledBackend):
                                          % _podman_error(out.stderr, out))
         return found
 
-    # -- what a job asks for ----------------------------------------------------
-
-    def _dir(self, extras, field):
-        """The host directory that *field* (``input_dir``/``output_dir``)
-        names under the storebase; refused if it escapes it."""
-        value = extras.get(field)
-        if not isinstance(value, str) or not value.strip("/"):
-            raise InvalidArgument("%r must name a directory under the storebase, not %s"
-                                  % (field, _shown(value)))
-        if self.storebase is None:
-            raise InvalidArgument("%r needs a storebase, and this server has none: start "
-                                  "it with --storebase DIR" % field)
-        path = os.path.realpath(os.path.join(self.storebase, value.strip("/")))
-        if not path.startswith(self.storebase + os.sep):
-            raise InvalidArgument("%r %s escapes the storebase" % (field, _shown(value)))
-        if "," in path or "\n" in path:
-            raise InvalidArgument("%r %s: podman's --mount cannot take a path with ',' "
-                                  "or a newline" % (field, _shown(value)))
-        return path
-
-    def _spec(self, cmd, env, extras):
-        """(image, command, run options, output dir) of a job, checked:
-        InvalidArgument names what is wrong.  The command follows pman
-        3.x: the value after each flag of ``args_path_flags`` becomes
-        /share/incoming; a plugin (``type``) gets /share/incoming (``ds``)
-        and /share/outgoing appended."""
-        image = extras.get("image")
-        if image is None:
-            raise InvalidArgument("'image' is required on the podman backend: each job "
-                                  "runs in a container of that image")
-        if not isinstance(image, str) or not _IMAGE_RE.fullmatch(image):
-            raise InvalidArgument("invalid image %s" % _shown(image))
-        workers, gpus = extras.get("number_of_workers"), extras.get("gpu_limit")
-        if workers is not None and (isinstance(workers, bool) or workers != 1):
-            raise InvalidArgument("number_of_workers must be 1 on the podman backend (one "
-                                  "container per job), not %s" % _shown(workers))
-        if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, (int, float))
-                                 or gpus < 0):
-            raise InvalidArgument("gpu_limit must be a number, not %s" % _shown(gpus))
-        if gpus:
-            raise InvalidArgument("gpu_limit %s: the podman backend gives containers no "
-                                  "GPUs; send 0" % _shown(gpus))
-        options = []
-        for field, low in (("cpu_limit", 0), ("memory_limit", self.MIN_MEMORY)):
-            value = extras.get(field)
-            if value is None or value == 0:
-                continue
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not low <= value < 1 << 40):
-                raise InvalidArgument("%s must be a positive number%s, not %s" % (
-                    field, " of MiB, at least %d" % low if low else " of millicores",
-                    _shown(value)))
-            if field == "cpu_limit":
-                options.append("--cpus=%g" % (value / 1000))
-            else:       # a hard limit, swap included (a reservation stops nothing)
-                size = int(value * 1048576)
-                options += ["--memory=%db" % size, "--memory-swap=%db" % size]
-        kind, flags = extras.get("type"), extras.get("args_path_flags") or []
-        if kind not in (None, "fs", "ds", "ts"):
-            raise InvalidArgument("type must be 'fs', 'ds' or 'ts', not %s" % _shown(kind))
-        if (not isinstance(flags, (list, tuple))
-                or not all(isinstance(f, str) for f in flags)):
-            raise InvalidArgument("args_path_flags must be a list of strings, not %s"
-                                  % _shown(flags))
-        if isinstance(cmd, str):
-            command = ["/bin/sh", "-c", cmd]
-        else:       # argv: the word after each path flag (past argv[0]) is replaced
-            command = list(cmd)
-            for i in range(1, len(command) - 1):
-                if command[i] in flags:
-                    command[i + 1] = self.INCOMING
-        outdir = None
-        for field, target, needed in (("input_dir", self.INCOMING, kind in ("ds", "ts")),
-                                      ("output_dir", self.OUTGOING, kind is not None)):
-            if extras.get(field) is None and not needed:
-                continue
-            path = self._dir(extras, field)
-            options.append("--mount=type=bind,source=%s,target=%s%s" % (
-                path, target, ",ro=true" if target == self.INCOMING else ""))
-            if target == self.OUTGOING:
-                outdir = path
-        if kind == "ds":
-            command.append(self.INCOMING)
-        if kind is not None:
-            command.append(self.OUTGOING)
-        for key, value in (env or {}).items():
-            if "\n" in key or "\n" in value or key != key.strip() or key.startswith("#"):
-                raise InvalidArgument("env %s: on the podman backend keys and values cannot "
-                                      "hold a newline, nor keys start with '#' or have "
-                                      "spaces at either end" % _shown(key))
-        return image, command, options, outdir
+    # -- admitting and starting a job ------------------------------------------
 
     def admit(self, cmd, env, extras):
         if shutil.which(self.podman) is None:
             raise BackendUnavailable("podman is not installed (no %r on PATH): the podman "
                                      "backend cannot run containers" % self.podman)
-        image, _, _, _ = self._spec(cmd, env, extras)
-        indir = extras.get("input_dir")
-        if indir is not None and not os.path.isdir(self._dir(extras, "input_dir")):
+        spec = _ContainerSpec(cmd, env, extras, self.storebase)
+        image, indir = spec.image, extras.get("input_dir")
+        if indir is not None and not os.path.isdir(spec.indir):
             raise InvalidArgument("input_dir %s is not a directory under the storebase"
                                   % _shown(indir))
         if _time() - self._images.get(image, -self.IMAGE_TTL) < self.IMAGE_TTL:
@@ -2082,44 +2157,55 @@ class PodmanBackend(_PolledBackend):
 
     def start(self, job, env):
         extras = job.extras or {}
-        image, command, options, outdir = self._spec(
-            job.cmd if job.argv is None else job.argv, job.env, extras)
-        if extras.get("input_dir") is not None:
-            indir = self._dir(extras, "input_dir")
-            if not os.path.isdir(indir):
-                raise FileNotFoundError(errno.ENOENT, "no such directory (input_dir)", indir)
-        if outdir is not None:
-            os.makedirs(outdir, exist_ok=True)
+        spec = _ContainerSpec(job.cmd if job.argv is None else job.argv, job.env, extras,
+                              self.storebase)
+        if extras.get("input_dir") is not None and not os.path.isdir(spec.indir):
+            raise FileNotFoundError(errno.ENOENT, "no such directory (input_dir)", spec.indir)
+        if spec.outdir is not None:
+            os.makedirs(spec.outdir, exist_ok=True)
         name = self._name(job)
         args = ["run", "-d", "--name", name, "--pull=never", "--log-driver=passthrough",
                 "--label", "pman.state=" + self.tag, "--label", "pman.jid=" + job.jid,
-                "--label", "pman.seq=%d" % job.seq] + options
+                "--label", "pman.seq=%d" % job.seq] + spec.options
         if job.cwd is not None:
             args.append("--workdir=" + job.cwd)
-        env_file = None
-        if job.env:     # values travel in a file (0600), never on a command line
-            env_file = os.path.join(self.log_dir, job.jid + ".env")
-            fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("".join("%s=%s\n" % kv for kv in job.env.items()))
+        env_file = self._env_file(job)
+        if env_file is not None:
             args.append("--env-file=" + env_file)
-        args += self.podman_args + [image] + command
+        args += self.podman_args + [spec.image] + spec.command
         try:
-            for attempt in (1, 2):
-                out = self._podman_run(job, name, args)
-                if out is None:
-                    break
-                verdict = self._clear_name(job, name, out) if attempt == 1 else None
-                if verdict == "adopt":
-                    break
-                if verdict != "retry":
-                    self._refuse(name, out)
+            self._create(job, name, args)
         finally:
             if env_file is not None:
                 os.unlink(env_file)
         self._interval = self.MIN_POLL
-        return _Seen(RUNNING, "running in container %s (image %s)" % (name, image),
+        return _Seen(RUNNING, "running in container %s (image %s)" % (name, spec.image),
                      backend_id=name)
+
+    def _env_file(self, job):
+        """The job's variables in a file (0600) for ``--env-file``, or None
+        if it sets none: values never travel on a command line."""
+        if not job.env:
+            return None
+        env_file = os.path.join(self.log_dir, job.jid + ".env")
+        fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join("%s=%s\n" % kv for kv in job.env.items()))
+        return env_file
+
+    def _create(self, job, name, args):
+        """``podman run`` *args*; once more if the name was held by a
+        container of an earlier run (see `_clear_name`).  Raises as
+        `_refuse` says."""
+        for attempt in (1, 2):
+            out = self._podman_run(job, name, args)
+            if out is None:
+                return
+            verdict = self._clear_name(job, name, out) if attempt == 1 else None
+            if verdict == "adopt":
+                return
+            if verdict != "retry":
+                self._refuse(name, out)
 
     def _podman_run(self, job, name, args):
         """``podman run -d`` with the container's stdout and stderr on the
@@ -2526,6 +2612,311 @@ def _registry_release(manager, every_handle=False):
         return True
 
 
+def _take_dir_lock(path):
+    """flock() the state directory *path* for this process and write its
+    pid into the lock file; return the fd, held until the manager closes.
+    StateLocked if another live process holds it."""
+    lock_path = os.path.join(path, "lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = _time() + LOCK_RETRY
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+        try:
+            holder = int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+        except ValueError:
+            holder = None
+        # A dead holder's job may be between fork and exec, still holding
+        # a copy of the lock fd for a moment: wait that moment out.
+        if holder is None or _pid_exists(holder) or _time() > deadline:
+            os.close(fd)
+            raise StateLocked(path, holder)
+        threading.Event().wait(0.02)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+    return fd
+
+
+class _JobLogs:
+    """The jobs' output files in *log_dir*: ``<jid>.out`` and ``<jid>.err``,
+    and, while a re-run of a jid is submitted, the earlier run's kept aside
+    as ``<jid>.out~`` and ``<jid>.err~`` (no jid contains "~").  Holds no
+    job state: the manager decides when a job's logs are read, moved or
+    deleted."""
+
+    def __init__(self, log_dir):
+        self.dir = log_dir
+
+    def path(self, jid, stream):
+        return os.path.join(self.dir, jid + (".out" if stream == "stdout" else ".err"))
+
+    def unlink(self, jid, suffixes=(".out", ".err")):
+        for suffix in suffixes:
+            try:
+                os.unlink(os.path.join(self.dir, jid + suffix))
+            except FileNotFoundError:
+                pass
+
+    def move(self, jid, mark, new_mark):
+        """Rename the logs of *jid* marked *mark* ("" or "~") to
+        *new_mark*, or delete them (None)."""
+        if new_mark is None:
+            self.unlink(jid, (".out" + mark, ".err" + mark))
+            return
+        for suffix in (".out", ".err"):
+            try:
+                os.replace(os.path.join(self.dir, jid + suffix + mark),
+                           os.path.join(self.dir, jid + suffix + new_mark))
+            except FileNotFoundError:
+                pass
+
+    def read(self, jid, stream, offset, limit):
+        """(the bytes of *stream* from *offset*, at most *limit*; whether
+        more follow them)."""
+        try:
+            with open(self.path(jid, stream), "rb") as f:
+                left = os.fstat(f.fileno()).st_size - offset
+                if left > 0:    # never seek past the end: 2**44 is EINVAL on ext4
+                    f.seek(offset)
+                    data = f.read(left if limit is None else min(limit, left))
+                    return data, bool(f.read(1))
+        except FileNotFoundError:
+            pass
+        return b"", False
+
+    def tail(self, jid, stream):
+        """The end of *stream* ("stdout", "stderr", or None for both, in
+        order) as text: at most TAIL_LINES lines and TAIL_BYTES bytes."""
+        parts = []
+        for name in ((stream,) if stream else ("stdout", "stderr")):
+            try:        # stat first: a log still empty (a job just started) is not opened
+                path = self.path(jid, name)
+                if os.stat(path).st_size:
+                    with open(path, "rb") as f:
+                        size = f.seek(0, os.SEEK_END)
+                        f.seek(max(0, size - TAIL_BYTES))
+                        parts.append(f.read())
+            except OSError:
+                pass
+        text = b"".join(parts)[-TAIL_BYTES:].decode("utf-8", "replace")
+        # The text after a final newline is not a line: keep 1,000 before it.
+        keep = TAIL_LINES + 1 if text.endswith("\n") else TAIL_LINES
+        return "\n".join(text.split("\n")[-keep:])
+
+    def over_limit(self, jid, limit):
+        """The first stream of *jid* grown past *limit* bytes, or None."""
+        for stream in ("stdout", "stderr"):
+            try:
+                size = os.stat(self.path(jid, stream)).st_size
+            except OSError:
+                continue
+            if size > limit:
+                return stream
+        return None
+
+
+class _Feed:
+    """The change feed behind `JobManager.changes`: each change of a job's
+    record gets the next sequence number, and the latest CHANGES_KEPT
+    (seq, jid) pairs are kept.  Each opening numbers from the clock's
+    microseconds, so a cursor handed out by an earlier run is always behind
+    this one's and gets reset.  Guarded by the manager's lock, *lock*."""
+
+    def __init__(self, lock):
+        self._ring = collections.deque(maxlen=CHANGES_KEPT)
+        self.seq = int(_wall() * 1e6)
+        self.moved = threading.Condition(lock)
+        self.listeners = []     # callables run (under the lock) when it moves: must not block
+        self._counts = (None, None)     # (seq, counts()) as of that seq
+
+    def note(self, jid):
+        """*jid*'s record changed: number the change, wake the waiters."""
+        self.seq += 1
+        self._ring.append((self.seq, jid))
+        self.moved.notify_all()
+        for wake in self.listeners:
+            wake()
+
+    def wait(self, since, deadline, closing):
+        """Wait while nothing came after *since*, until the monotonic
+        *deadline* (None: no limit) or ``closing()``."""
+        while since == self.seq and not closing():
+            left = None if deadline is None else deadline - _time()
+            if left is not None and left <= 0:
+                break
+            self.moved.wait(left)
+
+    def after(self, since, limit):
+        """(head, reset, picked) for `JobManager.changes`: *picked* lists
+        (jid, seq) of each jid changed after *since* at its latest change,
+        oldest first, at most *limit*; *head* is the last one's seq if the
+        limit cut the list, else the latest."""
+        head = self.seq
+        since = head if since is None else since
+        oldest = self._ring[0][0] if self._ring else head + 1
+        reset = since > head or since < oldest - 1
+        latest = {}             # jid -> its latest seq after since
+        if not reset:
+            for seq, jid in reversed(self._ring):
+                if seq <= since:
+                    break
+                latest.setdefault(jid, seq)
+        picked = sorted(latest.items(), key=lambda item: item[1])[:limit]
+        if limit is not None and len(latest) > limit:
+            head = picked[-1][1]
+        return head, reset, picked
+
+    def counts_at(self, seq):
+        """The counts kept for *seq*, or None if they must be counted."""
+        counted_at, counts = self._counts
+        return counts if counted_at == seq else None
+
+    def keep_counts(self, seq, counts):
+        if (self._counts[0] or 0) < seq:
+            self._counts = seq, counts
+
+
+def _count_statuses(entries):
+    """``{status: n}`` of *entries*: finished jobs' lines, and the statuses
+    of active ones."""
+    counts = dict.fromkeys(STATUSES, 0)
+    for entry in entries:
+        counts[_LINE_RE.match(entry).group(2) if entry[0] == "{" else entry] += 1
+    return counts
+
+
+class _Metrics:
+    """The counters of `JobManager.stats`, since the manager opened: jobs
+    started, spawns failed, endings by status, and the reaper's lag
+    histogram.  Guarded by the manager's lock."""
+
+    def __init__(self):
+        self.tally = collections.Counter()  # "started", "spawn failed", statuses
+        self._tallied = set()               # active jids counted as started
+        self.lag = [0] * (len(LAG_BUCKETS) + 1) + [0.0]   # bucket counts, +Inf, sum
+
+    def restart(self, running):
+        """Recovery is not news: count from here, the *running* jobs (jid
+        -> _Job) as started already."""
+        self.tally.clear()
+        self._tallied = {jid for jid, job in running.items() if job.status == STARTED}
+
+    def changed(self, jid, status, ended=None):
+        """Count a change of *jid* to *status* (*ended*: the _Job whose
+        ending was recorded)."""
+        if status == STARTED and jid not in self._tallied:
+            self._tallied.add(jid)
+            self.tally["started"] += 1
+        elif status not in ACTIVE:
+            if ended is not None:
+                if ended.started is not None and jid not in self._tallied:
+                    self.tally["started"] += 1     # it ran between two SLURM polls
+                self.tally[status] += 1
+            self._tallied.discard(jid)
+
+    def observe_lag(self, seconds):
+        """Count one ending in the lag histogram: the time from the
+        reaper's wake-up for the job's exit to the job's record."""
+        self.lag[bisect.bisect_left(LAG_BUCKETS, seconds)] += 1
+        self.lag[-1] += seconds
+
+    @staticmethod
+    def report(tally, lag):
+        """`JobManager.stats` of copies of *tally* and *lag*."""
+        buckets, total = [], 0
+        for bound, n in zip(LAG_BUCKETS + (math.inf,), lag):
+            total += n
+            buckets.append((bound, total))
+        return {"started": tally.get("started", 0),
+                "spawn_failed": tally.get("spawn failed", 0),
+                "ended": {s: tally.get(s, 0) for s in STATUSES if s not in ACTIVE},
+                "reaper_lag": {"buckets": buckets, "sum": lag[-1], "count": total}}
+
+
+class _JobFilter:
+    """The filters of `JobManager.jobs`, checked once, then applied to
+    stored lines outside the manager's lock."""
+
+    def __init__(self, status=None, auid=None, meta=None, text=None):
+        if isinstance(status, str):
+            status = (status,)
+        if status is not None:
+            for s in status:
+                if s not in STATUSES:
+                    raise InvalidArgument("unknown status %s: one of %s"
+                                          % (_shown(s), ", ".join(STATUSES)))
+        if meta is not None and not isinstance(meta, dict):
+            raise InvalidArgument("meta filter must be a dict")
+        if text is not None and not isinstance(text, str):
+            raise InvalidArgument("text filter must be a string")
+        self.status, self.auid, self.meta = status, auid, meta
+        self.needle = text.lower() if text else None
+        # A JSON line holds plain ASCII text as it is: skip the lines that
+        # cannot match before parsing them.
+        needle = self.needle
+        self.quick = needle is not None and needle.isascii() and needle.isprintable() \
+            and '"' not in needle and "\\" not in needle
+
+    def match(self, line):
+        """The record of *line* if it passes every filter, else None."""
+        if self.status is not None and _line_status(line) not in self.status:
+            return None
+        if self.quick and self.needle not in line.lower():
+            return None
+        record = json.loads(line)
+        if self.auid is not None and record["auid"] != self.auid:
+            return None
+        if self.needle is not None and not any(self.needle in (record[k] or "").lower()
+                                               for k in ("jid", "cmd", "auid", "message")):
+            return None
+        if self.meta and any(record["meta"].get(k, _MISSING) != v
+                             for k, v in self.meta.items()):
+            return None
+        return record
+
+
+# What a reaper's turn decided under the lock (JobManager._reap_locked), for
+# the rest of the turn to act on without it: the _Kills to deliver, the
+# handed-over jobs to start, how many finished jobs to forget, whether the
+# journal is due a sync and the backend had nothing running, and on_end's
+# records.
+_Turn = collections.namedtuple("_Turn", "kills starting doomed flush idle ended")
+
+
+def _ending(job, end):
+    """How *job* is finished, given how the backend says it ended (a
+    `_Seen` of state ENDED: the code its wrapper reported, None if none
+    survives): (status, returncode, message, whether it started)."""
+    code = end.code
+    if job.kill_signal and job.kill_sent:
+        sig = job.kill_signal
+        if job.kill_reason == "on request":
+            why = "killed by %s on request" % signal_name(sig)
+        else:
+            why = "%s (%s)" % (job.kill_reason, signal_name(sig))
+        if end.message:     # what the backend saw, e.g. SLURM's final state
+            why += "; " + end.message
+        if job.status == NOTSTARTED:    # still in the backend's queue: cancelled
+            return ERROR, None, "cancelled before it started (%s)" % why, False
+        return ERROR, -sig, why, True
+    if end.status is not None:
+        return end.status, code, end.message, True
+    if code is None:
+        return (UNDEFINED, None, "the job ended while no manager was watching and "
+                "left no exit code", True)
+    if code < 0:       # the wrapper itself died of a signal pman did not send
+        sig = -code
+        status, code, message = _describe_exit(128 + sig)
+        return (status, code, "killed by %s (not sent by pman); %s"
+                % (signal_name(sig), message), True)
+    return _describe_exit(code) + (True,)
+
+
 class JobManager:
     """Runs and tracks jobs whose state lives in *state_dir*.
 
@@ -2594,6 +2985,7 @@ class JobManager:
             self.backend = _make_backend(backend)
             self.state_dir = self._path
             self.log_dir = os.path.join(self._path, "logs")
+            self._logs = _JobLogs(self.log_dir)
             self._open(strict)
             self._options = options
             self._refs = 1
@@ -2604,7 +2996,7 @@ class JobManager:
     def _open(self, strict):
         os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
         os.chmod(self._path, 0o700)
-        self._lock_fd = self._take_lock()
+        self._lock_fd = _take_dir_lock(self._path)
         self._store = self._reaper = None
         self._backend_open = False
         try:
@@ -2619,23 +3011,28 @@ class JobManager:
             raise
 
     def _open_locked(self, strict):
+        """Load the state, settle what a previous manager left, start the
+        reaper.  The caller undoes what this did if it raises."""
         self._store = _Store(self._path, strict=strict)
         lines, self._next_seq, replayed = self._store.load()
+        self._init_state(lines)
+        self.backend.open(self._path, self.log_dir, self._logs.path)
+        self._backend_open = True
+        self._replay(lines, replayed)
+        self._resume(replayed)
+        self._reaper = threading.Thread(target=self._reap_loop, name="pman-reaper",
+                                        daemon=True)
+        self._reaper.start()
+
+    def _init_state(self, lines):
+        """The job state and its locks, the jobs being *lines* (jid -> line,
+        in submission order) for now."""
         self._lock = threading.Lock()       # guards all job state below
         self._changed = threading.Condition(self._lock)   # a job ended
-        self._fed = threading.Condition(self._lock)       # the change feed moved
-        self._listeners = []    # callables run (under the lock) when it moves: must not block
-        # The change feed (see changes()): the latest (seq, jid) pairs.  Each
-        # opening numbers from the clock's microseconds, so a cursor handed
-        # out by an earlier run is always behind this one's and gets reset.
-        self._feed = collections.deque(maxlen=CHANGES_KEPT)
-        self._feed_seq = int(_wall() * 1e6)
-        self._feed_counts = (None, None)    # (seq, counts()) for changes()
-        # Counters of the metrics, since this opening: "started", "spawn
-        # failed", statuses of endings, and the reaper's lag histogram.
-        self._tally = collections.Counter()
-        self._tallied = set()               # active jids counted as started
-        self._lag = [0] * (len(LAG_BUCKETS) + 1) + [0.0]   # bucket counts, +Inf, sum
+        self._feed = _Feed(self._lock)      # the change feed (see changes())
+        self._listeners = self._feed.listeners      # the HTTP layer's long polls
+        self._metrics = _Metrics()
+        self._tally = self._metrics.tally
         self._jobs = lines                  # jid -> _Job | line; submission order
         self._queue = collections.deque()   # queued _Jobs, submission order
         self._running = {}                  # jid -> started _Job
@@ -2644,9 +3041,10 @@ class JobManager:
         self._flush_due = None
         self._closing = False
         self._compact_lock = threading.Lock()   # one compaction at a time
-        self.backend.open(self._path, self.log_dir, self._log_path)
-        self._backend_open = True
-        # Replay: finished jobs stay lines; the active ones become _Jobs.
+
+    def _replay(self, lines, replayed):
+        """Finished jobs stay lines; the active ones become _Jobs.  Open
+        the journal that changes go to from now on."""
         active = self._store.active
         self._retention = _Retention((jid, line) for jid, line in lines.items()
                                      if jid not in active)
@@ -2657,47 +3055,22 @@ class JobManager:
         # An exit record's key is never reused, even if the journal lost
         # the record of a job that ran (damage set aside, a lost fsync).
         self._next_seq = max(self._next_seq, self.backend.seq_floor())
+
+    def _resume(self, replayed):
+        """Re-adopt or settle the jobs left active (see `_recover`), send
+        the kills they still owe, start queued jobs, and fold replayed
+        journals into a fresh snapshot."""
         with self._lock:
             kills = self._recover()
             starting = self._start_queued()
-            self._tally.clear()         # recovery is not news: count from here
-            self._tallied = {jid for jid, job in self._running.items() if job.status == STARTED}
+            self._metrics.restart(self._running)
         self._store.sync()
         if kills:
             self._deliver(kills)
         if starting:
             self._launch_queued(starting)
-        if replayed:        # fold the replayed journals into a fresh snapshot
+        if replayed:
             self._compact_now()
-        self._reaper = threading.Thread(target=self._reap_loop, name="pman-reaper",
-                                        daemon=True)
-        self._reaper.start()
-
-    def _take_lock(self):
-        path = os.path.join(self._path, "lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline = _time() + LOCK_RETRY
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
-            try:
-                holder = int(os.pread(fd, 32, 0).decode().strip() or 0) or None
-            except ValueError:
-                holder = None
-            # A dead holder's job may be between fork and exec, still holding
-            # a copy of the lock fd for a moment: wait that moment out.
-            if holder is None or _pid_exists(holder) or _time() > deadline:
-                os.close(fd)
-                raise StateLocked(self._path, holder)
-            threading.Event().wait(0.02)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
-        return fd
 
     def close(self, *, kill=False):
         """Release this handle.  When the last handle of the directory is
@@ -2728,7 +3101,7 @@ class JobManager:
                 log.warning("jobs still running after the kill at close: %s", active)
         with self._lock:
             self._closing = True
-            self._fed.notify_all()      # changes() waiters return now
+            self._feed.moved.notify_all()   # changes() waiters return now
         self._wake()
         self._reaper.join()
         self._flush()
@@ -2788,23 +3161,7 @@ class JobManager:
         batch ends ``finishedWithError`` with that message instead, since
         the jobs before it are already running.
         """
-        if isinstance(specs, (str, bytes, dict)) or not hasattr(specs, "__iter__"):
-            raise InvalidArgument("specs must be a list of dicts, not %s" % _shown(specs))
-        checked = []
-        for index, spec in enumerate(specs):
-            try:
-                if not isinstance(spec, dict):
-                    raise InvalidArgument("a spec must be a dict of run()'s keyword "
-                                          "arguments plus 'cmd', not %s" % _shown(spec))
-                unknown = sorted(set(spec) - _SPEC_KEYS, key=str)
-                if unknown:
-                    raise InvalidArgument("unknown key(s) %s: a spec takes %s" % (
-                        _shown(unknown), ", ".join(sorted(_SPEC_KEYS))))
-                if "cmd" not in spec:
-                    raise InvalidArgument("'cmd' is missing")
-                checked.append(_check_spec(**spec))
-            except InvalidArgument as e:
-                raise e._in_batch(index) from None
+        checked = _check_specs(specs)
         return self._submit(checked, batch=True) if checked else []
 
     def _submit(self, specs, batch=False):
@@ -2956,22 +3313,7 @@ class JobManager:
         in the jid, cmd, auid or message).  *after* is a jid: list only the
         jobs that come after it in that order (a page's last jid gives the
         next page).  *limit* caps the count."""
-        if isinstance(status, str):
-            status = (status,)
-        if status is not None:
-            for s in status:
-                if s not in STATUSES:
-                    raise InvalidArgument("unknown status %s: one of %s"
-                                          % (_shown(s), ", ".join(STATUSES)))
-        if meta is not None and not isinstance(meta, dict):
-            raise InvalidArgument("meta filter must be a dict")
-        if text is not None and not isinstance(text, str):
-            raise InvalidArgument("text filter must be a string")
-        needle = text.lower() if text else None
-        # A JSON line holds plain ASCII text as it is: skip the lines that
-        # cannot match before parsing them.
-        quick = needle is not None and needle.isascii() and needle.isprintable() \
-            and '"' not in needle and "\\" not in needle
+        wanted = _JobFilter(status=status, auid=auid, meta=meta, text=text)
         _check_count("limit", limit)
         out = []
         with self._lock:    # finished jobs are immutable lines: copy the rest
@@ -2984,19 +3326,9 @@ class JobManager:
                 continue
             if limit is not None and len(out) >= limit:
                 break
-            if status is not None and _line_status(entry) not in status:
-                continue
-            if quick and needle not in entry.lower():
-                continue
-            record = json.loads(entry)
-            if auid is not None and record["auid"] != auid:
-                continue
-            if needle is not None and not any(needle in (record[k] or "").lower()
-                                              for k in ("jid", "cmd", "auid", "message")):
-                continue
-            if meta and any(record["meta"].get(k, _MISSING) != v for k, v in meta.items()):
-                continue
-            out.append(self._public(record))
+            record = wanted.match(entry)
+            if record is not None:
+                out.append(self._public(record))
         if not started:
             raise JobNotFound(after)
         return out
@@ -3042,17 +3374,7 @@ class JobManager:
         _check_count("limit", limit)
         with self._lock:
             ended = _is_finished(self._entry(jid))
-        data = b""
-        more = False
-        try:
-            with open(self._log_path(jid, stream), "rb") as f:
-                left = os.fstat(f.fileno()).st_size - offset
-                if left > 0:    # never seek past the end: 2**44 is EINVAL on ext4
-                    f.seek(offset)
-                    data = f.read(left if limit is None else min(limit, left))
-                    more = bool(f.read(1))
-        except FileNotFoundError:
-            pass
+        data, more = self._logs.read(jid, stream, offset, limit)
         return {"jid": jid, "stream": stream, "offset": offset,
                 "next_offset": offset + len(data), "eof": ended and not more,
                 "data": data}
@@ -3167,21 +3489,7 @@ class JobManager:
             raise InvalidArgument("stream must be 'stdout', 'stderr' or None")
         with self._lock:
             self._entry(jid)
-        parts = []
-        for name in ((stream,) if stream else ("stdout", "stderr")):
-            try:        # stat first: a log still empty (a job just started) is not opened
-                path = self._log_path(jid, name)
-                if os.stat(path).st_size:
-                    with open(path, "rb") as f:
-                        size = f.seek(0, os.SEEK_END)
-                        f.seek(max(0, size - TAIL_BYTES))
-                        parts.append(f.read())
-            except OSError:
-                pass
-        text = b"".join(parts)[-TAIL_BYTES:].decode("utf-8", "replace")
-        # The text after a final newline is not a line: keep 1,000 before it.
-        keep = TAIL_LINES + 1 if text.endswith("\n") else TAIL_LINES
-        return "\n".join(text.split("\n")[-keep:])
+        return self._logs.tail(jid, stream)
 
     def reload(self):
         """Make every change durable, then re-read finished jobs from the
@@ -3253,40 +3561,20 @@ class JobManager:
             self._not_from_reaper("changes() with a timeout")
         deadline = None if timeout is None else _time() + timeout
         with self._lock:
-            while since == self._feed_seq and not self._closing:
-                left = None if deadline is None else deadline - _time()
-                if left is not None and left <= 0:
-                    break
-                self._fed.wait(left)
-            now = head = self._feed_seq
-            since = head if since is None else since
-            oldest = self._feed[0][0] if self._feed else head + 1
-            reset = since > head or since < oldest - 1
-            latest = {}             # jid -> its latest seq after since
-            if not reset:
-                for seq, jid in reversed(self._feed):
-                    if seq <= since:
-                        break
-                    latest.setdefault(jid, seq)
-            picked = sorted(latest.items(), key=lambda item: item[1])[:limit]
-            if limit is not None and len(latest) > limit:
-                head = picked[-1][1]
+            self._feed.wait(since, deadline, lambda: self._closing)
+            now = self._feed.seq
+            head, reset, picked = self._feed.after(since, limit)
             # Finished jobs are immutable lines: copy the rest, parse and
             # count outside the lock.
-            lines = []
-            for jid, _ in picked:
-                entry = self._jobs.get(jid)
-                lines.append(entry if entry is None or isinstance(entry, str) else entry.line())
-            counted_at, counts = self._feed_counts
-            if counted_at != now:     # a finished job's line, or an active one's status
+            lines = [None if self._jobs.get(jid) is None else _line_of(self._jobs[jid])
+                     for jid, _ in picked]
+            counts = self._feed.counts_at(now)
+            if counts is None:      # a finished job's line, or an active one's status
                 entries = [e if isinstance(e, str) else e.status for e in self._jobs.values()]
-        if counted_at != now:
-            counts = dict.fromkeys(STATUSES, 0)
-            for entry in entries:
-                counts[_LINE_RE.match(entry).group(2) if entry[0] == "{" else entry] += 1
+        if counts is None:
+            counts = _count_statuses(entries)
             with self._lock:
-                if (self._feed_counts[0] or 0) < now:
-                    self._feed_counts = now, counts
+                self._feed.keep_counts(now, counts)
         found = [{"seq": seq, "jid": jid,
                   "job": None if line is None else self._public(json.loads(line))}
                  for (jid, seq), line in zip(picked, lines)]
@@ -3299,15 +3587,8 @@ class JobManager:
         cumulative, the last bound ``inf``: the time from the reaper's
         wake-up for a job's exit to its record)."""
         with self._lock:
-            tally, lag = dict(self._tally), list(self._lag)
-        buckets, total = [], 0
-        for bound, n in zip(LAG_BUCKETS + (math.inf,), lag):
-            total += n
-            buckets.append((bound, total))
-        return {"started": tally.get("started", 0),
-                "spawn_failed": tally.get("spawn failed", 0),
-                "ended": {s: tally.get(s, 0) for s in STATUSES if s not in ACTIVE},
-                "reaper_lag": {"buckets": buckets, "sum": lag[-1], "count": total}}
+            tally, lag = dict(self._metrics.tally), list(self._metrics.lag)
+        return _Metrics.report(tally, lag)
 
     # -- internals: records and files ---------------------------------------
     # Methods named _x_locked or documented "caller holds self._lock" MUST be
@@ -3336,7 +3617,11 @@ class JobManager:
         return None if _is_finished(entry) else entry
 
     def _log_path(self, jid, stream):
-        return os.path.join(self.log_dir, jid + (".out" if stream == "stdout" else ".err"))
+        return self._logs.path(jid, stream)
+
+    @property
+    def _feed_seq(self):        # the HTTP layer's long polls read it
+        return self._feed.seq
 
     def _public(self, record):
         """The caller's view of a record: env values hidden, paths added."""
@@ -3348,26 +3633,9 @@ class JobManager:
             del record[key]
         return record
 
-    def _unlink(self, jid, suffixes=(".out", ".err")):
-        for suffix in suffixes:
-            try:
-                os.unlink(os.path.join(self.log_dir, jid + suffix))
-            except FileNotFoundError:
-                pass
-
     def _move_logs(self, jid, mark, new_mark):
-        """Rename the logs of *jid* marked *mark* ("" or "~": kept aside
-        while a re-run is submitted; no jid contains "~") to *new_mark*, or
-        delete them (None)."""
-        if new_mark is None:
-            self._unlink(jid, (".out" + mark, ".err" + mark))
-            return
-        for suffix in (".out", ".err"):
-            try:
-                os.replace(os.path.join(self.log_dir, jid + suffix + mark),
-                           os.path.join(self.log_dir, jid + suffix + new_mark))
-            except FileNotFoundError:
-                pass
+        """See _JobLogs.move: the logs of a re-run's earlier run."""
+        self._logs.move(jid, mark, new_mark)
 
     def _queue_remove(self, job):
         try:
@@ -3392,20 +3660,8 @@ class JobManager:
         the next number of the change feed, wake the feed's waiters, and
         count it for the metrics (*ended*: the _Job whose ending `_finish`
         recorded).  Caller holds self._lock."""
-        self._feed_seq += 1
-        self._feed.append((self._feed_seq, jid))
-        if status == STARTED and jid not in self._tallied:
-            self._tallied.add(jid)
-            self._tally["started"] += 1
-        elif status not in ACTIVE:
-            if ended is not None:
-                if ended.started is not None and jid not in self._tallied:
-                    self._tally["started"] += 1     # it ran between two SLURM polls
-                self._tally[status] += 1
-            self._tallied.discard(jid)
-        self._fed.notify_all()
-        for wake in self._listeners:
-            wake()
+        self._metrics.changed(jid, status, ended)
+        self._feed.note(jid)
 
     def _forget(self, jids=(), *, oldest=0):
         """Forget finished *jids*, or the *oldest* finished jobs."""
@@ -3432,7 +3688,7 @@ class JobManager:
         with self._lock:            # a jid run again meanwhile keeps its new logs
             for jid in gone:
                 if jid not in self._jobs:
-                    self._unlink(jid)
+                    self._logs.unlink(jid)
         return len(gone)
 
     # -- internals: process lifecycle -----------------------------------------
@@ -3551,7 +3807,7 @@ class JobManager:
                 kill = self._fire(job, kind)
             except Exception:   # e.g. the disk failed: try again
                 log.exception("%s timer of job %s failed; retrying in %g s",
-                              kind, jid, TIMER_RETRY)
+                              kind, job.jid, TIMER_RETRY)
                 self._timer(TIMER_RETRY, kind, job)
                 continue
             if kill is not None:
@@ -3685,35 +3941,10 @@ class JobManager:
         return (job.status, job.message, job.pid, job.backend_id) != before
 
     def _outcome(self, job, end):
-        """Finish *job* given how the backend says it ended (a `_Seen` of
-        state ENDED: the code its wrapper reported, None if none
-        survives).  Caller holds self._lock."""
-        code = end.code
-        if job.kill_signal and job.kill_sent:
-            sig = job.kill_signal
-            if job.kill_reason == "on request":
-                why = "killed by %s on request" % signal_name(sig)
-            else:
-                why = "%s (%s)" % (job.kill_reason, signal_name(sig))
-            if end.message:     # what the backend saw, e.g. SLURM's final state
-                why += "; " + end.message
-            if job.status == NOTSTARTED:    # still in the backend's queue: cancelled
-                self._finish(job, ERROR, None, "cancelled before it started (%s)" % why,
-                             started=False)
-            else:
-                self._finish(job, ERROR, -sig, why)
-        elif end.status is not None:
-            self._finish(job, end.status, code, end.message)
-        elif code is None:
-            self._finish(job, UNDEFINED, None, "the job ended while no manager was "
-                         "watching and left no exit code")
-        elif code < 0:       # the wrapper itself died of a signal pman did not send
-            sig = -code
-            status, code, message = _describe_exit(128 + sig)
-            self._finish(job, status, code, "killed by %s (not sent by pman); %s"
-                         % (signal_name(sig), message))
-        else:
-            self._finish(job, *_describe_exit(code))
+        """Finish *job* as the backend says it ended (see `_ending`).
+        Caller holds self._lock."""
+        status, code, message, started = _ending(job, end)
+        self._finish(job, status, code, message, started=started)
 
     def _collect(self, job):
         """The backend says *job* may have changed: apply what it finds.
@@ -3853,58 +4084,62 @@ class JobManager:
         backend woke it for, fire due timers, hand queued jobs over.  Then
         without it: send signals, start jobs, forget old jobs, make endings
         durable, call on_end."""
-        callbacks = []
-        woke = _time()
         with self._lock:
-            for job in jobs:
-                self._collect_safely(job)
-                if self._running.get(job.jid) is not job:
-                    self._observe_lag(_time() - woke)
-            kills = self._due_timers()
-            starting = self._start_queued()
-            doomed = 0
-            if self.keep_finished is not None:
-                doomed = self._retention.count - self.keep_finished
-            flush = self._flush_due is not None and self._flush_due <= _time()
-            if flush:
-                self._flush_due = None
-                idle = not self._running
-            if self.on_end is not None:
-                callbacks = [self._public(_record(self._jobs[jid]))
-                             for jid in self._ended if jid in self._jobs]
-            self._ended = []
-        if kills:
-            self._deliver_safely(kills)
-        if starting:
-            self._launch_queued(starting)
-        if doomed > 0:
-            self._forget(oldest=doomed)
-        if flush:
-            try:
-                self._store.sync()
-            except StorageError as e:
-                log.warning("%s; retrying in %g s", e, TIMER_RETRY)
-                with self._lock:
-                    self._flush_soon(TIMER_RETRY)
-                idle = False
-            if idle:
-                with self._lock:
-                    if not self._running:
-                        self.backend.idle()
-            self._maybe_compact()
-        for record in callbacks:
+            turn = self._reap_locked(jobs)
+        if turn.kills:
+            self._deliver_safely(turn.kills)
+        if turn.starting:
+            self._launch_queued(turn.starting)
+        if turn.doomed > 0:
+            self._forget(oldest=turn.doomed)
+        if turn.flush:
+            self._sync_due(turn.idle)
+        for record in turn.ended:
             try:
                 self.on_end(record)
             except Exception:
                 log.exception("on_end callback failed for job %s", record["jid"])
 
-    def _observe_lag(self, seconds):
-        """Count one ending in the reaper's lag histogram: the time from its
-        wake-up for the job's exit to the job's record.  Caller holds
-        self._lock."""
-        lag = self._lag
-        lag[bisect.bisect_left(LAG_BUCKETS, seconds)] += 1
-        lag[-1] += seconds
+    def _reap_locked(self, jobs):
+        """The part of a reaper's turn done under the lock: what it decided
+        is a `_Turn`.  Caller holds self._lock."""
+        woke = _time()
+        for job in jobs:
+            self._collect_safely(job)
+            if self._running.get(job.jid) is not job:
+                self._metrics.observe_lag(_time() - woke)
+        kills = self._due_timers()
+        starting = self._start_queued()
+        doomed = 0
+        if self.keep_finished is not None:
+            doomed = self._retention.count - self.keep_finished
+        flush = self._flush_due is not None and self._flush_due <= _time()
+        idle = False
+        if flush:
+            self._flush_due = None
+            idle = not self._running
+        ended = []
+        if self.on_end is not None:
+            ended = [self._public(_record(self._jobs[jid]))
+                     for jid in self._ended if jid in self._jobs]
+        self._ended = []
+        return _Turn(kills, starting, doomed, flush, idle, ended)
+
+    def _sync_due(self, idle):
+        """The flush the reaper was due: sync the journal (retried later if
+        it fails), let an *idle* backend tidy up, compact if it is time."""
+        try:
+            self._store.sync()
+        except StorageError as e:
+            log.warning("%s; retrying in %g s", e, TIMER_RETRY)
+            with self._lock:
+                self._flush_soon(TIMER_RETRY)
+            idle = False
+        if idle:
+            with self._lock:
+                if not self._running:
+                    self.backend.idle()
+        self._maybe_compact()
 
     def _fire(self, job, kind):
         """Act on a due timer; return a _Kill to deliver, or None.  Caller
@@ -3923,15 +4158,11 @@ class JobManager:
                 return self._signal(job, signal.SIGKILL, job.kill_reason, None, kind)
         elif kind == "logcheck":
             self._timer(LOG_CHECK_EVERY, "logcheck", job)
-            for stream in ("stdout", "stderr"):
-                try:
-                    size = os.stat(self._log_path(job.jid, stream)).st_size
-                except OSError:
-                    continue
-                if size > self.log_limit and not job.kill_signal:
-                    return self._signal(job, signal.SIGTERM, "%s exceeded the log limit "
-                                        "of %d bytes" % (stream, self.log_limit),
-                                        self.grace, kind)
+            stream = self._logs.over_limit(job.jid, self.log_limit)
+            if stream is not None and not job.kill_signal:
+                return self._signal(job, signal.SIGTERM, "%s exceeded the log limit "
+                                    "of %d bytes" % (stream, self.log_limit),
+                                    self.grace, kind)
         return None
 
     # -- compaction -------------------------------------------------------------
@@ -6333,6 +6564,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, "%s: error: %s\n" % (self.prog, message))
 
 
+# The two parsers below are declarations, one add_argument per option and no
+# logic, kept whole on purpose: each reads top to bottom like its --help,
+# which splitting it into builders would scatter.
 def _serve_parser(prog="pman"):
     p = _Parser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -6410,28 +6644,39 @@ def _read_token(path):
         raise PmanError("cannot read the token file %s: %s" % (path, e.strerror)) from None
 
 
-def _serve(argv, prog="pman"):
-    """``pman [serve] [--port 5010] ...``: serve until SIGTERM/SIGINT or
-    the ``quit`` action; state is flushed on the way out."""
-    args = _serve_parser(prog).parse_args(argv)
+def _serve_logging(args):
+    """Configure logging for `pman serve` (main's part of the process): -q
+    errors only, -v one line per request too, -vv debug."""
     level = logging.ERROR if args.quiet else (
         logging.INFO, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, filename=args.log_file,
                         format="%(asctime)s pman %(levelname)s %(message)s")
     access_log.setLevel(logging.DEBUG if args.verbose and not args.quiet else logging.WARNING)
+
+
+def _serve_manager(args):
+    """The JobManager that `pman serve` *args* ask for."""
+    backend = "local"
+    if args.backend == "slurm":
+        backend = SlurmBackend(args.slurm_partition, args.sbatch_args)
+    elif args.backend == "podman":
+        backend = PodmanBackend(args.podman_runtime, args.podman_args, args.storebase)
+    return JobManager(args.state_dir, max_running=args.max_running, grace=args.grace,
+                      log_limit=args.log_limit, keep_finished=args.keep_finished,
+                      backend=backend)
+
+
+def _serve(argv, prog="pman"):
+    """``pman [serve] [--port 5010] ...``: serve until SIGTERM/SIGINT or
+    the ``quit`` action; state is flushed on the way out."""
+    args = _serve_parser(prog).parse_args(argv)
+    _serve_logging(args)
     token = args.token or os.environ.get("PMAN_TOKEN") or None
     _fd_limit(raise_soft=True)      # connections and jobs' pidfds: see make_server
     try:
         if args.token_file:
             token = _read_token(args.token_file)
-        backend = "local"
-        if args.backend == "slurm":
-            backend = SlurmBackend(args.slurm_partition, args.sbatch_args)
-        elif args.backend == "podman":
-            backend = PodmanBackend(args.podman_runtime, args.podman_args, args.storebase)
-        manager = JobManager(args.state_dir, max_running=args.max_running, grace=args.grace,
-                             log_limit=args.log_limit, keep_finished=args.keep_finished,
-                             backend=backend)
+        manager = _serve_manager(args)
     except (PmanError, OSError) as e:
         print("pman: %s" % e, file=sys.stderr)
         return EXIT_SERVER
@@ -6565,7 +6810,14 @@ class _Client:
             headers["Content-Type"] = "application/json"
         if self.token is not None:
             headers["Authorization"] = "Bearer " + self.token
-        timeout = CLIENT_TIMEOUT + wait
+        reply, payload = self._exchange(method, target, data, headers, CLIENT_TIMEOUT + wait)
+        if reply.status not in expect:
+            raise self._refusal(reply, payload)
+        return reply.status, reply.headers, payload
+
+    def _exchange(self, method, target, data, headers, timeout):
+        """(reply, payload) of one request on the kept-alive connection,
+        or on a new one."""
         for attempt in (1, 2):
             fresh = (self._conn is None or self._conn.sock is None
                      or _time() - self._last > CLIENT_IDLE)
@@ -6592,17 +6844,20 @@ class _Client:
         self._last = _time()
         if reply.will_close:
             self.close()
-        if reply.status not in expect:
-            message = None
-            try:
-                message = json.loads(payload.decode("utf-8")).get("message")
-            except (ValueError, AttributeError):
-                pass
-            if not isinstance(message, str):
-                message = payload[:200].decode("utf-8", "replace").strip() or reply.reason
-            raise _ClientError("%s (HTTP %d)" % (message, reply.status),
-                               http_status=reply.status)
-        return reply.status, reply.headers, payload
+        return reply, payload
+
+    @staticmethod
+    def _refusal(reply, payload):
+        """The _ClientError of an unexpected status: the server's message."""
+        message = None
+        try:
+            message = json.loads(payload.decode("utf-8")).get("message")
+        except (ValueError, AttributeError):
+            pass
+        if not isinstance(message, str):
+            message = payload[:200].decode("utf-8", "replace").strip() or reply.reason
+        return _ClientError("%s (HTTP %d)" % (message, reply.status),
+                            http_status=reply.status)
 
     def json(self, method, path, **options):
         _, _, payload = self.request(method, path, **options)
@@ -6714,12 +6969,33 @@ def _print_json(obj):
 
 
 def _cmd_run(client, args):
-    command = args.command
-    if not command:
+    if not args.command:
         raise _ClientError("give the command after --, e.g. pman run -- make test", EXIT_USAGE)
     if args.follow and (args.json or args.wait):
         raise _ClientError("--follow already waits; it prints the job's output, not JSON",
                            EXIT_USAGE)
+    job = client.json("POST", "/", body=_run_body(client, args), expect=(201,))
+    jid = job["jid"]
+    if args.follow:
+        try:
+            _follow(client, jid, {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer})
+        except KeyboardInterrupt:
+            print("\npman: stopped following %s; it keeps running (pman kill %s)"
+                  % (jid, jid), file=sys.stderr)
+            return EXIT_INTERRUPTED
+        return _exit_with_job(client.job(jid))
+    if not args.json:
+        print(jid, flush=True)
+    if args.wait:
+        job = _wait_job(client, jid)
+    if args.json:
+        _print_json(job)
+    return _exit_with_job(job) if args.wait else EXIT_OK
+
+
+def _run_body(client, args):
+    """The POST body of `pman run` *args*."""
+    command = args.command
     body = {}
     if len(command) == 1:
         body["cmd"] = command[0]                # one string: a shell command
@@ -6744,23 +7020,7 @@ def _cmd_run(client, args):
             pass                        # removed under us: the server's
     if args.timeout is not None:
         body["timeout"] = args.timeout
-    job = client.json("POST", "/", body=body, expect=(201,))
-    jid = job["jid"]
-    if args.follow:
-        try:
-            _follow(client, jid, {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer})
-        except KeyboardInterrupt:
-            print("\npman: stopped following %s; it keeps running (pman kill %s)"
-                  % (jid, jid), file=sys.stderr)
-            return EXIT_INTERRUPTED
-        return _exit_with_job(client.job(jid))
-    if not args.json:
-        print(jid, flush=True)
-    if args.wait:
-        job = _wait_job(client, jid)
-    if args.json:
-        _print_json(job)
-    return _exit_with_job(job) if args.wait else EXIT_OK
+    return body
 
 
 # ls: the columns, and the colour of each status on a terminal.
@@ -6936,13 +7196,7 @@ def _cmd_wait(client, args):
             if job["status"] not in ACTIVE:
                 done[pending.pop(0)] = job
             elif tty:           # jobs that ended meanwhile, for the count
-                active, query = set(), {"status": "notstarted,started", "limit": MAX_PAGE}
-                while True:
-                    page = client.json("GET", "/jobs", query=query)
-                    active.update(j["jid"] for j in page["jobs"])
-                    if not page.get("next"):
-                        break
-                    query["after"] = page["next"]
+                active = _active_jids(client)
                 for jid in [j for j in pending if j not in active]:
                     job = client.job(jid)
                     if job["status"] not in ACTIVE:
@@ -6957,6 +7211,23 @@ def _cmd_wait(client, args):
     if tty:
         progress("\n")
     records = [done[jid] if jid in done else client.job(jid) for jid in jids]
+    return _wait_outcome(args, records, pending)
+
+
+def _active_jids(client):
+    """The jids of every queued or running job, page by page."""
+    active, query = set(), {"status": "notstarted,started", "limit": MAX_PAGE}
+    while True:
+        page = client.json("GET", "/jobs", query=query)
+        active.update(j["jid"] for j in page["jobs"])
+        if not page.get("next"):
+            return active
+        query["after"] = page["next"]
+
+
+def _wait_outcome(args, records, pending):
+    """Report what `pman wait` saw (*records*; *pending*: jids it timed
+    out on) and return its exit status."""
     if args.json:
         _print_json(records)
     for job in records:
@@ -6965,7 +7236,7 @@ def _cmd_wait(client, args):
                   file=sys.stderr)
     if pending:
         print("pman: timed out after %g s: %d of %d jobs not finished: %s%s" % (
-            args.timeout, len(pending), len(jids), ", ".join(pending[:10]),
+            args.timeout, len(pending), len(records), ", ".join(pending[:10]),
             ", ..." if len(pending) > 10 else ""), file=sys.stderr)
         return EXIT_TIMEOUT
     return EXIT_OK if all(j["status"] == SUCCESS for j in records) else EXIT_FAILED
@@ -7013,7 +7284,7 @@ def _cmd_rm(client, args):
     return _each(args.jids, remove)[0]
 
 
-def _client_parser():
+def _client_parser():       # a declaration, kept whole: see _serve_parser
     fmt = argparse.RawDescriptionHelpFormatter
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=None,
@@ -7306,18 +7577,9 @@ def _whole_number(name, value, top):
     return value
 
 
-def pman(options=None, **kwargs):
-    """The original pman's module entry point: ``pman.pman(IP=..., port=...)``
-    or ``pman.pman({"debugFile": ...})`` (both forms; a name given in both
-    is an error), then ``.start()`` to serve.  Returns a `CompatServer`.
-
-    The original's names: ``IP`` (the address to bind, default 127.0.0.1),
-    ``port`` (default 5010; 0 picks one), ``DBpath`` (the state directory,
-    default as for `JobManager`), ``debugFile`` (a file that pman's log,
-    requests included, is appended to), ``listeners`` (requests processed at
-    once); ``raw``, ``http`` and ``protocol`` ("tcp", the only one) are
-    accepted and mean nothing here.  Any other name raises InvalidArgument.
-    """
+def _original_options(options, kwargs):
+    """The options of a `pman` call, merged: each name given once, and
+    every name one of the original's."""
     if options is None:
         options = {}
     if not isinstance(options, dict):
@@ -7333,6 +7595,22 @@ def pman(options=None, **kwargs):
         raise InvalidArgument("unknown pman option(s) %s: the names accepted are %s"
                               % (", ".join(_shown(n) for n in unknown),
                                  ", ".join(_ORIGINAL_OPTIONS)))
+    return given
+
+
+def pman(options=None, **kwargs):
+    """The original pman's module entry point: ``pman.pman(IP=..., port=...)``
+    or ``pman.pman({"debugFile": ...})`` (both forms; a name given in both
+    is an error), then ``.start()`` to serve.  Returns a `CompatServer`.
+
+    The original's names: ``IP`` (the address to bind, default 127.0.0.1),
+    ``port`` (default 5010; 0 picks one), ``DBpath`` (the state directory,
+    default as for `JobManager`), ``debugFile`` (a file that pman's log,
+    requests included, is appended to), ``listeners`` (requests processed at
+    once); ``raw``, ``http`` and ``protocol`` ("tcp", the only one) are
+    accepted and mean nothing here.  Any other name raises InvalidArgument.
+    """
+    given = _original_options(options, kwargs)
     protocol = given.get("protocol", "tcp")
     if protocol != "tcp":
         raise InvalidArgument("protocol %s is not served: pman speaks HTTP over 'tcp' only"
