@@ -2359,10 +2359,9 @@ def test_kill_right_after_start_delivers_sigterm(core_make):
     assert all(r["message"] == "killed by SIGTERM on request" for r in recs)
 
 
-def test_kill_of_an_ended_job_sends_nothing_and_keeps_its_code(core_make, tmp_path):
+def test_kill_of_an_ended_job_sends_nothing_and_keeps_its_code(core_mgr, core_make, tmp_path):
     """kill() of a job that has ended returns its record unchanged and
     signals nothing, even when the job has exited but is not reaped yet."""
-    core_mgr = core_make()
     # the job leaves a background process in its group after it ends
     job = core_mgr.run("sleep 60 >/dev/null 2>&1 </dev/null & echo $!", jid="done")
     rec = core_mgr.wait("done", timeout=10)
