@@ -1513,7 +1513,7 @@ def podman_ready():
     """The skip rule, in one place: where podman cannot run a container of
     the test image, skip saying why; under CI, fail instead."""
     def unusable(reason):
-        if os.environ.get("CI"):
+        if _ci():
             pytest.fail("CI is set and " + reason)
         pytest.skip(reason + " (.ci/run installs podman and builds the image)")
     if shutil.which("podman") is None:
@@ -4003,7 +4003,7 @@ def small_fs(tmp_path):
                           str(mnt)], capture_output=True, text=True)
     if out.returncode != 0:
         why = "cannot mount a tmpfs here (%s)" % (out.stderr.strip() or out.returncode)
-        if os.environ.get("CI") in ("true", "1"):
+        if _ci():
             pytest.fail(why + ": CI must run the full-disk test")
         pytest.skip(why)
     try:
@@ -5943,7 +5943,7 @@ def test_security_huge_request_head_is_431(http_srv):
     assert code == 431, (code, obj)
 
 
-def test_http_request_heads_are_parsed_strictly_and_exactly(http_srv):
+def test_security_request_heads_are_parsed_strictly_and_exactly(http_srv):
     """pman reads a head in one pass (not http.server's email parser): names
     are case-insensitive, bare LF ends lines, and what RFC 9112 lets a server
     refuse is a 400 with a JSON body, never a guess."""
@@ -5999,7 +5999,7 @@ def test_http_request_heads_are_parsed_strictly_and_exactly(http_srv):
     assert [j["jid"] for j in http_srv.manager.jobs()] == ["hd1", "hd2", "hd3"]
 
 
-def test_http_shutdown_after_server_close_writes_to_no_fd(tmp_path):
+def test_security_late_shutdown_after_server_close_writes_to_no_fd(tmp_path):
     """A late stop (a signal handler's stop_soon after the server closed) must
     not write to the waker's closed fd, which another file may have reused."""
     manager = pman.JobManager(str(tmp_path / "state"))
@@ -7611,7 +7611,7 @@ def _cli_readme_session():
 
 def test_cli_readme_session_runs_as_pasted(tmp_path):
     if shutil.which("curl") is None:
-        if os.environ.get("CI"):
+        if _ci():
             pytest.fail("curl is required on CI")
         pytest.skip("curl is not installed")
     session = _cli_readme_session()
@@ -7657,7 +7657,7 @@ def _ui_missing(what):
         pytest.skip("%s is not installed for Python 3.9: .ci/run installs the test-only "
                     "tools of the page and /metrics for the main pass only" % what)
     why = "%s is missing (bash .ci/run installs it)" % what
-    if os.environ.get("CI") in ("true", "1"):
+    if _ci():
         pytest.fail(why + ": under CI=true the main pass must run these tests")
     pytest.skip(why)
 
