@@ -5110,7 +5110,9 @@ class _Headers:
     MAX_HEADERS fields a 431."""
 
     __slots__ = ("_fields",)
-    _LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(.*?)[ \t]*\r?")
+    # Linear time (no backtracking between the value and its trailing
+    # whitespace); a CR or NUL inside a value makes the line malformed.
+    _LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\r\n\x00]*)\r?")
 
     def __init__(self, data):
         fields = self._fields = {}      # lower-case name -> [(name, value)]
@@ -5124,7 +5126,7 @@ class _Headers:
                     break
                 raise HTTPError(400, "malformed header line %r" % line[:80])
             name = match.group(1)
-            fields.setdefault(name.lower(), []).append((name, match.group(2)))
+            fields.setdefault(name.lower(), []).append((name, match.group(2).strip(" \t")))
 
     def get(self, name, default=None):
         values = self._fields.get(name.lower())
@@ -5179,14 +5181,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def serve(self, head, deadline):
         """Answer the request whose head (request line and headers) is
         *head*; its body, if any, must arrive by *deadline*."""
-        self.rfile = io.BytesIO(head)
+        # RFC 9112 2.2: empty lines before a request line are ignored
+        self.rfile = io.BytesIO(head.lstrip(b"\r\n") if head[:1] in (b"\r", b"\n") else head)
         self.deadline = deadline
+        self._template = None           # the route's, for the metrics
+        self.path = ""                  # none yet: a bad request line counts as "other"
         self.handle_one_request()
 
     def parse_request(self):
         """http.server's parse_request (same attributes, same replies to a bad
         request line), with the headers read by _Headers."""
         self.command = None
+        self.body_length = None
         self.request_version = self.default_request_version
         self.close_connection = True
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
@@ -5211,6 +5217,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.path = "/" + self.path.lstrip("/")
         try:
             self.headers = _Headers(self.rfile.read())
+            # The framing is checked before anything else (the token too):
+            # a body whose length is in doubt is never left to be read as
+            # the next request.
+            self.body_length = self._content_length(self.command)
         except HTTPError as e:
             self.send_error(e.status, str(e))
             return False
@@ -5245,6 +5255,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                   or _template_of(getattr(self, "path", "")), status)
         if self.close_connection:
             head.append("Connection: close")
+        elif self.request_version == "HTTP/1.0":    # kept alive because it asked to be
+            head.append("Connection: keep-alive")
         self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
         self.log_request(status, len(body))
 
@@ -5291,15 +5303,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self, method):
         self._body_done = False
-        self._template = None           # the route's, for the metrics
         try:
             status, obj = self._route(method)
         except _Parked as parked:       # answered later, by answer_parked()
             self.parked = parked
             return
         except Exception as e:
-            if not self._body_done and (self.headers.get("Transfer-Encoding") or
-                                        self.headers.get("Content-Length", "0") != "0"):
+            if not self._body_done and self.body_length:
                 self.close_connection = True    # an unread body would garble the next request
             status = _status_for(e)
             if status == 500:
@@ -5364,7 +5374,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _read_body(self, method):
         """The request's body: a JSON object for a POST, else None (a body
         sent with another method is read and dropped)."""
-        length = self._content_length(method)
+        length = self.body_length
         if length is None:
             self._body_done = True
             return None
@@ -5384,7 +5394,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """The body's length, or None for no body; what cannot be read
         safely (chunked, two lengths, a bad one, over MAX_BODY) is refused
         and closes the connection."""
-        if self.headers.get("Transfer-Encoding"):
+        if "Transfer-Encoding" in self.headers:      # even empty: a front end may differ
             self.close_connection = True
             raise HTTPError(411, "chunked or encoded bodies are not supported: "
                             "send Content-Length")
@@ -5992,9 +6002,8 @@ class _Conn:
         buf = self.buf
         crlf = buf.find(b"\n\r\n")
         lf = buf.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else len(buf))
-        if lf >= 0:
-            return lf + 2
-        return crlf + 3 if crlf >= 0 else -1
+        end = lf + 2 if lf >= 0 else crlf + 3 if crlf >= 0 else -1
+        return end if end <= MAX_HEAD else -1     # too long: never served (431)
 
     def take(self, n):
         """The first *n* bytes of buf, removed from it."""
@@ -6073,6 +6082,10 @@ def _canned(status, reason, message):
     return (b"HTTP/1.1 %d %s\r\nServer: pman/%s\r\nContent-Type: application/json\r\n"
             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
             % (status, reason.encode(), __version__.encode(), len(body), body))
+
+
+_HEAD_TOO_LARGE = _canned(431, "Request Header Fields Too Large",
+                          "the request line and headers exceed %d bytes" % MAX_HEAD)
 
 
 def _fd_limit(raise_soft=False):
@@ -6273,6 +6286,9 @@ class _Server(http.server.HTTPServer):
         return None
 
     def _park(self, sel, conn):
+        if len(conn.buf) > MAX_HEAD and conn.head_end() < 0:   # handed back with no head
+            self._drop(conn, _HEAD_TOO_LARGE)
+            return
         conn.sock.settimeout(0.0)
         conn.idle_since = _time()
         self._parked[conn.sock.fileno()] = conn
@@ -6301,8 +6317,7 @@ class _Server(http.server.HTTPServer):
             return
         self._unpark(sel, conn)
         if end < 0:
-            self._drop(conn, _canned(431, "Request Header Fields Too Large",
-                                     "the request line and headers exceed %d bytes" % MAX_HEAD))
+            self._drop(conn, _HEAD_TOO_LARGE)
             return
         threading.Thread(target=self._serve_conn, args=(conn, end), name="pman-http",
                          daemon=True).start()

@@ -5999,6 +5999,60 @@ def test_security_request_heads_are_parsed_strictly_and_exactly(http_srv):
     assert [j["jid"] for j in http_srv.manager.jobs()] == ["hd1", "hd2", "hd3"]
 
 
+def test_security_heads_cannot_stall_smuggle_or_outgrow_the_limit(http_factory):
+    """What an adversarial review of the one-pass parser found, each now
+    refused: a whitespace run that made the line regex quadratic (one 60 KB
+    header froze every thread for a minute), a head over 64 KiB arriving in
+    one recv, a bare CR or NUL inside a value, and a body of doubtful length
+    answered by a 401 and then read as the next request."""
+    srv = http_factory(token="s3cret")
+    auth = b"Authorization: Bearer s3cret\r\n"
+
+    def exchange(data, **kw):
+        return _http_check_raw(srv.raw(data, shut=False, **kw))
+
+    # the regex is linear: the bound is a hang's, not a speed target
+    code, obj = exchange(b"GET /api/v1/jobs HTTP/1.1\r\n" + auth + b"X: a" + b" " * 60000 +
+                         b"b\r\n\r\n", timeout=_HTTP_DEADLINE)
+    assert code == 200 and obj["jobs"] == [], obj
+    # over MAX_HEAD in one piece: 431, never served
+    code, obj = exchange(b"GET /api/v1/jobs HTTP/1.1\r\n" + auth + b"Cookie: " +
+                         b"a" * (pman.MAX_HEAD + 10) + b"\r\nConnection: close\r\n\r\n")
+    assert code == 431, obj
+    # a bare CR (which a front end may split a line at) or a NUL in a value: 400
+    for value in (b"a\rAuthorization: Bearer s3cret", b"Bearer s3cret\x00"):
+        code, obj = exchange(b"GET /api/v1/jobs HTTP/1.1\r\nX: " + value + b"\r\n\r\n")
+        assert code == 400 and "malformed header line" in obj["message"], (value, obj)
+    # two lengths, or any Transfer-Encoding (even empty): refused before the
+    # token check, and the connection closed: the "body" is never a request
+    smuggled = b"GET /api/v1/smuggled HTTP/1.1\r\n" + auth + b"\r\n"
+    replies = srv.raw(b"POST /api/v1/ HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: %d\r\n"
+                      b"\r\n" % len(smuggled) + smuggled, all_replies=True)
+    assert [_http_check_raw(r)[0] for r in replies] == [400], replies
+    body = b'{"cmd": "true", "jid": "te"}'
+    replies = srv.raw(b"POST /api/v1/ HTTP/1.1\r\n" + auth + b"Transfer-Encoding:\r\n"
+                      b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n\r\n" % len(body)
+                      + body, all_replies=True)
+    assert [_http_check_raw(r)[0] for r in replies] == [411], replies
+    assert srv.manager.jobs() == []
+    # empty lines before a request line are ignored (RFC 9112 2.2); an
+    # HTTP/1.0 client that asks to be kept alive is told it is
+    replies = srv.raw(b"\r\nGET /api/v1/jobs HTTP/1.0\r\nConnection: keep-alive\r\n" + auth +
+                      b"\r\n\r\nGET /api/v1/jobs HTTP/1.1\r\n" + auth + b"Connection: close\r\n"
+                      b"\r\n", all_replies=True)
+    assert [_http_check_raw(r)[0] for r in replies] == [200, 200], replies
+    assert replies[0].header("Connection") == "keep-alive", replies[0]
+    # a refused head on a kept connection is counted as "other", not as the
+    # route of the request before it
+    replies = srv.raw(b"GET /api/v1/openapi.json HTTP/1.1\r\n" + auth + b"\r\n"
+                      b"GET /x HTTP/1.1\r\nBad Header\r\n\r\n", all_replies=True)
+    assert [_http_check_raw(r)[0] for r in replies] == [200, 400], replies
+    metrics = srv.request("GET", "/metrics", headers={"Authorization": "Bearer s3cret"})
+    text = metrics.body.decode()
+    assert 'route="/api/v1/openapi.json",method="GET",code="400"' not in text, text
+    assert 'route="other",method="GET",code="400"' in text, text
+
+
 def test_security_late_shutdown_after_server_close_writes_to_no_fd(tmp_path):
     """A late stop (a signal handler's stop_soon after the server closed) must
     not write to the waker's closed fd, which another file may have reused."""
