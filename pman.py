@@ -186,18 +186,28 @@ TAIL_LINES, TAIL_BYTES = 1000, 65536
 # CWD CMD...``.  The command is a positional parameter, never part of the
 # script text, and runs with no positional parameters of the wrapper's (as
 # under ``sh -c CMD``).  `trap : TERM` is a handler, not an ignore, so the
-# subshell resets it and the job does not inherit SIG_IGN, while the wrapper
-# itself survives a group SIGTERM long enough to record the exit status.  A
-# subshell costs one fork less than a nested `sh -c`.  Every other signal
-# disposition is reset to the default by the spawn itself (_SIGDEF).
+# job's process resets it and does not inherit SIG_IGN, while the wrapper
+# itself survives a group SIGTERM long enough to record the exit status.
+# Every other signal disposition is reset to the default by the spawn itself
+# (_SIGDEF).  A shell command runs in a subshell, so that nothing it does
+# (exit, exec, trap, a builtin loop that the wrapper's TERM handler would
+# keep alive) reaches the wrapper; a subshell costs one fork less than a
+# nested `sh -c`, whose exec costs more than a fork.
 _WRAP_HEAD = 'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
 _WRAP_TAIL = '; r=$?; fi; echo "$t $r" >>"$f"; exit $r'
 _WRAP_SHELL = _WRAP_HEAD + 'else (unset t f d r; eval "shift; $1")' + _WRAP_TAIL
 _WRAP_ARGV = _WRAP_HEAD + 'else (unset t f d r; "$@")' + _WRAP_TAIL
+# A job that is one program and its words (see _direct_words) needs no
+# subshell: the wrapper runs it as its own child (vfork + exec), one fork
+# fewer per job, which is what `sh -c CMD` itself does with it.  The
+# program's exec resets the TERM handler as the subshell's fork did; a TERM
+# that lands between the vfork and the exec is caught and lost as in the
+# subshell's instant after its fork, and is sent again (JobManager._deliver).
+_WRAP_DIRECT = _WRAP_HEAD + 'else "$@"' + _WRAP_TAIL
 # The wrappers of pman 0.1.0 (``sh -c WRAPPER pman-job SEQ EXITS CMD...``),
 # whose jobs a new version re-adopts after an upgrade.
 _WRAPPERS = frozenset(w.encode() for w in (
-    _WRAP_SHELL, _WRAP_ARGV,
+    _WRAP_SHELL, _WRAP_ARGV, _WRAP_DIRECT,
     'trap : TERM; (eval "$3"); r=$?; echo "$1 $r" >>"$2"; exit $r',
     'trap : TERM; t=$1; f=$2; shift 2; ("$@"); r=$?; echo "$t $r" >>"$f"; exit $r'))
 _SIGDEF = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
@@ -1214,12 +1224,59 @@ def _environ():
     return data if type(data) is dict else os.environ
 
 
-def _wrapped_argv(job, exits_path):
-    """The wrapper shell's argv for *job*: the command travels as data."""
-    head = ["/bin/sh", "-c", _WRAP_ARGV if job.argv is not None else _WRAP_SHELL,
-            "sh", "pman-job", str(job.seq), exits_path,
-            os.path.abspath(job.cwd) if job.cwd else ""]
-    return head + job.argv if job.argv is not None else head + [job.cmd]
+# Plain words: no quoting, expansion, glob, redirection, operator, comment
+# or assignment (the first word has no '='), blanks between them only.
+_PLAIN_CMD_RE = re.compile(r"[ \t]*[A-Za-z0-9_@%+,./:-]+(?:[ \t]+[A-Za-z0-9_@%+,./:=-]+)*[ \t]*\Z")
+# Words that a shell runs itself (builtins of dash, bash and POSIX, and
+# reserved words): such a job keeps its subshell, so that it cannot change
+# the wrapper (exit, exec, trap, cd, set...), except those that change
+# nothing and do no I/O.
+_SHELL_WORDS = frozenset("""
+    . [ [[ ]] ! { } alias bg bind break builtin caller case cd chdir command compgen
+    complete compopt continue coproc declare dirs disown do done echo elif else
+    enable esac eval exec exit export fc fg fi for function getopts hash help history
+    if in jobs kill let local logout mapfile popd printf pushd pwd read readarray
+    readonly return select set shift shopt source suspend test then time times trap
+    type typeset ulimit umask unalias unset until wait while""".split())
+_WRAP_VARS = ("t", "f", "d", "r", b"t", b"f", b"d", b"r")     # str or bytes keys
+# Only a shell known to run "$@" as sh -c CMD would (dash: Debian's /bin/sh).
+_DIRECT_SHELL = os.path.basename(os.path.realpath("/bin/sh")) == "dash"
+
+
+def _direct_words(job, env):
+    """The words of *job* if its wrapper can run it without a subshell
+    (_WRAP_DIRECT), else None: an argv, or a shell command of plain words
+    (run as ``sh -c`` would split them), whose program is no shell word,
+    in an environment (*env*, None: the manager's) without the wrapper's
+    variables t, f, d and r, which the subshell would unset."""
+    if not _DIRECT_SHELL:
+        return None
+    if job.argv is not None:
+        words = job.argv
+    elif _PLAIN_CMD_RE.match(job.cmd):
+        words = job.cmd.split()
+    else:
+        return None
+    if words[0] in _SHELL_WORDS:
+        return None
+    env = _environ() if env is None else env
+    if not env.keys().isdisjoint(_WRAP_VARS if type(env) is dict else _WRAP_VARS[:4]):
+        return None
+    return words
+
+
+def _wrapped_argv(job, exits_path, env=None):
+    """The wrapper shell's argv for *job* in the environment *env* (None:
+    the manager's): the command travels as data."""
+    words = _direct_words(job, env)
+    if words is not None:
+        script = _WRAP_DIRECT
+    elif job.argv is not None:
+        script, words = _WRAP_ARGV, job.argv
+    else:
+        script, words = _WRAP_SHELL, [job.cmd]
+    return ["/bin/sh", "-c", script, "sh", "pman-job", str(job.seq), exits_path,
+            os.path.abspath(job.cwd) if job.cwd else ""] + words
 
 
 # A signal the manager decided to send (JobManager._signal -> _deliver):
@@ -1412,7 +1469,7 @@ class LocalBackend(_Backend):
             # that on) without a preexec_fn, and returns once the child has
             # exec'd, so its identity can be read at once.
             pid = os.posix_spawn(
-                "/bin/sh", _wrapped_argv(job, self._exits.path),
+                "/bin/sh", _wrapped_argv(job, self._exits.path, env),
                 _environ() if env is None else env,
                 file_actions=[(os.POSIX_SPAWN_DUP2, stdout, 1),
                               (os.POSIX_SPAWN_DUP2, stderr, 2),
