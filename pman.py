@@ -1438,7 +1438,8 @@ class LocalBackend(_Backend):
         self._exits = _ExitLog(os.path.join(state_dir, "exits"))
         self._orphans = None            # seq -> pid of wrappers found at startup
         self._waker = _Waker()
-        self._watched = {}          # jid -> job; polled if it has no pidfd
+        self._watched = {}          # jid -> job
+        self._no_pidfd = {}         # jid -> job of those without a pidfd: polled
         # Guards _children: a pid is signalled only while it is our unreaped
         # child (so it cannot have been reused), and reaped under it too.
         self._reap_lock = threading.Lock()
@@ -1496,10 +1497,12 @@ class LocalBackend(_Backend):
             if job.pidfd is not None:
                 self._selector.register(job.pidfd, selectors.EVENT_READ, job)
                 return
+        self._no_pidfd[job.jid] = job
         self._waker.wake()      # start polling it
 
     def unwatch(self, job):
         self._watched.pop(job.jid, None)
+        self._no_pidfd.pop(job.jid, None)
         if job.pidfd is not None:
             if self._selector is not None:
                 self._selector.unregister(job.pidfd)
@@ -1507,7 +1510,7 @@ class LocalBackend(_Backend):
             job.pidfd = None
 
     def wait(self, timeout):
-        polled = [j for j in list(self._watched.values()) if j.pidfd is None]
+        polled = list(self._no_pidfd.values())     # not every watched job at each wake
         if polled:      # no pidfd for these: poll them, 10 ms apart
             timeout = POLL_INTERVAL if timeout is None else min(POLL_INTERVAL, timeout)
         if self._selector is None:
@@ -2863,15 +2866,7 @@ class JobManager:
         one line for the whole submission, so a crash mid-write leaves a
         torn line that loading drops, never part of a batch).  Without it:
         one fsync if durable, then start them in order."""
-        for index, spec in enumerate(specs):
-            # Before anything is journaled, so that a job the backend can
-            # never run (a container without an image...) is refused,
-            # queued or not.
-            try:
-                self.backend.admit(spec.cmd if spec.argv is None else spec.argv, spec.env,
-                                   spec.extras)
-            except InvalidArgument as e:
-                raise (e._in_batch(index) if batch else e) from None
+        self._admit(specs, batch)
         with self._lock:
             self._check_open()
             jobs, olds = self._new_jobs(specs, batch)
@@ -2880,40 +2875,9 @@ class JobManager:
                 if self.max_running is None or len(self._running) < self.max_running:
                     self._hand_over(job)
                     starting.append(job)
-            try:
-                lines = []
-                for index, job in enumerate(jobs):
-                    try:
-                        lines.append(job.line())
-                    except (RecursionError, ValueError, TypeError) as e:
-                        error = InvalidArgument("meta or extras cannot be stored: %s" % (
-                            "nested too deeply" if isinstance(e, RecursionError) else e))
-                        raise (error._in_batch(index) if batch else error) from None
-                # write-ahead: no job runs unless its record is written
-                ticket = self._store.append(
-                    lines[0] if len(lines) == 1 else '{"batch": [%s]}' % ", ".join(lines),
-                    must=True)
-            except (InvalidArgument, StorageError):
-                for job in starting:
-                    self._running.pop(job.jid, None)
-                raise
-            self._next_seq = jobs[-1].seq + 1
+            ticket = self._journal_submission(jobs, starting, batch)
             started = set(starting)
-            records = {}
-            for job, old in zip(jobs, olds):
-                if old is not None:
-                    del self._jobs[job.jid]     # re-run: replaces, moves to the end
-                    self._retention.count -= 1
-                    # No output of the old run may show; kept aside until the
-                    # backend takes the new one, in case it refuses it.
-                    self._move_logs(job.jid, "", "~" if job in started else None)
-                self._jobs[job.jid] = job
-                self._note_change(job.jid, NOTSTARTED)
-                if job not in started:
-                    self._queue.append(job)
-                    records[job.jid] = self._public(_record(job))
-            if not self.durable:
-                self._flush_soon(FLUSH_DELAY)   # the reaper syncs soon
+            records = self._enter_submission(jobs, olds, started)
         try:
             if self.durable:
                 self._store.sync(ticket)
@@ -2923,12 +2887,68 @@ class JobManager:
         except (StorageError, BackendUnavailable, SubmitRejected):
             self._undo(jobs, olds)
             raise
-        with self._lock:
-            for job, old in zip(jobs, olds):
-                if old is not None and job in started:
-                    self._move_logs(job.jid, "~", None)
+        if any(old is not None for old in olds):
+            with self._lock:
+                for job, old in zip(jobs, olds):
+                    if old is not None and job in started:
+                        self._move_logs(job.jid, "~", None)
         self._maybe_compact()
         return [records[job.jid] for job in jobs]
+
+    def _admit(self, specs, batch):
+        """Ask the backend whether it can ever run each spec, before anything
+        is journaled, so that a job it never could (a container without an
+        image...) is refused, queued or not."""
+        for index, spec in enumerate(specs):
+            try:
+                self.backend.admit(spec.cmd if spec.argv is None else spec.argv, spec.env,
+                                   spec.extras)
+            except InvalidArgument as e:
+                raise (e._in_batch(index) if batch else e) from None
+
+    def _journal_submission(self, jobs, starting, batch):
+        """Write the records of *jobs* as one journal line (write-ahead: no
+        job runs unless it is written) and return its ticket.  On failure
+        the slots of *starting* are given back and nothing is recorded.
+        Caller holds self._lock."""
+        try:
+            lines = []
+            for index, job in enumerate(jobs):
+                try:
+                    lines.append(job.line())
+                except (RecursionError, ValueError, TypeError) as e:
+                    error = InvalidArgument("meta or extras cannot be stored: %s" % (
+                        "nested too deeply" if isinstance(e, RecursionError) else e))
+                    raise (error._in_batch(index) if batch else error) from None
+            return self._store.append(
+                lines[0] if len(lines) == 1 else '{"batch": [%s]}' % ", ".join(lines),
+                must=True)
+        except (InvalidArgument, StorageError):
+            for job in starting:
+                self._running.pop(job.jid, None)
+            raise
+
+    def _enter_submission(self, jobs, olds, started):
+        """Make the journaled *jobs* the manager's (each replacing its old
+        record, if any), queue those not in *started*, and return {jid:
+        record} of the queued ones.  Caller holds self._lock."""
+        self._next_seq = jobs[-1].seq + 1
+        records = {}
+        for job, old in zip(jobs, olds):
+            if old is not None:
+                del self._jobs[job.jid]     # re-run: replaces, moves to the end
+                self._retention.count -= 1
+                # No output of the old run may show; kept aside until the
+                # backend takes the new one, in case it refuses it.
+                self._move_logs(job.jid, "", "~" if job in started else None)
+            self._jobs[job.jid] = job
+            self._note_change(job.jid, NOTSTARTED)
+            if job not in started:
+                self._queue.append(job)
+                records[job.jid] = self._public(_record(job))
+        if not self.durable:
+            self._flush_soon(FLUSH_DELAY)   # the reaper syncs soon
+        return records
 
     def _new_jobs(self, specs, batch):
         """The _Jobs of *specs*, with jids and seqs settled, and the
@@ -3528,36 +3548,49 @@ class JobManager:
                 seen, error = None, e
             with self._lock:
                 job.starting = False
-                refused = isinstance(error, (BackendUnavailable, SubmitRejected))
-                line = None
                 if error is None:
-                    job.spawned_at = _time()
-                    self._apply(job, seen._replace(started=started))
-                    self.backend.watch(job)
-                    self._watch(job)
-                    line = self._persist(job)
-                    if job.kill_signal:     # killed while it was being started
-                        line = None         # its record changes again
-                        try:
-                            kill = self._signal(job, job.kill_signal, job.kill_reason,
-                                                self.grace)
-                        except StorageError as e:   # the escalation timer retries
-                            log.warning("job %s: %s", job.jid, e)
-                            kill = None
-                        if kill is not None:
-                            kills.append(kill)
-                elif refused and refuse:
-                    raise error
+                    line = self._started(job, seen._replace(started=started), kills)
                 else:
-                    self._tally["spawn failed"] += 1
-                    self._finish(job, ERROR, None, "%s failed: %s" % (
-                        "submit" if refused else "spawn", error), started=False)
+                    line = self._not_started(job, error, refuse)
                 if submitter:   # the line just journaled is the record now
                     records.append(self._public(json.loads(line) if line is not None
                                                 else _record(self._jobs[job.jid])))
         if kills:
             self._deliver_safely(kills)
         return records
+
+    def _started(self, job, seen, kills):
+        """The backend holds *job* now (*seen*): record it, watch it, and
+        add to *kills* the kill that came while it was being started.
+        Return its journal line, or None if its record changed again.
+        Caller holds self._lock."""
+        job.spawned_at = _time()
+        self._apply(job, seen)
+        self.backend.watch(job)
+        self._watch(job)
+        line = self._persist(job)
+        if not job.kill_signal:
+            return line
+        try:        # killed while it was being started
+            kill = self._signal(job, job.kill_signal, job.kill_reason, self.grace)
+        except StorageError as e:   # the escalation timer retries
+            log.warning("job %s: %s", job.jid, e)
+            kill = None
+        if kill is not None:
+            kills.append(kill)
+        return None
+
+    def _not_started(self, job, error, refuse):
+        """*job* could not start (*error*): it ends finishedWithError, or
+        with *refuse* a backend's refusal is raised.  Returns None.  Caller
+        holds self._lock."""
+        refused = isinstance(error, (BackendUnavailable, SubmitRejected))
+        if refused and refuse:
+            raise error
+        self._tally["spawn failed"] += 1
+        self._finish(job, ERROR, None, "%s failed: %s" % (
+            "submit" if refused else "spawn", error), started=False)
+        return None
 
     def _watch(self, job):
         """Set the timers of a job the backend now holds.  Caller holds
