@@ -3693,10 +3693,11 @@ class JobManager:
                     self._timer(kill.grace, "escalate", job)
                 if (job.spawned_at is not None
                         and _time() - job.spawned_at < self.backend.resend_window):
-                    # The wrapper's subshell inherits its TERM handler for an
-                    # instant after the fork; a signal landing then is caught
-                    # and lost.  Say it again until that instant is surely
-                    # over (see _fire).
+                    # The wrapper's subshell (or, without one, the job's
+                    # process until its exec) inherits its TERM handler for
+                    # an instant after the fork; a signal landing then is
+                    # caught and lost.  Say it again until that instant is
+                    # surely over (see _fire).
                     self._timer(RESEND_DELAY, "resend", job)
 
     def _deliver_safely(self, kills):
