@@ -2804,6 +2804,13 @@ def _crash_fault_injection(crash_env, seed, batches=False):
     state = crash_env.path("state")
     codes = (0, 1, 2, 3, 42, 0, 127, 255)
     templates = ("exit %d", "sleep 0.2; exit %d", "echo out; echo err >&2; exit %d")
+    # A third of the jobs run a program of plain words, which the wrapper
+    # runs without a subshell (drawn apart: rng's draws stay as they were).
+    direct_rng = random.Random(seed + 2)
+    exit_with = os.path.join(crash_env.tmp, "exit-with")
+    with open(exit_with, "w") as f:
+        f.write('#!/bin/sh\nsleep 0.2\nexit "$1"\n')
+    os.chmod(exit_with, 0o755)
     expected, acked = {}, set()
     history = []
     planned = []            # every jid submitted so far
@@ -2815,7 +2822,10 @@ def _crash_fault_injection(crash_env, seed, batches=False):
         for i in range(n):
             jid = "r%d-%d" % (rnd, i)
             expected[jid] = code = rng.choice(codes)
-            steps.append(["run", jid, rng.choice(templates) % code])
+            cmd = rng.choice(templates) % code
+            if direct_rng.random() < 1 / 3:
+                cmd = "%s %d" % (exit_with, code)
+            steps.append(["run", jid, cmd])
         planned += [s[1] for s in steps]
         if batches and rnd % 2 == 1:
             steps = _crash_batched(steps, batch_rng)
