@@ -1257,7 +1257,7 @@ def _direct_words(job, env):
         words = job.cmd.split()
     else:
         return None
-    if words[0] in _SHELL_WORDS:
+    if not words or words[0] in _SHELL_WORDS:
         return None
     env = _environ() if env is None else env
     if not env.keys().isdisjoint(_WRAP_VARS if type(env) is dict else _WRAP_VARS[:4]):
