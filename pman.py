@@ -186,18 +186,28 @@ TAIL_LINES, TAIL_BYTES = 1000, 65536
 # CWD CMD...``.  The command is a positional parameter, never part of the
 # script text, and runs with no positional parameters of the wrapper's (as
 # under ``sh -c CMD``).  `trap : TERM` is a handler, not an ignore, so the
-# subshell resets it and the job does not inherit SIG_IGN, while the wrapper
-# itself survives a group SIGTERM long enough to record the exit status.  A
-# subshell costs one fork less than a nested `sh -c`.  Every other signal
-# disposition is reset to the default by the spawn itself (_SIGDEF).
+# job's process resets it and does not inherit SIG_IGN, while the wrapper
+# itself survives a group SIGTERM long enough to record the exit status.
+# Every other signal disposition is reset to the default by the spawn itself
+# (_SIGDEF).  A shell command runs in a subshell, so that nothing it does
+# (exit, exec, trap, a builtin loop that the wrapper's TERM handler would
+# keep alive) reaches the wrapper; a subshell costs one fork less than a
+# nested `sh -c`, whose exec costs more than a fork.
 _WRAP_HEAD = 'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
 _WRAP_TAIL = '; r=$?; fi; echo "$t $r" >>"$f"; exit $r'
 _WRAP_SHELL = _WRAP_HEAD + 'else (unset t f d r; eval "shift; $1")' + _WRAP_TAIL
 _WRAP_ARGV = _WRAP_HEAD + 'else (unset t f d r; "$@")' + _WRAP_TAIL
+# A job that is one program and its words (see _direct_words) needs no
+# subshell: the wrapper runs it as its own child (vfork + exec), one fork
+# fewer per job, which is what `sh -c CMD` itself does with it.  The
+# program's exec resets the TERM handler as the subshell's fork did; a TERM
+# that lands between the vfork and the exec is caught and lost as in the
+# subshell's instant after its fork, and is sent again (JobManager._deliver).
+_WRAP_DIRECT = _WRAP_HEAD + 'else "$@"' + _WRAP_TAIL
 # The wrappers of pman 0.1.0 (``sh -c WRAPPER pman-job SEQ EXITS CMD...``),
 # whose jobs a new version re-adopts after an upgrade.
 _WRAPPERS = frozenset(w.encode() for w in (
-    _WRAP_SHELL, _WRAP_ARGV,
+    _WRAP_SHELL, _WRAP_ARGV, _WRAP_DIRECT,
     'trap : TERM; (eval "$3"); r=$?; echo "$1 $r" >>"$2"; exit $r',
     'trap : TERM; t=$1; f=$2; shift 2; ("$@"); r=$?; echo "$t $r" >>"$f"; exit $r'))
 _SIGDEF = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
@@ -1261,12 +1271,59 @@ def _environ():
     return data if type(data) is dict else os.environ
 
 
-def _wrapped_argv(job, exits_path):
-    """The wrapper shell's argv for *job*: the command travels as data."""
-    head = ["/bin/sh", "-c", _WRAP_ARGV if job.argv is not None else _WRAP_SHELL,
-            "sh", "pman-job", str(job.seq), exits_path,
-            os.path.abspath(job.cwd) if job.cwd else ""]
-    return head + job.argv if job.argv is not None else head + [job.cmd]
+# Plain words: no quoting, expansion, glob, redirection, operator, comment
+# or assignment (the first word has no '='), blanks between them only.
+_PLAIN_CMD_RE = re.compile(r"[ \t]*[A-Za-z0-9_@%+,./:-]+(?:[ \t]+[A-Za-z0-9_@%+,./:=-]+)*[ \t]*\Z")
+# Words that a shell runs itself (builtins of dash, bash and POSIX, and
+# reserved words): such a job keeps its subshell, so that it cannot change
+# the wrapper (exit, exec, trap, cd, set...), except those that change
+# nothing and do no I/O.
+_SHELL_WORDS = frozenset("""
+    . [ [[ ]] ! { } alias bg bind break builtin caller case cd chdir command compgen
+    complete compopt continue coproc declare dirs disown do done echo elif else
+    enable esac eval exec exit export fc fg fi for function getopts hash help history
+    if in jobs kill let local logout mapfile popd printf pushd pwd read readarray
+    readonly return select set shift shopt source suspend test then time times trap
+    type typeset ulimit umask unalias unset until wait while""".split())
+_WRAP_VARS = ("t", "f", "d", "r", b"t", b"f", b"d", b"r")     # str or bytes keys
+# Only a shell known to run "$@" as sh -c CMD would (dash: Debian's /bin/sh).
+_DIRECT_SHELL = os.path.basename(os.path.realpath("/bin/sh")) == "dash"
+
+
+def _direct_words(job, env):
+    """The words of *job* if its wrapper can run it without a subshell
+    (_WRAP_DIRECT), else None: an argv, or a shell command of plain words
+    (run as ``sh -c`` would split them), whose program is no shell word,
+    in an environment (*env*, None: the manager's) without the wrapper's
+    variables t, f, d and r, which the subshell would unset."""
+    if not _DIRECT_SHELL:
+        return None
+    if job.argv is not None:
+        words = job.argv
+    elif _PLAIN_CMD_RE.match(job.cmd):
+        words = job.cmd.split()
+    else:
+        return None
+    if not words or words[0] in _SHELL_WORDS:
+        return None
+    env = _environ() if env is None else env
+    if not env.keys().isdisjoint(_WRAP_VARS if type(env) is dict else _WRAP_VARS[:4]):
+        return None
+    return words
+
+
+def _wrapped_argv(job, exits_path, env=None):
+    """The wrapper shell's argv for *job* in the environment *env* (None:
+    the manager's): the command travels as data."""
+    words = _direct_words(job, env)
+    if words is not None:
+        script = _WRAP_DIRECT
+    elif job.argv is not None:
+        script, words = _WRAP_ARGV, job.argv
+    else:
+        script, words = _WRAP_SHELL, [job.cmd]
+    return ["/bin/sh", "-c", script, "sh", "pman-job", str(job.seq), exits_path,
+            os.path.abspath(job.cwd) if job.cwd else ""] + words
 
 
 # A signal the manager decided to send (JobManager._signal -> _deliver):
@@ -1436,7 +1493,8 @@ class LocalBackend(_Backend):
         self._exits = _ExitLog(os.path.join(state_dir, "exits"))
         self._orphans = None            # seq -> pid of wrappers found at startup
         self._waker = _Waker()
-        self._watched = {}          # jid -> job; polled if it has no pidfd
+        self._watched = {}          # jid -> job
+        self._no_pidfd = {}         # jid -> job of those without a pidfd: polled
         # Guards _children: a pid is signalled only while it is our unreaped
         # child (so it cannot have been reused), and reaped under it too.
         self._reap_lock = threading.Lock()
@@ -1467,7 +1525,7 @@ class LocalBackend(_Backend):
             # that on) without a preexec_fn, and returns once the child has
             # exec'd, so its identity can be read at once.
             pid = os.posix_spawn(
-                "/bin/sh", _wrapped_argv(job, self._exits.path),
+                "/bin/sh", _wrapped_argv(job, self._exits.path, env),
                 _environ() if env is None else env,
                 file_actions=[(os.POSIX_SPAWN_DUP2, stdout, 1),
                               (os.POSIX_SPAWN_DUP2, stderr, 2),
@@ -1494,10 +1552,12 @@ class LocalBackend(_Backend):
             if job.pidfd is not None:
                 self._selector.register(job.pidfd, selectors.EVENT_READ, job)
                 return
+        self._no_pidfd[job.jid] = job
         self._waker.wake()      # start polling it
 
     def unwatch(self, job):
         self._watched.pop(job.jid, None)
+        self._no_pidfd.pop(job.jid, None)
         if job.pidfd is not None:
             if self._selector is not None:
                 self._selector.unregister(job.pidfd)
@@ -1505,7 +1565,7 @@ class LocalBackend(_Backend):
             job.pidfd = None
 
     def wait(self, timeout):
-        polled = [j for j in list(self._watched.values()) if j.pidfd is None]
+        polled = list(self._no_pidfd.values())     # not every watched job at each wake
         if polled:      # no pidfd for these: poll them, 10 ms apart
             timeout = POLL_INTERVAL if timeout is None else min(POLL_INTERVAL, timeout)
         if self._selector is None:
@@ -3171,15 +3231,7 @@ class JobManager:
         one line for the whole submission, so a crash mid-write leaves a
         torn line that loading drops, never part of a batch).  Without it:
         one fsync if durable, then start them in order."""
-        for index, spec in enumerate(specs):
-            # Before anything is journaled, so that a job the backend can
-            # never run (a container without an image...) is refused,
-            # queued or not.
-            try:
-                self.backend.admit(spec.cmd if spec.argv is None else spec.argv, spec.env,
-                                   spec.extras)
-            except InvalidArgument as e:
-                raise (e._in_batch(index) if batch else e) from None
+        self._admit(specs, batch)
         with self._lock:
             self._check_open()
             jobs, olds = self._new_jobs(specs, batch)
@@ -3188,40 +3240,9 @@ class JobManager:
                 if self.max_running is None or len(self._running) < self.max_running:
                     self._hand_over(job)
                     starting.append(job)
-            try:
-                lines = []
-                for index, job in enumerate(jobs):
-                    try:
-                        lines.append(job.line())
-                    except (RecursionError, ValueError, TypeError) as e:
-                        error = InvalidArgument("meta or extras cannot be stored: %s" % (
-                            "nested too deeply" if isinstance(e, RecursionError) else e))
-                        raise (error._in_batch(index) if batch else error) from None
-                # write-ahead: no job runs unless its record is written
-                ticket = self._store.append(
-                    lines[0] if len(lines) == 1 else '{"batch": [%s]}' % ", ".join(lines),
-                    must=True)
-            except (InvalidArgument, StorageError):
-                for job in starting:
-                    self._running.pop(job.jid, None)
-                raise
-            self._next_seq = jobs[-1].seq + 1
+            ticket = self._journal_submission(jobs, starting, batch)
             started = set(starting)
-            records = {}
-            for job, old in zip(jobs, olds):
-                if old is not None:
-                    del self._jobs[job.jid]     # re-run: replaces, moves to the end
-                    self._retention.count -= 1
-                    # No output of the old run may show; kept aside until the
-                    # backend takes the new one, in case it refuses it.
-                    self._move_logs(job.jid, "", "~" if job in started else None)
-                self._jobs[job.jid] = job
-                self._note_change(job.jid, NOTSTARTED)
-                if job not in started:
-                    self._queue.append(job)
-                    records[job.jid] = self._public(_record(job))
-            if not self.durable:
-                self._flush_soon(FLUSH_DELAY)   # the reaper syncs soon
+            records = self._enter_submission(jobs, olds, started)
         try:
             if self.durable:
                 self._store.sync(ticket)
@@ -3231,12 +3252,68 @@ class JobManager:
         except (StorageError, BackendUnavailable, SubmitRejected):
             self._undo(jobs, olds)
             raise
-        with self._lock:
-            for job, old in zip(jobs, olds):
-                if old is not None and job in started:
-                    self._move_logs(job.jid, "~", None)
+        if any(old is not None for old in olds):
+            with self._lock:
+                for job, old in zip(jobs, olds):
+                    if old is not None and job in started:
+                        self._move_logs(job.jid, "~", None)
         self._maybe_compact()
         return [records[job.jid] for job in jobs]
+
+    def _admit(self, specs, batch):
+        """Ask the backend whether it can ever run each spec, before anything
+        is journaled, so that a job it never could (a container without an
+        image...) is refused, queued or not."""
+        for index, spec in enumerate(specs):
+            try:
+                self.backend.admit(spec.cmd if spec.argv is None else spec.argv, spec.env,
+                                   spec.extras)
+            except InvalidArgument as e:
+                raise (e._in_batch(index) if batch else e) from None
+
+    def _journal_submission(self, jobs, starting, batch):
+        """Write the records of *jobs* as one journal line (write-ahead: no
+        job runs unless it is written) and return its ticket.  On failure
+        the slots of *starting* are given back and nothing is recorded.
+        Caller holds self._lock."""
+        try:
+            lines = []
+            for index, job in enumerate(jobs):
+                try:
+                    lines.append(job.line())
+                except (RecursionError, ValueError, TypeError) as e:
+                    error = InvalidArgument("meta or extras cannot be stored: %s" % (
+                        "nested too deeply" if isinstance(e, RecursionError) else e))
+                    raise (error._in_batch(index) if batch else error) from None
+            return self._store.append(
+                lines[0] if len(lines) == 1 else '{"batch": [%s]}' % ", ".join(lines),
+                must=True)
+        except (InvalidArgument, StorageError):
+            for job in starting:
+                self._running.pop(job.jid, None)
+            raise
+
+    def _enter_submission(self, jobs, olds, started):
+        """Make the journaled *jobs* the manager's (each replacing its old
+        record, if any), queue those not in *started*, and return {jid:
+        record} of the queued ones.  Caller holds self._lock."""
+        self._next_seq = jobs[-1].seq + 1
+        records = {}
+        for job, old in zip(jobs, olds):
+            if old is not None:
+                del self._jobs[job.jid]     # re-run: replaces, moves to the end
+                self._retention.count -= 1
+                # No output of the old run may show; kept aside until the
+                # backend takes the new one, in case it refuses it.
+                self._move_logs(job.jid, "", "~" if job in started else None)
+            self._jobs[job.jid] = job
+            self._note_change(job.jid, NOTSTARTED)
+            if job not in started:
+                self._queue.append(job)
+                records[job.jid] = self._public(_record(job))
+        if not self.durable:
+            self._flush_soon(FLUSH_DELAY)   # the reaper syncs soon
+        return records
 
     def _new_jobs(self, specs, batch):
         """The _Jobs of *specs*, with jids and seqs settled, and the
@@ -3737,36 +3814,49 @@ class JobManager:
                 seen, error = None, e
             with self._lock:
                 job.starting = False
-                refused = isinstance(error, (BackendUnavailable, SubmitRejected))
-                line = None
                 if error is None:
-                    job.spawned_at = _time()
-                    self._apply(job, seen._replace(started=started))
-                    self.backend.watch(job)
-                    self._watch(job)
-                    line = self._persist(job)
-                    if job.kill_signal:     # killed while it was being started
-                        line = None         # its record changes again
-                        try:
-                            kill = self._signal(job, job.kill_signal, job.kill_reason,
-                                                self.grace)
-                        except StorageError as e:   # the escalation timer retries
-                            log.warning("job %s: %s", job.jid, e)
-                            kill = None
-                        if kill is not None:
-                            kills.append(kill)
-                elif refused and refuse:
-                    raise error
+                    line = self._started(job, seen._replace(started=started), kills)
                 else:
-                    self._tally["spawn failed"] += 1
-                    self._finish(job, ERROR, None, "%s failed: %s" % (
-                        "submit" if refused else "spawn", error), started=False)
+                    line = self._not_started(job, error, refuse)
                 if submitter:   # the line just journaled is the record now
                     records.append(self._public(json.loads(line) if line is not None
                                                 else _record(self._jobs[job.jid])))
         if kills:
             self._deliver_safely(kills)
         return records
+
+    def _started(self, job, seen, kills):
+        """The backend holds *job* now (*seen*): record it, watch it, and
+        add to *kills* the kill that came while it was being started.
+        Return its journal line, or None if its record changed again.
+        Caller holds self._lock."""
+        job.spawned_at = _time()
+        self._apply(job, seen)
+        self.backend.watch(job)
+        self._watch(job)
+        line = self._persist(job)
+        if not job.kill_signal:
+            return line
+        try:        # killed while it was being started
+            kill = self._signal(job, job.kill_signal, job.kill_reason, self.grace)
+        except StorageError as e:   # the escalation timer retries
+            log.warning("job %s: %s", job.jid, e)
+            kill = None
+        if kill is not None:
+            kills.append(kill)
+        return None
+
+    def _not_started(self, job, error, refuse):
+        """*job* could not start (*error*): it ends finishedWithError, or
+        with *refuse* a backend's refusal is raised.  Returns None.  Caller
+        holds self._lock."""
+        refused = isinstance(error, (BackendUnavailable, SubmitRejected))
+        if refused and refuse:
+            raise error
+        self._tally["spawn failed"] += 1
+        self._finish(job, ERROR, None, "%s failed: %s" % (
+            "submit" if refused else "spawn", error), started=False)
+        return None
 
     def _watch(self, job):
         """Set the timers of a job the backend now holds.  Caller holds
@@ -3869,10 +3959,11 @@ class JobManager:
                     self._timer(kill.grace, "escalate", job)
                 if (job.spawned_at is not None
                         and _time() - job.spawned_at < self.backend.resend_window):
-                    # The wrapper's subshell inherits its TERM handler for an
-                    # instant after the fork; a signal landing then is caught
-                    # and lost.  Say it again until that instant is surely
-                    # over (see _fire).
+                    # The wrapper's subshell (or, without one, the job's
+                    # process until its exec) inherits its TERM handler for
+                    # an instant after the fork; a signal landing then is
+                    # caught and lost.  Say it again until that instant is
+                    # surely over (see _fire).
                     self._timer(RESEND_DELAY, "resend", job)
 
     def _deliver_safely(self, kills):

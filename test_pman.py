@@ -2660,6 +2660,47 @@ def test_logs_shell_job_has_no_positional_parameters(core_mgr, tmp_path):
     assert core_mgr.read_log("argv")["data"] == (str(tmp_path) + "\n0\n").encode()
 
 
+@pytest.mark.skipif(not pman._DIRECT_SHELL, reason="/bin/sh is not dash: every job has a subshell")
+def test_logs_plain_command_runs_without_a_subshell_with_the_same_promises(core_make, tmp_path):
+    """A command of plain words (or an argv) runs as the wrapper's own child,
+    one process fewer; anything that could change the wrapper keeps its
+    subshell.  Either way the job has TERM at its default, its code lands in
+    the exits file, and a kill ends it with -15."""
+    def script(cmd, env=None, argv=None):
+        job = types.SimpleNamespace(seq=7, cmd=cmd, argv=argv, cwd=None)
+        return pman._wrapped_argv(job, "/x/exits", env)[2]
+    for cmd in ("true", "sleep 30", "  python3 -c pass\t", "dd if=/dev/null of=x", "./a.out -v"):
+        assert script(cmd) == pman._WRAP_DIRECT, cmd
+    assert script(None, argv=["sleep", "1; exit 3"]) == pman._WRAP_DIRECT
+    for cmd in ("sleep 1; exit 3", "exit 3", "exec sleep 1", "trap '' TERM", "cd /", "set -e",
+                "echo $HOME", "ls *", "ls ~", "A=1 env", "echo hi", "a | b", "a >x", "a\nb",
+                "(a)", "{ a; }", "! a", "a # c", "while :", "'a'", "a\\ b", "eval x", ". x",
+                "kill 0", "r\u00e9sum\u00e9"):
+        assert script(cmd) == pman._WRAP_SHELL, cmd
+    assert script(None, argv=["echo", "x"]) == pman._WRAP_ARGV
+    for name in "tfdr":     # the wrapper's variables would reach the job
+        assert script("sleep 1", env={name: "1"}) == pman._WRAP_SHELL
+    m = core_make(grace=30)
+    exits = os.path.join(m._path, "exits")
+    rec = m.run("sleep 30", jid="plain")
+    sleeper = _core_wait_running(rec["pid"])[0]
+    assert sorted(_group_pids(rec["pid"])) == sorted([rec["pid"], sleeper])
+    assert _proc_stat(sleeper)["ppid"] == rec["pid"]
+    with open("/proc/%d/status" % sleeper) as f:
+        caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", f.read(), re.M).group(1), 16)
+    assert not caught & (1 << (signal.SIGTERM - 1)), "the job inherited the TERM handler"
+    assert pman._wrapper_seq(pman._cmdline(rec["pid"]), exits) == rec["seq"]
+    m.kill("plain")
+    assert m.wait("plain", timeout=10)["returncode"] == -15
+    for jid, cmd, code in (("ok", "true", 0), ("no", "false", 1), ("127", "no-such-cmd-x", 127),
+                           ("three", "sh -c 'exit 3'", 3), ("argv", ["sh", "-c", "exit 4"], 4)):
+        m.run(cmd, jid=jid, cwd=str(tmp_path))
+        assert m.wait(jid, timeout=10)["returncode"] == code, jid
+    with open(exits) as f:
+        lines = f.read().split()
+    assert "143" in lines and "127" in lines and "4" in lines, lines
+
+
 # ===========================================================================
 # 5. state, crashes and recovery (persistence, fault injection, damaged files, write-ahead spawn)
 # ===========================================================================
@@ -2833,6 +2874,13 @@ def _crash_fault_injection(crash_env, seed, batches=False):
     state = crash_env.path("state")
     codes = (0, 1, 2, 3, 42, 0, 127, 255)
     templates = ("exit %d", "sleep 0.2; exit %d", "echo out; echo err >&2; exit %d")
+    # A third of the jobs run a program of plain words, which the wrapper
+    # runs without a subshell (drawn apart: rng's draws stay as they were).
+    direct_rng = random.Random(seed + 2)
+    exit_with = os.path.join(crash_env.tmp, "exit-with")
+    with open(exit_with, "w") as f:
+        f.write('#!/bin/sh\nsleep 0.2\nexit "$1"\n')
+    os.chmod(exit_with, 0o755)
     expected, acked = {}, set()
     history = []
     planned = []            # every jid submitted so far
@@ -2844,7 +2892,10 @@ def _crash_fault_injection(crash_env, seed, batches=False):
         for i in range(n):
             jid = "r%d-%d" % (rnd, i)
             expected[jid] = code = rng.choice(codes)
-            steps.append(["run", jid, rng.choice(templates) % code])
+            cmd = rng.choice(templates) % code
+            if direct_rng.random() < 1 / 3:
+                cmd = "%s %d" % (exit_with, code)
+            steps.append(["run", jid, cmd])
         planned += [s[1] for s in steps]
         if batches and rnd % 2 == 1:
             steps = _crash_batched(steps, batch_rng)
