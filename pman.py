@@ -5286,6 +5286,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.body_length = None
         self.request_version = self.default_request_version
         self.close_connection = True
+        if not self._request_line():
+            return False
+        try:
+            self.headers = _Headers(self.rfile.read())
+            # The framing is checked before anything else (the token too):
+            # a body whose length is in doubt is never left to be read as
+            # the next request.
+            self.body_length = self._content_length(self.command)
+        except HTTPError as e:
+            self.send_error(e.status, str(e))
+            return False
+        connection = self.headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if (self.headers.get("Expect", "").lower() == "100-continue"
+                and self.request_version >= "HTTP/1.1"):
+            return self.handle_expect_100()
+        return True
+
+    def _request_line(self):
+        """Read the request line into command, path, request_version and
+        close_connection, as http.server does; False once refused."""
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = self.requestline.split()
         if not 2 <= len(words) <= 3:
@@ -5306,23 +5330,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.command, self.path = words[:2]
         if self.path.startswith("//"):      # as http.server: never an absolute URI
             self.path = "/" + self.path.lstrip("/")
-        try:
-            self.headers = _Headers(self.rfile.read())
-            # The framing is checked before anything else (the token too):
-            # a body whose length is in doubt is never left to be read as
-            # the next request.
-            self.body_length = self._content_length(self.command)
-        except HTTPError as e:
-            self.send_error(e.status, str(e))
-            return False
-        connection = self.headers.get("Connection", "").lower()
-        if connection == "close":
-            self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
-        if (self.headers.get("Expect", "").lower() == "100-continue"
-                and self.request_version >= "HTTP/1.1"):
-            return self.handle_expect_100()
         return True
 
     # -- replies -------------------------------------------------------------
