@@ -158,6 +158,17 @@ def _http_exchange(port, method, path, body=None, *, headers=None, conn=None,
             c.close()
 
 
+def _served_port(child, errlog, timeout=30):
+    """The port a `pman.py ... --port 0` child names in its start line (its
+    stderr goes to the file *errlog*, a Path); fails if the child exits."""
+    def port():
+        text = errlog.read_text()
+        assert child.poll() is None, "pman exited early: %s" % text
+        marker = "serving http://127.0.0.1:"
+        return text.split(marker, 1)[1].split("/", 1)[0] if marker in text else None
+    return int(_until(port, timeout, "the child pman to serve"))
+
+
 def _serve(manager, host="127.0.0.1", *, name="test-http", **options):
     """(server, thread): pman.make_server(manager, host, 0, **options) serving
     in a daemon thread, the one way these tests start a server.  A short
@@ -8574,12 +8585,7 @@ def test_slurm_restart_after_sigkill_readopts_without_resubmitting(slurm_ctx):
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
             cwd=str(slurm_ctx.tmp))
     try:
-        def port():
-            text = errlog.read_text()
-            assert child.poll() is None, "pman exited early: %s" % text
-            marker = "serving http://127.0.0.1:"
-            return text.split(marker, 1)[1].split("/", 1)[0] if marker in text else None
-        port = int(_slurm_until(port, 30, "the child pman to serve"))
+        port = _served_port(child, errlog)
         early, late = slurm_ctx.jid("early"), slurm_ctx.jid("late")
         for jid, flag, code in ((early, flag_early, 5), (late, flag_late, 7)):
             status, job, raw = _slurm_request(port, "POST", "/api/v1/", {
@@ -9031,12 +9037,7 @@ def test_podman_restart_after_sigkill_readopts_by_name(podman_ctx):
              "--storebase", str(podman_ctx.store), "--port", "0", "--state-dir", str(state)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     try:
-        def port():
-            text = errlog.read_text()
-            assert child.poll() is None, "pman exited early: %s" % text
-            marker = "serving http://127.0.0.1:"
-            return text.split(marker, 1)[1].split("/", 1)[0] if marker in text else None
-        port = int(_until(port, 30, "the child pman to serve"))
+        port = _served_port(child, errlog)
         names = {}
         for jid, code in (("early", 5), ("late", 7)):
             status, job, raw = _podman_request(port, "POST", "/api/v1/", {
