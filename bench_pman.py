@@ -133,6 +133,8 @@ INTERNALS = {
     "_Job": ("build_state: each synthetic job's line is pman's serialization of a job; "
              "the raw baselines build pman's wrapper argv for a job",
              ("scale", "cli", "slowstart", "spawn", "latency")),
+    "_boot_id": ("build_state: the boot id pman records in each synthetic job's ident",
+                 ("scale", "cli", "slowstart")),
     "_Job.line": ("build_state, as for _Job", ("scale", "cli", "slowstart")),
     "_unframe": ("scale: a format-1 snapshot (which pman no longer writes) is pman's "
                  "format-2 snapshot with each line's checksum removed by pman's own "
@@ -761,15 +763,6 @@ def sec_latency(b):
 JID = "job-%d-4242"         # the synthetic jobs' jids, by seq (1..n)
 
 
-def _boot_id():
-    """The kernel's boot id, which pman records in a job's ``ident``."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 def _synthetic_lines(n):
     """The JSON lines of *n* finished jobs (seq 1..n, submitted 2 s apart,
     ending well in the past), each pman's own serialization of a job:
@@ -777,7 +770,7 @@ def _synthetic_lines(n):
     longer persists is an error, not a silently thinner history."""
     job_class, line = internal("_Job"), internal("_Job.line")
     base = time.time() - n * 2.0
-    boot = _boot_id()
+    boot = internal("_boot_id")()
     extras = {"number_of_workers": "1", "cpu_limit": "1000", "memory_limit": "200",
               "gpu_limit": "0", "image": "fnndsc/pl-simpledsapp", "type": "fs"}
     for i in range(1, n + 1):
