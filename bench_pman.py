@@ -25,7 +25,8 @@ Sections (see SECTIONS at the bottom to add one):
 spawn        2,000 ``true`` jobs through JobManager (run() durable and
              not, run_many() in batches of 1,000) vs raw Popen bursts and
              the durable limit (raw Popen + one fdatasync'ed journal line
-             per job), interleaved (--quick: 100, batches of 100)
+             per job), 5 rounds interleaved, os.sync() before each burst
+             (--quick: 100, batches of 100, 2 rounds)
 latency      submit -> started and exit -> status visible, p50/p99, with
              100 running jobs (--quick: 30), plus a no-pman pidfd baseline;
              durable=False: run() -> on disk without flush()
@@ -34,7 +35,8 @@ scale        100,000 finished jobs in state (--quick: 5,000), written by
              once from a format-1 snapshot), RSS, run(), get()
 concurrency  1,000 concurrent ``sleep 2`` jobs (--quick: 200 x sleep 0.5):
              codes, threads, fds, wall time by run(); by one run_many()
-             against a raw Popen burst of the same jobs; 10,000 jobs in
+             against a raw Popen burst of the same jobs (3 rounds, the
+             order swapped every other round); 10,000 jobs in
              batches of 1,000 (--quick: 1,000 in 200s): threads, fds, codes
 http         pman's HTTP server vs a bare http.server answering the same
              bytes, each in its own process: keep-alive GET of one job
@@ -422,6 +424,13 @@ def _wrapper_argv(seq, cmd, rc_dir):
     return internal("_wrapped_argv")(job, os.path.join(rc_dir, EXITS))
 
 
+def settle():
+    """Write back what earlier bursts left dirty (their log files, the
+    removal of their state directories) before the next burst starts, so
+    that no burst's fdatasync pays for another's metadata."""
+    os.sync()
+
+
 def _raw_burst(n, logs, wrapper, journal=False):
     """Spawn *n* jobs with raw Popen, as pman would open their logs, then
     wait for all; return (elapsed seconds, CPU seconds of this process).
@@ -503,13 +512,16 @@ _SPAWN_VARIANTS = ("raw", "durable-limit", "wrapper", "pman", "pman-nondurable",
 def sec_spawn(b):
     n = 100 if b.quick else 2000
     batch = 100 if b.quick else 1000
-    rounds = 2 if b.quick else 3
+    rounds = 2 if b.quick else 5
     best = collections.defaultdict(lambda: float("inf"))
     ratios = collections.defaultdict(list)  # of each round: its bursts ran back to back
     for r in range(rounds):
-        # Interleaved so that drift in machine load hits every variant alike.
+        # Interleaved so that drift in machine load hits every variant
+        # alike, in the reverse order every other round so that no variant
+        # always follows the same one.
         this_round = {}
-        for variant in _SPAWN_VARIANTS:
+        for variant in _SPAWN_VARIANTS[::-1 if r % 2 else 1]:
+            settle()
             if variant in ("raw", "wrapper", "durable-limit"):
                 logs = b.state_dir("spawn-raw")
                 try:
@@ -531,7 +543,9 @@ def sec_spawn(b):
     rate = {k: n / v for k, v in best.items() if not k.endswith("-cpu")}
     ratio = {k: statistics.median(v) for k, v in ratios.items()}
     median_note = "median over rounds of each round's ratio (robust to one lucky burst)"
-    b.figure("jobs per burst", n, "jobs", note="best of %d interleaved rounds each" % rounds)
+    b.figure("jobs per burst", n, "jobs",
+             note="best of %d interleaved rounds each, in the reverse order every other "
+                  "round, os.sync() before each burst" % rounds)
     b.figure("raw Popen(shell=True) rate", rate["raw"], "jobs/s",
              note="baseline: Popen('true', shell=True), 2 log files, new session")
     b.figure("durable limit rate", rate["durable-limit"], "jobs/s",
@@ -1046,7 +1060,7 @@ def _right_codes(records, mod=5):
 
 def sec_concurrency(b):
     n, sleep = (200, 0.5) if b.quick else (1000, 2)
-    rounds = 1 if b.quick else 2
+    rounds = 1 if b.quick else 3
     # -- run() per job: threads and fds while 1,000 jobs run ------------------
     path = b.state_dir("concurrency")
     fd0 = fd_count()
@@ -1090,8 +1104,12 @@ def sec_concurrency(b):
     ratios, best = [], collections.defaultdict(lambda: float("inf"))
     correct = n
     for r in range(rounds):
-        raw = _raw_sleep_burst(b, n, sleep)
-        batch, call, right = _pman_sleep_batch(b, n, sleep)
+        first, second = (_raw_sleep_burst, _pman_sleep_batch)[::-1 if r % 2 else 1]
+        settle()
+        one = first(b, n, sleep)
+        settle()
+        two = second(b, n, sleep)
+        raw, (batch, call, right) = (one, two) if r % 2 == 0 else (two, one)
         correct = min(correct, right)
         ratios.append(batch / raw)
         best["raw"], best["batch"] = min(best["raw"], raw), min(best["batch"], batch)

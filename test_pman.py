@@ -2683,14 +2683,24 @@ def test_logs_plain_command_runs_without_a_subshell_with_the_same_promises(core_
     for cmd in ("true", "sleep 30", "  python3 -c pass\t", "dd if=/dev/null of=x", "./a.out -v"):
         assert script(cmd) == pman._WRAP_DIRECT, cmd
     assert script(None, argv=["sleep", "1; exit 3"]) == pman._WRAP_DIRECT
-    for cmd in ("sleep 1; exit 3", "exit 3", "exec sleep 1", "trap '' TERM", "cd /", "set -e",
-                "echo $HOME", "ls *", "ls ~", "A=1 env", "echo hi", "a | b", "a >x", "a\nb",
-                "(a)", "{ a; }", "! a", "a # c", "while :", "'a'", "a\\ b", "eval x", ". x",
-                "kill 0", "r\u00e9sum\u00e9"):
+    # Shell commands run in the wrapper's own shell (_WRAP_OWN) unless they
+    # could reach it; those keep the subshell.
+    for cmd in ("sleep 1; exit 3", "exit 3", "cd /", "echo $HOME", "ls *", "ls ~", "A=1 env",
+                "echo hi", "a | b", "a >x", "a\nb", "(a)", "{ a; }", "! a", "a # c", "while :",
+                "'a'", "kill 0", "r\u00e9sum\u00e9", "[ -e x ] || exit 4", "2>/dev/null a $b",
+                "for i in 1 2; do echo $i; done", "x=$(date) a"):
+        assert script(cmd) == pman._WRAP_OWN, cmd
+    for cmd in ("exec sleep 1", "trap '' TERM", "set -e", "a\\ b", "eval x", ". x", "$X y",
+                "A=1 $X", "> x $y", ">x $y", "a | $b", "for i in a; do $i; done", "e'x'ec a",
+                "echo() { :; }; true", "f () { :; }", "`x`", "umask 0", "ulimit -n 3",
+                "return 1", "alias a=b", "unset PATH", "x* y", "[ab] c", "command exec a",
+                "echo \"$(exec true)\""):
         assert script(cmd) == pman._WRAP_SHELL, cmd
+    job = types.SimpleNamespace(seq=7, cmd="exit 3", argv=None, cwd=None)
+    assert pman._wrapped_argv(job, "/x/it's/exits")[2] == pman._WRAP_SHELL
     assert script(None, argv=["echo", "x"]) == pman._WRAP_ARGV
-    for name in "tfdr":     # the wrapper's variables would reach the job
-        assert script("sleep 1", env={name: "1"}) == pman._WRAP_SHELL
+    for name in "tfdr":     # the direct wrapper's variables: the own shell has none
+        assert script("sleep 1", env={name: "1"}) == pman._WRAP_OWN
     m = core_make(grace=30)
     exits = os.path.join(m._path, "exits")
     rec = m.run("sleep 30", jid="plain")
@@ -2710,6 +2720,53 @@ def test_logs_plain_command_runs_without_a_subshell_with_the_same_promises(core_
     with open(exits) as f:
         lines = f.read().split()
     assert "143" in lines and "127" in lines and "4" in lines, lines
+
+
+@pytest.mark.skipif(not pman._DIRECT_SHELL, reason="/bin/sh is not dash: every job has a subshell")
+def test_logs_shell_command_runs_in_the_wrappers_own_shell_with_the_same_promises(core_make,
+                                                                                 tmp_path):
+    """A shell command that cannot reach the wrapper runs in the wrapper's
+    own shell: two processes for `sleep 30; exit 3`, as under sh -c, not
+    three.  Its code reaches the exits file however it ends, its programs
+    have TERM at the default, a kill ends it with -15, and a program that
+    ignores TERM dies at the SIGKILL (-9)."""
+    m = core_make(grace=1)
+    exits = os.path.join(m._path, "exits")
+    rec = m.run("sleep 30; exit 3", jid="own")
+    assert pman._cmdline(rec["pid"])[2] == pman._WRAP_OWN.encode()
+    sleeper = _core_wait_running(rec["pid"])[0]
+    assert sorted(_group_pids(rec["pid"])) == sorted([rec["pid"], sleeper])
+    assert _proc_stat(sleeper)["ppid"] == rec["pid"]
+    with open("/proc/%d/status" % sleeper) as f:
+        caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", f.read(), re.M).group(1), 16)
+    assert not caught & (1 << (signal.SIGTERM - 1)), "the job inherited a TERM handler"
+    assert pman._wrapper_seq(pman._cmdline(rec["pid"]), exits) == rec["seq"]
+    m.kill("own")
+    done = m.wait("own", timeout=10)
+    assert (done["status"], done["returncode"]) == ("finishedWithError", -15), done
+    cases = (("exit3", "exit 3", 3), ("slept", "sleep 0.05; exit 5", 5),
+             ("false", "true; false", 1), ("err", "echo out; echo err >&2; exit 2", 2),
+             ("syntax", "if then", 2), ("127", "no-such-cmd-x; exit $?", 127), ("cd", "cd /; [ $PWD = / ] && exit 6", 6),
+             ("ifs", "IFS=0123456789; exit 10", 10))
+    seqs = {}
+    for jid, cmd, code in cases:
+        job = types.SimpleNamespace(seq=1, cmd=cmd, argv=None, cwd=None)
+        assert pman._wrapped_argv(job, exits)[2] == pman._WRAP_OWN, cmd
+        seqs[jid] = m.run(cmd, jid=jid, cwd=str(tmp_path))["seq"]
+    for jid, cmd, code in cases:
+        assert m.wait(jid, timeout=10)["returncode"] == code, jid
+    with open(exits) as f:
+        written = dict(line.split() for line in f)
+    for jid, cmd, code in cases:
+        assert written[str(seqs[jid])] == str(code), (jid, written)
+    stubborn = m.run("python3 -c 'import signal, time; signal.signal(signal.SIGTERM, "
+                     "signal.SIG_IGN); print(1, flush=True); time.sleep(30)'; exit 0",
+                     jid="stubborn")
+    assert pman._cmdline(stubborn["pid"])[2] == pman._WRAP_OWN.encode()
+    _until(lambda: m.read_log("stubborn")["data"] == b"1\n", 10, "the TERM to be ignored")
+    m.kill("stubborn")
+    done = m.wait("stubborn", timeout=10)
+    assert (done["status"], done["returncode"]) == ("finishedWithError", -9), done
 
 
 # ===========================================================================
@@ -2888,6 +2945,9 @@ def _crash_fault_injection(crash_env, seed, batches=False):
     # A third of the jobs run a program of plain words, which the wrapper
     # runs without a subshell (drawn apart: rng's draws stay as they were).
     direct_rng = random.Random(seed + 2)
+    # A third of the shell commands keep the subshell (`set -e` could reach
+    # the wrapper's own shell); the rest run in the wrapper's own shell.
+    subshell_rng = random.Random(seed + 3)
     exit_with = os.path.join(crash_env.tmp, "exit-with")
     with open(exit_with, "w") as f:
         f.write('#!/bin/sh\nsleep 0.2\nexit "$1"\n')
@@ -2906,6 +2966,8 @@ def _crash_fault_injection(crash_env, seed, batches=False):
             cmd = rng.choice(templates) % code
             if direct_rng.random() < 1 / 3:
                 cmd = "%s %d" % (exit_with, code)
+            elif subshell_rng.random() < 1 / 3:
+                cmd = "set -e; " + cmd
             steps.append(["run", jid, cmd])
         planned += [s[1] for s in steps]
         if batches and rnd % 2 == 1:
@@ -4002,7 +4064,7 @@ def test_state_orphan_found_after_a_crash_is_the_wrapper_not_its_subshell(crash_
     state = crash_env.path()
     manager = crash_env.manager(state, max_running=1)
     manager.run("sleep 30", jid="hold")
-    q = manager.run("sleep 30; true", jid="q")      # two commands: the subshell stays sh
+    q = manager.run("set -e; sleep 30; true", jid="q")      # `set` keeps the subshell
     assert q["status"] == "notstarted"
     manager.close()
     # What a manager that died right after spawning q would have left: q's
