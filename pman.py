@@ -821,7 +821,7 @@ class _Store:
         self._synced = 0                        # tickets <= this are on disk
         self._flushing = False                  # a thread is in fdatasync
         self._fd = None
-        self._size = 0                          # of the journal, for undoing a write
+        self._size = 0                          # of the journal, for undoing a write (None: unknown)
         self._unsynced_fds = []                 # older journals with unsynced lines
         self.generation = 0
         self.journal_lines = 0
@@ -1041,7 +1041,13 @@ class _Store:
         """Append *data* whole or not at all (a failed write is cut off, so
         no torn line is left before the next one).  Caller holds
         self._lock."""
-        start = self._size
+        # The size is counted, not fstat()ed after each line: this process
+        # is the journal's only writer (it holds the directory's lock), and
+        # an fstat per change would be one more syscall under the manager's
+        # lock, for the submitter and the reaper alike.
+        if self._size is None:      # a cut that failed left a tail of unknown size
+            self._size = os.fstat(self._fd).st_size
+        start, end = self._size, self._size + len(data)
         try:
             while data:
                 data = data[os.write(self._fd, data):]
@@ -1049,9 +1055,9 @@ class _Store:
             try:
                 os.ftruncate(self._fd, start)
             except OSError:
-                pass
+                self._size = None
             raise
-        self._size = os.fstat(self._fd).st_size
+        self._size = end
 
     def _write_pending(self):
         """Write the lines an earlier failure left behind.  Caller holds
