@@ -557,6 +557,8 @@ def _check_storable(meta, extras):
     listable, searchable and serializable in any thread, so the depth
     stays far from the recursion limit.  *extras* may hold the whole meta
     a command-dialect client sent, one level down (sent_meta)."""
+    if not (meta or extras):        # most jobs: {} and None pass, spare the encoding
+        return
     for name, value, depth in (("meta", meta, MAX_DEPTH), ("extras", extras, MAX_DEPTH + 1)):
         if not _depth_ok(value, depth):
             raise InvalidArgument("%s is nested too deeply: at most %d levels"
