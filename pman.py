@@ -601,9 +601,14 @@ class _Job:
         self.timers = 0
 
     def line(self):
-        # allow_nan=False: a record holding NaN or Infinity is never written
-        # (strict JSON readers, pman's own loader among them, refuse it).
-        return json.dumps({name: getattr(self, name) for name in _FIELDS}, allow_nan=False)
+        return _encode_record({name: getattr(self, name) for name in _FIELDS})
+
+
+# allow_nan=False: a record holding NaN or Infinity is never written (strict
+# JSON readers, pman's own loader among them, refuse it).  One encoder for
+# every line: json.dumps with an option builds a new one per call, and a job
+# is encoded at least three times (submitted, started, ended).
+_encode_record = json.JSONEncoder(allow_nan=False).encode
 
 
 _NONE = type(None)
