@@ -47,7 +47,7 @@ Everything lives in one state directory (``$PMAN_STATE_DIR``, else
 Threading model
 ---------------
 A `JobManager` owns one reaper thread (``pman-reaper``) whatever the number
-of jobs: it waits on a pidfd per running job with `selectors` (polling the
+of jobs: it waits on a pidfd per running job with epoll (polling the
 few it could not open one for), collects exit statuses with
 ``waitpid(pid)`` (never ``waitpid(-1)``, which would steal the statuses of
 the host application's own children), fires timeouts and kill escalations,
@@ -1577,9 +1577,13 @@ class LocalBackend(_Backend):
         # child (so it cannot have been reused), and reaped under it too.
         self._reap_lock = threading.Lock()
         self._children = set()
-        self._selector = selectors.DefaultSelector() if _HAVE_PIDFD else None
-        if self._selector is not None:
-            self._selector.register(self._waker.r, selectors.EVENT_READ, None)
+        # epoll itself, not selectors: pidfds exist only on Linux, which has
+        # it, and a selector's key objects and lookups were a fair share of
+        # the reaper's own CPU per job.
+        self._epoll = select.epoll() if _HAVE_PIDFD else None
+        self._pidfds = {}           # pidfd -> its job, of those registered in _epoll
+        if self._epoll is not None:
+            self._epoll.register(self._waker.r, select.EPOLLIN)
 
     def seq_floor(self):
         return self._exits.max_seq() + 1
@@ -1625,10 +1629,11 @@ class LocalBackend(_Backend):
 
     def watch(self, job):
         self._watched[job.jid] = job
-        if self._selector is not None:
+        if self._epoll is not None:
             job.pidfd = _pidfd(job.pid)     # None (EMFILE...): polled instead
             if job.pidfd is not None:
-                self._selector.register(job.pidfd, selectors.EVENT_READ, job)
+                self._epoll.register(job.pidfd, select.EPOLLIN)
+                self._pidfds[job.pidfd] = job
                 return
         self._no_pidfd[job.jid] = job
         self._waker.wake()      # start polling it
@@ -1637,8 +1642,9 @@ class LocalBackend(_Backend):
         self._watched.pop(job.jid, None)
         self._no_pidfd.pop(job.jid, None)
         if job.pidfd is not None:
-            if self._selector is not None:
-                self._selector.unregister(job.pidfd)
+            if self._epoll is not None:
+                self._epoll.unregister(job.pidfd)
+                del self._pidfds[job.pidfd]
             os.close(job.pidfd)
             job.pidfd = None
 
@@ -1646,14 +1652,14 @@ class LocalBackend(_Backend):
         polled = list(self._no_pidfd.values())     # not every watched job at each wake
         if polled:      # no pidfd for these: poll them, 10 ms apart
             timeout = POLL_INTERVAL if timeout is None else min(POLL_INTERVAL, timeout)
-        if self._selector is None:
+        if self._epoll is None:
             self._waker.sleep(timeout)
             return polled
-        for key, _ in self._selector.select(timeout):
-            if key.data is None:
-                _drain(self._waker.r)
-            else:
-                polled.append(key.data)
+        for fd, _ in self._epoll.poll(timeout):    # a timeout rounds up to 1 ms, never to 0
+            if fd == self._waker.r:
+                _drain(fd)
+            elif fd in self._pidfds:    # else unwatched since it was reported
+                polled.append(self._pidfds[fd])
         return polled
 
     def check(self, job):
@@ -1733,8 +1739,8 @@ class LocalBackend(_Backend):
             if job.pidfd is not None:
                 os.close(job.pidfd)
                 job.pidfd = None
-        if self._selector is not None:
-            self._selector.close()
+        if self._epoll is not None:
+            self._epoll.close()
         self._waker.close()
 
 

@@ -2112,7 +2112,7 @@ def test_core_batches_leave_no_thread_or_fd_behind(core_make):
 def test_core_polling_reaper_without_pidfd_gets_codes_kills_and_timeouts(core_make, monkeypatch, tmp_path):
     monkeypatch.setattr(pman, "_HAVE_PIDFD", False)
     m = core_make(grace=1)
-    assert getattr(m, "_selector", None) is None     # the polling reaper is in use
+    assert m.backend._epoll is None     # the polling reaper is in use
     jids = ["p%d" % i for i in range(6)]
     for i, jid in enumerate(jids):
         m.run("sleep 0.%d; exit %d" % (i, i), jid=jid)
@@ -2141,7 +2141,7 @@ def test_core_job_whose_pidfd_fails_is_polled_and_reaped(core_make, monkeypatch)
     """pidfd_open failing (EMFILE under fd pressure) must not leave a job a
     zombie that wait() never sees end."""
     m = core_make()
-    assert m.backend._selector is not None      # the pidfd reaper is in use
+    assert m.backend._epoll is not None      # the pidfd reaper is in use
     monkeypatch.setattr(pman, "_pidfd", lambda pid: None)
     rec = m.run("sleep 0.2; exit 6", jid="nofd")
     done = m.wait("nofd", timeout=10)
