@@ -2795,9 +2795,12 @@ class _JobLogs:
 
     def __init__(self, log_dir):
         self.dir = log_dir
+        # A jid holds no "/" (JID_RE): a log's path is a concatenation, not
+        # an os.path.join for each of the four paths a spawn asks for.
+        self._prefix = os.path.join(log_dir, "")
 
     def path(self, jid, stream):
-        return os.path.join(self.dir, jid + (".out" if stream == "stdout" else ".err"))
+        return self._prefix + jid + (".out" if stream == "stdout" else ".err")
 
     def unlink(self, jid, suffixes=(".out", ".err")):
         for suffix in suffixes:
