@@ -2149,6 +2149,19 @@ def test_core_job_whose_pidfd_fails_is_polled_and_reaped(core_make, monkeypatch)
     assert _proc_stat(rec["pid"]) is None, "the job is left a zombie"
 
 
+def test_core_identity_taken_from_the_clock_at_a_spawn_is_the_one_proc_shows(core_make):
+    """A spawn's identity, known from the boot-time clock without reading
+    /proc, must be the one a restarted manager reads from /proc to re-adopt
+    the job."""
+    m = core_make(durable=False)
+    recs = [m.run(["sleep", "30"], jid="ident%d" % i) for i in range(60)]
+    assert m.backend._identity._trusted is True     # the clock is used here
+    for rec in recs:
+        with m._lock:
+            ident = m._jobs[rec["jid"]].ident
+        assert ident == [_proc_stat(rec["pid"])["start"], pman._BOOT_ID], rec["jid"]
+
+
 # ---------------------------------------------------------------------------
 # The backend seam: a backend written against pman._Backend alone
 # ---------------------------------------------------------------------------
