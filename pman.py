@@ -131,10 +131,10 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 import zlib
 from datetime import datetime, timezone
-from time import CLOCK_BOOTTIME, clock_gettime_ns
 from time import monotonic as _time
 from time import sleep as _sleep
 from time import time as _wall
@@ -1235,6 +1235,7 @@ _HAVE_PIDFD = _probe_pidfd()   # Linux 5.3+; else the reaper polls
 # A start time in /proc/<pid>/stat is the boot-time clock (CLOCK_BOOTTIME)
 # that the kernel reads as it forks the process, in whole clock ticks.
 _TICK_NS = 10 ** 9 // os.sysconf("SC_CLK_TCK")
+_CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
 
 
 class _SpawnIdentity:
@@ -1250,12 +1251,13 @@ class _SpawnIdentity:
     one, more on a busy machine)."""
 
     def __init__(self):
-        self._trusted = None if _HAVE_PIDFD else False     # None: not checked yet
+        # None: not checked yet.  (time.CLOCK_BOOTTIME is Linux's only.)
+        self._trusted = None if _HAVE_PIDFD and _CLOCK_BOOTTIME is not None else False
 
     @staticmethod
     def now():
         """The reading to take just before and just after a spawn."""
-        return clock_gettime_ns(CLOCK_BOOTTIME)
+        return time.clock_gettime_ns(_CLOCK_BOOTTIME) if _CLOCK_BOOTTIME is not None else 0
 
     def of(self, pid, before, after):
         """The identity of *pid*, spawned between readings *before* and

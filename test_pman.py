@@ -2745,8 +2745,11 @@ def test_logs_shell_command_runs_in_the_wrappers_own_shell_with_the_same_promise
     ignores TERM dies at the SIGKILL (-9)."""
     m = core_make(grace=1)
     exits = os.path.join(m._path, "exits")
+    def runs_own_shell(pid):     # posix_spawn returns before the exec has set it
+        return pman._cmdline(pid)[2:3] == [pman._WRAP_OWN.encode()] or None
+
     rec = m.run("sleep 30; exit 3", jid="own")
-    assert pman._cmdline(rec["pid"])[2] == pman._WRAP_OWN.encode()
+    _until(lambda: runs_own_shell(rec["pid"]), 10, "the wrapper's command line")
     sleeper = _core_wait_running(rec["pid"])[0]
     assert sorted(_group_pids(rec["pid"])) == sorted([rec["pid"], sleeper])
     assert _proc_stat(sleeper)["ppid"] == rec["pid"]
@@ -2775,7 +2778,7 @@ def test_logs_shell_command_runs_in_the_wrappers_own_shell_with_the_same_promise
     stubborn = m.run("python3 -c 'import signal, time; signal.signal(signal.SIGTERM, "
                      "signal.SIG_IGN); print(1, flush=True); time.sleep(30)'; exit 0",
                      jid="stubborn")
-    assert pman._cmdline(stubborn["pid"])[2] == pman._WRAP_OWN.encode()
+    _until(lambda: runs_own_shell(stubborn["pid"]), 10, "the wrapper's command line")
     _until(lambda: m.read_log("stubborn")["data"] == b"1\n", 10, "the TERM to be ignored")
     m.kill("stubborn")
     done = m.wait("stubborn", timeout=10)
