@@ -6291,7 +6291,7 @@ class _Server(http.server.HTTPServer):
             self.socket.setblocking(False)
             sel.register(self.socket, selectors.EVENT_READ, "accept")
             sel.register(self._waker.r, selectors.EVENT_READ, "wake")
-            self.manager._listeners.append(self._waker.wake)   # long polls re-checked
+            self.manager._listeners.append(self._feed_moved)
             self._read_until_stopped(sel)
         finally:
             self._close_reader(sel)
@@ -6325,7 +6325,7 @@ class _Server(http.server.HTTPServer):
     def _close_reader(self, sel):
         """After the reader's loop: close every connection it holds."""
         try:
-            self.manager._listeners.remove(self._waker.wake)
+            self.manager._listeners.remove(self._feed_moved)
         except ValueError:
             pass
         for conn in list(self._parked.values()):
@@ -6350,6 +6350,15 @@ class _Server(http.server.HTTPServer):
         super().server_close()
         if hasattr(self, "_waker"):     # not if the bind failed: never activated
             self._waker.close()
+
+    def _feed_moved(self):
+        """A job's record changed (the manager calls this under its lock):
+        wake the reader to re-check the parked long polls, if there are
+        any.  With none it sleeps on: a submission is not also a thread
+        switch.  A poll parked after this check is checked by the reader
+        when its handler hands it over, and sees the change then."""
+        if self._polls:
+            self._waker.wake()
 
     # -- the reader thread ---------------------------------------------------
 
