@@ -6132,9 +6132,11 @@ class _Conn:
                     self.buf += data
             finally:
                 self.sock.settimeout(self.timeout)
-        data = bytes(self.buf[:n])
-        del self.buf[:n]
-        return data
+        # As take: the body was the pending request's last part, so `since`
+        # is cleared (or restarted for bytes behind it).  A stale `since`
+        # would cut the next request's deadline short, and make an idle
+        # connection look like a late request (a stray 408 when swept).
+        return self.take(min(n, len(self.buf)))
 
     def next_head(self, linger):
         """Wait up to *linger* s for the whole head of the next request:
