@@ -1658,8 +1658,6 @@ def sec_http(b):
     batch_body = json.dumps({"jobs": batch_specs}).encode()
     ratios = collections.defaultdict(list)
     batch_errors = 0
-    lean = _LeanClient(pport)
-    hconn = _http_connect(pport)
 
     def lib_chunk(submit):
         t0 = perf()
@@ -1683,6 +1681,10 @@ def sec_http(b):
     steps = ("lib", "lean", "http.client")
     for r in range(post_rounds):
         took, cpu = collections.Counter(), collections.Counter()
+        # Connections of this round's chunks: between rounds they would idle
+        # past the server's request_timeout (10 s), which closes them.
+        lean = _LeanClient(pport)
+        hconn = _http_connect(pport)
         for i in range(posts // chunk):
             for step in steps if (r + i) % 2 == 0 else steps[::-1]:
                 if step == "lib":
@@ -1700,6 +1702,8 @@ def sec_http(b):
                 best[step] = took[step]
                 if step != "lib":
                     post_cpu[step] = cpu[step] / posts
+        lean.close()
+        hconn.close()
         for client in ("lean", "http.client"):
             ratios[client].append(took["lib"] / took[client])
         ok, errs, span, smp = _http_clients(b, clients, pport, "POST", "/api/v1/", posts, 201,
@@ -1715,8 +1719,11 @@ def sec_http(b):
                 failed_jobs += failed
                 best["lib-batch"] = min(best["lib-batch"], lib_batch)
                 continue
+            batcher = _LeanClient(pport)
+            batcher.connect()
             s0 = _proc_cpu(pman_proc.pid)
-            res = _lean_requests(lean, "POST", "/api/v1/jobs", batch_body, 1, 201, "jobs")
+            res = _lean_requests(batcher, "POST", "/api/v1/jobs", batch_body, 1, 201, "jobs")
+            batcher.close()
             batch_errors += res["errors"]
             samples.extend(res["samples"][:max(0, 3 - len(samples))])
             batch_dt = res["t1"] - res["t0"]
@@ -1730,8 +1737,6 @@ def sec_http(b):
                      r + 1, post_rounds, posts / took["lean"], posts / took["http.client"],
                      posts / took["lib"], clients, posts / span, batch_n / batch_dt,
                      batch_n / lib_batch))
-    lean.close()
-    hconn.close()
     single = posts / best["lean"]
     lean_note = ("_LeanClient in the benchmark process: one keep-alive socket (TCP_NODELAY), "
                  "each request pre-encoded and sent in one write, its reply read by "
