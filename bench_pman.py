@@ -1659,10 +1659,13 @@ def sec_http(b):
     ratios = collections.defaultdict(list)
     batch_errors = 0
 
-    def lib_chunk(submit):
-        t0 = perf()
+    lib_cpu = collections.Counter()     # this process's CPU in the library's calls
+
+    def lib_chunk(submit, kind):
+        c0, t0 = time.process_time(), perf()
         jids = submit()
         dt = perf() - t0
+        lib_cpu[kind] += time.process_time() - c0
         failed = sum(r["status"] != SUCCESS for r in lib.wait(jids, timeout=120))
         return dt, failed
 
@@ -1688,7 +1691,8 @@ def sec_http(b):
         for i in range(posts // chunk):
             for step in steps if (r + i) % 2 == 0 else steps[::-1]:
                 if step == "lib":
-                    dt, failed = lib_chunk(lambda: [lib.run("true")["jid"] for _ in range(chunk)])
+                    dt, failed = lib_chunk(lambda: [lib.run("true")["jid"] for _ in range(chunk)],
+                                           "run")
                     took[step] += dt
                     failed_jobs += failed
                 else:
@@ -1718,7 +1722,8 @@ def sec_http(b):
         for step in ("lib", "batch", "batch", "lib") if r % 2 == 0 else \
                 ("batch", "lib", "lib", "batch"):
             if step == "lib":
-                dt, failed = lib_chunk(lambda: [rec["jid"] for rec in lib.run_many(batch_specs)])
+                dt, failed = lib_chunk(lambda: [rec["jid"] for rec in lib.run_many(batch_specs)],
+                                       "run_many")
                 failed_jobs += failed
                 best["lib-batch"] = min(best["lib-batch"], dt)
                 batch_took[step] += dt
@@ -1774,6 +1779,10 @@ def sec_http(b):
                                "wants >= 0.8")
     b.figure("server CPU per job of a batch POST", batch_cpu * 1e6, "us",
              note="the server process's own threads, best round")
+    b.figure("library CPU per job of run_many()", lib_cpu["run_many"] / (
+        2 * post_rounds * batch_n) * 1e6, "us",
+             note="this process's CPU (all its threads: the reaper too, as the server's) "
+                  "over the run_many() calls, all rounds")
     b.figure("batch POST errors", batch_errors, "errors", ("<=", 0))
     b.figure("POST p50 latency, 1 client", percentile(post_lat, 50) * 1e3, "ms",
              note="first round, the lean client")
@@ -1783,6 +1792,10 @@ def sec_http(b):
                   "of the best lean round")
     b.figure("server CPU per POST, http.client", post_cpu["http.client"] * 1e6, "us",
              note="best http.client round (head and body arrive in two sends)")
+    b.figure("library CPU per run()", lib_cpu["run"] / (post_rounds * posts) * 1e6, "us",
+             note="this process's CPU (all its threads: the reaper too, as the server's) "
+                  "over the run() chunks, all rounds: the server's CPU per POST less this "
+                  "is what its HTTP layer costs")
     single_hc = posts / best["http.client"]
     b.figure("POST rate, %d client processes" % clients, posts / best["multi"], "jobs/s",
              (">=", single_hc), note="%d jobs in all, split over %d http.client processes "
