@@ -41,10 +41,11 @@ concurrency  1,000 concurrent ``sleep 2`` jobs (--quick: 200 x sleep 0.5):
 http         pman's HTTP server vs a bare http.server answering the same
              bytes, each in its own process: keep-alive GET of one job
              (3,000 per round, best of 5; --quick: 300, best of 3), POST
-             of ``true`` jobs from 1 client and from 4 client processes
-             (1,000; --quick: 200) against the library's run() loop, a
-             batch POST of 1,000 jobs (--quick: 100) against the library's
-             run_many(), 4 concurrent GET clients
+             of ``true`` jobs from 1 client (a lean keep-alive socket
+             client, and http.client for information) and from 4
+             http.client processes (1,000; --quick: 200; 3 rounds) against
+             the library's run() loop, a batch POST of 1,000 jobs (--quick:
+             100) against the library's run_many(), 4 concurrent GET clients
 cli          the command line as a user runs it (a subprocess each): one
              ``pman run`` (python3 pman.py and python3 -m pman, against the
              interpreter's start), ``pman run --wait``, and ``pman ls`` with
@@ -1283,10 +1284,12 @@ def _http_connect(port):
     return conn
 
 
-def _http_requests(port, method, path, body, n, expect, conn=None, latencies=None):
+def _http_requests(port, method, path, body, n, expect, conn=None, latencies=None, close=True):
     """*n* requests on one keep-alive connection (reconnecting after an
-    error).  Returns {ok, errors, samples, t0, t1 (time.monotonic), cpu}.
-    With a *latencies* list, appends each request's seconds to it."""
+    error), closed at the end unless *close* is False and it is *conn*.
+    Returns {ok, errors, samples, t0, t1 (time.monotonic), cpu}.  With a
+    *latencies* list, appends each request's seconds to it."""
+    given = conn
     headers = {"Content-Type": "application/json"} if body is not None else {}
     ok = errors = 0
     samples = []
@@ -1320,8 +1323,109 @@ def _http_requests(port, method, path, body, n, expect, conn=None, latencies=Non
             latencies.append(perf() - s)
     t1 = time.monotonic()
     cpu = time.process_time() - c0
-    if conn is not None:
+    if conn is not None and (close or conn is not given):
         conn.close()
+    return {"ok": ok, "errors": errors, "samples": samples, "t0": t0, "t1": t1, "cpu": cpu}
+
+
+class _LeanClient:
+    """A lean keep-alive HTTP/1.1 client, for the POST figures: what a
+    client must do, no more.  Each request is bytes encoded once (request
+    line, Host, Content-Type and Content-Length, body) and sent in one
+    sendall on a TCP_NODELAY socket; its reply is read by Content-Length
+    (pman never sends chunked replies), its status line checked and its
+    body decoded as JSON.  One request in flight, never pipelined.
+    http.client costs the benchmark process about 0.15-0.4 ms per request
+    more (two sends for head and body, the email parser for the reply's
+    headers): on 2 CPUs shared with the server and the jobs it spawns,
+    that is a client's overhead, not pman's."""
+
+    def __init__(self, port):
+        self.port = port
+        self.sock = None        # connected by the first send after a close
+        self.buf = b""
+
+    def connect(self):
+        self.close()
+        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def encode(self, method, path, body=None):
+        """The bytes of one request."""
+        head = "%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % (method, path, self.port)
+        if body is not None:
+            head += "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+        return (head + "\r\n").encode("ascii") + (body or b"")
+
+    def _more(self):
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise http.client.RemoteDisconnected("the server closed the connection")
+        self.buf += chunk
+
+    def send(self, request):
+        """Send *request* (bytes from `encode`) and read its reply: (status,
+        JSON body, whether the server closes the connection)."""
+        if self.sock is None:
+            self.connect()
+        self.sock.sendall(request)
+        end = self.buf.find(b"\r\n\r\n")
+        while end < 0:
+            self._more()
+            end = self.buf.find(b"\r\n\r\n")
+        lines = self.buf[:end].decode("iso-8859-1").split("\r\n")
+        version, status, _ = (lines[0] + " ").split(" ", 2)
+        if version != "HTTP/1.1" or not status.isdigit():
+            raise http.client.BadStatusLine(lines[0][:200])
+        fields = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            fields[name.strip().lower()] = value.strip()
+        length = fields.get("content-length", "")
+        if not length.isdigit():
+            raise http.client.HTTPException("no Content-Length in the reply: %r" % lines[:8])
+        stop = end + 4 + int(length)
+        while len(self.buf) < stop:
+            self._more()
+        body, self.buf = self.buf[end + 4:stop], self.buf[stop:]
+        return int(status), json.loads(body or b"null"), fields.get("connection") == "close"
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.buf = None, b""
+
+
+def _lean_requests(client, method, path, body, n, expect, key, latencies=None):
+    """As `_http_requests`, by *client* (a `_LeanClient`, left open for the
+    next call; it reconnects after an error): each reply must have status
+    *expect* and a JSON object holding *key* (else it is an error)."""
+    request = client.encode(method, path, body)
+    ok = errors = 0
+    samples = []
+    c0 = time.process_time()
+    t0 = time.monotonic()
+    for _ in range(n):
+        s = perf() if latencies is not None else 0.0
+        try:
+            status, obj, close = client.send(request)
+            if status == expect and isinstance(obj, dict) and key in obj:
+                ok += 1
+            else:
+                errors += 1
+                if len(samples) < 3:
+                    samples.append("%d %s" % (status, json.dumps(obj)[:200]))
+            if close:
+                client.close()
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            errors += 1
+            if len(samples) < 3:
+                samples.append("%s: %s" % (type(e).__name__, e))
+            client.close()
+        if latencies is not None:
+            latencies.append(perf() - s)
+    t1 = time.monotonic()
+    cpu = time.process_time() - c0
     return {"ok": ok, "errors": errors, "samples": samples, "t0": t0, "t1": t1, "cpu": cpu}
 
 
@@ -1329,25 +1433,35 @@ def _http_client_main(argv):
     """A client process: connect, say "ready", wait for a line on stdin,
     run the requests, print the result as JSON."""
     port, method, path, n, expect = int(argv[0]), argv[1], argv[2], int(argv[3]), int(argv[4])
-    body = argv[5].encode("utf-8") if len(argv) > 5 else None
-    conn = _http_connect(port)
+    key = argv[5]       # "": http.client; else _LeanClient, each reply holding this key
+    body = argv[6].encode("utf-8") if len(argv) > 6 else None
+    if key:
+        conn = _LeanClient(port)
+        conn.connect()
+    else:
+        conn = _http_connect(port)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     sys.stdin.readline()
-    res = _http_requests(port, method, path, body, n, expect, conn)
+    if key:
+        res = _lean_requests(conn, method, path, body, n, expect, key)
+        conn.close()
+    else:
+        res = _http_requests(port, method, path, body, n, expect, conn)
     sys.stdout.write(json.dumps(res) + "\n")
     sys.stdout.flush()
 
 
-def _http_clients(b, k, port, method, path, n, expect, body=None):
+def _http_clients(b, k, port, method, path, n, expect, body=None, key=""):
     """*k* client processes sending *n* requests in all, started together
-    once all are connected.  Returns (ok, errors, seconds from the first
+    once all are connected: http.client, or with a *key* `_LeanClient`
+    whose replies must hold it.  Returns (ok, errors, seconds from the first
     client's start to the last one's end, samples)."""
     args = [sys.executable, "-B", "-c", _HTTP_CLIENT, HERE, str(port), method, path]
     procs = []
     for i in range(k):
         share = n // k + (i < n % k)
-        procs.append(b.popen(args + [str(share), str(expect)] + ([body] if body else []),
+        procs.append(b.popen(args + [str(share), str(expect), key] + ([body] if body else []),
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE))
     try:
         for p in procs:
@@ -1452,7 +1566,7 @@ def sec_http(b):
     gets = 300 if b.quick else 3000
     posts = 200 if b.quick else 1000
     rounds = 3 if b.quick else 5
-    post_rounds = 1 if b.quick else 2
+    post_rounds = 1 if b.quick else 3    # 3: a median of the per-round ratios, not a mean
     clients = 4
     top = b.state_dir("http")
     prof = os.path.join(top, "pman-server.prof") if b.profile else ""
@@ -1539,93 +1653,172 @@ def sec_http(b):
     b.figure("client CPU per GET, bare round", cpu["bare"][1] * 1e6, "us")
 
     # -- POST {"cmd": "true"}: one client vs 4 client processes -----------------
-    body = json.dumps({"cmd": "true"})
+    # The gated figures use _LeanClient (one request in flight, each reply's
+    # status and JSON checked); http.client's are kept for information.  The
+    # library (run() in this process, a durable manager of its own: as the
+    # server's, JobManager(path) with its defaults, a fresh directory beside
+    # the server's), the lean client and http.client take turns by chunks
+    # of `chunk` jobs, each chunk's jobs ended before the next starts: this
+    # machine's speed drifts within seconds, and a round's ratio must not
+    # measure that drift.
+    body = json.dumps({"cmd": "true"}).encode()
+    chunk = 50 if b.quick else 100       # divides posts
     _http_settle(pport)
     best = collections.defaultdict(lambda: float("inf"))
     post_lat = []
-    post_cpu = batch_cpu = float("nan")
+    server_cpu = collections.Counter()  # the server process's CPU, all rounds
     failed_jobs = 0
     conc_errors = 0
-    # The library in this process, a durable manager of its own, interleaved
-    # with the server's rounds: what the HTTP layer adds per submission.
     lib = b.manager(b.state_dir("http-lib"))
     batch_n = 100 if b.quick else 1000
-    batch_body = json.dumps({"jobs": [{"cmd": "true"}] * batch_n}).encode()
+    batch_specs = [{"cmd": "true"}] * batch_n
+    batch_body = json.dumps({"jobs": batch_specs}).encode()
     ratios = collections.defaultdict(list)
     batch_errors = 0
 
-    def lib_round(submit):
-        t0 = perf()
+    lib_cpu = collections.Counter()     # this process's CPU in the library's calls
+
+    def lib_chunk(submit, kind):
+        c0, t0 = time.process_time(), perf()
         jids = submit()
         dt = perf() - t0
+        lib_cpu[kind] += time.process_time() - c0
         failed = sum(r["status"] != SUCCESS for r in lib.wait(jids, timeout=120))
         return dt, failed
 
+    def post_chunk(client, n, lat):
+        if client == "lean":
+            res = _lean_requests(lean, "POST", "/api/v1/", body, n, 201, "jid", latencies=lat)
+            errors["POST"] += res["errors"]
+            samples.extend(res["samples"][:max(0, 3 - len(samples))])
+        else:
+            res = _http_requests(pport, "POST", "/api/v1/", body, n, 201, hconn, lat,
+                                 close=False)
+            errors["POST"] += res["errors"]
+            samples.extend(res["samples"][:max(0, 3 - len(samples))])
+        return res["t1"] - res["t0"]
+
+    steps = ("lib", "lean", "http.client")
     for r in range(post_rounds):
-        lib_dt, failed = lib_round(lambda: [lib.run("true")["jid"] for _ in range(posts)])
-        failed_jobs += failed
-        best["lib-run"] = min(best["lib-run"], lib_dt)
-        s0 = _proc_cpu(pman_proc.pid)
-        res = loop(pport, "POST", "/api/v1/", body.encode(), posts, 201,
-                   post_lat if r == 0 else None)
-        dt = res["t1"] - res["t0"]
-        ratios["post"].append(lib_dt / dt)
-        if dt < best["single"]:
-            best["single"] = dt
-            post_cpu = (_proc_cpu(pman_proc.pid) - s0) / posts
-        failed_jobs += _http_settle(pport)
+        took, cpu = collections.Counter(), collections.Counter()
+        # Connections of this round's chunks: between rounds they would idle
+        # past the server's request_timeout (10 s), which closes them.
+        lean = _LeanClient(pport)
+        hconn = _http_connect(pport)
+        for i in range(posts // chunk):
+            for step in steps if (r + i) % 2 == 0 else steps[::-1]:
+                if step == "lib":
+                    dt, failed = lib_chunk(lambda: [lib.run("true")["jid"] for _ in range(chunk)],
+                                           "run")
+                    took[step] += dt
+                    failed_jobs += failed
+                else:
+                    s0 = _proc_cpu(pman_proc.pid)
+                    took[step] += post_chunk(step, chunk,
+                                             post_lat if r == 0 and step == "lean" else None)
+                    cpu[step] += _proc_cpu(pman_proc.pid) - s0
+                    failed_jobs += _http_settle(pport)
+        for step in steps:
+            best[step] = min(best[step], took[step])
+            if step != "lib":
+                server_cpu[step] += cpu[step]
+        lean.close()
+        hconn.close()
+        for client in ("lean", "http.client"):
+            ratios[client].append(took["lib"] / took[client])
         ok, errs, span, smp = _http_clients(b, clients, pport, "POST", "/api/v1/", posts, 201,
-                                            body)
+                                            body.decode())
         conc_errors += errs
         samples.extend(smp[:max(0, 3 - len(samples))])
         best["multi"] = min(best["multi"], span)
         failed_jobs += _http_settle(pport)
-        lib_batch, failed = lib_round(lambda: [rec["jid"] for rec in lib.run_many(
-            [{"cmd": "true"}] * batch_n)])
-        failed_jobs += failed
-        best["lib-batch"] = min(best["lib-batch"], lib_batch)
-        s0 = _proc_cpu(pman_proc.pid)
-        res = loop(pport, "POST", "/api/v1/jobs", batch_body, 1, 201)
-        batch_errors += res["errors"]
-        batch_dt = res["t1"] - res["t0"]
-        ratios["batch"].append(lib_batch / batch_dt)
-        if batch_dt < best["batch"]:
-            best["batch"] = batch_dt
-            batch_cpu = (_proc_cpu(pman_proc.pid) - s0) / batch_n
-        failed_jobs += _http_settle(pport)
-        progress("POST round %d/%d: 1 client %.0f jobs/s (library run() %.0f), %d clients "
-                 "%.0f jobs/s, batch %.0f jobs/s (library run_many %.0f)" % (
-                     r + 1, post_rounds, posts / dt, posts / lib_dt, clients, posts / span,
-                     batch_n / batch_dt, batch_n / lib_batch))
-    single = posts / best["single"]
+        # lib, batch, batch, lib (then the reverse): a drift that is linear
+        # over the four steps cancels out of the round's ratio.
+        batch_took = collections.Counter()
+        for step in ("lib", "batch", "batch", "lib") if r % 2 == 0 else \
+                ("batch", "lib", "lib", "batch"):
+            if step == "lib":
+                dt, failed = lib_chunk(lambda: [rec["jid"] for rec in lib.run_many(batch_specs)],
+                                       "run_many")
+                failed_jobs += failed
+                best["lib-batch"] = min(best["lib-batch"], dt)
+                batch_took[step] += dt
+                continue
+            batcher = _LeanClient(pport)
+            batcher.connect()
+            s0 = _proc_cpu(pman_proc.pid)
+            res = _lean_requests(batcher, "POST", "/api/v1/jobs", batch_body, 1, 201, "jobs")
+            batcher.close()
+            batch_errors += res["errors"]
+            samples.extend(res["samples"][:max(0, 3 - len(samples))])
+            dt = res["t1"] - res["t0"]
+            batch_took[step] += dt
+            best["batch"] = min(best["batch"], dt)
+            server_cpu["batch"] += _proc_cpu(pman_proc.pid) - s0
+            failed_jobs += _http_settle(pport)
+        ratios["batch"].append(batch_took["lib"] / batch_took["batch"])
+        progress("POST round %d/%d: 1 client %.0f jobs/s (http.client %.0f; library run() "
+                 "%.0f), %d clients %.0f jobs/s, batch %.0f jobs/s (library run_many %.0f)" % (
+                     r + 1, post_rounds, posts / took["lean"], posts / took["http.client"],
+                     posts / took["lib"], clients, posts / span,
+                     2 * batch_n / batch_took["batch"], 2 * batch_n / batch_took["lib"]))
+    single = posts / best["lean"]
+    lean_note = ("_LeanClient in the benchmark process: one keep-alive socket (TCP_NODELAY), "
+                 "each request pre-encoded and sent in one write, its reply read by "
+                 "Content-Length, its status and JSON body checked; one request in flight")
     b.figure("POST rate, 1 client", single, "jobs/s", (">=", 400),
-             note="keep-alive POST /api/v1/ {\"cmd\": \"true\"}, %d jobs, best of %d; "
-                  "returns once the job is spawned and durable" % (posts, post_rounds))
-    b.figure("library run() loop rate (durable)", posts / best["lib-run"], "jobs/s",
+             note="keep-alive POST /api/v1/ {\"cmd\": \"true\"}, %d jobs a round in chunks "
+                  "of %d, best of %d rounds; returns once the job is spawned and durable; "
+                  "client: %s" % (posts, chunk, post_rounds, lean_note))
+    b.figure("library run() loop rate (durable)", posts / best["lib"], "jobs/s",
              note="baseline: the same %d jobs by JobManager.run() in the benchmark process, "
-                  "interleaved with the POST rounds" % posts)
-    b.figure("POST 1 client / library run() ratio", statistics.median(ratios["post"]), "x",
-             (">=", 0.8), note="median over rounds of each round's ratio; issue 16 wants >= 0.8")
+                  "in chunks taking turns with the POST chunks (the order alternates)" % posts)
+    b.figure("POST 1 client / library run() ratio", statistics.median(ratios["lean"]), "x",
+             (">=", 0.8), note="median over rounds of each round's ratio (the lean client); "
+                               "issue 16 wants >= 0.8")
+    b.figure("POST rate, 1 client, http.client", posts / best["http.client"], "jobs/s",
+             note="the same POSTs by http.client.HTTPConnection in the benchmark process, "
+                  "in the same rounds: its own cost per request counts here")
+    b.figure("POST 1 client (http.client) / library run() ratio",
+             statistics.median(ratios["http.client"]), "x", note="median over rounds")
     b.figure("batch POST rate", batch_n / best["batch"], "jobs/s",
              note="one POST /api/v1/jobs of %d {\"cmd\": \"true\"} jobs (%d bytes), request "
-                  "to 201; best of %d" % (batch_n, len(batch_body), post_rounds))
+                  "to 201 and its JSON decoded (the lean client, a connection of its own); "
+                  "best of %d (2 a round)" % (batch_n, len(batch_body), 2 * post_rounds))
     b.figure("library run_many() rate", batch_n / best["lib-batch"], "jobs/s",
-             note="baseline: run_many() of the same %d jobs in the benchmark process, "
+             note="baseline: run_many() of the same %d job specs in the benchmark process, "
                   "the call only" % batch_n)
     b.figure("batch POST / library run_many ratio", statistics.median(ratios["batch"]), "x",
-             (">=", 0.8), note="median over rounds of each round's ratio; issue 16 wants >= 0.8")
-    b.figure("server CPU per job of a batch POST", batch_cpu * 1e6, "us",
-             note="the server process's own threads, best round")
+             (">=", 0.8), note="median over rounds of each round's ratio (run_many, batch, "
+                               "batch, run_many, or the reverse; the times summed); issue 16 "
+                               "wants >= 0.8")
+    b.figure("server CPU per job of a batch POST",
+             server_cpu["batch"] / (2 * post_rounds * batch_n) * 1e6, "us",
+             note="the server process's own threads, all rounds")
+    b.figure("library CPU per job of run_many()", lib_cpu["run_many"] / (
+        2 * post_rounds * batch_n) * 1e6, "us",
+             note="this process's CPU (all its threads: the reaper too, as the server's) "
+                  "over the run_many() calls, all rounds")
     b.figure("batch POST errors", batch_errors, "errors", ("<=", 0))
-    b.figure("POST p50 latency, 1 client", percentile(post_lat, 50) * 1e3, "ms")
+    b.figure("POST p50 latency, 1 client", percentile(post_lat, 50) * 1e3, "ms",
+             note="first round, the lean client")
     b.figure("POST p99 latency, 1 client", percentile(post_lat, 99) * 1e3, "ms")
-    b.figure("server CPU per POST", post_cpu * 1e6, "us",
-             note="the server process's own threads (not the jobs), best round")
+    b.figure("server CPU per POST", server_cpu["lean"] / (post_rounds * posts) * 1e6, "us",
+             note="the server process's own threads (not the jobs), over the lean chunks "
+                  "of all rounds")
+    b.figure("server CPU per POST, http.client",
+             server_cpu["http.client"] / (post_rounds * posts) * 1e6, "us",
+             note="over the http.client chunks (head and body arrive in two sends)")
+    b.figure("library CPU per run()", lib_cpu["run"] / (post_rounds * posts) * 1e6, "us",
+             note="this process's CPU (all its threads: the reaper too, as the server's) "
+                  "over the run() chunks, all rounds: the server's CPU per POST less this "
+                  "is what its HTTP layer costs")
+    single_hc = posts / best["http.client"]
     b.figure("POST rate, %d client processes" % clients, posts / best["multi"], "jobs/s",
-             (">=", single), note="%d jobs in all, split over %d client processes (not "
-                                  "threads: no shared GIL on the client side), first "
-                                  "client's start to last one's end; target: the "
-                                  "1-client figure" % (posts, clients))
+             (">=", single_hc), note="%d jobs in all, split over %d http.client processes "
+                                     "(not threads: no shared GIL on the client side), "
+                                     "first client's start to last one's end; target: the "
+                                     "1-client http.client figure" % (posts, clients))
     b.figure("POST errors, %d client processes" % clients, conc_errors, "errors", ("<=", 0),
              note="non-201 replies and connection errors, all rounds")
     b.figure("POSTed jobs that did not succeed", failed_jobs, "jobs", ("<=", 0))

@@ -6267,9 +6267,11 @@ class _Conn:
                     self.buf += data
             finally:
                 self.sock.settimeout(self.timeout)
-        data = bytes(self.buf[:n])
-        del self.buf[:n]
-        return data
+        # As take: the body was the pending request's last part, so `since`
+        # is cleared (or restarted for bytes behind it).  A stale `since`
+        # would cut the next request's deadline short, and make an idle
+        # connection look like a late request (a stray 408 when swept).
+        return self.take(min(n, len(self.buf)))
 
     def next_head(self, linger):
         """Wait up to *linger* s for the whole head of the next request:
@@ -6426,7 +6428,7 @@ class _Server(http.server.HTTPServer):
             self.socket.setblocking(False)
             sel.register(self.socket, selectors.EVENT_READ, "accept")
             sel.register(self._waker.r, selectors.EVENT_READ, "wake")
-            self.manager._listeners.append(self._waker.wake)   # long polls re-checked
+            self.manager._listeners.append(self._feed_moved)
             self._read_until_stopped(sel)
         finally:
             self._close_reader(sel)
@@ -6460,7 +6462,7 @@ class _Server(http.server.HTTPServer):
     def _close_reader(self, sel):
         """After the reader's loop: close every connection it holds."""
         try:
-            self.manager._listeners.remove(self._waker.wake)
+            self.manager._listeners.remove(self._feed_moved)
         except ValueError:
             pass
         for conn in list(self._parked.values()):
@@ -6485,6 +6487,15 @@ class _Server(http.server.HTTPServer):
         super().server_close()
         if hasattr(self, "_waker"):     # not if the bind failed: never activated
             self._waker.close()
+
+    def _feed_moved(self):
+        """A job's record changed (the manager calls this under its lock):
+        wake the reader to re-check the parked long polls, if there are
+        any.  With none it sleeps on: a submission is not also a thread
+        switch.  A poll parked after this check is checked by the reader
+        when its handler hands it over, and sees the change then."""
+        if self._polls:
+            self._waker.wake()
 
     # -- the reader thread ---------------------------------------------------
 

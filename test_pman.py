@@ -5900,6 +5900,36 @@ def test_security_idle_and_partial_clients_are_dropped(http_factory):
             s.close()
 
 
+def test_security_a_post_whose_body_came_with_its_head_leaves_no_request_pending(http_factory):
+    """Once a request's body is read nothing is pending on the connection:
+    the next request gets its own request_timeout (counted from its first
+    byte), and an idle connection is closed without a stray 408."""
+    srv = http_factory(request_timeout=1)
+
+    def post(jid):
+        body = json.dumps({"cmd": "true", "jid": jid}).encode()
+        return (b"POST /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body), body)
+
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    try:
+        head, body = post("one")
+        s.sendall(head + body)          # head and body in one write
+        reply, left = _http_read_reply(s, 5)
+        assert _http_check_raw(reply)[0] == 201 and left == b""
+        time.sleep(0.6)                 # idle, within request_timeout
+        head, body = post("two")
+        s.sendall(head)
+        time.sleep(0.6)                 # its body 0.6 s after its head: 1.2 s after "one"
+        s.sendall(body)
+        reply, left = _http_read_reply(s, 5)
+        assert _http_check_raw(reply)[0] == 201 and left == b""
+        data, elapsed = _http_wait_closed(s, 6)
+        assert data == b"" and elapsed < 5, data[:200]
+    finally:
+        s.close()
+
+
 class _HttpBytes:
     """A socket-like reader over bytes already received."""
 
