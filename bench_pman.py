@@ -81,6 +81,7 @@ closes its managers with ``kill=True``, stops the processes it started
 """
 
 import argparse
+import atexit
 import collections
 import cProfile
 import http.client
@@ -337,7 +338,11 @@ class Bench:
     # -- resources ----------------------------------------------------------
 
     def state_dir(self, name="state"):
-        """A fresh directory for this section, removed after it."""
+        """A fresh directory for this section, removed at the end of the
+        whole run (remove_dirs), not after the section: on this disk a file
+        created near many recent deletions cost up to 1 ms instead of 25 us
+        for tens of seconds after them (ext4's inode allocator), which would
+        fall on whichever burst followed a removal."""
         path = tempfile.mkdtemp(prefix="pman-bench-%s-%s-" % (self.section, name),
                                 dir=self.base_dir)
         self._dirs.append(path)
@@ -367,9 +372,12 @@ class Bench:
                 m.close(kill=True)      # a no-op if the section closed it
             except Exception:
                 traceback.print_exc()
+        self._managers, self._procs = [], []
+
+    def remove_dirs(self):
         for path in self._dirs:
             shutil.rmtree(path, ignore_errors=True)
-        self._managers, self._dirs, self._procs = [], [], []
+        self._dirs = []
 
 
 def stop_process(p, timeout=30.0):
@@ -500,7 +508,6 @@ def _pman_burst(b, n, durable, batch=None):
         cpu = time.process_time() - c0
     finally:
         m.close(kill=True)
-        shutil.rmtree(path, ignore_errors=True)
     bad = sum(r["status"] != SUCCESS for r in records)
     if bad:
         raise RuntimeError("%d pman jobs did not finish successfully" % bad)
@@ -525,11 +532,8 @@ def sec_spawn(b):
             settle()
             if variant in ("raw", "wrapper", "durable-limit"):
                 logs = b.state_dir("spawn-raw")
-                try:
-                    dt, cpu = _raw_burst(n, logs, wrapper=variant == "wrapper",
-                                         journal=variant == "durable-limit")
-                finally:
-                    shutil.rmtree(logs, ignore_errors=True)
+                dt, cpu = _raw_burst(n, logs, wrapper=variant == "wrapper",
+                                     journal=variant == "durable-limit")
             else:
                 dt, sub, cpu = _pman_burst(b, n, durable=variant != "pman-nondurable",
                                            batch=batch if variant == "pman-batch" else None)
@@ -1024,7 +1028,6 @@ def _raw_sleep_burst(b, n, sleep):
         for p in procs:
             if p.poll() is None:
                 stop_process(p, 5)
-        shutil.rmtree(logs, ignore_errors=True)
     bad = sum(p.returncode != i % 5 for i, p in enumerate(procs))
     if bad:
         raise RuntimeError("%d raw jobs exited with the wrong code" % bad)
@@ -1046,7 +1049,6 @@ def _pman_sleep_batch(b, n, sleep):
         wall = perf() - t0
     finally:
         m.close(kill=True)
-        shutil.rmtree(path, ignore_errors=True)
     return wall, t_sub, _right_codes(records)
 
 
@@ -2653,6 +2655,7 @@ def main(argv=None):
     info = machine_info(args.dir, args.backend)
     bench = Bench(args.quick, args.dir, args.scale_logs, backend=args.backend,
                   profile=args.profile)
+    atexit.register(bench.remove_dirs)      # also after an error or ^C
     bench.results["machine"] = collections.OrderedDict(
         (k, {"value": v, "unit": "", "target": None, "ok": None}) for k, v in info.items())
     if not args.json:
@@ -2692,6 +2695,7 @@ def main(argv=None):
         if args.profile:
             _print_profile("%s: main thread" % name, [main_prof])
             _print_profile("%s: reaper threads" % name, reapers.profiles)
+    bench.remove_dirs()
     sys.stderr.write("== total %.1f s\n" % (perf() - t_all))
     load = " ".join("%.2f" % x for x in os.getloadavg())
     bench.results["machine"]["load average at the end"] = {
