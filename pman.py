@@ -508,7 +508,7 @@ def _check_spec(cmd, *, jid=None, auid="", meta=None, env=None, cwd=None, timeou
     if cwd is not None and not isinstance(cwd, str):
         raise InvalidArgument("cwd must be a string")
     _check_number("timeout", timeout)
-    _check_storable(meta, extras)
+    meta, extras = _stored_copies(meta, extras)
     if jid is not None:
         check_jid(jid)
     return _Spec(jid, display, argv, auid, meta, env, cwd, timeout, extras or {})
@@ -553,23 +553,28 @@ def _check_cmd(cmd):
     return argv, display
 
 
-def _check_storable(meta, extras):
-    """Checked before anything is created: what is stored must also be
-    listable, searchable and serializable in any thread, so the depth
-    stays far from the recursion limit.  *extras* may hold the whole meta
-    a command-dialect client sent, one level down (sent_meta)."""
-    if not (meta or extras):        # most jobs: {} and None pass, spare the encoding
-        return
+def _stored_copies(meta, extras):
+    """Copies of *meta* and *extras* as they will be stored, sharing nothing
+    with the caller's (who may change a dict after run(): the job's later
+    records must not follow), or InvalidArgument.  Checked before anything
+    is created: what is stored must also be listable, searchable and
+    serializable in any thread, so the depth stays far from the recursion
+    limit.  *extras* may hold the whole meta a command-dialect client
+    sent, one level down (sent_meta).  The copy is the JSON the records
+    hold (keys become strings, tuples lists), read back."""
+    if not (meta or extras):        # most jobs: {} and None, spare the encoding
+        return {}, None
     for name, value, depth in (("meta", meta, MAX_DEPTH), ("extras", extras, MAX_DEPTH + 1)):
         if not _depth_ok(value, depth):
             raise InvalidArgument("%s is nested too deeply: at most %d levels"
                                   % (name, depth))
     try:
-        json.dumps([meta, extras], allow_nan=False)
+        text = json.dumps([meta, extras], allow_nan=False)
     except (TypeError, ValueError) as e:
         raise InvalidArgument("meta is not storable as JSON: %s" % (
             "NaN and infinite numbers are not JSON" if isinstance(e, ValueError)
             else e)) from None
+    return json.loads(text)
 
 
 # Persisted fields, in the order they are written.  jid, status and seq come

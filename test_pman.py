@@ -1891,6 +1891,31 @@ def test_core_on_end_cannot_block_the_reaper(tmp_path):
 # listing, waiting, removing
 # ---------------------------------------------------------------------------
 
+def test_core_meta_is_copied_at_submission(core_make, tmp_path):
+    """A caller that changes its meta (or a nested part of it) after run()
+    or run_many() changes nothing in the job: not its record while it runs,
+    not the records written when it starts and ends, not after a restart."""
+    state = tmp_path / "state"
+    m = core_make(state)
+    meta = {"tag": "a", "nested": {"list": [1, 2]}, 7: "seven"}
+    gate = tmp_path / "gate"
+    m.run("while [ ! -e '%s' ]; do sleep 0.02; done" % gate, jid="one", meta=meta)
+    batch_meta = {"tag": "b", "nested": {"list": [3]}}
+    m.run_many([{"cmd": "true", "jid": "two", "meta": batch_meta}])
+    meta["tag"] = "changed"
+    meta["nested"]["list"].append(99)
+    batch_meta["nested"]["list"].clear()
+    stored = {"tag": "a", "nested": {"list": [1, 2]}, "7": "seven"}    # as JSON holds it
+    assert m.get("one")["meta"] == stored
+    gate.touch()
+    assert m.wait("one", timeout=10)["meta"] == stored
+    assert m.wait("two", timeout=10)["meta"] == {"tag": "b", "nested": {"list": [3]}}
+    m.close()
+    m2 = core_make(state)
+    assert m2.get("one")["meta"] == stored
+    assert m2.get("two")["meta"] == {"tag": "b", "nested": {"list": [3]}}
+
+
 def test_core_jobs_filter_by_status_auid_and_meta_and_page_with_after(core_mgr):
     m = core_mgr
     m.run("exit 0", jid="a", auid="alice", meta={"k": 1, "t": "x"})
