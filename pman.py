@@ -1606,8 +1606,9 @@ _BACKEND_METHODS = ("open", "admit", "start", "watch", "unwatch", "wait", "check
 
 class LocalBackend(_Backend):
     """Jobs as process groups on this machine (the default backend): each
-    runs under a wrapper shell (see _WRAP_SHELL) that appends its exit code
-    to the ``exits`` file, and is reaped through a pidfd."""
+    runs under a wrapper shell (see _WRAP_SHELL, _WRAP_OWN, _WRAP_DIRECT)
+    that appends its exit code to the ``exits`` file, and is reaped through
+    a pidfd."""
 
     name = "local"
     resend_window = RESEND_WINDOW
