@@ -1402,6 +1402,7 @@ _COMMAND_STARTS = frozenset(";&|(){}\n") | {"!", "if", "then", "else", "elif", "
                                               "while", "until"}
 _REDIRECT_RE = re.compile(r"[0-9]*(?:<<?-?|>>?|<>|>&|<&|>\|)")
 _ASSIGNMENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+_FUNCTION_RE = re.compile(r"\(\s*\)")      # name() or name ( ): a function definition
 
 
 def _own_shell_ok(cmd):
@@ -1432,9 +1433,6 @@ def _own_shell_ok(cmd):
                     return False
                 command = False
     return True
-
-
-_FUNCTION_RE = re.compile(r"\(\s*\)")
 
 
 def _wrapped_argv(job, exits_path, env=None):
