@@ -1653,8 +1653,8 @@ class LocalBackend(_Backend):
             stderr = _open_log(self.log_path(job.jid, "stderr"))
             # posix_spawn, not Popen: it resets every signal disposition in
             # the child (a manager started with SIGINT ignored must not pass
-            # that on) without a preexec_fn, and returns once the child has
-            # exec'd, so its identity can be read at once.
+            # that on) without a preexec_fn, and returns once the child's
+            # exec has begun (its command line may not be readable yet).
             before = self._identity.now()
             pid = os.posix_spawn(
                 "/bin/sh", _wrapped_argv(job, self._exits.path, env),
@@ -1710,8 +1710,10 @@ class LocalBackend(_Backend):
         for fd, _ in self._epoll.poll(timeout):    # a timeout rounds up to 1 ms, never to 0
             if fd == self._waker.r:
                 _drain(fd)
-            elif fd in self._pidfds:    # else unwatched since it was reported
-                polled.append(self._pidfds[fd])
+            else:   # one lookup: another thread may unwatch the job meanwhile
+                job = self._pidfds.get(fd)
+                if job is not None:     # else unwatched since it was reported
+                    polled.append(job)
         return polled
 
     def check(self, job):
