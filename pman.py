@@ -7293,9 +7293,14 @@ _LS_HEAD = ("JID", "STATUS", "RC", "STARTED", "DURATION", "COMMAND")
 _COLOURS = {STARTED: "33", SUCCESS: "32", ERROR: "31", UNDEFINED: "35"}
 
 
+# What a terminal would act on rather than show: C0, DEL and C1 controls (U+009B
+# is a CSI) and the bidirectional controls, which reorder what follows them.
+_UNSHOWN_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
 def _one_line(text):
     """*text* with control characters shown as escapes: one table row."""
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+    return _UNSHOWN_RE.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def _local_time(stamp, today):

@@ -7747,6 +7747,26 @@ def test_cli_show_the_record_and_both_tails(cli_server):
                            "stderr": "oops\n"}
 
 
+def test_cli_ls_and_show_escape_what_a_terminal_would_act_on(cli_server):
+    server = cli_server()
+    # ESC, CSI (U+009B), a bidi override and isolate, a newline: shown as escapes.
+    cmd = ": '\x1b[31mred\x9b2J\u202eevil\u2066x\nsecond'"
+    server.post({"jid": "spoof", "cmd": cmd, "auid": "a\u202eb"})
+    assert _cli("wait", "spoof", url=server.url)[0] == 0
+    raw = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f"
+                     "\u202a-\u202e\u2066-\u2069]")
+    for argv in (["ls"], ["show", "spoof"]):
+        code, out, err = _cli(*argv, url=server.url)
+        text = out.decode("utf-8")
+        assert code == 0, err
+        assert not raw.search(text), (argv, text)
+        shown = [line for line in text.split("\n") if "red" in line]
+        assert len(shown) == 1, (argv, text)        # the newline did not start a row
+        assert "\\x1b[31mred\\x9b2J\\u202eevil\\u2066x\\nsecond" in shown[0], (argv, text)
+    code, out, err = _cli("show", "spoof", url=server.url)
+    assert re.search(r"^auid: +a\\u202eb$", out.decode(), re.M), out
+
+
 # -- wait ---------------------------------------------------------------------
 
 def test_cli_wait_on_100_jobs_with_a_timeout(cli_server):
