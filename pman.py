@@ -6936,7 +6936,10 @@ def _serve(argv, prog="pman"):
     the ``quit`` action; state is flushed on the way out."""
     args = _serve_parser(prog).parse_args(argv)
     _serve_logging(args)
-    token = args.token or os.environ.get("PMAN_TOKEN") or None
+    # Taken out of the environment: every job inherits it (its copy, SLURM's
+    # export), and the token controls every job.
+    token = os.environ.pop("PMAN_TOKEN", None)
+    token = args.token or token or None
     _fd_limit(raise_soft=True)      # connections and jobs' pidfds: see make_server
     try:
         if args.token_file:
@@ -7037,13 +7040,26 @@ class _Client:
         log_path = os.path.join(state, "server.log")
         argv = [sys.executable, os.path.abspath(__file__), "serve", "--host", self.host,
                 "--port", str(self.port), "--state-dir", state]
-        if self.token is not None:
-            env = dict(os.environ, PMAN_TOKEN=self.token)
-        else:
-            env = None
-        with open(log_path, "ab") as out:
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                     cwd="/", env=env, start_new_session=True)
+        # The token goes through a pipe, not the environment, which the
+        # server's /proc/PID/environ shows for its whole life.
+        env = {k: v for k, v in os.environ.items() if k != "PMAN_TOKEN"}
+        r, w = os.pipe() if self.token is not None else (None, None)
+        if r is not None:
+            argv += ["--token-file", "/dev/fd/%d" % r]
+        try:
+            with open(log_path, "ab") as out:
+                child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                         cwd="/", env=env, start_new_session=True,
+                                         pass_fds=() if r is None else (r,))
+        finally:
+            if r is not None:
+                os.close(r)
+        if w is not None:
+            try:
+                with open(w, "wb") as pipe:
+                    pipe.write(self.token.encode("utf-8"))
+            except BrokenPipeError:
+                pass        # it exited: said below
         deadline = _time() + START_TIMEOUT
         while True:
             try:

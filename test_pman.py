@@ -1332,13 +1332,14 @@ class _CliServer:
     """`pman serve --port 0` as a subprocess; its port read from its INFO
     start line."""
 
-    def __init__(self, tmp_path, *args, state=None):
+    def __init__(self, tmp_path, *args, state=None, env=None):
         self.state = str(state or tmp_path / "cli-state")
         self.err_path = str(tmp_path / ("serve-%s.log" % uuid.uuid4().hex[:8]))
         with open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, _CLI_PMAN, "serve", "--port", "0", "--state-dir", self.state,
-                 "--grace", "2"] + list(args), stdout=err, stderr=err, env=_clean_env(),
+                 "--grace", "2"] + list(args), stdout=err, stderr=err,
+                env=_clean_env(**(env or {})),
                 stdin=subprocess.DEVNULL)
         line = _until(lambda: self.proc.poll() is not None or re.search(
             r"serving http://127\.0\.0\.1:(\d+)/api/v1/", self.log()), _CLI_DEADLINE,
@@ -7465,6 +7466,46 @@ def test_cli_token_from_file_or_environment(cli_server, tmp_path):
     assert "cli-t0ken" not in server.log()
 
 
+
+def test_cli_token_reaches_no_job_however_the_server_gets_it(cli_server, tmp_path):
+    token = "t0ken-%s" % uuid.uuid4().hex
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    env_cmd = "env"
+    # `pman serve` with PMAN_TOKEN in its environment
+    server = cli_server(env={"PMAN_TOKEN": token})
+    with_token = _clean_env(PMAN_TOKEN=token)
+    for jid, job_env in (("inherits", []), ("merged", ["--env", "X=1"])):
+        code, out, err = _cli("run", "--jid", jid, "--wait", *job_env, "--", env_cmd,
+                              url=server.url, env=with_token)
+        assert code == 0, err
+        code, out, err = _cli("logs", jid, url=server.url, env=with_token)
+        assert code == 0 and b"PWD=" in out and token.encode() not in out, (jid, out)
+    # `pman run --start-server`, given the token by a file or the environment
+    for how, args, env in (("file", ["--token-file", str(token_file)], {}),
+                           ("environment", [], {"PMAN_TOKEN": token})):
+        state = tmp_path / ("auto-" + how)
+        url = "http://127.0.0.1:%d" % _free_port()
+        env = _clean_env(PMAN_STATE_DIR=str(state), **env)
+        pid = None
+        try:
+            code, out, err = _cli("run", "--start-server", "--jid", "e", "--wait", *args,
+                                  "--", env_cmd, url=url, env=env)
+            assert code == 0 and "started a server" in err, (how, err)
+            pid = int((state / "lock").read_text().split()[0])
+            with open("/proc/%d/environ" % pid, "rb") as f:
+                assert token.encode() not in f.read(), how
+            code, out, err = _cli("logs", "e", *args, url=url, env=env)
+            assert code == 0 and b"PWD=" in out and token.encode() not in out, (how, out)
+            code, out, err = _cli("ls", url=url, env=_clean_env())
+            assert code == 3 and "401" in err, (how, err)      # it does hold the token
+        finally:
+            if pid:
+                os.kill(pid, signal.SIGTERM)
+                _until(lambda: not os.path.exists("/proc/%d" % pid) or
+                       _proc_stat(pid)["state"] == "Z", 20, "the started server to stop")
+
+
 # -- run ----------------------------------------------------------------------
 
 def test_cli_run_prints_the_jid_and_sends_every_option(cli_server, tmp_path):
@@ -8571,6 +8612,25 @@ def test_slurm_logs_env_cwd_and_argv_reach_the_job(slurm_ctx):
 
     assert m.read_log(cwd_job)["data"].decode() == str(workdir) + "\n"
     assert m.read_log(argv_job)["data"] == b"a b|c'd|$HOME|"
+
+
+def test_slurm_token_of_the_server_reaches_no_job_nor_export_file(slurm_ctx, cli_server):
+    token = "t0ken-%s" % uuid.uuid4().hex
+    server = cli_server("--backend", "slurm", env={"PMAN_TOKEN": token})
+    with_token = _clean_env(PMAN_TOKEN=token)
+    exported, inherited = slurm_ctx.jid("exp"), slurm_ctx.jid("inh")
+    # the export file exists while its job does: the job shows it
+    export_file = os.path.join(server.state, "logs", exported + ".env")
+    for jid, args in ((exported, ["--env", "X=1", "--", "env; tr '\\0' '\\n' <" +
+                                  shlex.quote(export_file)]),
+                      (inherited, ["--", "env"])):
+        code, out, err = _cli("run", "--jid", jid, "--wait", *args, url=server.url,
+                              env=with_token, timeout=_SLURM_DEADLINE + 10)
+        assert code == 0, (jid, err)
+        code, out, err = _cli("logs", jid, url=server.url, env=with_token)
+        assert code == 0 and b"PATH=" in out and token.encode() not in out, (jid, out)
+        if jid == exported:
+            assert out.count(b"X=1\n") == 2, out       # the job's env, then the file
 
 
 def test_slurm_missing_cwd_is_a_spawn_failure(slurm_ctx):
