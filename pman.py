@@ -155,7 +155,7 @@ ERROR = "finishedWithError"
 UNDEFINED = "undefined"
 STATUSES = (NOTSTARTED, STARTED, SUCCESS, ERROR, UNDEFINED)
 ACTIVE = (NOTSTARTED, STARTED)
-_STATUS_SET, _ACTIVE_SET = frozenset(STATUSES), frozenset(ACTIVE)
+_ACTIVE_SET = frozenset(ACTIVE)
 
 JID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 RESERVED_JIDS = frozenset({"cmd", "jobs", "hello", "openapi.json", "events"})
@@ -730,10 +730,12 @@ def _write_atomic(path, chunks):
 
 # Format 2 of the snapshot: each line (header included) is the JSON object
 # pman keeps, with the CRC-32 of its UTF-8 text as a last member, so that the
-# file stays JSON Lines and a loader can trust a line without parsing it:
+# file stays JSON Lines and damage that still parses is found:
 #   {"jid": "a", ..., "backend_id": null, "crc": "1c291ca3"}
-# Journal lines are plain records, parsed and checked when they are replayed.
+# Journal lines are plain records.  Every line is parsed and checked on loading.
 _CRC_HEAD = b', "crc": "'
+# Where a damaged newline joined two snapshot lines: the byte after a checksum.
+_JOINED_RE = re.compile(rb'(?<=, "crc": "[0-9a-f]{8}"\})[^\n]')
 
 
 def _frame(line):
@@ -935,16 +937,13 @@ class _Store:
         Returns the number of lines."""
         count = 0
         active = self.active
-        match, statuses, actives = _LINE_RE.match, _STATUS_SET, _ACTIVE_SET
+        match, actives = _LINE_RE.match, _ACTIVE_SET
         next_seq = self._next_seq
         for line in lines:
             count += 1
             m = match(line)
             if m:
                 jid, status, seq = m.groups()
-                if status not in statuses:      # a checksum proves no more than bytes
-                    bad.append(line[:40])
-                    continue
                 old = jobs.get(jid)
                 if old is not None and match(old).group(3) != seq:
                     del jobs[jid]           # a re-run moves to the end
@@ -972,38 +971,35 @@ class _Store:
 
     @staticmethod
     def _lines(f, bad, torn):
-        """Yield the lines of binary file *f* that can be trusted, as str.
-        A format-2 snapshot line is trusted when its checksum matches (cheap:
-        100,000 lines load in well under a second); any other line (a
-        journal's, format 1's) is parsed and checked field by field.  Bad
-        lines go to *bad*; a last line without its newline is torn
-        (``torn[0]``) and dropped."""
-        crc32 = zlib.crc32
+        """Yield the lines of binary file *f* that can be trusted, as str:
+        each parsed and checked field by field, and a format-2 snapshot
+        line's checksum matched first.  A snapshot line whose checksum fails
+        may be two lines that a damaged newline joined: the parts that carry
+        their own matching checksum are kept.  Bad lines go to *bad*; a last
+        line without its newline is torn (``torn[0]``) and dropped."""
         for raw in f:
-            if raw[-3:] == b'"}\n' and raw[-21:-11] == _CRC_HEAD:   # the fast path
-                body = raw[:-21] + b"}"
-                try:
-                    if crc32(body) == int(raw[-11:-3], 16):
-                        yield body.decode("utf-8")
-                        continue
-                except ValueError:      # UnicodeDecodeError included
-                    pass
-                bad.append(raw[:40])
-                continue
             if raw[-1:] != b"\n":
                 torn[0] = True
                 return
             if len(raw) <= 1:
                 continue
-            try:                # no checksum: parse it and check every field
-                line = raw[:-1].decode("utf-8")
-                ok = _line_problem(_loads(line), line) is None
-            except (ValueError, RecursionError):    # UnicodeDecodeError included
-                ok = False
-            if ok:
-                yield line
-            else:
+            body = _unframe(raw)
+            if body is False:
                 bad.append(raw[:40])
+                parts = [_unframe(part + b"\n") for part in _JOINED_RE.split(raw[:-1])]
+                parts = [part for part in parts if part] if len(parts) > 1 else []
+            else:
+                parts = [raw[:-1] if body is None else body]
+            for part in parts:
+                try:
+                    line = part.decode("utf-8")
+                    ok = _line_problem(_loads(line), line) is None
+                except (ValueError, RecursionError):    # UnicodeDecodeError included
+                    ok = False
+                if ok:
+                    yield line
+                else:
+                    bad.append(part[:40])
 
     # -- writing ----------------------------------------------------------
 

@@ -3677,6 +3677,66 @@ def test_state_damage_anywhere_in_a_line_is_set_aside(crash_env, caplog, where, 
     assert len(_crash_names(state, ".corrupt")) == 1
 
 
+_CRASH_STARTED = dict(status="started", returncode=None, message="running (pid 1)", pid=1,
+                      ended=None, ident=[1, "x"])
+# A line pman could not have written, with a checksum that matches it.
+_CRASH_WRONG_FIELDS = {
+    "started-pid-string": dict(_CRASH_STARTED, pid="abc"),
+    "started-ident-string": dict(_CRASH_STARTED, ident="x"),
+    "queued-timeout-string": dict(status="notstarted", returncode=None, started=None,
+                                  ended=None, timeout="5"),
+    "finished-meta-number": dict(meta=5), "finished-returncode-string": dict(returncode="0"),
+    "finished-env-list": dict(env=["A"]), "finished-argv-numbers": dict(argv=[1, 2]),
+    "finished-ended-not-a-time": dict(ended="yesterday"), "finished-cmd-null": dict(cmd=None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CRASH_WRONG_FIELDS))
+def test_state_checksummed_line_with_a_wrong_field_is_set_aside(crash_env, caplog, case):
+    caplog.set_level(logging.WARNING, logger="pman")
+    state = crash_env.path()
+    snap = os.path.join(state, _CRASH_SNAPSHOT)
+    lines = [pman._frame(line) for line in (
+        json.dumps({"pman_state": 2, "generation": 0, "next_seq": 4}), _crash_line("a", 1, 0),
+        _crash_line("b", 2, 0, **_CRASH_WRONG_FIELDS[case]), _crash_line("c", 3, 5))]
+    _crash_write(snap, "".join(line + "\n" for line in lines).encode())
+    manager = crash_env.manager(state)
+    assert len(_crash_names(state, _CRASH_SNAPSHOT + ".corrupt-")) == 1, os.listdir(state)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(snap in w and "1 bad line" in w for w in warnings), warnings
+    assert [(r["jid"], r["returncode"]) for r in manager.jobs()] == [("a", 0), ("c", 5)]
+    assert manager.get("c")["meta"] == {} and manager.counts()["started"] == 0
+    with pytest.raises(pman.JobNotFound):
+        manager.get("b")
+
+
+@pytest.mark.parametrize("joined", [[1], [2], [1, 2], [0]], ids=lambda j: "newlines-%s" % j)
+def test_state_snapshot_lines_joined_by_a_damaged_newline_keep_their_records(
+        crash_env, caplog, joined):
+    """A newline turned into another byte joins two lines: each part whose
+    checksum matches is loaded (0: the header's newline)."""
+    caplog.set_level(logging.WARNING, logger="pman")
+    state = crash_env.path()
+    lines = [pman._frame(line) for line in (
+        json.dumps({"pman_state": 2, "generation": 0, "next_seq": 4}),
+        _crash_line("a", 1, 0), _crash_line("b", 2, 3), _crash_line("c", 3, 5))]
+    ends = ["\n"] * len(lines)
+    for i, n in enumerate(joined):
+        ends[n] = " x\x00"[i % 3]
+    data = "".join(line + end for line, end in zip(lines, ends)).encode()
+    _crash_write(os.path.join(state, _CRASH_SNAPSHOT), data)
+    manager = crash_env.manager(state)
+    assert [(r["jid"], r["returncode"]) for r in manager.jobs()] == [
+        ("a", 0), ("b", 3), ("c", 5)]
+    aside = _crash_names(state, _CRASH_SNAPSHOT + ".corrupt-")
+    assert len(aside) == 1 and _crash_read(os.path.join(state, aside[0])) == data
+    assert manager.run("exit 0", jid="new")["seq"] >= 4
+    assert manager.wait("new", timeout=10)["returncode"] == 0
+    manager.close()
+    manager = crash_env.manager(state)
+    assert [r["jid"] for r in manager.jobs()] == ["a", "b", "c", "new"]
+
+
 _CRASH_BAD_HEADERS = {
     "next_seq-string": {"next_seq": "7"}, "next_seq-huge": {"next_seq": 10 ** 30},
     "next_seq-negative": {"next_seq": -5}, "next_seq-bool": {"next_seq": True},
@@ -3715,8 +3775,8 @@ def test_state_bad_snapshot_header_is_set_aside(crash_env, caplog, case):
 
 
 def test_state_snapshot_is_format_2_with_checksums(crash_env):
-    """Lines pman writes load without a parse because of their checksum:
-    check the format on disk, and that a v1 fixture is rewritten in it."""
+    """Each line pman writes in the snapshot ends with its checksum: check
+    the format on disk."""
     state = crash_env.path()
     manager = crash_env.manager(state)
     manager.run("exit 0", jid="x", meta={"k": "v"})
