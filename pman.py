@@ -196,7 +196,11 @@ TAIL_LINES, TAIL_BYTES = 1000, 65536
 # alive) reaches the wrapper; a subshell costs one fork less than a nested
 # `sh -c`, whose exec costs more than a fork.  Any other shell command runs
 # in the wrapper's own shell (_WRAP_OWN), one fork fewer still.
-_WRAP_HEAD = 'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
+# Its `cd` would set OLDPWD to the manager's directory: OLDPWD is put back as
+# the job's environment had it (r holds it until the job's status).
+_WRAP_HEAD = ('trap : TERM; t=$2; f=$3; d=$4; r=${OLDPWD+x$OLDPWD}; shift 4; '
+              'if [ -n "$d" ] && ! { cd -- "$d" && case $r in x*) OLDPWD=${r#x};; '
+              '*) unset OLDPWD;; esac; }; then r=126; ')
 _WRAP_TAIL = '; r=$?; fi; echo "$t $r" >>"$f"; exit $r'
 _WRAP_SHELL = _WRAP_HEAD + 'else (unset t f d r; eval "shift; $1")' + _WRAP_TAIL
 _WRAP_ARGV = _WRAP_HEAD + 'else (unset t f d r; "$@")' + _WRAP_TAIL
@@ -218,7 +222,8 @@ _WRAP_DIRECT = _WRAP_HEAD + 'else "$@"' + _WRAP_TAIL
 # the wrapper at the SIGKILL, and the manager that sent both finishes it as
 # killed.
 _WRAP_OWN = ('trap "echo $2 \\"\\$?\\" >>\'$3\'" EXIT; trap "exit 143" TERM; '
-             'if [ -n "$4" ] && ! cd -- "$4"; then exit 126; fi; eval "shift 5; $5"')
+             'if [ -n "$4" ] && ! OLDPWD=$OLDPWD cd -- "$4"; then exit 126; fi; '
+             'eval "shift 5; $5"')     # dash keeps OLDPWD as it was: see _WRAP_HEAD
 # The wrappers of pman 0.1.0 (``sh -c WRAPPER pman-job SEQ EXITS CMD...``),
 # whose jobs a new version re-adopts after an upgrade.
 _WRAPPERS = frozenset(w.encode() for w in (

@@ -2616,6 +2616,27 @@ def test_logs_cwd_is_the_jobs_and_stdout_and_stderr_are_kept_apart(core_mgr, tmp
         core_mgr.read_log("missing")
 
 
+def test_logs_cwd_leaves_oldpwd_as_the_jobs_environment_has_it(core_make, tmp_path,
+                                                               monkeypatch):
+    """As under ``env -C DIR sh -c CMD``: the manager's directory is no
+    job's OLDPWD, whichever way the job runs."""
+    sub = tmp_path / "work"
+    sub.mkdir()
+    show = 'printf "%s|%s" "${OLDPWD-unset}" "$PWD"'
+    commands = {"argv": ["sh", "-c", show], "words": "printenv OLDPWD",
+                "shell": show, "subshell": "exec " + show}
+    monkeypatch.delenv("OLDPWD", raising=False)
+    m = core_make()
+    for given in (None, {"OLDPWD": "/given"}):
+        for name, cmd in commands.items():
+            jid = "%s-%s" % (name, "given" if given else "none")
+            m.run(cmd, jid=jid, cwd=str(sub), env=given)
+            expected = ("" if given is None else "/given\n") if name == "words" else (
+                "%s|%s" % ("unset" if given is None else "/given", sub))
+            rec = m.wait(jid, timeout=10)
+            assert m.read_log(jid)["data"].decode() == expected, (jid, rec)
+
+
 def test_logs_read_log_offset_limit_and_eof(core_mgr, tmp_path):
     gate = tmp_path / "gate"
     core_mgr.run("printf abc; while [ ! -e '%s' ]; do sleep 0.02; done; printf def" % gate,
