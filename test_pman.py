@@ -243,6 +243,68 @@ def core_mgr(core_make):
 
 
 # ---------------------------------------------------------------------------
+# the order of real system calls in this process: spawns and signals seen by
+# an audit hook, syncs by a spy that calls the real os.fdatasync / os.fsync
+# ---------------------------------------------------------------------------
+
+_SYSCALLS = {"log": None, "hooked": False}
+
+
+def _syscall_audit(event, args):
+    log = _SYSCALLS["log"]
+    if log is None:
+        return
+    if event in ("os.posix_spawn", "subprocess.Popen"):
+        argv = args[1]
+        argv = [argv] if isinstance(argv, (str, bytes)) else list(argv)
+        log.append(("spawn", argv, threading.current_thread().name))
+    elif event in ("os.kill", "os.killpg") and args[1] != 0:
+        log.append(("signal", args[0], args[1], threading.current_thread().name))
+
+
+@pytest.fixture
+def syscalls(monkeypatch):
+    """A list that receives, in the order they happen: ("spawn", argv,
+    thread name) when a process is spawned, ("signal", pid or pgid, signal,
+    thread name) when one is sent, and ("sync", the file's bytes, thread
+    name) once a sync of that file has returned."""
+    log = []
+    if not _SYSCALLS["hooked"]:
+        sys.addaudithook(_syscall_audit)    # cannot be removed: it stays, idle
+        _SYSCALLS["hooked"] = True
+
+    def spy(real):
+        def sync(fd):
+            try:
+                with open("/proc/self/fd/%d" % fd, "rb") as f:
+                    data = f.read()
+            except IsADirectoryError:
+                data = b""
+            real(fd)
+            log.append(("sync", data, threading.current_thread().name))
+        return sync
+
+    monkeypatch.setattr(os, "fdatasync", spy(os.fdatasync))
+    monkeypatch.setattr(os, "fsync", spy(os.fsync))
+    _SYSCALLS["log"] = log
+    try:
+        yield log
+    finally:
+        _SYSCALLS["log"] = None
+
+
+def _synced_records(data):
+    """The job records in a synced file's bytes (a batch's, one by one)."""
+    for raw in data.split(b"\n"):
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            yield from rec["batch"] if isinstance(rec.get("batch"), list) else [rec]
+
+
+# ---------------------------------------------------------------------------
 # shared by the command-dialect tests
 # ---------------------------------------------------------------------------
 _CMD_INFO_FIELDS = ("cmd", "jid", "auid", "pid", "started", "startTrigger", "done",
@@ -4073,6 +4135,44 @@ def test_state_job_record_is_written_before_its_process_exists(crash_env, durabl
         assert done["returncode"] == 0, (done, out)
         assert int(out) >= 1, (
             "job wa%d ran before its record was in the journal: %r" % (i, out))
+
+
+def test_state_durable_sync_comes_before_the_spawn_and_before_the_signal(crash_env, syscalls):
+    """README: run() returning means the job is on disk, and a kill is
+    journaled before its signal is sent.  In the order of the real system
+    calls: a sync of a file holding the job's record has returned before
+    its process is spawned (run(); each job of a run_many()), and one
+    holding its kill before the signal goes out."""
+    state = crash_env.path()
+    manager = crash_env.manager(state, durable=True)
+    cmds = {"wal-run": "sleep 60 && echo wal-run", "wal-b0": "echo wal-b0",
+            "wal-b1": "echo wal-b1"}
+    del syscalls[:]
+    pid = manager.run(cmds["wal-run"], jid="wal-run")["pid"]
+    manager.run_many([{"cmd": cmds[jid], "jid": jid} for jid in ("wal-b0", "wal-b1")])
+    manager.kill("wal-run", "SIGTERM")
+    assert manager.wait("wal-run", timeout=10)["returncode"] == -15
+
+    def synced_before(index, pred):
+        return any(pred(rec) for call in syscalls[:index] if call[0] == "sync"
+                   for rec in _synced_records(call[1]))
+
+    spawned = {}
+    for index, call in enumerate(syscalls):
+        if call[0] == "spawn":
+            jid = next((j for j, cmd in cmds.items() if any(cmd in w for w in call[1])), None)
+            if jid is None:
+                continue
+            spawned[jid] = index
+            assert synced_before(index, lambda rec: rec.get("jid") == jid), (
+                "job %s was spawned before its record was synced" % jid)
+    assert sorted(spawned) == sorted(cmds), spawned
+    signals = [i for i, call in enumerate(syscalls)
+               if call[0] == "signal" and call[1:3] == (pid, signal.SIGTERM)]
+    assert signals, syscalls
+    assert synced_before(signals[0], lambda rec: rec.get("jid") == "wal-run"
+                         and rec.get("kill_signal") == signal.SIGTERM), (
+        "the kill's signal was sent before its record was synced")
 
 
 def test_state_stale_exit_record_is_never_read_for_another_job(crash_env):
