@@ -2612,6 +2612,44 @@ def test_kill_jobs_start_with_default_signal_dispositions(core_make):
     assert done["returncode"] == -2, done
 
 
+def test_kill_jobs_start_with_no_signal_blocked_whatever_thread_starts_them(core_make, syscalls):
+    """README: a job starts with an empty signal mask.  A thread's mask is
+    inherited by what it spawns and by the threads it starts (the reaper,
+    which starts queued jobs): signals blocked there must not reach a job,
+    which could then not be stopped by SIGTERM.  (dash clears its mask when
+    it starts; a /bin/sh that keeps it, as bash does, relies on pman's.)"""
+    blocked = {signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+    report = 'grep "^SigBlk" /proc/self/status'
+    made, errors = [], []
+
+    def submit():       # the manager and its reaper are made here too
+        try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+            m = core_make(max_running=1, grace=30)
+            made.append(m)
+            m.run(report + "; exec sleep 60", jid="first")
+            m.run(report, jid="queued-1")
+            m.run_many([{"cmd": report, "jid": "queued-2"}])
+        except BaseException as e:      # reported by the main thread
+            errors.append(e)
+
+    t = threading.Thread(target=submit)
+    t.start()
+    t.join(30)
+    assert not t.is_alive() and not errors, errors
+    m = made[0]
+    assert [r["status"] for r in m.jobs()] == ["started", "notstarted", "notstarted"]
+    _until(lambda: m.read_log("first")["data"], 10, "the first job's report")
+    m.kill("first", "SIGKILL")      # the reaper starts the queued ones
+    m.wait(["first", "queued-1", "queued-2"], timeout=10)
+    for jid in ("first", "queued-1", "queued-2"):
+        out = m.read_log(jid)["data"].decode()
+        mask = int(re.fullmatch(r"SigBlk:\s*([0-9a-f]+)\n", out).group(1), 16)
+        assert mask == 0, "job %s started with signals blocked: %s" % (jid, out)
+    threads = [call[2] for call in syscalls if call[0] == "spawn"]
+    assert threads == [t.name, "pman-reaper", "pman-reaper"], threads
+
+
 # ===========================================================================
 # 4. logs, environment, cwd, argv and spawn failures
 # ===========================================================================
