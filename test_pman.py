@@ -4318,11 +4318,10 @@ def small_fs(tmp_path):
 def _fill(path):
     """Fill the file system of *path*; return the filler's path."""
     filler = os.path.join(path, "filler")
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:   # nothing left to flush at close
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError as e:
             assert e.errno == 28, e
     return filler
@@ -4381,6 +4380,38 @@ def test_state_full_disk_refuses_the_job_and_the_kill(small_fs, tmp_path):
     try:
         assert {r["jid"]: r["returncode"] for r in m.jobs()} == {"running": -15, "after": 5}
         assert not [n for n in os.listdir(state) if ".corrupt" in n]
+    finally:
+        m.close()
+
+
+def test_state_full_disk_refuses_the_job_without_durable_too(small_fs, tmp_path):
+    """With durable=False no sync follows the journal write: the failed
+    write itself must refuse the job, which never runs."""
+    state = os.path.join(small_fs, "state")
+    marker = str(tmp_path / "ran")
+    big = {"pad": "x" * 6000}           # every record needs a new page
+    m = pman.JobManager(state, durable=False)
+    filler = os.path.join(small_fs, "filler")
+    try:
+        _fill(small_fs)
+        with pytest.raises(pman.StorageError) as info:
+            m.run("touch %s" % marker, jid="refused", meta=big)
+        assert state in str(info.value) and "No space left" in str(info.value)
+        with pytest.raises(pman.StorageError):      # a batch: none of it
+            m.run_many([{"cmd": "touch %s" % marker, "jid": "refused-%d" % i, "meta": big}
+                        for i in range(3)])
+        assert m.jobs() == []
+        os.unlink(filler)
+        m.run("exit 5", jid="after", meta=big)
+        assert m.wait("after", timeout=10)["returncode"] == 5
+        assert not os.path.exists(marker), "a refused job ran"
+    finally:
+        if os.path.exists(filler):      # room for close() to write the state
+            os.unlink(filler)
+        m.close(kill=True)
+    m = pman.JobManager(state)
+    try:
+        assert {r["jid"]: r["returncode"] for r in m.jobs()} == {"after": 5}
     finally:
         m.close()
 
