@@ -6960,15 +6960,47 @@ def test_security_token_guards_every_api_route_and_is_never_logged(http_factory,
     assert r.status == 201
     r = srv.request("GET", "/api/v1/tok/?wait=10", headers=good)
     assert r.status == 200 and _http_json(r)["status"] == "finishedSuccessfully"
-    _http_error(srv.request("GET", "/api/v1/tok/"), 401)
-    _http_error(srv.request("POST", "/api/v1/", {"jid": "x", "cmd": "true"}), 401)
-    _http_error(srv.request("GET", "/api/v1/events"), 401)
-    assert srv.request("GET", "/api/v1/events", headers=good).status == 200
+    r = srv.request("POST", "/api/v1/", {"jid": "run", "cmd": "sleep 60"}, headers=good)
+    assert r.status == 201
+    # Every route of the OpenAPI document but the page refuses a request
+    # without the token, or with a wrong one, and does nothing.
+    paths = _http_json(srv.request("GET", "/api/v1/openapi.json", headers=good))["paths"]
+    routes = [(method.upper(), template) for template, ops in paths.items() for method in ops
+              if template not in ("/", "/ui")]
+    assert set(routes) >= {
+        ("GET", "/api/v1/"), ("POST", "/api/v1/"), ("GET", "/api/v1/jobs"),
+        ("POST", "/api/v1/jobs"), ("POST", "/api/v1/cmd/"), ("GET", "/api/v1/events"),
+        ("GET", "/api/v1/openapi.json"), ("GET", "/api/v1/{jid}/"), ("DELETE", "/api/v1/{jid}/"),
+        ("GET", "/api/v1/{jid}/logs"), ("POST", "/api/v1/{jid}/kill"),
+        ("GET", "/api/v1/{jid}/{path}"), ("GET", "/metrics")}, routes
+    where = os.path.dirname(srv.state_dir)
+    marker = os.path.join(where, "ran-")
+    bodies = {("POST", "/api/v1/"): {"jid": "by-post", "cmd": "touch %spost" % marker},
+              ("POST", "/api/v1/jobs"): {"jobs": [{"jid": "by-batch",
+                                                   "cmd": "touch %sbatch" % marker}]},
+              ("POST", "/api/v1/cmd/"): {"payload": {"action": "run", "meta": {
+                  "jid": "by-cmd", "cmd": "touch %scmd" % marker}}},
+              ("POST", "/api/v1/{jid}/kill"): {"signal": "SIGKILL"}}
+
+    def call(method, template, headers):
+        path = template.replace("{jid}", "run").replace("{path}", "jid")
+        return srv.request(method, path, bodies.get((method, template)), headers=headers)
+
+    for method, template in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            _http_error(call(method, template, headers), 401)
+    assert srv.manager.jids() == ["tok", "run"]
+    assert srv.manager.get("run")["status"] == "started"
+    assert not [name for name in os.listdir(where) if name.startswith("ran-")]
+    # with the token, each is served (the DELETE last: it forgets the job)
+    for method, template in sorted(routes, key=lambda route: route[0] == "DELETE"):
+        r = call(method, template, good)
+        assert 200 <= r.status < 300, (method, template, r.status, r.body[:300])
+    assert srv.manager.jids() == ["tok", "by-post", "by-batch", "by-cmd"]
     # the status page itself is served without the token, and holds none
     r = srv.request("GET", "/", headers={})
     assert r.status == 200 and r.header("Content-Type").startswith("text/html")
     assert b"<script>" in r.body and b"s3cret" not in r.body
-    assert srv.manager.jids() == ["tok"]
     assert "/api/v1/" in caplog.text          # requests were logged...
     assert "s3cret" not in caplog.text        # ...never the token
     for bad in ("", "s3cr\u00e9t"):
