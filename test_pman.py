@@ -8250,6 +8250,46 @@ def test_ui_page_live_table_filters_log_kill_and_delete(http_factory, ui_page, t
     assert page.errors == []
 
 
+def test_ui_page_is_served_without_the_token_under_its_exact_csp(http_factory):
+    """Over plain HTTP (the browser test skips outside CI): the page and
+    /ui need no token, and their Content-Security-Policy is exactly this:
+    nothing by default, the page's own inline script and style by their
+    SHA-256, connections to its own origin, data: images, and no base,
+    form target or framing."""
+    def digest(text):
+        return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+
+    srv = http_factory(token="s3cret")
+    for path in ("/", "/ui"):
+        r = srv.request("GET", path)
+        assert r.status == 200 and r.header("Content-Type") == "text/html; charset=utf-8"
+        html = r.body.decode("utf-8")
+        script = re.search(r"<script>(.*)</script>", html, re.S).group(1)
+        style = re.search(r"<style>(.*)</style>", html, re.S).group(1)
+        assert r.header("Content-Security-Policy") == (
+            "default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+            "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+            % (digest(script), digest(style))), (path, r.headers)
+        assert r.header("X-Content-Type-Options") == "nosniff"
+        assert r.header("Referrer-Policy") == "no-referrer"
+
+
+def test_ui_metrics_need_the_token_when_the_server_has_one(http_factory):
+    """Over plain HTTP (the browser and prometheus_client tests skip outside
+    CI): /metrics follows the API's token rules."""
+    text = "text/plain; version=0.0.4; charset=utf-8"
+    open_srv = http_factory(state_name="open")
+    r = open_srv.request("GET", "/metrics")
+    assert r.status == 200 and r.header("Content-Type") == text
+    assert b"\npman_jobs_started_total 0\n" in r.body, r.body
+    srv = http_factory(state_name="tok", token="s3cret")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        assert "s3cret" not in _http_error(srv.request("GET", "/metrics", headers=headers), 401)
+    r = srv.request("GET", "/metrics", headers={"Authorization": "Bearer s3cret"})
+    assert r.status == 200 and r.header("Content-Type") == text
+    assert b"\npman_jobs_started_total 0\n" in r.body, r.body
+
+
 def test_ui_token_prompt_and_content_security_policy(http_factory, ui_page):
     srv = http_factory(token="s3cret")
     _http_error(srv.request("GET", "/api/v1/jobs"), 401)
