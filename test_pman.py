@@ -243,6 +243,68 @@ def core_mgr(core_make):
 
 
 # ---------------------------------------------------------------------------
+# the order of real system calls in this process: spawns and signals seen by
+# an audit hook, syncs by a spy that calls the real os.fdatasync / os.fsync
+# ---------------------------------------------------------------------------
+
+_SYSCALLS = {"log": None, "hooked": False}
+
+
+def _syscall_audit(event, args):
+    log = _SYSCALLS["log"]
+    if log is None:
+        return
+    if event in ("os.posix_spawn", "subprocess.Popen"):
+        argv = args[1]
+        argv = [argv] if isinstance(argv, (str, bytes)) else list(argv)
+        log.append(("spawn", argv, threading.current_thread().name))
+    elif event in ("os.kill", "os.killpg") and args[1] != 0:
+        log.append(("signal", args[0], args[1], threading.current_thread().name))
+
+
+@pytest.fixture
+def syscalls(monkeypatch):
+    """A list that receives, in the order they happen: ("spawn", argv,
+    thread name) when a process is spawned, ("signal", pid or pgid, signal,
+    thread name) when one is sent, and ("sync", the file's bytes, thread
+    name) once a sync of that file has returned."""
+    log = []
+    if not _SYSCALLS["hooked"]:
+        sys.addaudithook(_syscall_audit)    # cannot be removed: it stays, idle
+        _SYSCALLS["hooked"] = True
+
+    def spy(real):
+        def sync(fd):
+            try:
+                with open("/proc/self/fd/%d" % fd, "rb") as f:
+                    data = f.read()
+            except IsADirectoryError:
+                data = b""
+            real(fd)
+            log.append(("sync", data, threading.current_thread().name))
+        return sync
+
+    monkeypatch.setattr(os, "fdatasync", spy(os.fdatasync))
+    monkeypatch.setattr(os, "fsync", spy(os.fsync))
+    _SYSCALLS["log"] = log
+    try:
+        yield log
+    finally:
+        _SYSCALLS["log"] = None
+
+
+def _synced_records(data):
+    """The job records in a synced file's bytes (a batch's, one by one)."""
+    for raw in data.split(b"\n"):
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            yield from rec["batch"] if isinstance(rec.get("batch"), list) else [rec]
+
+
+# ---------------------------------------------------------------------------
 # shared by the command-dialect tests
 # ---------------------------------------------------------------------------
 _CMD_INFO_FIELDS = ("cmd", "jid", "auid", "pid", "started", "startTrigger", "done",
@@ -2551,6 +2613,44 @@ def test_kill_jobs_start_with_default_signal_dispositions(core_make):
     assert done["returncode"] == -2, done
 
 
+def test_kill_jobs_start_with_no_signal_blocked_whatever_thread_starts_them(core_make, syscalls):
+    """README: a job starts with an empty signal mask.  A thread's mask is
+    inherited by what it spawns and by the threads it starts (the reaper,
+    which starts queued jobs): signals blocked there must not reach a job,
+    which could then not be stopped by SIGTERM.  (dash clears its mask when
+    it starts; a /bin/sh that keeps it, as bash does, relies on pman's.)"""
+    blocked = {signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+    report = 'grep "^SigBlk" /proc/self/status'
+    made, errors = [], []
+
+    def submit():       # the manager and its reaper are made here too
+        try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+            m = core_make(max_running=1, grace=30)
+            made.append(m)
+            m.run(report + "; exec sleep 60", jid="first")
+            m.run(report, jid="queued-1")
+            m.run_many([{"cmd": report, "jid": "queued-2"}])
+        except BaseException as e:      # reported by the main thread
+            errors.append(e)
+
+    t = threading.Thread(target=submit)
+    t.start()
+    t.join(30)
+    assert not t.is_alive() and not errors, errors
+    m = made[0]
+    assert [r["status"] for r in m.jobs()] == ["started", "notstarted", "notstarted"]
+    _until(lambda: m.read_log("first")["data"], 10, "the first job's report")
+    m.kill("first", "SIGKILL")      # the reaper starts the queued ones
+    m.wait(["first", "queued-1", "queued-2"], timeout=10)
+    for jid in ("first", "queued-1", "queued-2"):
+        out = m.read_log(jid)["data"].decode()
+        mask = int(re.fullmatch(r"SigBlk:\s*([0-9a-f]+)\n", out).group(1), 16)
+        assert mask == 0, "job %s started with signals blocked: %s" % (jid, out)
+    threads = [call[2] for call in syscalls if call[0] == "spawn"]
+    assert threads == [t.name, "pman-reaper", "pman-reaper"], threads
+
+
 # ===========================================================================
 # 4. logs, environment, cwd, argv and spawn failures
 # ===========================================================================
@@ -4157,6 +4257,44 @@ def test_state_job_record_is_written_before_its_process_exists(crash_env, durabl
             "job wa%d ran before its record was in the journal: %r" % (i, out))
 
 
+def test_state_durable_sync_comes_before_the_spawn_and_before_the_signal(crash_env, syscalls):
+    """README: run() returning means the job is on disk, and a kill is
+    journaled before its signal is sent.  In the order of the real system
+    calls: a sync of a file holding the job's record has returned before
+    its process is spawned (run(); each job of a run_many()), and one
+    holding its kill before the signal goes out."""
+    state = crash_env.path()
+    manager = crash_env.manager(state, durable=True)
+    cmds = {"wal-run": "sleep 60 && echo wal-run", "wal-b0": "echo wal-b0",
+            "wal-b1": "echo wal-b1"}
+    del syscalls[:]
+    pid = manager.run(cmds["wal-run"], jid="wal-run")["pid"]
+    manager.run_many([{"cmd": cmds[jid], "jid": jid} for jid in ("wal-b0", "wal-b1")])
+    manager.kill("wal-run", "SIGTERM")
+    assert manager.wait("wal-run", timeout=10)["returncode"] == -15
+
+    def synced_before(index, pred):
+        return any(pred(rec) for call in syscalls[:index] if call[0] == "sync"
+                   for rec in _synced_records(call[1]))
+
+    spawned = {}
+    for index, call in enumerate(syscalls):
+        if call[0] == "spawn":
+            jid = next((j for j, cmd in cmds.items() if any(cmd in w for w in call[1])), None)
+            if jid is None:
+                continue
+            spawned[jid] = index
+            assert synced_before(index, lambda rec: rec.get("jid") == jid), (
+                "job %s was spawned before its record was synced" % jid)
+    assert sorted(spawned) == sorted(cmds), spawned
+    signals = [i for i, call in enumerate(syscalls)
+               if call[0] == "signal" and call[1:3] == (pid, signal.SIGTERM)]
+    assert signals, syscalls
+    assert synced_before(signals[0], lambda rec: rec.get("jid") == "wal-run"
+                         and rec.get("kill_signal") == signal.SIGTERM), (
+        "the kill's signal was sent before its record was synced")
+
+
 def test_state_stale_exit_record_is_never_read_for_another_job(crash_env):
     """The issue's reproduction: a line left in `exits` by a job whose record
     was lost must not give its code to a later job with the same seq, nor
@@ -4262,11 +4400,10 @@ def small_fs(tmp_path):
 def _fill(path):
     """Fill the file system of *path*; return the filler's path."""
     filler = os.path.join(path, "filler")
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:   # nothing left to flush at close
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError as e:
             assert e.errno == 28, e
     return filler
@@ -4325,6 +4462,38 @@ def test_state_full_disk_refuses_the_job_and_the_kill(small_fs, tmp_path):
     try:
         assert {r["jid"]: r["returncode"] for r in m.jobs()} == {"running": -15, "after": 5}
         assert not [n for n in os.listdir(state) if ".corrupt" in n]
+    finally:
+        m.close()
+
+
+def test_state_full_disk_refuses_the_job_without_durable_too(small_fs, tmp_path):
+    """With durable=False no sync follows the journal write: the failed
+    write itself must refuse the job, which never runs."""
+    state = os.path.join(small_fs, "state")
+    marker = str(tmp_path / "ran")
+    big = {"pad": "x" * 6000}           # every record needs a new page
+    m = pman.JobManager(state, durable=False)
+    filler = os.path.join(small_fs, "filler")
+    try:
+        _fill(small_fs)
+        with pytest.raises(pman.StorageError) as info:
+            m.run("touch %s" % marker, jid="refused", meta=big)
+        assert state in str(info.value) and "No space left" in str(info.value)
+        with pytest.raises(pman.StorageError):      # a batch: none of it
+            m.run_many([{"cmd": "touch %s" % marker, "jid": "refused-%d" % i, "meta": big}
+                        for i in range(3)])
+        assert m.jobs() == []
+        os.unlink(filler)
+        m.run("exit 5", jid="after", meta=big)
+        assert m.wait("after", timeout=10)["returncode"] == 5
+        assert not os.path.exists(marker), "a refused job ran"
+    finally:
+        if os.path.exists(filler):      # room for close() to write the state
+            os.unlink(filler)
+        m.close(kill=True)
+    m = pman.JobManager(state)
+    try:
+        assert {r["jid"]: r["returncode"] for r in m.jobs()} == {"after": 5}
     finally:
         m.close()
 
@@ -6873,15 +7042,47 @@ def test_security_token_guards_every_api_route_and_is_never_logged(http_factory,
     assert r.status == 201
     r = srv.request("GET", "/api/v1/tok/?wait=10", headers=good)
     assert r.status == 200 and _http_json(r)["status"] == "finishedSuccessfully"
-    _http_error(srv.request("GET", "/api/v1/tok/"), 401)
-    _http_error(srv.request("POST", "/api/v1/", {"jid": "x", "cmd": "true"}), 401)
-    _http_error(srv.request("GET", "/api/v1/events"), 401)
-    assert srv.request("GET", "/api/v1/events", headers=good).status == 200
+    r = srv.request("POST", "/api/v1/", {"jid": "run", "cmd": "sleep 60"}, headers=good)
+    assert r.status == 201
+    # Every route of the OpenAPI document but the page refuses a request
+    # without the token, or with a wrong one, and does nothing.
+    paths = _http_json(srv.request("GET", "/api/v1/openapi.json", headers=good))["paths"]
+    routes = [(method.upper(), template) for template, ops in paths.items() for method in ops
+              if template not in ("/", "/ui")]
+    assert set(routes) >= {
+        ("GET", "/api/v1/"), ("POST", "/api/v1/"), ("GET", "/api/v1/jobs"),
+        ("POST", "/api/v1/jobs"), ("POST", "/api/v1/cmd/"), ("GET", "/api/v1/events"),
+        ("GET", "/api/v1/openapi.json"), ("GET", "/api/v1/{jid}/"), ("DELETE", "/api/v1/{jid}/"),
+        ("GET", "/api/v1/{jid}/logs"), ("POST", "/api/v1/{jid}/kill"),
+        ("GET", "/api/v1/{jid}/{path}"), ("GET", "/metrics")}, routes
+    where = os.path.dirname(srv.state_dir)
+    marker = os.path.join(where, "ran-")
+    bodies = {("POST", "/api/v1/"): {"jid": "by-post", "cmd": "touch %spost" % marker},
+              ("POST", "/api/v1/jobs"): {"jobs": [{"jid": "by-batch",
+                                                   "cmd": "touch %sbatch" % marker}]},
+              ("POST", "/api/v1/cmd/"): {"payload": {"action": "run", "meta": {
+                  "jid": "by-cmd", "cmd": "touch %scmd" % marker}}},
+              ("POST", "/api/v1/{jid}/kill"): {"signal": "SIGKILL"}}
+
+    def call(method, template, headers):
+        path = template.replace("{jid}", "run").replace("{path}", "jid")
+        return srv.request(method, path, bodies.get((method, template)), headers=headers)
+
+    for method, template in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            _http_error(call(method, template, headers), 401)
+    assert srv.manager.jids() == ["tok", "run"]
+    assert srv.manager.get("run")["status"] == "started"
+    assert not [name for name in os.listdir(where) if name.startswith("ran-")]
+    # with the token, each is served (the DELETE last: it forgets the job)
+    for method, template in sorted(routes, key=lambda route: route[0] == "DELETE"):
+        r = call(method, template, good)
+        assert 200 <= r.status < 300, (method, template, r.status, r.body[:300])
+    assert srv.manager.jids() == ["tok", "by-post", "by-batch", "by-cmd"]
     # the status page itself is served without the token, and holds none
     r = srv.request("GET", "/", headers={})
     assert r.status == 200 and r.header("Content-Type").startswith("text/html")
     assert b"<script>" in r.body and b"s3cret" not in r.body
-    assert srv.manager.jids() == ["tok"]
     assert "/api/v1/" in caplog.text          # requests were logged...
     assert "s3cret" not in caplog.text        # ...never the token
     for bad in ("", "s3cr\u00e9t"):
@@ -8189,6 +8390,46 @@ def test_ui_page_live_table_filters_log_kill_and_delete(http_factory, ui_page, t
                and "/api/v1/events" not in u and "/api/v1/jobs" not in u]
     assert singles == [], singles
     assert page.errors == []
+
+
+def test_ui_page_is_served_without_the_token_under_its_exact_csp(http_factory):
+    """Over plain HTTP (the browser test skips outside CI): the page and
+    /ui need no token, and their Content-Security-Policy is exactly this:
+    nothing by default, the page's own inline script and style by their
+    SHA-256, connections to its own origin, data: images, and no base,
+    form target or framing."""
+    def digest(text):
+        return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+
+    srv = http_factory(token="s3cret")
+    for path in ("/", "/ui"):
+        r = srv.request("GET", path)
+        assert r.status == 200 and r.header("Content-Type") == "text/html; charset=utf-8"
+        html = r.body.decode("utf-8")
+        script = re.search(r"<script>(.*)</script>", html, re.S).group(1)
+        style = re.search(r"<style>(.*)</style>", html, re.S).group(1)
+        assert r.header("Content-Security-Policy") == (
+            "default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+            "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+            % (digest(script), digest(style))), (path, r.headers)
+        assert r.header("X-Content-Type-Options") == "nosniff"
+        assert r.header("Referrer-Policy") == "no-referrer"
+
+
+def test_ui_metrics_need_the_token_when_the_server_has_one(http_factory):
+    """Over plain HTTP (the browser and prometheus_client tests skip outside
+    CI): /metrics follows the API's token rules."""
+    text = "text/plain; version=0.0.4; charset=utf-8"
+    open_srv = http_factory(state_name="open")
+    r = open_srv.request("GET", "/metrics")
+    assert r.status == 200 and r.header("Content-Type") == text
+    assert b"\npman_jobs_started_total 0\n" in r.body, r.body
+    srv = http_factory(state_name="tok", token="s3cret")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        assert "s3cret" not in _http_error(srv.request("GET", "/metrics", headers=headers), 401)
+    r = srv.request("GET", "/metrics", headers={"Authorization": "Bearer s3cret"})
+    assert r.status == 200 and r.header("Content-Type") == text
+    assert b"\npman_jobs_started_total 0\n" in r.body, r.body
 
 
 def test_ui_token_prompt_and_content_security_policy(http_factory, ui_page):
