@@ -6810,10 +6810,10 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
     time of a kept-alive connection; *listeners* the handler threads, so the
     requests processed at once; *long_polls* the ``?wait`` requests waiting
     at once; past either, 503.  *max_wait* (s) caps every long poll's wait
-    (a job's ``?wait`` and the events feed's).  *max_connections* defaults to the soft ``RLIMIT_NOFILE`` less
-    FD_RESERVE and one fd per job slot (``max_running``, or half the limit
-    when it is unlimited): past it a new connection gets 503 at once.  At
-    most *event_waiters* long polls of /api/v1/events wait at once; past
+    (a job's ``?wait`` and the events feed's).  *max_connections* defaults
+    to the soft ``RLIMIT_NOFILE`` less FD_RESERVE and one fd per job slot
+    (``max_running``, or half the limit when it is unlimited): past it a new
+    connection gets 503 at once.  At most *event_waiters* long polls of /api/v1/events wait at once; past
     that one is answered at once (``"busy": true``)."""
     if token is not None:
         if not isinstance(token, str) or not token or not token.isascii():
