@@ -4448,12 +4448,14 @@ MAX_BODY = 1 << 20          # bytes in a request body
 MAX_BATCH = 10000           # jobs in one POST /api/v1/jobs (bounds the reply and its time)
 MAX_HEAD = 1 << 16          # bytes of a request line and its headers
 MAX_HEADERS = 100           # header fields of a request (as http.client allows)
+MAX_EMPTY_LINES = 8         # empty lines ignored before a request line (RFC 9112 2.2)
 MAX_WAIT = 60.0             # cap of a long poll, in seconds
 REQUEST_TIMEOUT = 10.0      # s for a whole request (head and body) to arrive; also
                             # the longest a kept-alive connection may sit idle
 KEEPALIVE_LINGER = 0.05     # s a handler thread waits for a connection's next request
                             # before handing the connection back to the reader
 DEFAULT_LISTENERS = 64
+LISTENER_WAIT = 0.2         # s a complete request waits for a free handler thread; then 503
 DEFAULT_LONG_POLLS = 256    # ?wait requests waiting at once; past it, 503
 FD_RESERVE = 64             # fds never used for connections (state files, a spawn's)
 PAGE_SIZE, MAX_PAGE = 100, 1000
@@ -5392,6 +5394,32 @@ def _http_version(text):
     return int(major), int(minor)
 
 
+# method SP request-target [SP HTTP-version]: a token, then visible ASCII
+# (the version's own checks are _http_version's; no version is HTTP/0.9)
+_REQUEST_LINE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [!-~]+(?: [!-~]+)?")
+
+
+def _body_length(fields):
+    """The length of the body a request's header *fields* announce, or None
+    for none.  What cannot be read safely is refused (HTTPError): chunked
+    or encoded bodies, two lengths, a malformed one, one over MAX_BODY."""
+    if "Transfer-Encoding" in fields:      # even empty: a front end may differ
+        raise HTTPError(411, "chunked or encoded bodies are not supported: "
+                        "send Content-Length")
+    lengths = fields.get_all("Content-Length")
+    if lengths is None:
+        return None
+    if len(lengths) > 1:
+        raise HTTPError(400, "more than one Content-Length header")
+    text = lengths[0].strip()
+    if not text.isdigit() or not text.isascii():
+        raise HTTPError(400, "invalid Content-Length %r" % lengths[0])
+    length = int(text)
+    if length > MAX_BODY:
+        raise HTTPError(413, "body of %d bytes is over the limit of %d" % (length, MAX_BODY))
+    return length
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     """The requests of one connection, given to `serve` one head at a time
     by _Server.  Persistent (HTTP/1.1), TCP_NODELAY, each reply sent in one
@@ -5408,15 +5436,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.client_address = conn.addr
         self.server = server
         self.wfile = _Writer(conn.sock)
-        self._listener = False
         self.parked = None          # a long poll waiting for its answer (_Parked)
 
-    def serve(self, head, deadline):
-        """Answer the request whose head (request line and headers) is
-        *head*; its body, if any, must arrive by *deadline*."""
-        # RFC 9112 2.2: empty lines before a request line are ignored
-        self.rfile = io.BytesIO(head.lstrip(b"\r\n") if head[:1] in (b"\r", b"\n") else head)
-        self.deadline = deadline
+    def serve(self, line, fields, body):
+        """Answer the request read whole by the reader (_Conn.take_request):
+        its request *line*, its header *fields* (a _Headers, or the
+        HTTPError that refuses them) and its *body*."""
+        self.rfile = io.BytesIO(line)
+        self.fields, self.body = fields, body
         self._template = None           # the route's, for the metrics
         self.path = ""                  # none yet: a bad request line counts as "other"
         self.handle_one_request()
@@ -5431,10 +5458,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not self._request_line():
             return False
         try:
-            self.headers = _Headers(self.rfile.read())
+            if isinstance(self.fields, HTTPError):
+                raise self.fields
+            self.headers = self.fields
             # The framing is checked before anything else (the token too):
-            # a body whose length is in doubt is never left to be read as
-            # the next request.
+            # a body whose length is in doubt is never read as the next
+            # request.
             self.body_length = self._content_length(self.command)
         except HTTPError as e:
             self.send_error(e.status, str(e))
@@ -5444,20 +5473,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         elif connection == "keep-alive":
             self.close_connection = False
-        if (self.headers.get("Expect", "").lower() == "100-continue"
-                and self.request_version >= "HTTP/1.1"):
-            return self.handle_expect_100()
-        return True
+        return True         # (a 100 Continue was the reader's: _Conn.request_end)
 
     def _request_line(self):
         """Read the request line into command, path, request_version and
         close_connection, as http.server does; False once refused."""
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if not 2 <= len(words) <= 3:
-            if words:
-                self.send_error(400, "Bad request syntax (%r)" % self.requestline)
+        line = str(self.raw_requestline, "iso-8859-1")
+        self.requestline = line[:-2] if line.endswith("\r\n") else line.rstrip("\n")
+        # RFC 9112 3: exactly one SP between the parts (no other blank
+        # separates: a front end may split the line elsewhere)
+        if _REQUEST_LINE.fullmatch(self.requestline) is None:
+            self.send_error(400, "Bad request syntax (%r)" % self.requestline)
             return False
+        words = self.requestline.split(" ")
         if len(words) == 3:
             version = _http_version(words[2])
             if version is None or version >= (2, 0):
@@ -5542,15 +5570,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._dispatch("OPTIONS")
 
     def _dispatch(self, method):
-        self._body_done = False
         try:
             status, obj = self._route(method)
         except _Parked as parked:       # answered later, by answer_parked()
             self.parked = parked
             return
         except Exception as e:
-            if not self._body_done and self.body_length:
-                self.close_connection = True    # an unread body would garble the next request
             status = _status_for(e)
             if status == 500:
                 log.exception("internal error on %s %s", method, self.path.split("?")[0])
@@ -5558,10 +5583,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             else:
                 message = str(e)
             obj = {"status": False, "message": message}
-        finally:
-            if self._listener:
-                self._listener = False
-                self.server.listeners.release()
         try:
             self._reply(status, obj)
         except OSError:
@@ -5611,59 +5632,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if not ok:
                 raise HTTPError(401, "missing or wrong bearer token")
 
-    def _read_body(self, method):
-        """The request's body: a JSON object for a POST, else None (a body
-        sent with another method is read and dropped)."""
-        length = self.body_length
-        if length is None:
-            self._body_done = True
-            return None
-        try:
-            data = self.conn.read(length, self.deadline) if length else b""
-        except OSError:         # the request's deadline passed, or the client left
-            self.close_connection = True
-            raise HTTPError(408, "the request did not arrive within %g s"
-                            % self.server.request_timeout) from None
-        self._body_done = True
-        if len(data) < length:
-            self.close_connection = True
-            raise HTTPError(400, "body shorter than its Content-Length")
-        return _json_object(data) if method == "POST" else None
-
     def _content_length(self, method):
         """The body's length, or None for no body; what cannot be read
-        safely (chunked, two lengths, a bad one, over MAX_BODY) is refused
+        safely (see _body_length) or a POST without a length is refused
         and closes the connection."""
-        if "Transfer-Encoding" in self.headers:      # even empty: a front end may differ
-            self.close_connection = True
-            raise HTTPError(411, "chunked or encoded bodies are not supported: "
-                            "send Content-Length")
-        lengths = self.headers.get_all("Content-Length") or []
-        if len(lengths) > 1:
-            self.close_connection = True
-            raise HTTPError(400, "more than one Content-Length header")
-        if not lengths:
-            if method == "POST":
-                self.close_connection = True
+        try:
+            length = _body_length(self.headers)
+            if length is None and method == "POST":
                 raise HTTPError(411, "a POST needs a Content-Length header")
-            return None
-        text = lengths[0].strip()
-        if not text.isdigit() or not text.isascii():
+        except HTTPError:
             self.close_connection = True
-            raise HTTPError(400, "invalid Content-Length %r" % lengths[0])
-        length = int(text)
-        if length > MAX_BODY:
-            self.close_connection = True
-            raise HTTPError(413, "body of %d bytes is over the limit of %d" % (length, MAX_BODY))
+            raise
         return length
 
     def _route(self, method):
         self._check_access(token=self.path.partition("?")[0] not in _PAGE_PATHS)
-        body = self._read_body(method)
-        # Counted once the request is in: a slow client holds no listener.
-        if not self.server.listeners.acquire(blocking=False):
-            raise HTTPError(503, "too many requests in progress: try again")
-        self._listener = True
+        body = _json_object(self.body) if method == "POST" else None
         path, query = self._target()
         for regex, template, handler in _Routes.BY_METHOD.get(method, ()):
             match = regex.fullmatch(path)
@@ -5835,7 +5819,7 @@ class _Api:
         wait = 0.0
         if "wait" in query:
             try:
-                wait = min(float(query["wait"]), MAX_WAIT)
+                wait = min(float(query["wait"]), self.server.max_wait)
             except ValueError:
                 raise HTTPError(400, "wait must be a number of seconds") from None
             if not wait >= 0:
@@ -6219,13 +6203,33 @@ class _Writer:
         pass
 
 
+# Up to MAX_EMPTY_LINES empty lines, skipped before a request line
+_EMPTY_LINES = re.compile(rb"(?:\r?\n){0,%d}" % MAX_EMPTY_LINES)
+
+
+def _parse_head(head):
+    """(request line, fields, body length) of a complete request *head*.
+    The fields are a _Headers, or the HTTPError that refuses them; a body
+    whose length is refused counts as none, as the handler refuses the
+    request and closes the connection."""
+    start = _EMPTY_LINES.match(head).end() if head[:1] in (b"\r", b"\n") else 0
+    eol = head.find(b"\n", start) + 1
+    try:
+        fields = _Headers(head[eol:])
+        length = _body_length(fields) or 0
+    except HTTPError as e:
+        fields, length = e, 0
+    return head[start:eol], fields, length
+
+
 class _Conn:
     """One client connection: its socket and the bytes received but not yet
-    used.  While no request is complete it is *parked*: the reader thread
-    alone reads it, and no thread is spent on it.  Once a request head is
-    in, one handler thread owns it until it goes idle again."""
+    used.  While no request is complete (head and body) it is *parked*:
+    the reader thread alone reads it, and no thread is spent on it.  Once a
+    request is in, one handler thread owns it until it goes idle again."""
 
-    __slots__ = ("sock", "addr", "buf", "since", "idle_since", "handler", "poller", "timeout")
+    __slots__ = ("sock", "addr", "buf", "since", "idle_since", "handler", "poller", "timeout",
+                 "request")
 
     def __init__(self, sock, addr):
         self.sock, self.addr = sock, addr
@@ -6235,58 +6239,62 @@ class _Conn:
         self.handler = None
         self.poller = None          # a handler thread's wait for the next request
         self.timeout = None         # the socket's timeout while a handler owns it
+        self.request = None         # the pending request, once its head is in:
+                                    # (line, fields, head length, whole length)
 
     def head_end(self):
         """The length of a complete request head at the start of buf, or -1.
-        The head ends at its first empty line, CRLF or bare LF."""
+        The head ends at its first empty line, CRLF or bare LF, after its
+        request line (which up to MAX_EMPTY_LINES empty lines may precede)."""
         buf = self.buf
-        crlf = buf.find(b"\n\r\n")
-        lf = buf.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else len(buf))
+        start = _EMPTY_LINES.match(buf).end() if buf[:1] in (b"\r", b"\n") else 0
+        crlf = buf.find(b"\n\r\n", start)
+        lf = buf.find(b"\n\n", start, crlf + 2 if crlf >= 0 else len(buf))
         end = lf + 2 if lf >= 0 else crlf + 3 if crlf >= 0 else -1
         return end if end <= MAX_HEAD else -1     # too long: never served (431)
 
-    def take(self, n):
-        """The first *n* bytes of buf, removed from it."""
+    def request_end(self):
+        """The length of the request (head and body) complete at the start
+        of buf, or -1.  Once the head is in, its body's length is known,
+        and a client that asked for it gets its 100 Continue."""
+        request = self.request
+        if request is None:
+            head = self.head_end()
+            if head < 0:
+                return -1
+            line, fields, length = _parse_head(bytes(self.buf[:head]))
+            request = self.request = (line, fields, head, head + length)
+            # (a refused head counts no body: fields is a _Headers here)
+            if (len(self.buf) < head + length and line.rstrip().endswith(b" HTTP/1.1")
+                    and fields.get("Expect", "").lower() == "100-continue"):
+                try:
+                    self.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                except OSError:
+                    pass        # the client sends its body after a pause anyway
+        return request[3] if len(self.buf) >= request[3] else -1
+
+    def take_request(self):
+        """The complete request at the start of buf (see request_end),
+        removed from it: (request line, fields, body)."""
+        line, fields, head, end = self.request
+        self.request = None
         buf = self.buf
-        if n == len(buf):       # the usual case: nothing pipelined behind
-            data = bytes(buf)
+        body = bytes(buf[head:end])
+        if end == len(buf):     # the usual case: nothing pipelined behind
             buf.clear()
             self.since = None
         else:
-            data = bytes(buf[:n])
-            del buf[:n]
+            del buf[:end]
             self.since = _time()
-        return data
+        return line, fields, body
 
-    def read(self, n, deadline):
-        """*n* bytes (fewer if the client closes), by *deadline* (monotonic);
-        raises socket.timeout past it, however slowly the bytes trickle."""
-        if len(self.buf) < n:
-            try:
-                while len(self.buf) < n:
-                    left = deadline - _time()
-                    if left <= 0:
-                        raise socket.timeout("request deadline passed")
-                    self.sock.settimeout(left)
-                    data = self.sock.recv(min(MAX_BODY, max(65536, n - len(self.buf))))
-                    if not data:
-                        break
-                    self.buf += data
-            finally:
-                self.sock.settimeout(self.timeout)
-        # As take: the body was the pending request's last part, so `since`
-        # is cleared (or restarted for bytes behind it).  A stale `since`
-        # would cut the next request's deadline short, and make an idle
-        # connection look like a late request (a stray 408 when swept).
-        return self.take(min(n, len(self.buf)))
-
-    def next_head(self, linger):
-        """Wait up to *linger* s for the whole head of the next request:
-        its length, -1 if it is not complete by then, 0 if the client
-        closed.  A busy keep-alive client is served by the same thread.
-        The socket's timeout stays as it is (no syscall per request)."""
+    def next_request(self, linger):
+        """Wait up to *linger* s for the whole next request: its length,
+        -1 if it is not complete by then, 0 if the client closed.  A busy
+        keep-alive client is served by the same thread.  The socket's
+        timeout stays as it is (no syscall per request)."""
         if self.buf:
-            end = self.head_end()
+            end = self.request_end()
             if end >= 0:
                 return end
         poller = self.poller
@@ -6294,17 +6302,17 @@ class _Conn:
             poller = self.poller = select.poll()
             poller.register(self.sock, select.POLLIN)
         wait, until = linger * 1000, None
-        while len(self.buf) <= MAX_HEAD and poller.poll(wait):
+        while (self.request is not None or len(self.buf) <= MAX_HEAD) and poller.poll(wait):
             data = self.sock.recv(65536)
             if not data:
                 return 0
             if self.since is None:
                 self.since = _time()
             self.buf += data
-            end = self.head_end()
+            end = self.request_end()
             if end >= 0:
                 return end
-            if until is None:           # a head in pieces: the rest within linger
+            if until is None:           # a request in pieces: the rest within linger
                 until = _time() + linger
             wait = (until - _time()) * 1000
             if wait <= 0:
@@ -6328,6 +6336,10 @@ def _canned(status, reason, message):
 
 _HEAD_TOO_LARGE = _canned(431, "Request Header Fields Too Large",
                           "the request line and headers exceed %d bytes" % MAX_HEAD)
+_BODY_SHORT = _canned(400, "Bad Request", "body shorter than its Content-Length")
+_BUSY = _canned(503, "Service Unavailable", "too many requests in progress: try again")
+_NO_THREAD = _canned(503, "Service Unavailable", "no thread could be started to serve "
+                     "the request: try again")
 
 
 def _fd_limit(raise_soft=False):
@@ -6374,13 +6386,14 @@ class _AcceptPause:
 
 class _Server(http.server.HTTPServer):
     """One reader thread (the one in `serve_forever`) accepts connections
-    and reads them with `selectors` until a request head is complete; only
-    then a handler thread (``pman-http``) serves it, and keeps serving that
-    connection while its requests follow each other, then hands it back.
-    So slow or idle clients cost no thread.  Bounds: a whole request must
-    arrive within ``request_timeout``, idle connections close after it, at
-    most ``max_connections`` are open (past it a new one gets 503 at once),
-    and `listeners` caps the requests processed at once."""
+    and reads them with `selectors` until a request, head and body, is
+    complete; only then a handler thread (``pman-http``) serves it, and
+    keeps serving that connection while its requests follow each other,
+    then hands it back.  So slow or idle clients cost no thread.  Bounds: a
+    whole request must arrive within ``request_timeout``, idle connections
+    close after it, at most ``max_connections`` are open (past it a new one
+    gets 503 at once), and at most `listeners` handler threads run (past
+    it, and when a thread cannot start, a request gets 503)."""
 
     request_queue_size = 1024   # socketserver's 5 drops SYNs under a burst
     allow_reuse_address = True
@@ -6393,7 +6406,7 @@ class _Server(http.server.HTTPServer):
         self.token = None if token is None else token.encode("ascii")
         self.loopback = loopback
         self.allowed_hosts = {"localhost", "127.0.0.1", "::1", address[0].lower()}
-        self.listeners = threading.BoundedSemaphore(listeners)
+        self.listeners = threading.BoundedSemaphore(listeners)   # one per handler thread
         self.request_timeout = request_timeout
         self.max_wait = max_wait
         self.linger = min(KEEPALIVE_LINGER, request_timeout)
@@ -6422,6 +6435,10 @@ class _Server(http.server.HTTPServer):
         self._open_lock = threading.Lock()  # guards _open
         self._polls_lock = threading.Lock()     # guards _polls
         self._polls = []                    # (conn, _Parked): long polls, no thread each
+        # (conn, _Parked or None, monotonic time of its 503): requests that
+        # wait for a free handler thread, oldest first.  The reader only;
+        # handler threads test it to give their listener up early.
+        self._waiting = collections.deque()
         self._stop = threading.Event()      # shutdown() asks the reader to stop
         self._stopped = threading.Event()   # the reader has stopped
         self._stopped.set()
@@ -6450,6 +6467,8 @@ class _Server(http.server.HTTPServer):
         poll_due = None
         while not self._stop.is_set():
             wait = min(t for t in (next_sweep, pause.until, poll_due) if t is not None)
+            if self._waiting:
+                wait = min(wait, self._waiting[0][2])
             for key, _ in sel.select(max(0.0, wait - _time())):
                 if key.data == "accept":
                     pause.after(sel, self.socket, self._accept(sel))
@@ -6459,6 +6478,8 @@ class _Server(http.server.HTTPServer):
                         self._park(sel, self._returned.popleft())
                 else:
                     self._on_readable(sel, key.data)
+            for _ in range(len(self._waiting)):     # a listener may be free
+                self._start(*self._waiting.popleft())
             now = _time()
             poll_due = self._answer_polls(now)
             pause.resume_if_due(sel, self.socket, now)
@@ -6479,6 +6500,11 @@ class _Server(http.server.HTTPServer):
             polls, self._polls = self._polls, []
         for conn, parked in polls:
             parked.done()
+            self._drop(conn)
+        while self._waiting:
+            conn, parked, _ = self._waiting.popleft()
+            if parked is not None:
+                parked.done()
             self._drop(conn)
         sel.close()
         self._stop.clear()          # a later serve_forever() serves again
@@ -6537,7 +6563,10 @@ class _Server(http.server.HTTPServer):
         return None
 
     def _park(self, sel, conn):
-        if len(conn.buf) > MAX_HEAD and conn.head_end() < 0:   # handed back with no head
+        if conn.buf and conn.request_end() >= 0:    # handed back with one pipelined
+            self._start(conn)
+            return
+        if conn.request is None and len(conn.buf) > MAX_HEAD:     # handed back with no head
             self._drop(conn, _HEAD_TOO_LARGE)
             return
         conn.sock.settimeout(0.0)
@@ -6558,20 +6587,43 @@ class _Server(http.server.HTTPServer):
             data = b""
         if not data:
             self._unpark(sel, conn)
-            self._drop(conn)
+            self._drop(conn, None if conn.request is None else _BODY_SHORT)
             return
         if conn.since is None:
             conn.since = _time()
         conn.buf += data
-        end = conn.head_end()
-        if end < 0 and len(conn.buf) <= MAX_HEAD:
+        end = conn.request_end()
+        if end < 0 and (conn.request is not None or len(conn.buf) <= MAX_HEAD):
             return
         self._unpark(sel, conn)
         if end < 0:
             self._drop(conn, _HEAD_TOO_LARGE)
             return
-        threading.Thread(target=self._serve_conn, args=(conn, end), name="pman-http",
-                         daemon=True).start()
+        self._start(conn)
+
+    def _start(self, conn, parked=None, due=None):
+        """Serve *conn*'s complete request (or answer its *parked* long
+        poll) in a handler thread.  With all `listeners` taken it waits in
+        _waiting until *due* (LISTENER_WAIT from now), then gets 503; a
+        thread that cannot start, 503 at once."""
+        if not self.listeners.acquire(blocking=False):
+            now = _time()
+            if due is None or now < due:
+                self._waiting.append((conn, parked, now + LISTENER_WAIT if due is None else due))
+                return
+            reply = _BUSY
+        else:
+            try:
+                threading.Thread(target=self._serve_conn, args=(conn, parked),
+                                 name="pman-http", daemon=True).start()
+                return
+            except RuntimeError as e:       # out of memory or of tasks (pids, ulimit -u)
+                self.listeners.release()
+                log.warning("cannot start a handler thread (%s): answering 503", e)
+                reply = _NO_THREAD
+        if parked is not None:
+            parked.done()
+        self._drop(conn, reply)
 
     def _sweep(self, sel, now):
         """Close parked connections whose request is overdue, or that sat
@@ -6602,10 +6654,18 @@ class _Server(http.server.HTTPServer):
 
     # -- handler threads -------------------------------------------------------
 
-    def _serve_conn(self, conn, end, parked=None):
+    def _serve_conn(self, conn, parked=None):
         """Serve requests on *conn* while they come back to back (first the
         answer of its *parked* long poll, if any); then hand it back to the
-        reader (or close it)."""
+        reader (or close it).  Holds a listener, taken by _start."""
+        try:
+            self._serve_requests(conn, parked)
+        finally:
+            self.listeners.release()
+            if self._waiting:
+                self._waker.wake()
+
+    def _serve_requests(self, conn, parked):
         try:
             if conn.handler is None:
                 conn.handler = _Handler(conn, self)
@@ -6617,8 +6677,7 @@ class _Server(http.server.HTTPServer):
                     handler.answer_parked(parked)
                     parked = None
                 else:
-                    since = conn.since
-                    handler.serve(conn.take(end), since + self.request_timeout)
+                    handler.serve(*conn.take_request())
                     if handler.parked is not None:  # a long poll: no thread while it waits
                         with self._polls_lock:
                             self._polls.append((conn, handler.parked))
@@ -6627,7 +6686,8 @@ class _Server(http.server.HTTPServer):
                         return
                 if handler.close_connection or self._stop.is_set():
                     break
-                end = conn.next_head(self.linger)
+                # linger for the next request, unless another waits for the listener
+                end = -1 if self._waiting else conn.next_request(self.linger)
                 if end < 0:                 # idle, or a slow next request
                     self._returned.append(conn)
                     self._waker.wake()
@@ -6656,8 +6716,7 @@ class _Server(http.server.HTTPServer):
             self._polls = waiting
             first = min((p.deadline for _, p in waiting), default=None)
         for conn, parked in due:
-            threading.Thread(target=self._serve_conn, args=(conn, 0, parked),
-                             name="pman-http", daemon=True).start()
+            self._start(conn, parked)
         return first
 
     def stop_soon(self):
@@ -6749,12 +6808,13 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
     loopback, requests naming a foreign Host are refused (403).
 
     *request_timeout* (s) bounds the arrival of a whole request and the idle
-    time of a kept-alive connection; *listeners* the requests processed at
-    once; *long_polls* the ``?wait`` requests waiting at once; past either,
-    503.  *max_connections* defaults to the soft ``RLIMIT_NOFILE`` less
-    FD_RESERVE and one fd per job slot (``max_running``, or half the limit
-    when it is unlimited): past it a new connection gets 503 at once.  At
-    most *event_waiters* long polls of /api/v1/events wait at once; past
+    time of a kept-alive connection; *listeners* the handler threads, so the
+    requests processed at once; *long_polls* the ``?wait`` requests waiting
+    at once; past either, 503.  *max_wait* (s) caps every long poll's wait
+    (a job's ``?wait`` and the events feed's).  *max_connections* defaults
+    to the soft ``RLIMIT_NOFILE`` less FD_RESERVE and one fd per job slot
+    (``max_running``, or half the limit when it is unlimited): past it a new
+    connection gets 503 at once.  At most *event_waiters* long polls of /api/v1/events wait at once; past
     that one is answered at once (``"busy": true``)."""
     if token is not None:
         if not isinstance(token, str) or not token or not token.isascii():

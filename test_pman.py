@@ -4971,6 +4971,134 @@ def test_resource_listeners_past_the_cap_answer_503(http_factory):
     assert srv.request("GET", "/api/v1/").status == 200
 
 
+def _http_handler_threads():
+    return [t for t in threading.enumerate() if t.name == "pman-http"]
+
+
+def test_resource_requests_past_the_listeners_get_503_and_start_no_thread(http_factory):
+    """At most --listeners handler threads run: while two slow requests
+    hold both listeners (DELETEs of jobs that ignore SIGTERM, SIGKILLed
+    after grace=2 s), six more complete requests each get 503 from the
+    reader without a thread of their own, and the server serves again once
+    the two are done."""
+    srv = http_factory(listeners=2)
+    for jid in ("stub1", "stub2"):
+        _http_post_job(srv, {"jid": jid, "cmd": "trap '' TERM; echo ready; sleep 30"})
+        _until(lambda: "ready" in srv.request("GET", "/api/v1/%s/logs" % jid).json["data"],
+               what="the job to ignore SIGTERM")
+    done = {}
+    deletes = [threading.Thread(target=lambda jid=jid: done.update(
+        {jid: srv.request("DELETE", "/api/v1/%s/" % jid)}), daemon=True)
+        for jid in ("stub1", "stub2")]
+    most, sampling = [0], [True]
+
+    def sample():
+        while sampling[0]:
+            most[0] = max(most[0], len(_http_handler_threads()))
+            time.sleep(0.001)
+    sampler = threading.Thread(target=sample, daemon=True)
+    excess = []
+    try:
+        for t in deletes:
+            t.start()
+        _until(lambda: srv.request("GET", "/api/v1/").status == 503, 10,
+               "a 503 while the two DELETEs hold both listeners")
+        sampler.start()
+        for _ in range(6):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            excess.append(s)
+            s.sendall(b"GET /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        for s in excess:
+            code, obj = _http_check_raw(_http_read_reply(s, 10)[0])
+            assert code == 503 and "too many requests" in obj["message"], (code, obj)
+        assert all(t.is_alive() for t in deletes), "a DELETE ended before the 503s"
+    finally:
+        sampling[0] = False
+        for s in excess:
+            s.close()
+        for t in deletes:
+            t.join(20)
+    assert most[0] <= 2, "%d handler threads with --listeners 2" % most[0]
+    assert [done[j].status for j in ("stub1", "stub2")] == [204, 204]
+    assert srv.request("GET", "/api/v1/").status == 200
+
+
+def test_resource_bodies_in_flight_hold_no_handler_thread(http_factory):
+    """The reader reads a request's body as it reads its head: 40 clients
+    each trickling a POST body hold no handler thread (one thread each
+    would let any client use up the server's threads), and each is served
+    once its body is in."""
+    srv = http_factory(request_timeout=30)
+    slow = []
+    try:
+        for i in range(40):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            body = b'{"cmd": "true", "jid": "trickle%d"}' % i
+            s.sendall(b"POST /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+                      b"\r\n" % len(body) + body[:5])
+            slow.append((s, body[5:]))
+        # answered after the 40 heads were in the server's socket buffers,
+        # so the reader has read them (level-triggered readiness)
+        assert srv.request("GET", "/api/v1/").status == 200
+        _until(lambda: not _http_handler_threads(), 5, "no handler thread while bodies trickle")
+        assert srv.manager.jids() == []
+        for s, rest in slow[:3]:
+            s.sendall(rest)
+            code, obj = _http_check_raw(_http_read_reply(s, 10)[0])
+            assert code == 201 and obj["jid"].startswith("trickle"), (code, obj)
+    finally:
+        for s, _ in slow:
+            s.close()
+
+
+_HTTP_NO_THREAD_SERVER = r"""
+import os, resource, signal, sys, threading
+sys.path.insert(0, sys.argv[1])
+import pman
+
+server = pman.make_server(pman.JobManager(sys.argv[2]), "127.0.0.1", 0)
+for line in open("/proc/self/status"):
+    if line.startswith("VmSize:"):
+        size = int(line.split()[1]) * 1024
+# A thread's 256 MiB stack does not fit in the address space left: every
+# thread start fails (as out of memory or of tasks would) until SIGUSR1.
+threading.stack_size(256 << 20)
+hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+resource.setrlimit(resource.RLIMIT_AS, (size + (64 << 20), hard))
+signal.signal(signal.SIGUSR1, lambda *_: resource.setrlimit(resource.RLIMIT_AS, (hard, hard)))
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def test_resource_a_thread_that_cannot_start_is_a_503_and_the_server_lives_on(tmp_path):
+    """A handler thread that cannot start (RuntimeError: can't start new
+    thread, here for want of address space under RLIMIT_AS) answers that
+    request 503 and closes it; the server keeps running, and serves again
+    once threads can start."""
+    child = subprocess.Popen([sys.executable, "-c", _HTTP_NO_THREAD_SERVER, HERE,
+                              str(tmp_path / "state")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(child.stdout.readline() or 0)
+        assert port, child.communicate(timeout=10)
+        for _ in range(2):
+            reply = _http_raw(port, b"GET /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                              timeout=10)
+            code, obj = _http_check_raw(reply)
+            assert code == 503 and "no thread" in obj["message"], (code, obj)
+            assert child.poll() is None, child.communicate(timeout=10)
+        child.send_signal(signal.SIGUSR1)
+        reply = _until(lambda: (lambda r: r if r is not None and r.code == 200 else None)(
+            _http_raw(port, b"GET /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                      timeout=10)), 10, "a 200 once threads can start")
+        assert _http_check_raw(reply)[1]["status"] is True
+    finally:
+        child.kill()
+        _, err = child.communicate(timeout=10)
+    assert "cannot start a handler thread" in err and "Traceback" not in err, err
+
+
 def test_resource_logs_tail_is_bounded(http_srv):
     """The job object's logs (and the tree's stdout): the tail of the
     output, 1,000 lines and 64 KiB at most, as README says."""
@@ -6443,6 +6571,38 @@ def test_security_request_heads_are_parsed_strictly_and_exactly(http_srv):
         code, obj = exchange(line + b"\r\n\r\n")
         assert code == 400 and word.decode() in obj["message"], (line, obj)
     assert [j["jid"] for j in http_srv.manager.jobs()] == ["hd1", "hd2", "hd3"]
+
+
+def test_security_request_line_parts_are_separated_by_one_space_only(http_srv):
+    """RFC 9112 3: method SP target SP version.  No other blank separates
+    (VT, FF, 0x1C-0x1F, NEL, NBSP, a tab, a second space), which a proxy in
+    front would read as another request: each is a 400 with a JSON body."""
+    line = b"GET /api/v1/jobs HTTP/1.1"
+    code, _ = _http_check_raw(http_srv.raw(line + b"\r\nHost: 127.0.0.1\r\n\r\n"))
+    assert code == 200
+    for blank in (b"\x0b", b"\x0c", b"\x1c", b"\x1d", b"\x1e", b"\x1f", b"\x85", b"\xa0",
+                  b"\t", b"  "):
+        for bad in (line.replace(b" ", blank), line.replace(b" ", blank, 1),
+                    line + blank, blank + line):
+            reply = http_srv.raw(bad + b"\r\nHost: 127.0.0.1\r\n\r\n")
+            code, obj = _http_check_raw(reply)
+            assert code == 400 and "syntax" in obj["message"], (bad, code, obj)
+
+
+def test_security_empty_lines_before_a_request_line_are_ignored_up_to_a_bound(http_srv):
+    """RFC 9112 2.2: empty lines (CRLF or LF) before a request line are
+    ignored, at most pman.MAX_EMPTY_LINES of them (a client cannot stream
+    them forever); one more is a 400.  Between kept-alive requests too."""
+    request = b"GET /api/v1/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    for empty in (b"\r\n\r\n", b"\n\n\n", b"\r\n\n" * 4):
+        code, obj = _http_check_raw(http_srv.raw(empty + request))
+        assert code == 200 and obj["status"] is True, (empty, code, obj)
+    assert pman.MAX_EMPTY_LINES == 8
+    code, obj = _http_check_raw(http_srv.raw(b"\r\n" * 9 + request))
+    assert code == 400 and "syntax" in obj["message"], obj
+    replies = _http_raw(http_srv.port, request + b"\r\n\r\n" + request.replace(
+        b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"), all_replies=True)
+    assert [_http_check_raw(r)[0] for r in replies] == [200, 200]
 
 
 def test_security_heads_cannot_stall_smuggle_or_outgrow_the_limit(http_factory):
@@ -8639,6 +8799,21 @@ def test_ui_events_route_long_polls_caps_waiters_and_refuses_bad_queries(http_fa
                   "limit=1001", "bogus=1", "since=1&since=2"):
         _http_error(srv.request("GET", "/api/v1/events?" + query), 400)
     _http_error(srv.request("POST", "/api/v1/", {"jid": "events", "cmd": "true"}), 400)
+
+
+def test_ui_events_wait_is_capped_by_the_servers_max_wait(http_factory):
+    """One cap for every long poll: the events feed's ?wait is capped by
+    make_server(max_wait=), as a job's ?wait is, and that cap is 60 s
+    unless given (README: at most 60 s)."""
+    srv = http_factory(max_wait=0.5)
+    seq = _http_json(srv.request("GET", "/api/v1/events"))["seq"]
+    for wait in ("30", "1e9"):
+        t0 = time.monotonic()
+        r = srv.request("GET", "/api/v1/events?since=%d&wait=%s" % (seq, wait), timeout=5)
+        elapsed = time.monotonic() - t0
+        assert r.status == 200 and _http_json(r)["changes"] == [], r.body[:300]
+        assert 0.4 < elapsed < 5, (wait, elapsed)
+    assert http_factory("default").srv.max_wait == pman.MAX_WAIT == 60
 
 
 def test_ui_waiting_long_polls_hold_no_thread(http_factory):
