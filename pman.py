@@ -184,45 +184,36 @@ _MISSING = object()
 TAIL_LINES, TAIL_BYTES = 1000, 65536
 
 # The wrapper that runs every job, as ``sh -c WRAPPER sh pman-job SEQ EXITS
-# CWD CMD...``.  The command is a positional parameter, never part of the
-# script text, and runs with no positional parameters of the wrapper's (as
-# under ``sh -c CMD``).  `trap : TERM` is a handler, not an ignore, so the
-# job's process resets it and does not inherit SIG_IGN, while the wrapper
-# itself survives a group SIGTERM long enough to record the exit status.
-# Every other signal disposition is reset to the default by the spawn itself
-# (_SIGDEF).  A shell command that could reach the wrapper (exec, trap,
-# set...: see _own_shell_ok) runs in a subshell, so that nothing it does
-# (exec, trap, a builtin loop that the wrapper's TERM handler would keep
-# alive) reaches the wrapper; a subshell costs one fork less than a nested
-# `sh -c`, whose exec costs more than a fork.  Any other shell command runs
-# in the wrapper's own shell (_WRAP_OWN), one fork fewer still.
+# CWD CMD...``, and records its exit status in EXITS.  The command is a
+# positional parameter, never part of the script text, and runs with no
+# positional parameters of the wrapper's (as under ``sh -c CMD``).
+# `trap : TERM` is a handler, not an ignore, so the job's process resets it
+# and does not inherit SIG_IGN, while the wrapper itself survives a group
+# SIGTERM long enough to record the exit status.  Every other signal
+# disposition is reset to the default by the spawn itself (_SIGDEF).  No
+# user code runs in the wrapper's own shell: a shell command or an argv
+# runs in a subshell, so that nothing it does (exec, trap, exit, a builtin
+# loop that the wrapper's TERM handler would keep alive) reaches the shell
+# that records its status.
 _WRAP_HEAD = 'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
 _WRAP_TAIL = '; r=$?; fi; echo "$t $r" >>"$f"; exit $r'
 _WRAP_SHELL = _WRAP_HEAD + 'else (unset t f d r; eval "shift; $1")' + _WRAP_TAIL
 _WRAP_ARGV = _WRAP_HEAD + 'else (unset t f d r; "$@")' + _WRAP_TAIL
 # A job that is one program and its words (see _direct_words) needs no
-# subshell: the wrapper runs it as its own child (vfork + exec), one fork
-# fewer per job, which is what `sh -c CMD` itself does with it.  The
-# program's exec resets the TERM handler as the subshell's fork did; a TERM
-# that lands between the vfork and the exec is caught and lost as in the
-# subshell's instant after its fork, and is sent again (JobManager._deliver).
+# subshell: the wrapper runs it as its own child (vfork + exec), which is
+# what `sh -c CMD` itself does with it, and no shell code of the job's runs
+# in the wrapper.  The program's exec resets the TERM handler as the
+# subshell's fork did; a TERM that lands between the vfork and the exec is
+# caught and lost as in the subshell's instant after its fork, and is sent
+# again (JobManager._deliver).
 _WRAP_DIRECT = _WRAP_HEAD + 'else "$@"' + _WRAP_TAIL
-# A shell command that cannot reach the wrapper (see _own_shell_ok) runs in
-# the wrapper's own shell, as under ``sh -c CMD``: no subshell, no
-# variables.  Its exit status, however it ends (the end of the command,
-# `exit N`, a failed `cd`, a syntax error), is recorded by the EXIT trap,
-# whose text holds the seq and the exits path (which has no quote) as
-# literals.  A TERM ends the wrapper with 143 (128 + 15, what the subshell
-# reports), once the foreground program it waits for has gone, which the
-# group TERM sees to; a program that outlives it by ignoring TERM dies with
-# the wrapper at the SIGKILL, and the manager that sent both finishes it as
-# killed.
-_WRAP_OWN = ('trap "echo $2 \\"\\$?\\" >>\'$3\'" EXIT; trap "exit 143" TERM; '
-             'if [ -n "$4" ] && ! cd -- "$4"; then exit 126; fi; eval "shift 5; $5"')
-# The wrappers of pman 0.1.0 (``sh -c WRAPPER pman-job SEQ EXITS CMD...``),
-# whose jobs a new version re-adopts after an upgrade.
+# Every wrapper that a build of pman has started, by its exact text: the
+# current ones, then those of earlier builds (some ``sh -c WRAPPER pman-job
+# SEQ EXITS CMD...``), whose jobs a newer build re-adopts after an upgrade.
 _WRAPPERS = frozenset(w.encode() for w in (
-    _WRAP_SHELL, _WRAP_ARGV, _WRAP_DIRECT, _WRAP_OWN,
+    _WRAP_SHELL, _WRAP_ARGV, _WRAP_DIRECT,
+    'trap "echo $2 \\"\\$?\\" >>\'$3\'" EXIT; trap "exit 143" TERM; '
+    'if [ -n "$4" ] && ! cd -- "$4"; then exit 126; fi; eval "shift 5; $5"',
     'trap : TERM; (eval "$3"); r=$?; echo "$1 $r" >>"$2"; exit $r',
     'trap : TERM; t=$1; f=$2; shift 2; ("$@"); r=$?; echo "$t $r" >>"$f"; exit $r'))
 _SIGDEF = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
@@ -1388,53 +1379,6 @@ def _direct_words(job, env):
     return words
 
 
-# What a command run in the wrapper's own shell (_WRAP_OWN) must not do,
-# nor spell out: replace the shell (exec), drop or change the EXIT trap,
-# run text it builds (eval, .), change the shell's options or limits, or
-# leave early some other way.  `exit` is fine: the EXIT trap records it.
-_OWN_SHELL_BARRED = frozenset("""
-    . alias builtin command declare eval exec function local readonly return set source
-    trap typeset ulimit umask unset""".split())
-# Crude shell tokens: a word, or one operator character.  Quotes are not
-# understood, which only adds command positions to check.
-_SHELL_TOKEN_RE = re.compile(r"[;&|(){}\n]|[^\s;&|(){}]+")
-_COMMAND_STARTS = frozenset(";&|(){}\n") | {"!", "if", "then", "else", "elif", "do",
-                                              "while", "until"}
-_REDIRECT_RE = re.compile(r"[0-9]*(?:<<?-?|>>?|<>|>&|<&|>\|)")
-_ASSIGNMENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
-_FUNCTION_RE = re.compile(r"\(\s*\)")      # name() or name ( ): a function definition
-
-
-def _own_shell_ok(cmd):
-    """True if the shell command *cmd* can run in the wrapper's own shell
-    (_WRAP_OWN) with the promises of a subshell: it has no barred word
-    (_OWN_SHELL_BARRED) anywhere, once quotes are dropped; no backslash or
-    backquote, which could spell one; no function, which could shadow the
-    trap's `echo`; and no command name that an expansion or a glob makes,
-    which could be any of them.  False is always safe (a subshell)."""
-    if not _DIRECT_SHELL or "\\" in cmd or "`" in cmd or _FUNCTION_RE.search(cmd):
-        return False
-    command = True      # the next word names a command
-    target = False      # the next word is a redirection's target
-    for token in _SHELL_TOKEN_RE.findall(cmd):
-        word = token.replace('"', "").replace("'", "")
-        if word in _OWN_SHELL_BARRED:
-            return False
-        if token in _COMMAND_STARTS:
-            command, target = True, False
-        elif target:
-            target = False
-        elif command:
-            redirect = _REDIRECT_RE.match(token)
-            if redirect:
-                target = redirect.end() == len(token)
-            elif not _ASSIGNMENT_RE.match(token):
-                if any(c in token for c in "$*?") or ("[" in token and token != "["):
-                    return False
-                command = False
-    return True
-
-
 def _wrapped_argv(job, exits_path, env=None):
     """The wrapper shell's argv for *job* in the environment *env* (None:
     the manager's): the command travels as data."""
@@ -1443,8 +1387,6 @@ def _wrapped_argv(job, exits_path, env=None):
         script = _WRAP_DIRECT
     elif job.argv is not None:
         script, words = _WRAP_ARGV, job.argv
-    elif "'" not in exits_path and _own_shell_ok(job.cmd):
-        script, words = _WRAP_OWN, [job.cmd]
     else:
         script, words = _WRAP_SHELL, [job.cmd]
     return ["/bin/sh", "-c", script, "sh", "pman-job", str(job.seq), exits_path,
@@ -1604,9 +1546,9 @@ _BACKEND_METHODS = ("open", "admit", "start", "watch", "unwatch", "wait", "check
 
 class LocalBackend(_Backend):
     """Jobs as process groups on this machine (the default backend): each
-    runs under a wrapper shell (see _WRAP_SHELL, _WRAP_OWN, _WRAP_DIRECT)
-    that appends its exit code to the ``exits`` file, and is reaped through
-    a pidfd."""
+    runs under one of three wrapper shells (_WRAP_SHELL, _WRAP_ARGV,
+    _WRAP_DIRECT) that appends its exit code to the ``exits`` file, and is
+    reaped through a pidfd."""
 
     name = "local"
     resend_window = RESEND_WINDOW
