@@ -1148,12 +1148,9 @@ def _proc_stat(pid):
     """(start time in clock ticks, state letter, process group) of *pid*,
     or None.  Fields are read after the last ')' because the command name
     may contain any character."""
-    try:        # read once per spawn: os.read, without io's buffered file
-        fd = os.open("/proc/%d/stat" % pid, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.read(fd, 4096)
-        finally:
-            os.close(fd)
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
     except OSError:
         return None
     fields = data[data.rfind(b")") + 2:].split()
@@ -1228,49 +1225,6 @@ def _probe_pidfd():
 _HAVE_PIDFD = _probe_pidfd()   # Linux 5.3+; else the reaper polls
 
 
-# A start time in /proc/<pid>/stat is the boot-time clock (CLOCK_BOOTTIME)
-# that the kernel reads as it forks the process, in whole clock ticks.
-_TICK_NS = 10 ** 9 // os.sysconf("SC_CLK_TCK")
-_CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
-
-
-class _SpawnIdentity:
-    """The identity of processes that this manager spawns, known without
-    reading /proc when it can be: a spawn whose clock readings before and
-    after fall in one tick started in that tick.  Reading /proc/<pid>/stat
-    of a new pid cost the submitter more CPU than the rest of a spawn's
-    bookkeeping (the kernel makes the pid's /proc entries for the read, and
-    drops them again at the reap).  The rule is checked against /proc at
-    the first spawn that allows it, and only trusted on a kernel with
-    pidfds (5.3+), whose start times are boot-time ones; /proc is read
-    whenever the readings straddle a tick (a spawn takes about a tenth of
-    one, more on a busy machine)."""
-
-    def __init__(self):
-        # None: not checked yet.  (time.CLOCK_BOOTTIME is Linux's only.)
-        self._trusted = None if _HAVE_PIDFD and _CLOCK_BOOTTIME is not None else False
-
-    @staticmethod
-    def now():
-        """The reading to take just before and just after a spawn."""
-        return time.clock_gettime_ns(_CLOCK_BOOTTIME) if _CLOCK_BOOTTIME is not None else 0
-
-    def of(self, pid, before, after):
-        """The identity of *pid*, spawned between readings *before* and
-        *after* of `now`; None if it is already gone (read from /proc)."""
-        tick = before // _TICK_NS
-        one_tick = after // _TICK_NS == tick
-        if one_tick and self._trusted:
-            return [tick, _BOOT_ID]
-        ident = _identity(pid)
-        if one_tick and self._trusted is None and ident is not None:
-            self._trusted = ident[0] == tick
-            if not self._trusted:
-                log.info("process start times here are not boot-time clock ticks: "
-                         "each spawn reads /proc")
-        return ident
-
-
 def _open_log(path, flags=0):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | flags, 0o600)
     if fd < 3:      # our own 0-2 are closed: keep clear of the child's
@@ -1329,30 +1283,20 @@ class _ExitLog:
         self._codes, self._offset = {}, 0
 
 
-def _environ():
-    """The manager's environment for posix_spawn, which converts its mapping
-    item by item: through os.environ's Python-level decoding that doubled
-    the parent's CPU per spawn (~90 us), while os.environ's own bytes
-    mirror, a plain dict that it updates with every putenv, converts in C."""
-    data = getattr(os.environ, "_data", None)
-    return data if type(data) is dict else os.environ
-
-
 # Plain words: no quoting, expansion, glob, redirection, operator, comment
 # or assignment (the first word has no '='), blanks between them only.
 _PLAIN_CMD_RE = re.compile(r"[ \t]*[A-Za-z0-9_@%+,./:-]+(?:[ \t]+[A-Za-z0-9_@%+,./:=-]+)*[ \t]*\Z")
 # Words that a shell runs itself (builtins of dash, bash and POSIX, and
-# reserved words): such a job keeps its subshell, so that it cannot change
-# the wrapper (exit, exec, trap, cd, set...), except those that change
-# nothing and do no I/O.
+# reserved words): such a job keeps its subshell, so that none of its
+# commands runs in the shell that records its status.
 _SHELL_WORDS = frozenset("""
-    . [ [[ ]] ! { } alias bg bind break builtin caller case cd chdir command compgen
+    . : [ [[ ]] ! { } alias bg bind break builtin caller case cd chdir command compgen
     complete compopt continue coproc declare dirs disown do done echo elif else
-    enable esac eval exec exit export fc fg fi for function getopts hash help history
+    enable esac eval exec exit export false fc fg fi for function getopts hash help history
     if in jobs kill let local logout mapfile popd printf pushd pwd read readarray
     readonly return select set shift shopt source suspend test then time times trap
-    type typeset ulimit umask unalias unset until wait while""".split())
-_WRAP_VARS = ("t", "f", "d", "r", b"t", b"f", b"d", b"r")     # str or bytes keys
+    true type typeset ulimit umask unalias unset until wait while""".split())
+_WRAP_VARS = ("t", "f", "d", "r")
 # Only a shell known to run "$@" as sh -c CMD would (dash: Debian's /bin/sh).
 _DIRECT_SHELL = os.path.basename(os.path.realpath("/bin/sh")) == "dash"
 
@@ -1373,8 +1317,7 @@ def _direct_words(job, env):
         return None
     if not words or words[0] in _SHELL_WORDS:
         return None
-    env = _environ() if env is None else env
-    if not env.keys().isdisjoint(_WRAP_VARS if type(env) is dict else _WRAP_VARS[:4]):
+    if not (os.environ if env is None else env).keys().isdisjoint(_WRAP_VARS):
         return None
     return words
 
@@ -1560,7 +1503,6 @@ class LocalBackend(_Backend):
         self.log_dir, self.log_path = log_dir, log_path
         self._exits = _ExitLog(os.path.join(state_dir, "exits"))
         self._orphans = None            # seq -> pid of wrappers found at startup
-        self._identity = _SpawnIdentity()
         self._waker = _Waker()
         self._watched = {}          # jid -> job
         self._no_pidfd = {}         # jid -> job of those without a pidfd: polled
@@ -1597,15 +1539,13 @@ class LocalBackend(_Backend):
             # the child (a manager started with SIGINT ignored must not pass
             # that on) without a preexec_fn, and returns once the child's
             # exec has begun (its command line may not be readable yet).
-            before = self._identity.now()
             pid = os.posix_spawn(
                 "/bin/sh", _wrapped_argv(job, self._exits.path, env),
-                _environ() if env is None else env,
+                os.environ if env is None else env,
                 file_actions=[(os.POSIX_SPAWN_DUP2, stdout, 1),
                               (os.POSIX_SPAWN_DUP2, stderr, 2),
                               (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
                 setsid=True, setsigdef=_SIGDEF, setsigmask=())
-            after = self._identity.now()
             with self._reap_lock:
                 self._children.add(pid)
         finally:
@@ -1613,7 +1553,7 @@ class LocalBackend(_Backend):
                 if fd is not None:
                     os.close(fd)
         return _Seen(RUNNING, "running (pid %d)" % pid, pid=pid,
-                     ident=self._identity.of(pid, before, after))
+                     ident=_identity(pid))
 
     def idle(self):
         """No job is running: empty the exit log (every code in it is in

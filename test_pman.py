@@ -2174,13 +2174,11 @@ def test_core_job_whose_pidfd_fails_is_polled_and_reaped(core_make, monkeypatch)
     assert _proc_stat(rec["pid"]) is None, "the job is left a zombie"
 
 
-def test_core_identity_taken_from_the_clock_at_a_spawn_is_the_one_proc_shows(core_make):
-    """A spawn's identity, known from the boot-time clock without reading
-    /proc, must be the one a restarted manager reads from /proc to re-adopt
-    the job."""
+def test_core_identity_recorded_at_a_spawn_is_the_one_proc_shows(core_make):
+    """A spawn's recorded identity must be the one a restarted manager reads
+    from /proc to re-adopt the job."""
     m = core_make(durable=False)
     recs = [m.run(["sleep", "30"], jid="ident%d" % i) for i in range(60)]
-    assert m.backend._identity._trusted is True     # the clock is used here
     for rec in recs:
         with m._lock:
             ident = m._jobs[rec["jid"]].ident
@@ -2718,7 +2716,8 @@ def test_logs_plain_command_runs_without_a_subshell_with_the_same_promises(core_
     def script(cmd, env=None, argv=None):
         job = types.SimpleNamespace(seq=7, cmd=cmd, argv=argv, cwd=None)
         return pman._wrapped_argv(job, "/x/exits", env)[2]
-    for cmd in ("true", "sleep 30", "  python3 -c pass\t", "dd if=/dev/null of=x", "./a.out -v"):
+    for cmd in ("/bin/true", "sleep 30", "  python3 -c pass\t", "dd if=/dev/null of=x",
+                "./a.out -v"):
         assert script(cmd) == pman._WRAP_DIRECT, cmd
     assert script(None, argv=["sleep", "1; exit 3"]) == pman._WRAP_DIRECT
     # Every other shell command runs in a subshell of the wrapper.
@@ -2728,10 +2727,12 @@ def test_logs_plain_command_runs_without_a_subshell_with_the_same_promises(core_
                 "exec sleep 1", "trap '' TERM", "set -e", "a\\ b", "eval x", ". x", "$X y",
                 "A=1 $X", "> x $y", "2>&1 $y", "0<&0 $y", ">|x $y", 'x="a b" $y', "e'x'ec a",
                 "echo() { :; }; true", "`x`", "umask 0", "x* y", "[ab] c", "command exec a",
-                "a\rb", "a\vb", "a\fb", "a\u00a0b", "a b\n", "ls a~", "a{b,c}", "a!b"):
+                "a\rb", "a\vb", "a\fb", "a\u00a0b", "a b\n", "ls a~", "a{b,c}", "a!b", "true",
+                "false x", ": x", "exit", "trap - EXIT", "cd /tmp", "kill 0", "wait"):
         assert script(cmd) == pman._WRAP_SHELL, cmd
     assert script(None, argv=["echo", "x"]) == pman._WRAP_ARGV
-    assert script(None, argv=["exec", "sleep", "1"]) == pman._WRAP_ARGV
+    for argv in (["exec", "sleep", "1"], ["true"], [":"], ["trap", "-", "EXIT"]):
+        assert script(None, argv=argv) == pman._WRAP_ARGV, argv
     for name in "tfdr":     # the wrapper's variables, which the subshell unsets
         assert script("sleep 1", env={name: "1"}) == pman._WRAP_SHELL
     m = core_make(grace=30)
