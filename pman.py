@@ -1268,7 +1268,9 @@ class _ExitLog:
             for line in data[:end].split(b"\n"):
                 parts = line.split()
                 if len(parts) == 2 and parts[0].isdigit() and parts[1].lstrip(b"-").isdigit():
-                    self._codes[int(parts[0])] = int(parts[1])
+                    # An earlier build's own-shell wrapper wrote the shell's
+                    # untruncated `exit N`; its process exited with N's low byte.
+                    self._codes[int(parts[0])] = int(parts[1]) & 0xFF
         return self._codes.get(seq)
 
     def max_seq(self):

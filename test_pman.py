@@ -4120,6 +4120,35 @@ def test_state_orphan_found_after_a_crash_is_the_wrapper_not_its_subshell(crash_
         proc.wait(timeout=10)
 
 
+def test_state_job_of_an_earlier_builds_own_shell_wrapper_is_readopted_with_its_real_code(
+        crash_env):
+    """A wrapper that an earlier build started in its own shell is found
+    again after an upgrade, and its job's code is what the process exited
+    with (300 exits as 44), not the untruncated number its trap wrote."""
+    state = crash_env.path()
+    manager = crash_env.manager(state, max_running=1)
+    manager.run("sleep 30", jid="hold")
+    q = manager.run("sleep 0.5; exit 300", jid="q")
+    assert q["status"] == "notstarted"
+    manager.close()
+    (own,) = [w for w in pman._WRAPPERS if w.startswith(b'trap "echo $2')]
+    exits = os.path.join(state, "exits")
+    proc = subprocess.Popen([b"/bin/sh", b"-c", own, b"sh", b"pman-job", str(q["seq"]).encode(),
+                             exits.encode(), b"", q["cmd"].encode()],
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _until(lambda: pman._wrapper_seq(pman._cmdline(proc.pid), exits) == q["seq"], 10,
+               "the wrapper's command line")
+        manager = crash_env.manager(state, max_running=1)
+        assert (manager.get("q")["status"], manager.get("q")["pid"]) == ("started", proc.pid)
+        done = manager.wait("q", timeout=10)
+        assert (done["status"], done["returncode"]) == (_CRASH_ERROR, 44), done
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 def test_state_journaled_kill_is_sent_again_after_a_restart(crash_env):
     """A manager that died after journaling a kill, before the signal went
     out (or while the wrapper's fork window swallowed it): the next
