@@ -184,50 +184,48 @@ _MISSING = object()
 TAIL_LINES, TAIL_BYTES = 1000, 65536
 
 # The wrapper that runs every job, as ``sh -c WRAPPER sh pman-job SEQ EXITS
-# CWD CMD...``.  The command is a positional parameter, never part of the
-# script text, and runs with no positional parameters of the wrapper's (as
-# under ``sh -c CMD``).  `trap : TERM` is a handler, not an ignore, so the
-# job's process resets it and does not inherit SIG_IGN, while the wrapper
-# itself survives a group SIGTERM long enough to record the exit status.
-# Every other signal disposition is reset to the default by the spawn itself
-# (_SIGDEF).  A shell command that could reach the wrapper (exec, trap,
-# set...: see _own_shell_ok) runs in a subshell, so that nothing it does
-# (exec, trap, a builtin loop that the wrapper's TERM handler would keep
-# alive) reaches the wrapper; a subshell costs one fork less than a nested
-# `sh -c`, whose exec costs more than a fork.  Any other shell command runs
-# in the wrapper's own shell (_WRAP_OWN), one fork fewer still.
-# Its `cd` would set OLDPWD to the manager's directory: OLDPWD is put back as
-# the job's environment had it (r holds it until the job's status).
-_WRAP_HEAD = ('trap : TERM; t=$2; f=$3; d=$4; r=${OLDPWD+x$OLDPWD}; shift 4; '
-              'if [ -n "$d" ] && ! { cd -- "$d" && case $r in x*) OLDPWD=${r#x};; '
-              '*) unset OLDPWD;; esac; }; then r=126; ')
-_WRAP_TAIL = '; r=$?; fi; echo "$t $r" >>"$f"; exit $r'
-_WRAP_SHELL = _WRAP_HEAD + 'else (unset t f d r; eval "shift; $1")' + _WRAP_TAIL
-_WRAP_ARGV = _WRAP_HEAD + 'else (unset t f d r; "$@")' + _WRAP_TAIL
+# CWD CMD...``, and records its exit status in EXITS.  The command is a
+# positional parameter, never part of the script text, and runs with no
+# positional parameters of the wrapper's (as under ``sh -c CMD``).
+# `trap : TERM` is a handler, not an ignore, so the job's process resets it
+# and does not inherit SIG_IGN, while the wrapper itself survives a group
+# SIGTERM long enough to record the exit status.  Every other signal
+# disposition is reset to the default by the spawn itself (_SIGDEF).  No
+# user code runs in the wrapper's own shell: a shell command or an argv
+# runs in a subshell, so that nothing it does (exec, trap, exit, a builtin
+# loop that the wrapper's TERM handler would keep alive) reaches the shell
+# that records its status.  The wrapper sets no variable, so the job sees
+# its environment as given: the job runs in a function (j, unset before
+# anything of the job's runs) whose positional parameters are its own, and
+# OLDPWD, which the `cd` to CWD would set to the manager's directory, is put
+# back as the job's environment had it (as ``env -C CWD sh -c CMD`` leaves it).
+_WRAP_HEAD = ('trap : TERM; j() { unset -f j; if [ -n "$4" ]; then '
+              'set -- "${OLDPWD+x$OLDPWD}" "$@"; cd -- "$5" || return 126; '
+              'case $1 in x*) OLDPWD=${1#x};; *) unset OLDPWD;; esac; shift; fi; shift 4; ')
+_WRAP_TAIL = '; }; j "$@"; set -- $? "$2" "$3"; echo "$2 $1" >>"$3"; exit "$1"'
+_WRAP_SHELL = _WRAP_HEAD + '(eval "shift; $1")' + _WRAP_TAIL
+_WRAP_ARGV = _WRAP_HEAD + '("$@")' + _WRAP_TAIL
 # A job that is one program and its words (see _direct_words) needs no
-# subshell: the wrapper runs it as its own child (vfork + exec), one fork
-# fewer per job, which is what `sh -c CMD` itself does with it.  The
-# program's exec resets the TERM handler as the subshell's fork did; a TERM
-# that lands between the vfork and the exec is caught and lost as in the
-# subshell's instant after its fork, and is sent again (JobManager._deliver).
-_WRAP_DIRECT = _WRAP_HEAD + 'else "$@"' + _WRAP_TAIL
-# A shell command that cannot reach the wrapper (see _own_shell_ok) runs in
-# the wrapper's own shell, as under ``sh -c CMD``: no subshell, no
-# variables.  Its exit status, however it ends (the end of the command,
-# `exit N`, a failed `cd`, a syntax error), is recorded by the EXIT trap,
-# whose text holds the seq and the exits path (which has no quote) as
-# literals.  A TERM ends the wrapper with 143 (128 + 15, what the subshell
-# reports), once the foreground program it waits for has gone, which the
-# group TERM sees to; a program that outlives it by ignoring TERM dies with
-# the wrapper at the SIGKILL, and the manager that sent both finishes it as
-# killed.
-_WRAP_OWN = ('trap "echo $2 \\"\\$?\\" >>\'$3\'" EXIT; trap "exit 143" TERM; '
-             'if [ -n "$4" ] && ! OLDPWD=$OLDPWD cd -- "$4"; then exit 126; fi; '
-             'eval "shift 5; $5"')     # dash keeps OLDPWD as it was: see _WRAP_HEAD
-# The wrappers of pman 0.1.0 (``sh -c WRAPPER pman-job SEQ EXITS CMD...``),
-# whose jobs a new version re-adopts after an upgrade.
+# subshell: the wrapper runs it as its own child (vfork + exec), which is
+# what `sh -c CMD` itself does with it, and no shell code of the job's runs
+# in the wrapper.  The program's exec resets the TERM handler as the
+# subshell's fork did; a TERM that lands between the vfork and the exec is
+# caught and lost as in the subshell's instant after its fork, and is sent
+# again (JobManager._deliver).
+_WRAP_DIRECT = _WRAP_HEAD + '"$@"' + _WRAP_TAIL
+# Every wrapper that a build of pman has started, by its exact text: the
+# current ones, then those of earlier builds (some ``sh -c WRAPPER pman-job
+# SEQ EXITS CMD...``), whose jobs a newer build re-adopts after an upgrade.
 _WRAPPERS = frozenset(w.encode() for w in (
-    _WRAP_SHELL, _WRAP_ARGV, _WRAP_DIRECT, _WRAP_OWN,
+    _WRAP_SHELL, _WRAP_ARGV, _WRAP_DIRECT,
+    'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
+    'else (unset t f d r; eval "shift; $1"); r=$?; fi; echo "$t $r" >>"$f"; exit $r',
+    'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
+    'else (unset t f d r; "$@"); r=$?; fi; echo "$t $r" >>"$f"; exit $r',
+    'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
+    'else "$@"; r=$?; fi; echo "$t $r" >>"$f"; exit $r',
+    'trap "echo $2 \\"\\$?\\" >>\'$3\'" EXIT; trap "exit 143" TERM; '
+    'if [ -n "$4" ] && ! cd -- "$4"; then exit 126; fi; eval "shift 5; $5"',
     'trap : TERM; (eval "$3"); r=$?; echo "$1 $r" >>"$2"; exit $r',
     'trap : TERM; t=$1; f=$2; shift 2; ("$@"); r=$?; echo "$t $r" >>"$f"; exit $r'))
 _SIGDEF = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
@@ -1158,12 +1156,9 @@ def _proc_stat(pid):
     """(start time in clock ticks, state letter, process group) of *pid*,
     or None.  Fields are read after the last ')' because the command name
     may contain any character."""
-    try:        # read once per spawn: os.read, without io's buffered file
-        fd = os.open("/proc/%d/stat" % pid, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.read(fd, 4096)
-        finally:
-            os.close(fd)
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
     except OSError:
         return None
     fields = data[data.rfind(b")") + 2:].split()
@@ -1238,49 +1233,6 @@ def _probe_pidfd():
 _HAVE_PIDFD = _probe_pidfd()   # Linux 5.3+; else the reaper polls
 
 
-# A start time in /proc/<pid>/stat is the boot-time clock (CLOCK_BOOTTIME)
-# that the kernel reads as it forks the process, in whole clock ticks.
-_TICK_NS = 10 ** 9 // os.sysconf("SC_CLK_TCK")
-_CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
-
-
-class _SpawnIdentity:
-    """The identity of processes that this manager spawns, known without
-    reading /proc when it can be: a spawn whose clock readings before and
-    after fall in one tick started in that tick.  Reading /proc/<pid>/stat
-    of a new pid cost the submitter more CPU than the rest of a spawn's
-    bookkeeping (the kernel makes the pid's /proc entries for the read, and
-    drops them again at the reap).  The rule is checked against /proc at
-    the first spawn that allows it, and only trusted on a kernel with
-    pidfds (5.3+), whose start times are boot-time ones; /proc is read
-    whenever the readings straddle a tick (a spawn takes about a tenth of
-    one, more on a busy machine)."""
-
-    def __init__(self):
-        # None: not checked yet.  (time.CLOCK_BOOTTIME is Linux's only.)
-        self._trusted = None if _HAVE_PIDFD and _CLOCK_BOOTTIME is not None else False
-
-    @staticmethod
-    def now():
-        """The reading to take just before and just after a spawn."""
-        return time.clock_gettime_ns(_CLOCK_BOOTTIME) if _CLOCK_BOOTTIME is not None else 0
-
-    def of(self, pid, before, after):
-        """The identity of *pid*, spawned between readings *before* and
-        *after* of `now`; None if it is already gone (read from /proc)."""
-        tick = before // _TICK_NS
-        one_tick = after // _TICK_NS == tick
-        if one_tick and self._trusted:
-            return [tick, _BOOT_ID]
-        ident = _identity(pid)
-        if one_tick and self._trusted is None and ident is not None:
-            self._trusted = ident[0] == tick
-            if not self._trusted:
-                log.info("process start times here are not boot-time clock ticks: "
-                         "each spawn reads /proc")
-        return ident
-
-
 def _open_log(path, flags=0):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | flags, 0o600)
     if fd < 3:      # our own 0-2 are closed: keep clear of the child's
@@ -1324,7 +1276,9 @@ class _ExitLog:
             for line in data[:end].split(b"\n"):
                 parts = line.split()
                 if len(parts) == 2 and parts[0].isdigit() and parts[1].lstrip(b"-").isdigit():
-                    self._codes[int(parts[0])] = int(parts[1])
+                    # An earlier build's own-shell wrapper wrote the shell's
+                    # untruncated `exit N`; its process exited with N's low byte.
+                    self._codes[int(parts[0])] = int(parts[1]) & 0xFF
         return self._codes.get(seq)
 
     def max_seq(self):
@@ -1339,40 +1293,27 @@ class _ExitLog:
         self._codes, self._offset = {}, 0
 
 
-def _environ():
-    """The manager's environment for posix_spawn, which converts its mapping
-    item by item: through os.environ's Python-level decoding that doubled
-    the parent's CPU per spawn (~90 us), while os.environ's own bytes
-    mirror, a plain dict that it updates with every putenv, converts in C."""
-    data = getattr(os.environ, "_data", None)
-    return data if type(data) is dict else os.environ
-
-
 # Plain words: no quoting, expansion, glob, redirection, operator, comment
 # or assignment (the first word has no '='), blanks between them only.
 _PLAIN_CMD_RE = re.compile(r"[ \t]*[A-Za-z0-9_@%+,./:-]+(?:[ \t]+[A-Za-z0-9_@%+,./:=-]+)*[ \t]*\Z")
 # Words that a shell runs itself (builtins of dash, bash and POSIX, and
-# reserved words): such a job keeps its subshell, so that it cannot change
-# the wrapper (exit, exec, trap, cd, set...), except those that change
-# nothing and do no I/O.
+# reserved words): such a job keeps its subshell, so that none of its
+# commands runs in the shell that records its status.
 _SHELL_WORDS = frozenset("""
-    . [ [[ ]] ! { } alias bg bind break builtin caller case cd chdir command compgen
+    . : [ [[ ]] ! { } alias bg bind break builtin caller case cd chdir command compgen
     complete compopt continue coproc declare dirs disown do done echo elif else
-    enable esac eval exec exit export fc fg fi for function getopts hash help history
+    enable esac eval exec exit export false fc fg fi for function getopts hash help history
     if in jobs kill let local logout mapfile popd printf pushd pwd read readarray
     readonly return select set shift shopt source suspend test then time times trap
-    type typeset ulimit umask unalias unset until wait while""".split())
-_WRAP_VARS = ("t", "f", "d", "r", b"t", b"f", b"d", b"r")     # str or bytes keys
+    true type typeset ulimit umask unalias unset until wait while""".split())
 # Only a shell known to run "$@" as sh -c CMD would (dash: Debian's /bin/sh).
 _DIRECT_SHELL = os.path.basename(os.path.realpath("/bin/sh")) == "dash"
 
 
-def _direct_words(job, env):
+def _direct_words(job):
     """The words of *job* if its wrapper can run it without a subshell
     (_WRAP_DIRECT), else None: an argv, or a shell command of plain words
-    (run as ``sh -c`` would split them), whose program is no shell word,
-    in an environment (*env*, None: the manager's) without the wrapper's
-    variables t, f, d and r, which the subshell would unset."""
+    (run as ``sh -c`` would split them), whose program is no shell word."""
     if not _DIRECT_SHELL:
         return None
     if job.argv is not None:
@@ -1383,69 +1324,16 @@ def _direct_words(job, env):
         return None
     if not words or words[0] in _SHELL_WORDS:
         return None
-    env = _environ() if env is None else env
-    if not env.keys().isdisjoint(_WRAP_VARS if type(env) is dict else _WRAP_VARS[:4]):
-        return None
     return words
 
 
-# What a command run in the wrapper's own shell (_WRAP_OWN) must not do,
-# nor spell out: replace the shell (exec), drop or change the EXIT trap,
-# run text it builds (eval, .), change the shell's options or limits, or
-# leave early some other way.  `exit` is fine: the EXIT trap records it.
-_OWN_SHELL_BARRED = frozenset("""
-    . alias builtin command declare eval exec function local readonly return set source
-    trap typeset ulimit umask unset""".split())
-# Crude shell tokens: a word, or one operator character.  Quotes are not
-# understood, which only adds command positions to check.
-_SHELL_TOKEN_RE = re.compile(r"[;&|(){}\n]|[^\s;&|(){}]+")
-_COMMAND_STARTS = frozenset(";&|(){}\n") | {"!", "if", "then", "else", "elif", "do",
-                                              "while", "until"}
-_REDIRECT_RE = re.compile(r"[0-9]*(?:<<?-?|>>?|<>|>&|<&|>\|)")
-_ASSIGNMENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
-_FUNCTION_RE = re.compile(r"\(\s*\)")      # name() or name ( ): a function definition
-
-
-def _own_shell_ok(cmd):
-    """True if the shell command *cmd* can run in the wrapper's own shell
-    (_WRAP_OWN) with the promises of a subshell: it has no barred word
-    (_OWN_SHELL_BARRED) anywhere, once quotes are dropped; no backslash or
-    backquote, which could spell one; no function, which could shadow the
-    trap's `echo`; and no command name that an expansion or a glob makes,
-    which could be any of them.  False is always safe (a subshell)."""
-    if not _DIRECT_SHELL or "\\" in cmd or "`" in cmd or _FUNCTION_RE.search(cmd):
-        return False
-    command = True      # the next word names a command
-    target = False      # the next word is a redirection's target
-    for token in _SHELL_TOKEN_RE.findall(cmd):
-        word = token.replace('"', "").replace("'", "")
-        if word in _OWN_SHELL_BARRED:
-            return False
-        if token in _COMMAND_STARTS:
-            command, target = True, False
-        elif target:
-            target = False
-        elif command:
-            redirect = _REDIRECT_RE.match(token)
-            if redirect:
-                target = redirect.end() == len(token)
-            elif not _ASSIGNMENT_RE.match(token):
-                if any(c in token for c in "$*?") or ("[" in token and token != "["):
-                    return False
-                command = False
-    return True
-
-
-def _wrapped_argv(job, exits_path, env=None):
-    """The wrapper shell's argv for *job* in the environment *env* (None:
-    the manager's): the command travels as data."""
-    words = _direct_words(job, env)
+def _wrapped_argv(job, exits_path):
+    """The wrapper shell's argv for *job*: the command travels as data."""
+    words = _direct_words(job)
     if words is not None:
         script = _WRAP_DIRECT
     elif job.argv is not None:
         script, words = _WRAP_ARGV, job.argv
-    elif "'" not in exits_path and _own_shell_ok(job.cmd):
-        script, words = _WRAP_OWN, [job.cmd]
     else:
         script, words = _WRAP_SHELL, [job.cmd]
     return ["/bin/sh", "-c", script, "sh", "pman-job", str(job.seq), exits_path,
@@ -1605,9 +1493,9 @@ _BACKEND_METHODS = ("open", "admit", "start", "watch", "unwatch", "wait", "check
 
 class LocalBackend(_Backend):
     """Jobs as process groups on this machine (the default backend): each
-    runs under a wrapper shell (see _WRAP_SHELL, _WRAP_OWN, _WRAP_DIRECT)
-    that appends its exit code to the ``exits`` file, and is reaped through
-    a pidfd."""
+    runs under one of three wrapper shells (_WRAP_SHELL, _WRAP_ARGV,
+    _WRAP_DIRECT) that appends its exit code to the ``exits`` file, and is
+    reaped through a pidfd."""
 
     name = "local"
     resend_window = RESEND_WINDOW
@@ -1619,7 +1507,6 @@ class LocalBackend(_Backend):
         self.log_dir, self.log_path = log_dir, log_path
         self._exits = _ExitLog(os.path.join(state_dir, "exits"))
         self._orphans = None            # seq -> pid of wrappers found at startup
-        self._identity = _SpawnIdentity()
         self._waker = _Waker()
         self._watched = {}          # jid -> job
         self._no_pidfd = {}         # jid -> job of those without a pidfd: polled
@@ -1656,15 +1543,13 @@ class LocalBackend(_Backend):
             # the child (a manager started with SIGINT ignored must not pass
             # that on) without a preexec_fn, and returns once the child's
             # exec has begun (its command line may not be readable yet).
-            before = self._identity.now()
             pid = os.posix_spawn(
-                "/bin/sh", _wrapped_argv(job, self._exits.path, env),
-                _environ() if env is None else env,
+                "/bin/sh", _wrapped_argv(job, self._exits.path),
+                os.environ if env is None else env,
                 file_actions=[(os.POSIX_SPAWN_DUP2, stdout, 1),
                               (os.POSIX_SPAWN_DUP2, stderr, 2),
                               (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
                 setsid=True, setsigdef=_SIGDEF, setsigmask=())
-            after = self._identity.now()
             with self._reap_lock:
                 self._children.add(pid)
         finally:
@@ -1672,7 +1557,7 @@ class LocalBackend(_Backend):
                 if fd is not None:
                     os.close(fd)
         return _Seen(RUNNING, "running (pid %d)" % pid, pid=pid,
-                     ident=self._identity.of(pid, before, after))
+                     ident=_identity(pid))
 
     def idle(self):
         """No job is running: empty the exit log (every code in it is in

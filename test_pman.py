@@ -2237,13 +2237,11 @@ def test_core_job_whose_pidfd_fails_is_polled_and_reaped(core_make, monkeypatch)
     assert _proc_stat(rec["pid"]) is None, "the job is left a zombie"
 
 
-def test_core_identity_taken_from_the_clock_at_a_spawn_is_the_one_proc_shows(core_make):
-    """A spawn's identity, known from the boot-time clock without reading
-    /proc, must be the one a restarted manager reads from /proc to re-adopt
-    the job."""
+def test_core_identity_recorded_at_a_spawn_is_the_one_proc_shows(core_make):
+    """A spawn's recorded identity must be the one a restarted manager reads
+    from /proc to re-adopt the job."""
     m = core_make(durable=False)
     recs = [m.run(["sleep", "30"], jid="ident%d" % i) for i in range(60)]
-    assert m.backend._identity._trusted is True     # the clock is used here
     for rec in recs:
         with m._lock:
             ident = m._jobs[rec["jid"]].ident
@@ -2821,6 +2819,27 @@ def test_logs_argv_jobs_run_without_a_shell(core_mgr, tmp_path):
     assert core_mgr.wait("code", timeout=10)["returncode"] == 6
 
 
+def test_logs_job_sees_every_variable_of_its_environment_whichever_wrapper_runs_it(core_mgr, tmp_path):
+    """The wrapper sets no variable of its own: names it once used (t, f,
+    d, r) or any other reach the job as given, in the subshell, argv and
+    plain-words wrappers alike, with or without a cwd."""
+    env = {"t": "1", "f": "2", "d": "3", "r": "4", "j": "5"}
+    want = b"t=1 f=2 d=3 r=4 j=5\n"
+    show = 'echo "t=$t f=$f d=$d r=$r j=$j"'
+    for jid, cmd in (("shell", show), ("argv", ["sh", "-c", show]),
+                     ("plain", "env"), ("plain-argv", ["env"])):
+        for cwd in (None, str(tmp_path)):
+            key = "%s-%s" % (jid, "cwd" if cwd else "here")
+            core_mgr.run(cmd, jid=key, env=env, cwd=cwd)
+            assert core_mgr.wait(key, timeout=10)["returncode"] == 0, key
+            out = core_mgr.read_log(key)["data"]
+            if cmd in ("env", ["env"]):
+                got = dict(l.split("=", 1) for l in out.decode().splitlines() if "=" in l)
+                assert {k: got.get(k) for k in env} == env, (key, out)
+            else:
+                assert out == want, (key, out)
+
+
 def test_logs_shell_job_has_no_positional_parameters(core_mgr, tmp_path):
     core_mgr.run('echo "$0|$#|$1|${t-}${f-}${d-}"', jid="pos")
     assert core_mgr.wait("pos", timeout=10)["returncode"] == 0
@@ -2833,34 +2852,30 @@ def test_logs_shell_job_has_no_positional_parameters(core_mgr, tmp_path):
 
 @pytest.mark.skipif(not pman._DIRECT_SHELL, reason="/bin/sh is not dash: every job has a subshell")
 def test_logs_plain_command_runs_without_a_subshell_with_the_same_promises(core_make, tmp_path):
-    """A command of plain words (or an argv) runs as the wrapper's own child,
-    one process fewer; anything that could change the wrapper keeps its
-    subshell.  Either way the job has TERM at its default, its code lands in
+    """A command of plain words (or an argv) whose program is no shell word
+    runs as the wrapper's own child, one process fewer; every other command
+    runs in a subshell of the wrapper.  Either way the job has TERM at its default, its code lands in
     the exits file, and a kill ends it with -15."""
-    def script(cmd, env=None, argv=None):
+    def script(cmd, argv=None):
         job = types.SimpleNamespace(seq=7, cmd=cmd, argv=argv, cwd=None)
-        return pman._wrapped_argv(job, "/x/exits", env)[2]
-    for cmd in ("true", "sleep 30", "  python3 -c pass\t", "dd if=/dev/null of=x", "./a.out -v"):
+        return pman._wrapped_argv(job, "/x/exits")[2]
+    for cmd in ("/bin/true", "sleep 30", "  python3 -c pass\t", "dd if=/dev/null of=x",
+                "./a.out -v"):
         assert script(cmd) == pman._WRAP_DIRECT, cmd
     assert script(None, argv=["sleep", "1; exit 3"]) == pman._WRAP_DIRECT
-    # Shell commands run in the wrapper's own shell (_WRAP_OWN) unless they
-    # could reach it; those keep the subshell.
+    # Every other shell command runs in a subshell of the wrapper.
     for cmd in ("sleep 1; exit 3", "exit 3", "cd /", "echo $HOME", "ls *", "ls ~", "A=1 env",
                 "echo hi", "a | b", "a >x", "a\nb", "(a)", "{ a; }", "! a", "a # c", "while :",
                 "'a'", "kill 0", "r\u00e9sum\u00e9", "[ -e x ] || exit 4", "2>/dev/null a $b",
-                "for i in 1 2; do echo $i; done", "x=$(date) a"):
-        assert script(cmd) == pman._WRAP_OWN, cmd
-    for cmd in ("exec sleep 1", "trap '' TERM", "set -e", "a\\ b", "eval x", ". x", "$X y",
-                "A=1 $X", "> x $y", ">x $y", "a | $b", "for i in a; do $i; done", "e'x'ec a",
-                "echo() { :; }; true", "f () { :; }", "`x`", "umask 0", "ulimit -n 3",
-                "return 1", "alias a=b", "unset PATH", "x* y", "[ab] c", "command exec a",
-                "echo \"$(exec true)\""):
+                "exec sleep 1", "trap '' TERM", "set -e", "a\\ b", "eval x", ". x", "$X y",
+                "A=1 $X", "> x $y", "2>&1 $y", "0<&0 $y", ">|x $y", 'x="a b" $y', "e'x'ec a",
+                "echo() { :; }; true", "`x`", "umask 0", "x* y", "[ab] c", "command exec a",
+                "a\rb", "a\vb", "a\fb", "a\u00a0b", "a b\n", "ls a~", "a{b,c}", "a!b", "true",
+                "false x", ": x", "exit", "trap - EXIT", "cd /tmp", "kill 0", "wait"):
         assert script(cmd) == pman._WRAP_SHELL, cmd
-    job = types.SimpleNamespace(seq=7, cmd="exit 3", argv=None, cwd=None)
-    assert pman._wrapped_argv(job, "/x/it's/exits")[2] == pman._WRAP_SHELL
     assert script(None, argv=["echo", "x"]) == pman._WRAP_ARGV
-    for name in "tfdr":     # the direct wrapper's variables: the own shell has none
-        assert script("sleep 1", env={name: "1"}) == pman._WRAP_OWN
+    for argv in (["exec", "sleep", "1"], ["true"], [":"], ["trap", "-", "EXIT"]):
+        assert script(None, argv=argv) == pman._WRAP_ARGV, argv
     m = core_make(grace=30)
     exits = os.path.join(m._path, "exits")
     rec = m.run("sleep 30", jid="plain")
@@ -2880,56 +2895,6 @@ def test_logs_plain_command_runs_without_a_subshell_with_the_same_promises(core_
     with open(exits) as f:
         lines = f.read().split()
     assert "143" in lines and "127" in lines and "4" in lines, lines
-
-
-@pytest.mark.skipif(not pman._DIRECT_SHELL, reason="/bin/sh is not dash: every job has a subshell")
-def test_logs_shell_command_runs_in_the_wrappers_own_shell_with_the_same_promises(core_make,
-                                                                                 tmp_path):
-    """A shell command that cannot reach the wrapper runs in the wrapper's
-    own shell: two processes for `sleep 30; exit 3`, as under sh -c, not
-    three.  Its code reaches the exits file however it ends, its programs
-    have TERM at the default, a kill ends it with -15, and a program that
-    ignores TERM dies at the SIGKILL (-9)."""
-    m = core_make(grace=1)
-    exits = os.path.join(m._path, "exits")
-    def runs_own_shell(pid):     # posix_spawn returns before the exec has set it
-        return pman._cmdline(pid)[2:3] == [pman._WRAP_OWN.encode()] or None
-
-    rec = m.run("sleep 30; exit 3", jid="own")
-    _until(lambda: runs_own_shell(rec["pid"]), 10, "the wrapper's command line")
-    sleeper = _core_wait_running(rec["pid"])[0]
-    assert sorted(_group_pids(rec["pid"])) == sorted([rec["pid"], sleeper])
-    assert _proc_stat(sleeper)["ppid"] == rec["pid"]
-    with open("/proc/%d/status" % sleeper) as f:
-        caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", f.read(), re.M).group(1), 16)
-    assert not caught & (1 << (signal.SIGTERM - 1)), "the job inherited a TERM handler"
-    assert pman._wrapper_seq(pman._cmdline(rec["pid"]), exits) == rec["seq"]
-    m.kill("own")
-    done = m.wait("own", timeout=10)
-    assert (done["status"], done["returncode"]) == ("finishedWithError", -15), done
-    cases = (("exit3", "exit 3", 3), ("slept", "sleep 0.05; exit 5", 5),
-             ("false", "true; false", 1), ("err", "echo out; echo err >&2; exit 2", 2),
-             ("syntax", "if then", 2), ("127", "no-such-cmd-x; exit $?", 127), ("cd", "cd /; [ $PWD = / ] && exit 6", 6),
-             ("ifs", "IFS=0123456789; exit 10", 10))
-    seqs = {}
-    for jid, cmd, code in cases:
-        job = types.SimpleNamespace(seq=1, cmd=cmd, argv=None, cwd=None)
-        assert pman._wrapped_argv(job, exits)[2] == pman._WRAP_OWN, cmd
-        seqs[jid] = m.run(cmd, jid=jid, cwd=str(tmp_path))["seq"]
-    for jid, cmd, code in cases:
-        assert m.wait(jid, timeout=10)["returncode"] == code, jid
-    with open(exits) as f:
-        written = dict(line.split() for line in f)
-    for jid, cmd, code in cases:
-        assert written[str(seqs[jid])] == str(code), (jid, written)
-    stubborn = m.run("python3 -c 'import signal, time; signal.signal(signal.SIGTERM, "
-                     "signal.SIG_IGN); print(1, flush=True); time.sleep(30)'; exit 0",
-                     jid="stubborn")
-    _until(lambda: runs_own_shell(stubborn["pid"]), 10, "the wrapper's command line")
-    _until(lambda: m.read_log("stubborn")["data"] == b"1\n", 10, "the TERM to be ignored")
-    m.kill("stubborn")
-    done = m.wait("stubborn", timeout=10)
-    assert (done["status"], done["returncode"]) == ("finishedWithError", -9), done
 
 
 # ===========================================================================
@@ -3108,8 +3073,7 @@ def _crash_fault_injection(crash_env, seed, batches=False):
     # A third of the jobs run a program of plain words, which the wrapper
     # runs without a subshell (drawn apart: rng's draws stay as they were).
     direct_rng = random.Random(seed + 2)
-    # A third of the shell commands keep the subshell (`set -e` could reach
-    # the wrapper's own shell); the rest run in the wrapper's own shell.
+    # A third of the shell commands start with `set -e` (drawn apart too).
     subshell_rng = random.Random(seed + 3)
     exit_with = os.path.join(crash_env.tmp, "exit-with")
     with open(exit_with, "w") as f:
@@ -3270,6 +3234,47 @@ def test_state_jobs_finished_while_down_get_their_exit_codes(crash_env):
     assert manager.get("three")["returncode"] == 3
     assert manager.get("zero")["returncode"] == 0
     assert manager.get("k")["returncode"] == -15
+
+
+def test_state_exit_codes_past_255_ended_while_down_are_what_the_process_exited_with(crash_env):
+    """`exit 256` and `exit 300` end the process with 0 and 44 (as under
+    sh -c): that is what a job that ends while no manager runs is recorded
+    with, not the shell's untruncated number."""
+    state = crash_env.path()
+    manager = crash_env.manager(state)
+    pids = {jid: manager.run(cmd, jid=jid)["pid"]
+            for jid, cmd in (("e256", "sleep 1; exit 256"), ("e300", "sleep 1; exit 300"))}
+    manager.close()
+    assert all(_alive(pid) for pid in pids.values()), \
+        "the jobs ended before their manager closed: the test ran too slowly"
+    for jid, pid in pids.items():
+        _until(lambda: not _group_pids(pid), 10, "job %s to end" % jid)
+
+    manager = crash_env.manager(state)
+    got = {r["jid"]: (r["status"], r["returncode"]) for r in manager.wait(list(pids), timeout=10)}
+    assert got == {"e256": (_CRASH_SUCCESS, 0), "e300": (_CRASH_ERROR, 44)}, got
+
+
+def test_state_shell_command_cannot_reach_the_wrapper_that_records_its_code(crash_env):
+    """A command that names trap or exec through a variable, behind a
+    redirection or an assignment, runs where it cannot drop the wrapper's
+    record or replace the wrapper: re-adopted after a restart, each job
+    ends with its own code, never undefined."""
+    state = crash_env.path()
+    cases = (("trap-dup", "y=trap; 2>&1 $y - EXIT; sleep 1; exit 3", 3),
+             ("trap-assign", 'y=trap; x="a b" $y - EXIT; sleep 1; exit 4', 4),
+             ("trap-clobber", "y=trap; >|/dev/null $y - EXIT; sleep 1; exit 5", 5),
+             ("exec", 'y=exec; 0<&0 $y sh -c "sleep 1; exit 6"', 6))
+    child = crash_env.child(state, [["run", jid, cmd] for jid, cmd, _ in cases])
+    child.wait_event("done")
+    pids = {e["jid"]: e["pid"] for e in child.acks()}
+    child.sigkill()
+    assert all(_alive(pid) for pid in pids.values()), \
+        "the jobs ended before their manager was killed: the test ran too slowly"
+
+    manager = crash_env.manager(state)
+    got = {r["jid"]: (r["status"], r["returncode"]) for r in manager.wait(list(pids), timeout=15)}
+    assert got == {jid: (_CRASH_ERROR, code) for jid, _, code in cases}, got
 
 
 def test_state_job_vanished_while_down_is_undefined(crash_env):
@@ -4348,6 +4353,35 @@ def test_state_orphan_found_after_a_crash_is_the_wrapper_not_its_subshell(crash_
         done = manager.wait("q", timeout=10)
         assert (done["status"], done["returncode"]) == (_CRASH_ERROR, -15), done
         _until(lambda: not _group_pids(proc.pid), 10, "q's group to be gone")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def test_state_job_of_an_earlier_builds_own_shell_wrapper_is_readopted_with_its_real_code(
+        crash_env):
+    """A wrapper that an earlier build started in its own shell is found
+    again after an upgrade, and its job's code is what the process exited
+    with (300 exits as 44), not the untruncated number its trap wrote."""
+    state = crash_env.path()
+    manager = crash_env.manager(state, max_running=1)
+    manager.run("sleep 30", jid="hold")
+    q = manager.run("sleep 0.5; exit 300", jid="q")
+    assert q["status"] == "notstarted"
+    manager.close()
+    (own,) = [w for w in pman._WRAPPERS if w.startswith(b'trap "echo $2')]
+    exits = os.path.join(state, "exits")
+    proc = subprocess.Popen([b"/bin/sh", b"-c", own, b"sh", b"pman-job", str(q["seq"]).encode(),
+                             exits.encode(), b"", q["cmd"].encode()],
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _until(lambda: pman._wrapper_seq(pman._cmdline(proc.pid), exits) == q["seq"], 10,
+               "the wrapper's command line")
+        manager = crash_env.manager(state, max_running=1)
+        assert (manager.get("q")["status"], manager.get("q")["pid"]) == ("started", proc.pid)
+        done = manager.wait("q", timeout=10)
+        assert (done["status"], done["returncode"]) == (_CRASH_ERROR, 44), done
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
