@@ -1405,7 +1405,7 @@ _Seen.__new__.__defaults__ = (None,) * 7
 
 class _Backend:
     """Where jobs run: the protocol between `JobManager` and a backend
-    (`LocalBackend`, `SlurmBackend`).  Provisional: a third-party backend
+    (`LocalBackend`, `SlurmBackend`, `PodmanBackend`).  Provisional: a third-party backend
     subclasses this and implements the methods without a default.
 
     A backend never changes a job: it reads the job's fields and returns a
