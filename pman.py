@@ -1241,7 +1241,7 @@ def _open_log(path, flags=0):
     return fd
 
 
-def _describe_exit(code):
+def _exit_status(code):
     """Message for an exit code of the job's own making."""
     if code == 0:
         return SUCCESS, 0, "exited with code 0"
@@ -2480,7 +2480,7 @@ class PodmanBackend(_PolledBackend):
                          "exited %d" % ("out of memory" if state.get("OOMKilled")
                                         else "likely out of memory", limit or 0, code),
                          code, ERROR, started)
-        status, code, message = _describe_exit(code)
+        status, code, message = _exit_status(code)
         return _Seen(ENDED, message, code, status, started)
 
     def signal(self, job, sig):
@@ -2975,7 +2975,7 @@ class _JobFilter:
 _Turn = collections.namedtuple("_Turn", "kills starting doomed flush idle ended")
 
 
-def _ending(job, end):
+def _how_it_ended(job, end):
     """How *job* is finished, given how the backend says it ended (a
     `_Seen` of state ENDED: the code its wrapper reported, None if none
     survives): (status, returncode, message, whether it started)."""
@@ -2998,10 +2998,10 @@ def _ending(job, end):
                 "left no exit code", True)
     if code < 0:       # the wrapper itself died of a signal pman did not send
         sig = -code
-        status, code, message = _describe_exit(128 + sig)
+        status, code, message = _exit_status(128 + sig)
         return (status, code, "killed by %s (not sent by pman); %s"
                 % (signal_name(sig), message), True)
-    return _describe_exit(code) + (True,)
+    return _exit_status(code) + (True,)
 
 
 class JobManager:
@@ -3624,7 +3624,7 @@ class JobManager:
             if replaced:
                 self._retention.relined(replaced, self._jobs)
             for job in list(self._running.values()):
-                self._collect_safely(job)
+                self._refresh_safely(job)
         finally:
             self._lock.release()
         return self.counts()
@@ -3762,7 +3762,7 @@ class JobManager:
     def _note_change(self, jid, status, *, ended=None):
         """Give this change of *jid*'s record (now *status*; None: forgotten)
         the next number of the change feed, wake the feed's waiters, and
-        count it for the metrics (*ended*: the _Job whose ending `_finish`
+        count it for the metrics (*ended*: the _Job whose ending `_record_end`
         recorded).  Caller holds self._lock."""
         self._metrics.changed(jid, status, ended)
         self._feed.note(jid)
@@ -3858,7 +3858,7 @@ class JobManager:
         Return its journal line, or None if its record changed again.
         Caller holds self._lock."""
         job.spawned_at = _time()
-        self._apply(job, seen)
+        self._record_seen(job, seen)
         self.backend.watch(job)
         self._watch(job)
         line = self._persist(job)
@@ -3881,7 +3881,7 @@ class JobManager:
         if refused and refuse:
             raise error
         self._tally["spawn failed"] += 1
-        self._finish(job, ERROR, None, "%s failed: %s" % (
+        self._record_end(job, ERROR, None, "%s failed: %s" % (
             "submit" if refused else "spawn", error), started=False)
         return None
 
@@ -3943,7 +3943,7 @@ class JobManager:
         real code), or it is still being started (`_launch` sends it).
         Raises StorageError, having changed nothing, if the journal cannot
         be written.  Caller holds self._lock."""
-        self._collect(job)
+        self._refresh(job)
         if self._running.get(job.jid) is not job:
             return None
         previous = job.kill_signal, job.kill_reason
@@ -4007,10 +4007,10 @@ class JobManager:
 
     def _cancel(self, job, message, must=False):
         """Caller holds self._lock."""
-        self._finish(job, ERROR, None, message, started=False, must=must)
+        self._record_end(job, ERROR, None, message, started=False, must=must)
         self._queue_remove(job)
 
-    def _finish(self, job, status, returncode, message, started=True, must=False):
+    def _record_end(self, job, status, returncode, message, started=True, must=False):
         """Record the end of *job*.  With *must*, a journal that cannot take
         the line raises StorageError and nothing changes.  Caller holds
         self._lock."""
@@ -4035,7 +4035,7 @@ class JobManager:
         self._flush_soon(FLUSH_DELAY)
         self._changed.notify_all()
 
-    def _apply(self, job, seen):
+    def _record_seen(self, job, seen):
         """Apply what the backend found (a `_Seen` of a job it holds) to
         *job*; True if the record changed.  An ENDED job is finished.
         Caller holds self._lock."""
@@ -4047,7 +4047,8 @@ class JobManager:
         if seen.state == ENDED:
             if job.started is None and seen.started is not None:   # ran between polls
                 job.started = seen.started
-            self._outcome(job, seen)
+            status, code, message, started = _how_it_ended(job, seen)
+            self._record_end(job, status, code, message, started=started)
             return True
         if seen.message is not None:
             job.message = seen.message
@@ -4058,13 +4059,7 @@ class JobManager:
             job.started = None
         return (job.status, job.message, job.pid, job.backend_id) != before
 
-    def _outcome(self, job, end):
-        """Finish *job* as the backend says it ended (see `_ending`).
-        Caller holds self._lock."""
-        status, code, message, started = _ending(job, end)
-        self._finish(job, status, code, message, started=started)
-
-    def _collect(self, job):
+    def _refresh(self, job):
         """The backend says *job* may have changed: apply what it finds.
         Caller holds self._lock."""
         if self._running.get(job.jid) is not job or job.starting:
@@ -4073,19 +4068,19 @@ class JobManager:
         if seen is None:
             return
         was_started = job.status == STARTED
-        if self._apply(job, seen) and seen.state != ENDED:
+        if self._record_seen(job, seen) and seen.state != ENDED:
             if job.status == STARTED and not was_started:   # e.g. left SLURM's queue
                 self._timeout_timer(job)
             self._persist(job)
 
-    def _collect_safely(self, job):
-        """_collect, but a failure settles that one job instead of leaving a
+    def _refresh_safely(self, job):
+        """_refresh, but a failure settles that one job instead of leaving a
         readable pidfd to spin the reaper.  Caller holds self._lock."""
         try:
-            self._collect(job)
+            self._refresh(job)
         except Exception as e:
             log.exception("collecting job %s failed", job.jid)
-            self._finish(job, UNDEFINED, None, "pman could not collect the exit "
+            self._record_end(job, UNDEFINED, None, "pman could not collect the exit "
                          "status: %s" % e)
 
     def _recover(self):
@@ -4109,12 +4104,12 @@ class JobManager:
                 job.message = "queued: waiting for a free slot"
                 self._queue.append(job)
             elif seen.state in (RUNNING, QUEUED):
-                self._apply(job, seen._replace(started=seen.started or job.started
+                self._record_seen(job, seen._replace(started=seen.started or job.started
                                                or job.submitted))
                 self._running[job.jid] = job
                 self.backend.watch(job)
                 self._watch(job)
-                self._collect(job)      # it may have ended while we set up the watch
+                self._refresh(job)      # it may have ended while we set up the watch
                 if job.kill_signal and self._running.get(job.jid) is job:
                     # Its process may be young enough for the wrapper's fork
                     # window: re-send as after a fresh spawn.
@@ -4122,7 +4117,7 @@ class JobManager:
                     kills.append(_Kill(job, job.kill_signal, None, 0, None, None))
                 log.info("re-adopted job %s (%s)", job.jid, job.pid or job.backend_id)
             else:               # it ended while no manager watched
-                self._apply(job, seen._replace(started=seen.started or job.started
+                self._record_seen(job, seen._replace(started=seen.started or job.started
                                                or job.submitted))
         return kills
 
@@ -4223,7 +4218,7 @@ class JobManager:
         is a `_Turn`.  Caller holds self._lock."""
         woke = _time()
         for job in jobs:
-            self._collect_safely(job)
+            self._refresh_safely(job)
             if self._running.get(job.jid) is not job:
                 self._metrics.observe_lag(_time() - woke)
         kills = self._due_timers()
