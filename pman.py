@@ -790,11 +790,11 @@ def _line_problem(obj, line):
                 return "batch: " + problem
         return None
     problem = _record_problem(obj, deep)
-    if problem is None:
-        m = _LINE_RE.match(line)        # the fields read later without parsing
-        if m is None or (m.group(1), m.group(2), int(m.group(3))) != (
-                obj["jid"], obj["status"], obj["seq"]):
-            problem = "fields out of order"
+    # The fields read later without parsing (_LINE_RE) must be the parsed
+    # ones: a checked jid, status and seq have one JSON spelling each.
+    if problem is None and not line.startswith('{"jid": "%s", "status": "%s", "seq": %d,' % (
+            obj["jid"], obj["status"], obj["seq"])):
+        problem = "fields out of order"
     return problem
 
 
