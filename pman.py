@@ -641,9 +641,8 @@ _FIELD_TYPE_PAIRS = frozenset((name, kind) for name, kinds in _FIELD_TYPES.items
 def _record_problem(rec, deep=True):
     """Why the parsed state line *rec* is not a job record that pman could
     have written, or None.  Every field's type is checked, so that a record
-    that loads can always be listed, searched and served.  *deep* False
-    says that the line holds at most MAX_DEPTH '{' and '[' characters, so
-    that nothing in it can nest deeper than MAX_DEPTH."""
+    that loads can always be listed, searched and served.  *deep* False:
+    the line holds too few '{' and '[' to nest deeper than MAX_DEPTH."""
     if type(rec) is not dict:
         return "not a JSON object"
     # Every field, each of a type it may have: the three checks below pass.
@@ -772,7 +771,9 @@ def _unframe(raw):
 def _line_problem(obj, line):
     """Why the parsed unframed line *obj* (text *line*) cannot be replayed,
     or None: a job record, or ``{"forget": [jid, ...]}``."""
-    # Each structural '{' or '[' is one such character of the text.
+    # Each level of nesting opens with a '{' or '[' of the text (those inside
+    # strings only add to the count): a line with MAX_DEPTH of them at most
+    # nests no deeper.
     deep = line.count("{") + line.count("[") > MAX_DEPTH
     if isinstance(obj, dict) and len(obj) == 1 and "forget" in obj:
         jids = obj["forget"]
