@@ -631,21 +631,28 @@ _FIELD_TYPES = {
     "started": {str, _NONE}, "ended": {str, _NONE}, "ident": {list, _NONE},
     "kill_signal": {int, _NONE}, "kill_reason": {str, _NONE}, "backend_id": {str, _NONE}}
 _REQUIRED = frozenset(_FIELD_TYPES) - {"backend_id"}    # added after format 1 was out
+# The same as (field, type) pairs: a record's types are checked in one call.
+_FIELD_TYPE_PAIRS = frozenset((name, kind) for name, kinds in _FIELD_TYPES.items()
+                              for kind in kinds)
 
 
-def _record_problem(rec):
+def _record_problem(rec, deep=True):
     """Why the parsed state line *rec* is not a job record that pman could
     have written, or None.  Every field's type is checked, so that a record
-    that loads can always be listed, searched and served."""
+    that loads can always be listed, searched and served.  *deep* False:
+    the line holds too few '{' and '[' to nest deeper than MAX_DEPTH."""
     if type(rec) is not dict:
         return "not a JSON object"
-    if not rec.keys() <= _FIELD_TYPES.keys():
-        return "unknown field(s) %s" % ", ".join(sorted(rec.keys() - _FIELD_TYPES.keys()))
-    if not _REQUIRED <= rec.keys():
-        return "missing field(s) %s" % ", ".join(sorted(_REQUIRED - rec.keys()))
-    for name, value in rec.items():
-        if type(value) not in _FIELD_TYPES[name]:
-            return "%r is a %s" % (name, type(value).__name__)
+    # Every field, each of a type it may have: the three checks below pass.
+    if len(rec) != len(_FIELD_TYPES) or not _FIELD_TYPE_PAIRS.issuperset(
+            zip(rec, map(type, rec.values()))):
+        if not rec.keys() <= _FIELD_TYPES.keys():
+            return "unknown field(s) %s" % ", ".join(sorted(rec.keys() - _FIELD_TYPES.keys()))
+        if not _REQUIRED <= rec.keys():
+            return "missing field(s) %s" % ", ".join(sorted(_REQUIRED - rec.keys()))
+        for name, value in rec.items():
+            if type(value) not in _FIELD_TYPES[name]:
+                return "%r is a %s" % (name, type(value).__name__)
     if not JID_RE.fullmatch(rec["jid"]):
         return "invalid jid"
     if rec["status"] not in STATUSES:
@@ -662,8 +669,8 @@ def _record_problem(rec):
                 datetime.fromisoformat(rec[name])
             except ValueError:
                 return "%r is not an ISO 8601 time" % name
-    if ((rec["meta"] and not _depth_ok(rec["meta"], MAX_DEPTH))
-            or (rec["extras"] and not _depth_ok(rec["extras"], MAX_DEPTH))):
+    if deep and ((rec["meta"] and not _depth_ok(rec["meta"], MAX_DEPTH))
+                 or (rec["extras"] and not _depth_ok(rec["extras"], MAX_DEPTH))):
         return "meta nested too deeply"
     return None
 
@@ -762,27 +769,31 @@ def _unframe(raw):
 def _line_problem(obj, line):
     """Why the parsed unframed line *obj* (text *line*) cannot be replayed,
     or None: a job record, or ``{"forget": [jid, ...]}``."""
-    if isinstance(obj, dict) and set(obj) == {"forget"}:
+    # Each level of nesting opens with a '{' or '[' of the text (those inside
+    # strings only add to the count): a line with MAX_DEPTH of them at most
+    # nests no deeper.
+    deep = line.count("{") + line.count("[") > MAX_DEPTH
+    if isinstance(obj, dict) and len(obj) == 1 and "forget" in obj:
         jids = obj["forget"]
         ok = isinstance(jids, list) and all(isinstance(j, str) for j in jids)
         return None if ok else "bad forget line"
-    if isinstance(obj, dict) and set(obj) == {"batch"}:     # run_many(): one line
+    if isinstance(obj, dict) and len(obj) == 1 and "batch" in obj:   # run_many(): one line
         records = obj["batch"]
         if not isinstance(records, list) or not records:
             return "bad batch line"
         for record in records:
-            problem = _record_problem(record)
+            problem = _record_problem(record, deep)
             if problem is None and list(record)[:3] != ["jid", "status", "seq"]:
                 problem = "fields out of order"
             if problem is not None:
                 return "batch: " + problem
         return None
-    problem = _record_problem(obj)
-    if problem is None:
-        m = _LINE_RE.match(line)        # the fields read later without parsing
-        if m is None or (m.group(1), m.group(2), int(m.group(3))) != (
-                obj["jid"], obj["status"], obj["seq"]):
-            problem = "fields out of order"
+    problem = _record_problem(obj, deep)
+    # The fields read later without parsing (_LINE_RE) must be the parsed
+    # ones: a checked jid, status and seq have one JSON spelling each.
+    if problem is None and not line.startswith('{"jid": "%s", "status": "%s", "seq": %d,' % (
+            obj["jid"], obj["status"], obj["seq"])):
+        problem = "fields out of order"
     return problem
 
 

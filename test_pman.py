@@ -3803,6 +3803,87 @@ def test_state_damage_anywhere_in_a_line_is_set_aside(crash_env, caplog, where, 
     assert len(_crash_names(state, ".corrupt")) == 1
 
 
+# A record whose jid, status or seq as read without parsing (the start of
+# the line) is not the parsed one.
+_CRASH_MISREAD = {
+    "status-first": lambda line: line.replace('{"jid": "b", "status": "%s", ' % _CRASH_SUCCESS,
+                                              '{"status": "%s", "jid": "b", ' % _CRASH_SUCCESS),
+    "no-spaces": lambda line: line.replace('{"jid": "b", ', '{"jid":"b", '),
+    "escaped-jid": lambda line: line.replace('"b"', '"\\u0062"', 1),
+    "second-jid": lambda line: line[:-1] + ', "jid": "x"}',
+    "second-status": lambda line: line[:-1] + ', "status": "%s"}' % _CRASH_ERROR,
+    "second-seq": lambda line: line[:-1] + ', "seq": 7}',
+}
+
+
+@pytest.mark.parametrize("where", ["snapshot-v2", "journal"])
+@pytest.mark.parametrize("case", sorted(_CRASH_MISREAD))
+def test_state_line_whose_start_disagrees_with_its_fields_is_set_aside(crash_env, caplog, where,
+                                                                       case):
+    caplog.set_level(logging.WARNING, logger="pman")
+    state = crash_env.path()
+    lines = [_crash_line("a", 1, 0), _crash_line("b", 2, 0), _crash_line("c", 3, 5)]
+    damaged = _CRASH_MISREAD[case](lines[1])
+    assert damaged != lines[1] and json.loads(damaged)["jid"] in ("b", "x")
+    lines[1] = damaged
+    if where == "journal":
+        target = os.path.join(state, "journal-0.jsonl")
+        _crash_write(os.path.join(state, _CRASH_SNAPSHOT), _crash_header(0, 1) + "\n")
+    else:
+        target = os.path.join(state, _CRASH_SNAPSHOT)
+        lines = [_crash_v2_header(0, 4)] + [_crash_frame(line) for line in lines]
+    _crash_write(target, "".join(line + "\n" for line in lines).encode())
+    manager = crash_env.manager(state)
+    assert len(_crash_names(state, os.path.basename(target) + ".corrupt-")) == 1, os.listdir(state)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(target in w and "1 bad line" in w for w in warnings), warnings
+    assert [(r["jid"], r["status"], r["seq"]) for r in manager.jobs()] == [
+        ("a", _CRASH_SUCCESS, 1), ("c", _CRASH_ERROR, 3)]
+
+
+_CRASH_NESTING = [(field, depth, brackets) for field in ("meta", "extras")
+                  for depth, brackets in ((pman.MAX_DEPTH, 0), (pman.MAX_DEPTH, 200),
+                                          (pman.MAX_DEPTH + 1, 0))]
+
+
+@pytest.mark.parametrize("where", ["snapshot-v2", "journal"])
+@pytest.mark.parametrize("field,depth,brackets", _CRASH_NESTING,
+                         ids=["%s-%d-deep-%d-brackets-in-a-string" % c for c in _CRASH_NESTING])
+def test_state_nesting_is_judged_at_its_limit_whatever_else_the_line_holds(
+        crash_env, caplog, where, field, depth, brackets):
+    # The fewest '{' a line nesting *depth* deep can hold: a loader that
+    # counts them to skip the depth check must still refuse one level more.
+    caplog.set_level(logging.WARNING, logger="pman")
+    state = crash_env.path()
+    nested = {"s": "[{" * brackets}
+    for _ in range(depth - 1):
+        nested = {"k": nested}
+    fields = {"meta": {}, "extras": None}
+    fields[field] = nested
+    lines = [_crash_line("a", 1, 0), _crash_line("b", 2, 0, **fields), _crash_line("c", 3, 5)]
+    assert lines[1].count("{") + lines[1].count("[") == depth + 1 + 2 * brackets + (
+        field == "extras")
+    if where == "journal":
+        target = os.path.join(state, "journal-0.jsonl")
+        _crash_write(os.path.join(state, _CRASH_SNAPSHOT), _crash_header(0, 1) + "\n")
+    else:
+        target = os.path.join(state, _CRASH_SNAPSHOT)
+        lines = [_crash_v2_header(0, 4)] + [_crash_frame(line) for line in lines]
+    _crash_write(target, "".join(line + "\n" for line in lines).encode())
+    manager = crash_env.manager(state)
+    aside = _crash_names(state, os.path.basename(target) + ".corrupt-")
+    if depth <= pman.MAX_DEPTH:
+        assert not aside, os.listdir(state)
+        assert manager.get("b")[field] == nested
+    else:
+        assert len(aside) == 1, os.listdir(state)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert any(target in w and "1 bad line" in w for w in warnings), warnings
+        with pytest.raises(pman.JobNotFound):
+            manager.get("b")
+    assert [r["jid"] for r in manager.jobs()] == ["a", "b", "c"][:: 1 if not aside else 2]
+
+
 _CRASH_STARTED = dict(status="started", returncode=None, message="running (pid 1)", pid=1,
                       ended=None, ident=[1, "x"])
 # A line pman could not have written, with a checksum that matches it.
