@@ -670,7 +670,7 @@ def _record_problem(rec, deep=True):
             except ValueError:
                 return "%r is not an ISO 8601 time" % name
     if deep and ((rec["meta"] and not _depth_ok(rec["meta"], MAX_DEPTH))
-                 or (rec["extras"] and not _depth_ok(rec["extras"], MAX_DEPTH))):
+                 or (rec["extras"] and not _depth_ok(rec["extras"], MAX_DEPTH + 1))):
         return "meta nested too deeply"
     return None
 

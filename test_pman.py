@@ -3841,9 +3841,12 @@ def test_state_line_whose_start_disagrees_with_its_fields_is_set_aside(crash_env
         ("a", _CRASH_SUCCESS, 1), ("c", _CRASH_ERROR, 3)]
 
 
+# The limits run() applies: meta MAX_DEPTH, extras one more (it may hold a
+# command-dialect client's whole meta, one level down).
+_CRASH_LIMIT = {"meta": pman.MAX_DEPTH, "extras": pman.MAX_DEPTH + 1}
 _CRASH_NESTING = [(field, depth, brackets) for field in ("meta", "extras")
-                  for depth, brackets in ((pman.MAX_DEPTH, 0), (pman.MAX_DEPTH, 200),
-                                          (pman.MAX_DEPTH + 1, 0))]
+                  for depth, brackets in ((_CRASH_LIMIT[field], 0), (_CRASH_LIMIT[field], 200),
+                                          (_CRASH_LIMIT[field] + 1, 0))]
 
 
 @pytest.mark.parametrize("where", ["snapshot-v2", "journal"])
@@ -3872,7 +3875,7 @@ def test_state_nesting_is_judged_at_its_limit_whatever_else_the_line_holds(
     _crash_write(target, "".join(line + "\n" for line in lines).encode())
     manager = crash_env.manager(state)
     aside = _crash_names(state, os.path.basename(target) + ".corrupt-")
-    if depth <= pman.MAX_DEPTH:
+    if depth <= _CRASH_LIMIT[field]:
         assert not aside, os.listdir(state)
         assert manager.get("b")[field] == nested
     else:
@@ -7192,6 +7195,31 @@ def test_security_deep_meta_at_the_limit_is_served_and_past_it_is_refused(http_s
         srv.manager.run("true", jid="over-l", meta={"a": [[[[_http_nested(limit)]]]]})
     assert srv.manager.jids() == before
     assert not [n for n in _http_listing(srv.log_dir) if n.startswith("over-")]
+
+
+def test_state_meta_and_extras_as_deep_as_run_accepts_survive_a_restart(tmp_path):
+    """What run() accepts, a restart loads: meta MAX_DEPTH deep and extras
+    one level more (extras once got set aside as damaged at the next start)."""
+    def nested(depth):
+        node = {"leaf": 1}
+        for _ in range(depth - 1):
+            node = {"k": node}
+        return node
+    state = str(tmp_path / "state")
+    m = pman.JobManager(state)
+    try:
+        m.run("true", jid="deep", meta=nested(pman.MAX_DEPTH),
+              extras=nested(pman.MAX_DEPTH + 1))
+        m.wait("deep", timeout=10)
+    finally:
+        m.close()
+    m = pman.JobManager(state, strict=True)
+    try:
+        rec = m.get("deep")
+        assert rec["meta"] == nested(pman.MAX_DEPTH)
+        assert rec["extras"] == nested(pman.MAX_DEPTH + 1)
+    finally:
+        m.close()
 
 
 def test_security_huge_log_limit_and_deep_meta_are_clean_library_errors(tmp_path):
