@@ -22,6 +22,26 @@ Vendoring
 Copy this one file into your project.  It needs Python 3.9+ on Linux and
 nothing outside the standard library.
 
+Contents
+--------
+The sections, in dependency order (each has a banner of its own):
+
+1. Constants and clocks; 2. Exceptions (`PmanError` and its children);
+3. Validation (a job's arguments, checked before anything is written);
+4. The job record (`_Job`, its JSON line); 5. Persistence (the snapshot and
+the journal: `_Store`); 6. Processes (identity, exit codes and the wrapper
+shell that records them); 7. The backend seam (`_Backend`) and the local
+backend; 8. The SLURM backend; 9. The podman backend; 10. JobManager's
+parts (retention, timers, log files, the change feed, metrics, filters);
+11. `JobManager` (its public API, then a job's life in order: submission,
+start, timers and signals, end, recovery, then the reaper thread);
+12. HTTP limits, errors and job objects; 13. The command dialect; 14. The
+API routes (`_Api`, `_Routes`); 15. The HTTP server: requests (`_Handler`)
+and 16. connections (`_Server`, `make_server`); 17-19. The command line
+(the server, the client, its commands: `main`); 20. The original pman's
+module entry point (`pman.pman`); 21. The status page (HTML, CSS and
+JavaScript: data, not code).
+
 State
 -----
 Everything lives in one state directory (``$PMAN_STATE_DIR``, else
@@ -144,8 +164,9 @@ log = logging.getLogger(__name__)
 # stop lines without one line per request (`pman -v` shows both).
 access_log = logging.getLogger("pman.access")
 
+
 # ---------------------------------------------------------------------------
-# Constants
+# Constants and clocks
 # ---------------------------------------------------------------------------
 
 NOTSTARTED = "notstarted"
@@ -182,53 +203,6 @@ LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 MAX_DEPTH = 64              # nesting levels of a job's meta (and extras) accepted
 _MISSING = object()
 TAIL_LINES, TAIL_BYTES = 1000, 65536
-
-# The wrapper that runs every job, as ``sh -c WRAPPER sh pman-job SEQ EXITS
-# CWD CMD...``, and records its exit status in EXITS.  The command is a
-# positional parameter, never part of the script text, and runs with no
-# positional parameters of the wrapper's (as under ``sh -c CMD``).
-# `trap : TERM` is a handler, not an ignore, so the job's process resets it
-# and does not inherit SIG_IGN, while the wrapper itself survives a group
-# SIGTERM long enough to record the exit status.  Every other signal
-# disposition is reset to the default by the spawn itself (_SIGDEF).  No
-# user code runs in the wrapper's own shell: a shell command or an argv
-# runs in a subshell, so that nothing it does (exec, trap, exit, a builtin
-# loop that the wrapper's TERM handler would keep alive) reaches the shell
-# that records its status.  The wrapper sets no variable, so the job sees
-# its environment as given: the job runs in a function (j, unset before
-# anything of the job's runs) whose positional parameters are its own, and
-# OLDPWD, which the `cd` to CWD would set to the manager's directory, is put
-# back as the job's environment had it (as ``env -C CWD sh -c CMD`` leaves it).
-_WRAP_HEAD = ('trap : TERM; j() { unset -f j; if [ -n "$4" ]; then '
-              'set -- "${OLDPWD+x$OLDPWD}" "$@"; cd -- "$5" || return 126; '
-              'case $1 in x*) OLDPWD=${1#x};; *) unset OLDPWD;; esac; shift; fi; shift 4; ')
-_WRAP_TAIL = '; }; j "$@"; set -- $? "$2" "$3"; echo "$2 $1" >>"$3"; exit "$1"'
-_WRAP_SHELL = _WRAP_HEAD + '(eval "shift; $1")' + _WRAP_TAIL
-_WRAP_ARGV = _WRAP_HEAD + '("$@")' + _WRAP_TAIL
-# A job that is one program and its words (see _direct_words) needs no
-# subshell: the wrapper runs it as its own child (vfork + exec), which is
-# what `sh -c CMD` itself does with it, and no shell code of the job's runs
-# in the wrapper.  The program's exec resets the TERM handler as the
-# subshell's fork did; a TERM that lands between the vfork and the exec is
-# caught and lost as in the subshell's instant after its fork, and is sent
-# again (JobManager._deliver).
-_WRAP_DIRECT = _WRAP_HEAD + '"$@"' + _WRAP_TAIL
-# Every wrapper that a build of pman has started, by its exact text: the
-# current ones, then those of earlier builds (some ``sh -c WRAPPER pman-job
-# SEQ EXITS CMD...``), whose jobs a newer build re-adopts after an upgrade.
-_WRAPPERS = frozenset(w.encode() for w in (
-    _WRAP_SHELL, _WRAP_ARGV, _WRAP_DIRECT,
-    'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
-    'else (unset t f d r; eval "shift; $1"); r=$?; fi; echo "$t $r" >>"$f"; exit $r',
-    'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
-    'else (unset t f d r; "$@"); r=$?; fi; echo "$t $r" >>"$f"; exit $r',
-    'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
-    'else "$@"; r=$?; fi; echo "$t $r" >>"$f"; exit $r',
-    'trap "echo $2 \\"\\$?\\" >>\'$3\'" EXIT; trap "exit 143" TERM; '
-    'if [ -n "$4" ] && ! cd -- "$4"; then exit 126; fi; eval "shift 5; $5"',
-    'trap : TERM; (eval "$3"); r=$?; echo "$1 $r" >>"$2"; exit $r',
-    'trap : TERM; t=$1; f=$2; shift 2; ("$@"); r=$?; echo "$t $r" >>"$f"; exit $r'))
-_SIGDEF = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 
 def _now():
@@ -348,7 +322,7 @@ class SubmitRejected(PmanError):
 
 
 # ---------------------------------------------------------------------------
-# Validation helpers
+# Validation
 # ---------------------------------------------------------------------------
 
 SHOWN_CHARS = 64            # how much of a bad value an error message quotes
@@ -482,10 +456,6 @@ def _check_env(env):
     return dict(env)
 
 
-# ---------------------------------------------------------------------------
-# The job model
-# ---------------------------------------------------------------------------
-
 # A checked submission: what run() and each spec of run_many() become
 # before the manager's lock is taken (see _check_spec).
 _Spec = collections.namedtuple("_Spec", "jid cmd argv auid meta env cwd timeout extras")
@@ -579,6 +549,10 @@ def _stored_copies(meta, extras):
             else e)) from None
     return json.loads(text)
 
+
+# ---------------------------------------------------------------------------
+# The job record
+# ---------------------------------------------------------------------------
 
 # Persisted fields, in the order they are written.  jid, status and seq come
 # first so that a loader can index a line without parsing it (_LINE_RE).
@@ -708,7 +682,7 @@ def _entry_status(entry):
 
 
 # ---------------------------------------------------------------------------
-# Persistence
+# Persistence: the snapshot and the journal
 # ---------------------------------------------------------------------------
 
 def _fsync_dir(path):
@@ -1149,8 +1123,56 @@ class _Store:
 
 
 # ---------------------------------------------------------------------------
-# Process handling: spawn, identity, reap, kill
+# Processes: identity, exit codes and the wrapper shell
 # ---------------------------------------------------------------------------
+
+# The wrapper that runs every job, as ``sh -c WRAPPER sh pman-job SEQ EXITS
+# CWD CMD...``, and records its exit status in EXITS.  The command is a
+# positional parameter, never part of the script text, and runs with no
+# positional parameters of the wrapper's (as under ``sh -c CMD``).
+# `trap : TERM` is a handler, not an ignore, so the job's process resets it
+# and does not inherit SIG_IGN, while the wrapper itself survives a group
+# SIGTERM long enough to record the exit status.  Every other signal
+# disposition is reset to the default by the spawn itself (_SIGDEF).  No
+# user code runs in the wrapper's own shell: a shell command or an argv
+# runs in a subshell, so that nothing it does (exec, trap, exit, a builtin
+# loop that the wrapper's TERM handler would keep alive) reaches the shell
+# that records its status.  The wrapper sets no variable, so the job sees
+# its environment as given: the job runs in a function (j, unset before
+# anything of the job's runs) whose positional parameters are its own, and
+# OLDPWD, which the `cd` to CWD would set to the manager's directory, is put
+# back as the job's environment had it (as ``env -C CWD sh -c CMD`` leaves it).
+_WRAP_HEAD = ('trap : TERM; j() { unset -f j; if [ -n "$4" ]; then '
+              'set -- "${OLDPWD+x$OLDPWD}" "$@"; cd -- "$5" || return 126; '
+              'case $1 in x*) OLDPWD=${1#x};; *) unset OLDPWD;; esac; shift; fi; shift 4; ')
+_WRAP_TAIL = '; }; j "$@"; set -- $? "$2" "$3"; echo "$2 $1" >>"$3"; exit "$1"'
+_WRAP_SHELL = _WRAP_HEAD + '(eval "shift; $1")' + _WRAP_TAIL
+_WRAP_ARGV = _WRAP_HEAD + '("$@")' + _WRAP_TAIL
+# A job that is one program and its words (see _direct_words) needs no
+# subshell: the wrapper runs it as its own child (vfork + exec), which is
+# what `sh -c CMD` itself does with it, and no shell code of the job's runs
+# in the wrapper.  The program's exec resets the TERM handler as the
+# subshell's fork did; a TERM that lands between the vfork and the exec is
+# caught and lost as in the subshell's instant after its fork, and is sent
+# again (JobManager._deliver).
+_WRAP_DIRECT = _WRAP_HEAD + '"$@"' + _WRAP_TAIL
+# Every wrapper that a build of pman has started, by its exact text: the
+# current ones, then those of earlier builds (some ``sh -c WRAPPER pman-job
+# SEQ EXITS CMD...``), whose jobs a newer build re-adopts after an upgrade.
+_WRAPPERS = frozenset(w.encode() for w in (
+    _WRAP_SHELL, _WRAP_ARGV, _WRAP_DIRECT,
+    'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
+    'else (unset t f d r; eval "shift; $1"); r=$?; fi; echo "$t $r" >>"$f"; exit $r',
+    'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
+    'else (unset t f d r; "$@"); r=$?; fi; echo "$t $r" >>"$f"; exit $r',
+    'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
+    'else "$@"; r=$?; fi; echo "$t $r" >>"$f"; exit $r',
+    'trap "echo $2 \\"\\$?\\" >>\'$3\'" EXIT; trap "exit 143" TERM; '
+    'if [ -n "$4" ] && ! cd -- "$4"; then exit 126; fi; eval "shift 5; $5"',
+    'trap : TERM; (eval "$3"); r=$?; echo "$1 $r" >>"$2"; exit $r',
+    'trap : TERM; t=$1; f=$2; shift 2; ("$@"); r=$?; echo "$t $r" >>"$f"; exit $r'))
+_SIGDEF = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+
 
 def _boot_id():
     try:
@@ -1350,6 +1372,10 @@ def _wrapped_argv(job, exits_path):
     return ["/bin/sh", "-c", script, "sh", "pman-job", str(job.seq), exits_path,
             os.path.abspath(job.cwd) if job.cwd else ""] + words
 
+
+# ---------------------------------------------------------------------------
+# The backend seam and the local backend
+# ---------------------------------------------------------------------------
 
 # A signal the manager decided to send (JobManager._signal -> _deliver):
 # *ticket* is its journal line, *previous* the job's (kill_signal,
@@ -1695,6 +1721,10 @@ class LocalBackend(_Backend):
         self._waker.close()
 
 
+# ---------------------------------------------------------------------------
+# The SLURM backend
+# ---------------------------------------------------------------------------
+
 # SLURM job states -> pman statuses (the rest of the terminal states: error).
 _SLURM_PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD",
                   "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED", "STOPPED"}
@@ -1954,6 +1984,10 @@ class SlurmBackend(_PolledBackend):
     def close(self):
         self._waker.close()
 
+
+# ---------------------------------------------------------------------------
+# The podman backend
+# ---------------------------------------------------------------------------
 
 # Container states -> what the poll makes of them (the rest: not yet, or gone soon).
 _PODMAN_RUNNING = {"running", "paused", "stopping"}
@@ -2592,7 +2626,7 @@ def _make_backend(backend):
 
 
 # ---------------------------------------------------------------------------
-# JobManager
+# JobManager's parts
 # ---------------------------------------------------------------------------
 
 def default_state_dir():
@@ -3015,6 +3049,10 @@ def _how_it_ended(job, end):
     return _exit_status(code) + (True,)
 
 
+# ---------------------------------------------------------------------------
+# JobManager
+# ---------------------------------------------------------------------------
+
 class JobManager:
     """Runs and tracks jobs whose state lives in *state_dir*.
 
@@ -3089,7 +3127,7 @@ class JobManager:
             self._refs = 1
             _registry[self._path] = self
 
-    # -- opening and closing ----------------------------------------------
+    # -- opening and closing -----------------------------------------------------
 
     def _open(self, strict):
         os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
@@ -3219,7 +3257,7 @@ class JobManager:
     def __repr__(self):
         return "<JobManager %s>" % self._path
 
-    # -- public API ---------------------------------------------------------
+    # -- public API --------------------------------------------------------------
 
     def run(self, cmd, *, jid=None, auid="", meta=None, env=None, cwd=None,
             timeout=None, extras=None):
@@ -3261,154 +3299,6 @@ class JobManager:
         """
         checked = _check_specs(specs)
         return self._submit(checked, batch=True) if checked else []
-
-    def _submit(self, specs, batch=False):
-        """Accept checked *specs* (see _check_spec) whole or not at all and
-        return their records.  Under the lock: settle jids and conflicts,
-        hand over the jobs that get a slot, journal every record (write-ahead:
-        one line for the whole submission, so a crash mid-write leaves a
-        torn line that loading drops, never part of a batch).  Without it:
-        one fsync if durable, then start them in order."""
-        self._admit(specs, batch)
-        with self._lock:
-            self._check_open()
-            jobs, olds = self._new_jobs(specs, batch)
-            starting = []
-            for job in jobs:
-                if self.max_running is None or len(self._running) < self.max_running:
-                    self._hand_over(job)
-                    starting.append(job)
-            ticket = self._journal_submission(jobs, starting, batch)
-            started = set(starting)
-            records = self._enter_submission(jobs, olds, started)
-        try:
-            if self.durable:
-                self._store.sync(ticket)
-            if starting:
-                for record in self._launch(starting, submitter=True, refuse=not batch):
-                    records[record["jid"]] = record
-        except (StorageError, BackendUnavailable, SubmitRejected):
-            self._undo(jobs, olds)
-            raise
-        if any(old is not None for old in olds):
-            with self._lock:
-                for job, old in zip(jobs, olds):
-                    if old is not None and job in started:
-                        self._move_logs(job.jid, "~", None)
-        self._maybe_compact()
-        return [records[job.jid] for job in jobs]
-
-    def _admit(self, specs, batch):
-        """Ask the backend whether it can ever run each spec, before anything
-        is journaled, so that a job it never could (a container without an
-        image...) is refused, queued or not."""
-        for index, spec in enumerate(specs):
-            try:
-                self.backend.admit(spec.cmd if spec.argv is None else spec.argv, spec.env,
-                                   spec.extras)
-            except InvalidArgument as e:
-                raise (e._in_batch(index) if batch else e) from None
-
-    def _journal_submission(self, jobs, starting, batch):
-        """Write the records of *jobs* as one journal line (write-ahead: no
-        job runs unless it is written) and return its ticket.  On failure
-        the slots of *starting* are given back and nothing is recorded.
-        Caller holds self._lock."""
-        try:
-            lines = []
-            for index, job in enumerate(jobs):
-                try:
-                    lines.append(job.line())
-                except (RecursionError, ValueError, TypeError) as e:
-                    error = InvalidArgument("meta or extras cannot be stored: %s" % (
-                        "nested too deeply" if isinstance(e, RecursionError) else e))
-                    raise (error._in_batch(index) if batch else error) from None
-            return self._store.append(
-                lines[0] if len(lines) == 1 else '{"batch": [%s]}' % ", ".join(lines),
-                must=True)
-        except (InvalidArgument, StorageError):
-            for job in starting:
-                self._running.pop(job.jid, None)
-            raise
-
-    def _enter_submission(self, jobs, olds, started):
-        """Make the journaled *jobs* the manager's (each replacing its old
-        record, if any), queue those not in *started*, and return {jid:
-        record} of the queued ones.  Caller holds self._lock."""
-        self._next_seq = jobs[-1].seq + 1
-        records = {}
-        for job, old in zip(jobs, olds):
-            if old is not None:
-                del self._jobs[job.jid]     # re-run: replaces, moves to the end
-                self._retention.count -= 1
-                # No output of the old run may show; kept aside until the
-                # backend takes the new one, in case it refuses it.
-                self._move_logs(job.jid, "", "~" if job in started else None)
-            self._jobs[job.jid] = job
-            self._note_change(job.jid, NOTSTARTED)
-            if job not in started:
-                self._queue.append(job)
-                records[job.jid] = self._public(_record(job))
-        if not self.durable:
-            self._flush_soon(FLUSH_DELAY)   # the reaper syncs soon
-        return records
-
-    def _new_jobs(self, specs, batch):
-        """The _Jobs of *specs*, with jids and seqs settled, and the
-        finished records they replace (None: a new jid).  Changes nothing.
-        Raises JobConflict.  Caller holds self._lock."""
-        given = {spec.jid for spec in specs if spec.jid is not None}
-        jobs, olds, taken = [], [], {}
-        seq = self._next_seq
-        submitted = _now()
-        for index, spec in enumerate(specs):
-            jid = spec.jid
-            if jid is None:
-                jid = "job-%d-%d" % (seq, os.getpid())
-                while jid in self._jobs or jid in given or jid in taken:
-                    seq += 1
-                    jid = "job-%d-%d" % (seq, os.getpid())
-            where = "batch index %d: " % index if batch else ""
-            if jid in taken:
-                raise JobConflict(jid, "%sjid %s is given twice in the batch (also at "
-                                  "index %d)" % (where, jid, taken[jid]))
-            taken[jid] = index
-            old = self._jobs.get(jid)
-            if old is not None and _entry_status(old) in ACTIVE:
-                raise JobConflict(jid, "%sjob %s is %s: kill it or wait for it before "
-                                  "running the jid again" % (where, jid, _entry_status(old)))
-            jobs.append(_Job(jid=jid, status=NOTSTARTED, seq=seq,
-                             message="queued: waiting for a free slot", cmd=spec.cmd,
-                             argv=spec.argv, auid=spec.auid, meta=spec.meta, env=spec.env,
-                             cwd=spec.cwd, timeout=spec.timeout, extras=spec.extras,
-                             submitted=submitted))
-            olds.append(old)
-            seq += 1
-        return jobs, olds
-
-    def _undo(self, jobs, olds):
-        """A submission failed before any of its jobs ran (the journal
-        could not be synced, or the backend refused a single run): forget
-        its jobs and put back the records they replaced."""
-        with self._lock:
-            forget = []
-            for job, old in zip(jobs, olds):
-                jid = job.jid
-                self._running.pop(jid, None)
-                self._queue_remove(job)
-                if self._jobs.get(jid) is job:
-                    del self._jobs[jid]
-                    if old is not None:
-                        self._jobs[jid] = old
-                        self._retention.count += 1
-                        self._store.append(old)
-                    else:
-                        forget.append(jid)
-                    self._note_change(jid, None if old is None else _entry_status(old))
-                if old is not None:
-                    self._move_logs(jid, "~", "")
-            if forget:
-                self._store.append(json.dumps({"forget": forget}))
 
     def get(self, jid, *, with_logs=False):
         """The record of job *jid* (JobNotFound if none).  With
@@ -3705,108 +3595,157 @@ class JobManager:
             tally, lag = dict(self._metrics.tally), list(self._metrics.lag)
         return _Metrics.report(tally, lag)
 
-    # -- internals: records and files ---------------------------------------
-    # Methods named _x_locked or documented "caller holds self._lock" MUST be
-    # called with self._lock held.
+    # -- a job's life: submission ------------------------------------------------
 
-    def _not_from_reaper(self, what):
-        if threading.current_thread() is self._reaper:
-            raise PmanError("%s cannot be called from on_end: the callback runs on the "
-                            "reaper thread, which it would block" % what)
-
-    def _check_open(self):
-        if self._closing or self._options is None:
-            raise PmanError("the manager for %s is closed" % self._path)
-
-    def _entry(self, jid):
-        """The stored job *jid*, or JobNotFound.  Caller holds self._lock."""
-        entry = self._jobs.get(jid) if isinstance(jid, str) else None
-        if entry is None:
-            raise JobNotFound(jid)
-        return entry
-
-    def _active(self, jid):
-        """The _Job for *jid* if queued or running, None if finished.
-        Caller holds self._lock."""
-        entry = self._entry(jid)
-        return None if _is_finished(entry) else entry
-
-    def _log_path(self, jid, stream):
-        return self._logs.path(jid, stream)
-
-    @property
-    def _feed_seq(self):        # the HTTP layer's long polls read it
-        return self._feed.seq
-
-    def _public(self, record):
-        """The caller's view of a record: env values hidden, paths added."""
-        record["env"] = sorted(record["env"] or ())
-        record["stdout"] = self._log_path(record["jid"], "stdout")
-        record["stderr"] = self._log_path(record["jid"], "stderr")
-        record["timestamp"] = record["ended"] or record["started"] or record["submitted"]
-        for key in ("ident", "kill_signal", "kill_reason"):
-            del record[key]
-        return record
-
-    def _move_logs(self, jid, mark, new_mark):
-        """See _JobLogs.move: the logs of a re-run's earlier run."""
-        self._logs.move(jid, mark, new_mark)
-
-    def _queue_remove(self, job):
-        try:
-            self._queue.remove(job)
-        except ValueError:
-            pass
-
-    @property
-    def _ticket(self):
-        return self._store._appended
-
-    def _persist(self, job):
-        """Journal the job's current state; return its line.  Caller holds
-        self._lock."""
-        line = job.line()
-        self._store.append(line)
-        self._note_change(job.jid, job.status)
-        return line
-
-    def _note_change(self, jid, status, *, ended=None):
-        """Give this change of *jid*'s record (now *status*; None: forgotten)
-        the next number of the change feed, wake the feed's waiters, and
-        count it for the metrics (*ended*: the _Job whose ending `_record_end`
-        recorded).  Caller holds self._lock."""
-        self._metrics.changed(jid, status, ended)
-        self._feed.note(jid)
-
-    def _forget(self, jids=(), *, oldest=0):
-        """Forget finished *jids*, or the *oldest* finished jobs."""
+    def _submit(self, specs, batch=False):
+        """Accept checked *specs* (see _check_spec) whole or not at all and
+        return their records.  Under the lock: settle jids and conflicts,
+        hand over the jobs that get a slot, journal every record (write-ahead:
+        one line for the whole submission, so a crash mid-write leaves a
+        torn line that loading drops, never part of a batch).  Without it:
+        one fsync if durable, then start them in order."""
+        self._admit(specs, batch)
         with self._lock:
-            if oldest > 0:
-                jids = self._retention.oldest(oldest, self._jobs)
-            gone = []
-            for jid in jids:
-                if _is_finished(self._entry(jid)):
-                    gone.append(jid)
-            if not gone:
-                return 0
-            try:
-                ticket = self._store.append(json.dumps({"forget": gone}), must=True)
-            except StorageError:
-                if oldest > 0:      # they are still the oldest
-                    self._retention.put_back([(j, self._jobs[j]) for j in gone])
-                raise
-            for jid in gone:
-                del self._jobs[jid]
-                self._note_change(jid, None)
-            self._retention.count -= len(gone)
-        self._store.sync(ticket)
-        with self._lock:            # a jid run again meanwhile keeps its new logs
-            for jid in gone:
-                if jid not in self._jobs:
-                    self._logs.unlink(jid)
-        return len(gone)
+            self._check_open()
+            jobs, olds = self._new_jobs(specs, batch)
+            starting = []
+            for job in jobs:
+                if self.max_running is None or len(self._running) < self.max_running:
+                    self._hand_over(job)
+                    starting.append(job)
+            ticket = self._journal_submission(jobs, starting, batch)
+            started = set(starting)
+            records = self._enter_submission(jobs, olds, started)
+        try:
+            if self.durable:
+                self._store.sync(ticket)
+            if starting:
+                for record in self._launch(starting, submitter=True, refuse=not batch):
+                    records[record["jid"]] = record
+        except (StorageError, BackendUnavailable, SubmitRejected):
+            self._undo(jobs, olds)
+            raise
+        if any(old is not None for old in olds):
+            with self._lock:
+                for job, old in zip(jobs, olds):
+                    if old is not None and job in started:
+                        self._move_logs(job.jid, "~", None)
+        self._maybe_compact()
+        return [records[job.jid] for job in jobs]
 
-    # -- internals: process lifecycle -----------------------------------------
+    def _admit(self, specs, batch):
+        """Ask the backend whether it can ever run each spec, before anything
+        is journaled, so that a job it never could (a container without an
+        image...) is refused, queued or not."""
+        for index, spec in enumerate(specs):
+            try:
+                self.backend.admit(spec.cmd if spec.argv is None else spec.argv, spec.env,
+                                   spec.extras)
+            except InvalidArgument as e:
+                raise (e._in_batch(index) if batch else e) from None
+
+    def _new_jobs(self, specs, batch):
+        """The _Jobs of *specs*, with jids and seqs settled, and the
+        finished records they replace (None: a new jid).  Changes nothing.
+        Raises JobConflict.  Caller holds self._lock."""
+        given = {spec.jid for spec in specs if spec.jid is not None}
+        jobs, olds, taken = [], [], {}
+        seq = self._next_seq
+        submitted = _now()
+        for index, spec in enumerate(specs):
+            jid = spec.jid
+            if jid is None:
+                jid = "job-%d-%d" % (seq, os.getpid())
+                while jid in self._jobs or jid in given or jid in taken:
+                    seq += 1
+                    jid = "job-%d-%d" % (seq, os.getpid())
+            where = "batch index %d: " % index if batch else ""
+            if jid in taken:
+                raise JobConflict(jid, "%sjid %s is given twice in the batch (also at "
+                                  "index %d)" % (where, jid, taken[jid]))
+            taken[jid] = index
+            old = self._jobs.get(jid)
+            if old is not None and _entry_status(old) in ACTIVE:
+                raise JobConflict(jid, "%sjob %s is %s: kill it or wait for it before "
+                                  "running the jid again" % (where, jid, _entry_status(old)))
+            jobs.append(_Job(jid=jid, status=NOTSTARTED, seq=seq,
+                             message="queued: waiting for a free slot", cmd=spec.cmd,
+                             argv=spec.argv, auid=spec.auid, meta=spec.meta, env=spec.env,
+                             cwd=spec.cwd, timeout=spec.timeout, extras=spec.extras,
+                             submitted=submitted))
+            olds.append(old)
+            seq += 1
+        return jobs, olds
+
+    def _journal_submission(self, jobs, starting, batch):
+        """Write the records of *jobs* as one journal line (write-ahead: no
+        job runs unless it is written) and return its ticket.  On failure
+        the slots of *starting* are given back and nothing is recorded.
+        Caller holds self._lock."""
+        try:
+            lines = []
+            for index, job in enumerate(jobs):
+                try:
+                    lines.append(job.line())
+                except (RecursionError, ValueError, TypeError) as e:
+                    error = InvalidArgument("meta or extras cannot be stored: %s" % (
+                        "nested too deeply" if isinstance(e, RecursionError) else e))
+                    raise (error._in_batch(index) if batch else error) from None
+            return self._store.append(
+                lines[0] if len(lines) == 1 else '{"batch": [%s]}' % ", ".join(lines),
+                must=True)
+        except (InvalidArgument, StorageError):
+            for job in starting:
+                self._running.pop(job.jid, None)
+            raise
+
+    def _enter_submission(self, jobs, olds, started):
+        """Make the journaled *jobs* the manager's (each replacing its old
+        record, if any), queue those not in *started*, and return {jid:
+        record} of the queued ones.  Caller holds self._lock."""
+        self._next_seq = jobs[-1].seq + 1
+        records = {}
+        for job, old in zip(jobs, olds):
+            if old is not None:
+                del self._jobs[job.jid]     # re-run: replaces, moves to the end
+                self._retention.count -= 1
+                # No output of the old run may show; kept aside until the
+                # backend takes the new one, in case it refuses it.
+                self._move_logs(job.jid, "", "~" if job in started else None)
+            self._jobs[job.jid] = job
+            self._note_change(job.jid, NOTSTARTED)
+            if job not in started:
+                self._queue.append(job)
+                records[job.jid] = self._public(_record(job))
+        if not self.durable:
+            self._flush_soon(FLUSH_DELAY)   # the reaper syncs soon
+        return records
+
+    def _undo(self, jobs, olds):
+        """A submission failed before any of its jobs ran (the journal
+        could not be synced, or the backend refused a single run): forget
+        its jobs and put back the records they replaced."""
+        with self._lock:
+            forget = []
+            for job, old in zip(jobs, olds):
+                jid = job.jid
+                self._running.pop(jid, None)
+                self._queue_remove(job)
+                if self._jobs.get(jid) is job:
+                    del self._jobs[jid]
+                    if old is not None:
+                        self._jobs[jid] = old
+                        self._retention.count += 1
+                        self._store.append(old)
+                    else:
+                        forget.append(jid)
+                    self._note_change(jid, None if old is None else _entry_status(old))
+                if old is not None:
+                    self._move_logs(jid, "~", "")
+            if forget:
+                self._store.append(json.dumps({"forget": forget}))
+
+    # -- a job's life: start -----------------------------------------------------
 
     def _hand_over(self, job):
         """Reserve a running slot for queued *job* and mark it handed to the
@@ -3905,6 +3844,52 @@ class JobManager:
         if job.kill_signal and job.kill_signal != signal.SIGKILL:
             job.escalate_at = _time() + self.grace    # a kill sent before a restart
             self._timer(self.grace, "escalate", job)
+
+    def _start_queued(self):
+        """Hand queued jobs to the backend while slots are free, journaling
+        each (write-ahead); return them for `_launch_queued`, which starts
+        them once the lock is released.  Caller holds self._lock."""
+        jobs = []
+        while self._queue and (self.max_running is None
+                               or len(self._running) < self.max_running):
+            job = self._queue[0]
+            self._hand_over(job)
+            try:
+                self._store.append(job.line(), must=True)
+            except StorageError as e:
+                log.warning("%s; queued jobs wait", e)
+                self._running.pop(job.jid)
+                job.starting, job.backend_id, job.ident = False, None, None
+                job.message = "queued: waiting for a free slot"
+                self._flush_soon(TIMER_RETRY)
+                break
+            self._queue.popleft()
+            jobs.append(job)
+        return jobs
+
+    def _launch_queued(self, jobs):
+        """Without self._lock: make the handed-over *jobs* durable (if the
+        manager is), then start them.  A journal that cannot be synced puts
+        them back at the head of the queue, untouched."""
+        if self.durable:
+            try:
+                self._store.sync()
+            except StorageError as e:
+                log.warning("%s; queued jobs wait", e)
+                with self._lock:
+                    for job in reversed(jobs):
+                        self._running.pop(job.jid, None)
+                        if self._jobs.get(job.jid) is not job:
+                            continue    # withdrawn meanwhile
+                        job.starting, job.backend_id, job.ident = False, None, None
+                        job.message = "queued: waiting for a free slot"
+                        self._queue.appendleft(job)
+                        self._persist(job)
+                    self._flush_soon(TIMER_RETRY)
+                return
+        self._launch(jobs)
+
+    # -- a job's life: timers and signals ----------------------------------------
 
     def _timeout_timer(self, job):
         """A timeout counts from the job's start (SLURM: leaving the queue).
@@ -4021,30 +4006,31 @@ class JobManager:
         self._record_end(job, ERROR, None, message, started=False, must=must)
         self._queue_remove(job)
 
-    def _record_end(self, job, status, returncode, message, started=True, must=False):
-        """Record the end of *job*.  With *must*, a journal that cannot take
-        the line raises StorageError and nothing changes.  Caller holds
-        self._lock."""
-        saved = job.status, job.returncode, job.message, job.ended, job.started
-        job.status, job.returncode, job.message = status, returncode, message
-        job.ended = _now()
-        if not started:
-            job.started = None
-        line = job.line()
+    # -- a job's life: end -------------------------------------------------------
+
+    def _refresh(self, job):
+        """The backend says *job* may have changed: apply what it finds.
+        Caller holds self._lock."""
+        if self._running.get(job.jid) is not job or job.starting:
+            return
+        seen = self.backend.check(job)
+        if seen is None:
+            return
+        was_started = job.status == STARTED
+        if self._record_seen(job, seen) and seen.state != ENDED:
+            if job.status == STARTED and not was_started:   # e.g. left SLURM's queue
+                self._timeout_timer(job)
+            self._persist(job)
+
+    def _refresh_safely(self, job):
+        """_refresh, but a failure settles that one job instead of leaving a
+        readable pidfd to spin the reaper.  Caller holds self._lock."""
         try:
-            self._store.append(line, must=must)
-        except StorageError:
-            job.status, job.returncode, job.message, job.ended, job.started = saved
-            raise
-        if self._running.pop(job.jid, None) is not None:
-            self.backend.unwatch(job)
-        self._jobs[job.jid] = line
-        self._note_change(job.jid, status, ended=job)
-        self._retention.ended(job.jid, line, self._jobs)
-        self._timers.cancel(job, self._live_job)
-        self._ended.append(job.jid)
-        self._flush_soon(FLUSH_DELAY)
-        self._changed.notify_all()
+            self._refresh(job)
+        except Exception as e:
+            log.exception("collecting job %s failed", job.jid)
+            self._record_end(job, UNDEFINED, None, "pman could not collect the exit "
+                         "status: %s" % e)
 
     def _record_seen(self, job, seen):
         """Apply what the backend found (a `_Seen` of a job it holds) to
@@ -4070,29 +4056,32 @@ class JobManager:
             job.started = None
         return (job.status, job.message, job.pid, job.backend_id) != before
 
-    def _refresh(self, job):
-        """The backend says *job* may have changed: apply what it finds.
-        Caller holds self._lock."""
-        if self._running.get(job.jid) is not job or job.starting:
-            return
-        seen = self.backend.check(job)
-        if seen is None:
-            return
-        was_started = job.status == STARTED
-        if self._record_seen(job, seen) and seen.state != ENDED:
-            if job.status == STARTED and not was_started:   # e.g. left SLURM's queue
-                self._timeout_timer(job)
-            self._persist(job)
-
-    def _refresh_safely(self, job):
-        """_refresh, but a failure settles that one job instead of leaving a
-        readable pidfd to spin the reaper.  Caller holds self._lock."""
+    def _record_end(self, job, status, returncode, message, started=True, must=False):
+        """Record the end of *job*.  With *must*, a journal that cannot take
+        the line raises StorageError and nothing changes.  Caller holds
+        self._lock."""
+        saved = job.status, job.returncode, job.message, job.ended, job.started
+        job.status, job.returncode, job.message = status, returncode, message
+        job.ended = _now()
+        if not started:
+            job.started = None
+        line = job.line()
         try:
-            self._refresh(job)
-        except Exception as e:
-            log.exception("collecting job %s failed", job.jid)
-            self._record_end(job, UNDEFINED, None, "pman could not collect the exit "
-                         "status: %s" % e)
+            self._store.append(line, must=must)
+        except StorageError:
+            job.status, job.returncode, job.message, job.ended, job.started = saved
+            raise
+        if self._running.pop(job.jid, None) is not None:
+            self.backend.unwatch(job)
+        self._jobs[job.jid] = line
+        self._note_change(job.jid, status, ended=job)
+        self._retention.ended(job.jid, line, self._jobs)
+        self._timers.cancel(job, self._live_job)
+        self._ended.append(job.jid)
+        self._flush_soon(FLUSH_DELAY)
+        self._changed.notify_all()
+
+    # -- recovery ----------------------------------------------------------------
 
     def _recover(self):
         """Re-adopt or settle the jobs a previous manager left active;
@@ -4132,49 +4121,109 @@ class JobManager:
                                                or job.submitted))
         return kills
 
-    def _start_queued(self):
-        """Hand queued jobs to the backend while slots are free, journaling
-        each (write-ahead); return them for `_launch_queued`, which starts
-        them once the lock is released.  Caller holds self._lock."""
-        jobs = []
-        while self._queue and (self.max_running is None
-                               or len(self._running) < self.max_running):
-            job = self._queue[0]
-            self._hand_over(job)
-            try:
-                self._store.append(job.line(), must=True)
-            except StorageError as e:
-                log.warning("%s; queued jobs wait", e)
-                self._running.pop(job.jid)
-                job.starting, job.backend_id, job.ident = False, None, None
-                job.message = "queued: waiting for a free slot"
-                self._flush_soon(TIMER_RETRY)
-                break
-            self._queue.popleft()
-            jobs.append(job)
-        return jobs
+    # -- records and files (callers hold self._lock where documented) ------------
 
-    def _launch_queued(self, jobs):
-        """Without self._lock: make the handed-over *jobs* durable (if the
-        manager is), then start them.  A journal that cannot be synced puts
-        them back at the head of the queue, untouched."""
-        if self.durable:
+    # Methods named _x_locked or documented "caller holds self._lock" MUST be
+    # called with self._lock held.
+
+    def _not_from_reaper(self, what):
+        if threading.current_thread() is self._reaper:
+            raise PmanError("%s cannot be called from on_end: the callback runs on the "
+                            "reaper thread, which it would block" % what)
+
+    def _check_open(self):
+        if self._closing or self._options is None:
+            raise PmanError("the manager for %s is closed" % self._path)
+
+    def _entry(self, jid):
+        """The stored job *jid*, or JobNotFound.  Caller holds self._lock."""
+        entry = self._jobs.get(jid) if isinstance(jid, str) else None
+        if entry is None:
+            raise JobNotFound(jid)
+        return entry
+
+    def _active(self, jid):
+        """The _Job for *jid* if queued or running, None if finished.
+        Caller holds self._lock."""
+        entry = self._entry(jid)
+        return None if _is_finished(entry) else entry
+
+    def _log_path(self, jid, stream):
+        return self._logs.path(jid, stream)
+
+    @property
+    def _feed_seq(self):        # the HTTP layer's long polls read it
+        return self._feed.seq
+
+    def _public(self, record):
+        """The caller's view of a record: env values hidden, paths added."""
+        record["env"] = sorted(record["env"] or ())
+        record["stdout"] = self._log_path(record["jid"], "stdout")
+        record["stderr"] = self._log_path(record["jid"], "stderr")
+        record["timestamp"] = record["ended"] or record["started"] or record["submitted"]
+        for key in ("ident", "kill_signal", "kill_reason"):
+            del record[key]
+        return record
+
+    def _move_logs(self, jid, mark, new_mark):
+        """See _JobLogs.move: the logs of a re-run's earlier run."""
+        self._logs.move(jid, mark, new_mark)
+
+    def _queue_remove(self, job):
+        try:
+            self._queue.remove(job)
+        except ValueError:
+            pass
+
+    @property
+    def _ticket(self):
+        return self._store._appended
+
+    def _persist(self, job):
+        """Journal the job's current state; return its line.  Caller holds
+        self._lock."""
+        line = job.line()
+        self._store.append(line)
+        self._note_change(job.jid, job.status)
+        return line
+
+    def _note_change(self, jid, status, *, ended=None):
+        """Give this change of *jid*'s record (now *status*; None: forgotten)
+        the next number of the change feed, wake the feed's waiters, and
+        count it for the metrics (*ended*: the _Job whose ending `_record_end`
+        recorded).  Caller holds self._lock."""
+        self._metrics.changed(jid, status, ended)
+        self._feed.note(jid)
+
+    def _forget(self, jids=(), *, oldest=0):
+        """Forget finished *jids*, or the *oldest* finished jobs."""
+        with self._lock:
+            if oldest > 0:
+                jids = self._retention.oldest(oldest, self._jobs)
+            gone = []
+            for jid in jids:
+                if _is_finished(self._entry(jid)):
+                    gone.append(jid)
+            if not gone:
+                return 0
             try:
-                self._store.sync()
-            except StorageError as e:
-                log.warning("%s; queued jobs wait", e)
-                with self._lock:
-                    for job in reversed(jobs):
-                        self._running.pop(job.jid, None)
-                        if self._jobs.get(job.jid) is not job:
-                            continue    # withdrawn meanwhile
-                        job.starting, job.backend_id, job.ident = False, None, None
-                        job.message = "queued: waiting for a free slot"
-                        self._queue.appendleft(job)
-                        self._persist(job)
-                    self._flush_soon(TIMER_RETRY)
-                return
-        self._launch(jobs)
+                ticket = self._store.append(json.dumps({"forget": gone}), must=True)
+            except StorageError:
+                if oldest > 0:      # they are still the oldest
+                    self._retention.put_back([(j, self._jobs[j]) for j in gone])
+                raise
+            for jid in gone:
+                del self._jobs[jid]
+                self._note_change(jid, None)
+            self._retention.count -= len(gone)
+        self._store.sync(ticket)
+        with self._lock:            # a jid run again meanwhile keeps its new logs
+            for jid in gone:
+                if jid not in self._jobs:
+                    self._logs.unlink(jid)
+        return len(gone)
+
+    # -- the reaper thread -------------------------------------------------------
 
     def _flush_soon(self, delay):
         """Have the reaper sync the journal (and retry what failed) within
@@ -4183,8 +4232,6 @@ class JobManager:
         if self._flush_due is None or self._flush_due > due:
             self._flush_due = due
             self._wake()
-
-    # -- the reaper thread ------------------------------------------------------
 
     def _reap_loop(self):
         while True:
@@ -4289,10 +4336,10 @@ class JobManager:
                                     self.grace, kind)
         return None
 
-    # -- compaction -------------------------------------------------------------
-
     def _flush(self):
         self._store.sync()
+
+    # -- compaction --------------------------------------------------------------
 
     def _maybe_compact(self):
         if (self._store.journal_lines >= COMPACT_EVERY
@@ -4330,8 +4377,9 @@ def _close_all():
 
 
 # ---------------------------------------------------------------------------
-# HTTP layer
+# HTTP: limits, errors and the job objects
 # ---------------------------------------------------------------------------
+
 # Thin by design: every route parses and validates the request, calls one
 # JobManager method and serializes the result.  Job logic lives above.
 
@@ -4548,6 +4596,26 @@ def _cpu_percent():
     return (round(min(100.0, 100.0 * os.getloadavg()[0] / (os.cpu_count() or 1)), 1),
             "1-minute load average per CPU")
 
+
+def _json_object(data):
+    """A request body as a JSON object within MAX_DEPTH, or HTTPError 400."""
+    try:
+        body = _loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise HTTPError(400, "invalid JSON body: %s" % (
+            "nested too deeply" if isinstance(e, RecursionError) else e)) from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the body must be a JSON object")
+    # The envelope around a job's meta takes a few levels more than meta.
+    if not _depth_ok(body, MAX_DEPTH + 3):
+        raise HTTPError(400, "invalid JSON body: nested too deeply (a job's meta may "
+                        "nest %d levels)" % MAX_DEPTH)
+    return body
+
+
+# ---------------------------------------------------------------------------
+# The command dialect
+# ---------------------------------------------------------------------------
 
 class _CommandDialect:
     """``POST /api/v1/cmd``: the original pman's actions.  Each handler
@@ -4793,793 +4861,9 @@ _RESOURCE_FIELDS = {"jid", "cmd", "entrypoint", "args", "auid", "env", "cwd", "t
                     "meta"} | set(PFCON_FIELDS)
 
 
-# -- the status page ---------------------------------------------------------
-# One static page at / (and /ui).  It holds no data, so it is served without
-# a token; every API call it makes carries one.  Its code is inline, and the
-# Content-Security-Policy allows exactly that code (by hash) and connections
-# to this origin alone.
-
-_PAGE_CSS = """\
-:root{color-scheme:light dark;--bg:#fff;--fg:#1d2430;--mut:#667085;--line:#d9dee7;--sel:#e8f0fe;
---run:#1565c0;--ok:#2e7d32;--err:#c62828;--q:#8d6e00;--und:#6a1b9a}
-@media (prefers-color-scheme:dark){:root{--bg:#15181e;--fg:#e4e7ec;--mut:#98a2b3;--line:#2c323c;
---sel:#1f2a3d;--run:#64b5f6;--ok:#81c784;--err:#ef9a9a;--q:#ffd54f;--und:#ce93d8}}
-*{box-sizing:border-box}
-body{margin:0;font:14px/1.4 system-ui,sans-serif;background:var(--bg);color:var(--fg)}
-header.top{display:flex;gap:1em;align-items:baseline;padding:.6em 1em;
-  border-bottom:1px solid var(--line)}
-h1{font-size:1.2em;margin:0}h2{font-size:1.05em;margin:0;word-break:break-all}
-.mut{color:var(--mut)}
-#live.off{color:var(--err)}
-#counts{display:flex;flex-wrap:wrap;gap:.5em;padding:.6em 1em}
-#counts button{border:1px solid var(--line);background:none;color:inherit;border-radius:1em;
-  padding:.2em .8em;cursor:pointer;font:inherit}
-#counts button.on{background:var(--sel)}
-#counts b{margin-left:.4em}
-#filters{display:flex;flex-wrap:wrap;gap:1em;padding:0 1em .6em}
-input,select,button{font:inherit}
-.wrap{display:flex;align-items:flex-start}
-main{flex:1;min-width:0;overflow-x:auto;padding:0 1em 1em}
-table{border-collapse:collapse;width:100%}
-th,td{text-align:left;padding:.25em .5em;border-bottom:1px solid var(--line);white-space:nowrap}
-td.cmd{max-width:20em;overflow:hidden;text-overflow:ellipsis}
-td.msg{max-width:16em;overflow:hidden;text-overflow:ellipsis}
-tbody tr{cursor:pointer}tbody tr:hover,tbody tr.sel{background:var(--sel)}
-.notstarted{color:var(--q)}.started{color:var(--run)}.finishedSuccessfully{color:var(--ok)}
-.finishedWithError{color:var(--err)}.undefined{color:var(--und)}
-#detail{width:38%;min-width:22em;flex:none;border-left:1px solid var(--line);padding:0 1em 1em;
-  position:sticky;top:0;max-height:100vh;overflow:auto}
-#detail header{display:flex;gap:.5em;align-items:center;padding:.6em 0}
-#detail header h2{flex:1}
-dl{display:grid;grid-template-columns:max-content 1fr;gap:.15em 1em;margin:0 0 .8em}
-dt{color:var(--mut)}dd{margin:0;word-break:break-all;white-space:pre-wrap}
-.logbar{display:flex;gap:1em;align-items:center;margin-bottom:.3em}
-pre{background:rgba(127,127,127,.1);padding:.5em;margin:0;max-height:50vh;overflow:auto;
-  white-space:pre-wrap;word-break:break-all;font-size:12px}
-button.danger{color:var(--err)}
-#error{color:var(--err);padding:0 1em}
-dialog{border:1px solid var(--line);border-radius:.4em;background:var(--bg);color:var(--fg)}
-dialog .row{display:flex;gap:.5em;justify-content:flex-end;margin-top:.8em}
-"""
-
-_PAGE_JS = """\
-"use strict";
-// pman's status page.  Every API call carries the token, kept for this tab
-// only (sessionStorage); the table follows /api/v1/events, which names the
-// jobs that changed and brings their objects: nothing unchanged is fetched
-// again, and a whole page of jobs is read only on a filter change or reset.
-const PAGE = 100, WAIT = 25, LOG_CHUNK = 1 << 20, LOG_KEEP = 1 << 19;
-const STATUSES = __STATUSES__;     // pman.STATUSES
-const $ = (id) => document.getElementById(id);
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-let token = sessionStorage.getItem("pman-token");
-let tokenWait = null;
-let seq = null;                  // the feed's cursor
-let rows = new Map();            // jid -> job object shown
-let more = false;                // more matching jobs than shown
-let filter = {status: "", auid: "", text: ""};
-let epoch = 0;                   // bumped by a filter change: stale pages are dropped
-let inflight = null;             // changes seen while a page is read: applied to it after
-let selected = null;              // the jid shown in the detail pane
-let logGen = 0;
-
-function askToken(refused) {
-  if (!tokenWait) {
-    tokenWait = new Promise((resolve) => {
-      $("t-why").textContent = refused ? "That token was refused." : "";
-      $("t-input").value = "";
-      $("token").showModal();
-      $("t-form").onsubmit = (e) => {
-        e.preventDefault();
-        const v = $("t-input").value.trim();
-        if (!v) return;
-        token = v;
-        sessionStorage.setItem("pman-token", v);
-        $("token").close();
-        tokenWait = null;
-        resolve();
-      };
-    });
-  }
-  return tokenWait;
-}
-
-async function api(method, path, body) {
-  for (;;) {
-    const headers = {};
-    if (token) headers.Authorization = "Bearer " + token;
-    if (body !== undefined) headers["Content-Type"] = "application/json";
-    const r = await fetch(path, {method, headers, cache: "no-store", credentials: "omit",
-                                 body: body === undefined ? undefined : JSON.stringify(body)});
-    if (r.status === 401) { await askToken(!!token); continue; }
-    if (r.status === 204) return null;
-    const obj = await r.json();
-    if (!r.ok) throw new Error(obj.message || r.statusText);
-    return obj;
-  }
-}
-
-function matches(j) {
-  if (filter.status && j.status !== filter.status) return false;
-  if (filter.auid && j.auid !== filter.auid) return false;
-  if (filter.text) {
-    const t = filter.text.toLowerCase();
-    const fields = [j.jid, j.cmd, j.auid, j.message];
-    if (!fields.some((s) => (s || "").toLowerCase().includes(t))) return false;
-  }
-  return true;
-}
-
-function showCounts(counts) {
-  const box = $("counts");
-  if (!box.childElementCount) {
-    for (const s of STATUSES) {
-      const b = document.createElement("button");
-      b.type = "button"; b.dataset.status = s; b.className = s;
-      b.append(s, document.createElement("b"));
-      b.onclick = () => { $("f-status").value = filter.status === s ? "" : s; filtersChanged(); };
-      box.append(b);
-    }
-  }
-  for (const b of box.children) {
-    b.lastChild.textContent = counts[b.dataset.status];
-    b.classList.toggle("on", filter.status === b.dataset.status);
-  }
-  $("total").textContent = Object.values(counts).reduce((a, b) => a + b, 0) + " jobs";
-}
-
-function cell(tr, text, cls) {
-  const td = document.createElement("td");
-  td.textContent = text == null ? "" : String(text);
-  if (cls) td.className = cls;
-  tr.append(td);
-}
-
-function render() {
-  const list = [...rows.values()].sort((a, b) => b.seq - a.seq);
-  if (list.length > PAGE) {
-    for (const j of list.splice(PAGE)) rows.delete(j.jid);
-    more = true;
-  }
-  const body = document.createDocumentFragment();
-  for (const j of list) {
-    const tr = document.createElement("tr");
-    tr.dataset.jid = j.jid;
-    if (j.jid === selected) tr.className = "sel";
-    cell(tr, j.jid); cell(tr, j.status, j.status); cell(tr, j.auid); cell(tr, j.cmd, "cmd");
-    cell(tr, j.returncode); cell(tr, (j.submitted || "").replace("T", " ").slice(5, 19));
-    cell(tr, j.message, "msg");
-    tr.title = j.cmd;
-    body.append(tr);
-  }
-  $("rows").replaceChildren(body);
-  if (!performance.getEntriesByName("pman-first-rows").length) performance.mark("pman-first-rows");
-  $("shown").textContent = !list.length ? "no job matches"
-    : "newest " + list.length + (more ? " matching jobs shown" : " shown");
-}
-
-async function loadPage() {
-  const mine = ++epoch;
-  const q = new URLSearchParams({order: "newest", limit: String(PAGE)});
-  if (filter.status) q.set("status", filter.status);
-  if (filter.auid) q.set("auid", filter.auid);
-  if (filter.text) q.set("q", filter.text);
-  const seen = inflight = new Map();
-  const page = await api("GET", "/api/v1/jobs?" + q);
-  if (mine !== epoch) return;
-  inflight = null;
-  rows = new Map(page.jobs.map((j) => [j.jid, j]));
-  more = page.next !== null;
-  for (const c of seen.values()) apply(c);
-  render();
-}
-
-function apply(change) {
-  const j = change.job;
-  if (inflight) inflight.set(change.jid, change);
-  if (change.jid === selected) showRecord(j);
-  if (!j || !matches(j)) { rows.delete(change.jid); return; }
-  let oldest = Infinity;
-  for (const r of rows.values()) oldest = Math.min(oldest, r.seq);
-  if (rows.has(j.jid) || !more || j.seq > oldest) rows.set(j.jid, j);
-}
-
-function setLive(ok, why) {
-  $("live").textContent = ok ? "live" : "reconnecting: " + why;
-  $("live").className = ok ? "" : "off";
-}
-
-async function follow() {
-  for (;;) {
-    try {
-      if (seq === null) {
-        const f = await api("GET", "/api/v1/events");
-        seq = f.seq;
-        showCounts(f.counts);
-        await loadPage();
-        setLive(true);
-        continue;
-      }
-      const f = await api("GET", "/api/v1/events?since=" + seq + "&wait=" + WAIT +
-                               "&limit=" + PAGE);
-      showCounts(f.counts);
-      if (f.reset) { seq = f.seq; await loadPage(); continue; }
-      for (const c of f.changes) apply(c);
-      seq = f.seq;
-      if (f.changes.length) render();
-      setLive(true);
-      if (f.busy) await sleep(2000 + Math.random() * 2000);
-    } catch (e) {
-      setLive(false, e.message);
-      await sleep(2000);
-    }
-  }
-}
-
-function filtersChanged() {
-  filter = {status: $("f-status").value, auid: $("f-auid").value.trim(),
-            text: $("f-text").value.trim()};
-  for (const b of $("counts").children) {
-    b.classList.toggle("on", filter.status === b.dataset.status);
-  }
-  loadPage().catch((e) => setLive(false, e.message));
-}
-
-let typing = null;
-function typed() { clearTimeout(typing); typing = setTimeout(filtersChanged, 250); }
-
-const FIELDS = ["status", "message", "returncode", "pid", "cmd", "auid", "submitted", "started",
-                "ended", "timeout", "cwd", "meta", "env", "image"];
-
-function showRecord(j) {
-  const dl = $("d-record");
-  dl.replaceChildren();
-  if (!j) {
-    const dd = document.createElement("dd");
-    dd.textContent = "this job was deleted";
-    dl.append(dd);
-    $("d-kill").disabled = $("d-delete").disabled = true;
-    return;
-  }
-  for (const k of FIELDS) {
-    const v = j[k];
-    if (v === undefined || v === null || v === "") continue;
-    if (typeof v === "object" && !Object.keys(v).length) continue;
-    const dt = document.createElement("dt"), dd = document.createElement("dd");
-    dt.textContent = k;
-    dd.textContent = typeof j[k] === "object" ? JSON.stringify(j[k]) : String(j[k]);
-    if (k === "status") dd.className = j[k];
-    dl.append(dt, dd);
-  }
-  $("d-kill").disabled = !(j.status === "notstarted" || j.status === "started");
-  $("d-delete").disabled = false;
-}
-
-function select(jid) {
-  selected = jid;
-  $("detail").hidden = false;
-  $("d-jid").textContent = jid;
-  for (const tr of $("rows").children) tr.classList.toggle("sel", tr.dataset.jid === jid);
-  showRecord(rows.get(jid));
-  followLog();
-}
-
-async function followLog() {
-  const mine = ++logGen, jid = selected, stream = $("d-stream").value, pre = $("d-log");
-  let offset = 0, text = "";
-  pre.textContent = "";
-  $("d-logstate").textContent = "reading";
-  while (mine === logGen) {
-    let r;
-    try {
-      r = await api("GET", "/api/v1/" + encodeURIComponent(jid) + "/logs?stream=" + stream +
-                    "&offset=" + offset + "&limit=" + LOG_CHUNK);
-    } catch (e) {
-      if (mine === logGen) $("d-logstate").textContent = e.message;
-      return;
-    }
-    if (mine !== logGen) return;
-    if (r.data) {
-      const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
-      text = (text + r.data).slice(-LOG_KEEP);
-      pre.textContent = text;
-      if (atEnd) pre.scrollTop = pre.scrollHeight;
-    }
-    offset = r.next_offset;
-    if (r.eof) { $("d-logstate").textContent = "ended (" + offset + " bytes)"; return; }
-    $("d-logstate").textContent = "following (" + offset + " bytes)";
-    if (r.next_offset - r.offset < LOG_CHUNK) await sleep(500);
-  }
-}
-
-function confirmThen(text, label, action) {
-  $("c-text").textContent = text;
-  $("c-ok").textContent = label;
-  $("c-ok").onclick = async () => {
-    $("confirm").close();
-    try {
-      await action();
-    } catch (e) {
-      $("error").hidden = false;
-      $("error").textContent = e.message;
-    }
-  };
-  $("confirm").showModal();
-}
-
-$("c-cancel").onclick = () => $("confirm").close();
-$("token").oncancel = (e) => e.preventDefault();
-const jobPath = () => "/api/v1/" + encodeURIComponent(selected) + "/";
-$("d-kill").onclick = () => confirmThen(
-  "Kill job " + selected + " (SIGTERM, then SIGKILL after the grace period)?",
-  "Kill", () => api("POST", jobPath() + "kill", {}));
-$("d-delete").onclick = () => confirmThen(
-  "Delete job " + selected + " and its logs? A running job is killed first.",
-  "Delete", () => api("DELETE", jobPath()));
-$("d-close").onclick = () => { selected = null; logGen++; $("detail").hidden = true; render(); };
-$("d-stream").onchange = followLog;
-$("rows").onclick = (e) => { const tr = e.target.closest("tr"); if (tr) select(tr.dataset.jid); };
-$("f-status").onchange = filtersChanged;
-$("f-auid").oninput = typed;
-$("f-text").oninput = typed;
-$("filters").onsubmit = (e) => e.preventDefault();
-for (const s of STATUSES) $("f-status").append(new Option(s, s));
-follow();
-"""
-
-_PAGE_HTML = """\
-<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>pman</title>
-<link rel="icon" href="data:,">
-<style>%(css)s</style>
-</head>
-<body>
-<header class="top">
-  <h1>pman</h1><span class="mut">%(version)s</span><span id="total" class="mut"></span>
-  <span id="live">connecting</span>
-</header>
-<section id="counts" aria-label="jobs per status"></section>
-<form id="filters" role="search">
-  <label>Status <select id="f-status"><option value="">any</option></select></label>
-  <label>auid <input id="f-auid" autocomplete="off" size="12"></label>
-  <label>Text <input id="f-text" type="search" placeholder="jid, command, message" size="24">
-  </label>
-</form>
-<p id="error" role="alert" hidden></p>
-<div class="wrap">
-<main>
-<table id="jobs">
-  <thead><tr><th>jid</th><th>status</th><th>auid</th><th>command</th><th>code</th>
-    <th>submitted</th><th>message</th></tr></thead>
-  <tbody id="rows"></tbody>
-</table>
-<p id="shown" class="mut"></p>
-</main>
-<aside id="detail" hidden>
-  <header>
-    <h2 id="d-jid"></h2>
-    <button type="button" id="d-kill" class="danger">Kill</button>
-    <button type="button" id="d-delete" class="danger">Delete</button>
-    <button type="button" id="d-close">Close</button>
-  </header>
-  <dl id="d-record"></dl>
-  <div class="logbar">
-    <select id="d-stream" aria-label="log stream"><option>stdout</option><option>stderr</option>
-    </select><span id="d-logstate" class="mut"></span>
-  </div>
-  <pre id="d-log"></pre>
-</aside>
-</div>
-<dialog id="confirm">
-  <p id="c-text"></p>
-  <div class="row"><button type="button" id="c-cancel">Cancel</button>
-    <button type="button" id="c-ok" class="danger">OK</button></div>
-</dialog>
-<dialog id="token">
-  <form id="t-form">
-    <p>This server needs its token.</p><p id="t-why" class="mut"></p>
-    <input id="t-input" type="password" autocomplete="off" aria-label="token" size="30">
-    <div class="row"><button id="t-ok">Use token</button></div>
-  </form>
-</dialog>
-<script>%(js)s</script>
-</body>
-</html>
-"""
-
-
-def _page():
-    def digest(text):
-        return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8"))
-                                                .digest()).decode("ascii")
-    js = _PAGE_JS.replace("__STATUSES__", json.dumps(STATUSES))
-    csp = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
-           "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-           % (digest(js), digest(_PAGE_CSS)))
-    html = _PAGE_HTML % {"css": _PAGE_CSS, "js": js, "version": "pman " + __version__}
-    return _Encoded(html.encode("utf-8"), "text/html; charset=utf-8",
-                    (("Content-Security-Policy", csp), ("X-Content-Type-Options", "nosniff"),
-                     ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-cache")))
-
-
-_PAGE = _page()
-_PAGE_PATHS = frozenset({"/", "/ui", "/ui/"})
-
-
-def _json_object(data):
-    """A request body as a JSON object within MAX_DEPTH, or HTTPError 400."""
-    try:
-        body = _loads(data.decode("utf-8"))
-    except (ValueError, RecursionError) as e:
-        raise HTTPError(400, "invalid JSON body: %s" % (
-            "nested too deeply" if isinstance(e, RecursionError) else e)) from None
-    if not isinstance(body, dict):
-        raise HTTPError(400, "the body must be a JSON object")
-    # The envelope around a job's meta takes a few levels more than meta.
-    if not _depth_ok(body, MAX_DEPTH + 3):
-        raise HTTPError(400, "invalid JSON body: nested too deeply (a job's meta may "
-                        "nest %d levels)" % MAX_DEPTH)
-    return body
-
-
-class _Headers:
-    """A request's header fields, parsed in one pass from the head the reader
-    thread already holds: http.server's email parser is most of a small
-    request's cost.  Names are case-insensitive and ``get`` gives the first
-    value, as with email.message.Message.  Stricter than that parser where
-    RFC 9112 lets a server be: a line that is not ``name: value`` (a folded
-    line, a space before the colon, no name) is a 400, and more than
-    MAX_HEADERS fields a 431."""
-
-    __slots__ = ("_fields",)
-    # Linear time (no backtracking between the value and its trailing
-    # whitespace); a CR or NUL inside a value makes the line malformed.
-    _LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\r\n\x00]*)\r?")
-
-    def __init__(self, data):
-        fields = self._fields = {}      # lower-case name -> [(name, value)]
-        lines = data.decode("iso-8859-1").split("\n")
-        if len(lines) > MAX_HEADERS + 2:
-            raise HTTPError(431, "more than %d header fields" % MAX_HEADERS)
-        for line in lines:
-            match = self._LINE.fullmatch(line)
-            if match is None:
-                if line in ("", "\r"):     # the empty line that ends the head
-                    break
-                raise HTTPError(400, "malformed header line %r" % line[:80])
-            name = match.group(1)
-            fields.setdefault(name.lower(), []).append((name, match.group(2).strip(" \t")))
-
-    def get(self, name, default=None):
-        values = self._fields.get(name.lower())
-        return values[0][1] if values else default
-
-    def get_all(self, name, failobj=None):
-        values = self._fields.get(name.lower())
-        return [value for _, value in values] if values else failobj
-
-    def __getitem__(self, name):
-        return self.get(name)
-
-    def __contains__(self, name):
-        return name.lower() in self._fields
-
-    def items(self):
-        return [field for values in self._fields.values() for field in values]
-
-    def keys(self):
-        return [name for name, _ in self.items()]
-
-
-def _http_version(text):
-    """(major, minor) of an "HTTP/x.y" request version, or None."""
-    name, _, number = text.partition("/")
-    major, _, minor = number.partition(".")
-    if (name != "HTTP" or not major.isdigit() or not minor.isdigit() or not major.isascii()
-            or not minor.isascii() or len(major) > 10 or len(minor) > 10):
-        return None
-    return int(major), int(minor)
-
-
-# method SP request-target [SP HTTP-version]: a token, then visible ASCII
-# (the version's own checks are _http_version's; no version is HTTP/0.9)
-_REQUEST_LINE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [!-~]+(?: [!-~]+)?")
-
-
-def _body_length(fields):
-    """The length of the body a request's header *fields* announce, or None
-    for none.  What cannot be read safely is refused (HTTPError): chunked
-    or encoded bodies, two lengths, a malformed one, one over MAX_BODY."""
-    if "Transfer-Encoding" in fields:      # even empty: a front end may differ
-        raise HTTPError(411, "chunked or encoded bodies are not supported: "
-                        "send Content-Length")
-    lengths = fields.get_all("Content-Length")
-    if lengths is None:
-        return None
-    if len(lengths) > 1:
-        raise HTTPError(400, "more than one Content-Length header")
-    text = lengths[0].strip()
-    if not text.isdigit() or not text.isascii():
-        raise HTTPError(400, "invalid Content-Length %r" % lengths[0])
-    length = int(text)
-    if length > MAX_BODY:
-        raise HTTPError(413, "body of %d bytes is over the limit of %d" % (length, MAX_BODY))
-    return length
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """The requests of one connection, given to `serve` one head at a time
-    by _Server.  Persistent (HTTP/1.1), TCP_NODELAY, each reply sent in one
-    write so a keep-alive client never waits on a delayed ACK."""
-
-    protocol_version = "HTTP/1.1"
-    server_version = "pman/" + __version__
-
-    def __init__(self, conn, server):
-        # Not BaseRequestHandler.__init__, which would serve the connection
-        # to its end: `serve` takes one request head at a time (_Server).
-        self.conn = conn
-        self.request = self.connection = conn.sock
-        self.client_address = conn.addr
-        self.server = server
-        self.wfile = _Writer(conn.sock)
-        self.parked = None          # a long poll waiting for its answer (_Parked)
-
-    def serve(self, line, fields, body):
-        """Answer the request read whole by the reader (_Conn.take_request):
-        its request *line*, its header *fields* (a _Headers, or the
-        HTTPError that refuses them) and its *body*."""
-        self.rfile = io.BytesIO(line)
-        self.fields, self.body = fields, body
-        self._template = None           # the route's, for the metrics
-        self.path = ""                  # none yet: a bad request line counts as "other"
-        self.handle_one_request()
-
-    def parse_request(self):
-        """http.server's parse_request (same attributes, same replies to a bad
-        request line), with the headers read by _Headers."""
-        self.command = None
-        self.body_length = None
-        self.request_version = self.default_request_version
-        self.close_connection = True
-        if not self._request_line():
-            return False
-        try:
-            if isinstance(self.fields, HTTPError):
-                raise self.fields
-            self.headers = self.fields
-            # The framing is checked before anything else (the token too):
-            # a body whose length is in doubt is never read as the next
-            # request.
-            self.body_length = self._content_length(self.command)
-        except HTTPError as e:
-            self.send_error(e.status, str(e))
-            return False
-        connection = self.headers.get("Connection", "").lower()
-        if connection == "close":
-            self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
-        return True         # (a 100 Continue was the reader's: _Conn.request_end)
-
-    def _request_line(self):
-        """Read the request line into command, path, request_version and
-        close_connection, as http.server does; False once refused."""
-        line = str(self.raw_requestline, "iso-8859-1")
-        self.requestline = line[:-2] if line.endswith("\r\n") else line.rstrip("\n")
-        # RFC 9112 3: exactly one SP between the parts (no other blank
-        # separates: a front end may split the line elsewhere)
-        if _REQUEST_LINE.fullmatch(self.requestline) is None:
-            self.send_error(400, "Bad request syntax (%r)" % self.requestline)
-            return False
-        words = self.requestline.split(" ")
-        if len(words) == 3:
-            version = _http_version(words[2])
-            if version is None or version >= (2, 0):
-                self.send_error(400, "%s HTTP version (%r)" % (
-                    "unsupported" if version else "bad", words[2]))
-                return False
-            self.close_connection = version < (1, 1)
-            self.request_version = words[2]
-        elif words[0] != "GET":
-            self.send_error(400, "Bad HTTP/0.9 request type (%r)" % words[0])
-            return False
-        self.command, self.path = words[:2]
-        if self.path.startswith("//"):      # as http.server: never an absolute URI
-            self.path = "/" + self.path.lstrip("/")
-        return True
-
-    # -- replies -------------------------------------------------------------
-
-    def _reply(self, status, obj=None):
-        if not isinstance(obj, _Encoded):
-            try:
-                data = b"" if obj is None else json.dumps(obj, allow_nan=False).encode("utf-8")
-            except ValueError:      # NaN or Infinity: never sent (inputs refuse them)
-                log.error("a reply to %s held a non-JSON number", self.path.split("?")[0])
-                status, data = 500, b'{"status": false, "message": "internal error: ValueError"}'
-            obj = _Encoded(data)
-        body = obj.data
-        head = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "")),
-                "Server: " + self.server_version,
-                "Date: " + _http_date()]
-        if status != 204:
-            head += ["Content-Type: " + obj.content_type, "Content-Length: %d" % len(body)]
-            head += ["%s: %s" % header for header in obj.headers]
-        self.server.count_request(getattr(self, "command", None), getattr(self, "_template", None)
-                                  or _template_of(getattr(self, "path", "")), status)
-        if self.close_connection:
-            head.append("Connection: close")
-        elif self.request_version == "HTTP/1.0":    # kept alive because it asked to be
-            head.append("Connection: keep-alive")
-        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
-        self.log_request(status, len(body))
-
-    def send_error(self, code, message=None, explain=None):
-        # http.server calls this for malformed requests: always the client's
-        # fault, so never a 5xx, and always JSON.
-        code = {501: 405, 505: 400}.get(code, code)
-        if code >= 500:
-            code = 400
-        self.close_connection = True
-        self._reply(code, {"status": False, "message": message or
-                           http.HTTPStatus(code).phrase})
-
-    def log_request(self, code="-", size="-"):
-        if access_log.isEnabledFor(logging.INFO):   # the hot path formats nothing
-            super().log_request(code, size)
-
-    def log_message(self, format, *args):
-        access_log.info("%s %s", self.address_string(), format % args)
-
-    # -- dispatch ------------------------------------------------------------
-
-    def do_GET(self):
-        self._dispatch("GET")
-
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_DELETE(self):
-        self._dispatch("DELETE")
-
-    def do_PUT(self):
-        self._dispatch("PUT")
-
-    def do_PATCH(self):
-        self._dispatch("PATCH")
-
-    def do_HEAD(self):
-        self.close_connection = True
-        self._dispatch("HEAD")
-
-    def do_OPTIONS(self):
-        self._dispatch("OPTIONS")
-
-    def _dispatch(self, method):
-        try:
-            status, obj = self._route(method)
-        except _Parked as parked:       # answered later, by answer_parked()
-            self.parked = parked
-            return
-        except Exception as e:
-            status = _status_for(e)
-            if status == 500:
-                log.exception("internal error on %s %s", method, self.path.split("?")[0])
-                message = "internal error: %s" % type(e).__name__
-            else:
-                message = str(e)
-            obj = {"status": False, "message": message}
-        try:
-            self._reply(status, obj)
-        except OSError:
-            self.close_connection = True
-
-    def answer_parked(self, parked):
-        """Write the reply of the long poll this handler parked."""
-        try:
-            status, obj = parked.answer()
-        except Exception as e:
-            status = _status_for(e)
-            if status == 500:
-                log.exception("internal error answering %s", self.path.split("?")[0])
-            obj = {"status": False, "message": str(e) if status != 500 else
-                   "internal error: %s" % type(e).__name__}
-        finally:
-            parked.done()
-        try:
-            self._reply(status, obj)
-        except OSError:
-            self.close_connection = True
-
-    def _check_access(self, token=True):
-        """The Host check, then (unless *token* is False: the page, which
-        holds no data) the bearer token."""
-        server = self.server
-        if server.loopback:
-            host = self.headers.get("Host")
-            if host is not None:
-                name = host.strip().lower()
-                port = ""
-                if name.startswith("["):            # [::1]:5010
-                    name, _, port = name[1:].partition("]")
-                    port = port[1:]
-                elif name.count(":") == 1:          # localhost:5010
-                    name, port = name.split(":")
-                if port and not port.isdigit():
-                    name = host
-                if name not in server.allowed_hosts:
-                    raise HTTPError(403, "forbidden Host header %r: this server answers "
-                                    "only to its loopback names" % host)
-        if server.token is not None and token:
-            given = self.headers.get("Authorization", "")
-            scheme, _, token = given.partition(" ")
-            ok = scheme.lower() == "bearer" and hmac.compare_digest(
-                token.strip().encode("latin-1", "replace"), server.token)
-            if not ok:
-                raise HTTPError(401, "missing or wrong bearer token")
-
-    def _content_length(self, method):
-        """The body's length, or None for no body; what cannot be read
-        safely (see _body_length) or a POST without a length is refused
-        and closes the connection."""
-        try:
-            length = _body_length(self.headers)
-            if length is None and method == "POST":
-                raise HTTPError(411, "a POST needs a Content-Length header")
-        except HTTPError:
-            self.close_connection = True
-            raise
-        return length
-
-    def _route(self, method):
-        self._check_access(token=self.path.partition("?")[0] not in _PAGE_PATHS)
-        body = _json_object(self.body) if method == "POST" else None
-        path, query = self._target()
-        for regex, template, handler in _Routes.BY_METHOD.get(method, ()):
-            match = regex.fullmatch(path)
-            if match is None:
-                continue
-            self._template = template       # for the metrics
-            groups = {}
-            for key, value in match.groupdict().items():
-                try:
-                    groups[key] = urllib.parse.unquote(value, errors="strict")
-                except UnicodeDecodeError:
-                    raise HTTPError(400, "invalid percent-encoding in path") from None
-            return handler(self.server.api, groups, query, body)
-        allowed = [m for m, regex, _, _, _ in _Routes.COMPILED if regex.fullmatch(path)]
-        if allowed:
-            raise HTTPError(405, "%s is not allowed here; use %s" % (method, ", ".join(allowed)))
-        raise HTTPError(404, "no such route: %s" % path[:200])
-
-    def _target(self):
-        """The request target's path and its query as a dict (each name at
-        most once)."""
-        target = self.path
-        if not target.startswith("/"):
-            raise HTTPError(400, "the request target must be a path")
-        if "?" not in target and "#" not in target:     # the usual case
-            return target, {}
-        try:
-            parts = urllib.parse.urlsplit(target)
-        except ValueError:
-            raise HTTPError(400, "malformed request target") from None
-        try:
-            query = urllib.parse.parse_qs(parts.query, keep_blank_values=True,
-                                          strict_parsing=True, errors="strict") \
-                if parts.query else {}
-        except (ValueError, UnicodeDecodeError):
-            raise HTTPError(400, "malformed query string") from None
-        for key, values in query.items():
-            if len(values) > 1:
-                raise HTTPError(400, "query parameter %r given more than once" % key)
-        return parts.path, {k: v[0] for k, v in query.items()}
-
+# ---------------------------------------------------------------------------
+# The API routes
+# ---------------------------------------------------------------------------
 
 class _Api:
     """The API's routes, one object per server, thin over its JobManager.
@@ -6007,6 +5291,388 @@ class _BodyCache:
         return body
 
 
+# ---------------------------------------------------------------------------
+# The HTTP server: requests
+# ---------------------------------------------------------------------------
+
+class _Headers:
+    """A request's header fields, parsed in one pass from the head the reader
+    thread already holds: http.server's email parser is most of a small
+    request's cost.  Names are case-insensitive and ``get`` gives the first
+    value, as with email.message.Message.  Stricter than that parser where
+    RFC 9112 lets a server be: a line that is not ``name: value`` (a folded
+    line, a space before the colon, no name) is a 400, and more than
+    MAX_HEADERS fields a 431."""
+
+    __slots__ = ("_fields",)
+    # Linear time (no backtracking between the value and its trailing
+    # whitespace); a CR or NUL inside a value makes the line malformed.
+    _LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\r\n\x00]*)\r?")
+
+    def __init__(self, data):
+        fields = self._fields = {}      # lower-case name -> [(name, value)]
+        lines = data.decode("iso-8859-1").split("\n")
+        if len(lines) > MAX_HEADERS + 2:
+            raise HTTPError(431, "more than %d header fields" % MAX_HEADERS)
+        for line in lines:
+            match = self._LINE.fullmatch(line)
+            if match is None:
+                if line in ("", "\r"):     # the empty line that ends the head
+                    break
+                raise HTTPError(400, "malformed header line %r" % line[:80])
+            name = match.group(1)
+            fields.setdefault(name.lower(), []).append((name, match.group(2).strip(" \t")))
+
+    def get(self, name, default=None):
+        values = self._fields.get(name.lower())
+        return values[0][1] if values else default
+
+    def get_all(self, name, failobj=None):
+        values = self._fields.get(name.lower())
+        return [value for _, value in values] if values else failobj
+
+    def __getitem__(self, name):
+        return self.get(name)
+
+    def __contains__(self, name):
+        return name.lower() in self._fields
+
+    def items(self):
+        return [field for values in self._fields.values() for field in values]
+
+    def keys(self):
+        return [name for name, _ in self.items()]
+
+
+def _http_version(text):
+    """(major, minor) of an "HTTP/x.y" request version, or None."""
+    name, _, number = text.partition("/")
+    major, _, minor = number.partition(".")
+    if (name != "HTTP" or not major.isdigit() or not minor.isdigit() or not major.isascii()
+            or not minor.isascii() or len(major) > 10 or len(minor) > 10):
+        return None
+    return int(major), int(minor)
+
+
+# method SP request-target [SP HTTP-version]: a token, then visible ASCII
+# (the version's own checks are _http_version's; no version is HTTP/0.9)
+_REQUEST_LINE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [!-~]+(?: [!-~]+)?")
+
+
+def _body_length(fields):
+    """The length of the body a request's header *fields* announce, or None
+    for none.  What cannot be read safely is refused (HTTPError): chunked
+    or encoded bodies, two lengths, a malformed one, one over MAX_BODY."""
+    if "Transfer-Encoding" in fields:      # even empty: a front end may differ
+        raise HTTPError(411, "chunked or encoded bodies are not supported: "
+                        "send Content-Length")
+    lengths = fields.get_all("Content-Length")
+    if lengths is None:
+        return None
+    if len(lengths) > 1:
+        raise HTTPError(400, "more than one Content-Length header")
+    text = lengths[0].strip()
+    if not text.isdigit() or not text.isascii():
+        raise HTTPError(400, "invalid Content-Length %r" % lengths[0])
+    length = int(text)
+    if length > MAX_BODY:
+        raise HTTPError(413, "body of %d bytes is over the limit of %d" % (length, MAX_BODY))
+    return length
+
+
+# Up to MAX_EMPTY_LINES empty lines, skipped before a request line
+_EMPTY_LINES = re.compile(rb"(?:\r?\n){0,%d}" % MAX_EMPTY_LINES)
+
+
+def _parse_head(head):
+    """(request line, fields, body length) of a complete request *head*.
+    The fields are a _Headers, or the HTTPError that refuses them; a body
+    whose length is refused counts as none, as the handler refuses the
+    request and closes the connection."""
+    start = _EMPTY_LINES.match(head).end() if head[:1] in (b"\r", b"\n") else 0
+    eol = head.find(b"\n", start) + 1
+    try:
+        fields = _Headers(head[eol:])
+        length = _body_length(fields) or 0
+    except HTTPError as e:
+        fields, length = e, 0
+    return head[start:eol], fields, length
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """The requests of one connection, given to `serve` one head at a time
+    by _Server.  Persistent (HTTP/1.1), TCP_NODELAY, each reply sent in one
+    write so a keep-alive client never waits on a delayed ACK."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "pman/" + __version__
+
+    def __init__(self, conn, server):
+        # Not BaseRequestHandler.__init__, which would serve the connection
+        # to its end: `serve` takes one request head at a time (_Server).
+        self.conn = conn
+        self.request = self.connection = conn.sock
+        self.client_address = conn.addr
+        self.server = server
+        self.wfile = _Writer(conn.sock)
+        self.parked = None          # a long poll waiting for its answer (_Parked)
+
+    def serve(self, line, fields, body):
+        """Answer the request read whole by the reader (_Conn.take_request):
+        its request *line*, its header *fields* (a _Headers, or the
+        HTTPError that refuses them) and its *body*."""
+        self.rfile = io.BytesIO(line)
+        self.fields, self.body = fields, body
+        self._template = None           # the route's, for the metrics
+        self.path = ""                  # none yet: a bad request line counts as "other"
+        self.handle_one_request()
+
+    def parse_request(self):
+        """http.server's parse_request (same attributes, same replies to a bad
+        request line), with the headers read by _Headers."""
+        self.command = None
+        self.body_length = None
+        self.request_version = self.default_request_version
+        self.close_connection = True
+        if not self._request_line():
+            return False
+        try:
+            if isinstance(self.fields, HTTPError):
+                raise self.fields
+            self.headers = self.fields
+            # The framing is checked before anything else (the token too):
+            # a body whose length is in doubt is never read as the next
+            # request.
+            self.body_length = self._content_length(self.command)
+        except HTTPError as e:
+            self.send_error(e.status, str(e))
+            return False
+        connection = self.headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        return True         # (a 100 Continue was the reader's: _Conn.request_end)
+
+    def _request_line(self):
+        """Read the request line into command, path, request_version and
+        close_connection, as http.server does; False once refused."""
+        line = str(self.raw_requestline, "iso-8859-1")
+        self.requestline = line[:-2] if line.endswith("\r\n") else line.rstrip("\n")
+        # RFC 9112 3: exactly one SP between the parts (no other blank
+        # separates: a front end may split the line elsewhere)
+        if _REQUEST_LINE.fullmatch(self.requestline) is None:
+            self.send_error(400, "Bad request syntax (%r)" % self.requestline)
+            return False
+        words = self.requestline.split(" ")
+        if len(words) == 3:
+            version = _http_version(words[2])
+            if version is None or version >= (2, 0):
+                self.send_error(400, "%s HTTP version (%r)" % (
+                    "unsupported" if version else "bad", words[2]))
+                return False
+            self.close_connection = version < (1, 1)
+            self.request_version = words[2]
+        elif words[0] != "GET":
+            self.send_error(400, "Bad HTTP/0.9 request type (%r)" % words[0])
+            return False
+        self.command, self.path = words[:2]
+        if self.path.startswith("//"):      # as http.server: never an absolute URI
+            self.path = "/" + self.path.lstrip("/")
+        return True
+
+    # -- replies -------------------------------------------------------------
+
+    def _reply(self, status, obj=None):
+        if not isinstance(obj, _Encoded):
+            try:
+                data = b"" if obj is None else json.dumps(obj, allow_nan=False).encode("utf-8")
+            except ValueError:      # NaN or Infinity: never sent (inputs refuse them)
+                log.error("a reply to %s held a non-JSON number", self.path.split("?")[0])
+                status, data = 500, b'{"status": false, "message": "internal error: ValueError"}'
+            obj = _Encoded(data)
+        body = obj.data
+        head = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "")),
+                "Server: " + self.server_version,
+                "Date: " + _http_date()]
+        if status != 204:
+            head += ["Content-Type: " + obj.content_type, "Content-Length: %d" % len(body)]
+            head += ["%s: %s" % header for header in obj.headers]
+        self.server.count_request(getattr(self, "command", None), getattr(self, "_template", None)
+                                  or _template_of(getattr(self, "path", "")), status)
+        if self.close_connection:
+            head.append("Connection: close")
+        elif self.request_version == "HTTP/1.0":    # kept alive because it asked to be
+            head.append("Connection: keep-alive")
+        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        self.log_request(status, len(body))
+
+    def send_error(self, code, message=None, explain=None):
+        # http.server calls this for malformed requests: always the client's
+        # fault, so never a 5xx, and always JSON.
+        code = {501: 405, 505: 400}.get(code, code)
+        if code >= 500:
+            code = 400
+        self.close_connection = True
+        self._reply(code, {"status": False, "message": message or
+                           http.HTTPStatus(code).phrase})
+
+    def log_request(self, code="-", size="-"):
+        if access_log.isEnabledFor(logging.INFO):   # the hot path formats nothing
+            super().log_request(code, size)
+
+    def log_message(self, format, *args):
+        access_log.info("%s %s", self.address_string(), format % args)
+
+    # -- dispatch ------------------------------------------------------------
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def do_PATCH(self):
+        self._dispatch("PATCH")
+
+    def do_HEAD(self):
+        self.close_connection = True
+        self._dispatch("HEAD")
+
+    def do_OPTIONS(self):
+        self._dispatch("OPTIONS")
+
+    def _dispatch(self, method):
+        try:
+            status, obj = self._route(method)
+        except _Parked as parked:       # answered later, by answer_parked()
+            self.parked = parked
+            return
+        except Exception as e:
+            status = _status_for(e)
+            if status == 500:
+                log.exception("internal error on %s %s", method, self.path.split("?")[0])
+                message = "internal error: %s" % type(e).__name__
+            else:
+                message = str(e)
+            obj = {"status": False, "message": message}
+        try:
+            self._reply(status, obj)
+        except OSError:
+            self.close_connection = True
+
+    def answer_parked(self, parked):
+        """Write the reply of the long poll this handler parked."""
+        try:
+            status, obj = parked.answer()
+        except Exception as e:
+            status = _status_for(e)
+            if status == 500:
+                log.exception("internal error answering %s", self.path.split("?")[0])
+            obj = {"status": False, "message": str(e) if status != 500 else
+                   "internal error: %s" % type(e).__name__}
+        finally:
+            parked.done()
+        try:
+            self._reply(status, obj)
+        except OSError:
+            self.close_connection = True
+
+    def _check_access(self, token=True):
+        """The Host check, then (unless *token* is False: the page, which
+        holds no data) the bearer token."""
+        server = self.server
+        if server.loopback:
+            host = self.headers.get("Host")
+            if host is not None:
+                name = host.strip().lower()
+                port = ""
+                if name.startswith("["):            # [::1]:5010
+                    name, _, port = name[1:].partition("]")
+                    port = port[1:]
+                elif name.count(":") == 1:          # localhost:5010
+                    name, port = name.split(":")
+                if port and not port.isdigit():
+                    name = host
+                if name not in server.allowed_hosts:
+                    raise HTTPError(403, "forbidden Host header %r: this server answers "
+                                    "only to its loopback names" % host)
+        if server.token is not None and token:
+            given = self.headers.get("Authorization", "")
+            scheme, _, token = given.partition(" ")
+            ok = scheme.lower() == "bearer" and hmac.compare_digest(
+                token.strip().encode("latin-1", "replace"), server.token)
+            if not ok:
+                raise HTTPError(401, "missing or wrong bearer token")
+
+    def _content_length(self, method):
+        """The body's length, or None for no body; what cannot be read
+        safely (see _body_length) or a POST without a length is refused
+        and closes the connection."""
+        try:
+            length = _body_length(self.headers)
+            if length is None and method == "POST":
+                raise HTTPError(411, "a POST needs a Content-Length header")
+        except HTTPError:
+            self.close_connection = True
+            raise
+        return length
+
+    def _route(self, method):
+        self._check_access(token=self.path.partition("?")[0] not in _PAGE_PATHS)
+        body = _json_object(self.body) if method == "POST" else None
+        path, query = self._target()
+        for regex, template, handler in _Routes.BY_METHOD.get(method, ()):
+            match = regex.fullmatch(path)
+            if match is None:
+                continue
+            self._template = template       # for the metrics
+            groups = {}
+            for key, value in match.groupdict().items():
+                try:
+                    groups[key] = urllib.parse.unquote(value, errors="strict")
+                except UnicodeDecodeError:
+                    raise HTTPError(400, "invalid percent-encoding in path") from None
+            return handler(self.server.api, groups, query, body)
+        allowed = [m for m, regex, _, _, _ in _Routes.COMPILED if regex.fullmatch(path)]
+        if allowed:
+            raise HTTPError(405, "%s is not allowed here; use %s" % (method, ", ".join(allowed)))
+        raise HTTPError(404, "no such route: %s" % path[:200])
+
+    def _target(self):
+        """The request target's path and its query as a dict (each name at
+        most once)."""
+        target = self.path
+        if not target.startswith("/"):
+            raise HTTPError(400, "the request target must be a path")
+        if "?" not in target and "#" not in target:     # the usual case
+            return target, {}
+        try:
+            parts = urllib.parse.urlsplit(target)
+        except ValueError:
+            raise HTTPError(400, "malformed request target") from None
+        try:
+            query = urllib.parse.parse_qs(parts.query, keep_blank_values=True,
+                                          strict_parsing=True, errors="strict") \
+                if parts.query else {}
+        except (ValueError, UnicodeDecodeError):
+            raise HTTPError(400, "malformed query string") from None
+        for key, values in query.items():
+            if len(values) > 1:
+                raise HTTPError(400, "query parameter %r given more than once" % key)
+        return parts.path, {k: v[0] for k, v in query.items()}
+
+
+# ---------------------------------------------------------------------------
+# The HTTP server: connections
+# ---------------------------------------------------------------------------
+
 class _Parked(Exception):
     """Raised by a long-poll route with nothing to answer yet.  The
     connection goes back to the server's reader thread, so a waiting client
@@ -6092,25 +5758,6 @@ class _Writer:
 
     def flush(self):
         pass
-
-
-# Up to MAX_EMPTY_LINES empty lines, skipped before a request line
-_EMPTY_LINES = re.compile(rb"(?:\r?\n){0,%d}" % MAX_EMPTY_LINES)
-
-
-def _parse_head(head):
-    """(request line, fields, body length) of a complete request *head*.
-    The fields are a _Headers, or the HTTPError that refuses them; a body
-    whose length is refused counts as none, as the handler refuses the
-    request and closes the connection."""
-    start = _EMPTY_LINES.match(head).end() if head[:1] in (b"\r", b"\n") else 0
-    eol = head.find(b"\n", start) + 1
-    try:
-        fields = _Headers(head[eol:])
-        length = _body_length(fields) or 0
-    except HTTPError as e:
-        fields, length = e, 0
-    return head[start:eol], fields, length
 
 
 class _Conn:
@@ -6735,8 +6382,9 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
 
 
 # ---------------------------------------------------------------------------
-# Command line
+# The command line: the server
 # ---------------------------------------------------------------------------
+
 # `pman` alone, or starting with an option, is the server, as the original's
 # command line was (`pman --raw 1 --http --port 5010 --listeners 12`); `pman
 # serve` is the explicit form.  Every other subcommand is a client speaking
@@ -6928,6 +6576,10 @@ def _serve(argv, prog="pman"):
     log.info("pman stopped; state flushed to %s", manager.state_dir)
     return EXIT_OK
 
+
+# ---------------------------------------------------------------------------
+# The command line: the client
+# ---------------------------------------------------------------------------
 
 # -- the client ---------------------------------------------------------------
 
@@ -7200,6 +6852,10 @@ def _print_json(obj):
     # indents it.
     sys.stdout.write(json.dumps(obj) + "\n")
 
+
+# ---------------------------------------------------------------------------
+# The command line: commands
+# ---------------------------------------------------------------------------
 
 def _cmd_run(client, args):
     if not args.command:
@@ -7866,6 +7522,427 @@ def pman(options=None, **kwargs):
     listeners = _whole_number("listeners", given.get("listeners", DEFAULT_LISTENERS), 1 << 16)
     return CompatServer(host, port, state_dir=paths["DBpath"], log_file=paths["debugFile"],
                         listeners=listeners)
+
+
+# ---------------------------------------------------------------------------
+# The status page (data)
+# ---------------------------------------------------------------------------
+
+# -- the status page ---------------------------------------------------------
+# One static page at / (and /ui).  It holds no data, so it is served without
+# a token; every API call it makes carries one.  Its code is inline, and the
+# Content-Security-Policy allows exactly that code (by hash) and connections
+# to this origin alone.
+
+_PAGE_CSS = """\
+:root{color-scheme:light dark;--bg:#fff;--fg:#1d2430;--mut:#667085;--line:#d9dee7;--sel:#e8f0fe;
+--run:#1565c0;--ok:#2e7d32;--err:#c62828;--q:#8d6e00;--und:#6a1b9a}
+@media (prefers-color-scheme:dark){:root{--bg:#15181e;--fg:#e4e7ec;--mut:#98a2b3;--line:#2c323c;
+--sel:#1f2a3d;--run:#64b5f6;--ok:#81c784;--err:#ef9a9a;--q:#ffd54f;--und:#ce93d8}}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.4 system-ui,sans-serif;background:var(--bg);color:var(--fg)}
+header.top{display:flex;gap:1em;align-items:baseline;padding:.6em 1em;
+  border-bottom:1px solid var(--line)}
+h1{font-size:1.2em;margin:0}h2{font-size:1.05em;margin:0;word-break:break-all}
+.mut{color:var(--mut)}
+#live.off{color:var(--err)}
+#counts{display:flex;flex-wrap:wrap;gap:.5em;padding:.6em 1em}
+#counts button{border:1px solid var(--line);background:none;color:inherit;border-radius:1em;
+  padding:.2em .8em;cursor:pointer;font:inherit}
+#counts button.on{background:var(--sel)}
+#counts b{margin-left:.4em}
+#filters{display:flex;flex-wrap:wrap;gap:1em;padding:0 1em .6em}
+input,select,button{font:inherit}
+.wrap{display:flex;align-items:flex-start}
+main{flex:1;min-width:0;overflow-x:auto;padding:0 1em 1em}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:.25em .5em;border-bottom:1px solid var(--line);white-space:nowrap}
+td.cmd{max-width:20em;overflow:hidden;text-overflow:ellipsis}
+td.msg{max-width:16em;overflow:hidden;text-overflow:ellipsis}
+tbody tr{cursor:pointer}tbody tr:hover,tbody tr.sel{background:var(--sel)}
+.notstarted{color:var(--q)}.started{color:var(--run)}.finishedSuccessfully{color:var(--ok)}
+.finishedWithError{color:var(--err)}.undefined{color:var(--und)}
+#detail{width:38%;min-width:22em;flex:none;border-left:1px solid var(--line);padding:0 1em 1em;
+  position:sticky;top:0;max-height:100vh;overflow:auto}
+#detail header{display:flex;gap:.5em;align-items:center;padding:.6em 0}
+#detail header h2{flex:1}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:.15em 1em;margin:0 0 .8em}
+dt{color:var(--mut)}dd{margin:0;word-break:break-all;white-space:pre-wrap}
+.logbar{display:flex;gap:1em;align-items:center;margin-bottom:.3em}
+pre{background:rgba(127,127,127,.1);padding:.5em;margin:0;max-height:50vh;overflow:auto;
+  white-space:pre-wrap;word-break:break-all;font-size:12px}
+button.danger{color:var(--err)}
+#error{color:var(--err);padding:0 1em}
+dialog{border:1px solid var(--line);border-radius:.4em;background:var(--bg);color:var(--fg)}
+dialog .row{display:flex;gap:.5em;justify-content:flex-end;margin-top:.8em}
+"""
+
+_PAGE_JS = """\
+"use strict";
+// pman's status page.  Every API call carries the token, kept for this tab
+// only (sessionStorage); the table follows /api/v1/events, which names the
+// jobs that changed and brings their objects: nothing unchanged is fetched
+// again, and a whole page of jobs is read only on a filter change or reset.
+const PAGE = 100, WAIT = 25, LOG_CHUNK = 1 << 20, LOG_KEEP = 1 << 19;
+const STATUSES = __STATUSES__;     // pman.STATUSES
+const $ = (id) => document.getElementById(id);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+let token = sessionStorage.getItem("pman-token");
+let tokenWait = null;
+let seq = null;                  // the feed's cursor
+let rows = new Map();            // jid -> job object shown
+let more = false;                // more matching jobs than shown
+let filter = {status: "", auid: "", text: ""};
+let epoch = 0;                   // bumped by a filter change: stale pages are dropped
+let inflight = null;             // changes seen while a page is read: applied to it after
+let selected = null;              // the jid shown in the detail pane
+let logGen = 0;
+
+function askToken(refused) {
+  if (!tokenWait) {
+    tokenWait = new Promise((resolve) => {
+      $("t-why").textContent = refused ? "That token was refused." : "";
+      $("t-input").value = "";
+      $("token").showModal();
+      $("t-form").onsubmit = (e) => {
+        e.preventDefault();
+        const v = $("t-input").value.trim();
+        if (!v) return;
+        token = v;
+        sessionStorage.setItem("pman-token", v);
+        $("token").close();
+        tokenWait = null;
+        resolve();
+      };
+    });
+  }
+  return tokenWait;
+}
+
+async function api(method, path, body) {
+  for (;;) {
+    const headers = {};
+    if (token) headers.Authorization = "Bearer " + token;
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const r = await fetch(path, {method, headers, cache: "no-store", credentials: "omit",
+                                 body: body === undefined ? undefined : JSON.stringify(body)});
+    if (r.status === 401) { await askToken(!!token); continue; }
+    if (r.status === 204) return null;
+    const obj = await r.json();
+    if (!r.ok) throw new Error(obj.message || r.statusText);
+    return obj;
+  }
+}
+
+function matches(j) {
+  if (filter.status && j.status !== filter.status) return false;
+  if (filter.auid && j.auid !== filter.auid) return false;
+  if (filter.text) {
+    const t = filter.text.toLowerCase();
+    const fields = [j.jid, j.cmd, j.auid, j.message];
+    if (!fields.some((s) => (s || "").toLowerCase().includes(t))) return false;
+  }
+  return true;
+}
+
+function showCounts(counts) {
+  const box = $("counts");
+  if (!box.childElementCount) {
+    for (const s of STATUSES) {
+      const b = document.createElement("button");
+      b.type = "button"; b.dataset.status = s; b.className = s;
+      b.append(s, document.createElement("b"));
+      b.onclick = () => { $("f-status").value = filter.status === s ? "" : s; filtersChanged(); };
+      box.append(b);
+    }
+  }
+  for (const b of box.children) {
+    b.lastChild.textContent = counts[b.dataset.status];
+    b.classList.toggle("on", filter.status === b.dataset.status);
+  }
+  $("total").textContent = Object.values(counts).reduce((a, b) => a + b, 0) + " jobs";
+}
+
+function cell(tr, text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text == null ? "" : String(text);
+  if (cls) td.className = cls;
+  tr.append(td);
+}
+
+function render() {
+  const list = [...rows.values()].sort((a, b) => b.seq - a.seq);
+  if (list.length > PAGE) {
+    for (const j of list.splice(PAGE)) rows.delete(j.jid);
+    more = true;
+  }
+  const body = document.createDocumentFragment();
+  for (const j of list) {
+    const tr = document.createElement("tr");
+    tr.dataset.jid = j.jid;
+    if (j.jid === selected) tr.className = "sel";
+    cell(tr, j.jid); cell(tr, j.status, j.status); cell(tr, j.auid); cell(tr, j.cmd, "cmd");
+    cell(tr, j.returncode); cell(tr, (j.submitted || "").replace("T", " ").slice(5, 19));
+    cell(tr, j.message, "msg");
+    tr.title = j.cmd;
+    body.append(tr);
+  }
+  $("rows").replaceChildren(body);
+  if (!performance.getEntriesByName("pman-first-rows").length) performance.mark("pman-first-rows");
+  $("shown").textContent = !list.length ? "no job matches"
+    : "newest " + list.length + (more ? " matching jobs shown" : " shown");
+}
+
+async function loadPage() {
+  const mine = ++epoch;
+  const q = new URLSearchParams({order: "newest", limit: String(PAGE)});
+  if (filter.status) q.set("status", filter.status);
+  if (filter.auid) q.set("auid", filter.auid);
+  if (filter.text) q.set("q", filter.text);
+  const seen = inflight = new Map();
+  const page = await api("GET", "/api/v1/jobs?" + q);
+  if (mine !== epoch) return;
+  inflight = null;
+  rows = new Map(page.jobs.map((j) => [j.jid, j]));
+  more = page.next !== null;
+  for (const c of seen.values()) apply(c);
+  render();
+}
+
+function apply(change) {
+  const j = change.job;
+  if (inflight) inflight.set(change.jid, change);
+  if (change.jid === selected) showRecord(j);
+  if (!j || !matches(j)) { rows.delete(change.jid); return; }
+  let oldest = Infinity;
+  for (const r of rows.values()) oldest = Math.min(oldest, r.seq);
+  if (rows.has(j.jid) || !more || j.seq > oldest) rows.set(j.jid, j);
+}
+
+function setLive(ok, why) {
+  $("live").textContent = ok ? "live" : "reconnecting: " + why;
+  $("live").className = ok ? "" : "off";
+}
+
+async function follow() {
+  for (;;) {
+    try {
+      if (seq === null) {
+        const f = await api("GET", "/api/v1/events");
+        seq = f.seq;
+        showCounts(f.counts);
+        await loadPage();
+        setLive(true);
+        continue;
+      }
+      const f = await api("GET", "/api/v1/events?since=" + seq + "&wait=" + WAIT +
+                               "&limit=" + PAGE);
+      showCounts(f.counts);
+      if (f.reset) { seq = f.seq; await loadPage(); continue; }
+      for (const c of f.changes) apply(c);
+      seq = f.seq;
+      if (f.changes.length) render();
+      setLive(true);
+      if (f.busy) await sleep(2000 + Math.random() * 2000);
+    } catch (e) {
+      setLive(false, e.message);
+      await sleep(2000);
+    }
+  }
+}
+
+function filtersChanged() {
+  filter = {status: $("f-status").value, auid: $("f-auid").value.trim(),
+            text: $("f-text").value.trim()};
+  for (const b of $("counts").children) {
+    b.classList.toggle("on", filter.status === b.dataset.status);
+  }
+  loadPage().catch((e) => setLive(false, e.message));
+}
+
+let typing = null;
+function typed() { clearTimeout(typing); typing = setTimeout(filtersChanged, 250); }
+
+const FIELDS = ["status", "message", "returncode", "pid", "cmd", "auid", "submitted", "started",
+                "ended", "timeout", "cwd", "meta", "env", "image"];
+
+function showRecord(j) {
+  const dl = $("d-record");
+  dl.replaceChildren();
+  if (!j) {
+    const dd = document.createElement("dd");
+    dd.textContent = "this job was deleted";
+    dl.append(dd);
+    $("d-kill").disabled = $("d-delete").disabled = true;
+    return;
+  }
+  for (const k of FIELDS) {
+    const v = j[k];
+    if (v === undefined || v === null || v === "") continue;
+    if (typeof v === "object" && !Object.keys(v).length) continue;
+    const dt = document.createElement("dt"), dd = document.createElement("dd");
+    dt.textContent = k;
+    dd.textContent = typeof j[k] === "object" ? JSON.stringify(j[k]) : String(j[k]);
+    if (k === "status") dd.className = j[k];
+    dl.append(dt, dd);
+  }
+  $("d-kill").disabled = !(j.status === "notstarted" || j.status === "started");
+  $("d-delete").disabled = false;
+}
+
+function select(jid) {
+  selected = jid;
+  $("detail").hidden = false;
+  $("d-jid").textContent = jid;
+  for (const tr of $("rows").children) tr.classList.toggle("sel", tr.dataset.jid === jid);
+  showRecord(rows.get(jid));
+  followLog();
+}
+
+async function followLog() {
+  const mine = ++logGen, jid = selected, stream = $("d-stream").value, pre = $("d-log");
+  let offset = 0, text = "";
+  pre.textContent = "";
+  $("d-logstate").textContent = "reading";
+  while (mine === logGen) {
+    let r;
+    try {
+      r = await api("GET", "/api/v1/" + encodeURIComponent(jid) + "/logs?stream=" + stream +
+                    "&offset=" + offset + "&limit=" + LOG_CHUNK);
+    } catch (e) {
+      if (mine === logGen) $("d-logstate").textContent = e.message;
+      return;
+    }
+    if (mine !== logGen) return;
+    if (r.data) {
+      const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+      text = (text + r.data).slice(-LOG_KEEP);
+      pre.textContent = text;
+      if (atEnd) pre.scrollTop = pre.scrollHeight;
+    }
+    offset = r.next_offset;
+    if (r.eof) { $("d-logstate").textContent = "ended (" + offset + " bytes)"; return; }
+    $("d-logstate").textContent = "following (" + offset + " bytes)";
+    if (r.next_offset - r.offset < LOG_CHUNK) await sleep(500);
+  }
+}
+
+function confirmThen(text, label, action) {
+  $("c-text").textContent = text;
+  $("c-ok").textContent = label;
+  $("c-ok").onclick = async () => {
+    $("confirm").close();
+    try {
+      await action();
+    } catch (e) {
+      $("error").hidden = false;
+      $("error").textContent = e.message;
+    }
+  };
+  $("confirm").showModal();
+}
+
+$("c-cancel").onclick = () => $("confirm").close();
+$("token").oncancel = (e) => e.preventDefault();
+const jobPath = () => "/api/v1/" + encodeURIComponent(selected) + "/";
+$("d-kill").onclick = () => confirmThen(
+  "Kill job " + selected + " (SIGTERM, then SIGKILL after the grace period)?",
+  "Kill", () => api("POST", jobPath() + "kill", {}));
+$("d-delete").onclick = () => confirmThen(
+  "Delete job " + selected + " and its logs? A running job is killed first.",
+  "Delete", () => api("DELETE", jobPath()));
+$("d-close").onclick = () => { selected = null; logGen++; $("detail").hidden = true; render(); };
+$("d-stream").onchange = followLog;
+$("rows").onclick = (e) => { const tr = e.target.closest("tr"); if (tr) select(tr.dataset.jid); };
+$("f-status").onchange = filtersChanged;
+$("f-auid").oninput = typed;
+$("f-text").oninput = typed;
+$("filters").onsubmit = (e) => e.preventDefault();
+for (const s of STATUSES) $("f-status").append(new Option(s, s));
+follow();
+"""
+
+_PAGE_HTML = """\
+<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>pman</title>
+<link rel="icon" href="data:,">
+<style>%(css)s</style>
+</head>
+<body>
+<header class="top">
+  <h1>pman</h1><span class="mut">%(version)s</span><span id="total" class="mut"></span>
+  <span id="live">connecting</span>
+</header>
+<section id="counts" aria-label="jobs per status"></section>
+<form id="filters" role="search">
+  <label>Status <select id="f-status"><option value="">any</option></select></label>
+  <label>auid <input id="f-auid" autocomplete="off" size="12"></label>
+  <label>Text <input id="f-text" type="search" placeholder="jid, command, message" size="24">
+  </label>
+</form>
+<p id="error" role="alert" hidden></p>
+<div class="wrap">
+<main>
+<table id="jobs">
+  <thead><tr><th>jid</th><th>status</th><th>auid</th><th>command</th><th>code</th>
+    <th>submitted</th><th>message</th></tr></thead>
+  <tbody id="rows"></tbody>
+</table>
+<p id="shown" class="mut"></p>
+</main>
+<aside id="detail" hidden>
+  <header>
+    <h2 id="d-jid"></h2>
+    <button type="button" id="d-kill" class="danger">Kill</button>
+    <button type="button" id="d-delete" class="danger">Delete</button>
+    <button type="button" id="d-close">Close</button>
+  </header>
+  <dl id="d-record"></dl>
+  <div class="logbar">
+    <select id="d-stream" aria-label="log stream"><option>stdout</option><option>stderr</option>
+    </select><span id="d-logstate" class="mut"></span>
+  </div>
+  <pre id="d-log"></pre>
+</aside>
+</div>
+<dialog id="confirm">
+  <p id="c-text"></p>
+  <div class="row"><button type="button" id="c-cancel">Cancel</button>
+    <button type="button" id="c-ok" class="danger">OK</button></div>
+</dialog>
+<dialog id="token">
+  <form id="t-form">
+    <p>This server needs its token.</p><p id="t-why" class="mut"></p>
+    <input id="t-input" type="password" autocomplete="off" aria-label="token" size="30">
+    <div class="row"><button id="t-ok">Use token</button></div>
+  </form>
+</dialog>
+<script>%(js)s</script>
+</body>
+</html>
+"""
+
+
+def _page():
+    def digest(text):
+        return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8"))
+                                                .digest()).decode("ascii")
+    js = _PAGE_JS.replace("__STATUSES__", json.dumps(STATUSES))
+    csp = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+           "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+           % (digest(js), digest(_PAGE_CSS)))
+    html = _PAGE_HTML % {"css": _PAGE_CSS, "js": js, "version": "pman " + __version__}
+    return _Encoded(html.encode("utf-8"), "text/html; charset=utf-8",
+                    (("Content-Security-Policy", csp), ("X-Content-Type-Options", "nosniff"),
+                     ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-cache")))
+
+
+_PAGE = _page()
+_PAGE_PATHS = frozenset({"/", "/ui", "/ui/"})
 
 
 if __name__ == "__main__":
