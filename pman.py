@@ -1135,7 +1135,7 @@ class _Store:
 # SIGTERM long enough to record the exit status.  Every other signal
 # disposition is reset to the default by the spawn itself (_SIGDEF).  No
 # user code runs in the wrapper's own shell: a shell command or an argv
-# runs in a subshell, so that nothing it does (exec, trap, exit, a builtin
+# runs in a child, so that nothing it does (exec, trap, exit, a builtin
 # loop that the wrapper's TERM handler would keep alive) reaches the shell
 # that records its status.  The wrapper sets no variable, so the job sees
 # its environment as given: the job runs in a function (j, unset before
@@ -1146,8 +1146,11 @@ _WRAP_HEAD = ('trap : TERM; j() { unset -f j; if [ -n "$4" ]; then '
               'set -- "${OLDPWD+x$OLDPWD}" "$@"; cd -- "$5" || return 126; '
               'case $1 in x*) OLDPWD=${1#x};; *) unset OLDPWD;; esac; shift; fi; shift 4; ')
 _WRAP_TAIL = '; }; j "$@"; set -- $? "$2" "$3"; echo "$2 $1" >>"$3"; exit "$1"'
-_WRAP_SHELL = _WRAP_HEAD + '(eval "shift; $1")' + _WRAP_TAIL
-_WRAP_ARGV = _WRAP_HEAD + '("$@")' + _WRAP_TAIL
+# A shell command runs as its own `sh -c CMD` (its $$, `local`, a `kill
+# $$` are those of sh -c), an argv through exec (a program, never a
+# builtin of the same name).
+_WRAP_SHELL = _WRAP_HEAD + '/bin/sh -c "$1" sh' + _WRAP_TAIL
+_WRAP_ARGV = _WRAP_HEAD + '(exec "$@")' + _WRAP_TAIL
 # A job that is one program and its words (see _direct_words) needs no
 # subshell: the wrapper runs it as its own child (vfork + exec), which is
 # what `sh -c CMD` itself does with it, and no shell code of the job's runs
@@ -1161,6 +1164,7 @@ _WRAP_DIRECT = _WRAP_HEAD + '"$@"' + _WRAP_TAIL
 # SEQ EXITS CMD...``), whose jobs a newer build re-adopts after an upgrade.
 _WRAPPERS = frozenset(w.encode() for w in (
     _WRAP_SHELL, _WRAP_ARGV, _WRAP_DIRECT,
+    _WRAP_HEAD + '(eval "shift; $1")' + _WRAP_TAIL, _WRAP_HEAD + '("$@")' + _WRAP_TAIL,
     'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
     'else (unset t f d r; eval "shift; $1"); r=$?; fi; echo "$t $r" >>"$f"; exit $r',
     'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '

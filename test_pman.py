@@ -2735,6 +2735,21 @@ def test_logs_cwd_leaves_oldpwd_as_the_jobs_environment_has_it(core_make, tmp_pa
             assert m.read_log(jid)["data"].decode() == expected, (jid, rec)
 
 
+def test_logs_job_runs_as_sh_c_and_argv_as_a_program_not_in_the_wrapper(core_mgr, tmp_path):
+    """A shell command is its own ``sh -c CMD``: `local` outside a function
+    fails, `$$` is the job's shell (a `kill $$` ends the job, not the
+    wrapper's pending trap); an argv runs the program, never a builtin of
+    the same name (coreutils echo reads -e)."""
+    jobs = {"local": "local x=1; echo $x", "self": "kill $$; sleep 2; exit 3",
+            "argv": ["echo", "-e", "a"]}
+    for jid, cmd in jobs.items():
+        core_mgr.run(cmd, jid=jid, cwd=str(tmp_path))
+    got = {r["jid"]: r["returncode"] for r in core_mgr.wait(list(jobs), timeout=10)}
+    assert got["local"] == 2 and b"not in a function" in core_mgr.read_log("local", "stderr")["data"]
+    assert got["self"] in (143, -15), got
+    assert got["argv"] == 0 and core_mgr.read_log("argv")["data"] == b"a\n"
+
+
 def test_logs_read_log_offset_limit_and_eof(core_mgr, tmp_path):
     gate = tmp_path / "gate"
     core_mgr.run("printf abc; while [ ! -e '%s' ]; do sleep 0.02; done; printf def" % gate,
@@ -4409,8 +4424,8 @@ def test_state_stale_exit_record_is_never_read_for_another_job(crash_env):
 
 def test_state_orphan_found_after_a_crash_is_the_wrapper_not_its_subshell(crash_env):
     """A job whose spawn never reached the disk is re-adopted by its wrapper
-    (the process-group leader), not by the subshell that has the same
-    command line; the kill then reaches the whole job."""
+    (the process-group leader), not by another process of its group; the
+    kill then reaches the whole job."""
     state = crash_env.path()
     manager = crash_env.manager(state, max_running=1)
     manager.run("sleep 30", jid="hold")
@@ -4429,7 +4444,9 @@ def test_state_orphan_found_after_a_crash_is_the_wrapper_not_its_subshell(crash_
         members = _group_pids(proc.pid)
         subshells = [p for p in members if p != proc.pid
                      and pman._wrapper_seq(pman._cmdline(p), exits) == q["seq"]]
-        assert subshells and all(p > proc.pid for p in subshells), members
+        # A shell command runs as its own sh -c: no member shares the
+        # wrapper's command line; one that did would be younger.
+        assert all(p > proc.pid for p in subshells), members
         manager = crash_env.manager(state, max_running=1)
         rec = manager.get("q")
         assert (rec["status"], rec["pid"]) == ("started", proc.pid), rec
