@@ -1164,7 +1164,6 @@ _WRAP_DIRECT = _WRAP_HEAD + '"$@"' + _WRAP_TAIL
 # SEQ EXITS CMD...``), whose jobs a newer build re-adopts after an upgrade.
 _WRAPPERS = frozenset(w.encode() for w in (
     _WRAP_SHELL, _WRAP_ARGV, _WRAP_DIRECT,
-    _WRAP_HEAD + '(eval "shift; $1")' + _WRAP_TAIL, _WRAP_HEAD + '("$@")' + _WRAP_TAIL,
     'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
     'else (unset t f d r; eval "shift; $1"); r=$?; fi; echo "$t $r" >>"$f"; exit $r',
     'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
