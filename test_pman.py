@@ -4065,7 +4065,8 @@ def test_state_job_started_from_the_queue_is_not_run_twice(crash_env):
     manager = crash_env.manager(state, max_running=1)
     rec = manager.get("q")
     runs = _crash_read(marker).split()
-    assert rec["status"] == "started" and rec["pid"] == first_pid, (
+    # The record's pid is the wrapper's; the job's shell ($$) is its child.
+    assert rec["status"] == "started" and rec["pid"] == _proc_stat(first_pid)["ppid"], (
         "the running job (pid %d) was not re-adopted: record %r, instances started %r"
         % (first_pid, rec, runs))
     manager.kill("q")
