@@ -2783,30 +2783,20 @@ class _JobLogs:
 
     def __init__(self, log_dir):
         self.dir = log_dir
-        # A jid holds no "/" (JID_RE): a log's path is a concatenation, not
-        # an os.path.join for each of the four paths a spawn asks for.
-        self._prefix = os.path.join(log_dir, "")
 
     def path(self, jid, stream):
-        return self._prefix + jid + (".out" if stream == "stdout" else ".err")
-
-    def unlink(self, jid, suffixes=(".out", ".err")):
-        for suffix in suffixes:
-            try:
-                os.unlink(os.path.join(self.dir, jid + suffix))
-            except FileNotFoundError:
-                pass
+        return os.path.join(self.dir, jid + (".out" if stream == "stdout" else ".err"))
 
     def move(self, jid, mark, new_mark):
         """Rename the logs of *jid* marked *mark* ("" or "~") to
         *new_mark*, or delete them (None)."""
-        if new_mark is None:
-            self.unlink(jid, (".out" + mark, ".err" + mark))
-            return
         for suffix in (".out", ".err"):
+            old = os.path.join(self.dir, jid + suffix + mark)
             try:
-                os.replace(os.path.join(self.dir, jid + suffix + mark),
-                           os.path.join(self.dir, jid + suffix + new_mark))
+                if new_mark is None:
+                    os.unlink(old)
+                else:
+                    os.replace(old, os.path.join(self.dir, jid + suffix + new_mark))
             except FileNotFoundError:
                 pass
 
@@ -2829,13 +2819,11 @@ class _JobLogs:
         order) as text: at most TAIL_LINES lines and TAIL_BYTES bytes."""
         parts = []
         for name in ((stream,) if stream else ("stdout", "stderr")):
-            try:        # stat first: a log still empty (a job just started) is not opened
-                path = self.path(jid, name)
-                if os.stat(path).st_size:
-                    with open(path, "rb") as f:
-                        size = f.seek(0, os.SEEK_END)
-                        f.seek(max(0, size - TAIL_BYTES))
-                        parts.append(f.read())
+            try:
+                with open(self.path(jid, name), "rb") as f:
+                    size = f.seek(0, os.SEEK_END)
+                    f.seek(max(0, size - TAIL_BYTES))
+                    parts.append(f.read())
             except OSError:
                 pass
         text = b"".join(parts)[-TAIL_BYTES:].decode("utf-8", "replace")
@@ -3150,15 +3138,37 @@ class JobManager:
             raise
 
     def _open_locked(self, strict):
-        """Load the state, settle what a previous manager left, start the
-        reaper.  The caller undoes what this did if it raises."""
+        """Load the state: finished jobs stay lines, the active ones become
+        _Jobs, re-adopted or settled (see `_recover`).  Send the kills they
+        still owe, start queued jobs, fold replayed journals into a fresh
+        snapshot and start the reaper.  The caller undoes what this did if
+        it raises."""
         self._store = _Store(self._path, strict=strict)
         lines, self._next_seq, replayed = self._store.load()
         self._init_state(lines)
         self.backend.open(self._path, self.log_dir, self._logs.path)
         self._backend_open = True
-        self._replay(lines, replayed)
-        self._resume(replayed)
+        active = self._store.active
+        self._retention = _Retention((jid, line) for jid, line in lines.items()
+                                     if jid not in active)
+        for jid in active:
+            self._jobs[jid] = _Job(**json.loads(lines[jid]))
+        self._store.open_journal(self._store.generation + 1 if replayed else
+                                 self._store.generation)
+        # An exit record's key is never reused, even if the journal lost
+        # the record of a job that ran (damage set aside, a lost fsync).
+        self._next_seq = max(self._next_seq, self.backend.seq_floor())
+        with self._lock:
+            kills = self._recover()
+            starting = self._start_queued()
+            self._metrics.restart(self._running)
+        self._store.sync()
+        if kills:
+            self._deliver(kills)
+        if starting:
+            self._launch_queued(starting)
+        if replayed:
+            self._compact_now()
         self._reaper = threading.Thread(target=self._reap_loop, name="pman-reaper",
                                         daemon=True)
         self._reaper.start()
@@ -3171,7 +3181,6 @@ class JobManager:
         self._feed = _Feed(self._lock)      # the change feed (see changes())
         self._listeners = self._feed.listeners      # the HTTP layer's long polls
         self._metrics = _Metrics()
-        self._tally = self._metrics.tally
         self._jobs = lines                  # jid -> _Job | line; submission order
         self._queue = collections.deque()   # queued _Jobs, submission order
         self._running = {}                  # jid -> started _Job
@@ -3180,36 +3189,6 @@ class JobManager:
         self._flush_due = None
         self._closing = False
         self._compact_lock = threading.Lock()   # one compaction at a time
-
-    def _replay(self, lines, replayed):
-        """Finished jobs stay lines; the active ones become _Jobs.  Open
-        the journal that changes go to from now on."""
-        active = self._store.active
-        self._retention = _Retention((jid, line) for jid, line in lines.items()
-                                     if jid not in active)
-        for jid in active:
-            self._jobs[jid] = _Job(**json.loads(lines[jid]))
-        self._store.open_journal(self._store.generation + 1 if replayed else
-                                 self._store.generation)
-        # An exit record's key is never reused, even if the journal lost
-        # the record of a job that ran (damage set aside, a lost fsync).
-        self._next_seq = max(self._next_seq, self.backend.seq_floor())
-
-    def _resume(self, replayed):
-        """Re-adopt or settle the jobs left active (see `_recover`), send
-        the kills they still owe, start queued jobs, and fold replayed
-        journals into a fresh snapshot."""
-        with self._lock:
-            kills = self._recover()
-            starting = self._start_queued()
-            self._metrics.restart(self._running)
-        self._store.sync()
-        if kills:
-            self._deliver(kills)
-        if starting:
-            self._launch_queued(starting)
-        if replayed:
-            self._compact_now()
 
     def close(self, *, kill=False):
         """Release this handle.  When the last handle of the directory is
@@ -3241,9 +3220,9 @@ class JobManager:
         with self._lock:
             self._closing = True
             self._feed.moved.notify_all()   # changes() waiters return now
-        self._wake()
+        self.backend.wake()
         self._reaper.join()
-        self._flush()
+        self._store.sync()
         self._compact_now()
         self._store.close()
         self.backend.close()
@@ -3352,23 +3331,16 @@ class JobManager:
         deadline = None if timeout is None else _time() + timeout
         with self._lock:
             while True:
-                entries = []
-                for jid in wanted:
-                    entry = self._jobs.get(jid)
-                    if entry is None:
-                        raise JobNotFound(jid)
-                    entries.append(entry)
+                entries = [self._entry(jid) for jid in wanted]
                 pending = [e for e in entries if not _is_finished(e)]
-                if not pending:
-                    break
                 left = None if deadline is None else deadline - _time()
-                if left is not None and left <= 0:
-                    records = [self._public(_record(e)) for e in entries]
-                    raise Timeout("jobs still running after %s s: %s" % (
-                        timeout, ", ".join(j.jid for j in pending)),
-                        records[0] if single else records)
+                if not pending or (left is not None and left <= 0):
+                    break
                 self._changed.wait(left)
             records = [self._public(_record(e)) for e in entries]
+        if pending:
+            raise Timeout("jobs still running after %s s: %s" % (
+                timeout, ", ".join(j.jid for j in pending)), records[0] if single else records)
         return records[0] if single else records
 
     def read_log(self, jid, stream="stdout", *, offset=0, limit=None):
@@ -3403,7 +3375,7 @@ class JobManager:
             elif job is not None:
                 kill = self._signal(job, sig, "on request", grace)
             record = self._public(_record(self._jobs[jid]))
-            ticket = self._ticket
+            ticket = self._store._appended
         if kill is None:
             self._store.sync(ticket)
             return record
@@ -3442,7 +3414,7 @@ class JobManager:
 
     def flush(self):
         """Make every change so far durable, and compact the journal."""
-        self._flush()
+        self._store.sync()
         self._compact_now()
 
     def etag(self, jid):
@@ -3507,7 +3479,7 @@ class JobManager:
         untouched.  Returns `counts()`."""
         # Not flush(): a compaction would overwrite the disk with memory
         # before it is read.
-        self._flush()
+        self._store.sync()
         with self._compact_lock:
             # Read without the manager lock: every change is written (if not
             # yet synced) before it is made, so the files are never older
@@ -3535,11 +3507,7 @@ class JobManager:
 
     def counts(self):
         """``{status: number of jobs}`` for all five statuses."""
-        counts = dict.fromkeys(STATUSES, 0)
-        with self._lock:
-            for entry in self._jobs.values():
-                counts[_entry_status(entry)] += 1
-        return counts
+        return self.changes()["counts"]
 
     def changes(self, since=None, *, limit=None, timeout=0):
         """The change feed.  Every change of a job's record (submitted,
@@ -3632,7 +3600,7 @@ class JobManager:
             with self._lock:
                 for job, old in zip(jobs, olds):
                     if old is not None and job in started:
-                        self._move_logs(job.jid, "~", None)
+                        self._logs.move(job.jid, "~", None)
         self._maybe_compact()
         return [records[job.jid] for job in jobs]
 
@@ -3714,7 +3682,7 @@ class JobManager:
                 self._retention.count -= 1
                 # No output of the old run may show; kept aside until the
                 # backend takes the new one, in case it refuses it.
-                self._move_logs(job.jid, "", "~" if job in started else None)
+                self._logs.move(job.jid, "", "~" if job in started else None)
             self._jobs[job.jid] = job
             self._note_change(job.jid, NOTSTARTED)
             if job not in started:
@@ -3744,7 +3712,7 @@ class JobManager:
                         forget.append(jid)
                     self._note_change(jid, None if old is None else _entry_status(old))
                 if old is not None:
-                    self._move_logs(jid, "~", "")
+                    self._logs.move(jid, "~", "")
             if forget:
                 self._store.append(json.dumps({"forget": forget}))
 
@@ -3833,7 +3801,7 @@ class JobManager:
         refused = isinstance(error, (BackendUnavailable, SubmitRejected))
         if refused and refuse:
             raise error
-        self._tally["spawn failed"] += 1
+        self._metrics.tally["spawn failed"] += 1
         self._record_end(job, ERROR, None, "%s failed: %s" % (
             "submit" if refused else "spawn", error), started=False)
         return None
@@ -3906,7 +3874,7 @@ class JobManager:
         another seq, so timers of an earlier run never touch it).  Caller
         holds self._lock."""
         self._timers.push(delay, kind, job)
-        self._wake()
+        self.backend.wake()
 
     def _live_job(self, jid, seq):
         """The running _Job *jid* if it is still run *seq*, else None.
@@ -3929,9 +3897,6 @@ class JobManager:
             if kill is not None:
                 kills.append(kill)
         return kills
-
-    def _wake(self):
-        self.backend.wake()
 
     def _signal(self, job, sig, reason, grace, kind=None):
         """Decide to send *sig* to *job*: journal it and why first (write(2)
@@ -4151,9 +4116,6 @@ class JobManager:
         entry = self._entry(jid)
         return None if _is_finished(entry) else entry
 
-    def _log_path(self, jid, stream):
-        return self._logs.path(jid, stream)
-
     @property
     def _feed_seq(self):        # the HTTP layer's long polls read it
         return self._feed.seq
@@ -4161,26 +4123,18 @@ class JobManager:
     def _public(self, record):
         """The caller's view of a record: env values hidden, paths added."""
         record["env"] = sorted(record["env"] or ())
-        record["stdout"] = self._log_path(record["jid"], "stdout")
-        record["stderr"] = self._log_path(record["jid"], "stderr")
+        record["stdout"] = self._logs.path(record["jid"], "stdout")
+        record["stderr"] = self._logs.path(record["jid"], "stderr")
         record["timestamp"] = record["ended"] or record["started"] or record["submitted"]
         for key in ("ident", "kill_signal", "kill_reason"):
             del record[key]
         return record
-
-    def _move_logs(self, jid, mark, new_mark):
-        """See _JobLogs.move: the logs of a re-run's earlier run."""
-        self._logs.move(jid, mark, new_mark)
 
     def _queue_remove(self, job):
         try:
             self._queue.remove(job)
         except ValueError:
             pass
-
-    @property
-    def _ticket(self):
-        return self._store._appended
 
     def _persist(self, job):
         """Journal the job's current state; return its line.  Caller holds
@@ -4223,7 +4177,7 @@ class JobManager:
         with self._lock:            # a jid run again meanwhile keeps its new logs
             for jid in gone:
                 if jid not in self._jobs:
-                    self._logs.unlink(jid)
+                    self._logs.move(jid, "", None)
         return len(gone)
 
     # -- the reaper thread -------------------------------------------------------
@@ -4234,7 +4188,7 @@ class JobManager:
         due = _time() + delay
         if self._flush_due is None or self._flush_due > due:
             self._flush_due = due
-            self._wake()
+            self.backend.wake()
 
     def _reap_loop(self):
         while True:
@@ -4338,9 +4292,6 @@ class JobManager:
                                     "of %d bytes" % (stream, self.log_limit),
                                     self.grace, kind)
         return None
-
-    def _flush(self):
-        self._store.sync()
 
     # -- compaction --------------------------------------------------------------
 
