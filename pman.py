@@ -2865,14 +2865,10 @@ class _Feed:
         for wake in self.listeners:
             wake()
 
-    def wait(self, since, deadline, closing):
-        """Wait while nothing came after *since*, until the monotonic
-        *deadline* (None: no limit) or ``closing()``."""
-        while since == self.seq and not closing():
-            left = None if deadline is None else deadline - _time()
-            if left is not None and left <= 0:
-                break
-            self.moved.wait(left)
+    def wait(self, since, timeout, closing):
+        """Wait while nothing came after *since*, for at most *timeout* s
+        (None: no limit), or until ``closing()``."""
+        self.moved.wait_for(lambda: since != self.seq or closing(), timeout)
 
     def after(self, since, limit):
         """(head, reset, picked) for `JobManager.changes`: *picked* lists
@@ -2948,17 +2944,6 @@ class _Metrics:
         self.lag[bisect.bisect_left(LAG_BUCKETS, seconds)] += 1
         self.lag[-1] += seconds
 
-    @staticmethod
-    def report(tally, lag):
-        """`JobManager.stats` of copies of *tally* and *lag*."""
-        buckets, total = [], 0
-        for bound, n in zip(LAG_BUCKETS + (math.inf,), lag):
-            total += n
-            buckets.append((bound, total))
-        return {"started": tally.get("started", 0),
-                "spawn_failed": tally.get("spawn failed", 0),
-                "ended": {s: tally.get(s, 0) for s in STATUSES if s not in ACTIVE},
-                "reaper_lag": {"buckets": buckets, "sum": lag[-1], "count": total}}
 
 
 class _JobFilter:
@@ -3145,7 +3130,19 @@ class JobManager:
         it raises."""
         self._store = _Store(self._path, strict=strict)
         lines, self._next_seq, replayed = self._store.load()
-        self._init_state(lines)
+        self._lock = threading.Lock()       # guards all job state below
+        self._changed = threading.Condition(self._lock)   # a job ended
+        self._feed = _Feed(self._lock)      # the change feed (see changes())
+        self._listeners = self._feed.listeners      # the HTTP layer's long polls
+        self._metrics = _Metrics()
+        self._jobs = lines                  # jid -> _Job | line; submission order
+        self._queue = collections.deque()   # queued _Jobs, submission order
+        self._running = {}                  # jid -> started _Job
+        self._timers = _Timers()
+        self._ended = []                    # jids for on_end, reaper only
+        self._flush_due = None
+        self._closing = False
+        self._compact_lock = threading.Lock()   # one compaction at a time
         self.backend.open(self._path, self.log_dir, self._logs.path)
         self._backend_open = True
         active = self._store.active
@@ -3172,23 +3169,6 @@ class JobManager:
         self._reaper = threading.Thread(target=self._reap_loop, name="pman-reaper",
                                         daemon=True)
         self._reaper.start()
-
-    def _init_state(self, lines):
-        """The job state and its locks, the jobs being *lines* (jid -> line,
-        in submission order) for now."""
-        self._lock = threading.Lock()       # guards all job state below
-        self._changed = threading.Condition(self._lock)   # a job ended
-        self._feed = _Feed(self._lock)      # the change feed (see changes())
-        self._listeners = self._feed.listeners      # the HTTP layer's long polls
-        self._metrics = _Metrics()
-        self._jobs = lines                  # jid -> _Job | line; submission order
-        self._queue = collections.deque()   # queued _Jobs, submission order
-        self._running = {}                  # jid -> started _Job
-        self._timers = _Timers()
-        self._ended = []                    # records for on_end, reaper only
-        self._flush_due = None
-        self._closing = False
-        self._compact_lock = threading.Lock()   # one compaction at a time
 
     def close(self, *, kill=False):
         """Release this handle.  When the last handle of the directory is
@@ -3535,9 +3515,8 @@ class JobManager:
         _check_number("timeout", timeout)
         if timeout != 0:
             self._not_from_reaper("changes() with a timeout")
-        deadline = None if timeout is None else _time() + timeout
         with self._lock:
-            self._feed.wait(since, deadline, lambda: self._closing)
+            self._feed.wait(since, timeout, lambda: self._closing)
             now = self._feed.seq
             head, reset, picked = self._feed.after(since, limit)
             # Finished jobs are immutable lines: copy the rest, parse and
@@ -3564,7 +3543,14 @@ class JobManager:
         wake-up for a job's exit to its record)."""
         with self._lock:
             tally, lag = dict(self._metrics.tally), list(self._metrics.lag)
-        return _Metrics.report(tally, lag)
+        buckets, total = [], 0
+        for bound, n in zip(LAG_BUCKETS + (math.inf,), lag):
+            total += n
+            buckets.append((bound, total))
+        return {"started": tally.get("started", 0),
+                "spawn_failed": tally.get("spawn failed", 0),
+                "ended": {s: tally.get(s, 0) for s in STATUSES if s not in ACTIVE},
+                "reaper_lag": {"buckets": buckets, "sum": lag[-1], "count": total}}
 
     # -- a job's life: submission ------------------------------------------------
 
@@ -3596,11 +3582,10 @@ class JobManager:
         except (StorageError, BackendUnavailable, SubmitRejected):
             self._undo(jobs, olds)
             raise
-        if any(old is not None for old in olds):
-            with self._lock:
-                for job, old in zip(jobs, olds):
-                    if old is not None and job in started:
-                        self._logs.move(job.jid, "~", None)
+        with self._lock:    # the backend took the re-runs: their earlier runs' logs go
+            for job, old in zip(jobs, olds):
+                if old is not None and job in started:
+                    self._logs.move(job.jid, "~", None)
         self._maybe_compact()
         return [records[job.jid] for job in jobs]
 
@@ -3762,10 +3747,11 @@ class JobManager:
                 seen, error = None, e
             with self._lock:
                 job.starting = False
+                line = None
                 if error is None:
                     line = self._started(job, seen._replace(started=started), kills)
                 else:
-                    line = self._not_started(job, error, refuse)
+                    self._not_started(job, error, refuse)
                 if submitter:   # the line just journaled is the record now
                     records.append(self._public(json.loads(line) if line is not None
                                                 else _record(self._jobs[job.jid])))
@@ -3796,15 +3782,14 @@ class JobManager:
 
     def _not_started(self, job, error, refuse):
         """*job* could not start (*error*): it ends finishedWithError, or
-        with *refuse* a backend's refusal is raised.  Returns None.  Caller
-        holds self._lock."""
+        with *refuse* a backend's refusal is raised.  Caller holds
+        self._lock."""
         refused = isinstance(error, (BackendUnavailable, SubmitRejected))
         if refused and refuse:
             raise error
         self._metrics.tally["spawn failed"] += 1
         self._record_end(job, ERROR, None, "%s failed: %s" % (
             "submit" if refused else "spawn", error), started=False)
-        return None
 
     def _watch(self, job):
         """Set the timers of a job the backend now holds.  Caller holds
@@ -4071,9 +4056,10 @@ class JobManager:
                 job.status, job.started = NOTSTARTED, None
                 job.message = "queued: waiting for a free slot"
                 self._queue.append(job)
-            elif seen.state in (RUNNING, QUEUED):
-                self._record_seen(job, seen._replace(started=seen.started or job.started
-                                               or job.submitted))
+                continue
+            self._record_seen(job, seen._replace(started=seen.started or job.started
+                                                 or job.submitted))
+            if seen.state in (RUNNING, QUEUED):
                 self._running[job.jid] = job
                 self.backend.watch(job)
                 self._watch(job)
@@ -4084,9 +4070,6 @@ class JobManager:
                     job.spawned_at = _time()
                     kills.append(_Kill(job, job.kill_signal, None, 0, None, None))
                 log.info("re-adopted job %s (%s)", job.jid, job.pid or job.backend_id)
-            else:               # it ended while no manager watched
-                self._record_seen(job, seen._replace(started=seen.started or job.started
-                                               or job.submitted))
         return kills
 
     # -- records and files (callers hold self._lock where documented) ------------
