@@ -3556,11 +3556,9 @@ class JobManager:
 
     def _submit(self, specs, batch=False):
         """Accept checked *specs* (see _check_spec) whole or not at all and
-        return their records.  Under the lock: settle jids and conflicts,
-        hand over the jobs that get a slot, journal every record (write-ahead:
-        one line for the whole submission, so a crash mid-write leaves a
-        torn line that loading drops, never part of a batch).  Without it:
-        one fsync if durable, then start them in order."""
+        return their records: under the lock, settle jids and conflicts,
+        hand over the jobs that get a slot and journal them all as one line;
+        without it, one fsync if durable, then start them in order."""
         self._admit(specs, batch)
         with self._lock:
             self._check_open()
@@ -3855,9 +3853,7 @@ class JobManager:
             self._timer(job.timeout - elapsed, "timeout", job)
 
     def _timer(self, delay, kind, job):
-        """Arm a timer for this run of *job* (a re-run of its jid has
-        another seq, so timers of an earlier run never touch it).  Caller
-        holds self._lock."""
+        """Arm a timer for this run of *job*.  Caller holds self._lock."""
         self._timers.push(delay, kind, job)
         self.backend.wake()
 
@@ -4073,9 +4069,6 @@ class JobManager:
         return kills
 
     # -- records and files (callers hold self._lock where documented) ------------
-
-    # Methods named _x_locked or documented "caller holds self._lock" MUST be
-    # called with self._lock held.
 
     def _not_from_reaper(self, what):
         if threading.current_thread() is self._reaper:
