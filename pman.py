@@ -4445,16 +4445,7 @@ def _status_for(exc):
     return 500
 
 
-_date_cache = [0, ""]
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
-
-
-def _http_date():
-    """The Date header's value, formatted once a second."""
-    now = int(_wall())
-    if _date_cache[0] != now:
-        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True)]
-    return _date_cache[1]
 
 
 def _is_loopback(host):
@@ -5334,17 +5325,8 @@ class _Headers:
         values = self._fields.get(name.lower())
         return [value for _, value in values] if values else failobj
 
-    def __getitem__(self, name):
-        return self.get(name)
-
     def __contains__(self, name):
         return name.lower() in self._fields
-
-    def items(self):
-        return [field for values in self._fields.values() for field in values]
-
-    def keys(self):
-        return [name for name, _ in self.items()]
 
 
 def _http_version(text):
@@ -5417,24 +5399,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.request = self.connection = conn.sock
         self.client_address = conn.addr
         self.server = server
-        self.wfile = _Writer(conn.sock)
         self.parked = None          # a long poll waiting for its answer (_Parked)
 
     def serve(self, line, fields, body):
         """Answer the request read whole by the reader (_Conn.take_request):
         its request *line*, its header *fields* (a _Headers, or the
         HTTPError that refuses them) and its *body*."""
-        self.rfile = io.BytesIO(line)
+        self.raw_requestline = line
         self.fields, self.body = fields, body
         self._template = None           # the route's, for the metrics
         self.path = ""                  # none yet: a bad request line counts as "other"
-        self.handle_one_request()
+        if not self.parse_request():
+            return
+        if self.command not in _METHODS:
+            self.send_error(405, "Unsupported method (%r)" % self.command)
+            return
+        if self.command == "HEAD":
+            self.close_connection = True
+        self.answer(lambda: self._route(self.command))
 
     def parse_request(self):
         """http.server's parse_request (same attributes, same replies to a bad
         request line), with the headers read by _Headers."""
         self.command = None
-        self.body_length = None
         self.request_version = self.default_request_version
         self.close_connection = True
         if not self._request_line():
@@ -5443,10 +5430,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if isinstance(self.fields, HTTPError):
                 raise self.fields
             self.headers = self.fields
-            # The framing is checked before anything else (the token too):
-            # a body whose length is in doubt is never read as the next
-            # request.
-            self.body_length = self._content_length(self.command)
+            # The framing (_parse_head checked the length) comes before
+            # anything else, the token too.
+            if self.command == "POST" and "Content-Length" not in self.headers:
+                raise HTTPError(411, "a POST needs a Content-Length header")
         except HTTPError as e:
             self.send_error(e.status, str(e))
             return False
@@ -5497,7 +5484,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = obj.data
         head = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "")),
                 "Server: " + self.server_version,
-                "Date: " + _http_date()]
+                "Date: " + email.utils.formatdate(_wall(), usegmt=True)]
         if status != 204:
             head += ["Content-Type: " + obj.content_type, "Content-Length: %d" % len(body)]
             head += ["%s: %s" % header for header in obj.headers]
@@ -5507,81 +5494,38 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             head.append("Connection: close")
         elif self.request_version == "HTTP/1.0":    # kept alive because it asked to be
             head.append("Connection: keep-alive")
-        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        # a client that does not read: request_timeout
+        self.connection.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
         self.log_request(status, len(body))
 
-    def send_error(self, code, message=None, explain=None):
-        # http.server calls this for malformed requests: always the client's
-        # fault, so never a 5xx, and always JSON.
-        code = {501: 405, 505: 400}.get(code, code)
-        if code >= 500:
-            code = 400
+    def send_error(self, code, message):
+        """A malformed request's reply (a 4xx); the connection closes."""
         self.close_connection = True
-        self._reply(code, {"status": False, "message": message or
-                           http.HTTPStatus(code).phrase})
-
-    def log_request(self, code="-", size="-"):
-        if access_log.isEnabledFor(logging.INFO):   # the hot path formats nothing
-            super().log_request(code, size)
+        self._reply(code, {"status": False, "message": message})
 
     def log_message(self, format, *args):
         access_log.info("%s %s", self.address_string(), format % args)
 
     # -- dispatch ------------------------------------------------------------
 
-    def do_GET(self):
-        self._dispatch("GET")
-
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_DELETE(self):
-        self._dispatch("DELETE")
-
-    def do_PUT(self):
-        self._dispatch("PUT")
-
-    def do_PATCH(self):
-        self._dispatch("PATCH")
-
-    def do_HEAD(self):
-        self.close_connection = True
-        self._dispatch("HEAD")
-
-    def do_OPTIONS(self):
-        self._dispatch("OPTIONS")
-
-    def _dispatch(self, method):
+    def answer(self, reply, done=None):
+        """Write *reply*()'s (status, obj), or the error it raises; *done*
+        (a parked long poll's) is called before the write.  A route that
+        raises _Parked is answered later, through self.parked."""
         try:
-            status, obj = self._route(method)
-        except _Parked as parked:       # answered later, by answer_parked()
+            status, obj = reply()
+        except _Parked as parked:
             self.parked = parked
             return
         except Exception as e:
-            status = _status_for(e)
+            status, message = _status_for(e), str(e)
             if status == 500:
-                log.exception("internal error on %s %s", method, self.path.split("?")[0])
+                log.exception("internal error on %s %s", self.command, self.path.split("?")[0])
                 message = "internal error: %s" % type(e).__name__
-            else:
-                message = str(e)
             obj = {"status": False, "message": message}
-        try:
-            self._reply(status, obj)
-        except OSError:
-            self.close_connection = True
-
-    def answer_parked(self, parked):
-        """Write the reply of the long poll this handler parked."""
-        try:
-            status, obj = parked.answer()
-        except Exception as e:
-            status = _status_for(e)
-            if status == 500:
-                log.exception("internal error answering %s", self.path.split("?")[0])
-            obj = {"status": False, "message": str(e) if status != 500 else
-                   "internal error: %s" % type(e).__name__}
         finally:
-            parked.done()
+            if done is not None:
+                done()
         try:
             self._reply(status, obj)
         except OSError:
@@ -5613,19 +5557,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 token.strip().encode("latin-1", "replace"), server.token)
             if not ok:
                 raise HTTPError(401, "missing or wrong bearer token")
-
-    def _content_length(self, method):
-        """The body's length, or None for no body; what cannot be read
-        safely (see _body_length) or a POST without a length is refused
-        and closes the connection."""
-        try:
-            length = _body_length(self.headers)
-            if length is None and method == "POST":
-                raise HTTPError(411, "a POST needs a Content-Length header")
-        except HTTPError:
-            self.close_connection = True
-            raise
-        return length
 
     def _route(self, method):
         self._check_access(token=self.path.partition("?")[0] not in _PAGE_PATHS)
@@ -5745,22 +5676,6 @@ def _sample(lines, name, value, **labels):
     lines.append("%s%s %s" % (name, "{%s}" % ",".join(
         "%s=%s" % (k, _label(v)) for k, v in labels.items()) if labels else "",
         repr(float(value)) if isinstance(value, float) else value))
-
-
-class _Writer:
-    """The handler's wfile: each reply is one sendall."""
-
-    __slots__ = ("sock",)
-
-    def __init__(self, sock):
-        self.sock = sock
-
-    def write(self, data):
-        self.sock.sendall(data)     # a client that does not read: request_timeout
-        return len(data)
-
-    def flush(self):
-        pass
 
 
 class _Conn:
@@ -6215,7 +6130,7 @@ class _Server(http.server.HTTPServer):
             handler = conn.handler
             while True:
                 if parked is not None:
-                    handler.answer_parked(parked)
+                    handler.answer(parked.answer, parked.done)
                     parked = None
                 else:
                     handler.serve(*conn.take_request())
