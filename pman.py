@@ -4471,13 +4471,13 @@ def _job_object(record, enforced=()):
 
 
 def _with_logs(manager, record):
-    """*record* with ``logs``, the tail of its output, as every job object
-    has it ("" before the job prints, or once it is gone)."""
+    """The job object of *record* with ``logs``, the tail of its output
+    ("" before the job prints, or once it is gone)."""
     try:
         record["logs"] = manager.tail(record["jid"])
     except JobNotFound:         # deleted by another request meanwhile
         record["logs"] = ""
-    return record
+    return _job_object(record, manager.backend.enforced)
 
 
 def _tree_info(record, manager):
@@ -4614,19 +4614,18 @@ def _json_object(data):
 class _CommandDialect:
     """``POST /api/v1/cmd``: the original pman's actions.  Each handler
     takes (meta, payload) and returns (ok, d_ret) or (ok, d_ret, extra
-    envelope fields); `dispatch` looks them up in a fixed table."""
+    envelope fields); `dispatch` calls the one ACTIONS names."""
 
     def __init__(self, server):
         self.server = server
-        self.handlers = {name: getattr(self, name) for name in self.ACTIONS}
+        self.manager = server.manager
 
-    @staticmethod
-    def _hits(manager, meta):
+    def _hits(self, meta):
         key = _get_str(meta, "key", "jid")
         value = meta.get("value", meta.get("jid"))
         if value is None:
             raise InvalidArgument("'value' (or 'jid') is required")
-        return manager.find(key, _jid_arg(value) if key == "jid" else value)
+        return self.manager.find(key, _jid_arg(value) if key == "jid" else value)
 
     @staticmethod
     def _no_hit(with_status=False):
@@ -4636,7 +4635,7 @@ class _CommandDialect:
         return False, d_ret
 
     def run(self, meta, payload):
-        manager = self.server.manager
+        manager = self.manager
         exec_ = payload.get("exec") if isinstance(payload.get("exec"), dict) else {}
         cmd = meta.get("cmd", exec_.get("cmd"))
         if not isinstance(cmd, str):
@@ -4648,20 +4647,15 @@ class _CommandDialect:
         extras[SENT_META] = meta
         record = manager.run(cmd, jid=_jid_arg(meta.get("jid")),
                              auid=_get_str(meta, "auid", ""), meta=stored, extras=extras)
-        return True, _job_object(_with_logs(manager, record), manager.backend.enforced), {
-            "jobRootDir": record["jid"]}
+        return True, _with_logs(manager, record), {"jobRootDir": record["jid"]}
 
     def status(self, meta, payload, with_status=True):
-        manager = self.server.manager
-        hits = self._hits(manager, meta)
+        hits = self._hits(meta)
         if not hits:
             return self._no_hit(with_status)
         d_ret = {}
         for i, rec in enumerate(hits):
-            if rec["status"] == NOTSTARTED:
-                trigger = []
-            else:
-                trigger = [rec["started"] is not None]
+            trigger = [] if rec["status"] == NOTSTARTED else [rec["started"] is not None]
             ended = rec["status"] not in ACTIVE
             d_ret["%d.start" % i] = {"jobRoot": rec["jid"], "startTrigger": trigger}
             d_ret["%d.end" % i] = {"jobRoot": rec["jid"],
@@ -4674,20 +4668,18 @@ class _CommandDialect:
         return self.status(meta, payload, with_status=False)
 
     def info(self, meta, payload):
-        manager = self.server.manager
-        hits = self._hits(manager, meta)
+        hits = self._hits(meta)
         if not hits:
             return self._no_hit()
         d_ret = {}
         for i, rec in enumerate(hits):
-            tree = job_tree(rec, manager)
+            tree = job_tree(rec, self.manager)
             d_ret["%d.0" % i] = {rec["jid"]: {"startInfo": tree["startInfo"]}}
             d_ret["%d.1" % i] = {rec["jid"]: {"endInfo": tree["endInfo"]}}
         return True, d_ret
 
     def search(self, meta, payload):
-        manager = self.server.manager
-        hits = self._hits(manager, meta)
+        hits = self._hits(meta)
         if not hits:
             return self._no_hit()
         path = _get_str(meta, "path")
@@ -4711,7 +4703,7 @@ class _CommandDialect:
         # name from the nesting.
         d_ret = {}
         for i, rec in enumerate(hits):
-            tree = job_tree(rec, manager)
+            tree = job_tree(rec, self.manager)
             try:
                 value = _walk(tree, parts, "/".join(parts))
             except HTTPError:
@@ -4722,13 +4714,12 @@ class _CommandDialect:
         return True, d_ret
 
     def get(self, meta, payload):
-        manager = self.server.manager
         path = _get_str(meta, "path", required=True)
         parts = [p for p in path.split("/") if p]
         if not parts:
             raise InvalidArgument("'path' must name a job, e.g. /<jid>/endInfo")
-        record = _record_by_name(manager, parts[0])
-        value = _walk(job_tree(record, manager), parts[1:], path)
+        record = _record_by_name(self.manager, parts[0])
+        value = _walk(job_tree(record, self.manager), parts[1:], path)
         return True, _wrap([record["jid"]] + parts[1:], value)
 
     def hello(self, meta, payload):
@@ -4766,21 +4757,18 @@ class _CommandDialect:
         return check_jid(jid)
 
     def kill(self, meta, payload):
-        manager = self.server.manager
-        jid = self._jid(meta)
-        record = manager.kill(jid, meta.get("signal", "SIGTERM"),
-                              grace=_number_or_none(meta.get("grace"), "grace"))
-        return True, _job_object(_with_logs(manager, record), manager.backend.enforced)
+        record = self.manager.kill(self._jid(meta), meta.get("signal", "SIGTERM"),
+                                   grace=_number_or_none(meta.get("grace"), "grace"))
+        return True, _with_logs(self.manager, record)
 
     def delete(self, meta, payload):
-        manager = self.server.manager
         jid = self._jid(meta)
-        manager.remove(jid, kill=True)
+        self.manager.remove(jid, kill=True)
         return True, {"action": "Delete Job", "job_id": jid,
                       "status": "Job deleted successfully"}
 
     def DBctl(self, meta, payload):
-        manager = self.server.manager
+        manager = self.manager
         do = meta.get("do")
         if do == "save":
             manager.flush()
@@ -4792,8 +4780,7 @@ class _CommandDialect:
         raise InvalidArgument("DBctl needs do: save, load or clear, not %s" % _shown(do))
 
     def quit(self, meta, payload):
-        manager = self.server.manager
-        manager.flush()
+        self.manager.flush()
         self.server.stop_soon()
         return True, {}
 
@@ -4811,7 +4798,7 @@ class _CommandDialect:
         if action not in self.ACTIONS:
             raise InvalidArgument("unknown action %s: one of %s"
                                   % (_shown(action), ", ".join(self.ACTIONS)))
-        result = self.handlers[action](meta, payload)
+        result = getattr(self, action)(meta, payload)
         ok, d_ret = result[0], result[1]
         envelope = {"status": ok, "action": action, "meta": meta, "path": "/api/v1/cmd",
                     "RESTverb": "POST", "d_ret": d_ret}
@@ -4919,7 +4906,7 @@ class _Api:
                     extras=extras), ignored
 
     def _created(self, record, ignored):
-        job = _job_object(_with_logs(self.manager, record), self.manager.backend.enforced)
+        job = _with_logs(self.manager, record)
         if ignored:
             job["ignored_fields"] = ignored
         return job
@@ -5059,7 +5046,7 @@ class _Api:
             raise InvalidArgument("unknown field(s) in a kill: %s" % _shown(sorted(unknown)))
         record = self.manager.kill(check_jid(groups["jid"]), body.get("signal", "SIGTERM"),
                                    grace=_number_or_none(body.get("grace"), "grace"))
-        return 202, _job_object(_with_logs(self.manager, record), self.manager.backend.enforced)
+        return 202, _with_logs(self.manager, record)
 
     def route_get_job(self, groups, query, body):
         self._only(query, "wait")
@@ -5668,16 +5655,6 @@ def _template_of(target):
     return "other"
 
 
-def _label(value):
-    return '"%s"' % str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _sample(lines, name, value, **labels):
-    lines.append("%s%s %s" % (name, "{%s}" % ",".join(
-        "%s=%s" % (k, _label(v)) for k, v in labels.items()) if labels else "",
-        repr(float(value)) if isinstance(value, float) else value))
-
-
 class _Conn:
     """One client connection: its socket and the bytes received but not yet
     used.  While no request is complete (head and body) it is *parked*:
@@ -6186,46 +6163,46 @@ class _Server(http.server.HTTPServer):
     def metrics_text(self):
         """/metrics in the Prometheus text format (0.0.4)."""
         manager = self.manager
-        counts = manager.counts()
         stats = manager.stats()
+        lag = stats["reaper_lag"]
         with self.metrics_lock:
             requests = sorted(self.requests.items())
-        out = []
-        metrics = (
+        metrics = (     # name, type, help, [(name suffix, labels, value)]
             ("pman_build_info", "gauge", "pman's version (the value is 1)",
-             [({"version": __version__, "python": platform.python_version(),
-                "backend": manager.backend.name}, 1)]),
+             [("", {"version": __version__, "python": platform.python_version(),
+                    "backend": manager.backend.name}, 1)]),
             ("pman_jobs", "gauge", "Jobs in the state, by status",
-             [({"status": s}, n) for s, n in counts.items()]),
+             [("", {"status": s}, n) for s, n in manager.counts().items()]),
             ("pman_jobs_started_total", "counter", "Jobs started since the manager opened",
-             [({}, stats["started"])]),
+             [("", {}, stats["started"])]),
             ("pman_jobs_finished_total", "counter",
              "Jobs ended since the manager opened, by outcome",
-             [({"status": s}, n) for s, n in stats["ended"].items()]),
+             [("", {"status": s}, n) for s, n in stats["ended"].items()]),
             ("pman_spawn_failures_total", "counter",
              "Jobs that could not be spawned (or submitted) since the manager opened",
-             [({}, stats["spawn_failed"])]),
+             [("", {}, stats["spawn_failed"])]),
             ("pman_http_requests_total", "counter",
              "HTTP requests answered, by route template (other: no route), method and code",
-             [({"route": r, "method": m, "code": c}, n) for (r, m, c), n in requests]),
+             [("", {"route": r, "method": m, "code": c}, n) for (r, m, c), n in requests]),
             ("pman_event_polls_waiting", "gauge",
              "Long polls of /api/v1/events waiting now (at most pman_event_polls_cap)",
-             [({}, self.event_polls.waiting)]),
+             [("", {}, self.event_polls.waiting)]),
             ("pman_event_polls_cap", "gauge", "The cap of waiting event polls",
-             [({}, self.event_polls.cap)]),
+             [("", {}, self.event_polls.cap)]),
+            ("pman_reaper_lag_seconds", "histogram",
+             "From the reaper's wake-up for a job's exit to the job's record",
+             [("_bucket", {"le": "+Inf" if bound == math.inf else repr(bound)}, n)
+              for bound, n in lag["buckets"]]
+             + [("_sum", {}, float(lag["sum"])), ("_count", {}, lag["count"])]),
         )
+        out = []
         for name, kind, text, samples in metrics:
             out += ["# HELP %s %s." % (name, text), "# TYPE %s %s" % (name, kind)]
-            for labels, value in samples:
-                _sample(out, name, value, **labels)
-        lag = stats["reaper_lag"]
-        name = "pman_reaper_lag_seconds"
-        out += ["# HELP %s From the reaper's wake-up for a job's exit to the job's record." % name,
-                "# TYPE %s histogram" % name]
-        for bound, n in lag["buckets"]:
-            _sample(out, name + "_bucket", n, le="+Inf" if bound == math.inf else repr(bound))
-        _sample(out, name + "_sum", float(lag["sum"]))
-        _sample(out, name + "_count", lag["count"])
+            for suffix, labels, value in samples:
+                labels = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace(
+                    '"', '\\"').replace("\n", "\\n")) for k, v in labels.items())
+                out.append("%s%s%s %s" % (name, suffix, labels and "{%s}" % labels,
+                                          repr(value) if isinstance(value, float) else value))
         return "\n".join(out) + "\n"
 
     def note_ignored(self, names):
