@@ -4850,9 +4850,7 @@ class _Api:
     """The API's routes, one object per server, thin over its JobManager.
     Each ``route_*`` takes (groups, query, body): the path's named groups,
     the query as a dict, the JSON body (None but for a POST) and returns
-    (status, obj); errors are raised (PmanError, HTTPError) and mapped to a
-    status by _status_for.  They hold no per-request state: _Handler reads
-    and answers the request, _Routes says which route serves it."""
+    (status, obj); errors are raised and mapped by _status_for."""
 
     def __init__(self, server):
         self.server = server
@@ -4864,12 +4862,19 @@ class _Api:
         if extra:
             raise HTTPError(400, "unknown query parameter(s): %s" % ", ".join(sorted(extra)))
 
+    @staticmethod
+    def _limit(query):
+        limit = query.get("limit", str(PAGE_SIZE))
+        if not re.fullmatch(r"[0-9]{1,6}", limit) or not 0 < int(limit) <= MAX_PAGE:
+            raise HTTPError(400, "limit must be an integer from 1 to %d" % MAX_PAGE)
+        return int(limit)
+
     def route_root(self, groups, query, body):
         self._only(query)
         return 200, {"status": True, "path": "/api/v1",
                      "GET": {jid: {} for jid in self.manager.jids()},
                      "server_version": __version__,
-                     "container_env": self.server.container_env}
+                     "container_env": self.manager.backend.name}
 
     def _submission(self, body):
         """A resource-dialect job body as run()'s keyword arguments, and
@@ -4946,10 +4951,7 @@ class _Api:
         order = query.get("order", "oldest")
         if order not in ("oldest", "newest"):
             raise HTTPError(400, "order must be 'oldest' (submission order) or 'newest'")
-        limit = query.get("limit", str(PAGE_SIZE))
-        if not re.fullmatch(r"[0-9]{1,6}", limit) or not 0 < int(limit) <= MAX_PAGE:
-            raise HTTPError(400, "limit must be an integer from 1 to %d" % MAX_PAGE)
-        limit = int(limit)
+        limit = self._limit(query)
         status = query["status"].split(",") if query.get("status") else None
         after = query.get("after") or None
         if after is not None:
@@ -4969,9 +4971,7 @@ class _Api:
             if not re.fullmatch(r"[0-9]{1,18}", since):
                 raise HTTPError(400, "since must be a sequence number (a non-negative integer)")
             since = int(since)
-        limit = query.get("limit", str(PAGE_SIZE))
-        if not re.fullmatch(r"[0-9]{1,6}", limit) or not 0 < int(limit) <= MAX_PAGE:
-            raise HTTPError(400, "limit must be an integer from 1 to %d" % MAX_PAGE)
+        limit = self._limit(query)
         wait = 0.0
         if "wait" in query:
             try:
@@ -4981,7 +4981,7 @@ class _Api:
             if not wait >= 0:
                 raise HTTPError(400, "wait must be a number of seconds")
         try:
-            return self._events_reply(self.server.event_polls.answer(since, wait, int(limit)))
+            return self._events_reply(self.server.event_polls.answer(since, wait, limit))
         except _Parked as parked:
             answer = parked.answer
             parked.answer = lambda: self._events_reply(answer())
@@ -5013,7 +5013,9 @@ class _Api:
         try:
             return 200, self.server.commands.dispatch(body)
         except PmanError as e:      # the error in the dialect's envelope
-            payload = body.get("payload", body) if isinstance(body.get("payload", body), dict) else {}
+            payload = body.get("payload", body)
+            if not isinstance(payload, dict):
+                payload = {}
             return _status_for(e), {"action": payload.get("action"),
                                     "meta": payload.get("meta"), "path": "/api/v1/cmd",
                                     "RESTverb": "POST", "status": False, "message": str(e)}
@@ -5833,8 +5835,7 @@ class _Server(http.server.HTTPServer):
 
     def __init__(self, address, manager, *, token, loopback, listeners, request_timeout,
                  max_wait, long_polls, max_connections, event_waiters):
-        """Bind *address* and serve *manager* (see make_server, which checks
-        the options)."""
+        # the options are make_server's, checked there
         self.manager = manager
         self.token = None if token is None else token.encode("ascii")
         self.loopback = loopback
@@ -5847,7 +5848,6 @@ class _Server(http.server.HTTPServer):
         self.max_connections = max_connections
         self._full_reply = _canned(503, "Service Unavailable", "too many open connections "
                                    "(%d): try again" % max_connections)
-        self.container_env = manager.backend.name
         self.commands = _CommandDialect(self)
         self.bodies = _BodyCache(manager)
         self.warned_lock = threading.Lock()     # guards warned_fields and warned_full
@@ -5878,7 +5878,7 @@ class _Server(http.server.HTTPServer):
 
     def serve_forever(self, poll_interval=None):
         """Accept and read connections until `shutdown` (*poll_interval* is
-        accepted for socketserver's signature; shutdown wakes the loop)."""
+        socketserver's, unused: shutdown wakes the loop)."""
         self._stopped.clear()       # _stop stays: a shutdown() asked for already counts
         sel = selectors.DefaultSelector()
         try:
@@ -5926,16 +5926,13 @@ class _Server(http.server.HTTPServer):
             self.manager._listeners.remove(self._feed_moved)
         except ValueError:
             pass
-        for conn in list(self._parked.values()):
-            self._drop(conn)
-        self._parked.clear()
         with self._polls_lock:
-            polls, self._polls = self._polls, []
-        for conn, parked in polls:
-            parked.done()
-            self._drop(conn)
-        while self._waiting:
-            conn, parked, _ = self._waiting.popleft()
+            held, self._polls = self._polls, []
+        held += [(conn, None) for conn in self._parked.values()]
+        held += [(conn, parked) for conn, parked, _ in self._waiting]
+        self._parked.clear()
+        self._waiting.clear()
+        for conn, parked in held:
             if parked is not None:
                 parked.done()
             self._drop(conn)
@@ -5955,11 +5952,9 @@ class _Server(http.server.HTTPServer):
             self._waker.close()
 
     def _feed_moved(self):
-        """A job's record changed (the manager calls this under its lock):
-        wake the reader to re-check the parked long polls, if there are
-        any.  With none it sleeps on: a submission is not also a thread
-        switch.  A poll parked after this check is checked by the reader
-        when its handler hands it over, and sees the change then."""
+        """A job's record changed (called under the manager's lock): wake
+        the reader to re-check the parked long polls, if any.  A poll parked
+        after this check is checked when its handler hands it over."""
         if self._polls:
             self._waker.wake()
 
@@ -6247,8 +6242,9 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
     (a job's ``?wait`` and the events feed's).  *max_connections* defaults
     to the soft ``RLIMIT_NOFILE`` less FD_RESERVE and one fd per job slot
     (``max_running``, or half the limit when it is unlimited): past it a new
-    connection gets 503 at once.  At most *event_waiters* long polls of /api/v1/events wait at once; past
-    that one is answered at once (``"busy": true``)."""
+    connection gets 503 at once.  At most *event_waiters* long polls of
+    /api/v1/events wait at once; past that one is answered at once
+    (``"busy": true``)."""
     if token is not None:
         if not isinstance(token, str) or not token or not token.isascii():
             raise InvalidArgument("the token must be a non-empty ASCII string")
