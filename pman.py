@@ -4372,16 +4372,7 @@ def _status_for(exc):
     return 500
 
 
-_date_cache = [0, ""]
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
-
-
-def _http_date():
-    """The Date header's value, formatted once a second."""
-    now = int(_wall())
-    if _date_cache[0] != now:
-        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True)]
-    return _date_cache[1]
 
 
 def _is_loopback(host):
@@ -4407,13 +4398,13 @@ def _job_object(record, enforced=()):
 
 
 def _with_logs(manager, record):
-    """*record* with ``logs``, the tail of its output, as every job object
-    has it ("" before the job prints, or once it is gone)."""
+    """The job object of *record* with ``logs``, the tail of its output
+    ("" before the job prints, or once it is gone)."""
     try:
         record["logs"] = manager.tail(record["jid"])
     except JobNotFound:         # deleted by another request meanwhile
         record["logs"] = ""
-    return record
+    return _job_object(record, manager.backend.enforced)
 
 
 def _tree_info(record, manager):
@@ -4550,19 +4541,18 @@ def _json_object(data):
 class _CommandDialect:
     """``POST /api/v1/cmd``: the original pman's actions.  Each handler
     takes (meta, payload) and returns (ok, d_ret) or (ok, d_ret, extra
-    envelope fields); `dispatch` looks them up in a fixed table."""
+    envelope fields); `dispatch` calls the one ACTIONS names."""
 
     def __init__(self, server):
         self.server = server
-        self.handlers = {name: getattr(self, name) for name in self.ACTIONS}
+        self.manager = server.manager
 
-    @staticmethod
-    def _hits(manager, meta):
+    def _hits(self, meta):
         key = _get_str(meta, "key", "jid")
         value = meta.get("value", meta.get("jid"))
         if value is None:
             raise InvalidArgument("'value' (or 'jid') is required")
-        return manager.find(key, _jid_arg(value) if key == "jid" else value)
+        return self.manager.find(key, _jid_arg(value) if key == "jid" else value)
 
     @staticmethod
     def _no_hit(with_status=False):
@@ -4572,7 +4562,7 @@ class _CommandDialect:
         return False, d_ret
 
     def run(self, meta, payload):
-        manager = self.server.manager
+        manager = self.manager
         exec_ = payload.get("exec") if isinstance(payload.get("exec"), dict) else {}
         cmd = meta.get("cmd", exec_.get("cmd"))
         if not isinstance(cmd, str):
@@ -4584,20 +4574,15 @@ class _CommandDialect:
         extras[SENT_META] = meta
         record = manager.run(cmd, jid=_jid_arg(meta.get("jid")),
                              auid=_get_str(meta, "auid", ""), meta=stored, extras=extras)
-        return True, _job_object(_with_logs(manager, record), manager.backend.enforced), {
-            "jobRootDir": record["jid"]}
+        return True, _with_logs(manager, record), {"jobRootDir": record["jid"]}
 
     def status(self, meta, payload, with_status=True):
-        manager = self.server.manager
-        hits = self._hits(manager, meta)
+        hits = self._hits(meta)
         if not hits:
             return self._no_hit(with_status)
         d_ret = {}
         for i, rec in enumerate(hits):
-            if rec["status"] == NOTSTARTED:
-                trigger = []
-            else:
-                trigger = [rec["started"] is not None]
+            trigger = [] if rec["status"] == NOTSTARTED else [rec["started"] is not None]
             ended = rec["status"] not in ACTIVE
             d_ret["%d.start" % i] = {"jobRoot": rec["jid"], "startTrigger": trigger}
             d_ret["%d.end" % i] = {"jobRoot": rec["jid"],
@@ -4610,20 +4595,18 @@ class _CommandDialect:
         return self.status(meta, payload, with_status=False)
 
     def info(self, meta, payload):
-        manager = self.server.manager
-        hits = self._hits(manager, meta)
+        hits = self._hits(meta)
         if not hits:
             return self._no_hit()
         d_ret = {}
         for i, rec in enumerate(hits):
-            tree = job_tree(rec, manager)
+            tree = job_tree(rec, self.manager)
             d_ret["%d.0" % i] = {rec["jid"]: {"startInfo": tree["startInfo"]}}
             d_ret["%d.1" % i] = {rec["jid"]: {"endInfo": tree["endInfo"]}}
         return True, d_ret
 
     def search(self, meta, payload):
-        manager = self.server.manager
-        hits = self._hits(manager, meta)
+        hits = self._hits(meta)
         if not hits:
             return self._no_hit()
         path = _get_str(meta, "path")
@@ -4647,7 +4630,7 @@ class _CommandDialect:
         # name from the nesting.
         d_ret = {}
         for i, rec in enumerate(hits):
-            tree = job_tree(rec, manager)
+            tree = job_tree(rec, self.manager)
             try:
                 value = _walk(tree, parts, "/".join(parts))
             except HTTPError:
@@ -4658,13 +4641,12 @@ class _CommandDialect:
         return True, d_ret
 
     def get(self, meta, payload):
-        manager = self.server.manager
         path = _get_str(meta, "path", required=True)
         parts = [p for p in path.split("/") if p]
         if not parts:
             raise InvalidArgument("'path' must name a job, e.g. /<jid>/endInfo")
-        record = _record_by_name(manager, parts[0])
-        value = _walk(job_tree(record, manager), parts[1:], path)
+        record = _record_by_name(self.manager, parts[0])
+        value = _walk(job_tree(record, self.manager), parts[1:], path)
         return True, _wrap([record["jid"]] + parts[1:], value)
 
     def hello(self, meta, payload):
@@ -4702,21 +4684,18 @@ class _CommandDialect:
         return check_jid(jid)
 
     def kill(self, meta, payload):
-        manager = self.server.manager
-        jid = self._jid(meta)
-        record = manager.kill(jid, meta.get("signal", "SIGTERM"),
-                              grace=_number_or_none(meta.get("grace"), "grace"))
-        return True, _job_object(_with_logs(manager, record), manager.backend.enforced)
+        record = self.manager.kill(self._jid(meta), meta.get("signal", "SIGTERM"),
+                                   grace=_number_or_none(meta.get("grace"), "grace"))
+        return True, _with_logs(self.manager, record)
 
     def delete(self, meta, payload):
-        manager = self.server.manager
         jid = self._jid(meta)
-        manager.remove(jid, kill=True)
+        self.manager.remove(jid, kill=True)
         return True, {"action": "Delete Job", "job_id": jid,
                       "status": "Job deleted successfully"}
 
     def DBctl(self, meta, payload):
-        manager = self.server.manager
+        manager = self.manager
         do = meta.get("do")
         if do == "save":
             manager.flush()
@@ -4728,8 +4707,7 @@ class _CommandDialect:
         raise InvalidArgument("DBctl needs do: save, load or clear, not %s" % _shown(do))
 
     def quit(self, meta, payload):
-        manager = self.server.manager
-        manager.flush()
+        self.manager.flush()
         self.server.stop_soon()
         return True, {}
 
@@ -4747,7 +4725,7 @@ class _CommandDialect:
         if action not in self.ACTIONS:
             raise InvalidArgument("unknown action %s: one of %s"
                                   % (_shown(action), ", ".join(self.ACTIONS)))
-        result = self.handlers[action](meta, payload)
+        result = getattr(self, action)(meta, payload)
         ok, d_ret = result[0], result[1]
         envelope = {"status": ok, "action": action, "meta": meta, "path": "/api/v1/cmd",
                     "RESTverb": "POST", "d_ret": d_ret}
@@ -4799,9 +4777,7 @@ class _Api:
     """The API's routes, one object per server, thin over its JobManager.
     Each ``route_*`` takes (groups, query, body): the path's named groups,
     the query as a dict, the JSON body (None but for a POST) and returns
-    (status, obj); errors are raised (PmanError, HTTPError) and mapped to a
-    status by _status_for.  They hold no per-request state: _Handler reads
-    and answers the request, _Routes says which route serves it."""
+    (status, obj); errors are raised and mapped by _status_for."""
 
     def __init__(self, server):
         self.server = server
@@ -4813,12 +4789,19 @@ class _Api:
         if extra:
             raise HTTPError(400, "unknown query parameter(s): %s" % ", ".join(sorted(extra)))
 
+    @staticmethod
+    def _limit(query):
+        limit = query.get("limit", str(PAGE_SIZE))
+        if not re.fullmatch(r"[0-9]{1,6}", limit) or not 0 < int(limit) <= MAX_PAGE:
+            raise HTTPError(400, "limit must be an integer from 1 to %d" % MAX_PAGE)
+        return int(limit)
+
     def route_root(self, groups, query, body):
         self._only(query)
         return 200, {"status": True, "path": "/api/v1",
                      "GET": {jid: {} for jid in self.manager.jids()},
                      "server_version": __version__,
-                     "container_env": self.server.container_env}
+                     "container_env": self.manager.backend.name}
 
     def _submission(self, body):
         """A resource-dialect job body as run()'s keyword arguments, and
@@ -4855,7 +4838,7 @@ class _Api:
                     extras=extras), ignored
 
     def _created(self, record, ignored):
-        job = _job_object(_with_logs(self.manager, record), self.manager.backend.enforced)
+        job = _with_logs(self.manager, record)
         if ignored:
             job["ignored_fields"] = ignored
         return job
@@ -4895,10 +4878,7 @@ class _Api:
         order = query.get("order", "oldest")
         if order not in ("oldest", "newest"):
             raise HTTPError(400, "order must be 'oldest' (submission order) or 'newest'")
-        limit = query.get("limit", str(PAGE_SIZE))
-        if not re.fullmatch(r"[0-9]{1,6}", limit) or not 0 < int(limit) <= MAX_PAGE:
-            raise HTTPError(400, "limit must be an integer from 1 to %d" % MAX_PAGE)
-        limit = int(limit)
+        limit = self._limit(query)
         status = query["status"].split(",") if query.get("status") else None
         after = query.get("after") or None
         if after is not None:
@@ -4918,9 +4898,7 @@ class _Api:
             if not re.fullmatch(r"[0-9]{1,18}", since):
                 raise HTTPError(400, "since must be a sequence number (a non-negative integer)")
             since = int(since)
-        limit = query.get("limit", str(PAGE_SIZE))
-        if not re.fullmatch(r"[0-9]{1,6}", limit) or not 0 < int(limit) <= MAX_PAGE:
-            raise HTTPError(400, "limit must be an integer from 1 to %d" % MAX_PAGE)
+        limit = self._limit(query)
         wait = 0.0
         if "wait" in query:
             try:
@@ -4930,7 +4908,7 @@ class _Api:
             if not wait >= 0:
                 raise HTTPError(400, "wait must be a number of seconds")
         try:
-            return self._events_reply(self.server.event_polls.answer(since, wait, int(limit)))
+            return self._events_reply(self.server.event_polls.answer(since, wait, limit))
         except _Parked as parked:
             answer = parked.answer
             parked.answer = lambda: self._events_reply(answer())
@@ -4962,7 +4940,9 @@ class _Api:
         try:
             return 200, self.server.commands.dispatch(body)
         except PmanError as e:      # the error in the dialect's envelope
-            payload = body.get("payload", body) if isinstance(body.get("payload", body), dict) else {}
+            payload = body.get("payload", body)
+            if not isinstance(payload, dict):
+                payload = {}
             return _status_for(e), {"action": payload.get("action"),
                                     "meta": payload.get("meta"), "path": "/api/v1/cmd",
                                     "RESTverb": "POST", "status": False, "message": str(e)}
@@ -4995,7 +4975,7 @@ class _Api:
             raise InvalidArgument("unknown field(s) in a kill: %s" % _shown(sorted(unknown)))
         record = self.manager.kill(check_jid(groups["jid"]), body.get("signal", "SIGTERM"),
                                    grace=_number_or_none(body.get("grace"), "grace"))
-        return 202, _job_object(_with_logs(self.manager, record), self.manager.backend.enforced)
+        return 202, _with_logs(self.manager, record)
 
     def route_get_job(self, groups, query, body):
         self._only(query, "wait")
@@ -5261,17 +5241,8 @@ class _Headers:
         values = self._fields.get(name.lower())
         return [value for _, value in values] if values else failobj
 
-    def __getitem__(self, name):
-        return self.get(name)
-
     def __contains__(self, name):
         return name.lower() in self._fields
-
-    def items(self):
-        return [field for values in self._fields.values() for field in values]
-
-    def keys(self):
-        return [name for name, _ in self.items()]
 
 
 def _http_version(text):
@@ -5344,24 +5315,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.request = self.connection = conn.sock
         self.client_address = conn.addr
         self.server = server
-        self.wfile = _Writer(conn.sock)
         self.parked = None          # a long poll waiting for its answer (_Parked)
 
     def serve(self, line, fields, body):
         """Answer the request read whole by the reader (_Conn.take_request):
         its request *line*, its header *fields* (a _Headers, or the
         HTTPError that refuses them) and its *body*."""
-        self.rfile = io.BytesIO(line)
+        self.raw_requestline = line
         self.fields, self.body = fields, body
         self._template = None           # the route's, for the metrics
         self.path = ""                  # none yet: a bad request line counts as "other"
-        self.handle_one_request()
+        if not self.parse_request():
+            return
+        if self.command not in _METHODS:
+            self.send_error(405, "Unsupported method (%r)" % self.command)
+            return
+        if self.command == "HEAD":
+            self.close_connection = True
+        self.answer(lambda: self._route(self.command))
 
     def parse_request(self):
         """http.server's parse_request (same attributes, same replies to a bad
         request line), with the headers read by _Headers."""
         self.command = None
-        self.body_length = None
         self.request_version = self.default_request_version
         self.close_connection = True
         if not self._request_line():
@@ -5370,10 +5346,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if isinstance(self.fields, HTTPError):
                 raise self.fields
             self.headers = self.fields
-            # The framing is checked before anything else (the token too):
-            # a body whose length is in doubt is never read as the next
-            # request.
-            self.body_length = self._content_length(self.command)
+            # The framing (_parse_head checked the length) comes before
+            # anything else, the token too.
+            if self.command == "POST" and "Content-Length" not in self.headers:
+                raise HTTPError(411, "a POST needs a Content-Length header")
         except HTTPError as e:
             self.send_error(e.status, str(e))
             return False
@@ -5424,7 +5400,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = obj.data
         head = ["HTTP/1.1 %d %s" % (status, _REASONS.get(status, "")),
                 "Server: " + self.server_version,
-                "Date: " + _http_date()]
+                "Date: " + email.utils.formatdate(_wall(), usegmt=True)]
         if status != 204:
             head += ["Content-Type: " + obj.content_type, "Content-Length: %d" % len(body)]
             head += ["%s: %s" % header for header in obj.headers]
@@ -5434,81 +5410,38 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             head.append("Connection: close")
         elif self.request_version == "HTTP/1.0":    # kept alive because it asked to be
             head.append("Connection: keep-alive")
-        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        # a client that does not read: request_timeout
+        self.connection.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
         self.log_request(status, len(body))
 
-    def send_error(self, code, message=None, explain=None):
-        # http.server calls this for malformed requests: always the client's
-        # fault, so never a 5xx, and always JSON.
-        code = {501: 405, 505: 400}.get(code, code)
-        if code >= 500:
-            code = 400
+    def send_error(self, code, message):
+        """A malformed request's reply (a 4xx); the connection closes."""
         self.close_connection = True
-        self._reply(code, {"status": False, "message": message or
-                           http.HTTPStatus(code).phrase})
-
-    def log_request(self, code="-", size="-"):
-        if access_log.isEnabledFor(logging.INFO):   # the hot path formats nothing
-            super().log_request(code, size)
+        self._reply(code, {"status": False, "message": message})
 
     def log_message(self, format, *args):
         access_log.info("%s %s", self.address_string(), format % args)
 
     # -- dispatch ------------------------------------------------------------
 
-    def do_GET(self):
-        self._dispatch("GET")
-
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_DELETE(self):
-        self._dispatch("DELETE")
-
-    def do_PUT(self):
-        self._dispatch("PUT")
-
-    def do_PATCH(self):
-        self._dispatch("PATCH")
-
-    def do_HEAD(self):
-        self.close_connection = True
-        self._dispatch("HEAD")
-
-    def do_OPTIONS(self):
-        self._dispatch("OPTIONS")
-
-    def _dispatch(self, method):
+    def answer(self, reply, done=None):
+        """Write *reply*()'s (status, obj), or the error it raises; *done*
+        (a parked long poll's) is called before the write.  A route that
+        raises _Parked is answered later, through self.parked."""
         try:
-            status, obj = self._route(method)
-        except _Parked as parked:       # answered later, by answer_parked()
+            status, obj = reply()
+        except _Parked as parked:
             self.parked = parked
             return
         except Exception as e:
-            status = _status_for(e)
+            status, message = _status_for(e), str(e)
             if status == 500:
-                log.exception("internal error on %s %s", method, self.path.split("?")[0])
+                log.exception("internal error on %s %s", self.command, self.path.split("?")[0])
                 message = "internal error: %s" % type(e).__name__
-            else:
-                message = str(e)
             obj = {"status": False, "message": message}
-        try:
-            self._reply(status, obj)
-        except OSError:
-            self.close_connection = True
-
-    def answer_parked(self, parked):
-        """Write the reply of the long poll this handler parked."""
-        try:
-            status, obj = parked.answer()
-        except Exception as e:
-            status = _status_for(e)
-            if status == 500:
-                log.exception("internal error answering %s", self.path.split("?")[0])
-            obj = {"status": False, "message": str(e) if status != 500 else
-                   "internal error: %s" % type(e).__name__}
         finally:
-            parked.done()
+            if done is not None:
+                done()
         try:
             self._reply(status, obj)
         except OSError:
@@ -5540,19 +5473,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 token.strip().encode("latin-1", "replace"), server.token)
             if not ok:
                 raise HTTPError(401, "missing or wrong bearer token")
-
-    def _content_length(self, method):
-        """The body's length, or None for no body; what cannot be read
-        safely (see _body_length) or a POST without a length is refused
-        and closes the connection."""
-        try:
-            length = _body_length(self.headers)
-            if length is None and method == "POST":
-                raise HTTPError(411, "a POST needs a Content-Length header")
-        except HTTPError:
-            self.close_connection = True
-            raise
-        return length
 
     def _route(self, method):
         self._check_access(token=self.path.partition("?")[0] not in _PAGE_PATHS)
@@ -5662,32 +5582,6 @@ def _template_of(target):
         if regex.fullmatch(path):
             return template
     return "other"
-
-
-def _label(value):
-    return '"%s"' % str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _sample(lines, name, value, **labels):
-    lines.append("%s%s %s" % (name, "{%s}" % ",".join(
-        "%s=%s" % (k, _label(v)) for k, v in labels.items()) if labels else "",
-        repr(float(value)) if isinstance(value, float) else value))
-
-
-class _Writer:
-    """The handler's wfile: each reply is one sendall."""
-
-    __slots__ = ("sock",)
-
-    def __init__(self, sock):
-        self.sock = sock
-
-    def write(self, data):
-        self.sock.sendall(data)     # a client that does not read: request_timeout
-        return len(data)
-
-    def flush(self):
-        pass
 
 
 class _Conn:
@@ -5868,8 +5762,7 @@ class _Server(http.server.HTTPServer):
 
     def __init__(self, address, manager, *, token, loopback, listeners, request_timeout,
                  max_wait, long_polls, max_connections, event_waiters):
-        """Bind *address* and serve *manager* (see make_server, which checks
-        the options)."""
+        # the options are make_server's, checked there
         self.manager = manager
         self.token = None if token is None else token.encode("ascii")
         self.loopback = loopback
@@ -5882,7 +5775,6 @@ class _Server(http.server.HTTPServer):
         self.max_connections = max_connections
         self._full_reply = _canned(503, "Service Unavailable", "too many open connections "
                                    "(%d): try again" % max_connections)
-        self.container_env = manager.backend.name
         self.commands = _CommandDialect(self)
         self.bodies = _BodyCache(manager)
         self.warned_lock = threading.Lock()     # guards warned_fields and warned_full
@@ -5913,7 +5805,7 @@ class _Server(http.server.HTTPServer):
 
     def serve_forever(self, poll_interval=None):
         """Accept and read connections until `shutdown` (*poll_interval* is
-        accepted for socketserver's signature; shutdown wakes the loop)."""
+        socketserver's, unused: shutdown wakes the loop)."""
         self._stopped.clear()       # _stop stays: a shutdown() asked for already counts
         sel = selectors.DefaultSelector()
         try:
@@ -5961,16 +5853,13 @@ class _Server(http.server.HTTPServer):
             self.manager._listeners.remove(self._feed_moved)
         except ValueError:
             pass
-        for conn in list(self._parked.values()):
-            self._drop(conn)
-        self._parked.clear()
         with self._polls_lock:
-            polls, self._polls = self._polls, []
-        for conn, parked in polls:
-            parked.done()
-            self._drop(conn)
-        while self._waiting:
-            conn, parked, _ = self._waiting.popleft()
+            held, self._polls = self._polls, []
+        held += [(conn, None) for conn in self._parked.values()]
+        held += [(conn, parked) for conn, parked, _ in self._waiting]
+        self._parked.clear()
+        self._waiting.clear()
+        for conn, parked in held:
             if parked is not None:
                 parked.done()
             self._drop(conn)
@@ -5990,11 +5879,9 @@ class _Server(http.server.HTTPServer):
             self._waker.close()
 
     def _feed_moved(self):
-        """A job's record changed (the manager calls this under its lock):
-        wake the reader to re-check the parked long polls, if there are
-        any.  With none it sleeps on: a submission is not also a thread
-        switch.  A poll parked after this check is checked by the reader
-        when its handler hands it over, and sees the change then."""
+        """A job's record changed (called under the manager's lock): wake
+        the reader to re-check the parked long polls, if any.  A poll parked
+        after this check is checked when its handler hands it over."""
         if self._polls:
             self._waker.wake()
 
@@ -6142,7 +6029,7 @@ class _Server(http.server.HTTPServer):
             handler = conn.handler
             while True:
                 if parked is not None:
-                    handler.answer_parked(parked)
+                    handler.answer(parked.answer, parked.done)
                     parked = None
                 else:
                     handler.serve(*conn.take_request())
@@ -6198,46 +6085,46 @@ class _Server(http.server.HTTPServer):
     def metrics_text(self):
         """/metrics in the Prometheus text format (0.0.4)."""
         manager = self.manager
-        counts = manager.counts()
         stats = manager.stats()
+        lag = stats["reaper_lag"]
         with self.metrics_lock:
             requests = sorted(self.requests.items())
-        out = []
-        metrics = (
+        metrics = (     # name, type, help, [(name suffix, labels, value)]
             ("pman_build_info", "gauge", "pman's version (the value is 1)",
-             [({"version": __version__, "python": platform.python_version(),
-                "backend": manager.backend.name}, 1)]),
+             [("", {"version": __version__, "python": platform.python_version(),
+                    "backend": manager.backend.name}, 1)]),
             ("pman_jobs", "gauge", "Jobs in the state, by status",
-             [({"status": s}, n) for s, n in counts.items()]),
+             [("", {"status": s}, n) for s, n in manager.counts().items()]),
             ("pman_jobs_started_total", "counter", "Jobs started since the manager opened",
-             [({}, stats["started"])]),
+             [("", {}, stats["started"])]),
             ("pman_jobs_finished_total", "counter",
              "Jobs ended since the manager opened, by outcome",
-             [({"status": s}, n) for s, n in stats["ended"].items()]),
+             [("", {"status": s}, n) for s, n in stats["ended"].items()]),
             ("pman_spawn_failures_total", "counter",
              "Jobs that could not be spawned (or submitted) since the manager opened",
-             [({}, stats["spawn_failed"])]),
+             [("", {}, stats["spawn_failed"])]),
             ("pman_http_requests_total", "counter",
              "HTTP requests answered, by route template (other: no route), method and code",
-             [({"route": r, "method": m, "code": c}, n) for (r, m, c), n in requests]),
+             [("", {"route": r, "method": m, "code": c}, n) for (r, m, c), n in requests]),
             ("pman_event_polls_waiting", "gauge",
              "Long polls of /api/v1/events waiting now (at most pman_event_polls_cap)",
-             [({}, self.event_polls.waiting)]),
+             [("", {}, self.event_polls.waiting)]),
             ("pman_event_polls_cap", "gauge", "The cap of waiting event polls",
-             [({}, self.event_polls.cap)]),
+             [("", {}, self.event_polls.cap)]),
+            ("pman_reaper_lag_seconds", "histogram",
+             "From the reaper's wake-up for a job's exit to the job's record",
+             [("_bucket", {"le": "+Inf" if bound == math.inf else repr(bound)}, n)
+              for bound, n in lag["buckets"]]
+             + [("_sum", {}, float(lag["sum"])), ("_count", {}, lag["count"])]),
         )
+        out = []
         for name, kind, text, samples in metrics:
             out += ["# HELP %s %s." % (name, text), "# TYPE %s %s" % (name, kind)]
-            for labels, value in samples:
-                _sample(out, name, value, **labels)
-        lag = stats["reaper_lag"]
-        name = "pman_reaper_lag_seconds"
-        out += ["# HELP %s From the reaper's wake-up for a job's exit to the job's record." % name,
-                "# TYPE %s histogram" % name]
-        for bound, n in lag["buckets"]:
-            _sample(out, name + "_bucket", n, le="+Inf" if bound == math.inf else repr(bound))
-        _sample(out, name + "_sum", float(lag["sum"]))
-        _sample(out, name + "_count", lag["count"])
+            for suffix, labels, value in samples:
+                labels = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace(
+                    '"', '\\"').replace("\n", "\\n")) for k, v in labels.items())
+                out.append("%s%s%s %s" % (name, suffix, labels and "{%s}" % labels,
+                                          repr(value) if isinstance(value, float) else value))
         return "\n".join(out) + "\n"
 
     def note_ignored(self, names):
@@ -6282,8 +6169,9 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
     (a job's ``?wait`` and the events feed's).  *max_connections* defaults
     to the soft ``RLIMIT_NOFILE`` less FD_RESERVE and one fd per job slot
     (``max_running``, or half the limit when it is unlimited): past it a new
-    connection gets 503 at once.  At most *event_waiters* long polls of /api/v1/events wait at once; past
-    that one is answered at once (``"busy": true``)."""
+    connection gets 503 at once.  At most *event_waiters* long polls of
+    /api/v1/events wait at once; past that one is answered at once
+    (``"busy": true``)."""
     if token is not None:
         if not isinstance(token, str) or not token or not token.isascii():
             raise InvalidArgument("the token must be a non-empty ASCII string")
