@@ -6410,8 +6410,6 @@ EXIT_SERVER = 3             # no server, an error reply, or (serve) it cannot st
 EXIT_USAGE = 64
 EXIT_INTERRUPTED = 130      # Ctrl-C, as a shell reports SIGINT
 
-_COMMANDS = ("serve", "run", "ls", "show", "logs", "wait", "kill", "rm")
-
 
 class _ClientError(PmanError):
     """A client command that cannot go on.  Attributes: ``code``, its exit
@@ -6432,9 +6430,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, "%s: error: %s\n" % (self.prog, message))
 
 
-# The two parsers below are declarations, one add_argument per option and no
-# logic, kept whole on purpose: each reads top to bottom like its --help,
-# which splitting it into builders would scatter.
 def _serve_parser(prog="pman"):
     p = _Parser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -6544,47 +6539,60 @@ def _serve(argv, prog="pman"):
     token = os.environ.pop("PMAN_TOKEN", None)
     token = args.token or token or None
     _fd_limit(raise_soft=True)      # connections and jobs' pidfds: see make_server
+    manager = None
     try:
         if args.token_file:
             token = _read_token(args.token_file)
         manager = _serve_manager(args)
-    except (PmanError, OSError) as e:
-        print("pman: %s" % e, file=sys.stderr)
-        return EXIT_SERVER
-    try:
         server = make_server(manager, args.host, args.port, token=token,
                              listeners=args.listeners,
                              insecure_no_token=args.insecure_no_token,
                              request_timeout=args.request_timeout,
                              max_connections=args.max_connections)
     except (PmanError, OSError) as e:
-        manager.close()
+        if manager is not None:
+            manager.close()
         print("pman: %s" % e, file=sys.stderr)
         return EXIT_SERVER
+    _serve_until_stopped(server, manager, kill=args.kill_on_exit)
+    return EXIT_OK
 
-    def stop(signum, frame):
-        log.info("%s received, stopping", signal_name(signum))
-        server.stop_soon()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    host, port = server.server_address[:2]
-    log.info("pman %s serving http://%s:%d/api/v1/ (state: %s)",
-             __version__, host if ":" not in host else "[%s]" % host, port, manager.state_dir)
+def _serve_until_stopped(server, manager, kill=False):
+    """Serve until SIGTERM or SIGINT (handled only in the main thread, and
+    restored once the state is flushed), ``quit`` or a shutdown; then close."""
+    previous = {}
     try:
+        if threading.current_thread() is threading.main_thread():
+            def stop(signum, frame):
+                log.info("%s received, stopping", signal_name(signum))
+                server.stop_soon()
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, stop)
+        host, port = server.server_address[:2]
+        log.info("pman %s serving http://%s:%d/api/v1/ (state: %s)", __version__,
+                 host if ":" not in host else "[%s]" % host, port, manager.state_dir)
         server.serve_forever()
     finally:
-        server.server_close()
-        manager.close(kill=args.kill_on_exit)
+        try:
+            _close_served(server, manager, kill)
+        finally:
+            for sig, handler in previous.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+
+
+def _close_served(server, manager, kill=False):
+    """Close *server*, then *manager*, flushing the state (*kill*: jobs too)."""
+    server.server_close()
+    manager.close(kill=kill)
     log.info("pman stopped; state flushed to %s", manager.state_dir)
-    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
 # The command line: the client
 # ---------------------------------------------------------------------------
-
-# -- the client ---------------------------------------------------------------
 
 class _Client:
     """One keep-alive HTTP connection to a pman server's /api/v1.  Every
@@ -6778,25 +6786,18 @@ class _Client:
         return data, end, eof
 
 
-def _job_code(job):
-    """The exit status a shell would give for *job* (128+N for signal N),
-    or None if it has none (undefined, spawn failure, cancelled)."""
+def _exit_with_job(job):
+    """The exit status a shell would give for *job* (128+N for signal N);
+    one that has none (undefined, spawn failure, cancelled) is a failure."""
     rc = job.get("returncode")
     if isinstance(rc, bool) or not isinstance(rc, int):
-        return None
-    if rc < 0:
-        return 128 - rc
-    return rc if rc <= 255 else EXIT_FAILED
-
-
-def _exit_with_job(job):
-    code = _job_code(job)
-    if code is None:
         print("pman: job %s has no exit code: %s (%s)" % (job["jid"], job["status"],
                                                           job.get("message", "")),
               file=sys.stderr)
         return EXIT_FAILED
-    return code
+    if rc < 0:
+        return 128 - rc
+    return rc if rc <= 255 else EXIT_FAILED
 
 
 def _wait_job(client, jid):
@@ -6850,9 +6851,8 @@ def _checked_jids(jids):
 
 
 def _print_json(obj):
-    # One line, by the C encoder (indent= would take the pure-Python one:
-    # 30 s for `ls --all --json` at 100,000 jobs); `| python3 -m json.tool`
-    # indents it.
+    # One line: indent= would take the pure-Python encoder, too slow for
+    # `ls --all --json` of many jobs; `| python3 -m json.tool` indents it.
     sys.stdout.write(json.dumps(obj) + "\n")
 
 
@@ -6978,6 +6978,18 @@ def _table(jobs, colour, width):
     return lines
 
 
+def _jobs(client, query, every):
+    """(jobs, more) of GET /jobs?*query*: one page, or with *every* page
+    after page; *more*: more jobs match than the list has."""
+    jobs = []
+    while True:
+        page = client.json("GET", "/jobs", query=query)
+        jobs.extend(page["jobs"])
+        if not (every and page.get("next")):
+            return jobs, bool(page.get("next"))
+        query["after"] = page["next"]
+
+
 def _cmd_ls(client, args):
     query = {"order": "newest", "limit": MAX_PAGE if args.all else args.limit}
     if args.status:
@@ -6986,14 +6998,8 @@ def _cmd_ls(client, args):
         query["auid"] = args.auid
     for key, value in _key_values(args.meta, "--meta").items():
         query["meta." + key] = value
-    jobs = []
-    while True:
-        page = client.json("GET", "/jobs", query=query)
-        jobs.extend(page["jobs"])
-        if not (args.all and page.get("next")):
-            break
-        query["after"] = page["next"]
-    if page.get("next") and not args.all:
+    jobs, more = _jobs(client, query, args.all)
+    if more:
         print("(the newest %d shown: pman ls --all for every job)" % len(jobs), file=sys.stderr)
     if args.json:
         _print_json(jobs)
@@ -7093,7 +7099,9 @@ def _cmd_wait(client, args):
             if job["status"] not in ACTIVE:
                 done[pending.pop(0)] = job
             elif tty:           # jobs that ended meanwhile, for the count
-                active = _active_jids(client)
+                active, _ = _jobs(client, {"status": "notstarted,started",
+                                           "limit": MAX_PAGE}, True)
+                active = {j["jid"] for j in active}
                 for jid in [j for j in pending if j not in active]:
                     job = client.job(jid)
                     if job["status"] not in ACTIVE:
@@ -7109,17 +7117,6 @@ def _cmd_wait(client, args):
         progress("\n")
     records = [done[jid] if jid in done else client.job(jid) for jid in jids]
     return _wait_outcome(args, records, pending)
-
-
-def _active_jids(client):
-    """The jids of every queued or running job, page by page."""
-    active, query = set(), {"status": "notstarted,started", "limit": MAX_PAGE}
-    while True:
-        page = client.json("GET", "/jobs", query=query)
-        active.update(j["jid"] for j in page["jobs"])
-        if not page.get("next"):
-            return active
-        query["after"] = page["next"]
 
 
 def _wait_outcome(args, records, pending):
@@ -7340,7 +7337,7 @@ def main(argv=None):
     if argv[0] in _CLIENT_COMMANDS:
         return _client_main(argv)
     print("pman: unknown command %r: one of %s (or options: pman --help)"
-          % (argv[0], ", ".join(_COMMANDS)), file=sys.stderr)
+          % (argv[0], ", ".join(["serve"] + list(_CLIENT_COMMANDS))), file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -7404,25 +7401,10 @@ class CompatServer:
                 raise PmanError("this pman server was already started or stopped")
             self._state = "serving"
             self._serving_thread = threading.current_thread()
-        previous = {}
         try:
-            if threading.current_thread() is threading.main_thread():
-                def stop(signum, frame):
-                    log.info("%s received, stopping", signal_name(signum))
-                    self.server.stop_soon()
-
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    previous[sig] = signal.signal(sig, stop)
-            host, port = self.server_address[:2]
-            log.info("pman %s serving http://%s:%d/api/v1/ (state: %s)", __version__,
-                        host if ":" not in host else "[%s]" % host, port,
-                        self.manager.state_dir)
-            self.server.serve_forever()
+            _serve_until_stopped(self.server, self.manager)
         finally:
-            for sig, handler in previous.items():
-                if handler is not None:
-                    signal.signal(sig, handler)
-            self._close()
+            self._closed_now()
 
     def stop(self):
         """End `start` from another thread and return once the state is
@@ -7433,7 +7415,10 @@ class CompatServer:
             if state == "new":
                 self._state = "closed"
         if state == "new":
-            self._close()
+            try:
+                _close_served(self.server, self.manager)
+            finally:
+                self._closed_now()
             return
         if state == "serving":
             if threading.current_thread() is self._serving_thread:
@@ -7442,16 +7427,11 @@ class CompatServer:
             self.server.shutdown()
         self._closed.wait()
 
-    def _close(self):
-        try:
-            self.server.server_close()
-            self.manager.close()
-            log.info("pman stopped; state flushed to %s", self.manager.state_dir)
-        finally:
-            self._unlog()
-            with self._lock:
-                self._state = "closed"
-            self._closed.set()
+    def _closed_now(self):
+        self._unlog()
+        with self._lock:
+            self._state = "closed"
+        self._closed.set()
 
     def _unlog(self):
         if self._handler is not None:
@@ -7531,7 +7511,6 @@ def pman(options=None, **kwargs):
 # The status page (data)
 # ---------------------------------------------------------------------------
 
-# -- the status page ---------------------------------------------------------
 # One static page at / (and /ui).  It holds no data, so it is served without
 # a token; every API call it makes carries one.  Its code is inline, and the
 # Content-Security-Policy allows exactly that code (by hash) and connections
