@@ -6640,10 +6640,6 @@ class _Client:
                 "nothing answers at %s (%s): start a server with `pman serve --port %d &`"
                 " (or give run --start-server), or point --url / PMAN_URL at yours"
                 % (self.url, reason.lower(), self.port)) from None
-        try:
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
         return conn
 
     def _spawn_server(self):
@@ -6693,9 +6689,10 @@ class _Client:
               % (self.url, child.pid, state, log_path), file=sys.stderr)
 
     def request(self, method, path, *, query=None, body=None, expect=(200,), wait=0.0):
-        """(status, headers, body bytes) of one request to /api/v1 + *path*;
-        an unexpected status raises _ClientError with the server's message.
-        *wait* is how long the server may legitimately hold the reply."""
+        """(status, headers, body bytes) of one request to /api/v1 + *path*,
+        on the kept-alive connection or a new one; an unexpected status
+        raises _ClientError with the server's message.  *wait* is how long
+        the server may legitimately hold the reply."""
         target = self.base + path
         if query:
             target += "?" + urllib.parse.urlencode(query)
@@ -6706,14 +6703,7 @@ class _Client:
             headers["Content-Type"] = "application/json"
         if self.token is not None:
             headers["Authorization"] = "Bearer " + self.token
-        reply, payload = self._exchange(method, target, data, headers, CLIENT_TIMEOUT + wait)
-        if reply.status not in expect:
-            raise self._refusal(reply, payload)
-        return reply.status, reply.headers, payload
-
-    def _exchange(self, method, target, data, headers, timeout):
-        """(reply, payload) of one request on the kept-alive connection,
-        or on a new one."""
+        timeout = CLIENT_TIMEOUT + wait
         for attempt in (1, 2):
             fresh = (self._conn is None or self._conn.sock is None
                      or _time() - self._last > CLIENT_IDLE)
@@ -6740,7 +6730,9 @@ class _Client:
         self._last = _time()
         if reply.will_close:
             self.close()
-        return reply, payload
+        if reply.status not in expect:
+            raise self._refusal(reply, payload)
+        return reply.status, reply.headers, payload
 
     @staticmethod
     def _refusal(reply, payload):
@@ -6798,14 +6790,6 @@ def _exit_with_job(job):
     if rc < 0:
         return 128 - rc
     return rc if rc <= 255 else EXIT_FAILED
-
-
-def _wait_job(client, jid):
-    """Long-poll until job *jid* has ended; its object."""
-    while True:
-        job = client.job(jid, wait=CLIENT_WAIT)
-        if job["status"] not in ACTIVE:
-            return job
 
 
 def _follow(client, jid, streams, offset=0):
@@ -6878,8 +6862,8 @@ def _cmd_run(client, args):
         return _exit_with_job(client.job(jid))
     if not args.json:
         print(jid, flush=True)
-    if args.wait:
-        job = _wait_job(client, jid)
+    while args.wait and job["status"] in ACTIVE:
+        job = client.job(jid, wait=CLIENT_WAIT)
     if args.json:
         _print_json(job)
     return _exit_with_job(job) if args.wait else EXIT_OK
