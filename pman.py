@@ -6507,33 +6507,14 @@ def _read_token(path):
         raise PmanError("cannot read the token file %s: %s" % (path, e.strerror)) from None
 
 
-def _serve_logging(args):
-    """Configure logging for `pman serve` (main's part of the process): -q
-    errors only, -v one line per request too, -vv debug."""
+def _serve(argv, prog="pman"):
+    """``pman [serve] [--port 5010] ...``: see `_serve_until_stopped`."""
+    args = _serve_parser(prog).parse_args(argv)
     level = logging.ERROR if args.quiet else (
         logging.INFO, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, filename=args.log_file,
                         format="%(asctime)s pman %(levelname)s %(message)s")
     access_log.setLevel(logging.DEBUG if args.verbose and not args.quiet else logging.WARNING)
-
-
-def _serve_manager(args):
-    """The JobManager that `pman serve` *args* ask for."""
-    backend = "local"
-    if args.backend == "slurm":
-        backend = SlurmBackend(args.slurm_partition, args.sbatch_args)
-    elif args.backend == "podman":
-        backend = PodmanBackend(args.podman_runtime, args.podman_args, args.storebase)
-    return JobManager(args.state_dir, max_running=args.max_running, grace=args.grace,
-                      log_limit=args.log_limit, keep_finished=args.keep_finished,
-                      backend=backend)
-
-
-def _serve(argv, prog="pman"):
-    """``pman [serve] [--port 5010] ...``: serve until SIGTERM/SIGINT or
-    the ``quit`` action; state is flushed on the way out."""
-    args = _serve_parser(prog).parse_args(argv)
-    _serve_logging(args)
     # Taken out of the environment: every job inherits it (its copy, SLURM's
     # export), and the token controls every job.
     token = os.environ.pop("PMAN_TOKEN", None)
@@ -6543,7 +6524,14 @@ def _serve(argv, prog="pman"):
     try:
         if args.token_file:
             token = _read_token(args.token_file)
-        manager = _serve_manager(args)
+        backend = "local"
+        if args.backend == "slurm":
+            backend = SlurmBackend(args.slurm_partition, args.sbatch_args)
+        elif args.backend == "podman":
+            backend = PodmanBackend(args.podman_runtime, args.podman_args, args.storebase)
+        manager = JobManager(args.state_dir, max_running=args.max_running, grace=args.grace,
+                             log_limit=args.log_limit, keep_finished=args.keep_finished,
+                             backend=backend)
         server = make_server(manager, args.host, args.port, token=token,
                              listeners=args.listeners,
                              insecure_no_token=args.insecure_no_token,
@@ -6954,7 +6942,7 @@ def _table(jobs, colour, width):
         if width is not None and len(line) > width:
             line = line[:max(width - 1, sum(widths) + 2 * len(widths))] + "…"
         if colour and n and row[1] in _COLOURS:
-            start = len("  ".join(cells[:1])) + 2
+            start = widths[0] + 2
             line = "%s\x1b[%sm%s\x1b[0m%s" % (line[:start], _COLOURS[row[1]],
                                               line[start:start + widths[1]],
                                               line[start + widths[1]:])
@@ -7162,7 +7150,7 @@ def _cmd_rm(client, args):
     return _each(args.jids, remove)[0]
 
 
-def _client_parser():       # a declaration, kept whole: see _serve_parser
+def _client_parser():
     fmt = argparse.RawDescriptionHelpFormatter
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=None,
