@@ -7047,7 +7047,7 @@ def _cmd_logs(client, args):
 
 def _cmd_wait(client, args):
     jids = _checked_jids(list(dict.fromkeys(args.jids)))
-    deadline = None if args.timeout is None else _time() + args.timeout
+    deadline = _time() + (float("inf") if args.timeout is None else args.timeout)
     tty = sys.stderr.isatty()
     started = _time()
     done = {}
@@ -7061,12 +7061,10 @@ def _cmd_wait(client, args):
 
     try:
         while pending:
-            left = None if deadline is None else deadline - _time()
-            if left is not None and left <= 0:
+            left = deadline - _time()
+            if left <= 0:
                 break
-            poll = CLIENT_WAIT if left is None else min(left, CLIENT_WAIT)
-            if tty:
-                poll = min(poll, PROGRESS_EVERY)
+            poll = min(left, PROGRESS_EVERY if tty else CLIENT_WAIT)
             job = client.job(pending[0], wait=poll)
             if job["status"] not in ACTIVE:
                 done[pending.pop(0)] = job
