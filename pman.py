@@ -6225,8 +6225,6 @@ EXIT_SERVER = 3             # no server, an error reply, or (serve) it cannot st
 EXIT_USAGE = 64
 EXIT_INTERRUPTED = 130      # Ctrl-C, as a shell reports SIGINT
 
-_COMMANDS = ("serve", "run", "ls", "show", "logs", "wait", "kill", "rm")
-
 
 class _ClientError(PmanError):
     """A client command that cannot go on.  Attributes: ``code``, its exit
@@ -6247,9 +6245,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, "%s: error: %s\n" % (self.prog, message))
 
 
-# The two parsers below are declarations, one add_argument per option and no
-# logic, kept whole on purpose: each reads top to bottom like its --help,
-# which splitting it into builders would scatter.
 def _serve_parser(prog="pman"):
     p = _Parser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -6327,79 +6322,80 @@ def _read_token(path):
         raise PmanError("cannot read the token file %s: %s" % (path, e.strerror)) from None
 
 
-def _serve_logging(args):
-    """Configure logging for `pman serve` (main's part of the process): -q
-    errors only, -v one line per request too, -vv debug."""
+def _serve(argv, prog="pman"):
+    """``pman [serve] [--port 5010] ...``: see `_serve_until_stopped`."""
+    args = _serve_parser(prog).parse_args(argv)
     level = logging.ERROR if args.quiet else (
         logging.INFO, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, filename=args.log_file,
                         format="%(asctime)s pman %(levelname)s %(message)s")
     access_log.setLevel(logging.DEBUG if args.verbose and not args.quiet else logging.WARNING)
-
-
-def _serve_manager(args):
-    """The JobManager that `pman serve` *args* ask for."""
-    backend = "local"
-    if args.backend == "slurm":
-        backend = SlurmBackend(args.slurm_partition, args.sbatch_args)
-    elif args.backend == "podman":
-        backend = PodmanBackend(args.podman_runtime, args.podman_args, args.storebase)
-    return JobManager(args.state_dir, max_running=args.max_running, grace=args.grace,
-                      log_limit=args.log_limit, keep_finished=args.keep_finished,
-                      backend=backend)
-
-
-def _serve(argv, prog="pman"):
-    """``pman [serve] [--port 5010] ...``: serve until SIGTERM/SIGINT or
-    the ``quit`` action; state is flushed on the way out."""
-    args = _serve_parser(prog).parse_args(argv)
-    _serve_logging(args)
     # Taken out of the environment: every job inherits it (its copy, SLURM's
     # export), and the token controls every job.
     token = os.environ.pop("PMAN_TOKEN", None)
     token = args.token or token or None
     _fd_limit(raise_soft=True)      # connections and jobs' pidfds: see make_server
+    manager = None
     try:
         if args.token_file:
             token = _read_token(args.token_file)
-        manager = _serve_manager(args)
-    except (PmanError, OSError) as e:
-        print("pman: %s" % e, file=sys.stderr)
-        return EXIT_SERVER
-    try:
+        backend = "local"
+        if args.backend == "slurm":
+            backend = SlurmBackend(args.slurm_partition, args.sbatch_args)
+        elif args.backend == "podman":
+            backend = PodmanBackend(args.podman_runtime, args.podman_args, args.storebase)
+        manager = JobManager(args.state_dir, max_running=args.max_running, grace=args.grace,
+                             log_limit=args.log_limit, keep_finished=args.keep_finished,
+                             backend=backend)
         server = make_server(manager, args.host, args.port, token=token,
                              listeners=args.listeners,
                              insecure_no_token=args.insecure_no_token,
                              request_timeout=args.request_timeout,
                              max_connections=args.max_connections)
     except (PmanError, OSError) as e:
-        manager.close()
+        if manager is not None:
+            manager.close()
         print("pman: %s" % e, file=sys.stderr)
         return EXIT_SERVER
+    _serve_until_stopped(server, manager, kill=args.kill_on_exit)
+    return EXIT_OK
 
-    def stop(signum, frame):
-        log.info("%s received, stopping", signal_name(signum))
-        server.stop_soon()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    host, port = server.server_address[:2]
-    log.info("pman %s serving http://%s:%d/api/v1/ (state: %s)",
-             __version__, host if ":" not in host else "[%s]" % host, port, manager.state_dir)
+def _serve_until_stopped(server, manager, kill=False):
+    """Serve until SIGTERM or SIGINT (handled only in the main thread, and
+    restored once the state is flushed), ``quit`` or a shutdown; then close."""
+    previous = {}
     try:
+        if threading.current_thread() is threading.main_thread():
+            def stop(signum, frame):
+                log.info("%s received, stopping", signal_name(signum))
+                server.stop_soon()
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, stop)
+        host, port = server.server_address[:2]
+        log.info("pman %s serving http://%s:%d/api/v1/ (state: %s)", __version__,
+                 host if ":" not in host else "[%s]" % host, port, manager.state_dir)
         server.serve_forever()
     finally:
-        server.server_close()
-        manager.close(kill=args.kill_on_exit)
+        try:
+            _close_served(server, manager, kill)
+        finally:
+            for sig, handler in previous.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+
+
+def _close_served(server, manager, kill=False):
+    """Close *server*, then *manager*, flushing the state (*kill*: jobs too)."""
+    server.server_close()
+    manager.close(kill=kill)
     log.info("pman stopped; state flushed to %s", manager.state_dir)
-    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
 # The command line: the client
 # ---------------------------------------------------------------------------
-
-# -- the client ---------------------------------------------------------------
 
 class _Client:
     """One keep-alive HTTP connection to a pman server's /api/v1.  Every
@@ -6447,10 +6443,6 @@ class _Client:
                 "nothing answers at %s (%s): start a server with `pman serve --port %d &`"
                 " (or give run --start-server), or point --url / PMAN_URL at yours"
                 % (self.url, reason.lower(), self.port)) from None
-        try:
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
         return conn
 
     def _spawn_server(self):
@@ -6500,9 +6492,10 @@ class _Client:
               % (self.url, child.pid, state, log_path), file=sys.stderr)
 
     def request(self, method, path, *, query=None, body=None, expect=(200,), wait=0.0):
-        """(status, headers, body bytes) of one request to /api/v1 + *path*;
-        an unexpected status raises _ClientError with the server's message.
-        *wait* is how long the server may legitimately hold the reply."""
+        """(status, headers, body bytes) of one request to /api/v1 + *path*,
+        on the kept-alive connection or a new one; an unexpected status
+        raises _ClientError with the server's message.  *wait* is how long
+        the server may legitimately hold the reply."""
         target = self.base + path
         if query:
             target += "?" + urllib.parse.urlencode(query)
@@ -6513,14 +6506,7 @@ class _Client:
             headers["Content-Type"] = "application/json"
         if self.token is not None:
             headers["Authorization"] = "Bearer " + self.token
-        reply, payload = self._exchange(method, target, data, headers, CLIENT_TIMEOUT + wait)
-        if reply.status not in expect:
-            raise self._refusal(reply, payload)
-        return reply.status, reply.headers, payload
-
-    def _exchange(self, method, target, data, headers, timeout):
-        """(reply, payload) of one request on the kept-alive connection,
-        or on a new one."""
+        timeout = CLIENT_TIMEOUT + wait
         for attempt in (1, 2):
             fresh = (self._conn is None or self._conn.sock is None
                      or _time() - self._last > CLIENT_IDLE)
@@ -6547,7 +6533,9 @@ class _Client:
         self._last = _time()
         if reply.will_close:
             self.close()
-        return reply, payload
+        if reply.status not in expect:
+            raise self._refusal(reply, payload)
+        return reply.status, reply.headers, payload
 
     @staticmethod
     def _refusal(reply, payload):
@@ -6593,33 +6581,18 @@ class _Client:
         return data, end, eof
 
 
-def _job_code(job):
-    """The exit status a shell would give for *job* (128+N for signal N),
-    or None if it has none (undefined, spawn failure, cancelled)."""
+def _exit_with_job(job):
+    """The exit status a shell would give for *job* (128+N for signal N);
+    one that has none (undefined, spawn failure, cancelled) is a failure."""
     rc = job.get("returncode")
     if isinstance(rc, bool) or not isinstance(rc, int):
-        return None
-    if rc < 0:
-        return 128 - rc
-    return rc if rc <= 255 else EXIT_FAILED
-
-
-def _exit_with_job(job):
-    code = _job_code(job)
-    if code is None:
         print("pman: job %s has no exit code: %s (%s)" % (job["jid"], job["status"],
                                                           job.get("message", "")),
               file=sys.stderr)
         return EXIT_FAILED
-    return code
-
-
-def _wait_job(client, jid):
-    """Long-poll until job *jid* has ended; its object."""
-    while True:
-        job = client.job(jid, wait=CLIENT_WAIT)
-        if job["status"] not in ACTIVE:
-            return job
+    if rc < 0:
+        return 128 - rc
+    return rc if rc <= 255 else EXIT_FAILED
 
 
 def _follow(client, jid, streams, offset=0):
@@ -6665,9 +6638,8 @@ def _checked_jids(jids):
 
 
 def _print_json(obj):
-    # One line, by the C encoder (indent= would take the pure-Python one:
-    # 30 s for `ls --all --json` at 100,000 jobs); `| python3 -m json.tool`
-    # indents it.
+    # One line: indent= would take the pure-Python encoder, too slow for
+    # `ls --all --json` of many jobs; `| python3 -m json.tool` indents it.
     sys.stdout.write(json.dumps(obj) + "\n")
 
 
@@ -6693,8 +6665,8 @@ def _cmd_run(client, args):
         return _exit_with_job(client.job(jid))
     if not args.json:
         print(jid, flush=True)
-    if args.wait:
-        job = _wait_job(client, jid)
+    while args.wait and job["status"] in ACTIVE:
+        job = client.job(jid, wait=CLIENT_WAIT)
     if args.json:
         _print_json(job)
     return _exit_with_job(job) if args.wait else EXIT_OK
@@ -6785,12 +6757,24 @@ def _table(jobs, colour, width):
         if width is not None and len(line) > width:
             line = line[:max(width - 1, sum(widths) + 2 * len(widths))] + "…"
         if colour and n and row[1] in _COLOURS:
-            start = len("  ".join(cells[:1])) + 2
+            start = widths[0] + 2
             line = "%s\x1b[%sm%s\x1b[0m%s" % (line[:start], _COLOURS[row[1]],
                                               line[start:start + widths[1]],
                                               line[start + widths[1]:])
         lines.append(line)
     return lines
+
+
+def _jobs(client, query, every):
+    """(jobs, more) of GET /jobs?*query*: one page, or with *every* page
+    after page; *more*: more jobs match than the list has."""
+    jobs = []
+    while True:
+        page = client.json("GET", "/jobs", query=query)
+        jobs.extend(page["jobs"])
+        if not (every and page.get("next")):
+            return jobs, bool(page.get("next"))
+        query["after"] = page["next"]
 
 
 def _cmd_ls(client, args):
@@ -6801,14 +6785,8 @@ def _cmd_ls(client, args):
         query["auid"] = args.auid
     for key, value in _key_values(args.meta, "--meta").items():
         query["meta." + key] = value
-    jobs = []
-    while True:
-        page = client.json("GET", "/jobs", query=query)
-        jobs.extend(page["jobs"])
-        if not (args.all and page.get("next")):
-            break
-        query["after"] = page["next"]
-    if page.get("next") and not args.all:
+    jobs, more = _jobs(client, query, args.all)
+    if more:
         print("(the newest %d shown: pman ls --all for every job)" % len(jobs), file=sys.stderr)
     if args.json:
         _print_json(jobs)
@@ -6884,7 +6862,7 @@ def _cmd_logs(client, args):
 
 def _cmd_wait(client, args):
     jids = _checked_jids(list(dict.fromkeys(args.jids)))
-    deadline = None if args.timeout is None else _time() + args.timeout
+    deadline = _time() + (float("inf") if args.timeout is None else args.timeout)
     tty = sys.stderr.isatty()
     started = _time()
     done = {}
@@ -6898,17 +6876,17 @@ def _cmd_wait(client, args):
 
     try:
         while pending:
-            left = None if deadline is None else deadline - _time()
-            if left is not None and left <= 0:
+            left = deadline - _time()
+            if left <= 0:
                 break
-            poll = CLIENT_WAIT if left is None else min(left, CLIENT_WAIT)
-            if tty:
-                poll = min(poll, PROGRESS_EVERY)
+            poll = min(left, PROGRESS_EVERY if tty else CLIENT_WAIT)
             job = client.job(pending[0], wait=poll)
             if job["status"] not in ACTIVE:
                 done[pending.pop(0)] = job
             elif tty:           # jobs that ended meanwhile, for the count
-                active = _active_jids(client)
+                active, _ = _jobs(client, {"status": "notstarted,started",
+                                           "limit": MAX_PAGE}, True)
+                active = {j["jid"] for j in active}
                 for jid in [j for j in pending if j not in active]:
                     job = client.job(jid)
                     if job["status"] not in ACTIVE:
@@ -6924,17 +6902,6 @@ def _cmd_wait(client, args):
         progress("\n")
     records = [done[jid] if jid in done else client.job(jid) for jid in jids]
     return _wait_outcome(args, records, pending)
-
-
-def _active_jids(client):
-    """The jids of every queued or running job, page by page."""
-    active, query = set(), {"status": "notstarted,started", "limit": MAX_PAGE}
-    while True:
-        page = client.json("GET", "/jobs", query=query)
-        active.update(j["jid"] for j in page["jobs"])
-        if not page.get("next"):
-            return active
-        query["after"] = page["next"]
 
 
 def _wait_outcome(args, records, pending):
@@ -6996,7 +6963,7 @@ def _cmd_rm(client, args):
     return _each(args.jids, remove)[0]
 
 
-def _client_parser():       # a declaration, kept whole: see _serve_parser
+def _client_parser():
     fmt = argparse.RawDescriptionHelpFormatter
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=None,
@@ -7155,7 +7122,7 @@ def main(argv=None):
     if argv[0] in _CLIENT_COMMANDS:
         return _client_main(argv)
     print("pman: unknown command %r: one of %s (or options: pman --help)"
-          % (argv[0], ", ".join(_COMMANDS)), file=sys.stderr)
+          % (argv[0], ", ".join(["serve"] + list(_CLIENT_COMMANDS))), file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -7219,25 +7186,10 @@ class CompatServer:
                 raise PmanError("this pman server was already started or stopped")
             self._state = "serving"
             self._serving_thread = threading.current_thread()
-        previous = {}
         try:
-            if threading.current_thread() is threading.main_thread():
-                def stop(signum, frame):
-                    log.info("%s received, stopping", signal_name(signum))
-                    self.server.stop_soon()
-
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    previous[sig] = signal.signal(sig, stop)
-            host, port = self.server_address[:2]
-            log.info("pman %s serving http://%s:%d/api/v1/ (state: %s)", __version__,
-                        host if ":" not in host else "[%s]" % host, port,
-                        self.manager.state_dir)
-            self.server.serve_forever()
+            _serve_until_stopped(self.server, self.manager)
         finally:
-            for sig, handler in previous.items():
-                if handler is not None:
-                    signal.signal(sig, handler)
-            self._close()
+            self._closed_now()
 
     def stop(self):
         """End `start` from another thread and return once the state is
@@ -7248,7 +7200,10 @@ class CompatServer:
             if state == "new":
                 self._state = "closed"
         if state == "new":
-            self._close()
+            try:
+                _close_served(self.server, self.manager)
+            finally:
+                self._closed_now()
             return
         if state == "serving":
             if threading.current_thread() is self._serving_thread:
@@ -7257,16 +7212,11 @@ class CompatServer:
             self.server.shutdown()
         self._closed.wait()
 
-    def _close(self):
-        try:
-            self.server.server_close()
-            self.manager.close()
-            log.info("pman stopped; state flushed to %s", self.manager.state_dir)
-        finally:
-            self._unlog()
-            with self._lock:
-                self._state = "closed"
-            self._closed.set()
+    def _closed_now(self):
+        self._unlog()
+        with self._lock:
+            self._state = "closed"
+        self._closed.set()
 
     def _unlog(self):
         if self._handler is not None:
@@ -7346,7 +7296,6 @@ def pman(options=None, **kwargs):
 # The status page (data)
 # ---------------------------------------------------------------------------
 
-# -- the status page ---------------------------------------------------------
 # One static page at / (and /ui).  It holds no data, so it is served without
 # a token; every API call it makes carries one.  Its code is inline, and the
 # Content-Security-Policy allows exactly that code (by hash) and connections
