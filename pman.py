@@ -1540,11 +1540,8 @@ class LocalBackend(_Backend):
     name = "local"
     resend_window = RESEND_WINDOW
 
-    def __init__(self):
-        self.log_dir = None
-
     def open(self, state_dir, log_dir, log_path):
-        self.log_dir, self.log_path = log_dir, log_path
+        self.log_path = log_path
         self._exits = _ExitLog(os.path.join(state_dir, "exits"))
         self._orphans = None            # seq -> pid of wrappers found at startup
         self._waker = _Waker()
@@ -1554,9 +1551,7 @@ class LocalBackend(_Backend):
         # child (so it cannot have been reused), and reaped under it too.
         self._reap_lock = threading.Lock()
         self._children = set()
-        # epoll itself, not selectors: pidfds exist only on Linux, which has
-        # it, and a selector's key objects and lookups were a fair share of
-        # the reaper's own CPU per job.
+        # epoll itself, not selectors: pidfds exist only on Linux, which has it.
         self._epoll = select.epoll() if _HAVE_PIDFD else None
         self._pidfds = {}           # pidfd -> its job, of those registered in _epoll
         if self._epoll is not None:
@@ -1740,10 +1735,37 @@ class _PolledBackend(_Backend):
     """A backend that learns what its jobs do by asking one command about
     all of them at once (``squeue``, ``podman inspect``), at an interval
     that adapts: MIN_POLL after a change, growing to MAX_POLL while nothing
-    changes.  A subclass sets ``_waker``, ``_watched``, ``_interval`` and
-    ``_last_poll`` in ``open`` and calls these from ``wait``."""
+    changes.  A subclass's ``wait`` calls the helpers below."""
 
     MIN_POLL, MAX_POLL = 0.2, 5.0
+
+    def open(self, state_dir, log_dir, log_path):
+        self.log_dir, self.log_path = log_dir, log_path
+        self._waker = _Waker()
+        self._watched = {}              # jid -> job
+        self._states = {}               # backend_id -> what the last poll found
+        self._interval = self.MIN_POLL
+        self._last_poll = 0.0
+
+    def watch(self, job):
+        self._watched[job.jid] = job
+        self._interval = self.MIN_POLL
+        self.wake()
+
+    def wake(self):
+        self._waker.wake()
+
+    def close(self):
+        self._waker.close()
+
+    def _env_file(self, job, env, end):
+        """*env* in a file (0600) beside the job's logs, each variable
+        followed by *end*: values never travel on a command line."""
+        path = os.path.join(self.log_dir, job.jid + ".env")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join("%s=%s%s" % (key, value, end) for key, value in env.items()))
+        return path
 
     def _due_jobs(self, timeout):
         """Sleep until the next poll is due (at most *timeout*, or until
@@ -1777,8 +1799,6 @@ class SlurmBackend(_PolledBackend):
     when idle).  Timeouts are enforced by pman; ``--time`` is a backstop."""
 
     name = "slurm"
-    resend_window = 0.0
-    enforced = ()
     COMMAND_TIMEOUT = 30.0
 
     def __init__(self, partition=None, sbatch_args=()):
@@ -1786,7 +1806,6 @@ class SlurmBackend(_PolledBackend):
             sbatch_args = shlex.split(sbatch_args)
         self.partition = partition
         self.sbatch_args = list(sbatch_args)
-        self.log_dir = None
         self.calls = collections.Counter()   # scheduler commands run, by name
 
     def open(self, state_dir, log_dir, log_path):
@@ -1794,12 +1813,8 @@ class SlurmBackend(_PolledBackend):
             if shutil.which(tool) is None:
                 raise BackendUnavailable("the slurm backend needs %r on PATH, and it is "
                                          "missing: install SLURM's client commands" % tool)
-        self.log_dir, self.log_path = log_dir, log_path
-        self._waker = _Waker()
-        self._watched = {}              # jid -> job
-        self._states = {}   # backend_id -> (state, reason, code, signal, start)
-        self._interval = self.MIN_POLL
-        self._last_poll = 0.0
+        super().open(state_dir, log_dir, log_path)
+        # _states: backend_id -> (state, reason, code, signal, start)
 
     def _run(self, argv, check=True):
         self.calls[argv[0]] += 1
@@ -1834,13 +1849,8 @@ class SlurmBackend(_PolledBackend):
             argv.append("--mem=%dM" % math.ceil(mem))
         if job.timeout is not None:     # a backstop: pman kills at the timeout itself
             argv.append("--time=%d" % (math.ceil(job.timeout / 60) + 1))
-        if env:
-            # --export splits on commas: values travel in a NUL-separated file.
-            path = os.path.join(self.log_dir, job.jid + ".env")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("".join("%s=%s\0" % kv for kv in env.items()))
-            argv.append("--export-file=" + path)
+        if env:     # NUL-separated: --export would split values on commas
+            argv.append("--export-file=" + self._env_file(job, env, "\0"))
         argv += self.sbatch_args
         argv += ["--wrap", job.cmd if job.argv is None else shlex.join(job.argv)]
         out = self._run(argv)
@@ -1849,11 +1859,6 @@ class SlurmBackend(_PolledBackend):
             raise SubmitRejected("sbatch printed no job id: %r" % out.stdout[:200])
         self._interval = self.MIN_POLL
         return _Seen(QUEUED, "submitted to SLURM as job %s" % job_id, backend_id=job_id)
-
-    def watch(self, job):
-        self._watched[job.jid] = job
-        self._interval = self.MIN_POLL
-        self.wake()
 
     def unwatch(self, job):
         self._watched.pop(job.jid, None)
@@ -1980,12 +1985,6 @@ class SlurmBackend(_PolledBackend):
             backend_id = max(ids, key=int)
         # Whether it runs yet, the next poll says.
         return _Seen(RUNNING if job.status == STARTED else QUEUED, backend_id=backend_id)
-
-    def wake(self):
-        self._waker.wake()
-
-    def close(self):
-        self._waker.close()
 
 
 # ---------------------------------------------------------------------------
@@ -2143,13 +2142,10 @@ class PodmanBackend(_PolledBackend):
     and ``output_dir`` are relative to."""
 
     name = "podman"
-    resend_window = 0.0
     enforced = ("cpu_limit", "memory_limit", "gpu_limit", "number_of_workers")
     MIN_POLL, MAX_POLL = 0.1, 1.0
     COMMAND_TIMEOUT = 60.0
     IMAGE_TTL = 10.0            # seconds an image found locally is taken as present
-    INCOMING, OUTGOING = _ContainerSpec.INCOMING, _ContainerSpec.OUTGOING
-    MIN_MEMORY = _ContainerSpec.MIN_MEMORY
     # podman run options pman relies on: never from podman_args.
     _OWN_OPTIONS = frozenset({"--rm", "--name", "--log-driver", "--pull", "-d", "--detach",
                               "--replace", "-t", "--tty", "-i", "--interactive", "-a",
@@ -2185,14 +2181,12 @@ class PodmanBackend(_PolledBackend):
         self.podman_args = list(podman_args)
         self.storebase = storebase
         self.podman = podman
-        self.log_dir = None
         self.calls = collections.Counter()   # podman subcommands run, by name
 
     def open(self, state_dir, log_dir, log_path):
         if shutil.which(self.podman) is None:
             log.warning("the podman backend needs %r on PATH, and it is missing: every "
                         "submission is refused (503) until it is installed", self.podman)
-        self.log_dir, self.log_path = log_dir, log_path
         state_dir = os.path.realpath(state_dir)
         self.tag = hashlib.sha256(state_dir.encode()).hexdigest()[:10]
         # podman's working directory, inherited by conmon, which drops an
@@ -2200,9 +2194,8 @@ class PodmanBackend(_PolledBackend):
         # the application's directory.
         self._cwd = os.path.join(state_dir, "podman")
         os.makedirs(self._cwd, mode=0o700, exist_ok=True)
-        self._waker = _Waker()
-        self._watched = {}              # jid -> job
-        self._states = {}   # container name -> its inspected state (a dict) or _GONE
+        super().open(state_dir, log_dir, log_path)
+        # _states: container name -> its inspected state (a dict) or _GONE
         # Guards _doomed: ids of containers to remove, queued under the
         # manager's lock (unwatch) and removed by the reaper's wait, which
         # holds no lock.
@@ -2211,8 +2204,6 @@ class PodmanBackend(_PolledBackend):
         self._images = {}               # image -> when it was last seen present
         self._found = None      # at startup: name -> inspected container (see _scan)
         self._claimed = set()           # names of _found that recovery adopted
-        self._interval = self.MIN_POLL
-        self._last_poll = 0.0
 
     # -- the podman command line ----------------------------------------------
 
@@ -2261,7 +2252,7 @@ class PodmanBackend(_PolledBackend):
             found.update((n, _GONE) for n in names if n not in found and n in missing)
             if not found:
                 raise BackendUnavailable("podman container inspect: %s"
-                                         % _podman_error(out.stderr, out))
+                                         % _podman_error(out))
         return found
 
     # -- admitting and starting a job ------------------------------------------
@@ -2282,7 +2273,7 @@ class PodmanBackend(_PolledBackend):
             raise InvalidArgument("image %s is not in podman's local storage, and pman "
                                   "never pulls (podman pull it first)" % _shown(image))
         if out.returncode != 0:
-            raise BackendUnavailable("podman image exists: %s" % _podman_error(out.stderr, out))
+            raise BackendUnavailable("podman image exists: %s" % _podman_error(out))
         self._images[image] = _time()
 
     # -- the seam ---------------------------------------------------------------
@@ -2301,7 +2292,7 @@ class PodmanBackend(_PolledBackend):
                 "--label", "pman.seq=%d" % job.seq] + spec.options
         if job.cwd is not None:
             args.append("--workdir=" + job.cwd)
-        env_file = self._env_file(job)
+        env_file = self._env_file(job, job.env, "\n") if job.env else None
         if env_file is not None:
             args.append("--env-file=" + env_file)
         args += self.podman_args + [spec.image] + spec.command
@@ -2313,17 +2304,6 @@ class PodmanBackend(_PolledBackend):
         self._interval = self.MIN_POLL
         return _Seen(RUNNING, "running in container %s (image %s)" % (name, spec.image),
                      backend_id=name)
-
-    def _env_file(self, job):
-        """The job's variables in a file (0600) for ``--env-file``, or None
-        if it sets none: values never travel on a command line."""
-        if not job.env:
-            return None
-        env_file = os.path.join(self.log_dir, job.jid + ".env")
-        fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join("%s=%s\n" % kv for kv in job.env.items()))
-        return env_file
 
     def _create(self, job, name, args):
         """``podman run`` *args*; once more if the name was held by a
@@ -2393,7 +2373,7 @@ class PodmanBackend(_PolledBackend):
         job ends "spawn failed"); a setting of this machine that stops
         every container, BackendUnavailable (503); anything else podman
         refused (no such image, a bad mount), SubmitRejected (400)."""
-        message = _podman_error(out.stderr, out)
+        message = _podman_error(out)
         if "already in use" not in out.stderr:
             self._run(["rm", "-f", "-i", name])  # created, never started
         if "rlimit" in message or "cgroup" in message:
@@ -2413,11 +2393,6 @@ class PodmanBackend(_PolledBackend):
         seqs = [int(c["labels"].get("pman.seq", "0")) for c in found.values()
                 if c is not _GONE and c["labels"].get("pman.seq", "").isdigit()]
         return max(seqs, default=0) + 1
-
-    def watch(self, job):
-        self._watched[job.jid] = job
-        self._interval = self.MIN_POLL
-        self.wake()
 
     def unwatch(self, job):
         self._watched.pop(job.jid, None)
@@ -2447,7 +2422,7 @@ class PodmanBackend(_PolledBackend):
                 self._doomed.extend(ids)
             return
         if out.returncode != 0:
-            log.warning("podman rm: %s", _podman_error(out.stderr, out))
+            log.warning("podman rm: %s", _podman_error(out))
 
     def _scan(self):
         """Every container of this manager (label pman.state), inspected
@@ -2457,7 +2432,7 @@ class PodmanBackend(_PolledBackend):
             out = self._run(["ps", "-a", "--filter", "label=pman.state=" + self.tag,
                              "--format", "{{.Names}}"])
             if out.returncode != 0:
-                raise BackendUnavailable("podman ps: %s" % _podman_error(out.stderr, out))
+                raise BackendUnavailable("podman ps: %s" % _podman_error(out))
             self._found = self._inspect(out.stdout.split())
         return self._found
 
@@ -2516,20 +2491,20 @@ class PodmanBackend(_PolledBackend):
                 job.backend_id, state.get("Error") or "podman gives no reason"), None, ERROR)
         return None     # created, removing...: the next poll tells
 
-    def _ended(self, job, state, started=None):
+    def _ended(self, job, state):
         """The _Seen of an ended container: its own exit code, worded."""
         code, limit = state["ExitCode"], (job.extras or {}).get("memory_limit")
         if job.kill_signal and job.kill_sent:   # pman's kill: -N, and what it did
-            return _Seen(ENDED, "the container exited %d" % code, code, ERROR, started)
+            return _Seen(ENDED, "the container exited %d" % code, code, ERROR)
         if code == 0:
-            return _Seen(ENDED, "exited with code 0", 0, SUCCESS, started)
+            return _Seen(ENDED, "exited with code 0", 0, SUCCESS)
         if state.get("OOMKilled") or (code == 128 + signal.SIGKILL and limit):
             return _Seen(ENDED, "killed by SIGKILL, %s (limit %g MiB); the container "
                          "exited %d" % ("out of memory" if state.get("OOMKilled")
                                         else "likely out of memory", limit or 0, code),
-                         code, ERROR, started)
+                         code, ERROR)
         status, code, message = _exit_status(code)
-        return _Seen(ENDED, message, code, status, started)
+        return _Seen(ENDED, message, code, status)
 
     def signal(self, job, sig):
         if not job.backend_id:
@@ -2539,7 +2514,7 @@ class PodmanBackend(_PolledBackend):
             if ("no such container" in out.stderr
                     or "can only kill running containers" in out.stderr):
                 return False
-            raise BackendUnavailable("podman kill: %s" % _podman_error(out.stderr, out))
+            raise BackendUnavailable("podman kill: %s" % _podman_error(out))
         self._interval = self.MIN_POLL      # confirm the outcome from podman, soon
         self.wake()
         return True
@@ -2593,17 +2568,14 @@ class PodmanBackend(_PolledBackend):
         return _Seen(ENDED, "container %s is %s" % (name, state["Status"]), None, UNDEFINED,
                      backend_id=name)
 
-    def wake(self):
-        self._waker.wake()
-
     def close(self):
         self._remove_doomed()
-        self._waker.close()
+        super().close()
 
 
-def _podman_error(stderr, out):
+def _podman_error(out):
     """podman's own message: its last "Error: ..." line, else the last line."""
-    lines = [l.strip() for l in (stderr or "").splitlines() if l.strip()]
+    lines = [l.strip() for l in (out.stderr or "").splitlines() if l.strip()]
     errors = [l for l in lines if l.startswith(("Error:", "error"))]
     text = (errors or lines or ["exit status %d" % out.returncode])[-1]
     return text[len("Error: "):] if text.startswith("Error: ") else text
