@@ -1417,8 +1417,7 @@ class _Waker:
                 os.close(self.w)
 
 
-# What a backend found out about a job (_Backend.start, check, recover);
-# the manager alone applies it to the job.
+# The states of a _Seen.
 QUEUED, RUNNING, ENDED, NEVER = "queued", "running", "ended", "never"
 
 
@@ -1794,9 +1793,8 @@ class SlurmBackend(_PolledBackend):
     """Jobs as SLURM batch jobs, driven through ``sbatch``, ``squeue``,
     ``sacct`` and ``scancel``.  The submit host needs SLURM's client
     commands; the state directory (logs) must be on a file system the
-    compute nodes share.  One ``squeue`` call polls every active job; the
-    poll interval adapts (``MIN_POLL`` after a change, up to ``MAX_POLL``
-    when idle).  Timeouts are enforced by pman; ``--time`` is a backstop."""
+    compute nodes share.  Timeouts are enforced by pman; ``--time`` is a
+    backstop."""
 
     name = "slurm"
     COMMAND_TIMEOUT = 30.0
@@ -1869,8 +1867,8 @@ class SlurmBackend(_PolledBackend):
             pass
 
     def poll(self, ids):
-        """{id: (state, reason, code, signal)} for *ids*, in one squeue call
-        (and one sacct call for jobs squeue has forgotten)."""
+        """{id: (state, reason, code, signal, start)} for *ids*, in one
+        squeue call (and one sacct call for jobs squeue has forgotten)."""
         found = {}
         if not ids:
             return found
@@ -2002,13 +2000,10 @@ _GONE = ("gone",)           # a poll's word for "podman has no such container"
 class _ContainerSpec:
     """What one job asks of the podman backend, read from its *extras*
     with pman 3.x's conventions for ChRIS plugins and checked
-    (InvalidArgument names what is wrong): ``image``; ``command``, the
-    container's (a shell string runs with ``/bin/sh -c``; in an argv the
-    word after each flag of ``args_path_flags`` becomes /share/incoming; a
-    plugin of a ``type`` gets /share/incoming (``ds``) and /share/outgoing
-    appended); ``options``, the ``podman run`` options of its limits and
-    mounts; ``indir`` and ``outdir``, the host directories mounted, under
-    *storebase*.  Runs no podman and touches no file."""
+    (InvalidArgument names what is wrong): ``image``, ``command`` (the
+    container's), ``options`` (of ``podman run``, for its limits and
+    mounts), and ``indir`` and ``outdir`` (the host directories mounted,
+    under *storebase*).  Runs no podman and touches no file."""
 
     INCOMING, OUTGOING = "/share/incoming", "/share/outgoing"
     MIN_MEMORY = 6              # MiB: podman refuses less
@@ -2120,20 +2115,15 @@ class _ContainerSpec:
 class PodmanBackend(_PolledBackend):
     """Jobs as containers, driven through the ``podman`` command line, with
     pman 3.x's conventions for ChRIS plugins (see README.rst, "Running
-    containers").  A job names its ``image`` in *extras*; its command (an
-    argv, or a shell string run with ``/bin/sh -c``) is the container's.
+    containers").
 
     - Name: ``pman-<tag>-<jid>``, *tag* a hash of the state directory, so
       two managers never collide; labels ``pman.state``, ``pman.jid`` and
       ``pman.seq`` tell this run of the jid from any other.
     - ``start`` is ``podman run -d --pull=never --log-driver=passthrough``:
-      the container writes straight into the job's log files, so stdout
-      and stderr stay apart, are readable while it runs and go on being
-      written while no manager runs.  It returns once the container runs.
-    - One ``podman container inspect`` polls every watched container; the
-      interval adapts (``MIN_POLL`` after a change, up to ``MAX_POLL``).
-      The exit code is the container's own, as podman records it.
-    - Kill is ``podman kill --signal``; the manager escalates to SIGKILL.
+      the container writes straight into the job's log files, which go on
+      being written while no manager runs.
+    - The exit code is the container's own, as podman records it.
     - A container is removed (``podman rm``) once its outcome is recorded.
 
     ``runtime`` is podman's ``--runtime`` (default: podman's own);
@@ -2306,18 +2296,25 @@ class PodmanBackend(_PolledBackend):
                      backend_id=name)
 
     def _create(self, job, name, args):
-        """``podman run`` *args*; once more if the name was held by a
-        container of an earlier run (see `_clear_name`).  Raises as
-        `_refuse` says."""
-        for attempt in (1, 2):
+        """``podman run`` *args*.  Should podman refuse the name, the
+        container holding it is adopted if it is this very run's (made by
+        the podman run of a manager that died), or removed and the run tried
+        once more if it is an earlier run's of this jid (its outcome is
+        recorded, or the jid could not run again).  Raises as `_refuse`
+        says."""
+        for retry in (True, False):
             out = self._podman_run(job, name, args)
             if out is None:
                 return
-            verdict = self._clear_name(job, name, out) if attempt == 1 else None
-            if verdict == "adopt":
-                return
-            if verdict != "retry":
+            if not retry or "already in use" not in out.stderr:
                 self._refuse(name, out)
+            found = self._inspect([name]).get(name)
+            if found is not None and found is not _GONE:
+                if found["labels"].get("pman.state") != self.tag:
+                    self._refuse(name, out)
+                if found["labels"].get("pman.seq") == str(job.seq):
+                    return
+                self._run(["rm", "-f", "-i", name])
 
     def _podman_run(self, job, name, args):
         """``podman run -d`` with the container's stdout and stderr on the
@@ -2347,25 +2344,6 @@ class PodmanBackend(_PolledBackend):
             for path in paths:
                 os.unlink(path)
         return out
-
-    def _clear_name(self, job, name, out):
-        """If podman refused the name: "retry" when a container of an
-        earlier run of this jid held it (removed now: its outcome is
-        recorded, or the jid could not run again), "adopt" when it is this
-        very run's (made by the podman run of a manager that died), None
-        for anything else."""
-        if "already in use" not in out.stderr:
-            return None
-        found = self._inspect([name]).get(name)
-        if found is None or found is _GONE:
-            return "retry"
-        labels = found["labels"]
-        if labels.get("pman.state") != self.tag:
-            return None
-        if labels.get("pman.seq") == str(job.seq):
-            return "adopt"
-        self._run(["rm", "-f", "-i", name])
-        return "retry"
 
     def _refuse(self, name, out):
         """Turn podman run's failure into the manager's words: a container
@@ -2520,8 +2498,7 @@ class PodmanBackend(_PolledBackend):
         return True
 
     def recover_queued(self, job):
-        # Journaled as queued, so never handed over: unless a write was lost
-        # (power loss), there is no container.  Look anyway: it costs nothing.
+        # No container unless a write was lost (power loss): look anyway.
         return self._find(job)
 
     def recover(self, job):
