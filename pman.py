@@ -1544,7 +1544,6 @@ class LocalBackend(_Backend):
         self._exits = _ExitLog(os.path.join(state_dir, "exits"))
         self._orphans = None            # seq -> pid of wrappers found at startup
         self._waker = _Waker()
-        self._watched = {}          # jid -> job
         self._no_pidfd = {}         # jid -> job of those without a pidfd: polled
         # Guards _children: a pid is signalled only while it is our unreaped
         # child (so it cannot have been reused), and reaped under it too.
@@ -1600,7 +1599,6 @@ class LocalBackend(_Backend):
             self._exits.clear()
 
     def watch(self, job):
-        self._watched[job.jid] = job
         if self._epoll is not None:
             job.pidfd = _pidfd(job.pid)     # None (EMFILE...): polled instead
             if job.pidfd is not None:
@@ -1611,7 +1609,6 @@ class LocalBackend(_Backend):
         self._waker.wake()      # start polling it
 
     def unwatch(self, job):
-        self._watched.pop(job.jid, None)
         self._no_pidfd.pop(job.jid, None)
         if job.pidfd is not None:
             if self._epoll is not None:
@@ -1709,10 +1706,9 @@ class LocalBackend(_Backend):
         self._waker.wake()
 
     def close(self):
-        for job in list(self._watched.values()):
-            if job.pidfd is not None:
-                os.close(job.pidfd)
-                job.pidfd = None
+        for job in list(self._pidfds.values()):
+            os.close(job.pidfd)
+            job.pidfd = None
         if self._epoll is not None:
             self._epoll.close()
         self._waker.close()
