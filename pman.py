@@ -1422,7 +1422,8 @@ QUEUED, RUNNING, ENDED, NEVER = "queued", "running", "ended", "never"
 
 
 class _Seen(collections.namedtuple(
-        "_Seen", "state message code status started pid ident backend_id")):
+        "_Seen", "state message code status started pid ident backend_id",
+        defaults=(None,) * 7)):
     """A backend's finding about one job:
 
     - ``state``: QUEUED (waiting in the backend's own queue), RUNNING,
@@ -1437,9 +1438,6 @@ class _Seen(collections.namedtuple(
       (set by start, or found by recover), None to keep the record's."""
 
     __slots__ = ()
-
-
-_Seen.__new__.__defaults__ = (None,) * 7
 
 
 class _Backend:
@@ -2006,7 +2004,12 @@ class _ContainerSpec:
 
     def __init__(self, cmd, env, extras, storebase):
         self.storebase = storebase
-        self.image = self._image(extras)
+        self.image = extras.get("image")
+        if self.image is None:
+            raise InvalidArgument("'image' is required on the podman backend: each job "
+                                  "runs in a container of that image")
+        if not isinstance(self.image, str) or not _IMAGE_RE.fullmatch(self.image):
+            raise InvalidArgument("invalid image %s" % _shown(self.image))
         self.options = self._limits(extras)
         kind, flags = extras.get("type"), extras.get("args_path_flags") or []
         if kind not in (None, "fs", "ds", "ts"):
@@ -2032,16 +2035,6 @@ class _ContainerSpec:
                 raise InvalidArgument("env %s: on the podman backend keys and values cannot "
                                       "hold a newline, nor keys start with '#' or have "
                                       "spaces at either end" % _shown(key))
-
-    @staticmethod
-    def _image(extras):
-        image = extras.get("image")
-        if image is None:
-            raise InvalidArgument("'image' is required on the podman backend: each job "
-                                  "runs in a container of that image")
-        if not isinstance(image, str) or not _IMAGE_RE.fullmatch(image):
-            raise InvalidArgument("invalid image %s" % _shown(image))
-        return image
 
     def _limits(self, extras):
         """The run options of pfcon's resource fields (one container, no
@@ -2201,12 +2194,11 @@ class PodmanBackend(_PolledBackend):
         if self.runtime:
             argv += ["--runtime", self.runtime]
         self.calls[args[0]] += 1
-        options = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        options.update(streams)
+        streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **streams}
         try:
             out = subprocess.run(argv + args, stdin=subprocess.DEVNULL, text=True,
                                  timeout=self.COMMAND_TIMEOUT, cwd=self._cwd,
-                                 start_new_session=True, **options)
+                                 start_new_session=True, **streams)
         except FileNotFoundError:
             raise BackendUnavailable("podman is not installed (no %r on PATH)"
                                      % self.podman) from None
