@@ -1417,7 +1417,6 @@ class _Waker:
                 os.close(self.w)
 
 
-# The states of a _Seen.
 QUEUED, RUNNING, ENDED, NEVER = "queued", "running", "ended", "never"
 
 
