@@ -1417,13 +1417,12 @@ class _Waker:
                 os.close(self.w)
 
 
-# What a backend found out about a job (_Backend.start, check, recover);
-# the manager alone applies it to the job.
 QUEUED, RUNNING, ENDED, NEVER = "queued", "running", "ended", "never"
 
 
 class _Seen(collections.namedtuple(
-        "_Seen", "state message code status started pid ident backend_id")):
+        "_Seen", "state message code status started pid ident backend_id",
+        defaults=(None,) * 7)):
     """A backend's finding about one job:
 
     - ``state``: QUEUED (waiting in the backend's own queue), RUNNING,
@@ -1438,9 +1437,6 @@ class _Seen(collections.namedtuple(
       (set by start, or found by recover), None to keep the record's."""
 
     __slots__ = ()
-
-
-_Seen.__new__.__defaults__ = (None,) * 7
 
 
 class _Backend:
@@ -1540,23 +1536,17 @@ class LocalBackend(_Backend):
     name = "local"
     resend_window = RESEND_WINDOW
 
-    def __init__(self):
-        self.log_dir = None
-
     def open(self, state_dir, log_dir, log_path):
-        self.log_dir, self.log_path = log_dir, log_path
+        self.log_path = log_path
         self._exits = _ExitLog(os.path.join(state_dir, "exits"))
         self._orphans = None            # seq -> pid of wrappers found at startup
         self._waker = _Waker()
-        self._watched = {}          # jid -> job
         self._no_pidfd = {}         # jid -> job of those without a pidfd: polled
         # Guards _children: a pid is signalled only while it is our unreaped
         # child (so it cannot have been reused), and reaped under it too.
         self._reap_lock = threading.Lock()
         self._children = set()
-        # epoll itself, not selectors: pidfds exist only on Linux, which has
-        # it, and a selector's key objects and lookups were a fair share of
-        # the reaper's own CPU per job.
+        # epoll itself, not selectors: pidfds exist only on Linux, which has it.
         self._epoll = select.epoll() if _HAVE_PIDFD else None
         self._pidfds = {}           # pidfd -> its job, of those registered in _epoll
         if self._epoll is not None:
@@ -1606,7 +1596,6 @@ class LocalBackend(_Backend):
             self._exits.clear()
 
     def watch(self, job):
-        self._watched[job.jid] = job
         if self._epoll is not None:
             job.pidfd = _pidfd(job.pid)     # None (EMFILE...): polled instead
             if job.pidfd is not None:
@@ -1617,7 +1606,6 @@ class LocalBackend(_Backend):
         self._waker.wake()      # start polling it
 
     def unwatch(self, job):
-        self._watched.pop(job.jid, None)
         self._no_pidfd.pop(job.jid, None)
         if job.pidfd is not None:
             if self._epoll is not None:
@@ -1715,10 +1703,9 @@ class LocalBackend(_Backend):
         self._waker.wake()
 
     def close(self):
-        for job in list(self._watched.values()):
-            if job.pidfd is not None:
-                os.close(job.pidfd)
-                job.pidfd = None
+        for job in list(self._pidfds.values()):
+            os.close(job.pidfd)
+            job.pidfd = None
         if self._epoll is not None:
             self._epoll.close()
         self._waker.close()
@@ -1740,10 +1727,37 @@ class _PolledBackend(_Backend):
     """A backend that learns what its jobs do by asking one command about
     all of them at once (``squeue``, ``podman inspect``), at an interval
     that adapts: MIN_POLL after a change, growing to MAX_POLL while nothing
-    changes.  A subclass sets ``_waker``, ``_watched``, ``_interval`` and
-    ``_last_poll`` in ``open`` and calls these from ``wait``."""
+    changes.  A subclass's ``wait`` calls the helpers below."""
 
     MIN_POLL, MAX_POLL = 0.2, 5.0
+
+    def open(self, state_dir, log_dir, log_path):
+        self.log_dir, self.log_path = log_dir, log_path
+        self._waker = _Waker()
+        self._watched = {}              # jid -> job
+        self._states = {}               # backend_id -> what the last poll found
+        self._interval = self.MIN_POLL
+        self._last_poll = 0.0
+
+    def watch(self, job):
+        self._watched[job.jid] = job
+        self._interval = self.MIN_POLL
+        self.wake()
+
+    def wake(self):
+        self._waker.wake()
+
+    def close(self):
+        self._waker.close()
+
+    def _env_file(self, job, env, end):
+        """*env* in a file (0600) beside the job's logs, each variable
+        followed by *end*: values never travel on a command line."""
+        path = os.path.join(self.log_dir, job.jid + ".env")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join("%s=%s%s" % (key, value, end) for key, value in env.items()))
+        return path
 
     def _due_jobs(self, timeout):
         """Sleep until the next poll is due (at most *timeout*, or until
@@ -1772,13 +1786,10 @@ class SlurmBackend(_PolledBackend):
     """Jobs as SLURM batch jobs, driven through ``sbatch``, ``squeue``,
     ``sacct`` and ``scancel``.  The submit host needs SLURM's client
     commands; the state directory (logs) must be on a file system the
-    compute nodes share.  One ``squeue`` call polls every active job; the
-    poll interval adapts (``MIN_POLL`` after a change, up to ``MAX_POLL``
-    when idle).  Timeouts are enforced by pman; ``--time`` is a backstop."""
+    compute nodes share.  Timeouts are enforced by pman; ``--time`` is a
+    backstop."""
 
     name = "slurm"
-    resend_window = 0.0
-    enforced = ()
     COMMAND_TIMEOUT = 30.0
 
     def __init__(self, partition=None, sbatch_args=()):
@@ -1786,7 +1797,6 @@ class SlurmBackend(_PolledBackend):
             sbatch_args = shlex.split(sbatch_args)
         self.partition = partition
         self.sbatch_args = list(sbatch_args)
-        self.log_dir = None
         self.calls = collections.Counter()   # scheduler commands run, by name
 
     def open(self, state_dir, log_dir, log_path):
@@ -1794,12 +1804,8 @@ class SlurmBackend(_PolledBackend):
             if shutil.which(tool) is None:
                 raise BackendUnavailable("the slurm backend needs %r on PATH, and it is "
                                          "missing: install SLURM's client commands" % tool)
-        self.log_dir, self.log_path = log_dir, log_path
-        self._waker = _Waker()
-        self._watched = {}              # jid -> job
-        self._states = {}   # backend_id -> (state, reason, code, signal, start)
-        self._interval = self.MIN_POLL
-        self._last_poll = 0.0
+        super().open(state_dir, log_dir, log_path)
+        # _states: backend_id -> (state, reason, code, signal, start)
 
     def _run(self, argv, check=True):
         self.calls[argv[0]] += 1
@@ -1834,13 +1840,8 @@ class SlurmBackend(_PolledBackend):
             argv.append("--mem=%dM" % math.ceil(mem))
         if job.timeout is not None:     # a backstop: pman kills at the timeout itself
             argv.append("--time=%d" % (math.ceil(job.timeout / 60) + 1))
-        if env:
-            # --export splits on commas: values travel in a NUL-separated file.
-            path = os.path.join(self.log_dir, job.jid + ".env")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("".join("%s=%s\0" % kv for kv in env.items()))
-            argv.append("--export-file=" + path)
+        if env:     # NUL-separated: --export would split values on commas
+            argv.append("--export-file=" + self._env_file(job, env, "\0"))
         argv += self.sbatch_args
         argv += ["--wrap", job.cmd if job.argv is None else shlex.join(job.argv)]
         out = self._run(argv)
@@ -1849,11 +1850,6 @@ class SlurmBackend(_PolledBackend):
             raise SubmitRejected("sbatch printed no job id: %r" % out.stdout[:200])
         self._interval = self.MIN_POLL
         return _Seen(QUEUED, "submitted to SLURM as job %s" % job_id, backend_id=job_id)
-
-    def watch(self, job):
-        self._watched[job.jid] = job
-        self._interval = self.MIN_POLL
-        self.wake()
 
     def unwatch(self, job):
         self._watched.pop(job.jid, None)
@@ -1864,8 +1860,8 @@ class SlurmBackend(_PolledBackend):
             pass
 
     def poll(self, ids):
-        """{id: (state, reason, code, signal)} for *ids*, in one squeue call
-        (and one sacct call for jobs squeue has forgotten)."""
+        """{id: (state, reason, code, signal, start)} for *ids*, in one
+        squeue call (and one sacct call for jobs squeue has forgotten)."""
         found = {}
         if not ids:
             return found
@@ -1981,12 +1977,6 @@ class SlurmBackend(_PolledBackend):
         # Whether it runs yet, the next poll says.
         return _Seen(RUNNING if job.status == STARTED else QUEUED, backend_id=backend_id)
 
-    def wake(self):
-        self._waker.wake()
-
-    def close(self):
-        self._waker.close()
-
 
 # ---------------------------------------------------------------------------
 # The podman backend
@@ -2003,20 +1993,22 @@ _GONE = ("gone",)           # a poll's word for "podman has no such container"
 class _ContainerSpec:
     """What one job asks of the podman backend, read from its *extras*
     with pman 3.x's conventions for ChRIS plugins and checked
-    (InvalidArgument names what is wrong): ``image``; ``command``, the
-    container's (a shell string runs with ``/bin/sh -c``; in an argv the
-    word after each flag of ``args_path_flags`` becomes /share/incoming; a
-    plugin of a ``type`` gets /share/incoming (``ds``) and /share/outgoing
-    appended); ``options``, the ``podman run`` options of its limits and
-    mounts; ``indir`` and ``outdir``, the host directories mounted, under
-    *storebase*.  Runs no podman and touches no file."""
+    (InvalidArgument names what is wrong): ``image``, ``command`` (the
+    container's), ``options`` (of ``podman run``, for its limits and
+    mounts), and ``indir`` and ``outdir`` (the host directories mounted,
+    under *storebase*).  Runs no podman and touches no file."""
 
     INCOMING, OUTGOING = "/share/incoming", "/share/outgoing"
     MIN_MEMORY = 6              # MiB: podman refuses less
 
     def __init__(self, cmd, env, extras, storebase):
         self.storebase = storebase
-        self.image = self._image(extras)
+        self.image = extras.get("image")
+        if self.image is None:
+            raise InvalidArgument("'image' is required on the podman backend: each job "
+                                  "runs in a container of that image")
+        if not isinstance(self.image, str) or not _IMAGE_RE.fullmatch(self.image):
+            raise InvalidArgument("invalid image %s" % _shown(self.image))
         self.options = self._limits(extras)
         kind, flags = extras.get("type"), extras.get("args_path_flags") or []
         if kind not in (None, "fs", "ds", "ts"):
@@ -2042,16 +2034,6 @@ class _ContainerSpec:
                 raise InvalidArgument("env %s: on the podman backend keys and values cannot "
                                       "hold a newline, nor keys start with '#' or have "
                                       "spaces at either end" % _shown(key))
-
-    @staticmethod
-    def _image(extras):
-        image = extras.get("image")
-        if image is None:
-            raise InvalidArgument("'image' is required on the podman backend: each job "
-                                  "runs in a container of that image")
-        if not isinstance(image, str) or not _IMAGE_RE.fullmatch(image):
-            raise InvalidArgument("invalid image %s" % _shown(image))
-        return image
 
     def _limits(self, extras):
         """The run options of pfcon's resource fields (one container, no
@@ -2121,20 +2103,15 @@ class _ContainerSpec:
 class PodmanBackend(_PolledBackend):
     """Jobs as containers, driven through the ``podman`` command line, with
     pman 3.x's conventions for ChRIS plugins (see README.rst, "Running
-    containers").  A job names its ``image`` in *extras*; its command (an
-    argv, or a shell string run with ``/bin/sh -c``) is the container's.
+    containers").
 
     - Name: ``pman-<tag>-<jid>``, *tag* a hash of the state directory, so
       two managers never collide; labels ``pman.state``, ``pman.jid`` and
       ``pman.seq`` tell this run of the jid from any other.
     - ``start`` is ``podman run -d --pull=never --log-driver=passthrough``:
-      the container writes straight into the job's log files, so stdout
-      and stderr stay apart, are readable while it runs and go on being
-      written while no manager runs.  It returns once the container runs.
-    - One ``podman container inspect`` polls every watched container; the
-      interval adapts (``MIN_POLL`` after a change, up to ``MAX_POLL``).
-      The exit code is the container's own, as podman records it.
-    - Kill is ``podman kill --signal``; the manager escalates to SIGKILL.
+      the container writes straight into the job's log files, which go on
+      being written while no manager runs.
+    - The exit code is the container's own, as podman records it.
     - A container is removed (``podman rm``) once its outcome is recorded.
 
     ``runtime`` is podman's ``--runtime`` (default: podman's own);
@@ -2143,13 +2120,10 @@ class PodmanBackend(_PolledBackend):
     and ``output_dir`` are relative to."""
 
     name = "podman"
-    resend_window = 0.0
     enforced = ("cpu_limit", "memory_limit", "gpu_limit", "number_of_workers")
     MIN_POLL, MAX_POLL = 0.1, 1.0
     COMMAND_TIMEOUT = 60.0
     IMAGE_TTL = 10.0            # seconds an image found locally is taken as present
-    INCOMING, OUTGOING = _ContainerSpec.INCOMING, _ContainerSpec.OUTGOING
-    MIN_MEMORY = _ContainerSpec.MIN_MEMORY
     # podman run options pman relies on: never from podman_args.
     _OWN_OPTIONS = frozenset({"--rm", "--name", "--log-driver", "--pull", "-d", "--detach",
                               "--replace", "-t", "--tty", "-i", "--interactive", "-a",
@@ -2185,14 +2159,12 @@ class PodmanBackend(_PolledBackend):
         self.podman_args = list(podman_args)
         self.storebase = storebase
         self.podman = podman
-        self.log_dir = None
         self.calls = collections.Counter()   # podman subcommands run, by name
 
     def open(self, state_dir, log_dir, log_path):
         if shutil.which(self.podman) is None:
             log.warning("the podman backend needs %r on PATH, and it is missing: every "
                         "submission is refused (503) until it is installed", self.podman)
-        self.log_dir, self.log_path = log_dir, log_path
         state_dir = os.path.realpath(state_dir)
         self.tag = hashlib.sha256(state_dir.encode()).hexdigest()[:10]
         # podman's working directory, inherited by conmon, which drops an
@@ -2200,9 +2172,8 @@ class PodmanBackend(_PolledBackend):
         # the application's directory.
         self._cwd = os.path.join(state_dir, "podman")
         os.makedirs(self._cwd, mode=0o700, exist_ok=True)
-        self._waker = _Waker()
-        self._watched = {}              # jid -> job
-        self._states = {}   # container name -> its inspected state (a dict) or _GONE
+        super().open(state_dir, log_dir, log_path)
+        # _states: container name -> its inspected state (a dict) or _GONE
         # Guards _doomed: ids of containers to remove, queued under the
         # manager's lock (unwatch) and removed by the reaper's wait, which
         # holds no lock.
@@ -2211,8 +2182,6 @@ class PodmanBackend(_PolledBackend):
         self._images = {}               # image -> when it was last seen present
         self._found = None      # at startup: name -> inspected container (see _scan)
         self._claimed = set()           # names of _found that recovery adopted
-        self._interval = self.MIN_POLL
-        self._last_poll = 0.0
 
     # -- the podman command line ----------------------------------------------
 
@@ -2224,12 +2193,11 @@ class PodmanBackend(_PolledBackend):
         if self.runtime:
             argv += ["--runtime", self.runtime]
         self.calls[args[0]] += 1
-        options = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        options.update(streams)
+        streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **streams}
         try:
             out = subprocess.run(argv + args, stdin=subprocess.DEVNULL, text=True,
                                  timeout=self.COMMAND_TIMEOUT, cwd=self._cwd,
-                                 start_new_session=True, **options)
+                                 start_new_session=True, **streams)
         except FileNotFoundError:
             raise BackendUnavailable("podman is not installed (no %r on PATH)"
                                      % self.podman) from None
@@ -2261,7 +2229,7 @@ class PodmanBackend(_PolledBackend):
             found.update((n, _GONE) for n in names if n not in found and n in missing)
             if not found:
                 raise BackendUnavailable("podman container inspect: %s"
-                                         % _podman_error(out.stderr, out))
+                                         % _podman_error(out))
         return found
 
     # -- admitting and starting a job ------------------------------------------
@@ -2282,7 +2250,7 @@ class PodmanBackend(_PolledBackend):
             raise InvalidArgument("image %s is not in podman's local storage, and pman "
                                   "never pulls (podman pull it first)" % _shown(image))
         if out.returncode != 0:
-            raise BackendUnavailable("podman image exists: %s" % _podman_error(out.stderr, out))
+            raise BackendUnavailable("podman image exists: %s" % _podman_error(out))
         self._images[image] = _time()
 
     # -- the seam ---------------------------------------------------------------
@@ -2301,7 +2269,7 @@ class PodmanBackend(_PolledBackend):
                 "--label", "pman.seq=%d" % job.seq] + spec.options
         if job.cwd is not None:
             args.append("--workdir=" + job.cwd)
-        env_file = self._env_file(job)
+        env_file = self._env_file(job, job.env, "\n") if job.env else None
         if env_file is not None:
             args.append("--env-file=" + env_file)
         args += self.podman_args + [spec.image] + spec.command
@@ -2314,30 +2282,26 @@ class PodmanBackend(_PolledBackend):
         return _Seen(RUNNING, "running in container %s (image %s)" % (name, spec.image),
                      backend_id=name)
 
-    def _env_file(self, job):
-        """The job's variables in a file (0600) for ``--env-file``, or None
-        if it sets none: values never travel on a command line."""
-        if not job.env:
-            return None
-        env_file = os.path.join(self.log_dir, job.jid + ".env")
-        fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join("%s=%s\n" % kv for kv in job.env.items()))
-        return env_file
-
     def _create(self, job, name, args):
-        """``podman run`` *args*; once more if the name was held by a
-        container of an earlier run (see `_clear_name`).  Raises as
-        `_refuse` says."""
-        for attempt in (1, 2):
+        """``podman run`` *args*.  Should podman refuse the name, the
+        container holding it is adopted if it is this very run's (made by
+        the podman run of a manager that died), or removed and the run tried
+        once more if it is an earlier run's of this jid (its outcome is
+        recorded, or the jid could not run again).  Raises as `_refuse`
+        says."""
+        for retry in (True, False):
             out = self._podman_run(job, name, args)
             if out is None:
                 return
-            verdict = self._clear_name(job, name, out) if attempt == 1 else None
-            if verdict == "adopt":
-                return
-            if verdict != "retry":
+            if not retry or "already in use" not in out.stderr:
                 self._refuse(name, out)
+            found = self._inspect([name]).get(name)
+            if found is not None and found is not _GONE:
+                if found["labels"].get("pman.state") != self.tag:
+                    self._refuse(name, out)
+                if found["labels"].get("pman.seq") == str(job.seq):
+                    return
+                self._run(["rm", "-f", "-i", name])
 
     def _podman_run(self, job, name, args):
         """``podman run -d`` with the container's stdout and stderr on the
@@ -2368,32 +2332,13 @@ class PodmanBackend(_PolledBackend):
                 os.unlink(path)
         return out
 
-    def _clear_name(self, job, name, out):
-        """If podman refused the name: "retry" when a container of an
-        earlier run of this jid held it (removed now: its outcome is
-        recorded, or the jid could not run again), "adopt" when it is this
-        very run's (made by the podman run of a manager that died), None
-        for anything else."""
-        if "already in use" not in out.stderr:
-            return None
-        found = self._inspect([name]).get(name)
-        if found is None or found is _GONE:
-            return "retry"
-        labels = found["labels"]
-        if labels.get("pman.state") != self.tag:
-            return None
-        if labels.get("pman.seq") == str(job.seq):
-            return "adopt"
-        self._run(["rm", "-f", "-i", name])
-        return "retry"
-
     def _refuse(self, name, out):
         """Turn podman run's failure into the manager's words: a container
         that could not start (no such executable...) is an OSError (the
         job ends "spawn failed"); a setting of this machine that stops
         every container, BackendUnavailable (503); anything else podman
         refused (no such image, a bad mount), SubmitRejected (400)."""
-        message = _podman_error(out.stderr, out)
+        message = _podman_error(out)
         if "already in use" not in out.stderr:
             self._run(["rm", "-f", "-i", name])  # created, never started
         if "rlimit" in message or "cgroup" in message:
@@ -2413,11 +2358,6 @@ class PodmanBackend(_PolledBackend):
         seqs = [int(c["labels"].get("pman.seq", "0")) for c in found.values()
                 if c is not _GONE and c["labels"].get("pman.seq", "").isdigit()]
         return max(seqs, default=0) + 1
-
-    def watch(self, job):
-        self._watched[job.jid] = job
-        self._interval = self.MIN_POLL
-        self.wake()
 
     def unwatch(self, job):
         self._watched.pop(job.jid, None)
@@ -2447,7 +2387,7 @@ class PodmanBackend(_PolledBackend):
                 self._doomed.extend(ids)
             return
         if out.returncode != 0:
-            log.warning("podman rm: %s", _podman_error(out.stderr, out))
+            log.warning("podman rm: %s", _podman_error(out))
 
     def _scan(self):
         """Every container of this manager (label pman.state), inspected
@@ -2457,7 +2397,7 @@ class PodmanBackend(_PolledBackend):
             out = self._run(["ps", "-a", "--filter", "label=pman.state=" + self.tag,
                              "--format", "{{.Names}}"])
             if out.returncode != 0:
-                raise BackendUnavailable("podman ps: %s" % _podman_error(out.stderr, out))
+                raise BackendUnavailable("podman ps: %s" % _podman_error(out))
             self._found = self._inspect(out.stdout.split())
         return self._found
 
@@ -2516,20 +2456,20 @@ class PodmanBackend(_PolledBackend):
                 job.backend_id, state.get("Error") or "podman gives no reason"), None, ERROR)
         return None     # created, removing...: the next poll tells
 
-    def _ended(self, job, state, started=None):
+    def _ended(self, job, state):
         """The _Seen of an ended container: its own exit code, worded."""
         code, limit = state["ExitCode"], (job.extras or {}).get("memory_limit")
         if job.kill_signal and job.kill_sent:   # pman's kill: -N, and what it did
-            return _Seen(ENDED, "the container exited %d" % code, code, ERROR, started)
+            return _Seen(ENDED, "the container exited %d" % code, code, ERROR)
         if code == 0:
-            return _Seen(ENDED, "exited with code 0", 0, SUCCESS, started)
+            return _Seen(ENDED, "exited with code 0", 0, SUCCESS)
         if state.get("OOMKilled") or (code == 128 + signal.SIGKILL and limit):
             return _Seen(ENDED, "killed by SIGKILL, %s (limit %g MiB); the container "
                          "exited %d" % ("out of memory" if state.get("OOMKilled")
                                         else "likely out of memory", limit or 0, code),
-                         code, ERROR, started)
+                         code, ERROR)
         status, code, message = _exit_status(code)
-        return _Seen(ENDED, message, code, status, started)
+        return _Seen(ENDED, message, code, status)
 
     def signal(self, job, sig):
         if not job.backend_id:
@@ -2539,14 +2479,13 @@ class PodmanBackend(_PolledBackend):
             if ("no such container" in out.stderr
                     or "can only kill running containers" in out.stderr):
                 return False
-            raise BackendUnavailable("podman kill: %s" % _podman_error(out.stderr, out))
+            raise BackendUnavailable("podman kill: %s" % _podman_error(out))
         self._interval = self.MIN_POLL      # confirm the outcome from podman, soon
         self.wake()
         return True
 
     def recover_queued(self, job):
-        # Journaled as queued, so never handed over: unless a write was lost
-        # (power loss), there is no container.  Look anyway: it costs nothing.
+        # No container unless a write was lost (power loss): look anyway.
         return self._find(job)
 
     def recover(self, job):
@@ -2593,17 +2532,14 @@ class PodmanBackend(_PolledBackend):
         return _Seen(ENDED, "container %s is %s" % (name, state["Status"]), None, UNDEFINED,
                      backend_id=name)
 
-    def wake(self):
-        self._waker.wake()
-
     def close(self):
         self._remove_doomed()
-        self._waker.close()
+        super().close()
 
 
-def _podman_error(stderr, out):
+def _podman_error(out):
     """podman's own message: its last "Error: ..." line, else the last line."""
-    lines = [l.strip() for l in (stderr or "").splitlines() if l.strip()]
+    lines = [l.strip() for l in (out.stderr or "").splitlines() if l.strip()]
     errors = [l for l in lines if l.startswith(("Error:", "error"))]
     text = (errors or lines or ["exit status %d" % out.returncode])[-1]
     return text[len("Error: "):] if text.startswith("Error: ") else text
