@@ -2123,7 +2123,6 @@ class PodmanBackend(_PolledBackend):
     enforced = ("cpu_limit", "memory_limit", "gpu_limit", "number_of_workers")
     MIN_POLL, MAX_POLL = 0.1, 1.0
     COMMAND_TIMEOUT = 60.0
-    IMAGE_TTL = 10.0            # seconds an image found locally is taken as present
     # podman run options pman relies on: never from podman_args.
     _OWN_OPTIONS = frozenset({"--rm", "--name", "--log-driver", "--pull", "-d", "--detach",
                               "--replace", "-t", "--tty", "-i", "--interactive", "-a",
@@ -2179,7 +2178,6 @@ class PodmanBackend(_PolledBackend):
         # holds no lock.
         self._doomed_lock = threading.Lock()
         self._doomed = []
-        self._images = {}               # image -> when it was last seen present
         self._found = None      # at startup: name -> inspected container (see _scan)
         self._claimed = set()           # names of _found that recovery adopted
 
@@ -2243,15 +2241,12 @@ class PodmanBackend(_PolledBackend):
         if indir is not None and not os.path.isdir(spec.indir):
             raise InvalidArgument("input_dir %s is not a directory under the storebase"
                                   % _shown(indir))
-        if _time() - self._images.get(image, -self.IMAGE_TTL) < self.IMAGE_TTL:
-            return
         out = self._run(["image", "exists", image])
         if out.returncode == 1:
             raise InvalidArgument("image %s is not in podman's local storage, and pman "
                                   "never pulls (podman pull it first)" % _shown(image))
         if out.returncode != 0:
             raise BackendUnavailable("podman image exists: %s" % _podman_error(out))
-        self._images[image] = _time()
 
     # -- the seam ---------------------------------------------------------------
 
@@ -4265,7 +4260,6 @@ DEFAULT_LONG_POLLS = 256    # ?wait requests waiting at once; past it, 503
 FD_RESERVE = 64             # fds never used for connections (state files, a spawn's)
 PAGE_SIZE, MAX_PAGE = 100, 1000
 RAW_CHUNK = 1 << 20         # bytes at most in one raw log reply (?raw=1)
-BODY_TTL, BODY_CACHE_SIZE = 1.0, 4096   # finished jobs' encoded objects
 SENT_META = "sent_meta"     # the extras key of the meta a command-dialect run sent
 MAX_WARNED_FIELDS = 100     # unknown field names remembered (each logged once)
 CPU_SAMPLE = 0.1            # seconds between the two /proc/stat reads of hello sysinfo
@@ -4943,9 +4937,7 @@ class _Api:
 
     def _job_reply(self, jid):
         manager = self.manager
-        return 200, self.server.bodies.get(jid, lambda: _Encoded(json.dumps(
-            _job_object(manager.get(jid, with_logs=True), manager.backend.enforced),
-            allow_nan=False).encode("utf-8")))
+        return 200, _job_object(manager.get(jid, with_logs=True), manager.backend.enforced)
 
     def route_delete_job(self, groups, query, body):
         self._only(query, "kill")
@@ -5110,31 +5102,6 @@ class _Routes:
                 "info": {"title": "pman", "version": __version__,
                          "description": "Process manager API: command and resource dialects"},
                 "paths": paths}
-
-
-class _BodyCache:
-    """Encoded job objects of finished jobs.  A finished job's object only
-    changes if its logs do, so it is served from here for BODY_TTL seconds
-    (a job's stray background process may still write), checked against
-    the record's etag; queued and running jobs are never cached."""
-
-    def __init__(self, manager):
-        self.manager = manager
-        self._cache = {}        # jid -> (etag, expiry, _Encoded); dict ops are atomic
-
-    def get(self, jid, encode):
-        """The encoded object of *jid*: cached, or ``encode()``d now."""
-        tag = self.manager.etag(jid)
-        hit = self._cache.get(jid)
-        now = _time()
-        if tag is not None and hit is not None and hit[0] == tag and hit[1] > now:
-            return hit[2]
-        body = encode()
-        if tag is not None:
-            if len(self._cache) >= BODY_CACHE_SIZE:
-                self._cache.clear()
-            self._cache[jid] = (tag, now + BODY_TTL, body)
-        return body
 
 
 # ---------------------------------------------------------------------------
@@ -5712,7 +5679,6 @@ class _Server(http.server.HTTPServer):
         self._full_reply = _canned(503, "Service Unavailable", "too many open connections "
                                    "(%d): try again" % max_connections)
         self.commands = _CommandDialect(self)
-        self.bodies = _BodyCache(manager)
         self.warned_lock = threading.Lock()     # guards warned_fields and warned_full
         self.warned_fields = set()              # unknown field names already logged
         self.warned_full = False

@@ -5159,6 +5159,23 @@ def test_resource_requests_past_the_listeners_get_503_and_start_no_thread(http_f
     assert srv.request("GET", "/api/v1/").status == 200
 
 
+def test_resource_finished_job_object_shows_output_written_after_it_ended(http_srv, tmp_path):
+    """A finished job's object is read afresh on every GET: output that a
+    background process of the job writes after the job ended shows at the
+    next GET, never a copy kept from before."""
+    gate = tmp_path / "gate"
+    http_srv.manager.run("echo early; (while [ ! -e %s ]; do sleep 0.01; done; echo late) &"
+                         % gate, jid="bg")
+    http_srv.manager.wait("bg", timeout=10)
+    r = http_srv.request("GET", "/api/v1/bg/")
+    assert r.status == 200 and json.loads(r.body)["logs"] == "early\n", r.body
+    gate.touch()
+    out = os.path.join(http_srv.log_dir, "bg.out")
+    _until(lambda: b"late" in _crash_read(out), 10, "the background process's line")
+    r = http_srv.request("GET", "/api/v1/bg/")
+    assert r.status == 200 and json.loads(r.body)["logs"] == "early\nlate\n", r.body
+
+
 def test_resource_bodies_in_flight_hold_no_handler_thread(http_factory):
     """The reader reads a request's body as it reads its head: 40 clients
     each trickling a POST body hold no handler thread (one thread each
