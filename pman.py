@@ -895,25 +895,20 @@ class _Store:
         bad lines; note the jids whose last line is active in self.active.
         Returns the number of lines."""
         count = 0
-        active = self.active
-        match, actives = _LINE_RE.match, frozenset(ACTIVE)
-        next_seq = self._next_seq
         for line in lines:
             count += 1
-            m = match(line)
+            m = _LINE_RE.match(line)
             if m:
                 jid, status, seq = m.groups()
                 old = jobs.get(jid)
-                if old is not None and match(old).group(3) != seq:
+                if old is not None and _line_seq(old) != int(seq):
                     del jobs[jid]           # a re-run moves to the end
                 jobs[jid] = line
-                if status in actives:
-                    active.add(jid)
-                elif active:
-                    active.discard(jid)
-                seq = int(seq)
-                if seq >= next_seq:
-                    next_seq = seq + 1
+                if status in ACTIVE:
+                    self.active.add(jid)
+                else:
+                    self.active.discard(jid)
+                self._next_seq = max(self._next_seq, int(seq) + 1)
                 continue
             try:
                 change = json.loads(line)
@@ -922,10 +917,9 @@ class _Store:
                     continue
                 for jid in change["forget"]:
                     jobs.pop(jid, None)
-                    active.discard(jid)
+                    self.active.discard(jid)
             except (ValueError, KeyError, TypeError):
                 bad.append(line[:40])
-        self._next_seq = next_seq
         return count
 
     @staticmethod
