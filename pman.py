@@ -677,15 +677,13 @@ def _write_atomic(path, chunks):
     tmp = "%s.tmp-%d" % (path, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as f:
+        with open(fd, "w", encoding="utf-8") as f:
             f.writelines(chunks)
             f.flush()
             os.fsync(fd)
     except BaseException:
-        os.close(fd)
         os.unlink(tmp)
         raise
-    os.close(fd)
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(path))
 
@@ -983,8 +981,7 @@ class _Store:
         data = (line + "\n").encode("utf-8")
         with self._lock:
             try:
-                if self._pending:           # earlier lines first: keep the order
-                    self._write_pending()
+                self._write_pending()       # earlier lines first: keep the order
                 self._write(data)
             except OSError as e:
                 if must:
@@ -1084,21 +1081,18 @@ class _Store:
 # ---------------------------------------------------------------------------
 
 # The wrapper that runs every job, as ``sh -c WRAPPER sh pman-job SEQ EXITS
-# CWD CMD...``, and records its exit status in EXITS.  The command is a
-# positional parameter, never part of the script text, and runs with no
-# positional parameters of the wrapper's (as under ``sh -c CMD``).
-# `trap : TERM` is a handler, not an ignore, so the job's process resets it
-# and does not inherit SIG_IGN, while the wrapper itself survives a group
-# SIGTERM long enough to record the exit status.  Every other signal
-# disposition is reset to the default by the spawn itself (_SIGDEF).  No
-# user code runs in the wrapper's own shell: a shell command or an argv
-# runs in a child, so that nothing it does (exec, trap, exit, a builtin
-# loop that the wrapper's TERM handler would keep alive) reaches the shell
-# that records its status.  The wrapper sets no variable, so the job sees
-# its environment as given: the job runs in a function (j, unset before
-# anything of the job's runs) whose positional parameters are its own, and
-# OLDPWD, which the `cd` to CWD would set to the manager's directory, is put
-# back as the job's environment had it (as ``env -C CWD sh -c CMD`` leaves it).
+# CWD CMD...``, records its exit status in EXITS.  The command travels as a
+# positional parameter, never as script text, and sees none of the
+# wrapper's (as under ``sh -c CMD``).  `trap : TERM` is a handler, not an
+# ignore: the job resets it (no inherited SIG_IGN), while the wrapper
+# survives a group SIGTERM long enough to record the status; the spawn
+# resets every other disposition (_SIGDEF).  No user code runs in the
+# wrapper's own shell: the job runs in a child, so nothing it does (exec,
+# trap, exit, a builtin loop the TERM handler would keep alive) reaches the
+# shell that records its status.  The job sees its environment as given:
+# the wrapper sets no variable (j is a function, unset first), and OLDPWD,
+# which the `cd` to CWD sets to the manager's directory, is put back as the
+# job's environment had it (as ``env -C CWD sh -c CMD`` leaves it).
 _WRAP_HEAD = ('trap : TERM; j() { unset -f j; if [ -n "$4" ]; then '
               'set -- "${OLDPWD+x$OLDPWD}" "$@"; cd -- "$5" || return 126; '
               'case $1 in x*) OLDPWD=${1#x};; *) unset OLDPWD;; esac; shift; fi; shift 4; ')
@@ -1108,13 +1102,11 @@ _WRAP_TAIL = '; }; j "$@"; set -- $? "$2" "$3"; echo "$2 $1" >>"$3"; exit "$1"'
 # builtin of the same name).
 _WRAP_SHELL = _WRAP_HEAD + '/bin/sh -c "$1" sh' + _WRAP_TAIL
 _WRAP_ARGV = _WRAP_HEAD + '(exec "$@")' + _WRAP_TAIL
-# A job that is one program and its words (see _direct_words) needs no
-# subshell: the wrapper runs it as its own child (vfork + exec), which is
-# what `sh -c CMD` itself does with it, and no shell code of the job's runs
-# in the wrapper.  The program's exec resets the TERM handler as the
-# subshell's fork did; a TERM that lands between the vfork and the exec is
-# caught and lost as in the subshell's instant after its fork, and is sent
-# again (JobManager._deliver).
+# A job that is one program and its words (see _direct_words) runs as the
+# wrapper's own child (vfork + exec), as `sh -c CMD` would run it: no shell
+# code of the job's runs in the wrapper.  A TERM that lands before the exec
+# is caught and lost, as in a subshell's instant after its fork, and is
+# sent again (JobManager._deliver).
 _WRAP_DIRECT = _WRAP_HEAD + '"$@"' + _WRAP_TAIL
 # Every wrapper that a build of pman has started, by its exact text: the
 # current ones, then those of earlier builds (some ``sh -c WRAPPER pman-job
