@@ -176,7 +176,6 @@ ERROR = "finishedWithError"
 UNDEFINED = "undefined"
 STATUSES = (NOTSTARTED, STARTED, SUCCESS, ERROR, UNDEFINED)
 ACTIVE = (NOTSTARTED, STARTED)
-_ACTIVE_SET = frozenset(ACTIVE)
 
 JID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 RESERVED_JIDS = frozenset({"cmd", "jobs", "hello", "openapi.json", "events"})
@@ -214,7 +213,7 @@ def _parse_time(stamp):
 
 
 def _time_since(stamp):
-    return datetime.now(timezone.utc).timestamp() - _parse_time(stamp) if stamp else 0.0
+    return _wall() - _parse_time(stamp) if stamp else 0.0
 
 
 def _drain(fd):
@@ -229,9 +228,8 @@ def _drain(fd):
 # Exceptions
 # ---------------------------------------------------------------------------
 
-# Every exception the library raises is defined here (the HTTP layer's own
-# HTTPError, which never leaves it, is defined there); the HTTP status of
-# each is in one table, _HTTP_STATUS.
+# Every exception the library raises (the HTTP layer's HTTPError never
+# leaves it); the HTTP status of each is in one table, _HTTP_STATUS.
 
 class PmanError(Exception):
     """Root of every error pman raises.  ``str(e)`` says what is wrong."""
@@ -352,15 +350,13 @@ def parse_signal(sig):
         raise InvalidArgument("invalid signal %s" % _shown(sig))
     if isinstance(sig, str):
         name = sig.strip().upper()
-        if name.isdigit():
-            sig = int(name)
-        else:
-            if not name.startswith("SIG"):
-                name = "SIG" + name
-            member = getattr(signal.Signals, name, None) if name.isidentifier() else None
+        if not name.isdigit():
+            member = signal.Signals.__members__.get(
+                name if name.startswith("SIG") else "SIG" + name)
             if member is None:
                 raise InvalidArgument("unknown signal %s" % _shown(sig))
             return int(member)
+        sig = int(name)
     if isinstance(sig, int) and 0 < sig < signal.NSIG:
         return int(sig)
     raise InvalidArgument("invalid signal %s" % _shown(sig))
@@ -467,13 +463,9 @@ def _check_spec(cmd, *, jid=None, auid="", meta=None, env=None, cwd=None, timeou
     """The one set of rules for a submission, single or batched: return a
     _Spec, or raise InvalidArgument.  A jid of None is generated later."""
     argv, display = _check_cmd(cmd)
-    if auid is None:
-        auid = ""
-    if not isinstance(auid, str):
+    if auid is not None and not isinstance(auid, str):
         raise InvalidArgument("auid must be a string")
-    if meta is None:
-        meta = {}
-    if not isinstance(meta, dict):
+    if meta is not None and not isinstance(meta, dict):
         raise InvalidArgument("meta must be a JSON object (dict)")
     if extras is not None and not isinstance(extras, dict):
         raise InvalidArgument("extras must be a dict")
@@ -481,10 +473,10 @@ def _check_spec(cmd, *, jid=None, auid="", meta=None, env=None, cwd=None, timeou
     if cwd is not None and not isinstance(cwd, str):
         raise InvalidArgument("cwd must be a string")
     _check_number("timeout", timeout)
-    meta, extras = _stored_copies(meta, extras)
+    meta, extras = _stored_copies(meta or {}, extras)
     if jid is not None:
         check_jid(jid)
-    return _Spec(jid, display, argv, auid, meta, env, cwd, timeout, extras or {})
+    return _Spec(jid, display, argv, auid or "", meta, env, cwd, timeout, extras or {})
 
 
 def _check_specs(specs):
@@ -527,15 +519,12 @@ def _check_cmd(cmd):
 
 
 def _stored_copies(meta, extras):
-    """Copies of *meta* and *extras* as they will be stored, sharing nothing
-    with the caller's (who may change a dict after run(): the job's later
-    records must not follow), or InvalidArgument.  Checked before anything
-    is created: what is stored must also be listable, searchable and
-    serializable in any thread, so the depth stays far from the recursion
-    limit.  *extras* may hold the whole meta a command-dialect client
-    sent, one level down (sent_meta).  The copy is the JSON the records
-    hold (keys become strings, tuples lists), read back."""
-    if not (meta or extras):        # most jobs: {} and None, spare the encoding
+    """Copies of *meta* and *extras* as the records hold them (their JSON
+    read back: the caller may change its dicts after run()), or
+    InvalidArgument.  The depth is bounded so that what is stored can be
+    listed, searched and serialized in any thread; *extras* may hold a
+    command-dialect client's whole meta one level down (sent_meta)."""
+    if not (meta or extras):
         return {}, None
     for name, value, depth in (("meta", meta, MAX_DEPTH), ("extras", extras, MAX_DEPTH + 1)):
         if not _depth_ok(value, depth):
@@ -563,9 +552,8 @@ _LINE_RE = re.compile(r'\{"jid": "([A-Za-z0-9._-]+)", "status": "(\w+)", "seq": 
 
 
 class _Job:
-    """A job that is queued or running.  A finished job is kept only as its
-    JSON line (a str): compact, and already serialized for the journal.
-    All access MUST hold the manager's lock."""
+    """A job that is queued or running (a finished one is kept as its line,
+    see _is_finished).  All access MUST hold the manager's lock."""
 
     # pidfd: the backend's (LocalBackend); starting: handed to the backend,
     # whose start() has not returned yet; timers: entries of the manager's
@@ -588,9 +576,7 @@ class _Job:
 
 
 # allow_nan=False: a record holding NaN or Infinity is never written (strict
-# JSON readers, pman's own loader among them, refuse it).  One encoder for
-# every line: json.dumps with an option builds a new one per call, and a job
-# is encoded at least three times (submitted, started, ended).
+# JSON readers, pman's own loader among them, refuse it).
 _encode_record = json.JSONEncoder(allow_nan=False).encode
 
 
@@ -605,9 +591,6 @@ _FIELD_TYPES = {
     "started": {str, _NONE}, "ended": {str, _NONE}, "ident": {list, _NONE},
     "kill_signal": {int, _NONE}, "kill_reason": {str, _NONE}, "backend_id": {str, _NONE}}
 _REQUIRED = frozenset(_FIELD_TYPES) - {"backend_id"}    # added after format 1 was out
-# The same as (field, type) pairs: a record's types are checked in one call.
-_FIELD_TYPE_PAIRS = frozenset((name, kind) for name, kinds in _FIELD_TYPES.items()
-                              for kind in kinds)
 
 
 def _record_problem(rec, deep=True):
@@ -617,16 +600,13 @@ def _record_problem(rec, deep=True):
     the line holds too few '{' and '[' to nest deeper than MAX_DEPTH."""
     if type(rec) is not dict:
         return "not a JSON object"
-    # Every field, each of a type it may have: the three checks below pass.
-    if len(rec) != len(_FIELD_TYPES) or not _FIELD_TYPE_PAIRS.issuperset(
-            zip(rec, map(type, rec.values()))):
-        if not rec.keys() <= _FIELD_TYPES.keys():
-            return "unknown field(s) %s" % ", ".join(sorted(rec.keys() - _FIELD_TYPES.keys()))
-        if not _REQUIRED <= rec.keys():
-            return "missing field(s) %s" % ", ".join(sorted(_REQUIRED - rec.keys()))
-        for name, value in rec.items():
-            if type(value) not in _FIELD_TYPES[name]:
-                return "%r is a %s" % (name, type(value).__name__)
+    if not rec.keys() <= _FIELD_TYPES.keys():
+        return "unknown field(s) %s" % ", ".join(sorted(rec.keys() - _FIELD_TYPES.keys()))
+    if not _REQUIRED <= rec.keys():
+        return "missing field(s) %s" % ", ".join(sorted(_REQUIRED - rec.keys()))
+    for name, value in rec.items():
+        if type(value) not in _FIELD_TYPES[name]:
+            return "%r is a %s" % (name, type(value).__name__)
     if not JID_RE.fullmatch(rec["jid"]):
         return "invalid jid"
     if rec["status"] not in STATUSES:
@@ -650,17 +630,15 @@ def _record_problem(rec, deep=True):
 
 
 # A stored job (an "entry" of JobManager._jobs) is a _Job while queued or
-# running and, once finished, its JSON line (a str): compact for 100,000
-# jobs, and already serialized for the journal and the HTTP layer.  These
-# helpers are the only code that tells the two apart.
+# running and, once finished, its JSON line (a str): compact, and already
+# serialized for the journal and the HTTP layer.  These helpers are the
+# only code that tells the two apart.
 
 def _is_finished(entry):
-    """True for a finished job's line, False for a queued or running _Job."""
     return isinstance(entry, str)
 
 
 def _line_of(entry):
-    """The JSON line of *entry* (a finished job's is the entry itself)."""
     return entry if isinstance(entry, str) else entry.line()
 
 
@@ -699,15 +677,13 @@ def _write_atomic(path, chunks):
     tmp = "%s.tmp-%d" % (path, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as f:
+        with open(fd, "w", encoding="utf-8") as f:
             f.writelines(chunks)
             f.flush()
             os.fsync(fd)
     except BaseException:
-        os.close(fd)
         os.unlink(tmp)
         raise
-    os.close(fd)
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(path))
 
@@ -796,16 +772,10 @@ def _read_header(raw):
 
 
 class _Store:
-    """Snapshot + append-only journal.  The whole persistence interface:
-
-    - ``load()`` -> (ordered {jid: line}, next_seq, replayed): replays the
-      snapshot and journals; moves damaged files aside;
-    - ``append(line, must=False)`` -> ticket: write one line now (the
-      caller holds the manager lock, so the journal order is the order of
-      the changes);
-    - ``sync(ticket)``: return once that line is on disk (group commit);
-    - ``rotate()`` / ``write_snapshot(lines, gen)``: compaction;
-    - ``close()``.
+    """The snapshot and its append-only journals: `load` replays them,
+    `append` writes one line now (its callers hold the manager lock, so
+    the journal's order is the changes' order), `sync` makes lines durable,
+    `rotate` and `write_snapshot` compact.
 
     Lines are JSON objects: a job record (see _FIELDS), ``{"batch":
     [record, ...]}`` (a run_many() submission, one line so that it is
@@ -824,7 +794,6 @@ class _Store:
         self._synced = 0                        # tickets <= this are on disk
         self._flushing = False                  # a thread is in fdatasync
         self._fd = None
-        self._size = 0                          # of the journal, for undoing a write (None: unknown)
         self._unsynced_fds = []                 # older journals with unsynced lines
         self.generation = 0
         self.journal_lines = 0
@@ -924,25 +893,20 @@ class _Store:
         bad lines; note the jids whose last line is active in self.active.
         Returns the number of lines."""
         count = 0
-        active = self.active
-        match, actives = _LINE_RE.match, _ACTIVE_SET
-        next_seq = self._next_seq
         for line in lines:
             count += 1
-            m = match(line)
+            m = _LINE_RE.match(line)
             if m:
                 jid, status, seq = m.groups()
                 old = jobs.get(jid)
-                if old is not None and match(old).group(3) != seq:
+                if old is not None and _line_seq(old) != int(seq):
                     del jobs[jid]           # a re-run moves to the end
                 jobs[jid] = line
-                if status in actives:
-                    active.add(jid)
-                elif active:
-                    active.discard(jid)
-                seq = int(seq)
-                if seq >= next_seq:
-                    next_seq = seq + 1
+                if status in ACTIVE:
+                    self.active.add(jid)
+                else:
+                    self.active.discard(jid)
+                self._next_seq = max(self._next_seq, int(seq) + 1)
                 continue
             try:
                 change = json.loads(line)
@@ -951,10 +915,9 @@ class _Store:
                     continue
                 for jid in change["forget"]:
                     jobs.pop(jid, None)
-                    active.discard(jid)
+                    self.active.discard(jid)
             except (ValueError, KeyError, TypeError):
                 bad.append(line[:40])
-        self._next_seq = next_seq
         return count
 
     @staticmethod
@@ -998,7 +961,6 @@ class _Store:
         fd = os.open(self._journal_path(gen),
                      os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         old, self._fd = self._fd, fd
-        self._size = os.fstat(fd).st_size
         self.generation = gen
         self.journal_lines = 0
         if old is not None:
@@ -1019,8 +981,7 @@ class _Store:
         data = (line + "\n").encode("utf-8")
         with self._lock:
             try:
-                if self._pending:           # earlier lines first: keep the order
-                    self._write_pending()
+                self._write_pending()       # earlier lines first: keep the order
                 self._write(data)
             except OSError as e:
                 if must:
@@ -1038,13 +999,7 @@ class _Store:
         """Append *data* whole or not at all (a failed write is cut off, so
         no torn line is left before the next one).  Caller holds
         self._lock."""
-        # The size is counted, not fstat()ed after each line: this process
-        # is the journal's only writer (it holds the directory's lock), and
-        # an fstat per change would be one more syscall under the manager's
-        # lock, for the submitter and the reaper alike.
-        if self._size is None:      # a cut that failed left a tail of unknown size
-            self._size = os.fstat(self._fd).st_size
-        start, end = self._size, self._size + len(data)
+        start = os.fstat(self._fd).st_size
         try:
             while data:
                 data = data[os.write(self._fd, data):]
@@ -1052,9 +1007,8 @@ class _Store:
             try:
                 os.ftruncate(self._fd, start)
             except OSError:
-                self._size = None
+                pass
             raise
-        self._size = end
 
     def _write_pending(self):
         """Write the lines an earlier failure left behind.  Caller holds
@@ -1127,21 +1081,18 @@ class _Store:
 # ---------------------------------------------------------------------------
 
 # The wrapper that runs every job, as ``sh -c WRAPPER sh pman-job SEQ EXITS
-# CWD CMD...``, and records its exit status in EXITS.  The command is a
-# positional parameter, never part of the script text, and runs with no
-# positional parameters of the wrapper's (as under ``sh -c CMD``).
-# `trap : TERM` is a handler, not an ignore, so the job's process resets it
-# and does not inherit SIG_IGN, while the wrapper itself survives a group
-# SIGTERM long enough to record the exit status.  Every other signal
-# disposition is reset to the default by the spawn itself (_SIGDEF).  No
-# user code runs in the wrapper's own shell: a shell command or an argv
-# runs in a child, so that nothing it does (exec, trap, exit, a builtin
-# loop that the wrapper's TERM handler would keep alive) reaches the shell
-# that records its status.  The wrapper sets no variable, so the job sees
-# its environment as given: the job runs in a function (j, unset before
-# anything of the job's runs) whose positional parameters are its own, and
-# OLDPWD, which the `cd` to CWD would set to the manager's directory, is put
-# back as the job's environment had it (as ``env -C CWD sh -c CMD`` leaves it).
+# CWD CMD...``, records its exit status in EXITS.  The command travels as a
+# positional parameter, never as script text, and sees none of the
+# wrapper's (as under ``sh -c CMD``).  `trap : TERM` is a handler, not an
+# ignore: the job resets it (no inherited SIG_IGN), while the wrapper
+# survives a group SIGTERM long enough to record the status; the spawn
+# resets every other disposition (_SIGDEF).  No user code runs in the
+# wrapper's own shell: the job runs in a child, so nothing it does (exec,
+# trap, exit, a builtin loop the TERM handler would keep alive) reaches the
+# shell that records its status.  The job sees its environment as given:
+# the wrapper sets no variable (j is a function, unset first), and OLDPWD,
+# which the `cd` to CWD sets to the manager's directory, is put back as the
+# job's environment had it (as ``env -C CWD sh -c CMD`` leaves it).
 _WRAP_HEAD = ('trap : TERM; j() { unset -f j; if [ -n "$4" ]; then '
               'set -- "${OLDPWD+x$OLDPWD}" "$@"; cd -- "$5" || return 126; '
               'case $1 in x*) OLDPWD=${1#x};; *) unset OLDPWD;; esac; shift; fi; shift 4; ')
@@ -1151,13 +1102,11 @@ _WRAP_TAIL = '; }; j "$@"; set -- $? "$2" "$3"; echo "$2 $1" >>"$3"; exit "$1"'
 # builtin of the same name).
 _WRAP_SHELL = _WRAP_HEAD + '/bin/sh -c "$1" sh' + _WRAP_TAIL
 _WRAP_ARGV = _WRAP_HEAD + '(exec "$@")' + _WRAP_TAIL
-# A job that is one program and its words (see _direct_words) needs no
-# subshell: the wrapper runs it as its own child (vfork + exec), which is
-# what `sh -c CMD` itself does with it, and no shell code of the job's runs
-# in the wrapper.  The program's exec resets the TERM handler as the
-# subshell's fork did; a TERM that lands between the vfork and the exec is
-# caught and lost as in the subshell's instant after its fork, and is sent
-# again (JobManager._deliver).
+# A job that is one program and its words (see _direct_words) runs as the
+# wrapper's own child (vfork + exec), as `sh -c CMD` would run it: no shell
+# code of the job's runs in the wrapper.  A TERM that lands before the exec
+# is caught and lost, as in a subshell's instant after its fork, and is
+# sent again (JobManager._deliver).
 _WRAP_DIRECT = _WRAP_HEAD + '"$@"' + _WRAP_TAIL
 # Every wrapper that a build of pman has started, by its exact text: the
 # current ones, then those of earlier builds (some ``sh -c WRAPPER pman-job
@@ -1260,10 +1209,9 @@ def _pidfd(pid):
 
 def _probe_pidfd():
     fd = _pidfd(os.getpid())
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
+    if fd is not None:
+        os.close(fd)
+    return fd is not None
 
 
 _HAVE_PIDFD = _probe_pidfd()   # Linux 5.3+; else the reaper polls
@@ -1290,9 +1238,8 @@ def _exit_status(code):
 class _ExitLog:
     """The file ``exits`` in the state directory: one line ``<seq> <code>``
     appended by each job's wrapper when the job ends, so that no exit code
-    is lost while no manager watches.  One O_APPEND write per job (atomic
-    for a line this short) instead of a file per job.  It is emptied when
-    no job can still write to it."""
+    is lost while no manager watches (one O_APPEND write: atomic for a
+    line this short).  It is emptied when no job can still write to it."""
 
     def __init__(self, path):
         self.path = path

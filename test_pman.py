@@ -3672,6 +3672,26 @@ def test_state_sigkill_during_a_batch_leaves_all_of_it_or_none(crash_env, tmp_pa
         manager.close()
 
 
+def test_state_seqs_of_a_queued_batch_are_not_given_again_after_a_crash(crash_env):
+    """A manager dies while the jobs of a batch are still queued: the next
+    one gives a new job a seq above theirs (the exits file finds a job's
+    code by its seq, so a shared seq could give one job the other's code)."""
+    state = crash_env.path()
+    child = crash_env.child(state, [["run", "hold", "sleep 30"],
+                                    ["run_many", [["b1", "exit 3"], ["b2", "exit 4"]]]],
+                            options={"max_running": 1})
+    child.wait_event("done", timeout=30)
+    child.sigkill()
+    manager = crash_env.manager(state, tolerate_dead_holder=True, max_running=1)
+    seqs = {r["jid"]: r["seq"] for r in manager.jobs()}
+    assert [manager.get(j)["status"] for j in ("b1", "b2")] == ["notstarted"] * 2
+    new = manager.run("exit 5", jid="new")
+    assert new["seq"] > max(seqs.values()), (new["seq"], seqs)
+    manager.kill("hold")
+    done = manager.wait(["hold", "b1", "b2", "new"], timeout=20)
+    assert [r["returncode"] for r in done] == [-15, 3, 4, 5], done
+
+
 _CRASH_BAD_LINES = {
     "not-json": b"this is not json at all",
     "non-utf8": b"\xff\xfe{\x80\x81}",
