@@ -2661,9 +2661,11 @@ class _JobLogs:
 
     def __init__(self, log_dir):
         self.dir = log_dir
+        self._prefix = os.path.join(log_dir, "")
 
     def path(self, jid, stream):
-        return os.path.join(self.dir, jid + (".out" if stream == "stdout" else ".err"))
+        # A jid holds no "/" (JID_RE): a concatenation names the file.
+        return self._prefix + jid + (".out" if stream == "stdout" else ".err")
 
     def move(self, jid, mark, new_mark):
         """Rename the logs of *jid* marked *mark* ("" or "~") to
@@ -2697,11 +2699,13 @@ class _JobLogs:
         order) as text: at most TAIL_LINES lines and TAIL_BYTES bytes."""
         parts = []
         for name in ((stream,) if stream else ("stdout", "stderr")):
-            try:
-                with open(self.path(jid, name), "rb") as f:
-                    size = f.seek(0, os.SEEK_END)
-                    f.seek(max(0, size - TAIL_BYTES))
-                    parts.append(f.read())
+            try:        # a log still empty (most, on a job's start) is not opened
+                path = self.path(jid, name)
+                if os.stat(path).st_size:
+                    with open(path, "rb") as f:
+                        size = f.seek(0, os.SEEK_END)
+                        f.seek(max(0, size - TAIL_BYTES))
+                        parts.append(f.read())
             except OSError:
                 pass
         text = b"".join(parts)[-TAIL_BYTES:].decode("utf-8", "replace")
