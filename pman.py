@@ -2846,17 +2846,10 @@ class _JobFilter:
             raise InvalidArgument("text filter must be a string")
         self.status, self.auid, self.meta = status, auid, meta
         self.needle = text.lower() if text else None
-        # A JSON line holds plain ASCII text as it is: skip the lines that
-        # cannot match before parsing them.
-        needle = self.needle
-        self.quick = needle is not None and needle.isascii() and needle.isprintable() \
-            and '"' not in needle and "\\" not in needle
 
     def match(self, line):
         """The record of *line* if it passes every filter, else None."""
         if self.status is not None and _line_status(line) not in self.status:
-            return None
-        if self.quick and self.needle not in line.lower():
             return None
         record = json.loads(line)
         if self.auid is not None and record["auid"] != self.auid:

@@ -1979,6 +1979,19 @@ def test_core_meta_is_copied_at_submission(core_make, tmp_path):
     assert m2.get("two")["meta"] == {"tag": "b", "nested": {"list": [3]}}
 
 
+def test_core_jobs_text_filter_matches_what_the_record_holds_in_any_script(core_mgr):
+    """The text filter compares case-folded record fields, whatever their
+    characters: a KELVIN SIGN folds to "k", which the stored line (JSON,
+    non-ASCII escaped) does not show as such."""
+    m = core_mgr
+    m.run("echo \u212aelvin", jid="kv")
+    m.run("echo plain", jid="plain")
+    m.wait(["kv", "plain"], timeout=10)
+    assert [j["jid"] for j in m.jobs(text="kelvin")] == ["kv"]
+    assert [j["jid"] for j in m.jobs(text="\u212aELVIN")] == ["kv"]
+    assert [j["jid"] for j in m.jobs(text="PLAIN")] == ["plain"]
+
+
 def test_core_jobs_filter_by_status_auid_and_meta_and_page_with_after(core_mgr):
     m = core_mgr
     m.run("exit 0", jid="a", auid="alice", meta={"k": 1, "t": "x"})
@@ -5187,9 +5200,11 @@ def test_resource_finished_job_object_shows_output_written_after_it_ended(http_s
     http_srv.manager.run("echo early; (while [ ! -e %s ]; do sleep 0.01; done; echo late) &"
                          % gate, jid="bg")
     http_srv.manager.wait("bg", timeout=10)
-    r = http_srv.request("GET", "/api/v1/bg/")
-    assert r.status == 200 and json.loads(r.body)["logs"] == "early\n", r.body
-    gate.touch()
+    try:
+        r = http_srv.request("GET", "/api/v1/bg/")
+        assert r.status == 200 and json.loads(r.body)["logs"] == "early\n", r.body
+    finally:
+        gate.touch()        # the background loop ends whatever happened
     out = os.path.join(http_srv.log_dir, "bg.out")
     _until(lambda: b"late" in _crash_read(out), 10, "the background process's line")
     r = http_srv.request("GET", "/api/v1/bg/")
