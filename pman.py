@@ -350,7 +350,7 @@ def parse_signal(sig):
         raise InvalidArgument("invalid signal %s" % _shown(sig))
     if isinstance(sig, str):
         name = sig.strip().upper()
-        if not name.isdigit():
+        if not (name.isascii() and name.isdigit()):     # "\u00b2" is a digit to isdigit
             member = signal.Signals.__members__.get(
                 name if name.startswith("SIG") else "SIG" + name)
             if member is None:

@@ -5730,6 +5730,20 @@ def test_command_hello_answers_sysinfo_echoback_and_timestamp(cmd_server):
     assert abs((now - datetime.now()).total_seconds()) < 120
 
 
+def test_kill_signal_spelled_with_non_ascii_digits_is_a_clean_error(http_srv):
+    """A signal whose text Unicode calls digits ("\u00b2", "\u0663") is an
+    unknown signal: InvalidArgument in the library, 400 over HTTP, and the
+    job goes on running."""
+    for text in ("\u00b2", "\u0663", "1\u00b2"):
+        with pytest.raises(pman.InvalidArgument):
+            pman.parse_signal(text)
+    http_srv.manager.run("sleep 30", jid="k")
+    r = http_srv.request("POST", "/api/v1/k/kill", {"signal": "\u00b2"})
+    assert r.status == 400, (r.status, r.body)
+    assert http_srv.manager.get("k")["status"] == "started"
+    http_srv.manager.kill("k")
+
+
 def test_command_kill_ends_a_running_job_with_the_signal_named_or_numbered(cmd_server):
     """kill ends a running job with the signal asked for, by name (SIGTERM:
     -15, the message says so) or by number (9: -9)."""
