@@ -3864,6 +3864,19 @@ _CRASH_MISREAD = {
 }
 
 
+def _crash_write_lines(state, where, lines):
+    """Write job *lines* as the journal (beside an empty snapshot) or as a
+    format-2 snapshot (framed, after a header); return the file's path."""
+    if where == "journal":
+        target = os.path.join(state, "journal-0.jsonl")
+        _crash_write(os.path.join(state, _CRASH_SNAPSHOT), _crash_header(0, 1) + "\n")
+    else:
+        target = os.path.join(state, _CRASH_SNAPSHOT)
+        lines = [_crash_v2_header(0, len(lines) + 1)] + [_crash_frame(line) for line in lines]
+    _crash_write(target, "".join(line + "\n" for line in lines).encode())
+    return target
+
+
 @pytest.mark.parametrize("where", ["snapshot-v2", "journal"])
 @pytest.mark.parametrize("case", sorted(_CRASH_MISREAD))
 def test_state_line_whose_start_disagrees_with_its_fields_is_set_aside(crash_env, caplog, where,
@@ -3874,13 +3887,7 @@ def test_state_line_whose_start_disagrees_with_its_fields_is_set_aside(crash_env
     damaged = _CRASH_MISREAD[case](lines[1])
     assert damaged != lines[1] and json.loads(damaged)["jid"] in ("b", "x")
     lines[1] = damaged
-    if where == "journal":
-        target = os.path.join(state, "journal-0.jsonl")
-        _crash_write(os.path.join(state, _CRASH_SNAPSHOT), _crash_header(0, 1) + "\n")
-    else:
-        target = os.path.join(state, _CRASH_SNAPSHOT)
-        lines = [_crash_v2_header(0, 4)] + [_crash_frame(line) for line in lines]
-    _crash_write(target, "".join(line + "\n" for line in lines).encode())
+    target = _crash_write_lines(state, where, lines)
     manager = crash_env.manager(state)
     assert len(_crash_names(state, os.path.basename(target) + ".corrupt-")) == 1, os.listdir(state)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -3914,13 +3921,7 @@ def test_state_nesting_is_judged_at_its_limit_whatever_else_the_line_holds(
     lines = [_crash_line("a", 1, 0), _crash_line("b", 2, 0, **fields), _crash_line("c", 3, 5)]
     assert lines[1].count("{") + lines[1].count("[") == depth + 1 + 2 * brackets + (
         field == "extras")
-    if where == "journal":
-        target = os.path.join(state, "journal-0.jsonl")
-        _crash_write(os.path.join(state, _CRASH_SNAPSHOT), _crash_header(0, 1) + "\n")
-    else:
-        target = os.path.join(state, _CRASH_SNAPSHOT)
-        lines = [_crash_v2_header(0, 4)] + [_crash_frame(line) for line in lines]
-    _crash_write(target, "".join(line + "\n" for line in lines).encode())
+    target = _crash_write_lines(state, where, lines)
     manager = crash_env.manager(state)
     aside = _crash_names(state, os.path.basename(target) + ".corrupt-")
     if depth <= _CRASH_LIMIT[field]:
