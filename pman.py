@@ -133,7 +133,6 @@ import hmac
 import http
 import http.client
 import http.server
-import io
 import ipaddress
 import itertools
 import json
@@ -151,7 +150,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 import zlib
 from datetime import datetime, timezone
@@ -6311,6 +6309,10 @@ class _Client:
                 child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                          cwd="/", env=env, start_new_session=True,
                                          pass_fds=() if r is None else (r,))
+        except BaseException:
+            if w is not None:
+                os.close(w)
+            raise
         finally:
             if r is not None:
                 os.close(r)
