@@ -2481,6 +2481,27 @@ def _http_batch_round(b, n, batch):
     return dt
 
 
+def _floor_round(b, n, slots=2):
+    """Seconds for *n* `true` jobs run as pman runs them (its wrapper shell,
+    which runs the builtin in its own ``sh -c``), *slots* at a time from a
+    tight loop, with no manager: no record, no journal, no log file.  No
+    manager that runs a job the way pman must can beat it."""
+    top = b.state_dir("floor")
+    t0 = perf()
+    live = started = 0
+    while started < n or live:
+        while live < slots and started < n:
+            argv = _wrapper_argv(started, "true", top)
+            os.posix_spawn(argv[0], argv, os.environ)
+            live += 1
+            started += 1
+        _, status = os.wait()
+        live -= 1
+        if status:
+            raise RuntimeError("a wrapper of `true` exited with status %d" % status)
+    return perf() - t0
+
+
 def sec_peers(b):
     n = 100 if b.quick else 1000
     batch = 100                                 # divides n
@@ -2495,10 +2516,12 @@ def sec_peers(b):
         ("tsp", lambda k: _tsp_round(b, k)),
         ("http-batch", lambda k: _http_batch_round(b, k, batch)),
         ("lib-2-nondurable", lambda k: _lib_round(b, k, 2, durable=False)),
+        ("floor", lambda k: _floor_round(b, k)),
         ("lib-1", lambda k: _lib_round(b, k, 1)),
         ("nq", lambda k: _nq_round(b, k)),
     ])
-    groups = [g for g, peer in ((("lib-2", "tsp", "http-batch", "lib-2-nondurable"), "tsp"),
+    groups = [g for g, peer in ((("lib-2", "tsp", "http-batch", "lib-2-nondurable", "floor"),
+                                 "tsp"),
                                 (("lib-1", "nq"), "nq")) if peer not in missing]
     # One untimed run of each first: a first run pays for what later ones
     # find ready (lazy imports, each binary in the page cache).
@@ -2557,6 +2580,11 @@ def sec_peers(b):
     ratio("library (durable=False) / task-spooler ratio", "lib-2-nondurable", "tsp",
           "information: the same with durable=False, no fdatasync per run() (tsp "
           "syncs nothing): what the manager's own work allows")
+    ratio("process floor / task-spooler ratio", "floor", "tsp",
+          "information: pman's wrapper shell of a `true` job and its own sh -c (a shell "
+          "builtin never runs in the recording shell), 2 at a time from a tight loop, "
+          "with no manager at all (no record, journal or log): the most any manager "
+          "that runs a job as pman must could reach")
     if "nq" not in missing:
         b.figure("library rate (durable, max_running=1)", rate("lib-1"), "jobs/s")
         b.figure("nq rate", rate("nq"), "jobs/s",

@@ -183,6 +183,7 @@ PFCON_FIELDS = ("number_of_workers", "cpu_limit", "memory_limit", "gpu_limit",
                 "image", "type", "input_dir", "output_dir", "args_path_flags")
 
 DEFAULT_GRACE = 5.0
+DEFAULT_GROUP = "default"   # the group of a job that names none
 STATE_FORMAT = 2           # snapshot lines carry a CRC-32; format 1 still loads
 SNAPSHOT = "state.jsonl"
 COMPACT_EVERY = 20000       # journal lines between compactions
@@ -451,16 +452,115 @@ def _check_env(env):
 
 
 # A checked submission: what run() and each spec of run_many() become
-# before the manager's lock is taken (see _check_spec).
-_Spec = collections.namedtuple("_Spec", "jid cmd argv auid meta env cwd timeout extras")
-_SPEC_KEYS = frozenset(("cmd", "jid", "auid", "meta", "env", "cwd", "timeout", "extras"))
+# before the manager's lock is taken (see _check_spec).  *sched* holds the
+# scheduling fields that differ from their defaults (see _check_sched).
+_Spec = collections.namedtuple("_Spec", "jid cmd argv auid meta env cwd timeout extras sched")
+# The scheduling fields of a submission and their defaults (API.md).
+SCHED_DEFAULTS = {"after": [], "after_any": [], "group": DEFAULT_GROUP, "priority": 0,
+                  "begin": None, "hold": False, "retries": 0, "retry_delay": 1}
+_SPEC_KEYS = frozenset(("cmd", "jid", "auid", "meta", "env", "cwd", "timeout", "extras")
+                       ) | frozenset(SCHED_DEFAULTS)
+GROUP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_PRIORITY = 2 ** 31 - 1
+MAX_RETRIES = 1000
+
+
+def check_group(name):
+    """Return *name* if it is a valid group name, else raise InvalidArgument."""
+    if not isinstance(name, str) or not GROUP_RE.fullmatch(name):
+        raise InvalidArgument("invalid group %s: it must be a string matching "
+                              "[A-Za-z0-9][A-Za-z0-9._-]{0,63}" % _shown(name))
+    return name
+
+
+def check_priority(priority):
+    if (isinstance(priority, bool) or not isinstance(priority, int)
+            or not -MAX_PRIORITY <= priority <= MAX_PRIORITY):
+        raise InvalidArgument("priority must be an integer from %d to %d, not %s"
+                              % (-MAX_PRIORITY, MAX_PRIORITY, _shown(priority)))
+    return priority
+
+
+def parse_begin(begin):
+    """*begin* (ISO 8601 with an offset, or epoch seconds) as the ISO 8601
+    text a record keeps; InvalidArgument if it is neither."""
+    if isinstance(begin, (int, float)) and not isinstance(begin, bool):
+        if not 0 <= begin <= 253402300799:       # up to the year 9999
+            raise InvalidArgument("begin must be epoch seconds from 0 to 253402300799, "
+                                  "not %s" % _shown(begin))
+        return datetime.fromtimestamp(begin, timezone.utc).isoformat()
+    if isinstance(begin, str):
+        text = begin[:-1] + "+00:00" if begin[-1:] in ("Z", "z") else begin
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError:
+            when = None
+        if when is not None and when.tzinfo is not None:
+            return when.isoformat()
+        raise InvalidArgument("begin must be ISO 8601 with an offset (2026-12-06T14:05:00"
+                              "+01:00) or epoch seconds, not %s" % _shown(begin))
+    raise InvalidArgument("begin must be ISO 8601 with an offset or epoch seconds, not %s"
+                          % _shown(begin))
+
+
+def _check_jid_list(name, jids):
+    """A dependency list: jids (an integer is taken as its decimal string,
+    as for a jid; one string stands for a list of one), without repeats."""
+    if isinstance(jids, (str, int)) and not isinstance(jids, bool):
+        jids = [jids]
+    if not isinstance(jids, (list, tuple)):
+        raise InvalidArgument("%s must be a list of jids, not %s" % (name, _shown(jids)))
+    out = []
+    for jid in jids:
+        if isinstance(jid, int) and not isinstance(jid, bool):
+            jid = str(jid)
+        try:
+            check_jid(jid)
+        except InvalidArgument as e:
+            raise InvalidArgument("%s: %s" % (name, e)) from None
+        if jid not in out:
+            out.append(jid)
+    return out
+
+
+def _check_sched(after=None, after_any=None, group=None, priority=0, begin=None, hold=False,
+                 retries=0, retry_delay=1):
+    """The scheduling fields of a submission that differ from their
+    defaults, checked; InvalidArgument names the first bad one."""
+    sched = {}
+    if after is not None:
+        sched["after"] = _check_jid_list("after", after)
+    if after_any is not None:
+        sched["after_any"] = [j for j in _check_jid_list("after_any", after_any)
+                              if j not in sched.get("after", ())]
+    if group is not None:
+        sched["group"] = check_group(group)
+    if priority is not None:
+        sched["priority"] = check_priority(priority)
+    if begin is not None:
+        sched["begin"] = parse_begin(begin)
+    if hold is not None:
+        if not isinstance(hold, bool):
+            raise InvalidArgument("hold must be true or false, not %s" % _shown(hold))
+        sched["hold"] = hold
+    if retries is not None:
+        if (isinstance(retries, bool) or not isinstance(retries, int)
+                or not 0 <= retries <= MAX_RETRIES):
+            raise InvalidArgument("retries must be an integer from 0 to %d, not %s"
+                                  % (MAX_RETRIES, _shown(retries)))
+        sched["retries"] = retries
+    if retry_delay is not None:
+        sched["retry_delay"] = _check_number("retry_delay", retry_delay, allow_none=False)
+    return {k: v for k, v in sched.items() if v != SCHED_DEFAULTS[k]}
 
 
 def _check_spec(cmd, *, jid=None, auid="", meta=None, env=None, cwd=None, timeout=None,
-                extras=None):
+                extras=None, **sched):
     """The one set of rules for a submission, single or batched: return a
-    _Spec, or raise InvalidArgument.  A jid of None is generated later."""
+    _Spec, or raise InvalidArgument.  A jid of None is generated later.
+    *sched*: the scheduling fields (SCHED_DEFAULTS)."""
     argv, display = _check_cmd(cmd)
+    sched = _check_sched(**sched)
     if auid is not None and not isinstance(auid, str):
         raise InvalidArgument("auid must be a string")
     if meta is not None and not isinstance(meta, dict):
@@ -474,7 +574,7 @@ def _check_spec(cmd, *, jid=None, auid="", meta=None, env=None, cwd=None, timeou
     meta, extras = _stored_copies(meta or {}, extras)
     if jid is not None:
         check_jid(jid)
-    return _Spec(jid, display, argv, auid or "", meta, env, cwd, timeout, extras or {})
+    return _Spec(jid, display, argv, auid or "", meta, env, cwd, timeout, extras or {}, sched)
 
 
 def _check_specs(specs):
@@ -546,6 +646,13 @@ def _stored_copies(meta, extras):
 _FIELDS = ("jid", "status", "seq", "message", "returncode", "pid", "cmd", "argv",
            "auid", "meta", "env", "cwd", "timeout", "extras", "submitted",
            "started", "ended", "ident", "kill_signal", "kill_reason", "backend_id")
+# Scheduling fields, written only when they differ from SCHED_DEFAULTS (a
+# record without them is a plain FIFO job's, as every earlier build wrote):
+# those of the submission, then `attempts` (the earlier attempts of a job
+# with retries), `pending` (the [jid, any] dependencies not yet resolved),
+# `retry_at` (epoch seconds of the next attempt) and `waiting` (why a
+# queued job waits, as of the moment its line was made: see _Scheduler.why).
+_SCHED_FIELDS = tuple(SCHED_DEFAULTS) + ("attempts", "pending", "retry_at")
 _LINE_RE = re.compile(r'\{"jid": "([A-Za-z0-9._-]+)", "status": "(\w+)", "seq": (\d+),')
 
 
@@ -556,13 +663,15 @@ class _Job:
     # pidfd: the backend's (LocalBackend); starting: handed to the backend,
     # whose start() has not returned yet; timers: entries of the manager's
     # timer heap armed for this run.
-    __slots__ = _FIELDS + ("pidfd", "spawned_at", "escalate_at", "starting",
-                           "timers", "kill_sent")
+    # sched: the _Scheduler that holds the job while it waits; queued: its
+    # entry in that scheduler's heaps (see _Scheduler).
+    __slots__ = _FIELDS + _SCHED_FIELDS + ("pidfd", "spawned_at", "escalate_at", "starting",
+                                           "timers", "kill_sent", "sched", "queued")
 
     def __init__(self, **fields):
-        for name in _FIELDS:
+        for name in _FIELDS + _SCHED_FIELDS:
             setattr(self, name, fields.get(name))
-        self.pidfd = self.spawned_at = self.escalate_at = None
+        self.pidfd = self.spawned_at = self.escalate_at = self.sched = self.queued = None
         self.starting = False
         # kill_sent: a signal of the journaled kill went out (a restarted
         # manager sends it again), so the end is the kill's, not the job's.
@@ -570,7 +679,19 @@ class _Job:
         self.timers = 0
 
     def line(self):
-        return _encode_record({name: getattr(self, name) for name in _FIELDS})
+        rec = {name: getattr(self, name) for name in _FIELDS}
+        for name in _SCHED_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                rec[name] = value
+        if self.sched is not None and self.status == NOTSTARTED:
+            rec["waiting"] = self.sched.why(self)
+        return _encode_record(rec)
+
+    def get(self, name):
+        """A scheduling field's value, its default when the record has none."""
+        value = getattr(self, name)
+        return SCHED_DEFAULTS.get(name) if value is None else value
 
 
 # allow_nan=False: a record holding NaN or Infinity is never written (strict
@@ -587,8 +708,13 @@ _FIELD_TYPES = {
     "auid": {str}, "meta": {dict}, "env": {dict, _NONE}, "cwd": {str, _NONE},
     "timeout": {int, float, _NONE}, "extras": {dict, _NONE}, "submitted": {str, _NONE},
     "started": {str, _NONE}, "ended": {str, _NONE}, "ident": {list, _NONE},
-    "kill_signal": {int, _NONE}, "kill_reason": {str, _NONE}, "backend_id": {str, _NONE}}
-_REQUIRED = frozenset(_FIELD_TYPES) - {"backend_id"}    # added after format 1 was out
+    "kill_signal": {int, _NONE}, "kill_reason": {str, _NONE}, "backend_id": {str, _NONE},
+    "after": {list}, "after_any": {list}, "group": {str}, "priority": {int},
+    "begin": {str}, "hold": {bool}, "retries": {int}, "retry_delay": {int, float},
+    "attempts": {list}, "pending": {list}, "retry_at": {int, float}, "waiting": {str}}
+# backend_id was added after format 1 was out; the scheduling fields are
+# written only when they are not their defaults.
+_REQUIRED = frozenset(_FIELD_TYPES) - {"backend_id", "waiting"} - set(_SCHED_FIELDS)
 
 
 def _record_problem(rec, deep=True):
@@ -621,6 +747,23 @@ def _record_problem(rec, deep=True):
                 datetime.fromisoformat(rec[name])
             except ValueError:
                 return "%r is not an ISO 8601 time" % name
+    for name in ("after", "after_any"):
+        if name in rec and not all(type(j) is str and JID_RE.fullmatch(j) for j in rec[name]):
+            return "%r is not a list of jids" % name
+    if "pending" in rec and not all(
+            type(p) is list and len(p) == 2 and type(p[0]) is str and JID_RE.fullmatch(p[0])
+            and type(p[1]) is bool for p in rec["pending"]):
+        return "'pending' is not a list of [jid, bool]"
+    if "attempts" in rec and not all(type(a) is dict for a in rec["attempts"]):
+        return "'attempts' is not a list of objects"
+    if "group" in rec and not GROUP_RE.fullmatch(rec["group"]):
+        return "invalid group"
+    if "begin" in rec:
+        try:
+            if datetime.fromisoformat(rec["begin"]).tzinfo is None:
+                return "'begin' has no offset"
+        except ValueError:
+            return "'begin' is not an ISO 8601 time"
     if deep and ((rec["meta"] and not _depth_ok(rec["meta"], MAX_DEPTH))
                  or (rec["extras"] and not _depth_ok(rec["extras"], MAX_DEPTH + 1))):
         return "meta nested too deeply"
@@ -2861,6 +3004,304 @@ class _JobFilter:
         return record
 
 
+# ---------------------------------------------------------------------------
+# The scheduler
+# ---------------------------------------------------------------------------
+
+GROUPS_FILE = "groups.json"
+_MISSING = object()
+
+
+class _Running(dict):
+    """The manager's jid -> handed-over or running _Job, counting them by
+    group for the scheduler as they come and go."""
+
+    def __init__(self, by_group):
+        super().__init__()
+        self.by_group = by_group
+
+    def __setitem__(self, jid, job):
+        self.pop(jid, None)
+        dict.__setitem__(self, jid, job)
+        self.by_group[job.get("group")] += 1
+
+    def pop(self, jid, default=_MISSING):
+        if jid in self:
+            job = dict.pop(self, jid)
+            self.by_group[job.get("group")] -= 1
+            return job
+        if default is _MISSING:
+            raise KeyError(jid)
+        return default
+
+
+def _clock(epoch):
+    """*epoch* as a person reads it in a reason: the time of day, with the
+    date when it is not within a day."""
+    fmt = "%H:%M:%S" if abs(epoch - _wall()) < 86400 else "%Y-%m-%d %H:%M:%S"
+    return datetime.fromtimestamp(epoch).strftime(fmt)
+
+
+def _find_cycle(edges):
+    """A cycle of the graph *edges* (node -> [nodes it waits for]) as a list
+    of nodes whose last is its first, or None.  Iterative."""
+    state = {}                          # node -> 1 on the path, 2 done
+    for root in edges:
+        if state.get(root):
+            continue
+        path, stack = [], [(root, iter(edges[root]))]
+        state[root] = 1
+        path.append(root)
+        while stack:
+            node, children = stack[-1]
+            for child in children:
+                if state.get(child) == 1:
+                    return path[path.index(child):] + [child]
+                if not state.get(child) and child in edges:
+                    state[child] = 1
+                    path.append(child)
+                    stack.append((child, iter(edges[child])))
+                    break
+            else:
+                stack.pop()
+                path.pop()
+                state[node] = 2
+    return None
+
+
+def _how_it_ended_text(record):
+    """How a finished dependency ended, for its dependents' messages."""
+    code = record["returncode"]
+    if record["status"] == UNDEFINED:
+        return "ended undefined"
+    if code is None:    # a cascade names only the next link, not the whole chain
+        return ("was not started" if record["message"].startswith("not started: ")
+                else "never ran (%s)" % record["message"])
+    if code < 0:
+        try:
+            return "was killed by %s" % signal.Signals(-code).name
+        except ValueError:
+            return "was killed by signal %d" % -code
+    return "finished with error (exit %d)" % code
+
+
+def _dependency_verdict(jid, entry, any_end):
+    """What the end of dependency *jid* (its stored *entry*, None if it is
+    no longer known) means for a job waiting on it: None while it is
+    active, True once it counts, else the message the dependent ends with."""
+    if entry is not None and not _is_finished(entry):
+        return None
+    if entry is not None and (any_end or _line_status(entry) == SUCCESS):
+        return True
+    how = "is no longer known" if entry is None else _how_it_ended_text(json.loads(entry))
+    return "not started: dependency %s %s" % (jid, how)
+
+
+class _Scheduler:
+    """What may start now, and why each other queued job waits.
+
+    A queued job waits for its own conditions (its dependencies, `pending`;
+    a release, `hold`; a time, `begin` or `retry_at`), then for its group
+    and the manager to be neither paused nor full.  Its own conditions are
+    settled as their events come: a dependency's end (`dependents`), a time
+    (the timed heap), a release.  A job free of them sits in its group's
+    heap, highest priority then oldest (lowest seq) first, so that picking
+    the next job costs one heap look per group and no event scans the
+    waiting jobs.  Heap entries are dropped lazily: an entry counts only
+    while it is its job's `queued`.  Group limits and pauses are kept in
+    GROUPS_FILE.  Guarded by the manager's lock."""
+
+    def __init__(self, path, max_running, entries):
+        self.path = os.path.join(path, GROUPS_FILE)
+        self.max_running = max_running
+        self.entries = entries                  # the manager's jid -> entry
+        self.queue = {}                         # jid -> queued _Job
+        self.running = collections.Counter()    # group -> handed-over jobs
+        self.paused = False
+        self.limits = {}                        # group -> max_running (None: none)
+        self.paused_groups = set()
+        self._ready = {}                        # group -> heap [-priority, seq, n, job]
+        self._timed = []                        # heap [epoch, seq, n, job]
+        self._after = {}                        # jid -> [jobs with it in `pending`]
+        self._n = 0
+        self._load()
+
+    # -- queued jobs -------------------------------------------------------------
+
+    def add(self, job):
+        """*job* waits from now on (a submission, a retry, a recovery)."""
+        job.sched = self
+        self.queue[job.jid] = job
+        for jid, _ in job.pending or ():
+            self._after.setdefault(jid, []).append(job)
+        self.place(job)
+
+    def discard(self, job):
+        """*job* no longer waits (it was handed over, or it ended)."""
+        if job.sched is self:
+            job.sched = job.queued = None
+            if self.queue.get(job.jid) is job:
+                del self.queue[job.jid]
+
+    def place(self, job):
+        """Put *job* in the heap its conditions now call for (none while it
+        is held or has pending dependencies)."""
+        job.queued = None
+        if job.hold or job.pending:
+            return
+        self._n += 1
+        due = self._due(job)
+        if due > _wall():
+            job.queued = [due, job.seq, self._n, job]
+            heapq.heappush(self._timed, job.queued)
+        else:
+            job.queued = [-job.get("priority"), job.seq, self._n, job]
+            heapq.heappush(self._ready.setdefault(job.get("group"), []), job.queued)
+
+    @staticmethod
+    def _due(job):
+        begin = job.begin
+        return max(_parse_time(begin) if begin else 0.0, job.retry_at or 0.0)
+
+    def dependents(self, jid):
+        """The queued jobs that still have *jid* in `pending` (once)."""
+        return [job for job in self._after.pop(jid, ())
+                if job.sched is self and any(p[0] == jid for p in job.pending or ())]
+
+    def resolve(self, job, jid):
+        """Dependency *jid* of *job* counts now."""
+        job.pending = [p for p in job.pending if p[0] != jid] or None
+        if not job.pending:
+            self.place(job)
+
+    # -- time --------------------------------------------------------------------
+
+    def next_due(self):
+        """Epoch seconds of the next begin or retry time, or None."""
+        while self._timed and self._timed[0] is not self._timed[0][3].queued:
+            heapq.heappop(self._timed)
+        return self._timed[0][0] if self._timed else None
+
+    def wake_due(self):
+        """Make the jobs whose time has come ready to start."""
+        now = _wall()
+        while self.next_due() is not None and self._timed[0][0] <= now:
+            self.place(heapq.heappop(self._timed)[3])
+
+    # -- picking -----------------------------------------------------------------
+
+    def full(self, group):
+        limit = self.limits.get(group)
+        return limit is not None and self.running[group] >= limit
+
+    def next(self, running):
+        """The queued job to start next, removed from the queue, or None:
+        the highest-priority, then oldest, ready job of a group neither
+        paused nor full, while the manager (*running* jobs) is neither."""
+        if self.paused or (self.max_running is not None and running >= self.max_running):
+            return None
+        best = None
+        for group in list(self._ready):
+            heap = self._ready[group]
+            while heap and heap[0] is not heap[0][3].queued:
+                heapq.heappop(heap)
+            if not heap:
+                del self._ready[group]
+            elif group not in self.paused_groups and not self.full(group) and (
+                    best is None or heap[0] < best):
+                best = heap[0]
+        if best is None:
+            return None
+        heapq.heappop(self._ready[best[3].get("group")])
+        self.discard(best[3])
+        return best[3]
+
+    # -- why a job waits ---------------------------------------------------------
+
+    def why(self, job):
+        return self.reason(job)[1]
+
+    def reason(self, job):
+        """(label, text): why queued *job* waits.  The label is one of a
+        fixed set (METRIC_REASONS), the text one line for a person."""
+        if job.hold:
+            return "held", "held"
+        if job.pending:
+            jid = job.pending[0][0]
+            entry = self.entries.get(jid)
+            state = "gone" if entry is None else _entry_status(entry)
+            more = len(job.pending) - 1
+            return "after", "after %s (%s)%s" % (jid, state, " and %d more" % more
+                                                 if more else "")
+        due = self._due(job)
+        if due > _wall():
+            if job.retry_at and job.retry_at >= due:
+                return "retry", "retry %d of %d at %s" % (
+                    len(job.attempts or ()), job.get("retries"), _clock(due))
+            return "begin", "begins %s" % _clock(due)
+        group = job.get("group")
+        if self.paused:
+            return "paused", "paused"
+        if group in self.paused_groups:
+            return "paused", "group %s paused" % group
+        if self.full(group):
+            return "full", "group %s full (%d running)" % (group, self.running[group])
+        return "full", "waiting for a free slot (%d running)" % sum(self.running.values())
+
+    # -- groups and pauses -------------------------------------------------------
+
+    def group(self, name):
+        """A group's state: its limit, pause, and jobs running and queued."""
+        return {"name": name, "max_running": self.limits.get(name),
+                "paused": name in self.paused_groups, "running": self.running[name],
+                "waiting": sum(j.get("group") == name for j in self.queue.values())}
+
+    def groups(self):
+        names = {DEFAULT_GROUP} | set(self.limits) | self.paused_groups | {
+            g for g, n in self.running.items() if n} | {
+            j.get("group") for j in self.queue.values()}
+        return [self.group(name) for name in sorted(names)]
+
+    def _load(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = _loads(f.read())
+            self.paused = data["paused"]
+            for name, group in data["groups"].items():
+                check_group(name)
+                if group.get("max_running") is not None:
+                    self.limits[name] = _check_limit(group["max_running"])
+                if group.get("paused"):
+                    self.paused_groups.add(name)
+            if not isinstance(self.paused, bool):
+                raise ValueError("'paused' is not a boolean")
+        except FileNotFoundError:
+            return
+        except (ValueError, KeyError, TypeError, AttributeError, PmanError) as e:
+            aside = "%s.damaged-%d" % (self.path, int(_wall()))
+            os.replace(self.path, aside)
+            log.error("%s is damaged (%s): moved aside to %s; no group has a limit or "
+                      "is paused", self.path, e, aside)
+            self.paused, self.limits, self.paused_groups = False, {}, set()
+
+    def save(self):
+        """Write the groups' limits and pauses (atomically, synced)."""
+        groups = {name: {"max_running": self.limits.get(name),
+                         "paused": name in self.paused_groups}
+                  for name in sorted(set(self.limits) | self.paused_groups)}
+        _write_atomic(self.path, [json.dumps({"paused": self.paused, "groups": groups},
+                                             indent=1), "\n"])
+
+
+def _check_limit(max_running):
+    """A group's max_running: a positive integer, or None for no limit."""
+    if max_running is not None and (isinstance(max_running, bool) or not isinstance(
+            max_running, int) or max_running < 1):
+        raise InvalidArgument("max_running must be a positive integer or null, not %s"
+                              % _shown(max_running))
+    return max_running
+
+
 # What a reaper's turn decided under the lock (JobManager._reap_locked), for
 # the rest of the turn to act on without it: the _Kills to deliver, the
 # handed-over jobs to start, how many finished jobs to forget, whether the
@@ -3009,8 +3450,9 @@ class JobManager:
         self._listeners = self._feed.listeners      # the HTTP layer's long polls
         self._metrics = _Metrics()
         self._jobs = lines                  # jid -> _Job | line; submission order
-        self._queue = collections.deque()   # queued _Jobs, submission order
-        self._running = {}                  # jid -> started _Job
+        self._sched = _Scheduler(self._path, self.max_running, self._jobs)
+        self._running = _Running(self._sched.running)  # jid -> handed-over _Job
+        self._settling = None               # ended jids whose dependents are due
         self._timers = _Timers()
         self._ended = []                    # jids for on_end, reaper only
         self._flush_due = None
@@ -3058,8 +3500,9 @@ class JobManager:
         """Close the manager for good (see `close`)."""
         if kill:
             with self._lock:
-                for job in list(self._queue):
-                    self._cancel(job, "cancelled: the manager was closed")
+                for job in list(self._sched.queue.values()):
+                    if self._sched.queue.get(job.jid) is job:   # not ended by a cascade
+                        self._cancel(job, "cancelled: the manager was closed")
                 active = list(self._running)
             for jid in active:
                 try:
@@ -3095,7 +3538,8 @@ class JobManager:
     # -- public API --------------------------------------------------------------
 
     def run(self, cmd, *, jid=None, auid="", meta=None, env=None, cwd=None,
-            timeout=None, extras=None):
+            timeout=None, extras=None, after=None, after_any=None, group=None, priority=0,
+            begin=None, hold=False, retries=0, retry_delay=1):
         """Start a job and return its record (a dict snapshot).
 
         *cmd* is a shell command string, or a list of strings run as argv
@@ -3105,14 +3549,26 @@ class JobManager:
         any JSON object stored with the job; *extras* holds recorded-only
         fields (pfcon's resource limits).
 
-        The job is spawned before this returns unless ``max_running`` jobs
-        are running, in which case it is queued.  A spawn failure is not an
+        Scheduling: *after* (jids) starts the job once each of them has
+        finished successfully, *after_any* once each has ended; *group*
+        puts it in a group with a limit of its own (`set_group`); *priority*
+        (higher first) orders the jobs that may start; *begin* (ISO 8601
+        with an offset, or epoch seconds) is the earliest start; *hold*
+        queues it until `release`; *retries* runs a failed job again up to
+        that many times, *retry_delay* (s) before the first retry, doubled
+        before each next one.
+
+        The job is spawned before this returns unless it waits (for a slot,
+        a dependency, a time, a release): then it is queued, and the
+        record's ``waiting`` says why.  A spawn failure is not an
         exception: the job ends ``finishedWithError`` with the error in its
         message.  Raises InvalidArgument, or JobConflict if *jid* is queued
         or running.
         """
         spec = _check_spec(cmd, jid=jid, auid=auid, meta=meta, env=env, cwd=cwd,
-                           timeout=timeout, extras=extras)
+                           timeout=timeout, extras=extras, after=after, after_any=after_any,
+                           group=group, priority=priority, begin=begin, hold=hold,
+                           retries=retries, retry_delay=retry_delay)
         return self._submit([spec])[0]
 
     def run_many(self, specs):
@@ -3134,6 +3590,95 @@ class JobManager:
         """
         checked = _check_specs(specs)
         return self._submit(checked, batch=True) if checked else []
+
+    # -- scheduling --------------------------------------------------------------
+
+    def hold(self, jid):
+        """Keep queued job *jid* from starting until `release`; return its
+        record.  JobConflict if it is not queued."""
+        return self._change_queued(jid, "hold", lambda job: setattr(job, "hold", True))
+
+    def release(self, jid):
+        """Let held job *jid* start again; return its record."""
+        return self._change_queued(jid, "release", lambda job: setattr(job, "hold", None))
+
+    def set_priority(self, jid, priority):
+        """Change queued job *jid*'s priority; return its record."""
+        check_priority(priority)
+        return self._change_queued(jid, "change the priority of",
+                                   lambda job: setattr(job, "priority", priority or None))
+
+    def _change_queued(self, jid, what, change):
+        with self._lock:
+            job = self._active(jid)
+            if job is None or job.sched is not self._sched:
+                raise JobConflict(jid, "cannot %s job %s: it is %s, not queued" % (
+                    what, jid, "handed to the backend" if job is not None
+                    else _entry_status(self._jobs[jid])))
+            saved = job.hold, job.priority
+            change(job)
+            try:
+                ticket = self._store.append(job.line(), must=True)
+            except StorageError:
+                job.hold, job.priority = saved
+                raise
+            self._sched.place(job)
+            self._note_change(jid, NOTSTARTED)
+            self.backend.wake()
+            record = self._public(_record(job))
+        self._store.sync(ticket)
+        return record
+
+    def set_group(self, name, *, max_running=None):
+        """Set group *name*'s limit of jobs running at once (None: none of
+        its own; the manager's ``max_running`` always holds); return the
+        group's state (see `groups`).  Kept in the state directory."""
+        check_group(name)
+        _check_limit(max_running)
+        return self._change_groups(name, lambda s: s.limits.__setitem__(name, max_running)
+                                   if max_running is not None else s.limits.pop(name, None))
+
+    def groups(self):
+        """Every group (those set, and those of queued or running jobs):
+        ``{"name", "max_running", "paused", "running", "waiting"}``."""
+        with self._lock:
+            return self._sched.groups()
+
+    def pause(self, group=None):
+        """Start no new job (of *group*, or at all when None); running jobs
+        go on.  Kept in the state directory.  Returns `paused()` or the
+        group's state."""
+        return self._set_paused(group, True)
+
+    def resume(self, group=None):
+        """Undo `pause` (of *group*, or of the manager)."""
+        return self._set_paused(group, False)
+
+    def paused(self):
+        """True while the manager is paused (see `pause`)."""
+        with self._lock:
+            return self._sched.paused
+
+    def _set_paused(self, group, paused):
+        if group is None:
+            return self._change_groups(None, lambda s: setattr(s, "paused", paused))
+        check_group(group)
+        return self._change_groups(group, lambda s: (s.paused_groups.add if paused else
+                                                     s.paused_groups.discard)(group))
+
+    def _change_groups(self, name, change):
+        with self._lock:
+            self._check_open()
+            saved = (self._sched.paused, dict(self._sched.limits),
+                     set(self._sched.paused_groups))
+            change(self._sched)
+            try:
+                self._sched.save()
+            except OSError as e:
+                self._sched.paused, self._sched.limits, self._sched.paused_groups = saved
+                raise StorageError(self._sched.path, e) from None
+            self.backend.wake()
+            return self._sched.paused if name is None else self._sched.group(name)
 
     def get(self, jid, *, with_logs=False):
         """The record of job *jid* (JobNotFound if none).  With
@@ -3436,11 +3981,7 @@ class JobManager:
         with self._lock:
             self._check_open()
             jobs, olds = self._new_jobs(specs, batch)
-            starting = []
-            for job in jobs:
-                if self.max_running is None or len(self._running) < self.max_running:
-                    self._hand_over(job)
-                    starting.append(job)
+            starting = self._starting_now(jobs)
             ticket = self._journal_submission(jobs, starting, batch)
             started = set(starting)
             records = self._enter_submission(jobs, olds, started)
@@ -3459,6 +4000,29 @@ class JobManager:
                     self._logs.move(job.jid, "~", None)
         self._maybe_compact()
         return [records[job.jid] for job in jobs]
+
+    def _starting_now(self, jobs):
+        """Queue the new *jobs* that wait for nothing of their own and hand
+        over those the scheduler would start now, before they are journaled
+        (one line holds them all); the others are queued once journaled
+        (`_enter_submission`).  Caller holds self._lock."""
+        plain = set()
+        for job in jobs:
+            if not (job.pending or job.hold or job.begin):
+                self._sched.add(job)
+                plain.add(job)
+        starting = []
+        while plain:
+            job = self._sched.next(len(self._running))
+            if job is None:
+                break
+            if job not in plain:        # an older queued job first: the reaper's
+                self._sched.add(job)
+                self.backend.wake()
+                break
+            self._hand_over(job)
+            starting.append(job)
+        return starting
 
     def _admit(self, specs, batch):
         """Ask the backend whether it can ever run each spec, before anything
@@ -3495,14 +4059,35 @@ class JobManager:
             if old is not None and _entry_status(old) in ACTIVE:
                 raise JobConflict(jid, "%sjob %s is %s: kill it or wait for it before "
                                   "running the jid again" % (where, jid, _entry_status(old)))
-            jobs.append(_Job(jid=jid, status=NOTSTARTED, seq=seq,
-                             message="queued: waiting for a free slot", cmd=spec.cmd,
-                             argv=spec.argv, auid=spec.auid, meta=spec.meta, env=spec.env,
-                             cwd=spec.cwd, timeout=spec.timeout, extras=spec.extras,
-                             submitted=submitted))
+            job = _Job(jid=jid, status=NOTSTARTED, seq=seq, message="queued", cmd=spec.cmd,
+                       argv=spec.argv, auid=spec.auid, meta=spec.meta, env=spec.env,
+                       cwd=spec.cwd, timeout=spec.timeout, extras=spec.extras,
+                       submitted=submitted, **spec.sched)
+            jobs.append(job)
             olds.append(old)
             seq += 1
+        self._check_dependencies(jobs, taken, batch)
         return jobs, olds
+
+    def _check_dependencies(self, jobs, batch_jids, batch):
+        """Give each of *jobs* its `pending` dependencies: jids known here or
+        given in the batch (*batch_jids*: jid -> index), the batch's own
+        meant where a jid is both; refuse an unknown one, and a cycle in the
+        batch, naming them.  Caller holds self._lock."""
+        edges = {}
+        for index, job in enumerate(jobs):
+            pending = [[jid, False] for jid in job.after or ()] + [
+                [jid, True] for jid in job.after_any or ()]
+            for jid, _ in pending:
+                if jid not in batch_jids and jid not in self._jobs:
+                    error = InvalidArgument("unknown dependency %s: a job may wait only for "
+                                            "a known jid or one of its batch" % jid)
+                    raise (error._in_batch(index) if batch else error)
+            job.pending = pending or None
+            edges[job.jid] = [jid for jid, _ in pending if jid in batch_jids]
+        cycle = _find_cycle(edges)
+        if cycle:
+            raise InvalidArgument("dependency cycle: %s" % " -> ".join(cycle))
 
     def _journal_submission(self, jobs, starting, batch):
         """Write the records of *jobs* as one journal line (write-ahead: no
@@ -3522,8 +4107,9 @@ class JobManager:
                 lines[0] if len(lines) == 1 else '{"batch": [%s]}' % ", ".join(lines),
                 must=True)
         except (InvalidArgument, StorageError):
-            for job in starting:
+            for job in jobs:
                 self._running.pop(job.jid, None)
+                self._sched.discard(job)
             raise
 
     def _enter_submission(self, jobs, olds, started):
@@ -3541,9 +4127,11 @@ class JobManager:
                 self._logs.move(job.jid, "", "~" if job in started else None)
             self._jobs[job.jid] = job
             self._note_change(job.jid, NOTSTARTED)
+        for job in jobs:
             if job not in started:
-                self._queue.append(job)
-                records[job.jid] = self._public(_record(job))
+                if job.sched is None:   # it waits for something of its own
+                    self._enqueue(job)
+                records[job.jid] = self._public(_record(self._jobs[job.jid]))
         if not self.durable:
             self._flush_soon(FLUSH_DELAY)   # the reaper syncs soon
         return records
@@ -3557,7 +4145,7 @@ class JobManager:
             for job, old in zip(jobs, olds):
                 jid = job.jid
                 self._running.pop(jid, None)
-                self._queue_remove(job)
+                self._sched.discard(job)
                 if self._jobs.get(jid) is job:
                     del self._jobs[jid]
                     if old is not None:
@@ -3660,7 +4248,7 @@ class JobManager:
             raise error
         self._metrics.tally["spawn failed"] += 1
         self._record_end(job, ERROR, None, "%s failed: %s" % (
-            "submit" if refused else "spawn", error), started=False)
+            "submit" if refused else "spawn", error), started=False, retry=True)
 
     def _watch(self, job):
         """Set the timers of a job the backend now holds.  Caller holds
@@ -3677,9 +4265,11 @@ class JobManager:
         each (write-ahead); return them for `_launch_queued`, which starts
         them once the lock is released.  Caller holds self._lock."""
         jobs = []
-        while self._queue and (self.max_running is None
-                               or len(self._running) < self.max_running):
-            job = self._queue[0]
+        self._sched.wake_due()
+        while True:
+            job = self._sched.next(len(self._running))
+            if job is None:
+                break
             self._hand_over(job)
             try:
                 self._store.append(job.line(), must=True)
@@ -3687,10 +4277,10 @@ class JobManager:
                 log.warning("%s; queued jobs wait", e)
                 self._running.pop(job.jid)
                 job.starting, job.backend_id, job.ident = False, None, None
-                job.message = "queued: waiting for a free slot"
+                job.message = "queued"
+                self._sched.add(job)
                 self._flush_soon(TIMER_RETRY)
                 break
-            self._queue.popleft()
             jobs.append(job)
         return jobs
 
@@ -3704,13 +4294,13 @@ class JobManager:
             except StorageError as e:
                 log.warning("%s; queued jobs wait", e)
                 with self._lock:
-                    for job in reversed(jobs):
+                    for job in jobs:
                         self._running.pop(job.jid, None)
                         if self._jobs.get(job.jid) is not job:
                             continue    # withdrawn meanwhile
                         job.starting, job.backend_id, job.ident = False, None, None
-                        job.message = "queued: waiting for a free slot"
-                        self._queue.appendleft(job)
+                        job.message = "queued"
+                        self._sched.add(job)
                         self._persist(job)
                     self._flush_soon(TIMER_RETRY)
                 return
@@ -3826,7 +4416,6 @@ class JobManager:
     def _cancel(self, job, message, must=False):
         """Caller holds self._lock."""
         self._record_end(job, ERROR, None, message, started=False, must=must)
-        self._queue_remove(job)
 
     # -- a job's life: end -------------------------------------------------------
 
@@ -3867,7 +4456,7 @@ class JobManager:
             if job.started is None and seen.started is not None:   # ran between polls
                 job.started = seen.started
             status, code, message, started = _how_it_ended(job, seen)
-            self._record_end(job, status, code, message, started=started)
+            self._record_end(job, status, code, message, started=started, retry=True)
             return True
         if seen.message is not None:
             job.message = seen.message
@@ -3878,10 +4467,14 @@ class JobManager:
             job.started = None
         return (job.status, job.message, job.pid, job.backend_id) != before
 
-    def _record_end(self, job, status, returncode, message, started=True, must=False):
-        """Record the end of *job*.  With *must*, a journal that cannot take
-        the line raises StorageError and nothing changes.  Caller holds
-        self._lock."""
+    def _record_end(self, job, status, returncode, message, started=True, must=False,
+                    retry=False):
+        """Record the end of *job* (with *retry*, of this attempt: a failure
+        with retries left queues the next, see `_retry`), then settle its
+        dependents.  With *must*, a journal that cannot take the line raises
+        StorageError and nothing changes.  Caller holds self._lock."""
+        if retry and self._retry(job, status, returncode, message, started):
+            return
         saved = job.status, job.returncode, job.message, job.ended, job.started
         job.status, job.returncode, job.message = status, returncode, message
         job.ended = _now()
@@ -3899,9 +4492,84 @@ class JobManager:
         self._note_change(job.jid, status, ended=job)
         self._retention.ended(job.jid, line, self._jobs)
         self._timers.cancel(job, self._live_job)
+        self._sched.discard(job)
         self._ended.append(job.jid)
         self._flush_soon(FLUSH_DELAY)
         self._changed.notify_all()
+        self._settle_dependents(job.jid)
+
+    def _retry(self, job, status, returncode, message, started):
+        """If this failed attempt of *job* has a retry left (a failure of
+        its own: not a kill through pman, a timeout or a log limit), record
+        it in `attempts` and queue the job again, `retry_delay` doubled per
+        retry later; return True.  The next attempt gets a seq of its own,
+        so that its exit record and timers are never the last one's.
+        Caller holds self._lock."""
+        attempts = job.attempts or []
+        if status != ERROR or job.kill_signal or len(attempts) >= job.get("retries"):
+            return False
+        attempt = {"returncode": returncode, "started": job.started if started else None,
+                   "ended": _now(), "message": message}
+        saved = [getattr(job, name) for name in _FIELDS + _SCHED_FIELDS]
+        if self._running.pop(job.jid, None) is not None:
+            self.backend.unwatch(job)
+        self._timers.cancel(job, self._live_job)
+        job.attempts = attempts + [attempt]
+        job.retry_at = _wall() + job.get("retry_delay") * 2 ** len(attempts)
+        job.status, job.returncode, job.message = NOTSTARTED, None, "attempt %d %s" % (
+            len(job.attempts), message if message.startswith("spawn") else
+            "ended: " + message)
+        job.pid = job.backend_id = job.ident = job.started = job.ended = None
+        job.seq, self._next_seq = self._next_seq, self._next_seq + 1
+        try:
+            self._store.append(job.line())
+        except StorageError:
+            for name, value in zip(_FIELDS + _SCHED_FIELDS, saved):
+                setattr(job, name, value)
+            raise
+        self._sched.add(job)
+        self._note_change(job.jid, NOTSTARTED)
+        self._flush_soon(FLUSH_DELAY)
+        return True
+
+    def _enqueue(self, job):
+        """Queue *job* (journaled): its dependencies that have ended count
+        at once, and one that failed ends it (see _settle_dependents).
+        Caller holds self._lock."""
+        self._sched.add(job)
+        for jid, _ in list(job.pending or ()):
+            if _is_finished(self._jobs.get(jid, "")):
+                self._settle(job, jid)
+                if job.sched is None:
+                    return
+
+    def _settle(self, job, jid):
+        """Dependency *jid* of queued *job* has ended: it counts (the job's
+        line says so, so that forgetting *jid* changes nothing), or the job
+        ends without running.  Caller holds self._lock."""
+        any_end = next(p[1] for p in job.pending if p[0] == jid)
+        verdict = _dependency_verdict(jid, self._jobs.get(jid), any_end)
+        if verdict is True:
+            self._sched.resolve(job, jid)
+            self._persist(job)
+        elif verdict is not None:
+            self._record_end(job, ERROR, None, verdict, started=False)
+
+    def _settle_dependents(self, jid):
+        """*jid* has ended: settle the jobs queued after it, and theirs in
+        turn when they end without running (a loop, not a recursion: a
+        chain may be long).  Caller holds self._lock."""
+        if self._settling is not None:
+            self._settling.append(jid)
+            return
+        self._settling = [jid]
+        try:
+            while self._settling:
+                jid = self._settling.pop()
+                for job in self._sched.dependents(jid):
+                    self._settle(job, jid)
+        finally:
+            self._settling = None
 
     # -- recovery ----------------------------------------------------------------
 
@@ -3910,7 +4578,7 @@ class JobManager:
         return the _Kills to send again (a kill journaled before the crash
         may never have gone out, or may have been lost in the wrapper's
         fork window).  Caller holds self._lock."""
-        kills = []
+        kills, queued = [], []
         for job in [e for e in self._jobs.values() if not _is_finished(e)]:
             try:
                 if job.status == NOTSTARTED and job.backend_id is None:
@@ -3923,8 +4591,8 @@ class JobManager:
             if seen.state == NEVER:          # never reached the backend
                 job.backend_id = job.ident = job.pid = None
                 job.status, job.started = NOTSTARTED, None
-                job.message = "queued: waiting for a free slot"
-                self._queue.append(job)
+                job.message = "queued"
+                queued.append(job)
                 continue
             self._record_seen(job, seen._replace(started=seen.started or job.started
                                                  or job.submitted))
@@ -3939,6 +4607,11 @@ class JobManager:
                     job.spawned_at = _time()
                     kills.append(_Kill(job, job.kill_signal, None, 0, None, None))
                 log.info("re-adopted job %s (%s)", job.jid, job.pid or job.backend_id)
+        # Queued once every active job is settled: a dependency that ended
+        # while no manager ran counts (or fails its dependents) now.
+        for job in queued:
+            if self._jobs.get(job.jid) is job and job.sched is None:
+                self._enqueue(job)
         return kills
 
     # -- records and files (callers hold self._lock where documented) ------------
@@ -3977,13 +4650,15 @@ class JobManager:
         record["timestamp"] = record["ended"] or record["started"] or record["submitted"]
         for key in ("ident", "kill_signal", "kill_reason"):
             del record[key]
+        for key in ("pending", "retry_at"):
+            record.pop(key, None)
+        for key, default in SCHED_DEFAULTS.items():
+            if key not in record:
+                record[key] = [] if default == [] else default
+        record.setdefault("attempts", [])
+        if record["status"] != NOTSTARTED or "waiting" not in record:
+            record["waiting"] = None
         return record
-
-    def _queue_remove(self, job):
-        try:
-            self._queue.remove(job)
-        except ValueError:
-            pass
 
     def _persist(self, job):
         """Journal the job's current state; return its line.  Caller holds
@@ -4044,6 +4719,9 @@ class JobManager:
             with self._lock:
                 delay = self._timers.next_due()
                 delay = None if delay is None else delay - _time()
+                due = self._sched.next_due()
+                if due is not None:
+                    delay = due - _wall() if delay is None else min(delay, due - _wall())
                 if self._flush_due is not None:
                     flush = self._flush_due - _time()
                     delay = flush if delay is None else min(delay, flush)
