@@ -33,14 +33,15 @@ the journal: `_Store`); 6. Processes (identity, exit codes and the wrapper
 shell that records them); 7. The backend seam (`_Backend`) and the local
 backend; 8. The SLURM backend; 9. The podman backend; 10. JobManager's
 parts (retention, timers, log files, the change feed, metrics, filters);
-11. `JobManager` (its public API, then a job's life in order: submission,
-start, timers and signals, end, recovery, then the reaper thread);
-12. HTTP limits, errors and job objects; 13. The command dialect; 14. The
-API routes (`_Api`, `_Routes`); 15. The HTTP server: requests (`_Handler`)
-and 16. connections (`_Server`, `make_server`); 17-19. The command line
-(the server, the client, its commands: `main`); 20. The original pman's
-module entry point (`pman.pman`); 21. The status page (HTML, CSS and
-JavaScript: data, not code).
+11. The scheduler (`_Scheduler`: what may start now, and why each queued
+job waits); 12. `JobManager` (its public API, then a job's life in order:
+submission, start, timers and signals, end, recovery, then the reaper
+thread); 13. HTTP limits, errors and job objects; 14. The command dialect;
+15. The API routes (`_Api`, `_Routes`); 16. The HTTP server: requests
+(`_Handler`) and 17. connections (`_Server`, `make_server`); 18-20. The
+command line (the server, the client, its commands: `main`); 21. The
+original pman's module entry point (`pman.pman`); 22. The status page
+(HTML, CSS and JavaScript: data, not code).
 
 State
 -----
@@ -61,6 +62,9 @@ Everything lives in one state directory (``$PMAN_STATE_DIR``, else
     one line ``<seq> <code>`` appended by each job's wrapper shell when the
     job ends, so an exit code is never lost while the manager is down;
     emptied when no job runs.
+``groups.json``
+    the groups' limits and pauses (see `JobManager.set_group`), written
+    atomically.
 ``podman/``
     the podman backend's working directory (see `PodmanBackend`).
 
@@ -3004,6 +3008,14 @@ class _JobFilter:
         return record
 
 
+# What a reaper's turn decided under the lock (JobManager._reap_locked), for
+# the rest of the turn to act on without it: the _Kills to deliver, the
+# handed-over jobs to start, how many finished jobs to forget, whether the
+# journal is due a sync and the backend had nothing running, and on_end's
+# records.
+_Turn = collections.namedtuple("_Turn", "kills starting doomed flush idle ended")
+
+
 # ---------------------------------------------------------------------------
 # The scheduler
 # ---------------------------------------------------------------------------
@@ -3302,12 +3314,6 @@ def _check_limit(max_running):
     return max_running
 
 
-# What a reaper's turn decided under the lock (JobManager._reap_locked), for
-# the rest of the turn to act on without it: the _Kills to deliver, the
-# handed-over jobs to start, how many finished jobs to forget, whether the
-# journal is due a sync and the backend had nothing running, and on_end's
-# records.
-_Turn = collections.namedtuple("_Turn", "kills starting doomed flush idle ended")
 
 
 def _how_it_ended(job, end):
@@ -4002,13 +4008,14 @@ class JobManager:
         return [records[job.jid] for job in jobs]
 
     def _starting_now(self, jobs):
-        """Queue the new *jobs* that wait for nothing of their own and hand
-        over those the scheduler would start now, before they are journaled
-        (one line holds them all); the others are queued once journaled
-        (`_enter_submission`).  Caller holds self._lock."""
+        """Queue the new *jobs* that wait for no dependency or release, and
+        hand over those the scheduler would start now, before they are
+        journaled (one line holds them all); the others are queued once
+        journaled (`_enter_submission`), where a failed dependency can end
+        them.  Caller holds self._lock."""
         plain = set()
         for job in jobs:
-            if not (job.pending or job.hold or job.begin):
+            if not (job.pending or job.hold):
                 self._sched.add(job)
                 plain.add(job)
         starting = []
@@ -4083,6 +4090,10 @@ class JobManager:
                     error = InvalidArgument("unknown dependency %s: a job may wait only for "
                                             "a known jid or one of its batch" % jid)
                     raise (error._in_batch(index) if batch else error)
+            # One that has already ended and counts is settled now; one
+            # that failed stays, to end the job once it is journaled.
+            pending = [p for p in pending if p[0] in batch_jids or _dependency_verdict(
+                p[0], self._jobs[p[0]], p[1]) is not True]
             job.pending = pending or None
             edges[job.jid] = [jid for jid, _ in pending if jid in batch_jids]
         cycle = _find_cycle(edges)

@@ -2406,6 +2406,312 @@ def test_queue_rerun_of_a_running_or_queued_jid_is_a_conflict(core_make):
     assert len(m.jobs()) == 2
 
 
+# ---------------------------------------------------------------------------
+# scheduling: dependencies, groups, priorities, pause, hold, begin, retries
+# ---------------------------------------------------------------------------
+
+def _sched_gate(tmp_path, name):
+    """(shell code that waits for the gate file *name*, the gate's Path)."""
+    gate = tmp_path / name
+    return "while [ ! -e '%s' ]; do sleep 0.01; done" % gate, gate
+
+
+def test_sched_after_starts_a_job_only_once_its_dependency_succeeded(core_make, tmp_path):
+    m = core_make()
+    wait_a, gate = _sched_gate(tmp_path, "a")
+    a = m.run(wait_a, jid="a")
+    b = m.run("true", jid="b", after=["a"])
+    assert a["status"] == "started" and b["status"] == "notstarted"
+    assert b["waiting"] == "after a (started)" and b["after"] == ["a"]
+    assert m.get("b")["waiting"] == "after a (started)"
+    gate.touch()
+    a, b = m.wait(["a", "b"], timeout=10)
+    assert b["returncode"] == 0 and b["waiting"] is None
+    assert _core_stamp(b["started"]) >= _core_stamp(a["ended"])
+
+
+def test_sched_a_failed_dependency_ends_its_dependents_in_a_cascade(core_make, tmp_path):
+    """after: the dependents of a failure end finishedWithError with no
+    return code and a message naming the dependency; after_any still runs."""
+    m = core_make()
+    wait_a, gate = _sched_gate(tmp_path, "a")
+    m.run(wait_a + "; exit 2", jid="a")
+    m.run("touch '%s'" % (tmp_path / "b-ran"), jid="b", after="a")
+    m.run("touch '%s'" % (tmp_path / "c-ran"), jid="c", after=["b"])
+    m.run("true", jid="d", after_any=["c"])
+    gate.touch()
+    a, b, c, d = m.wait(["a", "b", "c", "d"], timeout=10)
+    assert a["returncode"] == 2
+    assert (b["status"], b["returncode"], b["started"]) == ("finishedWithError", None, None)
+    assert b["message"] == "not started: dependency a finished with error (exit 2)"
+    assert c["status"] == "finishedWithError" and c["returncode"] is None
+    assert c["message"] == "not started: dependency b was not started"
+    assert d["returncode"] == 0
+    assert not (tmp_path / "b-ran").exists() and not (tmp_path / "c-ran").exists()
+
+
+def test_sched_a_long_chain_of_failed_dependencies_settles_without_recursion(core_make):
+    m = core_make()
+    specs = [{"cmd": "exit 1", "jid": "c0"}] + [
+        {"cmd": "true", "jid": "c%d" % i, "after": ["c%d" % (i - 1)]} for i in range(1, 3000)]
+    m.run_many(specs)
+    last = m.wait("c2999", timeout=30)
+    assert last["message"] == "not started: dependency c2998 was not started"
+    assert m.counts()["finishedWithError"] == 3000
+
+
+def test_sched_after_any_runs_after_a_kill_and_a_cancellation(core_make):
+    m = core_make(max_running=1)
+    m.run("sleep 30", jid="long")
+    m.run("true", jid="queued")
+    m.run("true", jid="after-kill", after_any=["long"])
+    m.run("true", jid="after-cancel", after_any=["queued"])
+    m.run("true", jid="needs-queued", after=["queued"])
+    m.kill("queued")
+    cancelled = m.wait("needs-queued", timeout=10)
+    assert cancelled["message"].startswith("not started: dependency queued never ran "
+                                           "(cancelled before it started")
+    m.kill("long")
+    assert m.wait("after-kill", timeout=10)["returncode"] == 0
+    assert m.wait("after-cancel", timeout=10)["returncode"] == 0
+
+
+def test_sched_an_unknown_dependency_or_a_cycle_is_refused_naming_it(core_make):
+    m = core_make()
+    with pytest.raises(pman.InvalidArgument, match="unknown dependency nope"):
+        m.run("true", jid="x", after=["nope"])
+    with pytest.raises(pman.InvalidArgument, match="batch index 1: unknown dependency gone"):
+        m.run_many([{"cmd": "true", "jid": "p"}, {"cmd": "true", "after_any": ["gone"]}])
+    with pytest.raises(pman.InvalidArgument, match=r"dependency cycle: a -> b -> c -> a"):
+        m.run_many([{"cmd": "true", "jid": "a", "after": ["b"]},
+                    {"cmd": "true", "jid": "b", "after": ["c"]},
+                    {"cmd": "true", "jid": "c", "after_any": ["a"]}])
+    with pytest.raises(pman.InvalidArgument, match=r"dependency cycle: s -> s"):
+        m.run("true", jid="s", after=["s"])
+    assert m.jobs() == []
+
+
+def test_sched_a_batch_may_wait_for_a_later_job_of_the_same_batch(core_make, tmp_path):
+    m = core_make()
+    order = tmp_path / "order"
+    recs = m.run_many([{"cmd": "echo first >> '%s'" % order, "jid": "first", "after": ["second"]},
+                       {"cmd": "sleep 0.1; echo second >> '%s'" % order, "jid": "second"}])
+    assert recs[0]["status"] == "notstarted"
+    m.wait(["first", "second"], timeout=10)
+    assert order.read_text().split() == ["second", "first"]
+
+
+def test_sched_a_dependency_already_ended_counts_at_once(core_make):
+    m = core_make()
+    assert m.wait(m.run("true", jid="ok")["jid"], timeout=10)["returncode"] == 0
+    assert m.wait(m.run("exit 4", jid="bad")["jid"], timeout=10)["returncode"] == 4
+    assert m.run("true", jid="x", after=["ok"])["status"] == "started"
+    y = m.run("true", jid="y", after=["bad"])
+    assert y["status"] == "finishedWithError" and y["returncode"] is None
+    assert y["message"] == "not started: dependency bad finished with error (exit 4)"
+    assert m.run("true", jid="z", after_any=["bad"])["status"] == "started"
+
+
+def test_sched_forgetting_or_rerunning_an_ended_dependency_changes_nothing(core_make, tmp_path):
+    """A dependency is the run that held the jid at submission: once it
+    succeeded, removing it or running its jid again (and failing) leaves
+    its dependent waiting only for the rest, across a restart too."""
+    state = tmp_path / "state"
+    m = core_make(state)
+    wait_g, gate = _sched_gate(tmp_path, "g")
+    m.run(wait_g, jid="g")
+    m.wait(m.run("true", jid="ok")["jid"], timeout=10)
+    m.wait(m.run("true", jid="ok2")["jid"], timeout=10)
+    m.run("true", jid="dep", after=["ok", "ok2", "g"])
+    m.remove("ok")
+    assert m.wait(m.run("exit 1", jid="ok2")["jid"], timeout=10)["returncode"] == 1
+    assert m.get("dep")["waiting"] == "after g (started)"
+    m.close()
+    m = core_make(state)
+    gate.touch()
+    assert m.wait("dep", timeout=10)["returncode"] == 0
+
+
+def test_sched_a_group_limit_holds_with_the_managers(core_make, tmp_path):
+    m = core_make(max_running=3)
+    wait_x, gate = _sched_gate(tmp_path, "x")
+    assert m.set_group("gpu", max_running=1) == {
+        "name": "gpu", "max_running": 1, "paused": False, "running": 0, "waiting": 0}
+    g = [m.run(wait_x, jid="g%d" % i, group="gpu") for i in range(3)]
+    assert [r["status"] for r in g] == ["started", "notstarted", "notstarted"]
+    assert g[1]["waiting"] == "group gpu full (1 running)" and g[1]["group"] == "gpu"
+    d = [m.run(wait_x, jid="d%d" % i) for i in range(3)]
+    assert [r["status"] for r in d] == ["started", "started", "notstarted"]
+    assert d[2]["waiting"] == "waiting for a free slot (3 running)"
+    assert {x["name"]: (x["running"], x["waiting"]) for x in m.groups()} == {
+        "default": (2, 1), "gpu": (1, 2)}
+    gate.touch()
+    recs = m.wait(["g0", "g1", "g2", "d0", "d1", "d2"], timeout=20)
+    spans = [(_core_stamp(r["started"]), _core_stamp(r["ended"])) for r in recs[:3]]
+    for s, _ in spans:      # never two of the group at once
+        assert sum(1 for s2, e2 in spans if s2 <= s < e2) == 1
+
+
+def test_sched_higher_priority_first_equal_priority_in_submission_order(core_make, tmp_path):
+    m = core_make(max_running=1)
+    wait_x, gate = _sched_gate(tmp_path, "x")
+    order = tmp_path / "order"
+    m.run(wait_x, jid="blocker")
+    for jid, prio in (("a", 0), ("b", 5), ("c", 5), ("d", 1), ("e", -1)):
+        m.run("echo %s >> '%s'" % (jid, order), jid=jid, priority=prio)
+    assert m.set_priority("a", 10)["priority"] == 10
+    with pytest.raises(pman.JobConflict):
+        m.set_priority("blocker", 3)
+    with pytest.raises(pman.InvalidArgument):
+        m.set_priority("a", True)
+    gate.touch()
+    m.wait(["a", "b", "c", "d", "e"], timeout=10)
+    assert order.read_text().split() == ["a", "b", "c", "d", "e"]
+
+
+def test_sched_pause_starts_nothing_new_and_survives_a_restart(core_make, tmp_path):
+    state = tmp_path / "state"
+    m = core_make(state)
+    wait_x, gate = _sched_gate(tmp_path, "x")
+    running = m.run(wait_x, jid="running")
+    assert m.pause() is True and m.paused() is True
+    assert m.pause("gpu")["paused"] is True
+    p = m.run("true", jid="p")
+    q = m.run("true", jid="q", group="gpu")
+    assert p["waiting"] == "paused" and q["waiting"] == "paused"
+    m.close()
+    m = core_make(state)
+    assert m.paused() is True and m.get("p")["status"] == "notstarted"
+    assert m.get("running")["status"] == "started"
+    gate.touch()
+    assert m.wait("running", timeout=10)["returncode"] == 0
+    assert m.get("p")["status"] == "notstarted"
+    assert m.resume() is False
+    assert m.wait("p", timeout=10)["returncode"] == 0
+    assert m.get("q")["waiting"] == "group gpu paused"
+    resumed = m.resume("gpu")
+    assert (resumed["name"], resumed["paused"], resumed["max_running"]) == ("gpu", False, None)
+    assert m.wait("q", timeout=10)["returncode"] == 0
+
+
+def test_sched_hold_and_release_a_queued_job_only(core_make, tmp_path):
+    m = core_make()
+    h = m.run("true", jid="h", hold=True)
+    assert h["status"] == "notstarted" and h["hold"] is True and h["waiting"] == "held"
+    wait_x, gate = _sched_gate(tmp_path, "x")
+    m.run(wait_x, jid="x")
+    after = m.run("true", jid="after", after=["x"])
+    assert m.hold("after")["waiting"] == "held"
+    with pytest.raises(pman.JobConflict, match="not queued"):
+        m.hold("x")
+    with pytest.raises(pman.JobNotFound):
+        m.release("nope")
+    gate.touch()
+    m.wait("x", timeout=10)
+    assert m.get("after")["waiting"] == "held" and m.get("h")["waiting"] == "held"
+    assert m.release("after")["hold"] is False
+    assert m.wait("after", timeout=10)["returncode"] == 0
+    m.release("h")
+    assert m.wait("h", timeout=10)["returncode"] == 0
+    with pytest.raises(pman.JobConflict, match="finishedSuccessfully"):
+        m.release("h")
+
+
+def test_sched_begin_is_never_early_and_holds_across_a_restart(core_make, tmp_path):
+    state = tmp_path / "state"
+    m = core_make(state)
+    begin = time.time() + 1.0
+    rec = m.run("true", jid="b", begin=begin)
+    assert rec["status"] == "notstarted" and rec["waiting"].startswith("begins ")
+    assert _core_stamp(rec["begin"]).timestamp() == pytest.approx(begin, abs=1e-5)
+    iso = m.run("true", jid="iso", begin="2000-01-01T00:00:00Z")
+    assert iso["begin"] == "2000-01-01T00:00:00+00:00"
+    m.close()
+    m = core_make(state)
+    done = m.wait("b", timeout=10)
+    assert _core_stamp(done["started"]).timestamp() >= begin
+    assert m.wait("iso", timeout=10)["returncode"] == 0
+
+
+def test_sched_retries_keep_every_attempt_and_double_the_delay(core_make, tmp_path):
+    m = core_make()
+    count = tmp_path / "count"
+    script = ("n=$(cat '%s' 2>/dev/null || echo 0); n=$((n + 1)); echo $n > '%s'; "
+              "[ $n -ge 3 ] || exit $((n + 10))" % (count, count))
+    m.run(script, jid="r", retries=3, retry_delay=0.2)
+    waiting = _until(lambda: (m.get("r")["waiting"] or "").startswith("retry ") and
+                     m.get("r")["waiting"], what="a retry to be queued")
+    assert re.fullmatch(r"retry 1 of 3 at \d\d:\d\d:\d\d", waiting)
+    rec = m.wait("r", timeout=10)
+    assert rec["status"] == "finishedSuccessfully" and rec["returncode"] == 0
+    assert [a["returncode"] for a in rec["attempts"]] == [11, 12]
+    ends = [_core_stamp(a["ended"]) for a in rec["attempts"]]
+    starts = [_core_stamp(a["started"]) for a in rec["attempts"]] + [
+        _core_stamp(rec["started"])]
+    assert (starts[1] - ends[0]).total_seconds() >= 0.2
+    assert (starts[2] - ends[1]).total_seconds() >= 0.4
+    m.run("exit 7", jid="f", retries=1, retry_delay=0)
+    f = m.wait("f", timeout=10)
+    assert f["returncode"] == 7 and [a["returncode"] for a in f["attempts"]] == [7]
+
+
+def test_sched_no_retry_after_a_kill_or_a_timeout(core_make):
+    m = core_make()
+    t = m.run("sleep 30", jid="t", timeout=0.2, retries=2, retry_delay=0)
+    k = m.run("sleep 30", jid="k", retries=2, retry_delay=0)
+    _core_wait_running(k["pid"])
+    m.kill("k")
+    for jid in ("t", "k"):
+        rec = m.wait(jid, timeout=15)
+        assert rec["status"] == "finishedWithError" and rec["attempts"] == [], rec
+
+
+def test_sched_a_spawn_failure_is_retried(core_make, tmp_path):
+    m = core_make()
+    missing = tmp_path / "later"
+    rec = m.run("true", jid="s", cwd=str(missing), retries=1, retry_delay=0.3)
+    assert rec["status"] in ("notstarted", "finishedWithError")
+    missing.mkdir()
+    rec = m.wait("s", timeout=10)
+    assert rec["returncode"] == 0 and len(rec["attempts"]) == 1
+    assert rec["attempts"][0]["returncode"] is None
+    assert rec["attempts"][0]["started"] is None
+
+
+def test_sched_bad_scheduling_values_are_invalid_arguments(core_make):
+    m = core_make()
+    for kwargs, words in ((dict(group="a b"), "invalid group"),
+                          (dict(priority=True), "priority must be an integer"),
+                          (dict(priority=2 ** 40), "priority must be an integer"),
+                          (dict(begin="2026-01-01T10:00:00"), "with an offset"),
+                          (dict(begin="soon"), "with an offset"),
+                          (dict(begin=-1), "begin must be epoch seconds"),
+                          (dict(hold="yes"), "hold must be true or false"),
+                          (dict(retries=-1), "retries must be an integer"),
+                          (dict(retry_delay=float("nan")), "retry_delay must be a number"),
+                          (dict(after=[""]), "after: invalid jid"),
+                          (dict(after_any=5.5), "after_any must be a list of jids")):
+        with pytest.raises(pman.InvalidArgument, match=re.escape(words)):
+            m.run("true", **kwargs)
+    with pytest.raises(pman.InvalidArgument, match="max_running must be a positive"):
+        m.set_group("g", max_running=0)
+    with pytest.raises(pman.InvalidArgument, match="invalid group"):
+        m.pause("../x")
+    assert m.jobs() == [] and [g["name"] for g in m.groups()] == ["default"]
+
+
+def test_sched_a_damaged_groups_file_is_set_aside_with_a_message(core_make, tmp_path, caplog):
+    state = tmp_path / "state"
+    m = core_make(state)
+    m.set_group("g", max_running=2)
+    m.close()
+    (state / "groups.json").write_text('{"paused": "yes", "groups": {}}')
+    m = core_make(state)
+    assert "groups.json is damaged ('paused' is not a boolean)" in caplog.text
+    assert m.paused() is False and [g["name"] for g in m.groups()] == ["default"]
+    assert [n for n in os.listdir(state) if n.startswith("groups.json.damaged-")]
+
+
 # ===========================================================================
 # 3. kill, timeouts and signals
 # ===========================================================================
