@@ -7179,8 +7179,13 @@ def _cmd_run(client, args):
     if args.follow and (args.json or args.wait):
         raise _ClientError("--follow already waits; it prints the job's output, not JSON",
                            EXIT_USAGE)
-    job = client.json("POST", "/", body=_run_body(client, args), expect=(201,))
+    body = _run_body(client, args)
+    job = client.json("POST", "/", body=body, expect=(201,))
     jid = job["jid"]
+    lost = sorted(set(job.get("ignored_fields") or ()) & set(body))
+    if lost:            # a server that predates scheduling queues it as a plain job
+        raise _ClientError("%s ignored %s (an older pman?): job %s is queued without them"
+                           % (client.url, ", ".join(lost), jid))
     if args.follow:
         try:
             _follow(client, jid, {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer})
@@ -7225,11 +7230,47 @@ def _run_body(client, args):
             pass                        # removed under us: the server's
     if args.timeout is not None:
         body["timeout"] = args.timeout
+    for name in ("after", "after_any"):
+        jids = [j for value in getattr(args, name) or () for j in value.split(",") if j]
+        if jids:
+            body[name] = _checked_jids(list(dict.fromkeys(jids)))
+    for name in ("group", "priority", "retries", "retry_delay"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
+    if args.begin is not None:
+        body["begin"] = _begin_arg(args.begin)
+    if args.hold:
+        body["hold"] = True
     return body
 
 
+_RELATIVE_RE = re.compile(r"\+([0-9]+(?:\.[0-9]+)?)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _begin_arg(text):
+    """`run --begin` *text* as the server takes it: an ISO 8601 time with
+    an offset or epoch seconds as given; a relative +N[smhd] as the
+    absolute time it means now, with this machine's offset."""
+    relative = _RELATIVE_RE.fullmatch(text)
+    if relative:
+        seconds = float(relative.group(1)) * _UNIT_SECONDS[relative.group(2)]
+        if seconds > 100 * 366 * 86400:
+            raise _ClientError("--begin %s is more than a hundred years away" % text,
+                               EXIT_USAGE)
+        return datetime.fromtimestamp(_wall() + seconds).astimezone().isoformat()
+    try:
+        value = float(text) if re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", text) else text
+        parse_begin(value)
+    except InvalidArgument:
+        raise _ClientError(
+            "--begin takes a time with an offset (2026-12-06T14:05:00+01:00), epoch seconds "
+            "or a delay from now (+90s, +10m, +2h, +1d), not %r" % text, EXIT_USAGE) from None
+    return value
+
+
 # ls: the columns, and the colour of each status on a terminal.
-_LS_HEAD = ("JID", "STATUS", "RC", "STARTED", "DURATION", "COMMAND")
+_LS_HEAD = ("JID", "STATUS", "RC", "STARTED", "DURATION", "WAITING", "COMMAND")
 _COLOURS = {STARTED: "33", SUCCESS: "32", ERROR: "31", UNDEFINED: "35"}
 
 
@@ -7267,14 +7308,17 @@ def _duration(job, now):
 
 def _table(jobs, colour, width):
     """The rows of `pman ls`, columns aligned, the command cut to *width*
-    (None: never cut)."""
+    (None: never cut); WAITING only when a job in the list waits."""
     now = _wall()
     today = datetime.now().astimezone().date()
     rows = [_LS_HEAD] + [(
         job["jid"], job["status"], "-" if job["returncode"] is None else str(job["returncode"]),
-        _local_time(job.get("started"), today), _duration(job, now), _one_line(job["cmd"]))
+        _local_time(job.get("started"), today), _duration(job, now),
+        _one_line(job.get("waiting") or "-"), _one_line(job["cmd"]))
         for job in jobs]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_LS_HEAD) - 1)]
+    if not any(job.get("waiting") for job in jobs):
+        rows = [row[:5] + row[6:] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for n, row in enumerate(rows):
         cells = [cell.ljust(w) if i != 2 else cell.rjust(w)
@@ -7324,8 +7368,37 @@ def _cmd_ls(client, args):
     return EXIT_OK
 
 
-_SHOW_FIELDS = ("jid", "status", "message", "returncode", "pid", "cmd", "auid", "cwd",
-                "timeout", "env", "meta", "submitted", "started", "ended", "stdout", "stderr")
+_SHOW_FIELDS = ("jid", "status", "message", "waiting", "returncode", "pid", "cmd", "group",
+                "priority", "after", "after_any", "begin", "hold", "retries", "retry_delay",
+                "attempts", "auid", "cwd", "timeout", "env", "meta", "submitted", "started",
+                "ended", "stdout", "stderr")
+
+
+def _ended_as(code):
+    if code is None:
+        return "no exit code"
+    return "exit %d" % code if code >= 0 else "killed by " + signal_name(-code)
+
+
+def _show_value(job, key, today):
+    """The text `pman show` gives field *key* of *job*, or None to leave
+    it out: scheduling fields at their defaults say nothing."""
+    value = job[key]
+    if key == "waiting" and value is None:
+        return None
+    if key in SCHED_DEFAULTS and (value == SCHED_DEFAULTS[key] or (
+            key == "retry_delay" and not job.get("retries"))):
+        return None
+    if key == "attempts":
+        if not value:
+            return None
+        return "; ".join("%s, ended %s" % (_ended_as(a.get("returncode")),
+                                           _local_time(a.get("ended"), today)) for a in value)
+    if value in (None, "", [], {}):
+        return "-"
+    if key in ("after", "after_any"):
+        return ", ".join(value)
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _cmd_show(client, args):
@@ -7346,13 +7419,11 @@ def _cmd_show(client, args):
     out = []
     shown = [k for k in _SHOW_FIELDS if k in job] + sorted(
         k for k in job if k not in _SHOW_FIELDS and k != "logs")
-    width = max(len(key) for key in shown) + 1
-    for key in shown:
-        value = job[key]
-        if value in (None, "", [], {}):
-            value = "-"
-        elif not isinstance(value, str):
-            value = json.dumps(value)
+    today = datetime.now().astimezone().date()
+    shown = [(key, _show_value(job, key, today)) for key in shown]
+    shown = [(key, value) for key, value in shown if value is not None]
+    width = max(len(key) for key, _ in shown) + 1
+    for key, value in shown:
         out.append("%-*s %s" % (width, key + ":", _one_line(value)))
     for name, text in tails.items():
         lines = text.split("\n")
@@ -7489,6 +7560,77 @@ def _cmd_rm(client, args):
     return _each(args.jids, remove)[0]
 
 
+def _cmd_job_action(client, args):
+    """hold, release, priority: one POST per job; --json prints the jobs."""
+    body = {}
+    if args.subcommand == "priority":
+        body = {"priority": args.priority}
+        jids = [args.jid]
+    else:
+        jids = args.jids
+    code, jobs = _each(jids, lambda jid: client.json(
+        "POST", "/%s/%s" % (jid, args.subcommand), body=body))
+    if args.json:
+        _print_json(jobs)
+    return code
+
+
+def _cmd_pause(client, args):
+    path = "/" + args.subcommand
+    if args.group is not None:
+        path = "/groups/%s%s" % (_checked_group(args.group), path)
+    reply = client.json("POST", path, body={})
+    if args.json:
+        _print_json(reply)
+    return EXIT_OK
+
+
+def _checked_group(name):
+    try:
+        return check_group(name)
+    except InvalidArgument as e:
+        raise _ClientError(str(e), EXIT_USAGE) from None
+
+
+def _cmd_group(client, args):
+    if args.max_running is not None and args.name is None:
+        raise _ClientError("give the group: pman group NAME --max-running N", EXIT_USAGE)
+    if args.max_running is not None:
+        limit = _max_running_arg(args.max_running)
+        group = client.json("PUT", "/groups/" + _checked_group(args.name),
+                            body={"max_running": limit})
+        reply = {"paused": None, "groups": [group]}
+    else:
+        reply = client.json("GET", "/groups")
+        if args.name is not None:   # a group not listed has no limit, pause or jobs
+            reply["groups"] = [g for g in reply["groups"]
+                               if g["name"] == _checked_group(args.name)] or [
+                {"name": args.name, "max_running": None, "paused": False, "running": 0,
+                 "waiting": 0}]
+    if args.json:
+        _print_json(reply["groups"][0] if args.name is not None else reply)
+        return EXIT_OK
+    rows = [("GROUP", "LIMIT", "PAUSED", "RUNNING", "WAITING")] + [(
+        _one_line(g["name"]), "-" if g["max_running"] is None else str(g["max_running"]),
+        "yes" if g["paused"] else "no", str(g["running"]), str(g["waiting"]))
+        for g in reply["groups"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    if reply["paused"]:
+        out.append("the manager is paused: no group starts a job (pman resume)")
+    sys.stdout.write("\n".join(out) + "\n")
+    return EXIT_OK
+
+
+def _max_running_arg(text):
+    if text == "none":
+        return None
+    if not re.fullmatch(r"[0-9]{1,9}", text):
+        raise _ClientError("--max-running takes a number of jobs, or none for no limit of "
+                           "the group's own, not %r" % text, EXIT_USAGE)
+    return int(text)
+
+
 def _client_parser():
     fmt = argparse.RawDescriptionHelpFormatter
     common = argparse.ArgumentParser(add_help=False)
@@ -7509,7 +7651,9 @@ def _client_parser():
             "  pman run -- make test                      # one string: a shell command\n"
             "  pman run --jid build-1 -- ls -l /tmp        # several: argv, no shell\n"
             "  pman run --wait -- 'sleep 1; exit 3'; echo $?     # 3\n"
-            "  pman run --follow --env GREETING=hi -- 'echo $GREETING'")
+            "  pman run --follow --env GREETING=hi -- 'echo $GREETING'\n"
+            "  pman run --after build-1 --group gpu --retries 2 -- ./test.sh\n"
+            "  pman run --begin +10m --priority 5 -- ./nightly.sh")
     s.add_argument("--jid", help="the job id (default: generated)")
     s.add_argument("--env", action="append", metavar="K=V",
                    help="set a variable for the job (repeatable)")
@@ -7528,6 +7672,26 @@ def _client_parser():
     s.add_argument("--start-server", action="store_true",
                    help="if nothing answers at a loopback --url, start `pman serve` there "
                    "in the background first ($PMAN_START_SERVER=1 does the same)")
+    s.add_argument("--after", action="append", metavar="JID[,JID]",
+                   help="start only once each of these jobs has finished successfully; if "
+                   "one fails, this one never runs (repeatable)")
+    s.add_argument("--after-any", action="append", metavar="JID[,JID]",
+                   help="start only once each of these jobs has ended, however (repeatable)")
+    s.add_argument("--group", metavar="G",
+                   help="run in group G, which has its own limit (pman group; default "
+                   "\"default\")")
+    s.add_argument("--priority", type=int, metavar="N",
+                   help="among jobs that may start, higher first (default 0)")
+    s.add_argument("--begin", metavar="T",
+                   help="not before T: a time with an offset (2026-12-06T14:05:00+01:00), "
+                   "epoch seconds, or a delay from now (+90s, +10m, +2h, +1d)")
+    s.add_argument("--hold", action="store_true",
+                   help="queue it held: it starts only after pman release JID")
+    s.add_argument("--retries", type=int, metavar="N",
+                   help="if it fails, run it again up to N times")
+    s.add_argument("--retry-delay", type=float, metavar="S",
+                   help="seconds before the first retry, doubling before each next one "
+                   "(default 1)")
     s.add_argument("command", nargs="*", help="after --: a shell string, or argv")
 
     s = add("ls", "List jobs, newest first (one page; --all for every job).",
@@ -7583,11 +7747,50 @@ def _client_parser():
     s.add_argument("jids", nargs="+", metavar="JID")
     s.add_argument("--kill", action="store_true",
                    help="kill a queued or running job first (else it is an error)")
+
+    s = add("hold", "Keep queued jobs from starting until pman release.",
+            "  pman hold deploy-1\n  pman run --hold --jid deploy-2 -- ./deploy.sh")
+    s.add_argument("jids", nargs="+", metavar="JID")
+    s.add_argument("--json", action="store_true", help="print the job objects as JSON")
+
+    s = add("release", "Let held jobs start (when what else they wait for allows).",
+            "  pman release deploy-1 deploy-2")
+    s.add_argument("jids", nargs="+", metavar="JID")
+    s.add_argument("--json", action="store_true", help="print the job objects as JSON")
+
+    s = add("priority", "Change a queued job's priority: among jobs that may start, higher "
+            "first.", "  pman priority urgent-1 10\n  pman priority batch-7 -5")
+    s.add_argument("jid")
+    s.add_argument("priority", type=int, metavar="N")
+    s.add_argument("--json", action="store_true", help="print the job object as JSON")
+
+    s = add("pause", "Start no new job (of one group, or at all); running jobs go on.",
+            "  pman pause                 # drain: running jobs end, nothing new starts\n"
+            "  pman pause --group gpu")
+    s.add_argument("--group", metavar="G", help="pause only group G")
+    s.add_argument("--json", action="store_true", help="print the server's reply as JSON")
+
+    s = add("resume", "Undo pman pause (of one group, or of the manager).",
+            "  pman resume\n  pman resume --group gpu")
+    s.add_argument("--group", metavar="G", help="resume only group G")
+    s.add_argument("--json", action="store_true", help="print the server's reply as JSON")
+
+    s = add("group", "List groups (limit, paused, running, waiting), or set one's limit.",
+            "  pman group\n  pman group gpu --max-running 2\n"
+            "  pman group gpu --max-running none      # no limit of its own")
+    s.add_argument("name", nargs="?", metavar="NAME", help="only this group")
+    s.add_argument("--max-running", metavar="N",
+                   help="set the group's limit of jobs running at once (none: no limit of "
+                   "its own; the server's --max-running still holds)")
+    s.add_argument("--json", action="store_true", help="print the groups as JSON")
     return p
 
 
 _CLIENT_COMMANDS = {"run": _cmd_run, "ls": _cmd_ls, "show": _cmd_show, "logs": _cmd_logs,
-                    "wait": _cmd_wait, "kill": _cmd_kill, "rm": _cmd_rm}
+                    "wait": _cmd_wait, "kill": _cmd_kill, "rm": _cmd_rm,
+                    "hold": _cmd_job_action, "release": _cmd_job_action,
+                    "priority": _cmd_job_action, "pause": _cmd_pause, "resume": _cmd_pause,
+                    "group": _cmd_group}
 
 
 def _client_main(argv):
@@ -7634,8 +7837,8 @@ def _client_main(argv):
 
 def main(argv=None):
     """The command line: ``pman [serve] [options]`` serves (see
-    `_serve`); ``pman run|ls|show|logs|wait|kill|rm ...`` is a client of a
-    server.  Returns the exit status (README.rst, "Exit statuses")."""
+    `_serve`); ``pman run|ls|show|...`` (_CLIENT_COMMANDS) is a client of
+    a server.  Returns the exit status (README.rst, "Exit statuses")."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0].split("=")[0] == "--url":
         print("pman: --url is an option of the client commands: it goes after the command, "

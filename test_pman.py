@@ -8046,7 +8046,8 @@ def test_cli_serve_start_and_stop_lines_are_info_and_requests_need_v(cli_server,
 def test_cli_help_has_an_example_version_and_usage_errors_are_64(tmp_path):
     """Every command's --help has an example; --version; a usage error of
     any command is exit status 64 with a message."""
-    for command in ("serve", "run", "ls", "show", "logs", "wait", "kill", "rm"):
+    for command in ("serve", "run", "ls", "show", "logs", "wait", "kill", "rm", "hold",
+                    "release", "priority", "pause", "resume", "group"):
         code, out, err = _cli(command, "--help")
         assert code == 0, (command, err)
         assert "example:" in out.decode() and ("pman %s" % command) in out.decode(), command
