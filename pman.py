@@ -176,7 +176,8 @@ STATUSES = (NOTSTARTED, STARTED, SUCCESS, ERROR, UNDEFINED)
 ACTIVE = (NOTSTARTED, STARTED)
 
 JID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-RESERVED_JIDS = frozenset({"cmd", "jobs", "hello", "openapi.json", "events"})
+RESERVED_JIDS = frozenset({"cmd", "jobs", "hello", "openapi.json", "events", "groups", "pause",
+                           "resume"})
 # The fields pfcon sends with every job: recorded; only the podman backend
 # acts on them (it runs the image, enforces the limits).
 PFCON_FIELDS = ("number_of_workers", "cpu_limit", "memory_limit", "gpu_limit",
@@ -4886,6 +4887,8 @@ CPU_SAMPLE = 0.1            # seconds between the two /proc/stat reads of hello 
 EVENT_WAITERS = 256         # long polls of /api/v1/events waiting at once; past it,
                             # a poll is answered at once ("busy": true)
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The reason label of pman_jobs_waiting: _Scheduler.reason's labels.
+METRIC_REASONS = ("after", "held", "paused", "full", "begin", "retry", "resources")
 
 
 class _Encoded:
@@ -5316,7 +5319,7 @@ def _record_by_name(manager, name):
 
 
 _RESOURCE_FIELDS = {"jid", "cmd", "entrypoint", "args", "auid", "env", "cwd", "timeout",
-                    "meta"} | set(PFCON_FIELDS)
+                    "meta"} | set(PFCON_FIELDS) | set(SCHED_DEFAULTS)
 
 
 # ---------------------------------------------------------------------------
@@ -5382,10 +5385,13 @@ class _Api:
         if isinstance(jid, str) and jid.startswith("/"):
             jid = jid[1:]           # pfcon's "/pfcon-4": pman 3.x strips the slash
         extras = {k: body[k] for k in PFCON_FIELDS if k in body}
+        # The scheduling fields go to run() as sent (null: the default),
+        # which checks them and names the field of a bad one.
+        sched = {k: body[k] for k in SCHED_DEFAULTS if k in body}
         return dict(cmd=cmd, jid=jid, auid=_get_str(body, "auid", ""), meta=meta,
                     env=body.get("env"), cwd=_get_str(body, "cwd"),
                     timeout=_number_or_none(body.get("timeout"), "timeout"),
-                    extras=extras), ignored
+                    extras=extras, **sched), ignored
 
     def _created(self, record, ignored):
         job = _with_logs(self.manager, record)
@@ -5573,6 +5579,66 @@ class _Api:
         return 200, {"status": True, "path": path,
                      "GET": _wrap([record["jid"]] + parts, value)}
 
+    # -- scheduling ----------------------------------------------------------
+
+    @staticmethod
+    def _fields(body, what, *names):
+        """The body's fields, each of *names* required and no other."""
+        unknown = sorted(set(body) - set(names))
+        if unknown:
+            raise InvalidArgument("unknown field(s) in %s: %s" % (what, _shown(unknown)))
+        for name in names:
+            if name not in body:
+                raise InvalidArgument("%r is required in %s" % (name, what))
+        return [body[name] for name in names]
+
+    def route_groups(self, groups, query, body):
+        self._only(query)
+        return 200, {"paused": self.manager.paused(), "groups": self.manager.groups()}
+
+    def route_set_group(self, groups, query, body):
+        self._only(query)
+        limit, = self._fields(body, "a group (null: no limit of its own)", "max_running")
+        return 200, self.manager.set_group(groups["name"], max_running=limit)
+
+    def route_pause_group(self, groups, query, body):
+        self._only(query)
+        self._fields(body, "a pause")
+        return 200, self.manager.pause(groups["name"])
+
+    def route_resume_group(self, groups, query, body):
+        self._only(query)
+        self._fields(body, "a resume")
+        return 200, self.manager.resume(groups["name"])
+
+    def route_pause(self, groups, query, body):
+        self._only(query)
+        self._fields(body, "a pause")
+        return 200, {"paused": self.manager.pause()}
+
+    def route_resume(self, groups, query, body):
+        self._only(query)
+        self._fields(body, "a resume")
+        return 200, {"paused": self.manager.resume()}
+
+    def _queued_reply(self, record):
+        return 200, _job_object(record, self.manager.backend.enforced)
+
+    def route_hold(self, groups, query, body):
+        self._only(query)
+        self._fields(body, "a hold")
+        return self._queued_reply(self.manager.hold(check_jid(groups["jid"])))
+
+    def route_release(self, groups, query, body):
+        self._only(query)
+        self._fields(body, "a release")
+        return self._queued_reply(self.manager.release(check_jid(groups["jid"])))
+
+    def route_priority(self, groups, query, body):
+        self._only(query)
+        priority, = self._fields(body, "a priority change", "priority")
+        return self._queued_reply(self.manager.set_priority(check_jid(groups["jid"]), priority))
+
 
 class _Routes:
     """The route table: (method, regex, OpenAPI path, handler, summary), the
@@ -5599,12 +5665,42 @@ class _Routes:
          "This OpenAPI document"),
         ("POST", r"/api/v1/cmd", "/api/v1/cmd/", _Api.route_command,
          "The original command dialect: payload.action"),
+        ("GET", r"/api/v1/groups", "/api/v1/groups", _Api.route_groups,
+         "Whether the manager is paused, and every group (those set, and those of queued "
+         "or running jobs): {\"paused\": bool, \"groups\": [{\"name\", \"max_running\", "
+         "\"paused\", \"running\", \"waiting\"}]}"),
+        ("PUT", r"/api/v1/groups/(?P<name>[^/]+)", "/api/v1/groups/{name}",
+         _Api.route_set_group,
+         "Set a group's limit of jobs running at once ({\"max_running\": N}, null: none of "
+         "its own; the manager's limit still holds), creating the group; kept across "
+         "restarts; 200 with the group"),
+        ("POST", r"/api/v1/groups/(?P<name>[^/]+)/pause", "/api/v1/groups/{name}/pause",
+         _Api.route_pause_group,
+         "Pause a group: none of its jobs starts, running ones go on; kept across "
+         "restarts; 200 with the group"),
+        ("POST", r"/api/v1/groups/(?P<name>[^/]+)/resume", "/api/v1/groups/{name}/resume",
+         _Api.route_resume_group, "Resume a paused group; 200 with the group"),
+        ("POST", r"/api/v1/pause", "/api/v1/pause", _Api.route_pause,
+         "Pause the manager: no job starts, running ones go on; kept across restarts; "
+         "200 {\"paused\": true}"),
+        ("POST", r"/api/v1/resume", "/api/v1/resume", _Api.route_resume,
+         "Resume the manager; 200 {\"paused\": false}"),
         ("GET", r"/api/v1/(?P<jid>[^/]+)/logs", "/api/v1/{jid}/logs", _Api.route_logs,
          "Read a log stream: ?stream=stdout|stderr&offset=N&limit=M; with &raw=1 the "
          "bytes themselves (application/octet-stream, at most 1 MiB), their offsets and "
          "eof in the Pman-Offset, Pman-Next-Offset and Pman-Eof headers"),
         ("POST", r"/api/v1/(?P<jid>[^/]+)/kill", "/api/v1/{jid}/kill", _Api.route_kill,
          "Signal a job, SIGKILL after grace; 202"),
+        ("POST", r"/api/v1/(?P<jid>[^/]+)/hold", "/api/v1/{jid}/hold", _Api.route_hold,
+         "Hold a queued job: it does not start until released; 200 with the job object, "
+         "409 if the job is not queued"),
+        ("POST", r"/api/v1/(?P<jid>[^/]+)/release", "/api/v1/{jid}/release",
+         _Api.route_release,
+         "Release a held job; 200 with the job object, 409 if the job is not queued"),
+        ("POST", r"/api/v1/(?P<jid>[^/]+)/priority", "/api/v1/{jid}/priority",
+         _Api.route_priority,
+         "Change a queued job's priority ({\"priority\": N}, higher first); 200 with the "
+         "job object, 409 if the job is not queued"),
         ("GET", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", _Api.route_get_job,
          "A job object; ?wait=S long-polls until it ends"),
         ("DELETE", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", _Api.route_delete_job,
@@ -5642,9 +5738,31 @@ class _Routes:
              "env": {"oneOf": [{"type": "array", "items": {"type": "string"}},
                                {"type": "object",
                                 "additionalProperties": {"type": "string"}}]},
-             "timeout": {"type": "number", "minimum": 0}, "meta": {"type": "object"}},
+             "timeout": {"type": "number", "minimum": 0}, "meta": {"type": "object"},
+             "after": {"type": "array", "items": {"type": "string"},
+                       "description": "start once each of these jobs (known, or of the same "
+                                      "batch) finished successfully; if one ends otherwise, "
+                                      "this job ends finishedWithError without running"},
+             "after_any": {"type": "array", "items": {"type": "string"},
+                           "description": "start once each of these jobs ended, however"},
+             "group": {"type": "string", "pattern": "^%s$" % GROUP_RE.pattern,
+                       "default": DEFAULT_GROUP},
+             "priority": {"type": "integer", "default": 0,
+                          "description": "higher starts first; equal: submission order"},
+             "begin": {"oneOf": [{"type": "string", "format": "date-time"},
+                                 {"type": "number", "description": "epoch seconds"}],
+                       "description": "the earliest start (ISO 8601 with an offset)"},
+             "hold": {"type": "boolean", "default": False,
+                      "description": "queue it until POST /api/v1/{jid}/release"},
+             "retries": {"type": "integer", "minimum": 0, "maximum": MAX_RETRIES,
+                         "default": 0},
+             "retry_delay": {"type": "number", "minimum": 0, "default": 1,
+                             "description": "seconds before the first retry, doubled "
+                                            "before each next one"}},
             **{name: {"description": "recorded; enforced (and image run) only by the "
                                      "podman backend"} for name in PFCON_FIELDS})}
+    NO_FIELDS = {"type": "object", "additionalProperties": False, "properties": {},
+                 "description": "{}"}
     BODIES = {      # request bodies by handler, for the OpenAPI document
         "create": JOB_BODY,
         "create_batch": {
@@ -5657,6 +5775,13 @@ class _Routes:
         "kill": {"type": "object", "additionalProperties": False, "properties": {
             "signal": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
             "grace": {"type": "number", "minimum": 0}}},
+        "set_group": {"type": "object", "additionalProperties": False,
+                      "required": ["max_running"], "properties": {"max_running": {
+                          "type": "integer", "minimum": 1, "nullable": True}}},
+        "priority": {"type": "object", "additionalProperties": False, "required": ["priority"],
+                     "properties": {"priority": {"type": "integer"}}},
+        "pause_group": NO_FIELDS, "resume_group": NO_FIELDS, "pause": NO_FIELDS,
+        "resume": NO_FIELDS, "hold": NO_FIELDS, "release": NO_FIELDS,
         "command": {"type": "object", "description": "{\"payload\": {\"action\", "
                     "\"meta\"}} or the payload alone", "properties": {
                         "payload": {"type": "object"},
@@ -5709,11 +5834,11 @@ class _Routes:
                         "description": d} for n, t, d in cls.PARAMETERS.get(handler, ())]
             if params:
                 op["parameters"] = params
-            if method == "POST":
+            if method in _BODY_METHODS:
                 op["requestBody"] = {"required": True, "content": {
                     "application/json": {"schema": cls.BODIES.get(handler,
                                                                   {"type": "object"})}}}
-            if method in ("POST", "DELETE"):
+            if method in ("POST", "PUT", "DELETE"):
                 op["responses"]["507"] = {"description": "Insufficient Storage: the state "
                                           "directory could not record the change (ENOSPC, "
                                           "EIO); nothing was run, signalled or forgotten"}
@@ -5871,8 +5996,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.headers = self.fields
             # The framing (_parse_head checked the length) comes before
             # anything else, the token too.
-            if self.command == "POST" and "Content-Length" not in self.headers:
-                raise HTTPError(411, "a POST needs a Content-Length header")
+            if self.command in _BODY_METHODS and "Content-Length" not in self.headers:
+                raise HTTPError(411, "a %s needs a Content-Length header" % self.command)
         except HTTPError as e:
             self.send_error(e.status, str(e))
             return False
@@ -5999,7 +6124,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _route(self, method):
         self._check_access(token=self.path.partition("?")[0] not in _PAGE_PATHS)
-        body = _json_object(self.body) if method == "POST" else None
+        body = _json_object(self.body) if method in _BODY_METHODS else None
         path, query = self._target()
         for regex, template, handler in _Routes.BY_METHOD.get(method, ()):
             match = regex.fullmatch(path)
@@ -6093,6 +6218,7 @@ class _EventPolls:
 
 
 _METHODS = frozenset({"GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"})
+_BODY_METHODS = ("POST", "PUT")     # the methods whose requests carry a JSON body
 
 
 def _template_of(target):
@@ -6611,12 +6737,33 @@ class _Server(http.server.HTTPServer):
         lag = stats["reaper_lag"]
         with self.metrics_lock:
             requests = sorted(self.requests.items())
+        # Why each queued job waits, by one scan: a scrape may scan the
+        # queue, an event never does.
+        with manager._lock:
+            sched = manager._sched
+            waiting = collections.Counter((job.get("group"), sched.reason(job)[0])
+                                          for job in sched.queue.values())
+            groups, paused = sched.groups(), sched.paused
         metrics = (     # name, type, help, [(name suffix, labels, value)]
             ("pman_build_info", "gauge", "pman's version (the value is 1)",
              [("", {"version": __version__, "python": platform.python_version(),
                     "backend": manager.backend.name}, 1)]),
             ("pman_jobs", "gauge", "Jobs in the state, by status",
              [("", {"status": s}, n) for s, n in manager.counts().items()]),
+            ("pman_jobs_waiting", "gauge",
+             "Queued jobs by group and by why they wait (%s)" % ", ".join(METRIC_REASONS),
+             [("", {"group": g["name"], "reason": r}, waiting[g["name"], r])
+              for g in groups for r in METRIC_REASONS]),
+            ("pman_group_max_running", "gauge",
+             "A group's limit of jobs running at once (none: no limit of its own)",
+             [("", {"group": g["name"]}, g["max_running"]) for g in groups
+              if g["max_running"] is not None]),
+            ("pman_group_paused", "gauge", "1 while a group is paused",
+             [("", {"group": g["name"]}, int(g["paused"])) for g in groups]),
+            ("pman_group_running", "gauge", "A group's jobs running (or being started)",
+             [("", {"group": g["name"]}, g["running"]) for g in groups]),
+            ("pman_paused", "gauge", "1 while the manager is paused",
+             [("", {}, int(paused))]),
             ("pman_jobs_started_total", "counter", "Jobs started since the manager opened",
              [("", {}, stats["started"])]),
             ("pman_jobs_finished_total", "counter",
@@ -8047,6 +8194,9 @@ h1{font-size:1.2em;margin:0}h2{font-size:1.05em;margin:0;word-break:break-all}
   padding:.2em .8em;cursor:pointer;font:inherit}
 #counts button.on{background:var(--sel)}
 #counts b{margin-left:.4em}
+#groups{display:flex;flex-wrap:wrap;gap:.3em 1.2em;padding:0 1em .6em}
+#groups .paused,#paused{color:var(--q)}
+td.wait{color:var(--q)}
 #filters{display:flex;flex-wrap:wrap;gap:1em;padding:0 1em .6em}
 input,select,button{font:inherit}
 .wrap{display:flex;align-items:flex-start}
@@ -8079,7 +8229,7 @@ _PAGE_JS = """\
 // only (sessionStorage); the table follows /api/v1/events, which names the
 // jobs that changed and brings their objects: nothing unchanged is fetched
 // again, and a whole page of jobs is read only on a filter change or reset.
-const PAGE = 100, WAIT = 25, LOG_CHUNK = 1 << 20, LOG_KEEP = 1 << 19;
+const PAGE = 100, WAIT = 25, LOG_CHUNK = 1 << 20, LOG_KEEP = 1 << 19, GROUPS_EVERY = 2000;
 const STATUSES = __STATUSES__;     // pman.STATUSES
 const $ = (id) => document.getElementById(id);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -8179,7 +8329,7 @@ function render() {
     if (j.jid === selected) tr.className = "sel";
     cell(tr, j.jid); cell(tr, j.status, j.status); cell(tr, j.auid); cell(tr, j.cmd, "cmd");
     cell(tr, j.returncode); cell(tr, (j.submitted || "").replace("T", " ").slice(5, 19));
-    cell(tr, j.message, "msg");
+    if (j.waiting) cell(tr, j.waiting, "msg wait"); else cell(tr, j.message, "msg");
     tr.title = j.cmd;
     body.append(tr);
   }
@@ -8247,6 +8397,29 @@ async function follow() {
   }
 }
 
+// Group state is not in the job feed (a pause changes no job): read it
+// every GROUPS_EVERY ms.
+async function followGroups() {
+  for (;;) {
+    try {
+      const g = await api("GET", "/api/v1/groups");
+      $("paused").hidden = !g.paused;
+      $("groups").replaceChildren(...g.groups.map((x) => {
+        const span = document.createElement("span");
+        span.dataset.group = x.name;
+        span.className = x.paused ? "paused" : "";
+        span.textContent = x.name + ": " + x.running + "/" +
+          (x.max_running === null ? "any" : x.max_running) + " running, " + x.waiting +
+          " waiting" + (x.paused ? ", paused" : "");
+        return span;
+      }));
+    } catch (e) {
+      // follow() reports the connection's state
+    }
+    await sleep(GROUPS_EVERY);
+  }
+}
+
 function filtersChanged() {
   filter = {status: $("f-status").value, auid: $("f-auid").value.trim(),
             text: $("f-text").value.trim()};
@@ -8259,8 +8432,10 @@ function filtersChanged() {
 let typing = null;
 function typed() { clearTimeout(typing); typing = setTimeout(filtersChanged, 250); }
 
-const FIELDS = ["status", "message", "returncode", "pid", "cmd", "auid", "submitted", "started",
-                "ended", "timeout", "cwd", "meta", "env", "image"];
+const FIELDS = ["status", "waiting", "message", "returncode", "pid", "cmd", "auid", "group",
+                "priority", "after", "after_any", "begin", "hold", "retries", "attempts",
+                "submitted", "started", "ended", "timeout", "cwd", "meta", "env", "image"];
+const DEFAULTS = {group: "default", priority: 0, hold: false, retries: 0};   // not shown
 
 function showRecord(j) {
   const dl = $("d-record");
@@ -8276,6 +8451,7 @@ function showRecord(j) {
     const v = j[k];
     if (v === undefined || v === null || v === "") continue;
     if (typeof v === "object" && !Object.keys(v).length) continue;
+    if (v === DEFAULTS[k]) continue;
     const dt = document.createElement("dt"), dd = document.createElement("dd");
     dt.textContent = k;
     dd.textContent = typeof j[k] === "object" ? JSON.stringify(j[k]) : String(j[k]);
@@ -8356,6 +8532,7 @@ $("f-text").oninput = typed;
 $("filters").onsubmit = (e) => e.preventDefault();
 for (const s of STATUSES) $("f-status").append(new Option(s, s));
 follow();
+followGroups();
 """
 
 _PAGE_HTML = """\
@@ -8371,9 +8548,10 @@ _PAGE_HTML = """\
 <body>
 <header class="top">
   <h1>pman</h1><span class="mut">%(version)s</span><span id="total" class="mut"></span>
-  <span id="live">connecting</span>
+  <span id="live">connecting</span><span id="paused" hidden>manager paused</span>
 </header>
 <section id="counts" aria-label="jobs per status"></section>
+<section id="groups" aria-label="groups"></section>
 <form id="filters" role="search">
   <label>Status <select id="f-status"><option value="">any</option></select></label>
   <label>auid <input id="f-auid" autocomplete="off" size="12"></label>

@@ -5561,6 +5561,200 @@ def test_resource_delete_with_kill_0_refuses_an_active_job(http_srv):
     assert http_srv.request("DELETE", "/api/v1/dk2?kill=0").status == 204
 
 
+# ---------------------------------------------------------------------------
+# scheduling: the job body's fields, groups, pauses, hold, release, priority
+# ---------------------------------------------------------------------------
+
+_SCHED_KEYS = ("status", "after", "after_any", "group", "priority", "begin", "hold", "retries",
+               "retry_delay", "attempts", "waiting")
+
+
+def test_resource_job_body_takes_the_scheduling_fields_and_job_objects_show_them(http_srv):
+    srv = http_srv
+    held = _http_post_job(srv, {"jid": "dep", "cmd": "true", "hold": True})
+    assert (held["status"], held["hold"], held["waiting"]) == ("notstarted", True, "held")
+    child = _http_post_job(srv, {
+        "jid": "child", "cmd": "echo child", "after": ["dep"], "group": "gpu", "priority": 7,
+        "begin": "2020-01-01T00:00:00+00:00", "retries": 2, "retry_delay": 0.5})
+    expected = {"status": "notstarted", "after": ["dep"], "after_any": [], "group": "gpu",
+                "priority": 7, "begin": "2020-01-01T00:00:00+00:00", "hold": False,
+                "retries": 2, "retry_delay": 0.5, "attempts": [],
+                "waiting": "after dep (notstarted)"}
+    assert "ignored_fields" not in child
+    assert {k: child[k] for k in _SCHED_KEYS} == expected
+    got = _http_json(srv.request("GET", "/api/v1/child/"))
+    assert {k: got[k] for k in _SCHED_KEYS} == expected
+    # one jid for a list of one; a begin in epoch seconds; null is the default
+    anyone = _http_post_job(srv, {"jid": "any", "cmd": "true", "after_any": "dep",
+                                  "priority": None, "group": None})
+    assert (anyone["after_any"], anyone["priority"], anyone["group"]) == (["dep"], 0, "default")
+    later = _http_post_job(srv, {"jid": "later", "cmd": "true", "begin": time.time() + 3600})
+    assert later["waiting"].startswith("begins "), later
+    assert later["begin"].endswith("+00:00"), later
+    # a bad value is a 400 naming its field; nothing runs
+    before = srv.manager.jids()
+    for field, value, named in (
+            ("after", {"a": 1}, "after"), ("after", ["nope"], "nope"),
+            ("after_any", [""], "after_any"), ("group", "a b", "group"),
+            ("priority", "high", "priority"), ("priority", 1.5, "priority"),
+            ("begin", "tomorrow", "begin"), ("begin", "2030-01-01T00:00:00", "begin"),
+            ("hold", "yes", "hold"), ("retries", -1, "retries"),
+            ("retry_delay", "soon", "retry_delay")):
+        message = _http_error(srv.request("POST", "/api/v1/", {"jid": "bad", "cmd": "true",
+                                                                field: value}), 400)
+        assert named in message, (field, value, message)
+    assert srv.manager.jids() == before
+    # released, the dependency runs, then its dependents
+    released = _http_json(srv.request("POST", "/api/v1/dep/release", {}))
+    assert released["hold"] is False
+    for jid in ("dep", "child", "any"):
+        done = _http_wait_job(srv, jid)
+        assert done["status"] == "finishedSuccessfully", done
+        assert done["waiting"] is None and done["attempts"] == [], done
+
+
+def test_resource_batch_takes_scheduling_fields_refers_forward_and_refuses_a_cycle(http_srv):
+    srv = http_srv
+    r = srv.request("POST", "/api/v1/jobs", {"jobs": [
+        {"jid": "join", "cmd": "echo join", "after": ["b1", "b2"]},
+        {"jid": "any", "cmd": "echo any", "after_any": ["b2"]},
+        {"jid": "b1", "cmd": "true", "priority": 2},
+        {"jid": "b2", "cmd": "exit 3", "group": "g"}]})
+    assert r.status == 201, r.body
+    jobs = _http_json(r)["jobs"]
+    assert [j["jid"] for j in jobs] == ["join", "any", "b1", "b2"]
+    assert jobs[0]["after"] == ["b1", "b2"] and jobs[1]["after_any"] == ["b2"]
+    assert (jobs[2]["priority"], jobs[3]["group"]) == (2, "g")
+    assert jobs[0]["status"] == "notstarted" and jobs[0]["waiting"].startswith("after b"), jobs[0]
+    join = _http_wait_job(srv, "join")
+    assert (join["status"], join["returncode"], join["message"]) == (
+        "finishedWithError", None, "not started: dependency b2 finished with error (exit 3)")
+    assert _http_wait_job(srv, "any")["status"] == "finishedSuccessfully"
+    before = srv.manager.jids()
+    message = _http_error(srv.request("POST", "/api/v1/jobs", {"jobs": [
+        {"jid": "x", "cmd": "true", "after": ["y"]},
+        {"jid": "y", "cmd": "true", "after_any": ["x"]}]}), 400)
+    assert "cycle" in message and ("x -> y" in message or "y -> x" in message), message
+    message = _http_error(srv.request("POST", "/api/v1/jobs", {"jobs": [
+        {"jid": "ok1", "cmd": "true"}, {"jid": "u", "cmd": "true", "after": ["ghost"]}]}), 400)
+    assert "ghost" in message, message
+    message = _http_error(srv.request("POST", "/api/v1/jobs", {"jobs": [
+        {"jid": "p1", "cmd": "true"}, {"jid": "p2", "cmd": "true", "priority": "x"}]}), 400)
+    assert "priority" in message and "1" in message, message
+    assert srv.manager.jids() == before
+
+
+def test_resource_hold_release_and_priority_routes_change_a_queued_job(http_srv, tmp_path):
+    srv = http_srv
+    order = tmp_path / "order"
+    one = {"name": "one", "max_running": 1, "paused": False, "running": 0, "waiting": 0}
+    assert _http_json(srv.request("PUT", "/api/v1/groups/one", {"max_running": 1})) == one
+    r = srv.request("POST", "/api/v1/groups/one/pause", {})
+    assert r.status == 200 and _http_json(r) == dict(one, paused=True)
+    for jid in ("lo", "hi"):
+        job = _http_post_job(srv, {"jid": jid, "group": "one",
+                                   "cmd": "echo %s >> %s" % (jid, shlex.quote(str(order)))})
+        assert job["waiting"] == "group one paused", job
+    r = srv.request("POST", "/api/v1/hi/priority", {"priority": 9})
+    job = _http_json(r)
+    assert r.status == 200 and (job["jid"], job["priority"], job["status"]) == (
+        "hi", 9, "notstarted")
+    assert "not_enforced" in job            # a job object, as GET gives it
+    job = _http_json(srv.request("POST", "/api/v1/lo/hold", {}))
+    assert (job["hold"], job["waiting"]) == (True, "held")
+    assert srv.manager.get("lo")["hold"] is True
+    job = _http_json(srv.request("POST", "/api/v1/lo/release", {}))
+    assert (job["hold"], job["waiting"]) == (False, "group one paused")
+    # refusals: the body, then an unknown job
+    for path, body, named in (("hi/priority", {"priority": "x"}, "priority"),
+                              ("hi/priority", {"priority": True}, "priority"),
+                              ("hi/priority", {}, "'priority' is required"),
+                              ("hi/priority", {"priority": 1, "x": 1}, "'x'"),
+                              ("lo/hold", {"x": 1}, "'x'"), ("lo/release", {"y": 1}, "'y'")):
+        message = _http_error(srv.request("POST", "/api/v1/" + path, body), 400)
+        assert named in message, (path, body, message)
+    for what in ("hold", "release", "priority"):
+        message = _http_error(srv.request("POST", "/api/v1/ghost/" + what, {
+            "priority": 1} if what == "priority" else {}), 404)
+        assert "ghost" in message
+    assert srv.manager.get("hi")["priority"] == 9
+    # resumed, the group's one slot goes to the higher priority first
+    r = srv.request("POST", "/api/v1/groups/one/resume", {})
+    assert r.status == 200 and _http_json(r)["paused"] is False
+    for jid in ("hi", "lo"):
+        assert _http_wait_job(srv, jid)["status"] == "finishedSuccessfully"
+    assert order.read_text().split() == ["hi", "lo"]
+    # a job that is not queued: 409, unchanged
+    _http_post_job(srv, {"jid": "run", "cmd": "sleep 60"})
+    for jid in ("hi", "run"):
+        for what in ("hold", "release", "priority"):
+            message = _http_error(srv.request("POST", "/api/v1/%s/%s" % (jid, what),
+                                              {"priority": 1} if what == "priority" else {}),
+                                  409)
+            assert "not queued" in message, message
+    assert srv.manager.get("run")["hold"] is False and srv.manager.get("hi")["priority"] == 9
+
+
+def test_resource_group_routes_set_limits_and_pause_a_group_or_the_manager(http_srv):
+    srv = http_srv
+    default = {"name": "default", "max_running": None, "paused": False, "running": 0,
+               "waiting": 0}
+    assert _http_json(srv.request("GET", "/api/v1/groups")) == {"paused": False,
+                                                               "groups": [default]}
+    gpu = dict(default, name="gpu", max_running=2)
+    r = srv.request("PUT", "/api/v1/groups/gpu", {"max_running": 2})
+    assert r.status == 200 and _http_json(r) == gpu
+    assert _http_json(srv.request("GET", "/api/v1/groups/"))["groups"] == [default, gpu]
+    r = srv.request("PUT", "/api/v1/groups/gpu/", {"max_running": None})
+    assert r.status == 200 and _http_json(r) == dict(gpu, max_running=None)
+    # refusals
+    for method, path, body, named in (
+            ("PUT", "groups/a%20b", {"max_running": 1}, "group"),
+            ("PUT", "groups/gpu", {"max_running": 0}, "max_running"),
+            ("PUT", "groups/gpu", {"max_running": "2"}, "max_running"),
+            ("PUT", "groups/gpu", {"max_running": True}, "max_running"),
+            ("PUT", "groups/gpu", {}, "'max_running' is required"),
+            ("PUT", "groups/gpu", {"max_running": 1, "paused": True}, "'paused'"),
+            ("PUT", "groups/gpu", [1], "JSON object"),
+            ("POST", "groups/-x/pause", {}, "group"),
+            ("POST", "groups/gpu/resume", {"now": 1}, "'now'"),
+            ("POST", "pause", {"group": "gpu"}, "'group'"),
+            ("GET", "groups?x=1", None, "x"),
+            ("GET", "pause", None, "reserved")):
+        message = _http_error(srv.request(method, "/api/v1/" + path, body), 400)
+        assert named in message, (method, path, body, message)
+    code, obj = _http_check_raw(srv.raw(b"PUT /api/v1/groups/gpu HTTP/1.1\r\n"
+                                        b"Host: 127.0.0.1\r\n\r\n"))
+    assert code == 411 and "Content-Length" in obj["message"], obj
+    # a group with no limit, no pause and no job is no longer listed
+    assert _http_json(srv.request("GET", "/api/v1/groups"))["groups"] == [default]
+    # a paused group starts none of its jobs, the rest run
+    r = srv.request("POST", "/api/v1/groups/gpu/pause", {})
+    assert r.status == 200 and _http_json(r) == dict(gpu, max_running=None, paused=True)
+    assert _http_post_job(srv, {"jid": "g1", "cmd": "true", "group": "gpu"})[
+        "waiting"] == "group gpu paused"
+    _http_post_job(srv, {"jid": "d0", "cmd": "true"})
+    assert _http_wait_job(srv, "d0")["status"] == "finishedSuccessfully"
+    # a paused manager starts nothing
+    r = srv.request("POST", "/api/v1/pause", {})
+    assert r.status == 200 and _http_json(r) == {"paused": True}
+    assert _http_post_job(srv, {"jid": "d1", "cmd": "true"})["waiting"] == "paused"
+    state = _http_json(srv.request("GET", "/api/v1/groups"))
+    assert state == {"paused": True, "groups": [
+        dict(default, waiting=1), dict(gpu, max_running=None, paused=True, waiting=1)]}
+    r = srv.request("POST", "/api/v1/resume", {})
+    assert r.status == 200 and _http_json(r) == {"paused": False}
+    assert _http_wait_job(srv, "d1")["status"] == "finishedSuccessfully"
+    assert srv.manager.get("g1")["status"] == "notstarted"
+    r = srv.request("POST", "/api/v1/groups/gpu/resume", {})
+    assert r.status == 200 and _http_json(r)["paused"] is False
+    assert _http_wait_job(srv, "g1")["status"] == "finishedSuccessfully"
+    # the route names are not jids
+    for jid in ("groups", "pause", "resume"):
+        assert "reserved" in _http_error(srv.request("POST", "/api/v1/", {
+            "jid": jid, "cmd": "true"}), 400)
+
+
 # ===========================================================================
 # 7. command dialect (POST /api/v1/cmd)
 # ===========================================================================
@@ -7432,6 +7626,10 @@ def test_security_token_guards_every_api_route_and_is_never_logged(http_factory,
     assert r.status == 200 and _http_json(r)["status"] == "finishedSuccessfully"
     r = srv.request("POST", "/api/v1/", {"jid": "run", "cmd": "sleep 60"}, headers=good)
     assert r.status == 201
+    # queued behind "run" (released, it still waits), for hold, release and priority
+    r = srv.request("POST", "/api/v1/", {"jid": "q", "cmd": "true", "after": ["run"],
+                                         "hold": True}, headers=good)
+    assert r.status == 201
     # Every route of the OpenAPI document but the page refuses a request
     # without the token, or with a wrong one, and does nothing.
     paths = _http_json(srv.request("GET", "/api/v1/openapi.json", headers=good))["paths"]
@@ -7442,7 +7640,11 @@ def test_security_token_guards_every_api_route_and_is_never_logged(http_factory,
         ("POST", "/api/v1/jobs"), ("POST", "/api/v1/cmd/"), ("GET", "/api/v1/events"),
         ("GET", "/api/v1/openapi.json"), ("GET", "/api/v1/{jid}/"), ("DELETE", "/api/v1/{jid}/"),
         ("GET", "/api/v1/{jid}/logs"), ("POST", "/api/v1/{jid}/kill"),
-        ("GET", "/api/v1/{jid}/{path}"), ("GET", "/metrics")}, routes
+        ("GET", "/api/v1/{jid}/{path}"), ("GET", "/metrics"), ("GET", "/api/v1/groups"),
+        ("PUT", "/api/v1/groups/{name}"), ("POST", "/api/v1/groups/{name}/pause"),
+        ("POST", "/api/v1/groups/{name}/resume"), ("POST", "/api/v1/pause"),
+        ("POST", "/api/v1/resume"), ("POST", "/api/v1/{jid}/hold"),
+        ("POST", "/api/v1/{jid}/release"), ("POST", "/api/v1/{jid}/priority")}, routes
     where = os.path.dirname(srv.state_dir)
     marker = os.path.join(where, "ran-")
     bodies = {("POST", "/api/v1/"): {"jid": "by-post", "cmd": "touch %spost" % marker},
@@ -7450,23 +7652,33 @@ def test_security_token_guards_every_api_route_and_is_never_logged(http_factory,
                                                    "cmd": "touch %sbatch" % marker}]},
               ("POST", "/api/v1/cmd/"): {"payload": {"action": "run", "meta": {
                   "jid": "by-cmd", "cmd": "touch %scmd" % marker}}},
-              ("POST", "/api/v1/{jid}/kill"): {"signal": "SIGKILL"}}
+              ("POST", "/api/v1/{jid}/kill"): {"signal": "SIGKILL"},
+              ("PUT", "/api/v1/groups/{name}"): {"max_running": 1},
+              ("POST", "/api/v1/{jid}/priority"): {"priority": 5}}
 
     def call(method, template, headers):
-        path = template.replace("{jid}", "run").replace("{path}", "jid")
-        return srv.request(method, path, bodies.get((method, template)), headers=headers)
+        jid = "q" if template.endswith(("/hold", "/release", "/priority")) else "run"
+        path = template.replace("{jid}", jid).replace("{path}", "jid").replace("{name}", "gpu")
+        return srv.request(method, path, bodies.get((method, template), {}
+                                                    if method in ("POST", "PUT") else None),
+                           headers=headers)
 
     for method, template in routes:
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             _http_error(call(method, template, headers), 401)
-    assert srv.manager.jids() == ["tok", "run"]
+    assert srv.manager.jids() == ["tok", "run", "q"]
     assert srv.manager.get("run")["status"] == "started"
+    assert srv.manager.get("q")["hold"] and srv.manager.get("q")["priority"] == 0
+    assert srv.manager.groups() == [{"name": "default", "max_running": None, "paused": False,
+                                     "running": 1, "waiting": 1}]
+    assert not srv.manager.paused()
     assert not [name for name in os.listdir(where) if name.startswith("ran-")]
-    # with the token, each is served (the DELETE last: it forgets the job)
-    for method, template in sorted(routes, key=lambda route: route[0] == "DELETE"):
+    # with the token, each is served (the kill and the DELETE last: q waits for run)
+    for method, template in sorted(routes, key=lambda route: (route[0] == "DELETE",
+                                                               route[1].endswith("/kill"))):
         r = call(method, template, good)
         assert 200 <= r.status < 300, (method, template, r.status, r.body[:300])
-    assert srv.manager.jids() == ["tok", "by-post", "by-batch", "by-cmd"]
+    assert srv.manager.jids() == ["tok", "q", "by-post", "by-batch", "by-cmd"]
     # the status page itself is served without the token, and holds none
     r = srv.request("GET", "/", headers={})
     assert r.status == 200 and r.header("Content-Type").startswith("text/html")
