@@ -8789,11 +8789,161 @@ def test_cli_kill_and_rm_go_on_past_a_bad_jid_and_rm_needs_kill_for_a_running_jo
     assert server.http("GET", "/api/v1/r1/")[0] == 404
 
 
-def _cli_readme_session():
+# -- scheduling: run's options, hold, release, priority, pause, resume, group ----
+
+def test_cli_run_sends_every_scheduling_option_and_begin_takes_three_forms(cli_server):
+    server = cli_server()
+    for jid in ("x1", "x2"):
+        server.post({"jid": jid, "cmd": "true"})
+    code, out, err = _cli("run", "--jid", "a", "--hold", "--", "true", url=server.url)
+    assert (code, out) == (0, b"a\n"), err
+    t0 = time.time()
+    code, out, err = _cli("run", "--jid", "b", "--after", "a", "--after-any", "x1,x2",
+                          "--after-any", "x1", "--group", "g1", "--priority", "7",
+                          "--begin", "+1h", "--retries", "2", "--retry-delay", "0.5", "--",
+                          "true", url=server.url)
+    assert (code, out) == (0, b"b\n"), err
+    job = server.job("b")
+    assert (job["after"], job["after_any"], job["group"], job["priority"]) == (
+        ["a"], ["x1", "x2"], "g1", 7), job
+    assert (job["retries"], job["retry_delay"], job["hold"]) == (2, 0.5, False), job
+    begin = pman._parse_time(job["begin"])
+    assert t0 + 3600 - 1 <= begin <= time.time() + 3600 + 1, job["begin"]
+    assert job["status"] == "notstarted" and job["waiting"] == "after a (notstarted)", job
+    # epoch seconds and ISO 8601 with an offset: the same instant as given
+    when = int(time.time()) + 7200
+    iso = datetime.fromtimestamp(when, timezone(timedelta(hours=-5))).isoformat()
+    for jid, given in (("e1", str(when)), ("e2", iso)):
+        code, out, err = _cli("run", "--jid", jid, "--begin", given, "--", "true",
+                              url=server.url)
+        assert code == 0, err
+        assert pman._parse_time(server.job(jid)["begin"]) == when, server.job(jid)
+        assert server.job(jid)["waiting"].startswith("begins "), server.job(jid)
+    # bad values: a usage error naming the forms, and nothing submitted
+    for bad in ("soon", "+10x", "+m", "10m", "2030-01-01T00:00:00", "-5", ""):
+        code, out, err = _cli("run", "--jid", "bad", "--begin", bad, "--", "true",
+                              url=server.url)
+        assert code == 64 and "--begin" in err and "+10m" in err, (bad, code, err)
+    code, out, err = _cli("run", "--jid", "bad", "--after", "no/such", "--", "true",
+                          url=server.url)
+    assert code == 64 and "no/such" in err, err
+    code, out, err = _cli("run", "--jid", "bad", "--after", "nosuch", "--", "true",
+                          url=server.url)
+    assert code == 3 and "nosuch" in err and "HTTP 400" in err, err
+    assert server.http("GET", "/api/v1/bad/")[0] == 404
+
+    # ls: a WAITING column once a job waits, "-" for one that does not
+    code, out, err = _cli("ls", url=server.url)
+    lines = out.decode().splitlines()
+    assert code == 0 and lines[0].split() == ["JID", "STATUS", "RC", "STARTED", "DURATION",
+                                              "WAITING", "COMMAND"], out
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert "  held  " in rows["a"] and "  after a (notstarted)  " in rows["b"], out
+    assert rows["x1"].split()[-2:] == ["-", "true"], out
+    # show: the scheduling fields that mean something, and only those
+    code, out, err = _cli("show", "b", url=server.url)
+    text = out.decode()
+    for line in ("waiting: +after a \\(notstarted\\)", "group: +g1", "priority: +7",
+                 "after: +a", "after_any: +x1, x2", "retries: +2", "retry_delay: +0.5"):
+        assert re.search("^%s$" % line, text, re.M), (line, text)
+    code, out, err = _cli("show", "x1", url=server.url)
+    for key in ("waiting", "group", "priority", "after", "after_any", "begin", "hold",
+                "retries", "retry_delay", "attempts"):
+        assert not re.search("^%s:" % key, out.decode(), re.M), (key, out)
+
+    # a dependency that fails: the dependent never runs, and run --wait says so
+    server.post({"jid": "f", "cmd": "exit 2"})
+    code, out, err = _cli("run", "--jid", "d", "--after", "f", "--wait", "--", "true",
+                          url=server.url)
+    assert code == 1 and "not started: dependency f" in err, (code, err)
+    # retries: run --wait exits with the last attempt's code, show lists the others
+    code, out, err = _cli("run", "--jid", "r", "--retries", "2", "--retry-delay", "0.05",
+                          "--wait", "--", "exit 3", url=server.url)
+    assert code == 3, err
+    code, out, err = _cli("show", "r", url=server.url)
+    assert re.search(r"^attempts: +exit 3, ended [0-9:]+; exit 3, ended [0-9:]+$",
+                     out.decode(), re.M), out
+
+
+def test_cli_hold_release_priority_pause_resume_and_group(cli_server, tmp_path):
+    server = cli_server()
+    url = server.url
+    code, out, err = _cli("group", "solo", "--max-running", "1", url=url)
+    assert code == 0, err
+    assert out.decode().splitlines()[1].split() == ["solo", "1", "no", "0", "0"], out
+    flag = tmp_path / "flag"
+    server.post({"jid": "block", "group": "solo",
+                 "cmd": "while [ ! -e %s ]; do sleep 0.02; done" % shlex.quote(str(flag))})
+    _until(lambda: server.job("block")["status"] == "started", 20, "block to start")
+    for jid in ("lo", "hi"):
+        assert _cli("run", "--jid", jid, "--group", "solo", "--", "true", url=url)[0] == 0
+    assert server.job("hi")["waiting"] == "group solo full (1 running)"
+    code, out, err = _cli("priority", "hi", "5", "--json", url=url)
+    assert code == 0 and json.loads(out)[0]["priority"] == 5, err
+    code, out, err = _cli("priority", "lo", "-3", url=url)
+    assert (code, out) == (0, b""), err
+    code, out, err = _cli("group", url=url)
+    lines = out.decode().splitlines()
+    assert lines[0].split() == ["GROUP", "LIMIT", "PAUSED", "RUNNING", "WAITING"], out
+    assert "solo 1 no 1 2" in [" ".join(line.split()) for line in lines], out
+    assert "paused" not in out.decode().split("WAITING", 1)[1], out
+    flag.touch()
+    assert _cli("wait", "lo", "hi", url=url)[0] == 0
+    hi, lo = server.job("hi"), server.job("lo")
+    assert pman._parse_time(hi["ended"]) <= pman._parse_time(lo["started"]), (hi, lo)
+    code, out, err = _cli("priority", "hi", "1", url=url)
+    assert code == 3 and "409" in err, err
+    code, out, err = _cli("group", "solo", "--max-running", "none", "--json", url=url)
+    assert code == 0 and json.loads(out)["max_running"] is None, err
+    code, out, err = _cli("group", "solo", url=url)
+    assert out.decode().splitlines()[1].split()[:2] == ["solo", "-"], out
+
+    # pause the manager: nothing new starts, `group` says so; resume
+    assert _cli("pause", url=url) == (0, b"", "")
+    assert _cli("run", "--jid", "p1", "--", "true", url=url)[0] == 0
+    code, out, err = _cli("group", url=url)
+    assert "the manager is paused" in out.decode(), out
+    code, out, err = _cli("ls", url=url)
+    assert "  paused  " in [line for line in out.decode().splitlines()
+                            if line.startswith("p1 ")][0], out
+    assert server.job("p1")["status"] == "notstarted"
+    assert _cli("resume", "--json", url=url)[:2] == (0, b'{"paused": false}\n')
+    assert _cli("wait", "p1", "--timeout", "20", url=url)[0] == 0
+
+    # pause one group; hold and release a job queued in it
+    code, out, err = _cli("pause", "--group", "gpu", "--json", url=url)
+    assert code == 0 and json.loads(out)["paused"] is True, err
+    assert _cli("run", "--jid", "g1", "--group", "gpu", "--", "true", url=url)[0] == 0
+    assert server.job("g1")["waiting"] == "group gpu paused"
+    code, out, err = _cli("hold", "g1", "nosuch", url=url)
+    assert code == 3 and "nosuch" in err and "404" in err, err     # the rest went on
+    assert server.job("g1")["waiting"] == "held"
+    code, out, err = _cli("group", "gpu", url=url)
+    assert out.decode().splitlines()[1].split() == ["gpu", "-", "yes", "0", "1"], out
+    assert _cli("release", "g1", url=url) == (0, b"", "")
+    assert server.job("g1")["waiting"] == "group gpu paused"
+    assert _cli("resume", "--group", "gpu", url=url) == (0, b"", "")
+    assert _cli("wait", "g1", "--timeout", "20", url=url)[0] == 0
+    code, out, err = _cli("release", "g1", url=url)
+    assert code == 3 and "409" in err, err
+    # run --hold, then release
+    assert _cli("run", "--jid", "h1", "--hold", "--", "true", url=url)[0] == 0
+    assert server.job("h1")["waiting"] == "held"
+    code, out, err = _cli("release", "h1", "--json", url=url)
+    assert code == 0 and json.loads(out)[0]["jid"] == "h1", err
+    assert _cli("wait", "h1", "--timeout", "20", url=url)[0] == 0
+    # bad arguments: usage errors
+    for argv in (["group", "--max-running", "2"], ["group", "gpu", "--max-running", "two"],
+                 ["pause", "--group", "no/such"], ["priority", "h1", "high"],
+                 ["hold"], ["release", "bad/jid"]):
+        code, out, err = _cli(*argv, url=url)
+        assert code == 64 and err.strip(), (argv, code, err)
+
+
+def _cli_readme_session(heading="A session\nto paste"):
     with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as f:
         text = f.read()
-    start = text.index("\n", text.index("A session\nto paste")) + 1
-    block = text[text.index("::\n\n", start) + 4:]
+    block = text[text.index("::\n\n", text.index(heading)) + 4:]
     lines = []
     for line in block.splitlines():
         if line and not line.startswith("    "):
@@ -8831,6 +8981,29 @@ def test_cli_readme_session_runs_as_pasted(tmp_path):
     finally:
         if (state / "lock").exists() and not _compat_lock_free(state):
             os.kill(int((state / "lock").read_text().split()[0]), signal.SIGKILL)
+
+
+def test_cli_readme_scheduling_session_runs_as_pasted(cli_server):
+    server = cli_server()
+    session = _cli_readme_session("A session to paste after the one above")
+    script = 'shopt -s expand_aliases\nalias pman="python3 %s"\n%s' % (_CLI_PMAN, session)
+    r = subprocess.run(["bash", "-c", script], cwd=HERE, capture_output=True, timeout=120,
+                       env=_clean_env(PMAN_URL=server.url))
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert r.returncode == 0 and err == "", (r.returncode, err)
+    listing = out.split("nightly\n", 1)[1]          # after the jids run printed
+    assert re.search(r"^test +notstarted .* after build \(\w+\) ", listing, re.M), out
+    assert re.search(r"^deploy +notstarted .* held ", listing, re.M), out
+    assert re.search(r"^nightly +notstarted .* begins ", listing, re.M), out
+    assert re.search(r"^0$", out, re.M), out        # wait's status
+    assert re.search(r"^group: +gpu$", out, re.M) and re.search(r"^after: +build$", out, re.M)
+    assert re.search(r"^gpu +1 +no +0 +0$", out, re.M), out
+    assert "the manager is paused" in out, out
+    assert server.job("deploy")["logs"] == "deployed\n"
+    assert server.job("test")["logs"] == "tested\n"
+    assert server.http("GET", "/api/v1/nightly/")[0] == 404
+    assert server.http("GET", "/api/v1/groups")[2] and not json.loads(
+        server.http("GET", "/api/v1/groups")[2])["paused"]
 
 
 # ===========================================================================
