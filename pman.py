@@ -7331,8 +7331,8 @@ def _cmd_run(client, args):
     jid = job["jid"]
     lost = sorted(set(job.get("ignored_fields") or ()) & set(body))
     if lost:            # a server that predates scheduling queues it as a plain job
-        raise _ClientError("%s ignored %s (an older pman?): job %s is queued without them"
-                           % (client.url, ", ".join(lost), jid))
+        raise _ClientError("%s ignored %s (an older pman?): job %s was submitted without "
+                           "them" % (client.url, ", ".join(lost), jid))
     if args.follow:
         try:
             _follow(client, jid, {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer})
