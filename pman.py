@@ -180,7 +180,8 @@ STATUSES = (NOTSTARTED, STARTED, SUCCESS, ERROR, UNDEFINED)
 ACTIVE = (NOTSTARTED, STARTED)
 
 JID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-RESERVED_JIDS = frozenset({"cmd", "jobs", "hello", "openapi.json", "events"})
+RESERVED_JIDS = frozenset({"cmd", "jobs", "hello", "openapi.json", "events", "groups", "pause",
+                           "resume"})
 # The fields pfcon sends with every job: recorded; only the podman backend
 # acts on them (it runs the image, enforces the limits).
 PFCON_FIELDS = ("number_of_workers", "cpu_limit", "memory_limit", "gpu_limit",
@@ -4897,6 +4898,8 @@ CPU_SAMPLE = 0.1            # seconds between the two /proc/stat reads of hello 
 EVENT_WAITERS = 256         # long polls of /api/v1/events waiting at once; past it,
                             # a poll is answered at once ("busy": true)
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The reason label of pman_jobs_waiting: _Scheduler.reason's labels.
+METRIC_REASONS = ("after", "held", "paused", "full", "begin", "retry", "resources")
 
 
 class _Encoded:
@@ -5327,7 +5330,7 @@ def _record_by_name(manager, name):
 
 
 _RESOURCE_FIELDS = {"jid", "cmd", "entrypoint", "args", "auid", "env", "cwd", "timeout",
-                    "meta"} | set(PFCON_FIELDS)
+                    "meta"} | set(PFCON_FIELDS) | set(SCHED_DEFAULTS)
 
 
 # ---------------------------------------------------------------------------
@@ -5393,10 +5396,13 @@ class _Api:
         if isinstance(jid, str) and jid.startswith("/"):
             jid = jid[1:]           # pfcon's "/pfcon-4": pman 3.x strips the slash
         extras = {k: body[k] for k in PFCON_FIELDS if k in body}
+        # The scheduling fields go to run() as sent (null: the default),
+        # which checks them and names the field of a bad one.
+        sched = {k: body[k] for k in SCHED_DEFAULTS if k in body}
         return dict(cmd=cmd, jid=jid, auid=_get_str(body, "auid", ""), meta=meta,
                     env=body.get("env"), cwd=_get_str(body, "cwd"),
                     timeout=_number_or_none(body.get("timeout"), "timeout"),
-                    extras=extras), ignored
+                    extras=extras, **sched), ignored
 
     def _created(self, record, ignored):
         job = _with_logs(self.manager, record)
@@ -5584,6 +5590,66 @@ class _Api:
         return 200, {"status": True, "path": path,
                      "GET": _wrap([record["jid"]] + parts, value)}
 
+    # -- scheduling ----------------------------------------------------------
+
+    @staticmethod
+    def _fields(body, what, *names):
+        """The body's fields, each of *names* required and no other."""
+        unknown = sorted(set(body) - set(names))
+        if unknown:
+            raise InvalidArgument("unknown field(s) in %s: %s" % (what, _shown(unknown)))
+        for name in names:
+            if name not in body:
+                raise InvalidArgument("%r is required in %s" % (name, what))
+        return [body[name] for name in names]
+
+    def route_groups(self, groups, query, body):
+        self._only(query)
+        return 200, {"paused": self.manager.paused(), "groups": self.manager.groups()}
+
+    def route_set_group(self, groups, query, body):
+        self._only(query)
+        limit, = self._fields(body, "a group (null: no limit of its own)", "max_running")
+        return 200, self.manager.set_group(groups["name"], max_running=limit)
+
+    def route_pause_group(self, groups, query, body):
+        self._only(query)
+        self._fields(body, "a pause")
+        return 200, self.manager.pause(groups["name"])
+
+    def route_resume_group(self, groups, query, body):
+        self._only(query)
+        self._fields(body, "a resume")
+        return 200, self.manager.resume(groups["name"])
+
+    def route_pause(self, groups, query, body):
+        self._only(query)
+        self._fields(body, "a pause")
+        return 200, {"paused": self.manager.pause()}
+
+    def route_resume(self, groups, query, body):
+        self._only(query)
+        self._fields(body, "a resume")
+        return 200, {"paused": self.manager.resume()}
+
+    def _queued_reply(self, record):
+        return 200, _job_object(record, self.manager.backend.enforced)
+
+    def route_hold(self, groups, query, body):
+        self._only(query)
+        self._fields(body, "a hold")
+        return self._queued_reply(self.manager.hold(check_jid(groups["jid"])))
+
+    def route_release(self, groups, query, body):
+        self._only(query)
+        self._fields(body, "a release")
+        return self._queued_reply(self.manager.release(check_jid(groups["jid"])))
+
+    def route_priority(self, groups, query, body):
+        self._only(query)
+        priority, = self._fields(body, "a priority change", "priority")
+        return self._queued_reply(self.manager.set_priority(check_jid(groups["jid"]), priority))
+
 
 class _Routes:
     """The route table: (method, regex, OpenAPI path, handler, summary), the
@@ -5610,12 +5676,42 @@ class _Routes:
          "This OpenAPI document"),
         ("POST", r"/api/v1/cmd", "/api/v1/cmd/", _Api.route_command,
          "The original command dialect: payload.action"),
+        ("GET", r"/api/v1/groups", "/api/v1/groups", _Api.route_groups,
+         "Whether the manager is paused, and every group (those set, and those of queued "
+         "or running jobs): {\"paused\": bool, \"groups\": [{\"name\", \"max_running\", "
+         "\"paused\", \"running\", \"waiting\"}]}"),
+        ("PUT", r"/api/v1/groups/(?P<name>[^/]+)", "/api/v1/groups/{name}",
+         _Api.route_set_group,
+         "Set a group's limit of jobs running at once ({\"max_running\": N}, null: none of "
+         "its own; the manager's limit still holds), creating the group; kept across "
+         "restarts; 200 with the group"),
+        ("POST", r"/api/v1/groups/(?P<name>[^/]+)/pause", "/api/v1/groups/{name}/pause",
+         _Api.route_pause_group,
+         "Pause a group: none of its jobs starts, running ones go on; kept across "
+         "restarts; 200 with the group"),
+        ("POST", r"/api/v1/groups/(?P<name>[^/]+)/resume", "/api/v1/groups/{name}/resume",
+         _Api.route_resume_group, "Resume a paused group; 200 with the group"),
+        ("POST", r"/api/v1/pause", "/api/v1/pause", _Api.route_pause,
+         "Pause the manager: no job starts, running ones go on; kept across restarts; "
+         "200 {\"paused\": true}"),
+        ("POST", r"/api/v1/resume", "/api/v1/resume", _Api.route_resume,
+         "Resume the manager; 200 {\"paused\": false}"),
         ("GET", r"/api/v1/(?P<jid>[^/]+)/logs", "/api/v1/{jid}/logs", _Api.route_logs,
          "Read a log stream: ?stream=stdout|stderr&offset=N&limit=M; with &raw=1 the "
          "bytes themselves (application/octet-stream, at most 1 MiB), their offsets and "
          "eof in the Pman-Offset, Pman-Next-Offset and Pman-Eof headers"),
         ("POST", r"/api/v1/(?P<jid>[^/]+)/kill", "/api/v1/{jid}/kill", _Api.route_kill,
          "Signal a job, SIGKILL after grace; 202"),
+        ("POST", r"/api/v1/(?P<jid>[^/]+)/hold", "/api/v1/{jid}/hold", _Api.route_hold,
+         "Hold a queued job: it does not start until released; 200 with the job object, "
+         "409 if the job is not queued"),
+        ("POST", r"/api/v1/(?P<jid>[^/]+)/release", "/api/v1/{jid}/release",
+         _Api.route_release,
+         "Release a held job; 200 with the job object, 409 if the job is not queued"),
+        ("POST", r"/api/v1/(?P<jid>[^/]+)/priority", "/api/v1/{jid}/priority",
+         _Api.route_priority,
+         "Change a queued job's priority ({\"priority\": N}, higher first); 200 with the "
+         "job object, 409 if the job is not queued"),
         ("GET", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", _Api.route_get_job,
          "A job object; ?wait=S long-polls until it ends"),
         ("DELETE", r"/api/v1/(?P<jid>[^/]+)", "/api/v1/{jid}/", _Api.route_delete_job,
@@ -5653,9 +5749,31 @@ class _Routes:
              "env": {"oneOf": [{"type": "array", "items": {"type": "string"}},
                                {"type": "object",
                                 "additionalProperties": {"type": "string"}}]},
-             "timeout": {"type": "number", "minimum": 0}, "meta": {"type": "object"}},
+             "timeout": {"type": "number", "minimum": 0}, "meta": {"type": "object"},
+             "after": {"type": "array", "items": {"type": "string"},
+                       "description": "start once each of these jobs (known, or of the same "
+                                      "batch) finished successfully; if one ends otherwise, "
+                                      "this job ends finishedWithError without running"},
+             "after_any": {"type": "array", "items": {"type": "string"},
+                           "description": "start once each of these jobs ended, however"},
+             "group": {"type": "string", "pattern": "^%s$" % GROUP_RE.pattern,
+                       "default": DEFAULT_GROUP},
+             "priority": {"type": "integer", "default": 0,
+                          "description": "higher starts first; equal: submission order"},
+             "begin": {"oneOf": [{"type": "string", "format": "date-time"},
+                                 {"type": "number", "description": "epoch seconds"}],
+                       "description": "the earliest start (ISO 8601 with an offset)"},
+             "hold": {"type": "boolean", "default": False,
+                      "description": "queue it until POST /api/v1/{jid}/release"},
+             "retries": {"type": "integer", "minimum": 0, "maximum": MAX_RETRIES,
+                         "default": 0},
+             "retry_delay": {"type": "number", "minimum": 0, "default": 1,
+                             "description": "seconds before the first retry, doubled "
+                                            "before each next one"}},
             **{name: {"description": "recorded; enforced (and image run) only by the "
                                      "podman backend"} for name in PFCON_FIELDS})}
+    NO_FIELDS = {"type": "object", "additionalProperties": False, "properties": {},
+                 "description": "{}"}
     BODIES = {      # request bodies by handler, for the OpenAPI document
         "create": JOB_BODY,
         "create_batch": {
@@ -5668,6 +5786,13 @@ class _Routes:
         "kill": {"type": "object", "additionalProperties": False, "properties": {
             "signal": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
             "grace": {"type": "number", "minimum": 0}}},
+        "set_group": {"type": "object", "additionalProperties": False,
+                      "required": ["max_running"], "properties": {"max_running": {
+                          "type": "integer", "minimum": 1, "nullable": True}}},
+        "priority": {"type": "object", "additionalProperties": False, "required": ["priority"],
+                     "properties": {"priority": {"type": "integer"}}},
+        "pause_group": NO_FIELDS, "resume_group": NO_FIELDS, "pause": NO_FIELDS,
+        "resume": NO_FIELDS, "hold": NO_FIELDS, "release": NO_FIELDS,
         "command": {"type": "object", "description": "{\"payload\": {\"action\", "
                     "\"meta\"}} or the payload alone", "properties": {
                         "payload": {"type": "object"},
@@ -5720,11 +5845,11 @@ class _Routes:
                         "description": d} for n, t, d in cls.PARAMETERS.get(handler, ())]
             if params:
                 op["parameters"] = params
-            if method == "POST":
+            if method in _BODY_METHODS:
                 op["requestBody"] = {"required": True, "content": {
                     "application/json": {"schema": cls.BODIES.get(handler,
                                                                   {"type": "object"})}}}
-            if method in ("POST", "DELETE"):
+            if method in ("POST", "PUT", "DELETE"):
                 op["responses"]["507"] = {"description": "Insufficient Storage: the state "
                                           "directory could not record the change (ENOSPC, "
                                           "EIO); nothing was run, signalled or forgotten"}
@@ -5882,8 +6007,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.headers = self.fields
             # The framing (_parse_head checked the length) comes before
             # anything else, the token too.
-            if self.command == "POST" and "Content-Length" not in self.headers:
-                raise HTTPError(411, "a POST needs a Content-Length header")
+            if self.command in _BODY_METHODS and "Content-Length" not in self.headers:
+                raise HTTPError(411, "a %s needs a Content-Length header" % self.command)
         except HTTPError as e:
             self.send_error(e.status, str(e))
             return False
@@ -6010,7 +6135,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _route(self, method):
         self._check_access(token=self.path.partition("?")[0] not in _PAGE_PATHS)
-        body = _json_object(self.body) if method == "POST" else None
+        body = _json_object(self.body) if method in _BODY_METHODS else None
         path, query = self._target()
         for regex, template, handler in _Routes.BY_METHOD.get(method, ()):
             match = regex.fullmatch(path)
@@ -6104,6 +6229,7 @@ class _EventPolls:
 
 
 _METHODS = frozenset({"GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"})
+_BODY_METHODS = ("POST", "PUT")     # the methods whose requests carry a JSON body
 
 
 def _template_of(target):
@@ -6622,12 +6748,33 @@ class _Server(http.server.HTTPServer):
         lag = stats["reaper_lag"]
         with self.metrics_lock:
             requests = sorted(self.requests.items())
+        # Why each queued job waits, by one scan: a scrape may scan the
+        # queue, an event never does.
+        with manager._lock:
+            sched = manager._sched
+            waiting = collections.Counter((job.get("group"), sched.reason(job)[0])
+                                          for job in sched.queue.values())
+            groups, paused = sched.groups(), sched.paused
         metrics = (     # name, type, help, [(name suffix, labels, value)]
             ("pman_build_info", "gauge", "pman's version (the value is 1)",
              [("", {"version": __version__, "python": platform.python_version(),
                     "backend": manager.backend.name}, 1)]),
             ("pman_jobs", "gauge", "Jobs in the state, by status",
              [("", {"status": s}, n) for s, n in manager.counts().items()]),
+            ("pman_jobs_waiting", "gauge",
+             "Queued jobs by group and by why they wait (%s)" % ", ".join(METRIC_REASONS),
+             [("", {"group": g["name"], "reason": r}, waiting[g["name"], r])
+              for g in groups for r in METRIC_REASONS]),
+            ("pman_group_max_running", "gauge",
+             "A group's limit of jobs running at once (none: no limit of its own)",
+             [("", {"group": g["name"]}, g["max_running"]) for g in groups
+              if g["max_running"] is not None]),
+            ("pman_group_paused", "gauge", "1 while a group is paused",
+             [("", {"group": g["name"]}, int(g["paused"])) for g in groups]),
+            ("pman_group_running", "gauge", "A group's jobs running (or being started)",
+             [("", {"group": g["name"]}, g["running"]) for g in groups]),
+            ("pman_paused", "gauge", "1 while the manager is paused",
+             [("", {}, int(paused))]),
             ("pman_jobs_started_total", "counter", "Jobs started since the manager opened",
              [("", {}, stats["started"])]),
             ("pman_jobs_finished_total", "counter",
@@ -7190,8 +7337,13 @@ def _cmd_run(client, args):
     if args.follow and (args.json or args.wait):
         raise _ClientError("--follow already waits; it prints the job's output, not JSON",
                            EXIT_USAGE)
-    job = client.json("POST", "/", body=_run_body(client, args), expect=(201,))
+    body = _run_body(client, args)
+    job = client.json("POST", "/", body=body, expect=(201,))
     jid = job["jid"]
+    lost = sorted(set(job.get("ignored_fields") or ()) & set(body))
+    if lost:            # a server that predates scheduling queues it as a plain job
+        raise _ClientError("%s ignored %s (an older pman?): job %s was submitted without "
+                           "them" % (client.url, ", ".join(lost), jid))
     if args.follow:
         try:
             _follow(client, jid, {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer})
@@ -7236,11 +7388,47 @@ def _run_body(client, args):
             pass                        # removed under us: the server's
     if args.timeout is not None:
         body["timeout"] = args.timeout
+    for name in ("after", "after_any"):
+        jids = [j for value in getattr(args, name) or () for j in value.split(",") if j]
+        if jids:
+            body[name] = _checked_jids(list(dict.fromkeys(jids)))
+    for name in ("group", "priority", "retries", "retry_delay"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
+    if args.begin is not None:
+        body["begin"] = _begin_arg(args.begin)
+    if args.hold:
+        body["hold"] = True
     return body
 
 
+_RELATIVE_RE = re.compile(r"\+([0-9]+(?:\.[0-9]+)?)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _begin_arg(text):
+    """`run --begin` *text* as the server takes it: an ISO 8601 time with
+    an offset or epoch seconds as given; a relative +N[smhd] as the
+    absolute time it means now, with this machine's offset."""
+    relative = _RELATIVE_RE.fullmatch(text)
+    if relative:
+        seconds = float(relative.group(1)) * _UNIT_SECONDS[relative.group(2)]
+        if seconds > 100 * 366 * 86400:
+            raise _ClientError("--begin %s is more than a hundred years away" % text,
+                               EXIT_USAGE)
+        return datetime.fromtimestamp(_wall() + seconds).astimezone().isoformat()
+    try:
+        value = float(text) if re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", text) else text
+        parse_begin(value)
+    except InvalidArgument:
+        raise _ClientError(
+            "--begin takes a time with an offset (2026-12-06T14:05:00+01:00), epoch seconds "
+            "or a delay from now (+90s, +10m, +2h, +1d), not %r" % text, EXIT_USAGE) from None
+    return value
+
+
 # ls: the columns, and the colour of each status on a terminal.
-_LS_HEAD = ("JID", "STATUS", "RC", "STARTED", "DURATION", "COMMAND")
+_LS_HEAD = ("JID", "STATUS", "RC", "STARTED", "DURATION", "WAITING", "COMMAND")
 _COLOURS = {STARTED: "33", SUCCESS: "32", ERROR: "31", UNDEFINED: "35"}
 
 
@@ -7278,14 +7466,17 @@ def _duration(job, now):
 
 def _table(jobs, colour, width):
     """The rows of `pman ls`, columns aligned, the command cut to *width*
-    (None: never cut)."""
+    (None: never cut); WAITING only when a job in the list waits."""
     now = _wall()
     today = datetime.now().astimezone().date()
     rows = [_LS_HEAD] + [(
         job["jid"], job["status"], "-" if job["returncode"] is None else str(job["returncode"]),
-        _local_time(job.get("started"), today), _duration(job, now), _one_line(job["cmd"]))
+        _local_time(job.get("started"), today), _duration(job, now),
+        _one_line(job.get("waiting") or "-"), _one_line(job["cmd"]))
         for job in jobs]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_LS_HEAD) - 1)]
+    if not any(job.get("waiting") for job in jobs):
+        rows = [row[:5] + row[6:] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for n, row in enumerate(rows):
         cells = [cell.ljust(w) if i != 2 else cell.rjust(w)
@@ -7335,8 +7526,37 @@ def _cmd_ls(client, args):
     return EXIT_OK
 
 
-_SHOW_FIELDS = ("jid", "status", "message", "returncode", "pid", "cmd", "auid", "cwd",
-                "timeout", "env", "meta", "submitted", "started", "ended", "stdout", "stderr")
+_SHOW_FIELDS = ("jid", "status", "message", "waiting", "returncode", "pid", "cmd", "group",
+                "priority", "after", "after_any", "begin", "hold", "retries", "retry_delay",
+                "attempts", "auid", "cwd", "timeout", "env", "meta", "submitted", "started",
+                "ended", "stdout", "stderr")
+
+
+def _ended_as(code):
+    if code is None:
+        return "no exit code"
+    return "exit %d" % code if code >= 0 else "killed by " + signal_name(-code)
+
+
+def _show_value(job, key, today):
+    """The text `pman show` gives field *key* of *job*, or None to leave
+    it out: scheduling fields at their defaults say nothing."""
+    value = job[key]
+    if key == "waiting" and value is None:
+        return None
+    if key in SCHED_DEFAULTS and (value == SCHED_DEFAULTS[key] or (
+            key == "retry_delay" and not job.get("retries"))):
+        return None
+    if key == "attempts":
+        if not value:
+            return None
+        return "; ".join("%s, ended %s" % (_ended_as(a.get("returncode")),
+                                           _local_time(a.get("ended"), today)) for a in value)
+    if value in (None, "", [], {}):
+        return "-"
+    if key in ("after", "after_any"):
+        return ", ".join(value)
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _cmd_show(client, args):
@@ -7357,13 +7577,11 @@ def _cmd_show(client, args):
     out = []
     shown = [k for k in _SHOW_FIELDS if k in job] + sorted(
         k for k in job if k not in _SHOW_FIELDS and k != "logs")
-    width = max(len(key) for key in shown) + 1
-    for key in shown:
-        value = job[key]
-        if value in (None, "", [], {}):
-            value = "-"
-        elif not isinstance(value, str):
-            value = json.dumps(value)
+    today = datetime.now().astimezone().date()
+    shown = [(key, _show_value(job, key, today)) for key in shown]
+    shown = [(key, value) for key, value in shown if value is not None]
+    width = max(len(key) for key, _ in shown) + 1
+    for key, value in shown:
         out.append("%-*s %s" % (width, key + ":", _one_line(value)))
     for name, text in tails.items():
         lines = text.split("\n")
@@ -7500,6 +7718,77 @@ def _cmd_rm(client, args):
     return _each(args.jids, remove)[0]
 
 
+def _cmd_job_action(client, args):
+    """hold, release, priority: one POST per job; --json prints the jobs."""
+    body = {}
+    if args.subcommand == "priority":
+        body = {"priority": args.priority}
+        jids = [args.jid]
+    else:
+        jids = args.jids
+    code, jobs = _each(jids, lambda jid: client.json(
+        "POST", "/%s/%s" % (jid, args.subcommand), body=body))
+    if args.json:
+        _print_json(jobs)
+    return code
+
+
+def _cmd_pause(client, args):
+    path = "/" + args.subcommand
+    if args.group is not None:
+        path = "/groups/%s%s" % (_checked_group(args.group), path)
+    reply = client.json("POST", path, body={})
+    if args.json:
+        _print_json(reply)
+    return EXIT_OK
+
+
+def _checked_group(name):
+    try:
+        return check_group(name)
+    except InvalidArgument as e:
+        raise _ClientError(str(e), EXIT_USAGE) from None
+
+
+def _cmd_group(client, args):
+    if args.max_running is not None and args.name is None:
+        raise _ClientError("give the group: pman group NAME --max-running N", EXIT_USAGE)
+    if args.max_running is not None:
+        limit = _max_running_arg(args.max_running)
+        group = client.json("PUT", "/groups/" + _checked_group(args.name),
+                            body={"max_running": limit})
+        reply = {"paused": None, "groups": [group]}
+    else:
+        reply = client.json("GET", "/groups")
+        if args.name is not None:   # a group not listed has no limit, pause or jobs
+            reply["groups"] = [g for g in reply["groups"]
+                               if g["name"] == _checked_group(args.name)] or [
+                {"name": args.name, "max_running": None, "paused": False, "running": 0,
+                 "waiting": 0}]
+    if args.json:
+        _print_json(reply["groups"][0] if args.name is not None else reply)
+        return EXIT_OK
+    rows = [("GROUP", "LIMIT", "PAUSED", "RUNNING", "WAITING")] + [(
+        _one_line(g["name"]), "-" if g["max_running"] is None else str(g["max_running"]),
+        "yes" if g["paused"] else "no", str(g["running"]), str(g["waiting"]))
+        for g in reply["groups"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    if reply["paused"]:
+        out.append("the manager is paused: no group starts a job (pman resume)")
+    sys.stdout.write("\n".join(out) + "\n")
+    return EXIT_OK
+
+
+def _max_running_arg(text):
+    if text == "none":
+        return None
+    if not re.fullmatch(r"[0-9]{1,9}", text):
+        raise _ClientError("--max-running takes a number of jobs, or none for no limit of "
+                           "the group's own, not %r" % text, EXIT_USAGE)
+    return int(text)
+
+
 def _client_parser():
     fmt = argparse.RawDescriptionHelpFormatter
     common = argparse.ArgumentParser(add_help=False)
@@ -7520,7 +7809,9 @@ def _client_parser():
             "  pman run -- make test                      # one string: a shell command\n"
             "  pman run --jid build-1 -- ls -l /tmp        # several: argv, no shell\n"
             "  pman run --wait -- 'sleep 1; exit 3'; echo $?     # 3\n"
-            "  pman run --follow --env GREETING=hi -- 'echo $GREETING'")
+            "  pman run --follow --env GREETING=hi -- 'echo $GREETING'\n"
+            "  pman run --after build-1 --group gpu --retries 2 -- ./test.sh\n"
+            "  pman run --begin +10m --priority 5 -- ./nightly.sh")
     s.add_argument("--jid", help="the job id (default: generated)")
     s.add_argument("--env", action="append", metavar="K=V",
                    help="set a variable for the job (repeatable)")
@@ -7539,6 +7830,26 @@ def _client_parser():
     s.add_argument("--start-server", action="store_true",
                    help="if nothing answers at a loopback --url, start `pman serve` there "
                    "in the background first ($PMAN_START_SERVER=1 does the same)")
+    s.add_argument("--after", action="append", metavar="JID[,JID]",
+                   help="start only once each of these jobs has finished successfully; if "
+                   "one fails, this one never runs (repeatable)")
+    s.add_argument("--after-any", action="append", metavar="JID[,JID]",
+                   help="start only once each of these jobs has ended, however (repeatable)")
+    s.add_argument("--group", metavar="G",
+                   help="run in group G, which has its own limit (pman group; default "
+                   "\"default\")")
+    s.add_argument("--priority", type=int, metavar="N",
+                   help="among jobs that may start, higher first (default 0)")
+    s.add_argument("--begin", metavar="T",
+                   help="not before T: a time with an offset (2026-12-06T14:05:00+01:00), "
+                   "epoch seconds, or a delay from now (+90s, +10m, +2h, +1d)")
+    s.add_argument("--hold", action="store_true",
+                   help="queue it held: it starts only after pman release JID")
+    s.add_argument("--retries", type=int, metavar="N",
+                   help="if it fails, run it again up to N times")
+    s.add_argument("--retry-delay", type=float, metavar="S",
+                   help="seconds before the first retry, doubling before each next one "
+                   "(default 1)")
     s.add_argument("command", nargs="*", help="after --: a shell string, or argv")
 
     s = add("ls", "List jobs, newest first (one page; --all for every job).",
@@ -7594,11 +7905,50 @@ def _client_parser():
     s.add_argument("jids", nargs="+", metavar="JID")
     s.add_argument("--kill", action="store_true",
                    help="kill a queued or running job first (else it is an error)")
+
+    s = add("hold", "Keep queued jobs from starting until pman release.",
+            "  pman hold deploy-1\n  pman run --hold --jid deploy-2 -- ./deploy.sh")
+    s.add_argument("jids", nargs="+", metavar="JID")
+    s.add_argument("--json", action="store_true", help="print the job objects as JSON")
+
+    s = add("release", "Let held jobs start (when what else they wait for allows).",
+            "  pman release deploy-1 deploy-2")
+    s.add_argument("jids", nargs="+", metavar="JID")
+    s.add_argument("--json", action="store_true", help="print the job objects as JSON")
+
+    s = add("priority", "Change a queued job's priority: among jobs that may start, higher "
+            "first.", "  pman priority urgent-1 10\n  pman priority batch-7 -5")
+    s.add_argument("jid")
+    s.add_argument("priority", type=int, metavar="N")
+    s.add_argument("--json", action="store_true", help="print the job object as JSON")
+
+    s = add("pause", "Start no new job (of one group, or at all); running jobs go on.",
+            "  pman pause                 # drain: running jobs end, nothing new starts\n"
+            "  pman pause --group gpu")
+    s.add_argument("--group", metavar="G", help="pause only group G")
+    s.add_argument("--json", action="store_true", help="print the server's reply as JSON")
+
+    s = add("resume", "Undo pman pause (of one group, or of the manager).",
+            "  pman resume\n  pman resume --group gpu")
+    s.add_argument("--group", metavar="G", help="resume only group G")
+    s.add_argument("--json", action="store_true", help="print the server's reply as JSON")
+
+    s = add("group", "List groups (limit, paused, running, waiting), or set one's limit.",
+            "  pman group\n  pman group gpu --max-running 2\n"
+            "  pman group gpu --max-running none      # no limit of its own")
+    s.add_argument("name", nargs="?", metavar="NAME", help="only this group")
+    s.add_argument("--max-running", metavar="N",
+                   help="set the group's limit of jobs running at once (none: no limit of "
+                   "its own; the server's --max-running still holds)")
+    s.add_argument("--json", action="store_true", help="print the groups as JSON")
     return p
 
 
 _CLIENT_COMMANDS = {"run": _cmd_run, "ls": _cmd_ls, "show": _cmd_show, "logs": _cmd_logs,
-                    "wait": _cmd_wait, "kill": _cmd_kill, "rm": _cmd_rm}
+                    "wait": _cmd_wait, "kill": _cmd_kill, "rm": _cmd_rm,
+                    "hold": _cmd_job_action, "release": _cmd_job_action,
+                    "priority": _cmd_job_action, "pause": _cmd_pause, "resume": _cmd_pause,
+                    "group": _cmd_group}
 
 
 def _client_main(argv):
@@ -7645,8 +7995,8 @@ def _client_main(argv):
 
 def main(argv=None):
     """The command line: ``pman [serve] [options]`` serves (see
-    `_serve`); ``pman run|ls|show|logs|wait|kill|rm ...`` is a client of a
-    server.  Returns the exit status (README.rst, "Exit statuses")."""
+    `_serve`); ``pman run|ls|show|...`` (_CLIENT_COMMANDS) is a client of
+    a server.  Returns the exit status (README.rst, "Exit statuses")."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0].split("=")[0] == "--url":
         print("pman: --url is an option of the client commands: it goes after the command, "
@@ -7855,6 +8205,9 @@ h1{font-size:1.2em;margin:0}h2{font-size:1.05em;margin:0;word-break:break-all}
   padding:.2em .8em;cursor:pointer;font:inherit}
 #counts button.on{background:var(--sel)}
 #counts b{margin-left:.4em}
+#groups{display:flex;flex-wrap:wrap;gap:.3em 1.2em;padding:0 1em .6em}
+#groups .paused,#paused{color:var(--q)}
+td.wait{color:var(--q)}
 #filters{display:flex;flex-wrap:wrap;gap:1em;padding:0 1em .6em}
 input,select,button{font:inherit}
 .wrap{display:flex;align-items:flex-start}
@@ -7887,7 +8240,7 @@ _PAGE_JS = """\
 // only (sessionStorage); the table follows /api/v1/events, which names the
 // jobs that changed and brings their objects: nothing unchanged is fetched
 // again, and a whole page of jobs is read only on a filter change or reset.
-const PAGE = 100, WAIT = 25, LOG_CHUNK = 1 << 20, LOG_KEEP = 1 << 19;
+const PAGE = 100, WAIT = 25, LOG_CHUNK = 1 << 20, LOG_KEEP = 1 << 19, GROUPS_EVERY = 2000;
 const STATUSES = __STATUSES__;     // pman.STATUSES
 const $ = (id) => document.getElementById(id);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -7987,7 +8340,7 @@ function render() {
     if (j.jid === selected) tr.className = "sel";
     cell(tr, j.jid); cell(tr, j.status, j.status); cell(tr, j.auid); cell(tr, j.cmd, "cmd");
     cell(tr, j.returncode); cell(tr, (j.submitted || "").replace("T", " ").slice(5, 19));
-    cell(tr, j.message, "msg");
+    if (j.waiting) cell(tr, j.waiting, "msg wait"); else cell(tr, j.message, "msg");
     tr.title = j.cmd;
     body.append(tr);
   }
@@ -8055,6 +8408,29 @@ async function follow() {
   }
 }
 
+// Group state is not in the job feed (a pause changes no job): read it
+// every GROUPS_EVERY ms.
+async function followGroups() {
+  for (;;) {
+    try {
+      const g = await api("GET", "/api/v1/groups");
+      $("paused").hidden = !g.paused;
+      $("groups").replaceChildren(...g.groups.map((x) => {
+        const span = document.createElement("span");
+        span.dataset.group = x.name;
+        span.className = x.paused ? "paused" : "";
+        span.textContent = x.name + ": " + x.running + "/" +
+          (x.max_running === null ? "any" : x.max_running) + " running, " + x.waiting +
+          " waiting" + (x.paused ? ", paused" : "");
+        return span;
+      }));
+    } catch (e) {
+      // follow() reports the connection's state
+    }
+    await sleep(GROUPS_EVERY);
+  }
+}
+
 function filtersChanged() {
   filter = {status: $("f-status").value, auid: $("f-auid").value.trim(),
             text: $("f-text").value.trim()};
@@ -8067,8 +8443,10 @@ function filtersChanged() {
 let typing = null;
 function typed() { clearTimeout(typing); typing = setTimeout(filtersChanged, 250); }
 
-const FIELDS = ["status", "message", "returncode", "pid", "cmd", "auid", "submitted", "started",
-                "ended", "timeout", "cwd", "meta", "env", "image"];
+const FIELDS = ["status", "waiting", "message", "returncode", "pid", "cmd", "auid", "group",
+                "priority", "after", "after_any", "begin", "hold", "retries", "attempts",
+                "submitted", "started", "ended", "timeout", "cwd", "meta", "env", "image"];
+const DEFAULTS = {group: "default", priority: 0, hold: false, retries: 0};   // not shown
 
 function showRecord(j) {
   const dl = $("d-record");
@@ -8084,6 +8462,7 @@ function showRecord(j) {
     const v = j[k];
     if (v === undefined || v === null || v === "") continue;
     if (typeof v === "object" && !Object.keys(v).length) continue;
+    if (v === DEFAULTS[k]) continue;
     const dt = document.createElement("dt"), dd = document.createElement("dd");
     dt.textContent = k;
     dd.textContent = typeof j[k] === "object" ? JSON.stringify(j[k]) : String(j[k]);
@@ -8164,6 +8543,7 @@ $("f-text").oninput = typed;
 $("filters").onsubmit = (e) => e.preventDefault();
 for (const s of STATUSES) $("f-status").append(new Option(s, s));
 follow();
+followGroups();
 """
 
 _PAGE_HTML = """\
@@ -8179,9 +8559,10 @@ _PAGE_HTML = """\
 <body>
 <header class="top">
   <h1>pman</h1><span class="mut">%(version)s</span><span id="total" class="mut"></span>
-  <span id="live">connecting</span>
+  <span id="live">connecting</span><span id="paused" hidden>manager paused</span>
 </header>
 <section id="counts" aria-label="jobs per status"></section>
+<section id="groups" aria-label="groups"></section>
 <form id="filters" role="search">
   <label>Status <select id="f-status"><option value="">any</option></select></label>
   <label>auid <input id="f-auid" autocomplete="off" size="12"></label>

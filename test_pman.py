@@ -5867,6 +5867,200 @@ def test_resource_delete_with_kill_0_refuses_an_active_job(http_srv):
     assert http_srv.request("DELETE", "/api/v1/dk2?kill=0").status == 204
 
 
+# ---------------------------------------------------------------------------
+# scheduling: the job body's fields, groups, pauses, hold, release, priority
+# ---------------------------------------------------------------------------
+
+_SCHED_KEYS = ("status", "after", "after_any", "group", "priority", "begin", "hold", "retries",
+               "retry_delay", "attempts", "waiting")
+
+
+def test_resource_job_body_takes_the_scheduling_fields_and_job_objects_show_them(http_srv):
+    srv = http_srv
+    held = _http_post_job(srv, {"jid": "dep", "cmd": "true", "hold": True})
+    assert (held["status"], held["hold"], held["waiting"]) == ("notstarted", True, "held")
+    child = _http_post_job(srv, {
+        "jid": "child", "cmd": "echo child", "after": ["dep"], "group": "gpu", "priority": 7,
+        "begin": "2020-01-01T00:00:00+00:00", "retries": 2, "retry_delay": 0.5})
+    expected = {"status": "notstarted", "after": ["dep"], "after_any": [], "group": "gpu",
+                "priority": 7, "begin": "2020-01-01T00:00:00+00:00", "hold": False,
+                "retries": 2, "retry_delay": 0.5, "attempts": [],
+                "waiting": "after dep (notstarted)"}
+    assert "ignored_fields" not in child
+    assert {k: child[k] for k in _SCHED_KEYS} == expected
+    got = _http_json(srv.request("GET", "/api/v1/child/"))
+    assert {k: got[k] for k in _SCHED_KEYS} == expected
+    # one jid for a list of one; a begin in epoch seconds; null is the default
+    anyone = _http_post_job(srv, {"jid": "any", "cmd": "true", "after_any": "dep",
+                                  "priority": None, "group": None})
+    assert (anyone["after_any"], anyone["priority"], anyone["group"]) == (["dep"], 0, "default")
+    later = _http_post_job(srv, {"jid": "later", "cmd": "true", "begin": time.time() + 3600})
+    assert later["waiting"].startswith("begins "), later
+    assert later["begin"].endswith("+00:00"), later
+    # a bad value is a 400 naming its field; nothing runs
+    before = srv.manager.jids()
+    for field, value, named in (
+            ("after", {"a": 1}, "after"), ("after", ["nope"], "nope"),
+            ("after_any", [""], "after_any"), ("group", "a b", "group"),
+            ("priority", "high", "priority"), ("priority", 1.5, "priority"),
+            ("begin", "tomorrow", "begin"), ("begin", "2030-01-01T00:00:00", "begin"),
+            ("hold", "yes", "hold"), ("retries", -1, "retries"),
+            ("retry_delay", "soon", "retry_delay")):
+        message = _http_error(srv.request("POST", "/api/v1/", {"jid": "bad", "cmd": "true",
+                                                                field: value}), 400)
+        assert named in message, (field, value, message)
+    assert srv.manager.jids() == before
+    # released, the dependency runs, then its dependents
+    released = _http_json(srv.request("POST", "/api/v1/dep/release", {}))
+    assert released["hold"] is False
+    for jid in ("dep", "child", "any"):
+        done = _http_wait_job(srv, jid)
+        assert done["status"] == "finishedSuccessfully", done
+        assert done["waiting"] is None and done["attempts"] == [], done
+
+
+def test_resource_batch_takes_scheduling_fields_refers_forward_and_refuses_a_cycle(http_srv):
+    srv = http_srv
+    r = srv.request("POST", "/api/v1/jobs", {"jobs": [
+        {"jid": "join", "cmd": "echo join", "after": ["b1", "b2"]},
+        {"jid": "any", "cmd": "echo any", "after_any": ["b2"]},
+        {"jid": "b1", "cmd": "true", "priority": 2},
+        {"jid": "b2", "cmd": "exit 3", "group": "g"}]})
+    assert r.status == 201, r.body
+    jobs = _http_json(r)["jobs"]
+    assert [j["jid"] for j in jobs] == ["join", "any", "b1", "b2"]
+    assert jobs[0]["after"] == ["b1", "b2"] and jobs[1]["after_any"] == ["b2"]
+    assert (jobs[2]["priority"], jobs[3]["group"]) == (2, "g")
+    assert jobs[0]["status"] == "notstarted" and jobs[0]["waiting"].startswith("after b"), jobs[0]
+    join = _http_wait_job(srv, "join")
+    assert (join["status"], join["returncode"], join["message"]) == (
+        "finishedWithError", None, "not started: dependency b2 finished with error (exit 3)")
+    assert _http_wait_job(srv, "any")["status"] == "finishedSuccessfully"
+    before = srv.manager.jids()
+    message = _http_error(srv.request("POST", "/api/v1/jobs", {"jobs": [
+        {"jid": "x", "cmd": "true", "after": ["y"]},
+        {"jid": "y", "cmd": "true", "after_any": ["x"]}]}), 400)
+    assert "cycle" in message and ("x -> y" in message or "y -> x" in message), message
+    message = _http_error(srv.request("POST", "/api/v1/jobs", {"jobs": [
+        {"jid": "ok1", "cmd": "true"}, {"jid": "u", "cmd": "true", "after": ["ghost"]}]}), 400)
+    assert "ghost" in message, message
+    message = _http_error(srv.request("POST", "/api/v1/jobs", {"jobs": [
+        {"jid": "p1", "cmd": "true"}, {"jid": "p2", "cmd": "true", "priority": "x"}]}), 400)
+    assert "priority" in message and "1" in message, message
+    assert srv.manager.jids() == before
+
+
+def test_resource_hold_release_and_priority_routes_change_a_queued_job(http_srv, tmp_path):
+    srv = http_srv
+    order = tmp_path / "order"
+    one = {"name": "one", "max_running": 1, "paused": False, "running": 0, "waiting": 0}
+    assert _http_json(srv.request("PUT", "/api/v1/groups/one", {"max_running": 1})) == one
+    r = srv.request("POST", "/api/v1/groups/one/pause", {})
+    assert r.status == 200 and _http_json(r) == dict(one, paused=True)
+    for jid in ("lo", "hi"):
+        job = _http_post_job(srv, {"jid": jid, "group": "one",
+                                   "cmd": "echo %s >> %s" % (jid, shlex.quote(str(order)))})
+        assert job["waiting"] == "group one paused", job
+    r = srv.request("POST", "/api/v1/hi/priority", {"priority": 9})
+    job = _http_json(r)
+    assert r.status == 200 and (job["jid"], job["priority"], job["status"]) == (
+        "hi", 9, "notstarted")
+    assert "not_enforced" in job            # a job object, as GET gives it
+    job = _http_json(srv.request("POST", "/api/v1/lo/hold", {}))
+    assert (job["hold"], job["waiting"]) == (True, "held")
+    assert srv.manager.get("lo")["hold"] is True
+    job = _http_json(srv.request("POST", "/api/v1/lo/release", {}))
+    assert (job["hold"], job["waiting"]) == (False, "group one paused")
+    # refusals: the body, then an unknown job
+    for path, body, named in (("hi/priority", {"priority": "x"}, "priority"),
+                              ("hi/priority", {"priority": True}, "priority"),
+                              ("hi/priority", {}, "'priority' is required"),
+                              ("hi/priority", {"priority": 1, "x": 1}, "'x'"),
+                              ("lo/hold", {"x": 1}, "'x'"), ("lo/release", {"y": 1}, "'y'")):
+        message = _http_error(srv.request("POST", "/api/v1/" + path, body), 400)
+        assert named in message, (path, body, message)
+    for what in ("hold", "release", "priority"):
+        message = _http_error(srv.request("POST", "/api/v1/ghost/" + what, {
+            "priority": 1} if what == "priority" else {}), 404)
+        assert "ghost" in message
+    assert srv.manager.get("hi")["priority"] == 9
+    # resumed, the group's one slot goes to the higher priority first
+    r = srv.request("POST", "/api/v1/groups/one/resume", {})
+    assert r.status == 200 and _http_json(r)["paused"] is False
+    for jid in ("hi", "lo"):
+        assert _http_wait_job(srv, jid)["status"] == "finishedSuccessfully"
+    assert order.read_text().split() == ["hi", "lo"]
+    # a job that is not queued: 409, unchanged
+    _http_post_job(srv, {"jid": "run", "cmd": "sleep 60"})
+    for jid in ("hi", "run"):
+        for what in ("hold", "release", "priority"):
+            message = _http_error(srv.request("POST", "/api/v1/%s/%s" % (jid, what),
+                                              {"priority": 1} if what == "priority" else {}),
+                                  409)
+            assert "not queued" in message, message
+    assert srv.manager.get("run")["hold"] is False and srv.manager.get("hi")["priority"] == 9
+
+
+def test_resource_group_routes_set_limits_and_pause_a_group_or_the_manager(http_srv):
+    srv = http_srv
+    default = {"name": "default", "max_running": None, "paused": False, "running": 0,
+               "waiting": 0}
+    assert _http_json(srv.request("GET", "/api/v1/groups")) == {"paused": False,
+                                                               "groups": [default]}
+    gpu = dict(default, name="gpu", max_running=2)
+    r = srv.request("PUT", "/api/v1/groups/gpu", {"max_running": 2})
+    assert r.status == 200 and _http_json(r) == gpu
+    assert _http_json(srv.request("GET", "/api/v1/groups/"))["groups"] == [default, gpu]
+    r = srv.request("PUT", "/api/v1/groups/gpu/", {"max_running": None})
+    assert r.status == 200 and _http_json(r) == dict(gpu, max_running=None)
+    # refusals
+    for method, path, body, named in (
+            ("PUT", "groups/a%20b", {"max_running": 1}, "group"),
+            ("PUT", "groups/gpu", {"max_running": 0}, "max_running"),
+            ("PUT", "groups/gpu", {"max_running": "2"}, "max_running"),
+            ("PUT", "groups/gpu", {"max_running": True}, "max_running"),
+            ("PUT", "groups/gpu", {}, "'max_running' is required"),
+            ("PUT", "groups/gpu", {"max_running": 1, "paused": True}, "'paused'"),
+            ("PUT", "groups/gpu", [1], "JSON object"),
+            ("POST", "groups/-x/pause", {}, "group"),
+            ("POST", "groups/gpu/resume", {"now": 1}, "'now'"),
+            ("POST", "pause", {"group": "gpu"}, "'group'"),
+            ("GET", "groups?x=1", None, "x"),
+            ("GET", "pause", None, "reserved")):
+        message = _http_error(srv.request(method, "/api/v1/" + path, body), 400)
+        assert named in message, (method, path, body, message)
+    code, obj = _http_check_raw(srv.raw(b"PUT /api/v1/groups/gpu HTTP/1.1\r\n"
+                                        b"Host: 127.0.0.1\r\n\r\n"))
+    assert code == 411 and "Content-Length" in obj["message"], obj
+    # a group with no limit, no pause and no job is no longer listed
+    assert _http_json(srv.request("GET", "/api/v1/groups"))["groups"] == [default]
+    # a paused group starts none of its jobs, the rest run
+    r = srv.request("POST", "/api/v1/groups/gpu/pause", {})
+    assert r.status == 200 and _http_json(r) == dict(gpu, max_running=None, paused=True)
+    assert _http_post_job(srv, {"jid": "g1", "cmd": "true", "group": "gpu"})[
+        "waiting"] == "group gpu paused"
+    _http_post_job(srv, {"jid": "d0", "cmd": "true"})
+    assert _http_wait_job(srv, "d0")["status"] == "finishedSuccessfully"
+    # a paused manager starts nothing
+    r = srv.request("POST", "/api/v1/pause", {})
+    assert r.status == 200 and _http_json(r) == {"paused": True}
+    assert _http_post_job(srv, {"jid": "d1", "cmd": "true"})["waiting"] == "paused"
+    state = _http_json(srv.request("GET", "/api/v1/groups"))
+    assert state == {"paused": True, "groups": [
+        dict(default, waiting=1), dict(gpu, max_running=None, paused=True, waiting=1)]}
+    r = srv.request("POST", "/api/v1/resume", {})
+    assert r.status == 200 and _http_json(r) == {"paused": False}
+    assert _http_wait_job(srv, "d1")["status"] == "finishedSuccessfully"
+    assert srv.manager.get("g1")["status"] == "notstarted"
+    r = srv.request("POST", "/api/v1/groups/gpu/resume", {})
+    assert r.status == 200 and _http_json(r)["paused"] is False
+    assert _http_wait_job(srv, "g1")["status"] == "finishedSuccessfully"
+    # the route names are not jids
+    for jid in ("groups", "pause", "resume"):
+        assert "reserved" in _http_error(srv.request("POST", "/api/v1/", {
+            "jid": jid, "cmd": "true"}), 400)
+
+
 # ===========================================================================
 # 7. command dialect (POST /api/v1/cmd)
 # ===========================================================================
@@ -7738,6 +7932,10 @@ def test_security_token_guards_every_api_route_and_is_never_logged(http_factory,
     assert r.status == 200 and _http_json(r)["status"] == "finishedSuccessfully"
     r = srv.request("POST", "/api/v1/", {"jid": "run", "cmd": "sleep 60"}, headers=good)
     assert r.status == 201
+    # queued behind "run" (released, it still waits), for hold, release and priority
+    r = srv.request("POST", "/api/v1/", {"jid": "q", "cmd": "true", "after": ["run"],
+                                         "hold": True}, headers=good)
+    assert r.status == 201
     # Every route of the OpenAPI document but the page refuses a request
     # without the token, or with a wrong one, and does nothing.
     paths = _http_json(srv.request("GET", "/api/v1/openapi.json", headers=good))["paths"]
@@ -7748,7 +7946,11 @@ def test_security_token_guards_every_api_route_and_is_never_logged(http_factory,
         ("POST", "/api/v1/jobs"), ("POST", "/api/v1/cmd/"), ("GET", "/api/v1/events"),
         ("GET", "/api/v1/openapi.json"), ("GET", "/api/v1/{jid}/"), ("DELETE", "/api/v1/{jid}/"),
         ("GET", "/api/v1/{jid}/logs"), ("POST", "/api/v1/{jid}/kill"),
-        ("GET", "/api/v1/{jid}/{path}"), ("GET", "/metrics")}, routes
+        ("GET", "/api/v1/{jid}/{path}"), ("GET", "/metrics"), ("GET", "/api/v1/groups"),
+        ("PUT", "/api/v1/groups/{name}"), ("POST", "/api/v1/groups/{name}/pause"),
+        ("POST", "/api/v1/groups/{name}/resume"), ("POST", "/api/v1/pause"),
+        ("POST", "/api/v1/resume"), ("POST", "/api/v1/{jid}/hold"),
+        ("POST", "/api/v1/{jid}/release"), ("POST", "/api/v1/{jid}/priority")}, routes
     where = os.path.dirname(srv.state_dir)
     marker = os.path.join(where, "ran-")
     bodies = {("POST", "/api/v1/"): {"jid": "by-post", "cmd": "touch %spost" % marker},
@@ -7756,23 +7958,33 @@ def test_security_token_guards_every_api_route_and_is_never_logged(http_factory,
                                                    "cmd": "touch %sbatch" % marker}]},
               ("POST", "/api/v1/cmd/"): {"payload": {"action": "run", "meta": {
                   "jid": "by-cmd", "cmd": "touch %scmd" % marker}}},
-              ("POST", "/api/v1/{jid}/kill"): {"signal": "SIGKILL"}}
+              ("POST", "/api/v1/{jid}/kill"): {"signal": "SIGKILL"},
+              ("PUT", "/api/v1/groups/{name}"): {"max_running": 1},
+              ("POST", "/api/v1/{jid}/priority"): {"priority": 5}}
 
     def call(method, template, headers):
-        path = template.replace("{jid}", "run").replace("{path}", "jid")
-        return srv.request(method, path, bodies.get((method, template)), headers=headers)
+        jid = "q" if template.endswith(("/hold", "/release", "/priority")) else "run"
+        path = template.replace("{jid}", jid).replace("{path}", "jid").replace("{name}", "gpu")
+        return srv.request(method, path, bodies.get((method, template), {}
+                                                    if method in ("POST", "PUT") else None),
+                           headers=headers)
 
     for method, template in routes:
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             _http_error(call(method, template, headers), 401)
-    assert srv.manager.jids() == ["tok", "run"]
+    assert srv.manager.jids() == ["tok", "run", "q"]
     assert srv.manager.get("run")["status"] == "started"
+    assert srv.manager.get("q")["hold"] and srv.manager.get("q")["priority"] == 0
+    assert srv.manager.groups() == [{"name": "default", "max_running": None, "paused": False,
+                                     "running": 1, "waiting": 1}]
+    assert not srv.manager.paused()
     assert not [name for name in os.listdir(where) if name.startswith("ran-")]
-    # with the token, each is served (the DELETE last: it forgets the job)
-    for method, template in sorted(routes, key=lambda route: route[0] == "DELETE"):
+    # with the token, each is served (the kill and the DELETE last: q waits for run)
+    for method, template in sorted(routes, key=lambda route: (route[0] == "DELETE",
+                                                               route[1].endswith("/kill"))):
         r = call(method, template, good)
         assert 200 <= r.status < 300, (method, template, r.status, r.body[:300])
-    assert srv.manager.jids() == ["tok", "by-post", "by-batch", "by-cmd"]
+    assert srv.manager.jids() == ["tok", "q", "by-post", "by-batch", "by-cmd"]
     # the status page itself is served without the token, and holds none
     r = srv.request("GET", "/", headers={})
     assert r.status == 200 and r.header("Content-Type").startswith("text/html")
@@ -8352,7 +8564,8 @@ def test_cli_serve_start_and_stop_lines_are_info_and_requests_need_v(cli_server,
 def test_cli_help_has_an_example_version_and_usage_errors_are_64(tmp_path):
     """Every command's --help has an example; --version; a usage error of
     any command is exit status 64 with a message."""
-    for command in ("serve", "run", "ls", "show", "logs", "wait", "kill", "rm"):
+    for command in ("serve", "run", "ls", "show", "logs", "wait", "kill", "rm", "hold",
+                    "release", "priority", "pause", "resume", "group"):
         code, out, err = _cli(command, "--help")
         assert code == 0, (command, err)
         assert "example:" in out.decode() and ("pman %s" % command) in out.decode(), command
@@ -8882,11 +9095,161 @@ def test_cli_kill_and_rm_go_on_past_a_bad_jid_and_rm_needs_kill_for_a_running_jo
     assert server.http("GET", "/api/v1/r1/")[0] == 404
 
 
-def _cli_readme_session():
+# -- scheduling: run's options, hold, release, priority, pause, resume, group ----
+
+def test_cli_run_sends_every_scheduling_option_and_begin_takes_three_forms(cli_server):
+    server = cli_server()
+    for jid in ("x1", "x2"):
+        server.post({"jid": jid, "cmd": "true"})
+    code, out, err = _cli("run", "--jid", "a", "--hold", "--", "true", url=server.url)
+    assert (code, out) == (0, b"a\n"), err
+    t0 = time.time()
+    code, out, err = _cli("run", "--jid", "b", "--after", "a", "--after-any", "x1,x2",
+                          "--after-any", "x1", "--group", "g1", "--priority", "7",
+                          "--begin", "+1h", "--retries", "2", "--retry-delay", "0.5", "--",
+                          "true", url=server.url)
+    assert (code, out) == (0, b"b\n"), err
+    job = server.job("b")
+    assert (job["after"], job["after_any"], job["group"], job["priority"]) == (
+        ["a"], ["x1", "x2"], "g1", 7), job
+    assert (job["retries"], job["retry_delay"], job["hold"]) == (2, 0.5, False), job
+    begin = pman._parse_time(job["begin"])
+    assert t0 + 3600 - 1 <= begin <= time.time() + 3600 + 1, job["begin"]
+    assert job["status"] == "notstarted" and job["waiting"] == "after a (notstarted)", job
+    # epoch seconds and ISO 8601 with an offset: the same instant as given
+    when = int(time.time()) + 7200
+    iso = datetime.fromtimestamp(when, timezone(timedelta(hours=-5))).isoformat()
+    for jid, given in (("e1", str(when)), ("e2", iso)):
+        code, out, err = _cli("run", "--jid", jid, "--begin", given, "--", "true",
+                              url=server.url)
+        assert code == 0, err
+        assert pman._parse_time(server.job(jid)["begin"]) == when, server.job(jid)
+        assert server.job(jid)["waiting"].startswith("begins "), server.job(jid)
+    # bad values: a usage error naming the forms, and nothing submitted
+    for bad in ("soon", "+10x", "+m", "10m", "2030-01-01T00:00:00", "-5", ""):
+        code, out, err = _cli("run", "--jid", "bad", "--begin", bad, "--", "true",
+                              url=server.url)
+        assert code == 64 and "--begin" in err and "+10m" in err, (bad, code, err)
+    code, out, err = _cli("run", "--jid", "bad", "--after", "no/such", "--", "true",
+                          url=server.url)
+    assert code == 64 and "no/such" in err, err
+    code, out, err = _cli("run", "--jid", "bad", "--after", "nosuch", "--", "true",
+                          url=server.url)
+    assert code == 3 and "nosuch" in err and "HTTP 400" in err, err
+    assert server.http("GET", "/api/v1/bad/")[0] == 404
+
+    # ls: a WAITING column once a job waits, "-" for one that does not
+    code, out, err = _cli("ls", url=server.url)
+    lines = out.decode().splitlines()
+    assert code == 0 and lines[0].split() == ["JID", "STATUS", "RC", "STARTED", "DURATION",
+                                              "WAITING", "COMMAND"], out
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert "  held  " in rows["a"] and "  after a (notstarted)  " in rows["b"], out
+    assert rows["x1"].split()[-2:] == ["-", "true"], out
+    # show: the scheduling fields that mean something, and only those
+    code, out, err = _cli("show", "b", url=server.url)
+    text = out.decode()
+    for line in ("waiting: +after a \\(notstarted\\)", "group: +g1", "priority: +7",
+                 "after: +a", "after_any: +x1, x2", "retries: +2", "retry_delay: +0.5"):
+        assert re.search("^%s$" % line, text, re.M), (line, text)
+    code, out, err = _cli("show", "x1", url=server.url)
+    for key in ("waiting", "group", "priority", "after", "after_any", "begin", "hold",
+                "retries", "retry_delay", "attempts"):
+        assert not re.search("^%s:" % key, out.decode(), re.M), (key, out)
+
+    # a dependency that fails: the dependent never runs, and run --wait says so
+    server.post({"jid": "f", "cmd": "exit 2"})
+    code, out, err = _cli("run", "--jid", "d", "--after", "f", "--wait", "--", "true",
+                          url=server.url)
+    assert code == 1 and "not started: dependency f" in err, (code, err)
+    # retries: run --wait exits with the last attempt's code, show lists the others
+    code, out, err = _cli("run", "--jid", "r", "--retries", "2", "--retry-delay", "0.05",
+                          "--wait", "--", "exit 3", url=server.url)
+    assert code == 3, err
+    code, out, err = _cli("show", "r", url=server.url)
+    assert re.search(r"^attempts: +exit 3, ended [0-9:]+; exit 3, ended [0-9:]+$",
+                     out.decode(), re.M), out
+
+
+def test_cli_hold_release_priority_pause_resume_and_group(cli_server, tmp_path):
+    server = cli_server()
+    url = server.url
+    code, out, err = _cli("group", "solo", "--max-running", "1", url=url)
+    assert code == 0, err
+    assert out.decode().splitlines()[1].split() == ["solo", "1", "no", "0", "0"], out
+    flag = tmp_path / "flag"
+    server.post({"jid": "block", "group": "solo",
+                 "cmd": "while [ ! -e %s ]; do sleep 0.02; done" % shlex.quote(str(flag))})
+    _until(lambda: server.job("block")["status"] == "started", 20, "block to start")
+    for jid in ("lo", "hi"):
+        assert _cli("run", "--jid", jid, "--group", "solo", "--", "true", url=url)[0] == 0
+    assert server.job("hi")["waiting"] == "group solo full (1 running)"
+    code, out, err = _cli("priority", "hi", "5", "--json", url=url)
+    assert code == 0 and json.loads(out)[0]["priority"] == 5, err
+    code, out, err = _cli("priority", "lo", "-3", url=url)
+    assert (code, out) == (0, b""), err
+    code, out, err = _cli("group", url=url)
+    lines = out.decode().splitlines()
+    assert lines[0].split() == ["GROUP", "LIMIT", "PAUSED", "RUNNING", "WAITING"], out
+    assert "solo 1 no 1 2" in [" ".join(line.split()) for line in lines], out
+    assert "paused" not in out.decode().split("WAITING", 1)[1], out
+    flag.touch()
+    assert _cli("wait", "lo", "hi", url=url)[0] == 0
+    hi, lo = server.job("hi"), server.job("lo")
+    assert pman._parse_time(hi["ended"]) <= pman._parse_time(lo["started"]), (hi, lo)
+    code, out, err = _cli("priority", "hi", "1", url=url)
+    assert code == 3 and "409" in err, err
+    code, out, err = _cli("group", "solo", "--max-running", "none", "--json", url=url)
+    assert code == 0 and json.loads(out)["max_running"] is None, err
+    code, out, err = _cli("group", "solo", url=url)
+    assert out.decode().splitlines()[1].split()[:2] == ["solo", "-"], out
+
+    # pause the manager: nothing new starts, `group` says so; resume
+    assert _cli("pause", url=url) == (0, b"", "")
+    assert _cli("run", "--jid", "p1", "--", "true", url=url)[0] == 0
+    code, out, err = _cli("group", url=url)
+    assert "the manager is paused" in out.decode(), out
+    code, out, err = _cli("ls", url=url)
+    assert "  paused  " in [line for line in out.decode().splitlines()
+                            if line.startswith("p1 ")][0], out
+    assert server.job("p1")["status"] == "notstarted"
+    assert _cli("resume", "--json", url=url)[:2] == (0, b'{"paused": false}\n')
+    assert _cli("wait", "p1", "--timeout", "20", url=url)[0] == 0
+
+    # pause one group; hold and release a job queued in it
+    code, out, err = _cli("pause", "--group", "gpu", "--json", url=url)
+    assert code == 0 and json.loads(out)["paused"] is True, err
+    assert _cli("run", "--jid", "g1", "--group", "gpu", "--", "true", url=url)[0] == 0
+    assert server.job("g1")["waiting"] == "group gpu paused"
+    code, out, err = _cli("hold", "g1", "nosuch", url=url)
+    assert code == 3 and "nosuch" in err and "404" in err, err     # the rest went on
+    assert server.job("g1")["waiting"] == "held"
+    code, out, err = _cli("group", "gpu", url=url)
+    assert out.decode().splitlines()[1].split() == ["gpu", "-", "yes", "0", "1"], out
+    assert _cli("release", "g1", url=url) == (0, b"", "")
+    assert server.job("g1")["waiting"] == "group gpu paused"
+    assert _cli("resume", "--group", "gpu", url=url) == (0, b"", "")
+    assert _cli("wait", "g1", "--timeout", "20", url=url)[0] == 0
+    code, out, err = _cli("release", "g1", url=url)
+    assert code == 3 and "409" in err, err
+    # run --hold, then release
+    assert _cli("run", "--jid", "h1", "--hold", "--", "true", url=url)[0] == 0
+    assert server.job("h1")["waiting"] == "held"
+    code, out, err = _cli("release", "h1", "--json", url=url)
+    assert code == 0 and json.loads(out)[0]["jid"] == "h1", err
+    assert _cli("wait", "h1", "--timeout", "20", url=url)[0] == 0
+    # bad arguments: usage errors
+    for argv in (["group", "--max-running", "2"], ["group", "gpu", "--max-running", "two"],
+                 ["pause", "--group", "no/such"], ["priority", "h1", "high"],
+                 ["hold"], ["release", "bad/jid"]):
+        code, out, err = _cli(*argv, url=url)
+        assert code == 64 and err.strip(), (argv, code, err)
+
+
+def _cli_readme_session(heading="A session\nto paste"):
     with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as f:
         text = f.read()
-    start = text.index("\n", text.index("A session\nto paste")) + 1
-    block = text[text.index("::\n\n", start) + 4:]
+    block = text[text.index("::\n\n", text.index(heading)) + 4:]
     lines = []
     for line in block.splitlines():
         if line and not line.startswith("    "):
@@ -8924,6 +9287,28 @@ def test_cli_readme_session_runs_as_pasted(tmp_path):
     finally:
         if (state / "lock").exists() and not _compat_lock_free(state):
             os.kill(int((state / "lock").read_text().split()[0]), signal.SIGKILL)
+
+
+def test_cli_readme_scheduling_session_runs_as_pasted(cli_server):
+    server = cli_server()
+    session = _cli_readme_session("A session to paste after the one above")
+    script = 'shopt -s expand_aliases\nalias pman="python3 %s"\n%s' % (_CLI_PMAN, session)
+    r = subprocess.run(["bash", "-c", script], cwd=HERE, capture_output=True, timeout=120,
+                       env=_clean_env(PMAN_URL=server.url))
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert r.returncode == 0 and err == "", (r.returncode, err)
+    listing = out.split("nightly\n", 1)[1]          # after the jids run printed
+    assert re.search(r"^deploy +notstarted .* held ", listing, re.M), out
+    assert re.search(r"^nightly +notstarted .* begins ", listing, re.M), out
+    assert re.search(r"^0$", out, re.M), out        # wait's status
+    assert re.search(r"^group: +gpu$", out, re.M) and re.search(r"^after: +build$", out, re.M)
+    assert re.search(r"^gpu +1 +no +0 +0$", out, re.M), out
+    assert "the manager is paused" in out, out
+    assert server.job("deploy")["logs"] == "deployed\n"
+    assert server.job("test")["logs"] == "tested\n"
+    assert server.http("GET", "/api/v1/nightly/")[0] == 404
+    assert server.http("GET", "/api/v1/groups")[2] and not json.loads(
+        server.http("GET", "/api/v1/groups")[2])["paused"]
 
 
 # ===========================================================================
