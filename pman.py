@@ -8409,11 +8409,17 @@ async function follow() {
 }
 
 // Group state is not in the job feed (a pause changes no job): read it
-// every GROUPS_EVERY ms.
+// every GROUPS_EVERY ms.  A pause or a limit changes why jobs wait, so a
+// change of them reads the page of jobs again.
 async function followGroups() {
+  let settings = null;
   for (;;) {
     try {
       const g = await api("GET", "/api/v1/groups");
+      const now = JSON.stringify([g.paused, g.groups.filter((x) => x.paused ||
+        x.max_running !== null).map((x) => [x.name, x.max_running, x.paused])]);
+      if (settings !== null && now !== settings) await loadPage();
+      settings = now;
       $("paused").hidden = !g.paused;
       $("groups").replaceChildren(...g.groups.map((x) => {
         const span = document.createElement("span");

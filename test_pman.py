@@ -9466,8 +9466,49 @@ def test_ui_page_live_table_filters_log_kill_and_delete(http_factory, ui_page, t
     assert len(pages) == 6, pages       # the first load and five filter changes
     assert all("limit=100" in u and "order=newest" in u for u in pages), pages
     singles = [u for u in page.urls if re.match(r"GET .*/api/v1/[^/?]+/?(\?|$)", u)
-               and "/api/v1/events" not in u and "/api/v1/jobs" not in u]
+               and "/api/v1/events" not in u and "/api/v1/jobs" not in u
+               and "/api/v1/groups" not in u]
     assert singles == [], singles
+    assert page.errors == []
+
+
+def test_ui_page_shows_why_jobs_wait_and_each_groups_state(http_factory, ui_page):
+    srv = http_factory()
+    # the served page holds the pieces (checked where no browser runs, too)
+    html = srv.request("GET", "/").body.decode("utf-8")
+    for piece in ('<section id="groups"', '<span id="paused" hidden>manager paused</span>',
+                  '"/api/v1/groups"', 'cell(tr, j.waiting, "msg wait")', '"waiting"'):
+        assert piece in html, piece
+    assert srv.request("PUT", "/api/v1/groups/gpu", {"max_running": 1}).status == 200
+    assert srv.request("POST", "/api/v1/groups/gpu/pause", {}).status == 200
+    _http_post_job(srv, {"jid": "h", "cmd": "true", "group": "gpu", "hold": True})
+    page = ui_page(srv)
+    page.wait_for_selector('tr[data-jid="h"] td.wait:text-is("held")')
+    page.wait_for_selector('#groups span[data-group="gpu"]'
+                           ':text-is("gpu: 0/1 running, 1 waiting, paused")')
+    page.wait_for_selector('#groups span[data-group="default"]'
+                           ':text-is("default: 0/any running, 0 waiting")')
+    assert not page.is_visible("#paused")
+    page.click('tr[data-jid="h"]')
+    page.wait_for_selector("#d-record dd:text-is('held')")
+    page.wait_for_selector("#d-record dd:text-is('gpu')")
+    # released, it waits for its group (the change comes through the feed)
+    assert srv.request("POST", "/api/v1/h/release", {}).status == 200
+    page.wait_for_selector('tr[data-jid="h"] td.wait:text-is("group gpu paused")')
+    page.wait_for_selector("#d-record dd:text-is('group gpu paused')")
+    # pauses change no job: the page reads the groups, and then its jobs again
+    assert srv.request("POST", "/api/v1/pause", {}).status == 200
+    page.wait_for_selector("#paused:text-is('manager paused')", state="visible")
+    assert srv.request("POST", "/api/v1/groups/gpu/resume", {}).status == 200
+    page.wait_for_selector('tr[data-jid="h"] td.wait:text-is("paused")')
+    page.wait_for_selector('#groups span[data-group="gpu"]'
+                           ':text-is("gpu: 0/1 running, 1 waiting")')
+    assert srv.request("POST", "/api/v1/resume", {}).status == 200
+    _ui_row_status(page, "h", "finishedSuccessfully")
+    page.wait_for_selector("#paused", state="hidden")
+    assert page.locator('tr[data-jid="h"] td.wait').count() == 0
+    page.wait_for_selector('#groups span[data-group="gpu"]'
+                           ':text-is("gpu: 0/1 running, 0 waiting")')
     assert page.errors == []
 
 
@@ -9850,6 +9891,64 @@ def test_ui_metrics_in_the_prometheus_format(http_factory, tmp_path):
     tok = http_factory(state_name="tok", token="m3trics")
     _http_error(tok.request("GET", "/metrics"), 401)
     assert _ui_metrics(tok, {"Authorization": "Bearer m3trics"})[("pman_jobs_started_total", ())] == 0
+
+
+def test_ui_metrics_count_waiting_jobs_by_group_and_reason_and_show_each_group(http_factory):
+    srv = http_factory()
+    assert srv.request("PUT", "/api/v1/groups/gpu", {"max_running": 1}).status == 200
+    assert srv.request("POST", "/api/v1/groups/cpu/pause", {}).status == 200
+    _http_post_job(srv, {"jid": "run1", "cmd": "sleep 60", "group": "gpu"})
+    for body in ({"jid": "full1", "group": "gpu"}, {"jid": "full2", "group": "gpu"},
+                 {"jid": "held1", "group": "gpu", "hold": True},
+                 {"jid": "cpu1", "group": "cpu"}, {"jid": "dep", "after": ["run1"]},
+                 {"jid": "later", "begin": time.time() + 3600},
+                 {"jid": "flaky", "cmd": "exit 1", "retries": 1, "retry_delay": 60}):
+        _http_post_job(srv, dict({"cmd": "true"}, **body))
+    _until(lambda: (srv.manager.get("flaky")["waiting"] or "").startswith("retry 1 of 1 at"),
+           what="flaky's retry to be due")
+
+    def metrics():
+        r = srv.request("GET", "/metrics")
+        assert r.status == 200
+        return r.body.decode("utf-8").splitlines()
+
+    def waiting(lines):
+        return {line for line in lines if line.startswith("pman_jobs_waiting{")
+                and not line.endswith(" 0")}
+
+    lines = metrics()
+    assert waiting(lines) == {
+        'pman_jobs_waiting{group="gpu",reason="full"} 2',
+        'pman_jobs_waiting{group="gpu",reason="held"} 1',
+        'pman_jobs_waiting{group="cpu",reason="paused"} 1',
+        'pman_jobs_waiting{group="default",reason="after"} 1',
+        'pman_jobs_waiting{group="default",reason="begin"} 1',
+        'pman_jobs_waiting{group="default",reason="retry"} 1'}, lines
+    # every reason of the fixed set, for every group, zero included
+    for group in ("cpu", "default", "gpu"):
+        for reason in pman.METRIC_REASONS:
+            assert sum(line.startswith('pman_jobs_waiting{group="%s",reason="%s"} '
+                                       % (group, reason)) for line in lines) == 1
+    assert pman.METRIC_REASONS == ("after", "held", "paused", "full", "begin", "retry",
+                                   "resources")
+    groups = {line for line in lines if line.startswith(("pman_group_", "pman_paused"))}
+    assert groups == {
+        'pman_group_max_running{group="gpu"} 1',
+        'pman_group_paused{group="cpu"} 1', 'pman_group_paused{group="default"} 0',
+        'pman_group_paused{group="gpu"} 0',
+        'pman_group_running{group="cpu"} 0', 'pman_group_running{group="default"} 0',
+        'pman_group_running{group="gpu"} 1', 'pman_paused 0'}, lines
+    assert "# TYPE pman_jobs_waiting gauge" in lines
+    # a paused manager: every job free of its own conditions waits for it
+    assert srv.request("POST", "/api/v1/pause", {}).status == 200
+    lines = metrics()
+    assert 'pman_jobs_waiting{group="gpu",reason="paused"} 2' in lines
+    assert 'pman_jobs_waiting{group="cpu",reason="paused"} 1' in lines
+    assert 'pman_jobs_waiting{group="gpu",reason="held"} 1' in lines
+    assert 'pman_paused 1' in lines
+    # prometheus_client reads it all (where it is installed)
+    parsed = _ui_metrics(srv)
+    assert parsed[("pman_jobs_waiting", (("group", "gpu"), ("reason", "paused")))] == 2
 
 
 # ===========================================================================
