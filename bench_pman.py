@@ -2730,9 +2730,7 @@ def sec_dag(b):
     delays = [[], [], []]
     for r in range(rounds):
         # The DAG against the same jobs without dependencies, interleaved,
-        # in the reverse order every other round.  For the latter, with two
-        # slots taken in submission order, once the last two jobs ended
-        # every other had.
+        # in the reverse order every other round.
         for variant in ("dag", "flat")[::-1 if r % 2 else 1]:
             settle()
             if variant == "dag":
