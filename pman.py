@@ -3684,6 +3684,11 @@ class JobManager:
             except OSError as e:
                 self._sched.paused, self._sched.limits, self._sched.paused_groups = saved
                 raise StorageError(self._sched.path, e) from None
+            # Why the group's queued jobs wait has changed: the change feed
+            # says so (an operator's act, so a pass over the queue is fine).
+            for job in list(self._sched.queue.values()):
+                if name is None or job.get("group") == name:
+                    self._note_change(job.jid, NOTSTARTED)
             self.backend.wake()
             return self._sched.paused if name is None else self._sched.group(name)
 
