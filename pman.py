@@ -127,6 +127,7 @@ import atexit
 import base64
 import bisect
 import collections
+import contextlib
 import email.utils
 import errno
 import fcntl
@@ -462,7 +463,8 @@ def _check_env(env):
 _Spec = collections.namedtuple("_Spec", "jid cmd argv auid meta env cwd timeout extras sched")
 # The scheduling fields of a submission and their defaults (API.md).
 SCHED_DEFAULTS = {"after": [], "after_any": [], "group": DEFAULT_GROUP, "priority": 0,
-                  "begin": None, "hold": False, "retries": 0, "retry_delay": 1}
+                  "begin": None, "hold": False, "retries": 0, "retry_delay": 1,
+                  "cpus": 0, "memory": 0, "gpus": 0}
 _SPEC_KEYS = frozenset(("cmd", "jid", "auid", "meta", "env", "cwd", "timeout", "extras")
                        ) | frozenset(SCHED_DEFAULTS)
 GROUP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -528,11 +530,36 @@ def _check_jid_list(name, jids):
     return out
 
 
+def _check_request(name, value):
+    """A resource request: a whole number (MiB for memory), 0 for none."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 40:
+        raise InvalidArgument("%s must be a whole number%s, not %s" % (
+            name, " of MiB" if name == "memory" else "", _shown(value)))
+    return value
+
+
+def _pfcon_requests(extras):
+    """The requests that pfcon's limits in *extras* stand for: cpu_limit in
+    millicores (rounded up to whole CPUs), memory_limit in MiB, gpu_limit.
+    A limit that is not a number is left to the backend's checks."""
+    out = {}
+    for field, name, scale in (("cpu_limit", "cpus", 1000), ("memory_limit", "memory", 1),
+                               ("gpu_limit", "gpus", 1)):
+        value = (extras or {}).get(field)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                0 < value < 1 << 40):
+            out[name] = math.ceil(value / scale)
+    return out
+
+
 def _check_sched(after=None, after_any=None, group=None, priority=0, begin=None, hold=False,
-                 retries=0, retry_delay=1):
+                 retries=0, retry_delay=1, cpus=None, memory=None, gpus=None):
     """The scheduling fields of a submission that differ from their
     defaults, checked; InvalidArgument names the first bad one."""
-    sched = {}
+    sched = {"cpus": _check_request("cpus", cpus), "memory": _check_request("memory", memory),
+             "gpus": _check_request("gpus", gpus)}
     if after is not None:
         sched["after"] = _check_jid_list("after", after)
     if after_any is not None:
@@ -565,6 +592,9 @@ def _check_spec(cmd, *, jid=None, auid="", meta=None, env=None, cwd=None, timeou
     _Spec, or raise InvalidArgument.  A jid of None is generated later.
     *sched*: the scheduling fields (SCHED_DEFAULTS)."""
     argv, display = _check_cmd(cmd)
+    for name, value in _pfcon_requests(extras).items():
+        if sched.get(name) is None:
+            sched[name] = value
     sched = _check_sched(**sched)
     if auid is not None and not isinstance(auid, str):
         raise InvalidArgument("auid must be a string")
@@ -657,7 +687,8 @@ _FIELDS = ("jid", "status", "seq", "message", "returncode", "pid", "cmd", "argv"
 # with retries), `pending` (the [jid, any] dependencies not yet resolved),
 # `retry_at` (epoch seconds of the next attempt) and `waiting` (why a
 # queued job waits, as of the moment its line was made: see _Scheduler.why).
-_SCHED_FIELDS = tuple(SCHED_DEFAULTS) + ("attempts", "pending", "retry_at")
+_SCHED_FIELDS = tuple(SCHED_DEFAULTS) + ("attempts", "pending", "retry_at", "assigned",
+                                          "usage")
 _LINE_RE = re.compile(r'\{"jid": "([A-Za-z0-9._-]+)", "status": "(\w+)", "seq": (\d+),')
 
 
@@ -716,7 +747,8 @@ _FIELD_TYPES = {
     "kill_signal": {int, _NONE}, "kill_reason": {str, _NONE}, "backend_id": {str, _NONE},
     "after": {list}, "after_any": {list}, "group": {str}, "priority": {int},
     "begin": {str}, "hold": {bool}, "retries": {int}, "retry_delay": {int, float},
-    "attempts": {list}, "pending": {list}, "retry_at": {int, float}, "waiting": {str}}
+    "attempts": {list}, "pending": {list}, "retry_at": {int, float}, "waiting": {str},
+    "cpus": {int}, "memory": {int}, "gpus": {int}, "assigned": {dict}, "usage": {dict}}
 # backend_id was added after format 1 was out; the scheduling fields are
 # written only when they are not their defaults.
 _REQUIRED = frozenset(_FIELD_TYPES) - {"backend_id", "waiting"} - set(_SCHED_FIELDS)
@@ -1545,6 +1577,7 @@ class _Backend:
 
     name = "?"
     resend_window = 0.0     # see JobManager._deliver
+    local_resources = False     # its jobs use this machine's CPUs, memory, GPUs
     enforced = ()           # the pfcon limits it enforces (job objects list the rest)
 
     def open(self, state_dir, log_dir, log_path):
@@ -1620,6 +1653,23 @@ _BACKEND_METHODS = ("open", "admit", "start", "watch", "unwatch", "wait", "check
                     "recover", "recover_queued", "seq_floor", "idle", "wake", "close")
 
 
+@contextlib.contextmanager
+def _affinity(cores):
+    """Run the block with this thread pinned to *cores* (None: as it is):
+    a child spawned meanwhile starts with that mask, before any of its
+    code runs, and every process it starts inherits it.  Affinity is per
+    thread, so the rest of the manager is untouched."""
+    if not cores:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 class LocalBackend(_Backend):
     """Jobs as process groups on this machine (the default backend): each
     runs under one of three wrapper shells (_WRAP_SHELL, _WRAP_ARGV,
@@ -1628,6 +1678,7 @@ class LocalBackend(_Backend):
 
     name = "local"
     resend_window = RESEND_WINDOW
+    local_resources = True
 
     def open(self, state_dir, log_dir, log_path):
         self.log_path = log_path
@@ -1666,13 +1717,14 @@ class LocalBackend(_Backend):
             # the child (a manager started with SIGINT ignored must not pass
             # that on) without a preexec_fn, and returns once the child's
             # exec has begun (its command line may not be readable yet).
-            pid = os.posix_spawn(
-                "/bin/sh", _wrapped_argv(job, self._exits.path),
-                os.environ if env is None else env,
-                file_actions=[(os.POSIX_SPAWN_DUP2, stdout, 1),
-                              (os.POSIX_SPAWN_DUP2, stderr, 2),
-                              (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
-                setsid=True, setsigdef=_SIGDEF, setsigmask=())
+            with _affinity((job.assigned or {}).get("cpus")):
+                pid = os.posix_spawn(
+                    "/bin/sh", _wrapped_argv(job, self._exits.path),
+                    os.environ if env is None else env,
+                    file_actions=[(os.POSIX_SPAWN_DUP2, stdout, 1),
+                                  (os.POSIX_SPAWN_DUP2, stderr, 2),
+                                  (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
+                    setsid=True, setsigdef=_SIGDEF, setsigmask=())
             with self._reap_lock:
                 self._children.add(pid)
         finally:
@@ -1925,12 +1977,14 @@ class SlurmBackend(_PolledBackend):
             argv += ["--chdir", job.cwd]
         if self.partition:
             argv += ["--partition", self.partition]
-        extras = job.extras or {}
-        cpu, mem = extras.get("cpu_limit"), extras.get("memory_limit")
-        if isinstance(cpu, (int, float)) and not isinstance(cpu, bool) and cpu > 0:
-            argv.append("--cpus-per-task=%d" % math.ceil(cpu / 1000))
-        if isinstance(mem, (int, float)) and not isinstance(mem, bool) and mem > 0:
-            argv.append("--mem=%dM" % math.ceil(mem))
+        # SLURM admits, assigns and enforces these itself (pfcon's limits
+        # are mapped onto them at submission).
+        if job.get("cpus"):
+            argv.append("--cpus-per-task=%d" % job.cpus)
+        if job.get("memory"):
+            argv.append("--mem=%dM" % job.memory)
+        if job.get("gpus"):
+            argv.append("--gres=gpu:%d" % job.gpus)
         if job.timeout is not None:     # a backstop: pman kills at the timeout itself
             argv.append("--time=%d" % (math.ceil(job.timeout / 60) + 1))
         if env:     # NUL-separated: --export would split values on commas
@@ -2129,8 +2183,9 @@ class _ContainerSpec:
                                       "spaces at either end" % _shown(key))
 
     def _limits(self, extras):
-        """The run options of pfcon's resource fields (one container, no
-        GPU: the rest is refused)."""
+        """The run options of pfcon's resource fields (one container: more
+        workers are refused).  GPUs and cores are the manager's to assign
+        (see PodmanBackend.start)."""
         workers, gpus = extras.get("number_of_workers"), extras.get("gpu_limit")
         if workers is not None and (isinstance(workers, bool) or workers != 1):
             raise InvalidArgument("number_of_workers must be 1 on the podman backend (one "
@@ -2138,9 +2193,6 @@ class _ContainerSpec:
         if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, (int, float))
                                  or gpus < 0):
             raise InvalidArgument("gpu_limit must be a number, not %s" % _shown(gpus))
-        if gpus:
-            raise InvalidArgument("gpu_limit %s: the podman backend gives containers no "
-                                  "GPUs; send 0" % _shown(gpus))
         options = []
         for field, low in (("cpu_limit", 0), ("memory_limit", self.MIN_MEMORY)):
             value = extras.get(field)
@@ -2213,6 +2265,7 @@ class PodmanBackend(_PolledBackend):
     and ``output_dir`` are relative to."""
 
     name = "podman"
+    local_resources = True
     enforced = ("cpu_limit", "memory_limit", "gpu_limit", "number_of_workers")
     MIN_POLL, MAX_POLL = 0.1, 1.0
     COMMAND_TIMEOUT = 60.0
@@ -2355,6 +2408,11 @@ class PodmanBackend(_PolledBackend):
         args = ["run", "-d", "--name", name, "--pull=never", "--log-driver=passthrough",
                 "--label", "pman.state=" + self.tag, "--label", "pman.jid=" + job.jid,
                 "--label", "pman.seq=%d" % job.seq] + spec.options
+        assigned = job.assigned or {}
+        if assigned.get("cpus"):
+            args.append("--cpuset-cpus=" + ",".join(map(str, assigned["cpus"])))
+        for gpu in assigned.get("gpus", ()):   # CDI names of NVIDIA's container toolkit
+            args += ["--device", "nvidia.com/gpu=" + gpu]
         if job.cwd is not None:
             args.append("--workdir=" + job.cwd)
         env_file = self._env_file(job, job.env, "\n") if job.env else None
@@ -3025,23 +3083,171 @@ GROUPS_FILE = "groups.json"
 _MISSING = object()
 
 
+def _cgroup_dir(controller="memory"):
+    """The directory of this process's cgroup for *controller* (cgroup v1's
+    hierarchy of that name, else the v2 unified one), or None."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, names, path = line.split(":", 2)
+        if controller in names.split(","):
+            return "/sys/fs/cgroup/%s%s" % (controller, path.rstrip("/"))
+    for line in lines:
+        if line.startswith("0::"):
+            where = "/sys/fs/cgroup" + line[3:].rstrip("/")
+            if os.path.exists(os.path.join(where, "memory.max")):
+                return where
+    return None
+
+
+def _memory_capacity():
+    """MiB this process may use: the machine's memory, or its memory
+    cgroup's limit where that is smaller."""
+    total = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) // 1024
+    except (OSError, ValueError):
+        pass
+    where = _cgroup_dir()
+    for name in ("memory.limit_in_bytes", "memory.max"):
+        try:
+            with open(os.path.join(where or "/nonexistent", name)) as f:
+                limit = int(f.read()) // 1048576
+        except (OSError, ValueError):       # none, or "max"
+            continue
+        total = limit if total is None else min(total, limit)
+    return total or 0
+
+
+def _gpu_inventory():
+    """The GPU ids this process can see: CUDA_VISIBLE_DEVICES when set,
+    else what `nvidia-smi -L` lists, else none."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=10,
+                             universal_newlines=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return re.findall(r"^GPU (\d+):", out, re.M)
+
+
+def _plural(n, word):
+    return "%d %s%s" % (n, word, "" if n == 1 else "s")
+
+
+class _Capacity:
+    """What jobs' requests are admitted against: CPUs (core ids), memory
+    (MiB) and GPUs (ids), and which of them running jobs hold.  Guarded by
+    the manager's lock."""
+
+    def __init__(self, cpus=None, memory=None, gpus=None):
+        affinity = sorted(os.sched_getaffinity(0))
+        if cpus is None:
+            cores = affinity
+        elif isinstance(cpus, int) and not isinstance(cpus, bool):
+            if not 1 <= cpus <= len(affinity):
+                raise InvalidArgument("cpus must be from 1 to %d (this process may use CPUs "
+                                      "%s), not %d" % (len(affinity), affinity, cpus))
+            cores = affinity[:cpus]
+        elif isinstance(cpus, (list, tuple)) and cpus and all(
+                isinstance(c, int) and not isinstance(c, bool) and c in affinity for c in cpus):
+            cores = sorted(set(cpus))
+        else:
+            raise InvalidArgument("cpus must be a number of CPUs or a list of core ids of "
+                                  "this process's %s, not %s" % (affinity, _shown(cpus)))
+        if memory is None:
+            memory = _memory_capacity()
+        elif isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
+            raise InvalidArgument("memory must be a positive number of MiB, not %s"
+                                  % _shown(memory))
+        if gpus is None:
+            gpus = _gpu_inventory()
+        elif not isinstance(gpus, (list, tuple)) or not all(
+                isinstance(g, (str, int)) and not isinstance(g, bool) and str(g).strip()
+                for g in gpus) or len(set(map(str, gpus))) != len(gpus):
+            raise InvalidArgument("gpus must be a list of distinct GPU ids, not %s"
+                                  % _shown(gpus))
+        self.cpus, self.memory, self.gpus = cores, memory, [str(g) for g in gpus]
+        self.used_cpus, self.used_gpus, self.used_memory = set(), set(), 0
+
+    def __str__(self):
+        return "%s (%s), %d MiB of memory, %s" % (
+            _plural(len(self.cpus), "CPU"), ",".join(map(str, self.cpus)), self.memory,
+            "GPUs %s" % ",".join(self.gpus) if self.gpus else "no GPUs")
+
+    def free(self):
+        return (len(self.cpus) - len(self.used_cpus), self.memory - self.used_memory,
+                len(self.gpus) - len(self.used_gpus))
+
+    def never_fits(self, shape):
+        """Why a request of *shape* (cpus, memory, gpus) can never start
+        here, or None."""
+        if any(need > have for need, have in zip(shape, (len(self.cpus), self.memory,
+                                                         len(self.gpus)))):
+            return "the request (%s, %d MiB, %s) is more than the manager has: %s" % (
+                _plural(shape[0], "CPU"), shape[1], _plural(shape[2], "GPU"), self)
+        return None
+
+    def short_of(self, shape):
+        """What a request of *shape* lacks now ("needs 2 GPUs, 1 free"), or
+        None if it fits."""
+        for need, have, what in zip(shape, self.free(), ("CPU", "MiB", "GPU")):
+            if need > have:
+                return "needs %s, %d free" % (
+                    "%d MiB of memory" % need if what == "MiB" else _plural(need, what), have)
+        return None
+
+    def assign(self, shape):
+        """The cores and GPUs of its own for a request of *shape* that fits:
+        ``{"cpus": [ids], "gpus": [ids], "memory": MiB}``."""
+        cores = [c for c in self.cpus if c not in self.used_cpus][:shape[0]]
+        gpus = [g for g in self.gpus if g not in self.used_gpus][:shape[2]]
+        return {"cpus": cores, "gpus": gpus, "memory": shape[1]}
+
+    def hold(self, assigned):
+        if assigned:
+            self.used_cpus.update(assigned.get("cpus", ()))
+            self.used_gpus.update(assigned.get("gpus", ()))
+            self.used_memory += assigned.get("memory", 0)
+
+    def release(self, assigned):
+        if assigned:
+            self.used_cpus.difference_update(assigned.get("cpus", ()))
+            self.used_gpus.difference_update(assigned.get("gpus", ()))
+            self.used_memory -= assigned.get("memory", 0)
+
+
 class _Running(dict):
     """The manager's jid -> handed-over or running _Job, counting them by
-    group for the scheduler as they come and go."""
+    group and holding their assigned resources for the scheduler as they
+    come and go."""
 
-    def __init__(self, by_group):
+    def __init__(self, sched):
         super().__init__()
-        self.by_group = by_group
+        self.by_group, self.capacity = sched.running, sched.capacity
 
     def __setitem__(self, jid, job):
         self.pop(jid, None)
         dict.__setitem__(self, jid, job)
         self.by_group[job.get("group")] += 1
+        self.capacity.hold(job.assigned)
 
     def pop(self, jid, default=_MISSING):
         if jid in self:
             job = dict.pop(self, jid)
             self.by_group[job.get("group")] -= 1
+            self.capacity.release(job.assigned)
             return job
         if default is _MISSING:
             raise KeyError(jid)
@@ -3124,16 +3330,18 @@ class _Scheduler:
     while it is its job's `queued`.  Group limits and pauses are kept in
     GROUPS_FILE.  Guarded by the manager's lock."""
 
-    def __init__(self, path, max_running, entries):
+    def __init__(self, path, max_running, entries, capacity, local):
         self.path = os.path.join(path, GROUPS_FILE)
         self.max_running = max_running
+        self.capacity = capacity
+        self.local = local          # requests are admitted here (not SLURM's)
         self.entries = entries                  # the manager's jid -> entry
         self.queue = {}                         # jid -> queued _Job
         self.running = collections.Counter()    # group -> handed-over jobs
         self.paused = False
         self.limits = {}                        # group -> max_running (None: none)
         self.paused_groups = set()
-        self._ready = {}                        # group -> heap [-priority, seq, n, job]
+        self._ready = {}            # (group, shape) -> heap [-priority, seq, n, job]
         self._timed = []                        # heap [epoch, seq, n, job]
         self._after = {}                        # jid -> [jobs with it in `pending`]
         self._n = 0
@@ -3169,7 +3377,14 @@ class _Scheduler:
             heapq.heappush(self._timed, job.queued)
         else:
             job.queued = [-job.get("priority"), job.seq, self._n, job]
-            heapq.heappush(self._ready.setdefault(job.get("group"), []), job.queued)
+            heapq.heappush(self._ready.setdefault((job.get("group"), self.shape(job)), []),
+                           job.queued)
+
+    def shape(self, job):
+        """What *job* asks of this machine: (cpus, MiB, gpus)."""
+        if not self.local:
+            return (0, 0, 0)
+        return (job.get("cpus"), job.get("memory"), job.get("gpus"))
 
     @staticmethod
     def _due(job):
@@ -3209,25 +3424,33 @@ class _Scheduler:
 
     def next(self, running):
         """The queued job to start next, removed from the queue, or None:
-        the highest-priority, then oldest, ready job of a group neither
-        paused nor full, while the manager (*running* jobs) is neither."""
+        of the ready jobs of groups neither paused nor full, while the
+        manager (*running* jobs) is neither, the highest-priority, then
+        oldest, whose request fits.  The first in that order whose request
+        does not fit reserves it: a job behind it starts only within what
+        remains, so that a stream of small jobs never starves a large one.
+        A heap per group and request shape: its head stands for all of it."""
         if self.paused or (self.max_running is not None and running >= self.max_running):
             return None
-        best = None
-        for group in list(self._ready):
-            heap = self._ready[group]
+        heads = []
+        for key in list(self._ready):
+            heap = self._ready[key]
             while heap and heap[0] is not heap[0][3].queued:
                 heapq.heappop(heap)
             if not heap:
-                del self._ready[group]
-            elif group not in self.paused_groups and not self.full(group) and (
-                    best is None or heap[0] < best):
-                best = heap[0]
-        if best is None:
-            return None
-        heapq.heappop(self._ready[best[3].get("group")])
-        self.discard(best[3])
-        return best[3]
+                del self._ready[key]
+            elif key[0] not in self.paused_groups and not self.full(key[0]):
+                heads.append((heap[0], key))
+        free, reserved = self.capacity.free(), False
+        for entry, (group, shape) in sorted(heads, key=lambda h: h[0][:3]):
+            if all(need <= have for need, have in zip(shape, free)):
+                heapq.heappop(self._ready[group, shape])
+                self.discard(entry[3])
+                return entry[3]
+            if not reserved:
+                free = tuple(max(0, have - need) for need, have in zip(shape, free))
+                reserved = True
+        return None
 
     # -- why a job waits ---------------------------------------------------------
 
@@ -3259,6 +3482,9 @@ class _Scheduler:
             return "paused", "group %s paused" % group
         if self.full(group):
             return "full", "group %s full (%d running)" % (group, self.running[group])
+        short = self.capacity.short_of(self.shape(job))
+        if short:
+            return "resources", short
         return "full", "waiting for a free slot (%d running)" % sum(self.running.values())
 
     # -- groups and pauses -------------------------------------------------------
@@ -3370,7 +3596,12 @@ class JobManager:
     - ``strict``: refuse to start on a damaged state file instead of moving
       it aside;
     - ``backend``: where jobs run: ``"local"`` (the default), ``"slurm"``,
-      ``"podman"``, or a `LocalBackend`, `SlurmBackend` or `PodmanBackend`.
+      ``"podman"``, or a `LocalBackend`, `SlurmBackend` or `PodmanBackend`;
+    - ``cpus``, ``memory``, ``gpus``: the capacity that jobs' requests are
+      admitted against: a number of CPUs or a list of core ids (default:
+      this process's affinity), MiB (default: the machine's memory or its
+      cgroup's limit, the smaller), a list of GPU ids (default: from
+      ``CUDA_VISIBLE_DEVICES``, else ``nvidia-smi -L``, else none).
 
     Opening the same directory twice in one process returns the same
     manager (the options must agree).  Another process holding the
@@ -3391,10 +3622,12 @@ class JobManager:
 
     def __init__(self, state_dir=None, *, max_running=None, grace=DEFAULT_GRACE,
                  log_limit=None, keep_finished=None, env=None, on_end=None,
-                 durable=True, strict=False, backend="local"):
+                 durable=True, strict=False, backend="local", cpus=None, memory=None,
+                 gpus=None):
         options = dict(max_running=max_running, grace=grace, log_limit=log_limit,
                        keep_finished=keep_finished, env=env, on_end=on_end,
-                       durable=durable, strict=strict, backend=backend)
+                       durable=durable, strict=strict, backend=backend, cpus=cpus,
+                       memory=memory, gpus=gpus)
         with _registry_lock:
             if self._options is not None:
                 if options != self._options:
@@ -3416,6 +3649,7 @@ class JobManager:
             self.on_end = on_end
             self.durable = durable
             self.backend = _make_backend(backend)
+            self.capacity = _Capacity(cpus, memory, gpus)
             self.state_dir = self._path
             self.log_dir = os.path.join(self._path, "logs")
             self._logs = _JobLogs(self.log_dir)
@@ -3457,8 +3691,9 @@ class JobManager:
         self._listeners = self._feed.listeners      # the HTTP layer's long polls
         self._metrics = _Metrics()
         self._jobs = lines                  # jid -> _Job | line; submission order
-        self._sched = _Scheduler(self._path, self.max_running, self._jobs)
-        self._running = _Running(self._sched.running)  # jid -> handed-over _Job
+        self._sched = _Scheduler(self._path, self.max_running, self._jobs, self.capacity,
+                                 self.backend.local_resources)
+        self._running = _Running(self._sched)   # jid -> handed-over _Job
         self._settling = None               # ended jids whose dependents are due
         self._timers = _Timers()
         self._ended = []                    # jids for on_end, reaper only
@@ -3546,7 +3781,8 @@ class JobManager:
 
     def run(self, cmd, *, jid=None, auid="", meta=None, env=None, cwd=None,
             timeout=None, extras=None, after=None, after_any=None, group=None, priority=0,
-            begin=None, hold=False, retries=0, retry_delay=1):
+            begin=None, hold=False, retries=0, retry_delay=1, cpus=None, memory=None,
+            gpus=None):
         """Start a job and return its record (a dict snapshot).
 
         *cmd* is a shell command string, or a list of strings run as argv
@@ -3563,7 +3799,10 @@ class JobManager:
         with an offset, or epoch seconds) is the earliest start; *hold*
         queues it until `release`; *retries* runs a failed job again up to
         that many times, *retry_delay* (s) before the first retry, doubled
-        before each next one.
+        before each next one.  *cpus*, *memory* (MiB) and *gpus* ask for
+        resources: the job starts once they are free, on cores and GPUs of
+        its own, within its memory (see `Resources` in README.rst); pfcon's
+        limits in *extras* stand for them when they are not given.
 
         The job is spawned before this returns unless it waits (for a slot,
         a dependency, a time, a release): then it is queued, and the
@@ -3575,7 +3814,8 @@ class JobManager:
         spec = _check_spec(cmd, jid=jid, auid=auid, meta=meta, env=env, cwd=cwd,
                            timeout=timeout, extras=extras, after=after, after_any=after_any,
                            group=group, priority=priority, begin=begin, hold=hold,
-                           retries=retries, retry_delay=retry_delay)
+                           retries=retries, retry_delay=retry_delay, cpus=cpus, memory=memory,
+                           gpus=gpus)
         return self._submit([spec])[0]
 
     def run_many(self, specs):
@@ -4102,6 +4342,10 @@ class JobManager:
                 p[0], self._jobs[p[0]], p[1]) is not True]
             job.pending = pending or None
             edges[job.jid] = [jid for jid, _ in pending if jid in batch_jids]
+            too_big = self.capacity.never_fits(self._sched.shape(job))
+            if too_big:
+                error = InvalidArgument("cannot ever start: " + too_big)
+                raise (error._in_batch(index) if batch else error)
         cycle = _find_cycle(edges)
         if cycle:
             raise InvalidArgument("dependency cycle: %s" % " -> ".join(cycle))
@@ -4191,14 +4435,22 @@ class JobManager:
         job.ident = [None, _BOOT_ID]
         job.starting = True
         job.message = "starting"
+        shape = self._sched.shape(job)
+        job.assigned = self.capacity.assign(shape) if any(shape) else None
         self._running[job.jid] = job
 
     def _env_for(self, job):
-        if not (self.env or job.env):
+        """The job's environment, None for the manager's own.  Where the
+        manager has GPUs, a job sees only those assigned to it (none if it
+        asked for none), as under SLURM's --gres."""
+        gpus = self.capacity.gpus and self.backend.local_resources
+        if not (self.env or job.env or gpus):
             return None
         env = dict(os.environ)
         env.update(self.env or ())
         env.update(job.env or ())
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join((job.assigned or {}).get("gpus", ()))
         return env
 
     def _launch(self, jobs, submitter=False, refuse=False):
@@ -4293,7 +4545,7 @@ class JobManager:
             except StorageError as e:
                 log.warning("%s; queued jobs wait", e)
                 self._running.pop(job.jid)
-                job.starting, job.backend_id, job.ident = False, None, None
+                job.starting, job.backend_id, job.ident, job.assigned = False, None, None, None
                 job.message = "queued"
                 self._sched.add(job)
                 self._flush_soon(TIMER_RETRY)
@@ -4316,6 +4568,7 @@ class JobManager:
                         if self._jobs.get(job.jid) is not job:
                             continue    # withdrawn meanwhile
                         job.starting, job.backend_id, job.ident = False, None, None
+                        job.assigned = None
                         job.message = "queued"
                         self._sched.add(job)
                         self._persist(job)
@@ -4606,7 +4859,7 @@ class JobManager:
                 log.warning("cannot recover job %s now (%s): it stays as it was", job.jid, e)
                 seen = _Seen(RUNNING if job.status == STARTED else QUEUED)
             if seen.state == NEVER:          # never reached the backend
-                job.backend_id = job.ident = job.pid = None
+                job.backend_id = job.ident = job.pid = job.assigned = None
                 job.status, job.started = NOTSTARTED, None
                 job.message = "queued"
                 queued.append(job)
@@ -4673,6 +4926,8 @@ class JobManager:
             if key not in record:
                 record[key] = [] if default == [] else default
         record.setdefault("attempts", [])
+        record.setdefault("assigned", None)
+        record.setdefault("usage", None)
         if record["status"] != NOTSTARTED or "waiting" not in record:
             record["waiting"] = None
         return record
@@ -5774,7 +6029,16 @@ class _Routes:
                          "default": 0},
              "retry_delay": {"type": "number", "minimum": 0, "default": 1,
                              "description": "seconds before the first retry, doubled "
-                                            "before each next one"}},
+                                            "before each next one"},
+             "cpus": {"type": "integer", "minimum": 0, "default": 0,
+                      "description": "CPUs of its own (pfcon's cpu_limit, millicores, "
+                                     "stands for it when absent)"},
+             "memory": {"type": "integer", "minimum": 0, "default": 0,
+                        "description": "MiB, enforced where pman can make a cgroup "
+                                       "(pfcon's memory_limit stands for it when absent)"},
+             "gpus": {"type": "integer", "minimum": 0, "default": 0,
+                      "description": "GPUs of its own, in CUDA_VISIBLE_DEVICES (pfcon's "
+                                     "gpu_limit stands for it when absent)"}},
             **{name: {"description": "recorded; enforced (and image run) only by the "
                                      "podman backend"} for name in PFCON_FIELDS})}
     NO_FIELDS = {"type": "object", "additionalProperties": False, "properties": {},
