@@ -4172,6 +4172,10 @@ class JobManager:
         holds self._lock."""
         job.backend_id = ""
         job.ident = [None, _BOOT_ID]
+        # Journaled with the hand-over: a job a crash left mid-spawn is
+        # recorded as started then, not at its submission (which may come
+        # long before its begin time or its dependencies' end).
+        job.started = _now()
         job.starting = True
         job.message = "starting"
         self._running[job.jid] = job
@@ -4277,6 +4281,7 @@ class JobManager:
                 log.warning("%s; queued jobs wait", e)
                 self._running.pop(job.jid)
                 job.starting, job.backend_id, job.ident = False, None, None
+                job.started = None
                 job.message = "queued"
                 self._sched.add(job)
                 self._flush_soon(TIMER_RETRY)
@@ -4299,6 +4304,7 @@ class JobManager:
                         if self._jobs.get(job.jid) is not job:
                             continue    # withdrawn meanwhile
                         job.starting, job.backend_id, job.ident = False, None, None
+                        job.started = None
                         job.message = "queued"
                         self._sched.add(job)
                         self._persist(job)
