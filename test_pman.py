@@ -10539,7 +10539,7 @@ def _sched_check(ctx, plan, records, obs, events):
         if failed:
             words = (rec["message"] or "").split()
             if (not (rec["message"] or "").startswith("not started: dependency ")
-                    or words[3] not in failed):
+                    or len(words) < 4 or words[3] not in failed):
                 problems.append("%s: should say it did not start for one of %r" % (where, failed))
             if tries or seen:
                 problems.append("%s: ran %d times though dependency %r failed" % (
@@ -10587,7 +10587,7 @@ def _sched_check(ctx, plan, records, obs, events):
                         problems.append("%s: started at %.3f while %s was paused (%.3f to %.3f)"
                                         % (jid, s, "group " + target if target else "the manager",
                                            since, until))
-        for k in range(1, len(seen)):
+        for k in range(1, min(len(seen), len(ends[jid]), len(tries))):   # else reported above
             delay = spec.get("retry_delay", 1) * 2 ** (k - 1)
             gap = seen[k][2] - ends[jid][k - 1][2]
             rec_gap = tries[k][0] - tries[k - 1][1]
