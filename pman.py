@@ -3193,10 +3193,13 @@ class _Capacity:
     def never_fits(self, shape):
         """Why a request of *shape* (cpus, memory, gpus) can never start
         here, or None."""
-        if any(need > have for need, have in zip(shape, (len(self.cpus), self.memory,
-                                                         len(self.gpus)))):
-            return "the request (%s, %d MiB, %s) is more than the manager has: %s" % (
-                _plural(shape[0], "CPU"), shape[1], _plural(shape[2], "GPU"), self)
+        over = [("%s=%d (pfcon's %s)" % (name, need, pfcon))
+                for need, have, name, pfcon in zip(
+                    shape, (len(self.cpus), self.memory, len(self.gpus)),
+                    ("cpus", "memory", "gpus"), ("cpu_limit", "memory_limit", "gpu_limit"))
+                if need > have]
+        if over:
+            return "%s is more than the manager has: %s" % (" and ".join(over), self)
         return None
 
     def short_of(self, shape):
@@ -4433,6 +4436,10 @@ class JobManager:
         holds self._lock."""
         job.backend_id = ""
         job.ident = [None, _BOOT_ID]
+        # Journaled with the hand-over: a job a crash left mid-spawn is
+        # recorded as started then, not at its submission (which may come
+        # long before its begin time or its dependencies' end).
+        job.started = _now()
         job.starting = True
         job.message = "starting"
         shape = self._sched.shape(job)
@@ -4546,6 +4553,7 @@ class JobManager:
                 log.warning("%s; queued jobs wait", e)
                 self._running.pop(job.jid)
                 job.starting, job.backend_id, job.ident, job.assigned = False, None, None, None
+                job.started = None
                 job.message = "queued"
                 self._sched.add(job)
                 self._flush_soon(TIMER_RETRY)
@@ -4568,7 +4576,7 @@ class JobManager:
                         if self._jobs.get(job.jid) is not job:
                             continue    # withdrawn meanwhile
                         job.starting, job.backend_id, job.ident = False, None, None
-                        job.assigned = None
+                        job.assigned = job.started = None
                         job.message = "queued"
                         self._sched.add(job)
                         self._persist(job)
