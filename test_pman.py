@@ -2712,6 +2712,90 @@ def test_sched_a_damaged_groups_file_is_set_aside_with_a_message(core_make, tmp_
     assert [n for n in os.listdir(state) if n.startswith("groups.json.damaged-")]
 
 
+def test_resources_cpus_pin_a_job_and_its_children_to_cores_of_its_own(core_make, tmp_path):
+    """cpus=1 on a capacity of 2 cores: each job runs on one core (its
+    grandchildren too) that no other job holds; a third waits for one."""
+    m = core_make(cpus=2)
+    wait_x, gate = _sched_gate(tmp_path, "x")
+    probe = ("grep Cpus_allowed_list /proc/self/status; "
+             "sh -c 'grep Cpus_allowed_list /proc/self/status'; " + wait_x)
+    recs = [m.run(probe, jid="c%d" % i, cpus=1) for i in range(3)]
+    assert [r["status"] for r in recs] == ["started", "started", "notstarted"]
+    assert recs[2]["waiting"] == "needs 1 CPU, 0 free"
+    assert sorted(r["assigned"]["cpus"][0] for r in recs[:2]) == [0, 1]
+    gate.touch()
+    recs = m.wait(["c0", "c1", "c2"], timeout=20)
+    spans = [(_core_stamp(r["started"]), _core_stamp(r["ended"])) for r in recs]
+    for s, _ in spans:      # never three at once
+        assert sum(1 for s2, e2 in spans if s2 <= s < e2) <= 2
+    for r in recs:
+        core = r["assigned"]["cpus"]
+        assert len(core) == 1 and r["cpus"] == 1
+        assert m.read_log(r["jid"])["data"].decode().split() == [
+            "Cpus_allowed_list:", str(core[0])] * 2
+    assert sorted(os.sched_getaffinity(0)) == sorted(set(range(os.cpu_count())) &
+                                                     os.sched_getaffinity(0))
+
+
+def test_resources_gpus_of_an_inventory_are_given_out_exclusively(core_make, tmp_path):
+    m = core_make(gpus=["0", "1"])
+    wait_x, gate = _sched_gate(tmp_path, "x")
+    seen = tmp_path / "seen"
+    recs = [m.run("echo \"$CUDA_VISIBLE_DEVICES\" >> '%s'; %s" % (seen, wait_x),
+                  jid="g%d" % i, gpus=1) for i in range(4)]
+    assert [r["status"] for r in recs] == ["started"] * 2 + ["notstarted"] * 2
+    assert recs[3]["waiting"] == "needs 1 GPU, 0 free"
+    none = m.wait(m.run("echo \"[$CUDA_VISIBLE_DEVICES]\"", jid="none")["jid"], timeout=10)
+    assert m.read_log("none")["data"] == b"[]\n" and none["assigned"] is None
+    with pytest.raises(pman.InvalidArgument, match=r"gpus=3 \(pfcon's gpu_limit\) is more "
+                                                    r"than the manager has: .*GPUs 0,1"):
+        m.run("true", gpus=3)
+    gate.touch()
+    recs = m.wait(["g0", "g1", "g2", "g3"], timeout=20)
+    lines = seen.read_text().split()
+    assert sorted(lines) == ["0", "0", "1", "1"]
+    for r in recs:
+        assert len(r["assigned"]["gpus"]) == 1
+    spans = [(_core_stamp(r["started"]), _core_stamp(r["ended"]), r["assigned"]["gpus"][0])
+             for r in recs]
+    for s, e, gpu in spans:     # two jobs at once never hold one GPU
+        assert [g for s2, e2, g in spans if s2 < e and s < e2].count(gpu) == 1
+
+
+def test_resources_pfcon_limits_stand_for_requests(core_make, tmp_path):
+    m = core_make(cpus=1)
+    rec = m.run("true", extras={"cpu_limit": 1000, "memory_limit": 64, "gpu_limit": 0})
+    assert (rec["cpus"], rec["memory"], rec["gpus"]) == (1, 64, 0)
+    rec = m.run("true", cpus=0, extras={"cpu_limit": 500})
+    assert rec["cpus"] == 0
+    with pytest.raises(pman.InvalidArgument, match=r"cpus=2 \(pfcon's cpu_limit\)"):
+        m.run("true", extras={"cpu_limit": 1500})
+    for bad in (dict(cpus=-1), dict(memory=1.5), dict(gpus=True)):
+        with pytest.raises(pman.InvalidArgument, match="must be a whole number"):
+            m.run("true", **bad)
+    with pytest.raises(pman.InvalidArgument, match="cpus must be from 1 to"):
+        pman.JobManager(str(tmp_path / "other"), cpus=99)
+    with pytest.raises(pman.InvalidArgument, match="gpus must be a list of distinct"):
+        pman.JobManager(str(tmp_path / "other"), gpus=["0", "0"])
+    assert not (tmp_path / "other").exists()
+
+
+def test_resources_in_use_are_rebuilt_from_running_jobs_after_a_restart(core_make, tmp_path):
+    state = tmp_path / "state"
+    m = core_make(state, cpus=2)
+    wait_x, gate = _sched_gate(tmp_path, "x")
+    a = m.run(wait_x, jid="a", cpus=1)
+    m.close()
+    m = core_make(state, cpus=2)
+    b = m.run(wait_x, jid="b", cpus=1)
+    c = m.run(wait_x, jid="c", cpus=1)
+    assert b["assigned"]["cpus"] != a["assigned"]["cpus"]
+    assert c["status"] == "notstarted" and c["waiting"] == "needs 1 CPU, 0 free"
+    gate.touch()
+    m.wait(["a", "b", "c"], timeout=20)
+    assert m.run("true", jid="all", cpus=2)["status"] == "started"
+
+
 # ===========================================================================
 # 3. kill, timeouts and signals
 # ===========================================================================
