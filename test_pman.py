@@ -10124,6 +10124,29 @@ def test_slurm_limits_reach_sbatch(slurm_ctx):
     m.wait([jid, plain], timeout=_SLURM_DEADLINE)
 
 
+def test_slurm_requests_reach_sbatch_and_dependencies_wait_in_pman(slurm_ctx):
+    """cpus and memory become --cpus-per-task and --mem (SLURM admits them,
+    not pman's capacity: 64 CPUs on a 2-CPU manager is no refusal); gpus
+    becomes --gres=gpu:N, which this GPU-less cluster refuses; a job after
+    another is handed to sbatch only once that one succeeded."""
+    m = slurm_ctx.open()
+    big = slurm_ctx.jid("big")
+    rec = m.run("sleep 100", jid=big, cpus=2, memory=100)
+    fields = _slurm_job(rec["backend_id"])
+    assert (fields["CPUs/Task"], fields["MinMemoryNode"]) == ("2", "100M"), fields
+    m.kill(big)
+    with pytest.raises(pman.SubmitRejected, match="(?i)gres|generic resource"):
+        m.run("true", jid=slurm_ctx.jid("gpu"), gpus=1)
+    first, second = slurm_ctx.jid("first"), slurm_ctx.jid("second")
+    m.run("exit 3", jid=first)
+    rec = m.run("true", jid=second, after=[first])
+    assert rec["status"] == "notstarted" and rec["backend_id"] is None
+    done = m.wait(second, timeout=_SLURM_DEADLINE)
+    assert done["backend_id"] is None and done["returncode"] is None
+    assert done["message"] == "not started: dependency %s finished with error (exit 3)" % first
+    m.wait(big, timeout=_SLURM_DEADLINE)
+
+
 def test_slurm_job_ended_by_a_signal_is_minus_the_signal(slurm_ctx):
     """SLURM's ExitCode X:Y with a signal Y (here the batch shell sends
     itself SIGUSR2) gives returncode -Y."""
