@@ -131,6 +131,7 @@ import contextlib
 import email.utils
 import errno
 import fcntl
+import fnmatch
 import hashlib
 import heapq
 import math
@@ -189,6 +190,10 @@ PFCON_FIELDS = ("number_of_workers", "cpu_limit", "memory_limit", "gpu_limit",
                 "image", "type", "input_dir", "output_dir", "args_path_flags")
 
 DEFAULT_GRACE = 5.0
+# The signals that ask a job to end: a kill() of one is followed by SIGKILL
+# after the grace (SIGKILL itself is final).  Any other is sent once.
+ENDING_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGKILL})
+_SENT_RE = re.compile(r"; SIG[A-Z0-9+-]+ sent on request at \S+$")   # the last one only
 DEFAULT_GROUP = "default"   # the group of a job that names none
 STATE_FORMAT = 2           # snapshot lines carry a CRC-32; format 1 still loads
 SNAPSHOT = "state.jsonl"
@@ -3789,7 +3794,7 @@ class JobManager:
         """Start a job and return its record (a dict snapshot).
 
         *cmd* is a shell command string, or a list of strings run as argv
-        without a shell.  *jid* defaults to a generated id.  *env* (a dict,
+        without a shell.  *jid* defaults to a number ("12") no job has had.  *env* (a dict,
         or a list of "KEY=value") is merged over the manager's environment;
         *cwd* must exist; *timeout* (s) counts from the start; *meta* is
         any JSON object stored with the job; *extras* holds recorded-only
@@ -4014,11 +4019,17 @@ class JobManager:
 
     def kill(self, jid, signal=signal.SIGTERM, *, grace=None):
         """Send *signal* (a number or a name) to the job's process group and
-        return its record.  If the job is still running *grace* seconds
-        later (default: the manager's), the reaper sends SIGKILL.  A queued
-        job is cancelled; a finished job is left alone."""
+        return its record.  A signal that asks the job to end (TERM, INT,
+        QUIT) is followed by SIGKILL if the job is still running *grace*
+        seconds later (default: the manager's); SIGKILL is final.  Those
+        cancel a queued job; a finished job is left alone.  Any other
+        signal (STOP, CONT, HUP, USR1...) is sent once to a running job and
+        noted in its message, with no SIGKILL after it; a queued job raises
+        JobConflict."""
         sig = parse_signal(signal)
         grace = self.grace if grace is None else _check_number("grace", grace, False)
+        if sig not in ENDING_SIGNALS:
+            return self._send(jid, sig)
         with self._lock:
             job = self._active(jid)
             kill = None
@@ -4040,6 +4051,30 @@ class JobManager:
                     job.kill_signal, job.kill_reason = kill.previous
                     self._persist(job)
             raise
+        return record
+
+    def _send(self, jid, sig):
+        """`kill` of a signal that does not ask the job to end: sent once,
+        never a kill of the record (the job's own end is what it records)."""
+        name = signal_name(sig)
+        with self._lock:
+            job = self._active(jid)
+            if job is not None:
+                self._refresh(job)
+            if job is not None and (self._running.get(jid) is not job or job.starting):
+                raise JobConflict(jid, "job %s is %s: %s is sent only to a running job"
+                                  % (jid, "queued" if jid not in self._running else
+                                     "being started", name))
+        if job is None or not self.backend.signal(job, sig):
+            with self._lock:
+                return self._public(_record(self._jobs[jid]))
+        with self._lock:
+            if self._running.get(jid) is job:
+                job.message = "%s; %s sent on request at %s" % (
+                    _SENT_RE.sub("", job.message or "running"), name, _now())
+                self._persist(job)
+            record = self._public(_record(self._jobs[jid]))
+        log.info("job %s: %s sent on request", jid, name)
         return record
 
     def remove(self, jid, *, kill=False):
@@ -4302,10 +4337,12 @@ class JobManager:
         for index, spec in enumerate(specs):
             jid = spec.jid
             if jid is None:
-                jid = "job-%d-%d" % (seq, os.getpid())
-                while jid in self._jobs or jid in given or jid in taken:
+                # The seq, as pueue and task-spooler number jobs: short, and
+                # never given twice (the state keeps the next seq for good);
+                # one a client chose is skipped, never replaced.
+                while str(seq) in self._jobs or str(seq) in given or str(seq) in taken:
                     seq += 1
-                    jid = "job-%d-%d" % (seq, os.getpid())
+                jid = str(seq)
             where = "batch index %d: " % index if batch else ""
             if jid in taken:
                 raise JobConflict(jid, "%sjid %s is given twice in the batch (also at "
@@ -5969,7 +6006,9 @@ class _Routes:
          "bytes themselves (application/octet-stream, at most 1 MiB), their offsets and "
          "eof in the Pman-Offset, Pman-Next-Offset and Pman-Eof headers"),
         ("POST", r"/api/v1/(?P<jid>[^/]+)/kill", "/api/v1/{jid}/kill", _Api.route_kill,
-         "Signal a job, SIGKILL after grace; 202"),
+         "Signal a job; 202.  After TERM (the default), INT or QUIT, SIGKILL follows "
+         "grace seconds later; KILL is final; any other signal (STOP, CONT, USR1...) is "
+         "sent once to a running job, never escalated (409 for a queued job)"),
         ("POST", r"/api/v1/(?P<jid>[^/]+)/hold", "/api/v1/{jid}/hold", _Api.route_hold,
          "Hold a queued job: it does not start until released; 200 with the job object, "
          "409 if the job is not queued"),
@@ -7160,10 +7199,11 @@ def make_server(manager, host="127.0.0.1", port=5010, *, token=None,
 # The command line: the server
 # ---------------------------------------------------------------------------
 
-# `pman` alone, or starting with an option, is the server, as the original's
-# command line was (`pman --raw 1 --http --port 5010 --listeners 12`); `pman
-# serve` is the explicit form.  Every other subcommand is a client speaking
-# HTTP to --url, so the command line and curl see the same server.
+# `pman serve` is the server, and so is `pman` followed by an option (but
+# --help), as the original's command line was (`pman --raw 1 --http --port
+# 5010 --listeners 12`).  `pman` alone shows the queue, as pueue and
+# task-spooler do.  Every other subcommand is a client speaking HTTP to
+# --url, so the command line and curl see the same server.
 
 DEFAULT_URL = "http://127.0.0.1:5010"
 CLIENT_TIMEOUT = 30.0       # seconds a reply may take, beyond a long poll's wait
@@ -7172,6 +7212,7 @@ CLIENT_WAIT = 30.0          # seconds per long poll of a waiting client
 FOLLOW_POLL = (0.02, 0.25)  # a log follower's sleep when nothing is new: first, largest
 PROGRESS_EVERY = 0.5        # seconds between updates of wait's progress line
 START_TIMEOUT = 10.0        # seconds --start-server waits for the server to answer
+STOP_TIMEOUT = 30.0         # seconds shutdown waits for the server to stop answering
 
 # Exit statuses: one table, README.rst "Exit statuses".  2 is wait's
 # timeout, so a usage error is 64 (EX_USAGE), not argparse's 2.
@@ -7207,9 +7248,9 @@ def _serve_parser(prog="pman"):
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve a pman job manager over HTTP (both the original command "
         "dialect and the resource dialect under /api/v1).",
-        epilog="example:\n  %s --port 5010 --max-running 4\n\n"
-        "client commands (each has --help): pman run | ls | show | logs | wait | kill | rm"
-        % prog)
+        epilog="example:\n  %s --port 5010 --max-running 4 &\n  pman shutdown"
+        "                 # stops it; running jobs keep running\n\n"
+        "the client's commands: pman --help" % prog)
     p.add_argument("--http", action="store_true",
                    help="serve HTTP (the default; accepted for old start scripts)")
     p.add_argument("--ip", "--host", dest="host", default="127.0.0.1",
@@ -7609,13 +7650,24 @@ def _print_json(obj):
 # ---------------------------------------------------------------------------
 
 def _cmd_run(client, args):
-    if not args.command:
+    if not args.command and args.entrypoint is None:
         raise _ClientError("give the command after --, e.g. pman run -- make test", EXIT_USAGE)
+    return _submitted(client, args, _run_body(client, args))
+
+
+def _submitted(client, args, body):
+    """Submit *body* (run, restart), then print the jid, follow the job or
+    wait for it as *args* say; return the exit status."""
     if args.follow and (args.json or args.wait):
         raise _ClientError("--follow already waits; it prints the job's output, not JSON",
                            EXIT_USAGE)
-    body = _run_body(client, args)
-    job = client.json("POST", "/", body=body, expect=(201,))
+    try:
+        job = client.json("POST", "/", body=body, expect=(201,))
+    except _ClientError as e:
+        if "'image' is required" not in str(e):
+            raise
+        raise _ClientError("%s; give it as pman run --image IMAGE -- CMD" % e, e.code,
+                           e.http_status) from None
     jid = job["jid"]
     lost = sorted(set(job.get("ignored_fields") or ()) & set(body))
     if lost:            # a server that predates scheduling queues it as a plain job
@@ -7631,6 +7683,9 @@ def _cmd_run(client, args):
         return _exit_with_job(client.job(jid))
     if not args.json:
         print(jid, flush=True)
+        if not args.wait and sys.stdout.isatty() and sys.stderr.isatty():
+            print("pman: follow it with: pman logs -f %s   (pman show %s, pman wait %s)"
+                  % (jid, jid, jid), file=sys.stderr)
     while args.wait and job["status"] in ACTIVE:
         job = client.job(jid, wait=CLIENT_WAIT)
     if args.json:
@@ -7642,7 +7697,9 @@ def _run_body(client, args):
     """The POST body of `pman run` *args*."""
     command = args.command
     body = {}
-    if len(command) == 1:
+    if args.entrypoint is not None:
+        body["entrypoint"], body["args"] = [args.entrypoint], command
+    elif len(command) == 1:
         body["cmd"] = command[0]                # one string: a shell command
     else:
         body["entrypoint"], body["args"] = command[:1], command[1:]
@@ -7650,15 +7707,18 @@ def _run_body(client, args):
         body["jid"] = _checked_jids([args.jid])[0]
     if args.auid is not None:
         body["auid"] = args.auid
-    if args.env:
-        body["env"] = args.env
-        _key_values(args.env, "--env")
+    env = _env_arg(args.env, args.env_from_client)
+    if env:
+        body["env"] = ["%s=%s" % pair for pair in env.items()]
+    for name in _RUN_PFCON:
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
     meta = _key_values(args.meta, "--meta")
     if meta:
         body["meta"] = meta
     if args.cwd is not None:
         body["cwd"] = os.path.abspath(args.cwd)
-    elif _is_loopback(client.host):
+    elif _is_loopback(client.host) and args.image is None:  # a container: the image's
         try:
             body["cwd"] = os.getcwd()   # where the user is, as with tsp and pueue
         except OSError:
@@ -7677,6 +7737,38 @@ def _run_body(client, args):
     if args.hold:
         body["hold"] = True
     return body
+
+
+# The pfcon fields `pman run` sends (the podman backend acts on them).
+_RUN_PFCON = ("image", "type", "cpu_limit", "memory_limit", "input_dir", "output_dir")
+# What --env-from-client never copies (fnmatch patterns of upper-cased names).
+CLIENT_ENV_DENY = ("*TOKEN*", "*SECRET*", "*PASSWORD*", "PMAN_*")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_arg(items, from_client):
+    """The job's env of `run --env` *items* (K=V, or NAME: the client's
+    value) over, with *from_client*, the client's environment but for
+    CLIENT_ENV_DENY."""
+    env = {}
+    if from_client:
+        env = {k: v for k, v in os.environ.items()
+               if not any(fnmatch.fnmatchcase(k.upper(), p) for p in CLIENT_ENV_DENY)}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            if not _ENV_NAME_RE.fullmatch(key):
+                raise _ClientError("--env takes KEY=VALUE, or the NAME of a variable of this "
+                                   "shell to copy, not %r" % item, EXIT_USAGE)
+            if key not in os.environ:
+                raise _ClientError("--env %s copies %s from this shell, which has no such "
+                                   "variable (export it, or give %s=VALUE)" % (key, key, key),
+                                   EXIT_USAGE)
+            value = os.environ[key]
+        elif not key:
+            raise _ClientError("--env must be KEY=VALUE, not %r" % item, EXIT_USAGE)
+        env[key] = value
+    return env
 
 
 _RELATIVE_RE = re.compile(r"\+([0-9]+(?:\.[0-9]+)?)([smhd])")
@@ -7704,9 +7796,30 @@ def _begin_arg(text):
     return value
 
 
-# ls: the columns, and the colour of each status on a terminal.
+# ls: the columns, and the colour and word of each status on a terminal.
 _LS_HEAD = ("JID", "STATUS", "RC", "STARTED", "DURATION", "WAITING", "COMMAND")
 _COLOURS = {STARTED: "33", SUCCESS: "32", ERROR: "31", UNDEFINED: "35"}
+STATUS_WORDS = {NOTSTARTED: "queued", STARTED: "running", SUCCESS: "succeeded",
+                ERROR: "failed", UNDEFINED: "undefined"}
+# What a status filter of the command line takes (any case): pman's five
+# statuses, and the words a person types.
+STATUS_ALIASES = dict({s.lower(): s for s in STATUSES}, queued=NOTSTARTED,
+                      waiting=NOTSTARTED, running=STARTED, succeeded=SUCCESS,
+                      success=SUCCESS, ok=SUCCESS, failed=ERROR)
+
+
+def _statuses_arg(text):
+    """The statuses of a --status S,... argument."""
+    out = []
+    for word in text.split(","):
+        status = STATUS_ALIASES.get(word.strip().lower())
+        if status is None:
+            raise _ClientError("unknown status %r: give queued (or waiting), running, "
+                               "succeeded (success, ok), failed, undefined, or pman's own %s"
+                               % (word, ", ".join(STATUSES)), EXIT_USAGE)
+        if status not in out:
+            out.append(status)
+    return out
 
 
 # What a terminal would act on rather than show: C0, DEL and C1 controls (U+009B
@@ -7741,13 +7854,14 @@ def _duration(job, now):
     return "%dd%02dh" % (s // 86400, s % 86400 // 3600)
 
 
-def _table(jobs, colour, width):
+def _table(jobs, colour, width, words=None):
     """The rows of `pman ls`, columns aligned, the command cut to *width*
-    (None: never cut); WAITING only when a job in the list waits."""
+    (None: never cut), statuses as *words* says (None: pman's own);
+    WAITING only when a job in the list waits."""
     now = _wall()
     today = datetime.now().astimezone().date()
     rows = [_LS_HEAD] + [(
-        job["jid"], job["status"], "-" if job["returncode"] is None else str(job["returncode"]),
+        job["jid"], (words or {}).get(job["status"], job["status"]), "-" if job["returncode"] is None else str(job["returncode"]),
         _local_time(job.get("started"), today), _duration(job, now),
         _one_line(job.get("waiting") or "-"), _one_line(job["cmd"]))
         for job in jobs]
@@ -7761,9 +7875,9 @@ def _table(jobs, colour, width):
         line = "  ".join(cells + [row[-1]])
         if width is not None and len(line) > width:
             line = line[:max(width - 1, sum(widths) + 2 * len(widths))] + "…"
-        if colour and n and row[1] in _COLOURS:
+        if colour and n and jobs[n - 1]["status"] in _COLOURS:
             start = widths[0] + 2
-            line = "%s\x1b[%sm%s\x1b[0m%s" % (line[:start], _COLOURS[row[1]],
+            line = "%s\x1b[%sm%s\x1b[0m%s" % (line[:start], _COLOURS[jobs[n - 1]["status"]],
                                               line[start:start + widths[1]],
                                               line[start + widths[1]:])
         lines.append(line)
@@ -7785,7 +7899,7 @@ def _jobs(client, query, every):
 def _cmd_ls(client, args):
     query = {"order": "newest", "limit": MAX_PAGE if args.all else args.limit}
     if args.status:
-        query["status"] = args.status
+        query["status"] = ",".join(_statuses_arg(args.status))
     if args.auid is not None:
         query["auid"] = args.auid
     for key, value in _key_values(args.meta, "--meta").items():
@@ -7799,7 +7913,8 @@ def _cmd_ls(client, args):
     tty = sys.stdout.isatty()
     colour = tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
     width = shutil.get_terminal_size().columns if tty or os.environ.get("COLUMNS") else None
-    sys.stdout.write("\n".join(_table(jobs, colour, width)) + "\n")
+    words = STATUS_WORDS if tty else None
+    sys.stdout.write("\n".join(_table(jobs, colour, width, words)) + "\n")
     return EXIT_OK
 
 
@@ -7893,7 +8008,11 @@ def _cmd_logs(client, args):
 
 
 def _cmd_wait(client, args):
-    jids = _checked_jids(list(dict.fromkeys(args.jids)))
+    if args.jids:
+        jids = _checked_jids(list(dict.fromkeys(args.jids)))
+    else:           # every job queued or running now
+        active, _ = _jobs(client, {"status": ",".join(ACTIVE), "limit": MAX_PAGE}, True)
+        jids = [job["jid"] for job in active]
     deadline = _time() + (float("inf") if args.timeout is None else args.timeout)
     tty = sys.stderr.isatty()
     started = _time()
@@ -7969,15 +8088,39 @@ def _each(jids, act):
 
 def _cmd_kill(client, args):
     body = {}
+    sig = signal.SIGTERM
     if args.signal is not None:
+        try:
+            sig = parse_signal(args.signal)
+        except InvalidArgument as e:
+            raise _ClientError(str(e), EXIT_USAGE) from None
         body["signal"] = args.signal
     if args.grace is not None:
         body["grace"] = args.grace
-    code, jobs = _each(args.jids, lambda jid: client.json("POST", "/%s/kill" % jid,
-                                                          body=body, expect=(202,)))
+
+    def kill(jid):
+        job = client.json("POST", "/%s/kill" % jid, body=body, expect=(202,))
+        if not (args.quiet or args.json):
+            print(_killed_line(job, sig, args.grace), flush=True)
+        return job
+
+    code, jobs = _each(args.jids, kill)
     if args.json:
         _print_json(jobs)
     return code
+
+
+def _killed_line(job, sig, grace):
+    """What `pman kill` did to *job* (its record as the kill left it)."""
+    jid, name = job["jid"], signal_name(sig)
+    if job["status"] not in ACTIVE:
+        if job["message"].startswith("cancelled before it started"):
+            return "%s: cancelled (it was queued)" % jid
+        return "%s: had already ended (%s), nothing sent" % (jid, job["status"])
+    if sig not in ENDING_SIGNALS or sig == signal.SIGKILL:
+        return "%s: %s sent" % (jid, name)
+    return "%s: %s sent; SIGKILL follows after %s if it still runs" % (
+        jid, name, "the server's grace" if grace is None else "%g s" % grace)
 
 
 def _cmd_rm(client, args):
@@ -7991,8 +8134,85 @@ def _cmd_rm(client, args):
                 raise
             raise _ClientError("job %s is queued or running: pman rm --kill %s kills it "
                                "first" % (jid, jid), http_status=409) from None
+        if not args.quiet:
+            print("%s: removed" % jid, flush=True)
 
     return _each(args.jids, remove)[0]
+
+
+# What `pman restart` carries over from the finished job (the command too).
+_RESTART_FIELDS = ("auid", "cwd", "timeout", "meta", "group", "priority", "retries",
+                   "retry_delay") + PFCON_FIELDS
+
+
+def _cmd_restart(client, args):
+    jid = _checked_jids([args.jid])[0]
+    job = client.json("GET", "/%s/" % jid)
+    if job["status"] in ACTIVE:
+        raise _ClientError("job %s is %s: only a finished job is restarted (pman kill %s, "
+                           "or pman wait %s, first)" % (jid, job["status"], jid, jid))
+    body = {"jid": jid}
+    if job.get("argv"):
+        body["entrypoint"], body["args"] = job["argv"][:1], job["argv"][1:]
+    else:
+        body["cmd"] = job["cmd"]
+    for key in _RESTART_FIELDS:
+        if job.get(key) not in (None, "", [], {}):
+            body[key] = job[key]
+    # The server shows an env's names, never its values: they come again.
+    env = _env_arg(args.env, False)
+    missing = [name for name in job.get("env") or () if name not in env]
+    if missing:
+        raise _ClientError("job %s had env %s, whose values the server does not show: give "
+                           "them again, e.g. pman restart %s --env %s=... (or --env %s to "
+                           "copy this shell's)" % (jid, ", ".join(missing), jid, missing[0],
+                                                   missing[0]), EXIT_USAGE)
+    if env:
+        body["env"] = ["%s=%s" % pair for pair in env.items()]
+    return _submitted(client, args, body)
+
+
+def _cmd_clean(client, args):
+    statuses = _statuses_arg(args.status) if args.status else [SUCCESS, ERROR, UNDEFINED]
+    if any(status in ACTIVE for status in statuses):
+        raise _ClientError("clean forgets finished jobs only, never queued or running ones "
+                           "(pman rm --kill JID kills one and forgets it)", EXIT_USAGE)
+    jobs, _ = _jobs(client, {"status": ",".join(statuses), "limit": MAX_PAGE}, True)
+    forgotten = []
+
+    def remove(jid):
+        try:
+            client.request("DELETE", "/%s/" % jid, query={"kill": "0"}, expect=(204,))
+            forgotten.append(jid)
+        except _ClientError as e:
+            if e.http_status != 404:    # 404: removed meanwhile
+                raise
+
+    code = _each([job["jid"] for job in jobs], remove)[0]
+    if not args.quiet:
+        print("forgot %d finished job%s" % (len(forgotten), "" if len(forgotten) == 1
+                                            else "s"))
+    return code
+
+
+def _cmd_shutdown(client, args):
+    client.json("POST", "/cmd/", body={"action": "quit"})
+    client.close()
+    deadline = _time() + STOP_TIMEOUT
+    while True:
+        try:
+            socket.create_connection((client.host, client.port), timeout=1).close()
+        except OSError:
+            break
+        if _time() > deadline:
+            raise _ClientError("the server at %s still answers %g s after it was asked to "
+                               "stop" % (client.url, STOP_TIMEOUT))
+        _sleep(0.02)
+    if not args.quiet:
+        print("pman: the server at %s has stopped; its running jobs keep running, and the "
+              "next server on its state directory takes them back" % client.url,
+              file=sys.stderr)
+    return EXIT_OK
 
 
 def _cmd_job_action(client, args):
@@ -8074,30 +8294,42 @@ def _client_parser():
     common.add_argument("--token-file", default=None,
                         help="send the bearer token read from this file (default "
                         "$PMAN_TOKEN)")
-    p = _Parser(prog="pman", formatter_class=fmt,
-                description="Client commands of pman; `pman` alone (or `pman serve`) serves.")
+    p = _Parser(prog="pman", formatter_class=fmt, usage="pman [COMMAND] [options]",
+                description="pman runs shell jobs through a server (pman serve) and keeps "
+                "their exit codes\nacross crashes.  `pman` alone lists the queue.",
+                epilog=_CLIENT_EPILOG)
+    p.add_argument("--version", action="version", version="pman " + __version__)
     sub = p.add_subparsers(dest="subcommand", metavar="COMMAND")
+    sub.add_parser("serve", add_help=False,
+                   help="Start the server (its options: pman serve --help).")
 
     def add(name, summary, example):
         return sub.add_parser(name, parents=[common], help=summary, description=summary,
                               epilog="example:\n" + example, formatter_class=fmt)
 
     s = add("run", "Submit a job and print its jid.",
-            "  pman run -- make test                      # one string: a shell command\n"
+            "  pman run -- 'make test && echo ok'        # one argument: a shell command\n"
             "  pman run --jid build-1 -- ls -l /tmp        # several: argv, no shell\n"
             "  pman run --wait -- 'sleep 1; exit 3'; echo $?     # 3\n"
-            "  pman run --follow --env GREETING=hi -- 'echo $GREETING'\n"
+            "  pman run --follow --env GREETING=hi --env HOME -- 'echo $GREETING $HOME'\n"
             "  pman run --after build-1 --group gpu --retries 2 -- ./test.sh\n"
-            "  pman run --begin +10m --priority 5 -- ./nightly.sh")
-    s.add_argument("--jid", help="the job id (default: generated)")
-    s.add_argument("--env", action="append", metavar="K=V",
-                   help="set a variable for the job (repeatable)")
+            "  pman run --begin +10m --priority 5 -- ./nightly.sh\n"
+            "  pman run --image localhost/busybox:test -- 'echo hi'   # the podman backend\n\n"
+            "The job gets the server's environment, not this shell's, plus --env.")
+    s.add_argument("--jid", help="the job id (default: a number no job has had)")
+    s.add_argument("--env", action="append", metavar="K=V|NAME",
+                   help="set a variable for the job; a NAME alone copies this shell's "
+                   "value (repeatable)")
+    s.add_argument("--env-from-client", action="store_true",
+                   help="copy this shell's whole environment but names matching %s "
+                   "(any case); --env goes over it" % ", ".join(CLIENT_ENV_DENY))
     s.add_argument("--cwd", help="working directory (default: the current one when "
                    "the server is on this machine, else the server's)")
     s.add_argument("--timeout", type=float, metavar="S", help="kill the job after S seconds")
     s.add_argument("--meta", action="append", metavar="K=V",
                    help="a metadata string to store with the job (repeatable)")
-    s.add_argument("--auid", help="the owner's user id to record")
+    s.add_argument("--auid", help="who the job is for (a user id), recorded and "
+                   "filtered on (ls --auid); pman checks nothing about it")
     s.add_argument("--wait", action="store_true",
                    help="wait for the job and exit with its exit code (128+N for signal N)")
     s.add_argument("--follow", "-f", action="store_true",
@@ -8127,13 +8359,29 @@ def _client_parser():
     s.add_argument("--retry-delay", type=float, metavar="S",
                    help="seconds before the first retry, doubling before each next one "
                    "(default 1)")
-    s.add_argument("command", nargs="*", help="after --: a shell string, or argv")
+    c = s.add_argument_group("containers (the podman backend; pfcon's fields)")
+    c.add_argument("--image", help="the image to run the job in (required there)")
+    c.add_argument("--entrypoint", metavar="PROG",
+                   help="the program to run; the words after -- are its arguments")
+    c.add_argument("--cpu-limit", type=int, metavar="MILLICORES")
+    c.add_argument("--memory-limit", type=int, metavar="MIB")
+    c.add_argument("--type", choices=("fs", "ds", "ts"),
+                   help="a ChRIS plugin's type: outgoing (and incoming) directories follow")
+    c.add_argument("--input-dir", metavar="DIR",
+                   help="mounted read-only at /share/incoming (under the server's --storebase)")
+    c.add_argument("--output-dir", metavar="DIR",
+                   help="mounted at /share/outgoing (under the server's --storebase)")
+    s.add_argument("command", nargs="*", help="after --: one shell string, or an argv of "
+                   "several words run without a shell")
 
     s = add("ls", "List jobs, newest first (one page; --all for every job).",
-            "  pman ls\n  pman ls --status started,notstarted --meta project=p1\n"
+            "  pman ls\n  pman ls --status running,queued --meta project=p1\n"
+            "  pman ls --status failed\n"
             "  pman ls --all --json | python3 -m json.tool")
-    s.add_argument("--status", metavar="S,...", help="only jobs in these statuses "
-                   "(notstarted, started, finishedSuccessfully, finishedWithError, undefined)")
+    s.add_argument("--status", metavar="S,...", help="only jobs in these statuses: queued "
+                   "(or waiting), running, succeeded (success, ok), failed, undefined, or "
+                   "pman's own (notstarted, started, finishedSuccessfully, "
+                   "finishedWithError); on a terminal the table shows the short words")
     s.add_argument("--auid", help="only jobs of this auid")
     s.add_argument("--meta", action="append", metavar="K=V",
                    help="only jobs whose meta key K is V (repeatable)")
@@ -8161,27 +8409,62 @@ def _client_parser():
                    help="start at byte N (default 0)")
 
     s = add("wait", "Wait until jobs end: 0 all succeeded, 1 some failed, 2 timeout.",
-            "  pman wait build-1 test-1 test-2 --timeout 600 && echo all good")
-    s.add_argument("jids", nargs="+", metavar="JID")
+            "  pman wait build-1 test-1 test-2 --timeout 600 && echo all good\n"
+            "  pman wait                 # every job queued or running now")
+    s.add_argument("jids", nargs="*", metavar="JID",
+                   help="the jobs (default: every job queued or running now)")
     s.add_argument("--timeout", type=float, metavar="S",
                    help="give up after S seconds (exit 2)")
     s.add_argument("--json", action="store_true",
                    help="print the job objects as JSON at the end")
 
-    s = add("kill", "Signal jobs; SIGKILL follows after the grace period.",
-            "  pman kill build-1\n  pman kill --signal INT --grace 30 build-1 test-1")
+    s = add("kill", "Signal jobs: end them (SIGKILL follows after the grace), or send "
+            "another signal once.",
+            "  pman kill build-1\n  pman kill --signal INT --grace 30 build-1 test-1\n"
+            "  pman kill -s STOP build-1; pman kill -s CONT build-1   # pause, go on\n\n"
+            "TERM (the default), INT and QUIT ask a job to end: SIGKILL follows after the\n"
+            "grace if it still runs, and the job is recorded as killed; KILL is final.  A\n"
+            "queued job is cancelled.  Any other signal (STOP, CONT, TSTP, HUP, USR1, ...)\n"
+            "is sent once to a running job, with no SIGKILL after it.  One line per job\n"
+            "says what was done.")
     s.add_argument("jids", nargs="+", metavar="JID")
     s.add_argument("--signal", "-s", metavar="SIG",
-                   help="a name or number (default SIGTERM)")
+                   help="a name (TERM, SIGTERM) or number (default TERM)")
     s.add_argument("--grace", type=float, metavar="S",
                    help="seconds before SIGKILL (default: the server's)")
     s.add_argument("--json", action="store_true", help="print the job objects as JSON")
+    s.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
 
     s = add("rm", "Forget finished jobs and delete their logs.",
             "  pman rm build-1\n  pman rm --kill stuck-1           # kill it first if it runs")
     s.add_argument("jids", nargs="+", metavar="JID")
     s.add_argument("--kill", action="store_true",
                    help="kill a queued or running job first (else it is an error)")
+    s.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+
+    s = add("restart", "Run a finished job again: the same command, environment, cwd and "
+            "options; the record keeps the earlier run.",
+            "  pman restart build-1\n  pman restart --follow build-1")
+    s.add_argument("jid", metavar="JID")
+    s.add_argument("--env", action="append", metavar="K=V|NAME",
+                   help="the job's env again (the server never shows values): K=V, or a "
+                   "NAME alone copies this shell's value (repeatable)")
+    s.add_argument("--wait", action="store_true",
+                   help="wait for the job and exit with its exit code")
+    s.add_argument("--follow", "-f", action="store_true",
+                   help="copy its stdout and stderr to ours, then exit with its code")
+    s.add_argument("--json", action="store_true", help="print the job object as JSON")
+
+    s = add("clean", "Forget finished jobs and delete their logs (never queued or "
+            "running ones).", "  pman clean\n  pman clean --status succeeded")
+    s.add_argument("--status", metavar="S,...",
+                   help="only these statuses: succeeded, failed, undefined (default: all three)")
+    s.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+
+    s = add("shutdown", "Stop the server.  Its running jobs keep running, as with SIGTERM; "
+            "the next server on its state directory takes them back.",
+            "  pman shutdown\n  pman shutdown --url http://127.0.0.1:5011")
+    s.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
 
     s = add("hold", "Keep queued jobs from starting until pman release.",
             "  pman hold deploy-1\n  pman run --hold --jid deploy-2 -- ./deploy.sh")
@@ -8221,8 +8504,22 @@ def _client_parser():
     return p
 
 
+_CLIENT_EPILOG = """\
+examples:
+  pman serve &                         start a server (127.0.0.1:5010)
+  pman run -- 'echo hello'             submit a job: prints its jid
+  pman                                 the queue (pman ls)
+  pman logs -f 1                       follow job 1 to its end
+  pman shutdown                        stop the server; running jobs go on
+
+Every command has --help.  The server is --url (default $PMAN_URL, else
+%s); the token is read from --token-file (default
+$PMAN_TOKEN).
+""" % DEFAULT_URL
+
 _CLIENT_COMMANDS = {"run": _cmd_run, "ls": _cmd_ls, "show": _cmd_show, "logs": _cmd_logs,
                     "wait": _cmd_wait, "kill": _cmd_kill, "rm": _cmd_rm,
+                    "restart": _cmd_restart, "clean": _cmd_clean, "shutdown": _cmd_shutdown,
                     "hold": _cmd_job_action, "release": _cmd_job_action,
                     "priority": _cmd_job_action, "pause": _cmd_pause, "resume": _cmd_pause,
                     "group": _cmd_group}
@@ -8270,16 +8567,44 @@ def _client_main(argv):
             client.close()
 
 
+def _queue_or_help():
+    """`pman` alone: the queue when a server answers, else how to start one."""
+    url = os.environ.get("PMAN_URL") or DEFAULT_URL
+    try:
+        _Client(url).close()
+        host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+        socket.create_connection((host, port or 80), timeout=CLIENT_IDLE).close()
+    except (_ClientError, OSError):
+        sys.stdout.write(_NO_SERVER_HELP % url)
+        return EXIT_SERVER
+    return _client_main(["ls"])
+
+
+_NO_SERVER_HELP = """\
+pman: nothing answers at %s, so there is no queue to show.
+  pman serve &                        start a server (its options: pman serve --help)
+  pman run --start-server -- CMD      or start one with the first job
+  pman run -- 'echo hello'            then submit jobs; pman alone lists them
+  pman --help                         every command
+"""
+
+
 def main(argv=None):
-    """The command line: ``pman [serve] [options]`` serves (see
-    `_serve`); ``pman run|ls|show|...`` (_CLIENT_COMMANDS) is a client of
-    a server.  Returns the exit status (README.rst, "Exit statuses")."""
+    """The command line: ``pman serve [options]`` (or options alone, but
+    --help) serves (see `_serve`); ``pman run|ls|show|...``
+    (_CLIENT_COMMANDS) is a client of a server; ``pman`` alone lists the
+    queue.  Returns the exit status (README.rst, "Exit statuses")."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0].split("=")[0] == "--url":
         print("pman: --url is an option of the client commands: it goes after the command, "
               "as in pman ls --url URL", file=sys.stderr)
         return EXIT_USAGE
-    if not argv or argv[0].startswith("-"):
+    if not argv:
+        return _queue_or_help()
+    if argv[0] in ("-h", "--help"):
+        _client_parser().print_help()
+        return EXIT_OK
+    if argv[0].startswith("-"):
         return _serve(argv)
     if argv[0] == "serve":
         return _serve(argv[1:], "pman serve")

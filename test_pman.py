@@ -7,6 +7,7 @@ import fcntl
 import gc
 import hashlib
 import http.client
+import io
 import json
 import logging
 import math
@@ -8648,14 +8649,15 @@ def test_cli_serve_start_and_stop_lines_are_info_and_requests_need_v(cli_server,
 def test_cli_help_has_an_example_version_and_usage_errors_are_64(tmp_path):
     """Every command's --help has an example; --version; a usage error of
     any command is exit status 64 with a message."""
-    for command in ("serve", "run", "ls", "show", "logs", "wait", "kill", "rm", "hold",
-                    "release", "priority", "pause", "resume", "group"):
+    for command in ("serve", "run", "ls", "show", "logs", "wait", "kill", "rm", "restart",
+                    "clean", "shutdown", "hold", "release", "priority", "pause", "resume",
+                    "group"):
         code, out, err = _cli(command, "--help")
         assert code == 0, (command, err)
         assert "example:" in out.decode() and ("pman %s" % command) in out.decode(), command
     code, out, err = _cli("--help")
     assert code == 0 and "pman run" in out.decode()
-    for argv in (["bogus"], ["ls", "--bogus"], ["wait"], ["wait", "j1", "--timeout", "x"],
+    for argv in (["bogus"], ["ls", "--bogus"], ["wait", "j1", "--timeout", "x"],
                  ["show", "../etc"], ["kill", "bad/jid"], ["run"], ["run", "--env", "NOEQ",
                                                                    "--", "true"],
                  ["run", "--follow", "--json", "--", "true"], ["--bogus-flag"],
@@ -8709,7 +8711,7 @@ def test_cli_error_replies_print_the_message_and_exit_3(cli_server, tmp_path):
     code, out, err = _cli("logs", "nosuch", url=server.url)
     assert code == 3 and "404" in err
     code, out, err = _cli("ls", "--status", "bogus", url=server.url)
-    assert code == 3 and "unknown status 'bogus'" in err, err
+    assert code == 64 and "unknown status 'bogus'" in err, err
     code, out, err = _cli("run", "--cwd", str(tmp_path), "--timeout", "-1", "--", "true",
                           url=server.url)
     assert code == 3 and "timeout" in err and "HTTP 400" in err, err
@@ -9004,10 +9006,10 @@ def test_cli_ls_colours_only_on_a_terminal_and_never_with_no_color(cli_server):
     server.post({"jid": "bad", "cmd": "exit 1"})
     assert _cli("wait", "good", "bad", url=server.url)[0] == 1
     code, text = _cli_pty("ls", "--url", server.url)
-    assert code == 0 and "\x1b[32mfinishedSuccessfully" in text, text
-    assert "\x1b[31mfinishedWithError" in text
+    assert code == 0 and "\x1b[32msucceeded" in text, text
+    assert "\x1b[31mfailed   " in text
     code, text = _cli_pty("ls", "--url", server.url, env=_clean_env(NO_COLOR="1"))
-    assert code == 0 and "\x1b[" not in text and "finishedWithError" in text, text
+    assert code == 0 and "\x1b[" not in text and "failed" in text, text
 
 
 def test_cli_ls_reads_one_page_of_100000_jobs(cli_server, tmp_path):
@@ -9161,22 +9163,186 @@ def test_cli_kill_and_rm_go_on_past_a_bad_jid_and_rm_needs_kill_for_a_running_jo
     code, out, err = _cli("wait", "k1", url=server.url)
     assert code == 1 and server.job("k1")["returncode"] == -15
     code, out, err = _cli("kill", "--signal", "SIGKILL", "--grace", "1", "k2", url=server.url)
-    assert (code, out) == (0, b""), err
+    assert (code, out) == (0, b"k2: SIGKILL sent\n"), err
     _cli("wait", "k2", "--timeout", "20", url=server.url)
     assert server.job("k2")["returncode"] == -9
     code, out, err = _cli("kill", "--signal", "NOPE", "k2", url=server.url)
-    assert code == 3 and "unknown signal" in err
+    assert code == 64 and "unknown signal" in err
 
     server.post({"jid": "r1", "cmd": "exec sleep 30"})
     code, out, err = _cli("rm", "r1", url=server.url)
     assert code == 3 and "pman rm --kill r1" in err, err
     assert server.job("r1")["status"] == "started"          # untouched
     code, out, err = _cli("rm", "done", "k1", url=server.url)
-    assert (code, out) == (0, b""), err
+    assert (code, out) == (0, b"done: removed\nk1: removed\n"), err
     assert server.http("GET", "/api/v1/done/")[0] == 404
     code, out, err = _cli("rm", "--kill", "r1", "done", url=server.url)
     assert code == 3 and "done" in err and "404" in err, err
     assert server.http("GET", "/api/v1/r1/")[0] == 404
+
+
+def test_cli_bare_pman_lists_the_queue_or_says_how_to_start_a_server(cli_server):
+    code, out, err = _cli("--help")
+    text = out.decode()
+    assert code == 0 and "shutdown" in text and "restart" in text and "clean" in text, text
+    assert "--podman-args" not in text and "examples:" in text, text     # the client's help
+    code, out, err = _cli("serve", "--help")
+    assert code == 0 and "--podman-args" in out.decode()
+    url = "http://127.0.0.1:%d" % _free_port()
+    code, out, err = _cli(env=_clean_env(PMAN_URL=url), timeout=20)
+    assert code == 3 and "nothing answers at " + url in out.decode(), (code, out, err)
+    assert "pman serve &" in out.decode() and "pman --help" in out.decode()
+    server = cli_server()
+    server.post({"jid": "q1", "cmd": "true"})
+    assert _cli("wait", "q1", url=server.url)[0] == 0
+    code, out, err = _cli(env=_clean_env(PMAN_URL=server.url))
+    assert code == 0 and re.search(r"^q1 +finishedSuccessfully +0 ", out.decode(), re.M), out
+
+
+def test_cli_shutdown_stops_the_server_and_its_running_jobs_keep_running(cli_server):
+    server = cli_server()
+    job = server.post({"jid": "long", "cmd": "sleep 30"})
+    code, out, err = _cli("shutdown", url=server.url)
+    assert code == 0 and "has stopped" in err and "keep running" in err, err
+    assert server.proc.wait(_CLI_DEADLINE) == 0
+    assert _alive(job["pid"])
+    again = cli_server(state=server.state)
+    assert again.job("long")["status"] == "started"
+    assert _cli("kill", "-q", "long", url=again.url) == (0, b"", "")
+    code, out, err = _cli("shutdown", url=again.url)      # and nothing answers after
+    assert code == 0 and _cli("ls", url=again.url)[0] == 3
+
+
+def _cli_proc_state(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+def test_cli_kill_stop_then_cont_sends_each_once_and_never_escalates(cli_server):
+    server = cli_server("--grace", "0.3")
+    pid = server.post({"jid": "st", "cmd": "sleep 1; echo done"})["pid"]
+    code, out, err = _cli("kill", "-s", "STOP", "st", url=server.url)
+    assert (code, out) == (0, b"st: SIGSTOP sent\n"), err
+    _until(lambda: _cli_proc_state(pid) == "T", 10, "the job to stop")
+    assert "SIGSTOP sent on request" in server.job("st")["message"]
+    deadline = time.monotonic() + 1.5       # five graces: no SIGKILL may come
+    while time.monotonic() < deadline:
+        assert _cli_proc_state(pid) == "T" and server.job("st")["status"] == "started"
+        time.sleep(0.05)
+    code, out, err = _cli("kill", "--signal", "18", "st", url=server.url)
+    assert (code, out) == (0, b"st: SIGCONT sent\n"), err
+    assert _cli("wait", "st", url=server.url)[0] == 0
+    job = server.job("st")
+    assert (job["returncode"], job["message"], job["logs"]) == (0, "exited with code 0",
+                                                                 "done\n"), job
+    # Not to a queued job; an ending signal cancels it, and escalates when it runs.
+    server.post({"jid": "held", "cmd": "true", "hold": True})
+    code, out, err = _cli("kill", "-s", "STOP", "held", url=server.url)
+    assert code == 3 and "409" in err and "only to a running job" in err, err
+    code, out, err = _cli("kill", "held", url=server.url)
+    assert (code, out) == (0, b"held: cancelled (it was queued)\n"), err
+    server.post({"jid": "deaf", "cmd": "trap '' TERM; sleep 30"})
+    code, out, err = _cli("kill", "deaf", "st", url=server.url)
+    assert out.decode() == ("deaf: SIGTERM sent; SIGKILL follows after the server's grace if "
+                            "it still runs\nst: had already ended (finishedSuccessfully), "
+                            "nothing sent\n"), err
+    assert _cli("wait", "deaf", url=server.url)[0] == 1
+    assert server.job("deaf")["message"] == "killed by SIGKILL on request"
+
+
+def test_cli_status_words_filter_and_generated_jids_are_new_numbers(cli_server):
+    server = cli_server()
+    assert _cli("run", "--jid", "2", "--", "true", url=server.url)[1] == b"2\n"
+    assert _cli("run", "--", "exit 1", url=server.url)[1] == b"3\n"     # "2" is taken
+    assert _cli("run", "--", "true", url=server.url)[1] == b"4\n"
+    assert _cli("wait", "2", "3", "4", url=server.url)[0] == 1
+
+    def listed(*args):
+        code, out, err = _cli("ls", "--json", *args, url=server.url)
+        assert code == 0, err
+        return [job["jid"] for job in json.loads(out)]
+
+    assert listed("--status", "failed") == ["3"]
+    assert listed("--status", "OK,success") == ["4", "2"]
+    assert listed("--status", "succeeded,finishedWithError") == ["4", "3", "2"]
+    assert listed("--status", "queued,waiting,running") == []
+    server.stop()
+    again = cli_server(state=server.state)
+    assert _cli("rm", "4", url=again.url)[0] == 0
+    assert _cli("run", "--", "true", url=again.url)[1] == b"5\n"   # never 4 again
+
+
+def test_cli_restart_clean_wait_for_all_and_run_on_a_terminal(cli_server, tmp_path):
+    server = cli_server()
+    url = server.url
+    work = tmp_path / "work"
+    work.mkdir()
+    code, out, err = _cli("run", "--jid", "r", "--env", "A=1", "--timeout", "60", "--meta",
+                          "k=v", "--wait", "--", 'echo "$A $PWD"', url=url, cwd=str(work))
+    assert code == 0, err
+    first = server.job("r")
+    code, out, err = _cli("restart", "--wait", "r", url=url)
+    assert code == 64 and "--env A=" in err, err       # values are never shown
+    code, out, err = _cli("restart", "--wait", "--env", "A=1", "r", url=url)
+    assert (code, out) == (0, b"r\n"), err
+    job = server.job("r")
+    assert job["seq"] > first["seq"] and job["logs"] == "1 %s\n" % work, job
+    assert (job["meta"], job["timeout"], job["env"]) == ({"k": "v"}, 60, ["A"])
+    server.post({"jid": "s", "cmd": "sleep 30"})
+    code, out, err = _cli("restart", "s", url=url)
+    assert code == 3 and "only a finished job" in err, err
+    assert _cli("kill", "-q", "s", url=url)[0] == 0 and _cli("wait", "s", url=url)[0] == 1
+    for jid in ("q", "t"):
+        server.post({"jid": jid, "cmd": "sleep 0.3"})
+    code, out, err = _cli("wait", "--json", url=url)          # every queued or running job
+    assert code == 0 and [j["jid"] for j in json.loads(out)] == ["q", "t"], err
+    code, out, err = _cli("clean", "--status", "queued", url=url)
+    assert code == 64 and "never queued or running" in err
+    code, out, err = _cli("clean", "--status", "failed", url=url)
+    assert (code, out) == (0, b"forgot 1 finished job\n"), err
+    server.post({"jid": "busy", "cmd": "sleep 30"})
+    code, out, err = _cli("clean", url=url)
+    assert (code, out) == (0, b"forgot 3 finished jobs\n"), err
+    code, out, err = _cli("ls", "--json", url=url)
+    assert [j["jid"] for j in json.loads(out)] == ["busy"]
+    code, text = _cli_pty("run", "--url", url, "--", "true")
+    assert code == 0 and "pman logs -f " in text, text
+    code, out, err = _cli("run", "--", "true", url=url)       # not on a terminal: the jid
+    assert code == 0 and err == "" and re.fullmatch(rb"\d+\n", out), (out, err)
+
+
+def test_cli_run_env_copies_from_the_client_only_when_asked(cli_server):
+    server = cli_server()
+    env = _clean_env(PMAN_URL=server.url, FOO="client", MY_TOKEN="t", SOME_SECRET="s",
+                     PMAN_X="p", db_password="pw")
+    script = 'echo "[$FOO|$MY_TOKEN|$SOME_SECRET|$PMAN_X|$db_password|$HOME]"'
+    for jid, args in (("e0", []), ("e1", ["--env", "FOO"]),
+                      ("e2", ["--env-from-client", "--env", "FOO=over"])):
+        code, out, err = _cli("run", "--jid", jid, "--wait", *args, "--", script, env=env)
+        assert code == 0, err
+    assert server.job("e0")["logs"] == "[|||||%s]\n" % os.environ.get("HOME", "")
+    assert server.job("e1")["logs"] == "[client|||||%s]\n" % os.environ.get("HOME", "")
+    assert server.job("e1")["env"] == ["FOO"]
+    assert server.job("e2")["logs"] == "[over|||||%s]\n" % os.environ.get("HOME", "")
+    assert not [e for e in server.job("e2")["env"] if "TOKEN" in e.upper() or "PMAN_" in e]
+    code, out, err = _cli("run", "--env", "NOT_SET_ANYWHERE", "--", "true", env=env)
+    assert code == 64 and "no such variable" in err, err
+
+
+def test_cli_run_image_entrypoint_and_limits_on_the_podman_backend(podman_ready, cli_server,
+                                                                    tmp_path):
+    server = cli_server("--backend", "podman", "--podman-runtime", _PODMAN_RUNTIME,
+                        "--podman-args=" + _PODMAN_ARGS, "--storebase", str(tmp_path))
+    code, out, err = _cli("run", "--", "echo hi", url=server.url)
+    assert code == 3 and "pman run --image IMAGE" in err, err
+    code, out, err = _cli("run", "--jid", "c1", "--image", _PODMAN_IMAGE, "--memory-limit",
+                          "64", "--follow", "--", "echo hi", url=server.url,
+                          timeout=_PODMAN_DEADLINE)
+    assert (code, out) == (0, b"hi\n"), err
+    assert server.job("c1")["memory_limit"] == 64
+    code, out, err = _cli("run", "--image", _PODMAN_IMAGE, "--entrypoint", "sh", "--wait",
+                          "--", "-c", "exit 4", url=server.url, timeout=_PODMAN_DEADLINE)
+    assert code == 4, err
 
 
 # -- scheduling: run's options, hold, release, priority, pause, resume, group ----
@@ -9330,7 +9496,7 @@ def test_cli_hold_release_priority_pause_resume_and_group(cli_server, tmp_path):
         assert code == 64 and err.strip(), (argv, code, err)
 
 
-def _cli_readme_session(heading="A session\nto paste"):
+def _cli_readme_session(heading="A session to paste into"):
     with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as f:
         text = f.read()
     block = text[text.index("::\n\n", text.index(heading)) + 4:]
@@ -9360,17 +9526,38 @@ def test_cli_readme_session_runs_as_pasted(tmp_path):
         assert "Traceback" not in err and "nothing answers" not in err, err
         assert "started a server at " + url in err, err
         assert out.startswith("greet\nhello\nbye\n"), out      # jid, then the logs
-        assert re.search(r"^listing\njob-\d+-\d+\n3\nsleeper\n", out.split("bye\n", 1)[1],
+        assert re.search(r"^listing\n\d+\n3\nsleeper\n", out.split("bye\n", 1)[1],
                          re.M), out
-        assert "finishedWithError" in out and "JID" in out      # ls
+        assert "finishedWithError" in out and "JID" in out      # pman alone: ls
         assert re.search(r"^status: +finishedSuccessfully$", out, re.M), out   # show
-        assert re.search(r"^1$", out, re.M), out                # wait's status
+        assert "\nsleeper: SIGTERM sent; SIGKILL follows" in out, out
+        assert re.search(r"^1\ngreet\nforgot 4 finished jobs\n$", out, re.M), out
         assert "sleeper finishedWithError: killed by SIGTERM on request" in err, err
-        assert '"action": "quit"' in out and '"status": true' in out, out
+        assert "has stopped" in err, err
+        assert r.returncode == 0, (out, err)
         _until(lambda: _compat_lock_free(state), 20, "the started server to quit")
     finally:
         if (state / "lock").exists() and not _compat_lock_free(state):
             os.kill(int((state / "lock").read_text().split()[0]), signal.SIGKILL)
+
+
+def test_cli_readme_is_valid_restructuredtext_and_every_heading_is_a_section():
+    try:
+        import docutils.core
+    except ImportError:
+        if _ci():
+            pytest.fail("docutils is required on CI (.ci/run installs it)")
+        pytest.skip("docutils is not installed (bash .ci/run installs it)")
+    with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as f:
+        text = f.read()
+    warnings = io.StringIO()
+    doc = docutils.core.publish_doctree(text, settings_overrides={
+        "warning_stream": warnings, "report_level": 2, "halt_level": 5})
+    assert warnings.getvalue() == "", warnings.getvalue()
+    titles = {node.astext() for node in getattr(doc, "findall", doc.traverse)()
+              if node.tagname == "title"}
+    headings = re.findall(r"^([^\s].*)\n([-=~])\2+$", text, re.M)
+    assert headings and {h for h, _ in headings} <= titles, {h for h, _ in headings} - titles
 
 
 def test_cli_readme_scheduling_session_runs_as_pasted(cli_server):
