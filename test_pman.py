@@ -6102,7 +6102,9 @@ def test_command_readme_request_runs_verbatim_and_index_walks_find_it(cmd_server
     assert reply["path"] == "/api/v1/_01/endInfo"
     assert list(reply["GET"]) == ["123-456-2"]
     assert list(reply["GET"]["123-456-2"]) == ["endInfo"]
-    assert list(reply["GET"]["123-456-2"]["endInfo"]) == ["0"]
+    # the run's INFO (the pid and status the README reads) and 0.5's end marker
+    assert list(reply["GET"]["123-456-2"]["endInfo"]) == ["0", "allJobsDone"]
+    assert reply["GET"]["123-456-2"]["endInfo"]["allJobsDone"] is True
     info = reply["GET"]["123-456-2"]["endInfo"]["0"]
     _cmd_check_info(info, jid="123-456-2", cmd="echo second; exit 4",
                     auid="rudolphpienaar", pid=pid2, returncode=4)
@@ -6176,7 +6178,7 @@ def test_command_pfurl_flow_run_status_search_info_done(cmd_server):
     assert list(d_ret["0.1"]) == [jid] and list(d_ret["0.1"][jid]) == ["endInfo"]
     start = d_ret["0.0"][jid]["startInfo"]
     end = d_ret["0.1"][jid]["endInfo"]
-    assert list(start) == ["0"] and list(end) == ["0"]
+    assert list(start) == ["0", "allJobsStarted"] and list(end) == ["0", "allJobsDone"]
     _cmd_check_info(start["0"], jid=jid, cmd=cmd, auid="chris", pid=pid, returncode=3)
     assert start["0"] == end["0"]
     assert end["0"]["stdout"] == "out\n" and end["0"]["stderr"] == "err\n"
@@ -6409,7 +6411,7 @@ def test_command_status_triggers_of_queued_running_and_cancelled_jobs(cmd_factor
     status, reply = server.get("/api/v1/_1")      # the whole tree: _N without a path
     assert status == 200
     tree = reply["GET"]["queued"]
-    assert tree["startInfo"] == {} and tree["endInfo"] == {}
+    assert tree["startInfo"] is False and tree["endInfo"] is False     # as 0.5: not written yet
     assert tree["start"] == {} and tree["end"] == {}
     status, reply = server.get("/api/v1/queued/startInfo/0")
     assert status == 404 and reply["status"] is False
@@ -6537,8 +6539,9 @@ def test_command_get_walks_deep_paths(cmd_server):
     info = tree["endInfo"]["0"]
     _cmd_check_info(info, jid=jid, cmd="echo w; exit 2", auid="u", pid=pid, returncode=2)
     assert tree["startInfo"]["0"] == info
-    assert tree["start"] == {"0": {"startInfo": {"0": info}}}
-    assert tree["end"] == {"0": {"endInfo": {"0": info}}}
+    assert tree["start"] == {"0": {"startInfo": {"0": info}},
+                             "1": {"startInfo": {"allJobsStarted": True}}}
+    assert tree["end"] == {"0": {"endInfo": {"0": info}}, "1": {"endInfo": {"allJobsDone": True}}}
 
     for path in ("/api/v1/%s/nope" % jid, "/api/v1/%s/endInfo/1" % jid,
                  "/api/v1/%s/endInfo/0/returncode/x" % jid, "/api/v1/%s/jid/x" % jid,
@@ -6549,6 +6552,10 @@ def test_command_get_walks_deep_paths(cmd_server):
 
 
 def test_command_get_root_lists_jids_in_submission_order(cmd_server):
+    """The root lists the jids, and carries what pman 6's root reply holds
+    (FNNDSC/pman v6.0.0-v6.3.1, pman/resources.py, JobListResource.get:
+    ``{'server_version': ..., 'container_env': ..., 'storage_type': ...}``;
+    storage_type 'host': jobs use this host's files)."""
     for jid in ("zeta", "alpha", "mid"):
         cmd_server.ok("run", {"jid": jid, "cmd": "true"})
     for path in ("/api/v1/", "/api/v1"):
@@ -6556,7 +6563,8 @@ def test_command_get_root_lists_jids_in_submission_order(cmd_server):
         assert status == 200
         assert reply == {"status": True, "path": "/api/v1",
                          "GET": {"zeta": {}, "alpha": {}, "mid": {}},
-                         "server_version": pman.__version__, "container_env": "local"}
+                         "server_version": pman.__version__, "container_env": "local",
+                         "storage_type": "host"}
         assert list(reply["GET"]) == ["zeta", "alpha", "mid"]
 
 
@@ -6872,7 +6880,7 @@ def test_command_info_started_is_false_once_done(cmd_server, tmp_path):
                                 % shlex.quote(str(gate))})
     pid = env["d_ret"]["pid"]
     env = cmd_server.ok("info", {"key": "jid", "value": "st"})
-    assert env["d_ret"]["0.1"]["st"]["endInfo"] == {}
+    assert env["d_ret"]["0.1"]["st"]["endInfo"] is False      # as 0.5 while it runs
     running = env["d_ret"]["0.0"]["st"]["startInfo"]["0"]
     _cmd_check_info(running, jid="st", cmd=running["cmd"], auid="", pid=pid,
                     returncode=None, done=False)
@@ -10432,7 +10440,7 @@ def test_slurm_pfcon_submission_over_http_runs_in_slurm(slurm_ctx):
     port = slurm_ctx.serve(m)
     jid = slurm_ctx.jid("pfcon")
     status, job, raw = _slurm_request(port, "POST", "/api/v1/", {
-        "jid": jid, "entrypoint": ["echo"], "args": ["hello", "from slurm"],
+        "jid": jid, "entrypoint": ["echo"], "args": ["hello", "from slurm"], "auid": "chris",
         "cpu_limit": 1000, "memory_limit": 100, "number_of_workers": 1, "gpu_limit": 0,
         "image": "fnndsc/pl-simpledsapp", "type": "ds"})
     assert status == 201, raw
