@@ -8170,11 +8170,14 @@ def main(argv=None):
 # The original pman's module entry point
 # ---------------------------------------------------------------------------
 
-# The option names of the original's ``pman.pman(...)`` that mean something
-# here.  raw, http and protocol configured its ZeroMQ front end: accepted,
-# and meaningless (pman serves HTTP over TCP, nothing else).
-_ORIGINAL_OPTIONS = ("IP", "port", "DBpath", "debugFile", "listeners", "raw", "http",
-                     "protocol")
+# The option names of the original's ``pman.pman(...)``: those its
+# constructor read and those its own start script (bin/pman) passed.
+_ORIGINAL_OPTIONS = ("IP", "port", "DBpath", "debugFile", "debugToFile", "listeners", "raw",
+                     "http", "protocol", "within")
+# Those that mean nothing here: raw, http and protocol configured its ZeroMQ
+# front end (pman serves HTTP over TCP, nothing else); within named an
+# object enclosing the server.
+_IGNORED_OPTIONS = ("raw", "http", "within")
 
 
 class CompatServer:
@@ -8309,10 +8312,18 @@ def pman(options=None, **kwargs):
     ``port`` (default 5010; 0 picks one), ``DBpath`` (the state directory,
     default as for `JobManager`), ``debugFile`` (a file that pman's log,
     requests included, is appended to), ``listeners`` (requests processed at
-    once); ``raw``, ``http`` and ``protocol`` ("tcp", the only one) are
-    accepted and mean nothing here.  Any other name raises InvalidArgument.
+    once), ``debugToFile`` (false: debugFile is not written, as the
+    original's start script passes both); ``raw``, ``http``, ``within``
+    and ``protocol`` ("tcp", the only one) are accepted, mean nothing here
+    and are logged as ignored.  Any other name raises InvalidArgument.
     """
     given = _original_options(options, kwargs)
+    ignored = [name for name in _IGNORED_OPTIONS if name in given]
+    if ignored:
+        log.info("pman.pman: option(s) %s ignored: they have no meaning here",
+                 ", ".join(ignored))
+    if "debugToFile" in given and not given["debugToFile"]:
+        given.pop("debugFile", None)
     protocol = given.get("protocol", "tcp")
     if protocol != "tcp":
         raise InvalidArgument("protocol %s is not served: pman speaks HTTP over 'tcp' only"
