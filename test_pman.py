@@ -8147,6 +8147,8 @@ def test_security_token_guards_every_api_route_and_is_never_logged(http_factory,
                   "jid": "by-cmd", "cmd": "touch %scmd" % marker}}},
               ("POST", "/api/v1/{jid}/kill"): {"signal": "SIGKILL"},
               ("PUT", "/api/v1/groups/{name}"): {"max_running": 1},
+              ("PUT", "/api/v1/cmd/"): {"payload": {"action": "run",
+                                                    "meta": {"context": "db"}}},
               ("POST", "/api/v1/{jid}/priority"): {"priority": 5}}
 
     def call(method, template, headers):
