@@ -5293,18 +5293,33 @@ def _tree_info(record, manager):
 
 def job_tree(record, manager):
     """The original pman's view of one job, projected from its record on
-    demand (never stored): see README.rst, "Command dialect"."""
+    demand (never stored): see README.rst, "Command dialect".
+
+    pman 0.5 kept each run's INFO under ``start/N`` and ``end/N``, and once
+    every run had ended added one more entry holding only a marker
+    (``{"allJobsStarted": true}``, ``{"allJobsDone": true}``), which its
+    ``startInfo``/``endInfo`` then showed; before that they were
+    ``false``.  Clients poll for the markers, and the original README reads
+    the pid and status from ``endInfo``: so ``startInfo``/``endInfo`` hold
+    the run's INFO under "0" and, once the job has ended, the marker too."""
     info = _tree_info(record, manager)
-    start = {"0": info} if record["status"] != NOTSTARTED else {}
-    end = {"0": info} if record["status"] not in ACTIVE else {}
+    start_info = end_info = False
+    start, end = {}, {}
+    if record["status"] != NOTSTARTED:
+        start_info = {"0": info}
+        start["0"] = {"startInfo": {"0": info}}
+    if record["status"] not in ACTIVE:
+        start_info = {"0": info, "allJobsStarted": True}
+        end_info = {"0": info, "allJobsDone": True}
+        end["0"] = {"endInfo": {"0": info}}
+        start["1"] = {"startInfo": {"allJobsStarted": True}}
+        end["1"] = {"endInfo": {"allJobsDone": True}}
     # d_meta: the whole meta a command-dialect run sent; for other jobs (and
     # those run before pman kept it) the meta that was stored.
     sent = (record["extras"] or {}).get(SENT_META, record["meta"])
     return {"jid": record["jid"], "cmd": record["cmd"], "auid": record["auid"],
-            "d_meta": json.dumps(sent), "jobCount": 1,
-            "startInfo": start, "endInfo": end,
-            "start": {"0": {"startInfo": start}} if start else {},
-            "end": {"0": {"endInfo": end}} if end else {}}
+            "d_meta": json.dumps(sent), "jobCount": 1, "startInfo": start_info,
+            "endInfo": end_info, "start": start, "end": end}
 
 
 def _walk(tree, parts, path):
@@ -5479,7 +5494,13 @@ class _CommandDialect:
         if not hits:
             return self._no_hit()
         path = _get_str(meta, "path")
-        if path is None and any(k in meta for k in ("job", "when", "field")):
+        if path is None and not any(k in meta for k in ("job", "when", "field")):
+            # As 0.5: each hit is its key's own value, not the whole tree.
+            key = meta.get("key", "jid")
+            return True, {str(i): {rec["jid"]: {key: rec[key] if key in rec
+                                                else rec["meta"].get(key, meta.get("value"))}}
+                          for i, rec in enumerate(hits)}
+        if path is None:
             job = meta.get("job", "0")
             if isinstance(job, bool) or not isinstance(job, (str, int)):
                 raise InvalidArgument("'job' must be a string or an integer, not %s"
@@ -5583,14 +5604,20 @@ class _CommandDialect:
     ACTIONS = ("run", "status", "done", "info", "search", "get", "hello", "kill",
                "delete", "DBctl", "quit")
 
-    def dispatch(self, body):
+    @staticmethod
+    def _request(body):
+        """(payload, action, meta) of a request, with or without its
+        ``payload`` wrapper."""
         payload = body.get("payload", body)
         if not isinstance(payload, dict):
             raise InvalidArgument("'payload' must be a JSON object")
-        action = payload.get("action")
         meta = payload.get("meta", {})
         if not isinstance(meta, dict):
             raise InvalidArgument("'meta' must be a JSON object")
+        return payload, payload.get("action"), meta
+
+    def dispatch(self, body):
+        payload, action, meta = self._request(body)
         if action not in self.ACTIONS:
             raise InvalidArgument("unknown action %s: one of %s"
                                   % (_shown(action), ", ".join(self.ACTIONS)))
@@ -5601,6 +5628,27 @@ class _CommandDialect:
         if len(result) > 2:
             envelope.update(result[2])
         return envelope
+
+    def db_control(self, body):
+        """``PUT /api/v1/cmd``: 0.5's control of its database, ``{"action":
+        "run", "meta": {"context": "db", "operation": "save" or "load"}}``
+        (save if no operation is given), done as DBctl does it."""
+        payload, action, meta = self._request(body)
+        context = meta.get("context")
+        if action != "run" or not isinstance(context, str) or context.lower() != "db":
+            raise InvalidArgument('PUT /api/v1/cmd controls the state: send {"action": '
+                                  '"run", "meta": {"context": "db", "operation": "save" '
+                                  'or "load"}}')
+        operation = meta.get("operation", "save")
+        if operation not in ("save", "load"):
+            raise InvalidArgument("operation must be save or load, not %s"
+                                  % _json_shown(operation))
+        if meta.get("dbpath") is not None:
+            raise InvalidArgument("'dbpath': pman keeps its state in its state directory, "
+                                  "and saves or loads only that")
+        ok, d_ret = self.DBctl({"do": operation}, payload)
+        return {"status": ok, "action": action, "meta": meta, "path": "/api/v1/cmd",
+                "RESTverb": "PUT", "d_ret": d_ret}
 
 
 def _number_or_none(value, name):
@@ -5634,8 +5682,55 @@ def _record_by_name(manager, name):
     return manager.get(check_jid(name))
 
 
+# pman 3.0-3.5's way to give the command (sent by pfcon 3.x-4.0), and the
+# fields its parser and pman 4+'s require of every body in pfcon's form.
+PMAN3_FIELDS = ("cmd_args", "cmd_path_flags", "selfexec", "selfpath", "execshell")
+_PFCON_REQUIRED = ("jid", "auid", "number_of_workers", "cpu_limit", "memory_limit",
+                   "gpu_limit", "image", "type")
+_PMAN3_REQUIRED = _PFCON_REQUIRED + ("cmd_args", "selfexec", "selfpath", "execshell")
+_PMAN4_REQUIRED = _PFCON_REQUIRED + ("entrypoint", "args")
+_PFCON_INTEGERS = ("number_of_workers", "cpu_limit", "memory_limit", "gpu_limit")
+PLUGIN_TYPES = ("ds", "fs", "ts")
 _RESOURCE_FIELDS = {"jid", "cmd", "entrypoint", "args", "auid", "env", "cwd", "timeout",
-                    "meta"} | set(PFCON_FIELDS) | set(SCHED_DEFAULTS)
+                    "meta"} | set(PFCON_FIELDS) | set(SCHED_DEFAULTS) | set(PMAN3_FIELDS)
+
+
+def _json_shown(value):
+    """A bad value of a JSON body as an error message quotes it: as JSON
+    (null, not Python's None), cut as `_shown` cuts it."""
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+
+
+def _pfcon_integer(value):
+    """A pfcon limit as pman 3.2+'s parser takes it (``int(value)``): an
+    integer, or the decimal string that pfcon 3.0-3.3 forwarded from its
+    form; None if it is neither."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?[0-9]{1,18}\s*", value):
+        return int(value)
+    return None
+
+
+def _pman3_command(body, problems):
+    """pman 3.x's command as entrypoint and args: ``execshell``, then
+    ``selfpath``/``selfexec``, then ``cmd_args`` split as a shell would;
+    ``cmd_path_flags`` (comma-separated) become ``args_path_flags``."""
+    for name in PMAN3_FIELDS:
+        value = body.get(name)
+        if value is not None and not isinstance(value, str):
+            problems[name] = "%r must be a string, not %s" % (name, _json_shown(value))
+    if problems:
+        return None, None, None
+    try:
+        args = shlex.split(body["cmd_args"])
+    except ValueError as e:
+        problems["cmd_args"] = "'cmd_args' cannot be split as a shell would: %s" % e
+        return None, None, None
+    entry = [body["execshell"], os.path.join(body["selfpath"], body["selfexec"])]
+    flags = [f for f in (body.get("cmd_path_flags") or "").split(",") if f]
+    return entry, args, flags
 
 
 # ---------------------------------------------------------------------------
@@ -5667,40 +5762,73 @@ class _Api:
 
     def route_root(self, groups, query, body):
         self._only(query)
+        # storage_type as pman 6 names it: jobs read and write this host's files
         return 200, {"status": True, "path": "/api/v1",
                      "GET": {jid: {} for jid in self.manager.jids()},
                      "server_version": __version__,
-                     "container_env": self.manager.backend.name}
+                     "container_env": self.manager.backend.name, "storage_type": "host"}
 
     def _submission(self, body):
         """A resource-dialect job body as run()'s keyword arguments, and
-        the unknown fields it ignores."""
+        the unknown fields it ignores.  A body in pfcon's form (pman 3.x's
+        ``cmd_args``..., or ``type`` and ``number_of_workers`` without
+        ``cmd``) is checked as pman's parser checks it, every problem named
+        at once; this pman's own form keeps its own rules."""
         if not isinstance(body, dict):
-            raise InvalidArgument("a job must be a JSON object, not %s" % _shown(body))
+            raise InvalidArgument("a job must be a JSON object, not %s" % _json_shown(body))
         # pman 3.x ignores fields it does not know, so a pfcon that sends a
         # new one keeps working: leave them out, but say so.
         ignored = sorted(set(body) - _RESOURCE_FIELDS)
         if ignored:
             self.server.note_ignored(ignored)
+        pman3 = any(k in body for k in PMAN3_FIELDS)
         cmd = body.get("cmd")
-        if cmd is not None and "entrypoint" in body:
-            raise InvalidArgument("give either 'cmd' or 'entrypoint' + 'args', not both")
-        if cmd is None:
+        if cmd is not None and ("entrypoint" in body or pman3):
+            raise InvalidArgument("give either 'cmd' or 'entrypoint' + 'args' (or pman "
+                                  "3.x's 'cmd_args', 'selfexec'...), not both")
+        if pman3 and "entrypoint" in body:
+            raise InvalidArgument("give either 'entrypoint' + 'args' or pman 3.x's "
+                                  "'cmd_args', 'selfexec'..., not both")
+        problems = {}
+        if pman3 or (cmd is None and "type" in body and "number_of_workers" in body):
+            for name in _PMAN3_REQUIRED if pman3 else _PMAN4_REQUIRED:
+                if body.get(name) is None:
+                    problems[name] = "Missing required parameter %r" % name
+        extras = {k: body[k] for k in PFCON_FIELDS if k in body}
+        for name in _PFCON_INTEGERS:
+            if extras.get(name) is not None:
+                extras[name] = _pfcon_integer(extras[name])
+                if extras[name] is None:
+                    problems[name] = "%r: %s is not an integer" % (name, _json_shown(body[name]))
+        if extras.get("type") is not None and extras["type"] not in PLUGIN_TYPES:
+            problems["type"] = "'type': %s is not a valid choice (%s)" % (
+                _json_shown(extras["type"]), ", ".join(PLUGIN_TYPES))
+        if pman3:
+            entry, args, flags = _pman3_command(body, problems)
+            if flags:
+                extras["args_path_flags"] = flags
+        elif cmd is None:
             entry, args = body.get("entrypoint"), body.get("args", [])
             for name, value in (("entrypoint", entry), ("args", args)):
+                if value is None and name in problems:
+                    continue
                 if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
-                    raise InvalidArgument("%r must be a list of strings (or give 'cmd'), not %s"
-                                          % (name, _shown(value)))
-            cmd = entry + args
+                    problems[name] = "%r must be a list of strings (or give 'cmd'), not %s" \
+                        % (name, _json_shown(value))
+            if entry == []:
+                problems["entrypoint"] = "'entrypoint' cannot be empty"
         elif not isinstance(cmd, str):
-            raise InvalidArgument("'cmd' must be a string, not %s" % _shown(cmd))
+            problems["cmd"] = "'cmd' must be a string, not %s" % _json_shown(cmd)
+        if problems:
+            raise InvalidArgument("; ".join(problems[name] for name in sorted(problems)))
+        if cmd is None:
+            cmd = entry + args
         meta = body.get("meta")
         if meta is not None and not isinstance(meta, dict):
-            raise InvalidArgument("'meta' must be a JSON object, not %s" % _shown(meta))
+            raise InvalidArgument("'meta' must be a JSON object, not %s" % _json_shown(meta))
         jid = _jid_arg(body.get("jid"))
         if isinstance(jid, str) and jid.startswith("/"):
             jid = jid[1:]           # pfcon's "/pfcon-4": pman 3.x strips the slash
-        extras = {k: body[k] for k in PFCON_FIELDS if k in body}
         # The scheduling fields go to run() as sent (null: the default),
         # which checks them and names the field of a bad one.
         sched = {k: body[k] for k in SCHED_DEFAULTS if k in body}
@@ -5807,17 +5935,21 @@ class _Api:
         self._only(query)
         return 200, _Routes.openapi()
 
-    def route_command(self, groups, query, body):
+    def route_command(self, groups, query, body, verb="POST"):
         self._only(query)
+        commands = self.server.commands
         try:
-            return 200, self.server.commands.dispatch(body)
+            return 200, (commands.dispatch if verb == "POST" else commands.db_control)(body)
         except PmanError as e:      # the error in the dialect's envelope
             payload = body.get("payload", body)
             if not isinstance(payload, dict):
                 payload = {}
             return _status_for(e), {"action": payload.get("action"),
                                     "meta": payload.get("meta"), "path": "/api/v1/cmd",
-                                    "RESTverb": "POST", "status": False, "message": str(e)}
+                                    "RESTverb": verb, "status": False, "message": str(e)}
+
+    def route_command_db(self, groups, query, body):
+        return self.route_command(groups, query, body, "PUT")
 
     def route_logs(self, groups, query, body):
         self._only(query, "stream", "offset", "limit", "raw")
@@ -5981,6 +6113,9 @@ class _Routes:
          "This OpenAPI document"),
         ("POST", r"/api/v1/cmd", "/api/v1/cmd/", _Api.route_command,
          "The original command dialect: payload.action"),
+        ("PUT", r"/api/v1/cmd", "/api/v1/cmd/", _Api.route_command_db,
+         "The original's state control: {\"payload\": {\"action\": \"run\", \"meta\": "
+         "{\"context\": \"db\", \"operation\": \"save\" or \"load\"}}}, as DBctl"),
         ("GET", r"/api/v1/groups", "/api/v1/groups", _Api.route_groups,
          "Whether the manager is paused, and every group (those set, and those of queued "
          "or running jobs): {\"paused\": bool, \"groups\": [{\"name\", \"max_running\", "
@@ -6047,7 +6182,11 @@ class _Routes:
         "type": "object", "additionalProperties": True,
         "description": "Unknown fields are ignored (as pman 3.x does) and named in "
                        "the reply's ignored_fields.  A jid with a leading / is taken "
-                       "without it.  Give cmd, or entrypoint + args.",
+                       "without it.  Give cmd, or entrypoint + args, or pman 3.x's "
+                       "cmd_args, selfexec, selfpath, execshell.  A body in pfcon's form "
+                       "(pman 3.x's fields, or type and number_of_workers without cmd) "
+                       "needs every field pman requires; its limits are integers and "
+                       "its type one of ds, fs, ts.",
         "properties": dict(
             {"jid": _JID, "cmd": {"type": "string"},
              "entrypoint": {"type": "array", "items": {"type": "string"}},
@@ -6087,7 +6226,10 @@ class _Routes:
                       "description": "GPUs of its own, in CUDA_VISIBLE_DEVICES (pfcon's "
                                      "gpu_limit stands for it when absent)"}},
             **{name: {"description": "recorded; enforced (and image run) only by the "
-                                     "podman backend"} for name in PFCON_FIELDS})}
+                                     "podman backend"} for name in PFCON_FIELDS},
+            **{name: {"type": "string", "description": "pman 3.x's command: execshell "
+                      "selfpath/selfexec cmd_args (cmd_path_flags: comma-separated)"}
+               for name in PMAN3_FIELDS})}
     NO_FIELDS = {"type": "object", "additionalProperties": False, "properties": {},
                  "description": "{}"}
     BODIES = {      # request bodies by handler, for the OpenAPI document
@@ -6114,6 +6256,12 @@ class _Routes:
                         "payload": {"type": "object"},
                         "action": {"type": "string", "enum": list(_CommandDialect.ACTIONS)},
                         "meta": {"type": "object"}}},
+        "command_db": {"type": "object", "description": "{\"payload\": {\"action\": "
+                       "\"run\", \"meta\": {\"context\": \"db\", \"operation\": "
+                       "\"save\" | \"load\"}}} or the payload alone; no dbpath",
+                       "properties": {"payload": {"type": "object"},
+                                      "action": {"type": "string", "enum": ["run"]},
+                                      "meta": {"type": "object"}}},
     }
 
     MEDIA = {"page": "text/html", "ui": "text/html", "metrics": METRICS_TYPE}
@@ -8619,11 +8767,14 @@ def main(argv=None):
 # The original pman's module entry point
 # ---------------------------------------------------------------------------
 
-# The option names of the original's ``pman.pman(...)`` that mean something
-# here.  raw, http and protocol configured its ZeroMQ front end: accepted,
-# and meaningless (pman serves HTTP over TCP, nothing else).
-_ORIGINAL_OPTIONS = ("IP", "port", "DBpath", "debugFile", "listeners", "raw", "http",
-                     "protocol")
+# The option names of the original's ``pman.pman(...)``: those its
+# constructor read and those its own start script (bin/pman) passed.
+_ORIGINAL_OPTIONS = ("IP", "port", "DBpath", "debugFile", "debugToFile", "listeners", "raw",
+                     "http", "protocol", "within")
+# Those that mean nothing here: raw, http and protocol configured its ZeroMQ
+# front end (pman serves HTTP over TCP, nothing else); within named an
+# object enclosing the server.
+_IGNORED_OPTIONS = ("raw", "http", "within")
 
 
 class CompatServer:
@@ -8758,10 +8909,18 @@ def pman(options=None, **kwargs):
     ``port`` (default 5010; 0 picks one), ``DBpath`` (the state directory,
     default as for `JobManager`), ``debugFile`` (a file that pman's log,
     requests included, is appended to), ``listeners`` (requests processed at
-    once); ``raw``, ``http`` and ``protocol`` ("tcp", the only one) are
-    accepted and mean nothing here.  Any other name raises InvalidArgument.
+    once), ``debugToFile`` (false: debugFile is not written, as the
+    original's start script passes both); ``raw``, ``http``, ``within``
+    and ``protocol`` ("tcp", the only one) are accepted, mean nothing here
+    and are logged as ignored.  Any other name raises InvalidArgument.
     """
     given = _original_options(options, kwargs)
+    ignored = [name for name in _IGNORED_OPTIONS if name in given]
+    if ignored:
+        log.info("pman.pman: option(s) %s ignored: they have no meaning here",
+                 ", ".join(ignored))
+    if "debugToFile" in given and not given["debugToFile"]:
+        given.pop("debugFile", None)
     protocol = given.get("protocol", "tcp")
     if protocol != "tcp":
         raise InvalidArgument("protocol %s is not served: pman speaks HTTP over 'tcp' only"

@@ -5269,6 +5269,100 @@ def test_resource_batch_route_runs_all_or_nothing(http_srv, tmp_path):
     assert not marker.exists()
 
 
+def _http_pfcon_body(change):
+    """A body as pfcon 4.1+ sends it (no cmd), with *change* applied; a
+    value None removes that field."""
+    body = {"jid": "pf", "entrypoint": ["sh", "-c"], "args": ["echo ok"], "auid": "chris",
+            "number_of_workers": 1, "cpu_limit": 1000, "memory_limit": 200, "gpu_limit": 0,
+            "image": "fnndsc/pl-simplefsapp", "type": "fs", "env": [],
+            "input_dir": "key-1/incoming", "output_dir": "key-1/outgoing"}
+    body.update(change)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def test_resource_pman3_body_runs_the_command_pman_3_built(http_srv, tmp_path):
+    """pfcon 3.x-4.0 post pman 3.0-3.5's body (FNNDSC/pfcon 3.0.0-4.0.2,
+    pfcon/resources.py: ``cmd_args, cmd_path_flags, auid,
+    number_of_workers, cpu_limit, memory_limit, gpu_limit, image, selfexec,
+    selfpath, execshell, type``; 3.0-3.3 forward the limits as the form's
+    strings).  pman 3.3-3.5 (FNNDSC/pman, pman/resources.py,
+    ``build_app_cmd``) run ``f'{execshell} {exec}'`` with ``exec =
+    os.path.join(selfpath, selfexec)``, then ``shlex.split(cmd_args)``
+    (a path flag's value becomes the container's input dir), then the
+    container's dirs, and answer ``}, 201``; pfcon 3.3-4.0
+    (pfcon/services.py) check ``if r.status_code != 201``.  Here the
+    command is that argv, without the container's dirs on this backend."""
+    plugin = tmp_path / "plugin.sh"
+    plugin.write_text('for a in "$@"; do printf "[%s]" "$a"; done; echo\n')
+    body = {"jid": "/p3-1", "cmd_args": "--msg 'hi there' --dir /some/where",
+            "cmd_path_flags": "--dir", "auid": "chris", "number_of_workers": "1",
+            "cpu_limit": "1000", "memory_limit": "200", "gpu_limit": "0",
+            "image": "fnndsc/pl-simpledsapp", "selfexec": "plugin.sh",
+            "selfpath": str(tmp_path), "execshell": "sh", "type": "ds"}
+    job = _http_post_job(http_srv, body)            # 201
+    assert job["jid"] == "p3-1" and "ignored_fields" not in job, job
+    assert job["cmd"] == shlex.join(["sh", str(plugin), "--msg", "hi there", "--dir",
+                                     "/some/where"])
+    assert (job["cpu_limit"], job["memory_limit"], job["number_of_workers"]) == (1000, 200, 1)
+    assert job["args_path_flags"] == ["--dir"] and job["type"] == "ds"
+    job = _http_wait_job(http_srv, "p3-1")
+    assert job["returncode"] == 0 and job["logs"] == "[--msg][hi there][--dir][/some/where]\n"
+    # pfcon 3.4+ forward the limits as integers
+    _http_post_job(http_srv, dict(body, jid="p3-2", cpu_limit=1000, number_of_workers=1,
+                                  memory_limit=200, gpu_limit=0))
+    # pman 3.x's parser requires selfexec, selfpath, execshell, cmd_args...
+    message = _http_error(http_srv.request("POST", "/api/v1/", dict(
+        body, jid="p3-3", selfexec=None, cmd_args=None)), 400)
+    assert "Missing required parameter 'cmd_args'" in message, message
+    assert "Missing required parameter 'selfexec'" in message, message
+    message = _http_error(http_srv.request("POST", "/api/v1/", dict(
+        body, jid="p3-4", cmd_args="--msg 'unclosed")), 400)
+    assert "cmd_args" in message
+    assert http_srv.manager.jids() == ["p3-1", "p3-2"]
+
+
+def test_resource_pfcon_bodies_are_validated_as_pman_validates_them(http_srv):
+    """pman 3.2+ (FNNDSC/pman, pman/resources.py): ``parser =
+    reqparse.RequestParser(bundle_errors=True)`` with ``required=True`` on
+    jid, auid, number_of_workers, cpu_limit, memory_limit, gpu_limit,
+    image, type (and entrypoint, args from v4.0.0), ``type=int`` on the
+    four limits, ``choices=('ds', 'fs', 'ts')`` on type; v4.0.0's post:
+    ``abort(400, message='"entrypoint" cannot be empty')``.  Each is a 400
+    naming the field (every problem at once, as bundle_errors), and
+    nothing runs; this pman's own form keeps its rules."""
+    _http_post_job(http_srv, _http_pfcon_body({"jid": "ok-1"}))
+    cases = [
+        ({"type": "xx"}, ["'type': \"xx\" is not a valid choice"]),
+        ({"auid": None}, ["Missing required parameter 'auid'"]),
+        ({"image": None, "cpu_limit": None},
+         ["Missing required parameter 'cpu_limit'", "Missing required parameter 'image'"]),
+        ({"args": None}, ["Missing required parameter 'args'"]),
+        ({"jid": None}, ["Missing required parameter 'jid'"]),
+        ({"cpu_limit": "abc"}, ["'cpu_limit': \"abc\" is not an integer"]),
+        ({"memory_limit": 1.5, "gpu_limit": True},
+         ["'memory_limit': 1.5 is not an integer", "'gpu_limit': true is not an integer"]),
+        ({"entrypoint": []}, ["'entrypoint' cannot be empty"]),
+        ({"entrypoint": None}, ["Missing required parameter 'entrypoint'"]),
+    ]
+    for change, words in cases:
+        message = _http_error(http_srv.request("POST", "/api/v1/", _http_pfcon_body(
+            dict({"jid": "bad"}, **change))), 400)
+        for word in words:
+            assert word in message, (change, message)
+        assert "None" not in message and "True" not in message, message
+    # this pman's own form: no required pfcon field, but an empty entrypoint
+    # and a limit that is not an integer are refused too; null is said null
+    _http_post_job(http_srv, {"jid": "own-1", "cmd": "true", "cpu_limit": 1500})
+    _http_post_job(http_srv, {"jid": "own-2", "entrypoint": ["true"], "image": "x"})
+    for bad, words in (({"entrypoint": [], "args": ["x"]}, "'entrypoint' cannot be empty"),
+                       ({"cmd": "true", "cpu_limit": "2 cpus"}, "is not an integer"),
+                       ({"cmd": "true", "type": "plugin"}, "is not a valid choice"),
+                       ({"entrypoint": None}, "not null")):
+        message = _http_error(http_srv.request("POST", "/api/v1/", dict(bad, jid="bad")), 400)
+        assert words in message, (bad, message)
+    assert http_srv.manager.jids() == ["ok-1", "own-1", "own-2"]
+
+
 def test_resource_batch_of_a_thousand_fits_the_body_limit(http_srv):
     """1,000 jobs with a pfcon-sized body each (about 200 bytes) fit in the
     1 MiB limit; the reply lists them in order."""
@@ -6186,7 +6280,9 @@ def test_command_readme_request_runs_verbatim_and_index_walks_find_it(cmd_server
     assert reply["path"] == "/api/v1/_01/endInfo"
     assert list(reply["GET"]) == ["123-456-2"]
     assert list(reply["GET"]["123-456-2"]) == ["endInfo"]
-    assert list(reply["GET"]["123-456-2"]["endInfo"]) == ["0"]
+    # the run's INFO (the pid and status the README reads) and 0.5's end marker
+    assert list(reply["GET"]["123-456-2"]["endInfo"]) == ["0", "allJobsDone"]
+    assert reply["GET"]["123-456-2"]["endInfo"]["allJobsDone"] is True
     info = reply["GET"]["123-456-2"]["endInfo"]["0"]
     _cmd_check_info(info, jid="123-456-2", cmd="echo second; exit 4",
                     auid="rudolphpienaar", pid=pid2, returncode=4)
@@ -6260,7 +6356,7 @@ def test_command_pfurl_flow_run_status_search_info_done(cmd_server):
     assert list(d_ret["0.1"]) == [jid] and list(d_ret["0.1"][jid]) == ["endInfo"]
     start = d_ret["0.0"][jid]["startInfo"]
     end = d_ret["0.1"][jid]["endInfo"]
-    assert list(start) == ["0"] and list(end) == ["0"]
+    assert list(start) == ["0", "allJobsStarted"] and list(end) == ["0", "allJobsDone"]
     _cmd_check_info(start["0"], jid=jid, cmd=cmd, auid="chris", pid=pid, returncode=3)
     assert start["0"] == end["0"]
     assert end["0"]["stdout"] == "out\n" and end["0"]["stderr"] == "err\n"
@@ -6493,7 +6589,7 @@ def test_command_status_triggers_of_queued_running_and_cancelled_jobs(cmd_factor
     status, reply = server.get("/api/v1/_1")      # the whole tree: _N without a path
     assert status == 200
     tree = reply["GET"]["queued"]
-    assert tree["startInfo"] == {} and tree["endInfo"] == {}
+    assert tree["startInfo"] is False and tree["endInfo"] is False     # as 0.5: not written yet
     assert tree["start"] == {} and tree["end"] == {}
     status, reply = server.get("/api/v1/queued/startInfo/0")
     assert status == 404 and reply["status"] is False
@@ -6621,8 +6717,9 @@ def test_command_get_walks_deep_paths(cmd_server):
     info = tree["endInfo"]["0"]
     _cmd_check_info(info, jid=jid, cmd="echo w; exit 2", auid="u", pid=pid, returncode=2)
     assert tree["startInfo"]["0"] == info
-    assert tree["start"] == {"0": {"startInfo": {"0": info}}}
-    assert tree["end"] == {"0": {"endInfo": {"0": info}}}
+    assert tree["start"] == {"0": {"startInfo": {"0": info}},
+                             "1": {"startInfo": {"allJobsStarted": True}}}
+    assert tree["end"] == {"0": {"endInfo": {"0": info}}, "1": {"endInfo": {"allJobsDone": True}}}
 
     for path in ("/api/v1/%s/nope" % jid, "/api/v1/%s/endInfo/1" % jid,
                  "/api/v1/%s/endInfo/0/returncode/x" % jid, "/api/v1/%s/jid/x" % jid,
@@ -6633,6 +6730,10 @@ def test_command_get_walks_deep_paths(cmd_server):
 
 
 def test_command_get_root_lists_jids_in_submission_order(cmd_server):
+    """The root lists the jids, and carries what pman 6's root reply holds
+    (FNNDSC/pman v6.0.0-v6.3.1, pman/resources.py, JobListResource.get:
+    ``{'server_version': ..., 'container_env': ..., 'storage_type': ...}``;
+    storage_type 'host': jobs use this host's files)."""
     for jid in ("zeta", "alpha", "mid"):
         cmd_server.ok("run", {"jid": jid, "cmd": "true"})
     for path in ("/api/v1/", "/api/v1"):
@@ -6640,7 +6741,8 @@ def test_command_get_root_lists_jids_in_submission_order(cmd_server):
         assert status == 200
         assert reply == {"status": True, "path": "/api/v1",
                          "GET": {"zeta": {}, "alpha": {}, "mid": {}},
-                         "server_version": pman.__version__, "container_env": "local"}
+                         "server_version": pman.__version__, "container_env": "local",
+                         "storage_type": "host"}
         assert list(reply["GET"]) == ["zeta", "alpha", "mid"]
 
 
@@ -6956,7 +7058,7 @@ def test_command_info_started_is_false_once_done(cmd_server, tmp_path):
                                 % shlex.quote(str(gate))})
     pid = env["d_ret"]["pid"]
     env = cmd_server.ok("info", {"key": "jid", "value": "st"})
-    assert env["d_ret"]["0.1"]["st"]["endInfo"] == {}
+    assert env["d_ret"]["0.1"]["st"]["endInfo"] is False      # as 0.5 while it runs
     running = env["d_ret"]["0.0"]["st"]["startInfo"]["0"]
     _cmd_check_info(running, jid="st", cmd=running["cmd"], auid="", pid=pid,
                     returncode=None, done=False)
@@ -6970,6 +7072,91 @@ def test_command_info_started_is_false_once_done(cmd_server, tmp_path):
         assert info["done"] is True and info["returncode"] == 0
     status, reply = cmd_server.get("/api/v1/st/end/0/endInfo/0/started")
     assert reply["GET"] == {"st": {"end": {"0": {"endInfo": {"0": {"started": False}}}}}}
+
+
+def test_command_tree_end_markers_are_0_5s_while_running_and_once_ended(cmd_server, tmp_path):
+    """pman 0.5 (FNNDSC/pman fd90c4c, setup.py version '0.5', pman/pman.py):
+    ``t_run_process`` touches ``/<job>/startInfo`` and ``start/<n>/startInfo``
+    with each run's INFO (``endInfo`` and ``end/<n>`` once it ends), and
+    when every run has ended ``Crunner.run`` queues one more entry,
+    ``self.queueStart.put({'allJobsStarted': True})`` and
+    ``self.queueEnd.put({'allJobsDone': True})``, which becomes
+    ``start/1``, ``end/1`` and the new ``startInfo``/``endInfo``; a path
+    not yet touched is answered ``false`` by ``DB_get`` (``contents =
+    False``).  So a 0.5 client polls ``_0/endInfo`` until it holds
+    ``allJobsDone: true``; the original README reads the pid and status
+    there too (under "0")."""
+    gate = tmp_path / "gate"
+    env = cmd_server.ok("run", {"jid": "mk", "cmd": "while [ ! -e %s ]; do sleep 0.02; done; "
+                                "exit 5" % shlex.quote(str(gate))})
+    pid = env["d_ret"]["pid"]
+    status, reply = cmd_server.get("/api/v1/_0/endInfo")
+    assert status == 200 and reply["GET"] == {"mk": {"endInfo": False}}, reply
+    status, reply = cmd_server.get("/api/v1/_0/startInfo")
+    assert list(reply["GET"]["mk"]["startInfo"]) == ["0"]
+    assert reply["GET"]["mk"]["startInfo"]["0"]["pid"] == pid
+    env = cmd_server.ok("info", {"key": "jid", "value": "mk"})
+    assert env["d_ret"]["0.1"] == {"mk": {"endInfo": False}}
+    gate.touch()
+
+    def ended():        # a 0.5 client's poll
+        end_info = cmd_server.get("/api/v1/_0/endInfo")[1]["GET"]["mk"]["endInfo"]
+        return isinstance(end_info, dict) and end_info.get("allJobsDone") is True and end_info
+    end_info = _until(ended, timeout=_CMD_DEADLINE, what="allJobsDone")
+    assert end_info["0"]["pid"] == pid and end_info["0"]["returncode"] == 5
+    assert end_info["0"]["status"] == "finishedWithError"
+    status, reply = cmd_server.get("/api/v1/_0/end/1")
+    assert status == 200 and reply["GET"] == {"mk": {"end": {"1": {
+        "endInfo": {"allJobsDone": True}}}}}
+    status, reply = cmd_server.get("/api/v1/_0/start/1")
+    assert reply["GET"] == {"mk": {"start": {"1": {"startInfo": {"allJobsStarted": True}}}}}
+    status, reply = cmd_server.get("/api/v1/mk/startInfo/allJobsStarted")
+    assert reply["GET"] == {"mk": {"startInfo": {"allJobsStarted": True}}}
+    env = cmd_server.ok("get", {"path": "/mk/endInfo/allJobsDone"})
+    assert env["d_ret"] == {"mk": {"endInfo": {"allJobsDone": True}}}
+    # the runs' entries keep only INFO
+    status, reply = cmd_server.get("/api/v1/mk/end/0/endInfo")
+    assert list(reply["GET"]["mk"]["end"]["0"]["endInfo"]) == ["0"]
+
+
+def test_command_search_by_key_and_value_alone_answers_the_value_as_0_5(cmd_server):
+    """pman 0.5 (FNNDSC/pman fd90c4c, pman/pman.py, ``t_search_process``):
+    without ``path`` or ``job``, a hit's path is ``'/api/v1/' + r + '/' +
+    str_fileName`` (the key), and ``d_ret[str(hits)] =
+    self.DB_get(path=str_path)``: ``{job: {key: value}}``, not the tree."""
+    cmd_server.ok("run", {"jid": "s1", "cmd": "true", "auid": "ann", "project": "p1"})
+    cmd_server.ok("run", {"jid": "s2", "cmd": "true", "auid": "bob", "project": "p1"})
+    env = cmd_server.ok("search", {"key": "jid", "value": "s2"})
+    assert env["d_ret"] == {"0": {"s2": {"jid": "s2"}}}
+    env = cmd_server.ok("search", {"key": "auid", "value": "ann"})
+    assert env["d_ret"] == {"0": {"s1": {"auid": "ann"}}}
+    env = cmd_server.ok("search", {"key": "project", "value": "p1"})
+    assert env["d_ret"] == {"0": {"s1": {"project": "p1"}}, "1": {"s2": {"project": "p1"}}}
+    status, env = cmd_server.cmd("search", {"key": "jid", "value": "none"})
+    assert status == 200 and env["status"] is False and env["d_ret"] == _CMD_NO_HIT
+
+
+def test_command_put_is_0_5s_db_control(cmd_server):
+    """pman 0.5 (FNNDSC/pman fd90c4c, pman/pman.py, ``process``): ``if
+    payload_verb == 'run' and REST_verb == 'PUT'``: ``processPUT`` (with
+    ``d_meta['context']`` ``'db'``, ``'operation'`` save or load:
+    ``DB_fileIO(cmd=str_cmd...)``) and ``d_ret['status'] = True``, a 200.
+    Here the state directory is saved or re-read, as DBctl does."""
+    cmd_server.ok("run", {"jid": "p1", "cmd": "true"})
+    _cmd_wait_finished(cmd_server, "p1")
+    for operation in ("save", "load", None):
+        meta = {"context": "db"} if operation is None else {"context": "db",
+                                                             "operation": operation}
+        status, env = cmd_server.request("PUT", "/api/v1/cmd/",
+                                         {"payload": {"action": "run", "meta": meta}})
+        assert status == 200 and env["status"] is True, env
+        assert env["RESTverb"] == "PUT" and env["action"] == "run" and env["meta"] == meta
+    assert cmd_server.manager.jids() == ["p1"]
+    for meta in ({"context": "job"}, {"context": "db", "operation": "drop"},
+                 {"context": "db", "dbpath": "/tmp/elsewhere"}):
+        status, env = cmd_server.request("PUT", "/api/v1/cmd", {"payload": {
+            "action": "run", "meta": meta}})
+        assert status == 400 and env["status"] is False and env["RESTverb"] == "PUT", env
 
 
 def test_command_job_index_counts_from_either_end_and_is_404_past_it(cmd_server):
@@ -8044,6 +8231,8 @@ def test_security_token_guards_every_api_route_and_is_never_logged(http_factory,
                   "jid": "by-cmd", "cmd": "touch %scmd" % marker}}},
               ("POST", "/api/v1/{jid}/kill"): {"signal": "SIGKILL"},
               ("PUT", "/api/v1/groups/{name}"): {"max_running": 1},
+              ("PUT", "/api/v1/cmd/"): {"payload": {"action": "run",
+                                                    "meta": {"context": "db"}}},
               ("POST", "/api/v1/{jid}/priority"): {"priority": 5}}
 
     def call(method, template, headers):
@@ -10725,7 +10914,7 @@ def test_slurm_pfcon_submission_over_http_runs_in_slurm(slurm_ctx):
     port = slurm_ctx.serve(m)
     jid = slurm_ctx.jid("pfcon")
     status, job, raw = _slurm_request(port, "POST", "/api/v1/", {
-        "jid": jid, "entrypoint": ["echo"], "args": ["hello", "from slurm"],
+        "jid": jid, "entrypoint": ["echo"], "args": ["hello", "from slurm"], "auid": "chris",
         "cpu_limit": 1000, "memory_limit": 100, "number_of_workers": 1, "gpu_limit": 0,
         "image": "fnndsc/pl-simpledsapp", "type": "ds"})
     assert status == 201, raw
@@ -11249,6 +11438,42 @@ def test_compat_keywords_in_a_thread_stop_from_another(tmp_path):
     finally:
         server.stop()
         thread.join(10)
+
+
+def test_compat_original_start_script_keywords_are_accepted(tmp_path, caplog):
+    """pman 0.5's start script (FNNDSC/pman fd90c4c, bin/pman) calls
+    ``pman.pman(IP=args.ip, port=args.port, protocol=args.protocol,
+    raw=args.raw, listeners=args.listeners, http=args.http,
+    debugToFile=args.debugToFile, debugFile=args.debugFile)`` with its
+    defaults ('5010', 'tcp', '0', '1', False, False,
+    '%s/tmp/debug-pman.log' % HOME), and 0.5's constructor
+    (pman/pman.py, ``pman.__init__``) also reads ``within``.  All are
+    taken; debugFile is written only if debugToFile is true; the names
+    with no meaning here are logged as ignored."""
+    debug = tmp_path / "no-such-dir" / "debug-pman.log"
+    caplog.set_level(logging.INFO, logger="pman")
+    server = pman.pman(IP="127.0.0.1", port="0", protocol="tcp", raw="0", listeners="1",
+                       http=False, debugToFile=False, debugFile=str(debug), within=None,
+                       DBpath=str(tmp_path / "state"))
+    thread = threading.Thread(target=server.start, name="compat-start", daemon=True)
+    thread.start()
+    try:
+        status, job = _compat_request(server.server_address[1], "POST", "/api/v1/",
+                                      {"jid": "s-1", "cmd": "exit 3"})
+        assert status == 201, job
+    finally:
+        server.stop()
+        thread.join(10)
+    assert not debug.parent.exists()
+    ignored = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert len(ignored) == 1 and all(n in ignored[0] for n in ("raw", "http", "within")), \
+        ignored
+    # debugToFile true: the debug file is written
+    debug = tmp_path / "debug.log"
+    server = pman.pman(port=0, debugToFile=True, debugFile=str(debug),
+                       DBpath=str(tmp_path / "state"))
+    server.stop()
+    assert "state flushed" in debug.read_text()
 
 
 def test_compat_quit_ends_start_and_stop_before_start_releases(tmp_path):
