@@ -1266,17 +1266,22 @@ class _Store:
 # The wrapper that runs every job, as ``sh -c WRAPPER sh pman-job SEQ EXITS
 # CWD CMD...``, records its exit status in EXITS.  The command travels as a
 # positional parameter, never as script text, and sees none of the
-# wrapper's (as under ``sh -c CMD``).  `trap : TERM` is a handler, not an
-# ignore: the job resets it (no inherited SIG_IGN), while the wrapper
-# survives a group SIGTERM long enough to record the status; the spawn
-# resets every other disposition (_SIGDEF).  No user code runs in the
+# wrapper's (as under ``sh -c CMD``).  `trap : TERM ...` is a handler, not
+# an ignore: the job resets it (no inherited SIG_IGN), while the wrapper
+# survives any signal sent to the group whose default would end it
+# (_WRAP_TRAPPED: a kill, or a HUP or USR1 sent on request) and waits for
+# the job to record its status; the spawn resets every other disposition
+# (_SIGDEF).  No user code runs in the
 # wrapper's own shell: the job runs in a child, so nothing it does (exec,
 # trap, exit, a builtin loop the TERM handler would keep alive) reaches the
 # shell that records its status.  The job sees its environment as given:
 # the wrapper sets no variable (j is a function, unset first), and OLDPWD,
 # which the `cd` to CWD sets to the manager's directory, is put back as the
 # job's environment had it (as ``env -C CWD sh -c CMD`` leaves it).
-_WRAP_HEAD = ('trap : TERM; j() { unset -f j; if [ -n "$4" ]; then '
+_WRAP_TRAPPED = ("TERM", "INT", "QUIT", "HUP", "USR1", "USR2", "ALRM", "VTALRM", "PROF", "XCPU",
+                 "XFSZ", "IO", "PWR", "SYS", "TRAP", "ABRT", "BUS", "FPE", "ILL", "SEGV",
+                 "PIPE")
+_WRAP_HEAD = ('trap : ' + " ".join(_WRAP_TRAPPED) + '; j() { unset -f j; if [ -n "$4" ]; then '
               'set -- "${OLDPWD+x$OLDPWD}" "$@"; cd -- "$5" || return 126; '
               'case $1 in x*) OLDPWD=${1#x};; *) unset OLDPWD;; esac; shift; fi; shift 4; ')
 _WRAP_TAIL = '; }; j "$@"; set -- $? "$2" "$3"; echo "$2 $1" >>"$3"; exit "$1"'
@@ -1296,6 +1301,8 @@ _WRAP_DIRECT = _WRAP_HEAD + '"$@"' + _WRAP_TAIL
 # SEQ EXITS CMD...``), whose jobs a newer build re-adopts after an upgrade.
 _WRAPPERS = frozenset(w.encode() for w in (
     _WRAP_SHELL, _WRAP_ARGV, _WRAP_DIRECT,
+    *(w.replace('trap : ' + " ".join(_WRAP_TRAPPED), 'trap : TERM', 1)
+      for w in (_WRAP_SHELL, _WRAP_ARGV, _WRAP_DIRECT)),
     'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
     'else (unset t f d r; eval "shift; $1"); r=$?; fi; echo "$t $r" >>"$f"; exit $r',
     'trap : TERM; t=$2; f=$3; d=$4; shift 4; if [ -n "$d" ] && ! cd -- "$d"; then r=126; '
@@ -1307,6 +1314,11 @@ _WRAPPERS = frozenset(w.encode() for w in (
     'trap : TERM; (eval "$3"); r=$?; echo "$1 $r" >>"$2"; exit $r',
     'trap : TERM; t=$1; f=$2; shift 2; ("$@"); r=$?; echo "$t $r" >>"$f"; exit $r'))
 _SIGDEF = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+# The signals `kill` sends that leave the wrapper alive: those it traps, and
+# those whose default ignores or stops a process.
+_SENDABLE = frozenset(getattr(signal, "SIG" + name) for name in _WRAP_TRAPPED + (
+    "CHLD", "URG", "WINCH", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "KILL")
+    if hasattr(signal, "SIG" + name))
 
 
 def _boot_id():
@@ -4057,6 +4069,10 @@ class JobManager:
         """`kill` of a signal that does not ask the job to end: sent once,
         never a kill of the record (the job's own end is what it records)."""
         name = signal_name(sig)
+        if sig not in _SENDABLE:
+            raise InvalidArgument("%s cannot be sent to a job: it would end the wrapper shell "
+                                  "that records the job's exit code (one of %s can)" % (
+                                      name, ", ".join(sorted(signal_name(s) for s in _SENDABLE))))
         with self._lock:
             job = self._active(jid)
             if job is not None:

@@ -2805,6 +2805,24 @@ def test_resources_in_use_are_rebuilt_from_running_jobs_after_a_restart(core_mak
 # kill, timeouts, signals
 # ---------------------------------------------------------------------------
 
+def test_kill_of_a_signal_that_ends_no_job_leaves_the_wrapper_recording(core_mgr, tmp_path):
+    """HUP, USR1 and the like go to the whole group, the wrapper shell
+    included: it must outlive them (it traps every signal whose default
+    would end it) and record the job's own exit code.  A signal it cannot
+    outlive (a real-time one) is refused, not sent."""
+    ready = tmp_path / "ready"
+    job = core_mgr.run("trap '' HUP USR1 USR2 ALRM; touch '%s'; sleep 0.5; exit 3" % ready,
+                       jid="sig")
+    _until(ready.exists, what="the job to set its traps")
+    for sig in ("HUP", "USR1", "USR2", "ALRM"):
+        core_mgr.kill("sig", sig)
+    rec = core_mgr.wait("sig", timeout=10)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", 3), rec
+    assert job["pid"] == rec["pid"]
+    with pytest.raises(pman.InvalidArgument, match="would end the wrapper shell"):
+        core_mgr.kill("sig", signal.SIGRTMIN + 3)
+
+
 def test_kill_sends_sigterm_to_the_group_then_sigkill_after_the_grace(core_mgr):
     """kill() signals the job's whole process group: SIGTERM (-15, or the
     signal named), and SIGKILL (-9) once the grace is over for a group that
