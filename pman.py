@@ -179,6 +179,11 @@ SUCCESS = "finishedSuccessfully"
 ERROR = "finishedWithError"
 UNDEFINED = "undefined"
 STATUSES = (NOTSTARTED, STARTED, SUCCESS, ERROR, UNDEFINED)
+# What a status filter takes (any case), in the library, over HTTP and on
+# the command line: pman's five statuses, and the words a person types.
+STATUS_ALIASES = dict({s.lower(): s for s in STATUSES}, queued=NOTSTARTED,
+                      waiting=NOTSTARTED, running=STARTED, succeeded=SUCCESS,
+                      success=SUCCESS, ok=SUCCESS, failed=ERROR)
 ACTIVE = (NOTSTARTED, STARTED)
 
 JID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -3057,10 +3062,14 @@ class _JobFilter:
         if isinstance(status, str):
             status = (status,)
         if status is not None:
+            named = []
             for s in status:
-                if s not in STATUSES:
-                    raise InvalidArgument("unknown status %s: one of %s"
+                named.append(STATUS_ALIASES.get(s.lower()) if isinstance(s, str) else None)
+                if named[-1] is None:
+                    raise InvalidArgument("unknown status %s: one of %s, or queued (waiting), "
+                                          "running, succeeded (success, ok), failed"
                                           % (_shown(s), ", ".join(STATUSES)))
+            status = tuple(named)
         if meta is not None and not isinstance(meta, dict):
             raise InvalidArgument("meta filter must be a dict")
         if text is not None and not isinstance(text, str):
@@ -7425,6 +7434,15 @@ def _serve_parser(prog="pman"):
                    "or ~/.local/state/pman)")
     p.add_argument("--max-running", type=int, default=None,
                    help="run at most N jobs at once; queue the rest")
+    p.add_argument("--cpus", type=_cpus_arg, default=None, metavar="N|IDS",
+                   help="the CPUs jobs' requests are admitted against: a number, or core "
+                   "ids (0,2-3) (default: this process's affinity)")
+    p.add_argument("--memory", type=_mib_arg, default=None, metavar="SIZE",
+                   help="the memory they are admitted against, in MiB or with a unit (64G) "
+                   "(default: the machine's, or its cgroup's limit)")
+    p.add_argument("--gpus", type=_gpus_arg, default=None, metavar="IDS",
+                   help="the GPU ids to give out (0,1; 'none') (default: "
+                   "CUDA_VISIBLE_DEVICES, else nvidia-smi -L)")
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE,
                    help="seconds from a kill's signal to SIGKILL (default 5)")
     p.add_argument("--log-limit", type=int, default=None,
@@ -7508,7 +7526,8 @@ def _serve(argv, prog="pman"):
             backend = PodmanBackend(args.podman_runtime, args.podman_args, args.storebase)
         manager = JobManager(args.state_dir, max_running=args.max_running, grace=args.grace,
                              log_limit=args.log_limit, keep_finished=args.keep_finished,
-                             backend=backend)
+                             backend=backend, cpus=args.cpus, memory=args.memory,
+                             gpus=args.gpus)
         server = make_server(manager, args.host, args.port, token=token,
                              listeners=args.listeners,
                              insecure_no_token=args.insecure_no_token,
@@ -7893,7 +7912,7 @@ def _run_body(client, args):
         jids = [j for value in getattr(args, name) or () for j in value.split(",") if j]
         if jids:
             body[name] = _checked_jids(list(dict.fromkeys(jids)))
-    for name in ("group", "priority", "retries", "retry_delay"):
+    for name in ("group", "priority", "retries", "retry_delay", "cpus", "memory", "gpus"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     if args.begin is not None:
@@ -7901,6 +7920,48 @@ def _run_body(client, args):
     if args.hold:
         body["hold"] = True
     return body
+
+
+_SIZE_RE = re.compile(r"(\d+)([KMGT]?)(?:i?B)?", re.I)
+
+
+def _mib_arg(text):
+    """A memory size for the command line: MiB, or a number with K, M, G or
+    T (powers of 1024; 512M, 4G, 1.5 is refused): whole MiB."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError("%r is not a size: give MiB (512) or a whole number "
+                                         "with K, M, G or T (512M, 4G)" % text)
+    number, unit = int(match.group(1)), match.group(2).upper()
+    kib = number * 1024 ** "KMGT".index(unit or "M")
+    if kib % 1024 or kib == 0:
+        raise argparse.ArgumentTypeError("%r is not a positive whole number of MiB" % text)
+    return kib // 1024
+
+
+def _count_arg(text):
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text)
+    return int(text)
+
+
+def _cpus_arg(text):
+    """`serve --cpus`: a number of CPUs, or core ids as 0,2-3."""
+    if text.isdigit():
+        return int(text)
+    cores = []
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise argparse.ArgumentTypeError("%r is neither a number of CPUs nor core ids "
+                                             "(0,2-3)" % text)
+        cores += range(int(low), int(high or low) + 1)
+    return cores
+
+
+def _gpus_arg(text):
+    """`serve --gpus`: GPU ids (0,1), or none."""
+    return [] if text.strip().lower() == "none" else [g for g in text.split(",") if g]
 
 
 # The pfcon fields `pman run` sends (the podman backend acts on them).
@@ -7965,11 +8026,6 @@ _LS_HEAD = ("JID", "STATUS", "RC", "STARTED", "DURATION", "WAITING", "COMMAND")
 _COLOURS = {STARTED: "33", SUCCESS: "32", ERROR: "31", UNDEFINED: "35"}
 STATUS_WORDS = {NOTSTARTED: "queued", STARTED: "running", SUCCESS: "succeeded",
                 ERROR: "failed", UNDEFINED: "undefined"}
-# What a status filter of the command line takes (any case): pman's five
-# statuses, and the words a person types.
-STATUS_ALIASES = dict({s.lower(): s for s in STATUSES}, queued=NOTSTARTED,
-                      waiting=NOTSTARTED, running=STARTED, succeeded=SUCCESS,
-                      success=SUCCESS, ok=SUCCESS, failed=ERROR)
 
 
 def _statuses_arg(text):
@@ -8523,6 +8579,13 @@ def _client_parser():
     s.add_argument("--retry-delay", type=float, metavar="S",
                    help="seconds before the first retry, doubling before each next one "
                    "(default 1)")
+    s.add_argument("--cpus", type=_count_arg, metavar="N",
+                   help="N CPUs of its own: it starts once they are free, pinned to them")
+    s.add_argument("--memory", type=_mib_arg, metavar="SIZE",
+                   help="memory it may use, in MiB or with a unit (512M, 4G): it starts "
+                   "once that much is free, and is held to it where pman can (a cgroup)")
+    s.add_argument("--gpus", type=_count_arg, metavar="N",
+                   help="N GPUs of its own, in its CUDA_VISIBLE_DEVICES")
     c = s.add_argument_group("containers (the podman backend; pfcon's fields)")
     c.add_argument("--image", help="the image to run the job in (required there)")
     c.add_argument("--entrypoint", metavar="PROG",

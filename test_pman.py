@@ -2018,8 +2018,13 @@ def test_core_jobs_filter_by_status_auid_and_meta_and_page_with_after(core_mgr):
     assert ids(after="b") == ["c", "d"]
     assert ids(after="b", limit=1) == ["c"]
     assert ids(after="d") == []
-    with pytest.raises(pman.InvalidArgument):
-        m.jobs(status="running")
+    # the words a person types, in any case, stand for pman's statuses
+    assert ids(status="running") == ["d"]
+    assert ids(status=("FAILED", "ok")) == ["a", "b", "c"]
+    assert ids(status="Succeeded") == ids(status="success") == ["a", "c"]
+    assert ids(status="queued") == ids(status="waiting") == []
+    with pytest.raises(pman.InvalidArgument, match="unknown status 'done'"):
+        m.jobs(status="done")
     with pytest.raises(pman.JobNotFound):
         m.jobs(after="zzz")
     full = m.jobs(auid="alice")
@@ -5902,6 +5907,7 @@ def test_resource_jobs_route_pages_and_filters_by_status_auid_meta_and_text(http
     _http_post_job(http_srv, {"jid": "p5", "cmd": "sleep 30"})
     assert page("status=started") == (["p5"], None)
     assert page("status=started,notstarted") == (["p5"], None)
+    assert page("status=running,queued") == (["p5"], None)
     job = http_srv.request("GET", "/api/v1/jobs?status=started").json["jobs"][0]
     assert job["jid"] == "p5" and job["status"] == "started" and "cmd" in job
 
@@ -9552,6 +9558,28 @@ def test_cli_run_image_entrypoint_and_limits_on_the_podman_backend(podman_ready,
 
 
 # -- scheduling: run's options, hold, release, priority, pause, resume, group ----
+
+def test_cli_resources_on_serve_and_run_with_sizes_a_person_types(cli_server):
+    server = cli_server("--cpus", "1", "--memory", "1G", "--gpus", "7,9")
+    code, out, err = _cli("run", "--jid", "r1", "--cpus", "1", "--memory", "512M", "--gpus",
+                          "1", "--wait", "--", "echo $CUDA_VISIBLE_DEVICES; grep "
+                          "Cpus_allowed_list /proc/self/status", url=server.url)
+    assert code == 0, err
+    job = server.job("r1")
+    assert (job["cpus"], job["memory"], job["gpus"]) == (1, 512, 1), job
+    assert job["assigned"]["gpus"] in (["7"], ["9"]) and len(job["assigned"]["cpus"]) == 1
+    code, out, err = _cli("logs", "r1", url=server.url)
+    assert out.decode().split() == [job["assigned"]["gpus"][0], "Cpus_allowed_list:",
+                                    str(job["assigned"]["cpus"][0])], out
+    code, out, err = _cli("show", "r1", url=server.url)
+    assert code == 0 and "assigned" in out.decode(), out
+    code, out, err = _cli("run", "--jid", "big", "--memory", "2G", "--", "true", url=server.url)
+    assert code == 3 and "memory=2048" in err and "1024 MiB of memory" in err, err
+    for bad in ("1.5G", "12X", "0", "-1"):
+        code, out, err = _cli("run", "--memory", bad, "--", "true", url=server.url)
+        assert code == 64 and "--memory" in err, (bad, code, err)
+    assert server.http("GET", "/api/v1/big/")[0] == 404
+
 
 def test_cli_run_sends_every_scheduling_option_and_begin_takes_three_forms(cli_server):
     server = cli_server()
