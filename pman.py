@@ -488,13 +488,16 @@ def check_priority(priority):
     return priority
 
 
+MAX_EPOCH = 253402300799        # 9999-12-31T23:59:59Z: every later time is out of range
+
+
 def parse_begin(begin):
     """*begin* (ISO 8601 with an offset, or epoch seconds) as the ISO 8601
     text a record keeps; InvalidArgument if it is neither."""
     if isinstance(begin, (int, float)) and not isinstance(begin, bool):
-        if not 0 <= begin <= 253402300799:       # up to the year 9999
-            raise InvalidArgument("begin must be epoch seconds from 0 to 253402300799, "
-                                  "not %s" % _shown(begin))
+        if not 0 <= begin <= MAX_EPOCH:
+            raise InvalidArgument("begin must be epoch seconds from 0 to %d, not %s"
+                                  % (MAX_EPOCH, _shown(begin)))
         return datetime.fromtimestamp(begin, timezone.utc).isoformat()
     if isinstance(begin, str):
         text = begin[:-1] + "+00:00" if begin[-1:] in ("Z", "z") else begin
@@ -503,6 +506,13 @@ def parse_begin(begin):
         except ValueError:
             when = None
         if when is not None and when.tzinfo is not None:
+            try:
+                # An offset can carry a time past 9999 in UTC, or before 1970.
+                if not 0 <= when.timestamp() <= MAX_EPOCH:
+                    raise OverflowError
+            except (OverflowError, ValueError):
+                raise InvalidArgument("begin must be from 1970 to 9999 (UTC), not %s"
+                                      % _shown(begin)) from None
             return when.isoformat()
         raise InvalidArgument("begin must be ISO 8601 with an offset (2026-12-06T14:05:00"
                               "+01:00) or epoch seconds, not %s" % _shown(begin))
@@ -797,10 +807,11 @@ def _record_problem(rec, deep=True):
         return "invalid group"
     if "begin" in rec:
         try:
-            if datetime.fromisoformat(rec["begin"]).tzinfo is None:
-                return "'begin' has no offset"
-        except ValueError:
-            return "'begin' is not an ISO 8601 time"
+            parse_begin(rec["begin"])
+        except InvalidArgument as e:
+            return "'begin': %s" % e
+    if "retry_at" in rec and not 0 <= rec["retry_at"] <= MAX_EPOCH:
+        return "'retry_at' is out of range"
     if deep and ((rec["meta"] and not _depth_ok(rec["meta"], MAX_DEPTH))
                  or (rec["extras"] and not _depth_ok(rec["extras"], MAX_DEPTH + 1))):
         return "meta nested too deeply"
@@ -3261,7 +3272,10 @@ def _clock(epoch):
     """*epoch* as a person reads it in a reason: the time of day, with the
     date when it is not within a day."""
     fmt = "%H:%M:%S" if abs(epoch - _wall()) < 86400 else "%Y-%m-%d %H:%M:%S"
-    return datetime.fromtimestamp(epoch).strftime(fmt)
+    try:
+        return datetime.fromtimestamp(epoch).strftime(fmt)
+    except (OverflowError, ValueError, OSError):    # past 9999 in local time
+        return datetime.fromtimestamp(epoch, timezone.utc).strftime(fmt + " UTC")
 
 
 def _find_cycle(edges):
@@ -4793,7 +4807,7 @@ class JobManager:
             self.backend.unwatch(job)
         self._timers.cancel(job, self._live_job)
         job.attempts = attempts + [attempt]
-        job.retry_at = _wall() + job.get("retry_delay") * 2 ** len(attempts)
+        job.retry_at = min(MAX_EPOCH, _wall() + job.get("retry_delay") * 2 ** len(attempts))
         job.status, job.returncode, job.message = NOTSTARTED, None, "attempt %d %s" % (
             len(job.attempts), message if message.startswith("spawn") else
             "ended: " + message)

@@ -2633,6 +2633,35 @@ def test_sched_begin_is_never_early_and_holds_across_a_restart(core_make, tmp_pa
     assert m.wait("iso", timeout=10)["returncode"] == 0
 
 
+def test_sched_a_begin_past_year_9999_is_refused_and_never_costs_a_dependency_its_code(
+        core_make, tmp_path, monkeypatch):
+    """A begin that is in range only by its offset is refused at submission;
+    one at the very end of the range still says why it waits where local
+    time is past 9999, and a dependency's end that makes it ready keeps its
+    exact exit code."""
+    m = core_make()
+    with pytest.raises(pman.InvalidArgument, match="begin must be from 1970 to 9999"):
+        m.run("true", begin="9999-12-31T23:59:59-12:00")
+    with pytest.raises(pman.InvalidArgument, match="begin must be from 1970 to 9999"):
+        m.run("true", begin="9999-12-31T23:59:59-12:00", hold=True)
+    monkeypatch.setenv("TZ", "Etc/GMT-14")      # UTC+14: the range's end is year 10000 here
+    time.tzset()
+    try:
+        wait_a, gate = _sched_gate(tmp_path, "a")
+        m.run(wait_a, jid="a")
+        d = m.run("true", jid="d", after=["a"], begin=pman.MAX_EPOCH)
+        h = m.run("true", jid="h", begin=pman.MAX_EPOCH, hold=True)
+        assert d["waiting"] == "after a (started)" and h["waiting"] == "held"
+        assert m.release("h")["waiting"] == "begins 9999-12-31 23:59:59 UTC"
+        gate.touch()
+        a = m.wait("a", timeout=10)
+        assert (a["status"], a["returncode"]) == ("finishedSuccessfully", 0), a
+        assert m.get("d")["waiting"] == "begins 9999-12-31 23:59:59 UTC"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
 def test_sched_retries_keep_every_attempt_and_double_the_delay(core_make, tmp_path):
     m = core_make()
     count = tmp_path / "count"
