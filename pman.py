@@ -3464,7 +3464,9 @@ class _Scheduler:
                 heapq.heappop(self._ready[group, shape])
                 self.discard(entry[3])
                 return entry[3]
-            if not reserved:
+            # A job queued under a larger capacity (before a restart) that
+            # can never fit here reserves nothing: it would block every other.
+            if not reserved and not self.capacity.never_fits(shape):
                 free = tuple(max(0, have - need) for need, have in zip(shape, free))
                 reserved = True
         return None
@@ -3499,7 +3501,8 @@ class _Scheduler:
             return "paused", "group %s paused" % group
         if self.full(group):
             return "full", "group %s full (%d running)" % (group, self.running[group])
-        short = self.capacity.short_of(self.shape(job))
+        shape = self.shape(job)
+        short = self.capacity.never_fits(shape) or self.capacity.short_of(shape)
         if short:
             return "resources", short
         return "full", "waiting for a free slot (%d running)" % sum(self.running.values())

@@ -2825,6 +2825,27 @@ def test_resources_in_use_are_rebuilt_from_running_jobs_after_a_restart(core_mak
     assert m.run("true", jid="all", cpus=2)["status"] == "started"
 
 
+def test_resources_a_queued_job_larger_than_a_restarted_managers_capacity_blocks_no_other(
+        core_make, tmp_path):
+    """A job queued under a larger capacity, which the restarted manager can
+    never fit, says so and reserves nothing: the jobs behind it start."""
+    state = tmp_path / "state"
+    m = core_make(state, cpus=2, max_running=1)
+    wait_x, gate = _sched_gate(tmp_path, "x")
+    m.run(wait_x, jid="first")
+    assert m.run("true", jid="big", cpus=2)["status"] == "notstarted"
+    m.close()
+    m = core_make(state, cpus=1)
+    gate.touch()
+    m.wait("first", timeout=10)
+    small = m.run("true", jid="small", cpus=1)
+    assert m.wait("small", timeout=10)["returncode"] == 0, small
+    big = m.get("big")
+    assert big["status"] == "notstarted"
+    assert big["waiting"].startswith("cpus=2 (pfcon's cpu_limit) is more than the manager has: "
+                                     "1 CPU"), big
+
+
 # ===========================================================================
 # 3. kill, timeouts and signals
 # ===========================================================================
