@@ -764,6 +764,24 @@ _FIELD_TYPES = {
 _REQUIRED = frozenset(_FIELD_TYPES) - {"backend_id", "waiting"} - set(_SCHED_FIELDS)
 
 
+# An earlier attempt of a job with retries (see JobManager._retry).
+_ATTEMPT_TYPES = {"returncode": {int, _NONE}, "started": {str, _NONE}, "ended": {str, _NONE},
+                  "message": {str}}
+
+
+def _is_time(value):
+    """*value* is None or an ISO 8601 time."""
+    try:
+        return value is None or bool(datetime.fromisoformat(value))
+    except ValueError:
+        return False
+
+
+def _listed(value):
+    """*value* if it is a list, else a list that no check passes."""
+    return value if type(value) is list else [None]
+
+
 def _record_problem(rec, deep=True):
     """Why the parsed state line *rec* is not a job record that pman could
     have written, or None.  Every field's type is checked, so that a record
@@ -801,8 +819,20 @@ def _record_problem(rec, deep=True):
             type(p) is list and len(p) == 2 and type(p[0]) is str and JID_RE.fullmatch(p[0])
             and type(p[1]) is bool for p in rec["pending"]):
         return "'pending' is not a list of [jid, bool]"
-    if "attempts" in rec and not all(type(a) is dict for a in rec["attempts"]):
-        return "'attempts' is not a list of objects"
+    for attempt in rec.get("attempts", ()):
+        if not (type(attempt) is dict and attempt.keys() == _ATTEMPT_TYPES.keys() and all(
+                type(attempt[k]) in types for k, types in _ATTEMPT_TYPES.items())
+                and all(_is_time(attempt[k]) for k in ("started", "ended"))):
+            return "'attempts' is not a list of attempts"
+    for name in ("cpus", "memory", "gpus"):
+        if rec.get(name, 0) < 0:
+            return "negative %r" % name
+    assigned = rec.get("assigned", {})
+    if not (assigned.keys() <= {"cpus", "gpus", "memory"}
+            and all(type(c) is int and c >= 0 for c in _listed(assigned.get("cpus", [])))
+            and all(type(g) is str for g in _listed(assigned.get("gpus", [])))
+            and type(assigned.get("memory", 0)) is int and assigned.get("memory", 0) >= 0):
+        return "'assigned' is not cores, GPU ids and MiB"
     if "group" in rec and not GROUP_RE.fullmatch(rec["group"]):
         return "invalid group"
     if "begin" in rec:

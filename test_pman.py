@@ -2825,6 +2825,42 @@ def test_resources_in_use_are_rebuilt_from_running_jobs_after_a_restart(core_mak
     assert m.run("true", jid="all", cpus=2)["status"] == "started"
 
 
+def test_resources_damaged_scheduling_fields_of_a_running_job_are_set_aside_at_load(
+        core_make, tmp_path, caplog):
+    """Lines of a running job whose scheduling fields pman could not have
+    written (assigned, attempts, requests, pending, group, begin, retry_at)
+    are set aside with a message: the load neither crashes nor takes them,
+    the job is re-adopted as it was, and its exit code is exact."""
+    caplog.set_level(logging.WARNING, logger="pman")
+    state = tmp_path / "state"
+    m = core_make(state, cpus=2)
+    wait_x, gate = _sched_gate(tmp_path, "x")
+    a = m.run(wait_x + "; exit 3", jid="a", cpus=1)
+    with m._lock:
+        good = json.loads(m._jobs["a"].line())
+    m.close()
+    damage = [{"assigned": {"cpus": [0], "memory": "x"}}, {"assigned": {"cpus": 5}},
+              {"assigned": {"cpus": ["a"]}}, {"assigned": {"gpus": [1]}},
+              {"assigned": {"disks": 1}}, {"cpus": -1}, {"memory": -100},
+              {"attempts": [{"returncode": "x"}]},
+              {"attempts": [{"returncode": 1, "started": None, "ended": "soon",
+                             "message": "m"}]},
+              {"pending": "b"}, {"group": "a b"}, {"begin": "2026-01-01T10:00:00"},
+              {"retry_at": 1e300}]
+    journal = sorted(state.glob("journal-*.jsonl"))[-1]
+    with open(journal, "a") as f:
+        for fields in damage:
+            f.write(json.dumps(dict(good, **fields)) + "\n")
+    m = core_make(state, cpus=2)
+    assert "damaged journal (%d bad lines)" % len(damage) in caplog.text
+    rec = m.get("a")
+    assert rec["status"] == "started" and rec["assigned"] == a["assigned"], rec
+    assert m.capacity.free()[0] == 1
+    gate.touch()
+    rec = m.wait("a", timeout=10)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", 3), rec
+
+
 def test_resources_a_queued_job_larger_than_a_restarted_managers_capacity_blocks_no_other(
         core_make, tmp_path):
     """A job queued under a larger capacity, which the restarted manager can
