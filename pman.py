@@ -3745,6 +3745,7 @@ class JobManager:
                                  self.backend.local_resources)
         self._running = _Running(self._sched)   # jid -> handed-over _Job
         self._settling = None               # ended jids whose dependents are due
+        self._resolved = set()              # queued jobs whose resolved deps are unjournaled
         self._timers = _Timers()
         self._ended = []                    # jids for on_end, reaper only
         self._flush_due = None
@@ -4406,6 +4407,7 @@ class JobManager:
         the slots of *starting* are given back and nothing is recorded.
         Caller holds self._lock."""
         try:
+            self._journal_resolved()     # before a re-run replaces a dependency
             lines = []
             for index, job in enumerate(jobs):
                 try:
@@ -4876,9 +4878,23 @@ class JobManager:
         verdict = _dependency_verdict(jid, self._jobs.get(jid), any_end)
         if verdict is True:
             self._sched.resolve(job, jid)
-            self._persist(job)
+            # Journaled at the next flush, not per dependency: a job with
+            # thousands would write its whole record for each.  Until then
+            # the dependency's own end line says the same.
+            self._resolved.add(job)
+            self._flush_soon(FLUSH_DELAY)
         elif verdict is not None:
             self._record_end(job, ERROR, None, verdict, started=False)
+
+    def _journal_resolved(self):
+        """Journal the queued jobs whose dependencies counted since the last
+        time: before a dependency's record is forgotten or replaced by a
+        re-run, which would change what a restart decides.  Caller holds
+        self._lock."""
+        for job in self._resolved:
+            if job.sched is self._sched:
+                self._persist(job)
+        self._resolved.clear()
 
     def _settle_dependents(self, jid):
         """*jid* has ended: settle the jobs queued after it, and theirs in
@@ -5015,6 +5031,7 @@ class JobManager:
             if not gone:
                 return 0
             try:
+                self._journal_resolved()
                 ticket = self._store.append(json.dumps({"forget": gone}), must=True)
             except StorageError:
                 if oldest > 0:      # they are still the oldest
@@ -5099,6 +5116,7 @@ class JobManager:
         idle = False
         if flush:
             self._flush_due = None
+            self._journal_resolved()
             idle = not self._running
         ended = []
         if self.on_end is not None:

@@ -637,6 +637,11 @@ for step in plan.get("steps", ()):
     elif step[0] == "kill":
         rec = m.kill(step[1])
         say(event="killed", jid=rec["jid"], status=rec["status"])
+    elif step[0] == "wait":
+        rec = m.wait(step[1], timeout=20)
+        say(event="ended", jid=rec["jid"], returncode=rec["returncode"])
+    elif step[0] == "remove":
+        m.remove(step[1])
     elif step[0] == "await":        # until the job's stdout holds this text
         deadline = time.monotonic() + 10
         while step[2].encode() not in m.read_log(step[1])["data"]:
@@ -2530,6 +2535,44 @@ def test_sched_forgetting_or_rerunning_an_ended_dependency_changes_nothing(core_
     m = core_make(state)
     gate.touch()
     assert m.wait("dep", timeout=10)["returncode"] == 0
+
+
+def test_sched_a_dependency_removed_at_once_after_it_counted_changes_nothing_after_a_sigkill(
+        crash_env, tmp_path):
+    """The dependent's record says its dependency counted before the
+    dependency's record is forgotten, even when the manager dies right
+    after the removal."""
+    state = crash_env.path()
+    wait_a, gate_a = _sched_gate(tmp_path, "a")
+    wait_g, gate_g = _sched_gate(tmp_path, "g")
+    gate_a.touch()
+    child = crash_env.child(state, [["run", "g", wait_g], ["run", "a", wait_a],
+                                    ["run", "d", "exit 4", {"after": ["a", "g"]}],
+                                    ["wait", "a"], ["remove", "a"]])
+    child.wait_event("done", timeout=30)
+    child.sigkill()
+    m = crash_env.manager(state, tolerate_dead_holder=True)
+    assert m.get("d")["waiting"] == "after g (started)", m.get("d")
+    gate_g.touch()
+    assert m.wait("d", timeout=10)["returncode"] == 4
+
+
+def test_sched_a_job_with_many_dependencies_is_not_journaled_whole_for_each(core_make,
+                                                                             tmp_path):
+    """A join of 400 dependencies writes its record a few times, not once
+    per dependency's end (each line holds all its dependencies)."""
+    state = tmp_path / "state"
+    m = core_make(state, max_running=4)
+    wait_x, gate = _sched_gate(tmp_path, "x")
+    m.run(wait_x, jid="x")
+    deps = m.run_many([{"cmd": "true", "after": ["x"]} for _ in range(400)])
+    m.run("true", jid="join", after=[d["jid"] for d in deps])
+    gate.touch()
+    assert m.wait("join", timeout=60)["returncode"] == 0
+    lines = sum(line.startswith('{"jid": "join",') or '{"jid": "join",' in line
+                for path in state.glob("journal-*.jsonl")
+                for line in path.read_text().splitlines())
+    assert lines < 60, lines
 
 
 def test_sched_a_group_limit_holds_with_the_managers(core_make, tmp_path):
