@@ -498,13 +498,16 @@ def check_priority(priority):
     return priority
 
 
+MAX_EPOCH = 253402300799        # 9999-12-31T23:59:59Z: every later time is out of range
+
+
 def parse_begin(begin):
     """*begin* (ISO 8601 with an offset, or epoch seconds) as the ISO 8601
     text a record keeps; InvalidArgument if it is neither."""
     if isinstance(begin, (int, float)) and not isinstance(begin, bool):
-        if not 0 <= begin <= 253402300799:       # up to the year 9999
-            raise InvalidArgument("begin must be epoch seconds from 0 to 253402300799, "
-                                  "not %s" % _shown(begin))
+        if not 0 <= begin <= MAX_EPOCH:
+            raise InvalidArgument("begin must be epoch seconds from 0 to %d, not %s"
+                                  % (MAX_EPOCH, _shown(begin)))
         return datetime.fromtimestamp(begin, timezone.utc).isoformat()
     if isinstance(begin, str):
         text = begin[:-1] + "+00:00" if begin[-1:] in ("Z", "z") else begin
@@ -513,6 +516,13 @@ def parse_begin(begin):
         except ValueError:
             when = None
         if when is not None and when.tzinfo is not None:
+            try:
+                # An offset can carry a time past 9999 in UTC, or before 1970.
+                if not 0 <= when.timestamp() <= MAX_EPOCH:
+                    raise OverflowError
+            except (OverflowError, ValueError):
+                raise InvalidArgument("begin must be from 1970 to 9999 (UTC), not %s"
+                                      % _shown(begin)) from None
             return when.isoformat()
         raise InvalidArgument("begin must be ISO 8601 with an offset (2026-12-06T14:05:00"
                               "+01:00) or epoch seconds, not %s" % _shown(begin))
@@ -764,6 +774,24 @@ _FIELD_TYPES = {
 _REQUIRED = frozenset(_FIELD_TYPES) - {"backend_id", "waiting"} - set(_SCHED_FIELDS)
 
 
+# An earlier attempt of a job with retries (see JobManager._retry).
+_ATTEMPT_TYPES = {"returncode": {int, _NONE}, "started": {str, _NONE}, "ended": {str, _NONE},
+                  "message": {str}}
+
+
+def _is_time(value):
+    """*value* is None or an ISO 8601 time."""
+    try:
+        return value is None or bool(datetime.fromisoformat(value))
+    except ValueError:
+        return False
+
+
+def _listed(value):
+    """*value* if it is a list, else a list that no check passes."""
+    return value if type(value) is list else [None]
+
+
 def _record_problem(rec, deep=True):
     """Why the parsed state line *rec* is not a job record that pman could
     have written, or None.  Every field's type is checked, so that a record
@@ -801,16 +829,29 @@ def _record_problem(rec, deep=True):
             type(p) is list and len(p) == 2 and type(p[0]) is str and JID_RE.fullmatch(p[0])
             and type(p[1]) is bool for p in rec["pending"]):
         return "'pending' is not a list of [jid, bool]"
-    if "attempts" in rec and not all(type(a) is dict for a in rec["attempts"]):
-        return "'attempts' is not a list of objects"
+    for attempt in rec.get("attempts", ()):
+        if not (type(attempt) is dict and attempt.keys() == _ATTEMPT_TYPES.keys() and all(
+                type(attempt[k]) in types for k, types in _ATTEMPT_TYPES.items())
+                and all(_is_time(attempt[k]) for k in ("started", "ended"))):
+            return "'attempts' is not a list of attempts"
+    for name in ("cpus", "memory", "gpus"):
+        if rec.get(name, 0) < 0:
+            return "negative %r" % name
+    assigned = rec.get("assigned", {})
+    if not (assigned.keys() <= {"cpus", "gpus", "memory"}
+            and all(type(c) is int and c >= 0 for c in _listed(assigned.get("cpus", [])))
+            and all(type(g) is str for g in _listed(assigned.get("gpus", [])))
+            and type(assigned.get("memory", 0)) is int and assigned.get("memory", 0) >= 0):
+        return "'assigned' is not cores, GPU ids and MiB"
     if "group" in rec and not GROUP_RE.fullmatch(rec["group"]):
         return "invalid group"
     if "begin" in rec:
         try:
-            if datetime.fromisoformat(rec["begin"]).tzinfo is None:
-                return "'begin' has no offset"
-        except ValueError:
-            return "'begin' is not an ISO 8601 time"
+            parse_begin(rec["begin"])
+        except InvalidArgument as e:
+            return "'begin': %s" % e
+    if "retry_at" in rec and not 0 <= rec["retry_at"] <= MAX_EPOCH:
+        return "'retry_at' is out of range"
     if deep and ((rec["meta"] and not _depth_ok(rec["meta"], MAX_DEPTH))
                  or (rec["extras"] and not _depth_ok(rec["extras"], MAX_DEPTH + 1))):
         return "meta nested too deeply"
@@ -3287,7 +3328,10 @@ def _clock(epoch):
     """*epoch* as a person reads it in a reason: the time of day, with the
     date when it is not within a day."""
     fmt = "%H:%M:%S" if abs(epoch - _wall()) < 86400 else "%Y-%m-%d %H:%M:%S"
-    return datetime.fromtimestamp(epoch).strftime(fmt)
+    try:
+        return datetime.fromtimestamp(epoch).strftime(fmt)
+    except (OverflowError, ValueError, OSError):    # past 9999 in local time
+        return datetime.fromtimestamp(epoch, timezone.utc).strftime(fmt + " UTC")
 
 
 def _find_cycle(edges):
@@ -3476,7 +3520,9 @@ class _Scheduler:
                 heapq.heappop(self._ready[group, shape])
                 self.discard(entry[3])
                 return entry[3]
-            if not reserved:
+            # A job queued under a larger capacity (before a restart) that
+            # can never fit here reserves nothing: it would block every other.
+            if not reserved and not self.capacity.never_fits(shape):
                 free = tuple(max(0, have - need) for need, have in zip(shape, free))
                 reserved = True
         return None
@@ -3511,7 +3557,8 @@ class _Scheduler:
             return "paused", "group %s paused" % group
         if self.full(group):
             return "full", "group %s full (%d running)" % (group, self.running[group])
-        short = self.capacity.short_of(self.shape(job))
+        shape = self.shape(job)
+        short = self.capacity.never_fits(shape) or self.capacity.short_of(shape)
         if short:
             return "resources", short
         return "full", "waiting for a free slot (%d running)" % sum(self.running.values())
@@ -3724,6 +3771,7 @@ class JobManager:
                                  self.backend.local_resources)
         self._running = _Running(self._sched)   # jid -> handed-over _Job
         self._settling = None               # ended jids whose dependents are due
+        self._resolved = set()              # queued jobs whose resolved deps are unjournaled
         self._timers = _Timers()
         self._ended = []                    # jids for on_end, reaper only
         self._flush_due = None
@@ -4421,6 +4469,7 @@ class JobManager:
         the slots of *starting* are given back and nothing is recorded.
         Caller holds self._lock."""
         try:
+            self._journal_resolved()     # before a re-run replaces a dependency
             lines = []
             for index, job in enumerate(jobs):
                 try:
@@ -4855,7 +4904,7 @@ class JobManager:
             self.backend.unwatch(job)
         self._timers.cancel(job, self._live_job)
         job.attempts = attempts + [attempt]
-        job.retry_at = _wall() + job.get("retry_delay") * 2 ** len(attempts)
+        job.retry_at = min(MAX_EPOCH, _wall() + job.get("retry_delay") * 2 ** len(attempts))
         job.status, job.returncode, job.message = NOTSTARTED, None, "attempt %d %s" % (
             len(job.attempts), message if message.startswith("spawn") else
             "ended: " + message)
@@ -4891,9 +4940,23 @@ class JobManager:
         verdict = _dependency_verdict(jid, self._jobs.get(jid), any_end)
         if verdict is True:
             self._sched.resolve(job, jid)
-            self._persist(job)
+            # Journaled at the next flush, not per dependency: a job with
+            # thousands would write its whole record for each.  Until then
+            # the dependency's own end line says the same.
+            self._resolved.add(job)
+            self._flush_soon(FLUSH_DELAY)
         elif verdict is not None:
             self._record_end(job, ERROR, None, verdict, started=False)
+
+    def _journal_resolved(self):
+        """Journal the queued jobs whose dependencies counted since the last
+        time: before a dependency's record is forgotten or replaced by a
+        re-run, which would change what a restart decides.  Caller holds
+        self._lock."""
+        for job in self._resolved:
+            if job.sched is self._sched:
+                self._persist(job)
+        self._resolved.clear()
 
     def _settle_dependents(self, jid):
         """*jid* has ended: settle the jobs queued after it, and theirs in
@@ -5030,6 +5093,7 @@ class JobManager:
             if not gone:
                 return 0
             try:
+                self._journal_resolved()
                 ticket = self._store.append(json.dumps({"forget": gone}), must=True)
             except StorageError:
                 if oldest > 0:      # they are still the oldest
@@ -5114,6 +5178,7 @@ class JobManager:
         idle = False
         if flush:
             self._flush_due = None
+            self._journal_resolved()
             idle = not self._running
         ended = []
         if self.on_end is not None:

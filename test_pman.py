@@ -638,6 +638,11 @@ for step in plan.get("steps", ()):
     elif step[0] == "kill":
         rec = m.kill(step[1])
         say(event="killed", jid=rec["jid"], status=rec["status"])
+    elif step[0] == "wait":
+        rec = m.wait(step[1], timeout=20)
+        say(event="ended", jid=rec["jid"], returncode=rec["returncode"])
+    elif step[0] == "remove":
+        m.remove(step[1])
     elif step[0] == "await":        # until the job's stdout holds this text
         deadline = time.monotonic() + 10
         while step[2].encode() not in m.read_log(step[1])["data"]:
@@ -2538,6 +2543,44 @@ def test_sched_forgetting_or_rerunning_an_ended_dependency_changes_nothing(core_
     assert m.wait("dep", timeout=10)["returncode"] == 0
 
 
+def test_sched_a_dependency_removed_at_once_after_it_counted_changes_nothing_after_a_sigkill(
+        crash_env, tmp_path):
+    """The dependent's record says its dependency counted before the
+    dependency's record is forgotten, even when the manager dies right
+    after the removal."""
+    state = crash_env.path()
+    wait_a, gate_a = _sched_gate(tmp_path, "a")
+    wait_g, gate_g = _sched_gate(tmp_path, "g")
+    gate_a.touch()
+    child = crash_env.child(state, [["run", "g", wait_g], ["run", "a", wait_a],
+                                    ["run", "d", "exit 4", {"after": ["a", "g"]}],
+                                    ["wait", "a"], ["remove", "a"]])
+    child.wait_event("done", timeout=30)
+    child.sigkill()
+    m = crash_env.manager(state, tolerate_dead_holder=True)
+    assert m.get("d")["waiting"] == "after g (started)", m.get("d")
+    gate_g.touch()
+    assert m.wait("d", timeout=10)["returncode"] == 4
+
+
+def test_sched_a_job_with_many_dependencies_is_not_journaled_whole_for_each(core_make,
+                                                                             tmp_path):
+    """A join of 400 dependencies writes its record a few times, not once
+    per dependency's end (each line holds all its dependencies)."""
+    state = tmp_path / "state"
+    m = core_make(state, max_running=4)
+    wait_x, gate = _sched_gate(tmp_path, "x")
+    m.run(wait_x, jid="x")
+    deps = m.run_many([{"cmd": "true", "after": ["x"]} for _ in range(400)])
+    m.run("true", jid="join", after=[d["jid"] for d in deps])
+    gate.touch()
+    assert m.wait("join", timeout=60)["returncode"] == 0
+    lines = sum(line.startswith('{"jid": "join",') or '{"jid": "join",' in line
+                for path in state.glob("journal-*.jsonl")
+                for line in path.read_text().splitlines())
+    assert lines < 60, lines
+
+
 def test_sched_a_group_limit_holds_with_the_managers(core_make, tmp_path):
     m = core_make(max_running=3)
     wait_x, gate = _sched_gate(tmp_path, "x")
@@ -2637,6 +2680,35 @@ def test_sched_begin_is_never_early_and_holds_across_a_restart(core_make, tmp_pa
     done = m.wait("b", timeout=10)
     assert _core_stamp(done["started"]).timestamp() >= begin
     assert m.wait("iso", timeout=10)["returncode"] == 0
+
+
+def test_sched_a_begin_past_year_9999_is_refused_and_never_costs_a_dependency_its_code(
+        core_make, tmp_path, monkeypatch):
+    """A begin that is in range only by its offset is refused at submission;
+    one at the very end of the range still says why it waits where local
+    time is past 9999, and a dependency's end that makes it ready keeps its
+    exact exit code."""
+    m = core_make()
+    with pytest.raises(pman.InvalidArgument, match="begin must be from 1970 to 9999"):
+        m.run("true", begin="9999-12-31T23:59:59-12:00")
+    with pytest.raises(pman.InvalidArgument, match="begin must be from 1970 to 9999"):
+        m.run("true", begin="9999-12-31T23:59:59-12:00", hold=True)
+    monkeypatch.setenv("TZ", "Etc/GMT-14")      # UTC+14: the range's end is year 10000 here
+    time.tzset()
+    try:
+        wait_a, gate = _sched_gate(tmp_path, "a")
+        m.run(wait_a, jid="a")
+        d = m.run("true", jid="d", after=["a"], begin=pman.MAX_EPOCH)
+        h = m.run("true", jid="h", begin=pman.MAX_EPOCH, hold=True)
+        assert d["waiting"] == "after a (started)" and h["waiting"] == "held"
+        assert m.release("h")["waiting"] == "begins 9999-12-31 23:59:59 UTC"
+        gate.touch()
+        a = m.wait("a", timeout=10)
+        assert (a["status"], a["returncode"]) == ("finishedSuccessfully", 0), a
+        assert m.get("d")["waiting"] == "begins 9999-12-31 23:59:59 UTC"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
 
 
 def test_sched_retries_keep_every_attempt_and_double_the_delay(core_make, tmp_path):
@@ -2799,6 +2871,63 @@ def test_resources_in_use_are_rebuilt_from_running_jobs_after_a_restart(core_mak
     gate.touch()
     m.wait(["a", "b", "c"], timeout=20)
     assert m.run("true", jid="all", cpus=2)["status"] == "started"
+
+
+def test_resources_damaged_scheduling_fields_of_a_running_job_are_set_aside_at_load(
+        core_make, tmp_path, caplog):
+    """Lines of a running job whose scheduling fields pman could not have
+    written (assigned, attempts, requests, pending, group, begin, retry_at)
+    are set aside with a message: the load neither crashes nor takes them,
+    the job is re-adopted as it was, and its exit code is exact."""
+    caplog.set_level(logging.WARNING, logger="pman")
+    state = tmp_path / "state"
+    m = core_make(state, cpus=2)
+    wait_x, gate = _sched_gate(tmp_path, "x")
+    a = m.run(wait_x + "; exit 3", jid="a", cpus=1)
+    with m._lock:
+        good = json.loads(m._jobs["a"].line())
+    m.close()
+    damage = [{"assigned": {"cpus": [0], "memory": "x"}}, {"assigned": {"cpus": 5}},
+              {"assigned": {"cpus": ["a"]}}, {"assigned": {"gpus": [1]}},
+              {"assigned": {"disks": 1}}, {"cpus": -1}, {"memory": -100},
+              {"attempts": [{"returncode": "x"}]},
+              {"attempts": [{"returncode": 1, "started": None, "ended": "soon",
+                             "message": "m"}]},
+              {"pending": "b"}, {"group": "a b"}, {"begin": "2026-01-01T10:00:00"},
+              {"retry_at": 1e300}]
+    journal = sorted(state.glob("journal-*.jsonl"))[-1]
+    with open(journal, "a") as f:
+        for fields in damage:
+            f.write(json.dumps(dict(good, **fields)) + "\n")
+    m = core_make(state, cpus=2)
+    assert "damaged journal (%d bad lines)" % len(damage) in caplog.text
+    rec = m.get("a")
+    assert rec["status"] == "started" and rec["assigned"] == a["assigned"], rec
+    assert m.capacity.free()[0] == 1
+    gate.touch()
+    rec = m.wait("a", timeout=10)
+    assert (rec["status"], rec["returncode"]) == ("finishedWithError", 3), rec
+
+
+def test_resources_a_queued_job_larger_than_a_restarted_managers_capacity_blocks_no_other(
+        core_make, tmp_path):
+    """A job queued under a larger capacity, which the restarted manager can
+    never fit, says so and reserves nothing: the jobs behind it start."""
+    state = tmp_path / "state"
+    m = core_make(state, cpus=2, max_running=1)
+    wait_x, gate = _sched_gate(tmp_path, "x")
+    m.run(wait_x, jid="first")
+    assert m.run("true", jid="big", cpus=2)["status"] == "notstarted"
+    m.close()
+    m = core_make(state, cpus=1)
+    gate.touch()
+    m.wait("first", timeout=10)
+    small = m.run("true", jid="small", cpus=1)
+    assert m.wait("small", timeout=10)["returncode"] == 0, small
+    big = m.get("big")
+    assert big["status"] == "notstarted"
+    assert big["waiting"].startswith("cpus=2 (pfcon's cpu_limit) is more than the manager has: "
+                                     "1 CPU"), big
 
 
 # ===========================================================================
