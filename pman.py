@@ -537,7 +537,7 @@ def _check_jid_list(name, jids):
         jids = [jids]
     if not isinstance(jids, (list, tuple)):
         raise InvalidArgument("%s must be a list of jids, not %s" % (name, _shown(jids)))
-    out = []
+    out = {}
     for jid in jids:
         if isinstance(jid, int) and not isinstance(jid, bool):
             jid = str(jid)
@@ -545,9 +545,8 @@ def _check_jid_list(name, jids):
             check_jid(jid)
         except InvalidArgument as e:
             raise InvalidArgument("%s: %s" % (name, e)) from None
-        if jid not in out:
-            out.append(jid)
-    return out
+        out[jid] = None
+    return list(out)
 
 
 def _check_request(name, value):
@@ -3260,7 +3259,7 @@ class _Capacity:
     def never_fits(self, shape):
         """Why a request of *shape* (cpus, memory, gpus) can never start
         here, or None."""
-        over = [("%s=%d (pfcon's %s)" % (name, need, pfcon))
+        over = [("%s=%d (or pfcon's %s)" % (name, need, pfcon))
                 for need, have, name, pfcon in zip(
                     shape, (len(self.cpus), self.memory, len(self.gpus)),
                     ("cpus", "memory", "gpus"), ("cpu_limit", "memory_limit", "gpu_limit"))
@@ -3595,9 +3594,11 @@ class _Scheduler:
         except (ValueError, KeyError, TypeError, AttributeError, PmanError) as e:
             aside = "%s.damaged-%d" % (self.path, int(_wall()))
             os.replace(self.path, aside)
-            log.error("%s is damaged (%s): moved aside to %s; no group has a limit or "
-                      "is paused", self.path, e, aside)
-            self.paused, self.limits, self.paused_groups = False, {}, set()
+            # What was paused is unknown: start nothing until an operator
+            # has set the groups again and resumes.
+            log.error("%s is damaged (%s): moved aside to %s; no group has a limit, and "
+                      "the manager is paused until resume()", self.path, e, aside)
+            self.paused, self.limits, self.paused_groups = True, {}, set()
 
     def save(self):
         """Write the groups' limits and pauses (atomically, synced)."""
@@ -4885,7 +4886,10 @@ class JobManager:
         self._ended.append(job.jid)
         self._flush_soon(FLUSH_DELAY)
         self._changed.notify_all()
-        self._settle_dependents(job.jid)
+        try:
+            self._settle_dependents(job.jid)
+        except Exception:       # the end is recorded; a restart settles them again
+            log.exception("settling the jobs queued after %s failed", job.jid)
 
     def _retry(self, job, status, returncode, message, started):
         """If this failed attempt of *job* has a retry left (a failure of

@@ -2778,7 +2778,10 @@ def test_sched_bad_scheduling_values_are_invalid_arguments(core_make):
     assert m.jobs() == [] and [g["name"] for g in m.groups()] == ["default"]
 
 
-def test_sched_a_damaged_groups_file_is_set_aside_with_a_message(core_make, tmp_path, caplog):
+def test_sched_a_damaged_groups_file_is_set_aside_and_the_manager_paused(core_make, tmp_path,
+                                                                          caplog):
+    """What was paused is unknown: nothing starts until an operator
+    resumes, and the file is kept aside for them."""
     state = tmp_path / "state"
     m = core_make(state)
     m.set_group("g", max_running=2)
@@ -2786,8 +2789,12 @@ def test_sched_a_damaged_groups_file_is_set_aside_with_a_message(core_make, tmp_
     (state / "groups.json").write_text('{"paused": "yes", "groups": {}}')
     m = core_make(state)
     assert "groups.json is damaged ('paused' is not a boolean)" in caplog.text
-    assert m.paused() is False and [g["name"] for g in m.groups()] == ["default"]
+    assert "the manager is paused until resume()" in caplog.text
+    assert m.paused() is True and [g["name"] for g in m.groups()] == ["default"]
     assert [n for n in os.listdir(state) if n.startswith("groups.json.damaged-")]
+    assert m.run("true", jid="t")["waiting"] == "paused"
+    m.resume()
+    assert m.wait("t", timeout=10)["returncode"] == 0
 
 
 def test_resources_cpus_pin_a_job_and_its_children_to_cores_of_its_own(core_make, tmp_path):
@@ -2825,7 +2832,7 @@ def test_resources_gpus_of_an_inventory_are_given_out_exclusively(core_make, tmp
     assert recs[3]["waiting"] == "needs 1 GPU, 0 free"
     none = m.wait(m.run("echo \"[$CUDA_VISIBLE_DEVICES]\"", jid="none")["jid"], timeout=10)
     assert m.read_log("none")["data"] == b"[]\n" and none["assigned"] is None
-    with pytest.raises(pman.InvalidArgument, match=r"gpus=3 \(pfcon's gpu_limit\) is more "
+    with pytest.raises(pman.InvalidArgument, match=r"gpus=3 \(or pfcon's gpu_limit\) is more "
                                                     r"than the manager has: .*GPUs 0,1"):
         m.run("true", gpus=3)
     gate.touch()
@@ -2845,7 +2852,7 @@ def test_resources_pfcon_limits_stand_for_requests(core_make, tmp_path):
     assert (rec["cpus"], rec["memory"], rec["gpus"]) == (1, 64, 0)
     rec = m.run("true", cpus=0, extras={"cpu_limit": 500})
     assert rec["cpus"] == 0
-    with pytest.raises(pman.InvalidArgument, match=r"cpus=2 \(pfcon's cpu_limit\)"):
+    with pytest.raises(pman.InvalidArgument, match=r"cpus=2 \(or pfcon's cpu_limit\)"):
         m.run("true", extras={"cpu_limit": 1500})
     for bad in (dict(cpus=-1), dict(memory=1.5), dict(gpus=True)):
         with pytest.raises(pman.InvalidArgument, match="must be a whole number"):
