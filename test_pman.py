@@ -5123,6 +5123,15 @@ def test_memory_job_runs_in_its_own_cgroup_from_its_first_process_and_it_is_remo
     _wait_until(lambda: not os.path.exists(cgroup), "cgroup %s left behind" % cgroup)
 
 
+def test_memory_cgroups_a_crash_left_behind_are_swept_once_no_job_runs(core_mgr):
+    base = _memory_cgroups_or_skip(core_mgr)
+    leftover = os.path.join(base, "job-999999")
+    os.mkdir(leftover)
+    core_mgr.run("exit 0", jid="next")
+    core_mgr.wait("next", timeout=10)
+    _wait_until(lambda: not os.path.exists(leftover), "cgroup %s left behind" % leftover)
+
+
 def test_memory_oom_of_a_job_that_ended_while_no_manager_ran_is_read_from_its_cgroup(
         crash_env):
     state = crash_env.path()
