@@ -1686,10 +1686,10 @@ _CGROUP_ENTER = 'echo $$ >"$1" || exit 126; shift; exec "$@"'
 
 def _job_cgroups(state_dir, proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
     """The directory under which this manager makes its jobs' memory
-    cgroups (made if need be), or None where it cannot: a child of this
-    process's own memory cgroup, cgroup v1's memory hierarchy, else v2's
-    where the memory controller is delegated to it.  Named from the state
-    directory, so that two managers never share one."""
+    cgroups (made with the first), or None where it cannot: a child of
+    this process's own memory cgroup, cgroup v1's memory hierarchy, else
+    v2's where the memory controller is delegated to it.  Named from the
+    state directory, so that two managers never share one."""
     name = "pman-" + hashlib.sha256(state_dir.encode()).hexdigest()[:12]
     try:
         with open(proc_cgroup) as f:
@@ -1700,9 +1700,10 @@ def _job_cgroups(state_dir, proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgrou
     v2 = [path for hier, names, path in lines if hier == "0" and not names]
     try:
         if v1:
-            base = os.path.join(root, "memory", v1[0].strip("/"), name)
-            _mkdir(base)
-            return base if os.path.exists(os.path.join(base, "memory.limit_in_bytes")) else None
+            parent = os.path.join(root, "memory", v1[0].strip("/"))
+            usable = (os.path.exists(os.path.join(parent, "memory.limit_in_bytes"))
+                      and os.access(parent, os.W_OK))
+            return os.path.join(parent, name) if usable else None
         if not v2:
             return None
         parent = os.path.join(root, v2[0].strip("/"))
@@ -1714,19 +1715,9 @@ def _job_cgroups(state_dir, proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgrou
         with open(os.path.join(parent, "cgroup.subtree_control")) as f:
             if "memory" not in f.read().split():
                 _write_file(os.path.join(parent, "cgroup.subtree_control"), "+memory")
-        base = os.path.join(parent, name)
-        _mkdir(base)
-        _write_file(os.path.join(base, "cgroup.subtree_control"), "+memory")
     except (OSError, ValueError, IndexError):
         return None
-    return base
-
-
-def _mkdir(path):
-    try:
-        os.mkdir(path)
-    except FileExistsError:
-        pass
+    return os.path.join(parent, name) if os.access(parent, os.W_OK) else None
 
 
 def _write_file(path, text):
@@ -1874,6 +1865,14 @@ class LocalBackend(_Backend):
         path = os.path.join(self.cgroups, "job-%d" % job.seq)
         limit = str(job.get("memory") * 1048576)
         try:
+            try:
+                os.mkdir(self.cgroups)
+            except FileExistsError:
+                pass
+            else:   # v2: its children get the controller
+                control = os.path.join(self.cgroups, "cgroup.subtree_control")
+                if os.path.exists(control):
+                    _write_file(control, "+memory")
             _rmdir(path)    # a crash's leftover: its counts are not this job's
             os.mkdir(path)
             if os.path.exists(os.path.join(path, "memory.limit_in_bytes")):

@@ -5126,7 +5126,7 @@ def test_memory_job_runs_in_its_own_cgroup_from_its_first_process_and_it_is_remo
 def test_memory_cgroups_a_crash_left_behind_are_swept_once_no_job_runs(core_mgr):
     base = _memory_cgroups_or_skip(core_mgr)
     leftover = os.path.join(base, "job-999999")
-    os.mkdir(leftover)
+    os.makedirs(leftover)
     core_mgr.run("exit 0", jid="next")
     core_mgr.wait("next", timeout=10)
     _wait_until(lambda: not os.path.exists(leftover), "cgroup %s left behind" % leftover)
@@ -5230,7 +5230,6 @@ def test_memory_cgroup_detection_follows_proc_self_cgroup_v1_and_a_delegated_v2(
     base = pman._job_cgroups("/s", str(proc), str(root))
     assert base is not None and os.path.dirname(base) == str(root / "x")
     assert (root / "x" / "cgroup.subtree_control").read_text() == "+memory"
-    assert open(os.path.join(base, "cgroup.subtree_control")).read() == "+memory"
     # two state directories, two cgroups
     assert pman._job_cgroups("/t", str(proc), str(root)) != base
     # no cgroup file at all
