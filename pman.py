@@ -1410,6 +1410,8 @@ def _wrapper_seq(argv, exits_path):
     bytes) and writes to *exits_path*, or None if it is no such wrapper.
     The wrapper's subshell has the same command line: tell them apart by
     the process group (the wrapper leads it)."""
+    if len(argv) > 5 and argv[1] == b"-c" and argv[2] == _CGROUP_ENTER.encode():
+        argv = argv[5:]     # still entering its cgroup: the wrapper's argv follows
     if len(argv) > 6 and argv[1] == b"-c" and argv[2] in _WRAPPERS:
         i = 4 if argv[3] == b"sh" else 3
         if (argv[i] == b"pman-job" and argv[i + 1].isdigit()
@@ -1608,8 +1610,8 @@ QUEUED, RUNNING, ENDED, NEVER = "queued", "running", "ended", "never"
 
 
 class _Seen(collections.namedtuple(
-        "_Seen", "state message code status started pid ident backend_id",
-        defaults=(None,) * 7)):
+        "_Seen", "state message code status started pid ident backend_id usage assigned oom",
+        defaults=(None,) * 10)):
     """A backend's finding about one job:
 
     - ``state``: QUEUED (waiting in the backend's own queue), RUNNING,
@@ -1621,7 +1623,12 @@ class _Seen(collections.namedtuple(
       code (SLURM's final states); None derives it from the code;
     - ``started``: when it started (ISO 8601 UTC), if the backend knows;
     - ``pid``, ``ident``, ``backend_id``: the backend's handle on the job
-      (set by start, or found by recover), None to keep the record's."""
+      (set by start, or found by recover), None to keep the record's;
+    - ``usage``: ENDED: what the job used (the record's ``usage``);
+    - ``assigned``: facts merged into the record's ``assigned`` (start:
+      whether its memory is enforced, and where);
+    - ``oom``: ENDED: the memory limit (MiB) of a job whose cgroup counted
+      an out-of-memory kill, else None."""
 
     __slots__ = ()
 
@@ -1732,6 +1739,100 @@ def _affinity(cores):
         os.sched_setaffinity(0, before)
 
 
+# The shell a memory job's wrapper is spawned through: it moves itself into
+# the job's cgroup ($1: its cgroup.procs), then execs the wrapper, keeping
+# its pid; from the exec on, its command line is the wrapper's own.  So
+# every process of the job starts inside the cgroup.
+_CGROUP_ENTER = 'echo $$ >"$1" || exit 126; shift; exec "$@"'
+
+
+def _job_cgroups(state_dir, proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
+    """The directory under which this manager makes its jobs' memory
+    cgroups (made with the first), or None where it cannot: a child of
+    this process's own memory cgroup, cgroup v1's memory hierarchy, else
+    v2's where the memory controller is delegated to it.  Named from the
+    state directory, so that two managers never share one."""
+    name = "pman-" + hashlib.sha256(state_dir.encode()).hexdigest()[:12]
+    try:
+        with open(proc_cgroup) as f:
+            lines = [line.split(":", 2) for line in f.read().splitlines()]
+    except OSError:
+        return None
+    v1 = [path for _, names, path in lines if "memory" in names.split(",")]
+    v2 = [path for hier, names, path in lines if hier == "0" and not names]
+    try:
+        if v1:
+            parent = os.path.join(root, "memory", v1[0].strip("/"))
+            usable = (os.path.exists(os.path.join(parent, "memory.limit_in_bytes"))
+                      and os.access(parent, os.W_OK))
+            return os.path.join(parent, name) if usable else None
+        if not v2:
+            return None
+        parent = os.path.join(root, v2[0].strip("/"))
+        with open(os.path.join(parent, "cgroup.controllers")) as f:
+            if "memory" not in f.read().split():
+                return None
+        # v2 lets a cgroup with processes (ours) pass a controller on only
+        # where it is delegated (already on) or at the root.
+        with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+            if "memory" not in f.read().split():
+                _write_file(os.path.join(parent, "cgroup.subtree_control"), "+memory")
+    except (OSError, ValueError, IndexError):
+        return None
+    return os.path.join(parent, name) if os.access(parent, os.W_OK) else None
+
+
+def _write_file(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _cgroup_facts(path):
+    """(out-of-memory kills, peak bytes) that the memory cgroup *path* (v1
+    or v2) counted, each None where it cannot tell."""
+    kills = peak = None
+    for name in ("memory.oom_control", "memory.events"):
+        try:
+            with open(os.path.join(path, name)) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        kills = int(value)
+            break
+        except (OSError, ValueError):
+            continue
+    for name in ("memory.max_usage_in_bytes", "memory.peak"):
+        try:
+            with open(os.path.join(path, name)) as f:
+                peak = int(f.read())
+            break
+        except (OSError, ValueError):
+            continue
+    return kills, peak
+
+
+def _usage(rusage=None, peak=None):
+    """A finished job's ``usage``: CPU seconds from the wrapper's *rusage*
+    (its own and its waited-for descendants'), max_rss in MiB from the
+    cgroup's *peak* (bytes), else the largest single process (wait4)."""
+    usage = {"cpu_user": None, "cpu_system": None, "max_rss": None, "max_rss_from": None}
+    if rusage is not None:
+        usage.update(cpu_user=round(rusage.ru_utime, 3), cpu_system=round(rusage.ru_stime, 3),
+                     max_rss=round(rusage.ru_maxrss / 1024, 1), max_rss_from="wait4")
+    if peak is not None:
+        usage.update(max_rss=round(peak / 1048576, 1), max_rss_from="cgroup")
+    return usage
+
+
+def _rmdir(path):
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:    # EBUSY: a process of the job outlived it; swept when idle
+        log.debug("cannot remove cgroup %s yet: %s", path, e)
+
+
 class LocalBackend(_Backend):
     """Jobs as process groups on this machine (the default backend): each
     runs under one of three wrapper shells (_WRAP_SHELL, _WRAP_ARGV,
@@ -1741,9 +1842,18 @@ class LocalBackend(_Backend):
     name = "local"
     resend_window = RESEND_WINDOW
     local_resources = True
+    cgroups = None      # where jobs' memory cgroups are made (see _job_cgroups), or None
+
+    @property
+    def enforced(self):
+        # Cores by affinity, GPUs by CUDA_VISIBLE_DEVICES, memory by a
+        # cgroup where one can be made.
+        return ("cpu_limit", "gpu_limit") + (("memory_limit",) if self.cgroups else ())
 
     def open(self, state_dir, log_dir, log_path):
         self.log_path = log_path
+        self.cgroups = _job_cgroups(state_dir)
+        self._spent = []    # cgroups of jobs that ended while no manager ran
         self._exits = _ExitLog(os.path.join(state_dir, "exits"))
         self._orphans = None            # seq -> pid of wrappers found at startup
         self._waker = _Waker()
@@ -1771,7 +1881,16 @@ class LocalBackend(_Backend):
                 found = shutil.which(exe, path=(env or os.environ).get("PATH", os.defpath))
             if found is None:
                 raise FileNotFoundError(errno.ENOENT, "no such executable", exe)
-        stdout = stderr = None
+        stdout = stderr = cgroup = None
+        argv = _wrapped_argv(job, self._exits.path)
+        facts = None
+        if job.get("memory"):
+            cgroup = self._make_cgroup(job)
+            facts = {"memory_enforced": cgroup is not None}
+            if cgroup is not None:
+                facts["cgroup"] = cgroup
+                argv = ["/bin/sh", "-c", _CGROUP_ENTER, "sh",
+                        os.path.join(cgroup, "cgroup.procs")] + argv
         try:
             stdout = _open_log(self.log_path(job.jid, "stdout"))
             stderr = _open_log(self.log_path(job.jid, "stderr"))
@@ -1781,26 +1900,88 @@ class LocalBackend(_Backend):
             # exec has begun (its command line may not be readable yet).
             with _affinity((job.assigned or {}).get("cpus")):
                 pid = os.posix_spawn(
-                    "/bin/sh", _wrapped_argv(job, self._exits.path),
-                    os.environ if env is None else env,
+                    "/bin/sh", argv, os.environ if env is None else env,
                     file_actions=[(os.POSIX_SPAWN_DUP2, stdout, 1),
                                   (os.POSIX_SPAWN_DUP2, stderr, 2),
                                   (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
                     setsid=True, setsigdef=_SIGDEF, setsigmask=())
             with self._reap_lock:
                 self._children.add(pid)
+        except BaseException:
+            if cgroup is not None:
+                _rmdir(cgroup)
+            raise
         finally:
             for fd in (stdout, stderr):
                 if fd is not None:
                     os.close(fd)
         return _Seen(RUNNING, "running (pid %d)" % pid, pid=pid,
-                     ident=_identity(pid))
+                     ident=_identity(pid), assigned=facts)
+
+    def _make_cgroup(self, job):
+        """A new memory cgroup limited to *job*'s request, or None (logged)
+        where none can be made: the job runs, its memory not enforced.  No
+        swap beyond the limit, as under podman's --memory-swap."""
+        if self.cgroups is None:
+            return None
+        path = os.path.join(self.cgroups, "job-%d" % job.seq)
+        limit = str(job.get("memory") * 1048576)
+        try:
+            try:
+                os.mkdir(self.cgroups)
+            except FileExistsError:
+                pass
+            else:   # v2: its children get the controller
+                control = os.path.join(self.cgroups, "cgroup.subtree_control")
+                if os.path.exists(control):
+                    _write_file(control, "+memory")
+            _rmdir(path)    # a crash's leftover: its counts are not this job's
+            os.mkdir(path)
+            if os.path.exists(os.path.join(path, "memory.limit_in_bytes")):
+                _write_file(os.path.join(path, "memory.limit_in_bytes"), limit)
+                if os.path.exists(os.path.join(path, "memory.memsw.limit_in_bytes")):
+                    _write_file(os.path.join(path, "memory.memsw.limit_in_bytes"), limit)
+            else:
+                _write_file(os.path.join(path, "memory.max"), limit)
+                if os.path.exists(os.path.join(path, "memory.swap.max")):
+                    _write_file(os.path.join(path, "memory.swap.max"), "0")
+        except OSError as e:
+            log.warning("job %s: its memory is not enforced: cannot make cgroup %s: %s",
+                        job.jid, path, e)
+            _rmdir(path)
+            return None
+        return path
+
+    def _cgroup_of(self, job):
+        """The memory cgroup of *job*, or None: as recorded, else (a crash
+        before its start was recorded) where this manager would make it."""
+        path = (job.assigned or {}).get("cgroup")
+        if path is None and job.get("memory") and self.cgroups is not None:
+            path = os.path.join(self.cgroups, "job-%d" % job.seq)
+        return path if path is not None and os.path.isdir(path) else None
+
+    def _ended(self, job, code, rusage=None):
+        """A `_Seen` of *job*'s end: its *code*, usage (*rusage*: the
+        wrapper's, if we reaped it) and what its cgroup counted."""
+        path = self._cgroup_of(job)
+        kills, peak = _cgroup_facts(path) if path else (None, None)
+        return _Seen(ENDED, code=code, usage=_usage(rusage, peak),
+                     oom=job.get("memory") if kills else None)
 
     def idle(self):
         """No job is running: empty the exit log (every code in it is in
-        the journal by now)."""
+        the journal by now), and remove the cgroups left behind (a crash's,
+        or those a job's lingering process kept)."""
         if os.path.getsize(self._exits.path) > EXIT_LOG_MAX:
             self._exits.clear()
+        if self.cgroups is not None:
+            try:
+                names = os.listdir(self.cgroups)
+            except OSError:
+                names = ()
+            for name in names:
+                if name.startswith("job-"):
+                    _rmdir(os.path.join(self.cgroups, name))
 
     def watch(self, job):
         if self._epoll is not None:
@@ -1820,8 +2001,14 @@ class LocalBackend(_Backend):
                 del self._pidfds[job.pidfd]
             os.close(job.pidfd)
             job.pidfd = None
+        path = self._cgroup_of(job)     # its end is journaled: its counts are kept
+        if path is not None:
+            _rmdir(path)
 
     def wait(self, timeout):
+        # Recovery has journaled the ends these cgroups told of by now.
+        while self._spent:
+            _rmdir(self._spent.pop())
         polled = list(self._no_pidfd.values())     # not every watched job at each wake
         if polled:      # no pidfd for these: poll them, 10 ms apart
             timeout = POLL_INTERVAL if timeout is None else min(POLL_INTERVAL, timeout)
@@ -1838,27 +2025,30 @@ class LocalBackend(_Backend):
         return polled
 
     def check(self, job):
+        # wait4, not waitpid: its rusage is the job's CPU time and largest
+        # process (the wrapper's own and its waited-for descendants').
         with self._reap_lock:
             if job.pid in self._children:
                 try:
-                    pid, status = os.waitpid(job.pid, os.WNOHANG)
+                    pid, status, rusage = os.wait4(job.pid, os.WNOHANG)
                 except ChildProcessError:   # reaped by someone else's waitpid(-1)
                     self._children.discard(job.pid)
-                    return _Seen(ENDED, code=self._exits.code(job.seq))
+                    return self._ended(job, self._exits.code(job.seq))
                 if pid == 0:
                     return None
                 self._children.discard(job.pid)
-                return _Seen(ENDED, code=os.waitstatus_to_exitcode(status))
+                return self._ended(job, os.waitstatus_to_exitcode(status), rusage)
         if _is_alive(job.pid, job.ident, job.seq, self._exits.path):
             return None
-        code = self._exits.code(job.seq)
+        code, rusage = self._exits.code(job.seq), None
         try:    # our own child, from an earlier manager in this process
-            pid, status = os.waitpid(job.pid, os.WNOHANG)
+            pid, status, rusage = os.wait4(job.pid, os.WNOHANG)
             if pid and code is None:
                 code = os.waitstatus_to_exitcode(status)
+            rusage = rusage if pid else None
         except ChildProcessError:
             pass
-        return _Seen(ENDED, code=code)
+        return self._ended(job, code, rusage)
 
     def signal(self, job, sig):
         with self._reap_lock:
@@ -1876,7 +2066,16 @@ class LocalBackend(_Backend):
             return self._find(job)
         if _is_alive(job.pid, job.ident, job.seq, self._exits.path):
             return _Seen(RUNNING)
-        return _Seen(ENDED, code=self._exits.code(job.seq))
+        return self._recovered_end(job, self._exits.code(job.seq))
+
+    def _recovered_end(self, job, code):
+        """The end of a job that ended while no manager ran: what its
+        cgroup still says, which is removed once that end is journaled."""
+        seen = self._ended(job, code)
+        path = self._cgroup_of(job)
+        if path is not None:
+            self._spent.append(path)
+        return seen
 
     def recover_queued(self, job):
         return self._find(job)
@@ -1901,7 +2100,7 @@ class LocalBackend(_Backend):
                              pid=pid, ident=ident)
         code = self._exits.code(job.seq)
         if code is not None:
-            return _Seen(ENDED, code=code)
+            return self._recovered_end(job, code)
         if job.ident is not None and job.ident[1] != _BOOT_ID:
             return _Seen(ENDED)     # handed over before a reboot: it may have run
         return _Seen(NEVER)
@@ -1916,6 +2115,8 @@ class LocalBackend(_Backend):
         if self._epoll is not None:
             self._epoll.close()
         self._waker.close()
+        if self.cgroups is not None:
+            _rmdir(self.cgroups)    # unless running jobs' cgroups are in it
 
 
 # ---------------------------------------------------------------------------
@@ -3064,6 +3265,7 @@ class _Metrics:
 
     def __init__(self):
         self.tally = collections.Counter()  # "started", "spawn failed", statuses
+        self.cpu = {"user": 0.0, "system": 0.0}     # CPU seconds of the jobs ended
         self._tallied = set()               # active jids counted as started
         self.lag = [0] * (len(LAG_BUCKETS) + 1) + [0.0]   # bucket counts, +Inf, sum
 
@@ -3071,6 +3273,7 @@ class _Metrics:
         """Recovery is not news: count from here, the *running* jobs (jid
         -> _Job) as started already."""
         self.tally.clear()
+        self.cpu = dict.fromkeys(self.cpu, 0.0)
         self._tallied = {jid for jid, job in running.items() if job.status == STARTED}
 
     def changed(self, jid, status, ended=None):
@@ -3084,6 +3287,8 @@ class _Metrics:
                 if ended.started is not None and jid not in self._tallied:
                     self.tally["started"] += 1     # it ran between two SLURM polls
                 self.tally[status] += 1
+                for mode in self.cpu:
+                    self.cpu[mode] += (ended.usage or {}).get("cpu_" + mode) or 0.0
             self._tallied.discard(jid)
 
     def observe_lag(self, seconds):
@@ -3625,28 +3830,36 @@ def _how_it_ended(job, end):
     `_Seen` of state ENDED: the code its wrapper reported, None if none
     survives): (status, returncode, message, whether it started)."""
     code = end.code
+    oom = end.oom is not None and "killed: out of memory (limit %d MiB)" % end.oom
     if job.kill_signal and job.kill_sent:
         sig = job.kill_signal
         if job.kill_reason == "on request":
             why = "killed by %s on request" % signal_name(sig)
         else:
             why = "%s (%s)" % (job.kill_reason, signal_name(sig))
-        if end.message:     # what the backend saw, e.g. SLURM's final state
-            why += "; " + end.message
+        if end.message or oom:  # what the backend saw, e.g. SLURM's final state
+            why += "; " + (end.message or oom)
         if job.status == NOTSTARTED:    # still in the backend's queue: cancelled
             return ERROR, None, "cancelled before it started (%s)" % why, False
         return ERROR, -sig, why, True
     if end.status is not None:
         return end.status, code, end.message, True
+    # The cgroup counted a kill and the job (or the shell that ran its last
+    # command, or its wrapper, which then left no code) died of a SIGKILL.
+    if oom and code in (None, -signal.SIGKILL, 128 + signal.SIGKILL):
+        return ERROR, -signal.SIGKILL, oom, True
     if code is None:
-        return (UNDEFINED, None, "the job ended while no manager was watching and "
-                "left no exit code", True)
-    if code < 0:       # the wrapper itself died of a signal pman did not send
+        status, message = (UNDEFINED, "the job ended while no manager was watching "
+                           "and left no exit code")
+    elif code < 0:     # the wrapper itself died of a signal pman did not send
         sig = -code
         status, code, message = _exit_status(128 + sig)
-        return (status, code, "killed by %s (not sent by pman); %s"
-                % (signal_name(sig), message), True)
-    return _exit_status(code) + (True,)
+        message = "killed by %s (not sent by pman); %s" % (signal_name(sig), message)
+    else:
+        status, code, message = _exit_status(code)
+    if oom:     # one of its processes, and the job lived on
+        message += "; a process of the job was " + oom
+    return status, code, message, True
 
 
 # ---------------------------------------------------------------------------
@@ -4322,9 +4535,11 @@ class JobManager:
         ``spawn_failed``, ``ended`` (``{status: n}``), and ``reaper_lag``
         (``{"buckets": [(upper bound s, n), ...], "sum": s, "count": n}``,
         cumulative, the last bound ``inf``: the time from the reaper's
-        wake-up for a job's exit to its record)."""
+        wake-up for a job's exit to its record), ``cpu_seconds``
+        (``{"user": s, "system": s}``: the sum of the ended jobs' usage)."""
         with self._lock:
             tally, lag = dict(self._metrics.tally), list(self._metrics.lag)
+            cpu = dict(self._metrics.cpu)
         buckets, total = [], 0
         for bound, n in zip(LAG_BUCKETS + (math.inf,), lag):
             total += n
@@ -4332,7 +4547,8 @@ class JobManager:
         return {"started": tally.get("started", 0),
                 "spawn_failed": tally.get("spawn failed", 0),
                 "ended": {s: tally.get(s, 0) for s in STATUSES if s not in ACTIVE},
-                "reaper_lag": {"buckets": buckets, "sum": lag[-1], "count": total}}
+                "reaper_lag": {"buckets": buckets, "sum": lag[-1], "count": total},
+                "cpu_seconds": cpu}
 
     # -- a job's life: submission ------------------------------------------------
 
@@ -4842,7 +5058,10 @@ class JobManager:
             value = getattr(seen, name)
             if value is not None:
                 setattr(job, name, value)
+        if seen.assigned:
+            job.assigned = dict(job.assigned or {}, **seen.assigned)
         if seen.state == ENDED:
+            job.usage = seen.usage
             if job.started is None and seen.started is not None:   # ran between polls
                 job.started = seen.started
             status, code, message, started = _how_it_ended(job, seen)
@@ -4912,7 +5131,7 @@ class JobManager:
         job.status, job.returncode, job.message = NOTSTARTED, None, "attempt %d %s" % (
             len(job.attempts), message if message.startswith("spawn") else
             "ended: " + message)
-        job.pid = job.backend_id = job.ident = job.started = job.ended = None
+        job.pid = job.backend_id = job.ident = job.started = job.ended = job.usage = None
         job.seq, self._next_seq = self._next_seq, self._next_seq + 1
         try:
             self._store.append(job.line())
@@ -5354,9 +5573,19 @@ def _job_object(record, enforced=()):
     extras = record.pop("extras") or {}
     extras.pop(SENT_META, None)
     record.update(extras)
+    # A started job's record says whether its memory is enforced (a cgroup
+    # could be made for it or not), whatever the backend can do now.
+    memory = (record.get("assigned") or {}).get("memory_enforced")
+    enforced = set(enforced)
+    if memory is not None:
+        enforced.discard("memory_limit")
+        if memory:
+            enforced.add("memory_limit")
     record["not_enforced"] = sorted(k for k in ("cpu_limit", "memory_limit", "gpu_limit",
                                                 "number_of_workers")
                                     if k in extras and k not in enforced)
+    if memory is False and "memory_limit" not in extras:
+        record["not_enforced"].append("memory")
     return record
 
 
@@ -7338,6 +7567,9 @@ class _Server(http.server.HTTPServer):
             ("pman_jobs_finished_total", "counter",
              "Jobs ended since the manager opened, by outcome",
              [("", {"status": s}, n) for s, n in stats["ended"].items()]),
+            ("pman_jobs_cpu_seconds_total", "counter",
+             "CPU time of the jobs ended since the manager opened, by mode (their usage)",
+             [("", {"mode": mode}, float(n)) for mode, n in stats["cpu_seconds"].items()]),
             ("pman_spawn_failures_total", "counter",
              "Jobs that could not be spawned (or submitted) since the manager opened",
              [("", {}, stats["spawn_failed"])]),
@@ -9360,7 +9592,8 @@ function typed() { clearTimeout(typing); typing = setTimeout(filtersChanged, 250
 
 const FIELDS = ["status", "waiting", "message", "returncode", "pid", "cmd", "auid", "group",
                 "priority", "after", "after_any", "begin", "hold", "retries", "attempts",
-                "submitted", "started", "ended", "timeout", "cwd", "meta", "env", "image"];
+                "submitted", "started", "ended", "assigned", "usage", "timeout", "cwd", "meta",
+                "env", "image"];
 const DEFAULTS = {group: "default", priority: 0, hold: false, retries: 0};   // not shown
 
 function showRecord(j) {

@@ -24,6 +24,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -5304,6 +5305,181 @@ def test_state_rejected_rerun_keeps_the_old_record_and_logs(crash_env, fake_slur
 
 
 # ---------------------------------------------------------------------------
+# memory cgroups and usage
+# ---------------------------------------------------------------------------
+
+_ALLOC = "import sys; x = bytearray(int(sys.argv[1]) * 2**20); print(len(x) >> 20)"
+
+
+def _memory_cgroups_or_skip(manager):
+    if manager.backend.cgroups is None:
+        pytest.skip("no memory cgroup can be made here (cgroup v1 as root, or a delegated v2)")
+    return manager.backend.cgroups
+
+
+def _wait_until(predicate, what, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_memory_job_over_its_limit_is_killed_and_says_so_and_its_neighbour_is_not(core_mgr):
+    _memory_cgroups_or_skip(core_mgr)
+    core_mgr.run(["python3", "-c", _ALLOC, "200"], jid="big", memory=64)
+    core_mgr.run(["python3", "-c", _ALLOC, "100"], jid="fits", memory=512)
+    big, fits = core_mgr.wait("big", timeout=30), core_mgr.wait("fits", timeout=30)
+    assert (big["status"], big["returncode"], big["message"]) == (
+        "finishedWithError", -9, "killed: out of memory (limit 64 MiB)"), big
+    assert big["assigned"]["memory_enforced"] is True
+    assert (fits["status"], fits["returncode"]) == ("finishedSuccessfully", 0), fits
+    assert core_mgr.read_log("fits")["data"] == b"100\n"
+    # the peak of the whole cgroup: at most the limit for one, past 100 MiB for the other
+    assert big["usage"]["max_rss_from"] == fits["usage"]["max_rss_from"] == "cgroup"
+    assert 0 < big["usage"]["max_rss"] <= 64
+    assert 100 < fits["usage"]["max_rss"] < 512
+    assert pman._job_object(dict(fits), core_mgr.backend.enforced)["not_enforced"] == []
+
+
+def test_memory_job_runs_in_its_own_cgroup_from_its_first_process_and_it_is_removed_after(
+        core_mgr):
+    base = _memory_cgroups_or_skip(core_mgr)
+    rec = core_mgr.run("sleep 30 & echo $!; wait", jid="cg", memory=100)
+    _wait_until(lambda: core_mgr.read_log("cg")["data"].endswith(b"\n"), "no pid printed")
+    child = int(core_mgr.read_log("cg")["data"])
+    cgroup = core_mgr.get("cg")["assigned"]["cgroup"]
+    assert os.path.dirname(cgroup) == base
+    with open("/proc/%d/cgroup" % child) as f:
+        mine = [line.split(":", 2)[2] for line in f.read().split()
+                if "memory" in line.split(":")[1].split(",")]
+    assert cgroup.endswith(mine[0]), (cgroup, mine)
+    with open(os.path.join(cgroup, "cgroup.procs")) as f:
+        procs = {int(p) for p in f.read().split()}
+    assert {rec["pid"], child} <= procs
+    with open(os.path.join(cgroup, "memory.limit_in_bytes")) as f:
+        assert int(f.read()) == 100 * 2**20
+    # the wrapper keeps its pid and command line: recovery recognizes it
+    assert pman._wrapper_seq(pman._cmdline(rec["pid"]), core_mgr.backend._exits.path) \
+        == core_mgr._jobs["cg"].seq
+    core_mgr.kill("cg")
+    assert core_mgr.wait("cg", timeout=15)["returncode"] == -signal.SIGTERM
+    _wait_until(lambda: not os.path.exists(cgroup), "cgroup %s left behind" % cgroup)
+
+
+def test_memory_cgroups_a_crash_left_behind_are_swept_once_no_job_runs(core_mgr):
+    base = _memory_cgroups_or_skip(core_mgr)
+    leftover = os.path.join(base, "job-999999")
+    os.makedirs(leftover)
+    core_mgr.run("exit 0", jid="next")
+    core_mgr.wait("next", timeout=10)
+    _wait_until(lambda: not os.path.exists(leftover), "cgroup %s left behind" % leftover)
+
+
+def test_memory_oom_of_a_job_that_ended_while_no_manager_ran_is_read_from_its_cgroup(
+        crash_env):
+    state = crash_env.path()
+    go = os.path.join(crash_env.tmp, "go")
+    cmd = ("while [ ! -e %s ]; do sleep 0.01; done; exec python3 -c %s 200"
+           % (go, shlex.quote(_ALLOC)))
+    child = crash_env.child(state, [["run", "oom", cmd, {"memory": 64}]])
+    pid = child.wait_event("ack")["pid"]
+    child.wait_event("done")
+    child.sigkill()
+    crash_env.track_pid(pid)
+    with open(go, "w"):
+        pass
+    _wait_until(lambda: not _alive(pid), "the job never ended", timeout=30)
+    m = crash_env.manager(state)
+    cgroup = (m.get("oom")["assigned"] or {}).get("cgroup")
+    rec = m.wait("oom", timeout=10)
+    assert (rec["status"], rec["returncode"], rec["message"]) == (
+        "finishedWithError", -9, "killed: out of memory (limit 64 MiB)"), rec
+    # no manager was its parent: no CPU times, but its cgroup knew its peak
+    assert rec["usage"]["cpu_user"] is None and rec["usage"]["max_rss_from"] == "cgroup"
+    assert cgroup is not None
+    _wait_until(lambda: not os.path.exists(cgroup), "cgroup %s left behind" % cgroup)
+
+
+def test_usage_of_a_plain_job_is_its_cpu_time_and_largest_process_from_wait4(http_srv):
+    burn = "import time\nt = time.process_time() + 0.3\nwhile time.process_time() < t: pass"
+    r = http_srv.request("POST", "/api/v1/", {"jid": "burn", "entrypoint": ["python3"],
+                                              "args": ["-c", burn]})
+    assert r.status == 201, r.body
+    job = _http_wait_job(http_srv, "burn")
+    usage = job["usage"]
+    assert job["status"] == "finishedSuccessfully" and usage["max_rss_from"] == "wait4", job
+    assert 0 < usage["cpu_user"] < 5 and 0 <= usage["cpu_system"] < 5
+    assert usage["cpu_user"] + usage["cpu_system"] >= 0.25
+    assert 1 < usage["max_rss"] < 1024
+    metrics = http_srv.request("GET", "/metrics").body.decode()
+    user = re.search(r'^pman_jobs_cpu_seconds_total\{mode="user"\} (\S+)$', metrics, re.M)
+    assert user and float(user.group(1)) >= usage["cpu_user"], metrics
+
+
+_NOBODY_MANAGER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import pman
+m = pman.JobManager(sys.argv[2])
+m.run("echo ran", jid="j", memory=64)
+rec = m.wait("j", timeout=20)
+print(json.dumps({"cgroups": m.backend.cgroups, "enforced": m.backend.enforced, "rec": rec,
+                  "object": pman._job_object(dict(rec), m.backend.enforced)}))
+m.close()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a manager as nobody")
+def test_memory_is_admitted_not_enforced_where_no_cgroup_can_be_made(core_mgr):
+    _memory_cgroups_or_skip(core_mgr)   # root can make one here; nobody cannot
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o755)
+        shutil.copy(pman.__file__, tmp)
+        state = os.path.join(tmp, "state")
+        os.mkdir(state)
+        os.chown(state, 65534, 65534)
+
+        def as_nobody():
+            os.setgid(65534)
+            os.setgroups([])
+            os.setuid(65534)
+
+        python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+        out = subprocess.run([python, "-c", _NOBODY_MANAGER, tmp, state], cwd=tmp,
+                             capture_output=True, text=True, timeout=60, preexec_fn=as_nobody)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["cgroups"] is None and "memory_limit" not in got["enforced"]
+    assert got["rec"]["status"] == "finishedSuccessfully"      # it runs all the same
+    assert got["rec"]["assigned"]["memory_enforced"] is False
+    assert "cgroup" not in got["rec"]["assigned"]
+    assert got["object"]["not_enforced"] == ["memory"]
+
+
+def test_memory_cgroup_detection_follows_proc_self_cgroup_v1_and_a_delegated_v2(tmp_path):
+    proc = tmp_path / "cgroup"
+    root = tmp_path / "fs"
+    # v1: the memory hierarchy's directory, but not a cgroup file system here
+    (root / "memory" / "a" / "b").mkdir(parents=True)
+    proc.write_text("4:memory:/a/b\n1:cpu:/\n0::/\n")
+    assert pman._job_cgroups("/s", str(proc), str(root)) is None
+    # v2 without the memory controller, then delegated with it
+    (root / "x").mkdir()
+    (root / "x" / "cgroup.controllers").write_text("cpu io\n")
+    (root / "x" / "cgroup.subtree_control").write_text("\n")
+    proc.write_text("0::/x\n")
+    assert pman._job_cgroups("/s", str(proc), str(root)) is None
+    (root / "x" / "cgroup.controllers").write_text("cpu io memory\n")
+    base = pman._job_cgroups("/s", str(proc), str(root))
+    assert base is not None and os.path.dirname(base) == str(root / "x")
+    assert (root / "x" / "cgroup.subtree_control").read_text() == "+memory"
+    # two state directories, two cgroups
+    assert pman._job_cgroups("/t", str(proc), str(root)) != base
+    # no cgroup file at all
+    assert pman._job_cgroups("/s", str(tmp_path / "none"), str(root)) is None
+
+
+# ---------------------------------------------------------------------------
 # pfcon-style flow
 # ---------------------------------------------------------------------------
 
@@ -5325,9 +5501,10 @@ def test_resource_pfcon_submission_runs_reports_and_deletes(http_srv):
     assert job["status"] in ("notstarted", "started", "finishedSuccessfully")
     for key in _HTTP_PFCON_FIELDS:
         assert job[key] == payload[key], key
-    # recorded, and the unenforceable limits are named as such (README.rst: not_enforced)
-    assert set(job["not_enforced"]) == {"cpu_limit", "memory_limit", "gpu_limit",
-                                        "number_of_workers"}
+    # recorded, and the limits not enforced are named as such (README.rst: not_enforced):
+    # cores and GPUs are, memory where a cgroup can be made
+    assert set(job["not_enforced"]) == {"number_of_workers"} | (
+        set() if http_srv.manager.backend.cgroups else {"memory_limit"})
     # argv, not a shell string; input/output dirs are not appended
     assert job["cmd"] == shlex.join(payload["entrypoint"] + payload["args"])
     assert "/share/incoming" not in job["cmd"]
