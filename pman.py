@@ -837,7 +837,9 @@ def _record_problem(rec, deep=True):
         if rec.get(name, 0) < 0:
             return "negative %r" % name
     assigned = rec.get("assigned", {})
-    if not (assigned.keys() <= {"cpus", "gpus", "memory"}
+    if not (assigned.keys() <= {"cpus", "gpus", "memory", "memory_enforced", "cgroup"}
+            and type(assigned.get("memory_enforced", False)) is bool
+            and type(assigned.get("cgroup", "")) is str
             and all(type(c) is int and c >= 0 for c in _listed(assigned.get("cpus", [])))
             and all(type(g) is str for g in _listed(assigned.get("gpus", [])))
             and type(assigned.get("memory", 0)) is int and assigned.get("memory", 0) >= 0):
@@ -1746,29 +1748,43 @@ def _affinity(cores):
 _CGROUP_ENTER = 'echo $$ >"$1" || exit 126; shift; exec "$@"'
 
 
+def _cgroup_name(state_dir):
+    return "pman-" + hashlib.sha256(state_dir.encode()).hexdigest()[:12]
+
+
+def _memory_cgroup(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
+    """(the directory of this process's memory cgroup, True if it is cgroup
+    v1's) from *proc_cgroup*: v1's memory hierarchy, else the v2 unified
+    one; (None, False) if neither is listed."""
+    try:
+        with open(proc_cgroup) as f:
+            lines = [line.split(":", 2) for line in f.read().splitlines()]
+    except OSError:
+        return None, False
+    for hier, names, path in lines:
+        if "memory" in names.split(","):
+            return os.path.join(root, "memory", path.strip("/")), True
+    for hier, names, path in lines:
+        if hier == "0" and not names:
+            return os.path.join(root, path.strip("/")), False
+    return None, False
+
+
 def _job_cgroups(state_dir, proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
     """The directory under which this manager makes its jobs' memory
     cgroups (made with the first), or None where it cannot: a child of
     this process's own memory cgroup, cgroup v1's memory hierarchy, else
     v2's where the memory controller is delegated to it.  Named from the
     state directory, so that two managers never share one."""
-    name = "pman-" + hashlib.sha256(state_dir.encode()).hexdigest()[:12]
-    try:
-        with open(proc_cgroup) as f:
-            lines = [line.split(":", 2) for line in f.read().splitlines()]
-    except OSError:
-        return None
-    v1 = [path for _, names, path in lines if "memory" in names.split(",")]
-    v2 = [path for hier, names, path in lines if hier == "0" and not names]
+    name = _cgroup_name(state_dir)
+    parent, v1 = _memory_cgroup(proc_cgroup, root)
     try:
         if v1:
-            parent = os.path.join(root, "memory", v1[0].strip("/"))
             usable = (os.path.exists(os.path.join(parent, "memory.limit_in_bytes"))
                       and os.access(parent, os.W_OK))
             return os.path.join(parent, name) if usable else None
-        if not v2:
+        if parent is None:
             return None
-        parent = os.path.join(root, v2[0].strip("/"))
         with open(os.path.join(parent, "cgroup.controllers")) as f:
             if "memory" not in f.read().split():
                 return None
@@ -1853,6 +1869,7 @@ class LocalBackend(_Backend):
     def open(self, state_dir, log_dir, log_path):
         self.log_path = log_path
         self.cgroups = _job_cgroups(state_dir)
+        self._cgroup_name = _cgroup_name(state_dir)
         self._spent = []    # cgroups of jobs that ended while no manager ran
         self._exits = _ExitLog(os.path.join(state_dir, "exits"))
         self._orphans = None            # seq -> pid of wrappers found at startup
@@ -1956,6 +1973,10 @@ class LocalBackend(_Backend):
         """The memory cgroup of *job*, or None: as recorded, else (a crash
         before its start was recorded) where this manager would make it."""
         path = (job.assigned or {}).get("cgroup")
+        if path is not None and not (
+                path.startswith("/sys/fs/cgroup/") and os.path.normpath(path) == path
+                and path.endswith("/%s/job-%d" % (self._cgroup_name, job.seq))):
+            path = None     # not one this manager makes: never read nor removed
         if path is None and job.get("memory") and self.cgroups is not None:
             path = os.path.join(self.cgroups, "job-%d" % job.seq)
         return path if path is not None and os.path.isdir(path) else None
@@ -3354,26 +3375,6 @@ GROUPS_FILE = "groups.json"
 _MISSING = object()
 
 
-def _cgroup_dir(controller="memory"):
-    """The directory of this process's cgroup for *controller* (cgroup v1's
-    hierarchy of that name, else the v2 unified one), or None."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, names, path = line.split(":", 2)
-        if controller in names.split(","):
-            return "/sys/fs/cgroup/%s%s" % (controller, path.rstrip("/"))
-    for line in lines:
-        if line.startswith("0::"):
-            where = "/sys/fs/cgroup" + line[3:].rstrip("/")
-            if os.path.exists(os.path.join(where, "memory.max")):
-                return where
-    return None
-
-
 def _memory_capacity():
     """MiB this process may use: the machine's memory, or its memory
     cgroup's limit where that is smaller."""
@@ -3385,7 +3386,7 @@ def _memory_capacity():
                     total = int(line.split()[1]) // 1024
     except (OSError, ValueError):
         pass
-    where = _cgroup_dir()
+    where, _ = _memory_cgroup()
     for name in ("memory.limit_in_bytes", "memory.max"):
         try:
             with open(os.path.join(where or "/nonexistent", name)) as f:

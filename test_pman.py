@@ -2934,7 +2934,7 @@ def test_resources_a_queued_job_larger_than_a_restarted_managers_capacity_blocks
     assert m.wait("small", timeout=10)["returncode"] == 0, small
     big = m.get("big")
     assert big["status"] == "notstarted"
-    assert big["waiting"].startswith("cpus=2 (pfcon's cpu_limit) is more than the manager has: "
+    assert big["waiting"].startswith("cpus=2 (or pfcon's cpu_limit) is more than the manager has: "
                                      "1 CPU"), big
 
 
