@@ -11181,15 +11181,15 @@ class _SchedPlan:
         self.gates = {}         # resource burst id -> (gate file, [jids] in order)
         self.refused = {}       # jid -> the field its request is too large in
 
-    def _requests(self, spec):
+    def _requests(self, spec, large=False):
         """Random cpus, memory and gpus in *spec*: mostly none or small, a
-        few as large as the capacity."""
+        few as large as the capacity (more of them if *large*)."""
         rng = self.res_rng
         cpus, memory, gpus = _SCHED_SIZE
         for name, values in (("cpus", (0, 0, 0, 0, 1, 1, cpus)),
                              ("memory", (0, 0, 0, 0, 100, 100, 250, 400, memory)),
                              ("gpus", (0, 0, 0, 0, 0, 1, 1, 2, gpus))):
-            n = rng.choice(values)
+            n = rng.choice(values[4 * large:])
             if n:
                 spec[name] = n
         return spec
@@ -11320,15 +11320,19 @@ class _SchedPlan:
         at a gate (so that none ends) until they all have; no other does."""
         rng = self.res_rng
         gate = os.path.join(self.tmp, "gate-q%d" % rnd)
-        specs = []
-        for i in range(rng.randint(3, 6)):
-            jid = "q%d-%d" % (rnd, i)
-            spec = {"jid": jid, "cmd": [self.obs, self.log, jid, gate, "0"], "group": "q",
-                    "priority": rng.randint(-1, 1)}
-            while not any(spec.get(k) for k in ("cpus", "memory", "gpus")):
-                self._requests(spec)
-            specs.append(spec)
-            self.specs[jid] = dict(spec, codes=[0])
+        for _ in range(50):     # one whose first wave the reservation decides, if drawn
+            specs = []
+            for i in range(rng.randint(3, 6)):
+                jid = "q%d-%d" % (rnd, i)
+                spec = {"jid": jid, "cmd": [self.obs, self.log, jid, gate, "0"], "group": "q",
+                        "priority": rng.randint(-1, 1)}
+                while not any(spec.get(k) for k in ("cpus", "memory", "gpus")):
+                    self._requests(spec, large=True)
+                specs.append(spec)
+            if _sched_first_wave(specs) != _sched_first_wave(specs, reserve=False):
+                break
+        for spec in specs:
+            self.specs[spec["jid"]] = dict(spec, codes=[0])
         self.gates["q%d" % rnd] = (gate, [s["jid"] for s in specs])
         others = ["a", "b", "default", "p"]
         return ([["pause", g] for g in others + ["q"]] + [["idle"], ["run_many", specs],
@@ -11342,11 +11346,11 @@ def _sched_shape(spec):
     return tuple(spec.get(k, 0) for k in ("cpus", "memory", "gpus"))
 
 
-def _sched_first_wave(specs):
+def _sched_first_wave(specs, reserve=True):
     """The jids of *specs* (all queued, nothing running) the scheduler
     starts at once: in priority order, then submission order, each that
     fits what is free, up to the manager's limit; the first that does not
-    fit reserves its request."""
+    fit reserves its request (unless not *reserve*)."""
     free, reserved, out = list(_SCHED_SIZE), False, []
     for spec in sorted(specs, key=lambda s: -s.get("priority", 0)):     # stable
         if len(out) == _SCHED_LIMIT:
@@ -11355,7 +11359,7 @@ def _sched_first_wave(specs):
         if all(n <= f for n, f in zip(need, free)):
             out.append(spec["jid"])
             free = [f - n for n, f in zip(need, free)]
-        elif not reserved:
+        elif reserve and not reserved:
             free = [max(0, f - n) for n, f in zip(need, free)]
             reserved = True
     return out
@@ -11825,3 +11829,48 @@ def test_sched_random_dag_runs_as_the_reference_model_says(crash_env):
 def test_sched_random_dag_across_sigkills_runs_as_the_reference_model_says(crash_env):
     """A fresh seed each run (printed; PMAN_SCHED_SEED replays one)."""
     _sched_model(crash_env, _sched_seed(), crash=True)
+
+
+def test_sched_a_large_job_reserves_its_request_against_a_stream_of_small_ones(crash_env):
+    """2 CPUs, a stream of 1-CPU jobs each submitted while one or two run,
+    and a 2-CPU job of the same priority submitted in its middle: being the
+    first in priority order that does not fit, it reserves its CPUs, so it
+    starts before every 1-CPU job submitted after it, and says what it
+    waits for meanwhile."""
+    m = crash_env.manager(crash_env.path(), max_running=8, cpus=2, memory=1000, gpus=[])
+    gates = crash_env.tmp
+
+    def run(jid, cpus):
+        gate = os.path.join(gates, "gate-" + jid)
+        m.run(["sh", "-c", 'i=0; while [ ! -e "$0" ] && [ "$i" -lt 3000 ]; do sleep 0.01; '
+                           'i=$((i + 1)); done', gate], jid=jid, cpus=cpus)
+        return gate
+
+    def until(jid, statuses):
+        deadline = time.monotonic() + 10
+        while m.get(jid)["status"] not in statuses:
+            assert time.monotonic() < deadline, m.get(jid)
+            time.sleep(0.005)
+
+    gate = {jid: run(jid, 1) for jid in ("s0", "s1")}
+    until("s0", ("started",))
+    until("s1", ("started",))
+    gate["big"] = run("big", 2)
+    reasons = [m.get("big")["waiting"]]
+    for i in range(2, 8):
+        gate["s%d" % i] = run("s%d" % i, 1)
+        running = sorted((r for r in m.jobs(status="started") if r["jid"] != "big"),
+                         key=lambda r: r["started"])
+        if running:
+            open(gate[running[0]["jid"]], "w").close()
+            until(running[0]["jid"], (pman.SUCCESS,))
+        reasons.append(m.get("big")["waiting"])
+    for path in gate.values():
+        open(path, "w").close()
+    records = {r["jid"]: r for r in m.wait(list(gate), timeout=30)}
+    late = [j for j in records if j not in ("s0", "s1", "big")
+            and records[j]["started"] < records["big"]["started"]]
+    assert not late, "started before big, though submitted after it: %r (%r)" % (
+        late, {j: r["started"] for j, r in records.items()})
+    assert reasons[:2] == ["needs 2 CPUs, 0 free", "needs 2 CPUs, 1 free"], reasons
+    assert all(r is None for r in reasons[3:]), reasons   # it started once s1 ended
