@@ -3710,6 +3710,18 @@ class _Scheduler:
         A heap per group and request shape: its head stands for all of it."""
         if self.paused or (self.max_running is not None and running >= self.max_running):
             return None
+        for entry, key, _ in self._admissible():
+            if entry is not None:
+                heapq.heappop(self._ready[key])
+                self.discard(entry[3])
+                return entry[3]
+        return None
+
+    def _admissible(self):
+        """Yield, in priority order over the heads of the ready heaps of
+        groups neither paused nor full, (heap entry, heap key, None) for
+        each head that fits, and (None, None, job) once for the job that
+        reserves (see `next`)."""
         heads = []
         for key in list(self._ready):
             heap = self._ready[key]
@@ -3722,15 +3734,23 @@ class _Scheduler:
         free, reserved = self.capacity.free(), False
         for entry, (group, shape) in sorted(heads, key=lambda h: h[0][:3]):
             if all(need <= have for need, have in zip(shape, free)):
-                heapq.heappop(self._ready[group, shape])
-                self.discard(entry[3])
-                return entry[3]
+                yield entry, (group, shape), None
             # A job queued under a larger capacity (before a restart) that
             # can never fit here reserves nothing: it would block every other.
-            if not reserved and not self.capacity.never_fits(shape):
+            elif not reserved and not self.capacity.never_fits(shape):
                 free = tuple(max(0, have - need) for need, have in zip(shape, free))
                 reserved = True
-        return None
+                yield None, None, entry[3]
+
+    def _reserving(self, job):
+        """The queued job whose reservation holds *job* back, or None."""
+        holder = None
+        for entry, key, reserving in self._admissible():
+            if reserving is not None:
+                holder = reserving
+            elif key == (job.get("group"), self.shape(job)):
+                return None         # its heap's head may start now
+        return holder if holder is not job else None
 
     # -- why a job waits ---------------------------------------------------------
 
@@ -3766,6 +3786,10 @@ class _Scheduler:
         short = self.capacity.never_fits(shape) or self.capacity.short_of(shape)
         if short:
             return "resources", short
+        holder = self._reserving(job) if any(shape) else None
+        if holder is not None:
+            return "resources", "behind %s, which has reserved what it needs (%s)" % (
+                holder.jid, self.capacity.short_of(self.shape(holder)))
         return "full", "waiting for a free slot (%d running)" % sum(self.running.values())
 
     # -- groups and pauses -------------------------------------------------------
