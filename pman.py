@@ -3794,17 +3794,20 @@ class _Scheduler:
 
     # -- groups and pauses -------------------------------------------------------
 
-    def group(self, name):
-        """A group's state: its limit, pause, and jobs running and queued."""
+    def group(self, name, waiting=None):
+        """A group's state: its limit, pause, and jobs running and queued
+        (*waiting*, if the caller has counted them)."""
+        if waiting is None:
+            waiting = sum(j.get("group") == name for j in self.queue.values())
         return {"name": name, "max_running": self.limits.get(name),
                 "paused": name in self.paused_groups, "running": self.running[name],
-                "waiting": sum(j.get("group") == name for j in self.queue.values())}
+                "waiting": waiting}
 
     def groups(self):
-        names = {DEFAULT_GROUP} | set(self.limits) | self.paused_groups | {
-            g for g, n in self.running.items() if n} | {
-            j.get("group") for j in self.queue.values()}
-        return [self.group(name) for name in sorted(names)]
+        waiting = collections.Counter(j.get("group") for j in self.queue.values())
+        names = {DEFAULT_GROUP} | set(self.limits) | self.paused_groups | set(waiting) | {
+            g for g, n in self.running.items() if n}
+        return [self.group(name, waiting[name]) for name in sorted(names)]
 
     def _load(self):
         try:

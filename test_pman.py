@@ -11903,7 +11903,9 @@ def test_compat_bad_options_are_clear_errors_that_leave_nothing_open(tmp_path):
 # (seed, with kill -9 cycles) of every run that ever failed.  75074328: a
 # job a crash left mid-spawn was recorded as started at its submission,
 # before its begin time.
-_SCHED_FAILED_SEEDS = ((75074328, True),)
+# Seeds that once failed: 75074328 (a start stamped at submission), 2936446269
+# (a kill during a resource burst left the default group paused).
+_SCHED_FAILED_SEEDS = ((75074328, True), (2936446269, True))
 _SCHED_LIMIT = 3              # the manager's max_running
 # "p" runs only the priority bursts, "q" only the resource bursts.
 _SCHED_GROUPS = {"a": 2, "b": 1, "p": 1, "q": None}
@@ -12108,7 +12110,10 @@ class _SchedPlan:
         ones are released at random instants."""
         rng = self.rng
         steps = [["set_group", g, n] for g, n in sorted(_SCHED_GROUPS.items())]
-        steps += [["resume", None]] + [["resume", g] for g in sorted(_SCHED_GROUPS)]
+        # A burst pauses the default group too; a kill may come before it
+        # resumes it.
+        steps += [["resume", None]] + [["resume", g] for g in sorted(_SCHED_GROUPS) + [
+            "default"]]
         refs = list(known)
         to_release = list(held)
         paused = {}             # target -> steps left until its resume
@@ -12653,7 +12658,7 @@ def _sched_model(env, seed, crash):
                               **_SCHED_CAPACITY)
         events.append({"event": "begin", "kind": "drain", "args": [], "t": time.time()})
         manager.resume()
-        for group in _SCHED_GROUPS:
+        for group in list(_SCHED_GROUPS) + ["default"]:     # a burst pauses default too
             manager.resume(group)
         for r in manager.jobs(status="notstarted"):
             if r["hold"]:
