@@ -11904,8 +11904,8 @@ def test_compat_bad_options_are_clear_errors_that_leave_nothing_open(tmp_path):
 # job a crash left mid-spawn was recorded as started at its submission,
 # before its begin time.
 # Seeds that once failed: 75074328 (a start stamped at submission), 2936446269
-# (a kill during a resource burst left the default group paused).
-_SCHED_FAILED_SEEDS = ((75074328, True), (2936446269, True))
+# and 3338688020 (a kill during a resource burst left the default group paused).
+_SCHED_FAILED_SEEDS = ((75074328, True), (2936446269, True), (3338688020, True))
 _SCHED_LIMIT = 3              # the manager's max_running
 # "p" runs only the priority bursts, "q" only the resource bursts.
 _SCHED_GROUPS = {"a": 2, "b": 1, "p": 1, "q": None}
