@@ -38,10 +38,10 @@ job waits); 12. `JobManager` (its public API, then a job's life in order:
 submission, start, timers and signals, end, recovery, then the reaper
 thread); 13. HTTP limits, errors and job objects; 14. The command dialect;
 15. The API routes (`_Api`, `_Routes`); 16. The HTTP server: requests
-(`_Handler`) and 17. connections (`_Server`, `make_server`); 18-20. The
-command line (the server, the client, its commands: `main`); 21. The
-original pman's module entry point (`pman.pman`); 22. The status page
-(HTML, CSS and JavaScript: data, not code).
+(`_Handler`) and 17. connections (`_Server`, `make_server`); 18-21. The
+command line (the server, the client, its commands, its parser and
+`main`); 22. The original pman's module entry point (`pman.pman`); 23. The
+status page (HTML, CSS and JavaScript: data, not code).
 
 State
 -----
@@ -8834,6 +8834,10 @@ def _max_running_arg(text):
                            "the group's own, not %r" % text, EXIT_USAGE)
     return int(text)
 
+
+# ---------------------------------------------------------------------------
+# The command line: its parser and main
+# ---------------------------------------------------------------------------
 
 def _client_parser():
     fmt = argparse.RawDescriptionHelpFormatter
