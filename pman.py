@@ -1362,10 +1362,14 @@ _WRAPPERS = frozenset(w.encode() for w in (
     'trap : TERM; t=$1; f=$2; shift 2; ("$@"); r=$?; echo "$t $r" >>"$f"; exit $r'))
 _SIGDEF = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 # The signals `kill` sends that leave the wrapper alive: those it traps, and
-# those whose default ignores or stops a process.
-_SENDABLE = frozenset(getattr(signal, "SIG" + name) for name in _WRAP_TRAPPED + (
-    "CHLD", "URG", "WINCH", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "KILL")
-    if hasattr(signal, "SIG" + name))
+# those whose default ignores or stops a process; an earlier build's
+# wrapper (re-adopted) traps only TERM.
+_HARMLESS = ("CHLD", "URG", "WINCH", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "KILL")
+_SENDABLE = frozenset(getattr(signal, "SIG" + name) for name in _WRAP_TRAPPED + _HARMLESS
+                      if hasattr(signal, "SIG" + name))
+_SENDABLE_EARLIER = frozenset(getattr(signal, "SIG" + name) for name in ("TERM",) + _HARMLESS
+                              if hasattr(signal, "SIG" + name))
+_CURRENT_WRAPPERS = frozenset(w.encode() for w in (_WRAP_SHELL, _WRAP_ARGV, _WRAP_DIRECT))
 
 
 def _boot_id():
@@ -1412,8 +1416,6 @@ def _wrapper_seq(argv, exits_path):
     bytes) and writes to *exits_path*, or None if it is no such wrapper.
     The wrapper's subshell has the same command line: tell them apart by
     the process group (the wrapper leads it)."""
-    if len(argv) > 5 and argv[1] == b"-c" and argv[2] == _CGROUP_ENTER.encode():
-        argv = argv[5:]     # still entering its cgroup: the wrapper's argv follows
     if len(argv) > 6 and argv[1] == b"-c" and argv[2] in _WRAPPERS:
         i = 4 if argv[3] == b"sh" else 3
         if (argv[i] == b"pman-job" and argv[i + 1].isdigit()
@@ -1554,10 +1556,23 @@ def _direct_words(job):
     return words
 
 
-def _wrapped_argv(job, exits_path):
-    """The wrapper shell's argv for *job*: the command travels as data."""
+# The shell a memory job runs through, as the wrapper's child: it moves
+# itself into the job's cgroup ($1: its cgroup.procs), then execs the job
+# (its `sh -c CMD`, or its argv), keeping its pid.  So every process of the
+# job starts inside the cgroup, and the wrapper that records the exit code
+# stays outside it, where the cgroup's OOM killer never picks it.
+_CGROUP_ENTER = 'echo $$ >"$1" || exit 126; shift; exec "$@"'
+
+
+def _wrapped_argv(job, exits_path, cgroup_procs=None):
+    """The wrapper shell's argv for *job*: the command travels as data.
+    With *cgroup_procs*, the job enters that cgroup first (_CGROUP_ENTER)."""
     words = _direct_words(job)
-    if words is not None:
+    if cgroup_procs is not None:
+        script = _WRAP_ARGV
+        words = ["/bin/sh", "-c", _CGROUP_ENTER, "sh", cgroup_procs] + (
+            job.argv if job.argv is not None else ["/bin/sh", "-c", job.cmd, "sh"])
+    elif words is not None:
         script = _WRAP_DIRECT
     elif job.argv is not None:
         script, words = _WRAP_ARGV, job.argv
@@ -1708,6 +1723,11 @@ class _Backend:
         unless the backend can tell it was started after all."""
         return _Seen(NEVER)
 
+    def refuses(self, job, sig):
+        """Why *sig* must not be sent to running *job* (a signal that does
+        not ask it to end), or None."""
+        return None
+
     def idle(self):
         """No job is running (a moment for housekeeping)."""
 
@@ -1739,13 +1759,6 @@ def _affinity(cores):
         yield
     finally:
         os.sched_setaffinity(0, before)
-
-
-# The shell a memory job's wrapper is spawned through: it moves itself into
-# the job's cgroup ($1: its cgroup.procs), then execs the wrapper, keeping
-# its pid; from the exec on, its command line is the wrapper's own.  So
-# every process of the job starts inside the cgroup.
-_CGROUP_ENTER = 'echo $$ >"$1" || exit 126; shift; exec "$@"'
 
 
 def _cgroup_name(state_dir):
@@ -1888,6 +1901,13 @@ class LocalBackend(_Backend):
     def seq_floor(self):
         return self._exits.max_seq() + 1
 
+    def refuses(self, job, sig):
+        argv = _cmdline(job.pid) if sig not in _SENDABLE_EARLIER else []
+        if len(argv) > 2 and argv[2] in _WRAPPERS and argv[2] not in _CURRENT_WRAPPERS:
+            return ("job %s was started by an earlier pman, whose wrapper shell would die "
+                    "of %s and lose the exit code" % (job.jid, signal_name(sig)))
+        return None
+
     def start(self, job, env):
         if job.argv is not None:
             exe = job.argv[0]
@@ -1899,15 +1919,14 @@ class LocalBackend(_Backend):
             if found is None:
                 raise FileNotFoundError(errno.ENOENT, "no such executable", exe)
         stdout = stderr = cgroup = None
-        argv = _wrapped_argv(job, self._exits.path)
         facts = None
         if job.get("memory"):
             cgroup = self._make_cgroup(job)
             facts = {"memory_enforced": cgroup is not None}
             if cgroup is not None:
                 facts["cgroup"] = cgroup
-                argv = ["/bin/sh", "-c", _CGROUP_ENTER, "sh",
-                        os.path.join(cgroup, "cgroup.procs")] + argv
+        argv = _wrapped_argv(job, self._exits.path,
+                             cgroup and os.path.join(cgroup, "cgroup.procs"))
         try:
             stdout = _open_log(self.log_path(job.jid, "stdout"))
             stderr = _open_log(self.log_path(job.jid, "stderr"))
@@ -3490,13 +3509,15 @@ class _Capacity:
         gpus = [g for g in self.gpus if g not in self.used_gpus][:shape[2]]
         return {"cpus": cores, "gpus": gpus, "memory": shape[1]}
 
-    def hold(self, assigned):
+    def take(self, assigned):
+        """A running job holds *assigned* (those of its cores and GPUs that
+        this capacity has: a restart may have given it fewer)."""
         if assigned:
-            self.used_cpus.update(assigned.get("cpus", ()))
-            self.used_gpus.update(assigned.get("gpus", ()))
+            self.used_cpus.update(set(assigned.get("cpus", ())) & set(self.cpus))
+            self.used_gpus.update(set(assigned.get("gpus", ())) & set(self.gpus))
             self.used_memory += assigned.get("memory", 0)
 
-    def release(self, assigned):
+    def give_back(self, assigned):
         if assigned:
             self.used_cpus.difference_update(assigned.get("cpus", ()))
             self.used_gpus.difference_update(assigned.get("gpus", ()))
@@ -3516,13 +3537,13 @@ class _Running(dict):
         self.pop(jid, None)
         dict.__setitem__(self, jid, job)
         self.by_group[job.get("group")] += 1
-        self.capacity.hold(job.assigned)
+        self.capacity.take(job.assigned)
 
     def pop(self, jid, default=_MISSING):
         if jid in self:
             job = dict.pop(self, jid)
             self.by_group[job.get("group")] -= 1
-            self.capacity.release(job.assigned)
+            self.capacity.give_back(job.assigned)
             return job
         if default is _MISSING:
             raise KeyError(jid)
@@ -3566,7 +3587,7 @@ def _find_cycle(edges):
     return None
 
 
-def _how_it_ended_text(record):
+def _dependency_end_text(record):
     """How a finished dependency ended, for its dependents' messages."""
     code = record["returncode"]
     if record["status"] == UNDEFINED:
@@ -3590,7 +3611,7 @@ def _dependency_verdict(jid, entry, any_end):
         return None
     if entry is not None and (any_end or _line_status(entry) == SUCCESS):
         return True
-    how = "is no longer known" if entry is None else _how_it_ended_text(json.loads(entry))
+    how = "is no longer known" if entry is None else _dependency_end_text(json.loads(entry))
     return "not started: dependency %s %s" % (jid, how)
 
 
@@ -4380,6 +4401,9 @@ class JobManager:
                 raise JobConflict(jid, "job %s is %s: %s is sent only to a running job"
                                   % (jid, "queued" if jid not in self._running else
                                      "being started", name))
+            refused = job is not None and self.backend.refuses(job, sig)
+        if refused:
+            raise InvalidArgument(refused)
         if job is None or not self.backend.signal(job, sig):
             with self._lock:
                 return self._public(_record(self._jobs[jid]))
@@ -8296,7 +8320,10 @@ def _gpus_arg(text):
 # The pfcon fields `pman run` sends (the podman backend acts on them).
 _RUN_PFCON = ("image", "type", "cpu_limit", "memory_limit", "input_dir", "output_dir")
 # What --env-from-client never copies (fnmatch patterns of upper-cased names).
-CLIENT_ENV_DENY = ("*TOKEN*", "*SECRET*", "*PASSWORD*", "PMAN_*")
+CLIENT_ENV_DENY = ("*TOKEN*", "*SECRET*", "*PASSWORD*", "*PASSWD*", "*_PWD", "*KEY*",
+                   "*CREDENTIAL*", "*AUTH*", "KRB5CCNAME", "PMAN_*")
+# What describes the client's shell, not the job: never copied either.
+_CLIENT_SHELL_VARS = ("PWD", "OLDPWD", "SHLVL", "_")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -8306,8 +8333,8 @@ def _env_arg(items, from_client):
     CLIENT_ENV_DENY."""
     env = {}
     if from_client:
-        env = {k: v for k, v in os.environ.items()
-               if not any(fnmatch.fnmatchcase(k.upper(), p) for p in CLIENT_ENV_DENY)}
+        env = {k: v for k, v in os.environ.items() if k not in _CLIENT_SHELL_VARS and
+               not any(fnmatch.fnmatchcase(k.upper(), p) for p in CLIENT_ENV_DENY)}
     for item in items or ():
         key, sep, value = item.partition("=")
         if not sep:
@@ -8691,7 +8718,7 @@ def _cmd_rm(client, args):
 
 # What `pman restart` carries over from the finished job (the command too).
 _RESTART_FIELDS = ("auid", "cwd", "timeout", "meta", "group", "priority", "retries",
-                   "retry_delay") + PFCON_FIELDS
+                   "retry_delay", "cpus", "memory", "gpus") + PFCON_FIELDS
 
 
 def _cmd_restart(client, args):
@@ -8852,7 +8879,7 @@ def _client_parser():
                 "their exit codes\nacross crashes.  `pman` alone lists the queue.",
                 epilog=_CLIENT_EPILOG)
     p.add_argument("--version", action="version", version="pman " + __version__)
-    sub = p.add_subparsers(dest="subcommand", metavar="COMMAND")
+    sub = p.add_subparsers(dest="subcommand", metavar="COMMAND", prog="pman")
     sub.add_parser("serve", add_help=False,
                    help="Start the server (its options: pman serve --help).")
 

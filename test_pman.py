@@ -5074,6 +5074,39 @@ def test_state_job_of_an_earlier_builds_own_shell_wrapper_is_readopted_with_its_
         proc.wait(timeout=10)
 
 
+def test_state_a_signal_an_earlier_builds_wrapper_would_die_of_is_refused(crash_env):
+    """A job re-adopted under the wrapper of the build before this one
+    (which traps only TERM) is sent no USR1: its wrapper would die of it
+    and the exit code would be lost.  STOP and CONT still go through."""
+    state = crash_env.path()
+    manager = crash_env.manager(state, max_running=1)
+    manager.run("sleep 30", jid="hold")
+    q = manager.run("trap '' USR1; sleep 1; exit 7", jid="q")
+    manager.close()
+    current = pman._WRAP_SHELL.encode()
+    earlier = current.replace(b"trap : " + " ".join(pman._WRAP_TRAPPED).encode(), b"trap : TERM")
+    assert earlier != current and earlier in pman._WRAPPERS
+    exits = os.path.join(state, "exits")
+    proc = subprocess.Popen([b"/bin/sh", b"-c", earlier, b"sh", b"pman-job",
+                             str(q["seq"]).encode(), exits.encode(), b"", q["cmd"].encode()],
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _until(lambda: pman._wrapper_seq(pman._cmdline(proc.pid), exits) == q["seq"], 10,
+               "the wrapper's command line")
+        manager = crash_env.manager(state, max_running=1)
+        assert manager.get("q")["pid"] == proc.pid
+        with pytest.raises(pman.InvalidArgument, match="started by an earlier pman"):
+            manager.kill("q", "USR1")
+        manager.kill("q", "STOP")
+        manager.kill("q", "CONT")
+        done = manager.wait("q", timeout=10)
+        assert (done["status"], done["returncode"]) == (_CRASH_ERROR, 7), done
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 def test_state_journaled_kill_is_sent_again_after_a_restart(crash_env):
     """A manager that died after journaling a kill, before the signal went
     out (or while the wrapper's fork window swallowed it): the next
@@ -5341,7 +5374,7 @@ def test_memory_job_over_its_limit_is_killed_and_says_so_and_its_neighbour_is_no
     assert pman._job_object(dict(fits), core_mgr.backend.enforced)["not_enforced"] == []
 
 
-def test_memory_job_runs_in_its_own_cgroup_from_its_first_process_and_it_is_removed_after(
+def test_memory_job_runs_in_its_own_cgroup_from_its_first_process_its_wrapper_outside(
         core_mgr):
     base = _memory_cgroups_or_skip(core_mgr)
     rec = core_mgr.run("sleep 30 & echo $!; wait", jid="cg", memory=100)
@@ -5355,10 +5388,13 @@ def test_memory_job_runs_in_its_own_cgroup_from_its_first_process_and_it_is_remo
     assert cgroup.endswith(mine[0]), (cgroup, mine)
     with open(os.path.join(cgroup, "cgroup.procs")) as f:
         procs = {int(p) for p in f.read().split()}
-    assert {rec["pid"], child} <= procs
+    # the job's processes are in it, the wrapper that records the exit code
+    # is not (the cgroup's OOM killer must never pick it)
+    assert child in procs and rec["pid"] not in procs, (rec["pid"], child, procs)
+    assert len(procs) == 2, procs       # the job's sh -c and its sleep
     with open(os.path.join(cgroup, "memory.limit_in_bytes")) as f:
         assert int(f.read()) == 100 * 2**20
-    # the wrapper keeps its pid and command line: recovery recognizes it
+    # the wrapper's command line is a wrapper's: recovery recognizes it
     assert pman._wrapper_seq(pman._cmdline(rec["pid"]), core_mgr.backend._exits.path) \
         == core_mgr._jobs["cg"].seq
     core_mgr.kill("cg")
@@ -9803,7 +9839,8 @@ def test_cli_restart_clean_wait_for_all_and_run_on_a_terminal(cli_server, tmp_pa
     work = tmp_path / "work"
     work.mkdir()
     code, out, err = _cli("run", "--jid", "r", "--env", "A=1", "--timeout", "60", "--meta",
-                          "k=v", "--wait", "--", 'echo "$A $PWD"', url=url, cwd=str(work))
+                          "k=v", "--cpus", "1", "--memory", "64", "--wait", "--",
+                          'echo "$A $PWD"', url=url, cwd=str(work))
     assert code == 0, err
     first = server.job("r")
     code, out, err = _cli("restart", "--wait", "r", url=url)
@@ -9813,6 +9850,7 @@ def test_cli_restart_clean_wait_for_all_and_run_on_a_terminal(cli_server, tmp_pa
     job = server.job("r")
     assert job["seq"] > first["seq"] and job["logs"] == "1 %s\n" % work, job
     assert (job["meta"], job["timeout"], job["env"]) == ({"k": "v"}, 60, ["A"])
+    assert (job["cpus"], job["memory"], len(job["assigned"]["cpus"])) == (1, 64, 1), job
     server.post({"jid": "s", "cmd": "sleep 30"})
     code, out, err = _cli("restart", "s", url=url)
     assert code == 3 and "only a finished job" in err, err
@@ -9839,8 +9877,10 @@ def test_cli_restart_clean_wait_for_all_and_run_on_a_terminal(cli_server, tmp_pa
 def test_cli_run_env_copies_from_the_client_only_when_asked(cli_server):
     server = cli_server()
     env = _clean_env(PMAN_URL=server.url, FOO="client", MY_TOKEN="t", SOME_SECRET="s",
-                     PMAN_X="p", db_password="pw")
-    script = 'echo "[$FOO|$MY_TOKEN|$SOME_SECRET|$PMAN_X|$db_password|$HOME]"'
+                     PMAN_X="p", db_password="pw", OPENAI_API_KEY="k", MYSQL_PWD="m",
+                     AWS_CREDENTIALS="c", NPM_CONFIG__AUTH="a", SHLVL="7")
+    script = ('echo "[$FOO|$MY_TOKEN|$SOME_SECRET|$PMAN_X|$db_password|$HOME]'
+              '$OPENAI_API_KEY$MYSQL_PWD$AWS_CREDENTIALS$NPM_CONFIG__AUTH"')
     for jid, args in (("e0", []), ("e1", ["--env", "FOO"]),
                       ("e2", ["--env-from-client", "--env", "FOO=over"])):
         code, out, err = _cli("run", "--jid", jid, "--wait", *args, "--", script, env=env)
@@ -9849,7 +9889,8 @@ def test_cli_run_env_copies_from_the_client_only_when_asked(cli_server):
     assert server.job("e1")["logs"] == "[client|||||%s]\n" % os.environ.get("HOME", "")
     assert server.job("e1")["env"] == ["FOO"]
     assert server.job("e2")["logs"] == "[over|||||%s]\n" % os.environ.get("HOME", "")
-    assert not [e for e in server.job("e2")["env"] if "TOKEN" in e.upper() or "PMAN_" in e]
+    assert not [e for e in server.job("e2")["env"] if "TOKEN" in e.upper() or "PMAN_" in e
+                or e in ("SHLVL", "PWD", "OLDPWD", "_")]
     code, out, err = _cli("run", "--env", "NOT_SET_ANYWHERE", "--", "true", env=env)
     assert code == 64 and "no such variable" in err, err
 
