@@ -11531,6 +11531,18 @@ def test_podman_exit_codes_and_messages(podman_ctx):
     assert m.backend.calls["run"] == 4
 
 
+def test_podman_assigned_cores_become_the_containers_cpuset(podman_ctx):
+    """cpus=1 on the podman backend: the container runs on the one core
+    assigned to the job (--cpuset-cpus), which its record shows."""
+    m = podman_ctx.open(cpus=2)
+    m.run("grep Cpus_allowed_list /proc/self/status", jid="one", cpus=1,
+          extras={"image": _PODMAN_IMAGE})
+    rec = m.wait("one", timeout=_PODMAN_DEADLINE)
+    assert rec["returncode"] == 0, rec
+    (core,) = rec["assigned"]["cpus"]
+    assert m.tail("one").split() == ["Cpus_allowed_list:", str(core)]
+
+
 def test_podman_logs_readable_while_the_container_runs(podman_ctx):
     (podman_ctx.store / "in").mkdir()
     m = podman_ctx.open()
