@@ -3752,8 +3752,13 @@ class _Scheduler:
                 del self._ready[key]
             elif key[0] not in self.paused_groups and not self.full(key[0]):
                 heads.append((heap[0], key))
-        free, reserved = self.capacity.free(), False
+        free, reserved = None, False
         for entry, (group, shape) in sorted(heads, key=lambda h: h[0][:3]):
+            if not any(shape):          # asks for nothing: fits
+                yield entry, (group, shape), None
+                continue
+            if free is None:
+                free = self.capacity.free()
             if all(need <= have for need, have in zip(shape, free)):
                 yield entry, (group, shape), None
             # A job queued under a larger capacity (before a restart) that
@@ -4653,6 +4658,7 @@ class JobManager:
                 self._sched.add(job)
                 self.backend.wake()
                 break
+            plain.discard(job)
             self._hand_over(job)
             starting.append(job)
         return starting
