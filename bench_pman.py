@@ -2789,15 +2789,8 @@ def sec_dag(b):
     # -- scheduling work per event against the number of waiting jobs --------------
     few, many, free = (100, 1000, 100) if b.quick else (1000, 10000, 500)
     rounds = 1 if b.quick else 5
-    _waiting_round(b, many, 50)     # untimed: a first run pays for what later ones reuse
-    per = collections.defaultdict(list)
-    for r in range(rounds):
-        for waiting in (few, many)[::-1 if r % 2 else 1]:
-            cpu, wall = _waiting_round(b, waiting, free)
-            per[waiting, "cpu"].append(cpu)
-            per[waiting, "wall"].append(wall)
-            progress("round %d/%d %5d waiting: %.0f us CPU per event" % (
-                r + 1, rounds, waiting, cpu * 1e6))
+    per = _per_event_rounds(lambda waiting, k: _waiting_round(b, waiting, k),
+                            few, many, free, rounds)
     for waiting in (few, many):
         b.figure("CPU per event, %d waiting" % waiting,
                  statistics.median(per[waiting, "cpu"]) * 1e6, "us",
@@ -2860,18 +2853,28 @@ def _admission_round(b, waiting, free):
     return cpu / (2 * free), wall / (2 * free)
 
 
-def sec_admission(b):
-    few, many, free = (100, 1000, 100) if b.quick else (100, 10000, 500)
-    rounds = 1 if b.quick else 5
-    _admission_round(b, many, 50)   # untimed: a first run pays for what later ones reuse
+def _per_event_rounds(one_round, few, many, free, rounds):
+    """{(waiting, "cpu" | "wall"): [seconds per event of each round]} of
+    *one_round(waiting, free)* with *few* and *many* waiting jobs, the two
+    interleaved (the order reversed every other round), after one untimed
+    round: a first run pays for what later ones reuse."""
+    one_round(many, 50)
     per = collections.defaultdict(list)
     for r in range(rounds):
         for waiting in (few, many)[::-1 if r % 2 else 1]:
-            cpu, wall = _admission_round(b, waiting, free)
+            cpu, wall = one_round(waiting, free)
             per[waiting, "cpu"].append(cpu)
             per[waiting, "wall"].append(wall)
             progress("round %d/%d %5d waiting: %.0f us CPU per event" % (
                 r + 1, rounds, waiting, cpu * 1e6))
+    return per
+
+
+def sec_admission(b):
+    few, many, free = (100, 1000, 100) if b.quick else (100, 10000, 500)
+    rounds = 1 if b.quick else 5
+    per = _per_event_rounds(lambda waiting, k: _admission_round(b, waiting, k),
+                            few, many, free, rounds)
     for waiting in (few, many):
         b.figure("CPU per event, %d waiting for resources" % waiting,
                  statistics.median(per[waiting, "cpu"]) * 1e6, "us",

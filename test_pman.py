@@ -3,6 +3,7 @@ socket.  No mocks of subprocess, os or the network; every wait is bounded by
 a deadline.  Run: python3 -m pytest -q test_pman.py
 """
 import base64
+import contextlib
 import fcntl
 import gc
 import hashlib
@@ -5045,54 +5046,55 @@ def test_state_orphan_found_after_a_crash_is_the_wrapper_not_its_subshell(crash_
         proc.wait(timeout=10)
 
 
-def test_state_job_of_an_earlier_builds_own_shell_wrapper_is_readopted_with_its_real_code(
-        crash_env):
-    """A wrapper that an earlier build started in its own shell is found
-    again after an upgrade, and its job's code is what the process exited
-    with (300 exits as 44), not the untruncated number its trap wrote."""
+@contextlib.contextmanager
+def _crash_earlier_wrapper(crash_env, wrapper, cmd):
+    """(state dir, record of job "q", the wrapper process): *cmd* queued as
+    job "q" behind a running one, the manager closed, then "q" started by
+    hand under *wrapper*, the text of an earlier build's wrapper, as that
+    build would have started it; the process is killed at the end."""
     state = crash_env.path()
     manager = crash_env.manager(state, max_running=1)
     manager.run("sleep 30", jid="hold")
-    q = manager.run("sleep 0.5; exit 300", jid="q")
+    q = manager.run(cmd, jid="q")
     assert q["status"] == "notstarted"
     manager.close()
-    (own,) = [w for w in pman._WRAPPERS if w.startswith(b'trap "echo $2')]
+    assert wrapper in pman._WRAPPERS
     exits = os.path.join(state, "exits")
-    proc = subprocess.Popen([b"/bin/sh", b"-c", own, b"sh", b"pman-job", str(q["seq"]).encode(),
+    proc = subprocess.Popen([b"/bin/sh", b"-c", wrapper, b"sh", b"pman-job", str(q["seq"]).encode(),
                              exits.encode(), b"", q["cmd"].encode()],
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         _until(lambda: pman._wrapper_seq(pman._cmdline(proc.pid), exits) == q["seq"], 10,
                "the wrapper's command line")
-        manager = crash_env.manager(state, max_running=1)
-        assert (manager.get("q")["status"], manager.get("q")["pid"]) == ("started", proc.pid)
-        done = manager.wait("q", timeout=10)
-        assert (done["status"], done["returncode"]) == (_CRASH_ERROR, 44), done
+        yield state, q, proc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
 
 
+def test_state_job_of_an_earlier_builds_own_shell_wrapper_is_readopted_with_its_real_code(
+        crash_env):
+    """A wrapper that an earlier build started in its own shell is found
+    again after an upgrade, and its job's code is what the process exited
+    with (300 exits as 44), not the untruncated number its trap wrote."""
+    (own,) = [w for w in pman._WRAPPERS if w.startswith(b'trap "echo $2')]
+    with _crash_earlier_wrapper(crash_env, own, "sleep 0.5; exit 300") as (state, q, proc):
+        manager = crash_env.manager(state, max_running=1)
+        assert (manager.get("q")["status"], manager.get("q")["pid"]) == ("started", proc.pid)
+        done = manager.wait("q", timeout=10)
+        assert (done["status"], done["returncode"]) == (_CRASH_ERROR, 44), done
+
+
 def test_state_a_signal_an_earlier_builds_wrapper_would_die_of_is_refused(crash_env):
     """A job re-adopted under the wrapper of the build before this one
     (which traps only TERM) is sent no USR1: its wrapper would die of it
     and the exit code would be lost.  STOP and CONT still go through."""
-    state = crash_env.path()
-    manager = crash_env.manager(state, max_running=1)
-    manager.run("sleep 30", jid="hold")
-    q = manager.run("trap '' USR1; sleep 1; exit 7", jid="q")
-    manager.close()
     current = pman._WRAP_SHELL.encode()
     earlier = current.replace(b"trap : " + " ".join(pman._WRAP_TRAPPED).encode(), b"trap : TERM")
-    assert earlier != current and earlier in pman._WRAPPERS
-    exits = os.path.join(state, "exits")
-    proc = subprocess.Popen([b"/bin/sh", b"-c", earlier, b"sh", b"pman-job",
-                             str(q["seq"]).encode(), exits.encode(), b"", q["cmd"].encode()],
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        _until(lambda: pman._wrapper_seq(pman._cmdline(proc.pid), exits) == q["seq"], 10,
-               "the wrapper's command line")
+    assert earlier != current
+    with _crash_earlier_wrapper(crash_env, earlier, "trap '' USR1; sleep 1; exit 7") as (
+            state, q, proc):
         manager = crash_env.manager(state, max_running=1)
         assert manager.get("q")["pid"] == proc.pid
         with pytest.raises(pman.InvalidArgument, match="started by an earlier pman"):
@@ -5101,10 +5103,6 @@ def test_state_a_signal_an_earlier_builds_wrapper_would_die_of_is_refused(crash_
         manager.kill("q", "CONT")
         done = manager.wait("q", timeout=10)
         assert (done["status"], done["returncode"]) == (_CRASH_ERROR, 7), done
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 def test_state_journaled_kill_is_sent_again_after_a_restart(crash_env):
